@@ -1,0 +1,92 @@
+"""The Flower ClientApp: a Keras model and one client's local data behind a NumPyClient."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+from flwr.client import NumPyClient
+from flwr.clientapp import ClientApp
+from flwr.common import Context, NDArrays, Scalar
+
+from fl_app.config import RunConfig, resolve
+from fl_app.data import ClientData, data_source, load_client
+from fl_app.trainer import KerasTrainer, trainer_for
+
+ROUND_KEYS = ("local-epochs", "batch-size", "learning-rate")
+
+
+def round_config(cfg: RunConfig, server_round: int) -> dict[str, Scalar]:
+    """The per-round fit config the server sends (clients fall back to their own run config)."""
+    return {"server-round": server_round, **{key: cfg[key] for key in ROUND_KEYS}}
+
+
+class KerasClient(NumPyClient):
+    """A Flower NumPyClient that trains a Keras model on one client's data.
+
+    `trainer` wraps any Keras model with its optimizer (see `KerasTrainer`) and is shared
+    by every client in the process; each call loads the server's weights and starts the
+    optimizer fresh, so clients never see each other's state. Local epochs, batch size
+    and learning rate come from the round's config (falling back to `defaults`); FedProx's
+    `proximal_mu` adds the proximal term to the local loss.
+    """
+
+    def __init__(self, trainer: KerasTrainer, data: ClientData, defaults: Mapping[str, Scalar],
+                 seed: int = 0, client_key: int = 0) -> None:
+        self.trainer = trainer
+        self.data = data
+        self.defaults = dict(defaults)
+        self.seed = seed
+        self.client_key = client_key
+
+    def _setting(self, config: Mapping[str, Scalar], key: str) -> Scalar:
+        return config.get(key, self.defaults[key])
+
+    def get_parameters(self, config: dict[str, Scalar]) -> NDArrays:
+        """The model's current weights."""
+        return self.trainer.get_weights()
+
+    def fit(self, parameters: NDArrays,
+            config: dict[str, Scalar]) -> tuple[NDArrays, int, dict[str, Scalar]]:
+        """Train locally from the global weights; return new weights, example count, metrics."""
+        self.trainer.set_weights(parameters)
+        server_round = int(config.get("server-round", 0))
+        result = self.trainer.fit(
+            self.data.train,
+            epochs=int(self._setting(config, "local-epochs")),
+            batch_size=int(self._setting(config, "batch-size")),
+            learning_rate=float(self._setting(config, "learning-rate")),
+            proximal_mu=float(config.get("proximal_mu", 0.0)),
+            seed=[self.seed, server_round, self.client_key],
+        )
+        metrics = {"train_loss": result.loss, "train_accuracy": result.accuracy,
+                   "train_seconds": result.seconds}
+        return self.trainer.get_weights(), len(self.data.train), metrics
+
+    def evaluate(self, parameters: NDArrays,
+                 config: dict[str, Scalar]) -> tuple[float, int, dict[str, Scalar]]:
+        """Evaluate the global weights on the local validation split (train if none)."""
+        self.trainer.set_weights(parameters)
+        split = self.data.val if len(self.data.val) else self.data.train
+        loss, accuracy = self.trainer.evaluate(split)
+        return loss, len(split), {"accuracy": accuracy}
+
+
+def client_for(cfg: RunConfig, node_config: Mapping[str, Scalar]) -> KerasClient:
+    """Build the client for one node: its data (partition or own file) and the shared trainer."""
+    data = load_client(cfg, node_config)
+    trainer = trainer_for(cfg, data_source(cfg).spec)
+    key = int(node_config.get("partition-id", 0))
+    return KerasClient(trainer, data, cfg, seed=int(cfg["seed"]), client_key=key)
+
+
+def make_client_app(fixed_config: RunConfig | None = None) -> ClientApp:
+    """A ClientApp; with `fixed_config` it ignores `context.run_config` (for run_simulation)."""
+
+    def client_fn(context: Context):
+        cfg = fixed_config if fixed_config is not None else resolve(context.run_config)
+        return client_for(cfg, context.node_config).to_client()
+
+    return ClientApp(client_fn=client_fn)
+
+
+app = make_client_app()

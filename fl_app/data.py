@@ -1,0 +1,274 @@
+"""Datasets for the app and how each client gets its share.
+
+* `digits` (default): scikit-learn's handwritten digits, shipped inside scikit-learn.
+* `synthetic`: Synthetic(alpha, beta) of the FedProx paper (Li et al., 2020), generated
+  here; its partition is natural (one user per client), so `partitioner` is ignored.
+* `mnist`, `fashion-mnist`, `cifar10`, `hf:<id>`: Hugging Face hub datasets through
+  flwr-datasets' `FederatedDataset` (needs network access).
+* In deployment a SuperNode reads its own file from node-config `data-path` (see
+  `fl_app.node_data`).
+
+The server holds out a test set for centralized evaluation; each client splits its share
+into train and validation parts.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import lru_cache
+from typing import TYPE_CHECKING, Protocol
+
+import numpy as np
+from sklearn.datasets import load_digits
+from sklearn.model_selection import train_test_split
+
+from fl_app.partitioning import partition_arrays
+
+if TYPE_CHECKING:
+    from flwr.common.typing import UserConfig
+
+    from fl_app.config import RunConfig
+
+
+class DataError(ValueError):
+    """A dataset or a node's data file cannot be loaded or does not fit the model."""
+
+
+@dataclass(frozen=True)
+class DataSpec:
+    """What a model needs to know about the data: feature shape and number of classes."""
+
+    input_shape: tuple[int, ...]
+    num_classes: int
+
+
+@dataclass(frozen=True)
+class Split:
+    """Features (float32) and integer labels."""
+
+    x: np.ndarray
+    y: np.ndarray
+
+    def __len__(self) -> int:
+        return len(self.y)
+
+
+@dataclass(frozen=True)
+class ClientData:
+    """One client's local data: a training and a validation split, and where it came from."""
+
+    train: Split
+    val: Split
+    source: str
+
+
+class DataSource(Protocol):
+    """A dataset the app can train on."""
+
+    spec: DataSpec
+
+    def test_set(self) -> Split:
+        """The server's held-out test set."""
+
+    def partition(self, partition_id: int, num_partitions: int) -> Split:
+        """The data of client `partition_id` out of `num_partitions`."""
+
+
+def _as_split(x: np.ndarray, y: np.ndarray) -> Split:
+    return Split(np.asarray(x, dtype=np.float32), np.asarray(y, dtype=np.int32))
+
+
+def _partition_to_split(partition, input_shape: tuple[int, ...]) -> Split:
+    table = partition.with_format("numpy")
+    x = np.asarray(table["x"], dtype=np.float32).reshape((-1, *input_shape))
+    return _as_split(x, table["label"])
+
+
+class PoolSource:
+    """An in-memory labelled pool: a stratified held-out test set, the rest partitioned."""
+
+    def __init__(self, x: np.ndarray, y: np.ndarray, num_classes: int, cfg: RunConfig) -> None:
+        x_pool, x_test, y_pool, y_test = train_test_split(
+            x, y, test_size=cfg["test-fraction"], stratify=y, random_state=cfg["seed"]
+        )
+        self.spec = DataSpec(tuple(x.shape[1:]), num_classes)
+        self._test = _as_split(x_test, y_test)
+        self._pool = (x_pool, y_pool)
+        self._cfg = cfg
+
+    def test_set(self) -> Split:
+        """The stratified held-out test set."""
+        return self._test
+
+    def partition(self, partition_id: int, num_partitions: int) -> Split:
+        """Client `partition_id`'s share, cut by the configured flwr-datasets partitioner."""
+        partitioner = _pool_partitioner(self, num_partitions)
+        return _partition_to_split(partitioner.load_partition(partition_id), self.spec.input_shape)
+
+
+@lru_cache(maxsize=4)
+def _pool_partitioner(source: PoolSource, num_partitions: int):
+    return partition_arrays(*source._pool, source._cfg, num_partitions)
+
+
+def _digits(cfg: RunConfig) -> PoolSource:
+    digits = load_digits()
+    return PoolSource(digits.data / 16.0, digits.target, 10, cfg)
+
+
+class SyntheticSource:
+    """Synthetic(alpha, beta) (Li et al., 2020, FedProx), one user per client.
+
+    User k draws u_k ~ N(0, alpha) and B_k ~ N(0, beta); its softmax model has
+    W_k, b_k ~ N(u_k, 1) and its features x ~ N(v_k, Sigma) with v_k ~ N(B_k, 1) and
+    Sigma = diag(j^-1.2). Labels are argmax(W_k x + b_k). Sample counts per user follow
+    lognormal(4, 2) + 50 (capped at 1000 to keep simulations small). The test-fraction
+    of every user is held out for the server's test set.
+    """
+
+    MAX_SAMPLES = 1000
+
+    def __init__(self, cfg: RunConfig) -> None:
+        self.num_users = cfg["synthetic-num-users"]
+        dim, classes = cfg["synthetic-dim"], cfg["synthetic-classes"]
+        self.spec = DataSpec((dim,), classes)
+        rng = np.random.default_rng(cfg["seed"])
+        sizes = np.minimum(rng.lognormal(4, 2, self.num_users).astype(int) + 50, self.MAX_SAMPLES)
+        model_means = rng.normal(0, np.sqrt(cfg["synthetic-alpha"]), self.num_users)
+        feature_means = rng.normal(0, np.sqrt(cfg["synthetic-beta"]), self.num_users)
+        std = np.arange(1, dim + 1) ** -0.6  # sqrt of Sigma's diagonal j^-1.2
+        self._users: list[Split] = []
+        tests = []
+        for k in range(self.num_users):
+            w = rng.normal(model_means[k], 1, (dim, classes))
+            b = rng.normal(model_means[k], 1, classes)
+            v = rng.normal(feature_means[k], 1, dim)
+            x = v + rng.normal(size=(sizes[k], dim)) * std
+            y = np.argmax(x @ w + b, axis=1)
+            n_test = max(1, int(round(cfg["test-fraction"] * len(y))))
+            tests.append((x[:n_test], y[:n_test]))
+            self._users.append(_as_split(x[n_test:], y[n_test:]))
+        self._test = _as_split(np.concatenate([t[0] for t in tests]),
+                               np.concatenate([t[1] for t in tests]))
+
+    def test_set(self) -> Split:
+        """The union of every user's held-out part."""
+        return self._test
+
+    def partition(self, partition_id: int, num_partitions: int) -> Split:
+        """User `partition_id`'s data; the number of partitions must equal the number of users."""
+        if num_partitions != self.num_users:
+            raise DataError(
+                f"dataset 'synthetic' has synthetic-num-users={self.num_users} users but the "
+                f"federation has {num_partitions} partitions: set synthetic-num-users="
+                f"{num_partitions} (or run {self.num_users} SuperNodes)"
+            )
+        return self._users[partition_id]
+
+
+HUB_DATASETS = {
+    "mnist": "ylecun/mnist",
+    "fashion-mnist": "zalando-datasets/fashion_mnist",
+    "cifar10": "uoft-cs/cifar10",
+}
+
+
+class HubSource:
+    """A Hugging Face hub image-classification dataset via flwr-datasets' FederatedDataset."""
+
+    def __init__(self, name: str, cfg: RunConfig) -> None:
+        from flwr_datasets import FederatedDataset
+
+        from fl_app.partitioning import make_partitioner
+
+        self.hub_id = HUB_DATASETS.get(name, name.removeprefix("hf:"))
+        self._name = name
+        self._cfg = cfg
+        self._fds_class = FederatedDataset
+        self._make_partitioner = make_partitioner
+        test = self._load(lambda fds: fds.load_split("test"), num_partitions=1)
+        self._image_key = next(k for k in test.features if k != "label")
+        self._test = self._to_split(test)
+        self.spec = DataSpec(self._test.x.shape[1:], test.features["label"].num_classes)
+
+    def _load(self, get, num_partitions: int):
+        try:
+            fds = self._fds_class(
+                dataset=self.hub_id, shuffle=True, seed=self._cfg["seed"],
+                partitioners={"train": self._make_partitioner(self._cfg, num_partitions)},
+            )
+            return get(fds)
+        except Exception as err:  # the hub raises many kinds of network errors
+            raise DataError(
+                f"dataset '{self._name}' ({self.hub_id}) could not be loaded from the Hugging "
+                f"Face hub: {type(err).__name__}: {err}. Hub datasets need network access; "
+                "offline, use dataset='digits' or dataset='synthetic'."
+            ) from err
+
+    def _to_split(self, table) -> Split:
+        images = np.stack([np.asarray(img, dtype=np.float32) for img in table[self._image_key]])
+        if images.ndim == 3:
+            images = images[..., None]
+        return _as_split(images / 255.0, table["label"])
+
+    def test_set(self) -> Split:
+        """The hub dataset's own test split."""
+        return self._test
+
+    def partition(self, partition_id: int, num_partitions: int) -> Split:
+        """Client `partition_id`'s share of the train split."""
+        table = self._load(lambda fds: fds.load_partition(partition_id, "train"), num_partitions)
+        return self._to_split(table)
+
+
+DATASET_NAMES = ("digits", "synthetic", *HUB_DATASETS)
+
+
+@lru_cache(maxsize=4)
+def data_source(cfg: RunConfig) -> DataSource:
+    """The dataset named by `dataset`, built once per process and run config."""
+    name = cfg["dataset"]
+    if name == "digits":
+        return _digits(cfg)
+    if name == "synthetic":
+        return SyntheticSource(cfg)
+    return HubSource(name, cfg)
+
+
+def split_train_val(data: Split, cfg: RunConfig, salt: int) -> tuple[Split, Split]:
+    """Split a client's data into train and validation parts (seeded by run seed and `salt`)."""
+    n_val = int(round(cfg["validation-fraction"] * len(data)))
+    if n_val == 0 or len(data) - n_val < 1:
+        return data, Split(data.x[:0], data.y[:0])
+    order = np.random.default_rng([cfg["seed"], salt]).permutation(len(data))
+    val, train = order[:n_val], order[n_val:]
+    return Split(data.x[train], data.y[train]), Split(data.x[val], data.y[val])
+
+
+@lru_cache(maxsize=64)
+def load_partition(cfg: RunConfig, partition_id: int, num_partitions: int) -> ClientData:
+    """Client data for simulation: partition `partition_id` of `num_partitions`."""
+    if not 0 <= partition_id < num_partitions:
+        raise DataError(f"partition-id {partition_id} is outside 0..{num_partitions - 1}")
+    split = data_source(cfg).partition(partition_id, num_partitions)
+    if len(split) == 0:
+        raise DataError(f"partition {partition_id} of {num_partitions} is empty")
+    train, val = split_train_val(split, cfg, salt=partition_id)
+    return ClientData(train, val, f"partition {partition_id}/{num_partitions} of {cfg['dataset']}")
+
+
+def load_client(cfg: RunConfig, node_config: UserConfig) -> ClientData:
+    """A client's data: its node's own `data-path` file in deployment, else its partition."""
+    if "data-path" in node_config:
+        from fl_app.node_data import load_node_file
+
+        return load_node_file(str(node_config["data-path"]), data_source(cfg).spec, cfg)
+    try:
+        partition_id = int(node_config["partition-id"])
+        num_partitions = int(node_config["num-partitions"])
+    except KeyError as err:
+        raise DataError(
+            f"node-config has neither 'data-path' nor {err.args[0]!r}: in deployment start the "
+            "SuperNode with --node-config \"data-path='/path/to/data.npz'\""
+        ) from None
+    return load_partition(cfg, partition_id, num_partitions)

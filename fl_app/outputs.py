@@ -1,0 +1,85 @@
+"""What a run leaves behind: history.json (written atomically every round) and plots."""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+HISTORY_FILE = "history.json"
+MODEL_FILE = "final_model.keras"
+
+
+def resolve_out_dir(configured: str) -> Path:
+    """The run's output folder: `out-dir` if set, else outputs/<timestamp> under the cwd."""
+    if configured:
+        return Path(configured).expanduser().resolve()
+    return (Path.cwd() / "outputs" / datetime.now().strftime("%Y%m%d-%H%M%S")).resolve()
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    """Write `text` to `path` so a reader never sees a half-written file (tmp, fsync, rename)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as handle:
+            handle.write(text)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def write_history(out_dir: Path, history: dict[str, Any]) -> Path:
+    """Write history.json atomically; return its path."""
+    path = out_dir / HISTORY_FILE
+    atomic_write_text(path, json.dumps(history, indent=2, sort_keys=False))
+    return path
+
+
+def read_history(out_dir: Path) -> dict[str, Any]:
+    """Read a run's history.json."""
+    return json.loads((out_dir / HISTORY_FILE).read_text(encoding="utf-8"))
+
+
+def _series(rounds: list[dict[str, Any]], section: str, metric: str) -> tuple[list, list]:
+    points = [(r["round"], r[section][metric]) for r in rounds
+              if metric in r.get(section, {})]
+    return [p[0] for p in points], [p[1] for p in points]
+
+
+def save_plots(out_dir: Path, rounds: list[dict[str, Any]]) -> list[Path]:
+    """Plot accuracy and loss per round (centralized and distributed), and ε if recorded."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    panels = [("accuracy", ("centralized", "distributed"), "accuracy"),
+              ("loss", ("centralized", "distributed"), "loss"),
+              ("privacy", ("privacy",), "epsilon")]
+    written = []
+    for name, sections, metric in panels:
+        series = [(s, *_series(rounds, s, metric)) for s in sections]
+        if not any(xs for _, xs, _ in series):
+            continue
+        fig, ax = plt.subplots(figsize=(6, 4))
+        for section, xs, ys in series:
+            if xs:
+                ax.plot(xs, ys, marker="o", label=section)
+        ax.set_xlabel("round")
+        ax.set_ylabel(metric)
+        ax.set_title(f"{metric} per round")
+        ax.grid(alpha=0.3)
+        ax.legend()
+        path = out_dir / f"{name}.png"
+        fig.tight_layout()
+        fig.savefig(path, dpi=100)
+        plt.close(fig)
+        written.append(path)
+    return written

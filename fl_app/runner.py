@@ -1,0 +1,159 @@
+"""The server loop: Flower's round structure plus stopping rules and per-round records."""
+
+from __future__ import annotations
+
+import random
+import timeit
+from collections.abc import Callable
+from logging import INFO, WARNING
+from typing import Any
+
+from flwr.common import Parameters, Scalar
+from flwr.common.logger import log
+from flwr.server import Server, SimpleClientManager
+from flwr.server.client_proxy import ClientProxy
+from flwr.server.criterion import Criterion
+from flwr.server.history import History
+from flwr.server.strategy import Strategy
+
+
+class SeededClientManager(SimpleClientManager):
+    """Flower's client manager with reproducible sampling (seeded, over sorted client ids)."""
+
+    def __init__(self, seed: int) -> None:
+        super().__init__()
+        self._rng = random.Random(seed)
+
+    def sample(self, num_clients: int, min_num_clients: int | None = None,
+               criterion: Criterion | None = None) -> list[ClientProxy]:
+        """Sample `num_clients` clients once at least `min_num_clients` are connected."""
+        self.wait_for(num_clients if min_num_clients is None else min_num_clients)
+        available = sorted(cid for cid, client in self.clients.items()
+                           if criterion is None or criterion.select(client))
+        if num_clients > len(available):
+            log(WARNING, "sampling %s clients but only %s are available", num_clients,
+                len(available))
+            return []
+        return [self.clients[cid] for cid in self._rng.sample(available, num_clients)]
+
+
+class StoppingRules:
+    """Ends a run early: target accuracy reached, or `patience` rounds without improvement."""
+
+    def __init__(self, target_accuracy: float, patience: int) -> None:
+        self.target_accuracy = target_accuracy
+        self.patience = patience
+        self.best = float("-inf")
+        self.rounds_since_best = 0
+
+    def after_round(self, accuracy: float | None) -> str | None:
+        """Record a round's centralized accuracy; return why to stop, or None."""
+        if accuracy is None:
+            return None
+        if accuracy > self.best:
+            self.best, self.rounds_since_best = accuracy, 0
+        else:
+            self.rounds_since_best += 1
+        if self.target_accuracy and accuracy >= self.target_accuracy:
+            return "target-accuracy"
+        if self.patience and self.rounds_since_best >= self.patience:
+            return "patience"
+        return None
+
+
+def _section(loss: float | None, metrics: dict[str, Scalar]) -> dict[str, Any]:
+    out: dict[str, Any] = {} if loss is None else {"loss": float(loss)}
+    out.update(metrics)
+    return out
+
+
+RoundCallback = Callable[[dict[str, Any], Parameters], None]
+
+
+class FederatedServer(Server):
+    """Flower's `Server` loop with early stopping and a record per round.
+
+    Each round: fit, centralized evaluation, distributed evaluation, then `on_round` gets
+    the round's record (schema in DESIGN.md) and the new global parameters. Strategies that
+    account privacy expose `privacy_report(server_round)` and `budget_allows(server_round)`;
+    the run stops *before* a round the budget does not allow.
+    """
+
+    def __init__(self, *, strategy: Strategy, seed: int, stopping: StoppingRules,
+                 on_round: RoundCallback, on_finish: Callable[[str, Parameters], None]) -> None:
+        super().__init__(client_manager=SeededClientManager(seed), strategy=strategy)
+        self.stopping = stopping
+        self.on_round = on_round
+        self.on_finish = on_finish
+
+    def _privacy(self, server_round: int) -> dict[str, Any] | None:
+        report = getattr(self.strategy, "privacy_report", None)
+        return report(server_round) if report else None
+
+    def _budget_allows(self, server_round: int) -> bool:
+        allows = getattr(self.strategy, "budget_allows", None)
+        return allows(server_round) if allows else True
+
+    def _evaluate_centralized(self, server_round: int, history: History) -> dict[str, Any]:
+        res = self.strategy.evaluate(server_round, parameters=self.parameters)
+        if res is None:
+            return {}
+        loss, metrics = res
+        history.add_loss_centralized(server_round=server_round, loss=loss)
+        history.add_metrics_centralized(server_round=server_round, metrics=metrics)
+        return _section(loss, metrics)
+
+    def _fit(self, server_round: int, timeout: float | None, history: History) -> dict[str, Any]:
+        res_fit = self.fit_round(server_round=server_round, timeout=timeout)
+        if res_fit is None:
+            return {"num_clients": 0, "num_failures": 0, "num_rejected": 0}
+        parameters, metrics, (results, failures) = res_fit
+        if parameters:
+            self.parameters = parameters
+        else:
+            log(WARNING, "round %s: no aggregate, the global model is unchanged", server_round)
+        history.add_metrics_distributed_fit(server_round=server_round, metrics=metrics)
+        return {"num_clients": len(results), "num_failures": len(failures),
+                "num_rejected": 0, **metrics}
+
+    def _evaluate_distributed(self, server_round: int, timeout: float | None,
+                              history: History) -> dict[str, Any]:
+        res_fed = self.evaluate_round(server_round=server_round, timeout=timeout)
+        if res_fed is None or res_fed[0] is None:
+            return {}
+        loss, metrics, _ = res_fed
+        history.add_loss_distributed(server_round=server_round, loss=loss)
+        history.add_metrics_distributed(server_round=server_round, metrics=metrics)
+        return _section(loss, metrics)
+
+    def fit(self, num_rounds: int, timeout: float | None) -> tuple[History, float]:
+        """Run rounds until `num_rounds`, a stopping rule or the privacy budget ends the run."""
+        history = History()
+        start = timeit.default_timer()
+        self.parameters = self._get_initial_parameters(server_round=0, timeout=timeout)
+        record: dict[str, Any] = {"round": 0, "seconds": 0.0,
+                                  "centralized": self._evaluate_centralized(0, history)}
+        self.on_round(record, self.parameters)
+        stopped = "num-server-rounds"
+        for server_round in range(1, num_rounds + 1):
+            if not self._budget_allows(server_round):
+                stopped = "privacy-budget"
+                break
+            round_start = timeit.default_timer()
+            fit = self._fit(server_round, timeout, history)
+            record = {"round": server_round, "fit": fit,
+                      "centralized": self._evaluate_centralized(server_round, history),
+                      "distributed": self._evaluate_distributed(server_round, timeout, history)}
+            privacy = self._privacy(server_round)
+            if privacy:
+                record["privacy"] = privacy
+            record["seconds"] = timeit.default_timer() - round_start
+            self.on_round({k: v for k, v in record.items() if v != {}}, self.parameters)
+            reason = self.stopping.after_round(record["centralized"].get("accuracy"))
+            if reason:
+                stopped = reason
+                break
+        log(INFO, "run stopped: %s", stopped)
+        self.on_finish(stopped, self.parameters)
+        return history, timeit.default_timer() - start
+

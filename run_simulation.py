@@ -1,0 +1,118 @@
+"""Run the app in-process on Flower's simulation engine.
+
+    python run_simulation.py [--num-supernodes 10] [--run-config "k=v k2=v2"] [--out DIR]
+
+`--run-config` takes the same syntax as `flwr run . --run-config` and is resolved through
+the same schema on top of pyproject.toml's `[tool.flwr.app.config]`, so both entry
+points run with the same config.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from flwr.common.config import flatten_dict, get_project_config, parse_config_args
+
+from fl_app.config import RunConfig, resolve
+from fl_app.outputs import resolve_out_dir
+from fl_app.settings import ConfigError
+
+PROJECT_DIR = Path(__file__).resolve().parent
+
+
+def load_run_config(overrides: str | None, project_dir: Path = PROJECT_DIR) -> RunConfig:
+    """pyproject.toml's app config with `--run-config` overrides, validated by the schema."""
+    app_config = get_project_config(project_dir)["tool"]["flwr"]["app"].get("config", {})
+    raw = flatten_dict(app_config)
+    raw.update(parse_config_args([overrides] if overrides else None))
+    return resolve(raw)
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """Command-line options."""
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--num-supernodes", type=int, default=10,
+                        help="number of simulated clients (default: 10)")
+    parser.add_argument("--run-config", default=None,
+                        help='run-config overrides, e.g. "strategy=\'fedprox\' local-epochs=2"')
+    parser.add_argument("--out", default=None,
+                        help="output folder (default: out-dir, else outputs/<timestamp>)")
+    parser.add_argument("--num-cpus-per-client", type=float, default=1.0,
+                        help="CPUs reserved per simulated client (default: 1)")
+    parser.add_argument("--num-gpus-per-client", type=float, default=0.0,
+                        help="GPUs reserved per simulated client (default: 0)")
+    parser.add_argument("--ray-address", default=None,
+                        help="address of an existing Ray cluster to run the clients on")
+    args = parser.parse_args(argv)
+    if args.num_supernodes < 1:
+        parser.error("--num-supernodes must be at least 1")
+    return args
+
+
+def backend_config(args: argparse.Namespace) -> dict:
+    """Ray backend settings: resources per client and an optional cluster address."""
+    init_args = {"address": args.ray_address} if args.ray_address else {}
+    return {"client_resources": {"num_cpus": args.num_cpus_per_client,
+                                 "num_gpus": args.num_gpus_per_client},
+            "init_args": init_args}
+
+
+def print_summary(out_dir: Path) -> None:
+    """A table of the run's rounds, read back from history.json."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from fl_app.outputs import read_history
+
+    history = read_history(out_dir)
+    table = Table(title=f"Run summary (stopped: {history['stopped']})")
+    for column in ("round", "clients", "failed", "rejected", "accuracy", "loss",
+                   "distributed acc.", "ε", "seconds"):
+        table.add_column(column, justify="right")
+    for r in history["rounds"]:
+        fit, cen = r.get("fit", {}), r.get("centralized", {})
+        dist, priv = r.get("distributed", {}), r.get("privacy", {})
+
+        def fmt(value, spec=".4f"):
+            return "" if value is None else format(value, spec)
+
+        table.add_row(str(r["round"]), str(fit.get("num_clients", "")),
+                      str(fit.get("num_failures", "")), str(fit.get("num_rejected", "")),
+                      fmt(cen.get("accuracy")), fmt(cen.get("loss")),
+                      fmt(dist.get("accuracy")), fmt(priv.get("epsilon"), ".3f"),
+                      fmt(r["seconds"], ".2f"))
+    console = Console()
+    console.print(table)
+    console.print(f"history, final model and plots: {out_dir}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Resolve the config, run the simulation, print the summary."""
+    args = parse_args(argv)
+    try:
+        cfg = load_run_config(args.run_config)
+    except ConfigError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    out_dir = resolve_out_dir(args.out or str(cfg["out-dir"]))
+    cfg = cfg.replace(out_dir=str(out_dir))
+
+    from flwr.simulation import run_simulation
+
+    from fl_app.client_app import make_client_app
+    from fl_app.server_app import make_server_app
+
+    run_simulation(server_app=make_server_app(cfg), client_app=make_client_app(cfg),
+                   num_supernodes=args.num_supernodes, backend_config=backend_config(args))
+    if not (out_dir / "history.json").is_file():
+        print(f"error: the run wrote no history to {out_dir}; see the log above", file=sys.stderr)
+        return 1
+    print_summary(out_dir)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,6 @@
+"""Server strategies: WeightedFedAvg, wrappers, validation, and the name registry."""
+
+from strategies.weighted_fedavg import WeightedFedAvg, weighted_average
+from strategies.wrapper import StrategyWrapper, ValidatedStrategy
+
+__all__ = ["StrategyWrapper", "ValidatedStrategy", "WeightedFedAvg", "weighted_average"]

@@ -1,0 +1,114 @@
+"""Flower's built-in strategies, by name, each behind our update validation."""
+
+from __future__ import annotations
+
+from flwr.server import strategy as fl
+
+from fl_app.settings import Setting
+from strategies.context import StrategyContext
+
+SETTINGS = [
+    Setting("proximal-mu", float, 0.01, "FedProx: weight of the proximal term (sent to clients).",
+            "strategy", low=0.0),
+    Setting("fedopt-eta", float, 0.01, "FedAdam/FedYogi/FedAdagrad: server learning rate.",
+            "strategy", low=0.0, low_open=True),
+    Setting("fedopt-tau", float, 1e-3, "FedAdam/FedYogi/FedAdagrad: adaptivity (epsilon).",
+            "strategy", low=0.0, low_open=True),
+    Setting("fedopt-beta-1", float, 0.9, "FedAdam/FedYogi: first-moment decay.", "strategy",
+            low=0.0, high=1.0, high_open=True),
+    Setting("fedopt-beta-2", float, 0.99, "FedAdam/FedYogi: second-moment decay.", "strategy",
+            low=0.0, high=1.0, high_open=True),
+    Setting("fedavgm-server-lr", float, 1.0, "FedAvgM: server learning rate.", "strategy",
+            low=0.0, low_open=True),
+    Setting("fedavgm-momentum", float, 0.9, "FedAvgM: server momentum.", "strategy",
+            low=0.0, high=1.0, high_open=True),
+    Setting("trimmed-beta", float, 0.2, "FedTrimmedAvg: fraction cut from each tail.", "strategy",
+            low=0.0, high=0.5, high_open=True),
+    Setting("num-malicious-clients", int, 0, "Krum/Bulyan: assumed number of attackers.",
+            "strategy", low=0),
+    Setting("krum-num-clients-to-keep", int, 0,
+            "Krum: average this many best-scored updates (0: plain Krum).", "strategy", low=0),
+    Setting("bulyan-to-keep", int, 0, "Bulyan: updates kept by the Krum stage (0: automatic).",
+            "strategy", low=0),
+    Setting("qfedavg-q", float, 0.2, "QFedAvg: fairness parameter q.", "strategy", low=0.0),
+    Setting("qfedavg-learning-rate", float, 0.1, "QFedAvg: server learning rate.", "strategy",
+            low=0.0, low_open=True),
+]
+
+
+def _fedopt_kwargs(ctx: StrategyContext, betas: bool) -> dict:
+    cfg = ctx.cfg
+    kwargs = dict(ctx.flower_kwargs(), eta=cfg["fedopt-eta"], eta_l=cfg["learning-rate"],
+                  tau=cfg["fedopt-tau"])
+    if betas:
+        kwargs.update(beta_1=cfg["fedopt-beta-1"], beta_2=cfg["fedopt-beta-2"])
+    return kwargs
+
+
+def fedavg(ctx: StrategyContext) -> fl.Strategy:
+    """Flower's FedAvg."""
+    return ctx.validated(fl.FedAvg(**ctx.flower_kwargs()))
+
+
+def fedprox(ctx: StrategyContext) -> fl.Strategy:
+    """Flower's FedProx: clients add mu/2 * ||w - w_global||^2 to their loss."""
+    return ctx.validated(fl.FedProx(**ctx.flower_kwargs(), proximal_mu=ctx.cfg["proximal-mu"]))
+
+
+def fedadam(ctx: StrategyContext) -> fl.Strategy:
+    """Flower's FedAdam (adaptive server optimizer)."""
+    return ctx.validated(fl.FedAdam(**_fedopt_kwargs(ctx, betas=True)))
+
+
+def fedyogi(ctx: StrategyContext) -> fl.Strategy:
+    """Flower's FedYogi (adaptive server optimizer)."""
+    return ctx.validated(fl.FedYogi(**_fedopt_kwargs(ctx, betas=True)))
+
+
+def fedadagrad(ctx: StrategyContext) -> fl.Strategy:
+    """Flower's FedAdagrad (adaptive server optimizer)."""
+    return ctx.validated(fl.FedAdagrad(**_fedopt_kwargs(ctx, betas=False)))
+
+
+def fedavgm(ctx: StrategyContext) -> fl.Strategy:
+    """Flower's FedAvgM (server momentum)."""
+    return ctx.validated(fl.FedAvgM(**ctx.flower_kwargs(),
+                                    server_learning_rate=ctx.cfg["fedavgm-server-lr"],
+                                    server_momentum=ctx.cfg["fedavgm-momentum"]))
+
+
+def fedmedian(ctx: StrategyContext) -> fl.Strategy:
+    """Flower's FedMedian (coordinate-wise median)."""
+    return ctx.validated(fl.FedMedian(**ctx.flower_kwargs()))
+
+
+def fedtrimmedavg(ctx: StrategyContext) -> fl.Strategy:
+    """Flower's FedTrimmedAvg (coordinate-wise trimmed mean)."""
+    return ctx.validated(fl.FedTrimmedAvg(**ctx.flower_kwargs(), beta=ctx.cfg["trimmed-beta"]))
+
+
+def krum(ctx: StrategyContext) -> fl.Strategy:
+    """Flower's Krum (Byzantine-robust selection)."""
+    return ctx.validated(fl.Krum(**ctx.flower_kwargs(),
+                                 num_malicious_clients=ctx.cfg["num-malicious-clients"],
+                                 num_clients_to_keep=ctx.cfg["krum-num-clients-to-keep"]))
+
+
+def bulyan(ctx: StrategyContext) -> fl.Strategy:
+    """Flower's Bulyan (Krum selection + trimmed mean); needs n >= 4f + 3 clients."""
+    return ctx.validated(fl.Bulyan(**ctx.flower_kwargs(),
+                                   num_malicious_clients=ctx.cfg["num-malicious-clients"],
+                                   to_keep=ctx.cfg["bulyan-to-keep"]))
+
+
+def qfedavg(ctx: StrategyContext) -> fl.Strategy:
+    """Flower's q-FedAvg (fair resource allocation)."""
+    return ctx.validated(fl.QFedAvg(**ctx.flower_kwargs(), q_param=ctx.cfg["qfedavg-q"],
+                                    qffl_learning_rate=ctx.cfg["qfedavg-learning-rate"]))
+
+
+BUILDERS = {
+    "fedavg": fedavg, "fedprox": fedprox, "fedadam": fedadam, "fedyogi": fedyogi,
+    "fedadagrad": fedadagrad, "fedavgm": fedavgm, "fedmedian": fedmedian,
+    "fedtrimmedavg": fedtrimmedavg, "krum": krum, "bulyan": bulyan, "qfedavg": qfedavg,
+}

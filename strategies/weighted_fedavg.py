@@ -1,0 +1,172 @@
+"""WeightedFedAvg: federated averaging weighted by `num_examples`, with update validation."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from logging import WARNING
+
+import numpy as np
+from flwr.common import (
+    EvaluateIns,
+    EvaluateRes,
+    FitIns,
+    FitRes,
+    NDArrays,
+    Parameters,
+    Scalar,
+    ndarrays_to_parameters,
+    parameters_to_ndarrays,
+)
+from flwr.common.logger import log
+from flwr.server.client_manager import ClientManager
+from flwr.server.client_proxy import ClientProxy
+from flwr.server.strategy import Strategy
+
+from strategies.context import StrategyContext
+from strategies.metrics import weighted_metrics
+from strategies.validation import reference_arrays, validate_fit_results
+
+EvaluateFn = Callable[[int, NDArrays, dict[str, Scalar]], "tuple[float, dict[str, Scalar]] | None"]
+ConfigFn = Callable[[int], dict[str, Scalar]]
+
+
+def weighted_average(updates: list[NDArrays], weights: list[float]) -> NDArrays:
+    """Average arrays layer by layer, weighted; accumulates in float64, keeps each dtype."""
+    total = float(sum(weights))
+    averaged = []
+    for layer in zip(*updates):
+        acc = np.zeros(layer[0].shape, dtype=np.float64)
+        for array, weight in zip(layer, weights):
+            acc += array.astype(np.float64) * (weight / total)
+        averaged.append(acc.astype(layer[0].dtype))
+    return averaged
+
+
+def sample_size(num_available: int, fraction: float, minimum: int) -> int:
+    """Number of clients to sample: a fraction of those available, at least `minimum`."""
+    return max(int(num_available * fraction), minimum)
+
+
+class WeightedFedAvg(Strategy):
+    """Federated averaging of client weights, weighted by each client's `num_examples`.
+
+    Samples `fraction_fit` of the available clients (at least `min_fit_clients`), rejects
+    any update that is mis-shaped, of the wrong dtype or count, non-finite, or claims a
+    non-positive (or above `max_examples`) number of examples, and averages the rest.
+    Fit and evaluate metrics are averaged with the same weights. Each round's fit metrics
+    carry `num_rejected`. With fewer than `min_fit_clients` valid updates the round keeps
+    the previous global model.
+    """
+
+    def __init__(
+        self,
+        *,
+        fraction_fit: float = 1.0,
+        fraction_evaluate: float = 1.0,
+        min_fit_clients: int = 2,
+        min_evaluate_clients: int = 2,
+        min_available_clients: int = 2,
+        evaluate_fn: EvaluateFn | None = None,
+        on_fit_config_fn: ConfigFn | None = None,
+        on_evaluate_config_fn: ConfigFn | None = None,
+        accept_failures: bool = True,
+        initial_parameters: Parameters | None = None,
+        max_examples: int = 0,
+    ) -> None:
+        super().__init__()
+        self.fraction_fit = fraction_fit
+        self.fraction_evaluate = fraction_evaluate
+        self.min_fit_clients = min_fit_clients
+        self.min_evaluate_clients = min_evaluate_clients
+        self.min_available_clients = min_available_clients
+        self.evaluate_fn = evaluate_fn
+        self.on_fit_config_fn = on_fit_config_fn
+        self.on_evaluate_config_fn = on_evaluate_config_fn
+        self.accept_failures = accept_failures
+        self.initial_parameters = initial_parameters
+        self.max_examples = max_examples
+        self.current_parameters: Parameters | None = initial_parameters
+
+    def __repr__(self) -> str:
+        return f"WeightedFedAvg(accept_failures={self.accept_failures})"
+
+    def initialize_parameters(self, client_manager: ClientManager) -> Parameters | None:
+        """The initial global model (None: Flower asks one client for its weights)."""
+        return self.initial_parameters
+
+    def configure_fit(self, server_round: int, parameters: Parameters,
+                      client_manager: ClientManager) -> list[tuple[ClientProxy, FitIns]]:
+        """Sample clients and send them the global model and this round's fit config."""
+        self.current_parameters = parameters
+        config = self.on_fit_config_fn(server_round) if self.on_fit_config_fn else {}
+        n = sample_size(client_manager.num_available(), self.fraction_fit, self.min_fit_clients)
+        clients = client_manager.sample(num_clients=n, min_num_clients=self.min_available_clients)
+        return [(client, FitIns(parameters, config)) for client in clients]
+
+    def aggregate_fit(
+        self,
+        server_round: int,
+        results: list[tuple[ClientProxy, FitRes]],
+        failures: list[tuple[ClientProxy, FitRes] | BaseException],
+    ) -> tuple[Parameters | None, dict[str, Scalar]]:
+        """Validate the updates and average the valid ones by `num_examples`."""
+        if not results:
+            return None, {}
+        if failures and not self.accept_failures:
+            log(WARNING, "round %s: %s client(s) failed and accept-failures is off: "
+                "keeping the previous global model", server_round, len(failures))
+            return None, {}
+        checked = validate_fit_results(results, reference_arrays(self.current_parameters),
+                                       server_round, self.max_examples)
+        metrics: dict[str, Scalar] = {"num_rejected": len(checked.rejected)}
+        if len(checked.accepted) < self.min_fit_clients:
+            log(WARNING, "round %s: only %s valid update(s), fewer than min-fit-clients=%s: "
+                "keeping the previous global model", server_round, len(checked.accepted),
+                self.min_fit_clients)
+            return None, metrics
+        counts = [fit_res.num_examples for _, fit_res in checked.accepted]
+        averaged = weighted_average(checked.accepted_arrays, counts)
+        metrics.update(weighted_metrics(
+            (fit_res.num_examples, fit_res.metrics) for _, fit_res in checked.accepted))
+        return ndarrays_to_parameters(averaged), metrics
+
+    def configure_evaluate(self, server_round: int, parameters: Parameters,
+                           client_manager: ClientManager) -> list[tuple[ClientProxy, EvaluateIns]]:
+        """Sample clients for distributed evaluation (none if `fraction_evaluate` is 0)."""
+        if self.fraction_evaluate == 0.0:
+            return []
+        config = self.on_evaluate_config_fn(server_round) if self.on_evaluate_config_fn else {}
+        n = sample_size(client_manager.num_available(), self.fraction_evaluate,
+                        self.min_evaluate_clients)
+        clients = client_manager.sample(num_clients=n, min_num_clients=self.min_available_clients)
+        return [(client, EvaluateIns(parameters, config)) for client in clients]
+
+    def aggregate_evaluate(
+        self,
+        server_round: int,
+        results: list[tuple[ClientProxy, EvaluateRes]],
+        failures: list[tuple[ClientProxy, EvaluateRes] | BaseException],
+    ) -> tuple[float | None, dict[str, Scalar]]:
+        """Average client losses and metrics by `num_examples`, skipping invalid reports."""
+        valid = [(proxy, res) for proxy, res in results
+                 if res.num_examples > 0 and np.isfinite(res.loss)]
+        if not valid or (failures and not self.accept_failures):
+            return None, {}
+        total = sum(res.num_examples for _, res in valid)
+        loss = sum(res.num_examples * res.loss for _, res in valid) / total
+        return float(loss), weighted_metrics((res.num_examples, res.metrics) for _, res in valid)
+
+    def evaluate(self, server_round: int,
+                 parameters: Parameters) -> tuple[float, dict[str, Scalar]] | None:
+        """Centralized evaluation with `evaluate_fn` (None if there is none)."""
+        if self.evaluate_fn is None:
+            return None
+        return self.evaluate_fn(server_round, parameters_to_ndarrays(parameters), {})
+
+
+SETTINGS: list = []  # WeightedFedAvg uses only the shared sampling and validation keys
+
+
+def build(ctx: StrategyContext) -> Strategy:
+    """Registry factory for `strategy=weighted-fedavg`."""
+    return WeightedFedAvg(**ctx.common_kwargs(), max_examples=ctx.cfg["max-examples"])
