@@ -74,7 +74,7 @@ CORE_SETTINGS: list[Setting] = [
             "Reject updates claiming more than this many examples (0: no cap).", "sampling",
             low=0),
     # --- local training
-    Setting("local-epochs", int, 1, "Local epochs per round (sent in each round's config).",
+    Setting("local-epochs", int, 5, "Local epochs per round (sent in each round's config).",
             "training", low=1),
     Setting("batch-size", int, 16, "Local batch size (sent in each round's config).",
             "training", low=1),

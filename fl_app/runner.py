@@ -67,6 +67,14 @@ def _section(loss: float | None, metrics: dict[str, Scalar]) -> dict[str, Any]:
     return out
 
 
+def describe_failure(failure: tuple[ClientProxy, Any] | BaseException) -> dict[str, str]:
+    """Which client failed and why, from a Flower failure entry (exception or bad status)."""
+    if isinstance(failure, BaseException):
+        return {"client": "unknown", "error": f"{type(failure).__name__}: {failure}"}
+    proxy, res = failure
+    return {"client": str(proxy.cid), "error": str(res.status.message)}
+
+
 RoundCallback = Callable[[dict[str, Any], Parameters], None]
 
 
@@ -113,8 +121,14 @@ class FederatedServer(Server):
         else:
             log(WARNING, "round %s: no aggregate, the global model is unchanged", server_round)
         history.add_metrics_distributed_fit(server_round=server_round, metrics=metrics)
-        return {"num_clients": len(results), "num_failures": len(failures),
-                "num_rejected": 0, **metrics}
+        record = {"num_clients": len(results), "num_failures": len(failures),
+                  "num_rejected": 0, **metrics}
+        if failures:
+            record["failures"] = [describe_failure(f) for f in failures]
+            for failure in record["failures"]:
+                log(WARNING, "round %s: client %s failed: %s", server_round,
+                    failure["client"], failure["error"])
+        return record
 
     def _evaluate_distributed(self, server_round: int, timeout: float | None,
                               history: History) -> dict[str, Any]:

@@ -1,0 +1,73 @@
+"""Regenerate the config docs from the schema: pyproject's app config and the README table.
+
+    python scripts/sync_config.py          # rewrite both
+    python scripts/sync_config.py --check  # exit 1 if either is out of date
+
+`tests/test_config.py` runs the check, so a key added to the schema without running
+this script fails CI.
+"""
+
+from __future__ import annotations
+
+import re
+import sys
+from pathlib import Path
+
+import tomli_w
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from fl_app.config import all_settings, defaults  # noqa: E402
+
+README_START = "<!-- config-table:start -->"
+README_END = "<!-- config-table:end -->"
+
+
+def pyproject_text(current: str) -> str:
+    """pyproject.toml with `[tool.flwr.app.config]` holding every key and its default."""
+    block = "[tool.flwr.app.config]\n" + tomli_w.dumps(defaults())
+    return re.sub(r"\[tool\.flwr\.app\.config\]\n.*?(?=\n\[|\Z)", block.rstrip("\n"), current,
+                  count=1, flags=re.S)
+
+
+def config_table() -> str:
+    """Markdown table of every run-config key."""
+    rows = ["| key | type | default | allowed | what it does |", "|---|---|---|---|---|"]
+    for setting in all_settings().values():
+        default = tomli_w.dumps({"v": setting.default}).strip()[4:]
+        allowed = setting.describe_range().replace("|", "\\|")
+        rows.append(f"| `{setting.key}` | {setting.type.__name__} | `{default}` | {allowed} | "
+                    f"{setting.help} |")
+    return "\n".join(rows)
+
+
+def readme_text(current: str) -> str:
+    """README.md with the config table between its markers replaced."""
+    if README_START not in current:
+        raise SystemExit(f"README.md lacks the marker {README_START}")
+    head, rest = current.split(README_START, 1)
+    _, tail = rest.split(README_END, 1)
+    return f"{head}{README_START}\n{config_table()}\n{README_END}{tail}"
+
+
+def main() -> int:
+    """Rewrite (or with --check, verify) pyproject.toml and README.md."""
+    check = "--check" in sys.argv[1:]
+    stale = []
+    for name, render in (("pyproject.toml", pyproject_text), ("README.md", readme_text)):
+        path = ROOT / name
+        current = path.read_text(encoding="utf-8")
+        wanted = render(current)
+        if wanted != current:
+            stale.append(name)
+            if not check:
+                path.write_text(wanted, encoding="utf-8")
+    if check and stale:
+        print(f"out of date: {', '.join(stale)}; run python scripts/sync_config.py")
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
