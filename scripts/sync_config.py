@@ -27,8 +27,8 @@ README_END = "<!-- config-table:end -->"
 def pyproject_text(current: str) -> str:
     """pyproject.toml with `[tool.flwr.app.config]` holding every key and its default."""
     block = "[tool.flwr.app.config]\n" + tomli_w.dumps(defaults())
-    return re.sub(r"\[tool\.flwr\.app\.config\]\n.*?(?=\n\[|\Z)", block.rstrip("\n"), current,
-                  count=1, flags=re.S)
+    return re.sub(r"\[tool\.flwr\.app\.config\]\n(?:[A-Za-z0-9_\"-][^\n]*\n)*", block, current,
+                  count=1)
 
 
 def config_table() -> str:

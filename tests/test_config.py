@@ -1,0 +1,72 @@
+"""The run-config schema: defaults, bad values, and the two entry points agreeing."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from flwr.common.config import get_fused_config_from_dir, parse_config_args
+
+import run_simulation
+from fl_app.config import all_settings, defaults, resolve
+from fl_app.settings import ConfigError
+from tests.conftest import make_config
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_defaults_resolve_and_cover_every_key():
+    cfg = resolve({})
+    assert dict(cfg) == defaults()
+    assert set(cfg) == set(all_settings())
+
+
+@pytest.mark.parametrize("raw, key, hint", [
+    ({"no-such-key": 1}, "no-such-key", "known keys"),
+    ({"num-server-rounds": "ten"}, "num-server-rounds", "type int"),
+    ({"accept-failures": 1}, "accept-failures", "type bool"),
+    ({"learning-rate": "fast"}, "learning-rate", "type float"),
+    ({"fraction-fit": 1.5}, "fraction-fit", "<= 1.0"),
+    ({"fraction-fit": 0.0}, "fraction-fit", "0.0 <"),
+    ({"local-epochs": 0}, "local-epochs", "1 <="),
+    ({"learning-rate": float("nan")}, "learning-rate", "out of range"),
+    ({"strategy": "fedsgd"}, "strategy", "'weighted-fedavg'"),
+    ({"model": "resnet"}, "model", "'mlp'"),
+    ({"dataset": "imagenet"}, "dataset", "'digits'"),
+    ({"partitioner": "random"}, "partitioner", "'dirichlet'"),
+    ({"min-fit-clients": 5, "min-available-clients": 2}, "min-fit-clients", "must not exceed"),
+])
+def test_bad_values_fail_naming_the_key_and_what_is_allowed(raw, key, hint):
+    with pytest.raises(ConfigError) as err:
+        resolve(raw)
+    assert f"'{key}'" in str(err.value)
+    assert hint in str(err.value)
+
+
+def test_accepted_values_are_typed():
+    cfg = make_config(learning_rate=1, model="my/model.keras", dataset="hf:some/dataset")
+    assert cfg["learning-rate"] == 1.0 and isinstance(cfg["learning-rate"], float)
+    assert cfg["model"] == "my/model.keras"
+
+
+def test_pyproject_and_readme_are_in_sync_with_the_schema():
+    result = subprocess.run([sys.executable, "scripts/sync_config.py", "--check"], cwd=ROOT,
+                            capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_run_simulation_resolves_the_same_config_as_flwr_run():
+    overrides = "strategy='fedprox' local-epochs=2 learning-rate=0.05 partitioner='dirichlet'"
+    via_flwr = resolve(get_fused_config_from_dir(ROOT, parse_config_args([overrides])))
+    via_script = run_simulation.load_run_config(overrides)
+    assert via_flwr == via_script
+    assert via_script["strategy"] == "fedprox" and via_script["local-epochs"] == 2
+
+
+def test_run_simulation_rejects_bad_config_before_training(capsys, tmp_path):
+    code = run_simulation.main(["--run-config", "fraction-fit=2.0", "--out", str(tmp_path)])
+    assert code == 2
+    assert "'fraction-fit'" in capsys.readouterr().err
+    assert not (tmp_path / "history.json").exists()

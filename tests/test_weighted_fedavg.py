@@ -1,0 +1,108 @@
+"""WeightedFedAvg: equals Flower's weighted average, and never averages a bad update in."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from flwr.common import ndarrays_to_parameters, parameters_to_ndarrays
+from flwr.server.strategy.aggregate import aggregate
+
+from fl_app.runner import SeededClientManager
+from strategies import WeightedFedAvg
+from tests.flower_objects import IdleProxy, fit_res, random_model, results
+
+
+def _strategy(global_model, **kwargs) -> WeightedFedAvg:
+    return WeightedFedAvg(initial_parameters=ndarrays_to_parameters(global_model), **kwargs)
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_equals_flower_aggregate_on_random_inputs(seed):
+    rng = np.random.default_rng(seed)
+    updates = [(random_model(rng), int(rng.integers(1, 500))) for _ in range(int(rng.integers(2, 9)))]
+    strategy = _strategy(random_model(rng))
+    params, metrics = strategy.aggregate_fit(1, results(updates), [])
+    ours = parameters_to_ndarrays(params)
+    flower = aggregate(updates)
+    assert len(ours) == len(flower)
+    for a, b in zip(ours, flower):
+        np.testing.assert_allclose(a, b, atol=1e-6, rtol=0)
+        assert a.dtype == np.float32
+    assert metrics["num_rejected"] == 0
+
+
+def _bad_updates(good: list[np.ndarray]) -> dict[str, tuple[list[np.ndarray], int]]:
+    nan = [a.copy() for a in good]
+    nan[0][0, 0] = np.nan
+    inf = [a.copy() for a in good]
+    inf[2][1, 1] = -np.inf
+    return {
+        "nan": (nan, 10),
+        "inf": (inf, 10),
+        "wrong-shape": ([good[0][:2], good[1], good[2]], 10),
+        "missing-array": (good[:2], 10),
+        "extra-array": (good + [good[1]], 10),
+        "wrong-dtype": ([a.astype(np.float64) for a in good], 10),
+        "zero-examples": (good, 0),
+        "negative-examples": (good, -5),
+        "above-cap": (good, 10_000),
+    }
+
+
+@pytest.mark.parametrize("kind", list(_bad_updates(random_model(np.random.default_rng(0)))))
+def test_bad_update_is_rejected_and_model_equals_aggregate_of_good_clients(kind, caplog):
+    rng = np.random.default_rng(1)
+    global_model = random_model(rng)
+    good = [(random_model(rng), 20), (random_model(rng), 60)]
+    bad = _bad_updates(random_model(rng))[kind]
+    strategy = _strategy(global_model, max_examples=1000)
+    all_results = results([good[0], bad, good[1]])
+    params, metrics = strategy.aggregate_fit(3, all_results, [])
+    merged = parameters_to_ndarrays(params)
+    for ours, expected in zip(merged, aggregate(good)):
+        np.testing.assert_allclose(ours, expected, atol=1e-6)
+    assert all(np.all(np.isfinite(a)) for a in merged)
+    assert metrics["num_rejected"] == 1
+    assert "client c1" in caplog.text and "rejected" in caplog.text
+
+
+def test_too_few_valid_updates_keep_the_previous_model():
+    rng = np.random.default_rng(2)
+    global_model = random_model(rng)
+    bad = [a.copy() for a in global_model]
+    bad[1][:] = np.nan
+    strategy = _strategy(global_model, min_fit_clients=2)
+    params, metrics = strategy.aggregate_fit(1, results([(random_model(rng), 5), (bad, 5)]), [])
+    assert params is None and metrics["num_rejected"] == 1
+
+
+def test_failures_are_tolerated_only_when_accepted():
+    rng = np.random.default_rng(3)
+    updates = results([(random_model(rng), 5), (random_model(rng), 5)])
+    failure = [RuntimeError("client crashed")]
+    assert _strategy(random_model(rng), accept_failures=True).aggregate_fit(1, updates, failure)[0]
+    assert _strategy(random_model(rng), accept_failures=False).aggregate_fit(1, updates,
+                                                                              failure)[0] is None
+
+
+def test_fit_metrics_are_weighted_by_examples():
+    rng = np.random.default_rng(4)
+    res = [(IdleProxy("a"), fit_res(random_model(rng), 10, {"train_loss": 1.0})),
+           (IdleProxy("b"), fit_res(random_model(rng), 30, {"train_loss": 3.0}))]
+    _, metrics = _strategy(random_model(rng)).aggregate_fit(1, res, [])
+    assert metrics["train_loss"] == pytest.approx(2.5)
+
+
+def test_sampling_is_a_fraction_and_reproducible_with_a_seed():
+    def sampled(seed: int) -> list[str]:
+        manager = SeededClientManager(seed)
+        for i in range(10):
+            manager.register(IdleProxy(f"node-{i}"))
+        strategy = _strategy(random_model(np.random.default_rng(0)), fraction_fit=0.3,
+                             min_fit_clients=2)
+        instructions = strategy.configure_fit(1, strategy.initial_parameters, manager)
+        return [proxy.cid for proxy, _ in instructions]
+
+    assert len(sampled(7)) == 3
+    assert sampled(7) == sampled(7)
+    assert len({tuple(sampled(s)) for s in range(6)}) > 1
