@@ -1,0 +1,111 @@
+"""KerasClient: shared per-process model without state leaks, FedProx, user .keras models."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import keras
+import numpy as np
+import pytest
+
+from fl_app.client_app import client_for, round_config
+from fl_app.data import data_source
+from fl_app.trainer import trainer_for
+from tests.conftest import make_config
+
+ROOT = Path(__file__).resolve().parent.parent
+ADAM = dict(optimizer="adam", learning_rate=0.01, local_epochs=2)
+
+
+def _global_weights(cfg) -> list[np.ndarray]:
+    return [w.copy() for w in trainer_for(cfg, data_source(cfg).spec).get_weights()]
+
+
+def _fit(cfg, partition: int, weights) -> tuple[list[np.ndarray], int, dict]:
+    client = client_for(cfg, {"partition-id": partition, "num-partitions": 10})
+    return client.fit(weights, round_config(cfg, server_round=1))
+
+
+FRESH_PROCESS_FIT = """
+import json, sys
+import numpy as np
+from tests.test_client import ADAM, _fit, _global_weights
+from tests.conftest import make_config
+cfg = make_config(**ADAM)
+weights, n, _ = _fit(cfg, 7, _global_weights(cfg))
+np.savez(sys.argv[1], *weights)
+print(json.dumps(n))
+"""
+
+
+def test_two_clients_in_one_process_equal_two_processes(tmp_path):
+    cfg = make_config(**ADAM)
+    start = _global_weights(cfg)
+    first, _, _ = _fit(cfg, 3, start)           # leaves weights and Adam moments behind
+    shared, n_shared, _ = _fit(cfg, 7, start)   # same process, same trainer
+
+    out = tmp_path / "fresh.npz"
+    proc = subprocess.run([sys.executable, "-c", FRESH_PROCESS_FIT, str(out)], cwd=ROOT,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    with np.load(out) as fresh:
+        fresh_weights = [fresh[f"arr_{i}"] for i in range(len(fresh.files))]
+    assert json.loads(proc.stdout.strip().splitlines()[-1]) == n_shared
+    for a, b in zip(shared, fresh_weights):
+        np.testing.assert_allclose(a, b, atol=1e-6)
+    assert any(not np.allclose(a, b) for a, b in zip(first, shared))
+
+
+def test_fit_reports_real_examples_and_metrics():
+    cfg = make_config()
+    client = client_for(cfg, {"partition-id": 2, "num-partitions": 10})
+    weights, n, metrics = client.fit(_global_weights(cfg), round_config(cfg, 1))
+    assert n == len(client.data.train) > 0
+    assert {"train_loss", "train_accuracy", "train_seconds"} <= set(metrics)
+    loss, n_eval, eval_metrics = client.evaluate(weights, {})
+    assert n_eval == len(client.data.val) > 0
+    assert np.isfinite(loss) and 0.0 <= eval_metrics["accuracy"] <= 1.0
+
+
+def test_round_config_from_the_server_overrides_local_defaults():
+    cfg = make_config()
+    start = _global_weights(cfg)
+    client = client_for(cfg, {"partition-id": 2, "num-partitions": 10})
+    slow, _, _ = client.fit(start, {**round_config(cfg, 1), "learning-rate": 1e-6})
+    fast, _, _ = client.fit(start, {**round_config(cfg, 1), "learning-rate": 0.5})
+    moved = lambda ws: sum(float(np.sum((w - s) ** 2)) for w, s in zip(ws, start))  # noqa: E731
+    assert moved(slow) < 1e-6 < moved(fast)
+
+
+def test_fedprox_proximal_term_keeps_the_update_close_to_the_global_model():
+    cfg = make_config()
+    start = _global_weights(cfg)
+    client = client_for(cfg, {"partition-id": 4, "num-partitions": 10})
+
+    def distance(mu: float) -> float:
+        weights, _, _ = client.fit(start, {**round_config(cfg, 1), "proximal_mu": mu})
+        return float(np.sqrt(sum(np.sum((w - s) ** 2) for w, s in zip(weights, start))))
+
+    assert distance(10.0) < 0.5 * distance(0.0)
+
+
+def test_a_users_keras_file_is_trained(tmp_path):
+    path = tmp_path / "tiny.keras"
+    keras.Sequential([keras.Input((64,)), keras.layers.Dense(10)]).save(path)
+    cfg = make_config(model=str(path))
+    client = client_for(cfg, {"partition-id": 0, "num-partitions": 10})
+    start = client.get_parameters({})
+    assert [w.shape for w in start] == [(64, 10), (10,)]
+    weights, _, metrics = client.fit(start, round_config(cfg, 1))
+    assert np.isfinite(metrics["train_loss"])
+    assert not np.allclose(weights[0], start[0])
+
+
+def test_a_keras_file_that_does_not_fit_the_data_is_refused(tmp_path):
+    path = tmp_path / "wrong.keras"
+    keras.Sequential([keras.Input((64,)), keras.layers.Dense(3)]).save(path)
+    with pytest.raises(ValueError, match="outputs 3 classes"):
+        client_for(make_config(model=str(path)), {"partition-id": 0, "num-partitions": 10})

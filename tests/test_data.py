@@ -1,0 +1,111 @@
+"""Datasets and partitioning: flwr-datasets partitioners, Synthetic(α,β), node files."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from fl_app.data import DataError, data_source, load_client, load_partition
+from tests.conftest import make_config
+
+
+def _labels(cfg, n):
+    return [load_partition(cfg, i, n) for i in range(n)]
+
+
+def test_iid_partitions_split_the_whole_pool_evenly():
+    cfg = make_config()
+    parts = _labels(cfg, 10)
+    sizes = [len(p.train) + len(p.val) for p in parts]
+    source = data_source(cfg)
+    assert sum(sizes) + len(source.test_set()) == 1797
+    assert max(sizes) - min(sizes) <= 1
+
+
+def test_dirichlet_partitions_are_label_skewed():
+    iid = [np.bincount(p.train.y, minlength=10) for p in _labels(make_config(), 10)]
+    skewed = [np.bincount(p.train.y, minlength=10)
+              for p in _labels(make_config(partitioner="dirichlet", dirichlet_alpha=0.1), 10)]
+    top_share = lambda counts: np.mean([c.max() / c.sum() for c in counts])  # noqa: E731
+    assert top_share(skewed) > top_share(iid) + 0.2
+
+
+def test_pathological_partitions_hold_k_classes():
+    cfg = make_config(partitioner="pathological", classes_per_partition=2)
+    for part in _labels(cfg, 10):
+        labels = np.concatenate([part.train.y, part.val.y])
+        assert len(np.unique(labels)) <= 2
+
+
+def test_shard_partitioner_runs():
+    parts = _labels(make_config(partitioner="shard", shards_per_partition=2), 10)
+    assert all(len(p.train) > 0 for p in parts)
+
+
+def test_synthetic_is_one_user_per_client_with_server_test_set():
+    cfg = make_config(dataset="synthetic", synthetic_num_users=5, synthetic_dim=20)
+    source = data_source(cfg)
+    assert source.spec.input_shape == (20,) and source.spec.num_classes == 10
+    parts = _labels(cfg, 5)
+    assert len({len(p.train) for p in parts}) > 1  # lognormal sizes differ
+    assert len(source.test_set()) > 0
+    with pytest.raises(DataError, match="synthetic-num-users=5"):
+        load_partition(cfg, 0, 7)
+
+
+def test_hub_dataset_offline_fails_with_a_clear_message(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(DataError, match="dataset 'mnist'.*network access"):
+        data_source(make_config(dataset="mnist", seed=123))
+
+
+def test_node_without_partition_or_file_is_told_what_to_set():
+    with pytest.raises(DataError, match="data-path"):
+        load_client(make_config(), {})
+
+
+@pytest.fixture
+def digits_arrays():
+    part = load_partition(make_config(), 0, 10)
+    return part.train.x.reshape(len(part.train), -1), part.train.y
+
+
+def test_node_file_npz_and_csv_load(tmp_path, digits_arrays):
+    x, y = digits_arrays
+    np.savez(tmp_path / "node.npz", x=x, y=y)
+    header = ",".join([f"f{i}" for i in range(x.shape[1])] + ["label"])
+    np.savetxt(tmp_path / "node.csv", np.column_stack([x, y]), delimiter=",", header=header,
+               comments="")
+    cfg = make_config(validation_fraction=0.0)
+    for name in ("node.npz", "node.csv"):
+        data = load_client(cfg, {"data-path": str(tmp_path / name)})
+        np.testing.assert_allclose(data.train.x.reshape(len(y), -1), x, atol=1e-6)
+        assert list(data.train.y) == list(y)
+
+
+@pytest.mark.parametrize("problem, match", [
+    ("missing", "does not exist"),
+    ("corrupt", "unreadable"),
+    ("wrong-dim", "feature dimension"),
+    ("bad-label", "outside the model's classes"),
+    ("nan", "NaN"),
+    ("no-y", "lacks array"),
+])
+def test_bad_node_files_name_the_file(tmp_path, digits_arrays, problem, match):
+    x, y = digits_arrays
+    path = tmp_path / f"{problem}.npz"
+    if problem == "corrupt":
+        path.write_bytes(b"PK\x03\x04 this is not a zip archive")
+    elif problem == "wrong-dim":
+        np.savez(path, x=x[:, :50], y=y)
+    elif problem == "bad-label":
+        np.savez(path, x=x, y=np.where(y == 0, 12, y))
+    elif problem == "nan":
+        x = x.copy()
+        x[3, 3] = np.nan
+        np.savez(path, x=x, y=y)
+    elif problem == "no-y":
+        np.savez(path, x=x)
+    with pytest.raises(DataError, match=match) as err:
+        load_client(make_config(), {"data-path": str(path)})
+    assert str(path) in str(err.value)
