@@ -1,10 +1,13 @@
 """Run the app in-process on Flower's simulation engine.
 
     python run_simulation.py [--num-supernodes 10] [--run-config "k=v k2=v2"] [--out DIR]
+    python run_simulation.py --resume DIR [--run-config "num-server-rounds=40"]
 
 `--run-config` takes the same syntax as `flwr run . --run-config` and is resolved through
 the same schema on top of pyproject.toml's `[tool.flwr.app.config]`, so both entry
-points run with the same config.
+points run with the same config. `--resume DIR` continues an interrupted run after its last
+complete round, with the config saved in DIR's checkpoint (overrides may change only
+`num-server-rounds` and `round-timeout`).
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ from pathlib import Path
 
 from flwr.common.config import flatten_dict, get_project_config, parse_config_args
 
+from fl_app.checkpoint import CheckpointError, load_checkpoint
 from fl_app.config import RunConfig, resolve
 from fl_app.outputs import resolve_out_dir
 from fl_app.settings import ConfigError
@@ -30,6 +34,14 @@ def load_run_config(overrides: str | None, project_dir: Path = PROJECT_DIR) -> R
     return resolve(raw)
 
 
+def resume_run_config(folder: str, overrides: str | None) -> RunConfig:
+    """The config saved in `folder`'s checkpoint, with `--run-config` overrides, resuming it."""
+    raw = dict(load_checkpoint(folder).config)
+    raw.update(parse_config_args([overrides] if overrides else None))
+    raw["resume-from"] = str(Path(folder).expanduser().resolve())
+    return resolve(raw)
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """Command-line options."""
     parser = argparse.ArgumentParser(description=__doc__,
@@ -40,6 +52,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help='run-config overrides, e.g. "strategy=\'fedprox\' local-epochs=2"')
     parser.add_argument("--out", default=None,
                         help="output folder (default: out-dir, else outputs/<timestamp>)")
+    parser.add_argument("--resume", default=None, metavar="DIR",
+                        help="continue the interrupted run in DIR after its last complete round "
+                             "(writes to DIR unless --out is given)")
     parser.add_argument("--num-cpus-per-client", type=float, default=1.0,
                         help="CPUs reserved per simulated client (default: 1)")
     parser.add_argument("--num-gpus-per-client", type=float, default=0.0,
@@ -93,11 +108,14 @@ def main(argv: list[str] | None = None) -> int:
     """Resolve the config, run the simulation, print the summary."""
     args = parse_args(argv)
     try:
-        cfg = load_run_config(args.run_config)
-    except ConfigError as err:
+        if args.resume:
+            cfg = resume_run_config(args.resume, args.run_config)
+        else:
+            cfg = load_run_config(args.run_config)
+    except (ConfigError, CheckpointError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    out_dir = resolve_out_dir(args.out or str(cfg["out-dir"]))
+    out_dir = resolve_out_dir(args.out or args.resume or str(cfg["out-dir"]))
     cfg = cfg.replace(out_dir=str(out_dir))
 
     from flwr.simulation import run_simulation
@@ -105,8 +123,12 @@ def main(argv: list[str] | None = None) -> int:
     from fl_app.client_app import make_client_app
     from fl_app.server_app import make_server_app
 
-    run_simulation(server_app=make_server_app(cfg), client_app=make_client_app(cfg),
-                   num_supernodes=args.num_supernodes, backend_config=backend_config(args))
+    try:
+        run_simulation(server_app=make_server_app(cfg), client_app=make_client_app(cfg),
+                       num_supernodes=args.num_supernodes, backend_config=backend_config(args))
+    except CheckpointError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
     if not (out_dir / "history.json").is_file():
         print(f"error: the run wrote no history to {out_dir}; see the log above", file=sys.stderr)
         return 1

@@ -10,6 +10,7 @@ from flwr.common import Context, NDArrays, Scalar
 
 from fl_app.config import RunConfig, resolve
 from fl_app.data import ClientData, data_source, load_client
+from fl_app.faults import with_faults
 from fl_app.trainer import KerasTrainer, trainer_for
 
 ROUND_KEYS = ("local-epochs", "batch-size", "learning-rate")
@@ -71,12 +72,17 @@ class KerasClient(NumPyClient):
         return loss, len(split), {"accuracy": accuracy}
 
 
-def client_for(cfg: RunConfig, node_config: Mapping[str, Scalar]) -> KerasClient:
-    """Build the client for one node: its data (partition or own file) and the shared trainer."""
+def client_for(cfg: RunConfig, node_config: Mapping[str, Scalar]) -> NumPyClient:
+    """Build the client for one node: its data (partition or own file) and the shared trainer.
+
+    In simulation, the fault-injection and attack keys may make it a misbehaving client
+    (see `fl_app.faults`).
+    """
     data = load_client(cfg, node_config)
     trainer = trainer_for(cfg, data_source(cfg).spec)
     key = int(node_config.get("partition-id", 0))
-    return KerasClient(trainer, data, cfg, seed=int(cfg["seed"]), client_key=key)
+    return with_faults(KerasClient(trainer, data, cfg, seed=int(cfg["seed"]), client_key=key),
+                       cfg, node_config)
 
 
 def make_client_app(fixed_config: RunConfig | None = None) -> ClientApp:

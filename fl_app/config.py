@@ -119,11 +119,14 @@ CORE_SETTINGS: list[Setting] = [
 
 @lru_cache(maxsize=1)
 def all_settings() -> dict[str, Setting]:
-    """Every run-config key, core and strategy-specific, by name."""
+    """Every run-config key (core, reliability: validation, checkpoints, faults; strategies)."""
+    from fl_app import checkpoint, faults
+    from strategies import validation
     from strategies.registry import strategy_settings
 
     settings: dict[str, Setting] = {}
-    for setting in [*CORE_SETTINGS, *strategy_settings()]:
+    for setting in [*CORE_SETTINGS, *validation.SETTINGS, *checkpoint.SETTINGS,
+                    *faults.SETTINGS, *strategy_settings()]:
         if setting.key in settings:
             raise RuntimeError(f"run-config key '{setting.key}' is declared twice")
         settings[setting.key] = setting

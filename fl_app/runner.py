@@ -5,6 +5,7 @@ from __future__ import annotations
 import random
 import timeit
 from collections.abc import Callable
+from dataclasses import dataclass
 from logging import INFO, WARNING
 from typing import Any
 
@@ -15,6 +16,8 @@ from flwr.server.client_proxy import ClientProxy
 from flwr.server.criterion import Criterion
 from flwr.server.history import History
 from flwr.server.strategy import Strategy
+
+from strategies.state import set_strategy_state, strategy_state
 
 
 class SeededClientManager(SimpleClientManager):
@@ -35,6 +38,16 @@ class SeededClientManager(SimpleClientManager):
                 len(available))
             return []
         return [self.clients[cid] for cid in self._rng.sample(available, num_clients)]
+
+    def get_state(self) -> dict[str, Any]:
+        """The sampling RNG's state (for checkpoints)."""
+        version, internal, gauss_next = self._rng.getstate()
+        return {"rng": [version, list(internal), gauss_next]}
+
+    def set_state(self, state: dict[str, Any]) -> None:
+        """Restore the sampling RNG from `get_state`'s output."""
+        version, internal, gauss_next = state["rng"]
+        self._rng.setstate((version, tuple(internal), gauss_next))
 
 
 class StoppingRules:
@@ -60,6 +73,16 @@ class StoppingRules:
             return "patience"
         return None
 
+    def get_state(self) -> dict[str, Any]:
+        """Best accuracy so far and rounds since (for checkpoints)."""
+        return {"best": None if self.best == float("-inf") else self.best,
+                "rounds_since_best": self.rounds_since_best}
+
+    def set_state(self, state: dict[str, Any]) -> None:
+        """Restore `get_state`'s output."""
+        self.best = float("-inf") if state["best"] is None else float(state["best"])
+        self.rounds_since_best = int(state["rounds_since_best"])
+
 
 def _section(loss: float | None, metrics: dict[str, Scalar]) -> dict[str, Any]:
     out: dict[str, Any] = {} if loss is None else {"loss": float(loss)}
@@ -76,6 +99,16 @@ def describe_failure(failure: tuple[ClientProxy, Any] | BaseException) -> dict[s
 
 
 RoundCallback = Callable[[dict[str, Any], Parameters], None]
+CheckpointCallback = Callable[[int, Parameters, dict[str, Any]], None]
+
+
+@dataclass
+class ResumePoint:
+    """Where a resumed run continues: its last complete round, weights and server state."""
+
+    round: int
+    parameters: Parameters
+    server_state: dict[str, Any]
 
 
 class FederatedServer(Server):
@@ -85,14 +118,44 @@ class FederatedServer(Server):
     the round's record (schema in DESIGN.md) and the new global parameters. Strategies that
     account privacy expose `privacy_report(server_round)` and `budget_allows(server_round)`;
     the run stops *before* a round the budget does not allow.
+
+    After every round (round 0 included) `on_checkpoint` gets the round, the global
+    parameters and the server state (`server_state()`); with `resume` the run restores
+    them and continues after that round instead of starting from round 0.
     """
 
     def __init__(self, *, strategy: Strategy, seed: int, stopping: StoppingRules,
-                 on_round: RoundCallback, on_finish: Callable[[str, Parameters], None]) -> None:
+                 on_round: RoundCallback, on_finish: Callable[[str, Parameters], None],
+                 on_checkpoint: CheckpointCallback | None = None,
+                 resume: ResumePoint | None = None) -> None:
         super().__init__(client_manager=SeededClientManager(seed), strategy=strategy)
         self.stopping = stopping
         self.on_round = on_round
         self.on_finish = on_finish
+        self.on_checkpoint = on_checkpoint
+        self.resume = resume
+
+    def server_state(self, stopped: str | None) -> dict[str, Any]:
+        """Everything besides the weights that the next round depends on."""
+        return {"strategy": strategy_state(self.strategy),
+                "client_manager": self.client_manager().get_state(),
+                "stopping": self.stopping.get_state(), "stopped": stopped}
+
+    def _checkpoint(self, server_round: int, stopped: str | None) -> None:
+        if self.on_checkpoint is not None:
+            self.on_checkpoint(server_round, self.parameters, self.server_state(stopped))
+
+    def _restore(self, resume: ResumePoint) -> str | None:
+        """Load a checkpoint's state; return why the checkpointed run stopped, if it had."""
+        self.parameters = resume.parameters
+        state = resume.server_state
+        set_strategy_state(self.strategy, state["strategy"])
+        self.client_manager().set_state(state["client_manager"])
+        self.stopping.set_state(state["stopping"])
+        log(INFO, "resuming after round %s", resume.round)
+        if state["stopped"]:
+            log(INFO, "the checkpointed run had already stopped (%s)", state["stopped"])
+        return state["stopped"]
 
     def _privacy(self, server_round: int) -> dict[str, Any] | None:
         report = getattr(self.strategy, "privacy_report", None)
@@ -140,16 +203,25 @@ class FederatedServer(Server):
         history.add_metrics_distributed(server_round=server_round, metrics=metrics)
         return _section(loss, metrics)
 
-    def fit(self, num_rounds: int, timeout: float | None) -> tuple[History, float]:
-        """Run rounds until `num_rounds`, a stopping rule or the privacy budget ends the run."""
-        history = History()
-        start = timeit.default_timer()
+    def _start(self, timeout: float | None, history: History) -> tuple[int, str | None]:
+        """Round 0 (or the restored checkpoint): the first round to run and any stop reason."""
+        if self.resume is not None:
+            return self.resume.round + 1, self._restore(self.resume)
         self.parameters = self._get_initial_parameters(server_round=0, timeout=timeout)
         record: dict[str, Any] = {"round": 0, "seconds": 0.0,
                                   "centralized": self._evaluate_centralized(0, history)}
         self.on_round(record, self.parameters)
-        stopped = "num-server-rounds"
-        for server_round in range(1, num_rounds + 1):
+        self._checkpoint(0, None)
+        return 1, None
+
+    def fit(self, num_rounds: int, timeout: float | None) -> tuple[History, float]:
+        """Run rounds until `num_rounds`, a stopping rule or the privacy budget ends the run."""
+        history = History()
+        start = timeit.default_timer()
+        first_round, already_stopped = self._start(timeout, history)
+        stopped = already_stopped or "num-server-rounds"
+        rounds = range(first_round, num_rounds + 1) if already_stopped is None else range(0)
+        for server_round in rounds:
             if not self._budget_allows(server_round):
                 stopped = "privacy-budget"
                 break
@@ -164,6 +236,7 @@ class FederatedServer(Server):
             record["seconds"] = timeit.default_timer() - round_start
             self.on_round({k: v for k, v in record.items() if v != {}}, self.parameters)
             reason = self.stopping.after_round(record["centralized"].get("accuracy"))
+            self._checkpoint(server_round, reason)
             if reason:
                 stopped = reason
                 break

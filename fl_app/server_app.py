@@ -18,11 +18,13 @@ from flwr.common.logger import log
 from flwr.server import ServerAppComponents, ServerConfig
 from flwr.serverapp import ServerApp
 
+from fl_app.checkpoint import Checkpoint, Checkpointer, load_for_resume
 from fl_app.client_app import round_config
 from fl_app.config import RunConfig, resolve
 from fl_app.data import Split, data_source
+from fl_app.faults import check_fault_config
 from fl_app.outputs import MODEL_FILE, resolve_out_dir, save_plots, write_history
-from fl_app.runner import FederatedServer, StoppingRules
+from fl_app.runner import FederatedServer, ResumePoint, StoppingRules
 from fl_app.trainer import KerasTrainer, trainer_for
 from strategies.context import StrategyContext
 from strategies.registry import build_strategy
@@ -64,6 +66,13 @@ class RunRecorder:
         self.trainer = trainer
         self.history: dict[str, Any] = {"config": dict(cfg), "rounds": [], "stopped": None}
 
+    def resume(self, checkpoint: Checkpoint) -> None:
+        """Continue the history saved in `checkpoint` (later rounds on disk are dropped)."""
+        saved = checkpoint.history
+        self.history = {**saved, "config": self.history["config"], "stopped": None,
+                        "resumed_after": [*saved.get("resumed_after", []), checkpoint.round]}
+        write_history(self.out_dir, self.history)
+
     def on_round(self, record: dict[str, Any], parameters: Parameters) -> None:
         """Append a round's record, log it and persist the history."""
         self.history["rounds"].append(record)
@@ -82,10 +91,17 @@ class RunRecorder:
 
 def server_components(cfg: RunConfig) -> ServerAppComponents:
     """Build everything the server needs for one run from a resolved config."""
+    check_fault_config(cfg)
     source = data_source(cfg)
     trainer = trainer_for(cfg, source.spec)
-    out_dir = resolve_out_dir(str(cfg["out-dir"]))
+    checkpoint = load_for_resume(cfg, trainer.get_weights())
+    out_dir = resolve_out_dir(str(cfg["out-dir"] or cfg["resume-from"]))
     recorder = RunRecorder(cfg, out_dir, trainer)
+    resume = None
+    if checkpoint is not None:
+        recorder.resume(checkpoint)
+        resume = ResumePoint(checkpoint.round, ndarrays_to_parameters(checkpoint.weights),
+                             checkpoint.server_state)
     ctx = StrategyContext(
         cfg=cfg,
         initial_parameters=ndarrays_to_parameters(trainer.get_weights()),
@@ -97,6 +113,7 @@ def server_components(cfg: RunConfig) -> ServerAppComponents:
         strategy=build_strategy(ctx), seed=int(cfg["seed"]),
         stopping=StoppingRules(cfg["target-accuracy"], cfg["patience"]),
         on_round=recorder.on_round, on_finish=recorder.on_finish,
+        on_checkpoint=Checkpointer(cfg, out_dir, lambda: recorder.history), resume=resume,
     )
     timeout = cfg["round-timeout"] or None
     return ServerAppComponents(server=server, config=ServerConfig(

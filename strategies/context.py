@@ -51,4 +51,5 @@ class StrategyContext:
     def validated(self, strategy: Strategy) -> Strategy:
         """Wrap `strategy` so invalid client updates never reach it."""
         return ValidatedStrategy(strategy, min_fit_clients=self.cfg["min-fit-clients"],
-                                 max_examples=self.cfg["max-examples"])
+                                 max_examples=self.cfg["max-examples"],
+                                 outlier_norm_factor=self.cfg["outlier-norm-factor"])

@@ -2,7 +2,9 @@
 
 An update is rejected (logged with the client id and reason, counted, never averaged in)
 when it has the wrong number of arrays, a wrong shape or dtype, a non-finite value, or
-claims `num_examples` <= 0 or above `max-examples`.
+claims `num_examples` <= 0 or above `max-examples`. Optionally (`outlier-norm-factor` k > 0)
+an update whose norm ||client weights - global weights|| exceeds k times the median update
+norm of the round's otherwise valid updates is rejected as an outlier.
 """
 
 from __future__ import annotations
@@ -11,9 +13,24 @@ from dataclasses import dataclass, field
 from logging import WARNING
 
 import numpy as np
-from flwr.common import FitRes, NDArrays, Parameters, parameters_to_ndarrays
+from flwr.common import (
+    FitRes,
+    NDArrays,
+    Parameters,
+    ndarrays_to_parameters,
+    parameters_to_ndarrays,
+)
 from flwr.common.logger import log
 from flwr.server.client_proxy import ClientProxy
+
+from fl_app.settings import Setting
+
+SETTINGS = [
+    Setting("outlier-norm-factor", float, 0.0,
+            "Reject updates whose norm (client minus global weights) exceeds this factor times "
+            "the round's median update norm (0 disables).", "sampling",
+            check=lambda v: v == 0.0 or v >= 1.0, check_hint="0 (off) or a factor >= 1"),
+]
 
 FitResults = list[tuple[ClientProxy, FitRes]]
 
@@ -50,9 +67,41 @@ class ValidatedResults:
     rejected: list[tuple[str, str]] = field(default_factory=list)  # (client id, reason)
 
 
+def update_norm(arrays: NDArrays, reference: NDArrays) -> float:
+    """L2 norm, over all layers, of the update `arrays - reference` (computed in float64)."""
+    return float(np.sqrt(sum(np.sum(np.square(a.astype(np.float64) - r.astype(np.float64)))
+                             for a, r in zip(arrays, reference))))
+
+
+def _reject(out: ValidatedResults, proxy: ClientProxy, problem: str, server_round: int) -> None:
+    log(WARNING, "round %s: rejected update from client %s: %s", server_round, proxy.cid, problem)
+    out.rejected.append((proxy.cid, problem))
+
+
+def _drop_norm_outliers(checked: ValidatedResults, reference: NDArrays, factor: float,
+                        server_round: int) -> ValidatedResults:
+    """Reject accepted updates whose norm exceeds `factor` x the median accepted norm."""
+    norms = [update_norm(arrays, reference) for arrays in checked.accepted_arrays]
+    limit = factor * float(np.median(norms))
+    out = ValidatedResults(rejected=list(checked.rejected))
+    for entry, arrays, norm in zip(checked.accepted, checked.accepted_arrays, norms):
+        if norm > limit:
+            _reject(out, entry[0], f"update norm {norm:.4g} exceeds outlier-norm-factor={factor:g} "
+                    f"x the round's median update norm ({limit / factor:.4g})", server_round)
+        else:
+            out.accepted.append(entry)
+            out.accepted_arrays.append(arrays)
+    return out
+
+
 def validate_fit_results(results: FitResults, reference: NDArrays, server_round: int,
-                         max_examples: int = 0) -> ValidatedResults:
-    """Split fit results into accepted and rejected updates; log every rejection."""
+                         max_examples: int = 0,
+                         outlier_norm_factor: float = 0.0) -> ValidatedResults:
+    """Split fit results into accepted and rejected updates; log every rejection.
+
+    With `outlier_norm_factor` > 0, updates that pass the per-update checks are then
+    screened against the median update norm of the round (see `update_norm`).
+    """
     out = ValidatedResults()
     for proxy, fit_res in results:
         try:
@@ -65,10 +114,18 @@ def validate_fit_results(results: FitResults, reference: NDArrays, server_round:
             out.accepted.append((proxy, fit_res))
             out.accepted_arrays.append(arrays)
         else:
-            log(WARNING, "round %s: rejected update from client %s: %s",
-                server_round, proxy.cid, problem)
-            out.rejected.append((proxy.cid, problem))
+            _reject(out, proxy, problem, server_round)
+    if outlier_norm_factor and out.accepted:
+        out = _drop_norm_outliers(out, reference, outlier_norm_factor, server_round)
     return out
+
+
+def cast_like(parameters: Parameters, reference: NDArrays) -> Parameters:
+    """`parameters` with each array cast to the dtype of its `reference` counterpart."""
+    arrays = parameters_to_ndarrays(parameters)
+    if len(arrays) != len(reference) or all(a.dtype == r.dtype for a, r in zip(arrays, reference)):
+        return parameters
+    return ndarrays_to_parameters([a.astype(r.dtype) for a, r in zip(arrays, reference)])
 
 
 def reference_arrays(parameters: Parameters | None) -> NDArrays:

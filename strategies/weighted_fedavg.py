@@ -52,7 +52,8 @@ class WeightedFedAvg(Strategy):
 
     Samples `fraction_fit` of the available clients (at least `min_fit_clients`), rejects
     any update that is mis-shaped, of the wrong dtype or count, non-finite, or claims a
-    non-positive (or above `max_examples`) number of examples, and averages the rest.
+    non-positive (or above `max_examples`) number of examples, or (with
+    `outlier_norm_factor` > 0) is a norm outlier, and averages the rest.
     Fit and evaluate metrics are averaged with the same weights. Each round's fit metrics
     carry `num_rejected`. With fewer than `min_fit_clients` valid updates the round keeps
     the previous global model.
@@ -72,6 +73,7 @@ class WeightedFedAvg(Strategy):
         accept_failures: bool = True,
         initial_parameters: Parameters | None = None,
         max_examples: int = 0,
+        outlier_norm_factor: float = 0.0,
     ) -> None:
         super().__init__()
         self.fraction_fit = fraction_fit
@@ -85,6 +87,7 @@ class WeightedFedAvg(Strategy):
         self.accept_failures = accept_failures
         self.initial_parameters = initial_parameters
         self.max_examples = max_examples
+        self.outlier_norm_factor = outlier_norm_factor
         self.current_parameters: Parameters | None = initial_parameters
 
     def __repr__(self) -> str:
@@ -117,7 +120,7 @@ class WeightedFedAvg(Strategy):
                 "keeping the previous global model", server_round, len(failures))
             return None, {}
         checked = validate_fit_results(results, reference_arrays(self.current_parameters),
-                                       server_round, self.max_examples)
+                                       server_round, self.max_examples, self.outlier_norm_factor)
         metrics: dict[str, Scalar] = {"num_rejected": len(checked.rejected)}
         if len(checked.accepted) < self.min_fit_clients:
             log(WARNING, "round %s: only %s valid update(s), fewer than min-fit-clients=%s: "
@@ -169,4 +172,5 @@ SETTINGS: list = []  # WeightedFedAvg uses only the shared sampling and validati
 
 def build(ctx: StrategyContext) -> Strategy:
     """Registry factory for `strategy=weighted-fedavg`."""
-    return WeightedFedAvg(**ctx.common_kwargs(), max_examples=ctx.cfg["max-examples"])
+    return WeightedFedAvg(**ctx.common_kwargs(), max_examples=ctx.cfg["max-examples"],
+                          outlier_norm_factor=ctx.cfg["outlier-norm-factor"])

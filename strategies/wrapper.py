@@ -10,7 +10,8 @@ from flwr.server.client_manager import ClientManager
 from flwr.server.client_proxy import ClientProxy
 from flwr.server.strategy import Strategy
 
-from strategies.validation import reference_arrays, validate_fit_results
+from strategies.state import StrategyState, set_strategy_state, strategy_state
+from strategies.validation import cast_like, reference_arrays, validate_fit_results
 
 
 class StrategyWrapper(Strategy):
@@ -60,6 +61,14 @@ class StrategyWrapper(Strategy):
         """Delegate to the inner strategy."""
         return self.inner.evaluate(server_round, parameters)
 
+    def get_state(self) -> StrategyState:
+        """The inner strategy's state; subclasses add their own under their own key."""
+        return strategy_state(self.inner)
+
+    def set_state(self, state: StrategyState) -> None:
+        """Restore the inner strategy's state (subclasses restore their own key first)."""
+        set_strategy_state(self.inner, state)
+
 
 class ValidatedStrategy(StrategyWrapper):
     """Rejects invalid client updates before any inner strategy (e.g. Flower's) sees them.
@@ -67,12 +76,16 @@ class ValidatedStrategy(StrategyWrapper):
     Uses the same checks as `WeightedFedAvg` (see `strategies.validation`) against the
     global model sent this round, adds `num_rejected` to the round's fit metrics, and
     keeps the previous global model when fewer than `min_fit_clients` updates are valid.
+    The aggregate keeps the dtypes of the model sent (Flower's FedOpt family computes in
+    float64, which would otherwise make every float32 client update mismatch next round).
     """
 
-    def __init__(self, inner: Strategy, *, min_fit_clients: int, max_examples: int = 0) -> None:
+    def __init__(self, inner: Strategy, *, min_fit_clients: int, max_examples: int = 0,
+                 outlier_norm_factor: float = 0.0) -> None:
         super().__init__(inner)
         self.min_fit_clients = min_fit_clients
         self.max_examples = max_examples
+        self.outlier_norm_factor = outlier_norm_factor
         self._sent: Parameters | None = None
 
     def configure_fit(self, server_round: int, parameters: Parameters,
@@ -88,12 +101,15 @@ class ValidatedStrategy(StrategyWrapper):
         failures: list[tuple[ClientProxy, FitRes] | BaseException],
     ) -> tuple[Parameters | None, dict[str, Scalar]]:
         """Drop invalid updates, then let the inner strategy aggregate the rest."""
-        checked = validate_fit_results(results, reference_arrays(self._sent), server_round,
-                                       self.max_examples)
+        reference = reference_arrays(self._sent)
+        checked = validate_fit_results(results, reference, server_round,
+                                       self.max_examples, self.outlier_norm_factor)
         if len(checked.accepted) < self.min_fit_clients:
             log(WARNING, "round %s: only %s valid update(s), fewer than min-fit-clients=%s: "
                 "keeping the previous global model", server_round, len(checked.accepted),
                 self.min_fit_clients)
             return None, {"num_rejected": len(checked.rejected)}
         parameters, metrics = self.inner.aggregate_fit(server_round, checked.accepted, failures)
+        if parameters is not None:
+            parameters = cast_like(parameters, reference)
         return parameters, {**metrics, "num_rejected": len(checked.rejected)}

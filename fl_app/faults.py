@@ -1,0 +1,194 @@
+"""Fault injection and attacks for simulation: clients that misbehave on purpose.
+
+Each simulated client gets at most one role, fixed for the whole run and derived only from
+the run's `seed` and the client's partition id: the partition ids are shuffled with the
+seed and the first ones become, in this order, clients that raise, stall, return NaN,
+return garbage, then attackers (`attack-fraction` of `attack`); counts are the fractions
+of the number of partitions, rounded half up. Roles:
+
+* `raise`: `fit` and `evaluate` raise an error (a crashing client).
+* `stall`: `fit` and `evaluate` sleep `fault-stall-seconds` before answering (a hanging
+  client; set it above `round-timeout` so the round gives up on it).
+* `nan`: `fit` trains, then returns weights full of NaN.
+* `garbage`: `fit` returns, by turns per round, a missing array, a wrong shape, float64
+  arrays, or `num_examples` of 0 or -1.
+* attackers (`fit` only): `sign-flip` sends the global weights minus `attack-scale` times
+  its update, `scale` plus `attack-scale` times its update, `gaussian` the global weights
+  plus N(0, `attack-noise-std`^2) noise, `label-flip` trains honestly on labels c -> C-1-c.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Mapping
+
+import numpy as np
+from flwr.client import NumPyClient
+from flwr.common import NDArrays, Scalar
+
+from fl_app.data import ClientData, Split
+from fl_app.settings import ConfigError, Setting
+
+ATTACKS = ("none", "sign-flip", "scale", "gaussian", "label-flip")
+FAULT_KEYS = {"raise": "fault-raise-fraction", "stall": "fault-stall-fraction",
+              "nan": "fault-nan-fraction", "garbage": "fault-garbage-fraction"}
+GARBAGE_KINDS = ("missing-array", "wrong-shape", "float64", "zero-examples", "negative-examples")
+_ROLE_SALT = 0xFA0175
+
+
+def _fraction(key: str, what: str) -> Setting:
+    return Setting(key, float, 0.0, f"Simulation: fraction of clients that {what}.", "faults",
+                   low=0.0, high=1.0)
+
+
+SETTINGS = [
+    _fraction("fault-raise-fraction", "raise an error in fit and evaluate"),
+    _fraction("fault-stall-fraction", "stall (sleep fault-stall-seconds) in fit and evaluate"),
+    Setting("fault-stall-seconds", float, 60.0,
+            "Simulation: how long a stalling client sleeps (set it above round-timeout).",
+            "faults", low=0.0),
+    _fraction("fault-nan-fraction", "return NaN weights from fit"),
+    _fraction("fault-garbage-fraction",
+              "return garbage from fit (wrong array count/shape/dtype, num_examples <= 0)"),
+    Setting("attack", str, "none", "Simulation: attack run by the attack-fraction of clients.",
+            "faults", choices=ATTACKS),
+    _fraction("attack-fraction", "are malicious (run the configured attack)"),
+    Setting("attack-scale", float, 10.0,
+            "sign-flip / scale attacks: factor applied to the attacker's update.", "faults",
+            low=0.0, low_open=True),
+    Setting("attack-noise-std", float, 1.0,
+            "gaussian attack: standard deviation of the noise sent as the update.", "faults",
+            low=0.0, low_open=True),
+]
+
+
+def _fractions(cfg: Mapping[str, Scalar]) -> dict[str, float]:
+    keys = [*FAULT_KEYS.values(), *(["attack-fraction"] if cfg["attack"] != "none" else [])]
+    return {key: float(cfg[key]) for key in keys}
+
+
+def check_fault_config(cfg: Mapping[str, Scalar]) -> None:
+    """Raise ConfigError if the fault and attack fractions add up to more than 1."""
+    fractions = _fractions(cfg)
+    if sum(fractions.values()) > 1.0 + 1e-9:
+        raise ConfigError(f"run-config keys {', '.join(repr(k) for k in fractions)} add up to "
+                          f"{sum(fractions.values()):g}: a client has at most one role, so they "
+                          "must add up to at most 1")
+
+
+def _count(fraction: float, num_partitions: int) -> int:
+    return int(fraction * num_partitions + 0.5)
+
+
+def role_counts(cfg: Mapping[str, Scalar], num_partitions: int) -> list[tuple[str, int]]:
+    """How many clients get each role; raise ConfigError if they exceed the clients."""
+    fractions = _fractions(cfg)
+    roles = [*FAULT_KEYS, *([str(cfg["attack"])] if cfg["attack"] != "none" else [])]
+    counts = [(role, _count(f, num_partitions)) for role, f in zip(roles, fractions.values())]
+    if sum(n for _, n in counts) > num_partitions:
+        raise ConfigError(f"run-config keys {', '.join(repr(k) for k in fractions)} assign "
+                          f"{sum(n for _, n in counts)} faulty or malicious clients out of "
+                          f"{num_partitions} (counts are rounded half up): lower them")
+    return counts
+
+
+def assign_roles(cfg: Mapping[str, Scalar], num_partitions: int) -> dict[int, str]:
+    """Partition id -> role for every misbehaving client (deterministic from `seed`)."""
+    order = np.random.default_rng([int(cfg["seed"]), _ROLE_SALT]).permutation(num_partitions)
+    roles: dict[int, str] = {}
+    start = 0
+    for role, count in role_counts(cfg, num_partitions):
+        roles.update({int(pid): role for pid in order[start:start + count]})
+        start += count
+    return roles
+
+
+def flip_labels(split: Split, num_classes: int) -> Split:
+    """The same features with every label c replaced by num_classes - 1 - c."""
+    return Split(split.x, (num_classes - 1 - split.y).astype(split.y.dtype))
+
+
+def garbage(weights: NDArrays, num_examples: int, kind: str) -> tuple[NDArrays, int]:
+    """A malformed fit result of the given `GARBAGE_KINDS` kind."""
+    if kind == "missing-array":
+        return weights[:-1], num_examples
+    if kind == "wrong-shape":
+        return [weights[0].reshape(-1)[:-1], *weights[1:]], num_examples
+    if kind == "float64":
+        return [w.astype(np.float64) for w in weights], num_examples
+    return weights, 0 if kind == "zero-examples" else -1
+
+
+class FaultyClient(NumPyClient):
+    """Wraps an honest client and misbehaves according to `role` (see the module doc)."""
+
+    def __init__(self, inner: NumPyClient, role: str, cfg: Mapping[str, Scalar],
+                 partition_id: int) -> None:
+        self.inner = inner
+        self.role = role
+        self.cfg = cfg
+        self.partition_id = partition_id
+
+    def _misbehave_before(self, call: str) -> None:
+        if self.role == "raise":
+            raise RuntimeError(f"injected fault: client {self.partition_id} raises in {call}")
+        if self.role == "stall":
+            time.sleep(float(self.cfg["fault-stall-seconds"]))
+
+    def get_parameters(self, config: dict[str, Scalar]) -> NDArrays:
+        """The inner client's weights."""
+        return self.inner.get_parameters(config)
+
+    def fit(self, parameters: NDArrays,
+            config: dict[str, Scalar]) -> tuple[NDArrays, int, dict[str, Scalar]]:
+        """Train like the inner client, then corrupt or poison the result per the role."""
+        self._misbehave_before("fit")
+        weights, num_examples, metrics = self.inner.fit(parameters, config)
+        server_round = int(config.get("server-round", 0))
+        if self.role == "nan":
+            weights = [np.full_like(w, np.nan) for w in weights]
+        elif self.role == "garbage":
+            kind = GARBAGE_KINDS[(self.partition_id + server_round) % len(GARBAGE_KINDS)]
+            weights, num_examples = garbage(weights, num_examples, kind)
+        elif self.role in ("sign-flip", "scale", "gaussian"):
+            weights = self._attack(parameters, weights, server_round)
+        return weights, num_examples, metrics
+
+    def _attack(self, sent: NDArrays, trained: NDArrays, server_round: int) -> NDArrays:
+        if self.role == "gaussian":
+            rng = np.random.default_rng([int(self.cfg["seed"]), server_round, self.partition_id])
+            std = float(self.cfg["attack-noise-std"])
+            return [(g + rng.normal(0.0, std, g.shape)).astype(g.dtype) for g in sent]
+        factor = float(self.cfg["attack-scale"]) * (-1.0 if self.role == "sign-flip" else 1.0)
+        return [(g + factor * (w - g)).astype(g.dtype) for g, w in zip(sent, trained)]
+
+    def evaluate(self, parameters: NDArrays,
+                 config: dict[str, Scalar]) -> tuple[float, int, dict[str, Scalar]]:
+        """Evaluate like the inner client (raising or stalling first, per the role)."""
+        self._misbehave_before("evaluate")
+        return self.inner.evaluate(parameters, config)
+
+
+def with_faults(client, cfg: Mapping[str, Scalar], node_config: Mapping[str, Scalar]):
+    """`client` (a `KerasClient`) wrapped per this node's role, or unchanged if it has none.
+
+    Label-flip attackers keep the honest client but train on flipped labels.
+    """
+    roles_configured = any(cfg[key] for key in FAULT_KEYS.values()) or (
+        cfg["attack"] != "none" and cfg["attack-fraction"] > 0)
+    if not roles_configured:
+        return client
+    if "partition-id" not in node_config:
+        raise ConfigError("fault injection and attacks (fault-*, attack-*) are for simulation: "
+                          "this node has no 'partition-id' in its node-config")
+    partition_id = int(node_config["partition-id"])
+    role = assign_roles(cfg, int(node_config["num-partitions"])).get(partition_id)
+    if role is None:
+        return client
+    if role == "label-flip":
+        num_classes = int(client.trainer.model.output_shape[-1])
+        data: ClientData = client.data
+        client.data = ClientData(flip_labels(data.train, num_classes), data.val,
+                                 f"{data.source} (labels flipped)")
+        return client
+    return FaultyClient(client, role, cfg, partition_id)
