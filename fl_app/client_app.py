@@ -9,7 +9,7 @@ from flwr.clientapp import ClientApp
 from flwr.common import Context, NDArrays, Scalar
 
 from fl_app.config import RunConfig, resolve
-from fl_app.data import ClientData, data_source, load_client
+from fl_app.data import ClientData, DataError, data_source, load_client
 from fl_app.faults import with_faults
 from fl_app.trainer import KerasTrainer, trainer_for
 
@@ -90,7 +90,11 @@ def make_client_app(fixed_config: RunConfig | None = None) -> ClientApp:
 
     def client_fn(context: Context):
         cfg = fixed_config if fixed_config is not None else resolve(context.run_config)
-        return client_for(cfg, context.node_config).to_client()
+        try:
+            client = client_for(cfg, context.node_config)
+        except DataError as err:  # the server sees only this message: name the node
+            raise DataError(f"node {context.node_id}: {err}") from err
+        return client.to_client()
 
     return ClientApp(client_fn=client_fn)
 

@@ -1,0 +1,10 @@
+"""A real Flower deployment of the app: one SuperLink and N SuperNodes, TLS and node auth.
+
+* `python -m deploy.prepare --out DIR --num-nodes N`: per-node data files, a CA and server
+  certificate, SuperNode key pairs, and the exact commands to start everything by hand.
+* `python -m deploy.launch --dir DIR`: starts the SuperLink and the SuperNodes as separate
+  processes on 127.0.0.1, runs the app with `flwr run`, collects the results and stops
+  every process it started.
+
+See docs/deployment.md.
+"""

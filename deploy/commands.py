@@ -1,0 +1,118 @@
+"""The Flower command lines of a deployment, built once for `prepare` to print and `launch` to run.
+
+Every component gets its own FLWR_HOME (where Flower installs the app bundle it receives),
+as it would on its own machine.
+"""
+
+from __future__ import annotations
+
+import shlex
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import tomli_w
+
+from deploy.layout import CONNECTION, Deployment, NodeFiles
+
+
+@dataclass(frozen=True)
+class Command:
+    """A command line and the environment variables it needs on top of the caller's."""
+
+    argv: list[str]
+    env: dict[str, str] = field(default_factory=dict)
+
+    def shell(self, cwd: Path | None = None) -> str:
+        """The command as one line to paste into a POSIX shell."""
+        env = " ".join(f"{key}={shlex.quote(value)}" for key, value in self.env.items())
+        line = " ".join(part for part in (env, shlex.join(self.argv)) if part)
+        return f"cd {shlex.quote(str(cwd))} && {line}" if cwd else line
+
+
+def superlink(dep: Deployment, home: Path, bind_host: str, port: int,
+              database: Path | None = None) -> Command:
+    """`flower-superlink` with TLS, SuperNode authentication, and no dependency installs."""
+    argv = ["flower-superlink",
+            "--ssl-ca-certfile", str(dep.ca_cert),
+            "--ssl-certfile", str(dep.server_cert),
+            "--ssl-keyfile", str(dep.server_key),
+            "--enable-supernode-auth",
+            "--disable-runtime-dependency-installation",
+            "--host", bind_host, "--port", str(port)]
+    if database is not None:
+        argv += ["--database", str(database)]
+    return Command(argv, {"FLWR_HOME": str(home)})
+
+
+def supernode(dep: Deployment, node: NodeFiles, home: Path, superlink_address: str,
+              runtime_port: int) -> Command:
+    """`flower-supernode` for `node`: verifies the SuperLink's TLS certificate, signs with
+    its private key, and reads its own data file (node-config `data-path`).
+
+    Its local Runtime API (for the ClientApp processes it starts) binds 127.0.0.1:`runtime_port`.
+    Runtime installation of dependencies stays off (the SuperNode default).
+    """
+    argv = ["flower-supernode",
+            "--superlink", superlink_address,
+            "--root-certificates", str(dep.ca_cert),
+            "--auth-supernode-private-key", str(node.key),
+            "--node-config", f"data-path={config_string(str(node.data))}",
+            "--host", "127.0.0.1", "--port", str(runtime_port)]
+    return Command(argv, {"FLWR_HOME": str(home)})
+
+
+def register(dep: Deployment, node: NodeFiles, cli_home: Path) -> Command:
+    """`flwr supernode register`: allow `node`'s public key on the SuperLink (JSON output)."""
+    return Command(["flwr", "supernode", "register", str(node.public_key), CONNECTION,
+                    "--format", "json"], {"FLWR_HOME": str(cli_home)})
+
+
+def run_app(cli_home: Path, run_config: str, stream: bool) -> Command:
+    """`flwr run . <connection>` from the project folder; JSON output unless `stream`."""
+    argv = ["flwr", "run", ".", CONNECTION, "--run-config", run_config]
+    argv += ["--stream"] if stream else ["--format", "json"]
+    return Command(argv, {"FLWR_HOME": str(cli_home)})
+
+
+def stream_logs(cli_home: Path, run_id: int) -> Command:
+    """`flwr log <run-id> --stream`: follow the ServerApp's log until the run ends."""
+    return Command(["flwr", "log", str(run_id), CONNECTION, "--stream"],
+                   {"FLWR_HOME": str(cli_home)})
+
+
+def list_run(cli_home: Path, run_id: int) -> Command:
+    """`flwr list --run-id`: the run's status as JSON."""
+    return Command(["flwr", "list", CONNECTION, "--run-id", str(run_id), "--format", "json"],
+                   {"FLWR_HOME": str(cli_home)})
+
+
+def list_nodes(cli_home: Path) -> Command:
+    """`flwr supernode list`: the registered SuperNodes and their status as JSON."""
+    return Command(["flwr", "supernode", "list", CONNECTION, "--format", "json"],
+                   {"FLWR_HOME": str(cli_home)})
+
+
+def write_connection(cli_home: Path, address: str, ca_cert: Path) -> Path:
+    """Write the flwr CLI's config.toml with the TLS SuperLink connection, as the default."""
+    cli_home.mkdir(parents=True, exist_ok=True)
+    path = cli_home / "config.toml"
+    config = {"superlink": {"default": CONNECTION,
+                            CONNECTION: {"address": address,
+                                         "root-certificates": str(ca_cert)}}}
+    path.write_text(tomli_w.dumps(config), encoding="utf-8")
+    return path
+
+
+def config_string(value: str) -> str:
+    """`value` quoted for a `--node-config`/`--run-config` string (Flower reads it as TOML).
+
+    Flower splits these strings with a regular expression that knows no escapes, so the
+    value is wrapped in a quote it does not contain: double quotes (a TOML basic string)
+    unless it holds a backslash, else single quotes (a literal string, no escapes).
+    """
+    if '"' not in value and "\\" not in value:
+        return f'"{value}"'
+    if "'" not in value:
+        return f"'{value}'"
+    raise ValueError(f"{value!r} contains both kinds of quotes (or a quote and a backslash); "
+                     "Flower's --node-config/--run-config syntax cannot carry it")

@@ -1,0 +1,297 @@
+"""Launch a whole deployment on this machine: 1 SuperLink + N SuperNodes, then `flwr run`.
+
+    python -m deploy.launch --dir DIR [--num-nodes N [--partitioner NAME]]
+        [--run-config "k=v ..."] [--out OUT] [--timeout SECONDS] [--quiet]
+
+DIR is a folder made by `python -m deploy.prepare` (with `--num-nodes` it is prepared
+first if it holds no deployment yet). Every process is a separate Flower process on
+127.0.0.1 with TLS and SuperNode authentication on, on free ports: the SuperLink, one
+SuperNode per node (its own key and data file), and the `flwr` CLI that registers the
+nodes' public keys, submits the run (`flwr run . <connection>` from the project folder)
+and streams its log. The results (history.json, final_model.keras, plots) land in OUT
+(default DIR/results); the logs of every process in DIR/launch/logs. Every process started
+here, and the ones Flower starts under them, is stopped by pid at the end, also on
+Ctrl-C, SIGTERM or failure.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import signal
+import socket
+import sys
+import time
+import tomllib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from deploy import commands
+from deploy.layout import Deployment, DeploymentError, NodeFiles
+from deploy.processes import Echo, Managed, Supervisor
+from fl_app.outputs import HISTORY_FILE
+
+COMPLETED = "finished:completed"
+CLI_TIMEOUT = 120.0
+
+
+@dataclass(frozen=True)
+class RunOutcome:
+    """How a run ended: its id, Flower's final status, and the history it wrote."""
+
+    run_id: int
+    status: str
+    out_dir: Path
+    history: dict[str, Any] | None
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that is free now (the OS picks it)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def cli_json(managed: Managed) -> dict[str, Any]:
+    """The JSON document a `flwr ... --format json` command printed; errors name the command."""
+    text = managed.text()
+    start = text.find("{")
+    try:
+        if managed.poll() != 0 or start < 0:
+            raise ValueError("no JSON output")
+        data, _ = json.JSONDecoder().raw_decode(text[start:])
+    except ValueError:
+        raise DeploymentError(f"`{managed.name}` failed (exit code {managed.poll()}): "
+                              f"{text.strip()[-2000:]}") from None
+    if not data.get("success", True):
+        raise DeploymentError(f"`{managed.name}` failed: {data}")
+    return data
+
+
+def check_project(project_dir: Path) -> None:
+    """Refuse a project whose pyproject.toml flwr 1.41 would rewrite on `flwr run .`.
+
+    flwr >= 1.41 moves a legacy `[tool.flwr.federations]` table into $FLWR_HOME/config.toml
+    and comments it out in pyproject.toml, which must not happen to a checked-out project.
+    """
+    path = project_dir / "pyproject.toml"
+    if not path.is_file():
+        raise DeploymentError(f"{path} not found: --project must be the app's folder")
+    flwr = tomllib.loads(path.read_text(encoding="utf-8")).get("tool", {}).get("flwr", {})
+    if "federations" in flwr:
+        raise DeploymentError(f"{path} has a [tool.flwr.federations] table, which flwr >= 1.41 "
+                              "migrates (rewriting pyproject.toml) on `flwr run`: move it to "
+                              "$FLWR_HOME/config.toml as [superlink.<name>] connections")
+
+
+class LocalDeployment:
+    """The processes of one deployment on 127.0.0.1, started through a `Supervisor`.
+
+    `state_dir` holds what only this launch needs: the CLI's connection (with the port
+    picked now) and one FLWR_HOME per component, as if each ran on its own machine. With
+    `echo_components` off only the run's log is echoed (every log is still written).
+    """
+
+    def __init__(self, dep: Deployment, supervisor: Supervisor, state_dir: Path,
+                 echo_components: bool = True) -> None:
+        self.dep = dep
+        self.echo_components = echo_components
+        self.sup = supervisor
+        self.cli_home = state_dir / "flwr-home"
+        self.homes = state_dir / "homes"
+        self.port: int | None = None
+        self.superlink: Managed | None = None
+        self.node_ids: dict[str, int] = {}
+        self.required: dict[str, Managed] = {}
+
+    @property
+    def address(self) -> str:
+        """The SuperLink's address (after `start_superlink`)."""
+        if self.port is None:
+            raise DeploymentError("the SuperLink has not been started")
+        return f"127.0.0.1:{self.port}"
+
+    def start_superlink(self, timeout: float = 60.0) -> Managed:
+        """Start the SuperLink on a free port and wait until it accepts connections."""
+        self.port = free_port()
+        commands.write_connection(self.cli_home, self.address, self.dep.ca_cert)
+        cmd = commands.superlink(self.dep, self.homes / "superlink", "127.0.0.1", self.port)
+        self.superlink = self.sup.start("superlink", cmd, echo=self.echo_components)
+        self.required["superlink"] = self.superlink
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            self.check_running()
+            try:
+                socket.create_connection(("127.0.0.1", self.port), timeout=1.0).close()
+                return self.superlink
+            except OSError:
+                time.sleep(0.2)
+        raise DeploymentError(f"the SuperLink did not listen on {self.address} within "
+                              f"{timeout:.0f} s; see {self.superlink.log_path}")
+
+    def register(self, node: NodeFiles) -> int:
+        """Register `node`'s public key with the SuperLink; return the node id it got."""
+        managed = self.sup.run(f"register-{node.name}",
+                               commands.register(self.dep, node, self.cli_home), CLI_TIMEOUT)
+        node_id = int(cli_json(managed)["node-id"])
+        self.node_ids[node.name] = node_id
+        return node_id
+
+    def start_node(self, node: NodeFiles, required: bool = True) -> Managed:
+        """Start `node`'s SuperNode; a `required` one that exits fails the run."""
+        cmd = commands.supernode(self.dep, node, self.homes / node.name, self.address,
+                                 free_port())
+        managed = self.sup.start(node.name, cmd, echo=self.echo_components)
+        if required:
+            self.required[node.name] = managed
+        return managed
+
+    def check_running(self) -> None:
+        """Raise if the SuperLink or a required SuperNode has exited."""
+        for name, managed in self.required.items():
+            code = managed.poll()
+            if code is not None:
+                raise DeploymentError(f"{name} exited with code {code}; see {managed.log_path}")
+
+    def run_config(self, out_dir: Path, extra: str = "") -> str:
+        """The run's config: wait for every node, the prepared keys, `extra`, and `out-dir`."""
+        parts = [f"min-available-clients={len(self.dep.nodes)}", self.dep.run_config, extra,
+                 f"out-dir={commands.config_string(str(out_dir))}"]
+        return " ".join(part for part in parts if part)
+
+    def run_app(self, project_dir: Path, run_config: str, timeout: float) -> RunOutcome:
+        """`flwr run . <connection>` from `project_dir`, stream its log until it ends."""
+        check_project(project_dir)
+        started = self.sup.run("flwr-run", commands.run_app(self.cli_home, run_config,
+                                                            stream=False),
+                               CLI_TIMEOUT, cwd=project_dir)
+        run_id = int(cli_json(started)["run-id"])
+        logs = self.sup.start("run", commands.stream_logs(self.cli_home, run_id))
+        deadline = time.monotonic() + timeout
+        while logs.poll() is None:
+            self.check_running()
+            if time.monotonic() > deadline:
+                raise DeploymentError(f"run {run_id} did not finish within {timeout:.0f} s")
+            time.sleep(0.5)
+        listed = self.sup.run("flwr-list", commands.list_run(self.cli_home, run_id), CLI_TIMEOUT)
+        status = str(cli_json(listed)["runs"][0]["status"])
+        out_dir = Path(run_config_value(run_config, "out-dir"))
+        history_path = out_dir / HISTORY_FILE
+        history = (json.loads(history_path.read_text(encoding="utf-8"))
+                   if history_path.is_file() else None)
+        return RunOutcome(run_id, status, out_dir, history)
+
+
+def run_config_value(run_config: str, key: str) -> Any:
+    """One key of a `--run-config` string, parsed as Flower parses it."""
+    from flwr.common.config import parse_config_args
+
+    return parse_config_args([run_config])[key]
+
+
+def describe_failures(history: dict[str, Any], node_ids: dict[str, int]) -> list[str]:
+    """One line per failed client and round, naming the node whose id the error carries."""
+    names = {str(node_id): name for name, node_id in node_ids.items()}
+    lines = []
+    for record in history.get("rounds", []):
+        for failure in record.get("fit", {}).get("failures", []):
+            error = failure["error"]
+            node = next((f"{name} (node id {nid})" for nid, name in names.items()
+                         if nid in error or nid == failure["client"]), failure["client"])
+            lines.append(f"round {record['round']}: {node} failed: {error}")
+    return lines
+
+
+def launch(dep: Deployment, project_dir: Path, out_dir: Path, run_config: str = "",
+           timeout: float = 1800.0, echo: Echo | None = print,
+           echo_nodes: bool = True) -> tuple[RunOutcome, dict[str, int]]:
+    """Start the SuperLink and every SuperNode, run the app, stop everything.
+
+    Returns the run's outcome and the node id each node was registered under.
+    """
+    state_dir = dep.root / "launch"
+    shutil.rmtree(state_dir, ignore_errors=True)
+    say = echo or (lambda line: None)
+    with Supervisor(state_dir / "logs", echo=echo) as sup:
+        local = LocalDeployment(dep, sup, state_dir, echo_components=echo_nodes)
+        local.start_superlink()
+        say(f"SuperLink on https://{local.address} (logs in {sup.log_dir})")
+        for node in dep.nodes:
+            say(f"registered {node.name} as node {local.register(node)}")
+        for node in dep.nodes:
+            local.start_node(node)
+        outcome = local.run_app(project_dir, local.run_config(out_dir.resolve(), run_config),
+                                timeout)
+        return outcome, dict(local.node_ids)
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """Command-line options."""
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--dir", type=Path, required=True, help="deployment folder")
+    parser.add_argument("--num-nodes", type=int, default=None,
+                        help="prepare DIR for this many SuperNodes if it is not prepared yet")
+    parser.add_argument("--partitioner", default=None, help="partitioner when preparing DIR")
+    parser.add_argument("--run-config", default="", help="extra run-config overrides")
+    parser.add_argument("--out", type=Path, default=None,
+                        help="results folder (default DIR/results)")
+    parser.add_argument("--project", type=Path, default=None,
+                        help="the Flower app's folder (default: this repository)")
+    parser.add_argument("--timeout", type=float, default=1800.0,
+                        help="seconds the run may take (default 1800)")
+    parser.add_argument("--quiet", action="store_true",
+                        help="stream only the run's log, not the SuperLink's and SuperNodes'")
+    return parser.parse_args(argv)
+
+
+def _load_or_prepare(args: argparse.Namespace) -> Deployment:
+    from deploy.layout import MANIFEST
+    from deploy.prepare import prepare, run_config_with
+
+    if args.num_nodes is None or (args.dir / MANIFEST).is_file():
+        dep = Deployment.load(args.dir)
+        if args.num_nodes is not None and args.num_nodes != len(dep.nodes):
+            raise DeploymentError(f"{args.dir} is prepared for {len(dep.nodes)} nodes, not "
+                                  f"{args.num_nodes}: use another --dir")
+        return dep
+    return prepare(args.dir, args.num_nodes, run_config_with("", args.partitioner),
+                   ["127.0.0.1", "localhost"])
+
+
+def _exit_on_signal(signum: int, frame: Any) -> None:
+    raise SystemExit(128 + signum)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Launch, run, print the outcome; exit code 0 only if the run completed."""
+    from run_simulation import PROJECT_DIR, print_summary
+
+    args = parse_args(argv)
+    signal.signal(signal.SIGTERM, _exit_on_signal)
+    signal.signal(signal.SIGHUP, _exit_on_signal)
+    try:
+        dep = _load_or_prepare(args)
+        out_dir = args.out or dep.root / "results"
+        outcome, node_ids = launch(dep, (args.project or PROJECT_DIR).resolve(), out_dir,
+                                   args.run_config, args.timeout, echo_nodes=not args.quiet)
+    except DeploymentError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("interrupted: every process was stopped", file=sys.stderr)
+        return 130
+    print(f"run {outcome.run_id}: {outcome.status}")
+    if outcome.history is None:
+        print(f"error: the run wrote no {HISTORY_FILE} to {outcome.out_dir}", file=sys.stderr)
+        return 1
+    for line in describe_failures(outcome.history, node_ids):
+        print(line)
+    print_summary(outcome.out_dir)
+    return 0 if outcome.status == COMPLETED else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,98 @@
+"""A prepared deployment folder and its manifest (`deployment.json`).
+
+```
+DIR/deployment.json        what `deploy.prepare` made (paths relative to DIR)
+DIR/certs/ca.crt           CA certificate: every SuperNode and the flwr CLI need it
+DIR/certs/server.pem, .key the SuperLink's certificate and private key (SuperLink only)
+DIR/keys/node-i, .pub      SuperNode i's private key (node i only) and public key (registration)
+DIR/data/node-i.npz|.csv   SuperNode i's own data (node i only)
+DIR/flwr-home/config.toml  the flwr CLI's SuperLink connection (FLWR_HOME for `flwr ...`)
+```
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+MANIFEST = "deployment.json"
+CONNECTION = "local-deployment"
+
+
+class DeploymentError(RuntimeError):
+    """A deployment cannot be prepared, started or run; the message says which part failed."""
+
+
+@dataclass(frozen=True)
+class NodeFiles:
+    """One SuperNode's files: its name, its private key (`.pub` beside it) and its data."""
+
+    name: str
+    key: Path
+    data: Path
+
+    @property
+    def public_key(self) -> Path:
+        """The OpenSSH public key that `flwr supernode register` takes."""
+        return self.key.with_name(self.key.name + ".pub")
+
+
+@dataclass(frozen=True)
+class Deployment:
+    """A prepared deployment folder: certificates, node keys and data, and the run config."""
+
+    root: Path
+    nodes: tuple[NodeFiles, ...]
+    run_config: str
+    server_host: str
+    port: int
+
+    @property
+    def ca_cert(self) -> Path:
+        """The CA certificate that SuperNodes and the CLI verify the SuperLink with."""
+        return self.root / "certs" / "ca.crt"
+
+    @property
+    def server_cert(self) -> Path:
+        """The SuperLink's TLS certificate."""
+        return self.root / "certs" / "server.pem"
+
+    @property
+    def server_key(self) -> Path:
+        """The SuperLink's TLS private key."""
+        return self.root / "certs" / "server.key"
+
+    @property
+    def cli_home(self) -> Path:
+        """FLWR_HOME for the `flwr` CLI (holds config.toml with the SuperLink connection)."""
+        return self.root / "flwr-home"
+
+    def save(self) -> Path:
+        """Write the manifest (paths relative to the folder, so the folder can be moved)."""
+        data = {
+            "run_config": self.run_config,
+            "server_host": self.server_host,
+            "port": self.port,
+            "nodes": [{k: str(Path(v).relative_to(self.root)) if isinstance(v, Path) else v
+                       for k, v in asdict(node).items()} for node in self.nodes],
+        }
+        path = self.root / MANIFEST
+        path.write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
+        return path
+
+    @classmethod
+    def load(cls, root: Path) -> Deployment:
+        """Read the manifest of a folder made by `deploy.prepare`."""
+        root = root.expanduser().resolve()
+        path = root / MANIFEST
+        if not path.is_file():
+            raise DeploymentError(f"{path} not found: prepare the folder first with "
+                                  f"`python -m deploy.prepare --out {root} --num-nodes N`")
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+            nodes = tuple(NodeFiles(n["name"], root / n["key"], root / n["data"])
+                          for n in data["nodes"])
+            return cls(root, nodes, data["run_config"], data["server_host"], int(data["port"]))
+        except (ValueError, KeyError, TypeError) as err:
+            raise DeploymentError(f"{path} is not a valid deployment manifest: {err!r}") from err
