@@ -12,6 +12,7 @@ from fl_app.config import RunConfig, resolve
 from fl_app.data import ClientData, DataError, data_source, load_client
 from fl_app.faults import with_faults
 from fl_app.trainer import KerasTrainer, trainer_for
+from strategies.clipping import KEY_CLIPPING_NORM, KEY_NORM_BIT, clip_weights
 
 ROUND_KEYS = ("local-epochs", "batch-size", "learning-rate")
 
@@ -28,7 +29,9 @@ class KerasClient(NumPyClient):
     by every client in the process; each call loads the server's weights and starts the
     optimizer fresh, so clients never see each other's state. Local epochs, batch size
     and learning rate come from the round's config (falling back to `defaults`); FedProx's
-    `proximal_mu` adds the proximal term to the local loss.
+    `proximal_mu` adds the proximal term to the local loss; a `clipping_norm` in the
+    config (client-side DP) clips the returned update to that L2 norm and reports
+    `norm_bit` (see `strategies.clipping`).
     """
 
     def __init__(self, trainer: KerasTrainer, data: ClientData, defaults: Mapping[str, Scalar],
@@ -61,7 +64,11 @@ class KerasClient(NumPyClient):
         )
         metrics = {"train_loss": result.loss, "train_accuracy": result.accuracy,
                    "train_seconds": result.seconds}
-        return self.trainer.get_weights(), len(self.data.train), metrics
+        weights = self.trainer.get_weights()
+        if KEY_CLIPPING_NORM in config:  # client-side DP: clip the update to C ourselves
+            weights, metrics[KEY_NORM_BIT] = clip_weights(weights, parameters,
+                                                          float(config[KEY_CLIPPING_NORM]))
+        return weights, len(self.data.train), metrics
 
     def evaluate(self, parameters: NDArrays,
                  config: dict[str, Scalar]) -> tuple[float, int, dict[str, Scalar]]:

@@ -12,7 +12,7 @@ from collections.abc import Callable
 from flwr.server.strategy import Strategy
 
 from fl_app.settings import Setting
-from strategies import flower_builtins, weighted_fedavg
+from strategies import dp, flower_builtins, weighted_fedavg
 from strategies.context import StrategyContext
 
 StrategyFactory = Callable[[StrategyContext], Strategy]
@@ -20,9 +20,10 @@ StrategyFactory = Callable[[StrategyContext], Strategy]
 REGISTRY: dict[str, StrategyFactory] = {
     "weighted-fedavg": weighted_fedavg.build,
     **flower_builtins.BUILDERS,
+    **dp.BUILDERS,
 }
 
-_SETTING_MODULES = [weighted_fedavg, flower_builtins]
+_SETTING_MODULES = [weighted_fedavg, flower_builtins, dp]
 
 
 def strategy_names() -> list[str]:

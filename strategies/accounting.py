@@ -1,0 +1,146 @@
+"""Client-level privacy accounting for the DP strategies, with Google's dp-accounting.
+
+Each round that releases a noised aggregate is one sampled Gaussian mechanism: the sum of
+the clipped updates (L2 sensitivity C per client) plus Gaussian noise of std z·C, where z
+is the round's noise multiplier (for adaptive clipping: the combined multiplier of the
+update and the clipped-count queries, see `strategies.dp`). The rounds compose; ε at δ is
+read from dp-accounting's RDP or PLD accountant, never from a hand-written formula.
+
+Client sampling and neighbouring relation:
+- `fixed`: m of the N available clients are sampled uniformly without replacement. The
+  matching relation is "replace one client" (N is public), under which the sum of clipped
+  updates has sensitivity 2C, so the Gaussian event's multiplier is z/2; the RDP
+  accountant amplifies it with `SampledWithoutReplacementDpEvent(N, m, ·)` (Wang, Balle
+  and Kasiviswanathan, 2019). dp-accounting's PLD accountant has no such event, so `pld`
+  with `fixed` sampling is refused.
+- `poisson`: every available client takes part independently with probability q (the
+  `fraction-fit`), the relation is "add or remove one client" (sensitivity C, multiplier
+  z), and both accountants amplify it with `PoissonSampledDpEvent(q, ·)`.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+from dataclasses import asdict, dataclass
+from functools import lru_cache
+from typing import Any
+
+import dp_accounting
+from dp_accounting import dp_event
+from dp_accounting.pld import PLDAccountant
+from dp_accounting.rdp import RdpAccountant
+
+from fl_app.settings import ConfigError
+
+ACCOUNTANTS = ("rdp", "pld")
+SAMPLINGS = ("fixed", "poisson")
+NeighborRel = dp_accounting.NeighboringRelation
+
+
+@dataclass(frozen=True)
+class RoundEvent:
+    """One round's release: noise multiplier z, clients sampled (m; 0 under Poisson
+    sampling, whose rate is the accountant's) out of the N available."""
+
+    noise_multiplier: float
+    sample_size: int
+    population: int
+
+
+def default_delta(population: int) -> float:
+    """δ = 1/N^1.1 for N clients, the usual choice of δ below 1/N."""
+    if population < 2:
+        raise ConfigError(f"target-delta=0 derives δ = 1/N^1.1 from the number of clients N, "
+                          f"which must be at least 2 (N={population}); set target-delta")
+    return float(population ** -1.1)
+
+
+def _grouped(events: tuple[RoundEvent, ...]) -> tuple[tuple[RoundEvent, int], ...]:
+    """Runs of identical consecutive events, as (event, count)."""
+    return tuple((event, len(list(run))) for event, run in itertools.groupby(events))
+
+
+@lru_cache(maxsize=512)
+def _epsilon(kind: str, sampling: str, rate: float, delta: float,
+             runs: tuple[tuple[RoundEvent, int], ...]) -> float:
+    if not runs:
+        return 0.0
+    if any(event.noise_multiplier == 0 for event, _ in runs):
+        return math.inf
+    relation = NeighborRel.REPLACE_ONE if sampling == "fixed" else NeighborRel.ADD_OR_REMOVE_ONE
+    accountant = (RdpAccountant(neighboring_relation=relation) if kind == "rdp"
+                  else PLDAccountant(neighboring_relation=relation))
+    for event, count in runs:
+        accountant.compose(sampled_event(event, sampling, rate), count)
+    return float(accountant.get_epsilon(delta))
+
+
+def sampled_event(event: RoundEvent, sampling: str, rate: float) -> dp_event.DpEvent:
+    """The dp-accounting event of one round (see the module docstring for the relation)."""
+    if sampling == "fixed":
+        gaussian = dp_event.GaussianDpEvent(event.noise_multiplier / 2)  # replace-one: 2C
+        return dp_event.SampledWithoutReplacementDpEvent(event.population, event.sample_size,
+                                                         gaussian)
+    return dp_event.PoissonSampledDpEvent(rate, dp_event.GaussianDpEvent(event.noise_multiplier))
+
+
+class PrivacyAccountant:
+    """The ledger of released rounds and ε at δ over them (RDP or PLD accountant).
+
+    `target_delta` 0 means δ = 1/N^1.1, fixed from the number of clients N available when
+    δ is first needed. `poisson_rate` is the sampling probability q for `poisson` sampling.
+    """
+
+    def __init__(self, kind: str = "rdp", sampling: str = "fixed", poisson_rate: float = 0.0,
+                 target_delta: float = 0.0) -> None:
+        if kind not in ACCOUNTANTS:
+            raise ConfigError(f"run-config key 'accountant' must be one of {ACCOUNTANTS}, "
+                              f"got {kind!r}")
+        if sampling not in SAMPLINGS:
+            raise ConfigError(f"run-config key 'dp-sampling' must be one of {SAMPLINGS}, "
+                              f"got {sampling!r}")
+        if kind == "pld" and sampling == "fixed":
+            raise ConfigError(
+                "accountant='pld' cannot account fixed-size client sampling (m of N without "
+                "replacement: dp-accounting's PLD accountant has no such event); use "
+                "dp-sampling='poisson' with the PLD accountant, or accountant='rdp'")
+        if sampling == "poisson" and not 0 < poisson_rate <= 1:
+            raise ConfigError(f"poisson sampling needs a rate in (0, 1], got {poisson_rate}")
+        self.kind = kind
+        self.sampling = sampling
+        self.poisson_rate = poisson_rate
+        self.delta: float | None = target_delta or None
+        self.rounds: list[RoundEvent] = []
+
+    def fix_delta(self, population: int) -> float:
+        """δ: the configured target, else 1/N^1.1 for the first N seen (kept thereafter)."""
+        if self.delta is None:
+            self.delta = default_delta(population)
+        return self.delta
+
+    def event(self, noise_multiplier: float, sample_size: int, population: int) -> RoundEvent:
+        """A round's event; under Poisson sampling the sample size does not enter (0)."""
+        return RoundEvent(noise_multiplier, sample_size if self.sampling == "fixed" else 0,
+                          population)
+
+    def record(self, event: RoundEvent) -> None:
+        """Add a released round to the ledger."""
+        self.rounds.append(event)
+
+    def epsilon(self, upcoming: RoundEvent | None = None) -> float:
+        """ε at δ over the recorded rounds (plus `upcoming`, to check a budget before it)."""
+        if self.delta is None:
+            raise RuntimeError("δ is not fixed yet: call fix_delta(population) first")
+        events = tuple(self.rounds) + ((upcoming,) if upcoming else ())
+        return _epsilon(self.kind, self.sampling, self.poisson_rate, self.delta,
+                        _grouped(events))
+
+    def get_state(self) -> dict[str, Any]:
+        """δ and the ledger of released rounds (JSON-serialisable)."""
+        return {"delta": self.delta, "rounds": [asdict(event) for event in self.rounds]}
+
+    def set_state(self, state: dict[str, Any]) -> None:
+        """Restore what `get_state` returned."""
+        self.delta = state["delta"]
+        self.rounds = [RoundEvent(**event) for event in state["rounds"]]

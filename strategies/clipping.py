@@ -1,0 +1,52 @@
+"""L2 clipping of a model update over all layers together, shared by server and client.
+
+The update is Δ = w_client − w_global. Clipping scales the whole update (every layer by
+the same factor) so that ||Δ||₂ ≤ C, the FlatClip of McMahan et al. (2018); an update
+already within C is returned unchanged. Arithmetic is done in float64, so the clipped
+update's norm is at most C up to float64 rounding.
+
+The fit-config key carrying C and the metric key carrying the "was clipped" bit are the
+ones Flower's `fixedclipping_mod`/`adaptiveclipping_mod` use, so our clients work with
+Flower's client-side DP strategies and Flower's mods work with ours.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from flwr.common import NDArrays
+
+KEY_CLIPPING_NORM = "clipping_norm"  # fit config: the clip norm C for this round (float)
+KEY_NORM_BIT = "norm_bit"  # fit metrics: True when the client's update had to be clipped
+
+
+def l2_norm(arrays: NDArrays) -> float:
+    """The L2 norm of all arrays taken together as one flat vector (computed in float64)."""
+    return float(np.sqrt(sum(np.sum(np.square(a, dtype=np.float64)) for a in arrays)))
+
+
+def model_update(weights: NDArrays, reference: NDArrays) -> NDArrays:
+    """The update `weights - reference`, layer by layer, in float64."""
+    return [np.asarray(w, dtype=np.float64) - np.asarray(r, dtype=np.float64)
+            for w, r in zip(weights, reference, strict=True)]
+
+
+def clip_update(update: NDArrays, clip_norm: float) -> tuple[NDArrays, float]:
+    """Scale `update` so its L2 norm over all layers is at most `clip_norm`.
+
+    Returns the clipped update (float64) and the norm of the update before clipping.
+    """
+    if clip_norm <= 0:
+        raise ValueError(f"the clip norm must be positive, got {clip_norm}")
+    norm = l2_norm(update)
+    scale = min(1.0, clip_norm / norm) if norm > 0 else 1.0
+    return [np.asarray(u, dtype=np.float64) * scale for u in update], norm
+
+
+def clip_weights(weights: NDArrays, reference: NDArrays,
+                 clip_norm: float) -> tuple[NDArrays, bool]:
+    """Clip the update `weights - reference` to `clip_norm`; return new weights and whether
+    the update was clipped. The weights keep the dtypes of `reference`."""
+    clipped, norm = clip_update(model_update(weights, reference), clip_norm)
+    out = [(np.asarray(r, dtype=np.float64) + c).astype(np.asarray(r).dtype)
+           for r, c in zip(reference, clipped)]
+    return out, norm > clip_norm

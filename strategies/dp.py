@@ -1,0 +1,398 @@
+"""Central differential privacy: clip each client's update, average, add Gaussian noise.
+
+The wrappers take any inner strategy (`dp-inner`, default `weighted-fedavg`). Each round:
+
+1. invalid updates are rejected (`strategies.validation`), as for every strategy;
+2. each client's update Δᵢ = wᵢ − w_global is clipped to L2 norm C over all layers
+   (`strategies.clipping`) — on the server (`dp-fixed`, `dp-adaptive`), or by the client
+   itself, which receives C in the round's fit config (`dp-client-fixed`,
+   `dp-client-adaptive`; the server re-clips as a safeguard, a no-op for honest clients);
+3. the clipped updates are averaged with *equal weights* over a fixed denominator m (the
+   number of clients sampled; for Poisson sampling the expected number q·N): clients that
+   fail or are rejected count as a zero update. Client-reported `num_examples` is ignored:
+   weighting by it would let one client's weight, and so the sensitivity, grow without
+   bound;
+4. Gaussian noise of std z·C/m is added to the average (z = `noise-multiplier`);
+5. the inner strategy receives this privatized model in place of every accepted client's
+   parameters, each with `num_examples=1` and no client metrics, so whatever it computes
+   (FedAvg, a server optimizer such as FedAdam, ...) is post-processing of the DP release.
+   Robust aggregators (median, Krum) then see identical inputs and add nothing. Per-client
+   fit metrics (training loss, ...) are not released; the round's metrics carry
+   `dp_clip_norm`, `dp_noise_std` and, for adaptive clipping, the noised
+   `dp_unclipped_fraction`.
+
+Adaptive clipping (Andrew et al., 2021, "Differentially Private Learning with Adaptive
+Clipping") moves C towards the γ-quantile of the update norms: with b̃ the noised
+fraction of updates not clipped (count noise std σ_b = `clipped-count-stddev`, by
+default max(m/20, z)), C ← C·exp(−η(b̃ − γ)). The update noise multiplier z_Δ is raised so that the
+two Gaussian queries together equal one with multiplier z: z⁻² = z_Δ⁻² + (2σ_b)⁻²; the
+accountant charges z per round (the tests check this against dp-accounting composing both
+queries). Every round's ε at δ comes from `strategies.accounting`; the run stops before a
+round that would exceed `max-epsilon`, and `configure_fit` refuses such a round itself, so
+the budget also holds under Flower's plain server loop. Distributed evaluation metrics
+are not covered by the guarantee (set `fraction-evaluate=0` for a fully private run).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from logging import INFO, WARNING
+from typing import Any
+
+import numpy as np
+from flwr.common import (
+    FitIns,
+    FitRes,
+    NDArrays,
+    Parameters,
+    Scalar,
+    ndarrays_to_parameters,
+    parameters_to_ndarrays,
+)
+from flwr.common.logger import log
+from flwr.server.client_manager import ClientManager
+from flwr.server.client_proxy import ClientProxy
+from flwr.server.strategy import Strategy
+
+from fl_app.settings import ConfigError, Setting
+from strategies.accounting import ACCOUNTANTS, SAMPLINGS, PrivacyAccountant, RoundEvent
+from strategies.clipping import KEY_CLIPPING_NORM, KEY_NORM_BIT, clip_update, model_update
+from strategies.context import StrategyContext
+from strategies.dp_sampling import PoissonSampling
+from strategies.validation import validate_fit_results
+from strategies.weighted_fedavg import sample_size
+from strategies.wrapper import StrategyWrapper
+
+CLIENT_CLIP_TOLERANCE = 1e-5  # relative: float32 rounding of a client-clipped update
+
+
+def _inner_names() -> list[str]:
+    from strategies.registry import strategy_names
+
+    return [name for name in strategy_names() if not name.startswith("dp-")]
+
+
+SETTINGS = [
+    Setting("dp-inner", str, "weighted-fedavg",
+            "DP strategies: the inner strategy given the privatized average (a non-DP "
+            "registry name).", "privacy", choices=_inner_names),
+    Setting("clipping-norm", float, 1.0,
+            "DP: L2 clip norm C of each client's update, all layers together (adaptive "
+            "clipping: the initial C).", "privacy", low=0.0, low_open=True),
+    Setting("noise-multiplier", float, 1.0,
+            "DP: noise multiplier z; the averaged update gets Gaussian noise of std z*C/m "
+            "(adaptive clipping: z covers the update and clipped-count noise together).",
+            "privacy", low=0.0),
+    Setting("dp-sampling", str, "fixed",
+            "DP: client sampling: 'fixed' (fraction-fit x N clients without replacement) or "
+            "'poisson' (each client independently with probability fraction-fit).",
+            "privacy", choices=SAMPLINGS),
+    Setting("accountant", str, "rdp",
+            "DP: privacy accountant from dp-accounting ('pld' needs dp-sampling='poisson').",
+            "privacy", choices=ACCOUNTANTS),
+    Setting("target-delta", float, 0.0,
+            "DP: delta at which epsilon is reported (0: 1/N^1.1 for N available clients).",
+            "privacy", low=0.0, high=1.0, high_open=True),
+    Setting("max-epsilon", float, 0.0,
+            "DP: privacy budget; the run stops before a round that would exceed it "
+            "(0: no budget).", "privacy", low=0.0),
+    Setting("target-clipped-quantile", float, 0.5,
+            "Adaptive clipping: target fraction of updates left unclipped (C tracks this "
+            "quantile of the update norms).", "privacy", low=0.0, high=1.0),
+    Setting("clip-norm-lr", float, 0.2,
+            "Adaptive clipping: learning rate of the geometric clip-norm update.", "privacy",
+            low=0.0, low_open=True),
+    Setting("clipped-count-stddev", float, 0.0,
+            "Adaptive clipping: std of the noise on the count of unclipped updates "
+            "(0: max(m/20, noise-multiplier) for m sampled clients; Andrew et al. use "
+            "m/20).", "privacy", low=0.0),
+]
+
+
+def split_noise_multiplier(total: float, count_stddev: float) -> float:
+    """The update's noise multiplier z_Δ such that it and the clipped-count query (std
+    σ_b, sensitivity 1/2) together equal one Gaussian query with multiplier `total`."""
+    if total == 0:
+        return 0.0
+    if 2 * count_stddev <= total:
+        raise ConfigError(
+            f"adaptive clipping with noise-multiplier={total:g} needs clipped-count-stddev "
+            f"> {total / 2:g} (got {count_stddev:g}): raise clipped-count-stddev "
+            "(0 picks a valid value) or lower noise-multiplier")
+    return (total ** -2 - (2 * count_stddev) ** -2) ** -0.5
+
+
+@dataclass
+class _RoundPlan:
+    """What `configure_fit` fixed for the round that `aggregate_fit` completes."""
+
+    reference: NDArrays  # the global model sent
+    denominator: float  # m: clients sampled, or expected (q·N) under Poisson sampling
+    event: RoundEvent  # what the accountant records if the round releases a model
+    clip_norm: float  # C for this round
+
+
+class DPFixedClipping(StrategyWrapper):
+    """Central DP with a fixed clip norm around any inner strategy (see the module doc).
+
+    `client_side=True`: clients clip their own updates (C is sent in the fit config under
+    Flower's `clipping_norm` key) and the server only averages and adds noise.
+    Noise is drawn from a generator seeded by `seed`; its state, the clip norm and the
+    accountant's ledger are part of `get_state()`.
+    """
+
+    def __init__(self, inner: Strategy, *, noise_multiplier: float, clipping_norm: float,
+                 accountant: PrivacyAccountant, seed: int = 0, client_side: bool = False,
+                 max_epsilon: float = 0.0, fraction_fit: float = 1.0, min_fit_clients: int = 1,
+                 max_examples: int = 0, accept_failures: bool = True) -> None:
+        super().__init__(inner)
+        if noise_multiplier < 0 or clipping_norm <= 0:
+            raise ConfigError(f"need noise-multiplier >= 0 and clipping-norm > 0, got "
+                              f"{noise_multiplier} and {clipping_norm}")
+        self.noise_multiplier = noise_multiplier
+        self.clip_norm = clipping_norm
+        self.accountant = accountant
+        self.client_side = client_side
+        self.max_epsilon = max_epsilon
+        self.fraction_fit = fraction_fit
+        self.min_fit_clients = min_fit_clients
+        self.max_examples = max_examples
+        self.accept_failures = accept_failures
+        self._rng = np.random.default_rng([seed, 0xD9])
+        self._sampling_rng = np.random.default_rng([seed, 0x5A])
+        self._client_manager: ClientManager | None = None
+        self._plan: _RoundPlan | None = None
+        if noise_multiplier == 0:
+            log(WARNING, "noise-multiplier=0: updates are clipped but not noised; the run has "
+                "no privacy guarantee (epsilon is infinite)")
+
+    def __repr__(self) -> str:
+        side = "client" if self.client_side else "server"
+        return (f"{type(self).__name__}({self.inner!r}, {side}-side, z={self.noise_multiplier},"
+                f" C={self.clip_norm:.4g}, {self.accountant.kind}/{self.accountant.sampling})")
+
+    # ---- calibration (adaptive clipping overrides these)
+    def update_noise_multiplier(self, denominator: float) -> float:
+        """The noise multiplier of the averaged update (std = this · C / m)."""
+        return self.noise_multiplier
+
+    def _clipped(self, proxy: ClientProxy, fit_res: FitRes, norm: float, clip_norm: float,
+                 server_round: int) -> bool | str:
+        """Whether the client's update was clipped, or why the update must be rejected."""
+        if not self.client_side:
+            return norm > clip_norm
+        if norm > clip_norm * (1 + CLIENT_CLIP_TOLERANCE):
+            log(WARNING, "round %s: client %s sent an update of norm %.6g above the clip norm "
+                "%.6g: clipped on the server", server_round, proxy.cid, norm, clip_norm)
+            return True
+        return bool(fit_res.metrics.get(KEY_NORM_BIT, norm > clip_norm))
+
+    # ---- the Strategy contract
+    def initialize_parameters(self, client_manager: ClientManager) -> Parameters | None:
+        """Remember the client manager (for budget checks), then delegate."""
+        self._client_manager = client_manager
+        return self.inner.initialize_parameters(client_manager)
+
+    def configure_fit(self, server_round: int, parameters: Parameters,
+                      client_manager: ClientManager) -> list[tuple[ClientProxy, FitIns]]:
+        """Let the inner strategy sample (Poisson view if configured); fix m, C and the
+        round's privacy event; send C to the clients for client-side clipping."""
+        self._client_manager, self._plan = client_manager, None
+        sampler = client_manager
+        if self.accountant.sampling == "poisson":
+            sampler = PoissonSampling(client_manager, self.accountant.poisson_rate,
+                                      self._sampling_rng)
+        instructions = self.inner.configure_fit(server_round, parameters, sampler)
+        if not instructions:
+            return []
+        population = client_manager.num_available()
+        event = self.accountant.event(self.noise_multiplier, len(instructions), population)
+        if not self._allows(event):
+            log(WARNING, "round %s: not started, it would exceed max-epsilon=%g",
+                server_round, self.max_epsilon)
+            return []
+        denominator = (len(instructions) if self.accountant.sampling == "fixed"
+                       else self.accountant.poisson_rate * population)
+        self.update_noise_multiplier(denominator)  # fail before training if uncalibratable
+        self._plan = _RoundPlan(parameters_to_ndarrays(parameters), denominator, event,
+                                self.clip_norm)
+        if self.client_side:
+            for _, fit_ins in instructions:
+                fit_ins.config = {**fit_ins.config, KEY_CLIPPING_NORM: float(self.clip_norm)}
+        return instructions
+
+    def aggregate_fit(
+        self,
+        server_round: int,
+        results: list[tuple[ClientProxy, FitRes]],
+        failures: list[tuple[ClientProxy, FitRes] | BaseException],
+    ) -> tuple[Parameters | None, dict[str, Scalar]]:
+        """Validate, clip, average with equal weights, add noise, account the release, and
+        hand the privatized model to the inner strategy."""
+        plan = self._plan
+        if plan is None or not results:
+            return None, {}
+        if failures and not self.accept_failures:
+            log(WARNING, "round %s: %s client(s) failed and accept-failures is off: "
+                "keeping the previous global model", server_round, len(failures))
+            return None, {}
+        checked = validate_fit_results(results, plan.reference, server_round, self.max_examples)
+        rejected = list(checked.rejected)
+        accepted, clipped, bits = [], [], []
+        for (proxy, fit_res), arrays in zip(checked.accepted, checked.accepted_arrays):
+            update, norm = clip_update(model_update(arrays, plan.reference), plan.clip_norm)
+            bit = self._clipped(proxy, fit_res, norm, plan.clip_norm, server_round)
+            if isinstance(bit, str):
+                log(WARNING, "round %s: rejected update from client %s: %s", server_round,
+                    proxy.cid, bit)
+                rejected.append((proxy.cid, bit))
+                continue
+            accepted.append((proxy, fit_res))
+            clipped.append(update)
+            bits.append(bit)
+        metrics: dict[str, Scalar] = {"num_rejected": len(rejected)}
+        if len(accepted) < self.min_fit_clients:
+            log(WARNING, "round %s: only %s valid update(s), fewer than min-fit-clients=%s: "
+                "nothing released, the global model is kept", server_round, len(accepted),
+                self.min_fit_clients)
+            return None, metrics
+        noised, dp_metrics = self._release(plan, clipped, bits)
+        privatized = ndarrays_to_parameters(
+            [(ref.astype(np.float64) + delta).astype(ref.dtype)
+             for ref, delta in zip(plan.reference, noised)])
+        inner_results = [(proxy, FitRes(status=fit_res.status, parameters=privatized,
+                                        num_examples=1, metrics={}))
+                         for proxy, fit_res in accepted]
+        parameters, inner_metrics = self.inner.aggregate_fit(server_round, inner_results,
+                                                             failures)
+        return parameters, {**inner_metrics, **metrics, **dp_metrics}
+
+    def _release(self, plan: _RoundPlan, clipped: list[NDArrays],
+                 bits: list[bool]) -> tuple[NDArrays, dict[str, Scalar]]:
+        """The noised average update; records the round with the accountant."""
+        std = self.update_noise_multiplier(plan.denominator) * plan.clip_norm / plan.denominator
+        noised = [np.sum(layer, axis=0) / plan.denominator + self._rng.normal(0.0, std, shape)
+                  for layer, shape in ((np.stack(ls), ls[0].shape) for ls in zip(*clipped))]
+        self.accountant.record(plan.event)
+        log(INFO, "DP: averaged %s clipped update(s) over m=%g, C=%.4g, noise std %.4g",
+            len(clipped), plan.denominator, plan.clip_norm, std)
+        return noised, {"dp_clip_norm": plan.clip_norm, "dp_noise_std": std}
+
+    # ---- privacy budget and report (called by fl_app.runner)
+    def _allows(self, event: RoundEvent) -> bool:
+        self.accountant.fix_delta(event.population)
+        return not self.max_epsilon or self.accountant.epsilon(event) <= self.max_epsilon
+
+    def budget_allows(self, server_round: int) -> bool:
+        """False if the next round (at the current number of clients) would exceed the
+        budget; True if there is no budget or no client is known yet."""
+        population = self._client_manager.num_available() if self._client_manager else 0
+        if not self.max_epsilon or population == 0:
+            return True
+        m = min(population, sample_size(population, self.fraction_fit, self.min_fit_clients))
+        return self._allows(self.accountant.event(self.noise_multiplier, m, population))
+
+    def privacy_report(self, server_round: int) -> dict[str, float] | None:
+        """ε and δ over the rounds released so far (None without noise or before δ is set)."""
+        if self.noise_multiplier == 0 or self.accountant.delta is None:
+            return None
+        return {"epsilon": self.accountant.epsilon(), "delta": self.accountant.delta}
+
+    # ---- checkpoint state
+    def get_state(self) -> dict[str, Any]:
+        """The inner strategy's state plus ours under "dp": C, RNG states, the ledger."""
+        return {**super().get_state(), "dp": {
+            "clip_norm": self.clip_norm, "rng": self._rng.bit_generator.state,
+            "sampling_rng": self._sampling_rng.bit_generator.state,
+            "accountant": self.accountant.get_state()}}
+
+    def set_state(self, state: dict[str, Any]) -> None:
+        """Restore what `get_state` returned."""
+        own = state["dp"]
+        self.clip_norm = float(own["clip_norm"])
+        self._rng.bit_generator.state = own["rng"]
+        self._sampling_rng.bit_generator.state = own["sampling_rng"]
+        self.accountant.set_state(own["accountant"])
+        super().set_state(state)
+
+
+class DPAdaptiveClipping(DPFixedClipping):
+    """Central DP with adaptive clipping (Andrew et al., 2021; see the module doc).
+
+    After each release C ← C·exp(−η(b̃ − γ)), b̃ the noised fraction of the m sampled
+    clients whose update was not clipped. With `client_side=True` each client reports
+    whether it clipped (`norm_bit` fit metric, as Flower's `adaptiveclipping_mod` does);
+    an update without it is rejected.
+    """
+
+    def __init__(self, inner: Strategy, *, target_quantile: float = 0.5,
+                 clip_norm_lr: float = 0.2, clipped_count_stddev: float = 0.0,
+                 **kwargs: Any) -> None:
+        super().__init__(inner, **kwargs)
+        self.target_quantile = target_quantile
+        self.clip_norm_lr = clip_norm_lr
+        self.clipped_count_stddev = clipped_count_stddev
+        if clipped_count_stddev:
+            split_noise_multiplier(self.noise_multiplier, clipped_count_stddev)
+
+    def count_stddev(self, denominator: float) -> float:
+        """σ_b: the configured value, else max(m/20, z) (0 without noise).
+
+        m/20 is Andrew et al.'s choice for many clients; the floor z keeps the count's
+        share of the noise budget, (2σ_b)⁻² of z⁻², at most a quarter for few clients.
+        """
+        if self.clipped_count_stddev or self.noise_multiplier == 0:
+            return self.clipped_count_stddev
+        return max(denominator / 20, self.noise_multiplier)
+
+    def update_noise_multiplier(self, denominator: float) -> float:
+        """z_Δ: the part of the noise budget z left after the clipped-count query."""
+        return split_noise_multiplier(self.noise_multiplier, self.count_stddev(denominator))
+
+    def _clipped(self, proxy: ClientProxy, fit_res: FitRes, norm: float, clip_norm: float,
+                 server_round: int) -> bool | str:
+        if self.client_side and not isinstance(fit_res.metrics.get(KEY_NORM_BIT), (bool, int)):
+            return (f"no '{KEY_NORM_BIT}' fit metric: client-side adaptive clipping needs "
+                    "clients that clip and report it (KerasClient, or Flower's "
+                    "adaptiveclipping_mod)")
+        return super()._clipped(proxy, fit_res, norm, clip_norm, server_round)
+
+    def _release(self, plan: _RoundPlan, clipped: list[NDArrays],
+                 bits: list[bool]) -> tuple[NDArrays, dict[str, Scalar]]:
+        noised, metrics = super()._release(plan, clipped, bits)
+        unclipped = len(bits) - sum(bits) + self._rng.normal(0.0, self.count_stddev(
+            plan.denominator))
+        fraction = unclipped / plan.denominator
+        self.clip_norm = plan.clip_norm * math.exp(
+            -self.clip_norm_lr * (fraction - self.target_quantile))
+        return noised, {**metrics, "dp_unclipped_fraction": fraction}
+
+
+def _kwargs(ctx: StrategyContext, client_side: bool) -> dict[str, Any]:
+    from strategies.registry import REGISTRY
+
+    cfg = ctx.cfg
+    accountant = PrivacyAccountant(cfg["accountant"], cfg["dp-sampling"], cfg["fraction-fit"],
+                                   cfg["target-delta"])
+    return dict(inner=REGISTRY[cfg["dp-inner"]](ctx), noise_multiplier=cfg["noise-multiplier"],
+                clipping_norm=cfg["clipping-norm"], accountant=accountant, seed=cfg["seed"],
+                client_side=client_side, max_epsilon=cfg["max-epsilon"],
+                fraction_fit=cfg["fraction-fit"], min_fit_clients=cfg["min-fit-clients"],
+                max_examples=cfg["max-examples"], accept_failures=cfg["accept-failures"])
+
+
+def _adaptive(ctx: StrategyContext, client_side: bool) -> DPAdaptiveClipping:
+    cfg = ctx.cfg
+    return DPAdaptiveClipping(**_kwargs(ctx, client_side),
+                              target_quantile=cfg["target-clipped-quantile"],
+                              clip_norm_lr=cfg["clip-norm-lr"],
+                              clipped_count_stddev=cfg["clipped-count-stddev"])
+
+
+BUILDERS = {
+    "dp-fixed": lambda ctx: DPFixedClipping(**_kwargs(ctx, client_side=False)),
+    "dp-adaptive": lambda ctx: _adaptive(ctx, client_side=False),
+    "dp-client-fixed": lambda ctx: DPFixedClipping(**_kwargs(ctx, client_side=True)),
+    "dp-client-adaptive": lambda ctx: _adaptive(ctx, client_side=True),
+}

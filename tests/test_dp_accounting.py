@@ -1,0 +1,157 @@
+"""Privacy accounting: ε per round against dp-accounting computed independently, budgets."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+from dp_accounting import (
+    ComposedDpEvent,
+    GaussianDpEvent,
+    NeighboringRelation,
+    PoissonSampledDpEvent,
+    SampledWithoutReplacementDpEvent,
+)
+from dp_accounting.pld import PLDAccountant
+from dp_accounting.rdp import RdpAccountant
+from flwr.common import ndarrays_to_parameters
+
+from fl_app.settings import ConfigError
+from strategies.accounting import PrivacyAccountant
+from strategies.context import StrategyContext
+from strategies.registry import build_strategy
+from tests.conftest import make_config
+from tests.dp_rounds import client_manager, dp_strategy, play_round, zeros
+
+N = 40
+
+
+def _epsilons(strategy, rounds: int, num_clients: int = N) -> list[float]:
+    manager = client_manager(num_clients)
+    strategy.initialize_parameters(manager)
+    base, out = zeros(), []
+    for r in range(1, rounds + 1):
+        new, _, _ = play_round(strategy, manager, r, base, lambda p, i: (base, 1, {}))
+        assert new is not None
+        out.append(strategy.privacy_report(r)["epsilon"])
+    return out
+
+
+def _independent(event, rounds: int, relation, accountant_cls=RdpAccountant) -> list[float]:
+    delta = N ** -1.1
+    out = []
+    for t in range(1, rounds + 1):
+        accountant = accountant_cls(neighboring_relation=relation)
+        accountant.compose(event, t)
+        out.append(accountant.get_epsilon(delta))
+    return out
+
+
+def test_rdp_fixed_sampling_matches_dp_accounting_and_grows_with_rounds():
+    """m = 8 of N = 40 without replacement; replace-one relation (sensitivity 2C, so the
+    Gaussian event's multiplier is z/2)."""
+    z = 1.5
+    ours = _epsilons(dp_strategy(noise_multiplier=z, fraction_fit=0.2), rounds=4)
+    event = SampledWithoutReplacementDpEvent(N, 8, GaussianDpEvent(z / 2))
+    expected = _independent(event, 4, NeighboringRelation.REPLACE_ONE)
+    assert ours == pytest.approx(expected, rel=1e-6)
+    assert all(a < b for a, b in zip(ours, ours[1:]))
+
+
+@pytest.mark.parametrize("kind, accountant_cls", [("rdp", RdpAccountant), ("pld", PLDAccountant)])
+def test_poisson_sampling_matches_dp_accounting(kind, accountant_cls):
+    z, rate = 1.2, 0.25
+    accountant = PrivacyAccountant(kind, "poisson", poisson_rate=rate)
+    ours = _epsilons(dp_strategy(noise_multiplier=z, fraction_fit=rate, accountant=accountant),
+                     rounds=3)
+    event = PoissonSampledDpEvent(rate, GaussianDpEvent(z))
+    expected = _independent(event, 3, NeighboringRelation.ADD_OR_REMOVE_ONE, accountant_cls)
+    assert ours == pytest.approx(expected, rel=1e-6)
+    assert all(a < b for a, b in zip(ours, ours[1:]))
+
+
+def test_epsilon_shrinks_as_the_noise_multiplier_grows():
+    finals = [_epsilons(dp_strategy(noise_multiplier=z, fraction_fit=0.2), rounds=2)[-1]
+              for z in (0.8, 1.6, 3.2)]
+    assert finals[0] > finals[1] > finals[2] > 0
+
+
+def test_adaptive_clipping_accounts_for_the_clipped_count_query():
+    """The update noise z_Δ and the count noise σ_b (sensitivity 1/2) compose, in
+    dp-accounting, to the configured z; the update query alone would cost less."""
+    z, count_stddev = 1.0, 2.0
+    ours = _epsilons(dp_strategy(adaptive=True, noise_multiplier=z, fraction_fit=0.2,
+                                 clipped_count_stddev=count_stddev), rounds=3)
+    z_update = (z ** -2 - (2 * count_stddev) ** -2) ** -0.5
+    both = ComposedDpEvent([GaussianDpEvent(z_update / 2), GaussianDpEvent(count_stddev)])
+    expected = _independent(SampledWithoutReplacementDpEvent(N, 8, both), 3,
+                            NeighboringRelation.REPLACE_ONE)
+    assert ours == pytest.approx(expected, rel=1e-6)
+    update_only = _independent(
+        SampledWithoutReplacementDpEvent(N, 8, GaussianDpEvent(z_update / 2)), 3,
+        NeighboringRelation.REPLACE_ONE)
+    assert all(o > u for o, u in zip(ours, update_only))
+
+
+def test_delta_defaults_to_one_over_n_to_the_1_1_or_takes_the_target():
+    strategy = dp_strategy(noise_multiplier=1.0)
+    _epsilons(strategy, rounds=1)
+    assert strategy.privacy_report(1)["delta"] == pytest.approx(N ** -1.1)
+    fixed = dp_strategy(noise_multiplier=1.0, accountant=PrivacyAccountant(target_delta=1e-5))
+    _epsilons(fixed, rounds=1)
+    assert fixed.privacy_report(1)["delta"] == 1e-5
+
+
+def test_budget_refuses_the_round_that_would_exceed_it():
+    z = 2.0
+    eps = _independent(SampledWithoutReplacementDpEvent(N, 8, GaussianDpEvent(z / 2)), 3,
+                       NeighboringRelation.REPLACE_ONE)
+    strategy = dp_strategy(noise_multiplier=z, fraction_fit=0.2, max_epsilon=(eps[1] + eps[2]) / 2)
+    manager = client_manager(N)
+    strategy.initialize_parameters(manager)
+    base = zeros()
+    for r in (1, 2):
+        assert strategy.budget_allows(r)
+        new, _, _ = play_round(strategy, manager, r, base, lambda p, i: (base, 1, {}))
+        assert new is not None
+    assert not strategy.budget_allows(3)
+    # configure_fit enforces it too (e.g. under Flower's plain server loop)
+    assert strategy.configure_fit(3, ndarrays_to_parameters(base), manager) == []
+    assert strategy.privacy_report(3)["epsilon"] == pytest.approx(eps[1], rel=1e-6)
+
+
+def test_no_noise_means_no_privacy_report_and_no_budget():
+    strategy = dp_strategy(noise_multiplier=0.0, max_epsilon=100.0)
+    manager = client_manager(4)
+    strategy.initialize_parameters(manager)
+    assert not strategy.budget_allows(1)
+    assert strategy.privacy_report(1) is None
+    accountant = PrivacyAccountant()
+    accountant.fix_delta(4)
+    accountant.record(accountant.event(0.0, 4, 4))
+    assert math.isinf(accountant.epsilon())
+
+
+def _build(**overrides):
+    cfg = make_config(**overrides)
+    return build_strategy(StrategyContext(cfg=cfg, initial_parameters=ndarrays_to_parameters(
+        zeros())))
+
+
+def test_pld_with_fixed_size_sampling_is_refused_with_a_clear_error():
+    with pytest.raises(ConfigError, match="accountant='pld'.*dp-sampling='poisson'"):
+        _build(strategy="dp-fixed", accountant="pld")
+    assert _build(strategy="dp-fixed", accountant="pld", dp_sampling="poisson")
+
+
+def test_adaptive_with_too_little_count_noise_is_refused():
+    with pytest.raises(ConfigError, match="clipped-count-stddev"):
+        _build(strategy="dp-adaptive", noise_multiplier=1.0, clipped_count_stddev=0.4)
+
+
+@pytest.mark.parametrize("name", ["dp-fixed", "dp-adaptive", "dp-client-fixed",
+                                  "dp-client-adaptive"])
+def test_registry_builds_each_dp_strategy_around_the_named_inner_strategy(name):
+    strategy = _build(strategy=name, dp_inner="fedadam")
+    assert "FedAdam" in repr(strategy.inner)
+    assert strategy.client_side == name.startswith("dp-client")

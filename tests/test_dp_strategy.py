@@ -1,0 +1,222 @@
+"""The central-DP wrappers: clipping, equal-weight averaging, noise, client-side mode, state."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from flwr.common import ndarrays_to_parameters, parameters_to_ndarrays
+from flwr.server.strategy import DifferentialPrivacyServerSideFixedClipping, FedAvg
+from scipy import stats
+
+from strategies.clipping import KEY_CLIPPING_NORM, KEY_NORM_BIT
+from strategies.dp import split_noise_multiplier
+from tests.dp_rounds import client_manager, dp_strategy, play_round, sends, zeros
+from tests.flower_objects import fit_res
+
+FALSE_FAILURE_RATE = 1e-6  # two-sided, per statistical assertion
+
+
+def _updates(rng, cids, norms):
+    """Random-direction updates with the given L2 norms (over all layers together)."""
+    out = {}
+    for cid, norm in zip(cids, norms):
+        raw = [rng.normal(size=a.shape) for a in zeros()]
+        scale = norm / np.sqrt(sum(np.sum(r ** 2) for r in raw))
+        out[cid] = [(r * scale).astype(np.float32) for r in raw]
+    return out
+
+
+def _clip_by_hand(update, clip_norm):
+    flat = np.concatenate([u.astype(np.float64).ravel() for u in update])
+    factor = min(1.0, clip_norm / np.linalg.norm(flat))
+    return [u.astype(np.float64) * factor for u in update]
+
+
+def _round(strategy, manager, updates, base=None, num_examples=10):
+    base = base if base is not None else zeros()
+    return play_round(strategy, manager, 1, base, sends(updates, base, num_examples))
+
+
+def test_noise_zero_aggregate_is_the_mean_of_the_clipped_updates():
+    rng = np.random.default_rng(0)
+    manager = client_manager(6)
+    cids = [f"c{i}" for i in range(6)]
+    updates = _updates(rng, cids, [0.2, 0.7, 1.0, 1.5, 4.0, 30.0])  # mixed: under and over C
+    base = [rng.normal(size=a.shape).astype(np.float32) for a in zeros()]
+    new, metrics, _ = _round(dp_strategy(clipping_norm=1.0), manager, updates, base)
+    clipped = [_clip_by_hand(updates[c], 1.0) for c in cids]
+    for c in clipped:
+        assert np.sqrt(sum(np.sum(a ** 2) for a in c)) <= 1.0 + 1e-6
+    expected = [b + np.mean(layer, axis=0) for b, layer in zip(base, zip(*clipped))]
+    for got, want in zip(new, expected):
+        np.testing.assert_allclose(got, want, atol=1e-6)
+    assert metrics["dp_clip_norm"] == 1.0 and metrics["dp_noise_std"] == 0.0
+
+
+def test_updates_under_the_clip_norm_pass_unchanged():
+    rng = np.random.default_rng(1)
+    manager = client_manager(4)
+    updates = _updates(rng, [f"c{i}" for i in range(4)], [0.1, 0.3, 0.5, 0.9])
+    new, _, _ = _round(dp_strategy(clipping_norm=1.0), manager, updates)
+    plain_mean = [np.mean(layer, axis=0) for layer in zip(*updates.values())]
+    for got, want in zip(new, plain_mean):
+        np.testing.assert_allclose(got, want, atol=1e-7)
+
+
+def test_every_client_weighs_the_same_whatever_num_examples_it_claims():
+    rng = np.random.default_rng(2)
+    manager = client_manager(3)
+    updates = _updates(rng, ["c0", "c1", "c2"], [0.5, 0.5, 0.5])
+    claims = {"c0": 1, "c1": 10, "c2": 10_000}
+    base = zeros()
+
+    def client(proxy, ins):
+        return [b + u for b, u in zip(base, updates[proxy.cid])], claims[proxy.cid], {}
+
+    new, _, _ = play_round(dp_strategy(), manager, 1, base, client)
+    for got, layer in zip(new, zip(*updates.values())):
+        np.testing.assert_allclose(got, np.mean(layer, axis=0), atol=1e-7)
+
+
+def test_invalid_updates_are_rejected_and_count_as_zero_over_the_sampled_m():
+    rng = np.random.default_rng(3)
+    manager = client_manager(4)
+    updates = _updates(rng, ["c0", "c1", "c2", "c3"], [0.5] * 4)
+    updates["c3"] = [np.full_like(u, np.nan) for u in updates["c3"]]
+    new, metrics, _ = _round(dp_strategy(), manager, updates)
+    assert metrics["num_rejected"] == 1
+    valid_sum = [np.sum(layer, axis=0) for layer in zip(*(updates[c] for c in ("c0", "c1", "c2")))]
+    for got, want in zip(new, valid_sum):
+        np.testing.assert_allclose(got, want / 4, atol=1e-7)  # fixed denominator m = 4
+
+
+def test_per_client_fit_metrics_are_not_released():
+    manager = client_manager(2)
+    base = zeros()
+
+    def client(proxy, ins):
+        return base, 5, {"train_loss": 0.3}
+
+    _, metrics, _ = play_round(dp_strategy(), manager, 1, base, client)
+    assert "train_loss" not in metrics
+
+
+@pytest.mark.parametrize("num_clients, clip_norm, noise, adaptive",
+                         [(4, 1.0, 1.0, False), (16, 0.5, 2.0, False), (10, 1.0, 1.0, True)])
+def test_added_noise_has_std_noise_multiplier_times_c_over_m(num_clients, clip_norm, noise,
+                                                             adaptive):
+    """Chi-square test of the noise variance (known mean 0) over ~40k coordinates, and a
+    z-test of its mean; each fails by chance with probability FALSE_FAILURE_RATE."""
+    shapes = ((200, 100), (100,), (100, 200))
+    base = zeros(shapes)
+    manager = client_manager(num_clients)
+    strategy = dp_strategy(initial=base, noise_multiplier=noise, clipping_norm=clip_norm,
+                           adaptive=adaptive, seed=7)
+    new, metrics, _ = play_round(strategy, manager, 1, base, lambda p, i: (base, 1, {}))
+    noise_values = np.concatenate([a.astype(np.float64).ravel() for a in new])
+    z = split_noise_multiplier(noise, max(num_clients / 20, noise)) if adaptive else noise
+    sigma = z * clip_norm / num_clients
+    assert metrics["dp_noise_std"] == pytest.approx(sigma)
+    n = noise_values.size
+    statistic = np.sum(noise_values ** 2) / sigma ** 2
+    low, high = stats.chi2.ppf([FALSE_FAILURE_RATE / 2, 1 - FALSE_FAILURE_RATE / 2], n)
+    assert low < statistic < high
+    z_limit = stats.norm.ppf(1 - FALSE_FAILURE_RATE / 2)
+    assert abs(noise_values.mean()) < z_limit * sigma / np.sqrt(n)
+
+
+def test_noise_is_reproducible_from_the_seed():
+    manager = client_manager(3)
+    base = zeros()
+
+    def run(seed):
+        strategy = dp_strategy(noise_multiplier=1.0, seed=seed)
+        return play_round(strategy, manager, 1, base, lambda p, i: (base, 1, {}))[0]
+
+    for a, b in zip(run(3), run(3)):
+        np.testing.assert_array_equal(a, b)
+    assert not np.array_equal(run(3)[0], run(4)[0])
+
+
+def test_same_aggregate_as_flowers_server_side_fixed_clipping_without_noise():
+    rng = np.random.default_rng(5)
+    num_clients, clip_norm = 5, 0.8
+    updates = _updates(rng, [f"c{i}" for i in range(num_clients)], [0.1, 0.5, 0.9, 2.0, 7.0])
+    base = [rng.normal(size=a.shape).astype(np.float32) for a in zeros()]
+    ours, _, _ = _round(dp_strategy(clipping_norm=clip_norm, initial=base),
+                        client_manager(num_clients), updates, base)
+
+    flower = DifferentialPrivacyServerSideFixedClipping(
+        FedAvg(min_fit_clients=1, min_available_clients=1), noise_multiplier=0.0,
+        clipping_norm=clip_norm, num_sampled_clients=num_clients)
+    manager = client_manager(num_clients)
+    instructions = flower.configure_fit(1, ndarrays_to_parameters(base), manager)
+    results = [(proxy, fit_res([b + u for b, u in zip(base, updates[proxy.cid])], 10))
+               for proxy, _ in instructions]
+    theirs, _ = flower.aggregate_fit(1, results, [])
+    for a, b in zip(ours, parameters_to_ndarrays(theirs)):
+        np.testing.assert_allclose(a, b, atol=1e-6)
+
+
+def test_client_side_clipping_sends_c_in_every_fit_config():
+    manager = client_manager(4)
+    strategy = dp_strategy(client_side=True, clipping_norm=0.7)
+    seen = []
+
+    def client(proxy, ins):
+        seen.append(ins.config)
+        return zeros(), 1, {}
+
+    play_round(strategy, manager, 1, zeros(), client)
+    assert len(seen) == 4
+    assert all(config[KEY_CLIPPING_NORM] == 0.7 for config in seen)
+
+
+def test_client_side_server_reclips_an_update_a_client_did_not_clip():
+    rng = np.random.default_rng(6)
+    manager = client_manager(2)
+    updates = _updates(rng, ["c0", "c1"], [5.0, 0.2])
+    strategy = dp_strategy(client_side=True, clipping_norm=1.0)
+    new, _, _ = _round(strategy, manager, updates)
+    expected = [(_clip_by_hand(updates["c0"], 1.0)[i] + updates["c1"][i]) / 2 for i in range(2)]
+    for got, want in zip(new, expected):
+        np.testing.assert_allclose(got, want, atol=1e-6)
+
+
+def test_client_side_adaptive_rejects_an_update_without_the_norm_bit():
+    manager = client_manager(3)
+    base = zeros()
+
+    def client(proxy, ins):
+        metrics = {} if proxy.cid == "c2" else {KEY_NORM_BIT: False}
+        return base, 1, metrics
+
+    strategy = dp_strategy(adaptive=True, client_side=True)
+    new, metrics, _ = play_round(strategy, manager, 1, base, client)
+    assert metrics["num_rejected"] == 1
+    assert new is not None
+
+
+def test_state_round_trip_continues_identically():
+    rng = np.random.default_rng(8)
+    manager = client_manager(5)
+    updates = _updates(rng, [f"c{i}" for i in range(5)], [0.5, 1.0, 2.0, 3.0, 4.0])
+
+    def fresh():
+        return dp_strategy(adaptive=True, noise_multiplier=1.0, clipping_norm=0.3, seed=1)
+
+    first = fresh()
+    after_one, _, _ = _round(first, manager, updates)
+    saved = json.loads(json.dumps(first.get_state()))  # JSON-serialisable
+    two_a, metrics_a, _ = play_round(first, manager, 2, after_one, sends(updates, after_one))
+
+    second = fresh()
+    second.set_state(saved)
+    assert second.clip_norm == saved["dp"]["clip_norm"] != 0.3  # adapted after round 1
+    two_b, metrics_b, _ = play_round(second, manager, 2, after_one, sends(updates, after_one))
+    for a, b in zip(two_a, two_b):
+        np.testing.assert_array_equal(a, b)
+    assert metrics_a == metrics_b
+    assert first.privacy_report(2) == second.privacy_report(2)
