@@ -1,0 +1,43 @@
+"""End-to-end runs on Flower's simulation engine through run_simulation.py."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+
+import run_simulation
+from strategies.registry import strategy_names
+
+FAST = "num-server-rounds=2 local-epochs=2 min-fit-clients=3 min-available-clients=3"
+
+
+def _run(tmp_path, run_config: str, num_supernodes: int = 4) -> dict:
+    code = run_simulation.main(["--num-supernodes", str(num_supernodes), "--run-config",
+                                run_config, "--out", str(tmp_path)])
+    assert code == 0
+    return json.loads((tmp_path / "history.json").read_text())
+
+
+@pytest.mark.parametrize("name", strategy_names())
+def test_every_registered_strategy_completes_a_short_simulation(tmp_path, name):
+    history = _run(tmp_path, f"{FAST} strategy='{name}'")
+    assert history["config"]["strategy"] == name
+    assert [r["round"] for r in history["rounds"]] == [0, 1, 2]
+    assert history["stopped"] == "num-server-rounds"
+    for record in history["rounds"][1:]:
+        assert record["fit"]["num_clients"] == 4
+        assert record["fit"]["num_failures"] == 0
+        assert math.isfinite(record["centralized"]["loss"])
+    assert (tmp_path / "final_model.keras").is_file()
+    assert (tmp_path / "accuracy.png").is_file() and (tmp_path / "loss.png").is_file()
+
+
+def test_default_workload_learns_and_stops_at_target_accuracy(tmp_path):
+    history = _run(tmp_path, "target-accuracy=0.8 num-server-rounds=15", num_supernodes=10)
+    accuracies = [r["centralized"]["accuracy"] for r in history["rounds"]]
+    assert history["stopped"] == "target-accuracy"
+    assert accuracies[-1] >= 0.8 > max(accuracies[:-1])
+    assert len(accuracies) - 1 < 15
+    assert {"round", "seconds", "centralized", "distributed", "fit"} <= set(history["rounds"][1])
