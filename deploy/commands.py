@@ -67,9 +67,16 @@ def register(dep: Deployment, node: NodeFiles, cli_home: Path) -> Command:
                     "--format", "json"], {"FLWR_HOME": str(cli_home)})
 
 
-def run_app(cli_home: Path, run_config: str, stream: bool) -> Command:
-    """`flwr run . <connection>` from the project folder; JSON output unless `stream`."""
-    argv = ["flwr", "run", ".", CONNECTION, "--run-config", run_config]
+def run_app(cli_home: Path, run_configs: list[str], stream: bool) -> Command:
+    """`flwr run . <connection>` from the project folder; JSON output unless `stream`.
+
+    Each of `run_configs` becomes one `--run-config`; a key in a later one overrides it
+    in an earlier one.
+    """
+    argv = ["flwr", "run", ".", CONNECTION]
+    for run_config in run_configs:
+        if run_config:
+            argv += ["--run-config", run_config]
     argv += ["--stream"] if stream else ["--format", "json"]
     return Command(argv, {"FLWR_HOME": str(cli_home)})
 

@@ -9,9 +9,10 @@ first if it holds no deployment yet). Every process is a separate Flower process
 SuperNode per node (its own key and data file), and the `flwr` CLI that registers the
 nodes' public keys, submits the run (`flwr run . <connection>` from the project folder)
 and streams its log. The results (history.json, final_model.keras, plots) land in OUT
-(default DIR/results); the logs of every process in DIR/launch/logs. Every process started
-here, and the ones Flower starts under them, is stopped by pid at the end, also on
-Ctrl-C, SIGTERM or failure.
+(default DIR/results); the logs of every process in DIR/launch/logs. A DIR inside the
+project should be git-ignored (like runs/), or its .json files travel with the app
+bundle. Every process started here, and the ones Flower starts under them, is stopped
+by pid at the end, also on Ctrl-C, SIGTERM or failure.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ import shutil
 import signal
 import socket
 import sys
+import tempfile
 import time
 import tomllib
 from dataclasses import dataclass
@@ -155,16 +157,16 @@ class LocalDeployment:
             if code is not None:
                 raise DeploymentError(f"{name} exited with code {code}; see {managed.log_path}")
 
-    def run_config(self, out_dir: Path, extra: str = "") -> str:
-        """The run's config: wait for every node, the prepared keys, `extra`, and `out-dir`."""
-        parts = [f"min-available-clients={len(self.dep.nodes)}", self.dep.run_config, extra,
-                 f"out-dir={commands.config_string(str(out_dir))}"]
-        return " ".join(part for part in parts if part)
+    def run_config(self, out_dir: Path, extra: str = "") -> list[str]:
+        """The run's `--run-config`s, later ones overriding earlier ones: wait for every
+        node, the prepared keys, `extra`, and `out-dir`."""
+        return [f"min-available-clients={len(self.dep.nodes)}", self.dep.run_config, extra,
+                f"out-dir={commands.config_string(str(out_dir))}"]
 
-    def run_app(self, project_dir: Path, run_config: str, timeout: float) -> RunOutcome:
+    def run_app(self, project_dir: Path, run_configs: list[str], timeout: float) -> RunOutcome:
         """`flwr run . <connection>` from `project_dir`, stream its log until it ends."""
         check_project(project_dir)
-        started = self.sup.run("flwr-run", commands.run_app(self.cli_home, run_config,
+        started = self.sup.run("flwr-run", commands.run_app(self.cli_home, run_configs,
                                                             stream=False),
                                CLI_TIMEOUT, cwd=project_dir)
         run_id = int(cli_json(started)["run-id"])
@@ -177,18 +179,18 @@ class LocalDeployment:
             time.sleep(0.5)
         listed = self.sup.run("flwr-list", commands.list_run(self.cli_home, run_id), CLI_TIMEOUT)
         status = str(cli_json(listed)["runs"][0]["status"])
-        out_dir = Path(run_config_value(run_config, "out-dir"))
+        out_dir = Path(run_config_value(run_configs, "out-dir"))
         history_path = out_dir / HISTORY_FILE
         history = (json.loads(history_path.read_text(encoding="utf-8"))
                    if history_path.is_file() else None)
         return RunOutcome(run_id, status, out_dir, history)
 
 
-def run_config_value(run_config: str, key: str) -> Any:
-    """One key of a `--run-config` string, parsed as Flower parses it."""
+def run_config_value(run_configs: list[str], key: str) -> Any:
+    """One key of `--run-config` strings, parsed as Flower parses them."""
     from flwr.common.config import parse_config_args
 
-    return parse_config_args([run_config])[key]
+    return parse_config_args([rc for rc in run_configs if rc])[key]
 
 
 def describe_failures(history: dict[str, Any], node_ids: dict[str, int]) -> list[str]:
@@ -211,11 +213,14 @@ def launch(dep: Deployment, project_dir: Path, out_dir: Path, run_config: str = 
 
     Returns the run's outcome and the node id each node was registered under.
     """
-    state_dir = dep.root / "launch"
-    shutil.rmtree(state_dir, ignore_errors=True)
+    log_dir = dep.root / "launch" / "logs"
+    shutil.rmtree(log_dir, ignore_errors=True)
     say = echo or (lambda line: None)
-    with Supervisor(state_dir / "logs", echo=echo) as sup:
-        local = LocalDeployment(dep, sup, state_dir, echo_components=echo_nodes)
+    # The components' FLWR_HOMEs (where the app bundle gets unpacked) live outside DIR, so a
+    # DIR inside the project never ends up in the next run's bundle.
+    with (tempfile.TemporaryDirectory(prefix="fl-deploy-") as state_dir,
+          Supervisor(log_dir, echo=echo) as sup):
+        local = LocalDeployment(dep, sup, Path(state_dir), echo_components=echo_nodes)
         local.start_superlink()
         say(f"SuperLink on https://{local.address} (logs in {sup.log_dir})")
         for node in dep.nodes:

@@ -27,6 +27,7 @@ from fl_app.settings import ConfigError
 from run_simulation import PROJECT_DIR, load_run_config
 
 DATA_FORMATS = ("npz", "csv")
+LOOPBACK = ("127.0.0.1", "localhost", "::1")
 
 
 def write_node_data(cfg: RunConfig, num_nodes: int, data_dir: Path, fmt: str) -> list[Path]:
@@ -82,9 +83,14 @@ def superlink_address(dep: Deployment) -> str:
 
 
 def instructions(dep: Deployment, project_dir: Path = PROJECT_DIR) -> str:
-    """The commands to start the deployment by hand, one terminal each, in order."""
+    """The commands to start the deployment by hand, one terminal each, in order.
+
+    The SuperLink binds 127.0.0.1 when SuperNodes dial a loopback address, else all
+    interfaces (SuperNodes on other machines).
+    """
     homes = dep.root / "homes"
-    link = commands.superlink(dep, homes / "superlink", "127.0.0.1", dep.port,
+    bind = "127.0.0.1" if dep.server_host in LOOPBACK else "0.0.0.0"
+    link = commands.superlink(dep, homes / "superlink", bind, dep.port,
                               database=dep.root / "superlink-state.db")
     lines = ["# 1. SuperLink (TLS on, SuperNode authentication on; keeps registrations in "
              "superlink-state.db):", link.shell(), "",
@@ -95,11 +101,10 @@ def instructions(dep: Deployment, project_dir: Path = PROJECT_DIR) -> str:
     lines += [commands.supernode(dep, node, homes / node.name, superlink_address(dep),
                                  SUPERNODE_UVICORN_DEFAULT_PORT + i).shell()
               for i, node in enumerate(dep.nodes)]
-    run_config = " ".join(part for part in (f"min-available-clients={len(dep.nodes)}",
-                                            dep.run_config) if part)
+    run_configs = [f"min-available-clients={len(dep.nodes)}", dep.run_config]
     lines += ["", "# 4. Run the app and stream the ServerApp's log (results go to out-dir, "
               "on the SuperLink's machine):",
-              commands.run_app(dep.cli_home, run_config, stream=True).shell(cwd=project_dir)]
+              commands.run_app(dep.cli_home, run_configs, stream=True).shell(cwd=project_dir)]
     return "\n".join(lines)
 
 

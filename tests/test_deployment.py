@@ -1,0 +1,125 @@
+"""A real deployment: one SuperLink and real SuperNodes as separate processes on 127.0.0.1,
+with TLS and SuperNode authentication, each node on its own data file.
+
+One SuperLink serves the module (starting Flower's processes costs more than the rounds):
+a SuperNode whose key was never registered is refused; three SuperNodes run 3 rounds of
+weighted-fedavg; then a fourth node whose data file is corrupt joins for a second run,
+which finishes on the other three and records and logs the error naming that node and
+file. When the module ends (pass or fail) every process is stopped, checked by pid.
+"""
+
+from __future__ import annotations
+
+import socket
+import ssl
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+import psutil
+import pytest
+
+from deploy.launch import COMPLETED, LocalDeployment
+from deploy.layout import NodeFiles
+from deploy.pki import make_node_keys
+from deploy.prepare import prepare
+from deploy.processes import Supervisor
+from fl_app.outputs import MODEL_FILE
+
+pytestmark = pytest.mark.timeout(900)
+PROJECT_DIR = Path(__file__).resolve().parents[1]
+RUN_TIMEOUT = 600.0
+
+
+def _extra_node(dep, name: str, data: Path) -> NodeFiles:
+    node = NodeFiles(name, dep.root / "keys" / name, data)
+    make_node_keys(node.key)
+    return node
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory):
+    """SuperLink + 3 registered SuperNodes running; a corrupt node registered, not started."""
+    root = tmp_path_factory.mktemp("deployment")
+    dep = prepare(root / "dep", 3, "", ["127.0.0.1", "localhost"])
+    good = dep.nodes[0].data.read_bytes()
+    corrupt_file = dep.root / "data" / "node-corrupt.npz"
+    corrupt_file.write_bytes(good[: len(good) // 2])  # a truncated upload
+    corrupt = _extra_node(dep, "node-corrupt", corrupt_file)
+    stranger = _extra_node(dep, "stranger", dep.nodes[0].data)  # never registered
+    supervisor = Supervisor(root / "logs", echo=print)
+    with supervisor:
+        local = LocalDeployment(dep, supervisor, root / "state")
+        local.start_superlink()
+        for node in (*dep.nodes, corrupt):
+            local.register(node)
+        for node in dep.nodes:
+            local.start_node(node)
+        stranger_proc = local.start_node(stranger, required=False)
+        yield SimpleNamespace(dep=dep, local=local, sup=supervisor, corrupt=corrupt,
+                              stranger=stranger_proc, out=root / "results")
+    seen = supervisor.seen_pids()
+    alive = [pid for pid in seen if psutil.pid_exists(pid)
+             and psutil.Process(pid).status() != psutil.STATUS_ZOMBIE]
+    assert len(seen) > 2 * len(dep.nodes) and not alive, f"still running: {alive}"
+
+
+def _rounds(outcome) -> list[dict]:
+    assert outcome.status == COMPLETED
+    assert outcome.history is not None and outcome.history["stopped"] == "num-server-rounds"
+    return outcome.history["rounds"]
+
+
+def test_superlink_serves_tls_with_the_prepared_ca(cluster):
+    context = ssl.create_default_context(cafile=str(cluster.dep.ca_cert))
+    with socket.create_connection(("127.0.0.1", cluster.local.port), timeout=10) as raw:
+        with context.wrap_socket(raw, server_hostname="127.0.0.1") as tls:
+            subject = dict(item[0] for item in tls.getpeercert()["subject"])
+    assert subject["commonName"] == "127.0.0.1"
+    untrusted = ssl.create_default_context()  # the system CAs do not know this certificate
+    with socket.create_connection(("127.0.0.1", cluster.local.port), timeout=10) as raw:
+        with pytest.raises(ssl.SSLCertVerificationError):
+            untrusted.wrap_socket(raw, server_hostname="127.0.0.1")
+
+
+def test_supernode_without_a_registered_key_is_refused(cluster):
+    deadline = time.monotonic() + 120
+    while cluster.stranger.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert cluster.stranger.poll() not in (None, 0)
+    assert "Failed to activate SuperNode" in cluster.stranger.log_path.read_text()
+    link_log = cluster.local.superlink.log_path.read_text()
+    assert "No SuperNode found with the given public key" in link_log
+
+
+def test_three_supernodes_train_with_tls_and_node_auth(cluster):
+    run_config = cluster.local.run_config(cluster.out / "healthy",
+                                          "num-server-rounds=3 fraction-evaluate=0.0")
+    outcome = cluster.local.run_app(PROJECT_DIR, run_config, RUN_TIMEOUT)
+    rounds = _rounds(outcome)
+    assert [r["round"] for r in rounds] == [0, 1, 2, 3]
+    for record in rounds[1:]:
+        assert record["fit"]["num_clients"] == 3 and record["fit"]["num_failures"] == 0
+    accuracy = [r["centralized"]["accuracy"] for r in rounds]
+    assert accuracy[-1] > accuracy[0] + 0.3, accuracy
+    assert (outcome.out_dir / MODEL_FILE).is_file()
+
+
+def test_corrupt_node_file_fails_that_node_only_and_is_named(cluster):
+    corrupt = cluster.corrupt
+    cluster.local.start_node(corrupt)
+    node_id = str(cluster.local.node_ids[corrupt.name])
+    run_config = cluster.local.run_config(
+        cluster.out / "corrupt", "num-server-rounds=1 fraction-evaluate=0.0 min-available-clients=4")
+    outcome = cluster.local.run_app(PROJECT_DIR, run_config, RUN_TIMEOUT)
+    rounds = _rounds(outcome)
+    for record in rounds[1:]:
+        fit = record["fit"]
+        assert fit["num_clients"] == 3 and fit["num_failures"] == 1
+        (failure,) = fit["failures"]
+        assert f"node {node_id}" in failure["error"] and str(corrupt.data) in failure["error"]
+        assert "DataError" in failure["error"]
+    assert rounds[-1]["centralized"]["accuracy"] > rounds[0]["centralized"]["accuracy"]
+    run_log = (cluster.sup.log_dir / "run.log").read_text()
+    assert f"node {node_id}: data file {corrupt.data}" in run_log  # the server logged it
+    assert "DataError" in (cluster.sup.log_dir / f"{corrupt.name}.log").read_text()
