@@ -12,7 +12,7 @@ from pathlib import Path
 
 import tomli_w
 
-from deploy.layout import CONNECTION, Deployment, NodeFiles
+from deploy.layout import CONNECTION, Deployment, DeploymentError, NodeFiles
 
 
 @dataclass(frozen=True)
@@ -121,5 +121,6 @@ def config_string(value: str) -> str:
         return f'"{value}"'
     if "'" not in value:
         return f"'{value}'"
-    raise ValueError(f"{value!r} contains both kinds of quotes (or a quote and a backslash); "
-                     "Flower's --node-config/--run-config syntax cannot carry it")
+    raise DeploymentError(f"{value!r} contains both kinds of quotes (or a quote and a "
+                          "backslash); Flower's --node-config/--run-config syntax cannot "
+                          "carry it")

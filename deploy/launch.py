@@ -33,7 +33,9 @@ from typing import Any
 from deploy import commands
 from deploy.layout import Deployment, DeploymentError, NodeFiles
 from deploy.processes import Echo, Managed, Supervisor
+from fl_app.data import DataError
 from fl_app.outputs import HISTORY_FILE
+from fl_app.settings import ConfigError
 
 COMPLETED = "finished:completed"
 CLI_TIMEOUT = 120.0
@@ -282,7 +284,7 @@ def main(argv: list[str] | None = None) -> int:
         out_dir = args.out or dep.root / "results"
         outcome, node_ids = launch(dep, (args.project or PROJECT_DIR).resolve(), out_dir,
                                    args.run_config, args.timeout, echo_nodes=not args.quiet)
-    except DeploymentError as err:
+    except (DeploymentError, ConfigError, DataError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:

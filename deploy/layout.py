@@ -69,17 +69,21 @@ class Deployment:
         return self.root / "flwr-home"
 
     def save(self) -> Path:
-        """Write the manifest (paths relative to the folder, so the folder can be moved)."""
+        """Write the manifest to `<root>/deployment.json`."""
         data = {
             "run_config": self.run_config,
             "server_host": self.server_host,
             "port": self.port,
-            "nodes": [{k: str(Path(v).relative_to(self.root)) if isinstance(v, Path) else v
+            "nodes": [{k: self._relative(v) if isinstance(v, Path) else v
                        for k, v in asdict(node).items()} for node in self.nodes],
         }
         path = self.root / MANIFEST
         path.write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
         return path
+
+    def _relative(self, path: Path) -> str:
+        """`path` relative to the folder when inside it (so the folder can move), else as is."""
+        return str(path.relative_to(self.root)) if path.is_relative_to(self.root) else str(path)
 
     @classmethod
     def load(cls, root: Path) -> Deployment:

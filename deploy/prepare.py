@@ -143,7 +143,7 @@ def main(argv: list[str] | None = None) -> int:
     hosts = args.server_host or ["127.0.0.1", "localhost"]
     try:
         dep = prepare(args.out, args.num_nodes, run_config, hosts, args.port, args.data_format)
-    except (DeploymentError, ConfigError, DataError, ValueError) as err:
+    except (DeploymentError, ConfigError, DataError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     print(f"Prepared {len(dep.nodes)} SuperNodes in {dep.root}\n")

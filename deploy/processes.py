@@ -86,7 +86,9 @@ class Supervisor:
         return self
 
     def __exit__(self, *exc_info) -> None:
-        self.shutdown()
+        survivors = self.shutdown()
+        if survivors:
+            print(f"warning: could not stop pids {[p.pid for p in survivors]}", file=sys.stderr)
 
     # --- starting
     def start(self, name: str, cmd: Command, cwd: Path | None = None,
@@ -204,12 +206,14 @@ class Supervisor:
 
 @contextmanager
 def _ignoring_interrupts() -> Iterator[None]:
-    """Let a shutdown finish even if Ctrl-C is pressed again (main thread only)."""
+    """Let a shutdown finish even if Ctrl-C (or SIGTERM, SIGHUP) comes again (main thread)."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
-    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signums = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+    previous = {signum: signal.signal(signum, signal.SIG_IGN) for signum in signums}
     try:
         yield
     finally:
-        signal.signal(signal.SIGINT, previous)
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)

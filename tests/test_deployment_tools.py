@@ -15,6 +15,7 @@ import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.x509.oid import ExtensionOID
+from flwr.common.config import parse_config_args
 from flwr.supernode.cli.flower_supernode import _parse_args_run_supernode
 from flwr.superlink.cli.flower_superlink import _parse_args_run_superlink
 
@@ -103,7 +104,6 @@ def test_printed_commands_parse_with_the_installed_flower(prepared):
         args = _parse_args_run_supernode().parse_args(shlex.split(line)[2:])
         assert args.auth_supernode_private_key == str(node.key)
         assert args.root_certificates == str(prepared.ca_cert) and not args.insecure
-        from flwr.common.config import parse_config_args
         assert parse_config_args([args.node_config]) == {"data-path": str(node.data)}
     assert sum("flwr supernode register" in line for line in lines) == 3
     run = shlex.split(lines[-1].split("&&", 1)[1])
@@ -112,11 +112,9 @@ def test_printed_commands_parse_with_the_installed_flower(prepared):
 
 
 def test_config_string_carries_any_path_flower_can_parse():
-    from flwr.common.config import parse_config_args
-
     for value in ["/tmp/a b/x.npz", "/tmp/it's/x.npz", r"C:\data\x.npz"]:
         assert parse_config_args([f"k={commands.config_string(value)}"]) == {"k": value}
-    with pytest.raises(ValueError, match="quotes"):
+    with pytest.raises(DeploymentError, match="quotes"):
         commands.config_string("a'b\"c")
 
 
