@@ -1,0 +1,61 @@
+"""`flwr run .` on a real SuperLink in simulation mode, started and stopped by the test.
+
+The SuperLink runs with `--disable-runtime-dependency-installation` (this venv already has
+the app's dependencies) on a free port of 127.0.0.1; the connection lives in a temporary
+FLWR_HOME. Every process is stopped by pid at the end, pass or fail.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from deploy.commands import Command
+from deploy.launch import free_port
+from deploy.processes import Supervisor
+
+ROOT = Path(__file__).resolve().parent.parent
+BIN = Path(sys.executable).parent
+
+
+@pytest.fixture(scope="module")
+def simulation_superlink(tmp_path_factory):
+    """A simulation-mode SuperLink with 6 simulated SuperNodes and a `flwr` home for it."""
+    home = tmp_path_factory.mktemp("flwr-home")
+    port = free_port()
+    (home / "config.toml").write_text(
+        f'[superlink]\ndefault = "test"\n\n[superlink.test]\naddress = "127.0.0.1:{port}"\n'
+        'insecure = true\noptions.num-supernodes = 6\n')
+    env = {"FLWR_HOME": str(home)}
+    with Supervisor(home / "logs", echo=None) as supervisor:
+        supervisor.start("superlink", Command(
+            [str(BIN / "flower-superlink"), "--insecure", "--simulation", "--isolation",
+             "subprocess", "--host", "127.0.0.1", "--port", str(port),
+             "--disable-runtime-dependency-installation"], env))
+        time.sleep(5)
+        yield supervisor, env
+        started = supervisor.seen_pids()
+    assert not supervisor.alive(), f"processes left running: {started}"
+
+
+@pytest.mark.parametrize("overrides", ["", "strategy='fedprox'"])
+def test_flwr_run_completes_with_the_app_config(simulation_superlink, tmp_path, overrides):
+    supervisor, env = simulation_superlink
+    out = tmp_path / "out"
+    run_config = f"num-server-rounds=3 out-dir='{out}' {overrides}"
+    cli = supervisor.run(f"flwr-run-{len(overrides)}", Command(
+        [str(BIN / "flwr"), "run", ".", "test", "--stream", "--run-config", run_config], env),
+        timeout=400, cwd=ROOT)
+    assert cli.popen.returncode == 0, cli.text()[-3000:]
+    history = json.loads((out / "history.json").read_text())
+    assert history["stopped"] == "num-server-rounds"
+    assert history["config"]["strategy"] == (overrides.split("'")[1] if overrides
+                                             else "weighted-fedavg")
+    accuracy = [r["centralized"]["accuracy"] for r in history["rounds"]]
+    assert len(accuracy) == 4 and accuracy[-1] > accuracy[0] + 0.3
+    assert all(r["fit"]["num_clients"] == 6 for r in history["rounds"][1:])
+    assert (out / "final_model.keras").is_file()
