@@ -22,7 +22,9 @@ import numpy as np
 from sklearn.datasets import load_digits
 from sklearn.model_selection import train_test_split
 
-from fl_app.partitioning import partition_arrays
+from flwr_datasets.partitioner import Partitioner
+
+from fl_app.partitioning import make_partitioner, partition_arrays
 
 if TYPE_CHECKING:
     from flwr.common.typing import UserConfig
@@ -95,6 +97,7 @@ class PoolSource:
         self._test = _as_split(x_test, y_test)
         self._pool = (x_pool, y_pool)
         self._cfg = cfg
+        self._partitioners: dict[int, Partitioner] = {}
 
     def test_set(self) -> Split:
         """The stratified held-out test set."""
@@ -102,13 +105,11 @@ class PoolSource:
 
     def partition(self, partition_id: int, num_partitions: int) -> Split:
         """Client `partition_id`'s share, cut by the configured flwr-datasets partitioner."""
-        partitioner = _pool_partitioner(self, num_partitions)
-        return _partition_to_split(partitioner.load_partition(partition_id), self.spec.input_shape)
-
-
-@lru_cache(maxsize=4)
-def _pool_partitioner(source: PoolSource, num_partitions: int):
-    return partition_arrays(*source._pool, source._cfg, num_partitions)
+        if num_partitions not in self._partitioners:
+            self._partitioners[num_partitions] = partition_arrays(*self._pool, self._cfg,
+                                                                  num_partitions)
+        partition = self._partitioners[num_partitions].load_partition(partition_id)
+        return _partition_to_split(partition, self.spec.input_shape)
 
 
 def _digits(cfg: RunConfig) -> PoolSource:
@@ -177,25 +178,21 @@ class HubSource:
     """A Hugging Face hub image-classification dataset via flwr-datasets' FederatedDataset."""
 
     def __init__(self, name: str, cfg: RunConfig) -> None:
-        from flwr_datasets import FederatedDataset
-
-        from fl_app.partitioning import make_partitioner
-
         self.hub_id = HUB_DATASETS.get(name, name.removeprefix("hf:"))
         self._name = name
         self._cfg = cfg
-        self._fds_class = FederatedDataset
-        self._make_partitioner = make_partitioner
         test = self._load(lambda fds: fds.load_split("test"), num_partitions=1)
         self._image_key = next(k for k in test.features if k != "label")
         self._test = self._to_split(test)
         self.spec = DataSpec(self._test.x.shape[1:], test.features["label"].num_classes)
 
     def _load(self, get, num_partitions: int):
+        from flwr_datasets import FederatedDataset
+
         try:
-            fds = self._fds_class(
+            fds = FederatedDataset(
                 dataset=self.hub_id, shuffle=True, seed=self._cfg["seed"],
-                partitioners={"train": self._make_partitioner(self._cfg, num_partitions)},
+                partitioners={"train": make_partitioner(self._cfg, num_partitions)},
             )
             return get(fds)
         except Exception as err:  # the hub raises many kinds of network errors
