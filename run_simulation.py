@@ -18,7 +18,7 @@ from pathlib import Path
 
 from flwr.common.config import flatten_dict, get_project_config, parse_config_args
 
-from fl_app.checkpoint import CheckpointError, load_checkpoint
+from fl_app.checkpoint import RESUMABLE_CHANGES, CheckpointError, load_checkpoint
 from fl_app.config import RunConfig, resolve
 from fl_app.outputs import resolve_out_dir
 from fl_app.settings import ConfigError
@@ -37,7 +37,13 @@ def load_run_config(overrides: str | None, project_dir: Path = PROJECT_DIR) -> R
 def resume_run_config(folder: str, overrides: str | None) -> RunConfig:
     """The config saved in `folder`'s checkpoint, with `--run-config` overrides, resuming it."""
     raw = dict(load_checkpoint(folder).config)
-    raw.update(parse_config_args([overrides] if overrides else None))
+    changes = parse_config_args([overrides] if overrides else None)
+    fixed = sorted(set(changes) - RESUMABLE_CHANGES)
+    if fixed:
+        raise CheckpointError(f"--resume continues the run with its saved config; only "
+                              f"{', '.join(sorted(RESUMABLE_CHANGES - {'resume-from'}))} may "
+                              f"change, not {', '.join(repr(k) for k in fixed)}")
+    raw.update(changes)
     raw["resume-from"] = str(Path(folder).expanduser().resolve())
     return resolve(raw)
 

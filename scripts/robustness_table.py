@@ -1,0 +1,147 @@
+"""Final accuracy of robust and plain aggregation under each simulated attack.
+
+    python scripts/robustness_table.py                # 25 runs, ~15 min; updates README.md
+    python scripts/robustness_table.py --no-readme    # print only
+
+Every run is the default workload (digits, MLP, local-epochs 5) on Flower's simulation
+engine with `--clients` clients (15: Bulyan needs n >= 4f + 3) of which
+`--attack-fraction` (20%: f = 3) run the attack; Krum and Bulyan are told f. The table
+(final centralized accuracy, one row per strategy, one column per attack) is printed and
+written into README.md between the robustness markers, above the config table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+import run_simulation  # noqa: E402
+from fl_app.config import defaults  # noqa: E402
+from fl_app.faults import ATTACKS  # noqa: E402
+
+STRATEGIES = ("weighted-fedavg", "fedmedian", "fedtrimmedavg", "krum", "bulyan")
+README_START = "<!-- robustness-table:start -->"
+README_END = "<!-- robustness-table:end -->"
+CONFIG_TABLE_START = "<!-- config-table:start -->"
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """Command-line options."""
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--clients", type=int, default=15, help="simulated clients (15)")
+    parser.add_argument("--rounds", type=int, default=10, help="rounds per run (10)")
+    parser.add_argument("--attack-fraction", type=float, default=0.2,
+                        help="fraction of attackers (0.2)")
+    parser.add_argument("--strategies", nargs="+", default=list(STRATEGIES))
+    parser.add_argument("--attacks", nargs="+", default=list(ATTACKS), choices=ATTACKS)
+    parser.add_argument("--seed", type=int, default=42)
+    parser.add_argument("--no-readme", action="store_true", help="print the table only")
+    return parser.parse_args(argv)
+
+
+def run_config(args: argparse.Namespace, strategy: str, attack: str) -> str:
+    """The `--run-config` of one cell of the table."""
+    malicious = int(args.attack_fraction * args.clients + 0.5)
+    return (f"num-server-rounds={args.rounds} strategy='{strategy}' attack='{attack}' "
+            f"attack-fraction={args.attack_fraction} num-malicious-clients={malicious} "
+            f"fraction-evaluate=0 seed={args.seed}")
+
+
+def final_accuracy(args: argparse.Namespace, strategy: str, attack: str, out: Path) -> float:
+    """Run one simulation; return its last round's centralized accuracy."""
+    code = run_simulation.main(["--num-supernodes", str(args.clients),
+                                "--run-config", run_config(args, strategy, attack),
+                                "--out", str(out)])
+    if code != 0:
+        raise SystemExit(f"run {strategy} / {attack} failed with exit code {code}")
+    history = json.loads((out / "history.json").read_text(encoding="utf-8"))
+    return float(history["rounds"][-1]["centralized"]["accuracy"])
+
+
+def markdown(args: argparse.Namespace, results: dict[tuple[str, str], float],
+             minutes: float) -> str:
+    """The README section: how it was made, then the table."""
+    malicious = int(args.attack_fraction * args.clients + 0.5)
+    scale, std = defaults()["attack-scale"], defaults()["attack-noise-std"]
+    lines = [
+        "## Robustness",
+        "",
+        f"Final centralized accuracy on the default workload (digits, MLP, "
+        f"{args.rounds} rounds, {args.clients} simulated clients of which {malicious} "
+        f"({args.attack_fraction:.0%}) attack; Krum and Bulyan assume "
+        f"`num-malicious-clients={malicious}`; seed {args.seed}). Attacks (`fl_app/faults.py`): "
+        f"`sign-flip` sends −{scale:g}× the honest update, `scale` +{scale:g}×, `gaussian` "
+        f"the global model plus N(0, {std:g}²) noise, `label-flip` trains on labels c → 9 − c. "
+        "Produced by "
+        f"`python scripts/robustness_table.py` in {minutes:.0f} min.",
+        "",
+        "| strategy | " + " | ".join(args.attacks) + " |",
+        "|---|" + "---:|" * len(args.attacks),
+    ]
+    for strategy in args.strategies:
+        cells = [f"{results[strategy, attack]:.3f}" for attack in args.attacks]
+        lines.append(f"| `{strategy}` | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def write_readme(section: str, readme: Path = ROOT / "README.md") -> None:
+    """Put `section` between the robustness markers (added above the config table)."""
+    text = readme.read_text(encoding="utf-8")
+    block = f"{README_START}\n{section}\n{README_END}"
+    if README_START in text:
+        head, rest = text.split(README_START, 1)
+        text = head + block + rest.split(README_END, 1)[1]
+    elif CONFIG_TABLE_START in text:
+        head, tail = text.split(CONFIG_TABLE_START, 1)
+        text = f"{head}{block}\n\n{CONFIG_TABLE_START}{tail}"
+    else:
+        raise SystemExit(f"README.md lacks the marker {CONFIG_TABLE_START}")
+    readme.write_text(text, encoding="utf-8")
+
+
+def print_table(args: argparse.Namespace, results: dict[tuple[str, str], float]) -> None:
+    """A rich table of the results."""
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=f"Final accuracy, {args.attack_fraction:.0%} attackers "
+                        f"({args.clients} clients, {args.rounds} rounds)")
+    table.add_column("strategy")
+    for attack in args.attacks:
+        table.add_column(attack, justify="right")
+    for strategy in args.strategies:
+        table.add_row(strategy, *(f"{results[strategy, a]:.3f}" for a in args.attacks))
+    Console().print(table)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run every strategy under every attack; print the table and update the README."""
+    args = parse_args(argv)
+    start = time.monotonic()
+    results: dict[tuple[str, str], float] = {}
+    with tempfile.TemporaryDirectory(prefix="robustness-") as scratch:
+        for strategy in args.strategies:
+            for attack in args.attacks:
+                out = Path(scratch) / f"{strategy}-{attack}"
+                results[strategy, attack] = final_accuracy(args, strategy, attack, out)
+                print(f"{strategy:>16} | {attack:>10} | accuracy "
+                      f"{results[strategy, attack]:.4f}", flush=True)
+    minutes = (time.monotonic() - start) / 60
+    print_table(args, results)
+    print(f"{len(results)} runs in {minutes:.1f} min")
+    if not args.no_readme:
+        write_readme(markdown(args, results, minutes))
+        print("README.md updated")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,52 @@
+"""Faulty clients on Flower's simulation engine: the run completes and still learns.
+
+The full-size figure (default workload, 20 rounds, 10 clients, 30% raising and 10% NaN)
+is printed by `scripts/faults_run.py`; here a shorter run with a looser bound.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+
+import run_simulation
+from fl_app.faults import assign_roles
+from tests.conftest import make_config
+
+
+def _run(tmp_path, run_config: str, num_supernodes: int) -> dict:
+    code = run_simulation.main(["--num-supernodes", str(num_supernodes), "--run-config",
+                                run_config, "--out", str(tmp_path)])
+    assert code == 0
+    return json.loads((tmp_path / "history.json").read_text())
+
+
+def test_run_with_30pct_raising_and_10pct_nan_clients_completes_and_learns(tmp_path):
+    history = _run(tmp_path, "num-server-rounds=4 fault-raise-fraction=0.3 "
+                             "fault-nan-fraction=0.1", num_supernodes=10)
+    assert [r["round"] for r in history["rounds"]] == [0, 1, 2, 3, 4]
+    assert history["stopped"] == "num-server-rounds"
+    for record in history["rounds"][1:]:
+        fit = record["fit"]
+        assert (fit["num_clients"], fit["num_failures"], fit["num_rejected"]) == (7, 3, 1)
+        assert all("injected fault" in f["error"] for f in fit["failures"])
+        assert math.isfinite(record["centralized"]["loss"])
+    assert history["rounds"][-1]["centralized"]["accuracy"] >= 0.85
+
+
+def test_round_timeout_gives_up_on_a_hanging_client(tmp_path):
+    # The stalled client sleeps a little longer than the round timeout: the round must end
+    # at the timeout without its update. (The simulation itself only shuts down once the
+    # sleeping client returns, so the stall is kept short.) Honest clients may also miss
+    # the timeout while their workers cold-start on a loaded machine, hence ">= 1".
+    timeout, stall = 30.0, 45.0
+    run_config = (f"num-server-rounds=1 fraction-evaluate=0 round-timeout={timeout} "
+                  f"fault-stall-fraction=0.34 fault-stall-seconds={stall} local-epochs=1")
+    roles = assign_roles(make_config(fault_stall_fraction=0.34), 3)
+    assert list(roles.values()) == ["stall"]
+    history = _run(tmp_path, run_config, num_supernodes=3)
+    fit = history["rounds"][1]["fit"]
+    assert fit["num_failures"] >= 1 and fit["num_clients"] + fit["num_failures"] == 3
+    assert all("TTL" in failure["error"] for failure in fit["failures"])
+    assert timeout <= history["rounds"][1]["seconds"] < stall
+    assert history["stopped"] == "num-server-rounds"

@@ -1,0 +1,214 @@
+"""Checkpoints: format round trip, clear errors, and strategy/server state that resumes exactly."""
+
+from __future__ import annotations
+
+import copy
+
+import numpy as np
+import pytest
+from flwr.common import ndarrays_to_parameters, parameters_to_ndarrays
+
+import run_simulation
+from fl_app.checkpoint import (
+    Checkpoint,
+    CheckpointError,
+    checkpoint_path,
+    load_checkpoint,
+    load_for_resume,
+    save_checkpoint,
+)
+from fl_app.runner import SeededClientManager, StoppingRules
+from fl_app.server_app import server_components
+from strategies.context import StrategyContext
+from strategies.registry import REGISTRY, build_strategy
+from strategies.state import StrategyStateError, set_strategy_state
+from tests.conftest import make_config
+from tests.flower_objects import IdleProxy, fit_res, random_model
+
+STATEFUL = ["fedadam", "fedyogi", "fedadagrad", "fedavgm",
+            *[name for name in ("dp-fixed", "dp-adaptive") if name in REGISTRY]]
+
+
+def _checkpoint(cfg, weights, round_=3) -> Checkpoint:
+    rng = np.random.default_rng(0)
+    state = {"strategy": {"fedopt": {"m_t": [np.ones((2, 2))], "v_t": None}},
+             "rng": rng.bit_generator.state, "tuple": (1, 2.5, "x"), "nested": [[np.int64(4)]]}
+    history = {"config": dict(cfg), "rounds": [{"round": r, "centralized": {"loss": float("nan")}}
+                                               for r in range(round_ + 1)], "stopped": None}
+    return Checkpoint(round_, weights, state, history, dict(cfg))
+
+
+def _model_weights(cfg):
+    from fl_app.data import data_source
+    from fl_app.trainer import trainer_for
+
+    return trainer_for(cfg, data_source(cfg).spec).get_weights()
+
+
+def test_checkpoint_round_trip_keeps_arrays_dtypes_big_ints_and_nan(tmp_path):
+    cfg = make_config()
+    weights = random_model(np.random.default_rng(1))
+    saved = _checkpoint(cfg, weights)
+    save_checkpoint(tmp_path, saved)
+    loaded = load_checkpoint(tmp_path)
+    assert loaded.round == 3 and loaded.config == dict(cfg)
+    for a, b in zip(loaded.weights, weights, strict=True):
+        assert a.dtype == b.dtype
+        np.testing.assert_array_equal(a, b)
+    np.testing.assert_array_equal(loaded.server_state["strategy"]["fedopt"]["m_t"][0],
+                                  np.ones((2, 2)))
+    assert loaded.server_state["rng"] == saved.server_state["rng"]  # 128-bit ints survive
+    assert loaded.server_state["tuple"] == [1, 2.5, "x"]
+    assert loaded.server_state["nested"] == [[4]]
+    assert np.isnan(loaded.history["rounds"][-1]["centralized"]["loss"])
+    assert [p.name for p in tmp_path.iterdir()] == ["checkpoint.npz"]  # no temporary left
+
+
+def test_missing_checkpoint_is_a_clear_error(tmp_path):
+    with pytest.raises(CheckpointError, match="no checkpoint at .*checkpoint.npz"):
+        load_checkpoint(tmp_path)
+
+
+@pytest.mark.parametrize("damage", ["truncate", "garbage", "flip-bytes"])
+def test_corrupt_checkpoint_is_a_clear_error(tmp_path, damage):
+    save_checkpoint(tmp_path, _checkpoint(make_config(), random_model(np.random.default_rng(1))))
+    path = checkpoint_path(tmp_path)
+    data = bytearray(path.read_bytes())
+    if damage == "truncate":
+        data = data[: len(data) // 2]
+    elif damage == "garbage":
+        data = bytearray(b"\x00not a checkpoint" * 10)
+    else:
+        middle = len(data) // 3
+        data[middle:middle + 8] = bytes(255 - b for b in data[middle:middle + 8])
+    path.write_bytes(bytes(data))
+    with pytest.raises(CheckpointError, match="is corrupt"):
+        load_checkpoint(tmp_path)
+
+
+def test_resume_with_a_different_config_names_the_keys(tmp_path):
+    cfg = make_config(local_epochs=2, out_dir=str(tmp_path))
+    save_checkpoint(tmp_path, _checkpoint(cfg, _model_weights(cfg)))
+    changed = cfg.replace(local_epochs=3, learning_rate=0.05, resume_from=str(tmp_path))
+    with pytest.raises(CheckpointError, match="'local-epochs': checkpoint 2, now 3.*"
+                                              "'learning-rate'"):
+        load_for_resume(changed, _model_weights(cfg))
+    # where results go, how many rounds in total and the round timeout may change
+    allowed = cfg.replace(resume_from=str(tmp_path), num_server_rounds=40, round_timeout=60.0,
+                          out_dir=str(tmp_path / "elsewhere"))
+    assert load_for_resume(allowed, _model_weights(cfg)).round == 3
+
+
+def test_resume_with_other_model_shapes_is_a_clear_error(tmp_path):
+    cfg = make_config(resume_from=str(tmp_path))
+    other = [np.zeros((3, 3), np.float32)]
+    save_checkpoint(tmp_path, _checkpoint(cfg, other))
+    with pytest.raises(CheckpointError, match="holds 1 weight arrays.*the model has 4"):
+        load_for_resume(cfg, _model_weights(cfg))
+
+
+def test_flwr_run_path_resume_from_key_restores_history_and_round(tmp_path):
+    cfg = make_config(num_server_rounds=5, out_dir=str(tmp_path))
+    saved = _checkpoint(cfg, _model_weights(cfg), round_=2)
+    saved.server_state = {"strategy": {}, "stopped": None,
+                          "client_manager": SeededClientManager(1).get_state(),
+                          "stopping": StoppingRules(0.0, 0).get_state()}
+    save_checkpoint(tmp_path, saved)
+    (tmp_path / "history.json").write_text('{"rounds": "a later, torn write"}')
+    components = server_components(cfg.replace(out_dir="", resume_from=str(tmp_path)))
+    assert components.server.resume.round == 2
+    history = load_checkpoint(tmp_path).history
+    on_disk = (tmp_path / "history.json").read_text()
+    assert '"resumed_after": [\n    2\n  ]' in on_disk and len(history["rounds"]) == 3
+    with pytest.raises(CheckpointError, match="'seed'"):
+        server_components(cfg.replace(seed=1, resume_from=str(tmp_path)))
+
+
+def test_run_simulation_resume_refuses_to_change_the_saved_config(tmp_path, capsys):
+    cfg = make_config(out_dir=str(tmp_path))
+    save_checkpoint(tmp_path, _checkpoint(cfg, _model_weights(cfg)))
+    code = run_simulation.main(["--resume", str(tmp_path), "--run-config", "local-epochs=3"])
+    assert code == 2
+    assert "not 'local-epochs'" in capsys.readouterr().err
+    assert run_simulation.main(["--resume", str(tmp_path / "missing")]) == 2
+    assert "no checkpoint" in capsys.readouterr().err
+
+
+# ---- strategy and server state
+def _round(strategy, manager, server_round, params, rng):
+    strategy.configure_fit(server_round, params, manager)
+    current = parameters_to_ndarrays(params)
+    results = [(IdleProxy(f"c{i}"), fit_res([(a + 0.1 * rng.normal(size=a.shape)).astype(a.dtype)
+                                             for a in current], int(rng.integers(10, 90))))
+               for i in range(4)]
+    new, _ = strategy.aggregate_fit(server_round, results, [])
+    return new
+
+
+def _built(name, global_model):
+    cfg = make_config(strategy=name, min_fit_clients=2, min_available_clients=2)
+    strategy = build_strategy(StrategyContext(cfg, ndarrays_to_parameters(global_model)))
+    manager = SeededClientManager(0)
+    for i in range(4):
+        manager.register(IdleProxy(f"c{i}"))
+    return strategy, manager
+
+
+@pytest.mark.parametrize("name", STATEFUL)
+def test_restored_strategy_state_continues_exactly_like_the_original(tmp_path, name):
+    global_model = random_model(np.random.default_rng(2))
+    original, manager = _built(name, global_model)
+    params = original.initialize_parameters(manager)
+    rng = np.random.default_rng(3)
+    for server_round in (1, 2):
+        params = _round(original, manager, server_round, params, rng)
+    cfg = make_config()
+    save_checkpoint(tmp_path, Checkpoint(2, parameters_to_ndarrays(params),
+                                         {"strategy": original.get_state()}, {}, dict(cfg)))
+    restored, _ = _built(name, global_model)
+    restored.set_state(load_checkpoint(tmp_path).server_state["strategy"])
+
+    fresh, _ = _built(name, global_model)  # what a silent fresh start would compute
+    rng_a, rng_b, rng_c = (copy.deepcopy(rng) for _ in range(3))
+    a = parameters_to_ndarrays(_round(original, manager, 3, params, rng_a))
+    b = parameters_to_ndarrays(_round(restored, manager, 3, params, rng_b))
+    for x, y in zip(a, b, strict=True):
+        np.testing.assert_array_equal(x, y)
+    try:
+        c = parameters_to_ndarrays(_round(fresh, manager, 3, params, rng_c))
+    except AssertionError:  # FedAvgM refuses a round > 1 without its momentum
+        return
+    assert any(not np.allclose(x, z) for x, z in zip(a, c))  # the state matters
+
+
+def test_state_of_another_strategy_is_refused():
+    global_model = random_model(np.random.default_rng(2))
+    fedadam, _ = _built("fedadam", global_model)
+    fedavgm, _ = _built("fedavgm", global_model)
+    with pytest.raises(StrategyStateError, match="no 'fedavgm' entry"):
+        set_strategy_state(fedavgm.inner, fedadam.get_state())
+
+
+def test_client_sampling_continues_the_same_sequence_after_restore(tmp_path):
+    def manager(seed):
+        m = SeededClientManager(seed)
+        for i in range(10):
+            m.register(IdleProxy(f"c{i}"))
+        return m
+
+    original = manager(5)
+    for _ in range(3):
+        original.sample(4)
+    save_checkpoint(tmp_path, Checkpoint(3, [], {"cm": original.get_state()}, {}, {}))
+    restored = manager(99)
+    restored.set_state(load_checkpoint(tmp_path).server_state["cm"])
+    for _ in range(3):
+        assert [c.cid for c in original.sample(4)] == [c.cid for c in restored.sample(4)]
+
+
+def test_stopping_rules_state_round_trip():
+    rules = StoppingRules(target_accuracy=0.0, patience=2)
+    assert rules.after_round(0.5) is None and rules.after_round(0.4) is None
+    restored = StoppingRules(target_accuracy=0.0, patience=2)
+    restored.set_state(rules.get_state())
+    assert restored.after_round(0.45) == "patience"
