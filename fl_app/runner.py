@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import random
+import re
 import timeit
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -93,7 +94,10 @@ def _section(loss: float | None, metrics: dict[str, Scalar]) -> dict[str, Any]:
 def describe_failure(failure: tuple[ClientProxy, Any] | BaseException) -> dict[str, str]:
     """Which client failed and why, from a Flower failure entry (exception or bad status)."""
     if isinstance(failure, BaseException):
-        return {"client": "unknown", "error": f"{type(failure).__name__}: {failure}"}
+        # Flower drops the proxy when a ClientApp raises; our client errors name their node.
+        named = re.search(r"\bnode (\d+):", str(failure))
+        return {"client": named.group(1) if named else "unknown",
+                "error": f"{type(failure).__name__}: {failure}"}
     proxy, res = failure
     return {"client": str(proxy.cid), "error": str(res.status.message)}
 

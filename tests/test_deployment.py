@@ -118,6 +118,7 @@ def test_corrupt_node_file_fails_that_node_only_and_is_named(cluster):
         assert fit["num_clients"] == 3 and fit["num_failures"] == 1
         (failure,) = fit["failures"]
         assert f"node {node_id}" in failure["error"] and str(corrupt.data) in failure["error"]
+        assert failure["client"] == node_id
         assert "DataError" in failure["error"]
     assert rounds[-1]["centralized"]["accuracy"] > rounds[0]["centralized"]["accuracy"]
     run_log = (cluster.sup.log_dir / "run.log").read_text()
