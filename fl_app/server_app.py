@@ -23,6 +23,7 @@ from fl_app.client_app import round_config
 from fl_app.config import RunConfig, resolve
 from fl_app.data import Split, data_source
 from fl_app.faults import check_fault_config
+from fl_app.models import build_model
 from fl_app.outputs import MODEL_FILE, resolve_out_dir, save_plots, write_history
 from fl_app.runner import FederatedServer, ResumePoint, StoppingRules
 from fl_app.trainer import KerasTrainer, trainer_for
@@ -94,7 +95,10 @@ def server_components(cfg: RunConfig) -> ServerAppComponents:
     check_fault_config(cfg)
     source = data_source(cfg)
     trainer = trainer_for(cfg, source.spec)
-    checkpoint = load_for_resume(cfg, trainer.get_weights())
+    # A fresh seeded model, not the process-wide trainer's weights: those are whatever the
+    # previous run in this process (tests, benchmark scripts) evaluated last.
+    initial_weights = build_model(str(cfg["model"]), source.spec, int(cfg["seed"])).get_weights()
+    checkpoint = load_for_resume(cfg, initial_weights)
     out_dir = resolve_out_dir(str(cfg["out-dir"] or cfg["resume-from"]))
     recorder = RunRecorder(cfg, out_dir, trainer)
     resume = None
@@ -104,7 +108,7 @@ def server_components(cfg: RunConfig) -> ServerAppComponents:
                              checkpoint.server_state)
     ctx = StrategyContext(
         cfg=cfg,
-        initial_parameters=ndarrays_to_parameters(trainer.get_weights()),
+        initial_parameters=ndarrays_to_parameters(initial_weights),
         evaluate_fn=centralized_evaluator(trainer, source.test_set()),
         on_fit_config_fn=lambda server_round: round_config(cfg, server_round),
         on_evaluate_config_fn=lambda server_round: {"server-round": server_round},

@@ -17,8 +17,11 @@ from fl_app.checkpoint import (
     load_for_resume,
     save_checkpoint,
 )
-from fl_app.runner import SeededClientManager, StoppingRules
+from fl_app.data import data_source
+from fl_app.runner import FederatedServer, ResumePoint, SeededClientManager, StoppingRules
 from fl_app.server_app import server_components
+from fl_app.trainer import trainer_for
+from strategies import WeightedFedAvg
 from strategies.context import StrategyContext
 from strategies.registry import REGISTRY, build_strategy
 from strategies.state import StrategyStateError, set_strategy_state
@@ -39,9 +42,6 @@ def _checkpoint(cfg, weights, round_=3) -> Checkpoint:
 
 
 def _model_weights(cfg):
-    from fl_app.data import data_source
-    from fl_app.trainer import trainer_for
-
     return trainer_for(cfg, data_source(cfg).spec).get_weights()
 
 
@@ -212,3 +212,26 @@ def test_stopping_rules_state_round_trip():
     restored = StoppingRules(target_accuracy=0.0, patience=2)
     restored.set_state(rules.get_state())
     assert restored.after_round(0.45) == "patience"
+
+
+def test_a_new_run_starts_from_the_seeded_model_not_the_last_run_in_the_process(tmp_path):
+    cfg = make_config(out_dir=str(tmp_path))
+    first = server_components(cfg).server.strategy.initialize_parameters(None)
+    trainer_weights = _model_weights(cfg)  # the process-wide trainer a previous run moved
+    trainer_for(cfg, data_source(cfg).spec).set_weights([w + 1.0 for w in trainer_weights])
+    second = server_components(cfg).server.strategy.initialize_parameters(None)
+    for a, b in zip(parameters_to_ndarrays(first), parameters_to_ndarrays(second), strict=True):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_resuming_a_run_that_had_stopped_runs_no_more_rounds():
+    params = ndarrays_to_parameters(random_model(np.random.default_rng(0)))
+    state = {"strategy": {}, "client_manager": SeededClientManager(0).get_state(),
+             "stopping": {"best": 0.9, "rounds_since_best": 0}, "stopped": "target-accuracy"}
+    rounds, finished = [], []
+    server = FederatedServer(strategy=WeightedFedAvg(), seed=0, stopping=StoppingRules(0.9, 0),
+                             on_round=lambda record, p: rounds.append(record),
+                             on_finish=lambda reason, p: finished.append((reason, p)),
+                             resume=ResumePoint(4, params, state))
+    server.fit(num_rounds=10, timeout=None)
+    assert rounds == [] and finished == [("target-accuracy", params)]
