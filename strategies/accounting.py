@@ -24,12 +24,14 @@ import itertools
 import math
 from dataclasses import asdict, dataclass
 from functools import lru_cache
+from logging import INFO
 from typing import Any
 
 import dp_accounting
 from dp_accounting import dp_event
 from dp_accounting.pld import PLDAccountant
 from dp_accounting.rdp import RdpAccountant
+from flwr.common.logger import log
 
 from fl_app.settings import ConfigError
 
@@ -117,6 +119,8 @@ class PrivacyAccountant:
         """δ: the configured target, else 1/N^1.1 for the first N seen (kept thereafter)."""
         if self.delta is None:
             self.delta = default_delta(population)
+            log(INFO, "DP: reporting epsilon at delta = 1/N^1.1 = %.3g for N = %s clients",
+                self.delta, population)
         return self.delta
 
     def event(self, noise_multiplier: float, sample_size: int, population: int) -> RoundEvent:

@@ -24,13 +24,14 @@ The wrappers take any inner strategy (`dp-inner`, default `weighted-fedavg`). Ea
 Adaptive clipping (Andrew et al., 2021, "Differentially Private Learning with Adaptive
 Clipping") moves C towards the γ-quantile of the update norms: with b̃ the noised
 fraction of updates not clipped (count noise std σ_b = `clipped-count-stddev`, by
-default max(m/20, z)), C ← C·exp(−η(b̃ − γ)). The update noise multiplier z_Δ is raised so that the
-two Gaussian queries together equal one with multiplier z: z⁻² = z_Δ⁻² + (2σ_b)⁻²; the
-accountant charges z per round (the tests check this against dp-accounting composing both
-queries). Every round's ε at δ comes from `strategies.accounting`; the run stops before a
-round that would exceed `max-epsilon`, and `configure_fit` refuses such a round itself, so
-the budget also holds under Flower's plain server loop. Distributed evaluation metrics
-are not covered by the guarantee (set `fraction-evaluate=0` for a fully private run).
+default max(m/20, z)), C ← C·exp(−η(b̃ − γ)). The update noise multiplier z_Δ is raised
+so that the two Gaussian queries together equal one with multiplier z:
+z⁻² = z_Δ⁻² + (2σ_b)⁻²; the accountant charges z per round (the tests check this against
+dp-accounting composing both queries). Every round's ε at δ comes from
+`strategies.accounting`; the run stops before a round that would exceed `max-epsilon`,
+and `configure_fit` refuses such a round itself, so the budget also holds under Flower's
+plain server loop. Distributed evaluation metrics are not covered by the guarantee (set
+`fraction-evaluate=0` for a fully private run).
 """
 
 from __future__ import annotations

@@ -33,9 +33,9 @@ def zeros(shapes=SHAPES) -> NDArrays:
     return [np.zeros(s, dtype=np.float32) for s in shapes]
 
 
-def dp_strategy(*, adaptive: bool = False, fraction_fit: float = 1.0, initial: NDArrays | None = None,
-                accountant: PrivacyAccountant | None = None, min_fit_clients: int = 1,
-                **kwargs) -> DPFixedClipping:
+def dp_strategy(*, adaptive: bool = False, fraction_fit: float = 1.0,
+                initial: NDArrays | None = None, accountant: PrivacyAccountant | None = None,
+                min_fit_clients: int = 1, **kwargs) -> DPFixedClipping:
     """A DP wrapper around WeightedFedAvg sampling `fraction_fit` of the clients."""
     inner = WeightedFedAvg(fraction_fit=fraction_fit, min_fit_clients=min_fit_clients,
                            min_available_clients=1,

@@ -1,0 +1,154 @@
+"""Privacy–utility table: final accuracy against ε for several noise multipliers.
+
+    python scripts/privacy_utility.py [--clients 100] [--fraction-fit 0.2] [--rounds 30]
+        [--noise 0,0.5,1,2,4] [--clipping-norm 0.3] [--strategy dp-fixed] [--out DIR]
+
+Runs the default workload (digits, IID, MLP, 5 local epochs) split over `--clients`
+simulated clients with `run_simulation.py`, once without DP (weighted-fedavg) and once
+per noise multiplier with the DP strategy (noise 0: clipping only, no guarantee). Each
+run is its own process, so no run starts from a model another run left in a cache.
+Distributed evaluation is off (client-reported metrics are outside the DP guarantee);
+accuracy is the server's centralized test accuracy after the last round. Prints a table
+(and its Markdown for the README) and writes privacy_utility.png/.json under `--out`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from fl_app.outputs import read_history  # noqa: E402
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """Command-line options."""
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--clients", type=int, default=100)
+    parser.add_argument("--fraction-fit", type=float, default=0.2)
+    parser.add_argument("--rounds", type=int, default=30)
+    parser.add_argument("--noise", default="0,0.5,1,2,4",
+                        help="comma-separated noise multipliers")
+    parser.add_argument("--clipping-norm", type=float, default=0.3)
+    parser.add_argument("--strategy", default="dp-fixed")
+    parser.add_argument("--extra", default="", help="more run-config overrides for every run")
+    parser.add_argument("--out", default=None, help="folder for the runs, plot and table")
+    return parser.parse_args(argv)
+
+
+def run_one(out: Path, run_config: str, clients: int) -> dict:
+    """One simulation (log in out/run.log); returns final accuracy, ε, δ and wall time."""
+    start = time.perf_counter()
+    out.mkdir(parents=True, exist_ok=True)
+    with open(out / "run.log", "w") as log:
+        code = subprocess.call([sys.executable, str(ROOT / "run_simulation.py"),
+                                "--num-supernodes", str(clients), "--run-config", run_config,
+                                "--out", str(out)], stdout=log, stderr=subprocess.STDOUT)
+    if code != 0:
+        raise SystemExit(f"run failed ({code}), see {out / 'run.log'}: {run_config}")
+    rounds = read_history(out)["rounds"]
+    last = rounds[-1]
+    privacy = last.get("privacy", {})
+    return {"accuracy": last["centralized"]["accuracy"], "rounds": last["round"],
+            "epsilon": privacy.get("epsilon", math.inf), "delta": privacy.get("delta"),
+            "seconds": time.perf_counter() - start}
+
+
+def rows_for(args: argparse.Namespace, out: Path) -> list[dict]:
+    """Run the baseline and every noise multiplier."""
+    common = (f"num-server-rounds={args.rounds} fraction-fit={args.fraction_fit} "
+              f"fraction-evaluate=0 min-fit-clients=2 {args.extra}")
+    runs = [("no DP (weighted-fedavg)", None, f"{common} strategy='weighted-fedavg'")]
+    for noise in (float(z) for z in args.noise.split(",")):
+        runs.append((f"{args.strategy} z={noise:g}", noise,
+                     f"{common} strategy='{args.strategy}' noise-multiplier={noise} "
+                     f"clipping-norm={args.clipping_norm}"))
+    rows = []
+    for i, (label, noise, run_config) in enumerate(runs):
+        rows.append({"run": label, "noise_multiplier": noise,
+                     **run_one(out / f"run{i}", run_config, args.clients)})
+    return rows
+
+
+def markdown(rows: list[dict]) -> str:
+    """The table as Markdown (for the README)."""
+    lines = ["| run | noise multiplier z | ε | final accuracy |", "|---|---|---|---|"]
+    for r in rows:
+        z = "–" if r["noise_multiplier"] is None else f"{r['noise_multiplier']:g}"
+        eps = "∞" if math.isinf(r["epsilon"]) else f"{r['epsilon']:.2f}"
+        lines.append(f"| {r['run']} | {z} | {eps} | {r['accuracy']:.3f} |")
+    return "\n".join(lines)
+
+
+def show(rows: list[dict], title: str) -> None:
+    """Print the table with rich."""
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=title)
+    for column in ("run", "z", "ε", "δ", "accuracy", "rounds", "seconds"):
+        table.add_column(column, justify="right")
+    for r in rows:
+        z = "" if r["noise_multiplier"] is None else f"{r['noise_multiplier']:g}"
+        table.add_row(r["run"], z,
+                      "∞" if math.isinf(r["epsilon"]) else f"{r['epsilon']:.2f}",
+                      "" if r["delta"] is None else f"{r['delta']:.2e}", f"{r['accuracy']:.3f}",
+                      str(r["rounds"]), f"{r['seconds']:.0f}")
+    Console().print(table)
+
+
+def plot(rows: list[dict], path: Path, title: str) -> None:
+    """Final accuracy against ε (finite ε only), the no-DP accuracy as a line."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    finite = [r for r in rows if math.isfinite(r["epsilon"])]
+    ax.plot([r["epsilon"] for r in finite], [r["accuracy"] for r in finite], marker="o",
+            label="DP")
+    for r in finite:
+        ax.annotate(f"z={r['noise_multiplier']:g}", (r["epsilon"], r["accuracy"]),
+                    textcoords="offset points", xytext=(4, 4), fontsize=8)
+    for color, r in enumerate(r for r in rows if math.isinf(r["epsilon"])):
+        ax.axhline(r["accuracy"], linestyle="--", linewidth=1, color=f"C{color + 1}",
+                   label=f"{r['run']} (ε=∞)")
+    ax.set_xscale("log")
+    ax.set_xlabel("ε (log scale)")
+    ax.set_ylabel("final centralized accuracy")
+    ax.set_title(title, fontsize=9)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the sweep, print the table and write the plot."""
+    args = parse_args(argv)
+    out = Path(args.out or tempfile.mkdtemp(prefix="privacy_utility_")).resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    rows = rows_for(args, out)
+    title = (f"digits, {args.clients} clients, {args.fraction_fit:g} sampled per round, "
+             f"{args.rounds} rounds, C={args.clipping_norm:g}, RDP")
+    (out / "privacy_utility.json").write_text(json.dumps(rows, indent=2))
+    plot(rows, out / "privacy_utility.png", title)
+    show(rows, title)
+    print(markdown(rows))
+    print(f"runs, plot and table: {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
