@@ -93,18 +93,18 @@ def markdown(args: argparse.Namespace, results: dict[tuple[str, str], float],
 
 
 def write_readme(section: str, readme: Path = ROOT / "README.md") -> None:
-    """Put `section` between the robustness markers (added above the config table)."""
+    """Put `section` between the robustness markers, above the config table's section."""
     text = readme.read_text(encoding="utf-8")
-    block = f"{README_START}\n{section}\n{README_END}"
-    if README_START in text:
+    if README_START in text:  # drop the previous table
         head, rest = text.split(README_START, 1)
-        text = head + block + rest.split(README_END, 1)[1]
-    elif CONFIG_TABLE_START in text:
-        head, tail = text.split(CONFIG_TABLE_START, 1)
-        text = f"{head}{block}\n\n{CONFIG_TABLE_START}{tail}"
-    else:
+        text = head + rest.split(README_END, 1)[1].lstrip("\n")
+    if CONFIG_TABLE_START not in text:
         raise SystemExit(f"README.md lacks the marker {CONFIG_TABLE_START}")
-    readme.write_text(text, encoding="utf-8")
+    marker = text.index(CONFIG_TABLE_START)
+    heading = text.rfind("\n## ", 0, marker)  # the config table's own heading, if any
+    at = marker if heading < 0 else heading + 1
+    readme.write_text(f"{text[:at]}{README_START}\n{section}\n{README_END}\n\n{text[at:]}",
+                      encoding="utf-8")
 
 
 def print_table(args: argparse.Namespace, results: dict[tuple[str, str], float]) -> None:
