@@ -15,6 +15,7 @@ from fl_app.trainer import KerasTrainer, trainer_for
 from strategies.clipping import KEY_CLIPPING_NORM, KEY_NORM_BIT, clip_weights
 
 ROUND_KEYS = ("local-epochs", "batch-size", "learning-rate")
+CLIENT_KEY = "client-key"  # get_properties: a name for this client that is stable across runs
 
 
 def round_config(cfg: RunConfig, server_round: int) -> dict[str, Scalar]:
@@ -44,6 +45,10 @@ class KerasClient(NumPyClient):
 
     def _setting(self, config: Mapping[str, Scalar], key: str) -> Scalar:
         return config.get(key, self.defaults[key])
+
+    def get_properties(self, config: dict[str, Scalar]) -> dict[str, Scalar]:
+        """A key naming this client's data that stays the same across runs (for sampling)."""
+        return {CLIENT_KEY: self.data.source}
 
     def get_parameters(self, config: dict[str, Scalar]) -> NDArrays:
         """The model's current weights."""

@@ -135,6 +135,10 @@ class FaultyClient(NumPyClient):
         if self.role == "stall":
             time.sleep(float(self.cfg["fault-stall-seconds"]))
 
+    def get_properties(self, config: dict[str, Scalar]) -> dict[str, Scalar]:
+        """The inner client's properties (faults strike in fit and evaluate only)."""
+        return self.inner.get_properties(config)
+
     def get_parameters(self, config: dict[str, Scalar]) -> NDArrays:
         """The inner client's weights."""
         return self.inner.get_parameters(config)

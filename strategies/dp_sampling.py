@@ -47,7 +47,9 @@ class PoissonSampling(ClientManager):
         """Once `min_num_clients` are connected, keep each client with probability `rate`."""
         self.base.wait_for(num_clients if min_num_clients is None else min_num_clients)
         clients = self.base.all()
-        eligible = sorted(cid for cid, client in clients.items()
-                          if criterion is None or criterion.select(client))
+        eligible = [cid for cid, client in clients.items()
+                    if criterion is None or criterion.select(client)]
+        # A base that knows stable client keys (SeededClientManager) orders reproducibly.
+        eligible = getattr(self.base, "ordered", sorted)(eligible)
         keep = self.rng.random(len(eligible)) < self.rate
         return [clients[cid] for cid, kept in zip(eligible, keep) if kept]

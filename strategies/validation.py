@@ -23,6 +23,8 @@ from flwr.common import (
 from flwr.common.logger import log
 from flwr.server.client_proxy import ClientProxy
 
+from strategies.clipping import l2_norm, model_update
+
 from fl_app.settings import Setting
 
 SETTINGS = [
@@ -69,8 +71,7 @@ class ValidatedResults:
 
 def update_norm(arrays: NDArrays, reference: NDArrays) -> float:
     """L2 norm, over all layers, of the update `arrays - reference` (computed in float64)."""
-    return float(np.sqrt(sum(np.sum(np.square(a.astype(np.float64) - r.astype(np.float64)))
-                             for a, r in zip(arrays, reference))))
+    return l2_norm(model_update(arrays, reference))
 
 
 def _reject(out: ValidatedResults, proxy: ClientProxy, problem: str, server_round: int) -> None:

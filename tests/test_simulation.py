@@ -41,3 +41,13 @@ def test_default_workload_learns_and_stops_at_target_accuracy(tmp_path):
     assert accuracies[-1] >= 0.8 > max(accuracies[:-1])
     assert len(accuracies) - 1 < 15
     assert {"round", "seconds", "centralized", "distributed", "fit"} <= set(history["rounds"][1])
+
+
+def test_same_seed_same_run_even_when_sampling_a_fraction(tmp_path):
+    """Node ids are random per run; sampling by the clients' stable keys makes runs repeat."""
+    config = "num-server-rounds=2 fraction-fit=0.6 local-epochs=1 min-fit-clients=2"
+    first = _run(tmp_path / "a", config, num_supernodes=5)
+    second = _run(tmp_path / "b", config, num_supernodes=5)
+    assert [r["centralized"] for r in first["rounds"]] == [r["centralized"] for r in
+                                                            second["rounds"]]
+    assert all(r["fit"]["num_clients"] == 3 for r in first["rounds"][1:])
