@@ -11,20 +11,31 @@ import numpy as np
 from fl_app.data import DataSpec
 
 
-def _logreg(spec: DataSpec) -> keras.Model:
+def _kernel(seed: int, layer: int) -> keras.initializers.Initializer:
+    """A Glorot-uniform initializer seeded per layer.
+
+    Explicit seeds keep initial weights reproducible even when other threads (Flower's,
+    Ray's) draw from the global RNGs that Keras' unseeded initializers start from.
+    """
+    return keras.initializers.GlorotUniform(seed=seed * 1000 + layer)
+
+
+def _logreg(spec: DataSpec, seed: int) -> keras.Model:
     return keras.Sequential([
         keras.Input(spec.input_shape),
         keras.layers.Flatten(),
-        keras.layers.Dense(spec.num_classes, activation="softmax"),
+        keras.layers.Dense(spec.num_classes, activation="softmax",
+                           kernel_initializer=_kernel(seed, 0)),
     ], name="logreg")
 
 
-def _mlp(spec: DataSpec) -> keras.Model:
+def _mlp(spec: DataSpec, seed: int) -> keras.Model:
     return keras.Sequential([
         keras.Input(spec.input_shape),
         keras.layers.Flatten(),
-        keras.layers.Dense(64, activation="relu"),
-        keras.layers.Dense(spec.num_classes, activation="softmax"),
+        keras.layers.Dense(64, activation="relu", kernel_initializer=_kernel(seed, 0)),
+        keras.layers.Dense(spec.num_classes, activation="softmax",
+                           kernel_initializer=_kernel(seed, 1)),
     ], name="mlp")
 
 
@@ -40,19 +51,22 @@ def _image_shape(spec: DataSpec) -> tuple[int, int, int]:
     return (side, side, 1)
 
 
-def _cnn(spec: DataSpec) -> keras.Model:
+def _cnn(spec: DataSpec, seed: int) -> keras.Model:
     return keras.Sequential([
         keras.Input(spec.input_shape),
         keras.layers.Reshape(_image_shape(spec)),
-        keras.layers.Conv2D(16, 3, padding="same", activation="relu"),
+        keras.layers.Conv2D(16, 3, padding="same", activation="relu",
+                            kernel_initializer=_kernel(seed, 0)),
         keras.layers.MaxPooling2D(2),
-        keras.layers.Conv2D(32, 3, padding="same", activation="relu"),
+        keras.layers.Conv2D(32, 3, padding="same", activation="relu",
+                            kernel_initializer=_kernel(seed, 1)),
         keras.layers.GlobalAveragePooling2D(),
-        keras.layers.Dense(spec.num_classes, activation="softmax"),
+        keras.layers.Dense(spec.num_classes, activation="softmax",
+                           kernel_initializer=_kernel(seed, 2)),
     ], name="cnn")
 
 
-MODEL_BUILDERS: dict[str, Callable[[DataSpec], keras.Model]] = {
+MODEL_BUILDERS: dict[str, Callable[[DataSpec, int], keras.Model]] = {
     "logreg": _logreg,
     "mlp": _mlp,
     "cnn": _cnn,
@@ -80,10 +94,9 @@ def load_model_file(path_str: str, spec: DataSpec) -> keras.Model:
 
 def build_model(name: str, spec: DataSpec, seed: int) -> keras.Model:
     """Build model `name` (builder name or `.keras` path) with seeded initial weights."""
-    keras.utils.set_random_seed(seed)
     if name.endswith(".keras"):
         return load_model_file(name, spec)
-    return MODEL_BUILDERS[name](spec)
+    return MODEL_BUILDERS[name](spec, seed)
 
 
 def outputs_probabilities(model: keras.Model) -> bool:
