@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import time
 from pathlib import Path
 
 from flwr.common.config import flatten_dict, get_project_config, parse_config_args
@@ -81,8 +82,8 @@ def backend_config(args: argparse.Namespace) -> dict:
             "init_args": init_args}
 
 
-def print_summary(out_dir: Path) -> None:
-    """A table of the run's rounds, read back from history.json."""
+def print_summary(out_dir: Path, wall_seconds: float) -> None:
+    """A table of the run's rounds, read back from history.json, and the total wall time."""
     from rich.console import Console
     from rich.table import Table
 
@@ -105,9 +106,9 @@ def print_summary(out_dir: Path) -> None:
                       fmt(cen.get("accuracy")), fmt(cen.get("loss")),
                       fmt(dist.get("accuracy")), fmt(priv.get("epsilon"), ".3f"),
                       fmt(r["seconds"], ".2f"))
-    console = Console()
+    console = Console(width=max(Console().width, 100))
     console.print(table)
-    console.print(f"history, final model and plots: {out_dir}")
+    console.print(f"wall time {wall_seconds:.1f} s; history, final model and plots: {out_dir}")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -129,6 +130,7 @@ def main(argv: list[str] | None = None) -> int:
     from fl_app.client_app import make_client_app
     from fl_app.server_app import make_server_app
 
+    start = time.perf_counter()
     try:
         run_simulation(server_app=make_server_app(cfg), client_app=make_client_app(cfg),
                        num_supernodes=args.num_supernodes, backend_config=backend_config(args))
@@ -138,7 +140,7 @@ def main(argv: list[str] | None = None) -> int:
     if not (out_dir / "history.json").is_file():
         print(f"error: the run wrote no history to {out_dir}; see the log above", file=sys.stderr)
         return 1
-    print_summary(out_dir)
+    print_summary(out_dir, time.perf_counter() - start)
     return 0
 
 
