@@ -93,12 +93,6 @@ def list_run(cli_home: Path, run_id: int) -> Command:
                    {"FLWR_HOME": str(cli_home)})
 
 
-def list_nodes(cli_home: Path) -> Command:
-    """`flwr supernode list`: the registered SuperNodes and their status as JSON."""
-    return Command(["flwr", "supernode", "list", CONNECTION, "--format", "json"],
-                   {"FLWR_HOME": str(cli_home)})
-
-
 def write_connection(cli_home: Path, address: str, ca_cert: Path) -> Path:
     """Write the flwr CLI's config.toml with the TLS SuperLink connection, as the default."""
     cli_home.mkdir(parents=True, exist_ok=True)
