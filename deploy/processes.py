@@ -15,7 +15,7 @@ import subprocess
 import sys
 import threading
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from contextlib import contextmanager
 from pathlib import Path
 from typing import IO, Iterator
@@ -59,8 +59,20 @@ class Managed:
 def _is_alive(proc: psutil.Process) -> bool:
     try:
         return proc.is_running() and proc.status() != psutil.STATUS_ZOMBIE
-    except psutil.NoSuchProcess:
+    except psutil.Error:  # gone, a zombie, or no longer ours to inspect
         return False
+
+
+def living(pids: Iterable[int]) -> list[int]:
+    """The pids among `pids` that still run (exited-but-unreaped zombies do not count)."""
+    alive = []
+    for pid in pids:
+        try:
+            if _is_alive(psutil.Process(pid)):
+                alive.append(pid)
+        except psutil.NoSuchProcess:
+            pass
+    return alive
 
 
 class Supervisor:

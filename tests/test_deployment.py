@@ -16,14 +16,13 @@ import time
 from pathlib import Path
 from types import SimpleNamespace
 
-import psutil
 import pytest
 
 from deploy.launch import COMPLETED, LocalDeployment
 from deploy.layout import NodeFiles
 from deploy.pki import make_node_keys
 from deploy.prepare import prepare
-from deploy.processes import Supervisor
+from deploy.processes import Supervisor, living
 from fl_app.outputs import MODEL_FILE
 
 pytestmark = pytest.mark.timeout(900)
@@ -59,8 +58,7 @@ def cluster(tmp_path_factory):
         yield SimpleNamespace(dep=dep, local=local, sup=supervisor, corrupt=corrupt,
                               stranger=stranger_proc, out=root / "results")
     seen = supervisor.seen_pids()
-    alive = [pid for pid in seen if psutil.pid_exists(pid)
-             and psutil.Process(pid).status() != psutil.STATUS_ZOMBIE]
+    alive = living(seen)
     assert len(seen) > 2 * len(dep.nodes) and not alive, f"still running: {alive}"
 
 

@@ -24,7 +24,7 @@ from deploy import commands
 from deploy.launch import check_project, describe_failures
 from deploy.layout import Deployment, DeploymentError
 from deploy.prepare import instructions, prepare
-from deploy.processes import Supervisor
+from deploy.processes import Supervisor, living
 from fl_app.data import data_source
 from fl_app.node_data import load_node_file
 
@@ -141,6 +141,14 @@ time.sleep(600)
 """
 
 
+def _cmdline(proc: psutil.Process) -> str:
+    """The command line of a process, or "" once it has exited (a zombie has none)."""
+    try:
+        return " ".join(proc.cmdline())
+    except psutil.Error:
+        return ""
+
+
 def _wait_for(predicate, timeout: float = 30.0) -> None:
     deadline = time.monotonic() + timeout
     while not predicate():
@@ -157,8 +165,7 @@ def test_supervisor_stops_descendants_in_other_sessions_on_interrupt(tmp_path):
             seen = sup.seen_pids()
             raise KeyboardInterrupt  # Ctrl-C while everything runs
     assert parent.pid in seen and len(seen) == 2
-    assert not [pid for pid in seen if psutil.pid_exists(pid)
-                and psutil.Process(pid).status() != psutil.STATUS_ZOMBIE]
+    assert not living(seen)
     assert (tmp_path / "tree.log").read_text().strip() == "started"
 
 
@@ -174,7 +181,7 @@ def test_launcher_stops_every_process_on_ctrl_c(prepared):
         assert launcher.poll() is None, launcher.stdout.read()
         for proc in psutil.Process(launcher.pid).children(recursive=True):
             seen.setdefault(proc.pid, proc)
-        cmdlines = [" ".join(p.cmdline()) for p in seen.values() if p.is_running()]
+        cmdlines = [_cmdline(p) for p in seen.values()]
         return sum("flower-supernode" in c for c in cmdlines) == 3 and any(
             "flower-superexec" in c for c in cmdlines)
 
@@ -187,6 +194,5 @@ def test_launcher_stops_every_process_on_ctrl_c(prepared):
             launcher.kill()
     assert launcher.returncode == 130, output
     assert "every process was stopped" in output
-    alive = [p for p in seen.values()
-             if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
-    assert not alive, [p.cmdline() for p in alive]
+    alive = living(seen)
+    assert not alive, [_cmdline(seen[pid]) for pid in alive]
