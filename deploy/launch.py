@@ -196,15 +196,13 @@ def run_config_value(run_configs: list[str], key: str) -> Any:
 
 
 def describe_failures(history: dict[str, Any], node_ids: dict[str, int]) -> list[str]:
-    """One line per failed client and round, naming the node whose id the error carries."""
-    names = {str(node_id): name for name, node_id in node_ids.items()}
+    """One line per failed client and round, naming the failed node by its deployment name."""
+    names = {str(node_id): f"{name} (node id {node_id})" for name, node_id in node_ids.items()}
     lines = []
     for record in history.get("rounds", []):
         for failure in record.get("fit", {}).get("failures", []):
-            error = failure["error"]
-            node = next((f"{name} (node id {nid})" for nid, name in names.items()
-                         if nid in error or nid == failure["client"]), failure["client"])
-            lines.append(f"round {record['round']}: {node} failed: {error}")
+            node = names.get(failure["client"], f"node {failure['client']}")
+            lines.append(f"round {record['round']}: {node} failed: {failure['error']}")
     return lines
 
 

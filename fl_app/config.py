@@ -51,7 +51,8 @@ CORE_SETTINGS: list[Setting] = [
             "Stop after this many rounds without a better centralized accuracy (0 disables).",
             "run", low=0),
     Setting("round-timeout", float, 0.0,
-            "Seconds a round waits for its clients (0 waits forever).", "run", low=0.0),
+            "Seconds a round waits for its clients (0 waits forever); clients are started "
+            "before round 1, so their start-up does not count.", "run", low=0.0),
     Setting("out-dir", str, "",
             "Folder for history.json, final_model.keras and plots "
             "(empty: outputs/<timestamp> under the working directory).", "run"),

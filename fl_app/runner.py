@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import random
-import re
 import timeit
 from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
@@ -20,6 +19,7 @@ from flwr.server.history import History
 from flwr.server.strategy import Strategy
 
 from fl_app.client_app import CLIENT_KEY
+from fl_app.client_failures import NamedClientProxy, describe_failure
 
 from strategies.state import set_strategy_state, strategy_state
 
@@ -37,6 +37,10 @@ class SeededClientManager(SimpleClientManager):
         super().__init__()
         self._rng = random.Random(seed)
         self._keys: dict[str, str] = {}
+
+    def register(self, client: ClientProxy) -> bool:
+        """Register `client` wrapped so that its failures name it (`NamedClientProxy`)."""
+        return super().register(NamedClientProxy(client))
 
     def _ask_key(self, cid: str) -> str:
         fallback = f"~{cid}"  # a client that cannot say sorts after those that can
@@ -57,6 +61,12 @@ class SeededClientManager(SimpleClientManager):
             with ThreadPoolExecutor(max_workers=min(32, len(missing))) as pool:
                 self._keys.update(zip(missing, pool.map(self._ask_key, missing)))
         return sorted(cids, key=lambda cid: (self._keys[cid], cid))
+
+    def warm_up(self) -> None:
+        """Ask every connected client for its key now, which starts its ClientApp (in
+        simulation: a worker importing TensorFlow, loading data, building the model), so
+        that a round timeout measures the round rather than the start-up."""
+        self.ordered(self.all())  # all(): Flower registers newly connected nodes on this call
 
     def sample(self, num_clients: int, min_num_clients: int | None = None,
                criterion: Criterion | None = None) -> list[ClientProxy]:
@@ -122,17 +132,6 @@ def _section(loss: float | None, metrics: dict[str, Scalar]) -> dict[str, Any]:
     out: dict[str, Any] = {} if loss is None else {"loss": float(loss)}
     out.update(metrics)
     return out
-
-
-def describe_failure(failure: tuple[ClientProxy, Any] | BaseException) -> dict[str, str]:
-    """Which client failed and why, from a Flower failure entry (exception or bad status)."""
-    if isinstance(failure, BaseException):
-        # Flower drops the proxy when a ClientApp raises; our client errors name their node.
-        named = re.search(r"\bnode (\d+):", str(failure))
-        return {"client": named.group(1) if named else "unknown",
-                "error": f"{type(failure).__name__}: {failure}"}
-    proxy, res = failure
-    return {"client": str(proxy.cid), "error": str(res.status.message)}
 
 
 RoundCallback = Callable[[dict[str, Any], Parameters], None]
@@ -242,6 +241,8 @@ class FederatedServer(Server):
 
     def _start(self, timeout: float | None, history: History) -> tuple[int, str | None]:
         """Round 0 (or the restored checkpoint): the first round to run and any stop reason."""
+        if timeout is not None:
+            self.client_manager().warm_up()
         if self.resume is not None:
             return self.resume.round + 1, self._restore(self.resume)
         self.parameters = self._get_initial_parameters(server_round=0, timeout=timeout)

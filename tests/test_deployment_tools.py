@@ -126,10 +126,12 @@ def test_a_project_with_legacy_federations_is_refused(tmp_path):
 
 def test_failures_are_described_by_node_name():
     history = {"rounds": [{"round": 1, "fit": {"failures": [
-        {"client": "unknown", "error": "ValueError: node 123: data file /d/node-1.npz is bad"}]}}]}
+        {"client": "123", "error": "ValueError: node 123: data file /d/node-1.npz is bad"},
+        {"client": "7", "error": "ValueError: TTL expired"}]}}]}
     assert describe_failures(history, {"node-0": 99, "node-1": 123}) == [
         "round 1: node-1 (node id 123) failed: ValueError: node 123: data file /d/node-1.npz "
-        "is bad"]
+        "is bad",
+        "round 1: node 7 failed: ValueError: TTL expired"]
 
 
 TREE = """

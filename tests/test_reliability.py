@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 from flwr.common import (
     Code,
+    FitIns,
     FitRes,
     Parameters,
     Status,
@@ -18,6 +19,7 @@ from flwr.common import (
     parameters_to_ndarrays,
 )
 
+from fl_app.client_failures import ClientFailure, describe_failure
 from fl_app.runner import SeededClientManager
 from strategies.context import StrategyContext
 from strategies.registry import build_strategy, strategy_names
@@ -158,3 +160,15 @@ def test_server_optimizers_keep_the_model_dtype_so_next_round_updates_are_accept
         params, metrics = strategy.aggregate_fit(server_round, results, [])
         assert metrics["num_rejected"] == 0
         assert [a.dtype for a in parameters_to_ndarrays(params)] == [np.float32] * 3
+
+
+def test_a_failed_client_call_names_the_client():
+    """Flower records a raising client as a bare exception; ours carry the client's id."""
+    manager = SeededClientManager(0)
+    manager.register(IdleProxy("c3"))
+    proxy = manager.all()["c3"]
+    with pytest.raises(ClientFailure) as raised:
+        proxy.fit(FitIns(ndarrays_to_parameters([]), {}), timeout=None, group_id=0)
+    assert raised.value.cid == "c3" and isinstance(raised.value.error, NotImplementedError)
+    assert describe_failure(raised.value) == {"client": "c3", "error": "NotImplementedError: "}
+    assert describe_failure(ValueError("x")) == {"client": "unknown", "error": "ValueError: x"}
