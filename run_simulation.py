@@ -7,7 +7,7 @@
 the same schema on top of pyproject.toml's `[tool.flwr.app.config]`, so both entry
 points run with the same config. `--resume DIR` continues an interrupted run after its last
 complete round, with the config saved in DIR's checkpoint (overrides may change only
-`num-server-rounds` and `round-timeout`).
+`num-server-rounds`, `round-timeout` and `max-epsilon`).
 """
 
 from __future__ import annotations

@@ -32,8 +32,10 @@ from fl_app.settings import Scalar, Setting
 CHECKPOINT_FILE = "checkpoint.npz"
 FORMAT_VERSION = 1
 # Keys that may differ between the interrupted run and its continuation: where results
-# go, how many rounds to run in total, and how long a round waits for its clients.
-RESUMABLE_CHANGES = frozenset({"out-dir", "resume-from", "num-server-rounds", "round-timeout"})
+# go, how many rounds to run in total, how long a round waits for its clients, and the
+# privacy budget (a run stopped by `max-epsilon` continues under a larger one).
+RESUMABLE_CHANGES = frozenset({"out-dir", "resume-from", "num-server-rounds", "round-timeout",
+                               "max-epsilon"})
 _META = "meta.json"
 
 SETTINGS = [

@@ -57,3 +57,12 @@ def test_client_side_adaptive_run_stops_before_exceeding_the_budget(tmp_path):
     assert history["rounds"][-1]["privacy"]["epsilon"] <= budget
     clip_norms = [r["fit"]["dp_clip_norm"] for r in history["rounds"][1:]]
     assert clip_norms[0] == 1.0 and clip_norms[1] != 1.0  # adapted from clients' norm bits
+
+    # A larger budget on resume buys exactly one more round; the accountant carries on.
+    larger = (eps[2] + _rdp_epsilons(2.0, 4)[3]) / 2
+    assert run_simulation.main(["--num-supernodes", str(CLIENTS), "--resume", str(tmp_path),
+                                "--run-config", f"max-epsilon={larger}"]) == 0
+    resumed = json.loads((tmp_path / "history.json").read_text())
+    assert resumed["stopped"] == "privacy-budget"
+    assert [r["round"] for r in resumed["rounds"]] == [0, 1, 2, 3]
+    assert resumed["rounds"][-1]["privacy"]["epsilon"] == pytest.approx(eps[2], rel=1e-6)
