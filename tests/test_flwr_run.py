@@ -42,7 +42,8 @@ def simulation_superlink(tmp_path_factory):
     assert not supervisor.alive(), f"processes left running: {started}"
 
 
-@pytest.mark.parametrize("overrides", ["", "strategy='fedprox'"])
+@pytest.mark.parametrize("overrides", ["", "strategy='fedprox'",
+                                       "strategy='dp-client-fixed' noise-multiplier=0.5"])
 def test_flwr_run_completes_with_the_app_config(simulation_superlink, tmp_path, overrides):
     supervisor, env = simulation_superlink
     out = tmp_path / "out"
@@ -59,3 +60,7 @@ def test_flwr_run_completes_with_the_app_config(simulation_superlink, tmp_path, 
     assert len(accuracy) == 4 and accuracy[-1] > accuracy[0] + 0.3
     assert all(r["fit"]["num_clients"] == 6 for r in history["rounds"][1:])
     assert (out / "final_model.keras").is_file()
+    if "dp-" in overrides:  # privacy is accounted for and recorded every round
+        epsilons = [r["privacy"]["epsilon"] for r in history["rounds"][1:]]
+        assert 0 < epsilons[0] < epsilons[1] < epsilons[2]
+        assert all(r["fit"]["dp_clip_norm"] == 1.0 for r in history["rounds"][1:])
