@@ -98,7 +98,7 @@ def print_summary(out_dir: Path, wall_seconds: float) -> None:
         fit, cen = r.get("fit", {}), r.get("centralized", {})
         dist, priv = r.get("distributed", {}), r.get("privacy", {})
 
-        def fmt(value, spec=".4f"):
+        def fmt(value: float | None, spec: str = ".4f") -> str:
             return "" if value is None else format(value, spec)
 
         table.add_row(str(r["round"]), str(fit.get("num_clients", "")),

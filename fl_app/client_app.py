@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
-from flwr.client import NumPyClient
+from flwr.client import Client, NumPyClient
 from flwr.clientapp import ClientApp
 from flwr.common import Context, NDArrays, Scalar
 
@@ -100,7 +100,7 @@ def client_for(cfg: RunConfig, node_config: Mapping[str, Scalar]) -> NumPyClient
 def make_client_app(fixed_config: RunConfig | None = None) -> ClientApp:
     """A ClientApp; with `fixed_config` it ignores `context.run_config` (for run_simulation)."""
 
-    def client_fn(context: Context):
+    def client_fn(context: Context) -> Client:
         cfg = fixed_config if fixed_config is not None else resolve(context.run_config)
         try:
             client = client_for(cfg, context.node_config)

@@ -14,6 +14,7 @@ into train and validation parts.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import lru_cache
 from typing import TYPE_CHECKING, Protocol
@@ -27,7 +28,9 @@ from flwr_datasets.partitioner import Partitioner
 from fl_app.partitioning import make_partitioner, partition_arrays
 
 if TYPE_CHECKING:
+    from datasets import Dataset
     from flwr.common.typing import UserConfig
+    from flwr_datasets import FederatedDataset
 
     from fl_app.config import RunConfig
 
@@ -80,7 +83,7 @@ def _as_split(x: np.ndarray, y: np.ndarray) -> Split:
     return Split(np.asarray(x, dtype=np.float32), np.asarray(y, dtype=np.int32))
 
 
-def _partition_to_split(partition, input_shape: tuple[int, ...]) -> Split:
+def _partition_to_split(partition: Dataset, input_shape: tuple[int, ...]) -> Split:
     table = partition.with_format("numpy")
     x = np.asarray(table["x"], dtype=np.float32).reshape((-1, *input_shape))
     return _as_split(x, table["label"])
@@ -186,7 +189,7 @@ class HubSource:
         self._test = self._to_split(test)
         self.spec = DataSpec(self._test.x.shape[1:], test.features["label"].num_classes)
 
-    def _load(self, get, num_partitions: int):
+    def _load(self, get: Callable[[FederatedDataset], Dataset], num_partitions: int) -> Dataset:
         from flwr_datasets import FederatedDataset
 
         try:
@@ -202,7 +205,7 @@ class HubSource:
                 "offline, use dataset='digits' or dataset='synthetic'."
             ) from err
 
-    def _to_split(self, table) -> Split:
+    def _to_split(self, table: Dataset) -> Split:
         images = np.stack([np.asarray(img, dtype=np.float32) for img in table[self._image_key]])
         if images.ndim == 3:
             images = images[..., None]

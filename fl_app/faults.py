@@ -173,7 +173,8 @@ class FaultyClient(NumPyClient):
         return self.inner.evaluate(parameters, config)
 
 
-def with_faults(client, cfg: Mapping[str, Scalar], node_config: Mapping[str, Scalar]):
+def with_faults(client: NumPyClient, cfg: Mapping[str, Scalar],
+                node_config: Mapping[str, Scalar]) -> NumPyClient:
     """`client` (a `KerasClient`) wrapped per this node's role, or unchanged if it has none.
 
     Label-flip attackers keep the honest client but train on flipped labels.

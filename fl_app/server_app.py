@@ -29,9 +29,10 @@ from fl_app.runner import FederatedServer, ResumePoint, StoppingRules
 from fl_app.trainer import KerasTrainer, trainer_for
 from strategies.context import StrategyContext
 from strategies.registry import build_strategy
+from strategies.weighted_fedavg import EvaluateFn
 
 
-def centralized_evaluator(trainer: KerasTrainer, test: Split):
+def centralized_evaluator(trainer: KerasTrainer, test: Split) -> EvaluateFn:
     """Flower `evaluate_fn`: loss and accuracy of the global model on the server's test set."""
 
     def evaluate(server_round: int, arrays: NDArrays,
