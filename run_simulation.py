@@ -15,7 +15,9 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from flwr.common.config import flatten_dict, get_project_config, parse_config_args
 
@@ -82,30 +84,40 @@ def backend_config(args: argparse.Namespace) -> dict:
             "init_args": init_args}
 
 
+def _fmt(value: float | None, spec: str = ".4f") -> str:
+    return "" if value is None else format(value, spec)
+
+
+SUMMARY_COLUMNS: list[tuple[str, Callable[[dict[str, Any]], str]]] = [
+    ("round", lambda r: str(r["round"])),
+    ("clients", lambda r: str(r.get("fit", {}).get("num_clients", ""))),
+    ("failed", lambda r: str(r.get("fit", {}).get("num_failures", ""))),
+    ("rejected", lambda r: str(r.get("fit", {}).get("num_rejected", ""))),
+    ("accuracy", lambda r: _fmt(r.get("centralized", {}).get("accuracy"))),
+    ("loss", lambda r: _fmt(r.get("centralized", {}).get("loss"))),
+    ("distributed acc.", lambda r: _fmt(r.get("distributed", {}).get("accuracy"))),
+    ("ε", lambda r: _fmt(r.get("privacy", {}).get("epsilon"), ".3f")),
+    ("seconds", lambda r: _fmt(r["seconds"], ".2f")),
+]
+
+
 def print_summary(out_dir: Path, wall_seconds: float) -> None:
-    """A table of the run's rounds, read back from history.json, and the total wall time."""
+    """A table of the run's rounds, read back from history.json, and the total wall time.
+
+    Columns with no value in any round (ε without DP, ...) are left out."""
     from rich.console import Console
     from rich.table import Table
 
     from fl_app.outputs import read_history
 
     history = read_history(out_dir)
+    cells = {name: [cell(r) for r in history["rounds"]] for name, cell in SUMMARY_COLUMNS}
+    shown = [name for name, column in cells.items() if any(column)]
     table = Table(title=f"Run summary (stopped: {history['stopped']})")
-    for column in ("round", "clients", "failed", "rejected", "accuracy", "loss",
-                   "distributed acc.", "ε", "seconds"):
-        table.add_column(column, justify="right")
-    for r in history["rounds"]:
-        fit, cen = r.get("fit", {}), r.get("centralized", {})
-        dist, priv = r.get("distributed", {}), r.get("privacy", {})
-
-        def fmt(value: float | None, spec: str = ".4f") -> str:
-            return "" if value is None else format(value, spec)
-
-        table.add_row(str(r["round"]), str(fit.get("num_clients", "")),
-                      str(fit.get("num_failures", "")), str(fit.get("num_rejected", "")),
-                      fmt(cen.get("accuracy")), fmt(cen.get("loss")),
-                      fmt(dist.get("accuracy")), fmt(priv.get("epsilon"), ".3f"),
-                      fmt(r["seconds"], ".2f"))
+    for name in shown:
+        table.add_column(name, justify="right")
+    for row in zip(*(cells[name] for name in shown)):
+        table.add_row(*row)
     console = Console(width=max(Console().width, 100))
     console.print(table)
     console.print(f"wall time {wall_seconds:.1f} s; history, final model and plots: {out_dir}")

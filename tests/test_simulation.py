@@ -51,3 +51,21 @@ def test_same_seed_same_run_even_when_sampling_a_fraction(tmp_path):
     assert [r["centralized"] for r in first["rounds"]] == [r["centralized"] for r in
                                                             second["rounds"]]
     assert all(r["fit"]["num_clients"] == 3 for r in first["rounds"][1:])
+
+
+@pytest.mark.parametrize("privacy", [False, True])
+def test_summary_shows_epsilon_only_for_private_runs(tmp_path, capsys, privacy):
+    record = {"round": 1, "seconds": 0.5, "fit": {"num_clients": 3, "num_failures": 0,
+                                                   "num_rejected": 1},
+              "centralized": {"loss": 0.4, "accuracy": 0.875}}
+    if privacy:
+        record["privacy"] = {"epsilon": 2.5, "delta": 1e-5}
+    history = {"rounds": [{"round": 0, "seconds": 0.0, "centralized": {"loss": 2.3,
+                                                                       "accuracy": 0.1}},
+                          record], "stopped": "num-server-rounds"}
+    (tmp_path / "history.json").write_text(json.dumps(history))
+    run_simulation.print_summary(tmp_path, 12.0)
+    out = capsys.readouterr().out
+    assert "0.8750" in out and "stopped: num-server-rounds" in out
+    assert ("ε" in out and "2.500" in out) == privacy
+    assert "distributed" not in out  # no round had distributed evaluation
