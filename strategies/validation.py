@@ -1,10 +1,12 @@
-"""Client-update validation shared by every strategy we ship.
+"""Client-update and client-evaluation validation shared by every strategy we ship.
 
 An update is rejected (logged with the client id and reason, counted, never averaged in)
 when it has the wrong number of arrays, a wrong shape or dtype, a non-finite value, or
 claims `num_examples` <= 0 or above `max-examples`. Optionally (`outlier-norm-factor` k > 0)
 an update whose norm ||client weights - global weights|| exceeds k times the median update
-norm of the round's otherwise valid updates is rejected as an outlier.
+norm of the round's otherwise valid updates is rejected as an outlier (the check is skipped
+in a round whose median update norm is 0). An evaluation report is rejected when it claims
+`num_examples` <= 0 or above `max-examples`, or a non-finite loss.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from logging import WARNING
 
 import numpy as np
 from flwr.common import (
+    EvaluateRes,
     FitRes,
     NDArrays,
     Parameters,
@@ -22,10 +25,11 @@ from flwr.common import (
 )
 from flwr.common.logger import log
 from flwr.server.client_proxy import ClientProxy
-
-from strategies.clipping import l2_norm, model_update
+from flwr.server.strategy import Strategy
 
 from fl_app.settings import Setting
+from strategies.clipping import l2_norm, model_update
+from strategies.metrics import is_finite_number
 
 SETTINGS = [
     Setting("outlier-norm-factor", float, 0.0,
@@ -35,6 +39,20 @@ SETTINGS = [
 ]
 
 FitResults = list[tuple[ClientProxy, FitRes]]
+EvaluateResults = list[tuple[ClientProxy, EvaluateRes]]
+Rejections = list[tuple[str, str]]  # (client id, reason)
+
+
+def examples_problem(num_examples: object, max_examples: int = 0) -> str | None:
+    """Why a claimed `num_examples` must be rejected, or None if it is acceptable.
+
+    It must be a positive integer, and at most `max_examples` when that is > 0.
+    """
+    if not isinstance(num_examples, (int, np.integer)) or num_examples <= 0:
+        return f"num_examples={num_examples!r} is not a positive integer"
+    if max_examples and num_examples > max_examples:
+        return f"num_examples={num_examples} exceeds the cap max-examples={max_examples}"
+    return None
 
 
 def update_problem(arrays: NDArrays, num_examples: int, reference: NDArrays,
@@ -44,10 +62,9 @@ def update_problem(arrays: NDArrays, num_examples: int, reference: NDArrays,
     `reference` is the global model sent this round: the update must match it array by
     array in shape and dtype. `max_examples` > 0 caps the claimed number of examples.
     """
-    if not isinstance(num_examples, (int, np.integer)) or num_examples <= 0:
-        return f"num_examples={num_examples!r} is not a positive integer"
-    if max_examples and num_examples > max_examples:
-        return f"num_examples={num_examples} exceeds the cap max-examples={max_examples}"
+    problem = examples_problem(num_examples, max_examples)
+    if problem is not None:
+        return problem
     if len(arrays) != len(reference):
         return f"{len(arrays)} arrays, expected {len(reference)}"
     for i, (got, want) in enumerate(zip(arrays, reference)):
@@ -60,13 +77,29 @@ def update_problem(arrays: NDArrays, num_examples: int, reference: NDArrays,
     return None
 
 
+def evaluate_problem(res: EvaluateRes, max_examples: int = 0) -> str | None:
+    """Why a client's evaluation report must be rejected, or None if it is acceptable."""
+    problem = examples_problem(res.num_examples, max_examples)
+    if problem is None and not is_finite_number(res.loss):
+        problem = f"loss={res.loss!r} is not a finite number"
+    return problem
+
+
 @dataclass
 class ValidatedResults:
     """The outcome of validating one round's fit results."""
 
     accepted: FitResults = field(default_factory=list)
     accepted_arrays: list[NDArrays] = field(default_factory=list)
-    rejected: list[tuple[str, str]] = field(default_factory=list)  # (client id, reason)
+    rejected: Rejections = field(default_factory=list)
+
+
+@dataclass
+class ValidatedEvaluations:
+    """The outcome of validating one round's evaluate results."""
+
+    accepted: EvaluateResults = field(default_factory=list)
+    rejected: Rejections = field(default_factory=list)
 
 
 def update_norm(arrays: NDArrays, reference: NDArrays) -> float:
@@ -74,21 +107,33 @@ def update_norm(arrays: NDArrays, reference: NDArrays) -> float:
     return l2_norm(model_update(arrays, reference))
 
 
-def _reject(out: ValidatedResults, proxy: ClientProxy, problem: str, server_round: int) -> None:
-    log(WARNING, "round %s: rejected update from client %s: %s", server_round, proxy.cid, problem)
-    out.rejected.append((proxy.cid, problem))
+def _reject(rejected: Rejections, what: str, proxy: ClientProxy, problem: str,
+            server_round: int) -> None:
+    log(WARNING, "round %s: rejected %s from client %s: %s", server_round, what, proxy.cid,
+        problem)
+    rejected.append((proxy.cid, problem))
 
 
 def _drop_norm_outliers(checked: ValidatedResults, reference: NDArrays, factor: float,
                         server_round: int) -> ValidatedResults:
-    """Reject accepted updates whose norm exceeds `factor` x the median accepted norm."""
+    """Reject accepted updates whose norm exceeds `factor` x the median accepted norm.
+
+    A median of 0 (most clients sent the global model back unchanged) gives no scale to
+    compare against, so the check is skipped that round rather than rejecting every
+    non-zero update.
+    """
     norms = [update_norm(arrays, reference) for arrays in checked.accepted_arrays]
-    limit = factor * float(np.median(norms))
+    median = float(np.median(norms))
+    if median == 0.0:
+        log(WARNING, "round %s: outlier-norm-factor check skipped: the median update norm is 0",
+            server_round)
+        return checked
     out = ValidatedResults(rejected=list(checked.rejected))
     for entry, arrays, norm in zip(checked.accepted, checked.accepted_arrays, norms):
-        if norm > limit:
-            _reject(out, entry[0], f"update norm {norm:.4g} exceeds outlier-norm-factor={factor:g} "
-                    f"x the round's median update norm ({limit / factor:.4g})", server_round)
+        if norm > factor * median:
+            _reject(out.rejected, "update", entry[0],
+                    f"update norm {norm:.4g} exceeds outlier-norm-factor={factor:g} x the "
+                    f"round's median update norm ({median:.4g})", server_round)
         else:
             out.accepted.append(entry)
             out.accepted_arrays.append(arrays)
@@ -115,9 +160,22 @@ def validate_fit_results(results: FitResults, reference: NDArrays, server_round:
             out.accepted.append((proxy, fit_res))
             out.accepted_arrays.append(arrays)
         else:
-            _reject(out, proxy, problem, server_round)
+            _reject(out.rejected, "update", proxy, problem, server_round)
     if outlier_norm_factor and out.accepted:
         out = _drop_norm_outliers(out, reference, outlier_norm_factor, server_round)
+    return out
+
+
+def validate_evaluate_results(results: EvaluateResults, server_round: int,
+                              max_examples: int = 0) -> ValidatedEvaluations:
+    """Split evaluate results into accepted and rejected reports; log every rejection."""
+    out = ValidatedEvaluations()
+    for proxy, res in results:
+        problem = evaluate_problem(res, max_examples)
+        if problem is None:
+            out.accepted.append((proxy, res))
+        else:
+            _reject(out.rejected, "evaluation", proxy, problem, server_round)
     return out
 
 
@@ -129,6 +187,15 @@ def cast_like(parameters: Parameters, reference: NDArrays) -> Parameters:
     return ndarrays_to_parameters([a.astype(r.dtype) for a, r in zip(arrays, reference)])
 
 
-def reference_arrays(parameters: Parameters | None) -> NDArrays:
-    """The global model as arrays (empty if none is known yet)."""
-    return [] if parameters is None else parameters_to_ndarrays(parameters)
+def reference_arrays(parameters: Parameters | None, owner: Strategy,
+                     server_round: int) -> NDArrays:
+    """The global model sent this round, as arrays, to validate updates against.
+
+    Raises RuntimeError when `owner` knows no global model: its `configure_fit` was not
+    called before `aggregate_fit` (every update would otherwise be rejected as mis-shaped).
+    """
+    if parameters is None:
+        raise RuntimeError(f"round {server_round}: {owner!r}.aggregate_fit was called before "
+                           "configure_fit, so there is no global model to validate client "
+                           "updates against")
+    return parameters_to_ndarrays(parameters)

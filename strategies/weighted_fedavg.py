@@ -21,10 +21,15 @@ from flwr.common.logger import log
 from flwr.server.client_manager import ClientManager
 from flwr.server.client_proxy import ClientProxy
 from flwr.server.strategy import Strategy
+from flwr.server.strategy.aggregate import weighted_loss_avg
 
 from strategies.context import StrategyContext
 from strategies.metrics import weighted_metrics
-from strategies.validation import reference_arrays, validate_fit_results
+from strategies.validation import (
+    reference_arrays,
+    validate_evaluate_results,
+    validate_fit_results,
+)
 
 EvaluateFn = Callable[[int, NDArrays, dict[str, Scalar]], "tuple[float, dict[str, Scalar]] | None"]
 ConfigFn = Callable[[int], dict[str, Scalar]]
@@ -54,7 +59,9 @@ class WeightedFedAvg(Strategy):
     any update that is mis-shaped, of the wrong dtype or count, non-finite, or claims a
     non-positive (or above `max_examples`) number of examples, or (with
     `outlier_norm_factor` > 0) is a norm outlier, and averages the rest.
-    Fit and evaluate metrics are averaged with the same weights. Each round's fit metrics
+    Evaluation reports claiming a non-positive (or above `max_examples`) number of examples
+    or a non-finite loss are rejected too. Fit and evaluate metrics are averaged with the
+    same weights (non-finite metric values skipped); each round's fit and evaluate metrics
     carry `num_rejected`. With fewer than `min_fit_clients` valid updates the round keeps
     the previous global model.
     """
@@ -119,8 +126,9 @@ class WeightedFedAvg(Strategy):
             log(WARNING, "round %s: %s client(s) failed and accept-failures is off: "
                 "keeping the previous global model", server_round, len(failures))
             return None, {}
-        checked = validate_fit_results(results, reference_arrays(self.current_parameters),
-                                       server_round, self.max_examples, self.outlier_norm_factor)
+        reference = reference_arrays(self.current_parameters, self, server_round)
+        checked = validate_fit_results(results, reference, server_round, self.max_examples,
+                                       self.outlier_norm_factor)
         metrics: dict[str, Scalar] = {"num_rejected": len(checked.rejected)}
         if len(checked.accepted) < self.min_fit_clients:
             log(WARNING, "round %s: only %s valid update(s), fewer than min-fit-clients=%s: "
@@ -129,9 +137,9 @@ class WeightedFedAvg(Strategy):
             return None, metrics
         counts = [fit_res.num_examples for _, fit_res in checked.accepted]
         averaged = weighted_average(checked.accepted_arrays, counts)
-        metrics.update(weighted_metrics(
-            (fit_res.num_examples, fit_res.metrics) for _, fit_res in checked.accepted))
-        return ndarrays_to_parameters(averaged), metrics
+        client_metrics = weighted_metrics(
+            (fit_res.num_examples, fit_res.metrics) for _, fit_res in checked.accepted)
+        return ndarrays_to_parameters(averaged), {**client_metrics, **metrics}
 
     def configure_evaluate(self, server_round: int, parameters: Parameters,
                            client_manager: ClientManager) -> list[tuple[ClientProxy, EvaluateIns]]:
@@ -150,14 +158,17 @@ class WeightedFedAvg(Strategy):
         results: list[tuple[ClientProxy, EvaluateRes]],
         failures: list[tuple[ClientProxy, EvaluateRes] | BaseException],
     ) -> tuple[float | None, dict[str, Scalar]]:
-        """Average client losses and metrics by `num_examples`, skipping invalid reports."""
-        valid = [(proxy, res) for proxy, res in results
-                 if res.num_examples > 0 and np.isfinite(res.loss)]
-        if not valid or (failures and not self.accept_failures):
+        """Reject invalid reports, average the rest's losses and metrics by `num_examples`."""
+        if failures and not self.accept_failures:
             return None, {}
-        total = sum(res.num_examples for _, res in valid)
-        loss = sum(res.num_examples * res.loss for _, res in valid) / total
-        return float(loss), weighted_metrics((res.num_examples, res.metrics) for _, res in valid)
+        checked = validate_evaluate_results(results, server_round, self.max_examples)
+        counted: dict[str, Scalar] = {"num_rejected": len(checked.rejected)}
+        if not checked.accepted:
+            return None, counted
+        loss = weighted_loss_avg([(res.num_examples, res.loss) for _, res in checked.accepted])
+        client_metrics = weighted_metrics((res.num_examples, res.metrics)
+                                          for _, res in checked.accepted)
+        return float(loss), {**client_metrics, **counted}
 
     def evaluate(self, server_round: int,
                  parameters: Parameters) -> tuple[float, dict[str, Scalar]] | None:

@@ -11,7 +11,12 @@ from flwr.server.client_proxy import ClientProxy
 from flwr.server.strategy import Strategy
 
 from strategies.state import StrategyState, set_strategy_state, strategy_state
-from strategies.validation import cast_like, reference_arrays, validate_fit_results
+from strategies.validation import (
+    cast_like,
+    reference_arrays,
+    validate_evaluate_results,
+    validate_fit_results,
+)
 
 
 class StrategyWrapper(Strategy):
@@ -71,11 +76,13 @@ class StrategyWrapper(Strategy):
 
 
 class ValidatedStrategy(StrategyWrapper):
-    """Rejects invalid client updates before any inner strategy (e.g. Flower's) sees them.
+    """Rejects invalid client updates and evaluation reports before any inner strategy
+    (e.g. Flower's) sees them.
 
     Uses the same checks as `WeightedFedAvg` (see `strategies.validation`) against the
-    global model sent this round, adds `num_rejected` to the round's fit metrics, and
-    keeps the previous global model when fewer than `min_fit_clients` updates are valid.
+    global model sent this round, adds `num_rejected` to the round's fit and evaluate
+    metrics, and keeps the previous global model when fewer than `min_fit_clients`
+    updates are valid.
     The aggregate keeps the dtypes of the model sent (Flower's FedOpt family computes in
     float64, which would otherwise make every float32 client update mismatch next round).
     """
@@ -100,8 +107,11 @@ class ValidatedStrategy(StrategyWrapper):
         results: list[tuple[ClientProxy, FitRes]],
         failures: list[tuple[ClientProxy, FitRes] | BaseException],
     ) -> tuple[Parameters | None, dict[str, Scalar]]:
-        """Drop invalid updates, then let the inner strategy aggregate the rest."""
-        reference = reference_arrays(self._sent)
+        """Drop invalid updates, then let the inner strategy aggregate the rest.
+
+        Raises RuntimeError if `configure_fit` has not sent a global model yet.
+        """
+        reference = reference_arrays(self._sent, self, server_round)
         checked = validate_fit_results(results, reference, server_round,
                                        self.max_examples, self.outlier_norm_factor)
         if len(checked.accepted) < self.min_fit_clients:
@@ -113,3 +123,14 @@ class ValidatedStrategy(StrategyWrapper):
         if parameters is not None:
             parameters = cast_like(parameters, reference)
         return parameters, {**metrics, "num_rejected": len(checked.rejected)}
+
+    def aggregate_evaluate(
+        self,
+        server_round: int,
+        results: list[tuple[ClientProxy, EvaluateRes]],
+        failures: list[tuple[ClientProxy, EvaluateRes] | BaseException],
+    ) -> tuple[float | None, dict[str, Scalar]]:
+        """Drop invalid evaluation reports, then let the inner strategy aggregate the rest."""
+        checked = validate_evaluate_results(results, server_round, self.max_examples)
+        loss, metrics = self.inner.aggregate_evaluate(server_round, checked.accepted, failures)
+        return loss, {**metrics, "num_rejected": len(checked.rejected)}

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 from flwr.common import (
     Code,
+    EvaluateRes,
     FitIns,
     FitRes,
     Parameters,
@@ -18,11 +19,13 @@ from flwr.common import (
     ndarrays_to_parameters,
     parameters_to_ndarrays,
 )
+from flwr.server.strategy import FedAvg
 
 from fl_app.client_failures import ClientFailure, describe_failure
 from fl_app.runner import SeededClientManager
 from strategies.context import StrategyContext
 from strategies.registry import build_strategy, strategy_names
+from strategies.wrapper import ValidatedStrategy
 from strategies.validation import update_norm, validate_fit_results
 from tests.conftest import make_config
 from tests.flower_objects import IdleProxy, fit_res, random_model
@@ -172,3 +175,62 @@ def test_a_failed_client_call_names_the_client():
     assert raised.value.cid == "c3" and isinstance(raised.value.error, NotImplementedError)
     assert describe_failure(raised.value) == {"client": "c3", "error": "NotImplementedError: "}
     assert describe_failure(ValueError("x")) == {"client": "unknown", "error": "ValueError: x"}
+
+
+def _evaluate_res(loss: float, num_examples: int, accuracy: float) -> EvaluateRes:
+    return EvaluateRes(Status(Code.OK, "ok"), loss, num_examples, {"accuracy": accuracy})
+
+
+BAD_EVALUATIONS = {
+    "zero-examples": _evaluate_res(0.5, 0, 0.9),
+    "negative-examples": _evaluate_res(0.5, -5, 0.9),
+    "above-cap": _evaluate_res(1e6, 10**12, 0.0),
+    "nan-loss": _evaluate_res(float("nan"), 50, 0.0),
+    "inf-loss": _evaluate_res(float("inf"), 50, 0.0),
+}
+
+
+@pytest.mark.parametrize("name", STRATEGIES)
+@pytest.mark.parametrize("kind", list(BAD_EVALUATIONS))
+def test_bad_evaluation_is_rejected_and_distributed_loss_equals_good_clients(name, kind, caplog):
+    rng = np.random.default_rng(9)
+    strategy = _strategy(name, random_model(rng))
+    good = [(IdleProxy(f"c{i}"), _evaluate_res(float(rng.uniform(0.1, 2.0)),
+                                              int(rng.integers(20, 200)), float(rng.uniform())))
+            for i in range(NUM_GOOD)]
+    bad = (IdleProxy("bad"), BAD_EVALUATIONS[kind])
+
+    loss, metrics = strategy.aggregate_evaluate(1, [good[0], bad, *good[1:]], [])
+    good_loss, good_metrics = strategy.aggregate_evaluate(1, good, [])
+
+    expected = sum(r.num_examples * r.loss for _, r in good) / sum(r.num_examples for _, r in good)
+    assert loss == pytest.approx(expected) and loss == pytest.approx(good_loss)
+    assert metrics["accuracy"] == pytest.approx(good_metrics["accuracy"])
+    assert metrics["num_rejected"] == 1 and good_metrics["num_rejected"] == 0
+    assert "rejected evaluation from client bad" in caplog.text
+
+
+@pytest.mark.parametrize("name", ["weighted-fedavg", "fedavg"])
+def test_only_bad_evaluations_give_no_distributed_loss_but_count(name):
+    strategy = _strategy(name, random_model(np.random.default_rng(10)))
+    bad = [(IdleProxy(kind), res) for kind, res in BAD_EVALUATIONS.items()]
+    loss, metrics = strategy.aggregate_evaluate(1, bad, [])
+    assert loss is None and metrics["num_rejected"] == len(BAD_EVALUATIONS)
+
+
+def test_outlier_check_is_skipped_when_most_updates_are_unchanged():
+    """A median update norm of 0 must not turn every honest non-zero update into an outlier."""
+    rng = np.random.default_rng(12)
+    global_model = random_model(rng)
+    moved = _good_updates(global_model, rng)[:2]
+    results = [(IdleProxy(f"same{i}"), fit_res(global_model, 10)) for i in range(3)]
+    results += [(IdleProxy(f"moved{i}"), fit_res(a, n)) for i, (a, n) in enumerate(moved)]
+    checked = validate_fit_results(results, global_model, 1, outlier_norm_factor=3.0)
+    assert checked.rejected == [] and len(checked.accepted) == 5
+
+
+def test_validated_strategy_aggregate_fit_before_configure_fit_is_a_clear_error():
+    strategy = ValidatedStrategy(FedAvg(), min_fit_clients=1)
+    updates = [(IdleProxy("c0"), fit_res(random_model(np.random.default_rng(13)), 10))]
+    with pytest.raises(RuntimeError, match="before configure_fit"):
+        strategy.aggregate_fit(1, updates, [])

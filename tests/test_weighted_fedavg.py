@@ -9,6 +9,7 @@ from flwr.server.strategy.aggregate import aggregate
 
 from fl_app.runner import SeededClientManager
 from strategies import WeightedFedAvg
+from strategies.metrics import weighted_metrics
 from tests.flower_objects import IdleProxy, fit_res, random_model, results
 
 
@@ -91,6 +92,27 @@ def test_fit_metrics_are_weighted_by_examples():
            (IdleProxy("b"), fit_res(random_model(rng), 30, {"train_loss": 3.0}))]
     _, metrics = _strategy(random_model(rng)).aggregate_fit(1, res, [])
     assert metrics["train_loss"] == pytest.approx(2.5)
+
+
+def test_aggregate_fit_without_a_known_global_model_is_a_clear_error():
+    updates = results([(random_model(np.random.default_rng(5)), 5)])
+    with pytest.raises(RuntimeError, match="before configure_fit"):
+        WeightedFedAvg(min_fit_clients=1).aggregate_fit(1, updates, [])
+
+
+def test_fit_metrics_cannot_overwrite_the_rejection_count():
+    rng = np.random.default_rng(6)
+    res = [(IdleProxy(c), fit_res(random_model(rng), 10, {"num_rejected": 0})) for c in "ab"]
+    res.append((IdleProxy("bad"), fit_res(random_model(rng), 0)))
+    _, metrics = _strategy(random_model(rng)).aggregate_fit(1, res, [])
+    assert metrics["num_rejected"] == 1
+
+
+def test_weighted_metrics_skip_non_finite_values():
+    reports = [(10, {"accuracy": 0.5, "loss": float("nan")}), (30, {"accuracy": float("inf")}),
+               (30, {"accuracy": 1.0, "loss": 2.0, "flag": True})]
+    assert weighted_metrics(reports) == {"accuracy": pytest.approx((5 + 30) / 40),
+                                         "loss": pytest.approx(2.0)}
 
 
 def test_sampling_is_a_fraction_and_reproducible_with_a_seed():
