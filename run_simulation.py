@@ -5,9 +5,11 @@
 
 `--run-config` takes the same syntax as `flwr run . --run-config` and is resolved through
 the same schema on top of pyproject.toml's `[tool.flwr.app.config]`, so both entry
-points run with the same config. `--resume DIR` continues an interrupted run after its last
-complete round, with the config saved in DIR's checkpoint (overrides may change only
-`num-server-rounds`, `round-timeout` and `max-epsilon`).
+points run with the same config; the config is also checked against `--num-supernodes`
+before Flower starts. `--resume DIR` continues an interrupted run after its last complete
+round, with the config saved in DIR's checkpoint (overrides may change only
+`max-epsilon`, `num-server-rounds` and `round-timeout`; `--out` writes the continuation
+to another folder).
 """
 
 from __future__ import annotations
@@ -19,33 +21,47 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import click
 from flwr.common.config import flatten_dict, get_project_config, parse_config_args
 
 from fl_app.checkpoint import RESUMABLE_CHANGES, CheckpointError, load_checkpoint
-from fl_app.config import RunConfig, resolve
+from fl_app.config import RunConfig, check_num_clients, resolve
+from fl_app.data import DataError
 from fl_app.outputs import resolve_out_dir
 from fl_app.settings import ConfigError
 
 PROJECT_DIR = Path(__file__).resolve().parent
+# What `--run-config` may change with `--resume`: `--resume` sets resume-from and the
+# output folder is `--out`'s (out-dir stays resumable for `flwr run`'s resume-from).
+RESUME_OVERRIDES = RESUMABLE_CHANGES - {"out-dir", "resume-from"}
+
+
+def parse_overrides(overrides: str | None) -> dict[str, Any]:
+    """`--run-config`'s key=value pairs (as `flwr run` parses them); ConfigError if malformed."""
+    try:
+        return parse_config_args([overrides] if overrides else None)
+    except (click.ClickException, OSError, ValueError) as err:
+        raise ConfigError(f"--run-config {overrides!r} cannot be parsed: {err}") from err
 
 
 def load_run_config(overrides: str | None, project_dir: Path = PROJECT_DIR) -> RunConfig:
     """pyproject.toml's app config with `--run-config` overrides, validated by the schema."""
     app_config = get_project_config(project_dir)["tool"]["flwr"]["app"].get("config", {})
     raw = flatten_dict(app_config)
-    raw.update(parse_config_args([overrides] if overrides else None))
+    raw.update(parse_overrides(overrides))
     return resolve(raw)
 
 
 def resume_run_config(folder: str, overrides: str | None) -> RunConfig:
     """The config saved in `folder`'s checkpoint, with `--run-config` overrides, resuming it."""
     raw = dict(load_checkpoint(folder).config)
-    changes = parse_config_args([overrides] if overrides else None)
-    fixed = sorted(set(changes) - RESUMABLE_CHANGES)
+    changes = parse_overrides(overrides)
+    fixed = sorted(set(changes) - RESUME_OVERRIDES)
     if fixed:
+        hint = "; use --out DIR to write the continuation elsewhere" if "out-dir" in fixed else ""
         raise CheckpointError(f"--resume continues the run with its saved config; only "
-                              f"{', '.join(sorted(RESUMABLE_CHANGES - {'resume-from'}))} may "
-                              f"change, not {', '.join(repr(k) for k in fixed)}")
+                              f"{', '.join(sorted(RESUME_OVERRIDES))} may change, not "
+                              f"{', '.join(repr(k) for k in fixed)}{hint}")
     raw.update(changes)
     raw["resume-from"] = str(Path(folder).expanduser().resolve())
     return resolve(raw)
@@ -123,36 +139,46 @@ def print_summary(out_dir: Path, wall_seconds: float) -> None:
     console.print(f"wall time {wall_seconds:.1f} s; history, final model and plots: {out_dir}")
 
 
-def main(argv: list[str] | None = None) -> int:
-    """Resolve the config, run the simulation, print the summary."""
-    args = parse_args(argv)
-    try:
-        if args.resume:
-            cfg = resume_run_config(args.resume, args.run_config)
-        else:
-            cfg = load_run_config(args.run_config)
-    except (ConfigError, CheckpointError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+def prepare(args: argparse.Namespace) -> RunConfig:
+    """The run's config (new or resumed), checked against `--num-supernodes`, with the
+    output folder filled in."""
+    if args.resume:
+        cfg = resume_run_config(args.resume, args.run_config)
+    else:
+        cfg = load_run_config(args.run_config)
+    check_num_clients(cfg, args.num_supernodes)
     out_dir = resolve_out_dir(args.out or args.resume or str(cfg["out-dir"]))
-    cfg = cfg.replace(out_dir=str(out_dir))
+    return cfg.replace(out_dir=str(out_dir))
 
+
+def simulate(cfg: RunConfig, args: argparse.Namespace) -> float:
+    """Run the ServerApp and `--num-supernodes` ClientApps on Flower's simulation engine;
+    return the run's wall time in seconds."""
     from flwr.simulation import run_simulation
 
     from fl_app.client_app import make_client_app
     from fl_app.server_app import make_server_app
 
     start = time.perf_counter()
+    run_simulation(server_app=make_server_app(cfg), client_app=make_client_app(cfg),
+                   num_supernodes=args.num_supernodes, backend_config=backend_config(args))
+    return time.perf_counter() - start
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Resolve and check the config, run the simulation, print the summary."""
+    args = parse_args(argv)
     try:
-        run_simulation(server_app=make_server_app(cfg), client_app=make_client_app(cfg),
-                       num_supernodes=args.num_supernodes, backend_config=backend_config(args))
-    except CheckpointError as err:
+        cfg = prepare(args)
+        seconds = simulate(cfg, args)
+    except (ConfigError, DataError, CheckpointError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    out_dir = Path(str(cfg["out-dir"]))
     if not (out_dir / "history.json").is_file():
         print(f"error: the run wrote no history to {out_dir}; see the log above", file=sys.stderr)
         return 1
-    print_summary(out_dir, time.perf_counter() - start)
+    print_summary(out_dir, seconds)
     return 0
 
 

@@ -2,15 +2,18 @@
 
 `flwr run .` (through `Context.run_config`) and `run_simulation.py` both resolve their
 settings through `resolve()`, so they cannot drift apart. Keys are kebab-case, as in
-Flower's own apps. Strategy modules contribute their own keys (see `strategies.registry`).
+Flower's own apps. Other modules contribute their own keys (a `SETTINGS` list) and rules
+across keys (a `check_config(values)` raising `ConfigError`): the reliability modules named
+in `_contributing_modules` and the strategy modules of `strategies.registry`.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterator, Mapping
 from functools import lru_cache
+from types import ModuleType
 
-from fl_app.settings import ConfigError, Scalar, Setting
+from fl_app.settings import ConfigCheck, ConfigError, Scalar, Setting, module_checks
 
 
 def _model_names() -> list[str]:
@@ -35,6 +38,11 @@ def _strategy_names() -> list[str]:
     from strategies.registry import strategy_names
 
     return strategy_names()
+
+
+def _is_hub_dataset(value: Scalar) -> bool:
+    """`hf:<hub id>` with a non-empty id."""
+    return str(value).startswith("hf:") and bool(str(value).removeprefix("hf:").strip())
 
 
 CORE_SETTINGS: list[Setting] = [
@@ -90,7 +98,7 @@ CORE_SETTINGS: list[Setting] = [
     Setting("dataset", str, "digits",
             "Dataset: embedded digits, generated Synthetic(alpha,beta), or a hub dataset "
             "(needs network).", "data", choices=_dataset_names,
-            check=lambda v: str(v).startswith("hf:"), check_hint="'hf:<hub id>'"),
+            check=_is_hub_dataset, check_hint="'hf:<hub id>'"),
     Setting("partitioner", str, "iid", "flwr-datasets partitioner that splits the training pool.",
             "data", choices=_partitioner_names),
     Setting("dirichlet-alpha", float, 0.3, "Concentration of the Dirichlet partitioner.", "data",
@@ -100,7 +108,8 @@ CORE_SETTINGS: list[Setting] = [
     Setting("shards-per-partition", int, 2, "Shards per client for the shard partitioner.", "data",
             low=1),
     Setting("validation-fraction", float, 0.1,
-            "Fraction of each client's data kept for its local validation.", "data",
+            "Fraction of each client's data kept for its local validation, on which "
+            "distributed evaluation runs (0 requires fraction-evaluate=0).", "data",
             low=0.0, high=0.5),
     Setting("test-fraction", float, 0.2,
             "Fraction of the dataset held out on the server for centralized evaluation.", "data",
@@ -110,28 +119,41 @@ CORE_SETTINGS: list[Setting] = [
     Setting("synthetic-beta", float, 1.0, "Synthetic(alpha,beta): data heterogeneity.", "data",
             low=0.0),
     Setting("synthetic-num-users", int, 10,
-            "Synthetic(alpha,beta): number of users (must equal the number of partitions).",
-            "data", low=1),
+            "Synthetic(alpha,beta): number of users; each client holds one user's data, so "
+            "it must equal the number of clients.", "data", low=1),
     Setting("synthetic-dim", int, 60, "Synthetic(alpha,beta): feature dimension.", "data", low=1),
     Setting("synthetic-classes", int, 10, "Synthetic(alpha,beta): number of classes.", "data",
             low=2),
 ]
 
 
+def _contributing_modules() -> list[ModuleType]:
+    """The non-strategy modules with their own `SETTINGS` (and maybe `check_config`)."""
+    from fl_app import checkpoint, faults
+    from strategies import validation
+
+    return [validation, checkpoint, faults]
+
+
 @lru_cache(maxsize=1)
 def all_settings() -> dict[str, Setting]:
     """Every run-config key (core, reliability: validation, checkpoints, faults; strategies)."""
-    from fl_app import checkpoint, faults
-    from strategies import validation
     from strategies.registry import strategy_settings
 
     settings: dict[str, Setting] = {}
-    for setting in [*CORE_SETTINGS, *validation.SETTINGS, *checkpoint.SETTINGS,
-                    *faults.SETTINGS, *strategy_settings()]:
+    contributed = [s for module in _contributing_modules() for s in module.SETTINGS]
+    for setting in [*CORE_SETTINGS, *contributed, *strategy_settings()]:
         if setting.key in settings:
             raise RuntimeError(f"run-config key '{setting.key}' is declared twice")
         settings[setting.key] = setting
     return settings
+
+
+def all_checks() -> list[ConfigCheck]:
+    """Every cross-key rule: the core's, then each contributing module's `check_config`."""
+    from strategies.registry import strategy_checks
+
+    return [*CORE_CHECKS, *module_checks(_contributing_modules()), *strategy_checks()]
 
 
 def defaults() -> dict[str, Scalar]:
@@ -173,8 +195,9 @@ class RunConfig(Mapping[str, Scalar]):
 def resolve(raw: Mapping[str, object]) -> RunConfig:
     """Validate `raw` against the schema and fill in defaults.
 
-    Raises ConfigError naming the key at fault for an unknown key, a wrong type or an
-    out-of-range value, before any training starts.
+    Raises ConfigError naming the key at fault for an unknown key, a wrong type, an
+    out-of-range value or a broken rule across keys (`all_checks`), before any training
+    starts.
     """
     settings = all_settings()
     unknown = sorted(set(raw) - set(settings))
@@ -184,13 +207,48 @@ def resolve(raw: Mapping[str, object]) -> RunConfig:
             f"known keys: {', '.join(sorted(settings))}"
         )
     values = {key: s.coerce(raw[key]) if key in raw else s.default for key, s in settings.items()}
-    _check_cross_key_rules(values)
+    for check in all_checks():
+        check(values)
     return RunConfig(values)
 
 
-def _check_cross_key_rules(values: Mapping[str, Scalar]) -> None:
+def _check_sampling_minimums(values: Mapping[str, Scalar]) -> None:
     if values["min-fit-clients"] > values["min-available-clients"]:
         raise ConfigError(
             f"run-config key 'min-fit-clients' ({values['min-fit-clients']}) must not exceed "
             f"'min-available-clients' ({values['min-available-clients']})"
         )
+
+
+def _check_evaluation_data(values: Mapping[str, Scalar]) -> None:
+    if values["validation-fraction"] == 0 and values["fraction-evaluate"] > 0:
+        raise ConfigError(
+            "run-config key 'validation-fraction' is 0, so clients keep no validation data, "
+            f"but 'fraction-evaluate' is {values['fraction-evaluate']}: set "
+            "fraction-evaluate=0 (distributed evaluation off) or validation-fraction > 0"
+        )
+
+
+CORE_CHECKS: list[ConfigCheck] = [_check_sampling_minimums, _check_evaluation_data]
+
+
+def check_num_clients(cfg: Mapping[str, Scalar], num_clients: int) -> None:
+    """Raise ConfigError, naming the keys, if `cfg` cannot run on `num_clients` clients.
+
+    Checks the sampling minimums (a round would wait for clients that never come), the
+    number of synthetic users (one per client) and the fault and attack roles.
+    """
+    from fl_app.faults import role_counts
+
+    keys = ["min-fit-clients", "min-available-clients",
+            *(["min-evaluate-clients"] if cfg["fraction-evaluate"] > 0 else [])]
+    too_many = [f"'{key}' ({cfg[key]})" for key in keys if cfg[key] > num_clients]
+    if too_many:
+        raise ConfigError(f"run-config key(s) {', '.join(too_many)} exceed the {num_clients} "
+                          "clients of the federation: rounds would wait for clients that never "
+                          "connect; lower them or add clients")
+    if cfg["dataset"] == "synthetic" and cfg["synthetic-num-users"] != num_clients:
+        raise ConfigError(f"run-config key 'synthetic-num-users' ({cfg['synthetic-num-users']}) "
+                          f"must equal the number of clients ({num_clients}): dataset "
+                          "'synthetic' gives each client the data of one user")
+    role_counts(cfg, num_clients)

@@ -67,13 +67,20 @@ def _fractions(cfg: Mapping[str, Scalar]) -> dict[str, float]:
     return {key: float(cfg[key]) for key in keys}
 
 
-def check_fault_config(cfg: Mapping[str, Scalar]) -> None:
-    """Raise ConfigError if the fault and attack fractions add up to more than 1."""
-    fractions = _fractions(cfg)
+def check_config(values: Mapping[str, Scalar]) -> None:
+    """Raise ConfigError if the fault and attack fractions add up to more than 1.
+
+    `fl_app.config.resolve` runs this for every config; the counts on a given number of
+    clients (rounded, so they may exceed it still) are `role_counts`' check.
+    """
+    fractions = _fractions(values)
     if sum(fractions.values()) > 1.0 + 1e-9:
         raise ConfigError(f"run-config keys {', '.join(repr(k) for k in fractions)} add up to "
                           f"{sum(fractions.values()):g}: a client has at most one role, so they "
                           "must add up to at most 1")
+
+
+check_fault_config = check_config  # old name, still imported by server_app.py and a test
 
 
 def _count(fraction: float, num_partitions: int) -> int:

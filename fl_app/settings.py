@@ -2,15 +2,24 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
+from types import ModuleType
 from typing import Union
 
 Scalar = Union[bool, int, float, str]
+ConfigCheck = Callable[[Mapping[str, Scalar]], None]
+"""A cross-key rule: takes every key's value, raises ConfigError naming the keys at fault."""
 
 
 class ConfigError(ValueError):
     """A run-config value is unknown, mistyped or out of range (raised before training)."""
+
+
+def module_checks(modules: Iterable[ModuleType]) -> list[ConfigCheck]:
+    """The `check_config(values)` of each module that defines one (modules that contribute
+    `SETTINGS` may also contribute cross-key rules this way)."""
+    return [module.check_config for module in modules if hasattr(module, "check_config")]
 
 
 @dataclass(frozen=True)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import subprocess
 import sys
 from pathlib import Path
@@ -37,6 +38,13 @@ def test_defaults_resolve_and_cover_every_key():
     ({"dataset": "imagenet"}, "dataset", "'digits'"),
     ({"partitioner": "random"}, "partitioner", "'dirichlet'"),
     ({"min-fit-clients": 5, "min-available-clients": 2}, "min-fit-clients", "must not exceed"),
+    ({"dataset": "hf:"}, "dataset", "'hf:<hub id>'"),
+    ({"dataset": "hf: "}, "dataset", "'hf:<hub id>'"),
+    ({"fault-raise-fraction": 0.7, "fault-nan-fraction": 0.7}, "fault-nan-fraction",
+     "at most 1"),
+    ({"fault-raise-fraction": 0.6, "attack": "scale", "attack-fraction": 0.5},
+     "attack-fraction", "add up to 1.1"),
+    ({"validation-fraction": 0.0}, "validation-fraction", "'fraction-evaluate' is 1.0"),
 ])
 def test_bad_values_fail_naming_the_key_and_what_is_allowed(raw, key, hint):
     with pytest.raises(ConfigError) as err:
@@ -49,6 +57,30 @@ def test_accepted_values_are_typed():
     cfg = make_config(learning_rate=1, model="my/model.keras", dataset="hf:some/dataset")
     assert cfg["learning-rate"] == 1.0 and isinstance(cfg["learning-rate"], float)
     assert cfg["model"] == "my/model.keras"
+
+
+def test_accepted_combinations_of_keys():
+    # attack-fraction counts only when an attack is configured
+    make_config(fault_raise_fraction=0.6, attack_fraction=0.5)
+    make_config(fault_raise_fraction=0.5, fault_nan_fraction=0.5)
+    make_config(validation_fraction=0.0, fraction_evaluate=0.0)
+
+
+@pytest.mark.parametrize("module", ["strategies.weighted_fedavg", "fl_app.checkpoint"])
+def test_a_modules_check_config_runs_in_resolve(monkeypatch, module):
+    seen = []
+
+    def check_config(values):
+        seen.append(dict(values))
+        if values["local-epochs"] > 3:
+            raise ConfigError("run-config key 'local-epochs' is too large for this check")
+
+    monkeypatch.setattr(importlib.import_module(module), "check_config", check_config,
+                        raising=False)
+    make_config(local_epochs=2)
+    assert set(seen[-1]) == set(all_settings())  # it sees every key, defaults included
+    with pytest.raises(ConfigError, match="'local-epochs' is too large"):
+        make_config(local_epochs=4)
 
 
 def test_pyproject_and_readme_are_in_sync_with_the_schema():
@@ -70,3 +102,9 @@ def test_run_simulation_rejects_bad_config_before_training(capsys, tmp_path):
     assert code == 2
     assert "'fraction-fit'" in capsys.readouterr().err
     assert not (tmp_path / "history.json").exists()
+
+
+def test_run_simulation_rejects_a_malformed_run_config_string(capsys, tmp_path):
+    code = run_simulation.main(["--run-config", "local-epochs=[1", "--out", str(tmp_path)])
+    assert code == 2
+    assert capsys.readouterr().err.startswith("error: --run-config 'local-epochs=[1' cannot be")

@@ -1,0 +1,51 @@
+"""run_simulation.py's CLI: the config is checked against --num-supernodes before Flower
+starts, and errors from setting up the run reach the user as one line, not a traceback."""
+
+from __future__ import annotations
+
+import pytest
+
+import run_simulation
+from fl_app.checkpoint import CheckpointError
+from fl_app.config import check_num_clients
+from fl_app.data import DataError
+from fl_app.settings import ConfigError
+from tests.conftest import make_config
+
+
+def _flower_must_not_start(cfg, args):
+    raise AssertionError("the simulation started despite a config that cannot run")
+
+
+@pytest.mark.parametrize("run_config, keys", [
+    ("min-fit-clients=4 min-available-clients=4", ["min-fit-clients", "min-available-clients"]),
+    ("min-evaluate-clients=5", ["min-evaluate-clients"]),
+    ("dataset='synthetic' synthetic-num-users=5", ["synthetic-num-users"]),
+    ("fault-raise-fraction=0.5 fault-nan-fraction=0.5", ["fault-raise-fraction"]),
+])
+def test_config_that_cannot_run_on_the_supernodes_exits_2_naming_the_key(
+        monkeypatch, capsys, tmp_path, run_config, keys):
+    monkeypatch.setattr(run_simulation, "simulate", _flower_must_not_start)
+    code = run_simulation.main(["--num-supernodes", "3", "--run-config", run_config,
+                                "--out", str(tmp_path)])
+    err = capsys.readouterr().err
+    assert code == 2 and err.startswith("error: ")
+    assert all(f"'{key}'" in err for key in keys)
+
+
+def test_configs_that_fit_the_clients_pass():
+    check_num_clients(make_config(min_fit_clients=3, min_available_clients=3), 3)
+    check_num_clients(make_config(dataset="synthetic", synthetic_num_users=3), 3)
+    check_num_clients(make_config(fault_raise_fraction=0.34, fault_nan_fraction=0.34), 3)
+    # without distributed evaluation, min-evaluate-clients is never used
+    check_num_clients(make_config(min_evaluate_clients=5, fraction_evaluate=0.0), 3)
+
+
+@pytest.mark.parametrize("error", [DataError, ConfigError, CheckpointError])
+def test_errors_while_running_are_one_line(monkeypatch, capsys, tmp_path, error):
+    def fail(cfg, args):
+        raise error("dataset 'mnist' could not be loaded")
+
+    monkeypatch.setattr(run_simulation, "simulate", fail)
+    assert run_simulation.main(["--out", str(tmp_path)]) == 2
+    assert capsys.readouterr().err == "error: dataset 'mnist' could not be loaded\n"
