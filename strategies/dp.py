@@ -9,9 +9,11 @@ The wrappers take any inner strategy (`dp-inner`, default `weighted-fedavg`). Ea
    `dp-client-adaptive`; the server re-clips as a safeguard, a no-op for honest clients);
 3. the clipped updates are averaged with *equal weights* over a fixed denominator m (the
    number of clients sampled; for Poisson sampling the expected number q·N): clients that
-   fail or are rejected count as a zero update. Client-reported `num_examples` is ignored:
-   weighting by it would let one client's weight, and so the sensitivity, grow without
-   bound;
+   fail or are rejected count as a zero update, and the round is released whatever they
+   did (skipping it would reveal, un-noised, that a client failed; hence `accept-failures`
+   must stay on and `min-fit-clients` does not hold a DP round back). Client-reported
+   `num_examples` is ignored: weighting by it would let one client's weight, and so the
+   sensitivity, grow without bound;
 4. Gaussian noise of std z·C/m is added to the average (z = `noise-multiplier`);
 5. the inner strategy receives this privatized model in place of every accepted client's
    parameters, each with `num_examples=1` and no client metrics, so whatever it computes
@@ -24,10 +26,18 @@ The wrappers take any inner strategy (`dp-inner`, default `weighted-fedavg`). Ea
 Adaptive clipping (Andrew et al., 2021, "Differentially Private Learning with Adaptive
 Clipping") moves C towards the γ-quantile of the update norms: with b̃ the noised
 fraction of updates not clipped (count noise std σ_b = `clipped-count-stddev`, by
-default max(m/20, z)), C ← C·exp(−η(b̃ − γ)). The update noise multiplier z_Δ is raised
-so that the two Gaussian queries together equal one with multiplier z:
-z⁻² = z_Δ⁻² + (2σ_b)⁻²; the accountant charges z per round (the tests check this against
-dp-accounting composing both queries). Every round's ε at δ comes from
+default max(m/20, z)), C ← C·exp(−η(b̃ − γ)). The count is centred, Σ(bᵢ − ½), so one
+client moves it by at most ½ (under add/remove adjacency, Poisson sampling; under
+replace-one both queries' sensitivities double together), and the update noise
+multiplier z_Δ is raised so that the two Gaussian queries together equal one with
+multiplier z: z⁻² = z_Δ⁻² + (2σ_b)⁻²; the accountant charges z per round (the tests
+check this against dp-accounting composing both queries).
+
+The noise and the DP client sample are drawn from a generator seeded by OS entropy: the
+run config (and so `seed`) reaches every client, and noise or a sample anyone can
+recompute protects nothing. `dp-noise-seed` makes them reproducible for experiments
+only. With Poisson sampling, an empty sample skips the round (Flower cancels a round
+without clients); that happens with probability (1 − q)^N, which should be far below δ. Every round's ε at δ comes from
 `strategies.accounting`; the run stops before a round that would exceed `max-epsilon`,
 and `configure_fit` refuses such a round itself, so the budget also holds under Flower's
 plain server loop. Distributed evaluation metrics are not covered by the guarantee (set
@@ -37,6 +47,7 @@ plain server loop. Distributed evaluation metrics are not covered by the guarant
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass
 from logging import INFO, WARNING
 from typing import Any
@@ -60,7 +71,7 @@ from fl_app.settings import ConfigError, Setting
 from strategies.accounting import ACCOUNTANTS, SAMPLINGS, PrivacyAccountant, RoundEvent
 from strategies.clipping import KEY_CLIPPING_NORM, KEY_NORM_BIT, clip_update, model_update
 from strategies.context import StrategyContext
-from strategies.dp_sampling import PoissonSampling
+from strategies.dp_sampling import DPSampling
 from strategies.validation import validate_fit_results
 from strategies.weighted_fedavg import sample_size
 from strategies.wrapper import StrategyWrapper
@@ -104,11 +115,33 @@ SETTINGS = [
     Setting("clip-norm-lr", float, 0.2,
             "Adaptive clipping: learning rate of the geometric clip-norm update.", "privacy",
             low=0.0, low_open=True),
+    Setting("dp-noise-seed", int, 0,
+            "DP: 0 draws the noise and the DP client sample from OS entropy, as the guarantee "
+            "requires; a positive seed makes them reproducible, for experiments only (the run "
+            "config reaches every client, so seeded noise is no secret and epsilon does not "
+            "hold).", "privacy", low=0),
     Setting("clipped-count-stddev", float, 0.0,
             "Adaptive clipping: std of the noise on the count of unclipped updates "
             "(0: max(m/20, noise-multiplier) for m sampled clients; Andrew et al. use "
             "m/20).", "privacy", low=0.0),
 ]
+
+
+def check_config(values: Mapping[str, Scalar]) -> None:
+    """Refuse settings a DP strategy cannot honour without leaking un-noised information."""
+    strategy = values["strategy"]
+    if not str(strategy).startswith("dp-"):
+        return
+    if not values["accept-failures"]:
+        raise ConfigError(
+            f"run-config key 'accept-failures' must be true with strategy='{strategy}': a DP "
+            "round is released whatever its clients did (a failed client counts as a zero "
+            "update); skipping it would reveal, un-noised, that a client failed")
+    if values["outlier-norm-factor"]:
+        raise ConfigError(
+            f"run-config key 'outlier-norm-factor' must be 0 with strategy='{strategy}': "
+            "rejecting an update for its norm relative to the other clients' depends on their "
+            "data outside the privacy accounting; clipping already bounds every update")
 
 
 def split_noise_multiplier(total: float, count_stddev: float) -> float:
@@ -139,14 +172,15 @@ class DPFixedClipping(StrategyWrapper):
 
     `client_side=True`: clients clip their own updates (C is sent in the fit config under
     Flower's `clipping_norm` key) and the server only averages and adds noise.
-    Noise is drawn from a generator seeded by `seed`; its state, the clip norm and the
+    Noise and the client sample are drawn from generators seeded by OS entropy, or by
+    `noise_seed` > 0 (reproducible, not private); their states, the clip norm and the
     accountant's ledger are part of `get_state()`.
     """
 
     def __init__(self, inner: Strategy, *, noise_multiplier: float, clipping_norm: float,
-                 accountant: PrivacyAccountant, seed: int = 0, client_side: bool = False,
+                 accountant: PrivacyAccountant, noise_seed: int = 0, client_side: bool = False,
                  max_epsilon: float = 0.0, fraction_fit: float = 1.0, min_fit_clients: int = 1,
-                 max_examples: int = 0, accept_failures: bool = True) -> None:
+                 max_examples: int = 0) -> None:
         super().__init__(inner)
         if noise_multiplier < 0 or clipping_norm <= 0:
             raise ConfigError(f"need noise-multiplier >= 0 and clipping-norm > 0, got "
@@ -159,9 +193,12 @@ class DPFixedClipping(StrategyWrapper):
         self.fraction_fit = fraction_fit
         self.min_fit_clients = min_fit_clients
         self.max_examples = max_examples
-        self.accept_failures = accept_failures
-        self._rng = np.random.default_rng([seed, 0xD9])
-        self._sampling_rng = np.random.default_rng([seed, 0x5A])
+        self._rng = np.random.default_rng([noise_seed, 0xD9] if noise_seed else None)
+        self._sampling_rng = np.random.default_rng([noise_seed, 0x5A] if noise_seed else None)
+        if noise_seed:
+            log(WARNING, "dp-noise-seed=%s: the DP noise and client sample are reproducible "
+                "by anyone who knows the run config; use it for experiments, not privacy",
+                noise_seed)
         self._client_manager: ClientManager | None = None
         self._plan: _RoundPlan | None = None
         if noise_multiplier == 0:
@@ -197,13 +234,12 @@ class DPFixedClipping(StrategyWrapper):
 
     def configure_fit(self, server_round: int, parameters: Parameters,
                       client_manager: ClientManager) -> list[tuple[ClientProxy, FitIns]]:
-        """Let the inner strategy sample (Poisson view if configured); fix m, C and the
-        round's privacy event; send C to the clients for client-side clipping."""
+        """Let the inner strategy sample through our secret `DPSampling` view; fix m, C and
+        the round's privacy event; send C to the clients for client-side clipping."""
         self._client_manager, self._plan = client_manager, None
-        sampler = client_manager
-        if self.accountant.sampling == "poisson":
-            sampler = PoissonSampling(client_manager, self.accountant.poisson_rate,
-                                      self._sampling_rng)
+        poisson = self.accountant.sampling == "poisson"
+        sampler = DPSampling(client_manager, self._sampling_rng,
+                             self.accountant.poisson_rate if poisson else None)
         instructions = self.inner.configure_fit(server_round, parameters, sampler)
         if not instructions:
             return []
@@ -230,13 +266,10 @@ class DPFixedClipping(StrategyWrapper):
         failures: list[tuple[ClientProxy, FitRes] | BaseException],
     ) -> tuple[Parameters | None, dict[str, Scalar]]:
         """Validate, clip, average with equal weights, add noise, account the release, and
-        hand the privatized model to the inner strategy."""
+        hand the privatized model to the inner strategy. Every configured round is
+        released, whatever the clients did: failed and rejected ones count as zero."""
         plan = self._plan
-        if plan is None or not results:
-            return None, {}
-        if failures and not self.accept_failures:
-            log(WARNING, "round %s: %s client(s) failed and accept-failures is off: "
-                "keeping the previous global model", server_round, len(failures))
+        if plan is None:
             return None, {}
         checked = validate_fit_results(results, plan.reference, server_round, self.max_examples)
         rejected = list(checked.rejected)
@@ -255,13 +288,14 @@ class DPFixedClipping(StrategyWrapper):
         metrics: dict[str, Scalar] = {"num_rejected": len(rejected)}
         if len(accepted) < self.min_fit_clients:
             log(WARNING, "round %s: only %s valid update(s), fewer than min-fit-clients=%s: "
-                "nothing released, the global model is kept", server_round, len(accepted),
-                self.min_fit_clients)
-            return None, metrics
+                "released all the same (a DP round is never held back)", server_round,
+                len(accepted), self.min_fit_clients)
         noised, dp_metrics = self._release(plan, clipped, bits)
         privatized = ndarrays_to_parameters(
             [(ref.astype(np.float64) + delta).astype(ref.dtype)
              for ref, delta in zip(plan.reference, noised)])
+        if not accepted:  # noise only: no inner strategy can aggregate zero results
+            return privatized, {**metrics, **dp_metrics}
         inner_results = [(proxy, FitRes(status=fit_res.status, parameters=privatized,
                                         num_examples=1, metrics={}))
                          for proxy, fit_res in accepted]
@@ -273,8 +307,10 @@ class DPFixedClipping(StrategyWrapper):
                  bits: list[bool]) -> tuple[NDArrays, dict[str, Scalar]]:
         """The noised average update; records the round with the accountant."""
         std = self.update_noise_multiplier(plan.denominator) * plan.clip_norm / plan.denominator
-        noised = [np.sum(layer, axis=0) / plan.denominator + self._rng.normal(0.0, std, shape)
-                  for layer, shape in ((np.stack(ls), ls[0].shape) for ls in zip(*clipped))]
+        total = [np.zeros(ref.shape) for ref in plan.reference]
+        for update in clipped:
+            total = [t + u for t, u in zip(total, update)]
+        noised = [t / plan.denominator + self._rng.normal(0.0, std, t.shape) for t in total]
         self.accountant.record(plan.event)
         log(INFO, "DP: averaged %s clipped update(s) over m=%g, C=%.4g, noise std %.4g",
             len(clipped), plan.denominator, plan.clip_norm, std)
@@ -316,6 +352,12 @@ class DPFixedClipping(StrategyWrapper):
         self._sampling_rng.bit_generator.state = own["sampling_rng"]
         self.accountant.set_state(own["accountant"])
         super().set_state(state)
+
+
+def centred_unclipped_count(clipped: list[bool]) -> float:
+    """Σ(bᵢ − ½) over the clients' bits bᵢ = 1 when not clipped: adding or removing one
+    client moves it by exactly ½, the sensitivity the noise split assumes."""
+    return sum(0.5 - bit for bit in clipped)
 
 
 class DPAdaptiveClipping(DPFixedClipping):
@@ -362,9 +404,9 @@ class DPAdaptiveClipping(DPFixedClipping):
     def _release(self, plan: _RoundPlan, clipped: list[NDArrays],
                  bits: list[bool]) -> tuple[NDArrays, dict[str, Scalar]]:
         noised, metrics = super()._release(plan, clipped, bits)
-        unclipped = len(bits) - sum(bits) + self._rng.normal(0.0, self.count_stddev(
-            plan.denominator))
-        fraction = unclipped / plan.denominator
+        noised_count = centred_unclipped_count(bits) + self._rng.normal(
+            0.0, self.count_stddev(plan.denominator))
+        fraction = noised_count / plan.denominator + 0.5
         self.clip_norm = plan.clip_norm * math.exp(
             -self.clip_norm_lr * (fraction - self.target_quantile))
         return noised, {**metrics, "dp_unclipped_fraction": fraction}
@@ -377,10 +419,10 @@ def _kwargs(ctx: StrategyContext, client_side: bool) -> dict[str, Any]:
     accountant = PrivacyAccountant(cfg["accountant"], cfg["dp-sampling"], cfg["fraction-fit"],
                                    cfg["target-delta"])
     return dict(inner=REGISTRY[cfg["dp-inner"]](ctx), noise_multiplier=cfg["noise-multiplier"],
-                clipping_norm=cfg["clipping-norm"], accountant=accountant, seed=cfg["seed"],
-                client_side=client_side, max_epsilon=cfg["max-epsilon"],
-                fraction_fit=cfg["fraction-fit"], min_fit_clients=cfg["min-fit-clients"],
-                max_examples=cfg["max-examples"], accept_failures=cfg["accept-failures"])
+                clipping_norm=cfg["clipping-norm"], accountant=accountant,
+                noise_seed=cfg["dp-noise-seed"], client_side=client_side,
+                max_epsilon=cfg["max-epsilon"], fraction_fit=cfg["fraction-fit"],
+                min_fit_clients=cfg["min-fit-clients"], max_examples=cfg["max-examples"])
 
 
 def _adaptive(ctx: StrategyContext, client_side: bool) -> DPAdaptiveClipping:

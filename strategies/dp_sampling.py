@@ -1,4 +1,10 @@
-"""Poisson client sampling, as a view of a client manager that any strategy can sample from."""
+"""DP client sampling: a view of a client manager that samples with the DP wrapper's own RNG.
+
+Privacy amplification by sampling assumes nobody can predict the sample. The run's `seed`
+is part of the run config, which every client receives, so a sample drawn from it is
+predictable; the DP wrappers hand their inner strategy this view instead, drawing from
+their secret generator (see `dp-noise-seed`).
+"""
 
 from __future__ import annotations
 
@@ -8,19 +14,20 @@ from flwr.server.client_proxy import ClientProxy
 from flwr.server.criterion import Criterion
 
 
-class PoissonSampling(ClientManager):
-    """A client manager whose `sample` takes each available client independently with
-    probability `rate` (ignoring the requested number), drawn from `rng`.
+class DPSampling(ClientManager):
+    """A client manager whose `sample` draws from `rng`: `num_clients` clients uniformly
+    without replacement, or, with `poisson_rate`, each available client independently
+    with that probability (ignoring the requested number).
 
-    Everything else is delegated to `base`. A DP wrapper hands this view to its inner
-    strategy's `configure_fit`, so the inner strategy's own sampling code is reused while
-    the sample follows the Poisson scheme the privacy accountant assumes.
+    Everything else is delegated to `base`, so the inner strategy's own sampling code is
+    reused while the sample follows the scheme the privacy accountant assumes.
     """
 
-    def __init__(self, base: ClientManager, rate: float, rng: np.random.Generator) -> None:
+    def __init__(self, base: ClientManager, rng: np.random.Generator,
+                 poisson_rate: float | None = None) -> None:
         self.base = base
-        self.rate = rate
         self.rng = rng
+        self.poisson_rate = poisson_rate
 
     def num_available(self) -> int:
         """Delegate to the base client manager."""
@@ -44,12 +51,17 @@ class PoissonSampling(ClientManager):
 
     def sample(self, num_clients: int, min_num_clients: int | None = None,
                criterion: Criterion | None = None) -> list[ClientProxy]:
-        """Once `min_num_clients` are connected, keep each client with probability `rate`."""
+        """Once `min_num_clients` are connected, draw the sample from `rng`."""
         self.base.wait_for(num_clients if min_num_clients is None else min_num_clients)
         clients = self.base.all()
         eligible = [cid for cid, client in clients.items()
                     if criterion is None or criterion.select(client)]
         # A base that knows stable client keys (SeededClientManager) orders reproducibly.
         eligible = getattr(self.base, "ordered", sorted)(eligible)
-        keep = self.rng.random(len(eligible)) < self.rate
-        return [clients[cid] for cid, kept in zip(eligible, keep) if kept]
+        if self.poisson_rate is not None:
+            keep = self.rng.random(len(eligible)) < self.poisson_rate
+            return [clients[cid] for cid, kept in zip(eligible, keep) if kept]
+        if num_clients > len(eligible):
+            return []
+        chosen = self.rng.choice(len(eligible), size=num_clients, replace=False)
+        return [clients[eligible[i]] for i in sorted(chosen)]

@@ -18,7 +18,7 @@ def _run(target: float, noise: float, client_side: bool, rounds: int = 120):
     manager = client_manager(200)
     strategy = dp_strategy(adaptive=True, fraction_fit=0.5, clipping_norm=0.1,
                            noise_multiplier=noise, target_quantile=target, clip_norm_lr=0.2,
-                           client_side=client_side, seed=3)
+                           client_side=client_side, noise_seed=3)
     base, clip_norms, under = zeros(), [], []
 
     def client(proxy, ins):
@@ -56,7 +56,7 @@ def test_clipped_count_gets_gaussian_noise_of_the_configured_std():
     m, count_stddev = 10, 2.0
     manager = client_manager(m)
     strategy = dp_strategy(adaptive=True, noise_multiplier=1.0, clipped_count_stddev=count_stddev,
-                           clipping_norm=1.0, seed=5)
+                           clipping_norm=1.0, noise_seed=5)
     base = zeros()
     counts = []
     for r in range(1, 301):

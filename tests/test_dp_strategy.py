@@ -11,8 +11,10 @@ from flwr.server.strategy import DifferentialPrivacyServerSideFixedClipping, Fed
 from scipy import stats
 
 from strategies.clipping import KEY_CLIPPING_NORM, KEY_NORM_BIT
-from strategies.dp import split_noise_multiplier
+from fl_app.settings import ConfigError
+from strategies.dp import centred_unclipped_count, check_config, split_noise_multiplier
 from tests.dp_rounds import client_manager, dp_strategy, play_round, sends, zeros
+from tests.conftest import make_config
 from tests.flower_objects import fit_res
 
 FALSE_FAILURE_RATE = 1e-6  # two-sided, per statistical assertion
@@ -113,7 +115,7 @@ def test_added_noise_has_std_noise_multiplier_times_c_over_m(num_clients, clip_n
     base = zeros(shapes)
     manager = client_manager(num_clients)
     strategy = dp_strategy(initial=base, noise_multiplier=noise, clipping_norm=clip_norm,
-                           adaptive=adaptive, seed=7)
+                           adaptive=adaptive, noise_seed=7)
     new, metrics, _ = play_round(strategy, manager, 1, base, lambda p, i: (base, 1, {}))
     noise_values = np.concatenate([a.astype(np.float64).ravel() for a in new])
     z = split_noise_multiplier(noise, max(num_clients / 20, noise)) if adaptive else noise
@@ -127,17 +129,60 @@ def test_added_noise_has_std_noise_multiplier_times_c_over_m(num_clients, clip_n
     assert abs(noise_values.mean()) < z_limit * sigma / np.sqrt(n)
 
 
-def test_noise_is_reproducible_from_the_seed():
+def test_noise_is_secret_by_default_and_reproducible_only_with_a_noise_seed():
     manager = client_manager(3)
     base = zeros()
 
-    def run(seed):
-        strategy = dp_strategy(noise_multiplier=1.0, seed=seed)
+    def run(noise_seed):
+        strategy = dp_strategy(noise_multiplier=1.0, noise_seed=noise_seed)
         return play_round(strategy, manager, 1, base, lambda p, i: (base, 1, {}))[0]
 
     for a, b in zip(run(3), run(3)):
         np.testing.assert_array_equal(a, b)
     assert not np.array_equal(run(3)[0], run(4)[0])
+    assert not np.array_equal(run(0)[0], run(0)[0])  # OS entropy: nobody can recompute it
+
+
+def test_client_sample_follows_the_dp_generator_not_the_run_seed():
+    """Amplification by sampling needs a sample nobody can predict from the run config."""
+    def samples(noise_seed):
+        manager, strategy = client_manager(20), dp_strategy(fraction_fit=0.25,
+                                                            noise_seed=noise_seed)
+        return [sorted(p.cid for p, _ in strategy.configure_fit(
+            r, ndarrays_to_parameters(zeros()), manager)) for r in range(1, 6)]
+
+    assert all(len(sample) == 5 for sample in samples(1))
+    assert samples(1) == samples(1) and samples(1) != samples(2)
+    assert samples(0) != samples(0)
+
+
+def test_a_round_whose_clients_all_failed_still_releases_noise_and_is_accounted():
+    manager, base = client_manager(4), zeros()
+    strategy = dp_strategy(noise_multiplier=1.0, initial=base)
+    strategy.configure_fit(1, ndarrays_to_parameters(base), manager)
+    new, metrics = strategy.aggregate_fit(1, [], [RuntimeError("client crashed")] * 4)
+    noise = np.concatenate([a.ravel() for a in parameters_to_ndarrays(new)])
+    assert metrics["dp_noise_std"] == pytest.approx(1.0 / 4) and np.std(noise) > 0.1
+    assert strategy.privacy_report(1)["epsilon"] > 0
+
+
+def test_centred_count_moves_by_one_half_per_client():
+    """The noise split assumes the clipped-count query has sensitivity 1/2."""
+    rng = np.random.default_rng(0)
+    for _ in range(20):
+        bits = list(rng.random(int(rng.integers(0, 10))) < 0.5)
+        for extra in (True, False):
+            change = centred_unclipped_count(bits + [extra]) - centred_unclipped_count(bits)
+            assert abs(change) == 0.5
+
+
+@pytest.mark.parametrize("overrides, key", [({"accept_failures": False}, "accept-failures"),
+                                            ({"outlier_norm_factor": 3.0},
+                                             "outlier-norm-factor")])
+def test_settings_dp_cannot_honour_are_refused(overrides, key):
+    check_config(make_config(strategy="weighted-fedavg", **overrides))  # fine without DP
+    with pytest.raises(ConfigError, match=f"'{key}'.*strategy='dp-fixed'"):
+        check_config(make_config(strategy="dp-fixed", **overrides))
 
 
 def test_same_aggregate_as_flowers_server_side_fixed_clipping_without_noise():
@@ -188,15 +233,19 @@ def test_client_side_server_reclips_an_update_a_client_did_not_clip():
 def test_client_side_adaptive_rejects_an_update_without_the_norm_bit():
     manager = client_manager(3)
     base = zeros()
+    updates = _updates(np.random.default_rng(9), ["c0", "c1", "c2"], [0.3, 0.6, 0.2])
+    honest = sends(updates, base)
 
     def client(proxy, ins):
-        metrics = {} if proxy.cid == "c2" else {KEY_NORM_BIT: False}
-        return base, 1, metrics
+        arrays, num_examples, _ = honest(proxy, ins)
+        return arrays, num_examples, {} if proxy.cid == "c2" else {KEY_NORM_BIT: False}
 
     strategy = dp_strategy(adaptive=True, client_side=True)
     new, metrics, _ = play_round(strategy, manager, 1, base, client)
     assert metrics["num_rejected"] == 1
-    assert new is not None
+    for got, want in zip(new, [base[i] + (updates["c0"][i] + updates["c1"][i]) / 3
+                               for i in range(len(base))]):  # c2 counts as a zero update
+        np.testing.assert_allclose(got, want, atol=1e-6)
 
 
 def test_state_round_trip_continues_identically():
@@ -205,7 +254,7 @@ def test_state_round_trip_continues_identically():
     updates = _updates(rng, [f"c{i}" for i in range(5)], [0.5, 1.0, 2.0, 3.0, 4.0])
 
     def fresh():
-        return dp_strategy(adaptive=True, noise_multiplier=1.0, clipping_norm=0.3, seed=1)
+        return dp_strategy(adaptive=True, noise_multiplier=1.0, clipping_norm=0.3, noise_seed=1)
 
     first = fresh()
     after_one, _, _ = _round(first, manager, updates)

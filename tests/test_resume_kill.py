@@ -3,7 +3,8 @@ that was never interrupted (same seed).
 
 With the DP strategies registered the run is `dp-fixed` around FedAdam, so the privacy
 accountant, the noise RNG and the server optimizer moments must all survive the crash;
-without them, FedAdam alone (moments m_t, v_t).
+without them, FedAdam alone (moments m_t, v_t). The DP noise is seeded (`dp-noise-seed`)
+so that the two runs can be compared loss for loss.
 """
 
 from __future__ import annotations
@@ -23,8 +24,8 @@ from strategies.registry import REGISTRY
 ROOT = Path(__file__).resolve().parent.parent
 ROUNDS, KILL_AFTER = 5, 2
 DP = "dp-fixed" in REGISTRY
-STRATEGY = ("strategy='dp-fixed' dp-inner='fedadam' noise-multiplier=0.3 clipping-norm=2.0"
-            if DP else "strategy='fedadam'")
+STRATEGY = ("strategy='dp-fixed' dp-inner='fedadam' noise-multiplier=0.3 clipping-norm=2.0 "
+            "dp-noise-seed=11" if DP else "strategy='fedadam'")
 RUN_CONFIG = (f"num-server-rounds={ROUNDS} local-epochs=1 fraction-evaluate=0 "
               f"min-fit-clients=4 min-available-clients=4 {STRATEGY}")
 
