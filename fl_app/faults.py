@@ -80,9 +80,6 @@ def check_config(values: Mapping[str, Scalar]) -> None:
                           "must add up to at most 1")
 
 
-check_fault_config = check_config  # old name, still imported by server_app.py and a test
-
-
 def _count(fraction: float, num_partitions: int) -> int:
     return int(fraction * num_partitions + 0.5)
 

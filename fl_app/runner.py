@@ -232,10 +232,11 @@ class FederatedServer(Server):
     def _evaluate_distributed(self, server_round: int, timeout: float | None,
                               history: History) -> dict[str, Any]:
         res_fed = self.evaluate_round(server_round=server_round, timeout=timeout)
-        if res_fed is None or res_fed[0] is None:
+        if res_fed is None:
             return {}
-        loss, metrics, _ = res_fed
-        history.add_loss_distributed(server_round=server_round, loss=loss)
+        loss, metrics, _ = res_fed  # loss is None when every report was rejected or failed
+        if loss is not None:
+            history.add_loss_distributed(server_round=server_round, loss=loss)
         history.add_metrics_distributed(server_round=server_round, metrics=metrics)
         return _section(loss, metrics)
 

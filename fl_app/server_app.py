@@ -22,7 +22,6 @@ from fl_app.checkpoint import Checkpoint, Checkpointer, load_for_resume
 from fl_app.client_app import round_config
 from fl_app.config import RunConfig, resolve
 from fl_app.data import Split, data_source
-from fl_app.faults import check_fault_config
 from fl_app.models import build_model
 from fl_app.outputs import MODEL_FILE, resolve_out_dir, save_plots, write_history
 from fl_app.runner import FederatedServer, ResumePoint, StoppingRules
@@ -93,7 +92,6 @@ class RunRecorder:
 
 def server_components(cfg: RunConfig) -> ServerAppComponents:
     """Build everything the server needs for one run from a resolved config."""
-    check_fault_config(cfg)
     source = data_source(cfg)
     trainer = trainer_for(cfg, source.spec)
     # A fresh seeded model, not the process-wide trainer's weights: those are whatever the

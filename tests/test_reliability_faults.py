@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from fl_app.client_app import client_for, round_config
-from fl_app.faults import GARBAGE_KINDS, FaultyClient, assign_roles, check_fault_config
+from fl_app.faults import GARBAGE_KINDS, FaultyClient, assign_roles
 from fl_app.settings import ConfigError
 from strategies.validation import update_problem
 from tests.conftest import make_config
@@ -40,11 +40,12 @@ def test_roles_are_deterministic_disjoint_and_sized_by_the_fractions():
 
 
 def test_fractions_adding_up_to_more_than_one_are_a_config_error():
-    cfg = make_config(fault_raise_fraction=0.6, attack="scale", attack_fraction=0.5)
+    """Refused when the config is resolved, before any simulation starts."""
     with pytest.raises(ConfigError, match="fault-raise-fraction.*attack-fraction"):
-        check_fault_config(cfg)
+        make_config(fault_raise_fraction=0.6, attack="scale", attack_fraction=0.5)
     with pytest.raises(ConfigError, match="at most 1"):
-        check_fault_config(make_config(fault_nan_fraction=0.7, fault_garbage_fraction=0.4))
+        make_config(fault_nan_fraction=0.7, fault_garbage_fraction=0.4)
+    make_config(fault_raise_fraction=0.6, attack="none", attack_fraction=0.5)  # no attack
 
 
 def test_clients_without_a_role_are_plain_clients():
