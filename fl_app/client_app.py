@@ -9,7 +9,7 @@ from flwr.clientapp import ClientApp
 from flwr.common import Context, NDArrays, Scalar
 
 from fl_app.config import RunConfig, resolve
-from fl_app.data import ClientData, DataError, data_source, load_client
+from fl_app.data import ClientData, DataError, data_spec, load_client
 from fl_app.faults import with_faults
 from fl_app.trainer import KerasTrainer, trainer_for
 from strategies.clipping import KEY_CLIPPING_NORM, KEY_NORM_BIT, clip_weights
@@ -32,7 +32,8 @@ class KerasClient(NumPyClient):
     and learning rate come from the round's config (falling back to `defaults`); FedProx's
     `proximal_mu` adds the proximal term to the local loss; a `clipping_norm` in the
     config (client-side DP) clips the returned update to that L2 norm and reports
-    `norm_bit` (see `strategies.clipping`).
+    `norm_bit` (see `strategies.clipping`). `client_key` (the partition id in simulation,
+    a CRC of the data file's name in deployment) varies the shuffling between clients.
     """
 
     def __init__(self, trainer: KerasTrainer, data: ClientData, defaults: Mapping[str, Scalar],
@@ -91,8 +92,8 @@ def client_for(cfg: RunConfig, node_config: Mapping[str, Scalar]) -> NumPyClient
     (see `fl_app.faults`).
     """
     data = load_client(cfg, node_config)
-    trainer = trainer_for(cfg, data_source(cfg).spec)
-    key = int(node_config.get("partition-id", 0))
+    trainer = trainer_for(cfg, data_spec(cfg))
+    key = int(node_config["partition-id"]) if "partition-id" in node_config else data.key
     return with_faults(KerasClient(trainer, data, cfg, seed=int(cfg["seed"]), client_key=key),
                        cfg, node_config)
 

@@ -14,10 +14,11 @@ into train and validation parts.
 
 from __future__ import annotations
 
+import zlib
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import lru_cache
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, Protocol, TypeVar
 
 import numpy as np
 from sklearn.datasets import load_digits
@@ -25,7 +26,8 @@ from sklearn.model_selection import train_test_split
 
 from flwr_datasets.partitioner import Partitioner
 
-from fl_app.partitioning import make_partitioner, partition_arrays
+from fl_app import partitioning
+from fl_app.partitioning import PartitioningError, make_partitioner, partition_arrays
 
 if TYPE_CHECKING:
     from datasets import Dataset
@@ -33,6 +35,8 @@ if TYPE_CHECKING:
     from flwr_datasets import FederatedDataset
 
     from fl_app.config import RunConfig
+
+T = TypeVar("T")
 
 
 class DataError(ValueError):
@@ -66,6 +70,11 @@ class ClientData:
     val: Split
     source: str
 
+    @property
+    def key(self) -> int:
+        """A stable integer naming this client's data (seeds its shuffling): a CRC of `source`."""
+        return zlib.crc32(self.source.encode())
+
 
 class DataSource(Protocol):
     """A dataset the app can train on."""
@@ -81,6 +90,16 @@ class DataSource(Protocol):
 
 def _as_split(x: np.ndarray, y: np.ndarray) -> Split:
     return Split(np.asarray(x, dtype=np.float32), np.asarray(y, dtype=np.int32))
+
+
+def _cut(partitioner: Partitioner, partition_id: int, num_partitions: int, cfg: RunConfig,
+         spec: DataSpec) -> Dataset:
+    """Partition `partition_id` of an assigned partitioner; failures raise DataError."""
+    try:
+        return partitioning.load_partition(partitioner, partition_id, num_partitions, cfg,
+                                           spec.num_classes)
+    except PartitioningError as err:
+        raise DataError(str(err)) from err
 
 
 def _partition_to_split(partition: Dataset, input_shape: tuple[int, ...]) -> Split:
@@ -111,13 +130,17 @@ class PoolSource:
         if num_partitions not in self._partitioners:
             self._partitioners[num_partitions] = partition_arrays(*self._pool, self._cfg,
                                                                   num_partitions)
-        partition = self._partitioners[num_partitions].load_partition(partition_id)
+        partition = _cut(self._partitioners[num_partitions], partition_id, num_partitions,
+                         self._cfg, self.spec)
         return _partition_to_split(partition, self.spec.input_shape)
+
+
+DIGITS_SPEC = DataSpec((64,), 10)
 
 
 def _digits(cfg: RunConfig) -> PoolSource:
     digits = load_digits()
-    return PoolSource(digits.data / 16.0, digits.target, 10, cfg)
+    return PoolSource(digits.data / 16.0, digits.target, DIGITS_SPEC.num_classes, cfg)
 
 
 class SyntheticSource:
@@ -132,10 +155,15 @@ class SyntheticSource:
 
     MAX_SAMPLES = 1000
 
+    @staticmethod
+    def spec_for(cfg: RunConfig) -> DataSpec:
+        """The feature shape and classes that `cfg` asks for."""
+        return DataSpec((cfg["synthetic-dim"],), cfg["synthetic-classes"])
+
     def __init__(self, cfg: RunConfig) -> None:
         self.num_users = cfg["synthetic-num-users"]
         dim, classes = cfg["synthetic-dim"], cfg["synthetic-classes"]
-        self.spec = DataSpec((dim,), classes)
+        self.spec = self.spec_for(cfg)
         rng = np.random.default_rng(cfg["seed"])
         sizes = np.minimum(rng.lognormal(4, 2, self.num_users).astype(int) + 50, self.MAX_SAMPLES)
         model_means = rng.normal(0, np.sqrt(cfg["synthetic-alpha"]), self.num_users)
@@ -175,6 +203,12 @@ HUB_DATASETS = {
     "fashion-mnist": "zalando-datasets/fashion_mnist",
     "cifar10": "uoft-cs/cifar10",
 }
+# What HubSource makes of them: images scaled to 0..1 with a channel axis.
+HUB_SPECS = {
+    "mnist": DataSpec((28, 28, 1), 10),
+    "fashion-mnist": DataSpec((28, 28, 1), 10),
+    "cifar10": DataSpec((32, 32, 3), 10),
+}
 
 
 class HubSource:
@@ -189,7 +223,7 @@ class HubSource:
         self._test = self._to_split(test)
         self.spec = DataSpec(self._test.x.shape[1:], test.features["label"].num_classes)
 
-    def _load(self, get: Callable[[FederatedDataset], Dataset], num_partitions: int) -> Dataset:
+    def _load(self, get: Callable[[FederatedDataset], T], num_partitions: int) -> T:
         from flwr_datasets import FederatedDataset
 
         try:
@@ -217,7 +251,8 @@ class HubSource:
 
     def partition(self, partition_id: int, num_partitions: int) -> Split:
         """Client `partition_id`'s share of the train split."""
-        table = self._load(lambda fds: fds.load_partition(partition_id, "train"), num_partitions)
+        partitioner = self._load(lambda fds: fds.partitioners["train"], num_partitions)
+        table = _cut(partitioner, partition_id, num_partitions, self._cfg, self.spec)
         return self._to_split(table)
 
 
@@ -235,10 +270,33 @@ def data_source(cfg: RunConfig) -> DataSource:
     return HubSource(name, cfg)
 
 
+def data_spec(cfg: RunConfig) -> DataSpec:
+    """The input shape and classes of `dataset`, without loading it where they are known.
+
+    Only `hf:<id>` datasets are loaded (through `data_source`) to learn them, so a
+    SuperNode with its own `data-path` reads no other data.
+    """
+    name = cfg["dataset"]
+    if name == "digits":
+        return DIGITS_SPEC
+    if name == "synthetic":
+        return SyntheticSource.spec_for(cfg)
+    if name in HUB_SPECS:
+        return HUB_SPECS[name]
+    return data_source(cfg).spec
+
+
 def split_train_val(data: Split, cfg: RunConfig, salt: int) -> tuple[Split, Split]:
-    """Split a client's data into train and validation parts (seeded by run seed and `salt`)."""
-    n_val = int(round(cfg["validation-fraction"] * len(data)))
-    if n_val == 0 or len(data) - n_val < 1:
+    """Split a client's data into train and validation parts (seeded by run seed and `salt`).
+
+    The validation part holds `validation-fraction` of the examples, rounded, but at least
+    one while `validation-fraction` > 0 and at least one example remains for training;
+    a one-example client therefore has no validation part (its evaluation falls back to
+    its training data).
+    """
+    fraction = cfg["validation-fraction"]
+    n_val = min(max(1, round(fraction * len(data))), len(data) - 1) if fraction > 0 else 0
+    if n_val == 0:
         return data, Split(data.x[:0], data.y[:0])
     order = np.random.default_rng([cfg["seed"], salt]).permutation(len(data))
     val, train = order[:n_val], order[n_val:]
@@ -251,8 +309,6 @@ def load_partition(cfg: RunConfig, partition_id: int, num_partitions: int) -> Cl
     if not 0 <= partition_id < num_partitions:
         raise DataError(f"partition-id {partition_id} is outside 0..{num_partitions - 1}")
     split = data_source(cfg).partition(partition_id, num_partitions)
-    if len(split) == 0:
-        raise DataError(f"partition {partition_id} of {num_partitions} is empty")
     train, val = split_train_val(split, cfg, salt=partition_id)
     return ClientData(train, val, f"partition {partition_id}/{num_partitions} of {cfg['dataset']}")
 
@@ -262,7 +318,7 @@ def load_client(cfg: RunConfig, node_config: UserConfig) -> ClientData:
     if "data-path" in node_config:
         from fl_app.node_data import load_node_file
 
-        return load_node_file(str(node_config["data-path"]), data_source(cfg).spec, cfg)
+        return load_node_file(str(node_config["data-path"]), data_spec(cfg), cfg)
     try:
         partition_id = int(node_config["partition-id"])
         num_partitions = int(node_config["num-partitions"])

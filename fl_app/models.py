@@ -100,6 +100,15 @@ def build_model(name: str, spec: DataSpec, seed: int) -> keras.Model:
 
 
 def outputs_probabilities(model: keras.Model) -> bool:
-    """True when the model ends in a softmax (its outputs are probabilities, not logits)."""
-    activation = getattr(model.layers[-1], "activation", None)
+    """True when the model ends in a softmax (its outputs are probabilities, not logits).
+
+    A softmax ending is a `Softmax` layer, an `Activation("softmax")` layer or a layer
+    with `activation="softmax"` (such as `Dense`), also as the last layer of a nested model.
+    """
+    last = model.layers[-1]
+    if isinstance(last, keras.Model):
+        return outputs_probabilities(last)
+    if isinstance(last, keras.layers.Softmax):
+        return True
+    activation = getattr(last, "activation", None)
     return getattr(activation, "__name__", "") == "softmax"

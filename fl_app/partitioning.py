@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Callable
 
 import numpy as np
@@ -18,6 +19,10 @@ if TYPE_CHECKING:
     from fl_app.config import RunConfig
 
 LABEL = "label"
+
+
+class PartitioningError(ValueError):
+    """The configured partitioner cannot split the pool into the requested partitions."""
 
 
 def _iid(cfg: RunConfig, n: int) -> Partitioner:
@@ -47,18 +52,65 @@ def _shard(cfg: RunConfig, n: int) -> Partitioner:
     )
 
 
-PARTITIONERS: dict[str, Callable[[RunConfig, int], Partitioner]] = {
-    "iid": _iid,
-    "dirichlet": _dirichlet,
-    "pathological": _pathological,
-    "shard": _shard,
+@dataclass(frozen=True)
+class PartitionerKind:
+    """A partitioner by config name: its factory, its own config keys, and what to try if it fails."""
+
+    factory: Callable[[RunConfig, int], Partitioner]
+    keys: tuple[str, ...]
+    hint: str
+
+
+PARTITIONERS: dict[str, PartitionerKind] = {
+    "iid": PartitionerKind(_iid, (), "use fewer partitions"),
+    "dirichlet": PartitionerKind(
+        _dirichlet, ("dirichlet-alpha",),
+        "raise dirichlet-alpha (less label skew) or use fewer partitions"),
+    "pathological": PartitionerKind(
+        _pathological, ("classes-per-partition",),
+        "lower classes-per-partition or use fewer partitions"),
+    "shard": PartitionerKind(
+        _shard, ("shards-per-partition",), "lower shards-per-partition or use fewer partitions"),
 }
 PARTITIONER_NAMES = tuple(PARTITIONERS)
 
 
 def make_partitioner(cfg: RunConfig, num_partitions: int) -> Partitioner:
     """Return the flwr-datasets partitioner named by `partitioner` for `num_partitions` clients."""
-    return PARTITIONERS[cfg["partitioner"]](cfg, num_partitions)
+    return PARTITIONERS[cfg["partitioner"]].factory(cfg, num_partitions)
+
+
+def _describe(cfg: RunConfig, num_partitions: int) -> str:
+    """E.g. `partitioner='shard' (shards-per-partition=2) with 100 partitions`."""
+    keys = PARTITIONERS[cfg["partitioner"]].keys
+    own = f" ({', '.join(f'{key}={cfg[key]}' for key in keys)})" if keys else ""
+    return f"partitioner={cfg['partitioner']!r}{own} with {num_partitions} partitions"
+
+
+def load_partition(partitioner: Partitioner, partition_id: int, num_partitions: int,
+                   cfg: RunConfig, num_classes: int) -> Dataset:
+    """Partition `partition_id` of `num_partitions` from a partitioner that holds its dataset.
+
+    Raises PartitioningError naming `partitioner`, its keys and the number of partitions,
+    with a hint, when the partitioner cannot split the pool (too many shards, a
+    Dirichlet draw that leaves clients too small, more classes per client than exist)
+    or leaves this partition empty.
+    """
+    setting = _describe(cfg, num_partitions)  # some partitioners' num_partitions may raise
+    hint = PARTITIONERS[cfg["partitioner"]].hint
+    if cfg["partitioner"] == "pathological" and cfg["classes-per-partition"] > num_classes:
+        raise PartitioningError(f"{setting}: the dataset has only {num_classes} classes: "
+                                f"set classes-per-partition <= {num_classes}")
+    try:
+        partition = partitioner.load_partition(partition_id)
+    except Exception as err:  # flwr-datasets raises ValueError, ZeroDivisionError, ...
+        raise PartitioningError(
+            f"{setting} cannot split {len(partitioner.dataset)} examples "
+            f"({type(err).__name__}: {err}): {hint}"
+        ) from err
+    if len(partition) == 0:
+        raise PartitioningError(f"{setting}: partition {partition_id} is empty: {hint}")
+    return partition
 
 
 def partition_arrays(

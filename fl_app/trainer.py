@@ -3,8 +3,10 @@
 `model.fit`/`evaluate` pay ~150-250 ms of fixed cost per call (callbacks, data adapters,
 retracing); a small federated client does ~10 ms of real work. `KerasTrainer` builds
 the model's train and eval loops once as `tf.function`s and reuses them across rounds
-and across the clients that share a process. Every `fit` resets the weights *and* the
-optimizer state, so no state leaks between clients.
+and across the clients that share a process. Every call starts from the weights it is
+given, and `fit` also from a fresh optimizer; the layers' random state (Dropout's seed
+generators, which live outside `model.weights`) is reseeded on every call, so no state
+leaks between clients.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ if TYPE_CHECKING:
     from fl_app.config import RunConfig
 
 EVAL_CHUNK = 4096
+SEED_STATE = "seed_generator_state"  # name of a keras.random.SeedGenerator's state variable
 
 
 @dataclass(frozen=True)
@@ -57,6 +60,7 @@ class KerasTrainer:
         )
         optimizer.build(model.trainable_variables)
         self._optimizer_initial = [v.numpy() for v in optimizer.variables]
+        self._seed_states = [v for v in model.variables if v.name == SEED_STATE]
         self._anchor = [tf.Variable(v, trainable=False) for v in model.trainable_variables]
         self._mu = tf.Variable(0.0, trainable=False, dtype=tf.float32)
         self._train_epoch = tf.function(self._train_epoch_impl, reduce_retracing=True)
@@ -83,6 +87,16 @@ class KerasTrainer:
         for var, initial in zip(self.optimizer.variables, self._optimizer_initial):
             var.assign(initial)
         self.optimizer.learning_rate = learning_rate
+
+    def reseed_layers(self, rng: np.random.Generator) -> None:
+        """Restart every layer's random stream (Dropout masks, noise) from `rng`.
+
+        Keras keeps these seed generators' states outside `model.weights`, so loading
+        weights does not reset them.
+        """
+        for state in self._seed_states:
+            seed = rng.integers(np.iinfo(np.int32).max)
+            state.assign(np.array([seed, 0], dtype=state.dtype))
 
     # ---- compiled loops
     def _train_epoch_impl(self, x: tf.Tensor, y: tf.Tensor, order: tf.Tensor,
@@ -119,7 +133,10 @@ class KerasTrainer:
     # ---- public calls
     def fit(self, data: Split, *, epochs: int, batch_size: int, learning_rate: float,
             proximal_mu: float = 0.0, seed: int | list[int] = 0) -> FitResult:
-        """Train on `data` from the current weights; the optimizer starts fresh."""
+        """Train on `data` from the current weights; optimizer and layer RNGs start fresh.
+
+        `seed` fixes the shuffling and the layers' random streams.
+        """
         start = time.perf_counter()
         self.reset_optimizer(learning_rate)
         for anchor, var in zip(self._anchor, self.model.trainable_variables):
@@ -127,6 +144,7 @@ class KerasTrainer:
         self._mu.assign(proximal_mu)
         x, y = tf.constant(data.x), tf.constant(data.y)
         rng = np.random.default_rng(seed)
+        self.reseed_layers(rng.spawn(1)[0])  # spawning leaves `rng`'s own stream untouched
         loss_sum = correct = 0.0
         for _ in range(epochs):
             order = tf.constant(rng.permutation(len(data)).astype(np.int32))
@@ -136,7 +154,8 @@ class KerasTrainer:
         return FitResult(loss_sum / n, correct / n, time.perf_counter() - start)
 
     def evaluate(self, data: Split) -> tuple[float, float]:
-        """Mean loss and accuracy of the current weights on `data`."""
+        """Mean loss and accuracy of the current weights on `data` (layer RNGs reseeded)."""
+        self.reseed_layers(np.random.default_rng(0))
         loss_sum = correct = 0.0
         for lo in range(0, len(data), EVAL_CHUNK):
             chunk_loss, chunk_correct = self._eval_chunk(

@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 
 from fl_app.client_app import client_for, round_config
-from fl_app.data import data_source
-from fl_app.trainer import trainer_for
+from fl_app.data import data_source, load_partition
+from fl_app.trainer import cached_trainer, trainer_for
 from tests.conftest import make_config
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -57,6 +57,34 @@ def test_two_clients_in_one_process_equal_two_processes(tmp_path):
     for a, b in zip(shared, fresh_weights):
         np.testing.assert_allclose(a, b, atol=1e-6)
     assert any(not np.allclose(a, b) for a, b in zip(first, shared))
+
+
+def test_dropout_masks_do_not_depend_on_earlier_clients(tmp_path):
+    path = tmp_path / "dropout.keras"
+    keras.Sequential([keras.Input((64,)), keras.layers.Dense(32, activation="relu"),
+                      keras.layers.Dropout(0.5), keras.layers.Dense(10)]).save(path)
+    cfg = make_config(model=str(path))
+    start = _global_weights(cfg)
+    _fit(cfg, 3, start)                      # advances the Dropout layer's seed generator
+    shared, _, _ = _fit(cfg, 7, start)
+    cached_trainer.cache_clear()             # the next client gets a freshly loaded model
+    fresh, _, _ = _fit(cfg, 7, start)
+    for a, b in zip(shared, fresh):
+        np.testing.assert_allclose(a, b, atol=1e-6)
+
+
+def test_nodes_with_their_own_files_shuffle_differently(tmp_path):
+    part = load_partition(make_config(), 0, 10)
+    paths = [tmp_path / name for name in ("a.npz", "b.npz")]
+    for path in paths:  # the same examples on both nodes
+        np.savez(path, x=part.train.x, y=part.train.y)
+    cfg = make_config()
+    start = _global_weights(cfg)
+    fit = lambda path: client_for(cfg, {"data-path": str(path)}).fit(  # noqa: E731
+        start, round_config(cfg, 1))[0]
+    a, again, b = fit(paths[0]), fit(paths[0]), fit(paths[1])
+    assert all(np.array_equal(x, y) for x, y in zip(a, again))
+    assert any(not np.allclose(x, y) for x, y in zip(a, b))
 
 
 def test_fit_reports_real_examples_and_metrics():

@@ -2,10 +2,16 @@
 
 from __future__ import annotations
 
+import socket
+
+import datasets
+import huggingface_hub
 import numpy as np
 import pytest
 
-from fl_app.data import DataError, data_source, load_client, load_partition
+from fl_app import data
+from fl_app.data import DataError, Split, data_source, data_spec, load_client, load_partition
+from fl_app.data import split_train_val
 from tests.conftest import make_config
 
 
@@ -53,10 +59,55 @@ def test_synthetic_is_one_user_per_client_with_server_test_set():
         load_partition(cfg, 0, 7)
 
 
-def test_hub_dataset_offline_fails_with_a_clear_message(monkeypatch):
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+def test_hub_dataset_offline_fails_with_a_clear_message(monkeypatch, tmp_path):
+    # datasets and huggingface_hub read HF_HUB_OFFLINE at import: patch what they read,
+    # with empty caches, and refuse any connection so the test can never download.
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", tmp_path / "datasets")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    attempts = []
+
+    def refuse(*args: object) -> None:
+        attempts.append(args)
+        raise OSError("network disabled in this test")
+
+    monkeypatch.setattr(socket, "getaddrinfo", refuse)
+    monkeypatch.setattr(socket.socket, "connect", refuse)
     with pytest.raises(DataError, match="dataset 'mnist'.*network access"):
         data_source(make_config(dataset="mnist", seed=123))
+    assert attempts == []  # offline mode stopped it before any lookup
+
+
+@pytest.mark.parametrize("size, fraction, n_val", [
+    (5, 0.1, 1),   # 0.5 rounds to 0: still one validation example
+    (40, 0.1, 4),
+    (2, 0.5, 1),
+    (1, 0.5, 0),   # the only example is kept for training
+    (40, 0.0, 0),
+])
+def test_validation_split_keeps_at_least_one_example(size, fraction, n_val):
+    split = Split(np.zeros((size, 2), np.float32), np.zeros(size, np.int32))
+    cfg = make_config(validation_fraction=fraction, fraction_evaluate=float(fraction > 0))
+    train, val = split_train_val(split, cfg, salt=0)
+    assert (len(train), len(val)) == (size - n_val, n_val)
+
+
+@pytest.mark.parametrize("settings", [{}, dict(dataset="synthetic", synthetic_dim=7,
+                                                synthetic_classes=4)])
+def test_data_spec_is_known_without_loading_the_dataset(monkeypatch, settings):
+    cfg = make_config(**settings)
+    expected = data_source(cfg).spec
+    monkeypatch.setattr(data, "data_source", lambda cfg: pytest.fail("dataset was loaded"))
+    assert data_spec(cfg) == expected
+
+
+def test_node_file_is_read_without_building_the_dataset(monkeypatch, tmp_path):
+    part = load_partition(make_config(), 0, 10)
+    np.savez(tmp_path / "node.npz", x=part.train.x, y=part.train.y)
+    monkeypatch.setattr(data, "data_source", lambda cfg: pytest.fail("dataset was loaded"))
+    node = load_client(make_config(), {"data-path": str(tmp_path / "node.npz")})
+    assert len(node.train) + len(node.val) == len(part.train)
 
 
 def test_node_without_partition_or_file_is_told_what_to_set():
@@ -76,7 +127,7 @@ def test_node_file_npz_and_csv_load(tmp_path, digits_arrays):
     header = ",".join([f"f{i}" for i in range(x.shape[1])] + ["label"])
     np.savetxt(tmp_path / "node.csv", np.column_stack([x, y]), delimiter=",", header=header,
                comments="")
-    cfg = make_config(validation_fraction=0.0)
+    cfg = make_config(validation_fraction=0.0, fraction_evaluate=0.0)
     for name in ("node.npz", "node.csv"):
         data = load_client(cfg, {"data-path": str(tmp_path / name)})
         np.testing.assert_allclose(data.train.x.reshape(len(y), -1), x, atol=1e-6)
