@@ -26,11 +26,15 @@ import sys
 import tempfile
 import time
 import tomllib
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import psutil
+
 from deploy import commands
+from deploy.commands import Command
 from deploy.layout import Deployment, DeploymentError, NodeFiles
 from deploy.processes import Echo, Managed, Supervisor
 from fl_app.data import DataError
@@ -39,6 +43,7 @@ from fl_app.settings import ConfigError
 
 COMPLETED = "finished:completed"
 CLI_TIMEOUT = 120.0
+ADDRESS_IN_USE = "address already in use"  # how uvicorn and Python's OSError say it
 
 
 @dataclass(frozen=True)
@@ -58,20 +63,81 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-def cli_json(managed: Managed) -> dict[str, Any]:
-    """The JSON document a `flwr ... --format json` command printed; errors name the command."""
-    text = managed.text()
-    start = text.find("{")
+def listens(proc: psutil.Process, port: int) -> bool:
+    """Whether `proc` itself holds a TCP socket listening on `port`."""
     try:
-        if managed.poll() != 0 or start < 0:
-            raise ValueError("no JSON output")
-        data, _ = json.JSONDecoder().raw_decode(text[start:])
+        sockets = proc.net_connections(kind="tcp")
+    except psutil.Error:
+        return False
+    return any(sock.status == psutil.CONN_LISTEN and sock.laddr and sock.laddr.port == port
+               for sock in sockets)
+
+
+def wait_listening(managed: Managed, port: int, timeout: float) -> None:
+    """Wait until `managed`'s process listens on `port` (so it, not some other process,
+    accepts connections there); raise `DeploymentError` if it exits or `timeout` s pass."""
+    deadline = time.monotonic() + timeout
+    while not listens(managed.process, port):
+        code = managed.poll()
+        if code is not None:
+            raise DeploymentError(f"{managed.name} exited with code {code} before listening "
+                                  f"on port {port}; see {managed.log_path}")
+        if time.monotonic() > deadline:
+            raise DeploymentError(f"{managed.name} did not listen on port {port} within "
+                                  f"{timeout:.0f} s; see {managed.log_path}")
+        time.sleep(0.2)
+
+
+def _lost_its_port(managed: Managed) -> bool:
+    """Whether `managed` exited because another process took its port first."""
+    return managed.poll() is not None and ADDRESS_IN_USE in managed.log_text().lower()
+
+
+def start_listening(sup: Supervisor, name: str, command: Callable[[int], Command],
+                    echo: bool = True, timeout: float = 60.0,
+                    attempts: int = 3) -> tuple[Managed, int]:
+    """Start `command(port)` on a free `port` of 127.0.0.1; return it and the port once it
+    listens there.
+
+    `free_port` finds a port that was free a moment ago: if the process exits because
+    another one took the port in between, it starts again on a fresh port (at most
+    `attempts` starts in all).
+    """
+    attempt = 1
+    while True:
+        port = free_port()
+        managed = sup.start(name, command(port), echo=echo)
+        try:
+            wait_listening(managed, port, timeout)
+            return managed, port
+        except DeploymentError:
+            if attempt >= attempts or not _lost_its_port(managed):
+                raise
+        attempt += 1
+
+
+def _json_object(text: str) -> dict[str, Any] | None:
+    """The first JSON object in `text`, or None."""
+    start = text.find("{")
+    if start < 0:
+        return None
+    try:
+        data, _ = json.JSONDecoder().raw_decode(text, start)
     except ValueError:
-        raise DeploymentError(f"`{managed.name}` failed (exit code {managed.poll()}): "
-                              f"{text.strip()[-2000:]}") from None
-    if not data.get("success", True):
-        raise DeploymentError(f"`{managed.name}` failed: {data}")
-    return data
+        return None
+    return data if isinstance(data, dict) else None
+
+
+def cli_json(managed: Managed) -> dict[str, Any]:
+    """The JSON document a `flwr ... --format json` command printed on its standard output
+    (its log lines on standard error are not read); errors name the command and carry
+    Flower's error message, or else the command's log."""
+    data = _json_object(managed.text())
+    code = managed.poll()
+    if code == 0 and data is not None and data.get("success", True):
+        return data
+    detail = (data or {}).get("error-message") or managed.log_text().strip()[-2000:]
+    raise DeploymentError(f"`{managed.name}` failed (exit code {code}): {detail}")
 
 
 def check_project(project_dir: Path) -> None:
@@ -118,22 +184,15 @@ class LocalDeployment:
         return f"127.0.0.1:{self.port}"
 
     def start_superlink(self, timeout: float = 60.0) -> Managed:
-        """Start the SuperLink on a free port and wait until it accepts connections."""
-        self.port = free_port()
-        commands.write_connection(self.cli_home, self.address, self.dep.ca_cert)
-        cmd = commands.superlink(self.dep, self.homes / "superlink", "127.0.0.1", self.port)
-        self.superlink = self.sup.start("superlink", cmd, echo=self.echo_components)
+        """Start the SuperLink on a free port and wait until it listens there."""
+        def command(port: int) -> Command:
+            return commands.superlink(self.dep, self.homes / "superlink", "127.0.0.1", port)
+
+        self.superlink, self.port = start_listening(self.sup, "superlink", command,
+                                                    echo=self.echo_components, timeout=timeout)
         self.required["superlink"] = self.superlink
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            self.check_running()
-            try:
-                socket.create_connection(("127.0.0.1", self.port), timeout=1.0).close()
-                return self.superlink
-            except OSError:
-                time.sleep(0.2)
-        raise DeploymentError(f"the SuperLink did not listen on {self.address} within "
-                              f"{timeout:.0f} s; see {self.superlink.log_path}")
+        commands.write_connection(self.cli_home, self.address, self.dep.ca_cert)
+        return self.superlink
 
     def register(self, node: NodeFiles) -> int:
         """Register `node`'s public key with the SuperLink; return the node id it got."""
@@ -166,7 +225,11 @@ class LocalDeployment:
                 f"out-dir={commands.config_string(str(out_dir))}"]
 
     def run_app(self, project_dir: Path, run_configs: list[str], timeout: float) -> RunOutcome:
-        """`flwr run . <connection>` from `project_dir`, stream its log until it ends."""
+        """`flwr run . <connection>` from `project_dir`, stream its log until it ends.
+
+        A log stream that breaks (`flwr log` fails) raises `DeploymentError`: how the run
+        ended is then unknown, which is not the same as a failed run.
+        """
         check_project(project_dir)
         started = self.sup.run("flwr-run", commands.run_app(self.cli_home, run_configs,
                                                             stream=False),
@@ -179,6 +242,10 @@ class LocalDeployment:
             if time.monotonic() > deadline:
                 raise DeploymentError(f"run {run_id} did not finish within {timeout:.0f} s")
             time.sleep(0.5)
+        if logs.poll() != 0:
+            raise DeploymentError(f"streaming the log of run {run_id} failed (`flwr log` exit "
+                                  f"code {logs.poll()}), so how the run ended is unknown: "
+                                  f"see {logs.log_path}")
         listed = self.sup.run("flwr-list", commands.list_run(self.cli_home, run_id), CLI_TIMEOUT)
         status = str(cli_json(listed)["runs"][0]["status"])
         out_dir = Path(run_config_value(run_configs, "out-dir"))
@@ -285,7 +352,7 @@ def main(argv: list[str] | None = None) -> int:
     except (DeploymentError, ConfigError, DataError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
-    except KeyboardInterrupt:
+    except KeyboardInterrupt:  # a process that survived would have raised ProcessesLeft
         print("interrupted: every process was stopped", file=sys.stderr)
         return 130
     print(f"run {outcome.run_id}: {outcome.status}")

@@ -1,17 +1,22 @@
 """TLS certificates and SuperNode authentication keys, made with `cryptography`.
 
 * A self-signed CA, and a server certificate signed by it for the SuperLink's host names
-  (the SuperLink serves its Fleet, Control and Runtime APIs over HTTPS with it; SuperNodes
-  and the `flwr` CLI verify it against the CA).
+  plus the loopback names (the SuperLink serves its Fleet, Control and Runtime APIs over
+  HTTPS with it; SuperNodes and the `flwr` CLI verify it against the CA, and so do the
+  SuperLink's own SuperExec and ServerApp processes, which dial 127.0.0.1 or ::1 when the
+  SuperLink binds 0.0.0.0 or ::).
 * One ECDSA P-384 key pair per SuperNode: the private key in OpenSSH format for
   `flower-supernode --auth-supernode-private-key`, the public key in OpenSSH format for
   `flwr supernode register` (what `ssh-keygen -t ecdsa -b 384` writes).
+
+Private keys are created with mode 600 (never readable by others, not even briefly).
 """
 
 from __future__ import annotations
 
 import datetime as dt
 import ipaddress
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,6 +26,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 VALIDITY = dt.timedelta(days=365)
+LOOPBACK = ("127.0.0.1", "::1", "localhost")
 
 
 @dataclass(frozen=True)
@@ -33,10 +39,15 @@ class TlsFiles:
 
 
 def _write(path: Path, data: bytes, private: bool = False) -> Path:
+    """Write `data` to `path`; a `private` file is created with mode 600 from the start."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_bytes(data)
-    if private:
-        path.chmod(0o600)
+    if not private:
+        path.write_bytes(data)
+        return path
+    path.unlink(missing_ok=True)  # an existing file would keep its (maybe wider) mode
+    fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600)
+    with os.fdopen(fd, "wb") as file:
+        file.write(data)
     return path
 
 
@@ -46,46 +57,71 @@ def _key_pem(key: rsa.RSAPrivateKey) -> bytes:
                              serialization.NoEncryption())
 
 
+def _general_name(host: str) -> x509.GeneralName:
+    try:
+        return x509.IPAddress(ipaddress.ip_address(host))
+    except ValueError:
+        return x509.DNSName(host)
+
+
 def _subject_alt_names(hosts: list[str]) -> x509.SubjectAlternativeName:
+    """`hosts` and the loopback names, each once, in that order."""
     names: list[x509.GeneralName] = []
-    for host in hosts:
-        try:
-            names.append(x509.IPAddress(ipaddress.ip_address(host)))
-        except ValueError:
-            names.append(x509.DNSName(host))
+    for name in map(_general_name, [*hosts, *LOOPBACK]):
+        if name not in names:
+            names.append(name)
     return x509.SubjectAlternativeName(names)
 
 
+def _key_usage(signs_certificates: bool) -> x509.KeyUsage:
+    """A CA signs certificates and CRLs; a TLS server signs handshakes and (RSA) decrypts
+    key exchanges."""
+    return x509.KeyUsage(digital_signature=True, key_encipherment=not signs_certificates,
+                         key_cert_sign=signs_certificates, crl_sign=signs_certificates,
+                         content_commitment=False, data_encipherment=False,
+                         key_agreement=False, encipher_only=False, decipher_only=False)
+
+
+def _certificate(subject: x509.Name, key: rsa.RSAPrivateKey, issuer: x509.Name,
+                 issuer_key: rsa.RSAPrivateKey) -> x509.CertificateBuilder:
+    """A certificate builder with the fields and key identifiers every certificate here has."""
+    now = dt.datetime.now(dt.timezone.utc)
+    return (
+        x509.CertificateBuilder()
+        .subject_name(subject).issuer_name(issuer)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - dt.timedelta(minutes=5)).not_valid_after(now + VALIDITY)
+        .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()),
+                       critical=False)
+        .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(
+            issuer_key.public_key()), critical=False)
+    )
+
+
 def make_tls(out_dir: Path, hosts: list[str]) -> TlsFiles:
-    """Write a CA (`ca.crt`) and a server certificate/key for `hosts` into `out_dir`."""
+    """Write a CA (`ca.crt`) and a server certificate/key for `hosts` into `out_dir`.
+
+    The certificate is valid for `hosts` (the first is its common name) and always for
+    127.0.0.1, ::1 and localhost too.
+    """
     if not hosts:
         raise ValueError("the server certificate needs at least one host name or IP address")
-    now = dt.datetime.now(dt.timezone.utc)
     ca_key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
     ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "fl-keras deployment CA")])
     ca_cert = (
-        x509.CertificateBuilder()
-        .subject_name(ca_name).issuer_name(ca_name)
-        .public_key(ca_key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - dt.timedelta(minutes=5)).not_valid_after(now + VALIDITY)
+        _certificate(ca_name, ca_key, ca_name, ca_key)
         .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
-        .add_extension(x509.KeyUsage(digital_signature=True, key_cert_sign=True, crl_sign=True,
-                                     content_commitment=False, key_encipherment=False,
-                                     data_encipherment=False, key_agreement=False,
-                                     encipher_only=False, decipher_only=False), critical=True)
+        .add_extension(_key_usage(signs_certificates=True), critical=True)
         .sign(ca_key, hashes.SHA256())
     )
     server_key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    server_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, hosts[0])])
     server_cert = (
-        x509.CertificateBuilder()
-        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, hosts[0])]))
-        .issuer_name(ca_name)
-        .public_key(server_key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - dt.timedelta(minutes=5)).not_valid_after(now + VALIDITY)
+        _certificate(server_name, server_key, ca_name, ca_key)
         .add_extension(_subject_alt_names(hosts), critical=False)
         .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+        .add_extension(_key_usage(signs_certificates=False), critical=True)
         .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
         .sign(ca_key, hashes.SHA256())
     )

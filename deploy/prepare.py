@@ -2,12 +2,15 @@
 
     python -m deploy.prepare --out DIR --num-nodes N [--partitioner NAME]
         [--run-config "k=v ..."] [--server-host HOST ...] [--port PORT] [--data-format npz|csv]
+        [--force]
 
 Node i's data is partition i of N of the run's dataset, cut by the configured flwr-datasets
 partitioner (the same split a simulation with N SuperNodes uses); the server keeps the
 held-out test set. The folder layout is described in `deploy.layout`; the printed commands
 start the SuperLink, register the SuperNodes' public keys, start the SuperNodes and run
 the app: paste them into separate terminals, or let `python -m deploy.launch` run them.
+A folder that already holds a deployment is refused (its CA and keys are in use) unless
+`--force` replaces them.
 """
 
 from __future__ import annotations
@@ -20,14 +23,14 @@ import numpy as np
 from flwr.supercore.constant import SUPERLINK_UVICORN_DEFAULT_PORT, SUPERNODE_UVICORN_DEFAULT_PORT
 
 from deploy import commands, pki
-from deploy.layout import CONNECTION, Deployment, DeploymentError, NodeFiles
+from deploy.layout import CONNECTION, MANIFEST, Deployment, DeploymentError, NodeFiles
 from fl_app.config import RunConfig
 from fl_app.data import DataError, data_source
 from fl_app.settings import ConfigError
 from run_simulation import PROJECT_DIR, load_run_config
 
 DATA_FORMATS = ("npz", "csv")
-LOOPBACK = ("127.0.0.1", "localhost", "::1")
+SECRETS = (MANIFEST, "certs", "keys")  # what a second `prepare` would silently replace
 
 
 def write_node_data(cfg: RunConfig, num_nodes: int, data_dir: Path, fmt: str) -> list[Path]:
@@ -57,13 +60,30 @@ def write_node_data(cfg: RunConfig, num_nodes: int, data_dir: Path, fmt: str) ->
     return paths
 
 
+def check_fresh(root: Path) -> None:
+    """Refuse a folder that already holds a deployment's manifest, certificates or keys."""
+    found = [name for name in SECRETS if (root / name).exists()]
+    if found:
+        raise DeploymentError(
+            f"{root} already holds a deployment ({', '.join(found)}): preparing it again "
+            "would replace its CA and keys, which its SuperLink and SuperNodes use; pass "
+            "--force to replace them, or choose another --out")
+
+
 def prepare(out: Path, num_nodes: int, run_config: str, server_hosts: list[str],
-            port: int = SUPERLINK_UVICORN_DEFAULT_PORT, data_format: str = "npz") -> Deployment:
-    """Make a deployment folder for `num_nodes` SuperNodes; return its manifest."""
+            port: int = SUPERLINK_UVICORN_DEFAULT_PORT, data_format: str = "npz",
+            force: bool = False) -> Deployment:
+    """Make a deployment folder for `num_nodes` SuperNodes; return its manifest.
+
+    A folder that already holds one is refused unless `force` (then its CA, certificates,
+    keys, data files and manifest are replaced).
+    """
     if num_nodes < 1:
         raise DeploymentError("--num-nodes must be at least 1")
-    cfg = load_run_config(run_config or None)
     root = out.expanduser().resolve()
+    if not force:
+        check_fresh(root)
+    cfg = load_run_config(run_config or None)
     data_paths = write_node_data(cfg, num_nodes, root / "data", data_format)
     pki.make_tls(root / "certs", server_hosts)
     nodes = []
@@ -89,7 +109,7 @@ def instructions(dep: Deployment, project_dir: Path = PROJECT_DIR) -> str:
     interfaces (SuperNodes on other machines).
     """
     homes = dep.root / "homes"
-    bind = "127.0.0.1" if dep.server_host in LOOPBACK else "0.0.0.0"
+    bind = "127.0.0.1" if dep.server_host in pki.LOOPBACK else "0.0.0.0"
     link = commands.superlink(dep, homes / "superlink", bind, dep.port,
                               database=dep.root / "superlink-state.db")
     lines = ["# 1. SuperLink (TLS on, SuperNode authentication on; keeps registrations in "
@@ -121,11 +141,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--server-host", action="append", default=None,
                         help="host name or IP the SuperLink's certificate is valid for; the "
                              "first is the address SuperNodes dial (repeatable; default "
-                             "127.0.0.1 and localhost)")
+                             "127.0.0.1 and localhost; the loopback names are always added)")
     parser.add_argument("--port", type=int, default=SUPERLINK_UVICORN_DEFAULT_PORT,
                         help=f"SuperLink port (default {SUPERLINK_UVICORN_DEFAULT_PORT})")
     parser.add_argument("--data-format", choices=DATA_FORMATS, default="npz",
                         help="node data file format (default npz)")
+    parser.add_argument("--force", action="store_true",
+                        help="replace the CA, keys and data of a folder prepared before")
     return parser.parse_args(argv)
 
 
@@ -142,7 +164,8 @@ def main(argv: list[str] | None = None) -> int:
     run_config = run_config_with(args.run_config, args.partitioner)
     hosts = args.server_host or ["127.0.0.1", "localhost"]
     try:
-        dep = prepare(args.out, args.num_nodes, run_config, hosts, args.port, args.data_format)
+        dep = prepare(args.out, args.num_nodes, run_config, hosts, args.port, args.data_format,
+                      force=args.force)
     except (DeploymentError, ConfigError, DataError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

@@ -4,7 +4,8 @@ Flower's SuperLink and SuperNodes start helper processes of their own (SuperExec
 ServerApp/ClientApp process per task) in new sessions, so killing a process group would
 miss them. Every process started here gets a unique marker in its environment, which its
 descendants inherit; the supervisor finds them all by that marker (with psutil), records
-every pid it has seen, and on shutdown terminates and, if need be, kills them by pid.
+every process it has seen (as `psutil.Process`, which tells a reused pid from the process
+it saw), and on shutdown terminates and, if need be, kills them.
 """
 
 from __future__ import annotations
@@ -23,20 +24,35 @@ from typing import IO, Iterator
 import psutil
 
 from deploy.commands import Command
+from deploy.layout import DeploymentError
 
 MARKER = "FL_DEPLOY_TAG"
 Echo = Callable[[str], None]
 
 
-class Managed:
-    """A started process: its Popen handle, log file and (optionally) its captured output."""
+class ProcessesLeft(DeploymentError):
+    """Processes a supervisor started (or their descendants) that survived its shutdown."""
 
-    def __init__(self, name: str, popen: subprocess.Popen, log_path: Path,
+    def __init__(self, survivors: list[psutil.Process]) -> None:
+        self.survivors = survivors
+        super().__init__(f"could not stop pids {[proc.pid for proc in survivors]}")
+
+
+class Managed:
+    """A started process: its Popen handle, psutil handle, log file and captured stdout.
+
+    Its log is `log_path` from byte `log_offset` on (earlier bytes belong to an earlier
+    process of the same name).
+    """
+
+    def __init__(self, name: str, popen: subprocess.Popen, log_path: Path, log_offset: int,
                  capture: bool, echo: bool) -> None:
         self.name = name
         self.echo = echo
         self.popen = popen
+        self.process = psutil.Process(popen.pid)
         self.log_path = log_path
+        self.log_offset = log_offset
         self.output: list[str] | None = [] if capture else None
         self.reader: threading.Thread | None = None
 
@@ -50,10 +66,17 @@ class Managed:
         return self.popen.poll()
 
     def text(self) -> str:
-        """The captured output (processes started with `capture=True`)."""
+        """The captured standard output (processes started with `capture=True`)."""
         if self.reader is not None:
             self.reader.join()
         return "".join(self.output or [])
+
+    def log_text(self, wait: float = 5.0) -> str:
+        """Everything this process wrote to its log (stdout and stderr); waits up to `wait` s
+        for the output of an exited process to be drained (descendants may hold the pipe)."""
+        if self.reader is not None:
+            self.reader.join(timeout=wait)
+        return self.log_path.read_bytes()[self.log_offset:].decode("utf-8", "replace")
 
 
 def _is_alive(proc: psutil.Process) -> bool:
@@ -63,20 +86,22 @@ def _is_alive(proc: psutil.Process) -> bool:
         return False
 
 
-def living(pids: Iterable[int]) -> list[int]:
-    """The pids among `pids` that still run (exited-but-unreaped zombies do not count)."""
-    alive = []
-    for pid in pids:
-        try:
-            if _is_alive(psutil.Process(pid)):
-                alive.append(pid)
-        except psutil.NoSuchProcess:
-            pass
-    return alive
+def living(procs: Iterable[psutil.Process]) -> list[psutil.Process]:
+    """The processes among `procs` that still run: not exited, not an exited-but-unreaped
+    zombie, and not a new process that reuses the pid of one that exited."""
+    return [proc for proc in procs if _is_alive(proc)]
+
+
+def _cmdline(proc: psutil.Process) -> str | None:
+    try:
+        return " ".join(proc.cmdline())
+    except psutil.Error:
+        return None
 
 
 class Supervisor:
-    """Owns every process a deployment starts; a context manager that stops them all on exit.
+    """Owns every process a deployment starts; a context manager that stops them all on exit
+    (and raises `ProcessesLeft` if any survive).
 
     `echo` receives each output line, prefixed with the process name (None: log files only).
     """
@@ -86,7 +111,7 @@ class Supervisor:
         self.echo = echo
         self.tag = uuid.uuid4().hex
         self.started: list[Managed] = []
-        self._seen: dict[int, psutil.Process] = {}
+        self._seen: dict[psutil.Process, str] = {}
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._poll_seconds = poll_seconds
@@ -100,81 +125,98 @@ class Supervisor:
     def __exit__(self, *exc_info) -> None:
         survivors = self.shutdown()
         if survivors:
-            print(f"warning: could not stop pids {[p.pid for p in survivors]}", file=sys.stderr)
+            raise ProcessesLeft(survivors)
 
     # --- starting
     def start(self, name: str, cmd: Command, cwd: Path | None = None,
               capture: bool = False, echo: bool = True) -> Managed:
         """Start `cmd` in its own session with its output going to `<log_dir>/<name>.log`
-        (and to the supervisor's `echo` unless `echo` is False)."""
+        (and to the supervisor's `echo` unless `echo` is False).
+
+        With `capture`, standard output is also kept (`Managed.text()`) apart from standard
+        error, which goes to the log only.
+        """
         env = {**os.environ, **cmd.env, MARKER: self.tag, "PYTHONUNBUFFERED": "1",
                "PATH": os.pathsep.join([str(Path(sys.executable).parent),
                                         os.environ.get("PATH", "")])}
         log_path = self.log_dir / f"{name}.log"
-        popen = subprocess.Popen(cmd.argv, cwd=cwd, env=env, stdin=subprocess.DEVNULL,
-                                 stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                                 errors="replace", start_new_session=True)
-        managed = Managed(name, popen, log_path, capture, echo)
+        offset = log_path.stat().st_size if log_path.exists() else 0
+        with log_path.open("ab") as log:  # O_APPEND: the child's stderr and our pump share it
+            popen = subprocess.Popen(cmd.argv, cwd=cwd, env=env, stdin=subprocess.DEVNULL,
+                                     stdout=subprocess.PIPE,
+                                     stderr=log if capture else subprocess.STDOUT,
+                                     text=True, errors="replace", start_new_session=True)
+        managed = Managed(name, popen, log_path, offset, capture, echo)
         with self._lock:
             self.started.append(managed)
-            self._seen[popen.pid] = psutil.Process(popen.pid)
+            self._seen[managed.process] = " ".join(cmd.argv)
         managed.reader = threading.Thread(target=self._pump, args=(managed,),
                                           name=f"log-{name}", daemon=True)
         managed.reader.start()
         return managed
 
     def run(self, name: str, cmd: Command, timeout: float, cwd: Path | None = None) -> Managed:
-        """Run a short command to its end (killed after `timeout` s); output is captured."""
+        """Run a short command to its end (killed after `timeout` s); stdout is captured."""
         managed = self.start(name, cmd, cwd=cwd, capture=True, echo=False)
         try:
             managed.popen.wait(timeout=timeout)
         except subprocess.TimeoutExpired:
-            self._terminate([self._seen[managed.pid]], grace=2.0)
+            self._terminate([managed.process], grace=2.0)
         managed.text()
         return managed
 
     def _pump(self, managed: Managed) -> None:
+        """Copy the process's output to its log (and echo) until the pipe closes.
+
+        An echo that fails (a closed terminal: BrokenPipeError) is dropped, and the pipe is
+        still drained to the end, so the process never blocks on a full pipe.
+        """
         stream: IO[str] = managed.popen.stdout  # type: ignore[assignment]
+        echo = self.echo if managed.echo else None
         with managed.log_path.open("a", encoding="utf-8") as log:
             for line in stream:
                 log.write(line)
                 log.flush()
                 if managed.output is not None:
                     managed.output.append(line)
-                if self.echo is not None and managed.echo:
-                    self.echo(f"[{managed.name}] {line.rstrip()}")
+                if echo is not None:
+                    try:
+                        echo(f"[{managed.name}] {line.rstrip()}")
+                    except Exception as err:  # whatever the failure, stop echoing, keep draining
+                        echo = None
+                        log.write(f"[deploy] echo stopped ({err!r}); output continues here\n")
         managed.popen.wait()
 
     # --- tracking
     def _scan(self) -> list[psutil.Process]:
-        """Live processes carrying this supervisor's marker (the started ones and descendants)."""
-        found = []
+        """Live processes carrying this supervisor's marker (the started ones and descendants);
+        each one's latest command line is recorded."""
+        found = {}
         for proc in psutil.process_iter():
             try:
                 if proc.environ().get(MARKER) == self.tag and _is_alive(proc):
-                    found.append(proc)
+                    found[proc] = _cmdline(proc)
             except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
                 continue
         with self._lock:
-            for proc in found:
-                self._seen.setdefault(proc.pid, proc)
-        return found
+            for proc, cmdline in found.items():
+                self._seen[proc] = cmdline if cmdline is not None else self._seen.get(proc, "")
+        return list(found)
 
     def _track(self) -> None:
         while not self._stop.wait(self._poll_seconds):
             self._scan()
 
-    def seen_pids(self) -> set[int]:
-        """Every pid this supervisor has started or found among their descendants."""
+    def seen(self) -> dict[psutil.Process, str]:
+        """Every process this supervisor started or found among their descendants, with its
+        command line as last seen running."""
         self._scan()
         with self._lock:
-            return set(self._seen)
+            return dict(self._seen)
 
     def alive(self) -> list[psutil.Process]:
         """The processes seen so far (and any found now) that are still running."""
-        self._scan()
-        with self._lock:
-            return [proc for proc in self._seen.values() if _is_alive(proc)]
+        return living(self.seen())
 
     # --- stopping
     @staticmethod
@@ -201,9 +243,8 @@ class Supervisor:
         with _ignoring_interrupts():
             self._stop.set()
             self._scan()
-            with self._lock:
-                roots = [self._seen[m.pid] for m in reversed(self.started)]
-            self._terminate([p for p in roots if _is_alive(p)], grace)
+            roots = [managed.process for managed in reversed(self.started)]
+            self._terminate(living(roots), grace)
             for _ in range(3):
                 left = self.alive()
                 if not left:

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import os
 import shlex
+import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -14,17 +17,18 @@ import psutil
 import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
-from cryptography.x509.oid import ExtensionOID
+from cryptography.x509.oid import ExtendedKeyUsageOID, ExtensionOID
 from flwr.common.config import parse_config_args
 from flwr.supernode.cli.flower_supernode import _parse_args_run_supernode
 from flwr.superlink.cli.flower_superlink import _parse_args_run_superlink
 
 from tests.conftest import make_config
-from deploy import commands
-from deploy.launch import check_project, describe_failures
+from deploy import commands, launch, pki
+from deploy.launch import (LocalDeployment, check_project, cli_json, describe_failures, listens,
+                           start_listening)
 from deploy.layout import Deployment, DeploymentError
-from deploy.prepare import instructions, prepare
-from deploy.processes import Supervisor, living
+from deploy.prepare import instructions, main as prepare_main, prepare
+from deploy.processes import ProcessesLeft, Supervisor, living
 from fl_app.data import data_source
 from fl_app.node_data import load_node_file
 
@@ -63,16 +67,72 @@ def test_csv_node_files_load_as_node_data(tmp_path):
     assert sorted(np.concatenate([data.train.y, data.val.y])) == sorted(expected.y)
 
 
+def _names(cert_path: Path) -> tuple[list[str], list[str]]:
+    """The IP addresses and DNS names in a certificate's SANs."""
+    cert = x509.load_pem_x509_certificate(cert_path.read_bytes())
+    names = cert.extensions.get_extension_for_oid(ExtensionOID.SUBJECT_ALTERNATIVE_NAME).value
+    return ([str(ip) for ip in names.get_values_for_type(x509.IPAddress)],
+            names.get_values_for_type(x509.DNSName))
+
+
 def test_server_certificate_is_signed_by_the_ca_for_the_hosts(prepared):
     ca = x509.load_pem_x509_certificate(prepared.ca_cert.read_bytes())
     server = x509.load_pem_x509_certificate(prepared.server_cert.read_bytes())
     server.verify_directly_issued_by(ca)
-    names = server.extensions.get_extension_for_oid(ExtensionOID.SUBJECT_ALTERNATIVE_NAME).value
-    assert [str(ip) for ip in names.get_values_for_type(x509.IPAddress)] == ["127.0.0.1"]
-    assert names.get_values_for_type(x509.DNSName) == ["localhost"]
+    assert _names(prepared.server_cert) == (["127.0.0.1", "::1"], ["localhost"])
+    usage = server.extensions.get_extension_for_class(x509.KeyUsage)
+    assert usage.critical and usage.value.digital_signature and usage.value.key_encipherment
+    assert not usage.value.key_cert_sign
+    assert list(server.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value) == [
+        ExtendedKeyUsageOID.SERVER_AUTH]
     key = serialization.load_pem_private_key(prepared.server_key.read_bytes(), None)
     assert key.public_key().public_numbers() == server.public_key().public_numbers()
     assert prepared.server_key.stat().st_mode & 0o077 == 0
+
+
+def test_server_certificate_always_covers_the_loopback_names(tmp_path):
+    """With --host 0.0.0.0 Flower's SuperExec dials 127.0.0.1 and checks that name."""
+    tls = pki.make_tls(tmp_path, ["superlink.example.org", "10.0.0.5"])
+    assert _names(tls.server_cert) == (["10.0.0.5", "127.0.0.1", "::1"],
+                                       ["superlink.example.org", "localhost"])
+
+
+@pytest.mark.skipif(shutil.which("openssl") is None, reason="no openssl command")
+def test_certificates_pass_openssl_strict_verification(prepared):
+    result = subprocess.run(["openssl", "verify", "-x509_strict", "-CAfile",
+                             str(prepared.ca_cert), str(prepared.server_cert)],
+                            capture_output=True, text=True, check=False)
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_private_keys_are_created_private_not_chmodded_later(tmp_path, monkeypatch):
+    key = tmp_path / "keys" / "node"
+    key.parent.mkdir()
+    key.write_bytes(b"old")
+    key.chmod(0o644)  # a key left by an earlier run must not keep its mode either
+    monkeypatch.setattr(os, "chmod", lambda *args, **kwargs: None)
+    monkeypatch.setattr(Path, "chmod", lambda *args, **kwargs: None)
+    previous = os.umask(0o022)
+    try:
+        tls, pub = pki.make_tls(tmp_path / "certs", ["127.0.0.1"]), pki.make_node_keys(key)
+    finally:
+        os.umask(previous)
+    assert tls.server_key.stat().st_mode & 0o777 == 0o600
+    assert key.stat().st_mode & 0o777 == 0o600
+    assert pub.stat().st_mode & 0o777 == 0o644
+
+
+def test_preparing_a_prepared_folder_again_needs_force(tmp_path, capsys):
+    out = tmp_path / "dep"
+    dep = prepare(out, 1, "", HOSTS)
+    ca = dep.ca_cert.read_bytes()
+    with pytest.raises(DeploymentError, match="--force"):
+        prepare(out, 1, "", HOSTS)
+    assert prepare_main(["--out", str(out), "--num-nodes", "1"]) == 2
+    assert "already holds a deployment" in capsys.readouterr().err
+    assert dep.ca_cert.read_bytes() == ca
+    assert prepare_main(["--out", str(out), "--num-nodes", "1", "--force"]) == 0
+    assert dep.ca_cert.read_bytes() != ca
 
 
 def test_node_keys_are_p384_openssh_pairs(prepared):
@@ -158,17 +218,110 @@ def _wait_for(predicate, timeout: float = 30.0) -> None:
         time.sleep(0.1)
 
 
+def _python(code: str, *args: str) -> commands.Command:
+    return commands.Command([sys.executable, "-c", code, *args])
+
+
 def test_supervisor_stops_descendants_in_other_sessions_on_interrupt(tmp_path):
-    seen: set[int] = set()
+    seen: dict[psutil.Process, str] = {}
     with pytest.raises(KeyboardInterrupt):
         with Supervisor(tmp_path, echo=None, poll_seconds=0.1) as sup:
-            parent = sup.start("tree", commands.Command([sys.executable, "-c", TREE]))
-            _wait_for(lambda: len(sup.seen_pids()) >= 2)
-            seen = sup.seen_pids()
+            parent = sup.start("tree", _python(TREE))
+            _wait_for(lambda: len(sup.seen()) >= 2)
+            seen = sup.seen()
             raise KeyboardInterrupt  # Ctrl-C while everything runs
-    assert parent.pid in seen and len(seen) == 2
+    assert parent.process in seen and len(seen) == 2
+    assert sum("time.sleep(600)" in cmdline for cmdline in seen.values()) == 2
     assert not living(seen)
     assert (tmp_path / "tree.log").read_text().strip() == "started"
+
+
+def test_supervisor_raises_when_a_process_survives_shutdown(tmp_path, monkeypatch):
+    monkeypatch.setattr(Supervisor, "_terminate", staticmethod(lambda procs, grace: None))
+    with pytest.raises(ProcessesLeft) as info:
+        with Supervisor(tmp_path, echo=None) as sup:
+            sleeper = sup.start("sleeper", _python("import time; time.sleep(600)"))
+    try:
+        assert info.value.survivors == [sleeper.process]
+        assert str(sleeper.pid) in str(info.value)
+    finally:
+        sleeper.process.kill()
+        sleeper.popen.wait(timeout=30)
+
+
+def test_output_is_drained_when_the_echo_breaks(tmp_path):
+    """A closed terminal (BrokenPipeError) must not leave a process blocked on a full pipe."""
+    def broken_echo(line: str) -> None:
+        raise BrokenPipeError("the terminal went away")
+
+    chatty = "for i in range(20000): print(f'line {i:05d} ' + 'x' * 100)"
+    with Supervisor(tmp_path, echo=broken_echo) as sup:
+        managed = sup.start("chatty", _python(chatty))
+        assert managed.popen.wait(timeout=60) == 0
+        managed.reader.join(timeout=30)
+    log = (tmp_path / "chatty.log").read_text()
+    assert "line 19999" in log and "echo stopped (BrokenPipeError" in log
+
+
+def test_cli_json_reads_stdout_only_and_reports_flower_errors(tmp_path):
+    noisy = ("import sys; print('INFO {\"not\": \"it\"}', file=sys.stderr, flush=True); "
+             "print('{\"success\": true, \"run-id\": 7}')")
+    failing = ("import sys; print('log line', file=sys.stderr); "
+               "print('{\"success\": false, \"error-message\": \"SuperLink unavailable\"}');"
+               " sys.exit(1)")
+    with Supervisor(tmp_path, echo=None) as sup:
+        assert cli_json(sup.run("noisy", _python(noisy), timeout=60)) == {"success": True,
+                                                                          "run-id": 7}
+        with pytest.raises(DeploymentError, match=r"`failing` failed \(exit code 1\): "
+                                                  "SuperLink unavailable"):
+            cli_json(sup.run("failing", _python(failing), timeout=60))
+        with pytest.raises(DeploymentError, match="no JSON here"):
+            cli_json(sup.run("crash", _python("import sys; sys.exit('no JSON here')"), 60))
+    assert "INFO" in (tmp_path / "noisy.log").read_text()  # stderr still goes to the log
+
+
+SERVE = """
+import socket, sys, time
+server = socket.socket()
+server.bind(("127.0.0.1", int(sys.argv[1])))
+server.listen()
+time.sleep(600)
+"""
+
+
+def test_a_process_that_loses_its_port_starts_again_on_a_fresh_one(tmp_path, monkeypatch):
+    fresh = launch.free_port
+    with socket.socket() as thief:
+        thief.bind(("127.0.0.1", 0))
+        thief.listen()  # takes the port between free_port() and the server's bind
+        ports = iter([thief.getsockname()[1]])
+        monkeypatch.setattr(launch, "free_port", lambda: next(ports, None) or fresh())
+        with Supervisor(tmp_path, echo=None) as sup:
+            server, port = start_listening(sup, "server", lambda p: _python(SERVE, str(p)))
+            first = sup.started[0]
+            assert first.poll() == 1 and "address already in use" in first.log_text().lower()
+            assert port != thief.getsockname()[1] and listens(server.process, port)
+
+
+def test_a_process_that_fails_otherwise_is_not_started_again(tmp_path):
+    with Supervisor(tmp_path, echo=None) as sup:
+        with pytest.raises(DeploymentError, match="server exited with code 3"):
+            start_listening(sup, "server", lambda port: _python("import sys; sys.exit(3)"))
+        assert len(sup.started) == 1
+
+
+def test_a_broken_log_stream_is_not_reported_as_the_run_ending(prepared, tmp_path, monkeypatch):
+    (tmp_path / "pyproject.toml").write_text("[project]\nname = 'app'\n")
+    monkeypatch.setattr(commands, "run_app", lambda *args, **kwargs: _python(
+        "print('{\"success\": true, \"run-id\": 7}')"))
+    monkeypatch.setattr(commands, "stream_logs", lambda *args: _python(
+        "import sys; sys.exit('connection to the SuperLink lost')"))
+    monkeypatch.setattr(commands, "list_run", lambda *args: _python(
+        "print('{\"runs\": [{\"status\": \"finished:failed\"}]}')"))
+    with Supervisor(tmp_path / "logs", echo=None) as sup:
+        local = LocalDeployment(prepared, sup, tmp_path / "state")
+        with pytest.raises(DeploymentError, match="streaming the log of run 7 failed"):
+            local.run_app(tmp_path, local.run_config(tmp_path / "out"), timeout=60)
 
 
 def test_launcher_stops_every_process_on_ctrl_c(prepared):
@@ -191,10 +344,26 @@ def test_launcher_stops_every_process_on_ctrl_c(prepared):
         _wait_for(supernodes_up, timeout=120)
         launcher.send_signal(signal.SIGINT)
         output, _ = launcher.communicate(timeout=60)
+        assert launcher.returncode == 130, output
+        assert "every process was stopped" in output
+        alive = living(seen.values())
+        assert not alive, [_cmdline(proc) for proc in alive]
     finally:
-        if launcher.poll() is None:
+        _stop_everything(launcher, seen.values())
+
+
+def _stop_everything(launcher: subprocess.Popen, seen) -> None:
+    """Whatever went wrong: let the launcher stop its processes, then kill every one left
+    (their own sessions outlive the launcher)."""
+    if launcher.poll() is None:
+        launcher.send_signal(signal.SIGINT)
+        try:
+            launcher.wait(timeout=60)
+        except subprocess.TimeoutExpired:
             launcher.kill()
-    assert launcher.returncode == 130, output
-    assert "every process was stopped" in output
-    alive = living(seen)
-    assert not alive, [_cmdline(seen[pid]) for pid in alive]
+            launcher.wait()
+    for proc in living(seen):
+        try:
+            proc.kill()
+        except psutil.Error:
+            pass

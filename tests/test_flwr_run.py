@@ -1,21 +1,21 @@
 """`flwr run .` on a real SuperLink in simulation mode, started and stopped by the test.
 
 The SuperLink runs with `--disable-runtime-dependency-installation` (this venv already has
-the app's dependencies) on a free port of 127.0.0.1; the connection lives in a temporary
-FLWR_HOME. Every process is stopped by pid at the end, pass or fail.
+the app's dependencies) on a free port of 127.0.0.1 (the tests start once it listens); the
+connection lives in a temporary FLWR_HOME. Every process is stopped by pid at the end,
+pass or fail.
 """
 
 from __future__ import annotations
 
 import json
 import sys
-import time
 from pathlib import Path
 
 import pytest
 
 from deploy.commands import Command
-from deploy.launch import free_port
+from deploy.launch import start_listening
 from deploy.processes import Supervisor
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -26,20 +26,20 @@ BIN = Path(sys.executable).parent
 def simulation_superlink(tmp_path_factory):
     """A simulation-mode SuperLink with 6 simulated SuperNodes and a `flwr` home for it."""
     home = tmp_path_factory.mktemp("flwr-home")
-    port = free_port()
-    (home / "config.toml").write_text(
-        f'[superlink]\ndefault = "test"\n\n[superlink.test]\naddress = "127.0.0.1:{port}"\n'
-        'insecure = true\noptions.num-supernodes = 6\n')
     env = {"FLWR_HOME": str(home)}
+
+    def superlink(port: int) -> Command:
+        return Command([str(BIN / "flower-superlink"), "--insecure", "--simulation",
+                        "--isolation", "subprocess", "--host", "127.0.0.1", "--port", str(port),
+                        "--disable-runtime-dependency-installation"], env)
+
     with Supervisor(home / "logs", echo=None) as supervisor:
-        supervisor.start("superlink", Command(
-            [str(BIN / "flower-superlink"), "--insecure", "--simulation", "--isolation",
-             "subprocess", "--host", "127.0.0.1", "--port", str(port),
-             "--disable-runtime-dependency-installation"], env))
-        time.sleep(5)
+        _, port = start_listening(supervisor, "superlink", superlink)
+        (home / "config.toml").write_text(
+            f'[superlink]\ndefault = "test"\n\n[superlink.test]\naddress = "127.0.0.1:{port}"\n'
+            'insecure = true\noptions.num-supernodes = 6\n')
         yield supervisor, env
-        started = supervisor.seen_pids()
-    assert not supervisor.alive(), f"processes left running: {started}"
+    assert not supervisor.alive()  # a survivor would also have raised ProcessesLeft
 
 
 @pytest.mark.parametrize("overrides", ["", "strategy='fedprox'",
@@ -51,7 +51,7 @@ def test_flwr_run_completes_with_the_app_config(simulation_superlink, tmp_path, 
     cli = supervisor.run(f"flwr-run-{len(overrides)}", Command(
         [str(BIN / "flwr"), "run", ".", "test", "--stream", "--run-config", run_config], env),
         timeout=400, cwd=ROOT)
-    assert cli.popen.returncode == 0, cli.text()[-3000:]
+    assert cli.popen.returncode == 0, cli.log_text()[-3000:]
     history = json.loads((out / "history.json").read_text())
     assert history["stopped"] == "num-server-rounds"
     assert history["config"]["strategy"] == (overrides.split("'")[1] if overrides
