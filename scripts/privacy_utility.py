@@ -1,17 +1,18 @@
 """Privacy–utility table: final accuracy against ε for several noise multipliers.
 
     python scripts/privacy_utility.py [--clients 100] [--fraction-fit 0.2] [--rounds 30]
-        [--noise 0,0.5,1,2,4] [--clipping-norm 0.3] [--strategy dp-fixed] [--noise-seed 1]
-        [--out DIR]
+        [--noise 0,0.5,1,2,4] [--clipping-norm 0.3] [--strategy dp-fixed]
+        [--noise-seeds 1,2,3] [--out DIR]
 
 Runs the default workload (digits, IID, MLP, 5 local epochs) split over `--clients`
 simulated clients with `run_simulation.py`, once without DP (weighted-fedavg) and once
 per noise multiplier with the DP strategy (noise 0: clipping only, no guarantee). Each
 run is its own process, so no run starts from a model another run left in a cache.
 Distributed evaluation is off (client-reported metrics are outside the DP guarantee);
-accuracy is the server's centralized test accuracy after the last round. The DP noise and
-sample are seeded (`dp-noise-seed`, `--noise-seed`) so that the table can be reproduced;
-a private deployment leaves `dp-noise-seed=0` (OS entropy). Prints a table
+accuracy is the server's centralized test accuracy after the last round, averaged over the
+DP runs' noise seeds (`dp-noise-seed`, one run per `--noise-seeds` entry; seeded so that the
+table can be reproduced, where a private deployment leaves `dp-noise-seed=0`, OS entropy).
+Prints a table
 (and its Markdown for the README) and writes privacy_utility.png/.json under `--out`.
 """
 
@@ -20,6 +21,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -43,8 +45,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="comma-separated noise multipliers")
     parser.add_argument("--clipping-norm", type=float, default=0.3)
     parser.add_argument("--strategy", default="dp-fixed")
-    parser.add_argument("--noise-seed", type=int, default=1,
-                        help="dp-noise-seed of the DP runs (0: OS entropy, not reproducible)")
+    parser.add_argument("--noise-seeds", default="1,2,3",
+                        help="comma-separated dp-noise-seed values: one DP run per seed and "
+                             "noise multiplier, accuracy averaged")
     parser.add_argument("--extra", default="", help="more run-config overrides for every run")
     parser.add_argument("--out", default=None, help="folder for the runs, plot and table")
     return parser.parse_args(argv)
@@ -72,25 +75,38 @@ def rows_for(args: argparse.Namespace, out: Path) -> list[dict]:
     """Run the baseline and every noise multiplier."""
     common = (f"num-server-rounds={args.rounds} fraction-fit={args.fraction_fit} "
               f"fraction-evaluate=0 min-fit-clients=2 {args.extra}")
-    runs = [("no DP (weighted-fedavg)", None, f"{common} strategy='weighted-fedavg'")]
+    runs = [("no DP (weighted-fedavg)", None, [f"{common} strategy='weighted-fedavg'"])]
+    seeds = [int(seed) for seed in args.noise_seeds.split(",")]
     for noise in (float(z) for z in args.noise.split(",")):
-        runs.append((f"{args.strategy} z={noise:g}", noise,
-                     f"{common} strategy='{args.strategy}' noise-multiplier={noise} "
-                     f"clipping-norm={args.clipping_norm} dp-noise-seed={args.noise_seed}"))
+        runs.append((f"{args.strategy} z={noise:g}", noise, [
+            f"{common} strategy='{args.strategy}' noise-multiplier={noise} "
+            f"clipping-norm={args.clipping_norm} dp-noise-seed={seed}" for seed in seeds]))
     rows = []
-    for i, (label, noise, run_config) in enumerate(runs):
-        rows.append({"run": label, "noise_multiplier": noise,
-                     **run_one(out / f"run{i}", run_config, args.clients)})
+    for i, (label, noise, run_configs) in enumerate(runs):
+        results = [run_one(out / f"run{i}-{j}", run_config, args.clients)
+                   for j, run_config in enumerate(run_configs)]
+        accuracies = [r["accuracy"] for r in results]
+        rows.append({"run": label, "noise_multiplier": noise, **results[0],
+                     "accuracy": statistics.mean(accuracies),
+                     "accuracy_std": statistics.pstdev(accuracies), "accuracies": accuracies,
+                     "seconds": sum(r["seconds"] for r in results)})
     return rows
+
+
+def _accuracy(row: dict) -> str:
+    if len(row["accuracies"]) == 1:
+        return f"{row['accuracy']:.3f}"
+    return f"{row['accuracy']:.3f} ± {row['accuracy_std']:.3f}"
 
 
 def markdown(rows: list[dict]) -> str:
     """The table as Markdown (for the README)."""
-    lines = ["| run | noise multiplier z | ε | final accuracy |", "|---|---|---|---|"]
+    lines = ["| run | noise multiplier z | ε | final accuracy (mean ± std over noise seeds) |",
+             "|---|---|---|---|"]
     for r in rows:
         z = "–" if r["noise_multiplier"] is None else f"{r['noise_multiplier']:g}"
         eps = "∞" if math.isinf(r["epsilon"]) else f"{r['epsilon']:.2f}"
-        lines.append(f"| {r['run']} | {z} | {eps} | {r['accuracy']:.3f} |")
+        lines.append(f"| {r['run']} | {z} | {eps} | {_accuracy(r)} |")
     return "\n".join(lines)
 
 
@@ -106,7 +122,7 @@ def show(rows: list[dict], title: str) -> None:
         z = "" if r["noise_multiplier"] is None else f"{r['noise_multiplier']:g}"
         table.add_row(r["run"], z,
                       "∞" if math.isinf(r["epsilon"]) else f"{r['epsilon']:.2f}",
-                      "" if r["delta"] is None else f"{r['delta']:.2e}", f"{r['accuracy']:.3f}",
+                      "" if r["delta"] is None else f"{r['delta']:.2e}", _accuracy(r),
                       str(r["rounds"]), f"{r['seconds']:.0f}")
     Console().print(table)
 
