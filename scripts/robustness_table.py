@@ -1,6 +1,6 @@
 """Final accuracy of robust and plain aggregation under each simulated attack.
 
-    python scripts/robustness_table.py                # 25 runs, ~15 min; updates README.md
+    python scripts/robustness_table.py                # 25 runs, ~7 min; updates README.md
     python scripts/robustness_table.py --no-readme    # print only
 
 Every run is the default workload (digits, MLP, local-epochs 5) on Flower's simulation
