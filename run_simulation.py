@@ -25,7 +25,7 @@ import click
 from flwr.common.config import flatten_dict, get_project_config, parse_config_args
 
 from fl_app.checkpoint import RESUMABLE_CHANGES, CheckpointError, load_checkpoint
-from fl_app.config import RunConfig, check_num_clients, resolve
+from fl_app.config import IDLE_STOP, RunConfig, check_num_clients, resolve
 from fl_app.data import DataError
 from fl_app.outputs import resolve_out_dir
 from fl_app.settings import ConfigError
@@ -117,8 +117,9 @@ SUMMARY_COLUMNS: list[tuple[str, Callable[[dict[str, Any]], str]]] = [
 ]
 
 
-def print_summary(out_dir: Path, wall_seconds: float) -> None:
-    """A table of the run's rounds, read back from history.json, and the total wall time.
+def print_summary(out_dir: Path, wall_seconds: float) -> str:
+    """Print a table of the run's rounds, read back from history.json, and the total wall
+    time; return why the run stopped.
 
     Columns with no value in any round (ε without DP, ...) are left out."""
     from rich.console import Console
@@ -137,6 +138,7 @@ def print_summary(out_dir: Path, wall_seconds: float) -> None:
     console = Console(width=max(Console().width, 100))
     console.print(table)
     console.print(f"wall time {wall_seconds:.1f} s; history, final model and plots: {out_dir}")
+    return str(history["stopped"])
 
 
 def prepare(args: argparse.Namespace) -> RunConfig:
@@ -178,7 +180,11 @@ def main(argv: list[str] | None = None) -> int:
     if not (out_dir / "history.json").is_file():
         print(f"error: the run wrote no history to {out_dir}; see the log above", file=sys.stderr)
         return 1
-    print_summary(out_dir, seconds)
+    stopped = print_summary(out_dir, seconds)
+    if stopped == IDLE_STOP:
+        print(f"error: no client update was accepted in {cfg['max-idle-rounds']} rounds in a "
+              "row; the failures are in history.json (fit.failures)", file=sys.stderr)
+        return 1
     return 0
 
 

@@ -15,6 +15,8 @@ from types import ModuleType
 
 from fl_app.settings import ConfigCheck, ConfigError, Scalar, Setting, module_checks
 
+IDLE_STOP = "no-client-updates"  # history's "stopped" when `max-idle-rounds` ends a run
+
 
 def _model_names() -> list[str]:
     from fl_app.models import MODEL_BUILDERS
@@ -58,6 +60,9 @@ CORE_SETTINGS: list[Setting] = [
     Setting("patience", int, 0,
             "Stop after this many rounds without a better centralized accuracy (0 disables).",
             "run", low=0),
+    Setting("max-idle-rounds", int, 3,
+            "Stop after this many rounds in a row in which no client update was accepted "
+            "(every client failed, timed out or was rejected; 0 disables).", "run", low=0),
     Setting("round-timeout", float, 0.0,
             "Seconds a round waits for its clients (0 waits forever); clients are started "
             "before round 1, so their start-up does not count.", "run", low=0.0),

@@ -20,6 +20,7 @@ from flwr.server.strategy import Strategy
 
 from fl_app.client_app import CLIENT_KEY
 from fl_app.client_failures import NamedClientProxy, describe_failure
+from fl_app.config import IDLE_STOP
 
 from strategies.state import set_strategy_state, strategy_state
 
@@ -95,16 +96,23 @@ class SeededClientManager(SimpleClientManager):
 
 
 class StoppingRules:
-    """Ends a run early: target accuracy reached, or `patience` rounds without improvement."""
+    """Ends a run early: target accuracy reached, `patience` rounds without improvement, or
+    `max_idle_rounds` rounds in a row in which no client update was accepted."""
 
-    def __init__(self, target_accuracy: float, patience: int) -> None:
+    def __init__(self, target_accuracy: float, patience: int, max_idle_rounds: int = 0) -> None:
         self.target_accuracy = target_accuracy
         self.patience = patience
+        self.max_idle_rounds = max_idle_rounds
         self.best = float("-inf")
         self.rounds_since_best = 0
+        self.idle_rounds = 0
 
-    def after_round(self, accuracy: float | None) -> str | None:
-        """Record a round's centralized accuracy; return why to stop, or None."""
+    def after_round(self, accuracy: float | None, accepted_updates: int = 1) -> str | None:
+        """Record a round's centralized accuracy and how many client updates it accepted;
+        return why to stop, or None."""
+        self.idle_rounds = 0 if accepted_updates else self.idle_rounds + 1
+        if self.max_idle_rounds and self.idle_rounds >= self.max_idle_rounds:
+            return IDLE_STOP
         if accuracy is None:
             return None
         if accuracy > self.best:
@@ -118,14 +126,15 @@ class StoppingRules:
         return None
 
     def get_state(self) -> dict[str, Any]:
-        """Best accuracy so far and rounds since (for checkpoints)."""
+        """Best accuracy so far, rounds since, and idle rounds in a row (for checkpoints)."""
         return {"best": None if self.best == float("-inf") else self.best,
-                "rounds_since_best": self.rounds_since_best}
+                "rounds_since_best": self.rounds_since_best, "idle_rounds": self.idle_rounds}
 
     def set_state(self, state: dict[str, Any]) -> None:
         """Restore `get_state`'s output."""
         self.best = float("-inf") if state["best"] is None else float(state["best"])
         self.rounds_since_best = int(state["rounds_since_best"])
+        self.idle_rounds = int(state.get("idle_rounds", 0))  # absent in older checkpoints
 
 
 def _section(loss: float | None, metrics: dict[str, Scalar]) -> dict[str, Any]:
@@ -274,7 +283,8 @@ class FederatedServer(Server):
                 record["privacy"] = privacy
             record["seconds"] = timeit.default_timer() - round_start
             self.on_round({k: v for k, v in record.items() if v != {}}, self.parameters)
-            reason = self.stopping.after_round(record["centralized"].get("accuracy"))
+            reason = self.stopping.after_round(record["centralized"].get("accuracy"),
+                                               fit["num_clients"] - fit["num_rejected"])
             self._checkpoint(server_round, reason)
             if reason:
                 stopped = reason

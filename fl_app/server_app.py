@@ -114,7 +114,7 @@ def server_components(cfg: RunConfig) -> ServerAppComponents:
     )
     server = FederatedServer(
         strategy=build_strategy(ctx), seed=int(cfg["seed"]),
-        stopping=StoppingRules(cfg["target-accuracy"], cfg["patience"]),
+        stopping=StoppingRules(cfg["target-accuracy"], cfg["patience"], cfg["max-idle-rounds"]),
         on_round=recorder.on_round, on_finish=recorder.on_finish,
         on_checkpoint=Checkpointer(cfg, out_dir, lambda: recorder.history), resume=resume,
     )

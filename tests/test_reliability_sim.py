@@ -36,6 +36,17 @@ def test_run_with_30pct_raising_and_10pct_nan_clients_completes_and_learns(tmp_p
     assert history["rounds"][-1]["centralized"]["accuracy"] >= 0.85
 
 
+def test_a_run_whose_clients_all_fail_stops_after_max_idle_rounds(tmp_path):
+    code = run_simulation.main(["--num-supernodes", "3", "--out", str(tmp_path), "--run-config",
+                                "num-server-rounds=6 max-idle-rounds=2 fraction-evaluate=0 "
+                                "fault-raise-fraction=1.0 local-epochs=1"])
+    assert code == 1
+    history = json.loads((tmp_path / "history.json").read_text())
+    assert history["stopped"] == "no-client-updates"
+    assert [r["round"] for r in history["rounds"]] == [0, 1, 2]
+    assert all(r["fit"]["num_failures"] == 3 for r in history["rounds"][1:])
+
+
 def test_round_timeout_gives_up_on_a_hanging_client(tmp_path):
     # The stalled client sleeps a little longer than the round timeout: the round must end
     # at the timeout without its update. (The simulation itself only shuts down once the

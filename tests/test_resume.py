@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import json
 
 import numpy as np
 import pytest
@@ -224,6 +225,17 @@ def test_stopping_rules_state_round_trip():
     restored = StoppingRules(target_accuracy=0.0, patience=2)
     restored.set_state(rules.get_state())
     assert restored.after_round(0.45) == "patience"
+
+
+def test_idle_rounds_in_a_row_stop_the_run_and_survive_a_restore():
+    rules = StoppingRules(target_accuracy=0.0, patience=0, max_idle_rounds=3)
+    assert rules.after_round(0.5, accepted_updates=0) is None
+    assert rules.after_round(0.5, accepted_updates=4) is None  # an update resets the count
+    assert rules.after_round(None, 0) is None and rules.after_round(None, 0) is None
+    restored = StoppingRules(target_accuracy=0.0, patience=0, max_idle_rounds=3)
+    restored.set_state(json.loads(json.dumps(rules.get_state())))
+    assert restored.after_round(0.5, accepted_updates=0) == "no-client-updates"
+    assert StoppingRules(0.0, 0, max_idle_rounds=0).after_round(0.5, 0) is None  # disabled
 
 
 def test_a_new_run_starts_from_the_seeded_model_not_the_last_run_in_the_process(tmp_path):
