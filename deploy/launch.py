@@ -37,6 +37,7 @@ from deploy import commands
 from deploy.commands import Command
 from deploy.layout import Deployment, DeploymentError, NodeFiles
 from deploy.processes import Echo, Managed, Supervisor
+from fl_app.config import IDLE_STOP
 from fl_app.data import DataError
 from fl_app.outputs import HISTORY_FILE
 from fl_app.settings import ConfigError
@@ -339,7 +340,7 @@ def _exit_on_signal(signum: int, frame: Any) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     """Launch, run, print the outcome; exit code 0 only if the run completed."""
-    from run_simulation import PROJECT_DIR, print_summary
+    from run_simulation import PROJECT_DIR
 
     args = parse_args(argv)
     signal.signal(signal.SIGTERM, _exit_on_signal)
@@ -347,22 +348,40 @@ def main(argv: list[str] | None = None) -> int:
     try:
         dep = _load_or_prepare(args)
         out_dir = args.out or dep.root / "results"
+        start = time.perf_counter()
         outcome, node_ids = launch(dep, (args.project or PROJECT_DIR).resolve(), out_dir,
                                    args.run_config, args.timeout, echo_nodes=not args.quiet)
+        seconds = time.perf_counter() - start
     except (DeploymentError, ConfigError, DataError) as err:
-        print(f"error: {err}", file=sys.stderr)
+        print(f"error: {_with_notes(err)}", file=sys.stderr)
         return 1
-    except KeyboardInterrupt:  # a process that survived would have raised ProcessesLeft
-        print("interrupted: every process was stopped", file=sys.stderr)
+    except KeyboardInterrupt as err:  # survivors, if any, are in its notes
+        print(f"interrupted: {_with_notes(err) or 'every process was stopped'}", file=sys.stderr)
         return 130
+    return report(outcome, node_ids, seconds)
+
+
+def report(outcome: RunOutcome, node_ids: dict[str, int], seconds: float) -> int:
+    """Print how the run ended, its failed nodes and its summary table; return the exit
+    code: 0 only if the run completed and trained."""
+    from run_simulation import print_summary
+
     print(f"run {outcome.run_id}: {outcome.status}")
     if outcome.history is None:
         print(f"error: the run wrote no {HISTORY_FILE} to {outcome.out_dir}", file=sys.stderr)
         return 1
     for line in describe_failures(outcome.history, node_ids):
         print(line)
-    print_summary(outcome.out_dir)
+    if print_summary(outcome.out_dir, seconds) == IDLE_STOP:
+        print("error: no client update made it into the model in max-idle-rounds rounds in a "
+              "row; the failures are listed above", file=sys.stderr)
+        return 1
     return 0 if outcome.status == COMPLETED else 1
+
+
+def _with_notes(err: BaseException) -> str:
+    """The error's message followed by any notes added while it propagated."""
+    return "; ".join([str(err), *getattr(err, "__notes__", [])]).strip("; ")
 
 
 if __name__ == "__main__":

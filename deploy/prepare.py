@@ -24,7 +24,7 @@ from flwr.supercore.constant import SUPERLINK_UVICORN_DEFAULT_PORT, SUPERNODE_UV
 
 from deploy import commands, pki
 from deploy.layout import CONNECTION, MANIFEST, Deployment, DeploymentError, NodeFiles
-from fl_app.config import RunConfig
+from fl_app.config import RunConfig, check_num_clients
 from fl_app.data import DataError, data_source
 from fl_app.settings import ConfigError
 from run_simulation import PROJECT_DIR, load_run_config
@@ -43,10 +43,7 @@ def write_node_data(cfg: RunConfig, num_nodes: int, data_dir: Path, fmt: str) ->
     source = data_source(cfg)
     paths = []
     for i in range(num_nodes):
-        split = source.partition(i, num_nodes)
-        if len(split) == 0:
-            raise DataError(f"partition {i} of {num_nodes} is empty: use fewer nodes or "
-                            "another partitioner")
+        split = source.partition(i, num_nodes)  # DataError naming the partitioner if empty
         path = data_dir / f"node-{i}.{fmt}"
         if fmt == "npz":
             np.savez(path, x=split.x, y=split.y)
@@ -84,6 +81,7 @@ def prepare(out: Path, num_nodes: int, run_config: str, server_hosts: list[str],
     if not force:
         check_fresh(root)
     cfg = load_run_config(run_config or None)
+    check_num_clients(cfg, num_nodes)  # before any key or data file is written
     data_paths = write_node_data(cfg, num_nodes, root / "data", data_format)
     pki.make_tls(root / "certs", server_hosts)
     nodes = []

@@ -122,10 +122,15 @@ class Supervisor:
         self._tracker.start()
         return self
 
-    def __exit__(self, *exc_info) -> None:
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 traceback: object) -> None:
         survivors = self.shutdown()
-        if survivors:
-            raise ProcessesLeft(survivors)
+        if not survivors:
+            return
+        left = ProcessesLeft(survivors)
+        if exc is None:
+            raise left
+        exc.add_note(str(left))  # the error that ended the block stays the one reported
 
     # --- starting
     def start(self, name: str, cmd: Command, cwd: Path | None = None,

@@ -61,8 +61,9 @@ CORE_SETTINGS: list[Setting] = [
             "Stop after this many rounds without a better centralized accuracy (0 disables).",
             "run", low=0),
     Setting("max-idle-rounds", int, 3,
-            "Stop after this many rounds in a row in which no client update was accepted "
-            "(every client failed, timed out or was rejected; 0 disables).", "run", low=0),
+            "Stop after this many rounds in a row in which no client update made it into the "
+            "model (every client failed, timed out or was rejected, or the round was skipped; "
+            "0 disables).", "run", low=0),
     Setting("round-timeout", float, 0.0,
             "Seconds a round waits for its clients (0 waits forever); clients are started "
             "before round 1, so their start-up does not count.", "run", low=0.0),

@@ -96,7 +96,7 @@ def load_partition(partitioner: Partitioner, partition_id: int, num_partitions: 
     Dirichlet draw that leaves clients too small, more classes per client than exist)
     or leaves this partition empty.
     """
-    setting = _describe(cfg, num_partitions)  # some partitioners' num_partitions may raise
+    setting = _describe(cfg, num_partitions)
     hint = PARTITIONERS[cfg["partitioner"]].hint
     if cfg["partitioner"] == "pathological" and cfg["classes-per-partition"] > num_classes:
         raise PartitioningError(f"{setting}: the dataset has only {num_classes} classes: "

@@ -219,10 +219,13 @@ class FederatedServer(Server):
         history.add_metrics_centralized(server_round=server_round, metrics=metrics)
         return _section(loss, metrics)
 
-    def _fit(self, server_round: int, timeout: float | None, history: History) -> dict[str, Any]:
+    def _fit(self, server_round: int, timeout: float | None,
+             history: History) -> tuple[dict[str, Any], int]:
+        """Run the round's training; return its record and how many client updates made
+        it into a new global model (0 when the strategy kept the previous one)."""
         res_fit = self.fit_round(server_round=server_round, timeout=timeout)
         if res_fit is None:
-            return {"num_clients": 0, "num_failures": 0, "num_rejected": 0}
+            return {"num_clients": 0, "num_failures": 0, "num_rejected": 0}, 0
         parameters, metrics, (results, failures) = res_fit
         if parameters:
             self.parameters = parameters
@@ -236,7 +239,7 @@ class FederatedServer(Server):
             for failure in record["failures"]:
                 log(WARNING, "round %s: client %s failed: %s", server_round,
                     failure["client"], failure["error"])
-        return record
+        return record, (record["num_clients"] - record["num_rejected"] if parameters else 0)
 
     def _evaluate_distributed(self, server_round: int, timeout: float | None,
                               history: History) -> dict[str, Any]:
@@ -274,7 +277,7 @@ class FederatedServer(Server):
                 stopped = "privacy-budget"
                 break
             round_start = timeit.default_timer()
-            fit = self._fit(server_round, timeout, history)
+            fit, accepted = self._fit(server_round, timeout, history)
             record = {"round": server_round, "fit": fit,
                       "centralized": self._evaluate_centralized(server_round, history),
                       "distributed": self._evaluate_distributed(server_round, timeout, history)}
@@ -283,8 +286,7 @@ class FederatedServer(Server):
                 record["privacy"] = privacy
             record["seconds"] = timeit.default_timer() - round_start
             self.on_round({k: v for k, v in record.items() if v != {}}, self.parameters)
-            reason = self.stopping.after_round(record["centralized"].get("accuracy"),
-                                               fit["num_clients"] - fit["num_rejected"])
+            reason = self.stopping.after_round(record["centralized"].get("accuracy"), accepted)
             self._checkpoint(server_round, reason)
             if reason:
                 stopped = reason

@@ -5,7 +5,7 @@ retracing); a small federated client does ~10 ms of real work. `KerasTrainer` bu
 the model's train and eval loops once as `tf.function`s and reuses them across rounds
 and across the clients that share a process. Every call starts from the weights it is
 given, and `fit` also from a fresh optimizer; the layers' random state (Dropout's seed
-generators, which live outside `model.weights`) is reseeded on every call, so no state
+generators, which live outside `model.weights`) is reseeded on every fit, so no state
 leaks between clients.
 """
 
@@ -154,8 +154,8 @@ class KerasTrainer:
         return FitResult(loss_sum / n, correct / n, time.perf_counter() - start)
 
     def evaluate(self, data: Split) -> tuple[float, float]:
-        """Mean loss and accuracy of the current weights on `data` (layer RNGs reseeded)."""
-        self.reseed_layers(np.random.default_rng(0))
+        """Mean loss and accuracy of the current weights on `data` (inference mode: no
+        layer draws random numbers, so none is reseeded)."""
         loss_sum = correct = 0.0
         for lo in range(0, len(data), EVAL_CHUNK):
             chunk_loss, chunk_correct = self._eval_chunk(

@@ -37,11 +37,12 @@ The noise and the DP client sample are drawn from a generator seeded by OS entro
 run config (and so `seed`) reaches every client, and noise or a sample anyone can
 recompute protects nothing. `dp-noise-seed` makes them reproducible for experiments
 only. With Poisson sampling, an empty sample skips the round (Flower cancels a round
-without clients); that happens with probability (1 − q)^N, which should be far below δ. Every round's ε at δ comes from
-`strategies.accounting`; the run stops before a round that would exceed `max-epsilon`,
-and `configure_fit` refuses such a round itself, so the budget also holds under Flower's
-plain server loop. Distributed evaluation metrics are not covered by the guarantee (set
-`fraction-evaluate=0` for a fully private run).
+without clients); that happens with probability (1 − q)^N, which should be far below δ.
+
+Every round's ε at δ comes from `strategies.accounting`; the run stops before a round
+that would exceed `max-epsilon`, and `configure_fit` refuses such a round itself, so the
+budget also holds under Flower's plain server loop. Distributed evaluation metrics are
+not covered by the guarantee (set `fraction-evaluate=0` for a fully private run).
 """
 
 from __future__ import annotations
@@ -54,11 +55,13 @@ from typing import Any
 
 import numpy as np
 from flwr.common import (
+    Code,
     FitIns,
     FitRes,
     NDArrays,
     Parameters,
     Scalar,
+    Status,
     ndarrays_to_parameters,
     parameters_to_ndarrays,
 )
@@ -165,6 +168,7 @@ class _RoundPlan:
     denominator: float  # m: clients sampled, or expected (q·N) under Poisson sampling
     event: RoundEvent  # what the accountant records if the round releases a model
     clip_norm: float  # C for this round
+    sampled: list[ClientProxy]  # the clients sent the round, whatever they answer
 
 
 class DPFixedClipping(StrategyWrapper):
@@ -253,7 +257,7 @@ class DPFixedClipping(StrategyWrapper):
                        else self.accountant.poisson_rate * population)
         self.update_noise_multiplier(denominator)  # fail before training if uncalibratable
         self._plan = _RoundPlan(parameters_to_ndarrays(parameters), denominator, event,
-                                self.clip_norm)
+                                self.clip_norm, [proxy for proxy, _ in instructions])
         if self.client_side:
             for _, fit_ins in instructions:
                 fit_ins.config = {**fit_ins.config, KEY_CLIPPING_NORM: float(self.clip_norm)}
@@ -294,13 +298,16 @@ class DPFixedClipping(StrategyWrapper):
         privatized = ndarrays_to_parameters(
             [(ref.astype(np.float64) + delta).astype(ref.dtype)
              for ref, delta in zip(plan.reference, noised)])
-        if not accepted:  # noise only: no inner strategy can aggregate zero results
-            return privatized, {**metrics, **dp_metrics}
-        inner_results = [(proxy, FitRes(status=fit_res.status, parameters=privatized,
-                                        num_examples=1, metrics={}))
-                         for proxy, fit_res in accepted]
-        parameters, inner_metrics = self.inner.aggregate_fit(server_round, inner_results,
-                                                             failures)
+        # One copy per sampled client, failed or not (their zero updates are in the average):
+        # the inner strategy's own minimum-client and failure rules then never hold the
+        # release back, and a stateful one (FedAdam) steps every released round.
+        inner_results = [(proxy, FitRes(status=Status(Code.OK, ""), parameters=privatized,
+                                        num_examples=1, metrics={})) for proxy in plan.sampled]
+        parameters, inner_metrics = self.inner.aggregate_fit(server_round, inner_results, [])
+        if parameters is None:  # an inner strategy that declines still cannot veto the release
+            log(WARNING, "round %s: %r returned no model; the DP release is applied as is",
+                server_round, self.inner)
+            parameters = privatized
         return parameters, {**inner_metrics, **metrics, **dp_metrics}
 
     def _release(self, plan: _RoundPlan, clipped: list[NDArrays],
@@ -309,7 +316,8 @@ class DPFixedClipping(StrategyWrapper):
         std = self.update_noise_multiplier(plan.denominator) * plan.clip_norm / plan.denominator
         total = [np.zeros(ref.shape) for ref in plan.reference]
         for update in clipped:
-            total = [t + u for t, u in zip(total, update)]
+            for acc, layer in zip(total, update):
+                acc += layer
         noised = [t / plan.denominator + self._rng.normal(0.0, std, t.shape) for t in total]
         self.accountant.record(plan.event)
         log(INFO, "DP: averaged %s clipped update(s) over m=%g, C=%.4g, noise std %.4g",

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import shlex
 import shutil
@@ -24,10 +25,11 @@ from flwr.superlink.cli.flower_superlink import _parse_args_run_superlink
 
 from tests.conftest import make_config
 from deploy import commands, launch, pki
-from deploy.launch import (LocalDeployment, check_project, cli_json, describe_failures, listens,
-                           start_listening)
+from deploy.launch import (COMPLETED, LocalDeployment, RunOutcome, check_project, cli_json,
+                           describe_failures, listens, report, start_listening)
 from deploy.layout import Deployment, DeploymentError
 from deploy.prepare import instructions, main as prepare_main, prepare
+from fl_app.settings import ConfigError
 from deploy.processes import ProcessesLeft, Supervisor, living
 from fl_app.data import data_source
 from fl_app.node_data import load_node_file
@@ -124,14 +126,14 @@ def test_private_keys_are_created_private_not_chmodded_later(tmp_path, monkeypat
 
 def test_preparing_a_prepared_folder_again_needs_force(tmp_path, capsys):
     out = tmp_path / "dep"
-    dep = prepare(out, 1, "", HOSTS)
+    dep = prepare(out, 2, "", HOSTS)
     ca = dep.ca_cert.read_bytes()
     with pytest.raises(DeploymentError, match="--force"):
-        prepare(out, 1, "", HOSTS)
-    assert prepare_main(["--out", str(out), "--num-nodes", "1"]) == 2
+        prepare(out, 2, "", HOSTS)
+    assert prepare_main(["--out", str(out), "--num-nodes", "2"]) == 2
     assert "already holds a deployment" in capsys.readouterr().err
     assert dep.ca_cert.read_bytes() == ca
-    assert prepare_main(["--out", str(out), "--num-nodes", "1", "--force"]) == 0
+    assert prepare_main(["--out", str(out), "--num-nodes", "2", "--force"]) == 0
     assert dep.ca_cert.read_bytes() != ca
 
 
@@ -367,3 +369,27 @@ def _stop_everything(launcher: subprocess.Popen, seen) -> None:
             proc.kill()
         except psutil.Error:
             pass
+
+
+@pytest.mark.parametrize("stopped, status, code", [
+    ("num-server-rounds", COMPLETED, 0), ("no-client-updates", COMPLETED, 1),
+    ("num-server-rounds", "finished:failed", 1)])
+def test_launcher_report_prints_the_summary_and_sets_the_exit_code(tmp_path, capsys, stopped,
+                                                                    status, code):
+    history = {"stopped": stopped, "rounds": [
+        {"round": 0, "seconds": 0.0, "centralized": {"loss": 2.3, "accuracy": 0.1}},
+        {"round": 1, "seconds": 1.5, "centralized": {"loss": 0.4, "accuracy": 0.875},
+         "fit": {"num_clients": 2, "num_failures": 1, "num_rejected": 0,
+                 "failures": [{"client": "123", "error": "ValueError: boom"}]}}]}
+    (tmp_path / "history.json").write_text(json.dumps(history))
+    outcome = RunOutcome(run_id=7, status=status, out_dir=tmp_path, history=history)
+    assert report(outcome, {"node-1": 123}, seconds=42.0) == code
+    out = capsys.readouterr().out
+    assert "run 7:" in out and "node-1 (node id 123) failed: ValueError: boom" in out
+    assert "0.8750" in out and "wall time 42.0 s" in out
+
+
+def test_prepare_refuses_a_config_the_nodes_cannot_run_before_writing_anything(tmp_path):
+    with pytest.raises(ConfigError, match="'min-available-clients' \\(5\\)"):
+        prepare(tmp_path / "dep", 2, "min-available-clients=5 min-fit-clients=2", HOSTS)
+    assert not (tmp_path / "dep").exists()

@@ -269,3 +269,21 @@ def test_state_round_trip_continues_identically():
         np.testing.assert_array_equal(a, b)
     assert metrics_a == metrics_b
     assert first.privacy_report(2) == second.privacy_report(2)
+
+
+def test_a_round_with_fewer_valid_updates_than_min_fit_clients_is_still_released():
+    """The inner strategy's own minimum-client rule must not veto the DP release."""
+    manager, base = client_manager(3), zeros()
+    updates = _updates(np.random.default_rng(4), ["c0", "c1", "c2"], [0.5, 0.5, 0.5])
+    honest = sends(updates, base)
+
+    def client(proxy, ins):
+        arrays, n, metrics = honest(proxy, ins)
+        return ([np.full_like(a, np.nan) for a in arrays] if proxy.cid != "c0" else arrays,
+                n, metrics)
+
+    strategy = dp_strategy(min_fit_clients=2, initial=base)
+    new, metrics, _ = play_round(strategy, manager, 1, base, client)
+    assert metrics["num_rejected"] == 2
+    for got, update in zip(new, updates["c0"]):  # c1 and c2 count as zero updates
+        np.testing.assert_allclose(got, update / 3, atol=1e-6)
