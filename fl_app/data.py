@@ -198,16 +198,12 @@ class SyntheticSource:
         return self._users[partition_id]
 
 
+# Known hub datasets: name -> (hub id, what HubSource makes of it: images scaled to 0..1
+# with a channel axis).
 HUB_DATASETS = {
-    "mnist": "ylecun/mnist",
-    "fashion-mnist": "zalando-datasets/fashion_mnist",
-    "cifar10": "uoft-cs/cifar10",
-}
-# What HubSource makes of them: images scaled to 0..1 with a channel axis.
-HUB_SPECS = {
-    "mnist": DataSpec((28, 28, 1), 10),
-    "fashion-mnist": DataSpec((28, 28, 1), 10),
-    "cifar10": DataSpec((32, 32, 3), 10),
+    "mnist": ("ylecun/mnist", DataSpec((28, 28, 1), 10)),
+    "fashion-mnist": ("zalando-datasets/fashion_mnist", DataSpec((28, 28, 1), 10)),
+    "cifar10": ("uoft-cs/cifar10", DataSpec((32, 32, 3), 10)),
 }
 
 
@@ -215,7 +211,7 @@ class HubSource:
     """A Hugging Face hub image-classification dataset via flwr-datasets' FederatedDataset."""
 
     def __init__(self, name: str, cfg: RunConfig) -> None:
-        self.hub_id = HUB_DATASETS.get(name, name.removeprefix("hf:"))
+        self.hub_id = HUB_DATASETS[name][0] if name in HUB_DATASETS else name.removeprefix("hf:")
         self._name = name
         self._cfg = cfg
         test = self._load(lambda fds: fds.load_split("test"), num_partitions=1)
@@ -281,8 +277,8 @@ def data_spec(cfg: RunConfig) -> DataSpec:
         return DIGITS_SPEC
     if name == "synthetic":
         return SyntheticSource.spec_for(cfg)
-    if name in HUB_SPECS:
-        return HUB_SPECS[name]
+    if name in HUB_DATASETS:
+        return HUB_DATASETS[name][1]
     return data_source(cfg).spec
 
 
