@@ -37,10 +37,10 @@ from deploy import commands
 from deploy.commands import Command
 from deploy.layout import Deployment, DeploymentError, NodeFiles
 from deploy.processes import Echo, Managed, Supervisor
-from fl_app.config import IDLE_STOP
-from fl_app.data import DataError
-from fl_app.outputs import HISTORY_FILE
-from fl_app.settings import ConfigError
+from fl_app.data.sources import DataError
+from fl_app.schema import ConfigError
+from fl_app.server.outputs import HISTORY_FILE
+from fl_app.server.stopping import IDLE_STOP
 
 COMPLETED = "finished:completed"
 CLI_TIMEOUT = 120.0
@@ -340,7 +340,7 @@ def _exit_on_signal(signum: int, frame: Any) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     """Launch, run, print the outcome; exit code 0 only if the run completed."""
-    from run_simulation import PROJECT_DIR
+    from fl_app.cli.simulate import PROJECT_DIR
 
     args = parse_args(argv)
     signal.signal(signal.SIGTERM, _exit_on_signal)
@@ -364,7 +364,7 @@ def main(argv: list[str] | None = None) -> int:
 def report(outcome: RunOutcome, node_ids: dict[str, int], seconds: float) -> int:
     """Print how the run ended, its failed nodes and its summary table; return the exit
     code: 0 only if the run completed and trained."""
-    from run_simulation import print_summary
+    from fl_app.cli.summary import print_summary
 
     print(f"run {outcome.run_id}: {outcome.status}")
     if outcome.history is None:

@@ -20,14 +20,17 @@ import sys
 from pathlib import Path
 
 import numpy as np
-from flwr.supercore.constant import SUPERLINK_UVICORN_DEFAULT_PORT, SUPERNODE_UVICORN_DEFAULT_PORT
+from flwr.supercore.constant import (
+    SUPERLINK_UVICORN_DEFAULT_PORT,
+    SUPERNODE_UVICORN_DEFAULT_PORT,
+)
 
 from deploy import commands, pki
 from deploy.layout import CONNECTION, MANIFEST, Deployment, DeploymentError, NodeFiles
-from fl_app.config import RunConfig, check_num_clients
-from fl_app.data import DataError, data_source
-from fl_app.settings import ConfigError
-from run_simulation import PROJECT_DIR, load_run_config
+from fl_app.app.config import check_num_clients
+from fl_app.cli.simulate import PROJECT_DIR, load_run_config
+from fl_app.data.sources import DataError, data_source
+from fl_app.schema import ConfigError, RunConfig
 
 DATA_FORMATS = ("npz", "csv")
 SECRETS = (MANIFEST, "certs", "keys")  # what a second `prepare` would silently replace
@@ -36,7 +39,7 @@ SECRETS = (MANIFEST, "certs", "keys")  # what a second `prepare` would silently 
 def write_node_data(cfg: RunConfig, num_nodes: int, data_dir: Path, fmt: str) -> list[Path]:
     """Write partition i of `num_nodes` of the run's dataset to `data_dir/node-i.<fmt>`.
 
-    The files follow `fl_app.node_data`'s schema: `.npz` with arrays `x` and `y`, or `.csv`
+    The files follow `fl_app.data.node_files`'s schema: `.npz` with arrays `x` and `y`, or `.csv`
     with one column per feature and a `label` column.
     """
     data_dir.mkdir(parents=True, exist_ok=True)

@@ -29,7 +29,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-import fl_app  # noqa: E402,F401  (quiet TensorFlow start-up)
+import fl_app  # noqa: E402,F401,I001  (quiet TensorFlow start-up: before tensorflow)
 import keras  # noqa: E402
 import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
@@ -43,12 +43,14 @@ from flwr.simulation import run_simulation  # noqa: E402
 from rich.console import Console  # noqa: E402
 from rich.table import Table  # noqa: E402
 
-from fl_app.client_app import client_for, round_config  # noqa: E402
-from fl_app.config import RunConfig, resolve  # noqa: E402
-from fl_app.data import data_source, load_partition  # noqa: E402
-from fl_app.models import build_model  # noqa: E402
-from fl_app.outputs import read_history  # noqa: E402
-from fl_app.trainer import trainer_for  # noqa: E402
+from fl_app.app.client_app import client_for  # noqa: E402
+from fl_app.app.config import resolve  # noqa: E402
+from fl_app.data.sources import data_source, load_partition  # noqa: E402
+from fl_app.ml.models import build_model  # noqa: E402
+from fl_app.ml.trainer import trainer_for  # noqa: E402
+from fl_app.schema import RunConfig  # noqa: E402
+from fl_app.server.outputs import read_history  # noqa: E402
+from fl_app.wire import round_config  # noqa: E402
 
 BACKEND = {"client_resources": {"num_cpus": 1, "num_gpus": 0.0}, "init_args": {}}
 
@@ -109,8 +111,8 @@ def quickstart_apps(cfg: RunConfig, rounds: int, marks: list[tuple[float, float]
 
 def run_this_app(cfg: RunConfig, n: int) -> dict:
     """(a): the app through Flower's simulation engine; times from history.json."""
-    from fl_app.client_app import make_client_app
-    from fl_app.server_app import make_server_app
+    from fl_app.app.client_app import make_client_app
+    from fl_app.app.server_app import make_server_app
 
     start = time.perf_counter()
     run_simulation(server_app=make_server_app(cfg), client_app=make_client_app(cfg),

@@ -19,7 +19,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-import run_simulation  # noqa: E402
+from fl_app.cli import simulate  # noqa: E402
 
 DEFAULT_FAULTS = "fault-raise-fraction=0.3 fault-nan-fraction=0.1"
 
@@ -32,8 +32,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--run-config", default=DEFAULT_FAULTS)
     args = parser.parse_args(argv)
     with tempfile.TemporaryDirectory(prefix="faults-") as out:
-        code = run_simulation.main(["--num-supernodes", str(args.num_supernodes),
-                                    "--run-config", args.run_config, "--out", out])
+        code = simulate.main(["--num-supernodes", str(args.num_supernodes),
+                              "--run-config", args.run_config, "--out", out])
         if code != 0:
             return code
         history = json.loads((Path(out) / "history.json").read_text(encoding="utf-8"))

@@ -31,7 +31,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from fl_app.outputs import read_history  # noqa: E402
+from fl_app.server.outputs import read_history  # noqa: E402
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

@@ -22,9 +22,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-import run_simulation  # noqa: E402
-from fl_app.config import defaults  # noqa: E402
-from fl_app.faults import ATTACKS  # noqa: E402
+from fl_app.app.config import defaults  # noqa: E402
+from fl_app.cli import simulate  # noqa: E402
+from fl_app.client.faults import ATTACKS  # noqa: E402
 
 STRATEGIES = ("weighted-fedavg", "fedmedian", "fedtrimmedavg", "krum", "bulyan")
 README_START = "<!-- robustness-table:start -->"
@@ -57,9 +57,9 @@ def run_config(args: argparse.Namespace, strategy: str, attack: str) -> str:
 
 def final_accuracy(args: argparse.Namespace, strategy: str, attack: str, out: Path) -> float:
     """Run one simulation; return its last round's centralized accuracy."""
-    code = run_simulation.main(["--num-supernodes", str(args.clients),
-                                "--run-config", run_config(args, strategy, attack),
-                                "--out", str(out)])
+    code = simulate.main(["--num-supernodes", str(args.clients),
+                          "--run-config", run_config(args, strategy, attack),
+                          "--out", str(out)])
     if code != 0:
         raise SystemExit(f"run {strategy} / {attack} failed with exit code {code}")
     history = json.loads((out / "history.json").read_text(encoding="utf-8"))
@@ -77,7 +77,7 @@ def markdown(args: argparse.Namespace, results: dict[tuple[str, str], float],
         f"Final centralized accuracy on the default workload (digits, MLP, "
         f"{args.rounds} rounds, {args.clients} simulated clients of which {malicious} "
         f"({args.attack_fraction:.0%}) attack; Krum and Bulyan assume "
-        f"`num-malicious-clients={malicious}`; seed {args.seed}). Attacks (`fl_app/faults.py`): "
+        f"`num-malicious-clients={malicious}`; seed {args.seed}). Attacks (`fl_app/client/faults.py`): "
         f"`sign-flip` sends −{scale:g}× the honest update, `scale` +{scale:g}×, `gaussian` "
         f"the global model plus N(0, {std:g}²) noise, `label-flip` trains on labels c → 9 − c. "
         "Produced by "

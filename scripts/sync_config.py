@@ -18,7 +18,7 @@ import tomli_w
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from fl_app.config import all_settings, defaults  # noqa: E402
+from fl_app.app.config import all_settings, defaults  # noqa: E402
 
 README_START = "<!-- config-table:start -->"
 README_END = "<!-- config-table:end -->"

@@ -33,7 +33,7 @@ from dp_accounting.pld import PLDAccountant
 from dp_accounting.rdp import RdpAccountant
 from flwr.common.logger import log
 
-from fl_app.settings import ConfigError
+from fl_app.schema import ConfigError
 
 ACCOUNTANTS = ("rdp", "pld")
 SAMPLINGS = ("fixed", "poisson")

@@ -5,18 +5,13 @@ the same factor) so that ||Δ||₂ ≤ C, the FlatClip of McMahan et al. (2018);
 already within C is returned unchanged. Arithmetic is done in float64, so the clipped
 update's norm is at most C up to float64 rounding.
 
-The fit-config key carrying C and the metric key carrying the "was clipped" bit are the
-ones Flower's `fixedclipping_mod`/`adaptiveclipping_mod` use, so our clients work with
-Flower's client-side DP strategies and Flower's mods work with ours.
+The keys that carry C to a client and its "was clipped" bit back are in `fl_app.wire`.
 """
 
 from __future__ import annotations
 
 import numpy as np
 from flwr.common import NDArrays
-
-KEY_CLIPPING_NORM = "clipping_norm"  # fit config: the clip norm C for this round (float)
-KEY_NORM_BIT = "norm_bit"  # fit metrics: True when the client's update had to be clipped
 
 
 def l2_norm(arrays: NDArrays) -> float:

@@ -1,19 +1,42 @@
-"""What every strategy factory receives: the run config and the server's callbacks."""
+"""What every strategy factory receives (the run config and the server's callbacks), and
+the client-sampling keys every strategy shares."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from flwr.common import NDArrays, Parameters, Scalar
-from flwr.server.strategy import Strategy
 
+from fl_app.schema import ConfigError, RunConfig, Setting
 from strategies.metrics import weighted_metrics
-from strategies.wrapper import ValidatedStrategy
 
-if TYPE_CHECKING:
-    from fl_app.config import RunConfig
+SETTINGS = [
+    Setting("fraction-fit", float, 1.0, "Fraction of available clients sampled for training.",
+            "sampling", low=0.0, high=1.0, low_open=True),
+    Setting("fraction-evaluate", float, 1.0,
+            "Fraction of available clients sampled for distributed evaluation (0 disables).",
+            "sampling", low=0.0, high=1.0),
+    Setting("min-fit-clients", int, 2, "Minimum number of clients sampled for training.",
+            "sampling", low=1),
+    Setting("min-evaluate-clients", int, 2, "Minimum number of clients sampled for evaluation.",
+            "sampling", low=0),
+    Setting("min-available-clients", int, 2, "Minimum number of connected clients to start a round.",
+            "sampling", low=1),
+    Setting("accept-failures", bool, True,
+            "Aggregate a round even if some clients failed (otherwise skip the round).",
+            "sampling"),
+]
+
+
+def check_config(values: Mapping[str, Scalar]) -> None:
+    """Refuse a sampling minimum no round could meet."""
+    if values["min-fit-clients"] > values["min-available-clients"]:
+        raise ConfigError(
+            f"run-config key 'min-fit-clients' ({values['min-fit-clients']}) must not exceed "
+            f"'min-available-clients' ({values['min-available-clients']})"
+        )
 
 
 @dataclass
@@ -47,9 +70,3 @@ class StrategyContext:
         """`common_kwargs` plus weighted metric aggregation, for Flower's built-ins."""
         return dict(self.common_kwargs(), fit_metrics_aggregation_fn=weighted_metrics,
                     evaluate_metrics_aggregation_fn=weighted_metrics)
-
-    def validated(self, strategy: Strategy) -> Strategy:
-        """Wrap `strategy` so invalid client updates never reach it."""
-        return ValidatedStrategy(strategy, min_fit_clients=self.cfg["min-fit-clients"],
-                                 max_examples=self.cfg["max-examples"],
-                                 outlier_norm_factor=self.cfg["outlier-norm-factor"])

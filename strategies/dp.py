@@ -2,7 +2,8 @@
 
 The wrappers take any inner strategy (`dp-inner`, default `weighted-fedavg`). Each round:
 
-1. invalid updates are rejected (`strategies.validation`), as for every strategy;
+1. invalid updates are rejected by `ValidatedStrategy`, which the registry puts in front
+   of every strategy (for DP with no `min-fit-clients` minimum);
 2. each client's update Δᵢ = wᵢ − w_global is clipped to L2 norm C over all layers
    (`strategies.clipping`) — on the server (`dp-fixed`, `dp-adaptive`), or by the client
    itself, which receives C in the round's fit config (`dp-client-fixed`,
@@ -70,28 +71,20 @@ from flwr.server.client_manager import ClientManager
 from flwr.server.client_proxy import ClientProxy
 from flwr.server.strategy import Strategy
 
-from fl_app.settings import ConfigError, Setting
+from fl_app.schema import ConfigError, Setting
+from fl_app.wire import KEY_CLIPPING_NORM, KEY_NORM_BIT
 from strategies.accounting import ACCOUNTANTS, SAMPLINGS, PrivacyAccountant, RoundEvent
-from strategies.clipping import KEY_CLIPPING_NORM, KEY_NORM_BIT, clip_update, model_update
+from strategies.clipping import clip_update, model_update
 from strategies.context import StrategyContext
 from strategies.dp_sampling import DPSampling
-from strategies.validation import validate_fit_results
+from strategies.validation import NUM_REJECTED
 from strategies.weighted_fedavg import sample_size
 from strategies.wrapper import StrategyWrapper
 
 CLIENT_CLIP_TOLERANCE = 1e-5  # relative: float32 rounding of a client-clipped update
 
 
-def _inner_names() -> list[str]:
-    from strategies.registry import strategy_names
-
-    return [name for name in strategy_names() if not name.startswith("dp-")]
-
-
 SETTINGS = [
-    Setting("dp-inner", str, "weighted-fedavg",
-            "DP strategies: the inner strategy given the privatized average (a non-DP "
-            "registry name).", "privacy", choices=_inner_names),
     Setting("clipping-norm", float, 1.0,
             "DP: L2 clip norm C of each client's update, all layers together (adaptive "
             "clipping: the initial C).", "privacy", low=0.0, low_open=True),
@@ -183,8 +176,8 @@ class DPFixedClipping(StrategyWrapper):
 
     def __init__(self, inner: Strategy, *, noise_multiplier: float, clipping_norm: float,
                  accountant: PrivacyAccountant, noise_seed: int = 0, client_side: bool = False,
-                 max_epsilon: float = 0.0, fraction_fit: float = 1.0, min_fit_clients: int = 1,
-                 max_examples: int = 0) -> None:
+                 max_epsilon: float = 0.0, fraction_fit: float = 1.0,
+                 min_fit_clients: int = 1) -> None:
         super().__init__(inner)
         if noise_multiplier < 0 or clipping_norm <= 0:
             raise ConfigError(f"need noise-multiplier >= 0 and clipping-norm > 0, got "
@@ -196,7 +189,6 @@ class DPFixedClipping(StrategyWrapper):
         self.max_epsilon = max_epsilon
         self.fraction_fit = fraction_fit
         self.min_fit_clients = min_fit_clients
-        self.max_examples = max_examples
         self._rng = np.random.default_rng([noise_seed, 0xD9] if noise_seed else None)
         self._sampling_rng = np.random.default_rng([noise_seed, 0x5A] if noise_seed else None)
         if noise_seed:
@@ -269,31 +261,30 @@ class DPFixedClipping(StrategyWrapper):
         results: list[tuple[ClientProxy, FitRes]],
         failures: list[tuple[ClientProxy, FitRes] | BaseException],
     ) -> tuple[Parameters | None, dict[str, Scalar]]:
-        """Validate, clip, average with equal weights, add noise, account the release, and
-        hand the privatized model to the inner strategy. Every configured round is
-        released, whatever the clients did: failed and rejected ones count as zero."""
+        """Clip the (validated) updates, average them with equal weights, add noise, account
+        the release, and hand the privatized model to the inner strategy. Every configured
+        round is released, whatever the clients did: failed and rejected ones count as zero."""
         plan = self._plan
         if plan is None:
             return None, {}
-        checked = validate_fit_results(results, plan.reference, server_round, self.max_examples)
-        rejected = list(checked.rejected)
-        accepted, clipped, bits = [], [], []
-        for (proxy, fit_res), arrays in zip(checked.accepted, checked.accepted_arrays):
-            update, norm = clip_update(model_update(arrays, plan.reference), plan.clip_norm)
+        rejected, clipped, bits = 0, [], []
+        for proxy, fit_res in results:
+            update, norm = clip_update(
+                model_update(parameters_to_ndarrays(fit_res.parameters), plan.reference),
+                plan.clip_norm)
             bit = self._clipped(proxy, fit_res, norm, plan.clip_norm, server_round)
             if isinstance(bit, str):
                 log(WARNING, "round %s: rejected update from client %s: %s", server_round,
                     proxy.cid, bit)
-                rejected.append((proxy.cid, bit))
+                rejected += 1
                 continue
-            accepted.append((proxy, fit_res))
             clipped.append(update)
             bits.append(bit)
-        metrics: dict[str, Scalar] = {"num_rejected": len(rejected)}
-        if len(accepted) < self.min_fit_clients:
+        metrics: dict[str, Scalar] = {NUM_REJECTED: rejected}
+        if len(clipped) < self.min_fit_clients:
             log(WARNING, "round %s: only %s valid update(s), fewer than min-fit-clients=%s: "
                 "released all the same (a DP round is never held back)", server_round,
-                len(accepted), self.min_fit_clients)
+                len(clipped), self.min_fit_clients)
         noised, dp_metrics = self._release(plan, clipped, bits)
         privatized = ndarrays_to_parameters(
             [(ref.astype(np.float64) + delta).astype(ref.dtype)
@@ -324,7 +315,7 @@ class DPFixedClipping(StrategyWrapper):
             len(clipped), plan.denominator, plan.clip_norm, std)
         return noised, {"dp_clip_norm": plan.clip_norm, "dp_noise_std": std}
 
-    # ---- privacy budget and report (called by fl_app.runner)
+    # ---- privacy budget and report (strategies.protocols.PrivacyAccounting)
     def _allows(self, event: RoundEvent) -> bool:
         self.accountant.fix_delta(event.population)
         return not self.max_epsilon or self.accountant.epsilon(event) <= self.max_epsilon
@@ -421,29 +412,26 @@ class DPAdaptiveClipping(DPFixedClipping):
 
 
 def _kwargs(ctx: StrategyContext, client_side: bool) -> dict[str, Any]:
-    from strategies.registry import REGISTRY
-
     cfg = ctx.cfg
     accountant = PrivacyAccountant(cfg["accountant"], cfg["dp-sampling"], cfg["fraction-fit"],
                                    cfg["target-delta"])
-    return dict(inner=REGISTRY[cfg["dp-inner"]](ctx), noise_multiplier=cfg["noise-multiplier"],
-                clipping_norm=cfg["clipping-norm"], accountant=accountant,
-                noise_seed=cfg["dp-noise-seed"], client_side=client_side,
+    return dict(noise_multiplier=cfg["noise-multiplier"], clipping_norm=cfg["clipping-norm"],
+                accountant=accountant, noise_seed=cfg["dp-noise-seed"], client_side=client_side,
                 max_epsilon=cfg["max-epsilon"], fraction_fit=cfg["fraction-fit"],
-                min_fit_clients=cfg["min-fit-clients"], max_examples=cfg["max-examples"])
+                min_fit_clients=cfg["min-fit-clients"])
 
 
-def _adaptive(ctx: StrategyContext, client_side: bool) -> DPAdaptiveClipping:
+def _adaptive(inner: Strategy, ctx: StrategyContext, client_side: bool) -> DPAdaptiveClipping:
     cfg = ctx.cfg
-    return DPAdaptiveClipping(**_kwargs(ctx, client_side),
+    return DPAdaptiveClipping(inner, **_kwargs(ctx, client_side),
                               target_quantile=cfg["target-clipped-quantile"],
                               clip_norm_lr=cfg["clip-norm-lr"],
                               clipped_count_stddev=cfg["clipped-count-stddev"])
 
 
-BUILDERS = {
-    "dp-fixed": lambda ctx: DPFixedClipping(**_kwargs(ctx, client_side=False)),
-    "dp-adaptive": lambda ctx: _adaptive(ctx, client_side=False),
-    "dp-client-fixed": lambda ctx: DPFixedClipping(**_kwargs(ctx, client_side=True)),
-    "dp-client-adaptive": lambda ctx: _adaptive(ctx, client_side=True),
+WRAPPERS = {
+    "dp-fixed": lambda inner, ctx: DPFixedClipping(inner, **_kwargs(ctx, client_side=False)),
+    "dp-adaptive": lambda inner, ctx: _adaptive(inner, ctx, client_side=False),
+    "dp-client-fixed": lambda inner, ctx: DPFixedClipping(inner, **_kwargs(ctx, client_side=True)),
+    "dp-client-adaptive": lambda inner, ctx: _adaptive(inner, ctx, client_side=True),
 }

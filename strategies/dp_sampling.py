@@ -8,10 +8,22 @@ their secret generator (see `dp-noise-seed`).
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+from typing import Protocol, runtime_checkable
+
 import numpy as np
 from flwr.server.client_manager import ClientManager
 from flwr.server.client_proxy import ClientProxy
 from flwr.server.criterion import Criterion
+
+
+@runtime_checkable
+class OrdersClients(Protocol):
+    """A client manager that knows a run-independent order of its clients
+    (fl_app.server's `SeededClientManager`)."""
+
+    def ordered(self, cids: Iterable[str]) -> list[str]:
+        """`cids` in an order that does not depend on the run's random node ids."""
 
 
 class DPSampling(ClientManager):
@@ -56,8 +68,8 @@ class DPSampling(ClientManager):
         clients = self.base.all()
         eligible = [cid for cid, client in clients.items()
                     if criterion is None or criterion.select(client)]
-        # A base that knows stable client keys (SeededClientManager) orders reproducibly.
-        eligible = getattr(self.base, "ordered", sorted)(eligible)
+        eligible = (self.base.ordered(eligible) if isinstance(self.base, OrdersClients)
+                    else sorted(eligible))
         if self.poisson_rate is not None:
             keep = self.rng.random(len(eligible)) < self.poisson_rate
             return [clients[cid] for cid, kept in zip(eligible, keep) if kept]

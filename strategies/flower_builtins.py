@@ -1,10 +1,10 @@
-"""Flower's built-in strategies, by name, each behind our update validation."""
+"""Flower's built-in strategies, by name (the registry puts each behind our validation)."""
 
 from __future__ import annotations
 
 from flwr.server import strategy as fl
 
-from fl_app.settings import Setting
+from fl_app.schema import Setting
 from strategies.context import StrategyContext
 
 SETTINGS = [
@@ -47,67 +47,67 @@ def _fedopt_kwargs(ctx: StrategyContext, betas: bool) -> dict:
 
 def fedavg(ctx: StrategyContext) -> fl.Strategy:
     """Flower's FedAvg."""
-    return ctx.validated(fl.FedAvg(**ctx.flower_kwargs()))
+    return fl.FedAvg(**ctx.flower_kwargs())
 
 
 def fedprox(ctx: StrategyContext) -> fl.Strategy:
     """Flower's FedProx: clients add mu/2 * ||w - w_global||^2 to their loss."""
-    return ctx.validated(fl.FedProx(**ctx.flower_kwargs(), proximal_mu=ctx.cfg["proximal-mu"]))
+    return fl.FedProx(**ctx.flower_kwargs(), proximal_mu=ctx.cfg["proximal-mu"])
 
 
 def fedadam(ctx: StrategyContext) -> fl.Strategy:
     """Flower's FedAdam (adaptive server optimizer)."""
-    return ctx.validated(fl.FedAdam(**_fedopt_kwargs(ctx, betas=True)))
+    return fl.FedAdam(**_fedopt_kwargs(ctx, betas=True))
 
 
 def fedyogi(ctx: StrategyContext) -> fl.Strategy:
     """Flower's FedYogi (adaptive server optimizer)."""
-    return ctx.validated(fl.FedYogi(**_fedopt_kwargs(ctx, betas=True)))
+    return fl.FedYogi(**_fedopt_kwargs(ctx, betas=True))
 
 
 def fedadagrad(ctx: StrategyContext) -> fl.Strategy:
     """Flower's FedAdagrad (adaptive server optimizer)."""
-    return ctx.validated(fl.FedAdagrad(**_fedopt_kwargs(ctx, betas=False)))
+    return fl.FedAdagrad(**_fedopt_kwargs(ctx, betas=False))
 
 
 def fedavgm(ctx: StrategyContext) -> fl.Strategy:
     """Flower's FedAvgM (server momentum)."""
-    return ctx.validated(fl.FedAvgM(**ctx.flower_kwargs(),
-                                    server_learning_rate=ctx.cfg["fedavgm-server-lr"],
-                                    server_momentum=ctx.cfg["fedavgm-momentum"]))
+    return fl.FedAvgM(**ctx.flower_kwargs(),
+                      server_learning_rate=ctx.cfg["fedavgm-server-lr"],
+                      server_momentum=ctx.cfg["fedavgm-momentum"])
 
 
 def fedmedian(ctx: StrategyContext) -> fl.Strategy:
     """Flower's FedMedian (coordinate-wise median)."""
-    return ctx.validated(fl.FedMedian(**ctx.flower_kwargs()))
+    return fl.FedMedian(**ctx.flower_kwargs())
 
 
 def fedtrimmedavg(ctx: StrategyContext) -> fl.Strategy:
     """Flower's FedTrimmedAvg (coordinate-wise trimmed mean)."""
-    return ctx.validated(fl.FedTrimmedAvg(**ctx.flower_kwargs(), beta=ctx.cfg["trimmed-beta"]))
+    return fl.FedTrimmedAvg(**ctx.flower_kwargs(), beta=ctx.cfg["trimmed-beta"])
 
 
 def krum(ctx: StrategyContext) -> fl.Strategy:
     """Flower's Krum (Byzantine-robust selection)."""
-    return ctx.validated(fl.Krum(**ctx.flower_kwargs(),
-                                 num_malicious_clients=ctx.cfg["num-malicious-clients"],
-                                 num_clients_to_keep=ctx.cfg["krum-num-clients-to-keep"]))
+    return fl.Krum(**ctx.flower_kwargs(),
+                      num_malicious_clients=ctx.cfg["num-malicious-clients"],
+                      num_clients_to_keep=ctx.cfg["krum-num-clients-to-keep"])
 
 
 def bulyan(ctx: StrategyContext) -> fl.Strategy:
     """Flower's Bulyan (Krum selection + trimmed mean); needs n >= 4f + 3 clients."""
-    return ctx.validated(fl.Bulyan(**ctx.flower_kwargs(),
-                                   num_malicious_clients=ctx.cfg["num-malicious-clients"],
-                                   to_keep=ctx.cfg["bulyan-to-keep"]))
+    return fl.Bulyan(**ctx.flower_kwargs(),
+                      num_malicious_clients=ctx.cfg["num-malicious-clients"],
+                      to_keep=ctx.cfg["bulyan-to-keep"])
 
 
 def qfedavg(ctx: StrategyContext) -> fl.Strategy:
     """Flower's q-FedAvg (fair resource allocation)."""
-    return ctx.validated(fl.QFedAvg(**ctx.flower_kwargs(), q_param=ctx.cfg["qfedavg-q"],
-                                    qffl_learning_rate=ctx.cfg["qfedavg-learning-rate"]))
+    return fl.QFedAvg(**ctx.flower_kwargs(), q_param=ctx.cfg["qfedavg-q"],
+                      qffl_learning_rate=ctx.cfg["qfedavg-learning-rate"])
 
 
-BUILDERS = {
+STRATEGIES = {
     "fedavg": fedavg, "fedprox": fedprox, "fedadam": fedadam, "fedyogi": fedyogi,
     "fedadagrad": fedadagrad, "fedavgm": fedavgm, "fedmedian": fedmedian,
     "fedtrimmedavg": fedtrimmedavg, "krum": krum, "bulyan": bulyan, "qfedavg": qfedavg,

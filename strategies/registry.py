@@ -1,9 +1,12 @@
 """The strategy registry: `strategy=<name>` in the run config picks a factory here.
 
-Adding a strategy: write one module with a factory `build(ctx: StrategyContext) ->
-Strategy` (and a `SETTINGS` list for its own run-config keys, plus optionally a
-`check_config(values)` raising `ConfigError` for rules across keys), then add one entry to
-`REGISTRY` (and the module to `_SETTING_MODULES`).
+Adding a strategy: write one module with a `STRATEGIES` dict of factories
+`build(ctx: StrategyContext) -> Strategy` (a wrapper module: `WRAPPERS`, factories
+`wrap(inner, ctx) -> Strategy`), a `SETTINGS` list for its own run-config keys and
+optionally a `check_config(values)` raising `ConfigError` for rules across keys; then
+add the module to `STRATEGY_MODULES` (`WRAPPER_MODULES`). The registry collects the names, keys and checks
+itself, and `build_strategy` puts every strategy behind `ValidatedStrategy`, the one
+validation path.
 """
 
 from __future__ import annotations
@@ -12,36 +15,58 @@ from collections.abc import Callable
 
 from flwr.server.strategy import Strategy
 
-from fl_app.settings import ConfigCheck, Setting, module_checks
-from strategies import dp, flower_builtins, weighted_fedavg
+from fl_app.schema import ConfigCheck, Setting, module_checks
+from strategies import context, dp, flower_builtins, validation, weighted_fedavg
 from strategies.context import StrategyContext
+from strategies.protocols import PrivacyAccounting, find_layer
+from strategies.validated import ValidatedStrategy
 
 StrategyFactory = Callable[[StrategyContext], Strategy]
+WrapperFactory = Callable[[Strategy, StrategyContext], Strategy]
 
-REGISTRY: dict[str, StrategyFactory] = {
-    "weighted-fedavg": weighted_fedavg.build,
-    **flower_builtins.BUILDERS,
-    **dp.BUILDERS,
-}
+STRATEGY_MODULES = [weighted_fedavg, flower_builtins]
+WRAPPER_MODULES = [dp]
 
-_SETTING_MODULES = [weighted_fedavg, flower_builtins, dp]
+STRATEGIES: dict[str, StrategyFactory] = {
+    name: factory for module in STRATEGY_MODULES for name, factory in module.STRATEGIES.items()}
+WRAPPERS: dict[str, WrapperFactory] = {
+    name: factory for module in WRAPPER_MODULES for name, factory in module.WRAPPERS.items()}
 
 
 def strategy_names() -> list[str]:
-    """Every registered strategy name."""
-    return list(REGISTRY)
+    """Every registered strategy name (plain strategies, then wrappers)."""
+    return [*STRATEGIES, *WRAPPERS]
 
 
-def strategy_settings() -> list[Setting]:
-    """The run-config keys that strategy modules declare."""
-    return [setting for module in _SETTING_MODULES for setting in module.SETTINGS]
+_OWN_SETTINGS = [
+    Setting("strategy", str, "weighted-fedavg", "Server strategy, by registry name.", "run",
+            choices=strategy_names),
+    Setting("dp-inner", str, "weighted-fedavg",
+            "DP strategies: the inner strategy given the privatized average (a non-DP "
+            "registry name).", "privacy", choices=tuple(STRATEGIES)),
+]
+_SETTING_MODULES = [context, validation, *STRATEGY_MODULES, *WRAPPER_MODULES]
 
+SETTINGS: list[Setting] = [*_OWN_SETTINGS,
+                           *(s for module in _SETTING_MODULES for s in module.SETTINGS)]
+"""Every run-config key of the strategies layer: sampling, validation, each strategy's."""
 
-def strategy_checks() -> list[ConfigCheck]:
-    """The cross-key checks (`check_config`) that strategy modules declare."""
-    return module_checks(_SETTING_MODULES)
+check_config: ConfigCheck = module_checks(_SETTING_MODULES)
+"""Every cross-key rule the strategy modules declare."""
 
 
 def build_strategy(ctx: StrategyContext) -> Strategy:
-    """Build the strategy named by the run config's `strategy` key."""
-    return REGISTRY[ctx.cfg["strategy"]](ctx)
+    """The strategy named by `strategy` (a wrapper around the plain `dp-inner` one), behind
+    `ValidatedStrategy`. A privacy-accounting strategy's release is never held back by the
+    `min-fit-clients` rule (skipping a round would reveal, un-noised, that clients failed)."""
+    cfg = ctx.cfg
+    name = str(cfg["strategy"])
+    if name in WRAPPERS:
+        strategy = WRAPPERS[name](STRATEGIES[str(cfg["dp-inner"])](ctx), ctx)
+    else:
+        strategy = STRATEGIES[name](ctx)
+    accounts_privacy = find_layer(strategy, PrivacyAccounting) is not None
+    return ValidatedStrategy(strategy,
+                             min_fit_clients=0 if accounts_privacy else int(cfg["min-fit-clients"]),
+                             max_examples=int(cfg["max-examples"]),
+                             outlier_norm_factor=float(cfg["outlier-norm-factor"]))

@@ -1,11 +1,12 @@
 """Strategy state for checkpoints: what a strategy carries from one round to the next.
 
-Our strategies implement `get_state() -> dict` and `set_state(state) -> None` themselves
-(values JSON-serialisable or numpy arrays; wrappers merge their own state under their own
-key). Flower's built-ins do not, so this module reads and restores the state of the
-stateful ones: the FedOpt family (FedAdam, FedYogi, FedAdagrad: current weights and the
-moments m_t, v_t) and FedAvgM (current weights and the momentum vector). Every other
-Flower strategy is stateless across rounds (QFedAvg's `pre_weights` is reset each round).
+Our strategies implement the `Stateful` protocol (strategies.protocols) themselves;
+wrappers merge their own state under their own key. Flower's compat strategies have no
+state API, so this module is the one place that knows the attributes in which the
+stateful ones keep it: the FedOpt family (FedAdam, FedYogi, FedAdagrad: current weights
+and the moments m_t, v_t) and FedAvgM (current weights and the momentum vector); a test
+fails if a Flower release renames them. Every other Flower strategy is stateless across
+rounds (QFedAvg's `pre_weights` is reset each round).
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import numpy as np
 from flwr.common import ndarrays_to_parameters, parameters_to_ndarrays
 from flwr.server.strategy import FedAvgM, FedOpt, Strategy
 
-StrategyState = dict[str, Any]
+from strategies.protocols import Stateful, StrategyState
 
 
 class StrategyStateError(ValueError):
@@ -46,9 +47,8 @@ def _section(state: StrategyState, key: str, strategy: Strategy) -> dict[str, An
 
 def strategy_state(strategy: Strategy) -> StrategyState:
     """The state `strategy` carries across rounds ({} for a stateless strategy)."""
-    get_state = getattr(strategy, "get_state", None)
-    if callable(get_state):
-        return get_state()
+    if isinstance(strategy, Stateful):
+        return strategy.get_state()
     if isinstance(strategy, FedOpt):
         return {"fedopt": {"current_weights": list(strategy.current_weights),
                            "m_t": strategy.m_t, "v_t": strategy.v_t}}
@@ -62,9 +62,8 @@ def strategy_state(strategy: Strategy) -> StrategyState:
 
 def set_strategy_state(strategy: Strategy, state: StrategyState) -> None:
     """Restore what `strategy_state` returned into a freshly built `strategy`."""
-    set_state = getattr(strategy, "set_state", None)
-    if callable(set_state):
-        set_state(state)
+    if isinstance(strategy, Stateful):
+        strategy.set_state(state)
     elif isinstance(strategy, FedOpt):
         saved = _section(state, "fedopt", strategy)
         weights = _arrays(saved["current_weights"])

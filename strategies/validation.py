@@ -1,4 +1,4 @@
-"""Client-update and client-evaluation validation shared by every strategy we ship.
+"""The checks behind `ValidatedStrategy` (strategies.validated), which every strategy sits behind.
 
 An update is rejected (logged with the client id and reason, counted, never averaged in)
 when it has the wrong number of arrays, a wrong shape or dtype, a non-finite value, or
@@ -27,16 +27,21 @@ from flwr.common.logger import log
 from flwr.server.client_proxy import ClientProxy
 from flwr.server.strategy import Strategy
 
-from fl_app.settings import Setting
+from fl_app.schema import Setting
 from strategies.clipping import l2_norm, model_update
 from strategies.metrics import is_finite_number
 
 SETTINGS = [
+    Setting("max-examples", int, 0,
+            "Reject updates claiming more than this many examples (0: no cap).", "sampling",
+            low=0),
     Setting("outlier-norm-factor", float, 0.0,
             "Reject updates whose norm (client minus global weights) exceeds this factor times "
             "the round's median update norm (0 disables).", "sampling",
             check=lambda v: v == 0.0 or v >= 1.0, check_hint="0 (off) or a factor >= 1"),
 ]
+
+NUM_REJECTED = "num_rejected"  # fit/evaluate metric: the round's rejected client reports
 
 FitResults = list[tuple[ClientProxy, FitRes]]
 EvaluateResults = list[tuple[ClientProxy, EvaluateRes]]
@@ -191,8 +196,9 @@ def reference_arrays(parameters: Parameters | None, owner: Strategy,
                      server_round: int) -> NDArrays:
     """The global model sent this round, as arrays, to validate updates against.
 
-    Raises RuntimeError when `owner` knows no global model: its `configure_fit` was not
-    called before `aggregate_fit` (every update would otherwise be rejected as mis-shaped).
+    Raises RuntimeError when `owner` knows no global model: neither its
+    `initialize_parameters` nor its `configure_fit` was called before `aggregate_fit`
+    (every update would otherwise be rejected as mis-shaped).
     """
     if parameters is None:
         raise RuntimeError(f"round {server_round}: {owner!r}.aggregate_fit was called before "

@@ -25,11 +25,6 @@ from flwr.server.strategy.aggregate import weighted_loss_avg
 
 from strategies.context import StrategyContext
 from strategies.metrics import weighted_metrics
-from strategies.validation import (
-    reference_arrays,
-    validate_evaluate_results,
-    validate_fit_results,
-)
 
 EvaluateFn = Callable[[int, NDArrays, dict[str, Scalar]], "tuple[float, dict[str, Scalar]] | None"]
 ConfigFn = Callable[[int], dict[str, Scalar]]
@@ -55,15 +50,20 @@ def sample_size(num_available: int, fraction: float, minimum: int) -> int:
 class WeightedFedAvg(Strategy):
     """Federated averaging of client weights, weighted by each client's `num_examples`.
 
-    Samples `fraction_fit` of the available clients (at least `min_fit_clients`), rejects
-    any update that is mis-shaped, of the wrong dtype or count, non-finite, or claims a
-    non-positive (or above `max_examples`) number of examples, or (with
-    `outlier_norm_factor` > 0) is a norm outlier, and averages the rest.
-    Evaluation reports claiming a non-positive (or above `max_examples`) number of examples
-    or a non-finite loss are rejected too. Fit and evaluate metrics are averaged with the
-    same weights (non-finite metric values skipped); each round's fit and evaluate metrics
-    carry `num_rejected`. With fewer than `min_fit_clients` valid updates the round keeps
-    the previous global model.
+    Samples `fraction_fit` of the available clients (at least `min_fit_clients`) and
+    averages their updates (accumulating in float64, keeping each array's dtype); fit and
+    evaluate metrics are averaged with the same weights (non-finite values skipped). It
+    trusts its inputs: the registry puts every strategy behind `ValidatedStrategy`
+    (strategies.validated), which rejects invalid updates and reports first.
+
+    Args:
+        fraction_fit, fraction_evaluate: fraction of available clients sampled per round.
+        min_fit_clients, min_evaluate_clients: fewest clients sampled per round.
+        min_available_clients: clients that must be connected before sampling.
+        evaluate_fn: centralized evaluation `(round, weights, config) -> (loss, metrics)`.
+        on_fit_config_fn, on_evaluate_config_fn: the config sent to clients each round.
+        accept_failures: aggregate a round in which some clients failed.
+        initial_parameters: the initial global model.
     """
 
     def __init__(
@@ -79,8 +79,6 @@ class WeightedFedAvg(Strategy):
         on_evaluate_config_fn: ConfigFn | None = None,
         accept_failures: bool = True,
         initial_parameters: Parameters | None = None,
-        max_examples: int = 0,
-        outlier_norm_factor: float = 0.0,
     ) -> None:
         super().__init__()
         self.fraction_fit = fraction_fit
@@ -93,9 +91,6 @@ class WeightedFedAvg(Strategy):
         self.on_evaluate_config_fn = on_evaluate_config_fn
         self.accept_failures = accept_failures
         self.initial_parameters = initial_parameters
-        self.max_examples = max_examples
-        self.outlier_norm_factor = outlier_norm_factor
-        self.current_parameters: Parameters | None = initial_parameters
 
     def __repr__(self) -> str:
         return f"WeightedFedAvg(accept_failures={self.accept_failures})"
@@ -107,7 +102,6 @@ class WeightedFedAvg(Strategy):
     def configure_fit(self, server_round: int, parameters: Parameters,
                       client_manager: ClientManager) -> list[tuple[ClientProxy, FitIns]]:
         """Sample clients and send them the global model and this round's fit config."""
-        self.current_parameters = parameters
         config = self.on_fit_config_fn(server_round) if self.on_fit_config_fn else {}
         n = sample_size(client_manager.num_available(), self.fraction_fit, self.min_fit_clients)
         clients = client_manager.sample(num_clients=n, min_num_clients=self.min_available_clients)
@@ -119,27 +113,19 @@ class WeightedFedAvg(Strategy):
         results: list[tuple[ClientProxy, FitRes]],
         failures: list[tuple[ClientProxy, FitRes] | BaseException],
     ) -> tuple[Parameters | None, dict[str, Scalar]]:
-        """Validate the updates and average the valid ones by `num_examples`."""
+        """Average the updates by `num_examples` (None without results, or with failures
+        when `accept_failures` is off)."""
         if not results:
             return None, {}
         if failures and not self.accept_failures:
             log(WARNING, "round %s: %s client(s) failed and accept-failures is off: "
                 "keeping the previous global model", server_round, len(failures))
             return None, {}
-        reference = reference_arrays(self.current_parameters, self, server_round)
-        checked = validate_fit_results(results, reference, server_round, self.max_examples,
-                                       self.outlier_norm_factor)
-        metrics: dict[str, Scalar] = {"num_rejected": len(checked.rejected)}
-        if len(checked.accepted) < self.min_fit_clients:
-            log(WARNING, "round %s: only %s valid update(s), fewer than min-fit-clients=%s: "
-                "keeping the previous global model", server_round, len(checked.accepted),
-                self.min_fit_clients)
-            return None, metrics
-        counts = [fit_res.num_examples for _, fit_res in checked.accepted]
-        averaged = weighted_average(checked.accepted_arrays, counts)
-        client_metrics = weighted_metrics(
-            (fit_res.num_examples, fit_res.metrics) for _, fit_res in checked.accepted)
-        return ndarrays_to_parameters(averaged), {**client_metrics, **metrics}
+        counts = [fit_res.num_examples for _, fit_res in results]
+        averaged = weighted_average(
+            [parameters_to_ndarrays(fit_res.parameters) for _, fit_res in results], counts)
+        metrics = weighted_metrics((fit_res.num_examples, fit_res.metrics) for _, fit_res in results)
+        return ndarrays_to_parameters(averaged), metrics
 
     def configure_evaluate(self, server_round: int, parameters: Parameters,
                            client_manager: ClientManager) -> list[tuple[ClientProxy, EvaluateIns]]:
@@ -158,17 +144,12 @@ class WeightedFedAvg(Strategy):
         results: list[tuple[ClientProxy, EvaluateRes]],
         failures: list[tuple[ClientProxy, EvaluateRes] | BaseException],
     ) -> tuple[float | None, dict[str, Scalar]]:
-        """Reject invalid reports, average the rest's losses and metrics by `num_examples`."""
-        if failures and not self.accept_failures:
+        """Average the reports' losses and metrics by `num_examples`."""
+        if not results or (failures and not self.accept_failures):
             return None, {}
-        checked = validate_evaluate_results(results, server_round, self.max_examples)
-        counted: dict[str, Scalar] = {"num_rejected": len(checked.rejected)}
-        if not checked.accepted:
-            return None, counted
-        loss = weighted_loss_avg([(res.num_examples, res.loss) for _, res in checked.accepted])
-        client_metrics = weighted_metrics((res.num_examples, res.metrics)
-                                          for _, res in checked.accepted)
-        return float(loss), {**client_metrics, **counted}
+        loss = weighted_loss_avg([(res.num_examples, res.loss) for _, res in results])
+        metrics = weighted_metrics((res.num_examples, res.metrics) for _, res in results)
+        return float(loss), metrics
 
     def evaluate(self, server_round: int,
                  parameters: Parameters) -> tuple[float, dict[str, Scalar]] | None:
@@ -178,10 +159,10 @@ class WeightedFedAvg(Strategy):
         return self.evaluate_fn(server_round, parameters_to_ndarrays(parameters), {})
 
 
-SETTINGS: list = []  # WeightedFedAvg uses only the shared sampling and validation keys
-
-
 def build(ctx: StrategyContext) -> Strategy:
     """Registry factory for `strategy=weighted-fedavg`."""
-    return WeightedFedAvg(**ctx.common_kwargs(), max_examples=ctx.cfg["max-examples"],
-                          outlier_norm_factor=ctx.cfg["outlier-norm-factor"])
+    return WeightedFedAvg(**ctx.common_kwargs())
+
+
+STRATEGIES = {"weighted-fedavg": build}
+SETTINGS: list = []  # WeightedFedAvg uses only the shared sampling keys (strategies.context)

@@ -8,7 +8,8 @@ import pytest
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
-from fl_app.config import RunConfig, resolve  # noqa: E402
+from fl_app.app.config import resolve
+from fl_app.schema import RunConfig  # noqa: E402
 
 
 def make_config(**overrides) -> RunConfig:

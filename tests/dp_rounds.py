@@ -11,6 +11,7 @@ from flwr.server.client_proxy import ClientProxy
 
 from strategies.accounting import PrivacyAccountant
 from strategies.dp import DPAdaptiveClipping, DPFixedClipping
+from strategies.validated import ValidatedStrategy
 from strategies.weighted_fedavg import WeightedFedAvg
 from tests.flower_objects import IdleProxy, fit_res
 
@@ -49,7 +50,12 @@ def dp_strategy(*, adaptive: bool = False, fraction_fit: float = 1.0,
 
 def play_round(strategy, manager, server_round: int, weights: NDArrays,
                client: ClientFn) -> tuple[NDArrays | None, dict, list]:
-    """configure_fit, let every sampled client answer via `client`, aggregate_fit."""
+    """configure_fit, let every sampled client answer via `client`, aggregate_fit.
+
+    The DP strategy plays behind `ValidatedStrategy`, as the registry builds it (with no
+    minimum of valid updates: a DP round is always released).
+    """
+    strategy = ValidatedStrategy(strategy, min_fit_clients=0)
     instructions = strategy.configure_fit(server_round, ndarrays_to_parameters(weights), manager)
     results = []
     for proxy, ins in instructions:

@@ -11,9 +11,10 @@ import keras
 import numpy as np
 import pytest
 
-from fl_app.client_app import client_for, round_config
-from fl_app.data import data_source, load_partition
-from fl_app.trainer import cached_trainer, trainer_for
+from fl_app.app.client_app import client_for
+from fl_app.data.sources import data_source, load_partition
+from fl_app.ml.trainer import cached_trainer, trainer_for
+from fl_app.wire import round_config
 from tests.conftest import make_config
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -11,8 +11,9 @@ import pytest
 from flwr.common.config import get_fused_config_from_dir, parse_config_args
 
 import run_simulation
-from fl_app.config import all_settings, defaults, resolve
-from fl_app.settings import ConfigError
+from fl_app.app.config import all_settings, defaults, resolve
+from fl_app.cli import simulate
+from fl_app.schema import ConfigError
 from tests.conftest import make_config
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -66,7 +67,7 @@ def test_accepted_combinations_of_keys():
     make_config(validation_fraction=0.0, fraction_evaluate=0.0)
 
 
-@pytest.mark.parametrize("module", ["strategies.weighted_fedavg", "fl_app.checkpoint"])
+@pytest.mark.parametrize("module", ["strategies.weighted_fedavg", "fl_app.server.settings"])
 def test_a_modules_check_config_runs_in_resolve(monkeypatch, module):
     seen = []
 
@@ -92,7 +93,7 @@ def test_pyproject_and_readme_are_in_sync_with_the_schema():
 def test_run_simulation_resolves_the_same_config_as_flwr_run():
     overrides = "strategy='fedprox' local-epochs=2 learning-rate=0.05 partitioner='dirichlet'"
     via_flwr = resolve(get_fused_config_from_dir(ROOT, parse_config_args([overrides])))
-    via_script = run_simulation.load_run_config(overrides)
+    via_script = simulate.load_run_config(overrides)
     assert via_flwr == via_script
     assert via_script["strategy"] == "fedprox" and via_script["local-epochs"] == 2
 

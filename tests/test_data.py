@@ -9,9 +9,16 @@ import huggingface_hub
 import numpy as np
 import pytest
 
-from fl_app import data
-from fl_app.data import DataError, Split, data_source, data_spec, load_client, load_partition
-from fl_app.data import split_train_val
+from fl_app.data import sources as data
+from fl_app.data.node_data import load_client
+from fl_app.data.sources import (
+    DataError,
+    Split,
+    data_source,
+    data_spec,
+    load_partition,
+    split_train_val,
+)
 from tests.conftest import make_config
 
 

@@ -24,7 +24,7 @@ from deploy.layout import NodeFiles
 from deploy.pki import make_node_keys
 from deploy.prepare import prepare
 from deploy.processes import Supervisor, living
-from fl_app.outputs import MODEL_FILE
+from fl_app.server.outputs import MODEL_FILE
 
 pytestmark = pytest.mark.timeout(900)
 PROJECT_DIR = Path(__file__).resolve().parents[1]

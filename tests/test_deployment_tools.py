@@ -20,19 +20,29 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.x509.oid import ExtendedKeyUsageOID, ExtensionOID
 from flwr.common.config import parse_config_args
-from flwr.supernode.cli.flower_supernode import _parse_args_run_supernode
 from flwr.superlink.cli.flower_superlink import _parse_args_run_superlink
+from flwr.supernode.cli.flower_supernode import _parse_args_run_supernode
 
-from tests.conftest import make_config
 from deploy import commands, launch, pki
-from deploy.launch import (COMPLETED, LocalDeployment, RunOutcome, check_project, cli_json,
-                           describe_failures, listens, report, start_listening)
+from deploy.launch import (
+    COMPLETED,
+    LocalDeployment,
+    RunOutcome,
+    check_project,
+    cli_json,
+    describe_failures,
+    listens,
+    report,
+    start_listening,
+)
 from deploy.layout import Deployment, DeploymentError
-from deploy.prepare import instructions, main as prepare_main, prepare
-from fl_app.settings import ConfigError
+from deploy.prepare import instructions, prepare
+from deploy.prepare import main as prepare_main
 from deploy.processes import ProcessesLeft, Supervisor, living
-from fl_app.data import data_source
-from fl_app.node_data import load_node_file
+from fl_app.data.node_files import load_node_file
+from fl_app.data.sources import data_source
+from fl_app.schema import ConfigError
+from tests.conftest import make_config
 
 pytestmark = pytest.mark.timeout(300)
 HOSTS = ["127.0.0.1", "localhost"]

@@ -16,9 +16,10 @@ from dp_accounting.pld import PLDAccountant
 from dp_accounting.rdp import RdpAccountant
 from flwr.common import ndarrays_to_parameters
 
-from fl_app.settings import ConfigError
+from fl_app.schema import ConfigError
 from strategies.accounting import PrivacyAccountant
 from strategies.context import StrategyContext
+from strategies.protocols import PrivacyAccounting, find_layer
 from strategies.registry import build_strategy
 from tests.conftest import make_config
 from tests.dp_rounds import client_manager, dp_strategy, play_round, zeros
@@ -152,6 +153,6 @@ def test_adaptive_with_too_little_count_noise_is_refused():
 @pytest.mark.parametrize("name", ["dp-fixed", "dp-adaptive", "dp-client-fixed",
                                   "dp-client-adaptive"])
 def test_registry_builds_each_dp_strategy_around_the_named_inner_strategy(name):
-    strategy = _build(strategy=name, dp_inner="fedadam")
+    strategy = find_layer(_build(strategy=name, dp_inner="fedadam"), PrivacyAccounting)
     assert "FedAdam" in repr(strategy.inner)
     assert strategy.client_side == name.startswith("dp-client")

@@ -5,12 +5,11 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from fl_app.client_app import client_for, round_config
-from fl_app.data import data_source
-from fl_app.trainer import trainer_for
+from fl_app.app.client_app import client_for
+from fl_app.data.sources import data_source
+from fl_app.ml.trainer import trainer_for
+from fl_app.wire import KEY_CLIPPING_NORM, KEY_NORM_BIT, round_config
 from strategies.clipping import (
-    KEY_CLIPPING_NORM,
-    KEY_NORM_BIT,
     clip_update,
     clip_weights,
     l2_norm,

@@ -5,7 +5,11 @@ from __future__ import annotations
 import json
 
 import pytest
-from dp_accounting import GaussianDpEvent, NeighboringRelation, SampledWithoutReplacementDpEvent
+from dp_accounting import (
+    GaussianDpEvent,
+    NeighboringRelation,
+    SampledWithoutReplacementDpEvent,
+)
 from dp_accounting.rdp import RdpAccountant
 
 import run_simulation

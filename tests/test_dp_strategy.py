@@ -10,11 +10,11 @@ from flwr.common import ndarrays_to_parameters, parameters_to_ndarrays
 from flwr.server.strategy import DifferentialPrivacyServerSideFixedClipping, FedAvg
 from scipy import stats
 
-from strategies.clipping import KEY_CLIPPING_NORM, KEY_NORM_BIT
-from fl_app.settings import ConfigError
+from fl_app.schema import ConfigError
+from fl_app.wire import KEY_CLIPPING_NORM, KEY_NORM_BIT
 from strategies.dp import centred_unclipped_count, check_config, split_noise_multiplier
-from tests.dp_rounds import client_manager, dp_strategy, play_round, sends, zeros
 from tests.conftest import make_config
+from tests.dp_rounds import client_manager, dp_strategy, play_round, sends, zeros
 from tests.flower_objects import fit_res
 
 FALSE_FAILURE_RATE = 1e-6  # two-sided, per statistical assertion

@@ -6,9 +6,9 @@ import keras
 import numpy as np
 import pytest
 
-from fl_app.data import DataSpec, Split
-from fl_app.models import build_model, outputs_probabilities
-from fl_app.trainer import KerasTrainer, make_optimizer
+from fl_app.data.sources import DataSpec, Split
+from fl_app.ml.models import build_model, outputs_probabilities
+from fl_app.ml.trainer import KerasTrainer, make_optimizer
 
 SPEC = DataSpec((6,), 3)
 

@@ -6,9 +6,9 @@ import pytest
 from datasets import Dataset
 from flwr_datasets.partitioner import IidPartitioner
 
-from fl_app.data import DataError, load_partition
-from fl_app.partitioning import PartitioningError
-from fl_app.partitioning import load_partition as cut_partition
+from fl_app.data.partitioning import PartitioningError
+from fl_app.data.partitioning import load_partition as cut_partition
+from fl_app.data.sources import DataError, load_partition
 from tests.conftest import make_config
 
 

@@ -21,11 +21,11 @@ from flwr.common import (
 )
 from flwr.server.strategy import FedAvg
 
-from fl_app.client_failures import ClientFailure, describe_failure
-from fl_app.runner import SeededClientManager
+from fl_app.server.client_failures import ClientFailure, describe_failure
+from fl_app.server.client_manager import SeededClientManager
 from strategies.context import StrategyContext
 from strategies.registry import build_strategy, strategy_names
-from strategies.wrapper import ValidatedStrategy
+from strategies.validated import ValidatedStrategy
 from strategies.validation import update_norm, validate_fit_results
 from tests.conftest import make_config
 from tests.flower_objects import IdleProxy, fit_res, random_model

@@ -5,9 +5,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from fl_app.client_app import client_for, round_config
-from fl_app.faults import GARBAGE_KINDS, FaultyClient, assign_roles
-from fl_app.settings import ConfigError
+from fl_app.app.client_app import client_for
+from fl_app.client.faults import GARBAGE_KINDS, FaultyClient, assign_roles
+from fl_app.schema import ConfigError
+from fl_app.wire import round_config
 from strategies.validation import update_problem
 from tests.conftest import make_config
 

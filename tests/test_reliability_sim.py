@@ -10,7 +10,7 @@ import json
 import math
 
 import run_simulation
-from fl_app.faults import assign_roles
+from fl_app.client.faults import assign_roles
 from tests.conftest import make_config
 
 

@@ -10,7 +10,11 @@ import pytest
 from flwr.common import ndarrays_to_parameters, parameters_to_ndarrays
 
 import run_simulation
-from fl_app.checkpoint import (
+from fl_app.app.server_app import server_components
+from fl_app.cli import simulate
+from fl_app.data.sources import data_source
+from fl_app.ml.trainer import trainer_for
+from fl_app.server.checkpoint import (
     Checkpoint,
     CheckpointError,
     checkpoint_path,
@@ -18,19 +22,18 @@ from fl_app.checkpoint import (
     load_for_resume,
     save_checkpoint,
 )
-from fl_app.data import data_source
-from fl_app.runner import FederatedServer, ResumePoint, SeededClientManager, StoppingRules
-from fl_app.server_app import server_components
-from fl_app.trainer import trainer_for
+from fl_app.server.client_manager import SeededClientManager
+from fl_app.server.runner import FederatedServer, ResumePoint
+from fl_app.server.stopping import StoppingRules
 from strategies import WeightedFedAvg
 from strategies.context import StrategyContext
-from strategies.registry import REGISTRY, build_strategy
+from strategies.registry import build_strategy, strategy_names
 from strategies.state import StrategyStateError, set_strategy_state
 from tests.conftest import make_config
 from tests.flower_objects import IdleProxy, fit_res, random_model
 
 STATEFUL = ["fedadam", "fedyogi", "fedadagrad", "fedavgm",
-            *[name for name in ("dp-fixed", "dp-adaptive") if name in REGISTRY]]
+            *[name for name in ("dp-fixed", "dp-adaptive") if name in strategy_names()]]
 
 
 def _checkpoint(cfg, weights, round_=3) -> Checkpoint:
@@ -140,8 +143,8 @@ def test_run_simulation_resume_takes_the_output_folder_from_out_not_out_dir(tmp_
     save_checkpoint(tmp_path, _checkpoint(cfg, _model_weights(cfg)))
     with pytest.raises(CheckpointError, match="only max-epsilon, num-server-rounds, round-timeout "
                                               "may change, not 'out-dir'; use --out DIR"):
-        run_simulation.resume_run_config(str(tmp_path), f"out-dir='{tmp_path / 'elsewhere'}'")
-    resumed = run_simulation.resume_run_config(
+        simulate.resume_run_config(str(tmp_path), f"out-dir='{tmp_path / 'elsewhere'}'")
+    resumed = simulate.resume_run_config(
         str(tmp_path), "num-server-rounds=40 round-timeout=5.0 max-epsilon=3.0")
     assert (resumed["num-server-rounds"], resumed["round-timeout"], resumed["max-epsilon"]) == (
         40, 5.0, 3.0)

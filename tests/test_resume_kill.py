@@ -18,12 +18,12 @@ import sys
 import time
 from pathlib import Path
 
-from fl_app.checkpoint import CheckpointError, load_checkpoint
-from strategies.registry import REGISTRY
+from fl_app.server.checkpoint import CheckpointError, load_checkpoint
+from strategies.registry import strategy_names
 
 ROOT = Path(__file__).resolve().parent.parent
 ROUNDS, KILL_AFTER = 5, 2
-DP = "dp-fixed" in REGISTRY
+DP = "dp-fixed" in strategy_names()
 STRATEGY = ("strategy='dp-fixed' dp-inner='fedadam' noise-multiplier=0.3 clipping-norm=2.0 "
             "dp-noise-seed=11" if DP else "strategy='fedadam'")
 RUN_CONFIG = (f"num-server-rounds={ROUNDS} local-epochs=1 fraction-evaluate=0 "

@@ -5,11 +5,11 @@ from __future__ import annotations
 
 import pytest
 
-import run_simulation
-from fl_app.checkpoint import CheckpointError
-from fl_app.config import check_num_clients
-from fl_app.data import DataError
-from fl_app.settings import ConfigError
+from fl_app.app.config import check_num_clients
+from fl_app.cli import simulate
+from fl_app.data.sources import DataError
+from fl_app.schema import ConfigError
+from fl_app.server.checkpoint import CheckpointError
 from tests.conftest import make_config
 
 
@@ -25,8 +25,8 @@ def _flower_must_not_start(cfg, args):
 ])
 def test_config_that_cannot_run_on_the_supernodes_exits_2_naming_the_key(
         monkeypatch, capsys, tmp_path, run_config, keys):
-    monkeypatch.setattr(run_simulation, "simulate", _flower_must_not_start)
-    code = run_simulation.main(["--num-supernodes", "3", "--run-config", run_config,
+    monkeypatch.setattr(simulate, "simulate", _flower_must_not_start)
+    code = simulate.main(["--num-supernodes", "3", "--run-config", run_config,
                                 "--out", str(tmp_path)])
     err = capsys.readouterr().err
     assert code == 2 and err.startswith("error: ")
@@ -46,6 +46,6 @@ def test_errors_while_running_are_one_line(monkeypatch, capsys, tmp_path, error)
     def fail(cfg, args):
         raise error("dataset 'mnist' could not be loaded")
 
-    monkeypatch.setattr(run_simulation, "simulate", fail)
-    assert run_simulation.main(["--out", str(tmp_path)]) == 2
+    monkeypatch.setattr(simulate, "simulate", fail)
+    assert simulate.main(["--out", str(tmp_path)]) == 2
     assert capsys.readouterr().err == "error: dataset 'mnist' could not be loaded\n"

@@ -8,6 +8,7 @@ import math
 import pytest
 
 import run_simulation
+from fl_app.cli.summary import print_summary
 from strategies.registry import strategy_names
 
 FAST = "num-server-rounds=2 local-epochs=2 min-fit-clients=3 min-available-clients=3"
@@ -64,7 +65,7 @@ def test_summary_shows_epsilon_only_for_private_runs(tmp_path, capsys, privacy):
                                                                        "accuracy": 0.1}},
                           record], "stopped": "num-server-rounds"}
     (tmp_path / "history.json").write_text(json.dumps(history))
-    run_simulation.print_summary(tmp_path, 12.0)
+    print_summary(tmp_path, 12.0)
     out = capsys.readouterr().out
     assert "0.8750" in out and "stopped: num-server-rounds" in out
     assert ("ε" in out and "2.500" in out) == privacy

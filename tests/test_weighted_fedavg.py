@@ -1,20 +1,28 @@
-"""WeightedFedAvg: equals Flower's weighted average, and never averages a bad update in."""
+"""WeightedFedAvg: equals Flower's weighted average, and (behind the validation every
+strategy gets) never averages a bad update in."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
 from flwr.common import ndarrays_to_parameters, parameters_to_ndarrays
+from flwr.server.client_manager import SimpleClientManager
 from flwr.server.strategy.aggregate import aggregate
 
-from fl_app.runner import SeededClientManager
-from strategies import WeightedFedAvg
+from fl_app.server.client_manager import SeededClientManager
+from strategies import ValidatedStrategy, WeightedFedAvg
 from strategies.metrics import weighted_metrics
 from tests.flower_objects import IdleProxy, fit_res, random_model, results
 
 
-def _strategy(global_model, **kwargs) -> WeightedFedAvg:
-    return WeightedFedAvg(initial_parameters=ndarrays_to_parameters(global_model), **kwargs)
+def _strategy(global_model, max_examples: int = 0, **kwargs) -> ValidatedStrategy:
+    """WeightedFedAvg behind the validation every registry strategy gets, which knows
+    `global_model` as the model sent."""
+    inner = WeightedFedAvg(initial_parameters=ndarrays_to_parameters(global_model), **kwargs)
+    strategy = ValidatedStrategy(inner, min_fit_clients=inner.min_fit_clients,
+                                 max_examples=max_examples)
+    strategy.initialize_parameters(SimpleClientManager())
+    return strategy
 
 
 @pytest.mark.parametrize("seed", range(5))
@@ -97,7 +105,7 @@ def test_fit_metrics_are_weighted_by_examples():
 def test_aggregate_fit_without_a_known_global_model_is_a_clear_error():
     updates = results([(random_model(np.random.default_rng(5)), 5)])
     with pytest.raises(RuntimeError, match="before configure_fit"):
-        WeightedFedAvg(min_fit_clients=1).aggregate_fit(1, updates, [])
+        ValidatedStrategy(WeightedFedAvg(), min_fit_clients=1).aggregate_fit(1, updates, [])
 
 
 def test_fit_metrics_cannot_overwrite_the_rejection_count():
@@ -120,9 +128,9 @@ def test_sampling_is_a_fraction_and_reproducible_with_a_seed():
         manager = SeededClientManager(seed)
         for i in range(10):
             manager.register(IdleProxy(f"node-{i}"))
-        strategy = _strategy(random_model(np.random.default_rng(0)), fraction_fit=0.3,
-                             min_fit_clients=2)
-        instructions = strategy.configure_fit(1, strategy.initial_parameters, manager)
+        strategy = WeightedFedAvg(fraction_fit=0.3, min_fit_clients=2)
+        instructions = strategy.configure_fit(
+            1, ndarrays_to_parameters(random_model(np.random.default_rng(0))), manager)
         return [proxy.cid for proxy, _ in instructions]
 
     assert len(sampled(7)) == 3

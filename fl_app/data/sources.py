@@ -6,7 +6,7 @@
 * `mnist`, `fashion-mnist`, `cifar10`, `hf:<id>`: Hugging Face hub datasets through
   flwr-datasets' `FederatedDataset` (needs network access).
 * In deployment a SuperNode reads its own file from node-config `data-path` (see
-  `fl_app.node_data`).
+  `fl_app.data.node_files`).
 
 The server holds out a test set for centralized evaluation; each client splits its share
 into train and validation parts.
@@ -21,20 +21,21 @@ from functools import lru_cache
 from typing import TYPE_CHECKING, Protocol, TypeVar
 
 import numpy as np
+from flwr_datasets.partitioner import Partitioner
 from sklearn.datasets import load_digits
 from sklearn.model_selection import train_test_split
 
-from flwr_datasets.partitioner import Partitioner
-
-from fl_app import partitioning
-from fl_app.partitioning import PartitioningError, make_partitioner, partition_arrays
+from fl_app.data import partitioning
+from fl_app.data.partitioning import (
+    PartitioningError,
+    make_partitioner,
+    partition_arrays,
+)
+from fl_app.schema import RunConfig
 
 if TYPE_CHECKING:
     from datasets import Dataset
-    from flwr.common.typing import UserConfig
     from flwr_datasets import FederatedDataset
-
-    from fl_app.config import RunConfig
 
 T = TypeVar("T")
 
@@ -307,20 +308,3 @@ def load_partition(cfg: RunConfig, partition_id: int, num_partitions: int) -> Cl
     split = data_source(cfg).partition(partition_id, num_partitions)
     train, val = split_train_val(split, cfg, salt=partition_id)
     return ClientData(train, val, f"partition {partition_id}/{num_partitions} of {cfg['dataset']}")
-
-
-def load_client(cfg: RunConfig, node_config: UserConfig) -> ClientData:
-    """A client's data: its node's own `data-path` file in deployment, else its partition."""
-    if "data-path" in node_config:
-        from fl_app.node_data import load_node_file
-
-        return load_node_file(str(node_config["data-path"]), data_spec(cfg), cfg)
-    try:
-        partition_id = int(node_config["partition-id"])
-        num_partitions = int(node_config["num-partitions"])
-    except KeyError as err:
-        raise DataError(
-            f"node-config has neither 'data-path' nor {err.args[0]!r}: in deployment start the "
-            "SuperNode with --node-config \"data-path='/path/to/data.npz'\""
-        ) from None
-    return load_partition(cfg, partition_id, num_partitions)

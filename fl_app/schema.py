@@ -1,10 +1,14 @@
-"""The building block of the run-config schema: one typed, checked setting."""
+"""The run-config schema's building blocks: a typed, checked `Setting`, the `Schema` that
+resolves raw values against a list of them, and the resolved `RunConfig`.
+
+This module imports nothing of the project's: every layer declares its own settings with
+it, and the app layer (`fl_app.app.config`) collects them into the app's one `Schema`.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from types import ModuleType
 from typing import Union
 
 Scalar = Union[bool, int, float, str]
@@ -14,12 +18,6 @@ ConfigCheck = Callable[[Mapping[str, Scalar]], None]
 
 class ConfigError(ValueError):
     """A run-config value is unknown, mistyped or out of range (raised before training)."""
-
-
-def module_checks(modules: Iterable[ModuleType]) -> list[ConfigCheck]:
-    """The `check_config(values)` of each module that defines one (modules that contribute
-    `SETTINGS` may also contribute cross-key rules this way)."""
-    return [module.check_config for module in modules if hasattr(module, "check_config")]
 
 
 @dataclass(frozen=True)
@@ -98,3 +96,87 @@ class Setting:
                     f"run-config key '{self.key}' is out of range: {value!r}; "
                     f"allowed: {self.describe_range()}"
                 )
+
+
+class Schema:
+    """Every key of an app (each declared once) and its rules across keys.
+
+    `resolve(raw)` checks raw values (from `context.run_config` or `--run-config`) and
+    returns a `RunConfig`, which remembers this schema so that `RunConfig.replace`
+    re-validates the same way.
+    """
+
+    def __init__(self, settings: Iterable[Setting], checks: Iterable[ConfigCheck] = ()) -> None:
+        self.settings: dict[str, Setting] = {}
+        for setting in settings:
+            if setting.key in self.settings:
+                raise RuntimeError(f"run-config key '{setting.key}' is declared twice")
+            self.settings[setting.key] = setting
+        self.checks = list(checks)
+
+    def defaults(self) -> dict[str, Scalar]:
+        """The default value of every key (what `[tool.flwr.app.config]` must hold)."""
+        return {key: s.default for key, s in self.settings.items()}
+
+    def resolve(self, raw: Mapping[str, object]) -> RunConfig:
+        """Validate `raw` against the schema and fill in defaults.
+
+        Raises ConfigError naming the key at fault for an unknown key, a wrong type, an
+        out-of-range value or a broken rule across keys, before any training starts.
+        """
+        unknown = sorted(set(raw) - set(self.settings))
+        if unknown:
+            raise ConfigError(
+                f"unknown run-config key(s): {', '.join(repr(k) for k in unknown)}; "
+                f"known keys: {', '.join(sorted(self.settings))}"
+            )
+        values = {key: s.coerce(raw[key]) if key in raw else s.default
+                  for key, s in self.settings.items()}
+        for check in self.checks:
+            check(values)
+        return RunConfig(values, self)
+
+
+class RunConfig(Mapping[str, Scalar]):
+    """A resolved, validated run config; read it like Flower's `context.run_config`."""
+
+    def __init__(self, values: Mapping[str, Scalar], schema: Schema) -> None:
+        self._values = dict(values)
+        self.schema = schema
+
+    def __getitem__(self, key: str) -> Scalar:
+        try:
+            return self._values[key]
+        except KeyError:
+            raise KeyError(f"unknown run-config key '{key}'") from None
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._values)
+
+    def __len__(self) -> int:
+        return len(self._values)
+
+    def __hash__(self) -> int:
+        return hash(tuple(sorted(self._values.items())))
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, RunConfig) and self._values == other._values
+
+    def replace(self, **changes: Scalar) -> RunConfig:
+        """Return a copy with some keys changed (python-style names: out_dir -> out-dir)."""
+        raw = dict(self._values)
+        raw.update({k.replace("_", "-"): v for k, v in changes.items()})
+        return self.schema.resolve(raw)
+
+
+def module_checks(modules: Sequence[object]) -> ConfigCheck:
+    """One rule that runs the `check_config(values)` of each module defining one (modules
+    that contribute `SETTINGS` may contribute cross-key rules this way), looked up on
+    every call."""
+
+    def check(values: Mapping[str, Scalar]) -> None:
+        for module in modules:
+            if hasattr(module, "check_config"):
+                module.check_config(values)
+
+    return check

@@ -25,9 +25,8 @@ from typing import Any
 import numpy as np
 from flwr.common import NDArrays, Parameters, parameters_to_ndarrays
 
-from fl_app.config import defaults
-from fl_app.outputs import atomic_write_bytes
-from fl_app.settings import Scalar, Setting
+from fl_app.schema import RunConfig, Scalar
+from fl_app.server.outputs import atomic_write_bytes
 
 CHECKPOINT_FILE = "checkpoint.npz"
 FORMAT_VERSION = 1
@@ -37,12 +36,6 @@ FORMAT_VERSION = 1
 RESUMABLE_CHANGES = frozenset({"out-dir", "resume-from", "num-server-rounds", "round-timeout",
                                "max-epsilon"})
 _META = "meta.json"
-
-SETTINGS = [
-    Setting("resume-from", str, "",
-            "Output folder of an interrupted run: continue it after its last complete round "
-            "(from its checkpoint.npz; empty: start a new run).", "run"),
-]
 
 
 class CheckpointError(RuntimeError):
@@ -159,13 +152,13 @@ def check_resumable(checkpoint: Checkpoint, cfg: Mapping[str, Scalar],
                               f"num-server-rounds={cfg['num-server-rounds']}")
 
 
-def load_for_resume(cfg: Mapping[str, Scalar], model_weights: NDArrays) -> Checkpoint | None:
+def load_for_resume(cfg: RunConfig, model_weights: NDArrays) -> Checkpoint | None:
     """The checkpoint named by `resume-from`, checked against this run (None if not set)."""
     source = str(cfg["resume-from"])
     if not source:
         return None
     checkpoint = load_checkpoint(source)
-    check_resumable(checkpoint, cfg, defaults(), model_weights, source)
+    check_resumable(checkpoint, cfg, cfg.schema.defaults(), model_weights, source)
     return checkpoint
 
 

@@ -3,20 +3,19 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Callable
+from typing import Callable
 
 import numpy as np
 from datasets import Dataset
 from flwr_datasets.partitioner import (
     DirichletPartitioner,
     IidPartitioner,
-    PathologicalPartitioner,
     Partitioner,
+    PathologicalPartitioner,
     ShardPartitioner,
 )
 
-if TYPE_CHECKING:
-    from fl_app.config import RunConfig
+from fl_app.schema import RunConfig
 
 LABEL = "label"
 

@@ -12,14 +12,11 @@ Features are used as given, so scale them the way the model expects (digits: 0..
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import numpy as np
 
-from fl_app.data import ClientData, DataError, DataSpec, Split, split_train_val
-
-if TYPE_CHECKING:
-    from fl_app.config import RunConfig
+from fl_app.data.sources import ClientData, DataError, DataSpec, Split, split_train_val
+from fl_app.schema import RunConfig
 
 
 def _read_npz(path: Path) -> tuple[np.ndarray, np.ndarray]:

@@ -26,8 +26,9 @@ import numpy as np
 from flwr.client import NumPyClient
 from flwr.common import NDArrays, Scalar
 
-from fl_app.data import ClientData, Split
-from fl_app.settings import ConfigError, Setting
+from fl_app.data.sources import ClientData, Split
+from fl_app.schema import ConfigError, Setting
+from fl_app.wire import SERVER_ROUND
 
 ATTACKS = ("none", "sign-flip", "scale", "gaussian", "label-flip")
 FAULT_KEYS = {"raise": "fault-raise-fraction", "stall": "fault-stall-fraction",
@@ -70,7 +71,7 @@ def _fractions(cfg: Mapping[str, Scalar]) -> dict[str, float]:
 def check_config(values: Mapping[str, Scalar]) -> None:
     """Raise ConfigError if the fault and attack fractions add up to more than 1.
 
-    `fl_app.config.resolve` runs this for every config; the counts on a given number of
+    `fl_app.app.config.resolve` runs this for every config; the counts on a given number of
     clients (rounded, so they may exceed it still) are `role_counts`' check.
     """
     fractions = _fractions(values)
@@ -152,7 +153,7 @@ class FaultyClient(NumPyClient):
         """Train like the inner client, then corrupt or poison the result per the role."""
         self._misbehave_before("fit")
         weights, num_examples, metrics = self.inner.fit(parameters, config)
-        server_round = int(config.get("server-round", 0))
+        server_round = int(config.get(SERVER_ROUND, 0))
         if self.role == "nan":
             weights = [np.full_like(w, np.nan) for w in weights]
         elif self.role == "garbage":

@@ -14,17 +14,14 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 from functools import lru_cache
-from typing import TYPE_CHECKING
 
 import keras
 import numpy as np
 import tensorflow as tf
 
-from fl_app.data import DataSpec, Split
-from fl_app.models import build_model, outputs_probabilities
-
-if TYPE_CHECKING:
-    from fl_app.config import RunConfig
+from fl_app.data.sources import DataSpec, Split
+from fl_app.ml.models import build_model, outputs_probabilities
+from fl_app.schema import RunConfig
 
 EVAL_CHUNK = 4096
 SEED_STATE = "seed_generator_state"  # name of a keras.random.SeedGenerator's state variable

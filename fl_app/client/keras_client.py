@@ -1,26 +1,22 @@
-"""The Flower ClientApp: a Keras model and one client's local data behind a NumPyClient."""
+"""The client: a Keras model and one client's local data behind a Flower NumPyClient."""
 
 from __future__ import annotations
 
 from collections.abc import Mapping
 
-from flwr.client import Client, NumPyClient
-from flwr.clientapp import ClientApp
-from flwr.common import Context, NDArrays, Scalar
+from flwr.client import NumPyClient
+from flwr.common import NDArrays, Scalar
 
-from fl_app.config import RunConfig, resolve
-from fl_app.data import ClientData, DataError, data_spec, load_client
-from fl_app.faults import with_faults
-from fl_app.trainer import KerasTrainer, trainer_for
-from strategies.clipping import KEY_CLIPPING_NORM, KEY_NORM_BIT, clip_weights
-
-ROUND_KEYS = ("local-epochs", "batch-size", "learning-rate")
-CLIENT_KEY = "client-key"  # get_properties: a name for this client that is stable across runs
-
-
-def round_config(cfg: RunConfig, server_round: int) -> dict[str, Scalar]:
-    """The per-round fit config the server sends (clients fall back to their own run config)."""
-    return {"server-round": server_round, **{key: cfg[key] for key in ROUND_KEYS}}
+from fl_app.data.sources import ClientData
+from fl_app.ml.trainer import KerasTrainer
+from fl_app.wire import (
+    CLIENT_KEY,
+    KEY_CLIPPING_NORM,
+    KEY_NORM_BIT,
+    KEY_PROXIMAL_MU,
+    SERVER_ROUND,
+)
+from strategies.clipping import clip_weights
 
 
 class KerasClient(NumPyClient):
@@ -32,7 +28,7 @@ class KerasClient(NumPyClient):
     and learning rate come from the round's config (falling back to `defaults`); FedProx's
     `proximal_mu` adds the proximal term to the local loss; a `clipping_norm` in the
     config (client-side DP) clips the returned update to that L2 norm and reports
-    `norm_bit` (see `strategies.clipping`). `client_key` (the partition id in simulation,
+    `norm_bit` (keys in `fl_app.wire`, clipping in `strategies.clipping`). `client_key` (the partition id in simulation,
     a CRC of the data file's name in deployment) varies the shuffling between clients.
     """
 
@@ -59,13 +55,13 @@ class KerasClient(NumPyClient):
             config: dict[str, Scalar]) -> tuple[NDArrays, int, dict[str, Scalar]]:
         """Train locally from the global weights; return new weights, example count, metrics."""
         self.trainer.set_weights(parameters)
-        server_round = int(config.get("server-round", 0))
+        server_round = int(config.get(SERVER_ROUND, 0))
         result = self.trainer.fit(
             self.data.train,
             epochs=int(self._setting(config, "local-epochs")),
             batch_size=int(self._setting(config, "batch-size")),
             learning_rate=float(self._setting(config, "learning-rate")),
-            proximal_mu=float(config.get("proximal_mu", 0.0)),
+            proximal_mu=float(config.get(KEY_PROXIMAL_MU, 0.0)),
             seed=[self.seed, server_round, self.client_key],
         )
         metrics = {"train_loss": result.loss, "train_accuracy": result.accuracy,
@@ -83,33 +79,3 @@ class KerasClient(NumPyClient):
         split = self.data.val if len(self.data.val) else self.data.train
         loss, accuracy = self.trainer.evaluate(split)
         return loss, len(split), {"accuracy": accuracy}
-
-
-def client_for(cfg: RunConfig, node_config: Mapping[str, Scalar]) -> NumPyClient:
-    """Build the client for one node: its data (partition or own file) and the shared trainer.
-
-    In simulation, the fault-injection and attack keys may make it a misbehaving client
-    (see `fl_app.faults`).
-    """
-    data = load_client(cfg, node_config)
-    trainer = trainer_for(cfg, data_spec(cfg))
-    key = int(node_config["partition-id"]) if "partition-id" in node_config else data.key
-    return with_faults(KerasClient(trainer, data, cfg, seed=int(cfg["seed"]), client_key=key),
-                       cfg, node_config)
-
-
-def make_client_app(fixed_config: RunConfig | None = None) -> ClientApp:
-    """A ClientApp; with `fixed_config` it ignores `context.run_config` (for run_simulation)."""
-
-    def client_fn(context: Context) -> Client:
-        cfg = fixed_config if fixed_config is not None else resolve(context.run_config)
-        try:
-            client = client_for(cfg, context.node_config)
-        except DataError as err:  # the server sees only this message: name the node
-            raise DataError(f"node {context.node_id}: {err}") from err
-        return client.to_client()
-
-    return ClientApp(client_fn=client_fn)
-
-
-app = make_client_app()

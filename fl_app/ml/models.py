@@ -8,7 +8,7 @@ from typing import Callable
 import keras
 import numpy as np
 
-from fl_app.data import DataSpec
+from fl_app.data.sources import DataSpec
 
 
 def _kernel(seed: int, layer: int) -> keras.initializers.Initializer:

@@ -1,0 +1,73 @@
+"""The app's run-config schema, assembled from the settings every layer declares.
+
+`flwr run .` (through `Context.run_config`) and `run_simulation.py` both resolve their
+settings through `resolve()`, so they cannot drift apart. Keys are kebab-case, as in
+Flower's own apps. Each layer declares its own keys (a `SETTINGS` list) and rules across
+them (a `check_config(values)` raising `ConfigError`) in one module, listed in
+`SETTING_MODULES`; the strategy registry collects those of every strategy module itself.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+from fl_app.client import faults
+from fl_app.data import settings as data_settings
+from fl_app.ml import settings as ml_settings
+from fl_app.schema import ConfigError, RunConfig, Scalar, Schema, Setting, module_checks
+from fl_app.server import settings as server_settings
+from strategies import registry
+
+RUN_SETTINGS = [
+    Setting("seed", int, 42, "Seed for initial weights, partitioning, sampling and shuffling.",
+            "run", low=0),
+]
+
+
+def _check_evaluation_data(values: Mapping[str, Scalar]) -> None:
+    if values["validation-fraction"] == 0 and values["fraction-evaluate"] > 0:
+        raise ConfigError(
+            "run-config key 'validation-fraction' is 0, so clients keep no validation data, "
+            f"but 'fraction-evaluate' is {values['fraction-evaluate']}: set "
+            "fraction-evaluate=0 (distributed evaluation off) or validation-fraction > 0"
+        )
+
+
+SETTING_MODULES = [server_settings, registry, ml_settings, data_settings, faults]
+SCHEMA = Schema([*RUN_SETTINGS, *(s for module in SETTING_MODULES for s in module.SETTINGS)],
+                [_check_evaluation_data, module_checks(SETTING_MODULES)])
+
+
+def resolve(raw: Mapping[str, object]) -> RunConfig:
+    """Validate `raw` against the app's schema and fill in defaults (see `Schema.resolve`)."""
+    return SCHEMA.resolve(raw)
+
+
+def all_settings() -> dict[str, Setting]:
+    """Every run-config key, in the order pyproject.toml and the README list them."""
+    return SCHEMA.settings
+
+
+def defaults() -> dict[str, Scalar]:
+    """The default value of every key (what `[tool.flwr.app.config]` must hold)."""
+    return SCHEMA.defaults()
+
+
+def check_num_clients(cfg: Mapping[str, Scalar], num_clients: int) -> None:
+    """Raise ConfigError, naming the keys, if `cfg` cannot run on `num_clients` clients.
+
+    Checks the sampling minimums (a round would wait for clients that never come), the
+    number of synthetic users (one per client) and the fault and attack roles.
+    """
+    keys = ["min-fit-clients", "min-available-clients",
+            *(["min-evaluate-clients"] if cfg["fraction-evaluate"] > 0 else [])]
+    too_many = [f"'{key}' ({cfg[key]})" for key in keys if cfg[key] > num_clients]
+    if too_many:
+        raise ConfigError(f"run-config key(s) {', '.join(too_many)} exceed the {num_clients} "
+                          "clients of the federation: rounds would wait for clients that never "
+                          "connect; lower them or add clients")
+    if cfg["dataset"] == "synthetic" and cfg["synthetic-num-users"] != num_clients:
+        raise ConfigError(f"run-config key 'synthetic-num-users' ({cfg['synthetic-num-users']}) "
+                          f"must equal the number of clients ({num_clients}): dataset "
+                          "'synthetic' gives each client the data of one user")
+    faults.role_counts(cfg, num_clients)

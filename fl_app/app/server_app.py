@@ -1,0 +1,80 @@
+"""The Flower ServerApp: model, strategy, centralized evaluation, stopping and results."""
+
+from __future__ import annotations
+
+from flwr.common import Context, NDArrays, Scalar, ndarrays_to_parameters
+from flwr.server import ServerAppComponents, ServerConfig
+from flwr.serverapp import ServerApp
+
+from fl_app.app.config import resolve
+from fl_app.data.sources import Split, data_source
+from fl_app.ml.models import build_model
+from fl_app.ml.trainer import KerasTrainer, trainer_for
+from fl_app.schema import RunConfig
+from fl_app.server.checkpoint import Checkpointer, load_for_resume
+from fl_app.server.outputs import resolve_out_dir
+from fl_app.server.recorder import RunRecorder
+from fl_app.server.runner import FederatedServer, ResumePoint
+from fl_app.server.stopping import StoppingRules
+from fl_app.wire import evaluate_config, round_config
+from strategies.context import StrategyContext
+from strategies.registry import build_strategy
+from strategies.weighted_fedavg import EvaluateFn
+
+
+def centralized_evaluator(trainer: KerasTrainer, test: Split) -> EvaluateFn:
+    """Flower `evaluate_fn`: loss and accuracy of the global model on the server's test set."""
+
+    def evaluate(server_round: int, arrays: NDArrays,
+                 config: dict[str, Scalar]) -> tuple[float, dict[str, Scalar]]:
+        trainer.set_weights(arrays)
+        loss, accuracy = trainer.evaluate(test)
+        return loss, {"accuracy": accuracy}
+
+    return evaluate
+
+
+def server_components(cfg: RunConfig) -> ServerAppComponents:
+    """Build everything the server needs for one run from a resolved config."""
+    source = data_source(cfg)
+    trainer = trainer_for(cfg, source.spec)
+    # A fresh seeded model, not the process-wide trainer's weights: those are whatever the
+    # previous run in this process (tests, benchmark scripts) evaluated last.
+    initial_weights = build_model(str(cfg["model"]), source.spec, int(cfg["seed"])).get_weights()
+    checkpoint = load_for_resume(cfg, initial_weights)
+    out_dir = resolve_out_dir(str(cfg["out-dir"] or cfg["resume-from"]))
+    recorder = RunRecorder(cfg, out_dir, trainer)
+    resume = None
+    if checkpoint is not None:
+        recorder.resume(checkpoint)
+        resume = ResumePoint(checkpoint.round, ndarrays_to_parameters(checkpoint.weights),
+                             checkpoint.server_state)
+    ctx = StrategyContext(
+        cfg=cfg,
+        initial_parameters=ndarrays_to_parameters(initial_weights),
+        evaluate_fn=centralized_evaluator(trainer, source.test_set()),
+        on_fit_config_fn=lambda server_round: round_config(cfg, server_round),
+        on_evaluate_config_fn=evaluate_config,
+    )
+    server = FederatedServer(
+        strategy=build_strategy(ctx), seed=int(cfg["seed"]),
+        stopping=StoppingRules(cfg["target-accuracy"], cfg["patience"], cfg["max-idle-rounds"]),
+        on_round=recorder.on_round, on_finish=recorder.on_finish,
+        on_checkpoint=Checkpointer(cfg, out_dir, lambda: recorder.history), resume=resume,
+    )
+    timeout = cfg["round-timeout"] or None
+    return ServerAppComponents(server=server, config=ServerConfig(
+        num_rounds=int(cfg["num-server-rounds"]), round_timeout=timeout))
+
+
+def make_server_app(fixed_config: RunConfig | None = None) -> ServerApp:
+    """A ServerApp; with `fixed_config` it ignores `context.run_config` (for run_simulation)."""
+
+    def server_fn(context: Context) -> ServerAppComponents:
+        cfg = fixed_config if fixed_config is not None else resolve(context.run_config)
+        return server_components(cfg)
+
+    return ServerApp(server_fn=server_fn)
+
+
+app = make_server_app()

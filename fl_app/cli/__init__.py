@@ -1,0 +1,1 @@
+"""The command-line layer: `run_simulation.py`'s implementation and the run summary."""

@@ -1,0 +1,148 @@
+"""`run_simulation.py`: run the app in-process on Flower's simulation engine.
+
+    python run_simulation.py [--num-supernodes 10] [--run-config "k=v k2=v2"] [--out DIR]
+    python run_simulation.py --resume DIR [--run-config "num-server-rounds=40"]
+
+`--run-config` takes the same syntax as `flwr run . --run-config` and is resolved through
+the same schema on top of pyproject.toml's `[tool.flwr.app.config]`, so both entry
+points run with the same config; the config is also checked against `--num-supernodes`
+before Flower starts. `--resume DIR` continues an interrupted run after its last complete
+round, with the config saved in DIR's checkpoint (overrides may change only
+`max-epsilon`, `num-server-rounds` and `round-timeout`; `--out` writes the continuation
+to another folder).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import click
+from flwr.common.config import flatten_dict, get_project_config, parse_config_args
+
+from fl_app.app.config import check_num_clients, resolve
+from fl_app.cli.summary import print_summary
+from fl_app.data.sources import DataError
+from fl_app.schema import ConfigError, RunConfig
+from fl_app.server.checkpoint import RESUMABLE_CHANGES, CheckpointError, load_checkpoint
+from fl_app.server.outputs import resolve_out_dir
+from fl_app.server.stopping import IDLE_STOP
+
+PROJECT_DIR = Path(__file__).resolve().parents[2]  # the folder of pyproject.toml
+# What `--run-config` may change with `--resume`: `--resume` sets resume-from and the
+# output folder is `--out`'s (out-dir stays resumable for `flwr run`'s resume-from).
+RESUME_OVERRIDES = RESUMABLE_CHANGES - {"out-dir", "resume-from"}
+
+
+def parse_overrides(overrides: str | None) -> dict[str, Any]:
+    """`--run-config`'s key=value pairs (as `flwr run` parses them); ConfigError if malformed."""
+    try:
+        return parse_config_args([overrides] if overrides else None)
+    except (click.ClickException, OSError, ValueError) as err:
+        raise ConfigError(f"--run-config {overrides!r} cannot be parsed: {err}") from err
+
+
+def load_run_config(overrides: str | None, project_dir: Path = PROJECT_DIR) -> RunConfig:
+    """pyproject.toml's app config with `--run-config` overrides, validated by the schema."""
+    app_config = get_project_config(project_dir)["tool"]["flwr"]["app"].get("config", {})
+    raw = flatten_dict(app_config)
+    raw.update(parse_overrides(overrides))
+    return resolve(raw)
+
+
+def resume_run_config(folder: str, overrides: str | None) -> RunConfig:
+    """The config saved in `folder`'s checkpoint, with `--run-config` overrides, resuming it."""
+    raw = dict(load_checkpoint(folder).config)
+    changes = parse_overrides(overrides)
+    fixed = sorted(set(changes) - RESUME_OVERRIDES)
+    if fixed:
+        hint = "; use --out DIR to write the continuation elsewhere" if "out-dir" in fixed else ""
+        raise CheckpointError(f"--resume continues the run with its saved config; only "
+                              f"{', '.join(sorted(RESUME_OVERRIDES))} may change, not "
+                              f"{', '.join(repr(k) for k in fixed)}{hint}")
+    raw.update(changes)
+    raw["resume-from"] = str(Path(folder).expanduser().resolve())
+    return resolve(raw)
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """Command-line options."""
+    parser = argparse.ArgumentParser(prog="run_simulation.py", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--num-supernodes", type=int, default=10,
+                        help="number of simulated clients (default: 10)")
+    parser.add_argument("--run-config", default=None,
+                        help='run-config overrides, e.g. "strategy=\'fedprox\' local-epochs=2"')
+    parser.add_argument("--out", default=None,
+                        help="output folder (default: out-dir, else outputs/<timestamp>)")
+    parser.add_argument("--resume", default=None, metavar="DIR",
+                        help="continue the interrupted run in DIR after its last complete round "
+                             "(writes to DIR unless --out is given)")
+    parser.add_argument("--num-cpus-per-client", type=float, default=1.0,
+                        help="CPUs reserved per simulated client (default: 1)")
+    parser.add_argument("--num-gpus-per-client", type=float, default=0.0,
+                        help="GPUs reserved per simulated client (default: 0)")
+    parser.add_argument("--ray-address", default=None,
+                        help="address of an existing Ray cluster to run the clients on")
+    args = parser.parse_args(argv)
+    if args.num_supernodes < 1:
+        parser.error("--num-supernodes must be at least 1")
+    return args
+
+
+def backend_config(args: argparse.Namespace) -> dict:
+    """Ray backend settings: resources per client and an optional cluster address."""
+    init_args = {"address": args.ray_address} if args.ray_address else {}
+    return {"client_resources": {"num_cpus": args.num_cpus_per_client,
+                                 "num_gpus": args.num_gpus_per_client},
+            "init_args": init_args}
+
+
+def prepare(args: argparse.Namespace) -> RunConfig:
+    """The run's config (new or resumed), checked against `--num-supernodes`, with the
+    output folder filled in."""
+    if args.resume:
+        cfg = resume_run_config(args.resume, args.run_config)
+    else:
+        cfg = load_run_config(args.run_config)
+    check_num_clients(cfg, args.num_supernodes)
+    out_dir = resolve_out_dir(args.out or args.resume or str(cfg["out-dir"]))
+    return cfg.replace(out_dir=str(out_dir))
+
+
+def simulate(cfg: RunConfig, args: argparse.Namespace) -> float:
+    """Run the ServerApp and `--num-supernodes` ClientApps on Flower's simulation engine;
+    return the run's wall time in seconds."""
+    from flwr.simulation import run_simulation
+
+    from fl_app.app.client_app import make_client_app
+    from fl_app.app.server_app import make_server_app
+
+    start = time.perf_counter()
+    run_simulation(server_app=make_server_app(cfg), client_app=make_client_app(cfg),
+                   num_supernodes=args.num_supernodes, backend_config=backend_config(args))
+    return time.perf_counter() - start
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Resolve and check the config, run the simulation, print the summary."""
+    args = parse_args(argv)
+    try:
+        cfg = prepare(args)
+        seconds = simulate(cfg, args)
+    except (ConfigError, DataError, CheckpointError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    out_dir = Path(str(cfg["out-dir"]))
+    if not (out_dir / "history.json").is_file():
+        print(f"error: the run wrote no history to {out_dir}; see the log above", file=sys.stderr)
+        return 1
+    stopped = print_summary(out_dir, seconds)
+    if stopped == IDLE_STOP:
+        print(f"error: no client update was accepted in {cfg['max-idle-rounds']} rounds in a "
+              "row; the failures are in history.json (fit.failures)", file=sys.stderr)
+        return 1
+    return 0

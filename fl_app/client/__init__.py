@@ -1,0 +1,1 @@
+"""The client layer: the Keras NumPyClient and, for simulation, misbehaving clients."""

@@ -1,0 +1,1 @@
+"""The server layer: the round loop, sampling, stopping, records, checkpoints and outputs."""

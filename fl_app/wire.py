@@ -1,0 +1,31 @@
+"""The keys the server and its clients exchange, and the per-round fit config.
+
+Both sides import these names from here, so neither imports the other: the server sends
+`round_config` in every `FitIns`, asks each client for its `CLIENT_KEY` property, and
+reads the DP keys back from the client's fit metrics. The clipping keys are the ones
+Flower's `fixedclipping_mod`/`adaptiveclipping_mod` use, and `KEY_PROXIMAL_MU` is the one
+Flower's FedProx sends, so our clients work with Flower's strategies and mods.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+from fl_app.schema import Scalar
+
+SERVER_ROUND = "server-round"  # fit/evaluate config: the round being played (int)
+ROUND_KEYS = ("local-epochs", "batch-size", "learning-rate")  # run-config keys sent per round
+CLIENT_KEY = "client-key"  # get_properties: a name for this client that is stable across runs
+KEY_PROXIMAL_MU = "proximal_mu"  # fit config (Flower's FedProx): weight of the proximal term
+KEY_CLIPPING_NORM = "clipping_norm"  # fit config: the clip norm C for this round (float)
+KEY_NORM_BIT = "norm_bit"  # fit metrics: True when the client's update had to be clipped
+
+
+def round_config(cfg: Mapping[str, Scalar], server_round: int) -> dict[str, Scalar]:
+    """The per-round fit config the server sends (clients fall back to their own run config)."""
+    return {SERVER_ROUND: server_round, **{key: cfg[key] for key in ROUND_KEYS}}
+
+
+def evaluate_config(server_round: int) -> dict[str, Scalar]:
+    """The per-round evaluate config the server sends."""
+    return {SERVER_ROUND: server_round}

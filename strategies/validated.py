@@ -1,0 +1,120 @@
+"""The one validation path: every strategy the registry builds sits behind it.
+
+`ValidatedStrategy` rejects invalid client updates and evaluation reports (the checks of
+`strategies.validation`) before the strategy it wraps sees them: ours, Flower's built-ins
+and the DP wrappers alike. It is also the one place of the `min-fit-clients` rule.
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from logging import WARNING
+from typing import TypeVar
+
+from flwr.common import EvaluateRes, FitRes, Parameters, Scalar
+from flwr.common.logger import log
+from flwr.server.client_manager import ClientManager
+from flwr.server.client_proxy import ClientProxy
+from flwr.server.strategy import Strategy
+
+from strategies.validation import (
+    NUM_REJECTED,
+    cast_like,
+    reference_arrays,
+    validate_evaluate_results,
+    validate_fit_results,
+)
+from strategies.wrapper import StrategyWrapper
+
+Res = TypeVar("Res", FitRes, EvaluateRes)
+
+
+def _without_reserved_metrics(
+        results: list[tuple[ClientProxy, Res]]) -> list[tuple[ClientProxy, Res]]:
+    """The results with any client-reported `num_rejected` metric dropped: that count is the
+    server's, and a client must not be able to forge it."""
+    return [(proxy, replace(res, metrics={k: v for k, v in res.metrics.items()
+                                          if k != NUM_REJECTED}))
+            if NUM_REJECTED in res.metrics else (proxy, res) for proxy, res in results]
+
+
+class ValidatedStrategy(StrategyWrapper):
+    """Rejects invalid client updates and evaluation reports before `inner` sees them.
+
+    Checks each update against the global model sent this round (or the initial one
+    before the first round): see `strategies.validation`. Adds `num_rejected` (ours plus
+    any the inner strategy rejected itself) to the round's fit and evaluate metrics.
+    With fewer than `min_fit_clients` valid updates the round keeps the previous global
+    model; `min_fit_clients=0` never holds a round back (the DP wrappers release every
+    round: skipping one would reveal, un-noised, that clients failed).
+    The aggregate keeps the dtypes of the model sent (Flower's FedOpt family computes in
+    float64, which would otherwise make every float32 client update mismatch next round).
+
+    Args:
+        inner: the strategy that aggregates the valid updates.
+        min_fit_clients: fewest valid updates that make a new global model (0: no minimum).
+        max_examples: cap on a client's claimed `num_examples` (0: no cap).
+        outlier_norm_factor: reject updates whose norm exceeds this factor times the
+            round's median update norm (0: off).
+    """
+
+    def __init__(self, inner: Strategy, *, min_fit_clients: int, max_examples: int = 0,
+                 outlier_norm_factor: float = 0.0) -> None:
+        super().__init__(inner)
+        self.min_fit_clients = min_fit_clients
+        self.max_examples = max_examples
+        self.outlier_norm_factor = outlier_norm_factor
+        self._sent: Parameters | None = None
+
+    def initialize_parameters(self, client_manager: ClientManager) -> Parameters | None:
+        """Remember the initial global model (the reference until a round is sent)."""
+        parameters = self.inner.initialize_parameters(client_manager)
+        self._sent = parameters
+        return parameters
+
+    def configure_fit(self, server_round: int, parameters: Parameters,
+                      client_manager: ClientManager) -> list:
+        """Remember the global model sent this round, then delegate."""
+        self._sent = parameters
+        return self.inner.configure_fit(server_round, parameters, client_manager)
+
+    def aggregate_fit(
+        self,
+        server_round: int,
+        results: list[tuple[ClientProxy, FitRes]],
+        failures: list[tuple[ClientProxy, FitRes] | BaseException],
+    ) -> tuple[Parameters | None, dict[str, Scalar]]:
+        """Drop invalid updates, then let the inner strategy aggregate the rest.
+
+        Raises RuntimeError if no global model was sent or initialized yet.
+        """
+        reference = reference_arrays(self._sent, self, server_round)
+        checked = validate_fit_results(results, reference, server_round,
+                                       self.max_examples, self.outlier_norm_factor)
+        if len(checked.accepted) < self.min_fit_clients:
+            log(WARNING, "round %s: only %s valid update(s), fewer than min-fit-clients=%s: "
+                "keeping the previous global model", server_round, len(checked.accepted),
+                self.min_fit_clients)
+            return None, {NUM_REJECTED: len(checked.rejected)}
+        parameters, metrics = self.inner.aggregate_fit(
+            server_round, _without_reserved_metrics(checked.accepted), failures)
+        if parameters is not None:
+            parameters = cast_like(parameters, reference)
+        return parameters, _with_rejections(metrics, len(checked.rejected))
+
+    def aggregate_evaluate(
+        self,
+        server_round: int,
+        results: list[tuple[ClientProxy, EvaluateRes]],
+        failures: list[tuple[ClientProxy, EvaluateRes] | BaseException],
+    ) -> tuple[float | None, dict[str, Scalar]]:
+        """Drop invalid evaluation reports, then let the inner strategy aggregate the rest."""
+        checked = validate_evaluate_results(results, server_round, self.max_examples)
+        loss, metrics = self.inner.aggregate_evaluate(
+            server_round, _without_reserved_metrics(checked.accepted), failures)
+        return loss, _with_rejections(metrics, len(checked.rejected))
+
+
+def _with_rejections(metrics: dict[str, Scalar], rejected: int) -> dict[str, Scalar]:
+    """`metrics` with `num_rejected` = ours plus the inner strategy's own rejections."""
+    return {**metrics, NUM_REJECTED: rejected + int(metrics.get(NUM_REJECTED, 0))}
