@@ -50,12 +50,31 @@ class RoundEvent:
     population: int
 
 
+MAX_DEFAULT_DELTA = 1e-5
+
+
 def default_delta(population: int) -> float:
-    """δ = 1/N^1.1 for N clients, the usual choice of δ below 1/N."""
-    if population < 2:
-        raise ConfigError(f"target-delta=0 derives δ = 1/N^1.1 from the number of clients N, "
-                          f"which must be at least 2 (N={population}); set target-delta")
-    return float(population ** -1.1)
+    """δ = min(1e-5, 1/(10·N)) for N clients: at most 1e-5, and far below 1/N.
+
+    A mechanism that publishes one whole client's data with probability δ is (0, δ)-DP,
+    so δ means something only when it is much smaller than 1/N.
+    """
+    if population < 1:
+        raise ConfigError(f"target-delta=0 derives δ from the number of clients N, which "
+                          f"must be at least 1 (N={population}); set target-delta")
+    return float(min(MAX_DEFAULT_DELTA, 0.1 / population))
+
+
+def check_delta(delta: float, population: int) -> None:
+    """Refuse a δ of at least 1/N for N clients: at that δ a mechanism may publish one
+    client's whole data (that client's with probability δ, N·δ ≥ 1 in total) and still
+    satisfy (ε, δ)-DP."""
+    if delta >= 1 / population:
+        raise ConfigError(
+            f"run-config key 'target-delta' ({delta:g}) must be below 1/N = {1 / population:g} "
+            f"for N={population} clients: with δ >= 1/N, publishing one client's whole data "
+            f"with probability δ satisfies the guarantee; use at most {0.1 / population:.2g} "
+            "(or 0 for min(1e-5, 1/(10N)))")
 
 
 def _grouped(events: tuple[RoundEvent, ...]) -> tuple[tuple[RoundEvent, int], ...]:
@@ -90,8 +109,8 @@ def sampled_event(event: RoundEvent, sampling: str, rate: float) -> dp_event.DpE
 class PrivacyAccountant:
     """The ledger of released rounds and ε at δ over them (RDP or PLD accountant).
 
-    `target_delta` 0 means δ = 1/N^1.1, fixed from the number of clients N available when
-    δ is first needed. `poisson_rate` is the sampling probability q for `poisson` sampling.
+    `target_delta` 0 means δ = min(1e-5, 1/(10·N)), fixed from the number of clients N
+    available when δ is first needed; a δ of at least 1/N is refused. `poisson_rate` is the sampling probability q for `poisson` sampling.
     """
 
     def __init__(self, kind: str = "rdp", sampling: str = "fixed", poisson_rate: float = 0.0,
@@ -116,11 +135,13 @@ class PrivacyAccountant:
         self.rounds: list[RoundEvent] = []
 
     def fix_delta(self, population: int) -> float:
-        """δ: the configured target, else 1/N^1.1 for the first N seen (kept thereafter)."""
+        """δ: the configured target (refused if >= 1/N), else min(1e-5, 1/(10·N)) for the
+        first N seen (kept thereafter)."""
         if self.delta is None:
             self.delta = default_delta(population)
-            log(INFO, "DP: reporting epsilon at delta = 1/N^1.1 = %.3g for N = %s clients",
-                self.delta, population)
+            log(INFO, "DP: reporting epsilon at delta = min(1e-5, 1/(10N)) = %.3g for N = %s "
+                "clients", self.delta, population)
+        check_delta(self.delta, population)
         return self.delta
 
     def event(self, noise_multiplier: float, sample_size: int, population: int) -> RoundEvent:

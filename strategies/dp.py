@@ -34,11 +34,13 @@ multiplier z_Δ is raised so that the two Gaussian queries together equal one wi
 multiplier z: z⁻² = z_Δ⁻² + (2σ_b)⁻²; the accountant charges z per round (the tests
 check this against dp-accounting composing both queries).
 
-The noise and the DP client sample are drawn from a generator seeded by OS entropy: the
-run config (and so `seed`) reaches every client, and noise or a sample anyone can
-recompute protects nothing. `dp-noise-seed` makes them reproducible for experiments
-only. With Poisson sampling, an empty sample skips the round (Flower cancels a round
-without clients); that happens with probability (1 − q)^N, which should be far below δ.
+The noise and the DP client sample are drawn from a fresh generator seeded by OS entropy
+for every use, kept nowhere and never persisted (a checkpoint holding a generator's state
+would let its reader step it back and subtract a round's noise): the run config (and so
+`seed`) reaches every client, and noise or a sample anyone can recompute protects nothing.
+`dp-noise-seed` makes them reproducible for experiments only (then their state is
+checkpointed, for an exact replay). With Poisson sampling, an empty sample skips the round
+(Flower cancels a round without clients); that happens with probability (1 − q)^N, which should be far below δ.
 
 Every round's ε at δ comes from `strategies.accounting`; the run stops before a round
 that would exceed `max-epsilon`, and `configure_fit` refuses such a round itself, so the
@@ -100,7 +102,8 @@ SETTINGS = [
             "DP: privacy accountant from dp-accounting ('pld' needs dp-sampling='poisson').",
             "privacy", choices=ACCOUNTANTS),
     Setting("target-delta", float, 0.0,
-            "DP: delta at which epsilon is reported (0: 1/N^1.1 for N available clients).",
+            "DP: delta at which epsilon is reported, below 1/N for N clients (0: min(1e-5, "
+            "1/(10N))).",
             "privacy", low=0.0, high=1.0, high_open=True),
     Setting("max-epsilon", float, 0.0,
             "DP: privacy budget; the run stops before a round that would exceed it "
@@ -169,9 +172,10 @@ class DPFixedClipping(StrategyWrapper):
 
     `client_side=True`: clients clip their own updates (C is sent in the fit config under
     Flower's `clipping_norm` key) and the server only averages and adds noise.
-    Noise and the client sample are drawn from generators seeded by OS entropy, or by
-    `noise_seed` > 0 (reproducible, not private); their states, the clip norm and the
-    accountant's ledger are part of `get_state()`.
+    Noise and the client sample are drawn from a fresh generator seeded by OS entropy for
+    every use, or from generators seeded by `noise_seed` > 0 (reproducible, not private).
+    The clip norm, the accountant's ledger and, only when seeded, the generators' states
+    are part of `get_state()`.
     """
 
     def __init__(self, inner: Strategy, *, noise_multiplier: float, clipping_norm: float,
@@ -189,8 +193,10 @@ class DPFixedClipping(StrategyWrapper):
         self.max_epsilon = max_epsilon
         self.fraction_fit = fraction_fit
         self.min_fit_clients = min_fit_clients
-        self._rng = np.random.default_rng([noise_seed, 0xD9] if noise_seed else None)
-        self._sampling_rng = np.random.default_rng([noise_seed, 0x5A] if noise_seed else None)
+        # Seeded generators exist only for experiments (dp-noise-seed); otherwise None, and
+        # every draw comes from a fresh OS-entropy generator (`_noise_rng`, `_sample_rng`).
+        self._seeded_noise = np.random.default_rng([noise_seed, 0xD9]) if noise_seed else None
+        self._seeded_sampling = np.random.default_rng([noise_seed, 0x5A]) if noise_seed else None
         if noise_seed:
             log(WARNING, "dp-noise-seed=%s: the DP noise and client sample are reproducible "
                 "by anyone who knows the run config; use it for experiments, not privacy",
@@ -206,6 +212,16 @@ class DPFixedClipping(StrategyWrapper):
         return (f"{type(self).__name__}({self.inner!r}, {side}-side, z={self.noise_multiplier},"
                 f" C={self.clip_norm:.4g}, {self.accountant.kind}/{self.accountant.sampling})")
 
+    def _noise_rng(self) -> np.random.Generator:
+        """The generator for this draw of noise: seeded for experiments, else fresh."""
+        seeded = self._seeded_noise
+        return seeded if seeded is not None else np.random.default_rng()
+
+    def _sample_rng(self) -> np.random.Generator:
+        """The generator for this round's client sample: seeded for experiments, else fresh."""
+        seeded = self._seeded_sampling
+        return seeded if seeded is not None else np.random.default_rng()
+
     # ---- calibration (adaptive clipping overrides these)
     def update_noise_multiplier(self, denominator: float) -> float:
         """The noise multiplier of the averaged update (std = this · C / m)."""
@@ -217,8 +233,8 @@ class DPFixedClipping(StrategyWrapper):
         if not self.client_side:
             return norm > clip_norm
         if norm > clip_norm * (1 + CLIENT_CLIP_TOLERANCE):
-            log(WARNING, "round %s: client %s sent an update of norm %.6g above the clip norm "
-                "%.6g: clipped on the server", server_round, proxy.cid, norm, clip_norm)
+            log(WARNING, "round %s: client %s sent an update above the clip norm %.6g: "
+                "clipped on the server", server_round, proxy.cid, clip_norm)
             return True
         return bool(fit_res.metrics.get(KEY_NORM_BIT, norm > clip_norm))
 
@@ -234,7 +250,7 @@ class DPFixedClipping(StrategyWrapper):
         the round's privacy event; send C to the clients for client-side clipping."""
         self._client_manager, self._plan = client_manager, None
         poisson = self.accountant.sampling == "poisson"
-        sampler = DPSampling(client_manager, self._sampling_rng,
+        sampler = DPSampling(client_manager, self._sample_rng(),
                              self.accountant.poisson_rate if poisson else None)
         instructions = self.inner.configure_fit(server_round, parameters, sampler)
         if not instructions:
@@ -268,7 +284,7 @@ class DPFixedClipping(StrategyWrapper):
         if plan is None:
             return None, {}
         rejected, clipped, bits = 0, [], []
-        for proxy, fit_res in results:
+        for proxy, fit_res in self._from_sample(server_round, results, plan):
             update, norm = clip_update(
                 model_update(parameters_to_ndarrays(fit_res.parameters), plan.reference),
                 plan.clip_norm)
@@ -301,6 +317,22 @@ class DPFixedClipping(StrategyWrapper):
             parameters = privatized
         return parameters, {**inner_metrics, **metrics, **dp_metrics}
 
+    @staticmethod
+    def _from_sample(server_round: int, results: list[tuple[ClientProxy, FitRes]],
+                     plan: _RoundPlan) -> list[tuple[ClientProxy, FitRes]]:
+        """The results of clients in the round's sample, one each; others dropped, logged
+        (an extra or repeated update would raise the sensitivity the noise assumes)."""
+        sampled, seen, kept = {proxy.cid for proxy in plan.sampled}, set(), []
+        for proxy, fit_res in results:
+            if proxy.cid not in sampled or proxy.cid in seen:
+                why = "not in this round's sample" if proxy.cid not in sampled else "a repeat"
+                log(WARNING, "round %s: dropped an update from client %s: %s", server_round,
+                    proxy.cid, why)
+                continue
+            seen.add(proxy.cid)
+            kept.append((proxy, fit_res))
+        return kept
+
     def _release(self, plan: _RoundPlan, clipped: list[NDArrays],
                  bits: list[bool]) -> tuple[NDArrays, dict[str, Scalar]]:
         """The noised average update; records the round with the accountant."""
@@ -309,7 +341,8 @@ class DPFixedClipping(StrategyWrapper):
         for update in clipped:
             for acc, layer in zip(total, update):
                 acc += layer
-        noised = [t / plan.denominator + self._rng.normal(0.0, std, t.shape) for t in total]
+        rng = self._noise_rng()
+        noised = [t / plan.denominator + rng.normal(0.0, std, t.shape) for t in total]
         self.accountant.record(plan.event)
         log(INFO, "DP: averaged %s clipped update(s) over m=%g, C=%.4g, noise std %.4g",
             len(clipped), plan.denominator, plan.clip_norm, std)
@@ -337,20 +370,40 @@ class DPFixedClipping(StrategyWrapper):
 
     # ---- checkpoint state
     def get_state(self) -> dict[str, Any]:
-        """The inner strategy's state plus ours under "dp": C, RNG states, the ledger."""
-        return {**super().get_state(), "dp": {
-            "clip_norm": self.clip_norm, "rng": self._rng.bit_generator.state,
-            "sampling_rng": self._sampling_rng.bit_generator.state,
-            "accountant": self.accountant.get_state()}}
+        """The inner strategy's state plus ours under "dp": C, the ledger and, with
+        `noise_seed` only, the seeded generators' states (secret randomness never is)."""
+        own: dict[str, Any] = {"clip_norm": self.clip_norm,
+                               "accountant": self.accountant.get_state()}
+        if self._seeded_noise is not None and self._seeded_sampling is not None:
+            own["rng"] = self._seeded_noise.bit_generator.state
+            own["sampling_rng"] = self._seeded_sampling.bit_generator.state
+        return {**super().get_state(), "dp": own}
 
     def set_state(self, state: dict[str, Any]) -> None:
-        """Restore what `get_state` returned."""
+        """Restore what `get_state` returned (a fresh, unseeded strategy keeps drawing from
+        OS entropy: a resumed run never reuses the noise of a round it replays)."""
         own = state["dp"]
         self.clip_norm = float(own["clip_norm"])
-        self._rng.bit_generator.state = own["rng"]
-        self._sampling_rng.bit_generator.state = own["sampling_rng"]
+        if self._seeded_noise is not None and self._seeded_sampling is not None:
+            self._seeded_noise.bit_generator.state = own["rng"]
+            self._seeded_sampling.bit_generator.state = own["sampling_rng"]
         self.accountant.set_state(own["accountant"])
         super().set_state(state)
+
+    def ledger(self) -> dict[str, Any]:
+        """The accountant's ledger: every round charged so far (JSON-serialisable)."""
+        return self.accountant.get_state()
+
+    def restore_ledger(self, ledger: dict[str, Any]) -> None:
+        """Adopt a ledger that charged more rounds than the restored one: rounds charged
+        (and maybe released) after the last checkpoint stay charged when they are
+        replayed."""
+        extra = len(ledger["rounds"]) - len(self.accountant.rounds)
+        if extra > 0:
+            log(WARNING, "DP: %s round(s) were charged after the last checkpoint (a crash "
+                "after their release); they stay charged, and the replay is charged again",
+                extra)
+            self.accountant.set_state(ledger)
 
 
 def centred_unclipped_count(clipped: list[bool]) -> float:
@@ -400,10 +453,26 @@ class DPAdaptiveClipping(DPFixedClipping):
                     "adaptiveclipping_mod)")
         return super()._clipped(proxy, fit_res, norm, clip_norm, server_round)
 
+    @staticmethod
+    def _from_sample(server_round: int, results: list[tuple[ClientProxy, FitRes]],
+                     plan: _RoundPlan) -> list[tuple[ClientProxy, FitRes]]:
+        """The results of clients in the round's sample, one each; others dropped, logged
+        (an extra or repeated update would raise the sensitivity the noise assumes)."""
+        sampled, seen, kept = {proxy.cid for proxy in plan.sampled}, set(), []
+        for proxy, fit_res in results:
+            if proxy.cid not in sampled or proxy.cid in seen:
+                why = "not in this round's sample" if proxy.cid not in sampled else "a repeat"
+                log(WARNING, "round %s: dropped an update from client %s: %s", server_round,
+                    proxy.cid, why)
+                continue
+            seen.add(proxy.cid)
+            kept.append((proxy, fit_res))
+        return kept
+
     def _release(self, plan: _RoundPlan, clipped: list[NDArrays],
                  bits: list[bool]) -> tuple[NDArrays, dict[str, Scalar]]:
         noised, metrics = super()._release(plan, clipped, bits)
-        noised_count = centred_unclipped_count(bits) + self._rng.normal(
+        noised_count = centred_unclipped_count(bits) + self._noise_rng().normal(
             0.0, self.count_stddev(plan.denominator))
         fraction = noised_count / plan.denominator + 0.5
         self.clip_norm = plan.clip_norm * math.exp(

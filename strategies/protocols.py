@@ -26,6 +26,12 @@ class PrivacyAccounting(Protocol):
     def budget_allows(self, server_round: int) -> bool:
         """False if the next round would exceed the privacy budget."""
 
+    def ledger(self) -> dict[str, Any]:
+        """Every round charged so far: persisted before anything of a round is released."""
+
+    def restore_ledger(self, ledger: dict[str, Any]) -> None:
+        """Adopt a persisted ledger that charged rounds a restored checkpoint has not."""
+
 
 @runtime_checkable
 class Stateful(Protocol):

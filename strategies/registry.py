@@ -69,4 +69,5 @@ def build_strategy(ctx: StrategyContext) -> Strategy:
     return ValidatedStrategy(strategy,
                              min_fit_clients=0 if accounts_privacy else int(cfg["min-fit-clients"]),
                              max_examples=int(cfg["max-examples"]),
-                             outlier_norm_factor=float(cfg["outlier-norm-factor"]))
+                             outlier_norm_factor=float(cfg["outlier-norm-factor"]),
+                             examples_cap_factor=float(cfg["examples-cap-factor"]))

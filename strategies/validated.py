@@ -9,7 +9,6 @@ from __future__ import annotations
 
 from dataclasses import replace
 from logging import WARNING
-from typing import TypeVar
 
 from flwr.common import EvaluateRes, FitRes, Parameters, Scalar
 from flwr.common.logger import log
@@ -18,7 +17,10 @@ from flwr.server.client_proxy import ClientProxy
 from flwr.server.strategy import Strategy
 
 from strategies.validation import (
+    NUM_CAPPED,
     NUM_REJECTED,
+    Res,
+    cap_claims,
     cast_like,
     reference_arrays,
     validate_evaluate_results,
@@ -26,16 +28,16 @@ from strategies.validation import (
 )
 from strategies.wrapper import StrategyWrapper
 
-Res = TypeVar("Res", FitRes, EvaluateRes)
+RESERVED = {NUM_REJECTED, NUM_CAPPED}  # the server's counts: never taken from a client
 
 
 def _without_reserved_metrics(
         results: list[tuple[ClientProxy, Res]]) -> list[tuple[ClientProxy, Res]]:
-    """The results with any client-reported `num_rejected` metric dropped: that count is the
-    server's, and a client must not be able to forge it."""
+    """The results with any client-reported `num_rejected`/`num_capped` metric dropped: those
+    counts are the server's, and a client must not be able to forge them."""
     return [(proxy, replace(res, metrics={k: v for k, v in res.metrics.items()
-                                          if k != NUM_REJECTED}))
-            if NUM_REJECTED in res.metrics else (proxy, res) for proxy, res in results]
+                                          if k not in RESERVED}))
+            if RESERVED & set(res.metrics) else (proxy, res) for proxy, res in results]
 
 
 class ValidatedStrategy(StrategyWrapper):
@@ -56,14 +58,17 @@ class ValidatedStrategy(StrategyWrapper):
         max_examples: cap on a client's claimed `num_examples` (0: no cap).
         outlier_norm_factor: reject updates whose norm exceeds this factor times the
             round's median update norm (0: off).
+        examples_cap_factor: cap claimed `num_examples` at this factor times the round's
+            lower median claim (0: off); capped claims are counted as `num_capped`.
     """
 
     def __init__(self, inner: Strategy, *, min_fit_clients: int, max_examples: int = 0,
-                 outlier_norm_factor: float = 0.0) -> None:
+                 outlier_norm_factor: float = 0.0, examples_cap_factor: float = 0.0) -> None:
         super().__init__(inner)
         self.min_fit_clients = min_fit_clients
         self.max_examples = max_examples
         self.outlier_norm_factor = outlier_norm_factor
+        self.examples_cap_factor = examples_cap_factor
         self._sent: Parameters | None = None
 
     def initialize_parameters(self, client_manager: ClientManager) -> Parameters | None:
@@ -96,11 +101,13 @@ class ValidatedStrategy(StrategyWrapper):
                 "keeping the previous global model", server_round, len(checked.accepted),
                 self.min_fit_clients)
             return None, {NUM_REJECTED: len(checked.rejected)}
-        parameters, metrics = self.inner.aggregate_fit(
-            server_round, _without_reserved_metrics(checked.accepted), failures)
+        accepted, capped = cap_claims(_without_reserved_metrics(checked.accepted),
+                                      self.examples_cap_factor, server_round)
+        parameters, metrics = self.inner.aggregate_fit(server_round, accepted, failures)
         if parameters is not None:
             parameters = cast_like(parameters, reference)
-        return parameters, _with_rejections(metrics, len(checked.rejected))
+        return parameters, {**_with_rejections(metrics, len(checked.rejected)),
+                            NUM_CAPPED: capped}
 
     def aggregate_evaluate(
         self,
@@ -110,9 +117,10 @@ class ValidatedStrategy(StrategyWrapper):
     ) -> tuple[float | None, dict[str, Scalar]]:
         """Drop invalid evaluation reports, then let the inner strategy aggregate the rest."""
         checked = validate_evaluate_results(results, server_round, self.max_examples)
-        loss, metrics = self.inner.aggregate_evaluate(
-            server_round, _without_reserved_metrics(checked.accepted), failures)
-        return loss, _with_rejections(metrics, len(checked.rejected))
+        accepted, capped = cap_claims(_without_reserved_metrics(checked.accepted),
+                                      self.examples_cap_factor, server_round)
+        loss, metrics = self.inner.aggregate_evaluate(server_round, accepted, failures)
+        return loss, {**_with_rejections(metrics, len(checked.rejected)), NUM_CAPPED: capped}
 
 
 def _with_rejections(metrics: dict[str, Scalar], rejected: int) -> dict[str, Scalar]:

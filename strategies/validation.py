@@ -6,13 +6,17 @@ claims `num_examples` <= 0 or above `max-examples`. Optionally (`outlier-norm-fa
 an update whose norm ||client weights - global weights|| exceeds k times the median update
 norm of the round's otherwise valid updates is rejected as an outlier (the check is skipped
 in a round whose median update norm is 0). An evaluation report is rejected when it claims
-`num_examples` <= 0 or above `max-examples`, or a non-finite loss.
+`num_examples` <= 0 or above `max-examples`, or a non-finite loss. Claims of accepted
+updates and reports above `examples-cap-factor` times the round's lower median claim are
+capped (`cap_claims`).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import statistics
+from dataclasses import dataclass, field, replace
 from logging import WARNING
+from typing import TypeVar
 
 import numpy as np
 from flwr.common import (
@@ -35,6 +39,11 @@ SETTINGS = [
     Setting("max-examples", int, 0,
             "Reject updates claiming more than this many examples (0: no cap).", "sampling",
             low=0),
+    Setting("examples-cap-factor", float, 3.0,
+            "Cap a client's claimed num_examples at this factor f times the round's lower "
+            "median claim (logged, counted as num_capped): of n clients, one that lies gets "
+            "at most f/(n-1+f) of the average's weight (0 disables).", "sampling",
+            check=lambda v: v == 0.0 or v >= 1.0, check_hint="0 (off) or a factor >= 1"),
     Setting("outlier-norm-factor", float, 0.0,
             "Reject updates whose norm (client minus global weights) exceeds this factor times "
             "the round's median update norm (0 disables).", "sampling",
@@ -42,6 +51,7 @@ SETTINGS = [
 ]
 
 NUM_REJECTED = "num_rejected"  # fit/evaluate metric: the round's rejected client reports
+NUM_CAPPED = "num_capped"  # fit/evaluate metric: claims of num_examples cut to the cap
 
 FitResults = list[tuple[ClientProxy, FitRes]]
 EvaluateResults = list[tuple[ClientProxy, EvaluateRes]]
@@ -182,6 +192,32 @@ def validate_evaluate_results(results: EvaluateResults, server_round: int,
         else:
             _reject(out.rejected, "evaluation", proxy, problem, server_round)
     return out
+
+
+Res = TypeVar("Res", FitRes, EvaluateRes)
+
+
+def cap_claims(results: list[tuple[ClientProxy, Res]], factor: float,
+               server_round: int) -> tuple[list[tuple[ClientProxy, Res]], int]:
+    """Cap every claimed `num_examples` at `factor` x the round's lower median claim.
+
+    The lower median cannot be raised by fewer than half of the clients, so a client
+    claiming 10^12 examples gets at most `factor` times a typical client's weight instead
+    of the whole average. Returns the results (unchanged objects where no claim is capped,
+    so the average stays exactly Flower's) and how many were capped, each logged.
+    """
+    if not factor or not results:
+        return results, 0
+    cap = max(1, int(factor * statistics.median_low(res.num_examples for _, res in results)))
+    out, capped = [], 0
+    for proxy, res in results:
+        if res.num_examples > cap:
+            log(WARNING, "round %s: client %s claims %s examples, capped at %s "
+                "(examples-cap-factor=%g x the round's median claim)", server_round, proxy.cid,
+                res.num_examples, cap, factor)
+            res, capped = replace(res, num_examples=cap), capped + 1
+        out.append((proxy, res))
+    return out, capped
 
 
 def cast_like(parameters: Parameters, reference: NDArrays) -> Parameters:

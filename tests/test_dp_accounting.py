@@ -16,8 +16,9 @@ from dp_accounting.pld import PLDAccountant
 from dp_accounting.rdp import RdpAccountant
 from flwr.common import ndarrays_to_parameters
 
+from fl_app.app.config import check_num_clients
 from fl_app.schema import ConfigError
-from strategies.accounting import PrivacyAccountant
+from strategies.accounting import PrivacyAccountant, default_delta
 from strategies.context import StrategyContext
 from strategies.protocols import PrivacyAccounting, find_layer
 from strategies.registry import build_strategy
@@ -39,7 +40,7 @@ def _epsilons(strategy, rounds: int, num_clients: int = N) -> list[float]:
 
 
 def _independent(event, rounds: int, relation, accountant_cls=RdpAccountant) -> list[float]:
-    delta = N ** -1.1
+    delta = 1e-5
     out = []
     for t in range(1, rounds + 1):
         accountant = accountant_cls(neighboring_relation=relation)
@@ -94,13 +95,24 @@ def test_adaptive_clipping_accounts_for_the_clipped_count_query():
     assert all(o > u for o, u in zip(ours, update_only))
 
 
-def test_delta_defaults_to_one_over_n_to_the_1_1_or_takes_the_target():
+def test_delta_defaults_to_at_most_1e_5_and_far_below_one_over_n_or_takes_the_target():
     strategy = dp_strategy(noise_multiplier=1.0)
     _epsilons(strategy, rounds=1)
-    assert strategy.privacy_report(1)["delta"] == pytest.approx(N ** -1.1)
-    fixed = dp_strategy(noise_multiplier=1.0, accountant=PrivacyAccountant(target_delta=1e-5))
+    assert strategy.privacy_report(1)["delta"] == 1e-5
+    fixed = dp_strategy(noise_multiplier=1.0, accountant=PrivacyAccountant(target_delta=1e-6))
     _epsilons(fixed, rounds=1)
-    assert fixed.privacy_report(1)["delta"] == 1e-5
+    assert fixed.privacy_report(1)["delta"] == 1e-6
+    for n in (2, 10, 20, 1000, 10**6):
+        assert default_delta(n) <= min(1e-5, 0.1 / n)
+
+
+@pytest.mark.parametrize("delta", [1 / N, 0.1])
+def test_a_target_delta_of_at_least_one_over_n_is_refused_naming_the_key(delta):
+    strategy = dp_strategy(noise_multiplier=1.0, accountant=PrivacyAccountant(target_delta=delta))
+    with pytest.raises(ConfigError, match="'target-delta'.*below 1/N"):
+        _epsilons(strategy, rounds=1)
+    with pytest.raises(ConfigError, match="'target-delta'.*below 1/N"):
+        check_num_clients(make_config(strategy="dp-fixed", target_delta=delta), N)
 
 
 def test_budget_refuses_the_round_that_would_exceed_it():

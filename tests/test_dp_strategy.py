@@ -13,9 +13,10 @@ from scipy import stats
 from fl_app.schema import ConfigError
 from fl_app.wire import KEY_CLIPPING_NORM, KEY_NORM_BIT
 from strategies.dp import centred_unclipped_count, check_config, split_noise_multiplier
+from strategies.validated import ValidatedStrategy
 from tests.conftest import make_config
 from tests.dp_rounds import client_manager, dp_strategy, play_round, sends, zeros
-from tests.flower_objects import fit_res
+from tests.flower_objects import IdleProxy, fit_res
 
 FALSE_FAILURE_RATE = 1e-6  # two-sided, per statistical assertion
 
@@ -287,3 +288,49 @@ def test_a_round_with_fewer_valid_updates_than_min_fit_clients_is_still_released
     assert metrics["num_rejected"] == 2
     for got, update in zip(new, updates["c0"]):  # c1 and c2 count as zero updates
         np.testing.assert_allclose(got, update / 3, atol=1e-6)
+
+
+def test_unseeded_state_holds_no_generator_and_a_restore_draws_fresh_noise():
+    """A checkpoint with the noise generator's state would let its reader replay and
+    subtract a round's noise; an unseeded strategy persists none, and a restored copy
+    draws noise that differs from the original's."""
+    rng = np.random.default_rng(12)
+    manager = client_manager(4)
+    updates = _updates(rng, [f"c{i}" for i in range(4)], [0.5] * 4)
+    original = dp_strategy(noise_multiplier=1.0)
+    after_one, _, _ = _round(original, manager, updates)
+    saved = json.loads(json.dumps(original.get_state()))
+    assert "rng" not in saved["dp"] and "sampling_rng" not in saved["dp"]
+    assert "PCG64" not in json.dumps(saved)
+    restored = dp_strategy(noise_multiplier=1.0)
+    restored.set_state(saved)
+    a, _, _ = play_round(original, manager, 2, after_one, sends(updates, after_one))
+    b, _, _ = play_round(restored, manager, 2, after_one, sends(updates, after_one))
+    assert any(not np.allclose(x, y) for x, y in zip(a, b))
+
+
+def test_updates_from_outside_the_sample_or_repeated_are_dropped(caplog):
+    manager, base = client_manager(4), zeros()
+    updates = _updates(np.random.default_rng(13), ["c0", "c1", "c2", "c3"], [0.5] * 4)
+    strategy = ValidatedStrategy(dp_strategy(fraction_fit=0.5), min_fit_clients=0)
+    instructions = strategy.configure_fit(1, ndarrays_to_parameters(base), manager)
+    sampled = [proxy.cid for proxy, _ in instructions]
+    outsider = next(c for c in updates if c not in sampled)
+    honest = sends(updates, base)
+    results = [(IdleProxy(cid), fit_res(*honest(IdleProxy(cid), None)))
+               for cid in [*sampled, sampled[0], outsider]]
+    params, _ = strategy.aggregate_fit(1, results, [])
+    mean = [sum(updates[c][i] for c in sampled) / len(sampled) for i in range(len(base))]
+    for got, want in zip(parameters_to_ndarrays(params), mean):
+        np.testing.assert_allclose(got, want, atol=1e-6)
+    assert f"client {outsider}: not in this round's sample" in caplog.text
+    assert f"client {sampled[0]}: a repeat" in caplog.text
+
+
+def test_client_side_mode_never_logs_a_clients_update_norm(caplog):
+    manager, base = client_manager(2), zeros()
+    updates = _updates(np.random.default_rng(14), ["c0", "c1"], [0.3, 2.71828])
+    play_round(dp_strategy(client_side=True, clipping_norm=1.0), manager, 1, base,
+               sends(updates, base))
+    assert "clipped on the server" in caplog.text
+    assert "2.718" not in caplog.text

@@ -162,7 +162,10 @@ def _round(strategy, manager, server_round, params, rng):
 
 
 def _built(name, global_model):
-    cfg = make_config(strategy=name, min_fit_clients=2, min_available_clients=2)
+    # DP noise replays exactly only when seeded (dp-noise-seed): unseeded noise is never
+    # persisted (tests/test_dp_strategy.py checks that a restore draws fresh noise).
+    seeded = {"dp_noise_seed": 7} if name.startswith("dp-") else {}
+    cfg = make_config(strategy=name, min_fit_clients=2, min_available_clients=2, **seeded)
     strategy = build_strategy(StrategyContext(cfg, ndarrays_to_parameters(global_model)))
     manager = SeededClientManager(0)
     for i in range(4):

@@ -11,7 +11,10 @@ from flwr.server.strategy.aggregate import aggregate
 
 from fl_app.server.client_manager import SeededClientManager
 from strategies import ValidatedStrategy, WeightedFedAvg
+from strategies.context import StrategyContext
 from strategies.metrics import weighted_metrics
+from strategies.registry import build_strategy
+from tests.conftest import make_config
 from tests.flower_objects import IdleProxy, fit_res, random_model, results
 
 
@@ -136,3 +139,36 @@ def test_sampling_is_a_fraction_and_reproducible_with_a_seed():
     assert len(sampled(7)) == 3
     assert sampled(7) == sampled(7)
     assert len({tuple(sampled(s)) for s in range(6)}) > 1
+
+
+def _default_weighted_fedavg(global_model):
+    """weighted-fedavg exactly as the registry builds it from the default config."""
+    strategy = build_strategy(StrategyContext(make_config(),
+                                              ndarrays_to_parameters(global_model)))
+    strategy.initialize_parameters(SimpleClientManager())
+    return strategy
+
+
+def test_by_default_one_client_claiming_a_huge_dataset_cannot_take_over_the_model(caplog):
+    rng = np.random.default_rng(7)
+    global_model = random_model(rng)
+    honest = [(random_model(rng), n) for n in (100, 120, 90, 110)]
+    attacker = ([a * 0 + 1000 for a in global_model], 10**12)
+    params, metrics = _default_weighted_fedavg(global_model).aggregate_fit(
+        1, results([*honest, attacker]), [])
+    cap = 3 * 110  # examples-cap-factor x the lower median claim (90, 100, 110, 120, 10^12)
+    for ours, expected in zip(parameters_to_ndarrays(params),
+                              aggregate([*honest, (attacker[0], cap)])):
+        np.testing.assert_allclose(ours, expected, rtol=1e-5)
+    assert metrics["num_capped"] == 1
+    assert "claims 1000000000000 examples, capped at 330" in caplog.text
+
+
+def test_by_default_uncapped_claims_still_equal_flowers_aggregate_exactly():
+    rng = np.random.default_rng(8)
+    updates = [(random_model(rng), n) for n in (100, 240, 90, 270)]
+    params, metrics = _default_weighted_fedavg(random_model(rng)).aggregate_fit(
+        1, results(updates), [])
+    for ours, expected in zip(parameters_to_ndarrays(params), aggregate(updates)):
+        np.testing.assert_allclose(ours, expected, atol=1e-6, rtol=0)
+    assert metrics["num_capped"] == 0

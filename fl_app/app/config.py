@@ -17,6 +17,7 @@ from fl_app.ml import settings as ml_settings
 from fl_app.schema import ConfigError, RunConfig, Scalar, Schema, Setting, module_checks
 from fl_app.server import settings as server_settings
 from strategies import registry
+from strategies.accounting import check_delta
 
 RUN_SETTINGS = [
     Setting("seed", int, 42, "Seed for initial weights, partitioning, sampling and shuffling.",
@@ -57,7 +58,8 @@ def check_num_clients(cfg: Mapping[str, Scalar], num_clients: int) -> None:
     """Raise ConfigError, naming the keys, if `cfg` cannot run on `num_clients` clients.
 
     Checks the sampling minimums (a round would wait for clients that never come), the
-    number of synthetic users (one per client) and the fault and attack roles.
+    number of synthetic users (one per client), the fault and attack roles, and a DP
+    `target-delta` below 1/N.
     """
     keys = ["min-fit-clients", "min-available-clients",
             *(["min-evaluate-clients"] if cfg["fraction-evaluate"] > 0 else [])]
@@ -71,3 +73,5 @@ def check_num_clients(cfg: Mapping[str, Scalar], num_clients: int) -> None:
                           f"must equal the number of clients ({num_clients}): dataset "
                           "'synthetic' gives each client the data of one user")
     faults.role_counts(cfg, num_clients)
+    if str(cfg["strategy"]).startswith("dp-") and cfg["target-delta"]:
+        check_delta(float(cfg["target-delta"]), num_clients)

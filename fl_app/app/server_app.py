@@ -11,7 +11,7 @@ from fl_app.data.sources import Split, data_source
 from fl_app.ml.models import build_model
 from fl_app.ml.trainer import KerasTrainer, trainer_for
 from fl_app.schema import RunConfig
-from fl_app.server.checkpoint import Checkpointer, load_for_resume
+from fl_app.server.checkpoint import Checkpointer, load_for_resume, read_ledger
 from fl_app.server.outputs import resolve_out_dir
 from fl_app.server.recorder import RunRecorder
 from fl_app.server.runner import FederatedServer, ResumePoint
@@ -48,7 +48,7 @@ def server_components(cfg: RunConfig) -> ServerAppComponents:
     if checkpoint is not None:
         recorder.resume(checkpoint)
         resume = ResumePoint(checkpoint.round, ndarrays_to_parameters(checkpoint.weights),
-                             checkpoint.server_state)
+                             checkpoint.server_state, read_ledger(str(cfg["resume-from"])))
     ctx = StrategyContext(
         cfg=cfg,
         initial_parameters=ndarrays_to_parameters(initial_weights),
@@ -56,11 +56,12 @@ def server_components(cfg: RunConfig) -> ServerAppComponents:
         on_fit_config_fn=lambda server_round: round_config(cfg, server_round),
         on_evaluate_config_fn=evaluate_config,
     )
+    checkpointer = Checkpointer(cfg, out_dir, lambda: recorder.history)
     server = FederatedServer(
         strategy=build_strategy(ctx), seed=int(cfg["seed"]),
         stopping=StoppingRules(cfg["target-accuracy"], cfg["patience"], cfg["max-idle-rounds"]),
         on_round=recorder.on_round, on_finish=recorder.on_finish,
-        on_checkpoint=Checkpointer(cfg, out_dir, lambda: recorder.history), resume=resume,
+        on_checkpoint=checkpointer, on_charge=checkpointer.save_ledger, resume=resume,
     )
     timeout = cfg["round-timeout"] or None
     return ServerAppComponents(server=server, config=ServerConfig(

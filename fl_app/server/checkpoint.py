@@ -7,8 +7,13 @@ number, the server state (strategy state such as FedOpt moments or a privacy acc
 the client sampler's RNG, the stopping rules) and the run's history so far, plus the
 resolved run config it was written with.
 
+Under DP, `privacy_ledger.json` beside it holds every round the accountant charged. It
+is written as soon as a round is aggregated, before anything of the round (the model to
+the evaluation clients, history.json, the checkpoint) leaves the server, so a crash
+between a round's release and its checkpoint cannot make a resume forget the charge.
+
 Resuming (`resume-from`, `run_simulation.py --resume DIR`) continues after the last
-complete round. A missing, corrupt or mismatched checkpoint (other model shapes, other
+complete round, with the ledger's charges. A missing, corrupt or mismatched checkpoint (other model shapes, other
 config) raises `CheckpointError` with what is wrong; a run never silently starts afresh.
 """
 
@@ -29,6 +34,7 @@ from fl_app.schema import RunConfig, Scalar
 from fl_app.server.outputs import atomic_write_bytes
 
 CHECKPOINT_FILE = "checkpoint.npz"
+LEDGER_FILE = "privacy_ledger.json"
 FORMAT_VERSION = 1
 # Keys that may differ between the interrupted run and its continuation: where results
 # go, how many rounds to run in total, how long a round waits for its clients, and the
@@ -162,6 +168,26 @@ def load_for_resume(cfg: RunConfig, model_weights: NDArrays) -> Checkpoint | Non
     return checkpoint
 
 
+def write_ledger(folder: str | Path, ledger: dict[str, Any]) -> Path:
+    """Write the privacy ledger atomically (mode 0600) into `folder`; return its path."""
+    path = Path(folder).expanduser().resolve() / LEDGER_FILE
+    atomic_write_bytes(path, json.dumps(ledger).encode("utf-8"))
+    return path
+
+
+def read_ledger(folder: str | Path) -> dict[str, Any] | None:
+    """The privacy ledger a run left in `folder` (None if it kept none); CheckpointError
+    if it is unreadable."""
+    path = Path(folder).expanduser().resolve() / LEDGER_FILE
+    if not path.is_file():
+        return None
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as err:
+        raise CheckpointError(f"privacy ledger {path} is corrupt: {err}; without it the "
+                              "rounds it charged would be forgotten") from err
+
+
 class Checkpointer:
     """The server's per-round checkpoint callback: writes `checkpoint.npz` into `out_dir`."""
 
@@ -176,3 +202,7 @@ class Checkpointer:
         """Save the run as of the end of `server_round`."""
         save_checkpoint(self.out_dir, Checkpoint(server_round, parameters_to_ndarrays(parameters),
                                                  server_state, self.history(), self.config))
+
+    def save_ledger(self, ledger: dict[str, Any]) -> None:
+        """Persist the privacy ledger (called before anything of a charged round is released)."""
+        write_ledger(self.out_dir, ledger)

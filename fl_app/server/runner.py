@@ -38,6 +38,7 @@ class ResumePoint:
     round: int
     parameters: Parameters
     server_state: dict[str, Any]
+    ledger: dict[str, Any] | None = None  # the privacy ledger, which may be ahead of `round`
 
 
 class FederatedServer(Server):
@@ -51,12 +52,15 @@ class FederatedServer(Server):
 
     After every round (round 0 included) `on_checkpoint` gets the round, the global
     parameters and the server state (`server_state()`); with `resume` the run restores
-    them and continues after that round instead of starting from round 0.
+    them and continues after that round instead of starting from round 0. Under DP,
+    `on_charge` gets the privacy ledger as soon as a round is aggregated, before the round's
+    model is evaluated, recorded or checkpointed.
     """
 
     def __init__(self, *, strategy: Strategy, seed: int, stopping: StoppingRules,
                  on_round: RoundCallback, on_finish: Callable[[str, Parameters], None],
                  on_checkpoint: CheckpointCallback | None = None,
+                 on_charge: Callable[[dict[str, Any]], None] | None = None,
                  resume: ResumePoint | None = None) -> None:
         super().__init__(client_manager=SeededClientManager(seed), strategy=strategy)
         self.privacy = find_layer(strategy, PrivacyAccounting)
@@ -64,6 +68,7 @@ class FederatedServer(Server):
         self.on_round = on_round
         self.on_finish = on_finish
         self.on_checkpoint = on_checkpoint
+        self.on_charge = on_charge
         self.resume = resume
 
     def server_state(self, stopped: str | None) -> dict[str, Any]:
@@ -81,6 +86,8 @@ class FederatedServer(Server):
         self.parameters = resume.parameters
         state = resume.server_state
         set_strategy_state(self.strategy, state["strategy"])
+        if self.privacy is not None and resume.ledger is not None:
+            self.privacy.restore_ledger(resume.ledger)
         self.client_manager().set_state(state["client_manager"])
         self.stopping.set_state(state["stopping"])
         log(INFO, "resuming after round %s", resume.round)
@@ -102,6 +109,8 @@ class FederatedServer(Server):
         """Run the round's training; return its record and how many client updates made
         it into a new global model (0 when the strategy kept the previous one)."""
         res_fit = self.fit_round(server_round=server_round, timeout=timeout)
+        if self.privacy is not None and self.on_charge is not None:
+            self.on_charge(self.privacy.ledger())  # before anything of the round is released
         if res_fit is None:
             return {"num_clients": 0, "num_failures": 0, "num_rejected": 0}, 0
         parameters, metrics, (results, failures) = res_fit
@@ -136,6 +145,8 @@ class FederatedServer(Server):
             self.client_manager().warm_up()
         if self.resume is not None:
             return self.resume.round + 1, self._restore(self.resume)
+        if self.privacy is not None and self.on_charge is not None:
+            self.on_charge(self.privacy.ledger())  # a new run: no round charged yet
         self.parameters = self._get_initial_parameters(server_round=0, timeout=timeout)
         record: dict[str, Any] = {"round": 0, "seconds": 0.0,
                                   "centralized": self._evaluate_centralized(0, history)}
