@@ -1,7 +1,10 @@
 """The Flower command lines of a deployment, built once for `prepare` to print and `launch` to run.
 
 Every component gets its own FLWR_HOME (where Flower installs the app bundle it receives),
-as it would on its own machine.
+as it would on its own machine, and runs with umask 077: whatever Flower writes (FLWR_HOME,
+the run's results, logs) is private to the account that runs it. The SuperLink keeps its
+state in memory (Flower's default): no `--database`, so the messages it relays (the
+clients' model updates) never go to disk.
 """
 
 from __future__ import annotations
@@ -12,26 +15,38 @@ from pathlib import Path
 
 import tomli_w
 
+from deploy.files import PRIVATE_UMASK, private_dir, write_private
 from deploy.layout import CONNECTION, Deployment, DeploymentError, NodeFiles
 
 
 @dataclass(frozen=True)
 class Command:
-    """A command line and the environment variables it needs on top of the caller's."""
+    """A command line, the environment variables it needs on top of the caller's, and the
+    umask it runs with (None: the caller's)."""
 
     argv: list[str]
     env: dict[str, str] = field(default_factory=dict)
+    umask: int | None = PRIVATE_UMASK
 
     def shell(self, cwd: Path | None = None) -> str:
-        """The command as one line to paste into a POSIX shell."""
-        env = " ".join(f"{key}={shlex.quote(value)}" for key, value in self.env.items())
-        line = " ".join(part for part in (env, shlex.join(self.argv)) if part)
-        return f"cd {shlex.quote(str(cwd))} && {line}" if cwd else line
+        """The command as one line to paste into a POSIX shell (`umask 077 && ...`: the
+        terminal's shell keeps that umask afterwards)."""
+        env = [f"{key}={shlex.quote(value)}" for key, value in self.env.items()]
+        steps = [" ".join([*env, shlex.join(self.argv)])]
+        if self.umask is not None:
+            steps.insert(0, f"umask {self.umask:03o}")
+        if cwd is not None:
+            steps.insert(0, f"cd {shlex.quote(str(cwd))}")
+        return " && ".join(steps)
 
 
-def superlink(dep: Deployment, home: Path, bind_host: str, port: int,
-              database: Path | None = None) -> Command:
-    """`flower-superlink` with TLS, SuperNode authentication, and no dependency installs."""
+def superlink(dep: Deployment, home: Path, bind_host: str, port: int) -> Command:
+    """`flower-superlink` with TLS, SuperNode authentication, and no dependency installs.
+
+    Its state stays in memory (no `--database`): the messages it relays, the clients'
+    model updates among them, never reach the disk, and the registered SuperNode keys last
+    as long as the process (register the nodes after it starts, again after a restart).
+    """
     argv = ["flower-superlink",
             "--ssl-ca-certfile", str(dep.ca_cert),
             "--ssl-certfile", str(dep.server_cert),
@@ -39,8 +54,6 @@ def superlink(dep: Deployment, home: Path, bind_host: str, port: int,
             "--enable-supernode-auth",
             "--disable-runtime-dependency-installation",
             "--host", bind_host, "--port", str(port)]
-    if database is not None:
-        argv += ["--database", str(database)]
     return Command(argv, {"FLWR_HOME": str(home)})
 
 
@@ -94,14 +107,13 @@ def list_run(cli_home: Path, run_id: int) -> Command:
 
 
 def write_connection(cli_home: Path, address: str, ca_cert: Path) -> Path:
-    """Write the flwr CLI's config.toml with the TLS SuperLink connection, as the default."""
-    cli_home.mkdir(parents=True, exist_ok=True)
-    path = cli_home / "config.toml"
+    """Write the flwr CLI's config.toml with the TLS SuperLink connection, as the default
+    (mode 600 in a mode-700 folder)."""
+    private_dir(cli_home)
     config = {"superlink": {"default": CONNECTION,
                             CONNECTION: {"address": address,
                                          "root-certificates": str(ca_cert)}}}
-    path.write_text(tomli_w.dumps(config), encoding="utf-8")
-    return path
+    return write_private(cli_home / "config.toml", tomli_w.dumps(config))
 
 
 def config_string(value: str) -> str:

@@ -9,10 +9,13 @@ first if it holds no deployment yet). Every process is a separate Flower process
 SuperNode per node (its own key and data file), and the `flwr` CLI that registers the
 nodes' public keys, submits the run (`flwr run . <connection>` from the project folder)
 and streams its log. The results (history.json, final_model.keras, plots) land in OUT
-(default DIR/results); the logs of every process in DIR/launch/logs. A DIR inside the
-project should be git-ignored (like runs/), or its .json files travel with the app
-bundle. Every process started here, and the ones Flower starts under them, is stopped
-by pid at the end, also on Ctrl-C, SIGTERM or failure.
+(default DIR/results); the logs of every process in DIR/launch/logs. Every file written
+is mode 600 and every folder mode 700 (the processes run with umask 077), and the
+SuperLink keeps its state in memory, so the messages it relays (the clients' model
+updates) are never written to disk. A DIR inside the project should be git-ignored (like
+runs/), or its .json files travel with the app bundle. Every process started here, and
+the ones Flower starts under them, is stopped by pid at the end, also on Ctrl-C, SIGTERM
+or failure.
 """
 
 from __future__ import annotations
@@ -33,7 +36,7 @@ from typing import Any
 
 import psutil
 
-from deploy import commands
+from deploy import commands, files
 from deploy.commands import Command
 from deploy.layout import Deployment, DeploymentError, NodeFiles
 from deploy.processes import Echo, Managed, Supervisor
@@ -283,6 +286,7 @@ def launch(dep: Deployment, project_dir: Path, out_dir: Path, run_config: str = 
     """
     log_dir = dep.root / "launch" / "logs"
     shutil.rmtree(log_dir, ignore_errors=True)
+    files.private_dir(log_dir.parent)  # the Supervisor makes log_dir itself, mode 700
     say = echo or (lambda line: None)
     # The components' FLWR_HOMEs (where the app bundle gets unpacked) live outside DIR, so a
     # DIR inside the project never ends up in the next run's bundle.

@@ -7,7 +7,10 @@ DIR/certs/server.pem, .key the SuperLink's certificate and private key (SuperLin
 DIR/keys/node-i, .pub      SuperNode i's private key (node i only) and public key (registration)
 DIR/data/node-i.npz|.csv   SuperNode i's own data (node i only)
 DIR/flwr-home/config.toml  the flwr CLI's SuperLink connection (FLWR_HOME for `flwr ...`)
+DIR/launch/logs/           the process logs of `deploy.launch`
 ```
+
+Every file in it is mode 600 and every folder mode 700 (`deploy.files`).
 """
 
 from __future__ import annotations
@@ -15,6 +18,8 @@ from __future__ import annotations
 import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
+
+from deploy.files import write_private
 
 MANIFEST = "deployment.json"
 CONNECTION = "local-deployment"
@@ -69,7 +74,7 @@ class Deployment:
         return self.root / "flwr-home"
 
     def save(self) -> Path:
-        """Write the manifest to `<root>/deployment.json`."""
+        """Write the manifest to `<root>/deployment.json` (mode 600)."""
         data = {
             "run_config": self.run_config,
             "server_host": self.server_host,
@@ -77,9 +82,7 @@ class Deployment:
             "nodes": [{k: self._relative(v) if isinstance(v, Path) else v
                        for k, v in asdict(node).items()} for node in self.nodes],
         }
-        path = self.root / MANIFEST
-        path.write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
-        return path
+        return write_private(self.root / MANIFEST, json.dumps(data, indent=2) + "\n")
 
     def _relative(self, path: Path) -> str:
         """`path` relative to the folder when inside it (so the folder can move), else as is."""

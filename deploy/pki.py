@@ -9,14 +9,14 @@
   `flower-supernode --auth-supernode-private-key`, the public key in OpenSSH format for
   `flwr supernode register` (what `ssh-keygen -t ecdsa -b 384` writes).
 
-Private keys are created with mode 600 (never readable by others, not even briefly).
+Every file is created with mode 600 (never readable by others, not even briefly), in a
+folder of mode 700: the private keys above all, and the public ones too (`deploy.files`).
 """
 
 from __future__ import annotations
 
 import datetime as dt
 import ipaddress
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -24,6 +24,8 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+from deploy import files
 
 VALIDITY = dt.timedelta(days=365)
 LOOPBACK = ("127.0.0.1", "::1", "localhost")
@@ -38,17 +40,10 @@ class TlsFiles:
     server_key: Path
 
 
-def _write(path: Path, data: bytes, private: bool = False) -> Path:
-    """Write `data` to `path`; a `private` file is created with mode 600 from the start."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    if not private:
-        path.write_bytes(data)
-        return path
-    path.unlink(missing_ok=True)  # an existing file would keep its (maybe wider) mode
-    fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600)
-    with os.fdopen(fd, "wb") as file:
-        file.write(data)
-    return path
+def _write(path: Path, data: bytes) -> Path:
+    """Write `data` to a new file at `path`, mode 600 from its creation, in a mode-700 folder."""
+    files.private_dir(path.parent)
+    return files.write_private(path, data)
 
 
 def _key_pem(key: rsa.RSAPrivateKey) -> bytes:
@@ -129,7 +124,7 @@ def make_tls(out_dir: Path, hosts: list[str]) -> TlsFiles:
     return TlsFiles(
         ca_cert=_write(out_dir / "ca.crt", ca_cert.public_bytes(pem)),
         server_cert=_write(out_dir / "server.pem", server_cert.public_bytes(pem)),
-        server_key=_write(out_dir / "server.key", _key_pem(server_key), private=True),
+        server_key=_write(out_dir / "server.key", _key_pem(server_key)),
     )
 
 
@@ -138,7 +133,7 @@ def make_node_keys(private_path: Path) -> Path:
     key = ec.generate_private_key(ec.SECP384R1())
     _write(private_path, key.private_bytes(serialization.Encoding.PEM,
                                            serialization.PrivateFormat.OpenSSH,
-                                           serialization.NoEncryption()), private=True)
+                                           serialization.NoEncryption()))
     public = key.public_key().public_bytes(serialization.Encoding.OpenSSH,
                                            serialization.PublicFormat.OpenSSH)
     return _write(private_path.with_name(private_path.name + ".pub"), public)

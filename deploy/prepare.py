@@ -10,7 +10,9 @@ held-out test set. The folder layout is described in `deploy.layout`; the printe
 start the SuperLink, register the SuperNodes' public keys, start the SuperNodes and run
 the app: paste them into separate terminals, or let `python -m deploy.launch` run them.
 A folder that already holds a deployment is refused (its CA and keys are in use) unless
-`--force` replaces them.
+`--force` replaces them. Every file written is mode 600, every folder mode 700
+(`deploy.files`); the printed commands run with umask 077 and keep the SuperLink's state
+in memory (nothing it relays is written to disk).
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ from flwr.supercore.constant import (
     SUPERNODE_UVICORN_DEFAULT_PORT,
 )
 
-from deploy import commands, pki
+from deploy import commands, files, pki
 from deploy.layout import CONNECTION, MANIFEST, Deployment, DeploymentError, NodeFiles
 from fl_app.app.config import check_num_clients
 from fl_app.cli.simulate import PROJECT_DIR, load_run_config
@@ -40,22 +42,25 @@ def write_node_data(cfg: RunConfig, num_nodes: int, data_dir: Path, fmt: str) ->
     """Write partition i of `num_nodes` of the run's dataset to `data_dir/node-i.<fmt>`.
 
     The files follow `fl_app.data.node_files`'s schema: `.npz` with arrays `x` and `y`, or `.csv`
-    with one column per feature and a `label` column.
+    with one column per feature and a `label` column. Each file is mode 600 from its creation,
+    in a mode-700 folder.
     """
-    data_dir.mkdir(parents=True, exist_ok=True)
+    files.private_dir(data_dir)
     source = data_source(cfg)
     paths = []
     for i in range(num_nodes):
         split = source.partition(i, num_nodes)  # DataError naming the partitioner if empty
         path = data_dir / f"node-{i}.{fmt}"
         if fmt == "npz":
-            np.savez(path, x=split.x, y=split.y)
+            with files.create_private(path) as file:  # a file object: no ".npz" appended
+                np.savez(file, x=split.x, y=split.y)
         else:
             flat = split.x.reshape(len(split), -1)
             header = ",".join([f"f{j}" for j in range(flat.shape[1])] + ["label"])
             table = np.column_stack([flat, split.y])
-            np.savetxt(path, table, delimiter=",", header=header, comments="",
-                       fmt=["%.8g"] * flat.shape[1] + ["%d"])
+            with files.create_private(path, text=True) as file:
+                np.savetxt(file, table, delimiter=",", header=header, comments="",
+                           fmt=["%.8g"] * flat.shape[1] + ["%d"])
         paths.append(path)
     return paths
 
@@ -76,7 +81,8 @@ def prepare(out: Path, num_nodes: int, run_config: str, server_hosts: list[str],
     """Make a deployment folder for `num_nodes` SuperNodes; return its manifest.
 
     A folder that already holds one is refused unless `force` (then its CA, certificates,
-    keys, data files and manifest are replaced).
+    keys, data files and manifest are replaced). Files are written mode 600, folders mode
+    700; `out` itself is made mode 700 if it is created here (an existing one keeps its mode).
     """
     if num_nodes < 1:
         raise DeploymentError("--num-nodes must be at least 1")
@@ -85,6 +91,7 @@ def prepare(out: Path, num_nodes: int, run_config: str, server_hosts: list[str],
         check_fresh(root)
     cfg = load_run_config(run_config or None)
     check_num_clients(cfg, num_nodes)  # before any key or data file is written
+    files.private_dir(root, tighten=False)
     data_paths = write_node_data(cfg, num_nodes, root / "data", data_format)
     pki.make_tls(root / "certs", server_hosts)
     nodes = []
@@ -107,14 +114,15 @@ def instructions(dep: Deployment, project_dir: Path = PROJECT_DIR) -> str:
     """The commands to start the deployment by hand, one terminal each, in order.
 
     The SuperLink binds 127.0.0.1 when SuperNodes dial a loopback address, else all
-    interfaces (SuperNodes on other machines).
+    interfaces (SuperNodes on other machines). Every command runs with umask 077, and the
+    SuperLink keeps its state in memory: the registrations last until it stops.
     """
     homes = dep.root / "homes"
     bind = "127.0.0.1" if dep.server_host in pki.LOOPBACK else "0.0.0.0"
-    link = commands.superlink(dep, homes / "superlink", bind, dep.port,
-                              database=dep.root / "superlink-state.db")
-    lines = ["# 1. SuperLink (TLS on, SuperNode authentication on; keeps registrations in "
-             "superlink-state.db):", link.shell(), "",
+    link = commands.superlink(dep, homes / "superlink", bind, dep.port)
+    lines = ["# 1. SuperLink (TLS on, SuperNode authentication on; state in memory, so nothing "
+             "it relays is written to disk: after a restart, register the nodes again):",
+             link.shell(), "",
              f"# 2. Register each SuperNode's public key (the flwr CLI's connection "
              f"'{CONNECTION}' is in {dep.cli_home}/config.toml):"]
     lines += [commands.register(dep, node, dep.cli_home).shell() for node in dep.nodes]

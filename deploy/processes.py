@@ -6,6 +6,9 @@ miss them. Every process started here gets a unique marker in its environment, w
 descendants inherit; the supervisor finds them all by that marker (with psutil), records
 every process it has seen (as `psutil.Process`, which tells a reused pid from the process
 it saw), and on shutdown terminates and, if need be, kills them.
+
+Each process runs with its command's umask (077 for every Flower command: what they write
+is private), and its log is mode 600 in a mode-700 folder.
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ from typing import IO, Iterator
 import psutil
 
 from deploy.commands import Command
+from deploy.files import append_private, private_dir
 from deploy.layout import DeploymentError
 
 MARKER = "FL_DEPLOY_TAG"
@@ -118,7 +122,7 @@ class Supervisor:
         self._tracker = threading.Thread(target=self._track, name="deploy-tracker", daemon=True)
 
     def __enter__(self) -> Supervisor:
-        self.log_dir.mkdir(parents=True, exist_ok=True)
+        private_dir(self.log_dir)
         self._tracker.start()
         return self
 
@@ -135,8 +139,9 @@ class Supervisor:
     # --- starting
     def start(self, name: str, cmd: Command, cwd: Path | None = None,
               capture: bool = False, echo: bool = True) -> Managed:
-        """Start `cmd` in its own session with its output going to `<log_dir>/<name>.log`
-        (and to the supervisor's `echo` unless `echo` is False).
+        """Start `cmd` in its own session, with its umask, and its output going to
+        `<log_dir>/<name>.log` (mode 600; and to the supervisor's `echo` unless `echo` is
+        False).
 
         With `capture`, standard output is also kept (`Managed.text()`) apart from standard
         error, which goes to the log only.
@@ -146,11 +151,12 @@ class Supervisor:
                                         os.environ.get("PATH", "")])}
         log_path = self.log_dir / f"{name}.log"
         offset = log_path.stat().st_size if log_path.exists() else 0
-        with log_path.open("ab") as log:  # O_APPEND: the child's stderr and our pump share it
+        with append_private(log_path) as log:  # O_APPEND: the child's stderr and our pump
             popen = subprocess.Popen(cmd.argv, cwd=cwd, env=env, stdin=subprocess.DEVNULL,
                                      stdout=subprocess.PIPE,
                                      stderr=log if capture else subprocess.STDOUT,
-                                     text=True, errors="replace", start_new_session=True)
+                                     text=True, errors="replace", start_new_session=True,
+                                     umask=-1 if cmd.umask is None else cmd.umask)
         managed = Managed(name, popen, log_path, offset, capture, echo)
         with self._lock:
             self.started.append(managed)
@@ -178,7 +184,7 @@ class Supervisor:
         """
         stream: IO[str] = managed.popen.stdout  # type: ignore[assignment]
         echo = self.echo if managed.echo else None
-        with managed.log_path.open("a", encoding="utf-8") as log:
+        with append_private(managed.log_path, text=True) as log:
             for line in stream:
                 log.write(line)
                 log.flush()

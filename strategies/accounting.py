@@ -106,6 +106,23 @@ def sampled_event(event: RoundEvent, sampling: str, rate: float) -> dp_event.DpE
     return dp_event.PoissonSampledDpEvent(rate, dp_event.GaussianDpEvent(event.noise_multiplier))
 
 
+RELATIONS = {"fixed": "replace-one", "poisson": "add-remove"}  # neighbouring relation by sampling
+EMPTY_SAMPLE_MARGIN = 0.01  # (1 - q)^N must be at most this fraction of δ
+
+
+def check_empty_sample(rate: float, population: int, delta: float) -> None:
+    """Refuse Poisson sampling whose empty sample, probability (1 − q)^N, is not far below δ:
+    an empty sample skips the round (Flower cancels rounds without clients), an event the
+    accounting does not cover."""
+    empty = (1 - rate) ** population
+    if empty > EMPTY_SAMPLE_MARGIN * delta:
+        raise ConfigError(
+            f"dp-sampling='poisson' with fraction-fit={rate:g} and N={population} clients "
+            f"samples nobody with probability (1-q)^N = {empty:.3g}, not far below delta = "
+            f"{delta:.3g} (at most {EMPTY_SAMPLE_MARGIN:g} x delta): raise fraction-fit, add "
+            "clients, or use dp-sampling='fixed'")
+
+
 class PrivacyAccountant:
     """The ledger of released rounds and ε at δ over them (RDP or PLD accountant).
 
@@ -132,6 +149,7 @@ class PrivacyAccountant:
         self.sampling = sampling
         self.poisson_rate = poisson_rate
         self.delta: float | None = target_delta or None
+        self.relation = RELATIONS[sampling]
         self.rounds: list[RoundEvent] = []
 
     def fix_delta(self, population: int) -> float:
@@ -142,6 +160,8 @@ class PrivacyAccountant:
             log(INFO, "DP: reporting epsilon at delta = min(1e-5, 1/(10N)) = %.3g for N = %s "
                 "clients", self.delta, population)
         check_delta(self.delta, population)
+        if self.sampling == "poisson":
+            check_empty_sample(self.poisson_rate, population, self.delta)
         return self.delta
 
     def event(self, noise_multiplier: float, sample_size: int, population: int) -> RoundEvent:

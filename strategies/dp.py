@@ -45,7 +45,8 @@ checkpointed, for an exact replay). With Poisson sampling, an empty sample skips
 Every round's ε at δ comes from `strategies.accounting`; the run stops before a round
 that would exceed `max-epsilon`, and `configure_fit` refuses such a round itself, so the
 budget also holds under Flower's plain server loop. Distributed evaluation metrics are
-not covered by the guarantee (set `fraction-evaluate=0` for a fully private run).
+not covered by the guarantee, so it is off under DP unless `dp-distributed-evaluation` is
+set; every round's privacy record lists what it does not cover (`NOT_COVERED`).
 """
 
 from __future__ import annotations
@@ -59,6 +60,7 @@ from typing import Any
 import numpy as np
 from flwr.common import (
     Code,
+    EvaluateIns,
     FitIns,
     FitRes,
     NDArrays,
@@ -84,6 +86,11 @@ from strategies.weighted_fedavg import sample_size
 from strategies.wrapper import StrategyWrapper
 
 CLIENT_CLIP_TOLERANCE = 1e-5  # relative: float32 rounding of a client-clipped update
+# What a round's record in history.json holds outside the guarantee, which covers the
+# released model and everything computed from it alone (centralized evaluation, the
+# final model): counts of failed, rejected and capped clients, and distributed evaluation.
+NOT_COVERED = ("fit.num_failures", "fit.failures", "fit.num_rejected", "fit.num_capped",
+               "distributed")
 
 
 SETTINGS = [
@@ -119,6 +126,10 @@ SETTINGS = [
             "requires; a positive seed makes them reproducible, for experiments only (the run "
             "config reaches every client, so seeded noise is no secret and epsilon does not "
             "hold).", "privacy", low=0),
+    Setting("dp-distributed-evaluation", bool, False,
+            "DP: run distributed evaluation; its metrics (client losses and accuracies) are "
+            "released un-noised next to epsilon, outside the guarantee (off: none).",
+            "privacy"),
     Setting("clipped-count-stddev", float, 0.0,
             "Adaptive clipping: std of the noise on the count of unclipped updates "
             "(0: max(m/20, noise-multiplier) for m sampled clients; Andrew et al. use "
@@ -181,7 +192,7 @@ class DPFixedClipping(StrategyWrapper):
     def __init__(self, inner: Strategy, *, noise_multiplier: float, clipping_norm: float,
                  accountant: PrivacyAccountant, noise_seed: int = 0, client_side: bool = False,
                  max_epsilon: float = 0.0, fraction_fit: float = 1.0,
-                 min_fit_clients: int = 1) -> None:
+                 min_fit_clients: int = 1, distributed_evaluation: bool = False) -> None:
         super().__init__(inner)
         if noise_multiplier < 0 or clipping_norm <= 0:
             raise ConfigError(f"need noise-multiplier >= 0 and clipping-norm > 0, got "
@@ -193,6 +204,10 @@ class DPFixedClipping(StrategyWrapper):
         self.max_epsilon = max_epsilon
         self.fraction_fit = fraction_fit
         self.min_fit_clients = min_fit_clients
+        self.distributed_evaluation = distributed_evaluation
+        if distributed_evaluation:
+            log(WARNING, "dp-distributed-evaluation=true: the clients' evaluation metrics are "
+                "released un-noised next to epsilon, outside the privacy guarantee")
         # Seeded generators exist only for experiments (dp-noise-seed); otherwise None, and
         # every draw comes from a fresh OS-entropy generator (`_noise_rng`, `_sample_rng`).
         self._seeded_noise = np.random.default_rng([noise_seed, 0xD9]) if noise_seed else None
@@ -270,6 +285,13 @@ class DPFixedClipping(StrategyWrapper):
             for _, fit_ins in instructions:
                 fit_ins.config = {**fit_ins.config, KEY_CLIPPING_NORM: float(self.clip_norm)}
         return instructions
+
+    def configure_evaluate(self, server_round: int, parameters: Parameters,
+                           client_manager: ClientManager) -> list[tuple[ClientProxy, EvaluateIns]]:
+        """No distributed evaluation (its metrics are not private) unless it was asked for."""
+        if not self.distributed_evaluation:
+            return []
+        return self.inner.configure_evaluate(server_round, parameters, client_manager)
 
     def aggregate_fit(
         self,
@@ -362,11 +384,14 @@ class DPFixedClipping(StrategyWrapper):
         m = min(population, sample_size(population, self.fraction_fit, self.min_fit_clients))
         return self._allows(self.accountant.event(self.noise_multiplier, m, population))
 
-    def privacy_report(self, server_round: int) -> dict[str, float] | None:
-        """ε and δ over the rounds released so far (None without noise or before δ is set)."""
+    def privacy_report(self, server_round: int) -> dict[str, Any] | None:
+        """ε and δ over the rounds released so far, the neighbouring relation they hold
+        under, and the parts of a round's record the guarantee does not cover (None
+        without noise or before δ is set)."""
         if self.noise_multiplier == 0 or self.accountant.delta is None:
             return None
-        return {"epsilon": self.accountant.epsilon(), "delta": self.accountant.delta}
+        return {"epsilon": self.accountant.epsilon(), "delta": self.accountant.delta,
+                "relation": self.accountant.relation, "not_covered": list(NOT_COVERED)}
 
     # ---- checkpoint state
     def get_state(self) -> dict[str, Any]:
@@ -487,7 +512,8 @@ def _kwargs(ctx: StrategyContext, client_side: bool) -> dict[str, Any]:
     return dict(noise_multiplier=cfg["noise-multiplier"], clipping_norm=cfg["clipping-norm"],
                 accountant=accountant, noise_seed=cfg["dp-noise-seed"], client_side=client_side,
                 max_epsilon=cfg["max-epsilon"], fraction_fit=cfg["fraction-fit"],
-                min_fit_clients=cfg["min-fit-clients"])
+                min_fit_clients=cfg["min-fit-clients"],
+                distributed_evaluation=cfg["dp-distributed-evaluation"])
 
 
 def _adaptive(inner: Strategy, ctx: StrategyContext, client_side: bool) -> DPAdaptiveClipping:

@@ -20,8 +20,9 @@ arrays, wrappers adding their own under their own key."""
 class PrivacyAccounting(Protocol):
     """A strategy that accounts the privacy of what it releases (the DP wrappers)."""
 
-    def privacy_report(self, server_round: int) -> dict[str, float] | None:
-        """ε and δ over the rounds released so far (None while there is nothing to report)."""
+    def privacy_report(self, server_round: int) -> dict[str, Any] | None:
+        """ε, δ and what they cover over the rounds released so far (None while there is
+        nothing to report)."""
 
     def budget_allows(self, server_round: int) -> bool:
         """False if the next round would exceed the privacy budget."""

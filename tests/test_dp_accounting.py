@@ -62,7 +62,7 @@ def test_rdp_fixed_sampling_matches_dp_accounting_and_grows_with_rounds():
 
 @pytest.mark.parametrize("kind, accountant_cls", [("rdp", RdpAccountant), ("pld", PLDAccountant)])
 def test_poisson_sampling_matches_dp_accounting(kind, accountant_cls):
-    z, rate = 1.2, 0.25
+    z, rate = 1.2, 0.5  # (1 - q)^N = 9e-13: an empty sample is far less likely than δ
     accountant = PrivacyAccountant(kind, "poisson", poisson_rate=rate)
     ours = _epsilons(dp_strategy(noise_multiplier=z, fraction_fit=rate, accountant=accountant),
                      rounds=3)
@@ -168,3 +168,27 @@ def test_registry_builds_each_dp_strategy_around_the_named_inner_strategy(name):
     strategy = find_layer(_build(strategy=name, dp_inner="fedadam"), PrivacyAccounting)
     assert "FedAdam" in repr(strategy.inner)
     assert strategy.client_side == name.startswith("dp-client")
+
+
+def test_poisson_sampling_whose_empty_sample_is_not_far_below_delta_is_refused():
+    accountant = PrivacyAccountant("rdp", "poisson", poisson_rate=0.25)  # 0.75^40 = 1e-5
+    with pytest.raises(ConfigError, match=r"dp-sampling='poisson'.*\(1-q\)\^N"):
+        _epsilons(dp_strategy(noise_multiplier=1.0, fraction_fit=0.25, accountant=accountant),
+                  rounds=1)
+    with pytest.raises(ConfigError, match="dp-sampling='poisson'"):
+        check_num_clients(make_config(strategy="dp-fixed", dp_sampling="poisson",
+                                      fraction_fit=0.25), N)
+    check_num_clients(make_config(strategy="dp-fixed", dp_sampling="poisson",
+                                  fraction_fit=0.5), N)
+
+
+@pytest.mark.parametrize("sampling, rate, relation", [("fixed", 0.2, "replace-one"),
+                                                      ("poisson", 0.5, "add-remove")])
+def test_the_privacy_report_names_the_relation_and_what_it_does_not_cover(sampling, rate,
+                                                                          relation):
+    accountant = PrivacyAccountant("rdp", sampling, poisson_rate=rate)
+    strategy = dp_strategy(noise_multiplier=1.0, fraction_fit=rate, accountant=accountant)
+    _epsilons(strategy, rounds=1)
+    report = strategy.privacy_report(1)
+    assert report["relation"] == relation
+    assert "distributed" in report["not_covered"] and "fit.num_rejected" in report["not_covered"]

@@ -334,3 +334,11 @@ def test_client_side_mode_never_logs_a_clients_update_norm(caplog):
                sends(updates, base))
     assert "clipped on the server" in caplog.text
     assert "2.718" not in caplog.text
+
+
+def test_distributed_evaluation_is_off_under_dp_unless_asked_for(caplog):
+    manager, base = client_manager(3), zeros()
+    assert dp_strategy().configure_evaluate(1, ndarrays_to_parameters(base), manager) == []
+    asked = dp_strategy(distributed_evaluation=True)
+    assert len(asked.configure_evaluate(1, ndarrays_to_parameters(base), manager)) == 3
+    assert "outside the privacy guarantee" in caplog.text

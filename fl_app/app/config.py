@@ -17,7 +17,7 @@ from fl_app.ml import settings as ml_settings
 from fl_app.schema import ConfigError, RunConfig, Scalar, Schema, Setting, module_checks
 from fl_app.server import settings as server_settings
 from strategies import registry
-from strategies.accounting import check_delta
+from strategies.accounting import check_delta, check_empty_sample, default_delta
 
 RUN_SETTINGS = [
     Setting("seed", int, 42, "Seed for initial weights, partitioning, sampling and shuffling.",
@@ -58,8 +58,9 @@ def check_num_clients(cfg: Mapping[str, Scalar], num_clients: int) -> None:
     """Raise ConfigError, naming the keys, if `cfg` cannot run on `num_clients` clients.
 
     Checks the sampling minimums (a round would wait for clients that never come), the
-    number of synthetic users (one per client), the fault and attack roles, and a DP
-    `target-delta` below 1/N.
+    number of synthetic users (one per client), the fault and attack roles, a DP
+    `target-delta` below 1/N and, with Poisson sampling, an empty sample far less likely
+    than δ.
     """
     keys = ["min-fit-clients", "min-available-clients",
             *(["min-evaluate-clients"] if cfg["fraction-evaluate"] > 0 else [])]
@@ -73,5 +74,8 @@ def check_num_clients(cfg: Mapping[str, Scalar], num_clients: int) -> None:
                           f"must equal the number of clients ({num_clients}): dataset "
                           "'synthetic' gives each client the data of one user")
     faults.role_counts(cfg, num_clients)
-    if str(cfg["strategy"]).startswith("dp-") and cfg["target-delta"]:
-        check_delta(float(cfg["target-delta"]), num_clients)
+    if str(cfg["strategy"]).startswith("dp-"):
+        delta = float(cfg["target-delta"]) or default_delta(num_clients)
+        check_delta(delta, num_clients)
+        if cfg["dp-sampling"] == "poisson":
+            check_empty_sample(float(cfg["fraction-fit"]), num_clients, delta)
