@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import pytest
 from dp_accounting import (
     ComposedDpEvent,
@@ -14,7 +15,7 @@ from dp_accounting import (
 )
 from dp_accounting.pld import PLDAccountant
 from dp_accounting.rdp import RdpAccountant
-from flwr.common import ndarrays_to_parameters
+from flwr.common import ndarrays_to_parameters, parameters_to_ndarrays
 
 from fl_app.app.config import check_num_clients
 from fl_app.schema import ConfigError
@@ -24,6 +25,7 @@ from strategies.protocols import PrivacyAccounting, find_layer
 from strategies.registry import build_strategy
 from tests.conftest import make_config
 from tests.dp_rounds import client_manager, dp_strategy, play_round, zeros
+from tests.flower_objects import fit_res
 
 N = 40
 
@@ -192,3 +194,31 @@ def test_the_privacy_report_names_the_relation_and_what_it_does_not_cover(sampli
     report = strategy.privacy_report(1)
     assert report["relation"] == relation
     assert "distributed" in report["not_covered"] and "fit.num_rejected" in report["not_covered"]
+
+
+def test_a_stateful_inner_strategy_steps_every_round_even_below_min_fit_clients(caplog):
+    """Poisson sampling may draw fewer clients than min-fit-clients; the inner FedAdam must
+    still take its step (its moments would otherwise drift from the model), not decline and
+    leave the wrapper to apply the release as a plain step."""
+    from flwr.server.strategy import FedAdam
+
+    strategy = _build(strategy="dp-fixed", dp_inner="fedadam", dp_sampling="poisson",
+                      fraction_fit=0.5, min_fit_clients=30, min_available_clients=30,
+                      noise_multiplier=1.0)
+    fedadam = find_layer(strategy, PrivacyAccounting).inner
+    while not isinstance(fedadam, FedAdam):
+        fedadam = fedadam.inner
+    manager = client_manager(N)
+    strategy.initialize_parameters(manager)
+    base = zeros()
+    for server_round in (1, 2):
+        instructions = strategy.configure_fit(server_round, ndarrays_to_parameters(base),
+                                              manager)
+        assert 0 < len(instructions) < 30
+        results = [(proxy, fit_res([b + 0.1 for b in base], 1)) for proxy, _ in instructions]
+        params, _ = strategy.aggregate_fit(server_round, results, [])
+        assert params is not None and fedadam.m_t is not None
+        np.testing.assert_allclose(parameters_to_ndarrays(params)[0],
+                                   fedadam.current_weights[0], atol=1e-6)
+        base = parameters_to_ndarrays(params)
+    assert "returned no model" not in caplog.text
