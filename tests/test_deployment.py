@@ -6,7 +6,8 @@ a SuperNode whose key was never registered is refused (flwr 1.41: Flower's exit 
 process exit status 1); three SuperNodes run 3 rounds of
 weighted-fedavg; then a fourth node whose data file is corrupt joins for a second run,
 which finishes on the other three and records and logs the error naming that node and
-file. When the module ends (pass or fail) every process is stopped, checked by pid.
+file. The run's results are private (mode 600/700: Flower's processes run with umask 077).
+When the module ends (pass or fail) every process is stopped, checked by pid.
 """
 
 from __future__ import annotations
@@ -109,6 +110,9 @@ def test_three_supernodes_train_with_tls_and_node_auth(cluster):
     accuracy = [r["centralized"]["accuracy"] for r in rounds]
     assert accuracy[-1] > accuracy[0] + 0.3, accuracy
     assert (outcome.out_dir / MODEL_FILE).is_file()
+    # the ServerApp runs under the SuperLink's umask 077: its results are private
+    for path in [outcome.out_dir, *outcome.out_dir.rglob("*")]:
+        assert path.stat().st_mode & 0o777 == (0o700 if path.is_dir() else 0o600), path
 
 
 def test_corrupt_node_file_fails_that_node_only_and_is_named(cluster):

@@ -129,9 +129,8 @@ def test_private_keys_are_created_private_not_chmodded_later(tmp_path, monkeypat
         tls, pub = pki.make_tls(tmp_path / "certs", ["127.0.0.1"]), pki.make_node_keys(key)
     finally:
         os.umask(previous)
-    assert tls.server_key.stat().st_mode & 0o777 == 0o600
-    assert key.stat().st_mode & 0o777 == 0o600
-    assert pub.stat().st_mode & 0o777 == 0o644
+    for path in (tls.server_key, key, tls.ca_cert, tls.server_cert, pub):  # public ones too
+        assert path.stat().st_mode & 0o777 == 0o600, path
 
 
 def test_preparing_a_prepared_folder_again_needs_force(tmp_path, capsys):
@@ -163,23 +162,29 @@ def test_manifest_round_trips_and_missing_one_is_explained(prepared, tmp_path):
         Deployment.load(tmp_path)
 
 
+def _args_after(line: str, program: str) -> list[str]:
+    """The arguments of `program` in a printed shell line (`umask 077 && ENV=... program ...`)."""
+    words = shlex.split(line)
+    return words[words.index(program) + 1:]
+
+
 def test_printed_commands_parse_with_the_installed_flower(prepared):
     lines = [line for line in instructions(prepared).splitlines()
              if line and not line.startswith("#")]
     link, nodes = lines[0], [line for line in lines if "flower-supernode" in line]
-    link_args = _parse_args_run_superlink().parse_args(shlex.split(link)[2:])
+    link_args = _parse_args_run_superlink().parse_args(_args_after(link, "flower-superlink"))
     assert link_args.enable_supernode_auth and not link_args.insecure
     assert not link_args.runtime_dependency_install
     assert link_args.ssl_ca_certfile == str(prepared.ca_cert)
     assert len(nodes) == 3
     for node, line in zip(prepared.nodes, nodes):
-        args = _parse_args_run_supernode().parse_args(shlex.split(line)[2:])
+        args = _parse_args_run_supernode().parse_args(_args_after(line, "flower-supernode"))
         assert args.auth_supernode_private_key == str(node.key)
         assert args.root_certificates == str(prepared.ca_cert) and not args.insecure
         assert parse_config_args([args.node_config]) == {"data-path": str(node.data)}
     assert sum("flwr supernode register" in line for line in lines) == 3
-    run = shlex.split(lines[-1].split("&&", 1)[1])
-    assert run[1:5] == ["flwr", "run", ".", "local-deployment"]
+    run = _args_after(lines[-1], "flwr")
+    assert run[:3] == ["run", ".", "local-deployment"]
     assert "min-available-clients=3" in run[run.index("--run-config") + 1]
 
 
@@ -337,7 +342,10 @@ def test_a_broken_log_stream_is_not_reported_as_the_run_ending(prepared, tmp_pat
 
 
 def test_launcher_stops_every_process_on_ctrl_c(prepared):
-    """The real CLI: SuperLink and SuperNodes up, then SIGINT; nothing it started survives."""
+    """The real CLI: SuperLink and SuperNodes up, then SIGINT; nothing it started survives.
+    Its folder and logs are private (an existing `launch/` left mode 755 is made 700)."""
+    (prepared.root / "launch").mkdir(exist_ok=True)
+    (prepared.root / "launch").chmod(0o755)
     launcher = subprocess.Popen([sys.executable, "-m", "deploy.launch", "--dir",
                                  str(prepared.root), "--quiet"],
                                 cwd=Path(__file__).resolve().parents[1],
@@ -360,6 +368,11 @@ def test_launcher_stops_every_process_on_ctrl_c(prepared):
         assert "every process was stopped" in output
         alive = living(seen.values())
         assert not alive, [_cmdline(proc) for proc in alive]
+        launch_dir = prepared.root / "launch"
+        logs = list((launch_dir / "logs").iterdir())
+        assert {"superlink.log", "node-0.log"} <= {log.name for log in logs}
+        for path in [launch_dir, launch_dir / "logs", *logs]:
+            assert path.stat().st_mode & 0o777 == (0o700 if path.is_dir() else 0o600), path
     finally:
         _stop_everything(launcher, seen.values())
 
