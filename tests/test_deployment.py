@@ -27,7 +27,7 @@ from deploy.prepare import prepare
 from deploy.processes import Supervisor, living
 from fl_app.server.outputs import MODEL_FILE
 
-pytestmark = pytest.mark.timeout(900)
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
 PROJECT_DIR = Path(__file__).resolve().parents[1]
 RUN_TIMEOUT = 600.0
 

@@ -14,6 +14,8 @@ from dp_accounting.rdp import RdpAccountant
 
 import run_simulation
 
+pytestmark = pytest.mark.slow  # runs Flower simulations or real processes
+
 CLIENTS = 4
 FAST = (f"num-server-rounds={{rounds}} local-epochs=1 min-fit-clients={CLIENTS} "
         f"min-available-clients={CLIENTS} fraction-evaluate=0")

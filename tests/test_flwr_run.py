@@ -18,6 +18,8 @@ from deploy.commands import Command
 from deploy.launch import start_listening
 from deploy.processes import Supervisor
 
+pytestmark = pytest.mark.slow  # runs Flower simulations or real processes
+
 ROOT = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
 

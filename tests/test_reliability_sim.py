@@ -9,9 +9,13 @@ from __future__ import annotations
 import json
 import math
 
+import pytest
+
 import run_simulation
 from fl_app.client.faults import assign_roles
 from tests.conftest import make_config
+
+pytestmark = pytest.mark.slow  # runs Flower simulations or real processes
 
 
 def _run(tmp_path, run_config: str, num_supernodes: int) -> dict:

@@ -18,6 +18,7 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
 from dp_accounting import (
     GaussianDpEvent,
     NeighboringRelation,
@@ -27,6 +28,8 @@ from dp_accounting.rdp import RdpAccountant
 
 from fl_app.server.checkpoint import CheckpointError, load_checkpoint, read_ledger
 from strategies.registry import strategy_names
+
+pytestmark = pytest.mark.slow  # runs Flower simulations or real processes
 
 ROOT = Path(__file__).resolve().parent.parent
 ROUNDS, KILL_AFTER = 5, 2

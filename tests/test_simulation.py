@@ -11,6 +11,8 @@ import run_simulation
 from fl_app.cli.summary import print_summary
 from strategies.registry import strategy_names
 
+pytestmark = pytest.mark.slow  # runs Flower simulations or real processes
+
 FAST = "num-server-rounds=2 local-epochs=2 min-fit-clients=3 min-available-clients=3"
 
 
