@@ -478,22 +478,6 @@ class DPAdaptiveClipping(DPFixedClipping):
                     "adaptiveclipping_mod)")
         return super()._clipped(proxy, fit_res, norm, clip_norm, server_round)
 
-    @staticmethod
-    def _from_sample(server_round: int, results: list[tuple[ClientProxy, FitRes]],
-                     plan: _RoundPlan) -> list[tuple[ClientProxy, FitRes]]:
-        """The results of clients in the round's sample, one each; others dropped, logged
-        (an extra or repeated update would raise the sensitivity the noise assumes)."""
-        sampled, seen, kept = {proxy.cid for proxy in plan.sampled}, set(), []
-        for proxy, fit_res in results:
-            if proxy.cid not in sampled or proxy.cid in seen:
-                why = "not in this round's sample" if proxy.cid not in sampled else "a repeat"
-                log(WARNING, "round %s: dropped an update from client %s: %s", server_round,
-                    proxy.cid, why)
-                continue
-            seen.add(proxy.cid)
-            kept.append((proxy, fit_res))
-        return kept
-
     def _release(self, plan: _RoundPlan, clipped: list[NDArrays],
                  bits: list[bool]) -> tuple[NDArrays, dict[str, Scalar]]:
         noised, metrics = super()._release(plan, clipped, bits)

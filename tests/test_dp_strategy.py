@@ -309,10 +309,12 @@ def test_unseeded_state_holds_no_generator_and_a_restore_draws_fresh_noise():
     assert any(not np.allclose(x, y) for x, y in zip(a, b))
 
 
-def test_updates_from_outside_the_sample_or_repeated_are_dropped(caplog):
+@pytest.mark.parametrize("adaptive", [False, True])
+def test_updates_from_outside_the_sample_or_repeated_are_dropped(caplog, adaptive):
     manager, base = client_manager(4), zeros()
     updates = _updates(np.random.default_rng(13), ["c0", "c1", "c2", "c3"], [0.5] * 4)
-    strategy = ValidatedStrategy(dp_strategy(fraction_fit=0.5), min_fit_clients=0)
+    strategy = ValidatedStrategy(dp_strategy(fraction_fit=0.5, adaptive=adaptive,
+                                             clipping_norm=10.0), min_fit_clients=0)
     instructions = strategy.configure_fit(1, ndarrays_to_parameters(base), manager)
     sampled = [proxy.cid for proxy, _ in instructions]
     outsider = next(c for c in updates if c not in sampled)

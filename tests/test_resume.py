@@ -265,3 +265,61 @@ def test_resuming_a_run_that_had_stopped_runs_no_more_rounds():
                              resume=ResumePoint(4, params, state))
     server.fit(num_rounds=10, timeout=None)
     assert rounds == [] and finished == [("target-accuracy", params)]
+
+
+class _ChargingFedAvg(WeightedFedAvg):
+    """WeightedFedAvg that also plays PrivacyAccounting: charges a ledger when it aggregates."""
+
+    def __init__(self, events: list[str], **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.events, self.charged = events, 0
+
+    def aggregate_fit(self, server_round, results, failures):
+        self.charged += 1
+        self.events.append(f"aggregate {server_round}")
+        return self.initial_parameters, {}
+
+    def privacy_report(self, server_round):
+        return {"epsilon": float(self.charged), "delta": 1e-5}
+
+    def budget_allows(self, server_round):
+        return True
+
+    def ledger(self):
+        return {"delta": 1e-5, "rounds": [{}] * self.charged}
+
+    def restore_ledger(self, ledger):
+        self.charged = max(self.charged, len(ledger["rounds"]))
+
+
+class _Answering(IdleProxy):
+    def fit(self, ins, timeout, group_id):
+        return fit_res(parameters_to_ndarrays(ins.parameters), 5)
+
+
+def test_the_privacy_ledger_is_saved_before_anything_of_the_round_is_released():
+    """The ledger charging round t must be persisted before round t's model is evaluated,
+    recorded (history.json) or checkpointed."""
+    events: list[str] = []
+    model = random_model(np.random.default_rng(1))
+
+    def evaluate(server_round, arrays, config):
+        events.append(f"evaluate {server_round}")
+        return 0.0, {"accuracy": 0.5}
+
+    strategy = _ChargingFedAvg(events, initial_parameters=ndarrays_to_parameters(model),
+                               evaluate_fn=evaluate, fraction_evaluate=0.0, min_fit_clients=1,
+                               min_available_clients=1)
+    server = FederatedServer(
+        strategy=strategy, seed=0, stopping=StoppingRules(0.0, 0),
+        on_round=lambda record, p: events.append(f"record {record['round']}"),
+        on_finish=lambda reason, p: None,
+        on_checkpoint=lambda r, p, state: events.append(f"checkpoint {r}"),
+        on_charge=lambda ledger: events.append(f"ledger {len(ledger['rounds'])}"))
+    server.client_manager().register(_Answering("c0"))
+    server.fit(num_rounds=2, timeout=None)
+    for t in (1, 2):
+        charged = events.index(f"ledger {t}")
+        assert events.index(f"aggregate {t}") < charged
+        assert charged < min(events.index(f"evaluate {t}"), events.index(f"record {t}"),
+                             events.index(f"checkpoint {t}"))
