@@ -162,7 +162,7 @@ def main(argv: list[str] | None = None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     rows = rows_for(args, out)
     title = (f"digits, {args.clients} clients, {args.fraction_fit:g} sampled per round, "
-             f"{args.rounds} rounds, C={args.clipping_norm:g}, RDP")
+             f"{args.rounds} rounds, C={args.clipping_norm:g} {args.extra}".strip())
     (out / "privacy_utility.json").write_text(json.dumps(rows, indent=2))
     plot(rows, out / "privacy_utility.png", title)
     show(rows, title)
