@@ -58,17 +58,23 @@ def superlink(dep: Deployment, home: Path, bind_host: str, port: int) -> Command
 
 
 def supernode(dep: Deployment, node: NodeFiles, home: Path, superlink_address: str,
-              runtime_port: int) -> Command:
+              runtime_port: int, private_key: str | None = None) -> Command:
     """`flower-supernode` for `node`: verifies the SuperLink's TLS certificate, signs with
     its private key, and reads its own data file (node-config `data-path`).
 
-    Its local Runtime API (for the ClientApp processes it starts) binds 127.0.0.1:`runtime_port`.
-    Runtime installation of dependencies stays off (the SuperNode default).
+    The private key is `private_key` when given (a path on the node's own machine), else
+    the one in the folder; a node that holds its own key has none there
+    (`DeploymentError` naming it). Its local Runtime API (for the ClientApp processes it
+    starts) binds 127.0.0.1:`runtime_port`. Runtime installation of dependencies stays off
+    (the SuperNode default).
     """
+    if private_key is None and node.key is None:
+        raise DeploymentError(f"{node.name}'s private key is held by the node itself, not "
+                              f"in {dep.root}: its SuperNode can only start on its own machine")
     argv = ["flower-supernode",
             "--superlink", superlink_address,
             "--root-certificates", str(dep.ca_cert),
-            "--auth-supernode-private-key", str(node.key),
+            "--auth-supernode-private-key", private_key or str(node.key),
             "--node-config", f"data-path={config_string(str(node.data))}",
             "--host", "127.0.0.1", "--port", str(runtime_port)]
     return Command(argv, {"FLWR_HOME": str(home)})

@@ -4,7 +4,9 @@
         [--run-config "k=v ..."] [--out OUT] [--timeout SECONDS] [--quiet]
 
 DIR is a folder made by `python -m deploy.prepare` (with `--num-nodes` it is prepared
-first if it holds no deployment yet). Every process is a separate Flower process on
+first if it holds no deployment yet) that holds every node's private key: a one-machine
+trial. A folder prepared with `--node-public-keys` (each node holds its own private key)
+is refused before anything starts, naming a node whose key it lacks. Every process is a separate Flower process on
 127.0.0.1 with TLS and SuperNode authentication on, on free ports: the SuperLink, one
 SuperNode per node (its own key and data file), and the `flwr` CLI that registers the
 nodes' public keys, submits the run (`flwr run . <connection>` from the project folder)
@@ -277,13 +279,31 @@ def describe_failures(history: dict[str, Any], node_ids: dict[str, int]) -> list
     return lines
 
 
+def check_private_keys(dep: Deployment) -> None:
+    """Raise `DeploymentError` naming the first node whose private key is not in the folder:
+    every SuperNode starts on this machine and signs with its key."""
+    for node in dep.nodes:
+        if node.key is None:
+            raise DeploymentError(
+                f"{node.name}'s private key is held by the node itself ({dep.root} was "
+                "prepared with --node-public-keys), and deploy.launch starts every SuperNode "
+                "on this machine: start each node's SuperNode on its own machine with the "
+                "commands deploy.prepare printed, or prepare a one-machine trial folder "
+                "without --node-public-keys")
+        if not node.key.is_file():
+            raise DeploymentError(f"{node.name}'s private key {node.key} not found: prepare "
+                                  f"{dep.root} again (--force)")
+
+
 def launch(dep: Deployment, project_dir: Path, out_dir: Path, run_config: str = "",
            timeout: float = 1800.0, echo: Echo | None = print,
            echo_nodes: bool = True) -> tuple[RunOutcome, dict[str, int]]:
     """Start the SuperLink and every SuperNode, run the app, stop everything.
 
-    Returns the run's outcome and the node id each node was registered under.
+    Refuses (before starting anything) a folder without every node's private key. Returns
+    the run's outcome and the node id each node was registered under.
     """
+    check_private_keys(dep)
     log_dir = dep.root / "launch" / "logs"
     shutil.rmtree(log_dir, ignore_errors=True)
     files.private_dir(log_dir.parent)  # the Supervisor makes log_dir itself, mode 700

@@ -4,7 +4,9 @@
 DIR/deployment.json        what `deploy.prepare` made (paths relative to DIR)
 DIR/certs/ca.crt           CA certificate: every SuperNode and the flwr CLI need it
 DIR/certs/server.pem, .key the SuperLink's certificate and private key (SuperLink only)
-DIR/keys/node-i, .pub      SuperNode i's private key (node i only) and public key (registration)
+DIR/keys/node-i.pub        SuperNode i's public key (registration)
+DIR/keys/node-i            its private key (node i only); absent when node i made its own
+                           key pair (`deploy.prepare --node-public-keys`, `deploy.node_key`)
 DIR/data/node-i.npz|.csv   SuperNode i's own data (node i only)
 DIR/flwr-home/config.toml  the flwr CLI's SuperLink connection (FLWR_HOME for `flwr ...`)
 DIR/launch/logs/           the process logs of `deploy.launch`
@@ -29,18 +31,27 @@ class DeploymentError(RuntimeError):
     """A deployment cannot be prepared, started or run; the message says which part failed."""
 
 
+KEY_IN_FOLDER = "this folder"  # `private_key_held_by` in the manifest: made by prepare
+KEY_ON_NODE = "node"  # made by the node itself; the folder has its public key only
+
+
 @dataclass(frozen=True)
 class NodeFiles:
-    """One SuperNode's files: its name, its private key (`.pub` beside it) and its data."""
+    """One SuperNode's files: its name, its private key, its data and its public key.
+
+    `key` is None when the node made its own key pair and holds the private key itself:
+    the folder then has only the public key, and the SuperNode can only start on its node.
+    """
 
     name: str
-    key: Path
+    key: Path | None
     data: Path
+    public_key: Path  # the OpenSSH public key that `flwr supernode register` takes
 
     @property
-    def public_key(self) -> Path:
-        """The OpenSSH public key that `flwr supernode register` takes."""
-        return self.key.with_name(self.key.name + ".pub")
+    def private_key_held_by(self) -> str:
+        """Who holds the private key: `KEY_IN_FOLDER` or `KEY_ON_NODE`."""
+        return KEY_ON_NODE if self.key is None else KEY_IN_FOLDER
 
 
 @dataclass(frozen=True)
@@ -79,8 +90,10 @@ class Deployment:
             "run_config": self.run_config,
             "server_host": self.server_host,
             "port": self.port,
-            "nodes": [{k: self._relative(v) if isinstance(v, Path) else v
-                       for k, v in asdict(node).items()} for node in self.nodes],
+            "nodes": [{**{k: self._relative(v) if isinstance(v, Path) else v
+                          for k, v in asdict(node).items()},
+                       "private_key_held_by": node.private_key_held_by}
+                      for node in self.nodes],
         }
         return write_private(self.root / MANIFEST, json.dumps(data, indent=2) + "\n")
 
@@ -98,8 +111,15 @@ class Deployment:
                                   f"`python -m deploy.prepare --out {root} --num-nodes N`")
         try:
             data = json.loads(path.read_text(encoding="utf-8"))
-            nodes = tuple(NodeFiles(n["name"], root / n["key"], root / n["data"])
-                          for n in data["nodes"])
+            nodes = tuple(_node(root, n) for n in data["nodes"])
             return cls(root, nodes, data["run_config"], data["server_host"], int(data["port"]))
         except (ValueError, KeyError, TypeError) as err:
             raise DeploymentError(f"{path} is not a valid deployment manifest: {err!r}") from err
+
+
+def _node(root: Path, entry: dict) -> NodeFiles:
+    """A node of the manifest. Its private key is None when held by the node; a manifest
+    written before public keys were recorded has the public key beside the private one."""
+    key = None if entry["key"] is None else root / entry["key"]
+    public = entry["public_key"] if "public_key" in entry else entry["key"] + ".pub"
+    return NodeFiles(entry["name"], key, root / entry["data"], root / public)

@@ -7,7 +7,9 @@
   SuperLink binds 0.0.0.0 or ::).
 * One ECDSA P-384 key pair per SuperNode: the private key in OpenSSH format for
   `flower-supernode --auth-supernode-private-key`, the public key in OpenSSH format for
-  `flwr supernode register` (what `ssh-keygen -t ecdsa -b 384` writes).
+  `flwr supernode register` (what `ssh-keygen -t ecdsa -b 384` writes). Made here for a
+  one-machine trial, or by each node on its own machine (`deploy.node_key`): then only its
+  public key reaches the operator, read back and checked by `read_node_public_key`.
 
 Every file is created with mode 600 (never readable by others, not even briefly), in a
 folder of mode 700: the private keys above all, and the public ones too (`deploy.files`).
@@ -15,12 +17,15 @@ folder of mode 700: the private keys above all, and the public ones too (`deploy
 
 from __future__ import annotations
 
+import base64
 import datetime as dt
+import hashlib
 import ipaddress
 from dataclasses import dataclass
 from pathlib import Path
 
 from cryptography import x509
+from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
@@ -128,12 +133,57 @@ def make_tls(out_dir: Path, hosts: list[str]) -> TlsFiles:
     )
 
 
-def make_node_keys(private_path: Path) -> Path:
-    """Write a SuperNode's ECDSA P-384 key pair (OpenSSH format); return the `.pub` path."""
+def make_node_keys(private_path: Path, tighten: bool = True) -> Path:
+    """Write a SuperNode's ECDSA P-384 key pair (OpenSSH format); return the `.pub` path.
+
+    Both files are mode 600 from their creation; their folder is created mode 700 if
+    missing, and an existing one is set to 700 only when `tighten` (`files.private_dir`).
+    """
     key = ec.generate_private_key(ec.SECP384R1())
-    _write(private_path, key.private_bytes(serialization.Encoding.PEM,
-                                           serialization.PrivateFormat.OpenSSH,
-                                           serialization.NoEncryption()))
-    public = key.public_key().public_bytes(serialization.Encoding.OpenSSH,
-                                           serialization.PublicFormat.OpenSSH)
-    return _write(private_path.with_name(private_path.name + ".pub"), public)
+    files.private_dir(private_path.parent, tighten=tighten)
+    files.write_private(private_path, key.private_bytes(serialization.Encoding.PEM,
+                                                        serialization.PrivateFormat.OpenSSH,
+                                                        serialization.NoEncryption()))
+    return files.write_private(private_path.with_name(private_path.name + ".pub"),
+                               openssh_public_key(key.public_key()))
+
+
+def openssh_public_key(key: ec.EllipticCurvePublicKey) -> bytes:
+    """`key` as one OpenSSH public key line (`ecdsa-sha2-nistp384 AAAA...`, no comment)."""
+    return key.public_bytes(serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH)
+
+
+def fingerprint(key: ec.EllipticCurvePublicKey) -> str:
+    """The key's SHA256 fingerprint as `ssh-keygen -lf` prints it (`SHA256:...`): node and
+    operator compare it to check that the public key handed over arrived unchanged."""
+    blob = base64.b64decode(openssh_public_key(key).split()[1])
+    return "SHA256:" + base64.b64encode(hashlib.sha256(blob).digest()).decode().rstrip("=")
+
+
+def read_node_public_key(path: Path) -> ec.EllipticCurvePublicKey:
+    """The SuperNode public key in the OpenSSH file at `path`.
+
+    Raises `ValueError`, naming `path`, unless it is one ECDSA P-384 public key (a missing
+    file, a private key, another key type or curve, or anything unparsable).
+    """
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        raise ValueError(f"{path} not found") from None
+    except OSError as err:
+        raise ValueError(f"{path} cannot be read: {err.strerror}") from None
+    if b"PRIVATE KEY" in data:
+        raise ValueError(f"{path} holds a private key: a node hands over only its public "
+                         "key (the `.pub` file); it should make a new key pair, since this "
+                         "one has left its machine")
+    try:
+        key = serialization.load_ssh_public_key(data.strip())
+    except (ValueError, TypeError, UnsupportedAlgorithm) as err:
+        raise ValueError(f"{path} is not an OpenSSH public key ({err})") from None
+    if not isinstance(key, ec.EllipticCurvePublicKey) or not isinstance(key.curve,
+                                                                         ec.SECP384R1):
+        kind = (f"ECDSA {key.curve.name}" if isinstance(key, ec.EllipticCurvePublicKey)
+                else type(key).__name__.removesuffix("PublicKey"))
+        raise ValueError(f"{path} is not an ECDSA P-384 public key but {kind} (make one "
+                         "with `ssh-keygen -t ecdsa -b 384` or `python -m deploy.node_key`)")
+    return key

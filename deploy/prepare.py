@@ -2,7 +2,13 @@
 
     python -m deploy.prepare --out DIR --num-nodes N [--partitioner NAME]
         [--run-config "k=v ..."] [--server-host HOST ...] [--port PORT] [--data-format npz|csv]
-        [--force]
+        [--node-public-keys KEYS] [--force]
+
+With `--node-public-keys KEYS` each node has made its own key pair (`python -m
+deploy.node_key`, or `ssh-keygen -t ecdsa -b 384`) and handed over only its public key,
+`KEYS/node-i.pub`: those are checked (ECDSA P-384, one per node) and copied, and no private
+key is made or kept here; each node starts its SuperNode with its own private key. Without
+it the SuperNodes' key pairs are made here, for a one-machine trial (`deploy.launch`).
 
 Node i's data is partition i of N of the run's dataset, cut by the configured flwr-datasets
 partitioner (the same split a simulation with N SuperNodes uses); the server keeps the
@@ -29,6 +35,7 @@ from flwr.supercore.constant import (
 
 from deploy import commands, files, pki
 from deploy.layout import CONNECTION, MANIFEST, Deployment, DeploymentError, NodeFiles
+from deploy.node_key import NODE_KEY_COMMAND, NODE_KEY_PATH
 from fl_app.app.config import check_num_clients
 from fl_app.cli.simulate import PROJECT_DIR, load_run_config
 from fl_app.data.sources import DataError, data_source
@@ -75,11 +82,43 @@ def check_fresh(root: Path) -> None:
             "--force to replace them, or choose another --out")
 
 
+def read_public_keys(folder: Path, num_nodes: int) -> list[bytes]:
+    """The public keys the nodes handed over, `folder/node-i.pub` for i < `num_nodes`, as
+    OpenSSH lines.
+
+    Raises `DeploymentError` naming the file unless each is one ECDSA P-384 public key and
+    no two are the same, or if `folder` holds a `node-j.pub` for a node beyond `num_nodes`.
+    """
+    folder = folder.expanduser()
+    if not folder.is_dir():
+        raise DeploymentError(f"--node-public-keys: {folder} is not a folder")
+    names = [f"node-{i}.pub" for i in range(num_nodes)]
+    extra = sorted(path.name for path in folder.glob("node-*.pub") if path.name not in names)
+    if extra:
+        raise DeploymentError(f"--node-public-keys: {folder} holds {', '.join(extra)}, but "
+                              f"--num-nodes {num_nodes} expects node-0.pub to "
+                              f"node-{num_nodes - 1}.pub")
+    keys: dict[bytes, Path] = {}
+    for path in (folder / name for name in names):
+        try:
+            key = pki.openssh_public_key(pki.read_node_public_key(path))
+        except ValueError as err:
+            raise DeploymentError(f"--node-public-keys: {err}") from None
+        if key in keys:
+            raise DeploymentError(f"--node-public-keys: {path} is the same key as "
+                                  f"{keys[key]}: every node needs a key pair of its own")
+        keys[key] = path
+    return list(keys)
+
+
 def prepare(out: Path, num_nodes: int, run_config: str, server_hosts: list[str],
             port: int = SUPERLINK_UVICORN_DEFAULT_PORT, data_format: str = "npz",
-            force: bool = False) -> Deployment:
+            force: bool = False, node_public_keys: Path | None = None) -> Deployment:
     """Make a deployment folder for `num_nodes` SuperNodes; return its manifest.
 
+    With `node_public_keys` (a folder with the nodes' `node-i.pub`), node i's public key is
+    copied from there and no private key is written: the manifest records that the node
+    holds it. Otherwise each node's key pair is made here (a one-machine trial).
     A folder that already holds one is refused unless `force` (then its CA, certificates,
     keys, data files and manifest are replaced). Files are written mode 600, folders mode
     700; `out` itself is made mode 700 if it is created here (an existing one keeps its mode).
@@ -91,14 +130,21 @@ def prepare(out: Path, num_nodes: int, run_config: str, server_hosts: list[str],
         check_fresh(root)
     cfg = load_run_config(run_config or None)
     check_num_clients(cfg, num_nodes)  # before any key or data file is written
+    public_keys = (None if node_public_keys is None
+                   else read_public_keys(node_public_keys, num_nodes))
     files.private_dir(root, tighten=False)
     data_paths = write_node_data(cfg, num_nodes, root / "data", data_format)
     pki.make_tls(root / "certs", server_hosts)
     nodes = []
     for i, data in enumerate(data_paths):
         key = root / "keys" / f"node-{i}"
-        pki.make_node_keys(key)
-        nodes.append(NodeFiles(f"node-{i}", key, data))
+        if public_keys is None:
+            nodes.append(NodeFiles(f"node-{i}", key, data, pki.make_node_keys(key)))
+            continue
+        key.unlink(missing_ok=True)  # a private key made here by an earlier (--force'd) trial
+        files.private_dir(key.parent)
+        public = files.write_private(key.with_name(key.name + ".pub"), public_keys[i])
+        nodes.append(NodeFiles(f"node-{i}", None, data, public))
     dep = Deployment(root, tuple(nodes), run_config, server_hosts[0], port)
     commands.write_connection(dep.cli_home, superlink_address(dep), dep.ca_cert)
     dep.save()
@@ -120,21 +166,53 @@ def instructions(dep: Deployment, project_dir: Path = PROJECT_DIR) -> str:
     homes = dep.root / "homes"
     bind = "127.0.0.1" if dep.server_host in pki.LOOPBACK else "0.0.0.0"
     link = commands.superlink(dep, homes / "superlink", bind, dep.port)
-    lines = ["# 1. SuperLink (TLS on, SuperNode authentication on; state in memory, so nothing "
-             "it relays is written to disk: after a restart, register the nodes again):",
-             link.shell(), "",
-             f"# 2. Register each SuperNode's public key (the flwr CLI's connection "
-             f"'{CONNECTION}' is in {dep.cli_home}/config.toml):"]
+    on_nodes = [node for node in dep.nodes if node.key is None]
+    lines = [] if on_nodes else [
+        ("# The SuperNodes' key pairs in keys/ were made here, for a one-machine trial. For "
+         "a real deployment each node makes its own key pair on its own machine and hands "
+         "over only the public key, e.g."),
+        f"#   {NODE_KEY_COMMAND.format(name='node-i')}",
+        f"#   (or: ssh-keygen -t ecdsa -b 384 -N '' -f {NODE_KEY_PATH.format(name='node-i')})",
+        ("# Collect node-0.pub ... in one folder and prepare with --node-public-keys FOLDER: "
+         "then no private key is ever on this machine."), ""]
+    lines += [("# 1. SuperLink (TLS on, SuperNode authentication on; state in memory, so "
+               "nothing it relays is written to disk: after a restart, register the nodes "
+               "again):"), link.shell(), "",
+              (f"# 2. Register each SuperNode's public key (the flwr CLI's connection "
+               f"'{CONNECTION}' is in {dep.cli_home}/config.toml):")]
+    if on_nodes:
+        lines += [("# Before registering a key that a node handed over, check its "
+                   "fingerprint with that node's operator (`ssh-keygen -lf` on its .pub "
+                   "file):")]
+        lines += [f"#   {node.name}: {_fingerprint(node)}" for node in on_nodes]
     lines += [commands.register(dep, node, dep.cli_home).shell() for node in dep.nodes]
     lines += ["", "# 3. One SuperNode per node (each with its own key and data file):"]
+    if on_nodes:
+        lines += [("# Each node runs its SuperNode on its own machine with the private key it "
+                   "made itself, which never leaves that machine: pass its path to "
+                   "--auth-supernode-private-key (below: "
+                   f"{NODE_KEY_PATH.format(name='node-i')}, where "
+                   f"`{NODE_KEY_COMMAND.format(name='node-i')}` puts it).")]
     lines += [commands.supernode(dep, node, homes / node.name, superlink_address(dep),
-                                 SUPERNODE_UVICORN_DEFAULT_PORT + i).shell()
+                                 SUPERNODE_UVICORN_DEFAULT_PORT + i,
+                                 _node_side_key(node)).shell()
               for i, node in enumerate(dep.nodes)]
     run_configs = [f"min-available-clients={len(dep.nodes)}", dep.run_config]
     lines += ["", "# 4. Run the app and stream the ServerApp's log (results go to out-dir, "
               "on the SuperLink's machine):",
               commands.run_app(dep.cli_home, run_configs, stream=True).shell(cwd=project_dir)]
     return "\n".join(lines)
+
+
+def _fingerprint(node: NodeFiles) -> str:
+    """The SHA256 fingerprint of `node`'s public key."""
+    return pki.fingerprint(pki.read_node_public_key(node.public_key))
+
+
+def _node_side_key(node: NodeFiles) -> str | None:
+    """Where a node that holds its own private key has it (as `deploy.node_key` suggests);
+    None for a key in the folder."""
+    return NODE_KEY_PATH.format(name=node.name) if node.key is None else None
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -155,6 +233,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help=f"SuperLink port (default {SUPERLINK_UVICORN_DEFAULT_PORT})")
     parser.add_argument("--data-format", choices=DATA_FORMATS, default="npz",
                         help="node data file format (default npz)")
+    parser.add_argument("--node-public-keys", type=Path, default=None, metavar="KEYS",
+                        help="folder with the public keys node-0.pub ... that the nodes made "
+                             "themselves (`python -m deploy.node_key`): no private key is "
+                             "made here (default: make every node's key pair here, for a "
+                             "one-machine trial)")
     parser.add_argument("--force", action="store_true",
                         help="replace the CA, keys and data of a folder prepared before")
     return parser.parse_args(argv)
@@ -174,13 +257,16 @@ def main(argv: list[str] | None = None) -> int:
     hosts = args.server_host or ["127.0.0.1", "localhost"]
     try:
         dep = prepare(args.out, args.num_nodes, run_config, hosts, args.port, args.data_format,
-                      force=args.force)
+                      force=args.force, node_public_keys=args.node_public_keys)
     except (DeploymentError, ConfigError, DataError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    print(f"Prepared {len(dep.nodes)} SuperNodes in {dep.root}\n")
+    held = (f" (public keys from {args.node_public_keys}; each private key stays on its "
+            "node)" if args.node_public_keys else "")
+    print(f"Prepared {len(dep.nodes)} SuperNodes in {dep.root}{held}\n")
     print(instructions(dep))
-    print(f"\n# Or all at once on this machine: python -m deploy.launch --dir {dep.root}")
+    if all(node.key for node in dep.nodes):
+        print(f"\n# Or all at once on this machine: python -m deploy.launch --dir {dep.root}")
     return 0
 
 

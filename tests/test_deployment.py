@@ -33,9 +33,8 @@ RUN_TIMEOUT = 600.0
 
 
 def _extra_node(dep, name: str, data: Path) -> NodeFiles:
-    node = NodeFiles(name, dep.root / "keys" / name, data)
-    make_node_keys(node.key)
-    return node
+    key = dep.root / "keys" / name
+    return NodeFiles(name, key, data, make_node_keys(key))
 
 
 @pytest.fixture(scope="module")

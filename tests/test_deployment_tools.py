@@ -18,12 +18,13 @@ import psutil
 import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID, ExtensionOID
 from flwr.common.config import parse_config_args
 from flwr.superlink.cli.flower_superlink import _parse_args_run_superlink
 from flwr.supernode.cli.flower_supernode import _parse_args_run_supernode
 
-from deploy import commands, launch, pki
+from deploy import commands, launch, node_key, pki
 from deploy.launch import (
     COMPLETED,
     LocalDeployment,
@@ -416,3 +417,134 @@ def test_prepare_refuses_a_config_the_nodes_cannot_run_before_writing_anything(t
     with pytest.raises(ConfigError, match="'min-available-clients' \\(5\\)"):
         prepare(tmp_path / "dep", 2, "min-available-clients=5 min-fit-clients=2", HOSTS)
     assert not (tmp_path / "dep").exists()
+
+
+def _handed_over_keys(tmp_path: Path, num_nodes: int) -> tuple[Path, list[Path]]:
+    """Each node's key pair made on "its machine" (node-1's by ssh-keygen when installed),
+    and a folder with only the public keys `node-i.pub` handed over; the private keys."""
+    handed = tmp_path / "handed"
+    handed.mkdir()
+    private_keys = []
+    for i in range(num_nodes):
+        key = tmp_path / f"machine-{i}" / "keys" / f"node-{i}"
+        if i == 1 and shutil.which("ssh-keygen"):
+            key.parent.mkdir(parents=True)
+            subprocess.run(["ssh-keygen", "-q", "-t", "ecdsa", "-b", "384", "-N", "",
+                            "-f", str(key)], check=True)
+        else:
+            node_key.make_key_pair(key.parent, key.name)
+        shutil.copy(key.with_name(key.name + ".pub"), handed / f"node-{i}.pub")
+        private_keys.append(key)
+    return handed, private_keys
+
+
+def _public_numbers(path: Path) -> ec.EllipticCurvePublicNumbers:
+    return serialization.load_ssh_public_key(path.read_bytes()).public_numbers()
+
+
+def test_prepare_with_node_public_keys_writes_no_private_key(tmp_path, capsys):
+    """Over a trial folder (--force): the trial's private keys go, the handed-over public
+    keys are the ones registered, and the SuperNodes are told to use their own keys."""
+    out = tmp_path / "dep"
+    prepare(out, 2, "", HOSTS)  # a one-machine trial first: private keys in keys/
+    handed, private_keys = _handed_over_keys(tmp_path, 2)
+    assert prepare_main(["--out", str(out), "--num-nodes", "2", "--force",
+                         "--node-public-keys", str(handed)]) == 0
+    printed = capsys.readouterr().out
+    assert sorted(path.name for path in (out / "keys").iterdir()) == ["node-0.pub",
+                                                                        "node-1.pub"]
+    for path in out.rglob("*"):
+        assert not path.is_file() or b"OPENSSH PRIVATE KEY" not in path.read_bytes(), path
+    manifest = json.loads((out / "deployment.json").read_text())
+    assert [(n["key"], n["private_key_held_by"]) for n in manifest["nodes"]] == [
+        (None, "node")] * 2
+    dep = Deployment.load(out)
+    assert [node.key for node in dep.nodes] == [None, None]
+    lines = [line for line in printed.splitlines() if line and not line.startswith("#")]
+    registered = [Path(_args_after(line, "flwr")[2]) for line in lines
+                  if "flwr supernode register" in line]
+    assert registered == [node.public_key for node in dep.nodes]
+    for i, path in enumerate(registered):
+        assert _public_numbers(path) == _public_numbers(handed / f"node-{i}.pub")
+        assert path.stat().st_mode & 0o777 == 0o600
+    starts = [_parse_args_run_supernode().parse_args(_args_after(line, "flower-supernode"))
+              for line in lines if "flower-supernode" in line]
+    assert [args.auth_supernode_private_key for args in starts] == ["keys/node-0",
+                                                                    "keys/node-1"]
+    assert "own machine" in printed
+    assert "deploy.launch" not in printed  # it cannot start nodes whose keys it lacks
+    fingerprints = [line for line in printed.splitlines() if "SHA256:" in line]
+    assert len(fingerprints) == 2
+    for key, line in zip(private_keys, fingerprints):
+        assert pki.fingerprint(serialization.load_ssh_private_key(
+            key.read_bytes(), None).public_key()) in line
+
+
+def test_trial_instructions_tell_real_nodes_to_make_their_own_keys(prepared):
+    text = instructions(prepared)
+    assert "--node-public-keys" in text and "ssh-keygen -t ecdsa -b 384" in text
+
+
+def _p256_public_key(path: Path) -> None:
+    path.write_bytes(pki.openssh_public_key(ec.generate_private_key(ec.SECP256R1())
+                                            .public_key()))
+
+
+def _rsa_public_key(path: Path) -> None:
+    path.write_bytes(rsa.generate_private_key(65537, 2048).public_key().public_bytes(
+        serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH))
+
+
+@pytest.mark.parametrize("spoil, message", [
+    (Path.unlink, "not found"),
+    (lambda path: path.write_text("ecdsa-sha2-nistp384 AAAAnot-base64 node-1\n"),
+     "not an OpenSSH public key"),
+    (_p256_public_key, "not an ECDSA P-384 public key but ECDSA secp256r1"),
+    (_rsa_public_key, "not an ECDSA P-384 public key but RSA"),
+    (lambda path: path.write_bytes(path.with_name("node-0.pub").read_bytes()),
+     "same key as"),
+    (lambda path: shutil.copy(path.parents[1] / "machine-1" / "keys" / "node-1", path),
+     "holds a private key"),
+])
+def test_a_missing_or_unusable_node_public_key_is_named(tmp_path, capsys, spoil, message):
+    handed, _ = _handed_over_keys(tmp_path, 2)
+    spoil(handed / "node-1.pub")
+    out = tmp_path / "dep"
+    assert prepare_main(["--out", str(out), "--num-nodes", "2",
+                         "--node-public-keys", str(handed)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and f"{handed / 'node-1.pub'}" in err and message in err
+    assert not out.exists()  # refused before anything was written
+
+
+def test_node_key_helper_makes_a_private_key_and_a_loadable_public_key(tmp_path, capsys,
+                                                                       monkeypatch):
+    """The private key is mode 600 from its creation (no chmod), in a new mode-700 folder."""
+    monkeypatch.setattr(os, "chmod", lambda *args, **kwargs: None)
+    monkeypatch.setattr(Path, "chmod", lambda *args, **kwargs: None)
+    previous = os.umask(0o022)
+    try:
+        assert node_key.main(["--out", str(tmp_path / "keys"), "--name", "node-3"]) == 0
+    finally:
+        os.umask(previous)
+    private, public = tmp_path / "keys" / "node-3", tmp_path / "keys" / "node-3.pub"
+    assert private.stat().st_mode & 0o777 == 0o600
+    assert (tmp_path / "keys").stat().st_mode & 0o777 == 0o700
+    key = serialization.load_ssh_private_key(private.read_bytes(), None)
+    assert key.curve.name == "secp384r1"
+    assert pki.read_node_public_key(public).public_numbers() == key.public_key().public_numbers()
+    printed = capsys.readouterr().out
+    assert f"Public key to hand over: {public}" in printed
+    assert pki.fingerprint(key.public_key()) in printed
+    before = private.read_bytes()
+    assert node_key.main(["--out", str(tmp_path / "keys"), "--name", "node-3"]) == 2
+    assert "already exists" in capsys.readouterr().err and private.read_bytes() == before
+
+
+def test_launch_names_the_node_whose_private_key_it_lacks(tmp_path, capsys):
+    handed, _ = _handed_over_keys(tmp_path, 2)
+    dep = prepare(tmp_path / "dep", 2, "", HOSTS, node_public_keys=handed)
+    assert launch.main(["--dir", str(dep.root), "--quiet"]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("error: node-0's private key is held by the node")
+    assert not (dep.root / "launch").exists()  # refused before starting anything
