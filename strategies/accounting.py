@@ -150,18 +150,22 @@ class PrivacyAccountant:
         self.poisson_rate = poisson_rate
         self.delta: float | None = target_delta or None
         self.relation = RELATIONS[sampling]
+        self._checked = False
         self.rounds: list[RoundEvent] = []
 
     def fix_delta(self, population: int) -> float:
-        """δ: the configured target (refused if >= 1/N), else min(1e-5, 1/(10·N)) for the
-        first N seen (kept thereafter)."""
+        """δ: the configured target, else min(1e-5, 1/(10·N)) for the first N seen (kept
+        thereafter). The first call refuses a δ >= 1/N and, under Poisson sampling, an empty
+        sample not far less likely than δ."""
         if self.delta is None:
             self.delta = default_delta(population)
             log(INFO, "DP: reporting epsilon at delta = min(1e-5, 1/(10N)) = %.3g for N = %s "
                 "clients", self.delta, population)
-        check_delta(self.delta, population)
-        if self.sampling == "poisson":
-            check_empty_sample(self.poisson_rate, population, self.delta)
+        if not self._checked:  # once: clients that leave mid-run must not crash a released run
+            check_delta(self.delta, population)
+            if self.sampling == "poisson":
+                check_empty_sample(self.poisson_rate, population, self.delta)
+            self._checked = True
         return self.delta
 
     def event(self, noise_multiplier: float, sample_size: int, population: int) -> RoundEvent:

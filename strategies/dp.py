@@ -40,7 +40,8 @@ would let its reader step it back and subtract a round's noise): the run config 
 `seed`) reaches every client, and noise or a sample anyone can recompute protects nothing.
 `dp-noise-seed` makes them reproducible for experiments only (then their state is
 checkpointed, for an exact replay). With Poisson sampling, an empty sample skips the round
-(Flower cancels a round without clients); that happens with probability (1 − q)^N, which should be far below δ.
+(Flower cancels a round without clients); that happens with probability (1 − q)^N, and a
+configuration where that is not far below δ is refused (`accounting.check_empty_sample`).
 
 Every round's ε at δ comes from `strategies.accounting`; the run stops before a round
 that would exceed `max-epsilon`, and `configure_fit` refuses such a round itself, so the
@@ -88,9 +89,10 @@ from strategies.wrapper import StrategyWrapper
 CLIENT_CLIP_TOLERANCE = 1e-5  # relative: float32 rounding of a client-clipped update
 # What a round's record in history.json holds outside the guarantee, which covers the
 # released model and everything computed from it alone (centralized evaluation, the
-# final model): counts of failed, rejected and capped clients, and distributed evaluation.
-NOT_COVERED = ("fit.num_failures", "fit.failures", "fit.num_rejected", "fit.num_capped",
-               "distributed")
+# final model): counts of answering, failed, rejected and capped clients, the failures,
+# distributed evaluation and the round's wall time.
+NOT_COVERED = ("fit.num_clients", "fit.num_failures", "fit.failures", "fit.num_rejected",
+               "fit.num_capped", "distributed", "seconds")
 
 
 SETTINGS = [

@@ -2,8 +2,8 @@
 
 Privacy amplification by sampling assumes nobody can predict the sample. The run's `seed`
 is part of the run config, which every client receives, so a sample drawn from it is
-predictable; the DP wrappers hand their inner strategy this view instead, drawing from
-their secret generator (see `dp-noise-seed`).
+predictable; the DP wrappers hand their inner strategy this view instead, drawing from a
+fresh OS-entropy generator each round (or a seeded one with `dp-noise-seed`).
 """
 
 from __future__ import annotations

@@ -222,3 +222,11 @@ def test_a_stateful_inner_strategy_steps_every_round_even_below_min_fit_clients(
                                    fedadam.current_weights[0], atol=1e-6)
         base = parameters_to_ndarrays(params)
     assert "returned no model" not in caplog.text
+
+
+def test_the_population_checks_run_once_so_clients_leaving_mid_run_cannot_crash_it():
+    accountant = PrivacyAccountant(target_delta=0.05)
+    assert accountant.fix_delta(10) == 0.05  # 0.05 < 1/10: accepted at the start
+    assert accountant.fix_delta(30) == 0.05  # later populations do not re-run the check
+    with pytest.raises(ConfigError, match="'target-delta'"):
+        PrivacyAccountant(target_delta=0.05).fix_delta(30)

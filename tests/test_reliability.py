@@ -234,3 +234,9 @@ def test_validated_strategy_aggregate_fit_before_configure_fit_is_a_clear_error(
     updates = [(IdleProxy("c0"), fit_res(random_model(np.random.default_rng(13)), 10))]
     with pytest.raises(RuntimeError, match="before configure_fit"):
         strategy.aggregate_fit(1, updates, [])
+
+
+def test_a_client_cannot_forge_the_servers_counts_in_the_round_record():
+    from fl_app.server.runner import _section
+
+    assert _section(0.5, {"loss": 99.0, "accuracy": 0.9}) == {"loss": 0.5, "accuracy": 0.9}

@@ -17,7 +17,7 @@ from fl_app.ml import settings as ml_settings
 from fl_app.schema import ConfigError, RunConfig, Scalar, Schema, Setting, module_checks
 from fl_app.server import settings as server_settings
 from strategies import registry
-from strategies.accounting import check_delta, check_empty_sample, default_delta
+from strategies.accounting import PrivacyAccountant
 
 RUN_SETTINGS = [
     Setting("seed", int, 42, "Seed for initial weights, partitioning, sampling and shuffling.",
@@ -75,7 +75,6 @@ def check_num_clients(cfg: Mapping[str, Scalar], num_clients: int) -> None:
                           "'synthetic' gives each client the data of one user")
     faults.role_counts(cfg, num_clients)
     if str(cfg["strategy"]).startswith("dp-"):
-        delta = float(cfg["target-delta"]) or default_delta(num_clients)
-        check_delta(delta, num_clients)
-        if cfg["dp-sampling"] == "poisson":
-            check_empty_sample(float(cfg["fraction-fit"]), num_clients, delta)
+        PrivacyAccountant(str(cfg["accountant"]), str(cfg["dp-sampling"]),
+                          float(cfg["fraction-fit"]), float(cfg["target-delta"])
+                          ).fix_delta(num_clients)

@@ -22,8 +22,9 @@ from strategies.state import set_strategy_state, strategy_state
 
 
 def _section(loss: float | None, metrics: dict[str, Scalar]) -> dict[str, Any]:
-    out: dict[str, Any] = {} if loss is None else {"loss": float(loss)}
-    out.update(metrics)
+    out: dict[str, Any] = dict(metrics)
+    if loss is not None:
+        out["loss"] = float(loss)  # the aggregated loss, never a client metric named "loss"
     return out
 
 
@@ -119,8 +120,9 @@ class FederatedServer(Server):
         else:
             log(WARNING, "round %s: no aggregate, the global model is unchanged", server_round)
         history.add_metrics_distributed_fit(server_round=server_round, metrics=metrics)
-        record = {"num_clients": len(results), "num_failures": len(failures),
-                  "num_rejected": 0, **metrics}
+        # The server's counts come last: no client-reported metric may overwrite them.
+        record = {"num_rejected": 0, **metrics, "num_clients": len(results),
+                  "num_failures": len(failures)}
         if failures:
             record["failures"] = [describe_failure(f) for f in failures]
             for failure in record["failures"]:
