@@ -323,3 +323,20 @@ def test_the_privacy_ledger_is_saved_before_anything_of_the_round_is_released():
         assert events.index(f"aggregate {t}") < charged
         assert charged < min(events.index(f"evaluate {t}"), events.index(f"record {t}"),
                              events.index(f"checkpoint {t}"))
+
+
+def test_run_outputs_are_private_files_in_a_private_folder(tmp_path):
+    import os
+    import stat
+
+    from fl_app.server.outputs import save_plots, write_history
+
+    old = os.umask(0o022)
+    try:
+        out = tmp_path / "run"
+        rounds = [{"round": r, "centralized": {"accuracy": 0.5, "loss": 1.0}} for r in (0, 1)]
+        written = [write_history(out, {"rounds": rounds}), *save_plots(out, rounds)]
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE(out.stat().st_mode) == 0o700
+    assert written and all(stat.S_IMODE(p.stat().st_mode) == 0o600 for p in written)

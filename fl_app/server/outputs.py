@@ -1,10 +1,13 @@
-"""What a run leaves behind: history.json (written atomically every round) and plots."""
+"""What a run leaves behind: history.json (written atomically every round) and plots, all
+created 0600 in a 0700 folder."""
 
 from __future__ import annotations
 
 import json
 import os
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -20,9 +23,20 @@ def resolve_out_dir(configured: str) -> Path:
     return (Path.cwd() / "outputs" / datetime.now().strftime("%Y%m%d-%H%M%S")).resolve()
 
 
+@contextmanager
+def private_files() -> Iterator[None]:
+    """Files and folders created inside are 0600/0700 (umask 077), for writers that take
+    only a path (Keras' `model.save`, matplotlib's `savefig`)."""
+    previous = os.umask(0o077)
+    try:
+        yield
+    finally:
+        os.umask(previous)
+
+
 def atomic_write_bytes(path: Path, data: bytes) -> None:
     """Write `data` to `path` so a reader never sees a half-written file (tmp, fsync, rename)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
+    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as handle:
@@ -84,7 +98,8 @@ def save_plots(out_dir: Path, rounds: list[dict[str, Any]]) -> list[Path]:
         ax.legend()
         path = out_dir / f"{name}.png"
         fig.tight_layout()
-        fig.savefig(path, dpi=100)
+        with private_files():
+            fig.savefig(path, dpi=100)
         plt.close(fig)
         written.append(path)
     return written

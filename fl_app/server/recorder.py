@@ -13,7 +13,7 @@ from flwr.common.logger import log
 from fl_app.ml.trainer import KerasTrainer
 from fl_app.schema import RunConfig
 from fl_app.server.checkpoint import Checkpoint
-from fl_app.server.outputs import MODEL_FILE, save_plots, write_history
+from fl_app.server.outputs import MODEL_FILE, private_files, save_plots, write_history
 
 
 def progress_line(record: dict[str, Any]) -> str:
@@ -58,6 +58,7 @@ class RunRecorder:
         self.history["stopped"] = stopped
         write_history(self.out_dir, self.history)
         self.trainer.set_weights(parameters_to_ndarrays(parameters))
-        self.trainer.model.save(self.out_dir / MODEL_FILE)
+        with private_files():
+            self.trainer.model.save(self.out_dir / MODEL_FILE)
         save_plots(self.out_dir, self.history["rounds"])
         log(INFO, "results written to %s", self.out_dir)
