@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import replace
 from logging import WARNING
 
-from flwr.common import EvaluateRes, FitRes, Parameters, Scalar
+from flwr.common import EvaluateRes, FitIns, FitRes, Parameters, Scalar
 from flwr.common.logger import log
 from flwr.server.client_manager import ClientManager
 from flwr.server.client_proxy import ClientProxy
@@ -78,7 +78,7 @@ class ValidatedStrategy(StrategyWrapper):
         return parameters
 
     def configure_fit(self, server_round: int, parameters: Parameters,
-                      client_manager: ClientManager) -> list:
+                      client_manager: ClientManager) -> list[tuple[ClientProxy, FitIns]]:
         """Remember the global model sent this round, then delegate."""
         self._sent = parameters
         return self.inner.configure_fit(server_round, parameters, client_manager)
