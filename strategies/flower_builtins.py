@@ -38,8 +38,7 @@ SETTINGS = [
 
 def _fedopt_kwargs(ctx: StrategyContext, betas: bool) -> dict:
     cfg = ctx.cfg
-    kwargs = dict(ctx.flower_kwargs(), eta=cfg["fedopt-eta"], eta_l=cfg["learning-rate"],
-                  tau=cfg["fedopt-tau"])
+    kwargs = dict(ctx.flower_kwargs(), eta=cfg["fedopt-eta"], tau=cfg["fedopt-tau"])
     if betas:
         kwargs.update(beta_1=cfg["fedopt-beta-1"], beta_2=cfg["fedopt-beta-2"])
     return kwargs

@@ -62,8 +62,10 @@ def test_two_clients_in_one_process_equal_two_processes(tmp_path):
 
 def test_dropout_masks_do_not_depend_on_earlier_clients(tmp_path):
     path = tmp_path / "dropout.keras"
-    keras.Sequential([keras.Input((64,)), keras.layers.Dense(32, activation="relu"),
-                      keras.layers.Dropout(0.5), keras.layers.Dense(10)]).save(path)
+    model = keras.Sequential([keras.Input((64,)), keras.layers.Dense(32, activation="relu"),
+                              keras.layers.Dropout(0.5), keras.layers.Dense(10)])
+    model.compile(optimizer="sgd", loss=keras.losses.SparseCategoricalCrossentropy(True))
+    model.save(path)
     cfg = make_config(model=str(path))
     start = _global_weights(cfg)
     _fit(cfg, 3, start)                      # advances the Dropout layer's seed generator
@@ -123,7 +125,9 @@ def test_fedprox_proximal_term_keeps_the_update_close_to_the_global_model():
 
 def test_a_users_keras_file_is_trained(tmp_path):
     path = tmp_path / "tiny.keras"
-    keras.Sequential([keras.Input((64,)), keras.layers.Dense(10)]).save(path)
+    model = keras.Sequential([keras.Input((64,)), keras.layers.Dense(10)])
+    model.compile(optimizer="sgd", loss=keras.losses.SparseCategoricalCrossentropy(True))
+    model.save(path)
     cfg = make_config(model=str(path))
     client = client_for(cfg, {"partition-id": 0, "num-partitions": 10})
     start = client.get_parameters({})
@@ -135,6 +139,8 @@ def test_a_users_keras_file_is_trained(tmp_path):
 
 def test_a_keras_file_that_does_not_fit_the_data_is_refused(tmp_path):
     path = tmp_path / "wrong.keras"
-    keras.Sequential([keras.Input((64,)), keras.layers.Dense(3)]).save(path)
-    with pytest.raises(ValueError, match="outputs 3 classes"):
+    model = keras.Sequential([keras.Input((64,)), keras.layers.Dense(3)])
+    model.compile(optimizer="sgd", loss=keras.losses.SparseCategoricalCrossentropy(True))
+    model.save(path)
+    with pytest.raises(ValueError, match="outputs 3 value"):
         client_for(make_config(model=str(path)), {"partition-id": 0, "num-partitions": 10})

@@ -23,13 +23,14 @@ from strategies.weighted_fedavg import EvaluateFn
 
 
 def centralized_evaluator(trainer: KerasTrainer, test: Split) -> EvaluateFn:
-    """Flower `evaluate_fn`: loss and accuracy of the global model on the server's test set."""
+    """Flower `evaluate_fn`: loss and compiled metrics of the global model on the server's
+    test set."""
 
     def evaluate(server_round: int, arrays: NDArrays,
                  config: dict[str, Scalar]) -> tuple[float, dict[str, Scalar]]:
         trainer.set_weights(arrays)
-        loss, accuracy = trainer.evaluate(test)
-        return loss, {"accuracy": accuracy}
+        loss, metrics = trainer.evaluate(test)
+        return loss, dict(metrics)
 
     return evaluate
 

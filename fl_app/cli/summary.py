@@ -6,24 +6,36 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from fl_app.server.outputs import read_history
+from fl_app.server.outputs import metric_names, read_history
 
 
 def _fmt(value: float | None, spec: str = ".4f") -> str:
     return "" if value is None else format(value, spec)
 
 
-SUMMARY_COLUMNS: list[tuple[str, Callable[[dict[str, Any]], str]]] = [
+Column = tuple[str, Callable[[dict[str, Any]], str]]
+COUNT_COLUMNS: list[Column] = [
     ("round", lambda r: str(r["round"])),
     ("clients", lambda r: str(r.get("fit", {}).get("num_clients", ""))),
     ("failed", lambda r: str(r.get("fit", {}).get("num_failures", ""))),
     ("rejected", lambda r: str(r.get("fit", {}).get("num_rejected", ""))),
-    ("accuracy", lambda r: _fmt(r.get("centralized", {}).get("accuracy"))),
-    ("loss", lambda r: _fmt(r.get("centralized", {}).get("loss"))),
-    ("distributed acc.", lambda r: _fmt(r.get("distributed", {}).get("accuracy"))),
+]
+TAIL_COLUMNS: list[Column] = [
     ("ε", lambda r: _fmt(r.get("privacy", {}).get("epsilon"), ".3f")),
     ("seconds", lambda r: _fmt(r["seconds"], ".2f")),
 ]
+
+
+def _metric_column(section: str, name: str, title: str) -> Column:
+    return title, lambda r: _fmt(r.get(section, {}).get(name))
+
+
+def summary_columns(rounds: list[dict[str, Any]]) -> list[Column]:
+    """Counts, the centralized metrics by Keras name, the distributed ones, ε and seconds."""
+    centralized = [_metric_column("centralized", n, n) for n in metric_names(rounds, "centralized")]
+    distributed = [_metric_column("distributed", n, f"dist. {n}")
+                   for n in metric_names(rounds, "distributed")]
+    return [*COUNT_COLUMNS, *centralized, *distributed, *TAIL_COLUMNS]
 
 
 def print_summary(out_dir: Path, wall_seconds: float) -> str:
@@ -35,7 +47,8 @@ def print_summary(out_dir: Path, wall_seconds: float) -> str:
     from rich.table import Table
 
     history = read_history(out_dir)
-    cells = {name: [cell(r) for r in history["rounds"]] for name, cell in SUMMARY_COLUMNS}
+    rounds = history["rounds"]
+    cells = {name: [cell(r) for r in rounds] for name, cell in summary_columns(rounds)}
     shown = [name for name, column in cells.items() if any(column)]
     table = Table(title=f"Run summary (stopped: {history['stopped']})")
     for name in shown:

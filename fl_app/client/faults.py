@@ -26,7 +26,7 @@ import numpy as np
 from flwr.client import NumPyClient
 from flwr.common import NDArrays, Scalar
 
-from fl_app.data.sources import ClientData, Split
+from fl_app.data.sources import ClientData, DataSpec, Split
 from fl_app.schema import ConfigError, Setting
 from fl_app.wire import SERVER_ROUND
 
@@ -108,9 +108,14 @@ def assign_roles(cfg: Mapping[str, Scalar], num_partitions: int) -> dict[int, st
     return roles
 
 
-def flip_labels(split: Split, num_classes: int) -> Split:
-    """The same features with every label c replaced by num_classes - 1 - c."""
-    return Split(split.x, (num_classes - 1 - split.y).astype(split.y.dtype))
+def flip_labels(split: Split, spec: DataSpec) -> Split:
+    """The same features with every class c replaced by num_classes - 1 - c (each 0/1 label
+    inverted for binary and multi-label data)."""
+    if not spec.is_classification:
+        raise ConfigError("attack='label-flip' needs classes to flip; the dataset is "
+                          f"{spec.describe()}: use another attack")
+    top = spec.num_classes - 1 if spec.task == "multiclass" else 1
+    return Split(split.x, (top - split.y).astype(split.y.dtype))
 
 
 def garbage(weights: NDArrays, num_examples: int, kind: str) -> tuple[NDArrays, int]:
@@ -196,9 +201,8 @@ def with_faults(client: NumPyClient, cfg: Mapping[str, Scalar],
     if role is None:
         return client
     if role == "label-flip":
-        num_classes = int(client.trainer.model.output_shape[-1])
         data: ClientData = client.data
-        client.data = ClientData(flip_labels(data.train, num_classes), data.val,
+        client.data = ClientData(flip_labels(data.train, client.trainer.spec), data.val,
                                  f"{data.source} (labels flipped)")
         return client
     return FaultyClient(client, role, cfg, partition_id)

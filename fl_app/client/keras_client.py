@@ -60,12 +60,13 @@ class KerasClient(NumPyClient):
             self.data.train,
             epochs=int(self._setting(config, "local-epochs")),
             batch_size=int(self._setting(config, "batch-size")),
-            learning_rate=float(self._setting(config, "learning-rate")),
+            learning_rate=float(self._setting(config, "learning-rate")) or None,
             proximal_mu=float(config.get(KEY_PROXIMAL_MU, 0.0)),
             seed=[self.seed, server_round, self.client_key],
         )
-        metrics = {"train_loss": result.loss, "train_accuracy": result.accuracy,
-                   "train_seconds": result.seconds}
+        metrics: dict[str, Scalar] = {
+            "train_loss": result.loss, "train_seconds": result.seconds,
+            **{f"train_{name}": value for name, value in result.metrics.items()}}
         weights = self.trainer.get_weights()
         if KEY_CLIPPING_NORM in config:  # client-side DP: clip the update to C ourselves
             weights, metrics[KEY_NORM_BIT] = clip_weights(weights, parameters,
@@ -77,5 +78,5 @@ class KerasClient(NumPyClient):
         """Evaluate the global weights on the local validation split (train if none)."""
         self.trainer.set_weights(parameters)
         split = self.data.val if len(self.data.val) else self.data.train
-        loss, accuracy = self.trainer.evaluate(split)
-        return loss, len(split), {"accuracy": accuracy}
+        loss, metrics = self.trainer.evaluate(split)
+        return loss, len(split), dict(metrics)

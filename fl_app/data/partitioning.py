@@ -17,7 +17,9 @@ from flwr_datasets.partitioner import (
 
 from fl_app.schema import RunConfig
 
-LABEL = "label"
+LABEL = "label"  # the column label-based partitioners split by
+TARGET = "y"  # the pool's targets (equal to LABEL for single-label classes)
+TARGET_BINS = 10  # quantile bins that stand in for classes when partitioning regression data
 
 
 class PartitioningError(ValueError):
@@ -112,16 +114,36 @@ def load_partition(partitioner: Partitioner, partition_id: int, num_partitions: 
     return partition
 
 
-def partition_arrays(
-    x: np.ndarray, y: np.ndarray, cfg: RunConfig, num_partitions: int
-) -> Partitioner:
+def partition_key(y: np.ndarray, task: str, partitioner: str) -> np.ndarray:
+    """What label-based partitioners split by: the class, or for a regression target its
+    quantile bin (`TARGET_BINS` bins, so "non-IID" means skewed target ranges).
+
+    Multi-label targets have no single class: only `iid` splits them.
+    """
+    if task == "regression":
+        values = y.reshape(len(y), -1)[:, 0]
+        edges = np.quantile(values, np.linspace(0, 1, TARGET_BINS + 1)[1:-1])
+        return np.searchsorted(edges, values, side="right").astype(np.int64)
+    if task == "multilabel":
+        if partitioner != "iid":
+            raise PartitioningError(
+                f"partitioner={partitioner!r} splits by class, but multi-label data has no "
+                "single class per example: use partitioner='iid'")
+        return np.zeros(len(y), dtype=np.int64)
+    return np.asarray(y, dtype=np.int64)
+
+
+def partition_arrays(x: np.ndarray, y: np.ndarray, cfg: RunConfig, num_partitions: int,
+                     task: str = "multiclass") -> Partitioner:
     """Attach an in-memory (x, y) pool to the configured partitioner and return it.
 
     The pool is shuffled with the run's seed first, since `IidPartitioner` splits in order.
-    Partitions come back as `datasets.Dataset` with columns `x` and `label`.
+    Partitions come back as `datasets.Dataset` with columns `x`, `TARGET` and `LABEL`.
     """
     order = np.random.default_rng(cfg["seed"]).permutation(len(y))
-    pool = Dataset.from_dict({"x": x[order].reshape(len(y), -1), LABEL: y[order]})
+    x, y = x[order], y[order]
+    pool = Dataset.from_dict({"x": x.reshape(len(y), -1), TARGET: y,
+                              LABEL: partition_key(y, task, cfg["partitioner"])})
     partitioner = make_partitioner(cfg, num_partitions)
     partitioner.dataset = pool
     return partitioner

@@ -1,7 +1,15 @@
-"""Keras model builders by name, sized from the dataset, or a user's `.keras` file."""
+"""Where a run's Keras model comes from, always compiled: a builder by name (compiled with a
+default for the task), a user's `.keras` file (with its own compiled loss, metrics and
+optimizer) or a user's `package.module:function` that returns a compiled model.
+
+`check_fits` compares a model with the data before any training: input size, output units
+and, through `targets`, what its loss expects of the targets.
+"""
 
 from __future__ import annotations
 
+import importlib
+import inspect
 from pathlib import Path
 from typing import Callable
 
@@ -9,6 +17,10 @@ import keras
 import numpy as np
 
 from fl_app.data.sources import DataSpec
+
+
+class ModelError(ValueError):
+    """A model cannot be loaded or built, is not compiled, or does not fit the data."""
 
 
 def _kernel(seed: int, layer: int) -> keras.initializers.Initializer:
@@ -20,13 +32,17 @@ def _kernel(seed: int, layer: int) -> keras.initializers.Initializer:
     return keras.initializers.GlorotUniform(seed=seed * 1000 + layer)
 
 
+def _head(spec: DataSpec, seed: int, layer: int) -> keras.layers.Layer:
+    """The output layer for the task: softmax, sigmoid or linear units."""
+    activation = {"multiclass": "softmax", "binary": "sigmoid",
+                  "multilabel": "sigmoid"}.get(spec.task)
+    return keras.layers.Dense(spec.output_units, activation=activation,
+                              kernel_initializer=_kernel(seed, layer))
+
+
 def _logreg(spec: DataSpec, seed: int) -> keras.Model:
-    return keras.Sequential([
-        keras.Input(spec.input_shape),
-        keras.layers.Flatten(),
-        keras.layers.Dense(spec.num_classes, activation="softmax",
-                           kernel_initializer=_kernel(seed, 0)),
-    ], name="logreg")
+    return keras.Sequential([keras.Input(spec.input_shape), keras.layers.Flatten(),
+                             _head(spec, seed, 0)], name="logreg")
 
 
 def _mlp(spec: DataSpec, seed: int) -> keras.Model:
@@ -34,8 +50,7 @@ def _mlp(spec: DataSpec, seed: int) -> keras.Model:
         keras.Input(spec.input_shape),
         keras.layers.Flatten(),
         keras.layers.Dense(64, activation="relu", kernel_initializer=_kernel(seed, 0)),
-        keras.layers.Dense(spec.num_classes, activation="softmax",
-                           kernel_initializer=_kernel(seed, 1)),
+        _head(spec, seed, 1),
     ], name="mlp")
 
 
@@ -47,7 +62,7 @@ def _image_shape(spec: DataSpec) -> tuple[int, int, int]:
         return (*spec.input_shape, 1)  # type: ignore[return-value]
     side = int(round(np.sqrt(spec.input_shape[0])))
     if side * side != spec.input_shape[0]:
-        raise ValueError(f"model 'cnn' needs image-shaped or square inputs, got {spec.input_shape}")
+        raise ModelError(f"model 'cnn' needs image-shaped or square inputs, got {spec.input_shape}")
     return (side, side, 1)
 
 
@@ -61,8 +76,7 @@ def _cnn(spec: DataSpec, seed: int) -> keras.Model:
         keras.layers.Conv2D(32, 3, padding="same", activation="relu",
                             kernel_initializer=_kernel(seed, 1)),
         keras.layers.GlobalAveragePooling2D(),
-        keras.layers.Dense(spec.num_classes, activation="softmax",
-                           kernel_initializer=_kernel(seed, 2)),
+        _head(spec, seed, 2),
     ], name="cnn")
 
 
@@ -72,43 +86,142 @@ MODEL_BUILDERS: dict[str, Callable[[DataSpec, int], keras.Model]] = {
     "cnn": _cnn,
 }
 
+# How a builder's model is compiled, per task: (optimizer, loss, metrics). SGD(0.1) is the
+# rate the app's default digits run was tuned with; regression targets are on their own
+# scale (diabetes: 25..346), which Adam copes with where plain SGD diverges.
+DEFAULT_COMPILE: dict[str, tuple[Callable[[], keras.optimizers.Optimizer], str, list[str]]] = {
+    "multiclass": (lambda: keras.optimizers.SGD(0.1), "sparse_categorical_crossentropy",
+                   ["accuracy"]),
+    "binary": (lambda: keras.optimizers.SGD(0.1), "binary_crossentropy", ["accuracy"]),
+    "multilabel": (lambda: keras.optimizers.SGD(0.1), "binary_crossentropy",
+                   ["binary_accuracy"]),
+    "regression": (lambda: keras.optimizers.Adam(0.01), "mse", ["mae"]),
+}
 
-def load_model_file(path_str: str, spec: DataSpec) -> keras.Model:
-    """Load a user's `.keras` model and check that it fits the data; errors name the file."""
-    path = Path(path_str).expanduser()
-    if not path.is_file():
-        raise ValueError(f"run-config key 'model': file {path} does not exist")
-    try:
-        model = keras.models.load_model(path, compile=False)
-    except Exception as err:  # Keras raises many kinds for a bad archive
-        raise ValueError(f"run-config key 'model': cannot load {path}: {err}") from err
-    in_shape = tuple(model.input_shape[1:])
-    if int(np.prod(in_shape)) != int(np.prod(spec.input_shape)):
-        raise ValueError(f"model file {path} expects inputs {in_shape} but the dataset has "
-                         f"{spec.input_shape}")
-    if model.output_shape[-1] != spec.num_classes:
-        raise ValueError(f"model file {path} outputs {model.output_shape[-1]} classes but the "
-                         f"dataset has {spec.num_classes}")
+
+def _build_named(name: str, spec: DataSpec, seed: int) -> keras.Model:
+    model = MODEL_BUILDERS[name](spec, seed)
+    optimizer, loss, metrics = DEFAULT_COMPILE[spec.task]
+    model.compile(optimizer=optimizer(), loss=loss, metrics=metrics)
     return model
 
 
+def _load_file(path_str: str) -> keras.Model:
+    """A user's `.keras` file, with the loss, metrics and optimizer it was compiled with."""
+    path = Path(path_str).expanduser()
+    if not path.is_file():
+        raise ModelError(f"run-config key 'model': file {path} does not exist")
+    try:
+        return keras.models.load_model(path, compile=True)
+    except Exception as err:  # Keras raises many kinds for a bad archive or unknown objects
+        raise ModelError(
+            f"run-config key 'model': cannot load {path}: {type(err).__name__}: {err} (custom "
+            "layers, losses or metrics must be registered with "
+            "@keras.saving.register_keras_serializable, or use model='package.module:function')"
+        ) from err
+
+
+def _call_function(reference: str, spec: DataSpec, seed: int) -> keras.Model:
+    """Import `package.module:function` and call it, with the data spec if it takes one."""
+    module_name, _, function_name = reference.partition(":")
+    try:
+        function = getattr(importlib.import_module(module_name), function_name)
+    except (ImportError, AttributeError) as err:
+        raise ModelError(f"run-config key 'model': cannot import {reference}: "
+                         f"{type(err).__name__}: {err}") from err
+    keras.utils.set_random_seed(seed)  # the function's unseeded initializers are reproducible
+    takes_spec = bool(inspect.signature(function).parameters)
+    try:
+        model = function(spec) if takes_spec else function()
+    except Exception as err:  # the user's code may raise anything
+        raise ModelError(f"model function {reference} raised {type(err).__name__}: {err}") from err
+    if not isinstance(model, keras.Model):
+        raise ModelError(f"model function {reference} returned {type(model).__name__}, "
+                         "not a keras.Model")
+    return model
+
+
+def is_function_reference(name: str) -> bool:
+    """Whether a `model` value names a `package.module:function`."""
+    module_name, sep, function_name = name.partition(":")
+    return bool(sep and module_name and function_name.isidentifier()
+                and all(part.isidentifier() for part in module_name.split(".")))
+
+
 def build_model(name: str, spec: DataSpec, seed: int) -> keras.Model:
-    """Build model `name` (builder name or `.keras` path) with seeded initial weights."""
-    if name.endswith(".keras"):
-        return load_model_file(name, spec)
-    return MODEL_BUILDERS[name](spec, seed)
+    """The compiled, built model `name` names (builder, `.keras` path or `module:function`).
 
-
-def outputs_probabilities(model: keras.Model) -> bool:
-    """True when the model ends in a softmax (its outputs are probabilities, not logits).
-
-    A softmax ending is a `Softmax` layer, an `Activation("softmax")` layer or a layer
-    with `activation="softmax"` (such as `Dense`), also as the last layer of a nested model.
+    Raises ModelError naming the file or function when it cannot be had, is not compiled
+    or does not fit `spec` (see `check_fits`).
     """
-    last = model.layers[-1]
-    if isinstance(last, keras.Model):
-        return outputs_probabilities(last)
-    if isinstance(last, keras.layers.Softmax):
-        return True
-    activation = getattr(last, "activation", None)
-    return getattr(activation, "__name__", "") == "softmax"
+    if name in MODEL_BUILDERS:
+        model = _build_named(name, spec, seed)
+    elif is_function_reference(name):
+        model = _call_function(name, spec, seed)
+    else:
+        model = _load_file(name)
+    origin = f"model {name!r}"
+    if not getattr(model, "compiled", False) or getattr(model, "optimizer", None) is None:
+        raise ModelError(f"{origin} is not compiled: call model.compile(optimizer=..., loss=..., "
+                         "metrics=[...]) before returning or saving it (its loss, metrics and "
+                         "optimizer are what the clients train with)")
+    if not model.built:  # a subclassed model gets its weights on its first call
+        model(np.zeros((1, *spec.input_shape), dtype=np.float32))
+    check_fits(model, spec, origin)
+    return model
+
+
+def loss_name(model: keras.Model) -> str:
+    """The compiled loss's Keras name (`sparse_categorical_crossentropy`, `mse`, ...)."""
+    loss = model.loss
+    if isinstance(loss, str):
+        loss = keras.losses.get(loss)
+    return str(getattr(loss, "name", None) or getattr(loss, "__name__", type(loss).__name__))
+
+
+ONE_HOT_LOSSES = ("categorical_crossentropy", "categorical_focal_crossentropy",
+                  "categorical_hinge")
+
+
+def wants_one_hot(model: keras.Model) -> bool:
+    """Whether the model's loss takes one-hot targets (categorical cross-entropy and kin)."""
+    return loss_name(model) in ONE_HOT_LOSSES
+
+
+def check_fits(model: keras.Model, spec: DataSpec, origin: str) -> None:
+    """Raise ModelError naming `origin` if the model's input or output does not fit `spec`."""
+    in_shape = tuple(model.input_shape[1:]) if _has_input_shape(model) else spec.input_shape
+    if None not in in_shape and int(np.prod(in_shape)) != int(np.prod(spec.input_shape)):
+        raise ModelError(f"{origin} expects inputs {in_shape} but the dataset has "
+                         f"{spec.input_shape}")
+    try:
+        out = model(np.zeros((1, *spec.input_shape), dtype=np.float32), training=False)
+    except Exception as err:  # a user model may raise anything on inputs it does not take
+        raise ModelError(f"{origin} cannot take the dataset's inputs {spec.input_shape}: "
+                         f"{type(err).__name__}: {err}") from err
+    units = int(out.shape[-1]) if len(out.shape) > 1 else 1
+    allowed = {spec.output_units}
+    if spec.task == "binary":
+        allowed.add(2)  # two softmax units with a (sparse) categorical loss
+    if units not in allowed:
+        raise ModelError(f"{origin} outputs {units} value(s) per example but the dataset is "
+                         f"{spec.describe()}, which needs {spec.output_units}"
+                         + _task_hint(units, spec))
+    one_hot = wants_one_hot(model)
+    if one_hot and spec.task not in ("multiclass", "binary"):
+        raise ModelError(f"{origin} is compiled with {loss_name(model)}, which takes one-hot "
+                         f"classes, but the dataset is {spec.describe()}")
+
+
+def _has_input_shape(model: keras.Model) -> bool:
+    try:
+        return bool(model.input_shape)
+    except (AttributeError, ValueError):  # subclassed models have no declared input
+        return False
+
+
+def _task_hint(units: int, spec: DataSpec) -> str:
+    if units == 1 and spec.task == "multiclass":
+        return ("; a one-output model fits a regression or binary dataset (dataset='diabetes', "
+                "'breast-cancer', or your own file with task='regression')")
+    return ""

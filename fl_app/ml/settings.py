@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
-from fl_app.schema import Setting
+from fl_app.schema import Scalar, Setting
+
+OPTIMIZERS = ("", "sgd", "adam", "adamw", "rmsprop", "adagrad", "adadelta", "adamax",
+              "nadam", "ftrl", "lion", "lamb")  # Keras' built-in names; "" = the compiled one
 
 
 def _model_names() -> list[str]:
@@ -11,16 +14,29 @@ def _model_names() -> list[str]:
     return sorted(MODEL_BUILDERS)
 
 
+def _is_model_reference(value: Scalar) -> bool:
+    """A `.keras` path or a `package.module:function`."""
+    from fl_app.ml.models import is_function_reference
+
+    return str(value).endswith(".keras") or is_function_reference(str(value))
+
+
 SETTINGS = [
     Setting("local-epochs", int, 5, "Local epochs per round (sent in each round's config).",
             "training", low=1),
     Setting("batch-size", int, 16, "Local batch size (sent in each round's config).",
             "training", low=1),
-    Setting("learning-rate", float, 0.1, "Local learning rate (sent in each round's config).",
-            "training", low=0.0, low_open=True),
-    Setting("optimizer", str, "sgd", "Local Keras optimizer.", "training",
-            choices=("sgd", "adam")),
-    Setting("model", str, "mlp", "Keras model: a builder name or a path to a .keras file.",
-            "training", choices=_model_names, check=lambda v: str(v).endswith(".keras"),
-            check_hint="a path ending in '.keras'"),
+    Setting("learning-rate", float, 0.0,
+            "Local learning rate, replacing the compiled optimizer's (0: keep the model's own; "
+            "sent in each round's config).", "training", low=0.0),
+    Setting("optimizer", str, "",
+            "Local Keras optimizer by name, with Keras' default hyperparameters, replacing "
+            "the compiled one (empty: the model's compiled optimizer).", "training",
+            choices=OPTIMIZERS),
+    Setting("model", str, "mlp",
+            "Keras model: a builder name (compiled with a default for the task), a .keras "
+            "file (its compiled loss, metrics and optimizer are used) or "
+            "'package.module:function' returning a compiled model (it may take the DataSpec).",
+            "training", choices=_model_names, check=_is_model_reference,
+            check_hint="a path ending in '.keras' or 'package.module:function'"),
 ]

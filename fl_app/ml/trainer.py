@@ -1,12 +1,18 @@
-"""Fast local training for Keras models: compiled epoch loops instead of `model.fit`.
+"""Fast local training for compiled Keras models: compiled epoch loops instead of `model.fit`.
 
 `model.fit`/`evaluate` pay ~150-250 ms of fixed cost per call (callbacks, data adapters,
-retracing); a small federated client does ~10 ms of real work. `KerasTrainer` builds
-the model's train and eval loops once as `tf.function`s and reuses them across rounds
-and across the clients that share a process. Every call starts from the weights it is
-given, and `fit` also from a fresh optimizer; the layers' random state (Dropout's seed
-generators, which live outside `model.weights`) is reseeded on every fit, so no state
-leaks between clients.
+retracing); a small federated client does ~10 ms of real work. `KerasTrainer` builds the
+model's train and eval loops once as `tf.function`s and reuses them across rounds and
+across the clients that share a process.
+
+What trains is what the user compiled: the loss and regularization losses through the
+model's own `compute_loss`, the metrics through `compute_metrics` (reported under their
+Keras names, reset on every call), and a fresh copy of the compiled optimizer (class and
+hyperparameters; the `optimizer`/`learning-rate` keys replace it only when set). Every
+call starts from the weights it is given, and `fit` also from fresh optimizer state; the
+layers' random state (Dropout's seed generators, which live outside `model.weights`) is
+reseeded on every fit, so no state leaks between clients. A custom `train_step` runs only
+under `model.fit` and is not used here.
 """
 
 from __future__ import annotations
@@ -20,7 +26,7 @@ import numpy as np
 import tensorflow as tf
 
 from fl_app.data.sources import DataSpec, Split
-from fl_app.ml.models import build_model, outputs_probabilities
+from fl_app.ml.models import ModelError, build_model, wants_one_hot
 from fl_app.schema import RunConfig
 
 EVAL_CHUNK = 4096
@@ -29,39 +35,86 @@ SEED_STATE = "seed_generator_state"  # name of a keras.random.SeedGenerator's st
 
 @dataclass(frozen=True)
 class FitResult:
-    """What one local training call produced."""
+    """What one local training call produced: the last epoch's mean loss and compiled
+    metrics (by Keras name), and the wall time."""
 
     loss: float
-    accuracy: float
+    metrics: dict[str, float]
     seconds: float
 
 
-def make_optimizer(name: str, learning_rate: float) -> keras.optimizers.Optimizer:
-    """The local optimizer by run-config name."""
-    optimizers = {"sgd": keras.optimizers.SGD, "adam": keras.optimizers.Adam}
-    return optimizers[name](learning_rate=learning_rate)
+def fresh_optimizer(model: keras.Model, name: str = "",
+                    learning_rate: float = 0.0) -> keras.optimizers.Optimizer:
+    """A new, unbuilt optimizer: Keras' `name` (with its default hyperparameters) if given,
+    else a copy of the model's compiled one; with `learning_rate` > 0 at that rate."""
+    if name:
+        optimizer = keras.optimizers.get(name)
+    else:
+        compiled = model.optimizer
+        optimizer = type(compiled).from_config(compiled.get_config())
+    if learning_rate:
+        optimizer.learning_rate = learning_rate
+    return optimizer
+
+
+def _scalar_metrics(results: dict[str, object]) -> dict[str, float]:
+    """Keras metric results as floats, leaving out the loss tracker and non-scalar results
+    (e.g. per-class F1 vectors), which Flower metrics cannot carry."""
+    return {name: float(value) for name, value in results.items()
+            if name != "loss" and np.ndim(value) == 0}
 
 
 class KerasTrainer:
-    """Compiled train/evaluate loops for one Keras model, reusable across clients.
+    """Compiled train/evaluate loops for one compiled Keras model, reusable across clients.
 
-    The loss is sparse categorical cross-entropy (from logits unless the model ends in a
-    softmax). `fit` optionally adds FedProx's proximal term mu/2 * ||w - w_global||^2.
+    `fit` optionally adds FedProx's proximal term mu/2 * ||w - w_global||^2 to the loss it
+    differentiates (not to the loss it reports). Targets are encoded as the loss expects
+    them: one-hot for categorical cross-entropy, integers for sparse losses, float columns
+    otherwise.
     """
 
-    def __init__(self, model: keras.Model, optimizer: keras.optimizers.Optimizer) -> None:
+    def __init__(self, model: keras.Model, spec: DataSpec,
+                 optimizer: keras.optimizers.Optimizer | None = None) -> None:
         self.model = model
-        self.optimizer = optimizer
-        self._loss = keras.losses.SparseCategoricalCrossentropy(
-            from_logits=not outputs_probabilities(model), reduction="sum"
-        )
-        optimizer.build(model.trainable_variables)
-        self._optimizer_initial = [v.numpy() for v in optimizer.variables]
+        self.spec = spec
+        self.optimizer = optimizer if optimizer is not None else fresh_optimizer(model)
+        self._one_hot = wants_one_hot(model)
+        self._units = int(model(np.zeros((1, *spec.input_shape), np.float32)).shape[-1])
+        self.optimizer.build(model.trainable_variables)
+        self._optimizer_initial = [v.numpy() for v in self.optimizer.variables]
         self._seed_states = [v for v in model.variables if v.name == SEED_STATE]
         self._anchor = [tf.Variable(v, trainable=False) for v in model.trainable_variables]
         self._mu = tf.Variable(0.0, trainable=False, dtype=tf.float32)
+        self._build_loss_and_metrics()
         self._train_epoch = tf.function(self._train_epoch_impl, reduce_retracing=True)
         self._eval_chunk = tf.function(self._eval_chunk_impl, reduce_retracing=True)
+
+    def _build_loss_and_metrics(self) -> None:
+        """Run the compiled loss and metrics once eagerly on two blank examples, so their
+        variables exist before tracing, and so a loss that cannot take the dataset's
+        targets fails here, before any training, with the model named."""
+        x = np.zeros((2, *self.spec.input_shape), np.float32)
+        y_shape = (2, self.spec.num_classes) if self.spec.task == "multilabel" else (2,)
+        y = self.targets(np.zeros(y_shape, np.float32 if self.spec.task == "regression"
+                                  else np.int32))
+        try:
+            y_pred = self.model(x, training=False)
+            self.model.compute_loss(x=x, y=y, y_pred=y_pred, training=False)
+            self.model.compute_metrics(x, y, y_pred, None)
+        except Exception as err:  # Keras raises many kinds for mismatched shapes
+            raise ModelError(f"model {self.model.name!r}: its compiled loss or metrics cannot "
+                             f"take the targets of {self.spec.describe()}: "
+                             f"{type(err).__name__}: {err}") from err
+        self.model.reset_metrics()
+
+    def targets(self, y: np.ndarray) -> np.ndarray:
+        """`y` as the compiled loss takes it."""
+        if self._one_hot:
+            return np.eye(self._units, dtype=np.float32)[y.astype(np.int64)]
+        if self.spec.task == "multiclass" or (self.spec.task == "binary" and self._units == 2):
+            return y.astype(np.int32)
+        y = y.astype(np.float32)
+        return y.reshape(len(y), -1) if y.ndim == 1 else y
 
     # ---- weights
     def get_weights(self) -> list[np.ndarray]:
@@ -79,11 +132,12 @@ class KerasTrainer:
                                  f"the model expects {tuple(var.shape)}")
         self.model.set_weights(weights)
 
-    def reset_optimizer(self, learning_rate: float) -> None:
-        """Return the optimizer to its freshly built state with a new learning rate."""
+    def reset_optimizer(self, learning_rate: float | None = None) -> None:
+        """Return the optimizer to its freshly built state (optionally at a new rate)."""
         for var, initial in zip(self.optimizer.variables, self._optimizer_initial):
             var.assign(initial)
-        self.optimizer.learning_rate = learning_rate
+        if learning_rate:
+            self.optimizer.learning_rate = learning_rate
 
     def reseed_layers(self, rng: np.random.Generator) -> None:
         """Restart every layer's random stream (Dropout masks, noise) from `rng`.
@@ -97,78 +151,83 @@ class KerasTrainer:
 
     # ---- compiled loops
     def _train_epoch_impl(self, x: tf.Tensor, y: tf.Tensor, order: tf.Tensor,
-                          batch_size: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
+                          batch_size: tf.Tensor) -> tf.Tensor:
         n = tf.shape(order)[0]
         num_batches = (n + batch_size - 1) // batch_size
         loss_sum = tf.constant(0.0)
-        correct = tf.constant(0.0)
+        variables = self.model.trainable_variables
         for b in tf.range(num_batches):
             idx = order[b * batch_size:tf.minimum((b + 1) * batch_size, n)]
             xb, yb = tf.gather(x, idx), tf.gather(y, idx)
             with tf.GradientTape() as tape:
                 out = self.model(xb, training=True)
-                batch_loss = self._loss(yb, out)
-                loss = batch_loss / tf.cast(tf.shape(idx)[0], tf.float32)
-                prox = tf.add_n([tf.reduce_sum(tf.square(w - a)) for w, a in
-                                 zip(self.model.trainable_variables, self._anchor)])
-                loss = loss + 0.5 * self._mu * prox
-                if self.model.losses:
-                    loss = loss + tf.add_n(self.model.losses)
-            grads = tape.gradient(loss, self.model.trainable_variables)
-            self.optimizer.apply_gradients(zip(grads, self.model.trainable_variables))
-            loss_sum += batch_loss
-            correct += tf.reduce_sum(tf.cast(
-                tf.equal(tf.argmax(out, axis=-1, output_type=tf.int32), yb), tf.float32))
-        return loss_sum, correct
+                loss = tf.cast(self.model.compute_loss(x=xb, y=yb, y_pred=out, training=True),
+                               tf.float32)
+                prox = tf.add_n([tf.reduce_sum(tf.square(tf.cast(w - a, tf.float32)))
+                                 for w, a in zip(variables, self._anchor)])
+                objective = loss + 0.5 * self._mu * prox
+            grads = tape.gradient(objective, variables)
+            self.optimizer.apply_gradients(zip(grads, variables))
+            loss_sum += loss * tf.cast(tf.shape(idx)[0], tf.float32)
+            self.model.compute_metrics(xb, yb, out, None)
+        return loss_sum
 
-    def _eval_chunk_impl(self, x: tf.Tensor, y: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
+    def _eval_chunk_impl(self, x: tf.Tensor, y: tf.Tensor) -> tf.Tensor:
         out = self.model(x, training=False)
-        correct = tf.reduce_sum(tf.cast(
-            tf.equal(tf.argmax(out, axis=-1, output_type=tf.int32), y), tf.float32))
-        return self._loss(y, out), correct
+        loss = tf.cast(self.model.compute_loss(x=x, y=y, y_pred=out, training=False), tf.float32)
+        self.model.compute_metrics(x, y, out, None)
+        return loss * tf.cast(tf.shape(x)[0], tf.float32)
 
     # ---- public calls
-    def fit(self, data: Split, *, epochs: int, batch_size: int, learning_rate: float,
-            proximal_mu: float = 0.0, seed: int | list[int] = 0) -> FitResult:
+    def fit(self, data: Split, *, epochs: int, batch_size: int,
+            learning_rate: float | None = None, proximal_mu: float = 0.0,
+            seed: int | list[int] = 0) -> FitResult:
         """Train on `data` from the current weights; optimizer and layer RNGs start fresh.
 
-        `seed` fixes the shuffling and the layers' random streams.
+        `learning_rate` (if given) replaces the optimizer's rate; `seed` fixes the
+        shuffling and the layers' random streams.
         """
         start = time.perf_counter()
         self.reset_optimizer(learning_rate)
         for anchor, var in zip(self._anchor, self.model.trainable_variables):
             anchor.assign(var)
         self._mu.assign(proximal_mu)
-        x, y = tf.constant(data.x), tf.constant(data.y)
+        x, y = tf.constant(data.x), tf.constant(self.targets(data.y))
         rng = np.random.default_rng(seed)
         self.reseed_layers(rng.spawn(1)[0])  # spawning leaves `rng`'s own stream untouched
-        loss_sum = correct = 0.0
+        loss_sum = 0.0
         for _ in range(epochs):
+            self.model.reset_metrics()
             order = tf.constant(rng.permutation(len(data)).astype(np.int32))
-            epoch_loss, epoch_correct = self._train_epoch(x, y, order, tf.constant(batch_size))
-            loss_sum, correct = float(epoch_loss), float(epoch_correct)
-        n = len(data)
-        return FitResult(loss_sum / n, correct / n, time.perf_counter() - start)
+            loss_sum = float(self._train_epoch(x, y, order, tf.constant(batch_size)))
+        return FitResult(loss_sum / len(data), _scalar_metrics(self.model.get_metrics_result()),
+                         time.perf_counter() - start)
 
-    def evaluate(self, data: Split) -> tuple[float, float]:
-        """Mean loss and accuracy of the current weights on `data` (inference mode: no
-        layer draws random numbers, so none is reseeded)."""
-        loss_sum = correct = 0.0
+    def evaluate(self, data: Split) -> tuple[float, dict[str, float]]:
+        """Mean loss and the compiled metrics (by Keras name) of the current weights on
+        `data`, in inference mode (no layer draws random numbers, so none is reseeded)."""
+        self.model.reset_metrics()
+        targets = self.targets(data.y)
+        loss_sum = 0.0
         for lo in range(0, len(data), EVAL_CHUNK):
-            chunk_loss, chunk_correct = self._eval_chunk(
-                tf.constant(data.x[lo:lo + EVAL_CHUNK]), tf.constant(data.y[lo:lo + EVAL_CHUNK]))
-            loss_sum += float(chunk_loss)
-            correct += float(chunk_correct)
-        return loss_sum / len(data), correct / len(data)
+            loss_sum += float(self._eval_chunk(tf.constant(data.x[lo:lo + EVAL_CHUNK]),
+                                               tf.constant(targets[lo:lo + EVAL_CHUNK])))
+        return loss_sum / len(data), _scalar_metrics(self.model.get_metrics_result())
+
+    def metric_names(self) -> list[str]:
+        """The names under which `fit` and `evaluate` report the compiled metrics."""
+        return sorted(_scalar_metrics(self.model.get_metrics_result()))
 
 
 @lru_cache(maxsize=4)
-def cached_trainer(model_name: str, spec: DataSpec, optimizer: str, seed: int) -> KerasTrainer:
+def cached_trainer(model_name: str, spec: DataSpec, optimizer: str, learning_rate: float,
+                   seed: int) -> KerasTrainer:
     """One trainer per process and model: built once, reused by every client call."""
     model = build_model(model_name, spec, seed)
-    return KerasTrainer(model, make_optimizer(optimizer, 0.01))
+    return KerasTrainer(model, spec, fresh_optimizer(model, optimizer, learning_rate))
 
 
 def trainer_for(cfg: RunConfig, spec: DataSpec) -> KerasTrainer:
-    """The process-wide trainer for this run config's model and optimizer."""
-    return cached_trainer(cfg["model"], spec, cfg["optimizer"], cfg["seed"])
+    """The process-wide trainer for this run config's model, optimizer and rate."""
+    return cached_trainer(cfg["model"], spec, cfg["optimizer"], cfg["learning-rate"],
+                          cfg["seed"])

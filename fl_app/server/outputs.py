@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -66,6 +67,18 @@ def read_history(out_dir: Path) -> dict[str, Any]:
     return json.loads((out_dir / HISTORY_FILE).read_text(encoding="utf-8"))
 
 
+def metric_names(rounds: list[dict[str, Any]], section: str) -> list[str]:
+    """The metrics a section records in any round (first-seen order, loss last), without
+    the server's client counts (`num_*`)."""
+    names: dict[str, None] = {}
+    for record in rounds:
+        for name, value in record.get(section, {}).items():
+            if (isinstance(value, (int, float)) and not isinstance(value, bool)
+                    and not name.startswith("num_")):
+                names.setdefault(name)
+    return [*(n for n in names if n != "loss"), *(["loss"] if "loss" in names else [])]
+
+
 def _series(rounds: list[dict[str, Any]], section: str, metric: str) -> tuple[list, list]:
     points = [(r["round"], r[section][metric]) for r in rounds
               if metric in r.get(section, {})]
@@ -73,14 +86,16 @@ def _series(rounds: list[dict[str, Any]], section: str, metric: str) -> tuple[li
 
 
 def save_plots(out_dir: Path, rounds: list[dict[str, Any]]) -> list[Path]:
-    """Plot accuracy and loss per round (centralized and distributed), and ε if recorded."""
+    """Plot every recorded metric per round (`<metric>.png`, centralized and distributed
+    curves) and ε (`privacy.png`) if recorded."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    panels = [("accuracy", ("centralized", "distributed"), "accuracy"),
-              ("loss", ("centralized", "distributed"), "loss"),
+    names = dict.fromkeys([*metric_names(rounds, "centralized"),
+                           *metric_names(rounds, "distributed")])
+    panels = [*((name, ("centralized", "distributed"), name) for name in names),
               ("privacy", ("privacy",), "epsilon")]
     written = []
     for name, sections, metric in panels:
@@ -96,7 +111,7 @@ def save_plots(out_dir: Path, rounds: list[dict[str, Any]]) -> list[Path]:
         ax.set_title(f"{metric} per round")
         ax.grid(alpha=0.3)
         ax.legend()
-        path = out_dir / f"{name}.png"
+        path = out_dir / f"{re.sub(r'[^A-Za-z0-9_.-]', '_', name)}.png"
         fig.tight_layout()
         with private_files():
             fig.savefig(path, dpi=100)

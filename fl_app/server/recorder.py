@@ -16,6 +16,12 @@ from fl_app.server.checkpoint import Checkpoint
 from fl_app.server.outputs import MODEL_FILE, private_files, save_plots, write_history
 
 
+def _main_metrics(section: dict[str, Any]) -> list[tuple[str, float]]:
+    """A section's compiled metrics (in their order) and then its loss."""
+    numbers = [(k, v) for k, v in section.items() if isinstance(v, (int, float)) and k != "loss"]
+    return [*numbers, *([("loss", section["loss"])] if "loss" in section else [])]
+
+
 def progress_line(record: dict[str, Any]) -> str:
     """One human-readable line per round."""
     parts = [f"round {record['round']:>3}"]
@@ -24,8 +30,8 @@ def progress_line(record: dict[str, Any]) -> str:
         parts.append(f"clients {fit['num_clients']} ({fit['num_failures']} failed, "
                      f"{fit['num_rejected']} rejected)")
     cen = record.get("centralized", {})
-    if "accuracy" in cen:
-        parts.append(f"accuracy {cen['accuracy']:.4f}  loss {cen['loss']:.4f}")
+    if cen:
+        parts.append("  ".join(f"{name} {value:.4f}" for name, value in _main_metrics(cen)))
     if "privacy" in record:
         parts.append(f"ε {record['privacy']['epsilon']:.3f}")
     parts.append(f"{record['seconds']:.2f} s")

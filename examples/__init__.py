@@ -1,0 +1,1 @@
+"""Example user models for `model='examples.keras_models:<function>'` (not part of the app)."""
