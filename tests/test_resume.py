@@ -116,7 +116,7 @@ def test_flwr_run_path_resume_from_key_restores_history_and_round(tmp_path):
     saved = _checkpoint(cfg, _model_weights(cfg), round_=2)
     saved.server_state = {"strategy": {}, "stopped": None,
                           "client_manager": SeededClientManager(1).get_state(),
-                          "stopping": StoppingRules(0.0, 0).get_state()}
+                          "stopping": StoppingRules().get_state()}
     save_checkpoint(tmp_path, saved)
     (tmp_path / "history.json").write_text('{"rounds": "a later, torn write"}')
     components = server_components(cfg.replace(out_dir="", resume_from=str(tmp_path)))
@@ -225,23 +225,28 @@ def test_client_sampling_continues_the_same_sequence_after_restore(tmp_path):
         assert [c.cid for c in original.sample(4)] == [c.cid for c in restored.sample(4)]
 
 
+def _acc(accuracy: float) -> dict:
+    """A round record whose centralized evaluation measured `accuracy`."""
+    return {"centralized": {"loss": 1.0, "accuracy": accuracy}}
+
+
 def test_stopping_rules_state_round_trip():
-    rules = StoppingRules(target_accuracy=0.0, patience=2)
-    assert rules.after_round(0.5) is None and rules.after_round(0.4) is None
-    restored = StoppingRules(target_accuracy=0.0, patience=2)
+    rules = StoppingRules("accuracy", patience=2)
+    assert rules.after_round(_acc(0.5)) is None and rules.after_round(_acc(0.4)) is None
+    restored = StoppingRules("accuracy", patience=2)
     restored.set_state(rules.get_state())
-    assert restored.after_round(0.45) == "patience"
+    assert restored.after_round(_acc(0.45)) == "patience"
 
 
 def test_idle_rounds_in_a_row_stop_the_run_and_survive_a_restore():
-    rules = StoppingRules(target_accuracy=0.0, patience=0, max_idle_rounds=3)
-    assert rules.after_round(0.5, accepted_updates=0) is None
-    assert rules.after_round(0.5, accepted_updates=4) is None  # an update resets the count
-    assert rules.after_round(None, 0) is None and rules.after_round(None, 0) is None
-    restored = StoppingRules(target_accuracy=0.0, patience=0, max_idle_rounds=3)
+    rules = StoppingRules("accuracy", max_idle_rounds=3)
+    assert rules.after_round(_acc(0.5), accepted_updates=0) is None
+    assert rules.after_round(_acc(0.5), accepted_updates=4) is None  # an update resets the count
+    assert rules.after_round({}, 0) is None and rules.after_round({}, 0) is None
+    restored = StoppingRules("accuracy", max_idle_rounds=3)
     restored.set_state(json.loads(json.dumps(rules.get_state())))
-    assert restored.after_round(0.5, accepted_updates=0) == "no-client-updates"
-    assert StoppingRules(0.0, 0, max_idle_rounds=0).after_round(0.5, 0) is None  # disabled
+    assert restored.after_round(_acc(0.5), accepted_updates=0) == "no-client-updates"
+    assert StoppingRules("accuracy").after_round(_acc(0.5), 0) is None  # disabled
 
 
 def test_a_new_run_starts_from_the_seeded_model_not_the_last_run_in_the_process(tmp_path):
@@ -257,14 +262,15 @@ def test_a_new_run_starts_from_the_seeded_model_not_the_last_run_in_the_process(
 def test_resuming_a_run_that_had_stopped_runs_no_more_rounds():
     params = ndarrays_to_parameters(random_model(np.random.default_rng(0)))
     state = {"strategy": {}, "client_manager": SeededClientManager(0).get_state(),
-             "stopping": {"best": 0.9, "rounds_since_best": 0}, "stopped": "target-accuracy"}
+             "stopping": {"best": 0.9, "rounds_since_best": 0}, "stopped": "target"}
     rounds, finished = [], []
-    server = FederatedServer(strategy=WeightedFedAvg(), seed=0, stopping=StoppingRules(0.9, 0),
+    server = FederatedServer(strategy=WeightedFedAvg(), seed=0,
+                             stopping=StoppingRules("accuracy", target=0.9),
                              on_round=lambda record, p: rounds.append(record),
                              on_finish=lambda reason, p: finished.append((reason, p)),
                              resume=ResumePoint(4, params, state))
     server.fit(num_rounds=10, timeout=None)
-    assert rounds == [] and finished == [("target-accuracy", params)]
+    assert rounds == [] and finished == [("target", params)]
 
 
 class _ChargingFedAvg(WeightedFedAvg):
@@ -311,7 +317,7 @@ def test_the_privacy_ledger_is_saved_before_anything_of_the_round_is_released():
                                evaluate_fn=evaluate, fraction_evaluate=0.0, min_fit_clients=1,
                                min_available_clients=1)
     server = FederatedServer(
-        strategy=strategy, seed=0, stopping=StoppingRules(0.0, 0),
+        strategy=strategy, seed=0, stopping=StoppingRules(),
         on_round=lambda record, p: events.append(f"record {record['round']}"),
         on_finish=lambda reason, p: None,
         on_checkpoint=lambda r, p, state: events.append(f"checkpoint {r}"),

@@ -38,9 +38,9 @@ def test_every_registered_strategy_completes_a_short_simulation(tmp_path, name):
 
 
 def test_default_workload_learns_and_stops_at_target_accuracy(tmp_path):
-    history = _run(tmp_path, "target-accuracy=0.8 num-server-rounds=15", num_supernodes=10)
+    history = _run(tmp_path, "target=0.8 num-server-rounds=15", num_supernodes=10)
     accuracies = [r["centralized"]["accuracy"] for r in history["rounds"]]
-    assert history["stopped"] == "target-accuracy"
+    assert history["stopped"] == "target"
     assert accuracies[-1] >= 0.8 > max(accuracies[:-1])
     assert len(accuracies) - 1 < 15
     assert {"round", "seconds", "centralized", "distributed", "fit"} <= set(history["rounds"][1])

@@ -15,7 +15,7 @@ from fl_app.server.checkpoint import Checkpointer, load_for_resume, read_ledger
 from fl_app.server.outputs import resolve_out_dir
 from fl_app.server.recorder import RunRecorder
 from fl_app.server.runner import FederatedServer, ResumePoint
-from fl_app.server.stopping import StoppingRules
+from fl_app.server.stopping import StoppingRules, check_monitor
 from fl_app.wire import evaluate_config, round_config
 from strategies.context import StrategyContext
 from strategies.registry import build_strategy
@@ -37,6 +37,8 @@ def centralized_evaluator(trainer: KerasTrainer, test: Split) -> EvaluateFn:
 
 def server_components(cfg: RunConfig) -> ServerAppComponents:
     """Build everything the server needs for one run from a resolved config."""
+    metric_names = {"loss", "accuracy"}  # what centralized_evaluator records
+    check_monitor(str(cfg["monitor"]), metric_names)
     source = data_source(cfg)
     trainer = trainer_for(cfg, source.spec)
     # A fresh seeded model, not the process-wide trainer's weights: those are whatever the
@@ -60,7 +62,10 @@ def server_components(cfg: RunConfig) -> ServerAppComponents:
     checkpointer = Checkpointer(cfg, out_dir, lambda: recorder.history)
     server = FederatedServer(
         strategy=build_strategy(ctx), seed=int(cfg["seed"]),
-        stopping=StoppingRules(cfg["target-accuracy"], cfg["patience"], cfg["max-idle-rounds"]),
+        stopping=StoppingRules(
+            str(cfg["monitor"]), str(cfg["mode"]), patience=int(cfg["patience"]),
+            min_delta=float(cfg["min-delta"]), target=float(cfg["target"]),
+            max_idle_rounds=int(cfg["max-idle-rounds"]), metric_names=metric_names),
         on_round=recorder.on_round, on_finish=recorder.on_finish,
         on_checkpoint=checkpointer, on_charge=checkpointer.save_ledger, resume=resume,
     )

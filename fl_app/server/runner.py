@@ -177,7 +177,7 @@ class FederatedServer(Server):
                 record["privacy"] = privacy
             record["seconds"] = timeit.default_timer() - round_start
             self.on_round({k: v for k, v in record.items() if v != {}}, self.parameters)
-            reason = self.stopping.after_round(record["centralized"].get("accuracy"), accepted)
+            reason = self.stopping.after_round(record, accepted)
             self._checkpoint(server_round, reason)
             if reason:
                 stopped = reason

@@ -1,5 +1,5 @@
-"""The server layer's run-config keys: how long a run goes, where its results and
-checkpoints are written, and where a resumed run continues from."""
+"""The server layer's run-config keys: how long a run goes and when it stops early, where
+its results and checkpoints are written, and where a resumed run continues from."""
 
 from __future__ import annotations
 
@@ -7,12 +7,24 @@ from fl_app.schema import Setting
 
 SETTINGS = [
     Setting("num-server-rounds", int, 20, "Maximum number of federated rounds.", "run", low=1),
-    Setting("target-accuracy", float, 0.0,
-            "Stop once centralized accuracy reaches this value (0 disables).", "run",
-            low=0.0, high=1.0),
+    Setting("monitor", str, "auto",
+            "Value the stopping rules watch, as Keras' EarlyStopping: a centralized metric by "
+            "its Keras name (loss, accuracy, mae, ...), distributed_<name> for the clients' "
+            "validation average, or auto (accuracy when the server evaluates it, else loss).",
+            "run"),
+    Setting("mode", str, "auto",
+            "Whether `monitor` improves downwards (min) or upwards (max); auto: min for "
+            "loss- and error-like metrics, max for accuracy-like ones.", "run",
+            choices=("auto", "min", "max")),
     Setting("patience", int, 0,
-            "Stop after this many rounds without a better centralized accuracy (0 disables).",
-            "run", low=0),
+            "Stop after this many evaluated rounds without an improvement of `monitor` "
+            "(0 disables).", "run", low=0),
+    Setting("min-delta", float, 0.0,
+            "An improvement of `monitor` must exceed this much to reset `patience`.", "run",
+            low=0.0),
+    Setting("target", float, 0.0,
+            "Stop once `monitor` reaches this value: at or above it in max mode, at or below "
+            "it in min mode (0 disables).", "run"),
     Setting("max-idle-rounds", int, 3,
             "Stop after this many rounds in a row in which no client update made it into the "
             "model (every client failed, timed out or was rejected, or the round was skipped; "
