@@ -37,10 +37,10 @@ def centralized_evaluator(trainer: KerasTrainer, test: Split) -> EvaluateFn:
 
 def server_components(cfg: RunConfig) -> ServerAppComponents:
     """Build everything the server needs for one run from a resolved config."""
-    metric_names = {"loss", "accuracy"}  # what centralized_evaluator records
-    check_monitor(str(cfg["monitor"]), metric_names)
     source = data_source(cfg)
     trainer = trainer_for(cfg, source.spec)
+    metric_names = {"loss", *trainer.metric_names()}  # what centralized_evaluator records
+    check_monitor(str(cfg["monitor"]), metric_names)
     # A fresh seeded model, not the process-wide trainer's weights: those are whatever the
     # previous run in this process (tests, benchmark scripts) evaluated last.
     initial_weights = build_model(str(cfg["model"]), source.spec, int(cfg["seed"])).get_weights()
@@ -65,7 +65,8 @@ def server_components(cfg: RunConfig) -> ServerAppComponents:
         stopping=StoppingRules(
             str(cfg["monitor"]), str(cfg["mode"]), patience=int(cfg["patience"]),
             min_delta=float(cfg["min-delta"]), target=float(cfg["target"]),
-            max_idle_rounds=int(cfg["max-idle-rounds"]), metric_names=metric_names),
+            max_idle_rounds=int(cfg["max-idle-rounds"]), metric_names=metric_names,
+            directions=trainer.metric_directions()),
         on_round=recorder.on_round, on_finish=recorder.on_finish,
         on_checkpoint=checkpointer, on_charge=checkpointer.save_ledger, resume=resume,
     )

@@ -218,6 +218,16 @@ class KerasTrainer:
         """The names under which `fit` and `evaluate` report the compiled metrics."""
         return sorted(_scalar_metrics(self.model.get_metrics_result()))
 
+    def metric_directions(self) -> dict[str, str]:
+        """Whether each compiled metric improves going "up" or "down" (Keras' own marks)."""
+        directions = {}
+        for tracked in self.model.metrics:
+            for metric in getattr(tracked, "metrics", [tracked]):
+                direction = getattr(metric, "_direction", None)
+                if direction in ("up", "down"):
+                    directions[metric.name] = direction
+        return directions
+
 
 @lru_cache(maxsize=4)
 def cached_trainer(model_name: str, spec: DataSpec, optimizer: str, learning_rate: float,
