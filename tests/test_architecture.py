@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
-PROJECT_TOP = ("fl_app", "strategies", "deploy", "scripts", "run_simulation")
+PROJECT_TOP = ("fl_app", "strategies", "deploy", "scripts", "run_simulation", "examples")
 
 # Lowest first. A module may import modules of a lower layer, or of its own unit; units
 # that share a layer (ml and strategies; server and client) do not import each other.
@@ -25,7 +25,8 @@ LAYERS: list[tuple[str, list[str]]] = [
     ("server · client", ["fl_app.server", "fl_app.client"]),
     ("app", ["fl_app.app"]),
     ("cli", ["fl_app.cli"]),
-    ("entry points · deploy · scripts", ["run_simulation", "deploy", "scripts"]),
+    ("entry points · deploy · scripts · examples",
+     ["run_simulation", "deploy", "scripts", "examples"]),
 ]
 PACKAGE_ROOTS = {"fl_app"}  # a root unit holds the package's __init__ only
 

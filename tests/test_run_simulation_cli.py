@@ -8,6 +8,7 @@ import pytest
 from fl_app.app.config import check_num_clients
 from fl_app.cli import simulate
 from fl_app.data.sources import DataError
+from fl_app.ml.errors import ModelError
 from fl_app.schema import ConfigError
 from fl_app.server.checkpoint import CheckpointError
 from tests.conftest import make_config
@@ -22,6 +23,7 @@ def _flower_must_not_start(cfg, args):
     ("min-evaluate-clients=5", ["min-evaluate-clients"]),
     ("dataset='synthetic' synthetic-num-users=5", ["synthetic-num-users"]),
     ("fault-raise-fraction=0.5 fault-nan-fraction=0.5", ["fault-raise-fraction"]),
+    ("monitor='mae'", ["monitor"]),  # digits' classifier records accuracy and loss, no mae
 ])
 def test_config_that_cannot_run_on_the_supernodes_exits_2_naming_the_key(
         monkeypatch, capsys, tmp_path, run_config, keys):
@@ -41,7 +43,24 @@ def test_configs_that_fit_the_clients_pass():
     check_num_clients(make_config(min_evaluate_clients=5, fraction_evaluate=0.0), 3)
 
 
-@pytest.mark.parametrize("error", [DataError, ConfigError, CheckpointError])
+@pytest.mark.parametrize("run_config, message", [
+    ("model='examples.keras_models:regression'",
+     "error: model 'examples.keras_models:regression' outputs 1 value(s) per example but the "
+     "dataset is a 10-class classification"),
+    ("model='examples.keras_models:missing'",
+     "error: run-config key 'model': cannot import examples.keras_models:missing"),
+    ("model='/nowhere/model.keras'",
+     "error: run-config key 'model': file /nowhere/model.keras does not exist"),
+])
+def test_a_model_that_cannot_train_on_the_data_exits_2_before_flower_starts(
+        monkeypatch, capsys, tmp_path, run_config, message):
+    monkeypatch.setattr(simulate, "simulate", _flower_must_not_start)
+    code = simulate.main(["--run-config", run_config, "--out", str(tmp_path)])
+    err = capsys.readouterr().err
+    assert code == 2 and err.startswith(message) and err.count("\n") == 1
+
+
+@pytest.mark.parametrize("error", [DataError, ConfigError, CheckpointError, ModelError])
 def test_errors_while_running_are_one_line(monkeypatch, capsys, tmp_path, error):
     def fail(cfg, args):
         raise error("dataset 'mnist' could not be loaded")

@@ -7,15 +7,16 @@ from flwr.server import ServerAppComponents, ServerConfig
 from flwr.serverapp import ServerApp
 
 from fl_app.app.config import resolve
+from fl_app.app.preflight import checked_trainer, monitored_names
 from fl_app.data.sources import Split, data_source
 from fl_app.ml.models import build_model
-from fl_app.ml.trainer import KerasTrainer, trainer_for
+from fl_app.ml.trainer import KerasTrainer
 from fl_app.schema import RunConfig
 from fl_app.server.checkpoint import Checkpointer, load_for_resume, read_ledger
 from fl_app.server.outputs import resolve_out_dir
 from fl_app.server.recorder import RunRecorder
 from fl_app.server.runner import FederatedServer, ResumePoint
-from fl_app.server.stopping import StoppingRules, check_monitor
+from fl_app.server.stopping import StoppingRules
 from fl_app.wire import evaluate_config, round_config
 from strategies.context import StrategyContext
 from strategies.registry import build_strategy
@@ -37,10 +38,8 @@ def centralized_evaluator(trainer: KerasTrainer, test: Split) -> EvaluateFn:
 
 def server_components(cfg: RunConfig) -> ServerAppComponents:
     """Build everything the server needs for one run from a resolved config."""
+    trainer = checked_trainer(cfg)
     source = data_source(cfg)
-    trainer = trainer_for(cfg, source.spec)
-    metric_names = {"loss", *trainer.metric_names()}  # what centralized_evaluator records
-    check_monitor(str(cfg["monitor"]), metric_names)
     # A fresh seeded model, not the process-wide trainer's weights: those are whatever the
     # previous run in this process (tests, benchmark scripts) evaluated last.
     initial_weights = build_model(str(cfg["model"]), source.spec, int(cfg["seed"])).get_weights()
@@ -65,7 +64,7 @@ def server_components(cfg: RunConfig) -> ServerAppComponents:
         stopping=StoppingRules(
             str(cfg["monitor"]), str(cfg["mode"]), patience=int(cfg["patience"]),
             min_delta=float(cfg["min-delta"]), target=float(cfg["target"]),
-            max_idle_rounds=int(cfg["max-idle-rounds"]), metric_names=metric_names,
+            max_idle_rounds=int(cfg["max-idle-rounds"]), metric_names=monitored_names(trainer),
             directions=trainer.metric_directions()),
         on_round=recorder.on_round, on_finish=recorder.on_finish,
         on_checkpoint=checkpointer, on_charge=checkpointer.save_ledger, resume=resume,

@@ -26,6 +26,7 @@ from flwr.common.config import flatten_dict, get_project_config, parse_config_ar
 from fl_app.app.config import check_num_clients, resolve
 from fl_app.cli.summary import print_summary
 from fl_app.data.sources import DataError
+from fl_app.ml.errors import ModelError
 from fl_app.schema import ConfigError, RunConfig
 from fl_app.server.checkpoint import RESUMABLE_CHANGES, CheckpointError, load_checkpoint
 from fl_app.server.outputs import resolve_out_dir
@@ -109,6 +110,9 @@ def prepare(args: argparse.Namespace) -> RunConfig:
     else:
         cfg = load_run_config(args.run_config)
     check_num_clients(cfg, args.num_supernodes)
+    from fl_app.app.preflight import checked_trainer  # imports TensorFlow
+
+    checked_trainer(cfg)  # the model fits the data: one `error:` line, before Flower starts
     out_dir = resolve_out_dir(args.out or args.resume or str(cfg["out-dir"]))
     return cfg.replace(out_dir=str(out_dir))
 
@@ -133,7 +137,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cfg = prepare(args)
         seconds = simulate(cfg, args)
-    except (ConfigError, DataError, CheckpointError) as err:
+    except (ConfigError, DataError, ModelError, CheckpointError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     out_dir = Path(str(cfg["out-dir"]))

@@ -17,10 +17,7 @@ import keras
 import numpy as np
 
 from fl_app.data.sources import DataSpec
-
-
-class ModelError(ValueError):
-    """A model cannot be loaded or built, is not compiled, or does not fit the data."""
+from fl_app.ml.errors import ModelError
 
 
 def _kernel(seed: int, layer: int) -> keras.initializers.Initializer:

@@ -26,7 +26,8 @@ import numpy as np
 import tensorflow as tf
 
 from fl_app.data.sources import DataSpec, Split
-from fl_app.ml.models import ModelError, build_model, wants_one_hot
+from fl_app.ml.errors import ModelError
+from fl_app.ml.models import build_model, wants_one_hot
 from fl_app.schema import RunConfig
 
 EVAL_CHUNK = 4096

@@ -1,0 +1,27 @@
+"""Checks a run makes before any training: the model fits the data, and the stopping rules
+watch a metric the model records.
+
+`run_simulation.py` calls `check_run` before Flower starts, so a model or data problem is
+one `error:` line; the ServerApp builds the same trainer (cached per process), so the
+checks and the run cannot disagree.
+"""
+
+from __future__ import annotations
+
+from fl_app.data.sources import data_spec
+from fl_app.ml.trainer import KerasTrainer, trainer_for
+from fl_app.schema import RunConfig
+from fl_app.server.stopping import check_monitor
+
+
+def checked_trainer(cfg: RunConfig) -> KerasTrainer:
+    """The run's trainer, built and checked against the data; raises ModelError, DataError
+    or ConfigError (naming the model, file or key) when the run cannot train."""
+    trainer = trainer_for(cfg, data_spec(cfg))
+    check_monitor(str(cfg["monitor"]), monitored_names(trainer))
+    return trainer
+
+
+def monitored_names(trainer: KerasTrainer) -> set[str]:
+    """What centralized evaluation records, so what `monitor` may name."""
+    return {"loss", *trainer.metric_names()}
