@@ -25,6 +25,7 @@ LAYERS: list[tuple[str, list[str]]] = [
     ("server · client", ["fl_app.server", "fl_app.client"]),
     ("app", ["fl_app.app"]),
     ("cli", ["fl_app.cli"]),
+    ("api", ["fl_app.api"]),
     ("entry points · deploy · scripts · examples",
      ["run_simulation", "deploy", "scripts", "examples"]),
 ]

@@ -8,16 +8,17 @@ checks and the run cannot disagree.
 
 from __future__ import annotations
 
-from fl_app.data.sources import data_spec
+from fl_app.data.sources import data_source
 from fl_app.ml.trainer import KerasTrainer, trainer_for
 from fl_app.schema import RunConfig
 from fl_app.server.stopping import check_monitor
 
 
 def checked_trainer(cfg: RunConfig) -> KerasTrainer:
-    """The run's trainer, built and checked against the data; raises ModelError, DataError
-    or ConfigError (naming the model, file or key) when the run cannot train."""
-    trainer = trainer_for(cfg, data_spec(cfg))
+    """The run's trainer, built and checked against the server's data (loaded here, once per
+    process); raises ModelError, DataError or ConfigError (naming the model, file or key)
+    when the run cannot train."""
+    trainer = trainer_for(cfg, data_source(cfg).spec)
     check_monitor(str(cfg["monitor"]), monitored_names(trainer))
     return trainer
 

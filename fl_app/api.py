@@ -1,0 +1,61 @@
+"""Federated training from Python, for arrays and a model held in a notebook:
+
+    from fl_app.api import run
+    history = run(model, x, y, num_clients=10, partitioner="dirichlet", num_server_rounds=20)
+
+It runs the same simulation as `run_simulation.py` (same config schema, checks, outputs:
+history.json, final_model.keras, plots in `out_dir`) and returns the history. The model
+(compiled) and the arrays are handed to the simulated clients through a private temporary
+folder (0700, deleted afterwards): a model with custom layers or losses needs them
+registered with `@keras.saving.register_keras_serializable` in an importable module.
+"""
+
+from __future__ import annotations
+
+import tempfile
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from fl_app.app.config import check_num_clients, defaults, resolve
+from fl_app.cli.simulate import parse_args, simulate
+from fl_app.cli.summary import print_summary
+from fl_app.schema import Scalar
+from fl_app.server.outputs import private_files, read_history, resolve_out_dir
+
+
+def _kebab(config: Mapping[str, Scalar]) -> dict[str, Scalar]:
+    """Python keyword names (`local_epochs`) as run-config keys (`local-epochs`)."""
+    return {key.replace("_", "-"): value for key, value in config.items()}
+
+
+def run(model: Any, x: np.ndarray, y: np.ndarray, *, num_clients: int = 10,
+        out_dir: str | Path = "", **config: Scalar) -> dict[str, Any]:
+    """Train `model` federatedly over `num_clients` simulated clients that share `(x, y)`.
+
+    `model` is a compiled `keras.Model` or any `model` key value (builder name, `.keras`
+    path, `package.module:function`). `x` holds the features (one row per example), `y`
+    the targets; the server holds out `test_fraction` of them and the configured
+    partitioner splits the rest. `config` takes any run-config key in Python spelling
+    (`num_server_rounds=20`, `partitioner="dirichlet"`). Raises ConfigError, DataError or
+    ModelError (as `run_simulation.py` would print them) before any training.
+    """
+    from fl_app.app.preflight import checked_trainer  # imports TensorFlow
+
+    with tempfile.TemporaryDirectory(prefix="fl-keras-") as folder:  # created 0700
+        data = Path(folder) / "data.npz"
+        model_value = model if isinstance(model, str) else str(Path(folder) / "model.keras")
+        with private_files():
+            np.savez(data, x=np.asarray(x), y=np.asarray(y))
+            if not isinstance(model, str):
+                model.save(model_value)
+        out = resolve_out_dir(str(out_dir))
+        cfg = resolve({**defaults(), **_kebab(config), "dataset": str(data),
+                       "model": model_value, "out-dir": str(out)})
+        check_num_clients(cfg, num_clients)
+        checked_trainer(cfg)
+        seconds = simulate(cfg, parse_args(["--num-supernodes", str(num_clients)]))
+    print_summary(out, seconds)
+    return read_history(out)
