@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pandas as pd
 import pytest
 from sklearn.datasets import load_digits
 
+import run_simulation
 from fl_app.data.files import read_data_file
 from fl_app.data.node_data import load_client
 from fl_app.data.sources import DataError, data_source, data_spec, load_partition
@@ -70,7 +73,8 @@ def test_the_label_column_key_names_the_target(tmp_path):
 ])
 def test_task_auto_infers_each_task(tmp_path, task, y, spec):
     x, targets = np.random.default_rng(0).normal(size=(200, 6)), y(200)
-    columns = ",".join(f"label{j}" for j in range(targets.shape[1])) if targets.ndim > 1 else "label"
+    columns = ",".join(f"label{j}" for j in range(targets.shape[1])) if targets.ndim > 1 \
+        else "label"
     cfg = make_config(dataset=write(tmp_path / "t.csv", x, targets), label_column=columns)
     got = data_spec(cfg)
     assert (got.num_classes, got.task, got.num_targets) == spec and got.input_shape == (6,)
@@ -165,3 +169,19 @@ def test_a_multiclass_task_needs_one_target_column(tmp_path):
     path = write(tmp_path / "two.npz", np.ones((10, 2)), np.zeros((10, 2)))
     with pytest.raises(DataError, match="two.npz.*needs one target column"):
         data_spec(make_config(dataset=path, task="multiclass"))
+
+
+@pytest.mark.slow
+def test_a_csv_dataset_with_dirichlet_partitions_trains_end_to_end(tmp_path):
+    x, y = _digits()
+    path = write(tmp_path / "digits.csv", x, y)
+    code = run_simulation.main(["--run-config", f"dataset='{path}' partitioner='dirichlet' "
+                                "num-server-rounds=20", "--out", str(tmp_path / "out")])
+    assert code == 0
+    history = json.loads((tmp_path / "out" / "history.json").read_text())
+    assert history["rounds"][-1]["centralized"]["accuracy"] >= 0.85
+    first = history["rounds"][1]["fit"]
+    assert len(first["data_quality"]) == 10  # every client's report, recorded once
+    assert all(report["dropped_nonfinite"] == 0 for report in first["data_quality"].values())
+    assert not any(key.startswith("data_") for key in first)  # no averaged counts
+    assert all("data_quality" not in r["fit"] for r in history["rounds"][2:])
