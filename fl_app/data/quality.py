@@ -131,10 +131,10 @@ def check_client_data(x: np.ndarray, y: np.ndarray, spec: DataSpec, where: str,
     """
     if policy not in POLICIES:
         raise ValueError(f"unknown data-cleaning policy {policy!r}; use one of {POLICIES}")
-    y = _fit_targets(np.asarray(y), spec, where)
-    x = _fit_features(np.asarray(x), len(y), spec, where)
     if len(y) == 0:
         raise DataError(f"{where} holds no examples")
+    y = _fit_targets(np.asarray(y), spec, where)
+    x = _fit_features(np.asarray(x), len(y), spec, where)
     bad_target, target_problem = _bad_targets(y, spec)
     nonfinite = ~np.isfinite(x.reshape(len(x), -1)).all(axis=1)
     bad = {"nonfinite": nonfinite, "target": bad_target & ~nonfinite}  # each row counted once
