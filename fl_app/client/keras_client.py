@@ -28,7 +28,8 @@ class KerasClient(NumPyClient):
     and learning rate come from the round's config (falling back to `defaults`); FedProx's
     `proximal_mu` adds the proximal term to the local loss; a `clipping_norm` in the
     config (client-side DP) clips the returned update to that L2 norm and reports
-    `norm_bit` (keys in `fl_app.wire`, clipping in `strategies.clipping`). `client_key` (the partition id in simulation,
+    `norm_bit` (keys in `fl_app.wire`, clipping in `strategies.clipping`). Fit metrics carry
+    the data's quality report (`data_rows`, `data_dropped_*`, `data_warnings`). `client_key` (the partition id in simulation,
     a CRC of the data file's name in deployment) varies the shuffling between clients.
     """
 
@@ -66,7 +67,8 @@ class KerasClient(NumPyClient):
         )
         metrics: dict[str, Scalar] = {
             "train_loss": result.loss, "train_seconds": result.seconds,
-            **{f"train_{name}": value for name, value in result.metrics.items()}}
+            **{f"train_{name}": value for name, value in result.metrics.items()},
+            **self.data.quality.as_metrics()}
         weights = self.trainer.get_weights()
         if KEY_CLIPPING_NORM in config:  # client-side DP: clip the update to C ourselves
             weights, metrics[KEY_NORM_BIT] = clip_weights(weights, parameters,

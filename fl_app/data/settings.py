@@ -1,8 +1,11 @@
-"""The data layer's run-config keys: which dataset, how it is split across clients."""
+"""The data layer's run-config keys: which dataset, how it is split across clients, how a
+data file is read and how bad rows are handled."""
 
 from __future__ import annotations
 
-from fl_app.schema import Scalar, Setting
+from collections.abc import Mapping
+
+from fl_app.schema import ConfigError, Scalar, Setting
 
 
 def _dataset_names() -> list[str]:
@@ -17,16 +20,60 @@ def _partitioner_names() -> list[str]:
     return list(PARTITIONER_NAMES)
 
 
-def _is_hub_dataset(value: Scalar) -> bool:
-    """`hf:<hub id>` with a non-empty id."""
-    return str(value).startswith("hf:") and bool(str(value).removeprefix("hf:").strip())
+def _is_hub_dataset_or_file(value: Scalar) -> bool:
+    """`hf:<hub id>` with a non-empty id, or a path ending in `.npz`/`.csv`/`.parquet`."""
+    from fl_app.data.files import is_data_file
+
+    hub = str(value).startswith("hf:") and bool(str(value).removeprefix("hf:").strip())
+    return hub or is_data_file(value)
+
+
+def _task_choices() -> list[str]:
+    from fl_app.data.files import TASK_CHOICES
+
+    return list(TASK_CHOICES)
+
+
+def _policies() -> list[str]:
+    from fl_app.data.quality import POLICIES
+
+    return list(POLICIES)
+
+
+def check_config(values: Mapping[str, Scalar]) -> None:
+    """A named dataset has its own task: `task` must be 'auto' or that task."""
+    from fl_app.data.files import AUTO, is_data_file
+    from fl_app.data.sources import EMBEDDED_DATASETS
+
+    name, task = values["dataset"], values["task"]
+    if task == AUTO or is_data_file(name):
+        return
+    own = EMBEDDED_DATASETS[name][0].task if name in EMBEDDED_DATASETS else "multiclass"
+    if task != own:
+        raise ConfigError(f"run-config key 'task' is {task!r}, but dataset {name!r} is {own}: "
+                          f"set task='auto' (or {own!r}); task applies to data files")
 
 
 SETTINGS = [
     Setting("dataset", str, "digits",
-            "Dataset: embedded digits, generated Synthetic(alpha,beta), or a hub dataset "
-            "(needs network).", "data", choices=_dataset_names,
-            check=_is_hub_dataset, check_hint="'hf:<hub id>'"),
+            "Dataset: embedded digits, generated Synthetic(alpha,beta), a hub dataset "
+            "(needs network), or your own .npz/.csv/.parquet file.", "data",
+            choices=_dataset_names, check=_is_hub_dataset_or_file,
+            check_hint="'hf:<hub id>' or a path ending in .npz, .csv or .parquet"),
+    Setting("label-column", str, "label",
+            "Target column of a .csv/.parquet data file (comma-separated for several: "
+            "multi-label or multi-value targets); the other columns are features.", "data"),
+    Setting("task", str, "auto",
+            "Task of a data file; auto infers it from the targets (integer-valued regression "
+            "targets need 'regression'). For a named dataset: auto or its own task.", "data",
+            choices=_task_choices),
+    Setting("data-cleaning", str, "error",
+            "Rows with NaN/Inf features or unusable targets: 'error' stops naming the first "
+            "bad row, 'drop-rows' drops them and reports the counts per client.", "data",
+            choices=_policies),
+    Setting("max-class-imbalance", float, 50.0,
+            "Warn when a client's majority class outnumbers its minority class more than "
+            "this many times (0: never).", "data", low=0.0),
     Setting("partitioner", str, "iid", "flwr-datasets partitioner that splits the training pool.",
             "data", choices=_partitioner_names),
     Setting("dirichlet-alpha", float, 0.3, "Concentration of the Dirichlet partitioner.", "data",

@@ -8,6 +8,9 @@
   here; its partition is natural (one user per client), so `partitioner` is ignored.
 * `mnist`, `fashion-mnist`, `cifar10`, `hf:<id>`: Hugging Face hub datasets through
   flwr-datasets' `FederatedDataset` (needs network access).
+* A path ending in `.npz`, `.csv` or `.parquet`: your own data file (see
+  `fl_app.data.files`), held out and partitioned like the embedded datasets. Label-based
+  partitioners split a regression target by its quantile bins.
 * In deployment a SuperNode reads its own file from node-config `data-path` (see
   `fl_app.data.node_files`).
 
@@ -19,7 +22,7 @@ from __future__ import annotations
 
 import zlib
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import lru_cache
 from typing import TYPE_CHECKING, Protocol, TypeVar
 
@@ -34,11 +37,14 @@ from sklearn.datasets import (
 from sklearn.model_selection import train_test_split
 
 from fl_app.data import partitioning
+from fl_app.data.files import infer_spec, is_data_file, read_data_file
 from fl_app.data.partitioning import (
     PartitioningError,
     make_partitioner,
     partition_arrays,
 )
+from fl_app.data.quality import QualityReport, check_client_data, cleaning
+from fl_app.data.types import DataError, DataSpec, Split, as_split
 from fl_app.schema import RunConfig
 
 if TYPE_CHECKING:
@@ -48,58 +54,6 @@ if TYPE_CHECKING:
 T = TypeVar("T")
 
 
-class DataError(ValueError):
-    """A dataset or a node's data file cannot be loaded or does not fit the model."""
-
-
-TASKS = ("multiclass", "binary", "multilabel", "regression")
-
-
-@dataclass(frozen=True)
-class DataSpec:
-    """What a model needs to know about the data: feature shape and the task's targets.
-
-    `num_classes` is the number of classes (multiclass; 2 for binary), of labels
-    (multilabel) or 0 (regression, with `num_targets` values per example).
-    """
-
-    input_shape: tuple[int, ...]
-    num_classes: int
-    task: str = "multiclass"
-    num_targets: int = 1
-
-    @property
-    def output_units(self) -> int:
-        """How many values a model's output holds per example for this task (its default head)."""
-        return {"multiclass": self.num_classes, "binary": 1,
-                "multilabel": self.num_classes}.get(self.task, self.num_targets)
-
-    @property
-    def is_classification(self) -> bool:
-        """Whether targets are classes or labels (not continuous values)."""
-        return self.task != "regression"
-
-    def describe(self) -> str:
-        """E.g. `a 10-class classification of inputs (64,)`."""
-        what = {"multiclass": f"a {self.num_classes}-class classification",
-                "binary": "a binary classification",
-                "multilabel": f"a {self.num_classes}-label classification",
-                "regression": f"a regression of {self.num_targets} value(s)"}[self.task]
-        return f"{what} of inputs {self.input_shape}"
-
-
-@dataclass(frozen=True)
-class Split:
-    """Features (float32) and targets: integer labels (int32; one 0/1 column per label for
-    multi-label data) or float32 values for regression."""
-
-    x: np.ndarray
-    y: np.ndarray
-
-    def __len__(self) -> int:
-        return len(self.y)
-
-
 @dataclass(frozen=True)
 class ClientData:
     """One client's local data: a training and a validation split, and where it came from."""
@@ -107,6 +61,7 @@ class ClientData:
     train: Split
     val: Split
     source: str
+    quality: QualityReport = field(default_factory=QualityReport)
 
     @property
     def key(self) -> int:
@@ -124,12 +79,6 @@ class DataSource(Protocol):
 
     def partition(self, partition_id: int, num_partitions: int) -> Split:
         """The data of client `partition_id` out of `num_partitions`."""
-
-
-def as_split(x: np.ndarray, y: np.ndarray, task: str = "multiclass") -> Split:
-    """Features as float32 and targets as the task keeps them (float32 for regression)."""
-    y_dtype = np.float32 if task == "regression" else np.int32
-    return Split(np.asarray(x, dtype=np.float32), np.asarray(y, dtype=y_dtype))
 
 
 def _cut(partitioner: Partitioner, partition_id: int, num_partitions: int, cfg: RunConfig,
@@ -162,7 +111,9 @@ class PoolSource:
 
     def __init__(self, x: np.ndarray, y: np.ndarray, spec: DataSpec, cfg: RunConfig,
                  standardize: bool = False, standardize_target: bool = False) -> None:
-        stratify = y if spec.task in ("multiclass", "binary") else None
+        # Stratify single-label classes, unless a class is too rare to be split.
+        classes = spec.task in ("multiclass", "binary")
+        stratify = y if classes and np.unique(y, return_counts=True)[1].min() >= 2 else None
         x_pool, x_test, y_pool, y_test = train_test_split(
             x, y, test_size=cfg["test-fraction"], stratify=stratify, random_state=cfg["seed"]
         )
@@ -233,6 +184,16 @@ def _embedded(name: str, cfg: RunConfig) -> PoolSource:
     spec, load, standardize, standardize_target = EMBEDDED_DATASETS[name]
     x, y = load(cfg)
     return PoolSource(x, y, spec, cfg, standardize, standardize_target)
+
+
+def _file_pool(cfg: RunConfig) -> PoolSource:
+    """A `dataset=<path>` file as a pool: its spec inferred (or given by `task`), its rows
+    checked with the run's `data-cleaning` policy before the test set is held out."""
+    path = cfg["dataset"]
+    x, y = read_data_file(path, cfg["label-column"])
+    spec = infer_spec(x, y, cfg["task"], path)
+    x, y, _ = check_client_data(x, y, spec, f"dataset file {path}", **cleaning(cfg))
+    return PoolSource(x, y, spec, cfg)
 
 
 class SyntheticSource:
@@ -353,6 +314,8 @@ def data_source(cfg: RunConfig) -> DataSource:
     name = cfg["dataset"]
     if name in EMBEDDED_DATASETS:
         return _embedded(name, cfg)
+    if is_data_file(name):
+        return _file_pool(cfg)
     if name == "synthetic":
         return SyntheticSource(cfg)
     return HubSource(name, cfg)
@@ -361,8 +324,9 @@ def data_source(cfg: RunConfig) -> DataSource:
 def data_spec(cfg: RunConfig) -> DataSpec:
     """The input shape and classes of `dataset`, without loading it where they are known.
 
-    Only `hf:<id>` datasets are loaded (through `data_source`) to learn them, so a
-    SuperNode with its own `data-path` reads no other data.
+    Only `hf:<id>` datasets and data files are loaded (through `data_source`) to learn
+    them, so a SuperNode with its own `data-path` reads no other data, except the run's
+    dataset file when `dataset` is one (it defines the model's inputs and classes).
     """
     name = cfg["dataset"]
     if name in EMBEDDED_DATASETS:
@@ -396,6 +360,9 @@ def load_partition(cfg: RunConfig, partition_id: int, num_partitions: int) -> Cl
     """Client data for simulation: partition `partition_id` of `num_partitions`."""
     if not 0 <= partition_id < num_partitions:
         raise DataError(f"partition-id {partition_id} is outside 0..{num_partitions - 1}")
-    split = data_source(cfg).partition(partition_id, num_partitions)
-    train, val = split_train_val(split, cfg, salt=partition_id)
-    return ClientData(train, val, f"partition {partition_id}/{num_partitions} of {cfg['dataset']}")
+    source = data_source(cfg)
+    split = source.partition(partition_id, num_partitions)
+    where = f"partition {partition_id}/{num_partitions} of {cfg['dataset']}"
+    x, y, quality = check_client_data(split.x, split.y, source.spec, where, **cleaning(cfg))
+    train, val = split_train_val(Split(x, y), cfg, salt=partition_id)
+    return ClientData(train, val, where, quality)

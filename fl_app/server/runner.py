@@ -8,13 +8,15 @@ from dataclasses import dataclass
 from logging import INFO, WARNING
 from typing import Any
 
-from flwr.common import Parameters, Scalar
+from flwr.common import FitRes, Parameters, Scalar
 from flwr.common.logger import log
 from flwr.server import Server
+from flwr.server.client_proxy import ClientProxy
 from flwr.server.history import History
 from flwr.server.strategy import Strategy
 
 from fl_app.server.client_failures import describe_failure
+from fl_app.wire import DATA_QUALITY_PREFIX
 from fl_app.server.client_manager import SeededClientManager
 from fl_app.server.stopping import StoppingRules
 from strategies.protocols import PrivacyAccounting, find_layer
@@ -26,6 +28,26 @@ def _section(loss: float | None, metrics: dict[str, Scalar]) -> dict[str, Any]:
     if loss is not None:
         out["loss"] = float(loss)  # the aggregated loss, never a client metric named "loss"
     return out
+
+
+def _without_data_quality(metrics: dict[str, Scalar]) -> dict[str, Scalar]:
+    """Aggregated fit metrics less the clients' data-quality counts (an average of them
+    means nothing; `data_quality` holds each client's own)."""
+    return {k: v for k, v in metrics.items() if not k.startswith(DATA_QUALITY_PREFIX)}
+
+
+def data_quality(results: list[tuple[ClientProxy, FitRes]],
+                 seen: set[str]) -> dict[str, dict[str, Scalar]]:
+    """Each client's data-quality report (its `data_*` fit metrics, prefix removed), for
+    clients not in `seen`, which it updates. The counts are only recorded, never trusted."""
+    reports = {}
+    for proxy, res in results:
+        report = {k.removeprefix(DATA_QUALITY_PREFIX): v for k, v in res.metrics.items()
+                  if k.startswith(DATA_QUALITY_PREFIX)}
+        if report and proxy.cid not in seen:
+            seen.add(proxy.cid)
+            reports[proxy.cid] = report
+    return reports
 
 
 RoundCallback = Callable[[dict[str, Any], Parameters], None]
@@ -47,7 +69,10 @@ class FederatedServer(Server):
 
     Each round: fit, centralized evaluation, distributed evaluation, then `on_round` gets
     the round's record (`round`, `seconds`, `fit`, `centralized`, `distributed`,
-    `privacy`) and the new global parameters. A
+    `privacy`) and the new global parameters. The fit record holds `data_quality`, the
+    data-quality report of each client that reports for the first time in this run (by
+    client id: a client's data does not change, so once is enough; a resumed run records
+    its clients again). A
     strategy with a `PrivacyAccounting` layer (strategies.protocols) adds its privacy report
     to every record, and the run stops *before* a round its budget does not allow.
 
@@ -71,6 +96,7 @@ class FederatedServer(Server):
         self.on_checkpoint = on_checkpoint
         self.on_charge = on_charge
         self.resume = resume
+        self._quality_seen: set[str] = set()
 
     def server_state(self, stopped: str | None) -> dict[str, Any]:
         """Everything besides the weights that the next round depends on."""
@@ -119,10 +145,14 @@ class FederatedServer(Server):
             self.parameters = parameters
         else:
             log(WARNING, "round %s: no aggregate, the global model is unchanged", server_round)
+        metrics = _without_data_quality(metrics)
         history.add_metrics_distributed_fit(server_round=server_round, metrics=metrics)
         # The server's counts come last: no client-reported metric may overwrite them.
         record = {"num_rejected": 0, **metrics, "num_clients": len(results),
                   "num_failures": len(failures)}
+        reports = data_quality(results, self._quality_seen)
+        if reports:
+            record["data_quality"] = reports
         if failures:
             record["failures"] = [describe_failure(f) for f in failures]
             for failure in record["failures"]:
