@@ -7,7 +7,6 @@ import tempfile
 from pathlib import Path
 
 import keras
-import numpy as np
 import pytest
 from sklearn.datasets import load_breast_cancer
 

@@ -133,7 +133,7 @@ def test_dataset_accepts_only_data_file_suffixes(tmp_path):
     ("missing", "does not exist"),
     ("corrupt", "unreadable"),
     ("no-label", r"no label column 'label'.*did you mean 'labels'"),
-    ("text", r"column 'f2' is not numeric: row 3 holds 'seven'"),
+    ("text", r"column 'f2' is not numeric, first at row 3 \(1 such row"),
     ("no-features", "no feature columns"),
     ("empty", "unreadable|holds no examples"),
 ])
@@ -185,3 +185,22 @@ def test_a_csv_dataset_with_dirichlet_partitions_trains_end_to_end(tmp_path):
     assert all(report["dropped_nonfinite"] == 0 for report in first["data_quality"].values())
     assert not any(k.startswith("data_") for k in first if k != "data_quality")  # no averages
     assert all("data_quality" not in r["fit"] for r in history["rounds"][2:])
+
+
+def test_a_label_far_beyond_any_class_count_is_refused_not_built(tmp_path):
+    x, y = _digits()
+    y = y.astype(np.float64)
+    y[7] = 1e12  # a typo: a model with 10**12 outputs would exhaust memory
+    path = write(tmp_path / "typo.npz", x, y)
+    with pytest.raises(DataError, match="largest label is 1000000000000.*task='regression'"):
+        data_spec(make_config(dataset=path))
+
+
+def test_a_dataset_file_rewritten_on_disk_is_read_again(tmp_path):
+    x, y = _digits()
+    path = write(tmp_path / "d.npz", x, y)
+    cfg = make_config(dataset=path)
+    assert data_spec(cfg).input_shape == (64,) and len(load_partition(cfg, 0, 10).train) > 0
+    write(tmp_path / "d.npz", x[:, :32], y % 5)
+    assert data_spec(cfg).input_shape == (32,) and data_spec(cfg).num_classes == 5
+    assert load_partition(cfg, 0, 10).train.x.shape[1:] == (32,)

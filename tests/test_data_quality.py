@@ -9,7 +9,14 @@ import pytest
 from fl_app.client.keras_client import KerasClient
 from fl_app.data.node_data import load_client
 from fl_app.data.quality import QualityReport, check_client_data
-from fl_app.data.sources import ClientData, DataError, DataSpec, Split, load_partition
+from fl_app.data.sources import (
+    ClientData,
+    DataError,
+    DataSpec,
+    Split,
+    _load_partition,
+    load_partition,
+)
 from fl_app.ml.trainer import trainer_for
 from fl_app.server.runner import data_quality
 from tests.conftest import make_config
@@ -159,7 +166,7 @@ def test_simulation_partitions_are_checked(monkeypatch):
     real = check_client_data
     monkeypatch.setattr("fl_app.data.sources.check_client_data",
                         lambda *args, **kw: checked.append((args[3], kw)) or real(*args, **kw))
-    load_partition.cache_clear()
+    _load_partition.cache_clear()
     part = load_partition(cfg, 2, 10)
     assert checked == [("partition 2/10 of digits",
                         {"policy": "drop-rows", "max_imbalance": 50.0})]

@@ -17,8 +17,9 @@ from fl_app.data.sources import (
     DataSpec,
     Split,
 )
-from fl_app.ml.models import ModelError, build_model, loss_name
-from fl_app.ml.trainer import KerasTrainer, cached_trainer, fresh_optimizer
+from fl_app.ml.models import ModelError, build_model, check_fits, loss_name
+from fl_app.ml.trainer import KerasTrainer, cached_trainer, fresh_optimizer, trainer_for
+from tests.conftest import make_config
 
 SPEC = DataSpec((6,), 3)
 RNG = np.random.default_rng(0)
@@ -307,3 +308,62 @@ def test_a_loss_that_cannot_take_the_targets_fails_before_training():
                         keras.losses.SparseCategoricalCrossentropy(from_logits=True))
     with pytest.raises(ModelError, match="cannot take the targets of a 4-label classification"):
         KerasTrainer(model, MULTILABEL)
+
+
+def test_mixed_precision_models_scale_the_loss_as_keras_does():
+    keras.mixed_precision.set_global_policy("mixed_float16")
+    try:
+        spec, head, loss, metrics = LOSS_CASES["sparse-logits"]
+        _assert_same_training(lambda: _sequential(spec, head, loss, metrics), spec)
+    finally:
+        keras.mixed_precision.set_global_policy("float32")
+
+
+def test_an_optimizer_ema_is_applied_at_the_end_of_fit_as_model_fit_does():
+    spec, head, loss, metrics = LOSS_CASES["sparse-logits"]
+    make = lambda: _sequential(spec, head, loss, metrics,  # noqa: E731
+                               keras.optimizers.SGD(0.5, use_ema=True, ema_momentum=0.5))
+    data = _data(spec)
+    trainer = KerasTrainer(make(), spec)
+    trainer.fit(data, epochs=3, batch_size=len(data))
+    reference = make()
+    reference.fit(data.x, data.y, epochs=3, batch_size=len(data), shuffle=False, verbose=0)
+    for a, b in zip(trainer.get_weights(), reference.get_weights()):
+        np.testing.assert_allclose(a, b, rtol=2e-4, atol=2e-6)
+
+
+def test_a_learning_rate_key_replaces_a_compiled_schedule_which_is_otherwise_kept():
+    schedule = keras.optimizers.schedules.ExponentialDecay(0.1, decay_steps=1, decay_rate=0.5)
+    model = _sequential(SPEC, lambda: [keras.layers.Dense(3)], "sparse_categorical_crossentropy",
+                        optimizer=keras.optimizers.SGD(schedule))
+    kept = KerasTrainer(model, SPEC)
+    kept.fit(_data(SPEC), epochs=1, batch_size=8, learning_rate=0.3)  # a schedule stays
+    assert isinstance(kept.optimizer.get_config()["learning_rate"], dict)
+    replaced = fresh_optimizer(model, learning_rate=0.05)
+    assert float(replaced.learning_rate) == pytest.approx(0.05)
+
+
+def test_a_keras_file_rewritten_on_disk_is_loaded_again(tmp_path):
+    path = tmp_path / "m.keras"
+    _save(_sequential(SPEC, lambda: [keras.layers.Dense(3)], "sparse_categorical_crossentropy",
+                      optimizer=keras.optimizers.SGD(0.1)), path)
+    cfg = make_config(model=str(path))
+    first = trainer_for(cfg, SPEC)
+    assert trainer_for(cfg, SPEC) is first
+    _save(_sequential(SPEC, lambda: [keras.layers.Dense(3)], "sparse_categorical_crossentropy",
+                      optimizer=keras.optimizers.Adam(0.001)), path)
+    assert type(trainer_for(cfg, SPEC).optimizer) is keras.optimizers.Adam
+
+
+@pytest.mark.parametrize("outputs, loss, message", [
+    (lambda x: [keras.layers.Dense(3)(x), keras.layers.Dense(1)(x)], "mse",
+     "has 2 outputs .* single-output models"),
+    (lambda x: keras.layers.Dense(1, activation="sigmoid")(x), "categorical_crossentropy",
+     "takes one-hot classes, but it outputs 1 value"),
+])
+def test_models_the_fast_path_cannot_train_are_refused(outputs, loss, message):
+    inputs = keras.Input((6,))
+    model = keras.Model(inputs, outputs(inputs))
+    model.compile(optimizer="sgd", loss=loss)
+    with pytest.raises(ModelError, match=message):
+        check_fits(model, BINARY, "model 'm'")

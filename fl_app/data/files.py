@@ -74,8 +74,8 @@ def _numeric(frame, columns: list[str], path: Path) -> np.ndarray:
         bad = values.isna().to_numpy() & frame[name].notna().to_numpy()
         if bad.any():
             row = int(np.argmax(bad))
-            raise DataError(f"data file {path}: column {name!r} is not numeric: row {row} "
-                            f"holds {frame[name].iloc[row]!r} ({int(bad.sum())} such row(s))")
+            raise DataError(f"data file {path}: column {name!r} is not numeric, first at row "
+                            f"{row} ({int(bad.sum())} such row(s))")  # never the value: private
         out[:, j] = values.to_numpy(dtype=np.float64, na_value=np.nan)
     return out
 
@@ -124,6 +124,20 @@ def read_data_file(path_str: str, label_column: str = "label") -> tuple[np.ndarr
     return x, y
 
 
+def file_stamp(value: str) -> tuple[int, int] | None:
+    """(modification time in ns, size) of the file `value` names, None if it names no file:
+    part of a cache key, so a file rewritten on disk is loaded again."""
+    path = Path(value).expanduser()
+    try:
+        stat = path.stat()
+    except (OSError, ValueError):
+        return None
+    return (stat.st_mtime_ns, stat.st_size) if path.is_file() else None
+
+
+MAX_CLASSES = 10_000  # more "classes" than this is a mislabelled or continuous target
+
+
 def _auto_task(y: np.ndarray, path: str) -> str:
     """The task `type_of_target` sees in the finite targets (see the module docstring)."""
     finite = y[np.isfinite(y.reshape(len(y), -1)).all(axis=1)]
@@ -160,4 +174,10 @@ def infer_spec(x: np.ndarray, y: np.ndarray, task: str, path: str) -> DataSpec:
     if len(labels) == 0 or labels.max() < 1:
         raise DataError(f"data file {path}: a multiclass target needs integer labels "
                         "0..K-1 of at least two classes")
-    return DataSpec(shape, int(labels.max()) + 1, task)
+    num_classes = int(labels.max()) + 1
+    if num_classes > MAX_CLASSES:
+        raise DataError(f"data file {path}: the largest label is {num_classes - 1}, so a "
+                        f"multiclass model would need {num_classes} outputs (at most "
+                        f"{MAX_CLASSES}): labels must be class indices 0..K-1; for a continuous "
+                        "target set run-config key task='regression'")
+    return DataSpec(shape, num_classes, task)

@@ -37,7 +37,7 @@ from sklearn.datasets import (
 from sklearn.model_selection import train_test_split
 
 from fl_app.data import partitioning
-from fl_app.data.files import infer_spec, is_data_file, read_data_file
+from fl_app.data.files import file_stamp, infer_spec, is_data_file, read_data_file
 from fl_app.data.partitioning import (
     PartitioningError,
     make_partitioner,
@@ -308,9 +308,14 @@ class HubSource:
 DATASET_NAMES = (*EMBEDDED_DATASETS, "synthetic", *HUB_DATASETS)
 
 
-@lru_cache(maxsize=4)
 def data_source(cfg: RunConfig) -> DataSource:
-    """The dataset named by `dataset`, built once per process and run config."""
+    """The dataset named by `dataset`, built once per process, run config and version of a
+    dataset file (a file rewritten on disk is read again)."""
+    return _data_source(cfg, file_stamp(str(cfg["dataset"])))
+
+
+@lru_cache(maxsize=4)
+def _data_source(cfg: RunConfig, stamp: tuple[int, int] | None) -> DataSource:
     name = cfg["dataset"]
     if name in EMBEDDED_DATASETS:
         return _embedded(name, cfg)
@@ -355,9 +360,15 @@ def split_train_val(data: Split, cfg: RunConfig, salt: int) -> tuple[Split, Spli
     return Split(data.x[train], data.y[train]), Split(data.x[val], data.y[val])
 
 
-@lru_cache(maxsize=64)
 def load_partition(cfg: RunConfig, partition_id: int, num_partitions: int) -> ClientData:
-    """Client data for simulation: partition `partition_id` of `num_partitions`."""
+    """Client data for simulation: partition `partition_id` of `num_partitions` (cached
+    per run config and version of a dataset file)."""
+    return _load_partition(cfg, partition_id, num_partitions, file_stamp(str(cfg["dataset"])))
+
+
+@lru_cache(maxsize=64)
+def _load_partition(cfg: RunConfig, partition_id: int, num_partitions: int,
+                    stamp: tuple[int, int] | None) -> ClientData:
     if not 0 <= partition_id < num_partitions:
         raise DataError(f"partition-id {partition_id} is outside 0..{num_partitions - 1}")
     source = data_source(cfg)

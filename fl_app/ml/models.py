@@ -196,6 +196,9 @@ def check_fits(model: keras.Model, spec: DataSpec, origin: str) -> None:
     except Exception as err:  # a user model may raise anything on inputs it does not take
         raise ModelError(f"{origin} cannot take the dataset's inputs {spec.input_shape}: "
                          f"{type(err).__name__}: {err}") from err
+    if not hasattr(out, "shape"):
+        raise ModelError(f"{origin} has {len(out)} outputs ({type(out).__name__}); the app "
+                         "trains single-output models")
     units = int(out.shape[-1]) if len(out.shape) > 1 else 1
     allowed = {spec.output_units}
     if spec.task == "binary":
@@ -205,9 +208,9 @@ def check_fits(model: keras.Model, spec: DataSpec, origin: str) -> None:
                          f"{spec.describe()}, which needs {spec.output_units}"
                          + _task_hint(units, spec))
     one_hot = wants_one_hot(model)
-    if one_hot and spec.task not in ("multiclass", "binary"):
+    if one_hot and (spec.task not in ("multiclass", "binary") or units < 2):
         raise ModelError(f"{origin} is compiled with {loss_name(model)}, which takes one-hot "
-                         f"classes, but the dataset is {spec.describe()}")
+                         f"classes, but it outputs {units} value(s) for {spec.describe()}")
 
 
 def _has_input_shape(model: keras.Model) -> bool:

@@ -5,7 +5,7 @@ from __future__ import annotations
 from fl_app.schema import Scalar, Setting
 
 OPTIMIZERS = ("", "sgd", "adam", "adamw", "rmsprop", "adagrad", "adadelta", "adamax",
-              "nadam", "ftrl", "lion", "lamb")  # Keras' built-in names; "" = the compiled one
+              "nadam", "ftrl", "lion")  # Keras' built-in names; "" = the compiled one
 
 
 def _model_names() -> list[str]:

@@ -25,6 +25,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from fl_app.data.files import file_stamp
 from fl_app.data.sources import DataSpec, Split
 from fl_app.ml.errors import ModelError
 from fl_app.ml.models import build_model, wants_one_hot
@@ -49,13 +50,13 @@ def fresh_optimizer(model: keras.Model, name: str = "",
     """A new, unbuilt optimizer: Keras' `name` (with its default hyperparameters) if given,
     else a copy of the model's compiled one; with `learning_rate` > 0 at that rate."""
     if name:
-        optimizer = keras.optimizers.get(name)
+        config = keras.optimizers.get(name).get_config()
+        cls = type(keras.optimizers.get(name))
     else:
-        compiled = model.optimizer
-        optimizer = type(compiled).from_config(compiled.get_config())
-    if learning_rate:
-        optimizer.learning_rate = learning_rate
-    return optimizer
+        config, cls = model.optimizer.get_config(), type(model.optimizer)
+    if learning_rate:  # also replaces a compiled LearningRateSchedule
+        config = {**config, "learning_rate": learning_rate}
+    return cls.from_config(config)
 
 
 def _scalar_metrics(results: dict[str, object]) -> dict[str, float]:
@@ -81,6 +82,7 @@ class KerasTrainer:
         self.optimizer = optimizer if optimizer is not None else fresh_optimizer(model)
         self._one_hot = wants_one_hot(model)
         self._units = int(model(np.zeros((1, *spec.input_shape), np.float32)).shape[-1])
+        self._on_schedule = isinstance(self.optimizer.get_config().get("learning_rate"), dict)
         self.optimizer.build(model.trainable_variables)
         self._optimizer_initial = [v.numpy() for v in self.optimizer.variables]
         self._seed_states = [v for v in model.variables if v.name == SEED_STATE]
@@ -134,10 +136,11 @@ class KerasTrainer:
         self.model.set_weights(weights)
 
     def reset_optimizer(self, learning_rate: float | None = None) -> None:
-        """Return the optimizer to its freshly built state (optionally at a new rate)."""
+        """Return the optimizer to its freshly built state (optionally at a new rate; an
+        optimizer on a LearningRateSchedule keeps its schedule)."""
         for var, initial in zip(self.optimizer.variables, self._optimizer_initial):
             var.assign(initial)
-        if learning_rate:
+        if learning_rate and not self._on_schedule:
             self.optimizer.learning_rate = learning_rate
 
     def reseed_layers(self, rng: np.random.Generator) -> None:
@@ -167,7 +170,8 @@ class KerasTrainer:
                 prox = tf.add_n([tf.reduce_sum(tf.square(tf.cast(w - a, tf.float32)))
                                  for w, a in zip(variables, self._anchor)])
                 objective = loss + 0.5 * self._mu * prox
-            grads = tape.gradient(objective, variables)
+                scaled = self.optimizer.scale_loss(objective)  # mixed precision's loss scale
+            grads = tape.gradient(scaled, variables)
             self.optimizer.apply_gradients(zip(grads, variables))
             loss_sum += loss * tf.cast(tf.shape(idx)[0], tf.float32)
             self.model.compute_metrics(xb, yb, out, None)
@@ -201,6 +205,7 @@ class KerasTrainer:
             self.model.reset_metrics()
             order = tf.constant(rng.permutation(len(data)).astype(np.int32))
             loss_sum = float(self._train_epoch(x, y, order, tf.constant(batch_size)))
+        self.optimizer.finalize_variable_values(self.model.trainable_variables)  # EMA, as fit
         return FitResult(loss_sum / len(data), _scalar_metrics(self.model.get_metrics_result()),
                          time.perf_counter() - start)
 
@@ -232,8 +237,9 @@ class KerasTrainer:
 
 @lru_cache(maxsize=4)
 def cached_trainer(model_name: str, spec: DataSpec, optimizer: str, learning_rate: float,
-                   seed: int) -> KerasTrainer:
-    """One trainer per process and model: built once, reused by every client call."""
+                   seed: int, stamp: tuple[int, int] | None = None) -> KerasTrainer:
+    """One trainer per process and model: built once, reused by every client call
+    (`stamp`, a `.keras` file's version, makes a file rewritten on disk load again)."""
     model = build_model(model_name, spec, seed)
     return KerasTrainer(model, spec, fresh_optimizer(model, optimizer, learning_rate))
 
@@ -241,4 +247,4 @@ def cached_trainer(model_name: str, spec: DataSpec, optimizer: str, learning_rat
 def trainer_for(cfg: RunConfig, spec: DataSpec) -> KerasTrainer:
     """The process-wide trainer for this run config's model, optimizer and rate."""
     return cached_trainer(cfg["model"], spec, cfg["optimizer"], cfg["learning-rate"],
-                          cfg["seed"])
+                          cfg["seed"], file_stamp(str(cfg["model"])))

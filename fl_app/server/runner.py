@@ -16,9 +16,9 @@ from flwr.server.history import History
 from flwr.server.strategy import Strategy
 
 from fl_app.server.client_failures import describe_failure
-from fl_app.wire import DATA_QUALITY_PREFIX
 from fl_app.server.client_manager import SeededClientManager
 from fl_app.server.stopping import StoppingRules
+from fl_app.wire import DATA_QUALITY_PREFIX
 from strategies.protocols import PrivacyAccounting, find_layer
 from strategies.state import set_strategy_state, strategy_state
 
