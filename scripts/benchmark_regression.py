@@ -150,12 +150,12 @@ def main(argv: list[str] | None = None) -> int:
             f"For the same epochs, each client takes {federated_steps} optimizer steps "
             f"({client_steps_per_round(cfg, args.num_supernodes)} a round on its "
             f"~{len(pooled) // args.num_supernodes} examples), and averaging "
-            f"{args.num_supernodes} IID clients' updates moves the global model about as far as one client's, while central "
-            f"training takes {central_steps} steps on the pooled data; Adam's steps are about "
-            f"its learning rate in size whatever the gradient, and the targets (mean "
-            f"{float(pooled.y.mean()):.0f}) are far from an untrained model's outputs, so "
-            f"the federated model is step-limited{falling}. Each client call also restarts "
-            "Adam's moments. Compare with more --rounds.")
+            f"{args.num_supernodes} IID clients' updates moves the global model about as far "
+            f"as one client's, while central training takes {central_steps} steps on the "
+            "pooled data; Adam's steps are about its learning rate in size whatever the "
+            f"gradient, and the targets (mean {float(pooled.y.mean()):.0f}) are far from an "
+            f"untrained model's outputs, so the federated model is step-limited{falling}. "
+            "Each client call also restarts Adam's moments. Compare with more --rounds.")
     return 0
 
 
