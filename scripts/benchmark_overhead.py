@@ -23,7 +23,8 @@ The three ways:
       epoch loop alone (no weight transfer, no client, no Flower).
 Per-round time is the median of rounds 2..N; "fixed cost" is the rest of the wall time
 (start-up of the engine and its workers, round 1, shut-down). A client call is timed
-directly on `KerasClient.fit` against the floor for the same client. The targets: a
+directly on `KerasClient.fit` against the floor for the same client (per client, the
+best of three calls of each, interleaved, as the machine may be shared). The targets: a
 client call at most 2x the floor, rounds at least 10x faster than the quickstart pattern.
 """
 
@@ -34,7 +35,7 @@ import statistics
 import sys
 import tempfile
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -57,7 +58,7 @@ from rich.table import Table  # noqa: E402
 
 from fl_app.app.client_app import client_for  # noqa: E402
 from fl_app.app.config import resolve  # noqa: E402
-from fl_app.data.sources import data_source, load_partition  # noqa: E402
+from fl_app.data.sources import Split, data_source, load_partition  # noqa: E402
 from fl_app.ml.models import build_model  # noqa: E402
 from fl_app.ml.trainer import fresh_optimizer, trainer_for  # noqa: E402
 from fl_app.schema import RunConfig  # noqa: E402
@@ -67,6 +68,7 @@ from fl_app.wire import round_config  # noqa: E402
 BACKEND = {"client_resources": {"num_cpus": 1, "num_gpus": 0.0}, "init_args": {}}
 CALL_TARGET = 2.0  # a client call at most this many times the compute floor
 ROUND_TARGET = 10.0  # rounds at least this many times faster than the quickstart pattern
+REPEATS = 3  # per-client timings are the best of this many calls (the machine may be shared)
 
 
 @dataclass(frozen=True)
@@ -176,9 +178,10 @@ def run_quickstart(cfg: RunConfig, n: int, rounds: int, metric: str) -> dict[str
             "loss": final["loss"], "metric": final[metric]}
 
 
-def guide_loop_seconds(cfg: RunConfig, n: int) -> list[float]:
-    """(c1): each client's local training in a plain per-batch tf.function step, with the
-    model's compiled loss and a fresh copy of its compiled optimizer."""
+def guide_loop(cfg: RunConfig) -> Callable[[Split], Callable[[], None]]:
+    """(c1): the TensorFlow guide's custom loop, a plain per-batch tf.function step with the
+    model's compiled loss and a fresh copy of its compiled optimizer; returns, for a
+    client's training split, a callable that runs its local epochs."""
     spec = data_source(cfg).spec
     encode = trainer_for(cfg, spec).targets  # targets as the compiled loss takes them
     model = build_model(cfg["model"], spec, cfg["seed"])
@@ -191,46 +194,49 @@ def guide_loop_seconds(cfg: RunConfig, n: int) -> list[float]:
         optimizer.apply_gradients(zip(tape.gradient(loss, model.trainable_variables),
                                       model.trainable_variables))
 
-    times = []
-    for pid in range(n):
-        train = load_partition(cfg, pid, n).train
+    def for_client(train: Split) -> Callable[[], None]:
         batches = tf.data.Dataset.from_tensor_slices((train.x, encode(train.y))).batch(
             cfg["batch-size"]).cache()
-        for x, y in batches:  # trace and warm the cache outside the timing
-            step(x, y)
-        start = time.perf_counter()
-        for _ in range(cfg["local-epochs"]):
-            for x, y in batches:
-                step(x, y)
-        times.append(time.perf_counter() - start)
-    return times
+
+        def run() -> None:
+            for _ in range(cfg["local-epochs"]):
+                for x, y in batches:
+                    step(x, y)
+
+        return run
+
+    return for_client
 
 
-def epoch_loop_seconds(cfg: RunConfig, n: int) -> list[float]:
-    """(c2): each client's local training in the compiled epoch loop alone."""
+def per_client_seconds(cfg: RunConfig, n: int) -> dict[str, list[float]]:
+    """Per client, the best of `REPEATS` timings of (c1) the guide's loop, (c2) the compiled
+    epoch loop alone (`KerasTrainer.fit`) and `call`, a whole `KerasClient.fit` (weights
+    in, train, weights out). The three are interleaved, so that a load change on a shared
+    machine hits them alike; a first untimed run of each traces and warms it."""
+    guide = guide_loop(cfg)
     trainer = trainer_for(cfg, data_source(cfg).spec)
-    times = []
+    weights = trainer.get_weights()
+    fit = {"epochs": cfg["local-epochs"], "batch_size": cfg["batch-size"],
+           "learning_rate": cfg["learning-rate"] or None}
+    times: dict[str, list[float]] = {"guide": [], "epoch_loop": [], "call": []}
     for pid in range(n):
         train = load_partition(cfg, pid, n).train
-        fit = {"epochs": cfg["local-epochs"], "batch_size": cfg["batch-size"],
-               "learning_rate": cfg["learning-rate"] or None}
-        trainer.fit(train, **fit)  # warm
-        start = time.perf_counter()
-        trainer.fit(train, **fit)
-        times.append(time.perf_counter() - start)
-    return times
-
-
-def client_call_seconds(cfg: RunConfig, n: int) -> list[float]:
-    """Wall time of `KerasClient.fit` per client (weights in, train, weights out)."""
-    weights = trainer_for(cfg, data_source(cfg).spec).get_weights()
-    times = []
-    for pid in range(n):
         client = client_for(cfg, {"partition-id": pid, "num-partitions": n})
-        client.fit(weights, round_config(cfg, 0))  # warm: first call traces the loop
-        start = time.perf_counter()
-        client.fit(weights, round_config(cfg, 1))
-        times.append(time.perf_counter() - start)
+        runs: dict[str, Callable[[], object]] = {
+            "guide": guide(train),
+            "epoch_loop": lambda train=train: trainer.fit(train, **fit),
+            "call": lambda client=client: client.fit(weights, round_config(cfg, 1)),
+        }
+        for run in runs.values():
+            run()
+        best = dict.fromkeys(runs, float("inf"))
+        for _ in range(REPEATS):
+            for name, run in runs.items():
+                start = time.perf_counter()
+                run()
+                best[name] = min(best[name], time.perf_counter() - start)
+        for name, seconds in best.items():
+            times[name].append(seconds)
     return times
 
 
@@ -240,9 +246,9 @@ def benchmark(workload: Workload, rounds: int, n: int, console: Console) -> dict
     out = tempfile.mkdtemp(prefix=f"bench-{workload.name}-")
     cfg = resolve({**workload.overrides, "num-server-rounds": rounds, "out-dir": out})
 
-    guide, epoch_loop = guide_loop_seconds(cfg, n), epoch_loop_seconds(cfg, n)
+    per_client = per_client_seconds(cfg, n)
+    guide, epoch_loop, calls = (per_client[k] for k in ("guide", "epoch_loop", "call"))
     floor = [min(a, b) for a, b in zip(guide, epoch_loop)]
-    calls = client_call_seconds(cfg, n)
     app = run_this_app(cfg, n, workload.metric)
     quick = run_quickstart(cfg, n, rounds, workload.metric)
 
