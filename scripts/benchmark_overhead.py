@@ -1,20 +1,31 @@
-"""Benchmark: this app vs. the Flower quickstart-tensorflow pattern vs. the compute floor.
+"""Benchmark: this app vs. the Flower quickstart-tensorflow pattern vs. the compute floor,
+for a classifier and a regressor.
 
     python scripts/benchmark_overhead.py [--rounds 10] [--num-supernodes 10]
+                                         [--workloads classifier,regressor]
 
-Runs the default workload (digits, IID, 10 clients, 5 local epochs) three ways in one
-process and prints start-up and per-round times separately:
+Runs each workload (10 IID clients, 5 local epochs) three ways in one process and prints
+start-up and per-round times separately:
+  * classifier: the default config (digits, the `mlp` builder compiled with SGD(0.1),
+    sparse categorical cross-entropy, accuracy);
+  * regressor: `dataset='diabetes' model='examples.keras_models:regression'` (the user's
+    function: Dense(10, relu), Dense(1), compiled with Adam(0.01), mse, mae).
+The three ways:
   (a) this app through run_simulation (compiled Keras loops, model built once per process);
   (b) the quickstart-tensorflow pattern on the same simulation engine: each client call
-      rebuilds and compiles the model after `keras.backend.clear_session()`, trains with
-      `model.fit`, evaluates with `model.evaluate`; Flower's FedAvg;
+      rebuilds the model after `keras.backend.clear_session()` and compiles it the way the
+      workload's model is compiled (the builder or the user's function, which return it
+      compiled), trains with `model.fit`, evaluates with `model.evaluate`; Flower's FedAvg;
   (c) the compute floor: the same local training, one client after another, in this
       process with no FL at all, the faster of (c1) the TensorFlow guide's custom loop (a
-      `tf.function` step per batch over a cached `tf.data` pipeline) and (c2) the app's
-      compiled epoch loop alone (no weight transfer, no client, no Flower).
+      `tf.function` step per batch over a cached `tf.data` pipeline, with the model's
+      compiled loss and a copy of its compiled optimizer) and (c2) the app's compiled
+      epoch loop alone (no weight transfer, no client, no Flower).
 Per-round time is the median of rounds 2..N; "fixed cost" is the rest of the wall time
 (start-up of the engine and its workers, round 1, shut-down). A client call is timed
-directly on `KerasClient.fit` against the floor for the same client.
+directly on `KerasClient.fit` against the floor for the same client (per client, the
+best of three calls of each, interleaved, as the machine may be shared). The targets: a
+client call at most 2x the floor, rounds at least 10x faster than the quickstart pattern.
 """
 
 from __future__ import annotations
@@ -24,6 +35,8 @@ import statistics
 import sys
 import tempfile
 import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -35,7 +48,7 @@ import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 from flwr.client import NumPyClient  # noqa: E402
 from flwr.clientapp import ClientApp  # noqa: E402
-from flwr.common import Context, ndarrays_to_parameters  # noqa: E402
+from flwr.common import Context, NDArrays, Scalar, ndarrays_to_parameters  # noqa: E402
 from flwr.server import ServerAppComponents, ServerConfig  # noqa: E402
 from flwr.server.strategy import FedAvg  # noqa: E402
 from flwr.serverapp import ServerApp  # noqa: E402
@@ -45,23 +58,41 @@ from rich.table import Table  # noqa: E402
 
 from fl_app.app.client_app import client_for  # noqa: E402
 from fl_app.app.config import resolve  # noqa: E402
-from fl_app.data.sources import data_source, load_partition  # noqa: E402
+from fl_app.data.sources import Split, data_source, load_partition  # noqa: E402
 from fl_app.ml.models import build_model  # noqa: E402
-from fl_app.ml.trainer import trainer_for  # noqa: E402
+from fl_app.ml.trainer import fresh_optimizer, trainer_for  # noqa: E402
 from fl_app.schema import RunConfig  # noqa: E402
 from fl_app.server.outputs import read_history  # noqa: E402
 from fl_app.wire import round_config  # noqa: E402
 
 BACKEND = {"client_resources": {"num_cpus": 1, "num_gpus": 0.0}, "init_args": {}}
+CALL_TARGET = 2.0  # a client call at most this many times the compute floor
+ROUND_TARGET = 10.0  # rounds at least this many times faster than the quickstart pattern
+REPEATS = 3  # per-client timings are the best of this many calls (the machine may be shared)
+
+
+@dataclass(frozen=True)
+class Workload:
+    """A benchmarked job: run-config overrides on top of the defaults, and the compiled
+    metric (by Keras name) reported next to the loss."""
+
+    name: str
+    overrides: Mapping[str, object] = field(default_factory=dict)
+    metric: str = "accuracy"
+
+
+WORKLOADS: dict[str, Workload] = {
+    "classifier": Workload("classifier"),
+    "regressor": Workload("regressor", {"dataset": "diabetes",
+                                        "model": "examples.keras_models:regression"}, "mae"),
+}
 
 
 def _quickstart_model(cfg: RunConfig) -> keras.Model:
-    """Build and compile the model the way the quickstart does, from scratch."""
+    """Build the model from scratch as the quickstart does: after `clear_session()`, the
+    workload's builder (or the user's function), which returns it compiled."""
     keras.backend.clear_session()
-    model = build_model(cfg["model"], data_source(cfg).spec, cfg["seed"])
-    model.compile(optimizer=keras.optimizers.SGD(cfg["learning-rate"]),
-                  loss="sparse_categorical_crossentropy", metrics=["accuracy"])
-    return model
+    return build_model(cfg["model"], data_source(cfg).spec, cfg["seed"])
 
 
 class QuickstartClient(NumPyClient):
@@ -72,20 +103,27 @@ class QuickstartClient(NumPyClient):
         self.data = load_partition(cfg, partition_id, num_partitions)
         self.model = _quickstart_model(cfg)
 
-    def fit(self, parameters, config):
+    def fit(self, parameters: NDArrays,
+            config: dict[str, Scalar]) -> tuple[NDArrays, int, dict[str, Scalar]]:
+        """Load the weights, `model.fit` for the local epochs, return the new weights."""
         self.model.set_weights(parameters)
         self.model.fit(self.data.train.x, self.data.train.y, epochs=self.cfg["local-epochs"],
                        batch_size=self.cfg["batch-size"], verbose=0)
         return self.model.get_weights(), len(self.data.train), {}
 
-    def evaluate(self, parameters, config):
+    def evaluate(self, parameters: NDArrays,
+                 config: dict[str, Scalar]) -> tuple[float, int, dict[str, Scalar]]:
+        """`model.evaluate` on the local validation split: loss and compiled metrics."""
         self.model.set_weights(parameters)
-        loss, accuracy = self.model.evaluate(self.data.val.x, self.data.val.y, verbose=0)
-        return loss, len(self.data.val), {"accuracy": accuracy}
+        logs = self.model.evaluate(self.data.val.x, self.data.val.y, verbose=0,
+                                   return_dict=True)
+        return float(logs.pop("loss")), len(self.data.val), {k: float(v) for k, v in logs.items()}
 
 
-def quickstart_apps(cfg: RunConfig, rounds: int, marks: list[tuple[float, float]]):
-    """ServerApp + ClientApp of pattern (b); `marks` collects (time, accuracy) per round."""
+def quickstart_apps(cfg: RunConfig, rounds: int,
+                    marks: list[tuple[float, dict[str, float]]]) -> tuple[ServerApp, ClientApp]:
+    """ServerApp + ClientApp of pattern (b); `marks` collects (time, centralized evaluation
+    logs: loss and compiled metrics) per round."""
 
     def client_fn(context: Context):
         return QuickstartClient(cfg, int(context.node_config["partition-id"]),
@@ -97,9 +135,10 @@ def quickstart_apps(cfg: RunConfig, rounds: int, marks: list[tuple[float, float]
         def evaluate_fn(server_round, arrays, config):
             model = _quickstart_model(cfg)
             model.set_weights(arrays)
-            loss, accuracy = model.evaluate(test.x, test.y, verbose=0)
-            marks.append((time.perf_counter(), accuracy))
-            return loss, {"accuracy": accuracy}
+            logs = {k: float(v) for k, v in
+                    model.evaluate(test.x, test.y, verbose=0, return_dict=True).items()}
+            marks.append((time.perf_counter(), logs))
+            return logs["loss"], {k: v for k, v in logs.items() if k != "loss"}
 
         initial = ndarrays_to_parameters(_quickstart_model(cfg).get_weights())
         strategy = FedAvg(initial_parameters=initial, evaluate_fn=evaluate_fn,
@@ -109,7 +148,7 @@ def quickstart_apps(cfg: RunConfig, rounds: int, marks: list[tuple[float, float]
     return ServerApp(server_fn=server_fn), ClientApp(client_fn=client_fn)
 
 
-def run_this_app(cfg: RunConfig, n: int) -> dict:
+def run_this_app(cfg: RunConfig, n: int, metric: str) -> dict[str, float]:
     """(a): the app through Flower's simulation engine; times from history.json."""
     from fl_app.app.client_app import make_client_app
     from fl_app.app.server_app import make_server_app
@@ -120,115 +159,159 @@ def run_this_app(cfg: RunConfig, n: int) -> dict:
     wall = time.perf_counter() - start
     rounds = read_history(Path(cfg["out-dir"]))["rounds"][1:]
     later = [r["seconds"] for r in rounds[1:]]
+    final = rounds[-1]["centralized"]
     return {"wall": wall, "round": statistics.median(later), "fixed": wall - sum(later),
-            "accuracy": rounds[-1]["centralized"]["accuracy"]}
+            "loss": final["loss"], "metric": final[metric]}
 
 
-def run_quickstart(cfg: RunConfig, n: int, rounds: int) -> dict:
+def run_quickstart(cfg: RunConfig, n: int, rounds: int, metric: str) -> dict[str, float]:
     """(b): the quickstart pattern; round boundaries from the centralized evaluations."""
-    marks: list[tuple[float, float]] = []
+    marks: list[tuple[float, dict[str, float]]] = []
     server_app, client_app = quickstart_apps(cfg, rounds, marks)
     start = time.perf_counter()
     run_simulation(server_app=server_app, client_app=client_app, num_supernodes=n,
                    backend_config=BACKEND)
     wall = time.perf_counter() - start
     later = list(np.diff([t for t, _ in marks])[1:])  # rounds 2..N
+    final = marks[-1][1]
     return {"wall": wall, "round": statistics.median(later), "fixed": wall - sum(later),
-            "accuracy": marks[-1][1]}
+            "loss": final["loss"], "metric": final[metric]}
 
 
-def guide_loop_seconds(cfg: RunConfig, n: int) -> list[float]:
-    """(c1): each client's local training in a plain per-batch tf.function step."""
-    model = build_model(cfg["model"], data_source(cfg).spec, cfg["seed"])
-    optimizer = keras.optimizers.SGD(cfg["learning-rate"])
-    loss_fn = keras.losses.SparseCategoricalCrossentropy()
+def guide_loop(cfg: RunConfig) -> Callable[[Split], Callable[[], None]]:
+    """(c1): the TensorFlow guide's custom loop, a plain per-batch tf.function step with the
+    model's compiled loss and a fresh copy of its compiled optimizer; returns, for a
+    client's training split, a callable that runs its local epochs."""
+    spec = data_source(cfg).spec
+    encode = trainer_for(cfg, spec).targets  # targets as the compiled loss takes them
+    model = build_model(cfg["model"], spec, cfg["seed"])
+    optimizer = fresh_optimizer(model, cfg["optimizer"], cfg["learning-rate"])
 
     @tf.function
     def step(x, y):
         with tf.GradientTape() as tape:
-            loss = loss_fn(y, model(x, training=True))
+            loss = model.compute_loss(x=x, y=y, y_pred=model(x, training=True), training=True)
         optimizer.apply_gradients(zip(tape.gradient(loss, model.trainable_variables),
                                       model.trainable_variables))
 
-    times = []
-    for pid in range(n):
-        train = load_partition(cfg, pid, n).train
-        batches = tf.data.Dataset.from_tensor_slices((train.x, train.y)).batch(
+    def for_client(train: Split) -> Callable[[], None]:
+        batches = tf.data.Dataset.from_tensor_slices((train.x, encode(train.y))).batch(
             cfg["batch-size"]).cache()
-        for x, y in batches:  # trace and warm the cache outside the timing
-            step(x, y)
-        start = time.perf_counter()
-        for _ in range(cfg["local-epochs"]):
-            for x, y in batches:
-                step(x, y)
-        times.append(time.perf_counter() - start)
-    return times
+
+        def run() -> None:
+            for _ in range(cfg["local-epochs"]):
+                for x, y in batches:
+                    step(x, y)
+
+        return run
+
+    return for_client
 
 
-def epoch_loop_seconds(cfg: RunConfig, n: int) -> list[float]:
-    """(c2): each client's local training in the compiled epoch loop alone."""
+def per_client_seconds(cfg: RunConfig, n: int) -> dict[str, list[float]]:
+    """Per client, the best of `REPEATS` timings of (c1) the guide's loop, (c2) the compiled
+    epoch loop alone (`KerasTrainer.fit`) and `call`, a whole `KerasClient.fit` (weights
+    in, train, weights out). The three are interleaved, so that a load change on a shared
+    machine hits them alike; a first untimed run of each traces and warms it."""
+    guide = guide_loop(cfg)
     trainer = trainer_for(cfg, data_source(cfg).spec)
-    times = []
+    weights = trainer.get_weights()
+    fit = {"epochs": cfg["local-epochs"], "batch_size": cfg["batch-size"],
+           "learning_rate": cfg["learning-rate"] or None}
+    times: dict[str, list[float]] = {"guide": [], "epoch_loop": [], "call": []}
     for pid in range(n):
         train = load_partition(cfg, pid, n).train
-        fit = dict(epochs=cfg["local-epochs"], batch_size=cfg["batch-size"],
-                   learning_rate=cfg["learning-rate"])
-        trainer.fit(train, **fit)  # warm
-        start = time.perf_counter()
-        trainer.fit(train, **fit)
-        times.append(time.perf_counter() - start)
-    return times
-
-
-def client_call_seconds(cfg: RunConfig, n: int) -> list[float]:
-    """Wall time of `KerasClient.fit` per client (weights in, train, weights out)."""
-    weights = trainer_for(cfg, data_source(cfg).spec).get_weights()
-    times = []
-    for pid in range(n):
         client = client_for(cfg, {"partition-id": pid, "num-partitions": n})
-        client.fit(weights, round_config(cfg, 0))  # warm: first call traces the loop
-        start = time.perf_counter()
-        client.fit(weights, round_config(cfg, 1))
-        times.append(time.perf_counter() - start)
+        runs: dict[str, Callable[[], object]] = {
+            "guide": guide(train),
+            "epoch_loop": lambda train=train: trainer.fit(train, **fit),
+            "call": lambda client=client: client.fit(weights, round_config(cfg, 1)),
+        }
+        for run in runs.values():
+            run()
+        best = dict.fromkeys(runs, float("inf"))
+        for _ in range(REPEATS):
+            for name, run in runs.items():
+                start = time.perf_counter()
+                run()
+                best[name] = min(best[name], time.perf_counter() - start)
+        for name, seconds in best.items():
+            times[name].append(seconds)
     return times
 
 
-def main() -> int:
-    """Run (a), (b), (c) and print the comparison."""
+def benchmark(workload: Workload, rounds: int, n: int, console: Console) -> dict[str, float]:
+    """Run (a), (b), (c) for one workload, print its table and ratios; return the ratios
+    (`call_vs_floor`, `rounds_speedup`)."""
+    out = tempfile.mkdtemp(prefix=f"bench-{workload.name}-")
+    cfg = resolve({**workload.overrides, "num-server-rounds": rounds, "out-dir": out})
+
+    per_client = per_client_seconds(cfg, n)
+    guide, epoch_loop, calls = (per_client[k] for k in ("guide", "epoch_loop", "call"))
+    floor = [min(a, b) for a, b in zip(guide, epoch_loop)]
+    app = run_this_app(cfg, n, workload.metric)
+    quick = run_quickstart(cfg, n, rounds, workload.metric)
+
+    table = Table(title=f"{workload.name}: {cfg['model']} on {cfg['dataset']} "
+                        f"{cfg['partitioner'].upper()}, {n} clients, {rounds} rounds, "
+                        f"{cfg['local-epochs']} local epochs")
+    for column in ("", "fixed cost s", "median round s", "final loss",
+                   f"final {workload.metric}"):
+        table.add_column(column, justify="right")
+    for label, result in (("(a) this app", app), ("(b) quickstart pattern", quick)):
+        table.add_row(label, f"{result['fixed']:.1f}", f"{result['round']:.3f}",
+                      f"{result['loss']:.4f}", f"{result['metric']:.4f}")
+    floor_round = sum(floor)
+    table.add_row("(c1) floor: guide's per-batch loop", "", f"{sum(guide):.3f}", "", "")
+    table.add_row("(c2) floor: compiled epoch loop", "", f"{sum(epoch_loop):.3f}", "", "")
+    table.add_row("(c) compute floor (faster per client)", "", f"{floor_round:.3f}", "", "")
+    console.print(table)
+
+    call_ratio = statistics.median(calls) / statistics.median(floor)
+    speedup = quick["round"] / app["round"]
+    console.print(f"{workload.name} rounds: (a) is {speedup:.1f}x faster than (b) "
+                  f"(target >= {ROUND_TARGET:g}x: {'met' if speedup >= ROUND_TARGET else 'MISSED'})"
+                  f"; (a) round vs floor round: {app['round'] / floor_round:.1f}x")
+    console.print(f"{workload.name} client call: median {statistics.median(calls) * 1e3:.1f} ms "
+                  f"vs floor {statistics.median(floor) * 1e3:.1f} ms per client = "
+                  f"{call_ratio:.2f}x the floor (target <= {CALL_TARGET:g}x: "
+                  f"{'met' if call_ratio <= CALL_TARGET else 'MISSED'})")
+    return {"call_vs_floor": call_ratio, "rounds_speedup": speedup}
+
+
+def parse_workloads(value: str) -> list[Workload]:
+    """`classifier,regressor` -> the workloads, in that order; argparse error if unknown."""
+    names = [name.strip() for name in value.split(",") if name.strip()]
+    unknown = [name for name in names if name not in WORKLOADS]
+    if unknown or not names:
+        raise argparse.ArgumentTypeError(
+            f"unknown workload(s) {', '.join(unknown) or '(none)'}; choose from "
+            f"{', '.join(WORKLOADS)}")
+    return [WORKLOADS[name] for name in names]
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run (a), (b), (c) for each workload and print the comparisons."""
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rounds", type=int, default=10)
     parser.add_argument("--num-supernodes", type=int, default=10)
-    args = parser.parse_args()
-    out = tempfile.mkdtemp(prefix="bench-")
-    cfg = resolve({"num-server-rounds": args.rounds, "out-dir": out})
-    n = args.num_supernodes
-
-    guide, epoch_loop = guide_loop_seconds(cfg, n), epoch_loop_seconds(cfg, n)
-    floor = [min(a, b) for a, b in zip(guide, epoch_loop)]
-    calls = client_call_seconds(cfg, n)
-    app = run_this_app(cfg, n)
-    quick = run_quickstart(cfg, n, args.rounds)
-
-    table = Table(title=f"{n} clients, {args.rounds} rounds, digits IID, "
-                        f"{cfg['local-epochs']} local epochs")
-    for column in ("", "fixed cost s", "median round s", "final accuracy"):
-        table.add_column(column, justify="right")
-    table.add_row("(a) this app", f"{app['fixed']:.1f}", f"{app['round']:.3f}",
-                  f"{app['accuracy']:.4f}")
-    table.add_row("(b) quickstart pattern", f"{quick['fixed']:.1f}", f"{quick['round']:.3f}",
-                  f"{quick['accuracy']:.4f}")
-    floor_round = sum(floor)
-    table.add_row("(c1) floor: guide's per-batch loop", "", f"{sum(guide):.3f}", "")
-    table.add_row("(c2) floor: compiled epoch loop", "", f"{sum(epoch_loop):.3f}", "")
-    table.add_row("(c) compute floor (faster per client)", "", f"{floor_round:.3f}", "")
+    parser.add_argument("--workloads", type=parse_workloads, default=list(WORKLOADS.values()),
+                        help=f"comma-separated, from {', '.join(WORKLOADS)} (default: all)")
+    args = parser.parse_args(argv)
+    if args.rounds < 3:
+        parser.error("--rounds must be at least 3 (the median round leaves out round 1)")
     console = Console(width=120)
-    console.print(table)
-    console.print(f"rounds: (a) is {quick['round'] / app['round']:.1f}x faster than (b); "
-                  f"(a) round vs floor round: {app['round'] / floor_round:.1f}x")
-    console.print(f"client call: median {statistics.median(calls) * 1e3:.1f} ms vs floor "
-                  f"{statistics.median(floor) * 1e3:.1f} ms per client "
-                  f"= {statistics.median(calls) / statistics.median(floor):.2f}x the floor")
+    ratios = {w.name: benchmark(w, args.rounds, args.num_supernodes, console)
+              for w in args.workloads}
+    summary = Table(title="summary")
+    for column in ("workload", f"client call / floor (target <= {CALL_TARGET:g}x)",
+                   f"rounds speed-up vs (b) (target >= {ROUND_TARGET:g}x)"):
+        summary.add_column(column, justify="right")
+    for name, ratio in ratios.items():
+        summary.add_row(name, f"{ratio['call_vs_floor']:.2f}x",
+                        f"{ratio['rounds_speedup']:.1f}x")
+    console.print(summary)
     return 0
 
 
