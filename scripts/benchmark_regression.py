@@ -131,13 +131,13 @@ def main(argv: list[str] | None = None) -> int:
         table.add_column(column, justify="right")
     table.add_row(f"(a) federated ({cfg['strategy']}, {cfg['local-epochs']} local epochs)",
                   str(federated["rounds"]), f"{federated['rounds']} x {cfg['local-epochs']}",
-                  f"{federated_steps} per client", f"{federated['mse']:.1f}",
-                  f"{federated['mae']:.2f}", f"{federated['wall']:.1f}")
+                  f"{federated_steps} per client", f"{federated['mse']:.4g}",
+                  f"{federated['mae']:.4g}", f"{federated['wall']:.1f}")
     table.add_row("(b) central, model.fit on the pooled data", "", str(central["epochs"]),
-                  str(central_steps), f"{central['mse']:.1f}", f"{central['mae']:.2f}",
+                  str(central_steps), f"{central['mse']:.4g}", f"{central['mae']:.4g}",
                   f"{central['wall']:.1f}")
-    table.add_row("(c) predict the training mean", "", "", "", f"{baseline['mse']:.1f}",
-                  f"{baseline['mae']:.2f}", "")
+    table.add_row("(c) predict the training mean", "", "", "", f"{baseline['mse']:.4g}",
+                  f"{baseline['mae']:.4g}", "")
     console = Console(width=120)
     console.print(table)
     ratio = federated["mse"] / central["mse"]
