@@ -48,6 +48,8 @@ START_TIMEOUT = 120.0
 PROTOCOL = 1  # bumped whenever a request or reply changes shape
 MAX_SOCKET_PATH = 100  # AF_UNIX paths are limited to 107 bytes on Linux
 SUPERNODE = "flower-supernode"
+# nothing listens (no socket file, or a stale one), or the worker died as we connected
+NOT_LISTENING = (FileNotFoundError, ConnectionError, EOFError)
 
 
 class WorkerError(RuntimeError):
@@ -216,13 +218,13 @@ def open_worker(address: WorkerAddress) -> Connection:
     is on."""
     try:
         return address.connect()
-    except (FileNotFoundError, ConnectionRefusedError):
+    except NOT_LISTENING:
         if not address.autostart:
             raise
     with _start_lock(address):
         try:  # another ClientApp may have started it while we waited for the lock
             return address.connect()
-        except (FileNotFoundError, ConnectionRefusedError):
+        except NOT_LISTENING:
             start_worker(address, supernode_pid() or os.getppid())
         return address.connect()
 
