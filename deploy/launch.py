@@ -222,7 +222,7 @@ class LocalDeployment:
         managed = self.sup.start(node.name, cmd, echo=self.echo_components)
         if required:
             self.required[node.name] = managed
-        if self.workers:
+        if self.workers and required:
             self.start_worker(node, managed.pid)
         return managed
 

@@ -25,6 +25,7 @@ import pytest
 from fl_app.app.client_app import client_for
 from fl_app.app.worker_link import WorkerAddress, WorkerClient, WorkerError
 from fl_app.data.sources import data_source
+from fl_app.data.types import DataError
 from fl_app.wire import round_config
 from tests.conftest import make_config
 
@@ -97,6 +98,7 @@ def test_worker_results_equal_the_in_process_client(worker, source, tmp_path):
     fit_config = round_config(cfg, server_round=2)
 
     assert remote.get_properties({}) == local.get_properties({})
+    assert [w.shape for w in remote.get_parameters({})] == [w.shape for w in weights]
     local_fit = local.fit(weights, fit_config)
     for _ in range(2):  # the second call runs on the worker's cached data and trainer
         remote_fit = remote.fit(weights, fit_config)
@@ -112,7 +114,7 @@ def test_worker_results_equal_the_in_process_client(worker, source, tmp_path):
 def test_a_data_error_inside_the_worker_names_the_node(worker):
     address, _ = worker
     remote = WorkerClient(address, RAW, {"data-path": "/nonexistent/node.npz"}, "node 42")
-    with pytest.raises(WorkerError, match="node 42.*DataError"):
+    with pytest.raises(DataError, match="^node 42: data file /nonexistent/node.npz"):
         remote.get_properties({})
     assert remote.__class__(address, RAW, PARTITION, "node 42").get_properties({})
 

@@ -85,6 +85,8 @@ class Worker:
         method = request["method"]
         if method == "get_properties":
             return client.get_properties(request["config"])
+        if method == "get_parameters":
+            return client.get_parameters(request["config"])
         if method == "fit":
             return client.fit(request["parameters"], request["config"])
         if method == "evaluate":
@@ -103,7 +105,8 @@ class Worker:
             except Exception as err:  # the call fails, the worker stays
                 self.log(f"{request.get('method')} failed: "
                          f"{''.join(traceback.format_exception(err)).strip()}")
-                reply = {"ok": False, "error": f"{type(err).__name__}: {err}"}
+                reply = {"ok": False, "type": type(err).__name__,
+                         "error": f"{type(err).__name__}: {err}", "message": str(err)}
             self.served += 1
             self.log(f"{request.get('method')} served in {time.perf_counter() - start:.3f} s "
                      f"(request {self.served})")

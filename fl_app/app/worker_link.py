@@ -251,7 +251,8 @@ def call_worker(address: WorkerAddress, node: str, request: dict[str, Any]) -> A
     Raises `WorkerError` naming `node` and the socket if the worker cannot be reached, dies
     or does not answer within the address's timeout (then it is killed, so the next message
     starts a fresh one), and re-raises an error the call hit inside the worker as a
-    `WorkerError` carrying its type and message.
+    `WorkerError` carrying its type and message (a `DataError` as a `DataError` naming
+    `node`, as the in-process ClientApp raises it).
     """
     where = f"{node}: worker at {address.socket}"
     try:
@@ -274,6 +275,10 @@ def call_worker(address: WorkerAddress, node: str, request: dict[str, Any]) -> A
                               f"crashed or was stopped; see {address.log_file}") from err
     if reply.get("ok"):
         return reply["result"]
+    if reply.get("type") == "DataError":  # as the in-process ClientApp reports it
+        from fl_app.data.types import DataError
+
+        raise DataError(f"{node}: {reply['message']}")
     raise WorkerError(f"{where}: {reply['error']}")
 
 
@@ -299,6 +304,9 @@ class WorkerClient(NumPyClient):
 
     def get_properties(self, config: dict[str, Scalar]) -> dict[str, Scalar]:
         return self._call("get_properties", None, config)
+
+    def get_parameters(self, config: dict[str, Scalar]) -> NDArrays:
+        return self._call("get_parameters", None, config)
 
     def fit(self, parameters: NDArrays,
             config: dict[str, Scalar]) -> tuple[NDArrays, int, dict[str, Scalar]]:
