@@ -229,3 +229,7 @@ def test_the_workers_data_cache_is_bounded():
                    "node_config": PARTITION, "parameters": None, "config": {}}
         assert server.handle(request)
     assert len(server.data) == DATA_RUNS
+    # the models of runs whose data was dropped are dropped too (rebuilt if they return)
+    from fl_app.ml.trainer import cached_trainer
+
+    assert cached_trainer.cache_info().currsize <= DATA_RUNS
