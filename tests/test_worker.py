@@ -8,7 +8,9 @@ with its parent.
 
 from __future__ import annotations
 
+import atexit
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -36,8 +38,11 @@ PARTITION = {"partition-id": 3, "num-partitions": 10}
 
 
 def _short_dir() -> Path:
-    """A folder with a short path (Unix socket paths are limited to ~107 bytes)."""
-    return Path(tempfile.mkdtemp(prefix="flw-", dir="/tmp"))
+    """A folder with a short path (Unix socket paths are limited to ~107 bytes), removed
+    when the tests end."""
+    folder = Path(tempfile.mkdtemp(prefix="flw-", dir="/tmp"))
+    atexit.register(shutil.rmtree, folder, ignore_errors=True)
+    return folder
 
 
 def start_worker(address: WorkerAddress, parent_pid: int | None = None,
