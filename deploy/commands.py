@@ -57,8 +57,26 @@ def superlink(dep: Deployment, home: Path, bind_host: str, port: int) -> Command
     return Command(argv, {"FLWR_HOME": str(home)})
 
 
+def worker_files(dep: Deployment, node: NodeFiles) -> tuple[Path, Path]:
+    """Where `node`'s worker listens and keeps its key: `DIR/workers/<node>/` (mode 700)."""
+    folder = dep.root / "workers" / node.name
+    return folder / "sock", folder / "authkey"
+
+
+def worker(dep: Deployment, node: NodeFiles, parent_pid: int | None = None,
+           python: str = "python") -> Command:
+    """`python -m fl_app.app.worker` for `node`: the long-lived process its ClientApps forward
+    every message to (TensorFlow, the data and the compiled model stay loaded), on a Unix
+    socket in the node's mode-700 worker folder, with a mode-600 key; it exits when
+    `parent_pid` (the SuperNode) does."""
+    sock, key = worker_files(dep, node)
+    argv = [python, "-m", "fl_app.app.worker", "--socket", str(sock), "--authkey-file", str(key)]
+    return Command(argv + (["--parent-pid", str(parent_pid)] if parent_pid else []))
+
+
 def supernode(dep: Deployment, node: NodeFiles, home: Path, superlink_address: str,
-              runtime_port: int, private_key: str | None = None) -> Command:
+              runtime_port: int, private_key: str | None = None,
+              use_worker: bool = True) -> Command:
     """`flower-supernode` for `node`: verifies the SuperLink's TLS certificate, signs with
     its private key, and reads its own data file (node-config `data-path`).
 
@@ -66,7 +84,9 @@ def supernode(dep: Deployment, node: NodeFiles, home: Path, superlink_address: s
     the one in the folder; a node that holds its own key has none there
     (`DeploymentError` naming it). Its local Runtime API (for the ClientApp processes it
     starts) binds 127.0.0.1:`runtime_port`. Runtime installation of dependencies stays off
-    (the SuperNode default).
+    (the SuperNode default). With `use_worker` its node config names the node's worker
+    (`worker-socket`, `worker-authkey-file`): its ClientApps forward each message there,
+    starting the worker if it is not running.
     """
     if private_key is None and node.key is None:
         raise DeploymentError(f"{node.name}'s private key is held by the node itself, not "
@@ -75,9 +95,19 @@ def supernode(dep: Deployment, node: NodeFiles, home: Path, superlink_address: s
             "--superlink", superlink_address,
             "--root-certificates", str(dep.ca_cert),
             "--auth-supernode-private-key", private_key or str(node.key),
-            "--node-config", f"data-path={config_string(str(node.data))}",
+            "--node-config", node_config(dep, node, use_worker),
             "--host", "127.0.0.1", "--port", str(runtime_port)]
     return Command(argv, {"FLWR_HOME": str(home)})
+
+
+def node_config(dep: Deployment, node: NodeFiles, use_worker: bool = True) -> str:
+    """`node`'s `--node-config`: its data file, and its worker's socket and key file."""
+    pairs = [f"data-path={config_string(str(node.data))}"]
+    if use_worker:
+        sock, key = worker_files(dep, node)
+        pairs += [f"worker-socket={config_string(str(sock))}",
+                  f"worker-authkey-file={config_string(str(key))}"]
+    return " ".join(pairs)
 
 
 def register(dep: Deployment, node: NodeFiles, cli_home: Path) -> Command:

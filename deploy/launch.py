@@ -1,14 +1,16 @@
 """Launch a whole deployment on this machine: 1 SuperLink + N SuperNodes, then `flwr run`.
 
     python -m deploy.launch --dir DIR [--num-nodes N [--partitioner NAME]]
-        [--run-config "k=v ..."] [--out OUT] [--timeout SECONDS] [--quiet]
+        [--run-config "k=v ..."] [--out OUT] [--timeout SECONDS] [--no-workers] [--quiet]
 
 DIR is a folder made by `python -m deploy.prepare` (with `--num-nodes` it is prepared
 first if it holds no deployment yet) that holds every node's private key: a one-machine
 trial. A folder prepared with `--node-public-keys` (each node holds its own private key)
 is refused before anything starts, naming a node whose key it lacks. Every process is a separate Flower process on
 127.0.0.1 with TLS and SuperNode authentication on, on free ports: the SuperLink, one
-SuperNode per node (its own key and data file), and the `flwr` CLI that registers the
+SuperNode per node (its own key and data file) with its long-lived worker next to it
+(`fl_app.app.worker`: TensorFlow, the data and the model stay loaded across messages; a
+Unix socket and key in DIR/workers/<node>/; `--no-workers`: none), and the `flwr` CLI that registers the
 nodes' public keys, submits the run (`flwr run . <connection>` from the project folder)
 and streams its log. The results (history.json, final_model.keras, plots) land in OUT
 (default DIR/results); the logs of every process in DIR/launch/logs. Every file written
@@ -171,8 +173,12 @@ class LocalDeployment:
     """
 
     def __init__(self, dep: Deployment, supervisor: Supervisor, state_dir: Path,
-                 echo_components: bool = True) -> None:
+                 echo_components: bool = True, workers: bool = True,
+                 project_dir: Path | None = None) -> None:
         self.dep = dep
+        self.workers = workers
+        self.workers_started: dict[str, Managed] = {}
+        self.project_dir = project_dir or Path(__file__).resolve().parents[1]
         self.echo_components = echo_components
         self.sup = supervisor
         self.cli_home = state_dir / "flwr-home"
@@ -209,12 +215,40 @@ class LocalDeployment:
         return node_id
 
     def start_node(self, node: NodeFiles, required: bool = True) -> Managed:
-        """Start `node`'s SuperNode; a `required` one that exits fails the run."""
+        """Start `node`'s SuperNode (and, with `workers` on, its worker next to it, which
+        exits with it); a `required` one that exits fails the run."""
         cmd = commands.supernode(self.dep, node, self.homes / node.name, self.address,
-                                 free_port())
+                                 free_port(), use_worker=self.workers)
         managed = self.sup.start(node.name, cmd, echo=self.echo_components)
         if required:
             self.required[node.name] = managed
+        if self.workers and required:
+            self.start_worker(node, managed.pid)
+        return managed
+
+    def start_worker(self, node: NodeFiles, parent_pid: int, timeout: float = 120.0) -> Managed:
+        """Start `node`'s worker (watching `parent_pid`) and wait until it accepts
+        connections: its ClientApps then never race to start one."""
+        from fl_app.app.worker_link import WorkerAddress, WorkerError
+
+        sock, key = commands.worker_files(self.dep, node)
+        files.private_dir(sock.parent)
+        cmd = commands.worker(self.dep, node, parent_pid, python=sys.executable)
+        managed = self.sup.start(f"{node.name}-worker", cmd, cwd=self.project_dir,
+                                 echo=self.echo_components)
+        address = WorkerAddress(sock, key)
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                address.connect().close()
+                break
+            except (OSError, EOFError, WorkerError):
+                pass
+            if managed.poll() is not None or time.monotonic() > deadline:
+                raise DeploymentError(f"{node.name}'s worker did not start (exit code "
+                                      f"{managed.poll()}); see {managed.log_path}")
+            time.sleep(0.2)
+        self.workers_started[node.name] = managed
         return managed
 
     def check_running(self) -> None:
@@ -297,7 +331,7 @@ def check_private_keys(dep: Deployment) -> None:
 
 def launch(dep: Deployment, project_dir: Path, out_dir: Path, run_config: str = "",
            timeout: float = 1800.0, echo: Echo | None = print,
-           echo_nodes: bool = True) -> tuple[RunOutcome, dict[str, int]]:
+           echo_nodes: bool = True, workers: bool = True) -> tuple[RunOutcome, dict[str, int]]:
     """Start the SuperLink and every SuperNode, run the app, stop everything.
 
     Refuses (before starting anything) a folder without every node's private key. Returns
@@ -312,7 +346,8 @@ def launch(dep: Deployment, project_dir: Path, out_dir: Path, run_config: str = 
     # DIR inside the project never ends up in the next run's bundle.
     with (tempfile.TemporaryDirectory(prefix="fl-deploy-") as state_dir,
           Supervisor(log_dir, echo=echo) as sup):
-        local = LocalDeployment(dep, sup, Path(state_dir), echo_components=echo_nodes)
+        local = LocalDeployment(dep, sup, Path(state_dir), echo_components=echo_nodes,
+                                workers=workers, project_dir=project_dir)
         local.start_superlink()
         say(f"SuperLink on https://{local.address} (logs in {sup.log_dir})")
         for node in dep.nodes:
@@ -339,6 +374,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="the Flower app's folder (default: this repository)")
     parser.add_argument("--timeout", type=float, default=1800.0,
                         help="seconds the run may take (default 1800)")
+    parser.add_argument("--no-workers", action="store_true",
+                        help="no long-lived worker per node: every ClientApp process imports "
+                             "TensorFlow, loads the data and builds the model itself")
     parser.add_argument("--quiet", action="store_true",
                         help="stream only the run's log, not the SuperLink's and SuperNodes'")
     return parser.parse_args(argv)
@@ -374,7 +412,8 @@ def main(argv: list[str] | None = None) -> int:
         out_dir = args.out or dep.root / "results"
         start = time.perf_counter()
         outcome, node_ids = launch(dep, (args.project or PROJECT_DIR).resolve(), out_dir,
-                                   args.run_config, args.timeout, echo_nodes=not args.quiet)
+                                   args.run_config, args.timeout, echo_nodes=not args.quiet,
+                                   workers=not args.no_workers)
         seconds = time.perf_counter() - start
     except (DeploymentError, ConfigError, DataError) as err:
         print(f"error: {_with_notes(err)}", file=sys.stderr)

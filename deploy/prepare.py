@@ -197,6 +197,11 @@ def instructions(dep: Deployment, project_dir: Path = PROJECT_DIR) -> str:
                                  SUPERNODE_UVICORN_DEFAULT_PORT + i,
                                  _node_side_key(node)).shell()
               for i, node in enumerate(dep.nodes)]
+    lines += ["", ("# 3b. Next to each SuperNode, from the project folder, its long-lived worker "
+                   "(TensorFlow, the node's data and the model stay loaded across messages; "
+                   "its ClientApps start it themselves if it is not running). Pass "
+                   "--parent-pid <the SuperNode's pid> to stop it with the SuperNode:")]
+    lines += [commands.worker(dep, node).shell(cwd=project_dir) for node in dep.nodes]
     run_configs = [f"min-available-clients={len(dep.nodes)}", dep.run_config]
     lines += ["", "# 4. Run the app and stream the ServerApp's log (results go to out-dir, "
               "on the SuperLink's machine):",

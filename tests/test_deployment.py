@@ -12,6 +12,7 @@ When the module ends (pass or fail) every process is stopped, checked by pid.
 
 from __future__ import annotations
 
+import re
 import socket
 import ssl
 import time
@@ -99,6 +100,10 @@ def test_supernode_without_a_registered_key_is_refused(cluster):
 
 
 def test_three_supernodes_train_with_tls_and_node_auth(cluster):
+    # node-0's worker is gone before the run: its first ClientApp starts a fresh one
+    first_worker = cluster.local.workers_started["node-0"]
+    first_worker.popen.kill()
+    first_worker.popen.wait(timeout=30)
     run_config = cluster.local.run_config(cluster.out / "healthy",
                                           "num-server-rounds=3 fraction-evaluate=0.0")
     outcome = cluster.local.run_app(PROJECT_DIR, run_config, RUN_TIMEOUT)
@@ -109,6 +114,20 @@ def test_three_supernodes_train_with_tls_and_node_auth(cluster):
     accuracy = [r["centralized"]["accuracy"] for r in rounds]
     assert accuracy[-1] > accuracy[0] + 0.3, accuracy
     assert (outcome.out_dir / MODEL_FILE).is_file()
+    # each node's ClientApps forwarded to its one long-lived worker: TensorFlow imported
+    # once per node, every fit served there
+    for node in cluster.dep.nodes:
+        log = (cluster.dep.root / "workers" / node.name / "sock.log").read_text()
+        workers = set(re.findall(r"worker\[(\d+)\]", log))
+        assert log.count("tensorflow imported") == len(workers), log
+        assert log.count("fit served") == 3, log
+        if node.name == "node-0":  # one killed, one started by a ClientApp under the SuperNode
+            assert len(workers) == 2, log
+            supernode = cluster.local.required["node-0"].pid
+            started = [line for line in log.splitlines() if "started:" in line]
+            assert f"(parent pid {supernode})" in started[-1], log
+        else:
+            assert len(workers) == 1, log
     # the ServerApp runs under the SuperLink's umask 077: its results are private
     for path in [outcome.out_dir, *outcome.out_dir.rglob("*")]:
         assert path.stat().st_mode & 0o777 == (0o700 if path.is_dir() else 0o600), path

@@ -182,7 +182,15 @@ def test_printed_commands_parse_with_the_installed_flower(prepared):
         args = _parse_args_run_supernode().parse_args(_args_after(line, "flower-supernode"))
         assert args.auth_supernode_private_key == str(node.key)
         assert args.root_certificates == str(prepared.ca_cert) and not args.insecure
-        assert parse_config_args([args.node_config]) == {"data-path": str(node.data)}
+        worker_dir = prepared.root / "workers" / node.name
+        assert parse_config_args([args.node_config]) == {
+            "data-path": str(node.data), "worker-socket": str(worker_dir / "sock"),
+            "worker-authkey-file": str(worker_dir / "authkey")}
+    workers = [line for line in lines if "fl_app.app.worker" in line]
+    assert len(workers) == 3
+    for node, line in zip(prepared.nodes, workers):
+        assert _args_after(line, "-m")[:3] == ["fl_app.app.worker", "--socket",
+                                               str(prepared.root / "workers" / node.name / "sock")]
     assert sum("flwr supernode register" in line for line in lines) == 3
     run = _args_after(lines[-1], "flwr")
     assert run[:3] == ["run", ".", "local-deployment"]

@@ -1,0 +1,36 @@
+"""The in-process client: a node's data and the process-wide trainer behind a `KerasClient`.
+
+This is what trains, whether in the ClientApp's own process (simulation, a node without a
+worker) or in the node's long-lived worker (`fl_app.app.worker`). It imports TensorFlow.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+from flwr.client import NumPyClient
+
+from fl_app.client.faults import with_faults
+from fl_app.client.keras_client import KerasClient
+from fl_app.data.node_data import load_client
+from fl_app.data.sources import ClientData, data_spec
+from fl_app.ml.trainer import trainer_for
+from fl_app.schema import RunConfig, Scalar
+
+
+def client_with(cfg: RunConfig, node_config: Mapping[str, Scalar],
+                data: ClientData) -> NumPyClient:
+    """The client for one node on already loaded `data`, with the shared trainer.
+
+    In simulation, the fault-injection and attack keys may make it a misbehaving client
+    (see `fl_app.client.faults`).
+    """
+    trainer = trainer_for(cfg, data_spec(cfg))
+    key = int(node_config["partition-id"]) if "partition-id" in node_config else data.key
+    return with_faults(KerasClient(trainer, data, cfg, seed=int(cfg["seed"]), client_key=key),
+                       cfg, node_config)
+
+
+def client_for(cfg: RunConfig, node_config: Mapping[str, Scalar]) -> NumPyClient:
+    """Build the client for one node: its data (partition or own file) and the shared trainer."""
+    return client_with(cfg, node_config, load_client(cfg, node_config))
