@@ -44,7 +44,8 @@ from deploy import commands, files
 from deploy.commands import Command
 from deploy.layout import Deployment, DeploymentError, NodeFiles
 from deploy.processes import Echo, Managed, Supervisor
-from fl_app.data.sources import DataError
+from fl_app.data.node_files import load_node_file
+from fl_app.data.sources import DataError, data_spec
 from fl_app.schema import ConfigError
 from fl_app.server.outputs import HISTORY_FILE
 from fl_app.server.stopping import IDLE_STOP
@@ -329,15 +330,33 @@ def check_private_keys(dep: Deployment) -> None:
                                   f"{dep.root} again (--force)")
 
 
+def check_node_data(dep: Deployment, project_dir: Path, run_config: str = "") -> None:
+    """Raise `DataError` naming the node and its file when a node's data file is missing,
+    unreadable or does not fit the run's data (its inputs, classes, data-quality checks):
+    every node's file is read before anything starts, not in round 1."""
+    from fl_app.cli.simulate import load_run_config
+
+    cfg = load_run_config(" ".join(part for part in (dep.run_config, run_config) if part),
+                          project_dir)
+    spec = data_spec(cfg)
+    for node in dep.nodes:
+        try:
+            load_node_file(str(node.data), spec, cfg)
+        except DataError as err:
+            raise DataError(f"{node.name}: {err}") from err
+
+
 def launch(dep: Deployment, project_dir: Path, out_dir: Path, run_config: str = "",
            timeout: float = 1800.0, echo: Echo | None = print,
            echo_nodes: bool = True, workers: bool = True) -> tuple[RunOutcome, dict[str, int]]:
     """Start the SuperLink and every SuperNode, run the app, stop everything.
 
-    Refuses (before starting anything) a folder without every node's private key. Returns
-    the run's outcome and the node id each node was registered under.
+    Refuses (before starting anything) a folder without every node's private key or with a
+    node data file that cannot be used. Returns the run's outcome and the node id each node
+    was registered under.
     """
     check_private_keys(dep)
+    check_node_data(dep, project_dir, run_config)
     log_dir = dep.root / "launch" / "logs"
     shutil.rmtree(log_dir, ignore_errors=True)
     files.private_dir(log_dir.parent)  # the Supervisor makes log_dir itself, mode 700

@@ -556,3 +556,18 @@ def test_launch_names_the_node_whose_private_key_it_lacks(tmp_path, capsys):
     err = capsys.readouterr().err
     assert err.startswith("error: node-0's private key is held by the node")
     assert not (dep.root / "launch").exists()  # refused before starting anything
+
+
+@pytest.mark.parametrize("damage, message", [
+    (lambda path: path.unlink(), "does not exist"),
+    (lambda path: path.write_bytes(path.read_bytes()[:100]), "unreadable"),
+])
+def test_launch_reads_every_nodes_data_file_before_starting_anything(tmp_path, capsys, damage,
+                                                                     message):
+    dep = prepare(tmp_path / "dep", 3, "", HOSTS)
+    launch.check_node_data(dep, Path(__file__).resolve().parents[1])  # the prepared files fit
+    damage(dep.nodes[1].data)
+    assert launch.main(["--dir", str(dep.root), "--quiet"]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: node-1: data file {dep.nodes[1].data}") and message in err
+    assert not (dep.root / "launch").exists()  # refused before starting anything

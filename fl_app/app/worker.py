@@ -29,7 +29,6 @@ from collections import OrderedDict
 from collections.abc import Mapping
 from multiprocessing import AuthenticationError
 from multiprocessing.connection import Connection, Listener
-from pathlib import Path
 from typing import Any
 
 from fl_app.app.worker_link import (
