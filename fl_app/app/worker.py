@@ -38,6 +38,7 @@ from fl_app.app.worker_link import (
     ensure_authkey,
     private_dir,
 )
+from fl_app.data.files import file_stamp
 from fl_app.schema import Scalar
 
 DATA_RUNS = 2  # run configs whose node data stays loaded
@@ -60,7 +61,7 @@ class Worker:
         from fl_app.ml.trainer import cached_trainer
 
         key = (tuple(sorted(cfg.items())), tuple(sorted(node_config.items())),
-               _file_stamp(node_config))
+               file_stamp(str(node_config.get("data-path", ""))))
         if key in self.data:
             self.data.move_to_end(key)
         else:
@@ -133,18 +134,6 @@ class Worker:
 def _trainer_key(cfg_items: tuple) -> tuple:
     cfg = dict(cfg_items)
     return tuple(cfg.get(k) for k in ("model", "optimizer", "learning-rate", "seed", "dataset"))
-
-
-def _file_stamp(node_config: Mapping[str, Scalar]) -> tuple | None:
-    """The node's data file's size and modification time: a replaced file is loaded again."""
-    path = node_config.get("data-path")
-    if not path:
-        return None
-    try:
-        st = os.stat(str(path))
-    except OSError:
-        return None
-    return (st.st_size, st.st_mtime_ns, st.st_ino)
 
 
 def _watch_parent(pid: int, cleanup) -> None:

@@ -124,15 +124,15 @@ def read_data_file(path_str: str, label_column: str = "label") -> tuple[np.ndarr
     return x, y
 
 
-def file_stamp(value: str) -> tuple[int, int] | None:
-    """(modification time in ns, size) of the file `value` names, None if it names no file:
-    part of a cache key, so a file rewritten on disk is loaded again."""
+def file_stamp(value: str) -> tuple[int, int, int] | None:
+    """(modification time in ns, size, inode) of the file `value` names, None if it names
+    no file: part of a cache key, so a file rewritten or replaced on disk is loaded again."""
     path = Path(value).expanduser()
     try:
         stat = path.stat()
     except (OSError, ValueError):
         return None
-    return (stat.st_mtime_ns, stat.st_size) if path.is_file() else None
+    return (stat.st_mtime_ns, stat.st_size, stat.st_ino) if path.is_file() else None
 
 
 MAX_CLASSES = 10_000  # more "classes" than this is a mislabelled or continuous target

@@ -315,7 +315,7 @@ def data_source(cfg: RunConfig) -> DataSource:
 
 
 @lru_cache(maxsize=4)
-def _data_source(cfg: RunConfig, stamp: tuple[int, int] | None) -> DataSource:
+def _data_source(cfg: RunConfig, stamp: tuple[int, int, int] | None) -> DataSource:
     name = cfg["dataset"]
     if name in EMBEDDED_DATASETS:
         return _embedded(name, cfg)
@@ -368,7 +368,7 @@ def load_partition(cfg: RunConfig, partition_id: int, num_partitions: int) -> Cl
 
 @lru_cache(maxsize=64)
 def _load_partition(cfg: RunConfig, partition_id: int, num_partitions: int,
-                    stamp: tuple[int, int] | None) -> ClientData:
+                    stamp: tuple[int, int, int] | None) -> ClientData:
     if not 0 <= partition_id < num_partitions:
         raise DataError(f"partition-id {partition_id} is outside 0..{num_partitions - 1}")
     source = data_source(cfg)

@@ -201,8 +201,9 @@ class KerasTrainer:
         rng = np.random.default_rng(seed)
         self.reseed_layers(rng.spawn(1)[0])  # spawning leaves `rng`'s own stream untouched
         loss_sum = 0.0
-        for _ in range(epochs):
-            self.model.reset_metrics()
+        for epoch in range(epochs):
+            if epoch == epochs - 1:  # the result reports the last epoch's metrics
+                self.model.reset_metrics()
             order = tf.constant(rng.permutation(len(data)).astype(np.int32))
             loss_sum = float(self._train_epoch(x, y, order, tf.constant(batch_size)))
         self.optimizer.finalize_variable_values(self.model.trainable_variables)  # EMA, as fit
@@ -237,7 +238,7 @@ class KerasTrainer:
 
 @lru_cache(maxsize=4)
 def cached_trainer(model_name: str, spec: DataSpec, optimizer: str, learning_rate: float,
-                   seed: int, stamp: tuple[int, int] | None = None) -> KerasTrainer:
+                   seed: int, stamp: tuple[int, int, int] | None = None) -> KerasTrainer:
     """One trainer per process and model: built once, reused by every client call
     (`stamp`, a `.keras` file's version, makes a file rewritten on disk load again)."""
     model = build_model(model_name, spec, seed)

@@ -13,13 +13,13 @@ from flwr.common.logger import log
 from fl_app.ml.trainer import KerasTrainer
 from fl_app.schema import RunConfig
 from fl_app.server.checkpoint import Checkpoint
-from fl_app.server.outputs import MODEL_FILE, private_files, save_plots, write_history
-
-
-def _main_metrics(section: dict[str, Any]) -> list[tuple[str, float]]:
-    """A section's compiled metrics (in their order) and then its loss."""
-    numbers = [(k, v) for k, v in section.items() if isinstance(v, (int, float)) and k != "loss"]
-    return [*numbers, *([("loss", section["loss"])] if "loss" in section else [])]
+from fl_app.server.outputs import (
+    MODEL_FILE,
+    metric_names,
+    private_files,
+    save_plots,
+    write_history,
+)
 
 
 def progress_line(record: dict[str, Any]) -> str:
@@ -31,7 +31,8 @@ def progress_line(record: dict[str, Any]) -> str:
                      f"{fit['num_rejected']} rejected)")
     cen = record.get("centralized", {})
     if cen:
-        parts.append("  ".join(f"{name} {value:.4f}" for name, value in _main_metrics(cen)))
+        parts.append("  ".join(f"{name} {cen[name]:.4f}"
+                               for name in metric_names([record], "centralized")))
     if "privacy" in record:
         parts.append(f"ε {record['privacy']['epsilon']:.3f}")
     parts.append(f"{record['seconds']:.2f} s")
