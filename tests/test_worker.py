@@ -238,3 +238,18 @@ def test_the_workers_data_cache_is_bounded():
     from fl_app.ml.trainer import cached_trainer
 
     assert cached_trainer.cache_info().currsize <= DATA_RUNS
+
+
+def test_a_key_file_another_account_owns_or_a_symlinked_key_is_refused(tmp_path, monkeypatch):
+    from fl_app.app import worker_link
+
+    folder = worker_link.private_dir(tmp_path / "w")
+    key = folder / "authkey"
+    assert len(worker_link.ensure_authkey(key)) == 64 and not list(folder.glob(".authkey.*"))
+    monkeypatch.setattr(worker_link.os, "geteuid", lambda: os.getuid() + 1)
+    with pytest.raises(worker_link.WorkerError, match="belongs to uid"):
+        worker_link.read_authkey(key)
+    monkeypatch.undo()
+    (folder / "link").symlink_to(key)
+    with pytest.raises(OSError):
+        worker_link.read_authkey(folder / "link")

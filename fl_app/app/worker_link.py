@@ -27,6 +27,7 @@ import secrets
 import stat
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Mapping
 from contextlib import contextmanager
@@ -57,33 +58,56 @@ class WorkerError(RuntimeError):
 
 
 # --- private files, without importing the deploy tooling (a higher layer)
+def _refuse_foreign(path: Path, info: os.stat_result) -> None:
+    """Refuse a worker file or folder that another account owns (it could know the key)."""
+    if info.st_uid != os.geteuid():
+        raise WorkerError(f"{path} belongs to uid {info.st_uid}, not to this account "
+                          f"({os.geteuid()}): remove it or choose another worker-socket")
+
+
 def private_dir(path: Path) -> Path:
-    """`path` as a folder of mode 700 (created, parents too, or tightened)."""
+    """`path` as a folder of mode 700 (created, parents too, or tightened) that this account
+    owns and that is not a symlink."""
     path.mkdir(mode=0o700, parents=True, exist_ok=True)
-    if stat.S_IMODE(path.stat().st_mode) != 0o700:
+    info = path.lstat()
+    if stat.S_ISLNK(info.st_mode):
+        raise WorkerError(f"worker folder {path} is a symlink: use a real folder")
+    _refuse_foreign(path, info)
+    if stat.S_IMODE(info.st_mode) != 0o700:
         path.chmod(0o700)
     return path
 
 
 def ensure_authkey(path: Path) -> bytes:
-    """The key in `path`; a new random one (mode 600 from its creation) if there is none."""
+    """The key in `path`; a new random one if there is none, written whole to a mode-600
+    temporary file and linked into place (a crash never leaves an empty key behind)."""
     private_dir(path.parent)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
     try:
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    except FileExistsError:
-        return read_authkey(path)
-    with os.fdopen(fd, "w", encoding="ascii") as file:
-        file.write(secrets.token_hex(32))
+        with os.fdopen(fd, "w", encoding="ascii") as file:
+            file.write(secrets.token_hex(32))
+            file.flush()
+            os.fsync(file.fileno())
+        try:
+            os.link(tmp, path)
+        except FileExistsError:
+            pass  # another message made it first: read that one
+    finally:
+        os.unlink(tmp)
     return read_authkey(path)
 
 
 def read_authkey(path: Path) -> bytes:
     """The key in `path`; refused if others than its owner may read or write the file."""
-    mode = stat.S_IMODE(path.stat().st_mode)
-    if mode & 0o077:
-        raise WorkerError(f"worker key file {path} has mode {mode:03o}: it must be readable "
-                          "by its owner only (chmod 600)")
-    key = path.read_bytes().strip()
+    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
+    with os.fdopen(fd, "rb") as file:
+        info = os.fstat(file.fileno())
+        _refuse_foreign(path, info)
+        mode = stat.S_IMODE(info.st_mode)
+        if mode & 0o077:
+            raise WorkerError(f"worker key file {path} has mode {mode:03o}: it must be "
+                              "readable by its owner only (chmod 600)")
+        key = file.read().strip()
     if len(key) < 32:
         raise WorkerError(f"worker key file {path} holds no key (at least 32 characters)")
     return key

@@ -80,16 +80,33 @@ def _numeric(frame, columns: list[str], path: Path) -> np.ndarray:
     return out
 
 
+def _looks_like_data(name: str) -> bool:
+    try:
+        float(name)
+    except ValueError:
+        return False
+    return True
+
+
+def _describe_columns(names: list[str], target: str) -> str:
+    """The header's names with a "did you mean"; a header that looks like a row of numbers
+    is data (a file without a header row), so it is counted, never quoted."""
+    if any(_looks_like_data(name) for name in names):
+        return (f"its first row ({len(names)} values) looks like data, not column names: "
+                "the file needs a header row")
+    close = difflib.get_close_matches(target, names, n=3)
+    hint = f"; did you mean {', '.join(repr(c) for c in close)}?" if close else ""
+    return f"its columns: {names}{hint}"
+
+
 def _read_table(path: Path, label_column: str) -> tuple[np.ndarray, np.ndarray]:
     frame = _read_frame(path)
     names = [str(c) for c in frame.columns]
     targets = [c.strip() for c in label_column.split(",")]
     for target in targets:
         if target not in names:
-            close = difflib.get_close_matches(target, names, n=3)
-            hint = f"; did you mean {', '.join(repr(c) for c in close)}?" if close else ""
             raise DataError(f"data file {path} has no label column {target!r} (run-config "
-                            f"key label-column); its columns: {names}{hint}")
+                            f"key label-column); {_describe_columns(names, target)}")
     features = [c for c in names if c not in targets]
     if not features:
         raise DataError(f"data file {path} has no feature columns besides {targets}")
@@ -116,7 +133,8 @@ def read_data_file(path_str: str, label_column: str = "label") -> tuple[np.ndarr
     except DataError:
         raise
     except Exception as err:  # numpy, pandas and pyarrow raise many kinds for a corrupt file
-        raise DataError(f"data file {path} is unreadable: {type(err).__name__}: {err}") from err
+        # The reader's message may quote the file's bytes: name the kind of failure only.
+        raise DataError(f"data file {path} is unreadable ({type(err).__name__})") from err
     if len(x) != len(y):
         raise DataError(f"data file {path}: {len(x)} feature rows but {len(y)} targets")
     if len(y) == 0:
@@ -176,8 +194,7 @@ def infer_spec(x: np.ndarray, y: np.ndarray, task: str, path: str) -> DataSpec:
                         "0..K-1 of at least two classes")
     num_classes = int(labels.max()) + 1
     if num_classes > MAX_CLASSES:
-        raise DataError(f"data file {path}: the largest label is {num_classes - 1}, so a "
-                        f"multiclass model would need {num_classes} outputs (at most "
-                        f"{MAX_CLASSES}): labels must be class indices 0..K-1; for a continuous "
+        raise DataError(f"data file {path}: its labels would need more than {MAX_CLASSES} "
+                        "classes (a value is private, so it is not shown): labels must be class indices 0..K-1; for a continuous "
                         "target set run-config key task='regression'")
     return DataSpec(shape, num_classes, task)
