@@ -18,6 +18,8 @@ import tomli_w
 from deploy.files import PRIVATE_UMASK, private_dir, write_private
 from deploy.layout import CONNECTION, Deployment, DeploymentError, NodeFiles
 
+TASK_POLL_INTERVAL = 0.1  # seconds between a SuperExec's looks for a message to run
+
 
 @dataclass(frozen=True)
 class Command:
@@ -54,7 +56,8 @@ def superlink(dep: Deployment, home: Path, bind_host: str, port: int) -> Command
             "--enable-supernode-auth",
             "--disable-runtime-dependency-installation",
             "--host", bind_host, "--port", str(port)]
-    return Command(argv, {"FLWR_HOME": str(home)})
+    return Command(argv, {"FLWR_HOME": str(home),
+                          "FLWR_SUPEREXEC_TASK_POLL_INTERVAL": str(TASK_POLL_INTERVAL)})
 
 
 def worker_files(dep: Deployment, node: NodeFiles) -> tuple[Path, Path]:
@@ -86,7 +89,9 @@ def supernode(dep: Deployment, node: NodeFiles, home: Path, superlink_address: s
     starts) binds 127.0.0.1:`runtime_port`. Runtime installation of dependencies stays off
     (the SuperNode default). With `use_worker` its node config names the node's worker
     (`worker-socket`, `worker-authkey-file`): its ClientApps forward each message there,
-    starting the worker if it is not running.
+    starting the worker if it is not running. Its SuperExec looks for a new message to
+    run every `TASK_POLL_INTERVAL` seconds (`FLWR_SUPEREXEC_TASK_POLL_INTERVAL`; Flower's
+    default, 1 s, is added to every message a node answers).
     """
     if private_key is None and node.key is None:
         raise DeploymentError(f"{node.name}'s private key is held by the node itself, not "
@@ -97,7 +102,8 @@ def supernode(dep: Deployment, node: NodeFiles, home: Path, superlink_address: s
             "--auth-supernode-private-key", private_key or str(node.key),
             "--node-config", node_config(dep, node, use_worker),
             "--host", "127.0.0.1", "--port", str(runtime_port)]
-    return Command(argv, {"FLWR_HOME": str(home)})
+    return Command(argv, {"FLWR_HOME": str(home),
+                          "FLWR_SUPEREXEC_TASK_POLL_INTERVAL": str(TASK_POLL_INTERVAL)})
 
 
 def node_config(dep: Deployment, node: NodeFiles, use_worker: bool = True) -> str:

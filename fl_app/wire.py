@@ -20,6 +20,7 @@ KEY_PROXIMAL_MU = "proximal_mu"  # fit config (Flower's FedProx): weight of the 
 KEY_CLIPPING_NORM = "clipping_norm"  # fit config: the clip norm C for this round (float)
 KEY_NORM_BIT = "norm_bit"  # fit metrics: True when the client's update had to be clipped
 DATA_QUALITY_PREFIX = "data_"  # fit metrics: the client's data-quality report (data_rows, ...)
+TIMING_PREFIX = "time_"  # fit metrics: seconds the message spent per phase (time_training, ...)
 
 
 def round_config(cfg: Mapping[str, Scalar], server_round: int) -> dict[str, Scalar]:

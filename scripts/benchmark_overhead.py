@@ -56,7 +56,7 @@ from flwr.simulation import run_simulation  # noqa: E402
 from rich.console import Console  # noqa: E402
 from rich.table import Table  # noqa: E402
 
-from fl_app.app.client_app import client_for  # noqa: E402
+from fl_app.app.local_client import client_for  # noqa: E402
 from fl_app.app.config import resolve  # noqa: E402
 from fl_app.data.sources import Split, data_source, load_partition  # noqa: E402
 from fl_app.ml.models import build_model  # noqa: E402

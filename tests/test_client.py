@@ -11,7 +11,7 @@ import keras
 import numpy as np
 import pytest
 
-from fl_app.app.client_app import client_for
+from fl_app.app.local_client import client_for
 from fl_app.data.sources import data_source, load_partition
 from fl_app.ml.trainer import cached_trainer, trainer_for
 from fl_app.wire import round_config
@@ -96,6 +96,9 @@ def test_fit_reports_real_examples_and_metrics():
     weights, n, metrics = client.fit(_global_weights(cfg), round_config(cfg, 1))
     assert n == len(client.data.train) > 0
     assert {"train_loss", "train_accuracy", "train_seconds"} <= set(metrics)
+    # where the message's time went: loading the data, building the trainer, training
+    assert {"time_data", "time_model", "time_training"} <= set(metrics)
+    assert metrics["time_training"] >= metrics["train_seconds"] > 0
     loss, n_eval, eval_metrics = client.evaluate(weights, {})
     assert n_eval == len(client.data.val) > 0
     assert np.isfinite(loss) and 0.0 <= eval_metrics["accuracy"] <= 1.0

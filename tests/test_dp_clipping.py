@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from fl_app.app.client_app import client_for
+from fl_app.app.local_client import client_for
 from fl_app.data.sources import data_source
 from fl_app.ml.trainer import trainer_for
 from fl_app.wire import KEY_CLIPPING_NORM, KEY_NORM_BIT, round_config

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from fl_app.app.client_app import client_for
+from fl_app.app.local_client import client_for
 from fl_app.client.faults import GARBAGE_KINDS, FaultyClient, assign_roles
 from fl_app.schema import ConfigError
 from fl_app.wire import round_config

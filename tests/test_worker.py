@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from fl_app.app.client_app import client_for
+from fl_app.app.local_client import client_for
 from fl_app.app.worker_link import WorkerAddress, WorkerClient, WorkerError
 from fl_app.data.sources import data_source
 from fl_app.data.types import DataError

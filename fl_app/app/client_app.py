@@ -4,46 +4,68 @@ Importing this module imports no TensorFlow. A node whose node config names a wo
 (`worker-socket`, see `fl_app.app.worker_link`) forwards each message to that long-lived
 process, which keeps TensorFlow, the node's data and the compiled model across messages;
 any other node (simulation, `flwr run .`, a plain SuperNode) trains in this process, as
-`client_for` builds it.
+`fl_app.app.local_client.client_for` builds it.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import time
 
-from flwr.client import Client, NumPyClient
-from flwr.clientapp import ClientApp
-from flwr.common import Context, Scalar
-
-from fl_app.app.worker_link import WorkerAddress, WorkerClient
-from fl_app.schema import RunConfig
+IMPORT_START = time.time()  # before this module's imports: the `process` phase ends here
 
 
-def client_for(cfg: RunConfig, node_config: Mapping[str, Scalar]) -> NumPyClient:
-    """Build the client for one node in this process: its data (partition or own file) and
-    the shared trainer (see `fl_app.app.local_client`)."""
-    from fl_app.app.local_client import client_for as build
+from flwr.client import Client, NumPyClient  # noqa: E402
+from flwr.clientapp import ClientApp  # noqa: E402
+from flwr.common import Context  # noqa: E402
 
-    return build(cfg, node_config)
+from fl_app.app.worker_link import WorkerAddress, WorkerClient  # noqa: E402
+from fl_app.client.timing import TimedClient, process_seconds  # noqa: E402
+from fl_app.schema import RunConfig  # noqa: E402
+
+IMPORTED = time.time()
+
+
+class _StartUp:
+    """The `process` and `imports` seconds of this process's first message (0 after it)."""
+
+    def __init__(self) -> None:
+        self.first = True
+
+    def seconds(self, imports_since: float) -> dict[str, float]:
+        """This message's start-up phases; `imports_since` is when its imports began
+        (the module's, or later ones that this message triggered)."""
+        if not self.first:
+            return {"process": 0.0, "imports": time.time() - imports_since}
+        self.first = False
+        return {"process": process_seconds(IMPORT_START),
+                "imports": IMPORTED - IMPORT_START + time.time() - imports_since}
 
 
 def make_client_app(fixed_config: RunConfig | None = None) -> ClientApp:
-    """A ClientApp; with `fixed_config` it ignores `context.run_config` (for run_simulation)."""
+    """A ClientApp; with `fixed_config` it ignores `context.run_config` (for run_simulation).
+
+    Each fit's metrics say where the message's time went (`fl_app.client.timing`).
+    """
+    start_up = _StartUp()
 
     def client_fn(context: Context) -> Client:
         address = WorkerAddress.from_node_config(context.node_config)
         if address is not None and fixed_config is None:
-            return WorkerClient(address, context.run_config, context.node_config,
-                                f"node {context.node_id}").to_client()
+            client: NumPyClient = WorkerClient(address, context.run_config,
+                                               context.node_config, f"node {context.node_id}")
+            return TimedClient(client, start_up.seconds(time.time())).to_client()
+        imports_since = time.time()
         from fl_app.app.config import resolve
+        from fl_app.app.local_client import client_for as build  # imports TensorFlow
         from fl_app.data.types import DataError
 
+        seconds = start_up.seconds(imports_since)
         cfg = fixed_config if fixed_config is not None else resolve(context.run_config)
         try:
-            client = client_for(cfg, context.node_config)
+            client = build(cfg, context.node_config)
         except DataError as err:  # the server sees only this message: name the node
             raise DataError(f"node {context.node_id}: {err}") from err
-        return client.to_client()
+        return TimedClient(client, seconds).to_client()
 
     return ClientApp(client_fn=client_fn)
 

@@ -6,12 +6,14 @@ worker) or in the node's long-lived worker (`fl_app.app.worker`). It imports Ten
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import time
+from collections.abc import Callable, Mapping
 
 from flwr.client import NumPyClient
 
 from fl_app.client.faults import with_faults
 from fl_app.client.keras_client import KerasClient
+from fl_app.client.timing import TimedClient
 from fl_app.data.node_data import load_client
 from fl_app.data.sources import ClientData, data_spec
 from fl_app.ml.trainer import trainer_for
@@ -31,6 +33,13 @@ def client_with(cfg: RunConfig, node_config: Mapping[str, Scalar],
                        cfg, node_config)
 
 
-def client_for(cfg: RunConfig, node_config: Mapping[str, Scalar]) -> NumPyClient:
-    """Build the client for one node: its data (partition or own file) and the shared trainer."""
-    return client_with(cfg, node_config, load_client(cfg, node_config))
+def client_for(cfg: RunConfig, node_config: Mapping[str, Scalar],
+               load: Callable[[], ClientData] | None = None) -> NumPyClient:
+    """Build the client for one node: its data (`load()`; by default loaded from its
+    partition or own file) and the shared trainer; its fit metrics say how long each took
+    (`fl_app.client.timing`)."""
+    start = time.perf_counter()
+    data = load() if load is not None else load_client(cfg, node_config)
+    loaded = time.perf_counter()
+    client = client_with(cfg, node_config, data)
+    return TimedClient(client, {"data": loaded - start, "model": time.perf_counter() - loaded})

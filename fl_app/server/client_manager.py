@@ -15,6 +15,7 @@ from flwr.server.client_proxy import ClientProxy
 from flwr.server.criterion import Criterion
 
 from fl_app.server.client_failures import NamedClientProxy
+from fl_app.server.prompt_grid import prompt
 from fl_app.wire import CLIENT_KEY
 
 
@@ -33,8 +34,9 @@ class SeededClientManager(SimpleClientManager):
         self._keys: dict[str, str] = {}
 
     def register(self, client: ClientProxy) -> bool:
-        """Register `client` wrapped so that its failures name it (`NamedClientProxy`)."""
-        return super().register(NamedClientProxy(client))
+        """Register `client` wrapped so that its failures name it (`NamedClientProxy`) and
+        its replies are seen as soon as they arrive (`PromptGrid`)."""
+        return super().register(NamedClientProxy(prompt(client)))
 
     def _ask_key(self, cid: str) -> str:
         fallback = f"~{cid}"  # a client that cannot say sorts after those that can

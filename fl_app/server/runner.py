@@ -18,7 +18,7 @@ from flwr.server.strategy import Strategy
 from fl_app.server.client_failures import describe_failure
 from fl_app.server.client_manager import SeededClientManager
 from fl_app.server.stopping import StoppingRules
-from fl_app.wire import DATA_QUALITY_PREFIX
+from fl_app.wire import DATA_QUALITY_PREFIX, TIMING_PREFIX
 from strategies.protocols import PrivacyAccounting, find_layer
 from strategies.state import set_strategy_state, strategy_state
 
@@ -30,10 +30,22 @@ def _section(loss: float | None, metrics: dict[str, Scalar]) -> dict[str, Any]:
     return out
 
 
-def _without_data_quality(metrics: dict[str, Scalar]) -> dict[str, Scalar]:
-    """Aggregated fit metrics less the clients' data-quality counts (an average of them
-    means nothing; `data_quality` holds each client's own)."""
-    return {k: v for k, v in metrics.items() if not k.startswith(DATA_QUALITY_PREFIX)}
+def _without_client_reports(metrics: dict[str, Scalar]) -> dict[str, Scalar]:
+    """Aggregated fit metrics less the clients' data-quality counts and timings (a weighted
+    average of them means nothing; `data_quality` and `timing` hold them)."""
+    return {k: v for k, v in metrics.items()
+            if not k.startswith((DATA_QUALITY_PREFIX, TIMING_PREFIX))}
+
+
+def timing(results: list[tuple[ClientProxy, FitRes]]) -> dict[str, float]:
+    """The clients' mean seconds per phase of their fit message (their `time_*` fit
+    metrics, see `fl_app.client.timing`); only recorded, never trusted."""
+    phases: dict[str, list[float]] = {}
+    for _, res in results:
+        for key, value in res.metrics.items():
+            if key.startswith(TIMING_PREFIX) and isinstance(value, (int, float)):
+                phases.setdefault(key.removeprefix(TIMING_PREFIX), []).append(float(value))
+    return {phase: sum(values) / len(values) for phase, values in phases.items()}
 
 
 def data_quality(results: list[tuple[ClientProxy, FitRes]],
@@ -145,7 +157,7 @@ class FederatedServer(Server):
             self.parameters = parameters
         else:
             log(WARNING, "round %s: no aggregate, the global model is unchanged", server_round)
-        metrics = _without_data_quality(metrics)
+        metrics = _without_client_reports(metrics)
         history.add_metrics_distributed_fit(server_round=server_round, metrics=metrics)
         # The server's counts come last: no client-reported metric may overwrite them.
         record = {"num_rejected": 0, **metrics, "num_clients": len(results),
@@ -153,6 +165,9 @@ class FederatedServer(Server):
         reports = data_quality(results, self._quality_seen)
         if reports:
             record["data_quality"] = reports
+        seconds = timing(results)
+        if seconds:
+            record["timing"] = seconds
         if failures:
             record["failures"] = [describe_failure(f) for f in failures]
             for failure in record["failures"]:
