@@ -236,7 +236,7 @@ class LocalDeployment:
         files.private_dir(sock.parent)
         cmd = commands.worker(self.dep, node, parent_pid, python=sys.executable)
         managed = self.sup.start(f"{node.name}-worker", cmd, cwd=self.project_dir,
-                                 echo=self.echo_components)
+                                 echo=self.echo_components, stop_last=True)
         address = WorkerAddress(sock, key)
         deadline = time.monotonic() + timeout
         while True:

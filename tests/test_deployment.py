@@ -19,6 +19,7 @@ import time
 from pathlib import Path
 from types import SimpleNamespace
 
+import keras
 import pytest
 
 from deploy.launch import COMPLETED, LocalDeployment
@@ -114,6 +115,13 @@ def test_three_supernodes_train_with_tls_and_node_auth(cluster):
     accuracy = [r["centralized"]["accuracy"] for r in rounds]
     assert accuracy[-1] > accuracy[0] + 0.3, accuracy
     assert (outcome.out_dir / MODEL_FILE).is_file()
+    # where a fit message's time went: after round 1 the workers hold the data and the
+    # model, and no ClientApp imports TensorFlow (2.5 s or more here)
+    for record in rounds[2:]:
+        timing = record["fit"]["timing"]
+        assert set(timing) == {"process", "imports", "data", "model", "training"}, timing
+        assert timing["data"] < 0.05 and timing["model"] < 0.05, timing
+        assert timing["imports"] < 1.0 and timing["process"] > 0.0, timing
     # each node's ClientApps forwarded to its one long-lived worker: TensorFlow imported
     # once per node, every fit served there
     for node in cluster.dep.nodes:
@@ -131,6 +139,32 @@ def test_three_supernodes_train_with_tls_and_node_auth(cluster):
     # the ServerApp runs under the SuperLink's umask 077: its results are private
     for path in [outcome.out_dir, *outcome.out_dir.rglob("*")]:
         assert path.stat().st_mode & 0o777 == (0o700 if path.is_dir() else 0o600), path
+
+
+def test_a_second_run_with_another_model_trains_on_the_same_workers(cluster):
+    pids = {node.name: _worker_pids(cluster, node) for node in cluster.dep.nodes}
+    run_config = cluster.local.run_config(cluster.out / "logreg",
+                                          "num-server-rounds=2 model='logreg'")
+    outcome = cluster.local.run_app(PROJECT_DIR, run_config, RUN_TIMEOUT)
+    rounds = _rounds(outcome)
+    accuracy = [r["centralized"]["accuracy"] for r in rounds]
+    assert accuracy[-1] > accuracy[0] + 0.3, accuracy
+    assert rounds[-1]["distributed"]["accuracy"] > 0.5  # the clients evaluated it too
+    assert outcome.history["config"]["model"] == "logreg"
+    saved = keras.saving.load_model(outcome.out_dir / MODEL_FILE)
+    assert saved.name == "logreg" and len(saved.get_weights()) == 2  # one Dense layer
+    for node in cluster.dep.nodes:  # the same workers, each building the second model
+        assert _worker_pids(cluster, node) == pids[node.name]
+        assert _log_count(cluster, node, "fit served") >= 3 + 2
+
+
+def _worker_pids(cluster, node) -> set[str]:
+    log = (cluster.dep.root / "workers" / node.name / "sock.log").read_text()
+    return set(re.findall(r"worker\[(\d+)\] started", log))
+
+
+def _log_count(cluster, node, what: str) -> int:
+    return (cluster.dep.root / "workers" / node.name / "sock.log").read_text().count(what)
 
 
 def test_corrupt_node_file_fails_that_node_only_and_is_named(cluster):

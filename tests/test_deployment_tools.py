@@ -386,6 +386,42 @@ def test_launcher_stops_every_process_on_ctrl_c(prepared):
         _stop_everything(launcher, seen.values())
 
 
+@pytest.mark.slow
+def test_ctrl_c_in_the_middle_of_a_round_stops_everything_without_tracebacks(prepared,
+                                                                              tmp_path):
+    """SIGINT while the nodes' ClientApps and workers are busy: each process is signalled
+    once, in order (nodes before their workers), so no log holds a traceback."""
+    log_dir = prepared.root / "launch" / "logs"
+    shutil.rmtree(log_dir, ignore_errors=True)
+    launcher = subprocess.Popen([sys.executable, "-m", "deploy.launch", "--dir",
+                                 str(prepared.root), "--quiet", "--out", str(tmp_path / "out"),
+                                 "--run-config", "num-server-rounds=50"],
+                                cwd=Path(__file__).resolve().parents[1],
+                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    seen: dict[int, psutil.Process] = {}
+
+    def training() -> bool:
+        assert launcher.poll() is None, launcher.stdout.read()
+        for proc in psutil.Process(launcher.pid).children(recursive=True):
+            seen.setdefault(proc.pid, proc)
+        run_log = log_dir / "run.log"
+        return run_log.is_file() and "round   2" in run_log.read_text(errors="replace")
+
+    try:
+        _wait_for(training, timeout=600)
+        launcher.send_signal(signal.SIGINT)
+        output, _ = launcher.communicate(timeout=120)
+        assert launcher.returncode == 130, output
+        assert not living(seen.values())
+        logs = {path.name: path.read_text(errors="replace") for path in log_dir.iterdir()}
+        for name, text in logs.items():
+            for marker in ("Traceback", "KeyboardInterrupt", "race condition"):
+                assert marker not in text, f"{name}: {text[-3000:]}"
+        assert "Traceback" not in output, output
+    finally:
+        _stop_everything(launcher, seen.values())
+
+
 def _stop_everything(launcher: subprocess.Popen, seen) -> None:
     """Whatever went wrong: let the launcher stop its processes, then kill every one left
     (their own sessions outlive the launcher)."""
