@@ -16,7 +16,14 @@ from collections.abc import Callable
 from flwr.server.strategy import Strategy
 
 from fl_app.schema import ConfigCheck, Setting, module_checks
-from strategies import context, dp, flower_builtins, validation, weighted_fedavg
+from strategies import (
+    compression,
+    context,
+    dp,
+    flower_builtins,
+    validation,
+    weighted_fedavg,
+)
 from strategies.context import StrategyContext
 from strategies.protocols import PrivacyAccounting, find_layer
 from strategies.validated import ValidatedStrategy
@@ -45,7 +52,7 @@ _OWN_SETTINGS = [
             "DP strategies: the inner strategy given the privatized average (a non-DP "
             "registry name).", "privacy", choices=tuple(STRATEGIES)),
 ]
-_SETTING_MODULES = [context, validation, *STRATEGY_MODULES, *WRAPPER_MODULES]
+_SETTING_MODULES = [context, validation, compression, *STRATEGY_MODULES, *WRAPPER_MODULES]
 
 SETTINGS: list[Setting] = [*_OWN_SETTINGS,
                            *(s for module in _SETTING_MODULES for s in module.SETTINGS)]
@@ -57,7 +64,8 @@ check_config: ConfigCheck = module_checks(_SETTING_MODULES)
 
 def build_strategy(ctx: StrategyContext) -> Strategy:
     """The strategy named by `strategy` (a wrapper around the plain `dp-inner` one), behind
-    `ValidatedStrategy`. A privacy-accounting strategy's release is never held back by the
+    `ValidatedStrategy`, behind `CompressedStrategy` when either direction is compressed (so
+    validation, DP and every strategy see decoded weights). A privacy-accounting strategy's release is never held back by the
     `min-fit-clients` rule (skipping a round would reveal, un-noised, that clients failed)."""
     cfg = ctx.cfg
     name = str(cfg["strategy"])
@@ -66,8 +74,9 @@ def build_strategy(ctx: StrategyContext) -> Strategy:
     else:
         strategy = STRATEGIES[name](ctx)
     accounts_privacy = find_layer(strategy, PrivacyAccounting) is not None
-    return ValidatedStrategy(strategy,
-                             min_fit_clients=0 if accounts_privacy else int(cfg["min-fit-clients"]),
-                             max_examples=int(cfg["max-examples"]),
-                             outlier_norm_factor=float(cfg["outlier-norm-factor"]),
-                             examples_cap_factor=float(cfg["examples-cap-factor"]))
+    validated = ValidatedStrategy(
+        strategy, min_fit_clients=0 if accounts_privacy else int(cfg["min-fit-clients"]),
+        max_examples=int(cfg["max-examples"]),
+        outlier_norm_factor=float(cfg["outlier-norm-factor"]),
+        examples_cap_factor=float(cfg["examples-cap-factor"]))
+    return compression.compressed(validated, cfg)

@@ -4,7 +4,10 @@ Importing this module imports no TensorFlow. A node whose node config names a wo
 (`worker-socket`, see `fl_app.app.worker_link`) forwards each message to that long-lived
 process, which keeps TensorFlow, the node's data and the compiled model across messages;
 any other node (simulation, `flwr run .`, a plain SuperNode) trains in this process, as
-`fl_app.app.local_client.client_for` builds it.
+`fl_app.app.local_client.client_for` builds it. Either way the client is wrapped here, in
+the ClientApp, by `CompressingClient` (`fl_app.client.compression`), which decodes a
+compressed broadcast and encodes the update, keeping its error-feedback residual in the
+node's `context.state`.
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ from flwr.clientapp import ClientApp  # noqa: E402
 from flwr.common import Context  # noqa: E402
 
 from fl_app.app.worker_link import WorkerAddress, WorkerClient  # noqa: E402
+from fl_app.client.compression import CompressingClient  # noqa: E402
 from fl_app.client.timing import TimedClient, process_seconds  # noqa: E402
 from fl_app.schema import RunConfig  # noqa: E402
 
@@ -53,7 +57,8 @@ def make_client_app(fixed_config: RunConfig | None = None) -> ClientApp:
         if address is not None and fixed_config is None:
             client: NumPyClient = WorkerClient(address, context.run_config,
                                                context.node_config, f"node {context.node_id}")
-            return TimedClient(client, start_up.seconds(time.time())).to_client()
+            timed = TimedClient(client, start_up.seconds(time.time())).to_client()
+            return CompressingClient(timed, context.state)
         imports_since = time.time()
         from fl_app.app.config import resolve
         from fl_app.app.local_client import client_for as build  # imports TensorFlow
@@ -65,7 +70,7 @@ def make_client_app(fixed_config: RunConfig | None = None) -> ClientApp:
             client = build(cfg, context.node_config)
         except DataError as err:  # the server sees only this message: name the node
             raise DataError(f"node {context.node_id}: {err}") from err
-        return TimedClient(client, seconds).to_client()
+        return CompressingClient(TimedClient(client, seconds).to_client(), context.state)
 
     return ClientApp(client_fn=client_fn)
 

@@ -87,7 +87,8 @@ def _series(rounds: list[dict[str, Any]], section: str, metric: str) -> tuple[li
 
 def save_plots(out_dir: Path, rounds: list[dict[str, Any]]) -> list[Path]:
     """Plot every recorded metric per round (`<metric>.png`, centralized and distributed
-    curves) and ε (`privacy.png`) if recorded."""
+    curves), the parameter bytes sent up and down (`bytes.png`) and ε (`privacy.png`), each
+    if recorded."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -95,20 +96,24 @@ def save_plots(out_dir: Path, rounds: list[dict[str, Any]]) -> list[Path]:
 
     names = dict.fromkeys([*metric_names(rounds, "centralized"),
                            *metric_names(rounds, "distributed")])
-    panels = [*((name, ("centralized", "distributed"), name) for name in names),
-              ("privacy", ("privacy",), "epsilon")]
+    # (file name, curves as (section, metric, label), y-axis label)
+    panels = [*((name, [("centralized", name, "centralized"),
+                        ("distributed", name, "distributed")], name) for name in names),
+              ("bytes", [("bytes", "up", "up"), ("bytes", "down", "down")], "bytes"),
+              ("privacy", [("privacy", "epsilon", "privacy")], "epsilon")]
     written = []
-    for name, sections, metric in panels:
-        series = [(s, *_series(rounds, s, metric)) for s in sections]
+    for name, curves, ylabel in panels:
+        series = [(label, *_series(rounds, section, metric))
+                  for section, metric, label in curves]
         if not any(xs for _, xs, _ in series):
             continue
         fig, ax = plt.subplots(figsize=(6, 4))
-        for section, xs, ys in series:
+        for label, xs, ys in series:
             if xs:
-                ax.plot(xs, ys, marker="o", label=section)
+                ax.plot(xs, ys, marker="o", label=label)
         ax.set_xlabel("round")
-        ax.set_ylabel(metric)
-        ax.set_title(f"{metric} per round")
+        ax.set_ylabel(ylabel)
+        ax.set_title(f"{ylabel} per round")
         ax.grid(alpha=0.3)
         ax.legend()
         path = out_dir / f"{re.sub(r'[^A-Za-z0-9_.-]', '_', name)}.png"

@@ -18,6 +18,7 @@ from flwr.server.strategy import Strategy
 from fl_app.server.client_failures import describe_failure
 from fl_app.server.client_manager import SeededClientManager
 from fl_app.server.stopping import StoppingRules
+from fl_app.server.wire_bytes import WireMeter
 from fl_app.wire import DATA_QUALITY_PREFIX, TIMING_PREFIX
 from strategies.protocols import PrivacyAccounting, find_layer
 from strategies.state import set_strategy_state, strategy_state
@@ -80,9 +81,11 @@ class FederatedServer(Server):
     """Flower's `Server` loop with early stopping and a record per round.
 
     Each round: fit, centralized evaluation, distributed evaluation, then `on_round` gets
-    the round's record (`round`, `seconds`, `fit`, `centralized`, `distributed`,
-    `privacy`) and the new global parameters. The fit record holds `data_quality`, the
-    data-quality report of each client that reports for the first time in this run (by
+    the round's record (`round`, `seconds`, `fit`, `bytes`, `centralized`, `distributed`,
+    `privacy`) and the new global parameters. `bytes` holds the training messages'
+    parameter bytes, `up` (every client's `FitRes`) and `down` (every sampled client's
+    `FitIns`), as serialized (`fl_app.server.wire_bytes`). The fit record holds
+    `data_quality`, the data-quality report of each client that reports for the first time in this run (by
     client id: a client's data does not change, so once is enough; a resumed run records
     its clients again). A
     strategy with a `PrivacyAccounting` layer (strategies.protocols) adds its privacy report
@@ -100,7 +103,8 @@ class FederatedServer(Server):
                  on_checkpoint: CheckpointCallback | None = None,
                  on_charge: Callable[[dict[str, Any]], None] | None = None,
                  resume: ResumePoint | None = None) -> None:
-        super().__init__(client_manager=SeededClientManager(seed), strategy=strategy)
+        self.wire = WireMeter(strategy)  # counts the round's parameter bytes up and down
+        super().__init__(client_manager=SeededClientManager(seed), strategy=self.wire)
         self.privacy = find_layer(strategy, PrivacyAccounting)
         self.stopping = stopping
         self.on_round = on_round
@@ -214,7 +218,7 @@ class FederatedServer(Server):
                 break
             round_start = timeit.default_timer()
             fit, accepted = self._fit(server_round, timeout, history)
-            record = {"round": server_round, "fit": fit,
+            record = {"round": server_round, "fit": fit, "bytes": self.wire.take(),
                       "centralized": self._evaluate_centralized(server_round, history),
                       "distributed": self._evaluate_distributed(server_round, timeout, history)}
             privacy = self.privacy.privacy_report(server_round) if self.privacy else None
