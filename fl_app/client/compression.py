@@ -12,7 +12,8 @@ it. Each fit:
 3. with `compress-up` in the fit config, the update Δ = w − w̃ plus the residual e of the
    previous round (`error-feedback`) is encoded; under client-side DP, Δ + e is clipped to
    C again first, so the encoded vector is always within C (clipping comes before
-   encoding); the new residual is (Δ + e) − decode(encode(Δ + e)).
+   encoding); the new residual is (Δ + e) − decode(encode(Δ + e)), and the fit metrics
+   report both residuals' L2 norms (`compress_residual_in`, `compress_residual_out`).
 
 Evaluation decodes a compressed broadcast the same way. Without codec keys the wrapper
 changes nothing.
@@ -37,6 +38,7 @@ from flwr.common import (
     NDArrays,
     Parameters,
     RecordDict,
+    Scalar,
     ndarrays_to_parameters,
     parameters_to_ndarrays,
 )
@@ -48,9 +50,11 @@ from fl_app.wire import (
     KEY_COMPRESS_UP,
     KEY_ERROR_FEEDBACK,
 )
-from strategies.clipping import clip_update
+from strategies.clipping import clip_update, l2_norm
 
 RESIDUAL_KEY = "compression-residual"  # context.state: the error-feedback residual
+RESIDUAL_IN = "compress_residual_in"  # fit metrics: L2 norm of the residual carried in
+RESIDUAL_OUT = "compress_residual_out"  # fit metrics: L2 norm of the residual kept
 
 
 class CompressingClient(Client):
@@ -99,21 +103,26 @@ class CompressingClient(Client):
         update = [np.asarray(w, np.float64) - np.asarray(r, np.float64)
                   for w, r in zip(weights, reference, strict=True)]
         feedback = bool(ins.config.get(KEY_ERROR_FEEDBACK, False))
-        return replace(res, parameters=self._encode(codec, update, ins, feedback))
+        parameters, metrics = self._encode(codec, update, ins, feedback)
+        return replace(res, parameters=parameters, metrics={**res.metrics, **metrics})
 
     def _encode(self, codec: Codec, update: NDArrays, ins: FitIns,
-                feedback: bool) -> Parameters:
-        target = update
+                feedback: bool) -> tuple[Parameters, dict[str, Scalar]]:
+        """The encoded update and, with error feedback, the L2 norms of the residual carried
+        in from the node's state and of the one kept for the next round."""
+        target, metrics = update, {}
         if feedback:
-            target = [u + e for u, e in zip(update, self._residual(update))]
+            carried = self._residual(update)
+            target = [u + e for u, e in zip(update, carried)]
             if KEY_CLIPPING_NORM in ins.config:  # the encoded vector stays within C
                 target, _ = clip_update(target, float(ins.config[KEY_CLIPPING_NORM]))
         blobs = codec.encode([t.astype(np.float32) for t in target])
         if feedback:
             decoded = codec.decode(blobs, target)
-            self.state[RESIDUAL_KEY] = ArrayRecord(
-                [(t - d).astype(np.float32) for t, d in zip(target, decoded)])
-        return Parameters(tensors=blobs, tensor_type=codec.tensor_type)
+            residual = [(t - d).astype(np.float32) for t, d in zip(target, decoded)]
+            self.state[RESIDUAL_KEY] = ArrayRecord(residual)
+            metrics = {RESIDUAL_IN: l2_norm(carried), RESIDUAL_OUT: l2_norm(residual)}
+        return Parameters(tensors=blobs, tensor_type=codec.tensor_type), metrics
 
     def _residual(self, like: NDArrays) -> NDArrays:
         """The residual kept in the node's state (zeros at first, or if the model changed)."""
