@@ -293,3 +293,15 @@ def test_error_feedback_carries_the_residual_across_rounds_in_a_simulation(tmp_p
     for record in rounds:
         assert record["bytes"] == {"up": 2 * 8 * kept, "down": 2 * float32}
     assert (tmp_path / "bytes.png").is_file()
+
+
+def test_the_summary_and_the_plots_show_the_bytes(tmp_path):
+    from fl_app.cli.summary import summary_columns
+    from fl_app.server.outputs import save_plots
+
+    rounds = [{"round": 0, "seconds": 0.0, "centralized": {"accuracy": 0.1}},
+              {"round": 1, "seconds": 1.0, "bytes": {"up": 1200, "down": 4800},
+               "centralized": {"accuracy": 0.5}}]
+    cells = {name: [cell(r) for r in rounds] for name, cell in summary_columns(rounds)}
+    assert cells["bytes up"] == ["", "1200"] and cells["bytes down"] == ["", "4800"]
+    assert tmp_path / "bytes.png" in save_plots(tmp_path, rounds)
