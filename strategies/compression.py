@@ -66,8 +66,8 @@ SETTINGS = [
     Setting("compress-up", str, "none",
             "Client -> server update codec: 'none', 'fp16', 'int8' (unbiased stochastic "
             "rounding, one scale per tensor), 'int8-channel' (one scale per output channel) "
-            "or 'top-k' (the compress-top-k largest entries of the update).", "compression",
-            choices=UP_CODECS),
+            "or 'top-k' (the compress-top-k fraction of the update's largest entries).",
+            "compression", choices=UP_CODECS),
     Setting("compress-top-k", float, 0.01,
             "top-k: the fraction of the update's entries sent (over all layers).",
             "compression", low=0.0, high=1.0, low_open=True),
