@@ -5,12 +5,16 @@ of a Flower `Parameters` whose `tensor_type` names the codec (`fl-codec/<name>`)
 given the arrays it stands for (their shapes; decoding is always to float32). Server and
 client both use it, so it imports nothing of ours.
 
-| codec | blob per array | error of decode(encode(x)), per element |
-|---|---|---|
-| `fp16` | x as IEEE half floats (2 bytes each) | ≤ 2⁻¹¹·\\|x\\| (+2⁻²⁵ below fp16's normal range) |
-| `int8` | scale s = max\\|x\\|/127 (float32), q = x/s rounded (int8) | < s (stochastic), ≤ s/2 (nearest) |
-| `int8-channel` | one scale per output channel (last axis; arrays of one axis: one scale), q | as int8, per channel |
-| `top-k` | uint32 flat indices and float32 values of the k largest \\|x\\| over all arrays | 0 where kept; the rest is dropped |
+Blobs per array and the error of decode(encode(x)) per element:
+
+- `fp16`: x as IEEE half floats (2 bytes each); error ≤ 2⁻¹¹·|x| (+2⁻²⁵ below fp16's
+  normal range).
+- `int8`: a float32 scale s = max|x|/127, then q = x/s rounded (1 byte each); error < s
+  (stochastic rounding), ≤ s/2 (nearest).
+- `int8-channel`: as int8 with one scale per output channel (the last axis; an array of one
+  axis has one scale).
+- `top-k`: uint32 flat indices and float32 values of the k largest |x| over all arrays
+  together (8 bytes each); exact where kept, the rest dropped.
 
 Stochastic rounding (Suresh et al., 2017, "Distributed Mean Estimation with Limited
 Communication") rounds x/s up with probability equal to its fractional part, so the decoded

@@ -87,6 +87,16 @@ def check_config(values: dict[str, Scalar]) -> None:
                           "compress-up to fp16, int8, int8-channel or top-k")
 
 
+def within_clip_norm(update: NDArrays, clip_norm: float, overshoot: float) -> NDArrays:
+    """`update` scaled back to `clip_norm` if a codec's rounding lifted its norm above it by
+    at most the codec's `overshoot` bound (a larger excess is the DP wrapper's to clip and
+    log)."""
+    norm = l2_norm(update)
+    if norm <= clip_norm or norm > clip_norm + overshoot:
+        return update
+    return [u.astype(np.float32) for u in clip_update(update, clip_norm)[0]]
+
+
 class CompressedStrategy(StrategyWrapper):
     """Encodes the broadcast and decodes client updates around `inner` (see the module doc).
 
@@ -143,7 +153,7 @@ class CompressedStrategy(StrategyWrapper):
             out.append((proxy, FitIns(wire, {**ins.config, **codec_keys})))
         return out
 
-    def _decoded(self, proxy: ClientProxy, res: FitRes, server_round: int) -> FitRes | str:
+    def _decoded(self, proxy: ClientProxy, res: FitRes) -> FitRes | str:
         """`res` with its update decoded into weights, or why it must be rejected."""
         codec = codec_of(res.parameters.tensor_type)
         if codec is None:
@@ -151,22 +161,13 @@ class CompressedStrategy(StrategyWrapper):
         reference = self._sent.get(proxy.cid)
         if reference is None:
             return "a compressed update from a client not sent this round's model"
-        update = codec.decode(list(res.parameters.tensors), reference)
+        blobs = list(res.parameters.tensors)
+        update = codec.decode(blobs, reference)
         if self._clip_norm is not None:
-            update = self._within_clip_norm(codec.overshoot(list(res.parameters.tensors),
-                                                            reference), update)
+            update = within_clip_norm(update, self._clip_norm, codec.overshoot(blobs, reference))
         weights = [(np.asarray(r, np.float64) + u).astype(r.dtype)
                    for r, u in zip(reference, update)]
         return replace(res, parameters=ndarrays_to_parameters(weights))
-
-    def _within_clip_norm(self, overshoot: float, update: NDArrays) -> NDArrays:
-        """The update scaled back to the clip norm if the codec's rounding lifted it above
-        (an excess beyond the codec's bound is the DP wrapper's to clip and log)."""
-        clip_norm = self._clip_norm
-        norm = l2_norm(update)
-        if clip_norm is None or norm <= clip_norm or norm > clip_norm + overshoot:
-            return update
-        return [u.astype(np.float32) for u in clip_update(update, clip_norm)[0]]
 
     def aggregate_fit(
         self,
@@ -179,7 +180,7 @@ class CompressedStrategy(StrategyWrapper):
         decoded, rejected = [], 0
         for proxy, res in results:
             try:
-                out = self._decoded(proxy, res, server_round)
+                out = self._decoded(proxy, res)
             except CodecError as err:
                 out = str(err)
             if isinstance(out, str):

@@ -85,9 +85,9 @@ class FederatedServer(Server):
     `privacy`) and the new global parameters. `bytes` holds the training messages'
     parameter bytes, `up` (every client's `FitRes`) and `down` (every sampled client's
     `FitIns`), as serialized (`fl_app.server.wire_bytes`). The fit record holds
-    `data_quality`, the data-quality report of each client that reports for the first time in this run (by
-    client id: a client's data does not change, so once is enough; a resumed run records
-    its clients again). A
+    `data_quality`, the data-quality report of each client that reports for the first time
+    in this run (by client id: a client's data does not change, so once is enough; a
+    resumed run records its clients again). A
     strategy with a `PrivacyAccounting` layer (strategies.protocols) adds its privacy report
     to every record, and the run stops *before* a round its budget does not allow.
 
