@@ -16,7 +16,15 @@ from collections.abc import Callable
 from flwr.server.strategy import Strategy
 
 from fl_app.schema import ConfigCheck, Setting, module_checks
-from strategies import context, dp, flower_builtins, validation, weighted_fedavg
+from strategies import (
+    context,
+    dp,
+    fednova,
+    flower_builtins,
+    stragglers,
+    validation,
+    weighted_fedavg,
+)
 from strategies.context import StrategyContext
 from strategies.protocols import PrivacyAccounting, find_layer
 from strategies.validated import ValidatedStrategy
@@ -24,7 +32,7 @@ from strategies.validated import ValidatedStrategy
 StrategyFactory = Callable[[StrategyContext], Strategy]
 WrapperFactory = Callable[[Strategy, StrategyContext], Strategy]
 
-STRATEGY_MODULES = [weighted_fedavg, flower_builtins]
+STRATEGY_MODULES = [weighted_fedavg, fednova, flower_builtins]
 WRAPPER_MODULES = [dp]
 
 STRATEGIES: dict[str, StrategyFactory] = {
@@ -45,7 +53,7 @@ _OWN_SETTINGS = [
             "DP strategies: the inner strategy given the privatized average (a non-DP "
             "registry name).", "privacy", choices=tuple(STRATEGIES)),
 ]
-_SETTING_MODULES = [context, validation, *STRATEGY_MODULES, *WRAPPER_MODULES]
+_SETTING_MODULES = [context, validation, stragglers, *STRATEGY_MODULES, *WRAPPER_MODULES]
 
 SETTINGS: list[Setting] = [*_OWN_SETTINGS,
                            *(s for module in _SETTING_MODULES for s in module.SETTINGS)]
@@ -56,8 +64,8 @@ check_config: ConfigCheck = module_checks(_SETTING_MODULES)
 
 
 def build_strategy(ctx: StrategyContext) -> Strategy:
-    """The strategy named by `strategy` (a wrapper around the plain `dp-inner` one), behind
-    `ValidatedStrategy`. A privacy-accounting strategy's release is never held back by the
+    """The strategy named by `strategy` (a wrapper around the plain `dp-inner` one), with
+    simulated stragglers when `straggler-fraction` is set, behind `ValidatedStrategy`. A privacy-accounting strategy's release is never held back by the
     `min-fit-clients` rule (skipping a round would reveal, un-noised, that clients failed)."""
     cfg = ctx.cfg
     name = str(cfg["strategy"])
@@ -65,6 +73,7 @@ def build_strategy(ctx: StrategyContext) -> Strategy:
         strategy = WRAPPERS[name](STRATEGIES[str(cfg["dp-inner"])](ctx), ctx)
     else:
         strategy = STRATEGIES[name](ctx)
+    strategy = stragglers.with_stragglers(strategy, ctx)
     accounts_privacy = find_layer(strategy, PrivacyAccounting) is not None
     return ValidatedStrategy(strategy,
                              min_fit_clients=0 if accounts_privacy else int(cfg["min-fit-clients"]),
