@@ -12,8 +12,10 @@ tau_eff = sum_i p_i tau_i steps along that average (p_i = n_i / n, the example w
 This is the paper's rule for plain local SGD (its a_i = [1, ..., 1], ||a_i||_1 = tau_i),
 which is what the app's compiled optimizer does unless the model was compiled with
 momentum or an adaptive optimizer. With equal tau_i it is exactly FedAvg. The clients
-report tau_i as `local_steps` in their fit metrics; an update without a positive, finite
-`local_steps` is left out of the round and logged.
+report tau_i as `local_steps` in their fit metrics; an update without a whole number of
+steps >= 1 is left out of the round and logged. FedNova trusts the reported steps as FedAvg
+trusts `num_examples`: a client that under-reports them has its update scaled up by
+tau_eff / tau_i (a whole number >= 1 bounds that by tau_eff).
 """
 
 from __future__ import annotations
@@ -62,7 +64,9 @@ def normalized_average(global_weights: NDArrays, client_weights: list[NDArrays],
 def _steps(fit_res: FitRes) -> float | None:
     value = fit_res.metrics.get(KEY_LOCAL_STEPS)
     ok = isinstance(value, (int, float)) and not isinstance(value, bool)
-    return float(value) if ok and math.isfinite(value) and value > 0 else None
+    if not ok or not math.isfinite(value) or value < 1 or not float(value).is_integer():
+        return None
+    return float(value)
 
 
 class FedNova(WeightedFedAvg):
@@ -101,7 +105,7 @@ class FedNova(WeightedFedAvg):
         for proxy, fit_res in results:
             if _steps(fit_res) is None:
                 log(WARNING, "round %s: FedNova leaves out client %s: its fit metrics carry no "
-                    "positive %r", server_round, proxy.cid, KEY_LOCAL_STEPS)
+                    "whole number >= 1 of %r", server_round, proxy.cid, KEY_LOCAL_STEPS)
             else:
                 usable.append((proxy, fit_res))
         if not usable or (failures and not self.accept_failures):

@@ -55,12 +55,14 @@ def test_equal_steps_give_exactly_fedavg(seed):
         assert a.dtype == np.float32
 
 
-def test_an_update_without_local_steps_is_left_out_and_logged(caplog):
+@pytest.mark.parametrize("steps", [None, 0, 1e-9, 2.5, float("nan"), True])
+def test_an_update_without_a_whole_number_of_steps_is_left_out_and_logged(caplog, steps):
     x = [np.zeros(2, np.float32)]
     strategy = _configured(FedNova(min_fit_clients=1, min_available_clients=1), x)
     results = _results([[np.ones(2, np.float32)], [np.full(2, 9.0, np.float32)]], [5, 5],
-                       [4, 4])
-    results[1][1].metrics.pop("local_steps")
+                       [4, steps])
+    if steps is None:
+        results[1][1].metrics.pop("local_steps")
     params, _ = strategy.aggregate_fit(1, results, [])
     np.testing.assert_allclose(parameters_to_ndarrays(params)[0], [1.0, 1.0])
     assert "leaves out client c1" in caplog.text
