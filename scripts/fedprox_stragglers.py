@@ -3,6 +3,7 @@ FedProx (mu=1) keeping their partial work, at 0%, 50% and 90% stragglers.
 
     python scripts/fedprox_stragglers.py                 # the paper's 200 rounds (hours on 2 cores)
     python scripts/fedprox_stragglers.py --rounds 20     # fewer rounds
+    python scripts/fedprox_stragglers.py --rounds 40 --fractions 0.9
 
 Li et al., "Federated Optimization in Heterogeneous Networks" (MLSys 2020), section 5.2 and
 its official code: 30 devices of Synthetic(1,1) (alpha, beta as standard deviations, sizes
@@ -48,6 +49,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--rounds", type=int, default=200, help="rounds per run (200)")
     parser.add_argument("--local-epochs", type=int, default=20, help="E (20)")
     parser.add_argument("--seed", type=int, default=42)
+    parser.add_argument("--fractions", type=float, nargs="+", default=list(FRACTIONS),
+                        help="straggler shares (0 0.5 0.9)")
     parser.add_argument("--with-mu0", action="store_true",
                         help="also run FedProx mu=0 keeping partial work")
     return parser.parse_args(argv)
@@ -74,11 +77,11 @@ def print_table(args: argparse.Namespace, results: dict[tuple[str, float], list[
                         f"{args.local_epochs}, {args.rounds} rounds: test accuracy "
                         "(final / mean of last 5 rounds)")
     table.add_column("variant")
-    for fraction in FRACTIONS:
+    for fraction in args.fractions:
         table.add_column(f"{fraction:.0%} stragglers", justify="right")
     for label in labels:
         table.add_row(label, *(f"{results[label, f][-1]:.3f} / {tail_mean(results[label, f], 5):.3f}"
-                               for f in FRACTIONS))
+                               for f in args.fractions))
     Console().print(table)
     print(PAPER_TREND)
 
@@ -91,7 +94,7 @@ def main(argv: list[str] | None = None) -> int:
     results: dict[tuple[str, float], list[float]] = {}
     with tempfile.TemporaryDirectory(prefix="stragglers-") as scratch:
         for i, (label, variant) in enumerate(variants.items()):
-            for j, fraction in enumerate(FRACTIONS):
+            for j, fraction in enumerate(args.fractions):
                 out = Path(scratch) / f"run-{i}-{j}"
                 curve = run_accuracies(DEVICES, run_config(args, variant, fraction), out)
                 results[label, fraction] = curve
