@@ -20,7 +20,9 @@ from strategies import (
     compression,
     context,
     dp,
+    fednova,
     flower_builtins,
+    stragglers,
     validation,
     weighted_fedavg,
 )
@@ -31,7 +33,7 @@ from strategies.validated import ValidatedStrategy
 StrategyFactory = Callable[[StrategyContext], Strategy]
 WrapperFactory = Callable[[Strategy, StrategyContext], Strategy]
 
-STRATEGY_MODULES = [weighted_fedavg, flower_builtins]
+STRATEGY_MODULES = [weighted_fedavg, fednova, flower_builtins]
 WRAPPER_MODULES = [dp]
 
 STRATEGIES: dict[str, StrategyFactory] = {
@@ -52,7 +54,8 @@ _OWN_SETTINGS = [
             "DP strategies: the inner strategy given the privatized average (a non-DP "
             "registry name).", "privacy", choices=tuple(STRATEGIES)),
 ]
-_SETTING_MODULES = [context, validation, compression, *STRATEGY_MODULES, *WRAPPER_MODULES]
+_SETTING_MODULES = [context, validation, compression, stragglers, *STRATEGY_MODULES,
+                    *WRAPPER_MODULES]
 
 SETTINGS: list[Setting] = [*_OWN_SETTINGS,
                            *(s for module in _SETTING_MODULES for s in module.SETTINGS)]
@@ -63,9 +66,11 @@ check_config: ConfigCheck = module_checks(_SETTING_MODULES)
 
 
 def build_strategy(ctx: StrategyContext) -> Strategy:
-    """The strategy named by `strategy` (a wrapper around the plain `dp-inner` one), behind
-    `ValidatedStrategy`, behind `CompressedStrategy` when either direction is compressed (so
-    validation, DP and every strategy see decoded weights). A privacy-accounting strategy's release is never held back by the
+    """The strategy named by `strategy` (a wrapper around the plain `dp-inner` one), with
+    simulated stragglers when `straggler-fraction` is set, behind `ValidatedStrategy`,
+    behind `CompressedStrategy` when either direction is compressed (so validation, DP and
+    every strategy see decoded weights). A privacy-accounting strategy's release is never
+    held back by the
     `min-fit-clients` rule (skipping a round would reveal, un-noised, that clients failed)."""
     cfg = ctx.cfg
     name = str(cfg["strategy"])
@@ -73,6 +78,7 @@ def build_strategy(ctx: StrategyContext) -> Strategy:
         strategy = WRAPPERS[name](STRATEGIES[str(cfg["dp-inner"])](ctx), ctx)
     else:
         strategy = STRATEGIES[name](ctx)
+    strategy = stragglers.with_stragglers(strategy, ctx)
     accounts_privacy = find_layer(strategy, PrivacyAccounting) is not None
     validated = ValidatedStrategy(
         strategy, min_fit_clients=0 if accounts_privacy else int(cfg["min-fit-clients"]),
