@@ -1,0 +1,165 @@
+"""Every registered strategy, with its default hyperparameters, on the default workload.
+
+    python scripts/strategy_table.py                     # every strategy, ~15 min; updates README.md
+    python scripts/strategy_table.py --strategies fedadam dp-fixed --rounds 3 --no-readme
+
+Each run is `python run_simulation.py --run-config "strategy='<name>'"` (digits, MLP, 10 IID
+clients, 20 rounds, seed 42), in this process through the same code path, one run at a
+time. The markdown table (final and best centralized accuracy, the difference to
+`weighted-fedavg`'s final accuracy, ε for the DP strategies, wall seconds) is printed and
+written into README.md between the strategy-table markers, with the fingerprint of the
+defaults it was measured with (`defaults_fingerprint`; a test checks that it still
+matches the schema's defaults, so a changed default calls for a new table).
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import re
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from fl_app.app.config import RUN_SETTINGS, defaults  # noqa: E402
+from fl_app.cli import simulate  # noqa: E402
+from fl_app.data import settings as data_settings  # noqa: E402
+from fl_app.ml import settings as ml_settings  # noqa: E402
+from fl_app.server.outputs import read_history  # noqa: E402
+from strategies import registry  # noqa: E402
+
+BASELINE = "weighted-fedavg"
+TOLERANCE = 0.05  # a strategy's default must reach the baseline's final accuracy within this
+README_START = "<!-- strategy-table:start -->"
+README_END = "<!-- strategy-table:end -->"
+HEADER = ("| strategy | final accuracy | best accuracy | Δ vs weighted-fedavg | "
+          f"within {TOLERANCE:g} | ε | seconds |")
+FINGERPRINT = re.compile(r"defaults fingerprint `([0-9a-f]{12})`")
+
+
+@dataclass(frozen=True)
+class Result:
+    """One strategy's run: final and best centralized accuracy, ε (DP only), wall time."""
+
+    final: float
+    best: float
+    epsilon: float | None
+    seconds: float
+
+
+def result_keys() -> list[str]:
+    """The run-config keys whose defaults shape the table: every strategy's (DP included),
+    the model and training, the data and partitioning, the seed and the number of rounds."""
+    modules = (registry, ml_settings, data_settings)
+    return sorted({"num-server-rounds", *(s.key for s in RUN_SETTINGS),
+                   *(s.key for module in modules for s in module.SETTINGS)})
+
+
+def defaults_fingerprint() -> str:
+    """12 hex digits of the SHA-256 of those keys' defaults: changes whenever one does."""
+    values = defaults()
+    text = json.dumps({key: values[key] for key in result_keys()}, sort_keys=True)
+    return hashlib.sha256(text.encode()).hexdigest()[:12]
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """Command-line options."""
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--strategies", nargs="+", default=registry.strategy_names(),
+                        choices=registry.strategy_names(), metavar="NAME",
+                        help="registered names to run (default: all); weighted-fedavg is "
+                             "always run first, as the baseline")
+    parser.add_argument("--rounds", type=int, default=None,
+                        help="rounds per run (default: num-server-rounds' default)")
+    parser.add_argument("--clients", type=int, default=10,
+                        help="simulated clients (default: 10, run_simulation.py's)")
+    parser.add_argument("--readme", type=Path, default=ROOT / "README.md",
+                        help="README to update (default: the project's)")
+    parser.add_argument("--no-readme", action="store_true", help="print the table only")
+    args = parser.parse_args(argv)
+    args.strategies = [BASELINE, *(s for s in dict.fromkeys(args.strategies) if s != BASELINE)]
+    return args
+
+
+def run_one(strategy: str, rounds: int | None, clients: int, out: Path) -> Result:
+    """One default run of `strategy`, as run_simulation.py makes it; its accuracies and ε."""
+    overrides = f"strategy='{strategy}'" + (f" num-server-rounds={rounds}" if rounds else "")
+    start = time.perf_counter()
+    code = simulate.main(["--num-supernodes", str(clients), "--run-config", overrides,
+                          "--out", str(out)])
+    seconds = time.perf_counter() - start
+    if code != 0:
+        raise SystemExit(f"error: the {strategy} run failed with exit code {code}")
+    rounds_done = read_history(out)["rounds"]
+    accuracies = [r["centralized"]["accuracy"] for r in rounds_done]
+    epsilon = rounds_done[-1].get("privacy", {}).get("epsilon")
+    return Result(final=float(accuracies[-1]), best=float(max(accuracies)),
+                  epsilon=None if epsilon is None else float(epsilon), seconds=seconds)
+
+
+def table_row(strategy: str, result: Result, baseline: Result) -> str:
+    """One markdown row."""
+    delta = round(round(result.final, 4) - round(baseline.final, 4), 4)  # of the figures shown
+    epsilon = "–" if result.epsilon is None else f"{result.epsilon:.1f}"
+    within = "yes" if delta >= -TOLERANCE else "no"
+    return (f"| `{strategy}` | {result.final:.4f} | {result.best:.4f} | {delta:+.4f} | "
+            f"{within} | {epsilon} | {result.seconds:.1f} |")
+
+
+def markdown(results: dict[str, Result], rounds: int, clients: int, minutes: float) -> str:
+    """The README section: how it was made, then the table."""
+    baseline = results[BASELINE]
+    lines = [
+        f"Every registered strategy with its default hyperparameters on the default workload "
+        f"(`python run_simulation.py --run-config \"strategy='NAME'\"`: digits, MLP, "
+        f"{clients} IID clients, {rounds} rounds, seed {defaults()['seed']}), one run each; "
+        f"Δ is the final centralized accuracy minus `{BASELINE}`'s, ε is at δ = 1e-5. "
+        f"Produced by `python scripts/strategy_table.py` in {minutes:.0f} min on this "
+        f"machine (defaults fingerprint `{defaults_fingerprint()}`).",
+        "",
+        HEADER,
+        "|---|---:|---:|---:|---|---:|---:|",
+    ]
+    lines += [table_row(name, result, baseline) for name, result in results.items()]
+    return "\n".join(lines)
+
+
+def write_readme(section: str, readme: Path) -> None:
+    """Replace what lies between the strategy-table markers in `readme` with `section`."""
+    text = readme.read_text(encoding="utf-8")
+    if README_START not in text or README_END not in text:
+        raise SystemExit(f"error: {readme} lacks the markers {README_START} / {README_END}")
+    head, rest = text.split(README_START, 1)
+    tail = rest.split(README_END, 1)[1]
+    readme.write_text(f"{head}{README_START}\n{section}\n{README_END}{tail}", encoding="utf-8")
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run every strategy once; print the table and update the README."""
+    args = parse_args(argv)
+    rounds = args.rounds or int(defaults()["num-server-rounds"])
+    start = time.monotonic()
+    results: dict[str, Result] = {}
+    with tempfile.TemporaryDirectory(prefix="strategy-table-") as scratch:
+        for strategy in args.strategies:
+            results[strategy] = run_one(strategy, args.rounds, args.clients,
+                                        Path(scratch) / strategy)
+            print(f"{strategy:>20} | final {results[strategy].final:.4f} | "
+                  f"{results[strategy].seconds:.1f} s", flush=True)
+    section = markdown(results, rounds, args.clients, (time.monotonic() - start) / 60)
+    print(section)
+    if not args.no_readme:
+        write_readme(section, args.readme)
+        print(f"{args.readme} updated")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
