@@ -33,6 +33,7 @@ from fl_app.data import settings as data_settings  # noqa: E402
 from fl_app.ml import settings as ml_settings  # noqa: E402
 from fl_app.server.outputs import read_history  # noqa: E402
 from strategies import registry  # noqa: E402
+from strategies.accounting import default_delta  # noqa: E402
 
 BASELINE = "weighted-fedavg"
 TOLERANCE = 0.05  # a strategy's default must reach the baseline's final accuracy within this
@@ -74,8 +75,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--strategies", nargs="+", default=registry.strategy_names(),
                         choices=registry.strategy_names(), metavar="NAME",
-                        help="registered names to run (default: all); weighted-fedavg is "
-                             "always run first, as the baseline")
+                        help="registered names to run, in this order (default: all); "
+                             "weighted-fedavg, the baseline, always runs first")
     parser.add_argument("--rounds", type=int, default=None,
                         help="rounds per run (default: num-server-rounds' default)")
     parser.add_argument("--clients", type=int, default=10,
@@ -120,14 +121,18 @@ def markdown(results: dict[str, Result], rounds: int, clients: int, minutes: flo
         f"Every registered strategy with its default hyperparameters on the default workload "
         f"(`python run_simulation.py --run-config \"strategy='NAME'\"`: digits, MLP, "
         f"{clients} IID clients, {rounds} rounds, seed {defaults()['seed']}), one run each; "
-        f"Δ is the final centralized accuracy minus `{BASELINE}`'s, ε is at δ = 1e-5. "
-        f"Produced by `python scripts/strategy_table.py` in {minutes:.0f} min on this "
-        f"machine (defaults fingerprint `{defaults_fingerprint()}`).",
+        f"Δ is the final centralized accuracy minus `{BASELINE}`'s, ε is at δ = "
+        f"{default_delta(clients):g}. Produced by `python scripts/strategy_table.py` in "
+        f"{minutes:.0f} min on this machine's 2 cores, shared with other jobs (seconds: "
+        f"wall time of a run, start-up included; defaults fingerprint "
+        f"`{defaults_fingerprint()}`).",
         "",
         HEADER,
         "|---|---:|---:|---:|---|---:|---:|",
     ]
-    lines += [table_row(name, result, baseline) for name, result in results.items()]
+    order = [BASELINE, *registry.strategy_names()]  # rows in registry order, whatever ran first
+    lines += [table_row(name, results[name], baseline)
+              for name in sorted(results, key=order.index)]
     return "\n".join(lines)
 
 
