@@ -33,7 +33,7 @@ from fl_app.data import settings as data_settings  # noqa: E402
 from fl_app.ml import settings as ml_settings  # noqa: E402
 from fl_app.server.outputs import read_history  # noqa: E402
 from strategies import registry  # noqa: E402
-from strategies.accounting import default_delta  # noqa: E402
+from strategies.accounting import PrivacyAccountant, default_delta  # noqa: E402
 
 BASELINE = "weighted-fedavg"
 TOLERANCE = 0.05  # a strategy's default must reach the baseline's final accuracy within this
@@ -41,6 +41,9 @@ README_START = "<!-- strategy-table:start -->"
 README_END = "<!-- strategy-table:end -->"
 HEADER = ("| strategy | final accuracy | best accuracy | Δ vs weighted-fedavg | "
           f"within {TOLERANCE:g} | ε | seconds |")
+EPSILON_NOISE = (1.0, 2.0, 4.0, 8.0)
+EPSILON_ACCOUNTING = {"`dp-sampling='fixed'`, `accountant='rdp'`": ("rdp", "fixed"),
+                      "`dp-sampling='poisson'`, `accountant='pld'`": ("pld", "poisson")}
 FINGERPRINT = re.compile(r"defaults fingerprint `([0-9a-f]{12})`")
 
 
@@ -105,6 +108,32 @@ def run_one(strategy: str, rounds: int | None, clients: int, out: Path) -> Resul
                   epsilon=None if epsilon is None else float(epsilon), seconds=seconds)
 
 
+def epsilon(noise_multiplier: float, accounting: tuple[str, str], clients: int,
+            rounds: int) -> float:
+    """ε after `rounds` DP rounds of the default sampling fraction on `clients` clients, by
+    the run's own accountant ((kind, sampling), e.g. ("rdp", "fixed"))."""
+    rate = float(defaults()["fraction-fit"])
+    accountant = PrivacyAccountant(*accounting, poisson_rate=rate)
+    accountant.fix_delta(clients)
+    for _ in range(rounds):
+        accountant.record(accountant.event(noise_multiplier, round(rate * clients), clients))
+    return accountant.epsilon()
+
+
+def epsilon_table(clients: int, rounds: int) -> list[str]:
+    """What a meaningful ε costs on this workload: ε by noise multiplier z and accounting."""
+    lines = [f"ε of a DP strategy on this workload ({clients} clients, fraction-fit "
+             f"{defaults()['fraction-fit']:g}, {rounds} rounds) by noise multiplier z, from the "
+             "accountant (the noise on the average, z·C/m, grows with z):",
+             "",
+             "| z | " + " | ".join(f"{name}" for name in EPSILON_ACCOUNTING) + " |",
+             "|---:|" + "---:|" * len(EPSILON_ACCOUNTING)]
+    for z in EPSILON_NOISE:
+        cells = [f"{epsilon(z, acc, clients, rounds):.1f}" for acc in EPSILON_ACCOUNTING.values()]
+        lines.append(f"| {z:g} | " + " | ".join(cells) + " |")
+    return lines
+
+
 def table_row(strategy: str, result: Result, baseline: Result) -> str:
     """One markdown row."""
     delta = round(round(result.final, 4) - round(baseline.final, 4), 4)  # of the figures shown
@@ -133,6 +162,8 @@ def markdown(results: dict[str, Result], rounds: int, clients: int, minutes: flo
     order = [BASELINE, *registry.strategy_names()]  # rows in registry order, whatever ran first
     lines += [table_row(name, results[name], baseline)
               for name in sorted(results, key=order.index)]
+    if any(result.epsilon is not None for result in results.values()):
+        lines += ["", *epsilon_table(clients, rounds)]
     return "\n".join(lines)
 
 
