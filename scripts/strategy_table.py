@@ -28,10 +28,9 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from fl_app.app.config import RUN_SETTINGS, defaults  # noqa: E402
-from fl_app.cli import simulate  # noqa: E402
 from fl_app.data import settings as data_settings  # noqa: E402
 from fl_app.ml import settings as ml_settings  # noqa: E402
-from fl_app.server.outputs import read_history  # noqa: E402
+from scripts.simulation_run import timed_run  # noqa: E402
 from strategies import registry  # noqa: E402
 from strategies.accounting import PrivacyAccountant, default_delta  # noqa: E402
 
@@ -95,13 +94,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def run_one(strategy: str, rounds: int | None, clients: int, out: Path) -> Result:
     """One default run of `strategy`, as run_simulation.py makes it; its accuracies and ε."""
     overrides = f"strategy='{strategy}'" + (f" num-server-rounds={rounds}" if rounds else "")
-    start = time.perf_counter()
-    code = simulate.main(["--num-supernodes", str(clients), "--run-config", overrides,
-                          "--out", str(out)])
-    seconds = time.perf_counter() - start
-    if code != 0:
-        raise SystemExit(f"error: the {strategy} run failed with exit code {code}")
-    rounds_done = read_history(out)["rounds"]
+    history, seconds = timed_run(overrides, clients, out)
+    rounds_done = history["rounds"]
     accuracies = [r["centralized"]["accuracy"] for r in rounds_done]
     epsilon = rounds_done[-1].get("privacy", {}).get("epsilon")
     return Result(final=float(accuracies[-1]), best=float(max(accuracies)),
