@@ -31,7 +31,7 @@ from fl_app.app.config import RUN_SETTINGS, defaults  # noqa: E402
 from fl_app.data import settings as data_settings  # noqa: E402
 from fl_app.ml import settings as ml_settings  # noqa: E402
 from scripts.simulation_run import timed_run  # noqa: E402
-from strategies import registry  # noqa: E402
+from strategies import context, registry, validation  # noqa: E402
 from strategies.accounting import PrivacyAccountant, default_delta  # noqa: E402
 
 BASELINE = "weighted-fedavg"
@@ -58,10 +58,14 @@ class Result:
 
 
 def result_keys() -> list[str]:
-    """The run-config keys whose defaults shape the table: every strategy's (DP included),
-    the model and training, the data and partitioning, the seed and the number of rounds."""
-    modules = (registry, ml_settings, data_settings)
-    return sorted({"num-server-rounds", *(s.key for s in RUN_SETTINGS),
+    """The run-config keys whose defaults shape the table: the strategy choice, sampling,
+    validation and every registered strategy's and wrapper's own keys (DP included), the
+    model and training, the data and partitioning, the seed and the number of rounds.
+    Modules of features that are off by default (compression, ...) are left out, so adding
+    one does not call for a new table."""
+    modules = (context, validation, *registry.STRATEGY_MODULES, *registry.WRAPPER_MODULES,
+               ml_settings, data_settings)
+    return sorted({"num-server-rounds", "strategy", "dp-inner", *(s.key for s in RUN_SETTINGS),
                    *(s.key for module in modules for s in module.SETTINGS)})
 
 
