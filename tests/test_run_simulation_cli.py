@@ -48,7 +48,7 @@ def test_configs_that_fit_the_clients_pass():
      "error: model 'examples.keras_models:regression' outputs 1 value(s) per example but the "
      "dataset is a 10-class classification"),
     ("model='examples.keras_models:missing'",
-     "error: run-config key 'model': cannot import examples.keras_models:missing"),
+     "error: run-config key 'model': module examples.keras_models has no function 'missing'"),
     ("model='/nowhere/model.keras'",
      "error: run-config key 'model': file /nowhere/model.keras does not exist"),
 ])
