@@ -7,6 +7,7 @@ from flwr.server import ServerAppComponents, ServerConfig
 from flwr.serverapp import ServerApp
 
 from fl_app.app.config import resolve
+from fl_app.app.one_line_errors import report_app_errors_in_one_line
 from fl_app.app.preflight import checked_trainer, monitored_names
 from fl_app.data.sources import Split, data_source
 from fl_app.ml.models import build_model
@@ -75,7 +76,9 @@ def server_components(cfg: RunConfig) -> ServerAppComponents:
 
 
 def make_server_app(fixed_config: RunConfig | None = None) -> ServerApp:
-    """A ServerApp; with `fixed_config` it ignores `context.run_config` (for run_simulation)."""
+    """A ServerApp; with `fixed_config` it ignores `context.run_config` (for run_simulation).
+    A config, model or data error it raises is logged by Flower as one `error:` line."""
+    report_app_errors_in_one_line()
 
     def server_fn(context: Context) -> ServerAppComponents:
         cfg = fixed_config if fixed_config is not None else resolve(context.run_config)

@@ -2,6 +2,7 @@
 
     python run_simulation.py [--num-supernodes 10] [--run-config "k=v k2=v2"] [--out DIR]
     python run_simulation.py --resume DIR [--run-config "num-server-rounds=40"]
+    python run_simulation.py --check [--run-config "k=v"]   # config, model and data only
 
 `--run-config` takes the same syntax as `flwr run . --run-config` and is resolved through
 the same schema on top of pyproject.toml's `[tool.flwr.app.config]`, so both entry
@@ -88,6 +89,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="GPUs reserved per simulated client (default: 0)")
     parser.add_argument("--ray-address", default=None,
                         help="address of an existing Ray cluster to run the clients on")
+    parser.add_argument("--check", action="store_true",
+                        help="check the config, model and data, train nothing: one `error:` "
+                             "line (exit 2) or `ok` (e.g. to see which key `flwr run` "
+                             "rejected as `Invalid run configuration`)")
     args = parser.parse_args(argv)
     if args.num_supernodes < 1:
         parser.error("--num-supernodes must be at least 1")
@@ -102,9 +107,9 @@ def backend_config(args: argparse.Namespace) -> dict:
             "init_args": init_args}
 
 
-def prepare(args: argparse.Namespace) -> RunConfig:
-    """The run's config (new or resumed), checked against `--num-supernodes`, with the
-    output folder filled in."""
+def checked_config(args: argparse.Namespace) -> RunConfig:
+    """The run's config (new or resumed), checked against `--num-supernodes`, its model
+    checked against its data."""
     if args.resume:
         cfg = resume_run_config(args.resume, args.run_config)
     else:
@@ -113,6 +118,12 @@ def prepare(args: argparse.Namespace) -> RunConfig:
     from fl_app.app.preflight import checked_trainer  # imports TensorFlow
 
     checked_trainer(cfg)  # the model fits the data: one `error:` line, before Flower starts
+    return cfg
+
+
+def prepare(args: argparse.Namespace) -> RunConfig:
+    """`checked_config` with the output folder filled in."""
+    cfg = checked_config(args)
     out_dir = resolve_out_dir(args.out or args.resume or str(cfg["out-dir"]))
     return cfg.replace(out_dir=str(out_dir))
 
@@ -135,6 +146,10 @@ def main(argv: list[str] | None = None) -> int:
     """Resolve and check the config, run the simulation, print the summary."""
     args = parse_args(argv)
     try:
+        if args.check:
+            checked_config(args)
+            print(f"ok: the config, model and data fit {args.num_supernodes} clients")
+            return 0
         cfg = prepare(args)
         seconds = simulate(cfg, args)
     except (ConfigError, DataError, ModelError, CheckpointError) as err:
