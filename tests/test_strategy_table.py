@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import re
 from pathlib import Path
 
 import pytest
@@ -13,30 +12,16 @@ from scripts.strategy_table import Result
 from strategies.registry import strategy_names
 
 ROOT = Path(__file__).resolve().parent.parent
-ROW = re.compile(r"^\| `(?P<name>[a-z-]+)` \| (?P<final>[\d.]+) \| (?P<best>[\d.]+) \| [+-][\d.]+ \| "
-                 r"(yes|no) \| (?P<eps>[\d.]+|–) \| (?P<seconds>[\d.]+) \|$")
-CAPTION = re.compile(r"clients, (?P<rounds>\d+) rounds, .* in (?P<minutes>\d+) min")
 
 
 def section(readme: Path) -> str:
     """What lies between the strategy-table markers."""
-    text = readme.read_text(encoding="utf-8")
-    return text.split(strategy_table.README_START + "\n", 1)[1].split(
-        "\n" + strategy_table.README_END, 1)[0]
+    return strategy_table.readme_section(readme)
 
 
 def parse(text: str) -> tuple[dict[str, Result], int, int]:
     """The results, rounds and minutes a table section states."""
-    results = {}
-    for line in text.splitlines():
-        if match := ROW.match(line):
-            eps = match["eps"]
-            results[match["name"]] = Result(final=float(match["final"]), best=float(match["best"]),
-                                            epsilon=None if eps == "–" else float(eps),
-                                            seconds=float(match["seconds"]))
-    caption = CAPTION.search(text)
-    assert caption, text
-    return results, int(caption["rounds"]), int(caption["minutes"])
+    return strategy_table.parse_table(text)
 
 
 def test_readme_table_is_the_scripts_output_for_every_strategy():
