@@ -114,6 +114,10 @@ def test_three_supernodes_train_with_tls_and_node_auth(cluster):
     accuracy = [r["centralized"]["accuracy"] for r in rounds]
     assert accuracy[-1] > accuracy[0] + 0.3, accuracy
     assert (outcome.out_dir / MODEL_FILE).is_file()
+    # the run's log (the ServerApp's, streamed by `flwr log`): progress, not Flower's chatter
+    run_log = (cluster.sup.log_dir / "run.log").read_text()
+    assert "round   3/3 | 3 sampled: 3 ok, 0 failed, 0 rejected" in run_log, run_log
+    assert "configure_fit" not in run_log and "[SUMMARY]" not in run_log, run_log
     # each node's ClientApps forwarded to its one long-lived worker: TensorFlow imported
     # once per node, every fit served there
     for node in cluster.dep.nodes:

@@ -37,7 +37,7 @@ SETTINGS = [
             "Seconds a round waits for its clients (0 waits forever); clients are started "
             "before round 1, so their start-up does not count.", "run", low=0.0),
     Setting("out-dir", str, "",
-            "Folder for history.json, final_model.keras and plots "
+            "Folder for history.json, history.csv, final_model.keras, plots (and tensorboard/) "
             "(empty: outputs/<timestamp> under the working directory).", "run"),
     Setting("resume-from", str, "",
             "Output folder of an interrupted run: continue it after its last complete round "
