@@ -146,3 +146,40 @@ def test_plots_have_integer_rounds_context_and_explained_curves():
                       "distributed: clients' validation data",
                       "clients' training: fit metrics averaged over clients"]
     assert list(ax.get_lines()[2].get_xdata()) == [1, 2, 3]  # train_loss, from fit
+
+
+def test_quiet_console_keeps_warnings_and_drops_flowers_chatter():
+    from logging import ERROR, INFO, WARNING
+
+    from flwr.common.logger import console_handler, log
+
+    from fl_app.app.quiet import quiet_libraries
+
+    stream = io.StringIO()
+    previous = console_handler.setStream(stream)
+    try:
+        quiet_libraries(False)
+        log(INFO, "configure_fit: strategy sampled 3 clients (out of 3)")
+        log(WARNING, "DEPRECATED FEATURE: The `run_simulation` function is deprecated")
+        log(ERROR, "An exception was raised when processing a message by RayBackend")
+        log(WARNING, "round 1: client 7 failed: injected fault")
+        quiet = stream.getvalue()
+        quiet_libraries(True)
+        log(INFO, "configure_fit: strategy sampled 3 clients (out of 3)")
+        log(WARNING, "DEPRECATED FEATURE: The `run_simulation` function is deprecated")
+    finally:
+        console_handler.setStream(previous)
+    assert quiet.count("\n") == 1 and "round 1: client 7 failed: injected fault" in quiet
+    verbose = stream.getvalue()[len(quiet):]
+    assert "configure_fit" in verbose and "DEPRECATED FEATURE" in verbose
+
+
+def test_a_failed_clients_console_line_is_the_last_line_of_its_error():
+    from fl_app.server.client_failures import last_line
+
+    remote = ("ValueError: Message contains an Error (reason: <class 'RayTaskError'>:<'\n"
+              "  File \"faults.py\", line 144\n\n"
+              "Exception ClientAppException occurred. Message: injected fault: client 0\n")
+    assert last_line(remote) == ("Exception ClientAppException occurred. Message: injected "
+                                 "fault: client 0")
+    assert last_line("ValueError: TTL expired") == "ValueError: TTL expired"

@@ -25,15 +25,23 @@ DEPRECATIONS = (DeprecationWarning, PendingDeprecationWarning)
 NOISY_MODULES = r"(ray|flwr|keras|tensorflow|absl|google)(\..*)?"
 
 
-class _DropDeprecationNotices(logging.Filter):
-    """Drops Flower's `DEPRECATED FEATURE` notices (e.g. for `flwr.simulation.run_simulation`,
-    which run_simulation.py uses on purpose)."""
+# Flower's notices that a quiet console leaves out: deprecations (run_simulation.py uses
+# `flwr.simulation.run_simulation` on purpose) and the simulation engine's own report of a
+# failed client, traceback included (the round's progress line counts it and the server
+# logs one line naming the client; history.json keeps the whole error).
+FLOWER_NOTICES = ("DEPRECATED FEATURE", "processing a message by RayBackend",
+                  "ClientAppException", "Message TTL has expired")
+
+
+class _DropNotices(logging.Filter):
+    """Drops Flower's log records that contain one of `FLOWER_NOTICES`."""
 
     def filter(self, record: logging.LogRecord) -> bool:
-        return "DEPRECATED FEATURE" not in str(record.msg)
+        message = record.getMessage()
+        return not any(notice in message for notice in FLOWER_NOTICES)
 
 
-_FLOWER_FILTER = _DropDeprecationNotices()
+_FLOWER_FILTER = _DropNotices()
 
 
 @contextmanager

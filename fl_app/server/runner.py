@@ -15,7 +15,7 @@ from flwr.server.client_proxy import ClientProxy
 from flwr.server.history import History
 from flwr.server.strategy import Strategy
 
-from fl_app.server.client_failures import describe_failure
+from fl_app.server.client_failures import describe_failure, last_line
 from fl_app.server.client_manager import SeededClientManager
 from fl_app.server.stopping import StoppingRules
 from fl_app.wire import DATA_QUALITY_PREFIX, TIMING_PREFIX
@@ -174,7 +174,7 @@ class FederatedServer(Server):
             record["failures"] = [describe_failure(f) for f in failures]
             for failure in record["failures"]:
                 log(WARNING, "round %s: client %s failed: %s", server_round,
-                    failure["client"], failure["error"])
+                    failure["client"], last_line(failure["error"]))
         return record, (record["num_clients"] - record["num_rejected"] if parameters else 0)
 
     def _evaluate_distributed(self, server_round: int, timeout: float | None,
