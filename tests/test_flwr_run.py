@@ -57,6 +57,9 @@ def test_flwr_run_completes_with_the_app_config(simulation_superlink, tmp_path, 
         [str(BIN / "flwr"), "run", ".", "test", "--stream", "--run-config", run_config], env),
         timeout=400, cwd=ROOT)
     assert cli.popen.returncode == 0, cli.log_text()[-3000:]
+    log = cli.log_text()  # the streamed ServerApp log: its progress, not the libraries'
+    assert "round   3/3 | 10 sampled: 10 ok, 0 failed, 0 rejected" in log, log[-3000:]
+    assert not [n for n in ("configure_fit", "[SUMMARY]", "oneDNN") if n in log], log[-3000:]
     history = json.loads((out / "history.json").read_text())
     assert history["stopped"] == "num-server-rounds"
     assert history["config"]["strategy"] == (overrides.split("'")[1] if overrides

@@ -21,6 +21,7 @@ from flwr.client import Client, NumPyClient  # noqa: E402
 from flwr.clientapp import ClientApp  # noqa: E402
 from flwr.common import Context  # noqa: E402
 
+from fl_app.app.quiet import quiet_libraries  # noqa: E402
 from fl_app.app.worker_link import WorkerAddress, WorkerClient  # noqa: E402
 from fl_app.client.compression import CompressingClient  # noqa: E402
 from fl_app.client.timing import TimedClient, process_seconds  # noqa: E402
@@ -60,12 +61,14 @@ def make_client_app(fixed_config: RunConfig | None = None) -> ClientApp:
             timed = TimedClient(client, start_up.seconds(time.time())).to_client()
             return CompressingClient(timed, context.state)
         imports_since = time.time()
+        raw = fixed_config if fixed_config is not None else context.run_config
+        quiet_libraries(raw.get("verbose") is True)  # before anything imports TensorFlow
         from fl_app.app.config import resolve
         from fl_app.app.local_client import client_for as build  # imports TensorFlow
         from fl_app.data.types import DataError
 
         seconds = start_up.seconds(imports_since)
-        cfg = fixed_config if fixed_config is not None else resolve(context.run_config)
+        cfg = fixed_config if fixed_config is not None else resolve(raw)
         try:
             client = build(cfg, context.node_config)
         except DataError as err:  # the server sees only this message: name the node

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 from flwr.common import Context, NDArrays, Scalar, ndarrays_to_parameters
 from flwr.server import ServerAppComponents, ServerConfig
 from flwr.serverapp import ServerApp
@@ -9,10 +11,12 @@ from flwr.serverapp import ServerApp
 from fl_app.app.config import resolve
 from fl_app.app.one_line_errors import report_app_errors_in_one_line
 from fl_app.app.preflight import checked_trainer, monitored_names
+from fl_app.app.quiet import quiet_libraries
 from fl_app.data.sources import Split, data_source
 from fl_app.ml.models import build_model
 from fl_app.ml.trainer import KerasTrainer
 from fl_app.schema import RunConfig
+from fl_app.server.callbacks import Callback
 from fl_app.server.checkpoint import Checkpointer, load_for_resume, read_ledger
 from fl_app.server.outputs import resolve_out_dir
 from fl_app.server.recorder import RunRecorder
@@ -37,8 +41,10 @@ def centralized_evaluator(trainer: KerasTrainer, test: Split) -> EvaluateFn:
     return evaluate
 
 
-def server_components(cfg: RunConfig) -> ServerAppComponents:
-    """Build everything the server needs for one run from a resolved config."""
+def server_components(cfg: RunConfig, callbacks: Sequence[Callback] = (),
+                      started_at: float | None = None) -> ServerAppComponents:
+    """Build everything the server needs for one run from a resolved config (`callbacks`
+    and `started_at`: see `RunRecorder`)."""
     trainer = checked_trainer(cfg)
     source = data_source(cfg)
     # A fresh seeded model, not the process-wide trainer's weights: those are whatever the
@@ -46,7 +52,7 @@ def server_components(cfg: RunConfig) -> ServerAppComponents:
     initial_weights = build_model(str(cfg["model"]), source.spec, int(cfg["seed"])).get_weights()
     checkpoint = load_for_resume(cfg, initial_weights)
     out_dir = resolve_out_dir(str(cfg["out-dir"] or cfg["resume-from"]))
-    recorder = RunRecorder(cfg, out_dir, trainer)
+    recorder = RunRecorder(cfg, out_dir, trainer, callbacks, started_at)
     resume = None
     if checkpoint is not None:
         recorder.resume(checkpoint)
@@ -75,14 +81,18 @@ def server_components(cfg: RunConfig) -> ServerAppComponents:
         num_rounds=int(cfg["num-server-rounds"]), round_timeout=timeout))
 
 
-def make_server_app(fixed_config: RunConfig | None = None) -> ServerApp:
-    """A ServerApp; with `fixed_config` it ignores `context.run_config` (for run_simulation).
-    A config, model or data error it raises is logged by Flower as one `error:` line."""
+def make_server_app(fixed_config: RunConfig | None = None, callbacks: Sequence[Callback] = (),
+                    started_at: float | None = None) -> ServerApp:
+    """A ServerApp; with `fixed_config` it ignores `context.run_config` (for run_simulation),
+    and calls `callbacks` as the run goes (see `fl_app.server.callbacks`). A config, model
+    or data error it raises is logged by Flower as one `error:` line."""
     report_app_errors_in_one_line()
 
     def server_fn(context: Context) -> ServerAppComponents:
-        cfg = fixed_config if fixed_config is not None else resolve(context.run_config)
-        return server_components(cfg)
+        raw = fixed_config if fixed_config is not None else context.run_config
+        quiet_libraries(raw.get("verbose") is True)  # resolving imports TensorFlow
+        cfg = fixed_config if fixed_config is not None else resolve(raw)
+        return server_components(cfg, callbacks, started_at)
 
     return ServerApp(server_fn=server_fn)
 

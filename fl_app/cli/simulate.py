@@ -11,6 +11,10 @@ before Flower starts. `--resume DIR` continues an interrupted run after its last
 round, with the config saved in DIR's checkpoint (overrides may change only
 `max-epsilon`, `num-server-rounds` and `round-timeout`; `--out` writes the continuation
 to another folder).
+
+The console shows one progress display (a bar on a terminal, a line per round elsewhere)
+and a summary table; `--verbose` (or `verbose=true`) brings back TensorFlow's, Ray's and
+Flower's own logs.
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -25,10 +30,12 @@ import click
 from flwr.common.config import flatten_dict, get_project_config, parse_config_args
 
 from fl_app.app.config import check_num_clients, resolve
+from fl_app.app.quiet import quiet_libraries
 from fl_app.cli.summary import print_summary
 from fl_app.data.sources import DataError
 from fl_app.ml.errors import ModelError
 from fl_app.schema import ConfigError, RunConfig
+from fl_app.server.callbacks import Callback
 from fl_app.server.checkpoint import RESUMABLE_CHANGES, CheckpointError, load_checkpoint
 from fl_app.server.outputs import resolve_out_dir
 from fl_app.server.stopping import IDLE_STOP
@@ -93,15 +100,21 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="check the config, model and data, train nothing: one `error:` "
                              "line (exit 2) or `ok` (e.g. to see which key `flwr run` "
                              "rejected as `Invalid run configuration`)")
+
+    parser.add_argument("--verbose", action="store_true",
+                        help="show TensorFlow's, Ray's and Flower's own logs (as verbose=true)")
     args = parser.parse_args(argv)
     if args.num_supernodes < 1:
         parser.error("--num-supernodes must be at least 1")
     return args
 
 
-def backend_config(args: argparse.Namespace) -> dict:
-    """Ray backend settings: resources per client and an optional cluster address."""
-    init_args = {"address": args.ray_address} if args.ray_address else {}
+def backend_config(args: argparse.Namespace, verbose: bool = False) -> dict:
+    """Ray backend settings: resources per client, an optional cluster address, and (unless
+    `verbose`) Ray's own logging and the workers' output kept off the console."""
+    init_args: dict = {} if verbose else {"log_to_driver": False, "logging_level": "ERROR"}
+    if args.ray_address:
+        init_args["address"] = args.ray_address
     return {"client_resources": {"num_cpus": args.num_cpus_per_client,
                                  "num_gpus": args.num_gpus_per_client},
             "init_args": init_args}
@@ -114,6 +127,10 @@ def checked_config(args: argparse.Namespace) -> RunConfig:
         cfg = resume_run_config(args.resume, args.run_config)
     else:
         cfg = load_run_config(args.run_config)
+    if args.verbose:
+        cfg = cfg.replace(verbose=True)
+    elif cfg["verbose"]:  # verbose=true in --run-config: Flower's lines back on
+        quiet_libraries(True)
     check_num_clients(cfg, args.num_supernodes)
     from fl_app.app.preflight import checked_trainer  # imports TensorFlow
 
@@ -128,23 +145,27 @@ def prepare(args: argparse.Namespace) -> RunConfig:
     return cfg.replace(out_dir=str(out_dir))
 
 
-def simulate(cfg: RunConfig, args: argparse.Namespace) -> float:
-    """Run the ServerApp and `--num-supernodes` ClientApps on Flower's simulation engine;
-    return the run's wall time in seconds."""
+def simulate(cfg: RunConfig, args: argparse.Namespace, callbacks: Sequence[Callback] = (),
+             started_at: float | None = None) -> float:
+    """Run the ServerApp and `--num-supernodes` ClientApps on Flower's simulation engine
+    (`callbacks`, `started_at`: see `fl_app.server.recorder.RunRecorder`); return the run's
+    wall time in seconds."""
     from flwr.simulation import run_simulation
 
     from fl_app.app.client_app import make_client_app
     from fl_app.app.server_app import make_server_app
 
     start = time.perf_counter()
-    run_simulation(server_app=make_server_app(cfg), client_app=make_client_app(cfg),
-                   num_supernodes=args.num_supernodes, backend_config=backend_config(args))
+    run_simulation(server_app=make_server_app(cfg, callbacks, started_at),
+                   client_app=make_client_app(cfg), num_supernodes=args.num_supernodes,
+                   backend_config=backend_config(args, bool(cfg["verbose"])))
     return time.perf_counter() - start
 
 
 def main(argv: list[str] | None = None) -> int:
     """Resolve and check the config, run the simulation, print the summary."""
     args = parse_args(argv)
+    quiet_libraries(args.verbose)  # before the config's model check imports TensorFlow
     try:
         if args.check:
             checked_config(args)

@@ -15,7 +15,7 @@ from flwr.server.client_proxy import ClientProxy
 from flwr.server.history import History
 from flwr.server.strategy import Strategy
 
-from fl_app.server.client_failures import describe_failure
+from fl_app.server.client_failures import describe_failure, last_line
 from fl_app.server.client_manager import SeededClientManager
 from fl_app.server.stopping import StoppingRules
 from fl_app.server.wire_bytes import WireMeter
@@ -155,7 +155,8 @@ class FederatedServer(Server):
         if self.privacy is not None and self.on_charge is not None:
             self.on_charge(self.privacy.ledger())  # before anything of the round is released
         if res_fit is None:
-            return {"num_clients": 0, "num_failures": 0, "num_rejected": 0}, 0
+            return {"num_sampled": 0, "num_clients": 0, "num_failures": 0,
+                    "num_rejected": 0}, 0
         parameters, metrics, (results, failures) = res_fit
         if parameters:
             self.parameters = parameters
@@ -164,8 +165,9 @@ class FederatedServer(Server):
         metrics = _without_client_reports(metrics)
         history.add_metrics_distributed_fit(server_round=server_round, metrics=metrics)
         # The server's counts come last: no client-reported metric may overwrite them.
-        record = {"num_rejected": 0, **metrics, "num_clients": len(results),
-                  "num_failures": len(failures)}
+        # Sampled = replied (num_clients, rejected ones included) + failed.
+        record = {"num_rejected": 0, **metrics, "num_sampled": len(results) + len(failures),
+                  "num_clients": len(results), "num_failures": len(failures)}
         reports = data_quality(results, self._quality_seen)
         if reports:
             record["data_quality"] = reports
@@ -176,7 +178,7 @@ class FederatedServer(Server):
             record["failures"] = [describe_failure(f) for f in failures]
             for failure in record["failures"]:
                 log(WARNING, "round %s: client %s failed: %s", server_round,
-                    failure["client"], failure["error"])
+                    failure["client"], last_line(failure["error"]))
         return record, (record["num_clients"] - record["num_rejected"] if parameters else 0)
 
     def _evaluate_distributed(self, server_round: int, timeout: float | None,
@@ -191,9 +193,9 @@ class FederatedServer(Server):
         return _section(loss, metrics)
 
     def _start(self, timeout: float | None, history: History) -> tuple[int, str | None]:
-        """Round 0 (or the restored checkpoint): the first round to run and any stop reason."""
-        if timeout is not None:
-            self.client_manager().warm_up()
+        """Round 0 (or the restored checkpoint): the first round to run and any stop reason.
+        The clients are started first, so round 1's time is a round's, not the start-up's."""
+        self.client_manager().warm_up()
         if self.resume is not None:
             return self.resume.round + 1, self._restore(self.resume)
         if self.privacy is not None and self.on_charge is not None:
