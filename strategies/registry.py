@@ -16,7 +16,7 @@ from collections.abc import Callable
 from flwr.server.strategy import Strategy
 
 from fl_app.schema import ConfigCheck, Setting, module_checks
-from strategies import context, dp, flower_builtins, validation, weighted_fedavg
+from strategies import context, dp, flower_builtins, homomorphic, validation, weighted_fedavg
 from strategies.context import StrategyContext
 from strategies.protocols import PrivacyAccounting, find_layer
 from strategies.validated import ValidatedStrategy
@@ -45,7 +45,7 @@ _OWN_SETTINGS = [
             "DP strategies: the inner strategy given the privatized average (a non-DP "
             "registry name).", "privacy", choices=tuple(STRATEGIES)),
 ]
-_SETTING_MODULES = [context, validation, *STRATEGY_MODULES, *WRAPPER_MODULES]
+_SETTING_MODULES = [context, validation, *STRATEGY_MODULES, *WRAPPER_MODULES, homomorphic]
 
 SETTINGS: list[Setting] = [*_OWN_SETTINGS,
                            *(s for module in _SETTING_MODULES for s in module.SETTINGS)]
@@ -58,7 +58,10 @@ check_config: ConfigCheck = module_checks(_SETTING_MODULES)
 def build_strategy(ctx: StrategyContext) -> Strategy:
     """The strategy named by `strategy` (a wrapper around the plain `dp-inner` one), behind
     `ValidatedStrategy`. A privacy-accounting strategy's release is never held back by the
-    `min-fit-clients` rule (skipping a round would reveal, un-noised, that clients failed)."""
+    `min-fit-clients` rule (skipping a round would reveal, un-noised, that clients failed).
+    With `homomorphic-encryption=ckks`, `HomomorphicAggregation` goes outside: it adds the
+    encrypted updates itself (the validated chain still configures the rounds and checks the
+    evaluation reports)."""
     cfg = ctx.cfg
     name = str(cfg["strategy"])
     if name in WRAPPERS:
@@ -66,8 +69,13 @@ def build_strategy(ctx: StrategyContext) -> Strategy:
     else:
         strategy = STRATEGIES[name](ctx)
     accounts_privacy = find_layer(strategy, PrivacyAccounting) is not None
-    return ValidatedStrategy(strategy,
-                             min_fit_clients=0 if accounts_privacy else int(cfg["min-fit-clients"]),
-                             max_examples=int(cfg["max-examples"]),
-                             outlier_norm_factor=float(cfg["outlier-norm-factor"]),
-                             examples_cap_factor=float(cfg["examples-cap-factor"]))
+    validated = ValidatedStrategy(
+        strategy, min_fit_clients=0 if accounts_privacy else int(cfg["min-fit-clients"]),
+        max_examples=int(cfg["max-examples"]),
+        outlier_norm_factor=float(cfg["outlier-norm-factor"]),
+        examples_cap_factor=float(cfg["examples-cap-factor"]))
+    if cfg["homomorphic-encryption"] == "none":
+        return validated
+    return homomorphic.wrap(validated, public_context_path=str(cfg["he-public-context"]),
+                            initial=ctx.initial_parameters,
+                            min_fit_clients=int(cfg["min-fit-clients"]))

@@ -27,20 +27,26 @@ def client_for(cfg: RunConfig, node_config: Mapping[str, Scalar]) -> NumPyClient
     return build(cfg, node_config)
 
 
-def make_client_app(fixed_config: RunConfig | None = None) -> ClientApp:
-    """A ClientApp; with `fixed_config` it ignores `context.run_config` (for run_simulation)."""
+def make_client_app(fixed_config: RunConfig | None = None,
+                    node_config: Mapping[str, Scalar] | None = None) -> ClientApp:
+    """A ClientApp; with `fixed_config` it ignores `context.run_config` (for run_simulation),
+    and `node_config` adds to every node's own (the simulation engine's is fixed; this is
+    how run_simulation gives the simulated nodes their key file, which the server never
+    sees)."""
+    extra = dict(node_config or {})
 
     def client_fn(context: Context) -> Client:
-        address = WorkerAddress.from_node_config(context.node_config)
+        node = {**context.node_config, **extra}
+        address = WorkerAddress.from_node_config(node)
         if address is not None and fixed_config is None:
-            return WorkerClient(address, context.run_config, context.node_config,
+            return WorkerClient(address, context.run_config, node,
                                 f"node {context.node_id}").to_client()
         from fl_app.app.config import resolve
         from fl_app.data.types import DataError
 
         cfg = fixed_config if fixed_config is not None else resolve(context.run_config)
         try:
-            client = client_for(cfg, context.node_config)
+            client = client_for(cfg, node)
         except DataError as err:  # the server sees only this message: name the node
             raise DataError(f"node {context.node_id}: {err}") from err
         return client.to_client()

@@ -10,13 +10,23 @@ before Flower starts. `--resume DIR` continues an interrupted run after its last
 round, with the config saved in DIR's checkpoint (overrides may change only
 `max-epsilon`, `num-server-rounds` and `round-timeout`; `--out` writes the continuation
 to another folder).
+
+With `homomorphic-encryption=ckks` (and no `he-public-context`) it makes a fresh CKKS key in
+a private temporary folder, gives the server the public context (`he-public-context`) and
+every simulated node the secret key file (node config `he-key-file`, which the server never
+receives), decrypts the encrypted final aggregate into `final_model.keras` as a node would
+(`fl_app.app.he_final`), and removes the keys. With your own keys: set `he-public-context`
+and pass the nodes' key file with `--he-key-file`.
 """
 
 from __future__ import annotations
 
 import argparse
 import sys
+import tempfile
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -88,6 +98,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="GPUs reserved per simulated client (default: 0)")
     parser.add_argument("--ray-address", default=None,
                         help="address of an existing Ray cluster to run the clients on")
+    parser.add_argument("--he-key-file", default=None, metavar="FILE",
+                        help="homomorphic-encryption=ckks with your own he-public-context: the "
+                             "nodes' secret key file (default: a fresh key for this run)")
     args = parser.parse_args(argv)
     if args.num_supernodes < 1:
         parser.error("--num-supernodes must be at least 1")
@@ -117,17 +130,54 @@ def prepare(args: argparse.Namespace) -> RunConfig:
     return cfg.replace(out_dir=str(out_dir))
 
 
+@contextmanager
+def encryption_keys(cfg: RunConfig, key_file: str | None) -> Iterator[tuple[RunConfig, str]]:
+    """The run's config and the nodes' key file under `homomorphic-encryption=ckks`: the
+    user's (`he-public-context` and `--he-key-file`), or a fresh pair in a private
+    temporary folder (0700, files 0600) removed when the run is over."""
+    if cfg["he-public-context"] or key_file:
+        if not (cfg["he-public-context"] and key_file):
+            raise ConfigError("homomorphic-encryption=ckks with your own keys needs both "
+                              "run-config key he-public-context and --he-key-file")
+        yield cfg, key_file
+        return
+    from strategies import ckks
+
+    with tempfile.TemporaryDirectory(prefix="fl-he-") as folder:  # mode 0700
+        public, secret = Path(folder) / ckks.PUBLIC_CONTEXT_FILE, Path(folder) / ckks.SECRET_CONTEXT_FILE
+        ckks.write_key_pair(public, secret)
+        yield cfg.replace(he_public_context=str(public)), str(secret)
+
+
 def simulate(cfg: RunConfig, args: argparse.Namespace) -> float:
     """Run the ServerApp and `--num-supernodes` ClientApps on Flower's simulation engine;
-    return the run's wall time in seconds."""
+    return the run's wall time in seconds (with homomorphic encryption: including the
+    decryption of the final model)."""
     from flwr.simulation import run_simulation
 
     from fl_app.app.client_app import make_client_app
     from fl_app.app.server_app import make_server_app
 
     start = time.perf_counter()
-    run_simulation(server_app=make_server_app(cfg), client_app=make_client_app(cfg),
-                   num_supernodes=args.num_supernodes, backend_config=backend_config(args))
+    if cfg["homomorphic-encryption"] == "none":
+        run_simulation(server_app=make_server_app(cfg), client_app=make_client_app(cfg),
+                       num_supernodes=args.num_supernodes, backend_config=backend_config(args))
+        return time.perf_counter() - start
+    from fl_app.app.he_final import decrypt_final_model
+    from fl_app.server.outputs import ENCRYPTED_MODEL_FILE, MODEL_FILE
+    from strategies.ckks import KEY_FILE_NODE_CONFIG
+
+    backend = backend_config(args)
+    # Flower's Ray actor imports TensorFlow first; TenSEAL must load before it (fl_app/__init__).
+    backend["init_args"]["runtime_env"] = {"worker_process_setup_hook": "fl_app.preload_tenseal"}
+    with encryption_keys(cfg, args.he_key_file) as (run_cfg, key_file):
+        client_app = make_client_app(run_cfg, node_config={KEY_FILE_NODE_CONFIG: key_file})
+        run_simulation(server_app=make_server_app(run_cfg), client_app=client_app,
+                       num_supernodes=args.num_supernodes, backend_config=backend)
+        out_dir = Path(str(cfg["out-dir"]))
+        if (out_dir / ENCRYPTED_MODEL_FILE).is_file():
+            decrypt_final_model(run_cfg, key_file, out_dir / ENCRYPTED_MODEL_FILE,
+                                out_dir / MODEL_FILE)
     return time.perf_counter() - start
 
 

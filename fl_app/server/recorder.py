@@ -3,10 +3,12 @@ model and the plots at the end."""
 
 from __future__ import annotations
 
+import io
 from logging import INFO
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 from flwr.common import Parameters, parameters_to_ndarrays
 from flwr.common.logger import log
 
@@ -14,12 +16,15 @@ from fl_app.ml.trainer import KerasTrainer
 from fl_app.schema import RunConfig
 from fl_app.server.checkpoint import Checkpoint
 from fl_app.server.outputs import (
+    ENCRYPTED_MODEL_FILE,
     MODEL_FILE,
+    atomic_write_bytes,
     metric_names,
     private_files,
     save_plots,
     write_history,
 )
+from strategies.homomorphic import is_encrypted
 
 
 def progress_line(record: dict[str, Any]) -> str:
@@ -61,11 +66,21 @@ class RunRecorder:
         write_history(self.out_dir, self.history)
 
     def on_finish(self, stopped: str, parameters: Parameters) -> None:
-        """Record why the run stopped; save the final model and the plots."""
+        """Record why the run stopped; save the final model and the plots.
+
+        An encrypted aggregate (homomorphic encryption) is saved as it is, in
+        `final_model.ckks.npz` (arrays `chunk_0`, ...), for a key holder to decrypt
+        (`python -m fl_app.app.he_final`): the server cannot write `final_model.keras`."""
         self.history["stopped"] = stopped
         write_history(self.out_dir, self.history)
-        self.trainer.set_weights(parameters_to_ndarrays(parameters))
-        with private_files():
-            self.trainer.model.save(self.out_dir / MODEL_FILE)
+        if is_encrypted(parameters):
+            buffer = io.BytesIO()
+            np.savez(buffer, **{f"chunk_{i}": a for i, a in
+                                enumerate(parameters_to_ndarrays(parameters))})
+            atomic_write_bytes(self.out_dir / ENCRYPTED_MODEL_FILE, buffer.getvalue())
+        else:
+            self.trainer.set_weights(parameters_to_ndarrays(parameters))
+            with private_files():
+                self.trainer.model.save(self.out_dir / MODEL_FILE)
         save_plots(self.out_dir, self.history["rounds"])
         log(INFO, "results written to %s", self.out_dir)
