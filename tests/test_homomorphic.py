@@ -156,3 +156,35 @@ def test_linear_strategies_and_distributed_monitoring_are_accepted(strategy):
     cfg = make_config(homomorphic_encryption="ckks", strategy=strategy, patience=2,
                       monitor="distributed_accuracy")
     assert incompatibilities(cfg) == []
+
+
+def test_prepare_gives_the_nodes_the_secret_key_and_the_server_only_the_public_context(
+        tmp_path):
+    from deploy.commands import he_run_config, node_config
+    from deploy.prepare import instructions, prepare
+
+    dep = prepare(tmp_path / "dep", 2, "homomorphic-encryption='ckks'", ["127.0.0.1"])
+    server = ckks.load_public_context(dep.he_public_context)
+    assert not server.is_private()
+    for node in dep.nodes:
+        key = dep.he_key(node)
+        assert stat.S_IMODE(key.stat().st_mode) == 0o600
+        assert ckks.load_secret_context(key).is_private()
+        assert f'he-key-file="{key}"' in node_config(dep, node)
+    assert stat.S_IMODE(dep.he_public_context.stat().st_mode) == 0o600
+    assert he_run_config(dep) == f'he-public-context="{dep.he_public_context}"'
+    assert he_run_config(dep) in instructions(dep)
+    # The nodes share one key: what one encrypts, another decrypts.
+    one, other = (ckks.load_secret_context(dep.he_key(n)) for n in dep.nodes)
+    weights = [np.arange(6, dtype=np.float32).reshape(2, 3)]
+    total = ckks.add_encrypted([ckks.ciphertexts(server, ckks.encrypt_update(one, weights, 3),
+                                                 [7])])
+    assert np.allclose(ckks.decrypt_average(other, total, weights)[0], weights[0], atol=1e-5)
+
+
+def test_prepare_without_encryption_writes_no_he_keys(tmp_path):
+    from deploy.commands import he_run_config
+    from deploy.prepare import prepare
+
+    dep = prepare(tmp_path / "dep", 2, "", ["127.0.0.1"])
+    assert not (dep.root / "he").exists() and he_run_config(dep) == ""

@@ -22,6 +22,7 @@ and pass the nodes' key file with `--he-key-file`.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import tempfile
 import time
@@ -149,6 +150,27 @@ def encryption_keys(cfg: RunConfig, key_file: str | None) -> Iterator[tuple[RunC
         yield cfg.replace(he_public_context=str(public)), str(secret)
 
 
+@contextmanager
+def tenseal_first_ray(args: argparse.Namespace) -> Iterator[None]:
+    """Ray started (and stopped afterwards) so that every worker loads TenSEAL before
+    Flower's Ray actor imports TensorFlow (see `fl_app/__init__.py`); Flower then uses it
+    as it is (and shuts it down). Workers get this process's import path, as Flower's own
+    start gives them."""
+    import ray
+
+    if ray.is_initialized():  # a Ray of this process's: Flower will use it as it is
+        yield
+        return
+    path = os.pathsep.join([*sys.path, *filter(None, [os.environ.get("PYTHONPATH")])])
+    ray.init(**backend_config(args)["init_args"], include_dashboard=False,
+             runtime_env={"env_vars": {"PYTHONPATH": path},
+                          "worker_process_setup_hook": "fl_app.preload_tenseal"})
+    try:
+        yield
+    finally:
+        ray.shutdown()
+
+
 def simulate(cfg: RunConfig, args: argparse.Namespace) -> float:
     """Run the ServerApp and `--num-supernodes` ClientApps on Flower's simulation engine;
     return the run's wall time in seconds (with homomorphic encryption: including the
@@ -167,13 +189,10 @@ def simulate(cfg: RunConfig, args: argparse.Namespace) -> float:
     from fl_app.server.outputs import ENCRYPTED_MODEL_FILE, MODEL_FILE
     from strategies.ckks import KEY_FILE_NODE_CONFIG
 
-    backend = backend_config(args)
-    # Flower's Ray actor imports TensorFlow first; TenSEAL must load before it (fl_app/__init__).
-    backend["init_args"]["runtime_env"] = {"worker_process_setup_hook": "fl_app.preload_tenseal"}
-    with encryption_keys(cfg, args.he_key_file) as (run_cfg, key_file):
+    with encryption_keys(cfg, args.he_key_file) as (run_cfg, key_file), tenseal_first_ray(args):
         client_app = make_client_app(run_cfg, node_config={KEY_FILE_NODE_CONFIG: key_file})
         run_simulation(server_app=make_server_app(run_cfg), client_app=client_app,
-                       num_supernodes=args.num_supernodes, backend_config=backend)
+                       num_supernodes=args.num_supernodes, backend_config=backend_config(args))
         out_dir = Path(str(cfg["out-dir"]))
         if (out_dir / ENCRYPTED_MODEL_FILE).is_file():
             decrypt_final_model(run_cfg, key_file, out_dir / ENCRYPTED_MODEL_FILE,
