@@ -32,9 +32,9 @@ from pathlib import Path
 import numpy as np
 from flwr.common import NDArrays, ndarrays_to_parameters, parameters_to_ndarrays
 
-import run_simulation
 from fl_app.app.config import resolve
 from fl_app.cli.simulate import load_run_config
+from fl_app.cli.simulate import main as run_simulation
 from fl_app.data.sources import data_source
 from fl_app.ml.models import build_model
 from fl_app.ml.trainer import trainer_for
@@ -42,12 +42,12 @@ from fl_app.server.outputs import MODEL_FILE
 from strategies import ckks
 from strategies.homomorphic import HomomorphicAggregation
 from strategies.weighted_fedavg import WeightedFedAvg
-from tests.flower_objects import IdleProxy, fit_res
+from tests.flower_objects import results  # real FitRes objects, no client behind them
 
 
 def wide_weights(weights: NDArrays, factor: int, rng: np.random.Generator) -> NDArrays:
     """Weights of the default MLP with `factor` times its hidden units (Dense-Dense)."""
-    (w1, b1, w2, b2) = weights
+    w1, _, w2, b2 = weights
     hidden = w1.shape[1] * factor
     return [rng.normal(0, 0.1, (w1.shape[0], hidden)).astype(np.float32),
             np.zeros(hidden, np.float32),
@@ -77,13 +77,13 @@ def measure(weights: NDArrays, clients: int, repeats: int, keys: tuple[Path, Pat
     num_values = sum(w.size for w in weights)
     secret, public = ckks.load_secret_context(keys[1]), ckks.load_public_context(keys[0])
 
-    plain_results = [(IdleProxy(f"c{i}"), fit_res(w, n)) for i, (w, n) in enumerate(updates)]
+    plain_results = results(updates)
     fedavg = WeightedFedAvg()
     plain_client = best(lambda: parameters_to_ndarrays(ndarrays_to_parameters(weights)), repeats)
     plain_server = best(lambda: fedavg.aggregate_fit(1, plain_results, []), repeats) / clients
 
     replies = [ckks.encrypt_update(secret, w, n) for w, n in updates]
-    he_results = [(IdleProxy(f"c{i}"), fit_res(r, 1)) for i, r in enumerate(replies)]
+    he_results = results([(r, 1) for r in replies])
     he = HomomorphicAggregation(WeightedFedAvg(), public_context=public, num_values=num_values,
                                 min_fit_clients=1)
     aggregate, _ = he.aggregate_fit(1, he_results, [])
@@ -123,7 +123,7 @@ def print_overhead(rows: dict[str, dict]) -> None:
 
 def run_workload(out: Path, rounds: int, extra: str) -> dict:
     """Run the default workload; return its final model's test accuracy and round times."""
-    code = run_simulation.main(["--num-supernodes", "10", "--out", str(out), "--run-config",
+    code = run_simulation(["--num-supernodes", "10", "--out", str(out), "--run-config",
                                 f"num-server-rounds={rounds} {extra}"])
     if code != 0:
         sys.exit(f"error: the run in {out} failed")

@@ -16,7 +16,14 @@ from collections.abc import Callable
 from flwr.server.strategy import Strategy
 
 from fl_app.schema import ConfigCheck, Setting, module_checks
-from strategies import context, dp, flower_builtins, homomorphic, validation, weighted_fedavg
+from strategies import (
+    context,
+    dp,
+    flower_builtins,
+    homomorphic,
+    validation,
+    weighted_fedavg,
+)
 from strategies.context import StrategyContext
 from strategies.protocols import PrivacyAccounting, find_layer
 from strategies.validated import ValidatedStrategy

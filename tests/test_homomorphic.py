@@ -14,7 +14,11 @@ from flwr.common import ndarrays_to_parameters, parameters_to_ndarrays
 from fl_app.schema import ConfigError
 from fl_app.wire import KEY_HE_ENCRYPTED
 from strategies import ckks
-from strategies.homomorphic import HomomorphicAggregation, incompatibilities, is_encrypted
+from strategies.homomorphic import (
+    HomomorphicAggregation,
+    incompatibilities,
+    is_encrypted,
+)
 from strategies.weighted_fedavg import WeightedFedAvg
 from tests.conftest import make_config
 from tests.flower_objects import IdleProxy, fit_res, random_model

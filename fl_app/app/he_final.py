@@ -64,11 +64,12 @@ def main(argv: list[str] | None = None) -> int:
     run_dir = Path(args.dir)
     try:
         config = json.loads((run_dir / "history.json").read_text())["config"]
+    except (OSError, KeyError, json.JSONDecodeError) as err:
+        print(f"error: {run_dir}/history.json cannot be read: {err!r}", file=sys.stderr)
+        return 2
+    try:
         out = decrypt_final_model(resolve(config), args.key_file, run_dir / ENCRYPTED_MODEL_FILE,
                                   Path(args.out) if args.out else run_dir / MODEL_FILE)
-    except (OSError, KeyError, json.JSONDecodeError) as err:
-        print(f"error: {run_dir}/history.json cannot be read: {err}", file=sys.stderr)
-        return 2
     except ConfigError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
