@@ -16,12 +16,13 @@ from typing import Any
 from flwr.client import NumPyClient
 from flwr.common import NDArrays, Scalar
 
+from fl_app.client.wrapper import ClientWrapper
 from fl_app.schema import ConfigError
 from fl_app.wire import KEY_HE_ENCRYPTED
 from strategies import ckks
 
 
-class HomomorphicClient(NumPyClient):
+class HomomorphicClient(ClientWrapper):
     """`inner` with CKKS-encrypted replies and decrypted instructions.
 
     Args:
@@ -30,21 +31,13 @@ class HomomorphicClient(NumPyClient):
     """
 
     def __init__(self, inner: NumPyClient, secret_context: Any) -> None:
-        self.inner = inner
+        super().__init__(inner)
         self.context = secret_context
 
     def _plaintext(self, parameters: NDArrays, config: Mapping[str, Scalar]) -> NDArrays:
         if not config.get(KEY_HE_ENCRYPTED, False):
             return parameters
         return ckks.decrypt_average(self.context, parameters, self.inner.get_parameters({}))
-
-    def get_properties(self, config: dict[str, Scalar]) -> dict[str, Scalar]:
-        """The inner client's properties."""
-        return self.inner.get_properties(config)
-
-    def get_parameters(self, config: dict[str, Scalar]) -> NDArrays:
-        """The inner client's weights (plaintext: the server only asks for initial ones)."""
-        return self.inner.get_parameters(config)
 
     def fit(self, parameters: NDArrays,
             config: dict[str, Scalar]) -> tuple[NDArrays, int, dict[str, Scalar]]:
