@@ -18,6 +18,7 @@ from fl_app.app import server_app
 from strategies import ckks
 from strategies.homomorphic import HomomorphicAggregation, is_encrypted
 from strategies.protocols import find_layer
+from strategies.registry import build_strategy
 from strategies.wrapper import StrategyWrapper
 
 pytestmark = pytest.mark.slow  # runs Flower simulations
@@ -45,8 +46,7 @@ class Spy(StrategyWrapper):
 
 def _run(tmp_path, monkeypatch, run_config: str, extra: list[str] = ()) -> tuple[dict, dict]:
     log: dict = {}
-    build = server_app.build_strategy
-    monkeypatch.setattr(server_app, "build_strategy", lambda ctx: Spy(build(ctx), log))
+    monkeypatch.setattr(server_app, "build_strategy", lambda ctx: Spy(build_strategy(ctx), log))
     out = tmp_path / "out"
     code = run_simulation.main(["--num-supernodes", "3", "--run-config",
                                 f"{CONFIG} {run_config}", "--out", str(out), *extra])
