@@ -263,7 +263,8 @@ class LocalDeployment:
     def run_config(self, out_dir: Path, extra: str = "") -> list[str]:
         """The run's `--run-config`s, later ones overriding earlier ones: wait for every
         node, the prepared keys, `extra`, and `out-dir`."""
-        return [f"min-available-clients={len(self.dep.nodes)}", self.dep.run_config, extra,
+        return [f"min-available-clients={len(self.dep.nodes)}",
+                commands.he_run_config(self.dep), self.dep.run_config, extra,
                 f"out-dir={commands.config_string(str(out_dir))}"]
 
     def run_app(self, project_dir: Path, run_configs: list[str], timeout: float) -> RunOutcome:

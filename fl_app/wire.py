@@ -19,6 +19,7 @@ ROUND_KEYS = ("local-epochs", "batch-size", "learning-rate")  # run-config keys 
 CLIENT_KEY = "client-key"  # get_properties: a name for this client that is stable across runs
 KEY_PROXIMAL_MU = "proximal_mu"  # fit config (Flower's FedProx): weight of the proximal term
 KEY_CLIPPING_NORM = "clipping_norm"  # fit config: the clip norm C for this round (float)
+KEY_HE_ENCRYPTED = "he-encrypted"  # fit/evaluate config: the parameters are the CKKS aggregate
 KEY_NORM_BIT = "norm_bit"  # fit metrics: True when the client's update had to be clipped
 KEY_STRAGGLER_EPOCHS = "straggler-epochs"  # fit config: a straggler's partial epochs (int)
 KEY_LOCAL_STEPS = "local_steps"  # fit metrics: local optimizer steps taken (FedNova's tau)

@@ -22,6 +22,7 @@ from strategies import (
     dp,
     fednova,
     flower_builtins,
+    homomorphic,
     stragglers,
     validation,
     weighted_fedavg,
@@ -55,7 +56,7 @@ _OWN_SETTINGS = [
             "registry name).", "privacy", choices=tuple(STRATEGIES)),
 ]
 _SETTING_MODULES = [context, validation, compression, stragglers, *STRATEGY_MODULES,
-                    *WRAPPER_MODULES]
+                    *WRAPPER_MODULES, homomorphic]
 
 SETTINGS: list[Setting] = [*_OWN_SETTINGS,
                            *(s for module in _SETTING_MODULES for s in module.SETTINGS)]
@@ -70,8 +71,10 @@ def build_strategy(ctx: StrategyContext) -> Strategy:
     simulated stragglers when `straggler-fraction` is set, behind `ValidatedStrategy`,
     behind `CompressedStrategy` when either direction is compressed (so validation, DP and
     every strategy see decoded weights). A privacy-accounting strategy's release is never
-    held back by the
-    `min-fit-clients` rule (skipping a round would reveal, un-noised, that clients failed)."""
+    held back by the `min-fit-clients` rule (skipping a round would reveal, un-noised, that
+    clients failed). With `homomorphic-encryption=ckks`, `HomomorphicAggregation` goes
+    outside: it adds the encrypted updates itself (the validated chain still configures the
+    rounds and checks the evaluation reports); it refuses compression."""
     cfg = ctx.cfg
     name = str(cfg["strategy"])
     if name in WRAPPERS:
@@ -85,4 +88,8 @@ def build_strategy(ctx: StrategyContext) -> Strategy:
         max_examples=int(cfg["max-examples"]),
         outlier_norm_factor=float(cfg["outlier-norm-factor"]),
         examples_cap_factor=float(cfg["examples-cap-factor"]))
+    if cfg["homomorphic-encryption"] != "none":
+        return homomorphic.wrap(validated, public_context_path=str(cfg["he-public-context"]),
+                                initial=ctx.initial_parameters,
+                                min_fit_clients=int(cfg["min-fit-clients"]))
     return compression.compressed(validated, cfg)

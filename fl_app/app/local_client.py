@@ -12,6 +12,7 @@ from collections.abc import Callable, Mapping
 from flwr.client import NumPyClient
 
 from fl_app.client.faults import with_faults
+from fl_app.client.homomorphic import with_encryption
 from fl_app.client.keras_client import KerasClient
 from fl_app.client.local_work import work_for
 from fl_app.client.timing import TimedClient
@@ -27,13 +28,16 @@ def client_with(cfg: RunConfig, node_config: Mapping[str, Scalar],
 
     The node's local work (epochs, batch size, time budget) comes from its node-config
     (`fl_app.client.local_work`). In simulation, the fault-injection and attack keys may
-    make it a misbehaving client (see `fl_app.client.faults`).
+    make it a misbehaving client (see `fl_app.client.faults`); with
+    `homomorphic-encryption=ckks` its replies are encrypted with the key file named in its
+    node config (`fl_app.client.homomorphic`).
     """
     trainer = trainer_for(cfg, data_spec(cfg))
     key = int(node_config["partition-id"]) if "partition-id" in node_config else data.key
     work = work_for(cfg, node_config, key, f"node-config of {data.source}")
-    return with_faults(KerasClient(trainer, data, cfg, seed=int(cfg["seed"]), client_key=key,
-                                   work=work), cfg, node_config)
+    client = with_faults(KerasClient(trainer, data, cfg, seed=int(cfg["seed"]), client_key=key,
+                                     work=work), cfg, node_config)
+    return with_encryption(client, cfg, node_config)
 
 
 def client_for(cfg: RunConfig, node_config: Mapping[str, Scalar],

@@ -15,14 +15,24 @@ to another folder).
 The console shows one progress display (a bar on a terminal, a line per round elsewhere)
 and a summary table; `--verbose` (or `verbose=true`) brings back TensorFlow's, Ray's and
 Flower's own logs.
+
+With `homomorphic-encryption=ckks` (and no `he-public-context`) it makes a fresh CKKS key in
+a private temporary folder, gives the server the public context (`he-public-context`) and
+every simulated node the secret key file (node config `he-key-file`, which the server never
+receives), decrypts the encrypted final aggregate into `final_model.keras` as a node would
+(`fl_app.app.he_final`), and removes the keys. With your own keys: set `he-public-context`
+and pass the nodes' key file with `--he-key-file`.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
+import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -103,6 +113,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
     parser.add_argument("--verbose", action="store_true",
                         help="show TensorFlow's, Ray's and Flower's own logs (as verbose=true)")
+    parser.add_argument("--he-key-file", default=None, metavar="FILE",
+                        help="homomorphic-encryption=ckks with your own he-public-context: the "
+                             "nodes' secret key file (default: a fresh key for this run)")
     args = parser.parse_args(argv)
     if args.num_supernodes < 1:
         parser.error("--num-supernodes must be at least 1")
@@ -145,20 +158,77 @@ def prepare(args: argparse.Namespace) -> RunConfig:
     return cfg.replace(out_dir=str(out_dir))
 
 
+@contextmanager
+def encryption_keys(cfg: RunConfig, key_file: str | None) -> Iterator[tuple[RunConfig, str]]:
+    """The run's config and the nodes' key file under `homomorphic-encryption=ckks`: the
+    user's (`he-public-context` and `--he-key-file`), or a fresh pair in a private
+    temporary folder (0700, files 0600) removed when the run is over."""
+    if cfg["he-public-context"] or key_file:
+        if not (cfg["he-public-context"] and key_file):
+            raise ConfigError("homomorphic-encryption=ckks with your own keys needs both "
+                              "run-config key he-public-context and --he-key-file")
+        yield cfg, key_file
+        return
+    from strategies import ckks
+
+    with tempfile.TemporaryDirectory(prefix="fl-he-") as folder:  # mode 0700
+        public, secret = Path(folder) / ckks.PUBLIC_CONTEXT_FILE, Path(folder) / ckks.SECRET_CONTEXT_FILE
+        ckks.write_key_pair(public, secret)
+        yield cfg.replace(he_public_context=str(public)), str(secret)
+
+
+@contextmanager
+def tenseal_first_ray(args: argparse.Namespace) -> Iterator[None]:
+    """Ray started (and stopped afterwards) so that every worker loads TenSEAL before
+    Flower's Ray actor imports TensorFlow (see `fl_app/__init__.py`); Flower then uses it
+    as it is (and shuts it down). Workers get this process's import path, as Flower's own
+    start gives them."""
+    import ray
+
+    if ray.is_initialized():  # a Ray of this process's: Flower will use it as it is
+        yield
+        return
+    path = os.pathsep.join([*sys.path, *filter(None, [os.environ.get("PYTHONPATH")])])
+    ray.init(**backend_config(args)["init_args"], include_dashboard=False,
+             runtime_env={"env_vars": {"PYTHONPATH": path},
+                          "worker_process_setup_hook": "fl_app.preload_tenseal"})
+    try:
+        yield
+    finally:
+        ray.shutdown()
+
+
 def simulate(cfg: RunConfig, args: argparse.Namespace, callbacks: Sequence[Callback] = (),
              started_at: float | None = None) -> float:
     """Run the ServerApp and `--num-supernodes` ClientApps on Flower's simulation engine
     (`callbacks`, `started_at`: see `fl_app.server.recorder.RunRecorder`); return the run's
-    wall time in seconds."""
+    wall time in seconds (with homomorphic encryption: including the decryption of the
+    final model)."""
     from flwr.simulation import run_simulation
 
     from fl_app.app.client_app import make_client_app
     from fl_app.app.server_app import make_server_app
 
     start = time.perf_counter()
-    run_simulation(server_app=make_server_app(cfg, callbacks, started_at),
-                   client_app=make_client_app(cfg), num_supernodes=args.num_supernodes,
-                   backend_config=backend_config(args, bool(cfg["verbose"])))
+    backend = backend_config(args, bool(cfg["verbose"]))
+    if cfg["homomorphic-encryption"] == "none":
+        run_simulation(server_app=make_server_app(cfg, callbacks, started_at),
+                       client_app=make_client_app(cfg), num_supernodes=args.num_supernodes,
+                       backend_config=backend)
+        return time.perf_counter() - start
+    from fl_app.app.he_final import decrypt_final_model
+    from fl_app.server.outputs import ENCRYPTED_MODEL_FILE, MODEL_FILE
+    from strategies.ckks import KEY_FILE_NODE_CONFIG
+
+    with encryption_keys(cfg, args.he_key_file) as (run_cfg, key_file), tenseal_first_ray(args):
+        client_app = make_client_app(run_cfg, node_config={KEY_FILE_NODE_CONFIG: key_file})
+        run_simulation(server_app=make_server_app(run_cfg, callbacks, started_at),
+                       client_app=client_app, num_supernodes=args.num_supernodes,
+                       backend_config=backend)
+        out_dir = Path(str(cfg["out-dir"]))
+        if (out_dir / ENCRYPTED_MODEL_FILE).is_file():
+            decrypt_final_model(run_cfg, key_file, out_dir / ENCRYPTED_MODEL_FILE,
+                                out_dir / MODEL_FILE)
     return time.perf_counter() - start
 
 

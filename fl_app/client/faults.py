@@ -26,6 +26,7 @@ import numpy as np
 from flwr.client import NumPyClient
 from flwr.common import NDArrays, Scalar
 
+from fl_app.client.wrapper import ClientWrapper
 from fl_app.data.sources import ClientData, DataSpec, Split
 from fl_app.schema import ConfigError, Setting
 from fl_app.wire import SERVER_ROUND
@@ -129,12 +130,13 @@ def garbage(weights: NDArrays, num_examples: int, kind: str) -> tuple[NDArrays, 
     return weights, 0 if kind == "zero-examples" else -1
 
 
-class FaultyClient(NumPyClient):
-    """Wraps an honest client and misbehaves according to `role` (see the module doc)."""
+class FaultyClient(ClientWrapper):
+    """Wraps an honest client and misbehaves according to `role` (see the module doc);
+    faults strike in fit and evaluate only."""
 
     def __init__(self, inner: NumPyClient, role: str, cfg: Mapping[str, Scalar],
                  partition_id: int) -> None:
-        self.inner = inner
+        super().__init__(inner)
         self.role = role
         self.cfg = cfg
         self.partition_id = partition_id
@@ -144,14 +146,6 @@ class FaultyClient(NumPyClient):
             raise RuntimeError(f"injected fault: client {self.partition_id} raises in {call}")
         if self.role == "stall":
             time.sleep(float(self.cfg["fault-stall-seconds"]))
-
-    def get_properties(self, config: dict[str, Scalar]) -> dict[str, Scalar]:
-        """The inner client's properties (faults strike in fit and evaluate only)."""
-        return self.inner.get_properties(config)
-
-    def get_parameters(self, config: dict[str, Scalar]) -> NDArrays:
-        """The inner client's weights."""
-        return self.inner.get_parameters(config)
 
     def fit(self, parameters: NDArrays,
             config: dict[str, Scalar]) -> tuple[NDArrays, int, dict[str, Scalar]]:

@@ -15,6 +15,7 @@ from typing import Any
 
 HISTORY_FILE = "history.json"
 MODEL_FILE = "final_model.keras"
+ENCRYPTED_MODEL_FILE = "final_model.ckks.npz"  # homomorphic encryption: the sum, encrypted
 
 
 def resolve_out_dir(configured: str) -> Path:

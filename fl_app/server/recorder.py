@@ -5,12 +5,14 @@ TensorBoard when `tensorboard` is on, and any given by the caller), called as it
 from __future__ import annotations
 
 import copy
+import io
 import time
 from collections.abc import Sequence
 from logging import INFO
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import psutil
 from flwr.common import Parameters, parameters_to_ndarrays
 from flwr.common.logger import log
@@ -19,11 +21,19 @@ from fl_app.ml.trainer import KerasTrainer
 from fl_app.schema import RunConfig
 from fl_app.server.callbacks import Callback
 from fl_app.server.checkpoint import Checkpoint
-from fl_app.server.outputs import MODEL_FILE, private_files, save_plots, write_history
+from fl_app.server.outputs import (
+    ENCRYPTED_MODEL_FILE,
+    MODEL_FILE,
+    atomic_write_bytes,
+    private_files,
+    save_plots,
+    write_history,
+)
 from fl_app.server.progress import ConsoleProgress
 from fl_app.server.round_log import write_csv_log
 from fl_app.server.run_summary import run_summary
 from fl_app.server.tensorboard import LOG_DIR, TensorBoardLogger
+from strategies.homomorphic import is_encrypted
 
 
 def process_start() -> float:
@@ -90,16 +100,26 @@ class RunRecorder:
 
     def on_finish(self, stopped: str, parameters: Parameters) -> None:
         """Record why the run stopped and its summary; save the final model and the plots;
-        call the callbacks' `on_run_end`."""
+        call the callbacks' `on_run_end`.
+
+        An encrypted aggregate (homomorphic encryption) is saved as it is, in
+        `final_model.ckks.npz` (arrays `chunk_0`, ...), for a key holder to decrypt
+        (`python -m fl_app.app.he_final`): the server cannot write `final_model.keras`."""
         self.history["stopped"] = stopped
         self.history["summary"] = run_summary(
             self.history, startup_seconds=self.startup_seconds,
             total_seconds=time.time() - self.started_at,
             directions=self.trainer.metric_directions())
         write_history(self.out_dir, self.history)
-        self.trainer.set_weights(parameters_to_ndarrays(parameters))
-        with private_files():
-            self.trainer.model.save(self.out_dir / MODEL_FILE)
+        if is_encrypted(parameters):
+            buffer = io.BytesIO()
+            np.savez(buffer, **{f"chunk_{i}": a for i, a in
+                                enumerate(parameters_to_ndarrays(parameters))})
+            atomic_write_bytes(self.out_dir / ENCRYPTED_MODEL_FILE, buffer.getvalue())
+        else:
+            self.trainer.set_weights(parameters_to_ndarrays(parameters))
+            with private_files():
+                self.trainer.model.save(self.out_dir / MODEL_FILE)
         rounds = self.history["rounds"]
         save_plots(self.out_dir, rounds, plot_context(self.cfg, rounds))
         log(INFO, "results written to %s", self.out_dir)
