@@ -18,6 +18,7 @@ ROUND_KEYS = ("local-epochs", "batch-size", "learning-rate")  # run-config keys 
 CLIENT_KEY = "client-key"  # get_properties: a name for this client that is stable across runs
 KEY_PROXIMAL_MU = "proximal_mu"  # fit config (Flower's FedProx): weight of the proximal term
 KEY_CLIPPING_NORM = "clipping_norm"  # fit config: the clip norm C for this round (float)
+KEY_DP_NOISE_STD = "dp_noise_std"  # fit config: std of the noise a client adds (distributed DP)
 KEY_NORM_BIT = "norm_bit"  # fit metrics: True when the client's update had to be clipped
 DATA_QUALITY_PREFIX = "data_"  # fit metrics: the client's data-quality report (data_rows, ...)
 TIMING_PREFIX = "time_"  # fit metrics: seconds the message spent per phase (time_training, ...)

@@ -16,8 +16,9 @@ from collections.abc import Callable
 from flwr.server.strategy import Strategy
 
 from fl_app.schema import ConfigCheck, Setting, module_checks
-from strategies import context, dp, flower_builtins, validation, weighted_fedavg
+from strategies import context, dp, flower_builtins, secure, validation, weighted_fedavg
 from strategies.context import StrategyContext
+from strategies.distributed_dp import secure_wrapper
 from strategies.protocols import PrivacyAccounting, find_layer
 from strategies.validated import ValidatedStrategy
 
@@ -45,7 +46,7 @@ _OWN_SETTINGS = [
             "DP strategies: the inner strategy given the privatized average (a non-DP "
             "registry name).", "privacy", choices=tuple(STRATEGIES)),
 ]
-_SETTING_MODULES = [context, validation, *STRATEGY_MODULES, *WRAPPER_MODULES]
+_SETTING_MODULES = [context, validation, secure, *STRATEGY_MODULES, *WRAPPER_MODULES]
 
 SETTINGS: list[Setting] = [*_OWN_SETTINGS,
                            *(s for module in _SETTING_MODULES for s in module.SETTINGS)]
@@ -57,12 +58,14 @@ check_config: ConfigCheck = module_checks(_SETTING_MODULES)
 
 def build_strategy(ctx: StrategyContext) -> Strategy:
     """The strategy named by `strategy` (a wrapper around the plain `dp-inner` one), behind
-    `ValidatedStrategy`. A privacy-accounting strategy's release is never held back by the
+    `ValidatedStrategy` (under secure aggregation, `dp-client-fixed` is distributed DP:
+    `strategies.distributed_dp`). A privacy-accounting strategy's release is never held back by the
     `min-fit-clients` rule (skipping a round would reveal, un-noised, that clients failed)."""
     cfg = ctx.cfg
     name = str(cfg["strategy"])
     if name in WRAPPERS:
-        strategy = WRAPPERS[name](STRATEGIES[str(cfg["dp-inner"])](ctx), ctx)
+        wrap = secure_wrapper(name, ctx) or WRAPPERS[name]
+        strategy = wrap(STRATEGIES[str(cfg["dp-inner"])](ctx), ctx)
     else:
         strategy = STRATEGIES[name](ctx)
     accounts_privacy = find_layer(strategy, PrivacyAccounting) is not None

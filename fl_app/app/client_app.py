@@ -4,7 +4,9 @@ Importing this module imports no TensorFlow. A node whose node config names a wo
 (`worker-socket`, see `fl_app.app.worker_link`) forwards each message to that long-lived
 process, which keeps TensorFlow, the node's data and the compiled model across messages;
 any other node (simulation, `flwr run .`, a plain SuperNode) trains in this process, as
-`fl_app.app.local_client.client_for` builds it.
+`fl_app.app.local_client.client_for` builds it. Every ClientApp carries
+`secure_aggregation_mod` (SecAgg+, active only for the protocol's messages; see
+`fl_app.client.secure_mod`).
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from flwr.clientapp import ClientApp  # noqa: E402
 from flwr.common import Context  # noqa: E402
 
 from fl_app.app.worker_link import WorkerAddress, WorkerClient  # noqa: E402
+from fl_app.client.secure_mod import secure_aggregation_mod  # noqa: E402
 from fl_app.client.timing import TimedClient, process_seconds  # noqa: E402
 from fl_app.schema import RunConfig  # noqa: E402
 
@@ -67,7 +70,11 @@ def make_client_app(fixed_config: RunConfig | None = None) -> ClientApp:
             raise DataError(f"node {context.node_id}: {err}") from err
         return TimedClient(client, seconds).to_client()
 
-    return ClientApp(client_fn=client_fn)
+    def secure_required(context: Context) -> bool:
+        run_config = fixed_config if fixed_config is not None else context.run_config
+        return run_config.get("secure-aggregation", "none") != "none"
+
+    return ClientApp(client_fn=client_fn, mods=[secure_aggregation_mod(secure_required)])
 
 
 app = make_client_app()

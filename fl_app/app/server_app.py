@@ -4,7 +4,9 @@ from __future__ import annotations
 
 from flwr.common import Context, NDArrays, Scalar, ndarrays_to_parameters
 from flwr.server import ServerAppComponents, ServerConfig
-from flwr.serverapp import ServerApp
+from flwr.server.compat import start_grid
+from flwr.server.workflow import SecAggPlusWorkflow
+from flwr.serverapp import Grid, ServerApp
 
 from fl_app.app.config import resolve
 from fl_app.app.preflight import checked_trainer, monitored_names
@@ -16,10 +18,12 @@ from fl_app.server.checkpoint import Checkpointer, load_for_resume, read_ledger
 from fl_app.server.outputs import resolve_out_dir
 from fl_app.server.recorder import RunRecorder
 from fl_app.server.runner import FederatedServer, ResumePoint
+from fl_app.server.secagg import SecAggPlusFit
 from fl_app.server.stopping import StoppingRules
 from fl_app.wire import evaluate_config, round_config
 from strategies.context import StrategyContext
 from strategies.registry import build_strategy
+from strategies.secure import share_count
 from strategies.weighted_fedavg import EvaluateFn
 
 
@@ -74,14 +78,41 @@ def server_components(cfg: RunConfig) -> ServerAppComponents:
         num_rounds=int(cfg["num-server-rounds"]), round_timeout=timeout))
 
 
+def secagg_workflow(cfg: RunConfig) -> SecAggPlusWorkflow:
+    """Flower's SecAgg+ fit workflow with the run's share, threshold and range settings
+    (modulus 2^32, the largest Flower allows). Under distributed DP every client reports
+    one example (`strategies.distributed_dp`), so the max weight is 1."""
+    return SecAggPlusWorkflow(
+        num_shares=share_count(float(cfg["secagg-num-shares"])),
+        reconstruction_threshold=share_count(float(cfg["secagg-reconstruction-threshold"])),
+        max_weight=(1.0 if cfg["strategy"] == "dp-client-fixed"
+                    else float(cfg["secagg-max-weight"])),
+        clipping_range=float(cfg["secagg-clipping-range"]),
+        quantization_range=int(cfg["secagg-quantization-range"]),
+        timeout=float(cfg["round-timeout"]) or None)
+
+
+def serve(grid: Grid, context: Context, cfg: RunConfig,
+          components: ServerAppComponents | None = None) -> None:
+    """Run the app's server loop (`server_components(cfg)` unless given) over `grid`; with
+    `secure-aggregation=secagg+` every fit round runs Flower's SecAgg+ workflow."""
+    components = components if components is not None else server_components(cfg)
+    server = components.server
+    if cfg["secure-aggregation"] == "secagg+" and isinstance(server, FederatedServer):
+        server.secure_fit = SecAggPlusFit(secagg_workflow(cfg), grid, context)
+    start_grid(grid=grid, server=server, config=components.config)
+
+
 def make_server_app(fixed_config: RunConfig | None = None) -> ServerApp:
     """A ServerApp; with `fixed_config` it ignores `context.run_config` (for run_simulation)."""
+    app = ServerApp()
 
-    def server_fn(context: Context) -> ServerAppComponents:
+    @app.main()
+    def main(grid: Grid, context: Context) -> None:
         cfg = fixed_config if fixed_config is not None else resolve(context.run_config)
-        return server_components(cfg)
+        serve(grid, context, cfg)
 
-    return ServerApp(server_fn=server_fn)
+    return app
 
 
 app = make_server_app()
