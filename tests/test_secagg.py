@@ -251,6 +251,8 @@ def test_secagg_round_is_the_weighted_average_and_survives_a_dropout(tmp_path):
         error = max(float(np.max(np.abs((a - s) - m)))
                     for a, s, m in zip(aggregate, sent, mean))
         bound = quantization_bound(cfg, counts, max_update=0.5)
+        print(f"round {server_round}: max |aggregate - weighted mean| = {error:.2e}, "
+              f"bound {bound:.2e}")
         assert error <= bound + 1e-6, (error, bound)  # + float32 rounding of the weights
         for update in updates:  # and it is none of the clients' own
             assert max(float(np.max(np.abs((a - s) - u)))
