@@ -16,7 +16,7 @@ import math
 
 import numpy as np
 import pytest
-from flwr.app import Context
+from flwr.app import Context, Message
 from flwr.client import NumPyClient
 from flwr.clientapp import ClientApp
 from flwr.common import (
@@ -86,6 +86,51 @@ def test_a_client_refuses_to_mask_a_misshaped_or_non_finite_update():
         checked_update(sent[:1], sent)
     with pytest.raises(ValueError, match="non-finite"):
         checked_update([s + np.nan for s in sent], sent)
+
+
+def _train_message() -> Message:
+    from flwr.app import RecordDict
+    from flwr.app.message_type import MessageType
+
+    return Message(content=RecordDict(), dst_node_id=1, message_type=MessageType.TRAIN)
+
+
+def test_a_secure_client_refuses_a_plaintext_fit_round(monkeypatch):
+    from flwr.supercore.task_identity import TaskIdentity
+
+    for attribute in ("_task_id", "_run_id", "_node_id"):  # a Message needs a task's identity
+        monkeypatch.setattr(TaskIdentity, attribute, 1)
+    context = Context(run_id=1, node_id=1, node_config={}, state=None, run_config={})
+    answered = []
+
+    def call_next(msg, ctxt):
+        answered.append(msg)
+        return msg
+
+    with pytest.raises(RuntimeError, match="refusing to send the update in the clear"):
+        secure_aggregation_mod(lambda ctxt: True)(_train_message(), context, call_next)
+    assert answered == []
+    secure_aggregation_mod(lambda ctxt: False)(_train_message(), context, call_next)
+    assert len(answered) == 1  # off: a plaintext round passes through untouched
+
+
+def test_a_distributed_dp_client_clips_noises_and_reports_only_one_example():
+    from fl_app.app.client_app import client_for
+    from fl_app.data.sources import data_source
+    from fl_app.ml.trainer import trainer_for
+    from fl_app.wire import round_config
+    from strategies.clipping import l2_norm, model_update
+
+    cfg = make_config()
+    start = [w.copy() for w in trainer_for(cfg, data_source(cfg).spec).get_weights()]
+    client = client_for(cfg, {"partition-id": 1, "num-partitions": 10})
+    config = {**round_config(cfg, 1), KEY_CLIPPING_NORM: 0.5}
+    clipped, n, metrics = client.fit(start, config)
+    assert n > 1 and metrics and l2_norm(model_update(clipped, start)) <= 0.5 + 1e-4
+    noised, n, metrics = client.fit(start, {**config, KEY_DP_NOISE_STD: 0.01})
+    assert (n, metrics) == (1, {})
+    noise = np.concatenate([u.ravel() for u in model_update(noised, clipped)])
+    assert np.std(noise) == pytest.approx(0.01, rel=0.1)  # same seed: only the noise differs
 
 
 # ---- distributed DP: the clients' noise, the server's share only for dropouts
