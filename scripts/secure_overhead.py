@@ -47,11 +47,23 @@ from fl_app.schema import RunConfig  # noqa: E402
 MODELS = ("mlp", "examples.keras_models:wide_mlp")
 
 
+def value_bytes(value: Any) -> int:
+    """The payload bytes of a config or metric value: strings and bytes by length, numbers
+    8 (as protobuf carries them), booleans 1, lists element by element."""
+    if isinstance(value, list):
+        return sum(value_bytes(v) for v in value)
+    if isinstance(value, bool):
+        return 1
+    return len(value) if isinstance(value, (str, bytes)) else 8
+
+
 def record_bytes(content: RecordDict) -> int:
-    """The bytes of a message's records: arrays, configs and metrics."""
-    return sum(record.count_bytes() for records in (
-        content.array_records, content.config_records, content.metric_records)
-        for record in records.values())
+    """The bytes of a message's records: arrays (data), configs and metrics (keys and
+    values)."""
+    arrays = sum(record.count_bytes() for record in content.array_records.values())
+    return arrays + sum(len(key) + value_bytes(value) for records in (
+        content.config_records, content.metric_records)
+        for record in records.values() for key, value in record.items())
 
 
 class MeteredGrid:

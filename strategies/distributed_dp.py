@@ -71,12 +71,9 @@ class DistributedDPFixedClipping(DPFixedClipping):
                 fit_ins.config = {**fit_ins.config, KEY_DP_NOISE_STD: std}
         return instructions
 
-    def aggregate_fit(
-        self,
-        server_round: int,
-        results: list[tuple[ClientProxy, FitRes]],
-        failures: list[tuple[ClientProxy, FitRes] | BaseException],
-    ) -> tuple[Parameters | None, dict[str, Scalar]]:
+    def aggregate_fit(self, server_round: int, results: list[tuple[ClientProxy, FitRes]],
+                      failures: list[tuple[ClientProxy, FitRes] | BaseException],
+                      ) -> tuple[Parameters | None, dict[str, Scalar]]:
         """Turn the secure mean back into the sum, add the dropped clients' missing noise,
         divide by m, account the release and hand it to the inner strategy."""
         plan = self._plan

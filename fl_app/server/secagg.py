@@ -68,12 +68,9 @@ class AggregateOnly(StrategyWrapper):
         self.sent = self.inner.configure_fit(server_round, parameters, client_manager)
         return self.sent
 
-    def aggregate_fit(
-        self,
-        server_round: int,
-        results: list[tuple[ClientProxy, FitRes]],
-        failures: list[tuple[ClientProxy, FitRes] | BaseException],
-    ) -> tuple[Parameters | None, dict[str, Scalar]]:
+    def aggregate_fit(self, server_round: int, results: list[tuple[ClientProxy, FitRes]],
+                      failures: list[tuple[ClientProxy, FitRes] | BaseException],
+                      ) -> tuple[Parameters | None, dict[str, Scalar]]:
         """Hand `inner` the aggregate as weights (global model + mean update) in every
         answering client's result; name the clients that dropped out as failures."""
         if len({id(res.parameters) for _, res in results}) > 1:
