@@ -45,6 +45,7 @@ from fl_app.app.server_app import serve  # noqa: E402
 from fl_app.schema import RunConfig  # noqa: E402
 
 MODELS = ("mlp", "examples.keras_models:wide_mlp")
+STARTUP_ATTEMPTS = 3
 
 
 def value_bytes(value: Any) -> int:
@@ -98,9 +99,18 @@ def run(cfg: RunConfig, num_supernodes: int) -> dict[str, Any]:
         metered.append(MeteredGrid(grid))
         serve(metered[0], context, cfg)  # type: ignore[arg-type]
 
-    run_simulation(server_app=server_app, client_app=make_client_app(cfg),
-                   num_supernodes=num_supernodes,
-                   backend_config={"client_resources": {"num_cpus": 1, "num_gpus": 0.0}})
+    for attempt in range(1, STARTUP_ATTEMPTS + 1):
+        try:
+            run_simulation(server_app=server_app, client_app=make_client_app(cfg),
+                           num_supernodes=num_supernodes,
+                           backend_config={"client_resources": {"num_cpus": 1,
+                                                                "num_gpus": 0.0}})
+            break
+        except RuntimeError as err:  # Ray gives its node 30 s to start: too few when loaded
+            if attempt == STARTUP_ATTEMPTS:
+                raise
+            print(f"the simulation engine did not start ({err}); retrying", flush=True)
+            metered.clear()  # a new run from scratch: count only its traffic
     history = json.loads((Path(str(cfg["out-dir"])) / "history.json").read_text())
     return {"history": history, "down": metered[0].down, "up": metered[0].up}
 

@@ -10,7 +10,8 @@ update in the clear. Evaluation messages always pass through.
 Inside the protocol the client masks its *update* w − w_global (not its weights: updates are
 small, so the clipping range can be tight and the quantization fine), after checking it has
 the global model's shapes and only finite values; a client that fails the check raises, and
-the round treats it as a dropout. `secaggplus_mod` then scales the update by n/max-weight,
+the round treats it as a dropout. Under distributed DP (`dp_noise_std` in the fit config) the
+reply carries no metrics at all, whatever the client reported. `secaggplus_mod` then scales the update by n/max-weight,
 quantizes it and adds the masks; the server unmasks only the sum.
 """
 
@@ -26,6 +27,8 @@ from flwr.clientapp.typing import ClientAppCallable, Mod
 from flwr.common import NDArrays, ndarrays_to_parameters, parameters_to_ndarrays
 from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS
 from flwr.compat.common import recorddict_compat as compat
+
+from fl_app.wire import KEY_DP_NOISE_STD
 
 SecureRequired = Callable[[Context], bool]
 """Whether this node's run requires secure aggregation (then plaintext fit is refused)."""
@@ -53,10 +56,12 @@ def _as_update(call_next: ClientAppCallable) -> ClientAppCallable:
         reply = call_next(msg, ctxt)
         if reply.has_error():
             return reply
-        sent = compat.recorddict_to_fitins(msg.content, keep_input=True).parameters
+        ins = compat.recorddict_to_fitins(msg.content, keep_input=True)
         res = compat.recorddict_to_fitres(reply.content, keep_input=True)
         res.parameters = ndarrays_to_parameters(checked_update(
-            parameters_to_ndarrays(res.parameters), parameters_to_ndarrays(sent)))
+            parameters_to_ndarrays(res.parameters), parameters_to_ndarrays(ins.parameters)))
+        if KEY_DP_NOISE_STD in ins.config:  # distributed DP: only the masked update leaves
+            res.metrics = {}
         return Message(compat.fitres_to_recorddict(res, keep_input=False), reply_to=msg)
 
     return fit

@@ -75,7 +75,7 @@ class AggregateOnly(StrategyWrapper):
         answering client's result; name the clients that dropped out as failures."""
         if len({id(res.parameters) for _, res in results}) > 1:
             raise RuntimeError("SecAgg+ handed the strategy more than one update")
-        for error in failures:
+        for error in dict.fromkeys(str(f) for f in failures):  # Flower lists some twice
             log(WARNING, "round %s: SecAgg+ message failed: %s", server_round, error)
         answered = {proxy.cid for proxy, _ in results}
         dropped: list[Any] = [
