@@ -25,6 +25,7 @@ import json
 import statistics
 import sys
 import tempfile
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -68,24 +69,33 @@ def record_bytes(content: RecordDict) -> int:
 
 
 class MeteredGrid:
-    """A Grid that counts the bytes of the fit messages sent and the replies received."""
+    """A Grid that counts the bytes of the fit messages pushed and the replies pulled
+    (the app's `PromptGrid` sends and receives through these two calls)."""
 
     def __init__(self, grid: Grid) -> None:
         self.grid = grid
         self.down = 0
         self.up = 0
+        self._fit_ids: set[str] = set()
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self.grid, name)
 
-    def send_and_receive(self, messages: Any, *, timeout: float | None = None) -> list[Message]:
-        """Forward to the real Grid, counting fit traffic both ways."""
+    def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
+        """Push to the real Grid, counting fit messages."""
         messages = list(messages)
-        train = [m.metadata.message_type == MessageType.TRAIN for m in messages]
-        self.down += sum(record_bytes(m.content) for m, t in zip(messages, train) if t)
-        replies = list(self.grid.send_and_receive(messages, timeout=timeout))
-        if any(train):
-            self.up += sum(record_bytes(r.content) for r in replies if r.has_content())
+        ids = list(self.grid.push_messages(messages))
+        for message, message_id in zip(messages, ids):
+            if message.metadata.message_type == MessageType.TRAIN:
+                self.down += record_bytes(message.content)
+                self._fit_ids.add(message_id)
+        return ids
+
+    def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
+        """Pull from the real Grid, counting replies to fit messages."""
+        replies = list(self.grid.pull_messages(message_ids))
+        self.up += sum(record_bytes(r.content) for r in replies if r.has_content()
+                       and r.metadata.reply_to_message_id in self._fit_ids)
         return replies
 
 

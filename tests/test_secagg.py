@@ -115,7 +115,7 @@ def test_a_secure_client_refuses_a_plaintext_fit_round(monkeypatch):
 
 
 def test_a_distributed_dp_client_clips_noises_and_reports_only_one_example():
-    from fl_app.app.client_app import client_for
+    from fl_app.app.local_client import client_for
     from fl_app.data.sources import data_source
     from fl_app.ml.trainer import trainer_for
     from fl_app.wire import round_config

@@ -16,6 +16,7 @@ from fl_app.ml.trainer import KerasTrainer
 from fl_app.schema import RunConfig
 from fl_app.server.checkpoint import Checkpointer, load_for_resume, read_ledger
 from fl_app.server.outputs import resolve_out_dir
+from fl_app.server.prompt_grid import PromptGrid
 from fl_app.server.recorder import RunRecorder
 from fl_app.server.runner import FederatedServer, ResumePoint
 from fl_app.server.secagg import SecAggPlusFit
@@ -99,7 +100,8 @@ def serve(grid: Grid, context: Context, cfg: RunConfig,
     components = components if components is not None else server_components(cfg)
     server = components.server
     if cfg["secure-aggregation"] == "secagg+" and isinstance(server, FederatedServer):
-        server.secure_fit = SecAggPlusFit(secagg_workflow(cfg), grid, context)
+        # The workflow talks to the grid itself: poll it as promptly as the proxies do.
+        server.secure_fit = SecAggPlusFit(secagg_workflow(cfg), PromptGrid(grid), context)
     start_grid(grid=grid, server=server, config=components.config)
 
 
