@@ -115,7 +115,8 @@ def test_a_secure_client_refuses_a_plaintext_fit_round(monkeypatch):
 
 
 def test_a_distributed_dp_client_clips_noises_and_reports_only_one_example():
-    from fl_app.app.local_client import client_for
+    from fl_app.app.local_client import client_with
+    from fl_app.data.node_data import load_client
     from fl_app.data.sources import data_source
     from fl_app.ml.trainer import trainer_for
     from fl_app.wire import round_config
@@ -123,7 +124,9 @@ def test_a_distributed_dp_client_clips_noises_and_reports_only_one_example():
 
     cfg = make_config()
     start = [w.copy() for w in trainer_for(cfg, data_source(cfg).spec).get_weights()]
-    client = client_for(cfg, {"partition-id": 1, "num-partitions": 10})
+    node = {"partition-id": 1, "num-partitions": 10}
+    client = client_with(cfg, node, load_client(cfg, node))  # the KerasClient (the secure mod
+    # also strips what wrappers such as TimedClient add)
     config = {**round_config(cfg, 1), KEY_CLIPPING_NORM: 0.5}
     clipped, n, metrics = client.fit(start, config)
     assert n > 1 and metrics and l2_norm(model_update(clipped, start)) <= 0.5 + 1e-4
