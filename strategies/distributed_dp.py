@@ -65,7 +65,7 @@ class DistributedDPFixedClipping(DPFixedClipping):
                       client_manager: ClientManager) -> list[tuple[ClientProxy, FitIns]]:
         """As `DPFixedClipping`, plus each client's share of the noise in its fit config."""
         instructions = super().configure_fit(server_round, parameters, client_manager)
-        if instructions and self.noise_multiplier > 0:
+        if instructions:  # sent even when 0: it also makes the clients weigh themselves 1
             std = self.client_noise_std(len(instructions))
             for _, fit_ins in instructions:
                 fit_ins.config = {**fit_ins.config, KEY_DP_NOISE_STD: std}
@@ -85,8 +85,7 @@ class DistributedDPFixedClipping(DPFixedClipping):
             mean = model_update(parameters_to_ndarrays(kept[0][1].parameters), plan.reference)
             total = [layer * len(kept) for layer in mean]
         sampled = len(plan.sampled)
-        missing_std = (self.client_noise_std(sampled) * math.sqrt(sampled - len(kept))
-                       if self.noise_multiplier > 0 else 0.0)
+        missing_std = self.client_noise_std(sampled) * math.sqrt(sampled - len(kept))
         rng = self._noise_rng()
         noised = [(t + rng.normal(0.0, missing_std, t.shape)) / plan.denominator for t in total]
         self.accountant.record(plan.event)
