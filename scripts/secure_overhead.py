@@ -14,7 +14,7 @@ through the Grid: the global model and the reply for plaintext; SecAgg+'s four s
 encrypted shares, the masked vector, the unmasking shares) for secure rounds. Evaluation
 traffic is the same in both and not counted. The quantization bound of the aggregate is
 printed next to the SecAgg+ rows (`tests/test_secagg.py` checks it): per coordinate,
-k(2r + max|u|)/(Q·Σ n_i/W) for k clients with n_i examples, clipping range r, quantization
+k(2r + 2max|u|)/(Q·Σ n_i/W) for k clients with n_i examples, clipping range r, quantization
 range Q, max weight W and updates u.
 """
 
@@ -43,6 +43,7 @@ from rich.table import Table  # noqa: E402
 from fl_app.app.client_app import make_client_app  # noqa: E402
 from fl_app.app.config import resolve  # noqa: E402
 from fl_app.app.server_app import serve  # noqa: E402
+from fl_app.data.node_data import load_client  # noqa: E402
 from fl_app.schema import RunConfig  # noqa: E402
 
 MODELS = ("mlp", "examples.keras_models:wide_mlp")
@@ -128,7 +129,7 @@ def run(cfg: RunConfig, num_supernodes: int) -> dict[str, Any]:
 def bound(cfg: RunConfig, num_examples: list[int], max_update: float) -> float:
     """The per-coordinate quantization bound of a SecAgg+ aggregate (module doc)."""
     weight = sum(num_examples) / float(cfg["secagg-max-weight"])
-    return len(num_examples) * (2 * float(cfg["secagg-clipping-range"]) + max_update) / (
+    return len(num_examples) * (2 * float(cfg["secagg-clipping-range"]) + 2 * max_update) / (
         int(cfg["secagg-quantization-range"]) * weight)
 
 
@@ -157,7 +158,9 @@ def main(argv: list[str] | None = None) -> int:
             seconds = statistics.median(r["seconds"] for r in rounds[2:]) if len(rounds) > 2 \
                 else rounds[-1]["seconds"]
             per = 1024 * args.num_supernodes * (len(rounds) - 1)
-            counts = [150] * args.num_supernodes  # digits: ~144 training rows per client
+            counts = [len(load_client(cfg, {"partition-id": i, "num-partitions":
+                                             args.num_supernodes}).train)
+                      for i in range(args.num_supernodes)]
             table.add_row(model, secure, f"{rounds[-1]['centralized']['accuracy']:.4f}",
                           f"{seconds:.2f}", f"{result['down'] / per:.1f}",
                           f"{result['up'] / per:.1f}",

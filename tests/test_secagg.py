@@ -269,12 +269,12 @@ def _simulate(tmp_path, secure: str) -> tuple[Recorder, dict]:
 
 
 def quantization_bound(cfg, counts: list[int], max_update: float) -> float:
-    """Per coordinate, |SecAgg+ aggregate - weighted mean| <= k(2r + max|u|)/(Q·Σ n_i/W):
+    """Per coordinate, |SecAgg+ aggregate - weighted mean| <= k(2r + 2max|u|)/(Q·Σ n_i/W):
     k stochastic roundings of step 2r/Q each, and weights n_i/W rounded to 1/Q, divided by
     the weights' sum."""
     k, r, q = len(counts), cfg["secagg-clipping-range"], cfg["secagg-quantization-range"]
     weight = sum(counts) / cfg["secagg-max-weight"]
-    return k * (2 * r + max_update) / (q * weight)
+    return k * (2 * r + 2 * max_update) / (q * weight)
 
 
 @pytest.mark.slow
