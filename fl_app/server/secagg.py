@@ -47,6 +47,13 @@ FitOutcome = tuple[Parameters | None, dict[str, Scalar],
 """What Flower's `Server.fit_round` returns: parameters, metrics, (results, failures)."""
 
 
+def _brief(failure: object, keep: int = 200) -> str:
+    """A failure's text, its start and end only when long (a ClientApp's error carries its
+    whole traceback: what failed is at the start, the client's message at the end)."""
+    text = str(failure)
+    return text if len(text) <= 2 * keep else f"{text[:keep]} ... {text[-keep:]}"
+
+
 class AggregateOnly(StrategyWrapper):
     """The strategy as the SecAgg+ workflow sees it: turns the unmasked mean update into
     weights for `inner` and remembers the round's outcome for the server loop.
@@ -75,7 +82,7 @@ class AggregateOnly(StrategyWrapper):
         answering client's result; name the clients that dropped out as failures."""
         if len({id(res.parameters) for _, res in results}) > 1:
             raise RuntimeError("SecAgg+ handed the strategy more than one update")
-        for error in dict.fromkeys(str(f) for f in failures):  # Flower lists some twice
+        for error in dict.fromkeys(_brief(f) for f in failures):  # Flower lists some twice
             log(WARNING, "round %s: SecAgg+ message failed: %s", server_round, error)
         answered = {proxy.cid for proxy, _ in results}
         dropped: list[Any] = [
