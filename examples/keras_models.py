@@ -20,6 +20,18 @@ def regression() -> keras.Model:
     return model
 
 
+def wide_mlp(spec: DataSpec) -> keras.Model:
+    """The default `mlp` with a 640-unit hidden layer, about 10x its parameters (48k on
+    digits), compiled the same way (SGD(0.1), sparse categorical cross-entropy)."""
+    model = keras.Sequential([keras.Input(spec.input_shape), keras.layers.Flatten(),
+                              keras.layers.Dense(640, activation="relu"),
+                              keras.layers.Dense(spec.num_classes, activation="softmax")],
+                             name="wide_mlp")
+    model.compile(optimizer=keras.optimizers.SGD(0.1), loss="sparse_categorical_crossentropy",
+                  metrics=["accuracy"])
+    return model
+
+
 def functional_classifier(spec: DataSpec) -> keras.Model:
     """A functional classifier with BatchNormalization and Dropout, trained on logits with
     one-hot categorical cross-entropy and Adam."""

@@ -20,6 +20,7 @@ CLIENT_KEY = "client-key"  # get_properties: a name for this client that is stab
 KEY_PROXIMAL_MU = "proximal_mu"  # fit config (Flower's FedProx): weight of the proximal term
 KEY_CLIPPING_NORM = "clipping_norm"  # fit config: the clip norm C for this round (float)
 KEY_HE_ENCRYPTED = "he-encrypted"  # fit/evaluate config: the parameters are the CKKS aggregate
+KEY_DP_NOISE_STD = "dp_noise_std"  # fit config: std of the noise a client adds (distributed DP)
 KEY_NORM_BIT = "norm_bit"  # fit metrics: True when the client's update had to be clipped
 KEY_STRAGGLER_EPOCHS = "straggler-epochs"  # fit config: a straggler's partial epochs (int)
 KEY_LOCAL_STEPS = "local_steps"  # fit metrics: local optimizer steps taken (FedNova's tau)

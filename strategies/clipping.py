@@ -45,3 +45,10 @@ def clip_weights(weights: NDArrays, reference: NDArrays,
     out = [(np.asarray(r, dtype=np.float64) + c).astype(np.asarray(r).dtype)
            for r, c in zip(reference, clipped)]
     return out, norm > clip_norm
+
+
+def add_noise(weights: NDArrays, std: float, rng: np.random.Generator) -> NDArrays:
+    """`weights` plus independent Gaussian noise of std `std` on every value (drawn in
+    float64, then cast back to each array's dtype)."""
+    return [(np.asarray(w, dtype=np.float64) + rng.normal(0.0, std, np.shape(w))).astype(
+        np.asarray(w).dtype) for w in weights]

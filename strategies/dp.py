@@ -326,6 +326,11 @@ class DPFixedClipping(StrategyWrapper):
                 "released all the same (a DP round is never held back)", server_round,
                 len(clipped), self.min_fit_clients)
         noised, dp_metrics = self._release(plan, clipped, bits)
+        return self._post_process(server_round, plan, noised, {**metrics, **dp_metrics})
+
+    def _post_process(self, server_round: int, plan: _RoundPlan, noised: NDArrays,
+                      metrics: dict[str, Scalar]) -> tuple[Parameters | None, dict[str, Scalar]]:
+        """Hand the released (noised average) update, as weights, to the inner strategy."""
         privatized = ndarrays_to_parameters(
             [(ref.astype(np.float64) + delta).astype(ref.dtype)
              for ref, delta in zip(plan.reference, noised)])
@@ -339,7 +344,7 @@ class DPFixedClipping(StrategyWrapper):
             log(WARNING, "round %s: %r returned no model; the DP release is applied as is",
                 server_round, self.inner)
             parameters = privatized
-        return parameters, {**inner_metrics, **metrics, **dp_metrics}
+        return parameters, {**inner_metrics, **metrics}
 
     @staticmethod
     def _from_sample(server_round: int, results: list[tuple[ClientProxy, FitRes]],
@@ -491,7 +496,8 @@ class DPAdaptiveClipping(DPFixedClipping):
         return noised, {**metrics, "dp_unclipped_fraction": fraction}
 
 
-def _kwargs(ctx: StrategyContext, client_side: bool) -> dict[str, Any]:
+def dp_kwargs(ctx: StrategyContext, client_side: bool) -> dict[str, Any]:
+    """The DP wrappers' keyword arguments from the run config."""
     cfg = ctx.cfg
     accountant = PrivacyAccountant(cfg["accountant"], cfg["dp-sampling"], cfg["fraction-fit"],
                                    cfg["target-delta"])
@@ -504,15 +510,15 @@ def _kwargs(ctx: StrategyContext, client_side: bool) -> dict[str, Any]:
 
 def _adaptive(inner: Strategy, ctx: StrategyContext, client_side: bool) -> DPAdaptiveClipping:
     cfg = ctx.cfg
-    return DPAdaptiveClipping(inner, **_kwargs(ctx, client_side),
+    return DPAdaptiveClipping(inner, **dp_kwargs(ctx, client_side),
                               target_quantile=cfg["target-clipped-quantile"],
                               clip_norm_lr=cfg["clip-norm-lr"],
                               clipped_count_stddev=cfg["clipped-count-stddev"])
 
 
 WRAPPERS = {
-    "dp-fixed": lambda inner, ctx: DPFixedClipping(inner, **_kwargs(ctx, client_side=False)),
+    "dp-fixed": lambda inner, ctx: DPFixedClipping(inner, **dp_kwargs(ctx, client_side=False)),
     "dp-adaptive": lambda inner, ctx: _adaptive(inner, ctx, client_side=False),
-    "dp-client-fixed": lambda inner, ctx: DPFixedClipping(inner, **_kwargs(ctx, client_side=True)),
+    "dp-client-fixed": lambda inner, ctx: DPFixedClipping(inner, **dp_kwargs(ctx, client_side=True)),
     "dp-client-adaptive": lambda inner, ctx: _adaptive(inner, ctx, client_side=True),
 }

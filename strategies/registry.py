@@ -23,11 +23,13 @@ from strategies import (
     fednova,
     flower_builtins,
     homomorphic,
+    secure,
     stragglers,
     validation,
     weighted_fedavg,
 )
 from strategies.context import StrategyContext
+from strategies.distributed_dp import secure_wrapper
 from strategies.protocols import PrivacyAccounting, find_layer
 from strategies.validated import ValidatedStrategy
 
@@ -55,7 +57,7 @@ _OWN_SETTINGS = [
             "DP strategies: the inner strategy given the privatized average (a non-DP "
             "registry name).", "privacy", choices=tuple(STRATEGIES)),
 ]
-_SETTING_MODULES = [context, validation, compression, stragglers, *STRATEGY_MODULES,
+_SETTING_MODULES = [context, validation, secure, compression, stragglers, *STRATEGY_MODULES,
                     *WRAPPER_MODULES, homomorphic]
 
 SETTINGS: list[Setting] = [*_OWN_SETTINGS,
@@ -67,8 +69,9 @@ check_config: ConfigCheck = module_checks(_SETTING_MODULES)
 
 
 def build_strategy(ctx: StrategyContext) -> Strategy:
-    """The strategy named by `strategy` (a wrapper around the plain `dp-inner` one), with
-    simulated stragglers when `straggler-fraction` is set, behind `ValidatedStrategy`,
+    """The strategy named by `strategy` (a wrapper around the plain `dp-inner` one; under
+    secure aggregation, `dp-client-fixed` is distributed DP: `strategies.distributed_dp`),
+    with simulated stragglers when `straggler-fraction` is set, behind `ValidatedStrategy`,
     behind `CompressedStrategy` when either direction is compressed (so validation, DP and
     every strategy see decoded weights). A privacy-accounting strategy's release is never
     held back by the `min-fit-clients` rule (skipping a round would reveal, un-noised, that
@@ -78,7 +81,8 @@ def build_strategy(ctx: StrategyContext) -> Strategy:
     cfg = ctx.cfg
     name = str(cfg["strategy"])
     if name in WRAPPERS:
-        strategy = WRAPPERS[name](STRATEGIES[str(cfg["dp-inner"])](ctx), ctx)
+        wrap = secure_wrapper(name, ctx) or WRAPPERS[name]
+        strategy = wrap(STRATEGIES[str(cfg["dp-inner"])](ctx), ctx)
     else:
         strategy = STRATEGIES[name](ctx)
     strategy = stragglers.with_stragglers(strategy, ctx)

@@ -191,3 +191,29 @@ def test_corrupt_node_file_fails_that_node_only_and_is_named(cluster):
     run_log = (cluster.sup.log_dir / "run.log").read_text()
     assert f"node {node_id}: data file {corrupt.data}" in run_log  # the server logged it
     assert "DataError" in (cluster.sup.log_dir / f"{corrupt.name}.log").read_text()
+
+
+def test_secagg_rounds_on_real_supernodes_survive_a_dropout(cluster):
+    """SecAgg+ between the real SuperLink and SuperNodes. The corrupt node (started by the
+    test above, or here) takes part in the key exchange, then fails to load its data when
+    asked to train: a dropout after sharing its keys, which the others' shares unmask; the
+    rounds finish on the other three and name it as the failure."""
+    corrupt = cluster.corrupt
+    if corrupt.name not in cluster.local.required:
+        cluster.local.start_node(corrupt)
+    node_id = str(cluster.local.node_ids[corrupt.name])
+    run_config = cluster.local.run_config(
+        cluster.out / "secagg", "num-server-rounds=2 fraction-evaluate=0.0 "
+        "min-available-clients=4 secure-aggregation='secagg+' examples-cap-factor=0")
+    outcome = cluster.local.run_app(PROJECT_DIR, run_config, RUN_TIMEOUT)
+    rounds = _rounds(outcome)
+    assert outcome.history["config"]["secure-aggregation"] == "secagg+"
+    for record in rounds[1:]:
+        fit = record["fit"]
+        assert fit["num_clients"] == 3 and fit["num_failures"] == 1
+        assert [f["client"] for f in fit["failures"]] == [node_id]
+        assert "SecAgg+" in fit["failures"][0]["error"]
+    assert rounds[-1]["centralized"]["accuracy"] > rounds[0]["centralized"]["accuracy"] + 0.2
+    assert (outcome.out_dir / MODEL_FILE).is_file()
+    run_log = (cluster.sup.log_dir / "run.log").read_text()
+    assert run_log.count("Secure aggregation completed") >= 2, run_log[-3000:]

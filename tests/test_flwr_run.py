@@ -47,8 +47,13 @@ def simulation_superlink(tmp_path_factory):
     assert not supervisor.alive()  # a survivor would also have raised ProcessesLeft
 
 
+SECAGG = "secure-aggregation='secagg+' examples-cap-factor=0"
+
+
 @pytest.mark.parametrize("overrides", ["", "strategy='fedprox'",
-                                       "strategy='dp-client-fixed' noise-multiplier=0.5"])
+                                       "strategy='dp-client-fixed' noise-multiplier=0.5",
+                                       f"strategy='weighted-fedavg' {SECAGG}",
+                                       f"strategy='dp-client-fixed' noise-multiplier=0.5 {SECAGG}"])
 def test_flwr_run_completes_with_the_app_config(simulation_superlink, tmp_path, overrides):
     supervisor, env = simulation_superlink
     out = tmp_path / "out"
@@ -72,6 +77,10 @@ def test_flwr_run_completes_with_the_app_config(simulation_superlink, tmp_path, 
         epsilons = [r["privacy"]["epsilon"] for r in history["rounds"][1:]]
         assert 0 < epsilons[0] < epsilons[1] < epsilons[2]
         assert all(r["fit"]["dp_clip_norm"] == 1.0 for r in history["rounds"][1:])
+    if SECAGG in overrides:  # every fit round ran SecAgg+; with DP the clients added the noise
+        assert history["config"]["secure-aggregation"] == "secagg+"
+        if "dp-" in overrides:
+            assert all(r["fit"]["dp_server_noise_std"] == 0.0 for r in history["rounds"][1:])
 
 
 def test_flwr_run_trains_a_users_regression_model_on_diabetes(simulation_superlink, tmp_path):

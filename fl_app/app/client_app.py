@@ -7,7 +7,8 @@ any other node (simulation, `flwr run .`, a plain SuperNode) trains in this proc
 `fl_app.app.local_client.client_for` builds it. Either way the client is wrapped here, in
 the ClientApp, by `CompressingClient` (`fl_app.client.compression`), which decodes a
 compressed broadcast and encodes the update, keeping its error-feedback residual in the
-node's `context.state`.
+node's `context.state`. Every ClientApp carries `secure_aggregation_mod` (SecAgg+, active
+only for the protocol's messages; see `fl_app.client.secure_mod`).
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from flwr.common import Context, Scalar  # noqa: E402
 from fl_app.app.quiet import quiet_libraries  # noqa: E402
 from fl_app.app.worker_link import WorkerAddress, WorkerClient  # noqa: E402
 from fl_app.client.compression import CompressingClient  # noqa: E402
+from fl_app.client.secure_mod import secure_aggregation_mod  # noqa: E402
 from fl_app.client.timing import TimedClient, process_seconds  # noqa: E402
 from fl_app.schema import RunConfig  # noqa: E402
 
@@ -81,7 +83,11 @@ def make_client_app(fixed_config: RunConfig | None = None,
             raise DataError(f"node {context.node_id}: {err}") from err
         return CompressingClient(TimedClient(client, seconds).to_client(), context.state)
 
-    return ClientApp(client_fn=client_fn)
+    def secure_required(context: Context) -> bool:
+        run_config = fixed_config if fixed_config is not None else context.run_config
+        return run_config.get("secure-aggregation", "none") != "none"
+
+    return ClientApp(client_fn=client_fn, mods=[secure_aggregation_mod(secure_required)])
 
 
 app = make_client_app()

@@ -6,7 +6,9 @@ from collections.abc import Sequence
 
 from flwr.common import Context, NDArrays, Scalar, ndarrays_to_parameters
 from flwr.server import ServerAppComponents, ServerConfig
-from flwr.serverapp import ServerApp
+from flwr.server.compat import start_grid
+from flwr.server.workflow import SecAggPlusWorkflow
+from flwr.serverapp import Grid, ServerApp
 
 from fl_app.app.config import resolve
 from fl_app.app.one_line_errors import report_app_errors_in_one_line
@@ -19,12 +21,15 @@ from fl_app.schema import RunConfig
 from fl_app.server.callbacks import Callback
 from fl_app.server.checkpoint import Checkpointer, load_for_resume, read_ledger
 from fl_app.server.outputs import resolve_out_dir
+from fl_app.server.prompt_grid import PromptGrid
 from fl_app.server.recorder import RunRecorder
 from fl_app.server.runner import FederatedServer, ResumePoint
+from fl_app.server.secagg import SecAggPlusFit
 from fl_app.server.stopping import StoppingRules
 from fl_app.wire import evaluate_config, round_config
 from strategies.context import StrategyContext
 from strategies.registry import build_strategy
+from strategies.secure import share_count
 from strategies.weighted_fedavg import EvaluateFn
 
 
@@ -81,20 +86,48 @@ def server_components(cfg: RunConfig, callbacks: Sequence[Callback] = (),
         num_rounds=int(cfg["num-server-rounds"]), round_timeout=timeout))
 
 
+def secagg_workflow(cfg: RunConfig) -> SecAggPlusWorkflow:
+    """Flower's SecAgg+ fit workflow with the run's share, threshold and range settings
+    (modulus 2^32, the largest Flower allows). Under distributed DP every client reports
+    one example (`strategies.distributed_dp`), so the max weight is 1."""
+    return SecAggPlusWorkflow(
+        num_shares=share_count(float(cfg["secagg-num-shares"])),
+        reconstruction_threshold=share_count(float(cfg["secagg-reconstruction-threshold"])),
+        max_weight=(1.0 if cfg["strategy"] == "dp-client-fixed"
+                    else float(cfg["secagg-max-weight"])),
+        clipping_range=float(cfg["secagg-clipping-range"]),
+        quantization_range=int(cfg["secagg-quantization-range"]),
+        timeout=float(cfg["round-timeout"]) or None)
+
+
+def serve(grid: Grid, context: Context, cfg: RunConfig,
+          components: ServerAppComponents | None = None) -> None:
+    """Run the app's server loop (`server_components(cfg)` unless given) over `grid`; with
+    `secure-aggregation=secagg+` every fit round runs Flower's SecAgg+ workflow."""
+    components = components if components is not None else server_components(cfg)
+    server = components.server
+    if cfg["secure-aggregation"] == "secagg+" and isinstance(server, FederatedServer):
+        # The workflow talks to the grid itself: poll it as promptly as the proxies do.
+        server.secure_fit = SecAggPlusFit(secagg_workflow(cfg), PromptGrid(grid), context)
+    start_grid(grid=grid, server=server, config=components.config)
+
+
 def make_server_app(fixed_config: RunConfig | None = None, callbacks: Sequence[Callback] = (),
                     started_at: float | None = None) -> ServerApp:
     """A ServerApp; with `fixed_config` it ignores `context.run_config` (for run_simulation),
     and calls `callbacks` as the run goes (see `fl_app.server.callbacks`). A config, model
     or data error it raises is logged by Flower as one `error:` line."""
     report_app_errors_in_one_line()
+    app = ServerApp()
 
-    def server_fn(context: Context) -> ServerAppComponents:
+    @app.main()
+    def main(grid: Grid, context: Context) -> None:
         raw = fixed_config if fixed_config is not None else context.run_config
         quiet_libraries(raw.get("verbose") is True)  # resolving imports TensorFlow
         cfg = fixed_config if fixed_config is not None else resolve(raw)
-        return server_components(cfg, callbacks, started_at)
+        serve(grid, context, cfg, server_components(cfg, callbacks, started_at))
 
-    return ServerApp(server_fn=server_fn)
+    return app
 
 
 app = make_server_app()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
+import numpy as np
 from flwr.client import NumPyClient
 from flwr.common import NDArrays, Scalar
 
@@ -13,12 +14,13 @@ from fl_app.ml.trainer import KerasTrainer
 from fl_app.wire import (
     CLIENT_KEY,
     KEY_CLIPPING_NORM,
+    KEY_DP_NOISE_STD,
     KEY_LOCAL_STEPS,
     KEY_NORM_BIT,
     KEY_PROXIMAL_MU,
     SERVER_ROUND,
 )
-from strategies.clipping import clip_weights
+from strategies.clipping import add_noise, clip_weights
 
 
 class KerasClient(NumPyClient):
@@ -32,7 +34,10 @@ class KerasClient(NumPyClient):
     `fl_app.client.local_work`); the steps taken go back as `local_steps`. FedProx's
     `proximal_mu` adds the proximal term to the local loss; a `clipping_norm` in the
     config (client-side DP) clips the returned update to that L2 norm and reports
-    `norm_bit` (keys in `fl_app.wire`, clipping in `strategies.clipping`). Fit metrics carry
+    `norm_bit` (keys in `fl_app.wire`, clipping in `strategies.clipping`); a `dp_noise_std`
+    as well (distributed DP under secure aggregation) adds Gaussian noise of that std to the
+    clipped update, from OS entropy, and reports `num_examples=1` and no metrics at all: the
+    DP sum weighs clients equally, and a curious server must learn nothing but the sum. Fit metrics carry
     the data's quality report (`data_rows`, `data_dropped_*`, `data_warnings`). `client_key` (the partition id in simulation,
     a CRC of the data file's name in deployment) varies the shuffling between clients.
     """
@@ -81,6 +86,10 @@ class KerasClient(NumPyClient):
         if KEY_CLIPPING_NORM in config:  # client-side DP: clip the update to C ourselves
             weights, metrics[KEY_NORM_BIT] = clip_weights(weights, parameters,
                                                           float(config[KEY_CLIPPING_NORM]))
+            if KEY_DP_NOISE_STD in config:  # distributed DP: our share of the noise
+                noised = add_noise(weights, float(config[KEY_DP_NOISE_STD]),
+                                   np.random.default_rng())
+                return noised, 1, {}
         return weights, len(self.data.train), metrics
 
     def evaluate(self, parameters: NDArrays,

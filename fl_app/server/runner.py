@@ -65,6 +65,9 @@ def data_quality(results: list[tuple[ClientProxy, FitRes]],
 
 RoundCallback = Callable[[dict[str, Any], Parameters], None]
 CheckpointCallback = Callable[[int, Parameters, dict[str, Any]], None]
+FitRound = Callable[[Server, int], Any]
+"""A fit round run another way (SecAgg+, `fl_app.server.secagg`): `(server, round)` to what
+Flower's `Server.fit_round` returns."""
 
 
 @dataclass
@@ -96,13 +99,16 @@ class FederatedServer(Server):
     them and continues after that round instead of starting from round 0. Under DP,
     `on_charge` gets the privacy ledger as soon as a round is aggregated, before the round's
     model is evaluated, recorded or checkpointed.
+
+    With `secure_fit` (see `fl_app.server.secagg`), every fit round runs through it instead
+    of Flower's plaintext `fit_round`; all else stays the same.
     """
 
     def __init__(self, *, strategy: Strategy, seed: int, stopping: StoppingRules,
                  on_round: RoundCallback, on_finish: Callable[[str, Parameters], None],
                  on_checkpoint: CheckpointCallback | None = None,
                  on_charge: Callable[[dict[str, Any]], None] | None = None,
-                 resume: ResumePoint | None = None) -> None:
+                 resume: ResumePoint | None = None, secure_fit: FitRound | None = None) -> None:
         self.wire = WireMeter(strategy)  # counts the round's parameter bytes up and down
         super().__init__(client_manager=SeededClientManager(seed), strategy=self.wire)
         self.privacy = find_layer(strategy, PrivacyAccounting)
@@ -112,6 +118,7 @@ class FederatedServer(Server):
         self.on_checkpoint = on_checkpoint
         self.on_charge = on_charge
         self.resume = resume
+        self.secure_fit = secure_fit
         self._quality_seen: set[str] = set()
 
     def server_state(self, stopped: str | None) -> dict[str, Any]:
@@ -137,6 +144,12 @@ class FederatedServer(Server):
         if state["stopped"]:
             log(INFO, "the checkpointed run had already stopped (%s)", state["stopped"])
         return state["stopped"]
+
+    def fit_round(self, server_round: int, timeout: float | None) -> Any:
+        """One fit round: through `secure_fit` when set, else Flower's plaintext round."""
+        if self.secure_fit is not None:
+            return self.secure_fit(self, server_round)
+        return super().fit_round(server_round=server_round, timeout=timeout)
 
     def _evaluate_centralized(self, server_round: int, history: History) -> dict[str, Any]:
         res = self.strategy.evaluate(server_round, parameters=self.parameters)

@@ -1,0 +1,131 @@
+"""One fit round through Flower's SecAgg+ protocol, inside the app's own server loop.
+
+Flower runs SecAgg+ (`SecAggPlusWorkflow`) only on its legacy workflow path, as the fit
+step of a `DefaultWorkflow` over a `LegacyContext`. `SecAggPlusFit` runs that same fit step
+for one round of `FederatedServer`, so the app's stopping rules, records, checkpoints,
+resume and DP accounting work unchanged around it: `FederatedServer.fit_round` hands the
+round to it and gets back what Flower's `Server.fit_round` returns.
+
+What the strategy receives: the workflow unmasks only the sum of the clients' masked
+vectors and puts that one aggregate into every answering client's `FitRes` (whose
+`num_examples` and metrics the client sent in the clear). Clients send their *update*
+w − w_global scaled by n/max-weight (`fl_app.client.secure_mod`), so the aggregate is the
+example-weighted mean update; `AggregateOnly` adds the global model back and casts it to
+the model's dtypes, so the strategies see weights, as in a plaintext round.
+"""
+
+from __future__ import annotations
+
+from logging import WARNING
+from typing import Any
+
+import flwr.compat.common.recorddict_compat as compat
+import numpy as np
+from flwr.app import ConfigRecord, Context, RecordDict
+from flwr.common import (
+    FitRes,
+    Parameters,
+    Scalar,
+    ndarrays_to_parameters,
+    parameters_to_ndarrays,
+)
+from flwr.common.logger import log
+from flwr.server import Server
+from flwr.server.client_manager import ClientManager
+from flwr.server.client_proxy import ClientProxy
+from flwr.server.compat.legacy_context import LegacyContext
+from flwr.server.strategy import Strategy
+from flwr.server.workflow import SecAggPlusWorkflow
+from flwr.server.workflow.constant import MAIN_CONFIGS_RECORD, MAIN_PARAMS_RECORD, Key
+from flwr.serverapp.grid import Grid
+
+from fl_app.server.client_failures import ClientFailure
+from strategies.wrapper import StrategyWrapper
+
+FitOutcome = tuple[Parameters | None, dict[str, Scalar],
+                   tuple[list[tuple[ClientProxy, FitRes]], list[Any]]]
+"""What Flower's `Server.fit_round` returns: parameters, metrics, (results, failures)."""
+
+
+def _brief(failure: object, keep: int = 200) -> str:
+    """A failure's text, its start and end only when long (a ClientApp's error carries its
+    whole traceback: what failed is at the start, the client's message at the end)."""
+    text = str(failure)
+    return text if len(text) <= 2 * keep else f"{text[:keep]} ... {text[-keep:]}"
+
+
+class AggregateOnly(StrategyWrapper):
+    """The strategy as the SecAgg+ workflow sees it: turns the unmasked mean update into
+    weights for `inner` and remembers the round's outcome for the server loop.
+
+    Raises RuntimeError if the results do not all carry the one aggregate (the workflow
+    would then have handed an individual update to the strategy).
+    """
+
+    def __init__(self, inner: Strategy) -> None:
+        super().__init__(inner)
+        self.sent: list[tuple[ClientProxy, Any]] = []
+        self.outcome: FitOutcome | None = None
+        self._reference: Parameters | None = None
+
+    def configure_fit(self, server_round: int, parameters: Parameters,
+                      client_manager: ClientManager) -> list[tuple[ClientProxy, Any]]:
+        """Delegate; remember the global model and the clients sent the round."""
+        self._reference = parameters
+        self.sent = self.inner.configure_fit(server_round, parameters, client_manager)
+        return self.sent
+
+    def aggregate_fit(self, server_round: int, results: list[tuple[ClientProxy, FitRes]],
+                      failures: list[tuple[ClientProxy, FitRes] | BaseException],
+                      ) -> tuple[Parameters | None, dict[str, Scalar]]:
+        """Hand `inner` the aggregate as weights (global model + mean update) in every
+        answering client's result; name the clients that dropped out as failures."""
+        if len({id(res.parameters) for _, res in results}) > 1:
+            raise RuntimeError("SecAgg+ handed the strategy more than one update")
+        for error in dict.fromkeys(_brief(f) for f in failures):  # Flower lists some twice
+            log(WARNING, "round %s: SecAgg+ message failed: %s", server_round, error)
+        answered = {proxy.cid for proxy, _ in results}
+        dropped: list[Any] = [
+            ClientFailure(proxy.cid, RuntimeError("dropped out of the SecAgg+ round"))
+            for proxy, _ in self.sent if proxy.cid not in answered]
+        if results and self._reference is not None:
+            weights = ndarrays_to_parameters([
+                (np.asarray(ref, dtype=np.float64) + update).astype(ref.dtype)
+                for ref, update in zip(parameters_to_ndarrays(self._reference),
+                                       parameters_to_ndarrays(results[0][1].parameters),
+                                       strict=True)])
+            for _, res in results:
+                res.parameters = weights
+        parameters, metrics = self.inner.aggregate_fit(server_round, results, dropped)
+        self.outcome = parameters, metrics, (results, dropped)
+        return parameters, metrics
+
+
+class SecAggPlusFit:
+    """Runs `FederatedServer`'s fit rounds through `workflow` (a `SecAggPlusWorkflow`)
+    over `grid`, with `context` the ServerApp's context."""
+
+    def __init__(self, workflow: SecAggPlusWorkflow, grid: Grid, context: Context) -> None:
+        self.workflow = workflow
+        self.grid = grid
+        self.context = context
+
+    def __call__(self, server: Server, server_round: int) -> FitOutcome | None:
+        """One SecAgg+ fit round from `server`'s global model with `server`'s strategy
+        and clients; None if the round halted (too few clients, or too many dropped out)."""
+        strategy = AggregateOnly(server.strategy)
+        ctx = self.context
+        legacy = LegacyContext(
+            Context(run_id=ctx.run_id, node_id=ctx.node_id, node_config=ctx.node_config,
+                    state=RecordDict(), run_config=ctx.run_config),
+            strategy=strategy, client_manager=server.client_manager())
+        legacy.state.array_records[MAIN_PARAMS_RECORD] = compat.parameters_to_arrayrecord(
+            server.parameters, keep_input=True)
+        legacy.state.config_records[MAIN_CONFIGS_RECORD] = ConfigRecord(
+            {Key.CURRENT_ROUND: server_round})
+        self.workflow(self.grid, legacy)
+        if strategy.outcome is None:
+            log(WARNING, "round %s: the SecAgg+ round halted before an aggregate (too few "
+                "clients, or more dropped out than the reconstruction threshold allows)",
+                server_round)
+        return strategy.outcome

@@ -1,0 +1,111 @@
+"""Secure aggregation settings, and the refusal of what cannot work without individual updates.
+
+Under secure aggregation (`secure-aggregation=secagg+`: Flower's SecAgg+, Bell et al., 2020,
+"Secure Single-Server Aggregation with (Poly)Logarithmic Overhead") the server never holds
+one client's update, only the sum of the round's updates. Every mechanism that looks at an
+individual update therefore cannot run: robust aggregators (Krum, Bulyan, median, trimmed
+mean), the outlier-norm check, the per-update caps, and server-side DP clipping.
+`needs_individual_updates(values)` lists those settings, and `refuse_individual_checks`
+raises one `ConfigError` naming them; other secure modes (homomorphic encryption) reuse both.
+
+What still holds: the aggregate's array count, shapes, dtypes and finiteness are checked by
+`ValidatedStrategy` as before; each honest client checks its own update (shapes, finite
+values) before masking it and clips it itself under `dp-client-fixed`; the server counts the
+clients whose masked vectors made it into the sum.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+from fl_app.schema import ConfigError, Scalar, Setting
+
+SECURE_MODES = ("none", "secagg+")
+ROBUST_STRATEGIES = ("krum", "bulyan", "fedmedian", "fedtrimmedavg")
+"""Registry names of aggregators that compare individual updates."""
+SERVER_CLIPPING_STRATEGIES = ("dp-fixed", "dp-adaptive", "dp-client-adaptive")
+"""DP wrappers that need each update (server-side clipping) or each client's clipping bit."""
+PER_UPDATE_CHECKS = ("outlier-norm-factor", "examples-cap-factor", "max-examples")
+"""Server-side checks of one update or one client's weight, by run-config key (0: off)."""
+
+SETTINGS = [
+    Setting("secure-aggregation", str, "none",
+            "Secure aggregation: 'none', or 'secagg+' (Flower's SecAgg+: the server sees only "
+            "the sum of the masked, quantized updates).", "secure", choices=SECURE_MODES),
+    Setting("secagg-num-shares", float, 1.0,
+            "SecAgg+: shares each client's secrets are split into: a fraction of the round's "
+            "clients if <= 1, else a count (> 2).", "secure", low=0.0, low_open=True),
+    Setting("secagg-reconstruction-threshold", float, 0.6,
+            "SecAgg+: shares needed to rebuild a secret: a fraction of the shares if <= 1, "
+            "else a count (< shares). Fewer colluding clients learn nothing; each client needs "
+            "this many neighbours alive for the round to finish.", "secure", low=0.0,
+            low_open=True),
+    Setting("secagg-clipping-range", float, 8.0,
+            "SecAgg+: each coordinate of a client's weighted update (n/max-weight times "
+            "w - w_global) is clamped to [-r, r] before quantization.", "secure", low=0.0,
+            low_open=True),
+    Setting("secagg-quantization-range", int, 4194304,
+            "SecAgg+: quantization levels Q over [-r, r] (step 2r/Q); k clients need k*Q < "
+            "2^32.", "secure", low=2, high=2 ** 31),
+    Setting("secagg-max-weight", float, 1000.0,
+            "SecAgg+: the example count that scales an update by 1; a client's update is "
+            "scaled by n/max-weight (keep n*max|w - w_global|/max-weight <= clipping range; "
+            "dp-client-fixed uses 1: its clients report n=1).",
+            "secure", low=0.0, low_open=True),
+]
+
+
+def needs_individual_updates(values: Mapping[str, Scalar]) -> list[str]:
+    """The settings in `values` that need the server to see individual client updates,
+    as `key='value'` strings (empty: everything configured works on an aggregate)."""
+    found = []
+    if values["strategy"] in (*ROBUST_STRATEGIES, *SERVER_CLIPPING_STRATEGIES):
+        found.append(f"strategy='{values['strategy']}'")
+    found += [f"{key}={values[key]}" for key in PER_UPDATE_CHECKS if values[key]]
+    return found
+
+
+def refuse_individual_checks(values: Mapping[str, Scalar], mode_key: str) -> None:
+    """Raise ConfigError naming every setting that needs individual updates, when the
+    secure mode under `mode_key` is on (not 'none')."""
+    mode = values[mode_key]
+    found = needs_individual_updates(values)
+    if mode == "none" or not found:
+        return
+    raise ConfigError(
+        f"run-config key(s) {', '.join(found)} cannot work with {mode_key}='{mode}': the "
+        "server sees only the sum of the clients' updates, never one update, so it cannot "
+        "compare, clip, reject or re-weight them; use a plain strategy (weighted-fedavg, "
+        "fedavg, fedadam, ...) or dp-client-fixed, and set those checks to 0")
+
+
+def check_config(values: Mapping[str, Scalar]) -> None:
+    """Refuse SecAgg+ combined with anything that needs individual updates, and ranges
+    whose sum could overflow the protocol's 2^32 modulus."""
+    refuse_individual_checks(values, "secure-aggregation")
+    if values["secure-aggregation"] == "none":
+        return
+    others = [f"{key}={values[key]!r}" for key in ("homomorphic-encryption", "compress-up",
+                                                    "compress-down") if values[key] != "none"]
+    if others:
+        raise ConfigError(f"run-config key(s) {', '.join(others)} cannot work with "
+                          "secure-aggregation='secagg+': SecAgg+ quantizes and masks the "
+                          "plain update itself; use one of them at a time")
+    shares, threshold = values["secagg-num-shares"], values["secagg-reconstruction-threshold"]
+    if shares > 1 and (shares != int(shares) or shares <= 2):
+        raise ConfigError(f"run-config key 'secagg-num-shares' ({shares:g}) must be a fraction "
+                          "<= 1 or a whole count > 2")
+    if threshold > 1 and (threshold != int(threshold) or (shares > 1 and threshold >= shares)):
+        raise ConfigError(
+            f"run-config key 'secagg-reconstruction-threshold' ({threshold:g}) must be a "
+            f"fraction <= 1 or a whole count below 'secagg-num-shares' ({shares:g})")
+    if shares <= 1 < threshold:
+        raise ConfigError(
+            "run-config key 'secagg-reconstruction-threshold' must be a fraction (<= 1) when "
+            "'secagg-num-shares' is a fraction: the share count is only known per round")
+
+
+def share_count(value: float) -> int | float:
+    """A share or threshold setting as Flower's SecAggPlusWorkflow takes it: a fraction
+    (float) if <= 1, else a count (int)."""
+    return float(value) if value <= 1 else int(value)
