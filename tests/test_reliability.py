@@ -101,7 +101,9 @@ def test_bad_update_is_rejected_and_aggregate_equals_good_clients(name, kind):
     rng = np.random.default_rng(7)
     global_model = random_model(rng)
     updates = _good_updates(global_model, rng)
-    good = [(IdleProxy(f"c{i}"), fit_res(a, n)) for i, (a, n) in enumerate(updates)]
+    # every client reports its local steps (FedNova normalises by them)
+    good = [(IdleProxy(f"c{i}"), fit_res(a, n, {"local_steps": 5}))
+            for i, (a, n) in enumerate(updates)]
     bad = (IdleProxy("bad"), bad_updates(global_model, updates[0][0])[kind])
 
     with_bad, metrics = _aggregate(name, global_model, [good[0], bad, *good[1:]])
