@@ -16,7 +16,14 @@ from collections.abc import Callable
 from flwr.server.strategy import Strategy
 
 from fl_app.schema import ConfigCheck, Setting, module_checks
-from strategies import context, dp, flower_builtins, validation, weighted_fedavg
+from strategies import (
+    context,
+    dp,
+    fedbuff,
+    flower_builtins,
+    validation,
+    weighted_fedavg,
+)
 from strategies.context import StrategyContext
 from strategies.protocols import PrivacyAccounting, find_layer
 from strategies.validated import ValidatedStrategy
@@ -45,7 +52,7 @@ _OWN_SETTINGS = [
             "DP strategies: the inner strategy given the privatized average (a non-DP "
             "registry name).", "privacy", choices=tuple(STRATEGIES)),
 ]
-_SETTING_MODULES = [context, validation, *STRATEGY_MODULES, *WRAPPER_MODULES]
+_SETTING_MODULES = [context, validation, *STRATEGY_MODULES, *WRAPPER_MODULES, fedbuff]
 
 SETTINGS: list[Setting] = [*_OWN_SETTINGS,
                            *(s for module in _SETTING_MODULES for s in module.SETTINGS)]
