@@ -125,8 +125,7 @@ class Step:
 
     def record(self) -> dict[str, Any]:
         """The version's fit statistics for history.json."""
-        return {**self.metrics, "num_updates": self.num_updates,
-                "staleness_mean": float(np.mean(self.staleness)),
+        return {**self.metrics, "staleness_mean": float(np.mean(self.staleness)),
                 "staleness_max": int(max(self.staleness)), "num_capped": self.num_capped}
 
 

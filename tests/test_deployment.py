@@ -4,7 +4,8 @@ with TLS and SuperNode authentication, each node on its own data file.
 One SuperLink serves the module (starting Flower's processes costs more than the rounds):
 a SuperNode whose key was never registered is refused (flwr 1.41: Flower's exit code 305,
 process exit status 1); three SuperNodes run 3 rounds of
-weighted-fedavg; then a fourth node whose data file is corrupt joins for a second run,
+weighted-fedavg, then 3 FedBuff versions (server-loop='fedbuff'); then a fourth node
+whose data file is corrupt joins for a further run,
 which finishes on the other three and records and logs the error naming that node and
 file. The run's results are private (mode 600/700: Flower's processes run with umask 077).
 When the module ends (pass or fail) every process is stopped, checked by pid.
@@ -165,6 +166,20 @@ def _worker_pids(cluster, node) -> set[str]:
 
 def _log_count(cluster, node, what: str) -> int:
     return (cluster.dep.root / "workers" / node.name / "sock.log").read_text().count(what)
+
+
+def test_fedbuff_runs_on_the_superlink(cluster):
+    run_config = cluster.local.run_config(
+        cluster.out / "fedbuff", "server-loop='fedbuff' num-server-rounds=3 "
+        "fedbuff-buffer-size=2 fraction-evaluate=0.0")
+    outcome = cluster.local.run_app(PROJECT_DIR, run_config, RUN_TIMEOUT)
+    rounds = _rounds(outcome)
+    assert [r["round"] for r in rounds] == [0, 1, 2, 3]
+    for record in rounds[1:]:
+        assert record["fit"]["num_clients"] == 2 and record["fit"]["num_failures"] == 0
+        assert record["fit"]["staleness_max"] >= 0
+    accuracy = [r["centralized"]["accuracy"] for r in rounds]
+    assert accuracy[-1] > accuracy[0] + 0.2, accuracy
 
 
 def test_corrupt_node_file_fails_that_node_only_and_is_named(cluster):

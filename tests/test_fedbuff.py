@@ -162,3 +162,13 @@ def test_node_config_slowdown_makes_a_slow_node_and_is_checked():
     for bad in (0.5, "fast", True):
         with pytest.raises(ConfigError, match="node-config key 'slowdown'"):
             node_slowdown({"slowdown": bad})
+
+
+def test_run_simulation_refuses_fedbuff_with_dp_before_starting(capsys):
+    from fl_app.cli import simulate
+
+    code = simulate.main(["--num-supernodes", "4",
+                          "--run-config", "server-loop='fedbuff' strategy='dp-fixed'"])
+    err = capsys.readouterr().err
+    assert code == 2 and err.startswith("error: ") and err.count("\n") == 1
+    assert "'server-loop'='fedbuff'" in err and "'strategy'='dp-fixed'" in err

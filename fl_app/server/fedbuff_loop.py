@@ -174,14 +174,17 @@ class FedBuffServer:
         count = min(len(idle), limit - len(busy))
         if count <= 0:
             return
-        chosen = [int(n) for n in self.rng.choice(idle, size=count, replace=False)]
+        # Indices, not the ids themselves: node ids are unsigned 64-bit and numpy would turn
+        # a mix of large and small ones into floats.
+        chosen = [idle[i] for i in self.rng.permutation(len(idle))[:count]]
         agg = self.aggregator
         ins = FitIns(ndarrays_to_parameters(agg.weights), self.fit_config(agg.version))
-        messages = [Message(compat.fitins_to_recorddict(ins, keep_input=True), dst_node_id=node,
-                            message_type=MessageType.TRAIN, group_id=str(agg.version),
-                            ttl=self.timeout) for node in chosen]
-        for message_id, node in zip(grid.push_messages(messages), chosen):
-            self.in_flight[message_id] = Dispatch(node, agg.version, agg.weights)
+        for node in chosen:
+            content = compat.fitins_to_recorddict(ins, keep_input=True)
+            message = Message(content, dst_node_id=node, message_type=MessageType.TRAIN,
+                              group_id=str(agg.version), ttl=self.timeout)
+            for message_id in grid.push_messages([message]):  # none if the node is gone
+                self.in_flight[message_id] = Dispatch(node, agg.version, agg.weights)
 
     def _receive(self, reply: Message, tally: Tally) -> bool:
         """Hand one reply to the aggregator; True if its update was accepted."""
