@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from flwr.server.strategy.aggregate import aggregate
 
-from fl_app.app.client_app import client_for
+from fl_app.app.local_client import client_for
 from fl_app.client.faults import SlowClient, assign_roles, node_slowdown, with_faults
 from fl_app.schema import ConfigError
 from fl_app.wire import round_config
@@ -146,7 +146,7 @@ def test_stragglers_are_a_seeded_role_that_leaves_the_other_roles_alone():
 def test_a_straggler_takes_slowdown_times_its_training_time():
     cfg = make_config(straggler_fraction=1.0, straggler_slowdown=3.0, local_epochs=1)
     client = client_for(cfg, {"partition-id": 0, "num-partitions": 4})
-    assert isinstance(client, SlowClient)
+    assert isinstance(client.inner, SlowClient)  # inside the TimedClient
     weights = client.get_parameters({})
     started = time.perf_counter()
     _, _, metrics = client.fit(weights, round_config(cfg, 1))
@@ -155,7 +155,7 @@ def test_a_straggler_takes_slowdown_times_its_training_time():
 
 def test_node_config_slowdown_makes_a_slow_node_and_is_checked():
     cfg = make_config()
-    honest = client_for(cfg, {"partition-id": 0, "num-partitions": 4})
+    honest = client_for(cfg, {"partition-id": 0, "num-partitions": 4}).inner
     assert with_faults(honest, cfg, {"slowdown": 1}) is honest
     slow = with_faults(honest, cfg, {"slowdown": 4.0})
     assert isinstance(slow, SlowClient) and slow.slowdown == 4.0

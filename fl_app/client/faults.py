@@ -31,6 +31,7 @@ import numpy as np
 from flwr.client import NumPyClient
 from flwr.common import NDArrays, Scalar
 
+from fl_app.client.delegating import DelegatingClient
 from fl_app.data.sources import ClientData, DataSpec, Split
 from fl_app.schema import ConfigError, Setting
 from fl_app.wire import SERVER_ROUND
@@ -143,12 +144,12 @@ def garbage(weights: NDArrays, num_examples: int, kind: str) -> tuple[NDArrays, 
     return weights, 0 if kind == "zero-examples" else -1
 
 
-class FaultyClient(NumPyClient):
+class FaultyClient(DelegatingClient):
     """Wraps an honest client and misbehaves according to `role` (see the module doc)."""
 
     def __init__(self, inner: NumPyClient, role: str, cfg: Mapping[str, Scalar],
                  partition_id: int) -> None:
-        self.inner = inner
+        super().__init__(inner)
         self.role = role
         self.cfg = cfg
         self.partition_id = partition_id
@@ -158,14 +159,6 @@ class FaultyClient(NumPyClient):
             raise RuntimeError(f"injected fault: client {self.partition_id} raises in {call}")
         if self.role == "stall":
             time.sleep(float(self.cfg["fault-stall-seconds"]))
-
-    def get_properties(self, config: dict[str, Scalar]) -> dict[str, Scalar]:
-        """The inner client's properties (faults strike in fit and evaluate only)."""
-        return self.inner.get_properties(config)
-
-    def get_parameters(self, config: dict[str, Scalar]) -> NDArrays:
-        """The inner client's weights."""
-        return self.inner.get_parameters(config)
 
     def fit(self, parameters: NDArrays,
             config: dict[str, Scalar]) -> tuple[NDArrays, int, dict[str, Scalar]]:
@@ -197,24 +190,16 @@ class FaultyClient(NumPyClient):
         return self.inner.evaluate(parameters, config)
 
 
-class SlowClient(NumPyClient):
+class SlowClient(DelegatingClient):
     """Wraps an honest client and makes it `slowdown` times slower: after each `fit` and
     `evaluate` it sleeps (slowdown - 1) times that call's measured duration."""
 
     def __init__(self, inner: NumPyClient, slowdown: float) -> None:
-        self.inner = inner
+        super().__init__(inner)
         self.slowdown = slowdown
 
     def _stretch(self, started: float) -> None:
         time.sleep((self.slowdown - 1.0) * (time.perf_counter() - started))
-
-    def get_properties(self, config: dict[str, Scalar]) -> dict[str, Scalar]:
-        """The inner client's properties."""
-        return self.inner.get_properties(config)
-
-    def get_parameters(self, config: dict[str, Scalar]) -> NDArrays:
-        """The inner client's weights."""
-        return self.inner.get_parameters(config)
 
     def fit(self, parameters: NDArrays,
             config: dict[str, Scalar]) -> tuple[NDArrays, int, dict[str, Scalar]]:

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from logging import INFO, WARNING
 from typing import Any
 
@@ -44,7 +44,7 @@ from flwr.supercore.task_identity import TaskIdentity
 
 from fl_app.server.runner import CheckpointCallback, ResumePoint, RoundCallback
 from fl_app.server.stopping import IDLE_STOP, StoppingRules
-from fl_app.wire import DATA_QUALITY_PREFIX
+from fl_app.wire import DATA_QUALITY_PREFIX, TIMING_PREFIX
 from strategies.fedbuff import FedBuffAggregator
 
 Evaluate = Callable[[int, NDArrays], "tuple[float, dict[str, Scalar]] | None"]
@@ -82,16 +82,25 @@ class Dispatch:
 class Tally:
     """What happened to arrivals since the last version."""
 
-    failures: list[dict[str, str]]
+    failures: list[dict[str, str]] = field(default_factory=list)
     num_rejected: int = 0
     num_stale: int = 0
+    timing: dict[str, list[float]] = field(default_factory=dict)
+
+    def add_timing(self, metrics: dict[str, Scalar]) -> None:
+        """Keep a reply's `time_*` metrics (`fl_app.client.timing`; recorded, not trusted)."""
+        for key, value in metrics.items():
+            if key.startswith(TIMING_PREFIX) and isinstance(value, (int, float)):
+                self.timing.setdefault(key.removeprefix(TIMING_PREFIX), []).append(float(value))
 
     def record(self) -> dict[str, Any]:
-        """The counts for the version's fit record."""
+        """The counts (and the clients' mean seconds per phase) for the version's record."""
         out: dict[str, Any] = {"num_failures": len(self.failures),
                                "num_rejected": self.num_rejected, "num_stale": self.num_stale}
         if self.failures:
             out["failures"] = self.failures
+        if self.timing:
+            out["timing"] = {phase: sum(v) / len(v) for phase, v in self.timing.items()}
         return out
 
 
@@ -199,8 +208,9 @@ class FedBuffServer:
         except Exception as err:  # a malformed reply from a broken client
             arrival_problem, staleness = f"the reply cannot be decoded: {err}", None
         else:
+            tally.add_timing(res.metrics)
             metrics = {k: v for k, v in res.metrics.items()
-                       if not k.startswith(DATA_QUALITY_PREFIX)}
+                       if not k.startswith((DATA_QUALITY_PREFIX, TIMING_PREFIX))}
             arrival = self.aggregator.add(arrays, res.num_examples, base_version=sent.version,
                                           base_weights=sent.weights, metrics=metrics)
             arrival_problem, staleness = arrival.problem, arrival.staleness
@@ -228,9 +238,10 @@ class FedBuffServer:
 
     def _new_version(self, tally: Tally, since: float) -> str | None:
         step = self.aggregator.apply()
+        # The server's counts come last: no client-reported metric may overwrite them.
         record: dict[str, Any] = {"round": step.version,
-                                  "fit": {"num_clients": step.num_updates, **tally.record(),
-                                          **step.record()}}
+                                  "fit": {**step.record(), "num_clients": step.num_updates,
+                                          **tally.record()}}
         centralized = self._centralized()
         if centralized:
             record["centralized"] = centralized
@@ -258,7 +269,7 @@ class FedBuffServer:
     def _loop(self, grid: Grid) -> str:
         idle_limit = self.stopping.max_idle_rounds * self.aggregator.buffer_size
         idle_arrivals = 0
-        tally, since = Tally([]), time.perf_counter()
+        tally, since = Tally(), time.perf_counter()
         while True:
             self._dispatch(grid)
             replies = list(grid.pull_messages(list(self.in_flight)))
@@ -273,4 +284,4 @@ class FedBuffServer:
                     reason = self._new_version(tally, since)
                     if reason:
                         return reason
-                    tally, since = Tally([]), time.perf_counter()
+                    tally, since = Tally(), time.perf_counter()
