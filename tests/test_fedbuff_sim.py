@@ -10,6 +10,7 @@ import pytest
 from fl_app.cli import simulate
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
+NODES = ["--num-supernodes", "4", "--num-cpus-per-client", "0.5"]
 CONFIG = ("server-loop='fedbuff' local-epochs=1 fedbuff-buffer-size=2 fraction-evaluate=0 "
           "straggler-fraction=0.25 straggler-slowdown=4 min-available-clients=4")
 
@@ -20,8 +21,7 @@ def _history(folder) -> dict:
 
 def test_fedbuff_with_a_straggler_completes_records_staleness_and_resumes(tmp_path):
     out = tmp_path / "run"
-    assert simulate.main(["--num-supernodes", "4", "--num-cpus-per-client", "0.5",
-                          "--run-config", f"{CONFIG} num-server-rounds=3",
+    assert simulate.main([*NODES, "--run-config", f"{CONFIG} num-server-rounds=3",
                           "--out", str(out)]) == 0
     history = _history(out)
     rounds = history["rounds"]
@@ -37,7 +37,8 @@ def test_fedbuff_with_a_straggler_completes_records_staleness_and_resumes(tmp_pa
     assert max(r["fit"]["staleness_max"] for r in rounds[1:]) >= 1
     assert rounds[-1]["centralized"]["accuracy"] > rounds[0]["centralized"]["accuracy"] + 0.2
 
-    assert simulate.main(["--resume", str(out), "--run-config", "num-server-rounds=5"]) == 0
+    assert simulate.main([*NODES, "--resume", str(out),
+                          "--run-config", "num-server-rounds=5"]) == 0
     resumed = _history(out)
     assert resumed["resumed_after"] == [3]
     assert [r["round"] for r in resumed["rounds"]] == [0, 1, 2, 3, 4, 5]

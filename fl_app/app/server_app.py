@@ -52,7 +52,6 @@ def centralized_evaluator(trainer: KerasTrainer, test: Split) -> EvaluateFn:
 class RunParts:
     """What both server loops build from a resolved config."""
 
-    trainer: KerasTrainer
     initial_weights: NDArrays
     evaluate: EvaluateFn
     recorder: RunRecorder
@@ -79,7 +78,7 @@ def run_parts(cfg: RunConfig) -> RunParts:
         min_delta=float(cfg["min-delta"]), target=float(cfg["target"]),
         max_idle_rounds=int(cfg["max-idle-rounds"]), metric_names=monitored_names(trainer),
         directions=trainer.metric_directions())
-    return RunParts(trainer, initial_weights, centralized_evaluator(trainer, source.test_set()),
+    return RunParts(initial_weights, centralized_evaluator(trainer, source.test_set()),
                     recorder, Checkpointer(cfg, out_dir, lambda: recorder.history), stopping,
                     checkpoint)
 
