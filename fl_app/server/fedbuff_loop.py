@@ -13,7 +13,9 @@ history.json record (`round` = version, `seconds` since the previous version, `f
 the version's update, failure, rejection and staleness counts), the stopping rules and a
 checkpoint. A checkpoint is written right after a version is made, when the buffer is
 empty, so a resumed run loses only the training in flight at the crash; it restarts the
-clients from the checkpointed version. Clients run no distributed evaluation here.
+clients from the checkpointed version. Clients run no distributed evaluation here. When
+the run stops, its results are written, then the loop waits for the clients still
+training (their updates discarded) so that none answers a finished run.
 """
 
 from __future__ import annotations
@@ -49,6 +51,7 @@ from strategies.fedbuff import FedBuffAggregator
 
 Evaluate = Callable[[int, NDArrays], "tuple[float, dict[str, Scalar]] | None"]
 PULL_INTERVAL = 0.05  # seconds between polls for replies
+DRAIN_SECONDS = 300.0  # the longest wait for clients in flight at the end of a run
 
 
 def bind_task_identity(grid: Grid) -> None:
@@ -248,9 +251,11 @@ class FedBuffServer:
         record["seconds"] = time.perf_counter() - since
         self.on_round(record, ndarrays_to_parameters(self.aggregator.weights))
         reason = self.stopping.after_round(record, step.num_updates)
+        # As in the synchronous loop, only a stopping rule marks the checkpoint stopped: a
+        # run that reached num-server-rounds continues when resumed with more.
+        self._checkpoint(reason)
         if reason is None and step.version >= self.num_versions:
             reason = "num-server-rounds"
-        self._checkpoint(reason)
         return reason
 
     def run(self, grid: Grid) -> str:
@@ -264,7 +269,20 @@ class FedBuffServer:
             stopped = self._loop(grid)
         log(INFO, "run stopped: %s", stopped)
         self.on_finish(stopped, ndarrays_to_parameters(self.aggregator.weights))
+        self._drain(grid)
         return stopped
+
+    def _drain(self, grid: Grid) -> None:
+        """Wait for the clients still training (their updates are discarded), so that none
+        answers a finished run; at most `timeout` seconds (`DRAIN_SECONDS` without one)."""
+        deadline = time.monotonic() + (self.timeout or DRAIN_SECONDS)
+        while self.in_flight and time.monotonic() < deadline:
+            for reply in grid.pull_messages(list(self.in_flight)):
+                self.in_flight.pop(reply.metadata.reply_to_message_id, None)
+            time.sleep(PULL_INTERVAL)
+        if self.in_flight:
+            log(WARNING, "FedBuff: %s client(s) still training when the run ended",
+                len(self.in_flight))
 
     def _loop(self, grid: Grid) -> str:
         idle_limit = self.stopping.max_idle_rounds * self.aggregator.buffer_size
