@@ -3,7 +3,7 @@
     python scripts/fedbuff_benchmark.py        # digits, 10 clients, 30% of them 10x slower
 
 Both runs use the same workload (digits, MLP, `--clients` simulated clients on Flower's
-simulation engine, `--straggler-fraction` of them `--slowdown` times slower, no
+simulation engine, `--slow-client-fraction` of them `--slowdown` times slower, no
 distributed evaluation) and the same seed. First synchronous `weighted-fedavg` runs
 `--rounds` rounds; its last round's centralized accuracy is the target. Then FedBuff
 (`server-loop='fedbuff'`) runs until it reaches that accuracy (`target`) or makes
@@ -44,7 +44,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--rounds", type=int, default=10, help="synchronous rounds (10)")
     parser.add_argument("--max-versions", type=int, default=300,
                         help="FedBuff: most model versions before giving up (300)")
-    parser.add_argument("--straggler-fraction", type=float, default=0.3)
+    parser.add_argument("--slow-client-fraction", type=float, default=0.3)
     parser.add_argument("--slowdown", type=float, default=10.0)
     parser.add_argument("--buffer-size", type=int, default=3, help="FedBuff K (3)")
     parser.add_argument("--concurrency", type=int, default=0,
@@ -62,7 +62,7 @@ def common_config(args: argparse.Namespace) -> str:
     # FedBuff always does, so neither run's wall time counts the actors' start-up.
     return (f"seed={args.seed} local-epochs={args.local_epochs} fraction-evaluate=0 "
             f"round-timeout=1800 "
-            f"straggler-fraction={args.straggler_fraction} straggler-slowdown={args.slowdown} "
+            f"slow-client-fraction={args.slow_client_fraction} slow-client-slowdown={args.slowdown} "
             f"min-available-clients={args.clients}")
 
 
@@ -124,7 +124,7 @@ def main(argv: list[str] | None = None) -> int:
     rows = [("weighted-fedavg (sync)", sync, sync_points, f"{args.rounds} rounds"),
             (f"fedbuff K={args.buffer_size}", buff, buff_points,
              f"{len(buff_points) - 1} versions")]
-    print(f"\n{args.clients} clients on digits, {args.straggler_fraction:.0%} of them "
+    print(f"\n{args.clients} clients on digits, {args.slow_client_fraction:.0%} of them "
           f"{args.slowdown:g}x slower, local-epochs {args.local_epochs}, seed {args.seed}")
     print(f"| strategy | final accuracy | wall time (s) | time to {sync_final:.4f} (s) "
           "| with start-up (s) | length |")

@@ -134,17 +134,17 @@ def test_fedbuff_refuses_round_based_checks_and_distributed_monitors():
 
 def test_stragglers_are_a_seeded_role_that_leaves_the_other_roles_alone():
     base = make_config(attack="sign-flip", attack_fraction=0.2)
-    slow = base.replace(straggler_fraction=0.3)
+    slow = base.replace(slow_client_fraction=0.3)
     roles = assign_roles(slow, 10)
     assert sorted(roles.values()).count("straggler") == 3
     assert {p: r for p, r in roles.items() if r != "straggler"} == assign_roles(base, 10)
     assert assign_roles(slow.replace(seed=7), 10) != roles
-    with pytest.raises(ConfigError, match="straggler-fraction"):
-        make_config(attack="sign-flip", attack_fraction=0.8, straggler_fraction=0.3)
+    with pytest.raises(ConfigError, match="slow-client-fraction"):
+        make_config(attack="sign-flip", attack_fraction=0.8, slow_client_fraction=0.3)
 
 
 def test_a_straggler_takes_slowdown_times_its_training_time():
-    cfg = make_config(straggler_fraction=1.0, straggler_slowdown=3.0, local_epochs=1)
+    cfg = make_config(slow_client_fraction=1.0, slow_client_slowdown=3.0, local_epochs=1)
     client = client_for(cfg, {"partition-id": 0, "num-partitions": 4})
     assert isinstance(client.inner, SlowClient)  # inside the TimedClient
     weights = client.get_parameters({})

@@ -12,7 +12,7 @@ from fl_app.cli import simulate
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
 NODES = ["--num-supernodes", "4", "--num-cpus-per-client", "0.5"]
 CONFIG = ("server-loop='fedbuff' local-epochs=1 fedbuff-buffer-size=2 fraction-evaluate=0 "
-          "straggler-fraction=0.25 straggler-slowdown=4 min-available-clients=4")
+          "slow-client-fraction=0.25 slow-client-slowdown=4 min-available-clients=4")
 
 
 def _history(folder) -> dict:

@@ -4,7 +4,7 @@ Each simulated client gets at most one role, fixed for the whole run and derived
 the run's `seed` and the client's partition id: the partition ids are shuffled with the
 seed and the first ones become, in this order, clients that raise, stall, return NaN,
 return garbage, then attackers (`attack-fraction` of `attack`), then stragglers
-(`straggler-fraction`); counts are the fractions of the number of partitions, rounded half
+(`slow-client-fraction`); counts are the fractions of the number of partitions, rounded half
 up. Roles:
 
 * `raise`: `fit` and `evaluate` raise an error (a crashing client).
@@ -16,7 +16,7 @@ up. Roles:
 * attackers (`fit` only): `sign-flip` sends the global weights minus `attack-scale` times
   its update, `scale` plus `attack-scale` times its update, `gaussian` the global weights
   plus N(0, `attack-noise-std`^2) noise, `label-flip` trains honestly on labels c -> C-1-c.
-* `straggler`: an honest client that runs `straggler-slowdown` times slower: after each
+* `straggler`: an honest client that runs `slow-client-slowdown` times slower: after each
   `fit` and `evaluate` it sleeps (slowdown - 1) times the call's measured duration, so its
   wall time is `slowdown` times its own. In deployment, node-config `slowdown` makes one
   node such a client (`SlowClient`), whatever the fault keys say.
@@ -68,9 +68,9 @@ SETTINGS = [
     Setting("attack-noise-std", float, 1.0,
             "gaussian attack: standard deviation of the noise sent as the update.", "faults",
             low=0.0, low_open=True),
-    _fraction("straggler-fraction",
-              "are stragglers (honest, straggler-slowdown times slower in fit and evaluate)"),
-    Setting("straggler-slowdown", float, 10.0,
+    _fraction("slow-client-fraction",
+              "are stragglers (honest, slow-client-slowdown times slower in fit and evaluate)"),
+    Setting("slow-client-slowdown", float, 10.0,
             "Stragglers' slowdown N: each fit/evaluate then sleeps N-1 times its measured "
             "duration, so it takes N times as long (deployment: node-config `slowdown`).",
             "faults", low=1.0),
@@ -79,7 +79,7 @@ SETTINGS = [
 
 def _fractions(cfg: Mapping[str, Scalar]) -> dict[str, float]:
     keys = [*FAULT_KEYS.values(), *(["attack-fraction"] if cfg["attack"] != "none" else []),
-            "straggler-fraction"]
+            "slow-client-fraction"]
     return {key: float(cfg[key]) for key in keys}
 
 
@@ -238,19 +238,19 @@ def with_faults(client: NumPyClient, cfg: Mapping[str, Scalar],
     if slowdown > 1.0:
         return SlowClient(client, slowdown)
     roles_configured = any(cfg[key] for key in FAULT_KEYS.values()) or (
-        cfg["attack"] != "none" and cfg["attack-fraction"] > 0) or cfg["straggler-fraction"] > 0
+        cfg["attack"] != "none" and cfg["attack-fraction"] > 0) or cfg["slow-client-fraction"] > 0
     if not roles_configured:
         return client
     if "partition-id" not in node_config:
         raise ConfigError("fault injection, attacks and stragglers (fault-*, attack-*, "
-                          "straggler-*) are for simulation: this node has no 'partition-id' in "
+                          "slow-client-*) are for simulation: this node has no 'partition-id' in "
                           "its node-config (use node-config 'slowdown' for a slow node)")
     partition_id = int(node_config["partition-id"])
     role = assign_roles(cfg, int(node_config["num-partitions"])).get(partition_id)
     if role is None:
         return client
     if role == STRAGGLER:
-        return SlowClient(client, float(cfg["straggler-slowdown"]))
+        return SlowClient(client, float(cfg["slow-client-slowdown"]))
     if role == "label-flip":
         data: ClientData = client.data
         client.data = ClientData(flip_labels(data.train, client.trainer.spec), data.val,
