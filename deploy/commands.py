@@ -107,13 +107,23 @@ def supernode(dep: Deployment, node: NodeFiles, home: Path, superlink_address: s
 
 
 def node_config(dep: Deployment, node: NodeFiles, use_worker: bool = True) -> str:
-    """`node`'s `--node-config`: its data file, and its worker's socket and key file."""
+    """`node`'s `--node-config`: its data file, its worker's socket and key file, and (under
+    homomorphic encryption) its secret key file."""
     pairs = [f"data-path={config_string(str(node.data))}"]
+    if dep.he_key(node).is_file():
+        pairs.append(f"he-key-file={config_string(str(dep.he_key(node)))}")
     if use_worker:
         sock, key = worker_files(dep, node)
         pairs += [f"worker-socket={config_string(str(sock))}",
                   f"worker-authkey-file={config_string(str(key))}"]
     return " ".join(pairs)
+
+
+def he_run_config(dep: Deployment) -> str:
+    """The `--run-config` naming the ServerApp's public context, when the deployment uses
+    homomorphic encryption (else empty)."""
+    path = dep.he_public_context
+    return f"he-public-context={config_string(str(path))}" if path.is_file() else ""
 
 
 def register(dep: Deployment, node: NodeFiles, cli_home: Path) -> Command:

@@ -1,7 +1,7 @@
 """Launch a whole deployment on this machine: 1 SuperLink + N SuperNodes, then `flwr run`.
 
     python -m deploy.launch --dir DIR [--num-nodes N [--partitioner NAME]]
-        [--run-config "k=v ..."] [--out OUT] [--timeout SECONDS] [--no-workers] [--quiet]
+        [--run-config "k=v ..."] [--out OUT] [--timeout SECONDS] [--no-workers] [--verbose]
 
 DIR is a folder made by `python -m deploy.prepare` (with `--num-nodes` it is prepared
 first if it holds no deployment yet) that holds every node's private key: a one-machine
@@ -12,7 +12,8 @@ SuperNode per node (its own key and data file) with its long-lived worker next t
 (`fl_app.app.worker`: TensorFlow, the data and the model stay loaded across messages; a
 Unix socket and key in DIR/workers/<node>/; `--no-workers`: none), and the `flwr` CLI that registers the
 nodes' public keys, submits the run (`flwr run . <connection>` from the project folder)
-and streams its log. The results (history.json, final_model.keras, plots) land in OUT
+and streams its log (the ServerApp's progress lines only; `--verbose`: also the
+SuperLink's, SuperNodes' and workers' output and Flower's own INFO lines). The results (history.json, final_model.keras, plots) land in OUT
 (default DIR/results); the logs of every process in DIR/launch/logs. Every file written
 is mode 600 and every folder mode 700 (the processes run with umask 077), and the
 SuperLink keeps its state in memory, so the messages it relays (the clients' model
@@ -262,7 +263,8 @@ class LocalDeployment:
     def run_config(self, out_dir: Path, extra: str = "") -> list[str]:
         """The run's `--run-config`s, later ones overriding earlier ones: wait for every
         node, the prepared keys, `extra`, and `out-dir`."""
-        return [f"min-available-clients={len(self.dep.nodes)}", self.dep.run_config, extra,
+        return [f"min-available-clients={len(self.dep.nodes)}",
+                commands.he_run_config(self.dep), self.dep.run_config, extra,
                 f"out-dir={commands.config_string(str(out_dir))}"]
 
     def run_app(self, project_dir: Path, run_configs: list[str], timeout: float) -> RunOutcome:
@@ -348,7 +350,7 @@ def check_node_data(dep: Deployment, project_dir: Path, run_config: str = "") ->
 
 def launch(dep: Deployment, project_dir: Path, out_dir: Path, run_config: str = "",
            timeout: float = 1800.0, echo: Echo | None = print,
-           echo_nodes: bool = True, workers: bool = True) -> tuple[RunOutcome, dict[str, int]]:
+           echo_nodes: bool = False, workers: bool = True) -> tuple[RunOutcome, dict[str, int]]:
     """Start the SuperLink and every SuperNode, run the app, stop everything.
 
     Refuses (before starting anything) a folder without every node's private key or with a
@@ -396,8 +398,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--no-workers", action="store_true",
                         help="no long-lived worker per node: every ClientApp process imports "
                              "TensorFlow, loads the data and builds the model itself")
-    parser.add_argument("--quiet", action="store_true",
-                        help="stream only the run's log, not the SuperLink's and SuperNodes'")
+    parser.add_argument("--verbose", action="store_true",
+                        help="also stream the SuperLink's, SuperNodes' and workers' logs, and "
+                             "Flower's own lines in the run's log (verbose=true)")
     return parser.parse_args(argv)
 
 
@@ -430,8 +433,9 @@ def main(argv: list[str] | None = None) -> int:
         dep = _load_or_prepare(args)
         out_dir = args.out or dep.root / "results"
         start = time.perf_counter()
+        run_config = f"{args.run_config} verbose=true" if args.verbose else args.run_config
         outcome, node_ids = launch(dep, (args.project or PROJECT_DIR).resolve(), out_dir,
-                                   args.run_config, args.timeout, echo_nodes=not args.quiet,
+                                   run_config, args.timeout, echo_nodes=args.verbose,
                                    workers=not args.no_workers)
         seconds = time.perf_counter() - start
     except (DeploymentError, ConfigError, DataError) as err:

@@ -8,6 +8,10 @@ DIR/keys/node-i.pub        SuperNode i's public key (registration)
 DIR/keys/node-i            its private key (node i only); absent when node i made its own
                            key pair (`deploy.prepare --node-public-keys`, `deploy.node_key`)
 DIR/data/node-i.npz|.csv   SuperNode i's own data (node i only)
+DIR/he/node-i.ckks         homomorphic-encryption=ckks: the nodes' shared secret key, node
+                           i's copy (node i only; its node-config `he-key-file`)
+DIR/he/public_context.ckks the public context, without the secret key (the ServerApp's
+                           `he-public-context`)
 DIR/flwr-home/config.toml  the flwr CLI's SuperLink connection (FLWR_HOME for `flwr ...`)
 DIR/launch/logs/           the process logs of `deploy.launch`
 ```
@@ -78,6 +82,15 @@ class Deployment:
     def server_key(self) -> Path:
         """The SuperLink's TLS private key."""
         return self.root / "certs" / "server.key"
+
+    @property
+    def he_public_context(self) -> Path:
+        """homomorphic-encryption=ckks: the public context the ServerApp gets."""
+        return self.root / "he" / "public_context.ckks"
+
+    def he_key(self, node: NodeFiles) -> Path:
+        """homomorphic-encryption=ckks: `node`'s copy of the nodes' shared secret key."""
+        return self.root / "he" / f"{node.name}.ckks"
 
     @property
     def cli_home(self) -> Path:

@@ -40,9 +40,10 @@ from fl_app.app.config import check_num_clients
 from fl_app.cli.simulate import PROJECT_DIR, load_run_config
 from fl_app.data.sources import DataError, data_source
 from fl_app.schema import ConfigError, RunConfig
+from strategies import ckks
 
 DATA_FORMATS = ("npz", "csv")
-SECRETS = (MANIFEST, "certs", "keys")  # what a second `prepare` would silently replace
+SECRETS = (MANIFEST, "certs", "keys", "he")  # what a second `prepare` would silently replace
 
 
 def write_node_data(cfg: RunConfig, num_nodes: int, data_dir: Path, fmt: str) -> list[Path]:
@@ -70,6 +71,23 @@ def write_node_data(cfg: RunConfig, num_nodes: int, data_dir: Path, fmt: str) ->
                            fmt=["%.8g"] * flat.shape[1] + ["%d"])
         paths.append(path)
     return paths
+
+
+def write_he_keys(dep: Deployment) -> None:
+    """homomorphic-encryption=ckks: one new CKKS key, a copy of the secret context per node
+    and the public context (without the secret key) for the ServerApp; all 0600, in `he/`
+    (0700). In a real deployment only node i receives `he/node-i.ckks`, and the copies are
+    deleted here once handed over."""
+    folder = dep.he_public_context.parent
+    if folder.exists():  # a --force'd folder: the old key goes
+        for old in folder.iterdir():
+            old.unlink()
+    files.private_dir(folder)
+    ctx = ckks.new_secret_context()
+    files.write_private(dep.he_public_context, ckks.public_bytes(ctx))
+    secret = ckks.secret_bytes(ctx)
+    for node in dep.nodes:
+        files.write_private(dep.he_key(node), secret)
 
 
 def check_fresh(root: Path) -> None:
@@ -146,6 +164,8 @@ def prepare(out: Path, num_nodes: int, run_config: str, server_hosts: list[str],
         public = files.write_private(key.with_name(key.name + ".pub"), public_keys[i])
         nodes.append(NodeFiles(f"node-{i}", None, data, public))
     dep = Deployment(root, tuple(nodes), run_config, server_hosts[0], port)
+    if cfg["homomorphic-encryption"] == "ckks":
+        write_he_keys(dep)
     commands.write_connection(dep.cli_home, superlink_address(dep), dep.ca_cert)
     dep.save()
     return dep
@@ -202,7 +222,8 @@ def instructions(dep: Deployment, project_dir: Path = PROJECT_DIR) -> str:
                    "its ClientApps start it themselves if it is not running). Pass "
                    "--parent-pid <the SuperNode's pid> to stop it with the SuperNode:")]
     lines += [commands.worker(dep, node).shell(cwd=project_dir) for node in dep.nodes]
-    run_configs = [f"min-available-clients={len(dep.nodes)}", dep.run_config]
+    run_configs = [f"min-available-clients={len(dep.nodes)}", commands.he_run_config(dep),
+                   dep.run_config]
     lines += ["", "# 4. Run the app and stream the ServerApp's log (results go to out-dir, "
               "on the SuperLink's machine):",
               commands.run_app(dep.cli_home, run_configs, stream=True).shell(cwd=project_dir)]

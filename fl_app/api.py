@@ -4,7 +4,9 @@
     history = run(model, x, y, num_clients=10, partitioner="dirichlet", num_server_rounds=20)
 
 It runs the same simulation as `run_simulation.py` (same config schema, checks, outputs:
-history.json, final_model.keras, plots in `out_dir`) and returns the history. The model
+history.json, history.csv, final_model.keras, plots in `out_dir`) and returns the history;
+`callbacks` (`fl_app.server.callbacks.Callback` subclasses) get every round's record as
+the run goes. The model
 (compiled) and the arrays are handed to the simulated clients through a private temporary
 folder (0700, deleted afterwards): a model with custom layers or losses needs them
 registered with `@keras.saving.register_keras_serializable` in an importable module.
@@ -13,7 +15,8 @@ registered with `@keras.saving.register_keras_serializable` in an importable mod
 from __future__ import annotations
 
 import tempfile
-from collections.abc import Mapping
+import time
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +26,7 @@ from fl_app.app.config import check_num_clients, defaults, resolve
 from fl_app.cli.simulate import parse_args, simulate
 from fl_app.cli.summary import print_summary
 from fl_app.schema import Scalar
+from fl_app.server.callbacks import Callback
 from fl_app.server.outputs import private_files, read_history, resolve_out_dir
 
 
@@ -32,16 +36,20 @@ def _kebab(config: Mapping[str, Scalar]) -> dict[str, Scalar]:
 
 
 def run(model: Any, x: np.ndarray, y: np.ndarray, *, num_clients: int = 10,
-        out_dir: str | Path = "", **config: Scalar) -> dict[str, Any]:
+        out_dir: str | Path = "", callbacks: Sequence[Callback] = (),
+        **config: Scalar) -> dict[str, Any]:
     """Train `model` federatedly over `num_clients` simulated clients that share `(x, y)`.
 
     `model` is a compiled `keras.Model` or any `model` key value (builder name, `.keras`
     path, `package.module:function`). `x` holds the features (one row per example), `y`
     the targets; the server holds out `test_fraction` of them and the configured
     partitioner splits the rest. `config` takes any run-config key in Python spelling
-    (`num_server_rounds=20`, `partitioner="dirichlet"`). Raises ConfigError, DataError or
+    (`num_server_rounds=20`, `partitioner="dirichlet"`, `tensorboard=True`). `callbacks`
+    get `on_run_begin`, `on_round_end(server_round, record)` per round and `on_run_end`
+    (see `fl_app.server.callbacks`). Raises ConfigError, DataError or
     ModelError (as `run_simulation.py` would print them) before any training.
     """
+    started_at = time.time()
     from fl_app.app.preflight import checked_trainer  # imports TensorFlow
 
     with tempfile.TemporaryDirectory(prefix="fl-keras-") as folder:  # created 0700
@@ -56,6 +64,7 @@ def run(model: Any, x: np.ndarray, y: np.ndarray, *, num_clients: int = 10,
                        "model": model_value, "out-dir": str(out)})
         check_num_clients(cfg, num_clients)
         checked_trainer(cfg)
-        seconds = simulate(cfg, parse_args(["--num-supernodes", str(num_clients)]))
+        seconds = simulate(cfg, parse_args(["--num-supernodes", str(num_clients)]),
+                           callbacks, started_at)
     print_summary(out, seconds)
     return read_history(out)

@@ -7,6 +7,7 @@ it, and the app layer (`fl_app.app.config`) collects them into the app's one `Sc
 
 from __future__ import annotations
 
+import difflib
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Union
@@ -16,8 +17,18 @@ ConfigCheck = Callable[[Mapping[str, Scalar]], None]
 """A cross-key rule: takes every key's value, raises ConfigError naming the keys at fault."""
 
 
+KEYS_LISTED_AT = "pyproject.toml [tool.flwr.app.config] and the README's table list every key"
+
+
 class ConfigError(ValueError):
     """A run-config value is unknown, mistyped or out of range (raised before training)."""
+
+
+def did_you_mean(word: str, candidates: Iterable[str], n: int = 1) -> str:
+    """`"; did you mean 'x'?"` naming the closest of `candidates` to a misspelt `word` (at
+    most `n` of them, by difflib's similarity >= 0.6), or "" when none is that close."""
+    close = difflib.get_close_matches(word, [str(c) for c in candidates], n=n)
+    return f"; did you mean {' or '.join(repr(c) for c in close)}?" if close else ""
 
 
 @dataclass(frozen=True)
@@ -80,9 +91,10 @@ class Setting:
         in_choices = allowed is not None and value in allowed
         passes_check = self.check is not None and self.check(value)
         if (allowed is not None or self.check is not None) and not (in_choices or passes_check):
+            hint = did_you_mean(str(value), allowed) if allowed and isinstance(value, str) else ""
             raise ConfigError(
                 f"run-config key '{self.key}' has invalid value {value!r}; "
-                f"allowed: {self.describe_range()}"
+                f"allowed: {self.describe_range()}{hint}"
             )
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             too_low = self.low is not None and (
@@ -126,10 +138,9 @@ class Schema:
         """
         unknown = sorted(set(raw) - set(self.settings))
         if unknown:
-            raise ConfigError(
-                f"unknown run-config key(s): {', '.join(repr(k) for k in unknown)}; "
-                f"known keys: {', '.join(sorted(self.settings))}"
-            )
+            named = "; ".join(f"unknown run-config key {key!r}"
+                              f"{did_you_mean(key, self.settings)}" for key in unknown)
+            raise ConfigError(f"{named} ({KEYS_LISTED_AT})")
         values = {key: s.coerce(raw[key]) if key in raw else s.default
                   for key, s in self.settings.items()}
         for check in self.checks:

@@ -2,7 +2,8 @@
 
 Both sides import these names from here, so neither imports the other: the server sends
 `round_config` in every `FitIns`, asks each client for its `CLIENT_KEY` property, and
-reads the DP keys back from the client's fit metrics. The clipping keys are the ones
+reads the DP keys back from the client's fit metrics. With update compression, the
+fit config names the codec the client encodes its update with (`fl_app.codecs`). The clipping keys are the ones
 Flower's `fixedclipping_mod`/`adaptiveclipping_mod` use, and `KEY_PROXIMAL_MU` is the one
 Flower's FedProx sends, so our clients work with Flower's strategies and mods.
 """
@@ -18,9 +19,15 @@ ROUND_KEYS = ("local-epochs", "batch-size", "learning-rate")  # run-config keys 
 CLIENT_KEY = "client-key"  # get_properties: a name for this client that is stable across runs
 KEY_PROXIMAL_MU = "proximal_mu"  # fit config (Flower's FedProx): weight of the proximal term
 KEY_CLIPPING_NORM = "clipping_norm"  # fit config: the clip norm C for this round (float)
+KEY_HE_ENCRYPTED = "he-encrypted"  # fit/evaluate config: the parameters are the CKKS aggregate
 KEY_NORM_BIT = "norm_bit"  # fit metrics: True when the client's update had to be clipped
+KEY_STRAGGLER_EPOCHS = "straggler-epochs"  # fit config: a straggler's partial epochs (int)
+KEY_LOCAL_STEPS = "local_steps"  # fit metrics: local optimizer steps taken (FedNova's tau)
 DATA_QUALITY_PREFIX = "data_"  # fit metrics: the client's data-quality report (data_rows, ...)
 TIMING_PREFIX = "time_"  # fit metrics: seconds the message spent per phase (time_training, ...)
+KEY_COMPRESS_UP = "compress-up"  # fit config: the codec the client encodes its update with
+KEY_COMPRESS_TOP_K = "compress-top-k"  # fit config: the fraction of entries top-k keeps
+KEY_ERROR_FEEDBACK = "error-feedback"  # fit config: carry the encoding error to next round
 
 
 def round_config(cfg: Mapping[str, Scalar], server_round: int) -> dict[str, Scalar]:

@@ -112,10 +112,10 @@ def _env(cwd: Path) -> dict[str, str]:
 
 def launch_argv(folder: Path, rounds: int, num_nodes: int, out: Path, *, workers: bool,
                 project: Path | None = None) -> list[str]:
-    """`python -m deploy.launch` for one deployment run (`--quiet`)."""
+    """`python -m deploy.launch` for one deployment run."""
     argv = [sys.executable, "-m", "deploy.launch", "--dir", str(folder), "--num-nodes",
             str(num_nodes), "--run-config", f"num-server-rounds={rounds}", "--out", str(out),
-            "--timeout", "3600", "--quiet"]
+            "--timeout", "3600"]
     return (argv + ([] if workers else ["--no-workers"])
             + ([] if project is None else ["--project", str(project)]))
 

@@ -39,7 +39,7 @@ from fl_app.cli import simulate  # noqa: E402
 from fl_app.data.sources import Split, data_source, load_partition  # noqa: E402
 from fl_app.ml.models import build_model  # noqa: E402
 from fl_app.schema import RunConfig  # noqa: E402
-from fl_app.server.outputs import read_history  # noqa: E402
+from scripts.simulation_run import timed_run  # noqa: E402
 
 MODEL = "examples.keras_models:regression"
 WORSE_THAN_CENTRAL = 1.5  # flag a federated MSE above this many times the central one
@@ -53,13 +53,8 @@ def run_config_overrides(rounds: int, seed: int) -> str:
 def run_federated(overrides: str, num_clients: int, out_dir: Path) -> dict[str, float]:
     """(a): the job through `fl_app.cli.simulate.main`; final centralized MSE/MAE, the number
     of rounds completed and the wall time."""
-    start = time.perf_counter()
-    rc = simulate.main(["--num-supernodes", str(num_clients), "--run-config", overrides,
-                        "--out", str(out_dir)])
-    wall = time.perf_counter() - start
-    if rc != 0:
-        raise RuntimeError(f"the federated run failed (exit status {rc}); see the log above")
-    rounds = read_history(out_dir)["rounds"]
+    history, wall = timed_run(overrides, num_clients, out_dir)
+    rounds = history["rounds"]
     final = rounds[-1]
     previous = rounds[-2]["centralized"]["loss"] if len(rounds) > 1 else math.inf
     return {"mse": final["centralized"]["loss"], "mae": final["centralized"]["mae"],

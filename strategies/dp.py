@@ -89,10 +89,10 @@ from strategies.wrapper import StrategyWrapper
 CLIENT_CLIP_TOLERANCE = 1e-5  # relative: float32 rounding of a client-clipped update
 # What a round's record in history.json holds outside the guarantee, which covers the
 # released model and everything computed from it alone (centralized evaluation, the
-# final model): counts of answering, failed, rejected and capped clients, the failures,
+# final model): counts of sampled, answering, failed, rejected and capped clients, the failures,
 # distributed evaluation and the round's wall time.
-NOT_COVERED = ("fit.num_clients", "fit.num_failures", "fit.failures", "fit.num_rejected",
-               "fit.num_capped", "distributed", "seconds")
+NOT_COVERED = ("fit.num_sampled", "fit.num_clients", "fit.num_failures", "fit.failures",
+               "fit.num_rejected", "fit.num_capped", "distributed", "seconds")
 
 
 SETTINGS = [

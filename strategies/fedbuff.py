@@ -78,6 +78,13 @@ def check_config(values: Mapping[str, Scalar]) -> None:
         raise ConfigError(f"run-config keys 'server-loop'='fedbuff' and 'strategy'={strategy!r} "
                           f"cannot be combined: {why}; use strategy "
                           f"{' / '.join(COMPATIBLE)} with FedBuff, or server-loop='sync'")
+    for key, off in (("homomorphic-encryption", "none"), ("compress-up", "none"),
+                     ("compress-down", "none")):
+        if key in values and values[key] != off:
+            raise ConfigError(f"run-config keys 'server-loop'='fedbuff' and {key!r}="
+                              f"{values[key]!r} cannot be combined: FedBuff's loop sends and "
+                              f"reads plain updates, outside the strategy that would encrypt, "
+                              f"encode or decode them; set {key}={off!r}")
     if values["outlier-norm-factor"]:
         raise ConfigError("run-config keys 'server-loop'='fedbuff' and 'outlier-norm-factor' "
                           "cannot be combined: the outlier check compares the updates of one "

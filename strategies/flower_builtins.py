@@ -10,8 +10,13 @@ from strategies.context import StrategyContext
 SETTINGS = [
     Setting("proximal-mu", float, 0.01, "FedProx: weight of the proximal term (sent to clients).",
             "strategy", low=0.0),
-    Setting("fedopt-eta", float, 0.01, "FedAdam/FedYogi/FedAdagrad: server learning rate.",
-            "strategy", low=0.0, low_open=True),
+    Setting("fedopt-eta", float, 0.0,
+            "FedAdam/FedYogi/FedAdagrad: server learning rate (0: Flower's default for the "
+            "strategy, FedAdam and FedAdagrad 0.1, FedYogi 0.01: an adaptive server step "
+            "moves each weight by about eta per round whatever the update's size, so eta must "
+            "match one round's step of a weight: 0.01 is too small for FedAdam and FedAdagrad "
+            "on the default workload, whose clients train with SGD(0.1)).",
+            "strategy", low=0.0),
     Setting("fedopt-tau", float, 1e-3, "FedAdam/FedYogi/FedAdagrad: adaptivity (epsilon).",
             "strategy", low=0.0, low_open=True),
     Setting("fedopt-beta-1", float, 0.9, "FedAdam/FedYogi: first-moment decay.", "strategy",
@@ -38,7 +43,9 @@ SETTINGS = [
 
 def _fedopt_kwargs(ctx: StrategyContext, betas: bool) -> dict:
     cfg = ctx.cfg
-    kwargs = dict(ctx.flower_kwargs(), eta=cfg["fedopt-eta"], tau=cfg["fedopt-tau"])
+    kwargs = dict(ctx.flower_kwargs(), tau=cfg["fedopt-tau"])
+    if cfg["fedopt-eta"]:  # else the strategy class's own default
+        kwargs["eta"] = cfg["fedopt-eta"]
     if betas:
         kwargs.update(beta_1=cfg["fedopt-beta-1"], beta_2=cfg["fedopt-beta-2"])
     return kwargs

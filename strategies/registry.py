@@ -17,10 +17,14 @@ from flwr.server.strategy import Strategy
 
 from fl_app.schema import ConfigCheck, Setting, module_checks
 from strategies import (
+    compression,
     context,
     dp,
     fedbuff,
+    fednova,
     flower_builtins,
+    homomorphic,
+    stragglers,
     validation,
     weighted_fedavg,
 )
@@ -31,7 +35,7 @@ from strategies.validated import ValidatedStrategy
 StrategyFactory = Callable[[StrategyContext], Strategy]
 WrapperFactory = Callable[[Strategy, StrategyContext], Strategy]
 
-STRATEGY_MODULES = [weighted_fedavg, flower_builtins]
+STRATEGY_MODULES = [weighted_fedavg, fednova, flower_builtins]
 WRAPPER_MODULES = [dp]
 
 STRATEGIES: dict[str, StrategyFactory] = {
@@ -52,7 +56,8 @@ _OWN_SETTINGS = [
             "DP strategies: the inner strategy given the privatized average (a non-DP "
             "registry name).", "privacy", choices=tuple(STRATEGIES)),
 ]
-_SETTING_MODULES = [context, validation, *STRATEGY_MODULES, *WRAPPER_MODULES, fedbuff]
+_SETTING_MODULES = [context, validation, compression, stragglers, *STRATEGY_MODULES,
+                    *WRAPPER_MODULES, homomorphic, fedbuff]
 
 SETTINGS: list[Setting] = [*_OWN_SETTINGS,
                            *(s for module in _SETTING_MODULES for s in module.SETTINGS)]
@@ -63,18 +68,29 @@ check_config: ConfigCheck = module_checks(_SETTING_MODULES)
 
 
 def build_strategy(ctx: StrategyContext) -> Strategy:
-    """The strategy named by `strategy` (a wrapper around the plain `dp-inner` one), behind
-    `ValidatedStrategy`. A privacy-accounting strategy's release is never held back by the
-    `min-fit-clients` rule (skipping a round would reveal, un-noised, that clients failed)."""
+    """The strategy named by `strategy` (a wrapper around the plain `dp-inner` one), with
+    simulated stragglers when `straggler-fraction` is set, behind `ValidatedStrategy`,
+    behind `CompressedStrategy` when either direction is compressed (so validation, DP and
+    every strategy see decoded weights). A privacy-accounting strategy's release is never
+    held back by the `min-fit-clients` rule (skipping a round would reveal, un-noised, that
+    clients failed). With `homomorphic-encryption=ckks`, `HomomorphicAggregation` goes
+    outside: it adds the encrypted updates itself (the validated chain still configures the
+    rounds and checks the evaluation reports); it refuses compression."""
     cfg = ctx.cfg
     name = str(cfg["strategy"])
     if name in WRAPPERS:
         strategy = WRAPPERS[name](STRATEGIES[str(cfg["dp-inner"])](ctx), ctx)
     else:
         strategy = STRATEGIES[name](ctx)
+    strategy = stragglers.with_stragglers(strategy, ctx)
     accounts_privacy = find_layer(strategy, PrivacyAccounting) is not None
-    return ValidatedStrategy(strategy,
-                             min_fit_clients=0 if accounts_privacy else int(cfg["min-fit-clients"]),
-                             max_examples=int(cfg["max-examples"]),
-                             outlier_norm_factor=float(cfg["outlier-norm-factor"]),
-                             examples_cap_factor=float(cfg["examples-cap-factor"]))
+    validated = ValidatedStrategy(
+        strategy, min_fit_clients=0 if accounts_privacy else int(cfg["min-fit-clients"]),
+        max_examples=int(cfg["max-examples"]),
+        outlier_norm_factor=float(cfg["outlier-norm-factor"]),
+        examples_cap_factor=float(cfg["examples-cap-factor"]))
+    if cfg["homomorphic-encryption"] != "none":
+        return homomorphic.wrap(validated, public_context_path=str(cfg["he-public-context"]),
+                                initial=ctx.initial_parameters,
+                                min_fit_clients=int(cfg["min-fit-clients"]))
+    return compression.compressed(validated, cfg)

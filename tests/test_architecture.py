@@ -19,7 +19,7 @@ PROJECT_TOP = ("fl_app", "strategies", "deploy", "scripts", "run_simulation", "e
 # that share a layer (ml and strategies; server and client) do not import each other.
 LAYERS: list[tuple[str, list[str]]] = [
     ("schema", ["fl_app", "fl_app.schema"]),
-    ("wire", ["fl_app.wire"]),
+    ("wire", ["fl_app.wire", "fl_app.codecs"]),
     ("data", ["fl_app.data"]),
     ("ml · strategies", ["fl_app.ml", "strategies"]),
     ("server · client", ["fl_app.server", "fl_app.client"]),

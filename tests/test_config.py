@@ -26,7 +26,7 @@ def test_defaults_resolve_and_cover_every_key():
 
 
 @pytest.mark.parametrize("raw, key, hint", [
-    ({"no-such-key": 1}, "no-such-key", "known keys"),
+    ({"no-such-key": 1}, "no-such-key", "[tool.flwr.app.config]"),
     ({"num-server-rounds": "ten"}, "num-server-rounds", "type int"),
     ({"accept-failures": 1}, "accept-failures", "type bool"),
     ({"learning-rate": "fast"}, "learning-rate", "type float"),
@@ -52,6 +52,37 @@ def test_bad_values_fail_naming_the_key_and_what_is_allowed(raw, key, hint):
         resolve(raw)
     assert f"'{key}'" in str(err.value)
     assert hint in str(err.value)
+
+
+@pytest.mark.parametrize("raw, suggestion", [
+    ({"num-server-round": 3}, "num-server-rounds"),
+    ({"local-epoch": 2}, "local-epochs"),
+    ({"strategy": "fedavgg"}, "fedavg"),
+    ({"strategy": "fedprox "}, "fedprox"),
+    ({"dp-inner": "weighted-fedav"}, "weighted-fedavg"),
+    ({"dataset": "digts"}, "digits"),
+    ({"model": "mpl"}, "mlp"),
+    ({"partitioner": "dirichlet-"}, "dirichlet"),
+    ({"optimizer": "adm"}, "adam"),
+    ({"attack": "scal"}, "scale"),
+    ({"mode": "maxx"}, "max"),
+])
+def test_misspelt_keys_and_names_get_one_suggestion(raw, suggestion):
+    with pytest.raises(ConfigError) as err:
+        resolve(raw)
+    message = str(err.value)
+    assert f"did you mean {suggestion!r}?" in message
+    assert message.count("did you mean") == 1 and "' or '" not in message.split("mean")[1]
+
+
+def test_an_unknown_key_lists_not_every_key_but_where_they_are():
+    with pytest.raises(ConfigError) as err:
+        resolve({"num-server-round": 3, "zzz-qqq": 1})
+    message = str(err.value)
+    assert "unknown run-config key 'num-server-round'; did you mean 'num-server-rounds'?" in message
+    assert "unknown run-config key 'zzz-qqq' (" in message  # nothing close: no suggestion
+    assert "'seed'" not in message and "fedprox-mu" not in message
+    assert "[tool.flwr.app.config]" in message and "\n" not in message
 
 
 def test_accepted_values_are_typed():

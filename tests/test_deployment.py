@@ -130,6 +130,11 @@ def test_three_supernodes_train_with_tls_and_node_auth(cluster):
         assert set(timing) == {"process", "imports", "data", "model", "training"}, timing
         assert timing["data"] < 0.05 and timing["model"] < 0.05, timing
         assert timing["imports"] < 1.0 and timing["process"] > 0.0, timing
+
+    # the run's log (the ServerApp's, streamed by `flwr log`): progress, not Flower's chatter
+    run_log = (cluster.sup.log_dir / "run.log").read_text()
+    assert "round   3/3 | 3 sampled: 3 ok, 0 failed, 0 rejected" in run_log, run_log
+    assert "configure_fit" not in run_log and "[SUMMARY]" not in run_log, run_log
     # each node's ClientApps forwarded to its one long-lived worker: TensorFlow imported
     # once per node, every fit served there
     for node in cluster.dep.nodes:

@@ -356,7 +356,7 @@ def test_launcher_stops_every_process_on_ctrl_c(prepared):
     (prepared.root / "launch").mkdir(exist_ok=True)
     (prepared.root / "launch").chmod(0o755)
     launcher = subprocess.Popen([sys.executable, "-m", "deploy.launch", "--dir",
-                                 str(prepared.root), "--quiet"],
+                                 str(prepared.root)],
                                 cwd=Path(__file__).resolve().parents[1],
                                 stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     seen: dict[int, psutil.Process] = {}
@@ -375,6 +375,8 @@ def test_launcher_stops_every_process_on_ctrl_c(prepared):
         output, _ = launcher.communicate(timeout=60)
         assert launcher.returncode == 130, output
         assert "every process was stopped" in output
+        # by default the components' logs stay in their files, off the console
+        assert "[superlink]" not in output and "[node-0]" not in output, output
         alive = living(seen.values())
         assert not alive, [_cmdline(proc) for proc in alive]
         launch_dir = prepared.root / "launch"
@@ -394,7 +396,7 @@ def test_ctrl_c_in_the_middle_of_a_round_stops_everything_without_tracebacks(pre
     log_dir = prepared.root / "launch" / "logs"
     shutil.rmtree(log_dir, ignore_errors=True)
     launcher = subprocess.Popen([sys.executable, "-m", "deploy.launch", "--dir",
-                                 str(prepared.root), "--quiet", "--out", str(tmp_path / "out"),
+                                 str(prepared.root), "--out", str(tmp_path / "out"),
                                  "--run-config", "num-server-rounds=50"],
                                 cwd=Path(__file__).resolve().parents[1],
                                 stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
@@ -588,7 +590,7 @@ def test_node_key_helper_makes_a_private_key_and_a_loadable_public_key(tmp_path,
 def test_launch_names_the_node_whose_private_key_it_lacks(tmp_path, capsys):
     handed, _ = _handed_over_keys(tmp_path, 2)
     dep = prepare(tmp_path / "dep", 2, "", HOSTS, node_public_keys=handed)
-    assert launch.main(["--dir", str(dep.root), "--quiet"]) == 1
+    assert launch.main(["--dir", str(dep.root)]) == 1
     err = capsys.readouterr().err
     assert err.startswith("error: node-0's private key is held by the node")
     assert not (dep.root / "launch").exists()  # refused before starting anything
@@ -603,7 +605,7 @@ def test_launch_reads_every_nodes_data_file_before_starting_anything(tmp_path, c
     dep = prepare(tmp_path / "dep", 3, "", HOSTS)
     launch.check_node_data(dep, Path(__file__).resolve().parents[1])  # the prepared files fit
     damage(dep.nodes[1].data)
-    assert launch.main(["--dir", str(dep.root), "--quiet"]) == 1
+    assert launch.main(["--dir", str(dep.root)]) == 1
     err = capsys.readouterr().err
     assert err.startswith(f"error: node-1: data file {dep.nodes[1].data}") and message in err
     assert not (dep.root / "launch").exists()  # refused before starting anything

@@ -172,3 +172,10 @@ def test_run_simulation_refuses_fedbuff_with_dp_before_starting(capsys):
     err = capsys.readouterr().err
     assert code == 2 and err.startswith("error: ") and err.count("\n") == 1
     assert "'server-loop'='fedbuff'" in err and "'strategy'='dp-fixed'" in err
+
+
+@pytest.mark.parametrize("key, value", [("compress-up", "int8"), ("compress-down", "fp16"),
+                                        ("homomorphic-encryption", "ckks")])
+def test_fedbuff_refuses_codecs_and_encryption_it_would_bypass(key, value):
+    with pytest.raises(ConfigError, match=f"'server-loop'='fedbuff' and '{key}'"):
+        make_config(server_loop="fedbuff", **{key.replace("-", "_"): value})

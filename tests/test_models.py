@@ -277,7 +277,9 @@ def test_batchnorm_moving_statistics_travel_with_the_weights():
     ("examples.keras_models:regression", DIGITS_SPEC,
      "outputs 1 value(s) per example but the dataset is a 10-class classification"),
     ("mlp", DataSpec((7,), 0, task="regression", num_targets=2), None),
-    ("examples.keras_models:nope", DIGITS_SPEC, "cannot import examples.keras_models:nope"),
+    ("examples.keras_models:nope", DIGITS_SPEC, "module examples.keras_models has no function 'nope'"),
+    ("examples.keras_models:regresion", DIGITS_SPEC,
+     "has no function 'regresion'; did you mean 'regression'?"),
     ("no_such_module:build", DIGITS_SPEC, "cannot import no_such_module:build"),
 ])
 def test_models_that_do_not_fit_the_data_are_refused_with_the_model_named(name, spec, message):

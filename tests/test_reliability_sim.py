@@ -25,14 +25,17 @@ def _run(tmp_path, run_config: str, num_supernodes: int) -> dict:
     return json.loads((tmp_path / "history.json").read_text())
 
 
-def test_run_with_30pct_raising_and_10pct_nan_clients_completes_and_learns(tmp_path):
+def test_run_with_30pct_raising_and_10pct_nan_clients_completes_and_learns(tmp_path, capsys):
     history = _run(tmp_path, "num-server-rounds=4 fault-raise-fraction=0.3 "
                              "fault-nan-fraction=0.1", num_supernodes=10)
     assert [r["round"] for r in history["rounds"]] == [0, 1, 2, 3, 4]
     assert history["stopped"] == "num-server-rounds"
+    # the console says it without ambiguity: 10 sampled = 6 ok + 3 failed + 1 rejected
+    assert capsys.readouterr().out.count("| 10 sampled: 6 ok, 3 failed, 1 rejected |") == 4
     for record in history["rounds"][1:]:
         fit = record["fit"]
-        assert (fit["num_clients"], fit["num_failures"], fit["num_rejected"]) == (7, 3, 1)
+        assert (fit["num_sampled"], fit["num_clients"], fit["num_failures"],
+                fit["num_rejected"]) == (10, 7, 3, 1)
         assert all("injected fault" in f["error"] for f in fit["failures"])
         failed = [f["client"] for f in fit["failures"]]  # each failure names its node
         assert all(c.isdigit() for c in failed) and len(set(failed)) == len(failed)

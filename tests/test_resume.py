@@ -141,8 +141,9 @@ def test_run_simulation_resume_refuses_to_change_the_saved_config(tmp_path, caps
 def test_run_simulation_resume_takes_the_output_folder_from_out_not_out_dir(tmp_path):
     cfg = make_config(out_dir=str(tmp_path))
     save_checkpoint(tmp_path, _checkpoint(cfg, _model_weights(cfg)))
-    with pytest.raises(CheckpointError, match="only max-epsilon, num-server-rounds, round-timeout "
-                                              "may change, not 'out-dir'; use --out DIR"):
+    with pytest.raises(CheckpointError, match="only max-epsilon, num-server-rounds, round-timeout, "
+                                              "tensorboard, verbose may change, not 'out-dir'; "
+                                              "use --out DIR"):
         simulate.resume_run_config(str(tmp_path), f"out-dir='{tmp_path / 'elsewhere'}'")
     resumed = simulate.resume_run_config(
         str(tmp_path), "num-server-rounds=40 round-timeout=5.0 max-epsilon=3.0")

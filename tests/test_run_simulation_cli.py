@@ -48,7 +48,7 @@ def test_configs_that_fit_the_clients_pass():
      "error: model 'examples.keras_models:regression' outputs 1 value(s) per example but the "
      "dataset is a 10-class classification"),
     ("model='examples.keras_models:missing'",
-     "error: run-config key 'model': cannot import examples.keras_models:missing"),
+     "error: run-config key 'model': module examples.keras_models has no function 'missing'"),
     ("model='/nowhere/model.keras'",
      "error: run-config key 'model': file /nowhere/model.keras does not exist"),
 ])
@@ -68,3 +68,14 @@ def test_errors_while_running_are_one_line(monkeypatch, capsys, tmp_path, error)
     monkeypatch.setattr(simulate, "simulate", fail)
     assert simulate.main(["--out", str(tmp_path)]) == 2
     assert capsys.readouterr().err == "error: dataset 'mnist' could not be loaded\n"
+
+
+def test_check_reports_ok_or_one_error_line_and_trains_nothing(monkeypatch, capsys, tmp_path):
+    monkeypatch.setattr(simulate, "simulate", _flower_must_not_start)
+    assert simulate.main(["--check", "--run-config", f"out-dir='{tmp_path / 'out'}'"]) == 0
+    assert capsys.readouterr().out == "ok: the config, model and data fit 10 clients\n"
+    assert not (tmp_path / "out").exists()
+    assert simulate.main(["--check", "--run-config", "strategy='fedavgg'"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: run-config key 'strategy' has invalid value 'fedavgg'")
+    assert err.endswith("did you mean 'fedavg'?\n") and err.count("\n") == 1

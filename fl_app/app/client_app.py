@@ -4,7 +4,10 @@ Importing this module imports no TensorFlow. A node whose node config names a wo
 (`worker-socket`, see `fl_app.app.worker_link`) forwards each message to that long-lived
 process, which keeps TensorFlow, the node's data and the compiled model across messages;
 any other node (simulation, `flwr run .`, a plain SuperNode) trains in this process, as
-`fl_app.app.local_client.client_for` builds it.
+`fl_app.app.local_client.client_for` builds it. Either way the client is wrapped here, in
+the ClientApp, by `CompressingClient` (`fl_app.client.compression`), which decodes a
+compressed broadcast and encodes the update, keeping its error-feedback residual in the
+node's `context.state`.
 """
 
 from __future__ import annotations
@@ -14,11 +17,15 @@ import time
 IMPORT_START = time.time()  # before this module's imports: the `process` phase ends here
 
 
+from collections.abc import Mapping  # noqa: E402
+
 from flwr.client import Client, NumPyClient  # noqa: E402
 from flwr.clientapp import ClientApp  # noqa: E402
-from flwr.common import Context  # noqa: E402
+from flwr.common import Context, Scalar  # noqa: E402
 
+from fl_app.app.quiet import quiet_libraries  # noqa: E402
 from fl_app.app.worker_link import WorkerAddress, WorkerClient  # noqa: E402
+from fl_app.client.compression import CompressingClient  # noqa: E402
 from fl_app.client.timing import TimedClient, process_seconds  # noqa: E402
 from fl_app.schema import RunConfig  # noqa: E402
 
@@ -41,31 +48,38 @@ class _StartUp:
                 "imports": IMPORTED - IMPORT_START + time.time() - imports_since}
 
 
-def make_client_app(fixed_config: RunConfig | None = None) -> ClientApp:
-    """A ClientApp; with `fixed_config` it ignores `context.run_config` (for run_simulation).
-
-    Each fit's metrics say where the message's time went (`fl_app.client.timing`).
+def make_client_app(fixed_config: RunConfig | None = None,
+                    node_config: Mapping[str, Scalar] | None = None) -> ClientApp:
+    """A ClientApp; with `fixed_config` it ignores `context.run_config` (for run_simulation),
+    and `node_config` adds to every node's own (the simulation engine's is fixed; this is
+    how run_simulation gives the simulated nodes their key file, which the server never
+    sees). Each fit's metrics say where the message's time went (`fl_app.client.timing`).
     """
+    extra = dict(node_config or {})
     start_up = _StartUp()
 
     def client_fn(context: Context) -> Client:
-        address = WorkerAddress.from_node_config(context.node_config)
+        node = {**context.node_config, **extra}
+        address = WorkerAddress.from_node_config(node)
         if address is not None and fixed_config is None:
-            client: NumPyClient = WorkerClient(address, context.run_config,
-                                               context.node_config, f"node {context.node_id}")
-            return TimedClient(client, start_up.seconds(time.time())).to_client()
+            client: NumPyClient = WorkerClient(address, context.run_config, node,
+                                               f"node {context.node_id}")
+            timed = TimedClient(client, start_up.seconds(time.time())).to_client()
+            return CompressingClient(timed, context.state)
         imports_since = time.time()
+        raw = fixed_config if fixed_config is not None else context.run_config
+        quiet_libraries(raw.get("verbose") is True)  # before anything imports TensorFlow
         from fl_app.app.config import resolve
         from fl_app.app.local_client import client_for as build  # imports TensorFlow
         from fl_app.data.types import DataError
 
         seconds = start_up.seconds(imports_since)
-        cfg = fixed_config if fixed_config is not None else resolve(context.run_config)
+        cfg = fixed_config if fixed_config is not None else resolve(raw)
         try:
-            client = build(cfg, context.node_config)
+            client = build(cfg, node)
         except DataError as err:  # the server sees only this message: name the node
             raise DataError(f"node {context.node_id}: {err}") from err
-        return TimedClient(client, seconds).to_client()
+        return CompressingClient(TimedClient(client, seconds).to_client(), context.state)
 
     return ClientApp(client_fn=client_fn)
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
-from fl_app.client import faults
+from fl_app.client import faults, local_work
 from fl_app.data import settings as data_settings
 from fl_app.ml import settings as ml_settings
 from fl_app.schema import ConfigError, RunConfig, Scalar, Schema, Setting, module_checks
@@ -34,7 +34,7 @@ def _check_evaluation_data(values: Mapping[str, Scalar]) -> None:
         )
 
 
-SETTING_MODULES = [server_settings, registry, ml_settings, data_settings, faults]
+SETTING_MODULES = [server_settings, registry, ml_settings, data_settings, faults, local_work]
 SCHEMA = Schema([*RUN_SETTINGS, *(s for module in SETTING_MODULES for s in module.SETTINGS)],
                 [_check_evaluation_data, module_checks(SETTING_MODULES)])
 

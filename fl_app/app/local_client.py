@@ -12,7 +12,9 @@ from collections.abc import Callable, Mapping
 from flwr.client import NumPyClient
 
 from fl_app.client.faults import with_faults
+from fl_app.client.homomorphic import with_encryption
 from fl_app.client.keras_client import KerasClient
+from fl_app.client.local_work import work_for
 from fl_app.client.timing import TimedClient
 from fl_app.data.node_data import load_client
 from fl_app.data.sources import ClientData, data_spec
@@ -24,13 +26,18 @@ def client_with(cfg: RunConfig, node_config: Mapping[str, Scalar],
                 data: ClientData) -> NumPyClient:
     """The client for one node on already loaded `data`, with the shared trainer.
 
-    In simulation, the fault-injection and attack keys may make it a misbehaving client
-    (see `fl_app.client.faults`).
+    The node's local work (epochs, batch size, time budget) comes from its node-config
+    (`fl_app.client.local_work`). In simulation, the fault-injection and attack keys may
+    make it a misbehaving client (see `fl_app.client.faults`); with
+    `homomorphic-encryption=ckks` its replies are encrypted with the key file named in its
+    node config (`fl_app.client.homomorphic`).
     """
     trainer = trainer_for(cfg, data_spec(cfg))
     key = int(node_config["partition-id"]) if "partition-id" in node_config else data.key
-    return with_faults(KerasClient(trainer, data, cfg, seed=int(cfg["seed"]), client_key=key),
-                       cfg, node_config)
+    work = work_for(cfg, node_config, key, f"node-config of {data.source}")
+    client = with_faults(KerasClient(trainer, data, cfg, seed=int(cfg["seed"]), client_key=key,
+                                     work=work), cfg, node_config)
+    return with_encryption(client, cfg, node_config)
 
 
 def client_for(cfg: RunConfig, node_config: Mapping[str, Scalar],

@@ -3,7 +3,7 @@ results."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from flwr.common import Context, NDArrays, Scalar, ndarrays_to_parameters
@@ -12,11 +12,14 @@ from flwr.server.compat import start_grid
 from flwr.serverapp import Grid, ServerApp
 
 from fl_app.app.config import resolve
+from fl_app.app.one_line_errors import report_app_errors_in_one_line
 from fl_app.app.preflight import checked_trainer, monitored_names
+from fl_app.app.quiet import quiet_libraries
 from fl_app.data.sources import Split, data_source
 from fl_app.ml.models import build_model
 from fl_app.ml.trainer import KerasTrainer
 from fl_app.schema import RunConfig
+from fl_app.server.callbacks import Callback
 from fl_app.server.checkpoint import (
     Checkpoint,
     Checkpointer,
@@ -60,9 +63,11 @@ class RunParts:
     checkpoint: Checkpoint | None
 
 
-def run_parts(cfg: RunConfig) -> RunParts:
+def run_parts(cfg: RunConfig, callbacks: Sequence[Callback] = (),
+              started_at: float | None = None) -> RunParts:
     """The model, centralized evaluation, recorder, checkpointer and stopping rules of a
-    run, with the recorder resumed when `resume-from` names a checkpoint."""
+    run, with the recorder resumed when `resume-from` names a checkpoint (`callbacks` and
+    `started_at`: see `RunRecorder`)."""
     trainer = checked_trainer(cfg)
     source = data_source(cfg)
     # A fresh seeded model, not the process-wide trainer's weights: those are whatever the
@@ -70,7 +75,7 @@ def run_parts(cfg: RunConfig) -> RunParts:
     initial_weights = build_model(str(cfg["model"]), source.spec, int(cfg["seed"])).get_weights()
     checkpoint = load_for_resume(cfg, initial_weights)
     out_dir = resolve_out_dir(str(cfg["out-dir"] or cfg["resume-from"]))
-    recorder = RunRecorder(cfg, out_dir, trainer)
+    recorder = RunRecorder(cfg, out_dir, trainer, callbacks, started_at)
     if checkpoint is not None:
         recorder.resume(checkpoint)
     stopping = StoppingRules(
@@ -83,9 +88,10 @@ def run_parts(cfg: RunConfig) -> RunParts:
                     checkpoint)
 
 
-def server_components(cfg: RunConfig) -> ServerAppComponents:
+def server_components(cfg: RunConfig, callbacks: Sequence[Callback] = (),
+                      started_at: float | None = None) -> ServerAppComponents:
     """Build everything the synchronous server needs for one run from a resolved config."""
-    parts = run_parts(cfg)
+    parts = run_parts(cfg, callbacks, started_at)
     checkpoint, recorder, checkpointer = parts.checkpoint, parts.recorder, parts.checkpointer
     resume = None
     if checkpoint is not None:
@@ -114,9 +120,10 @@ def fedbuff_fit_config(cfg: RunConfig) -> Callable[[int], dict[str, Scalar]]:
     return lambda version: {**round_config(cfg, version), **extra}
 
 
-def fedbuff_server(cfg: RunConfig) -> FedBuffServer:
+def fedbuff_server(cfg: RunConfig, callbacks: Sequence[Callback] = (),
+                   started_at: float | None = None) -> FedBuffServer:
     """The FedBuff server for one run (see `fl_app.server.fedbuff_loop`)."""
-    parts = run_parts(cfg)
+    parts = run_parts(cfg, callbacks, started_at)
     checkpoint = parts.checkpoint
     aggregator = FedBuffAggregator(
         parts.initial_weights if checkpoint is None else checkpoint.weights,
@@ -139,21 +146,27 @@ def fedbuff_server(cfg: RunConfig) -> FedBuffServer:
         timeout=float(cfg["round-timeout"]) or None, resume=resume)
 
 
-def make_server_app(fixed_config: RunConfig | None = None) -> ServerApp:
-    """A ServerApp; with `fixed_config` it ignores `context.run_config` (for run_simulation).
+def make_server_app(fixed_config: RunConfig | None = None, callbacks: Sequence[Callback] = (),
+                    started_at: float | None = None) -> ServerApp:
+    """A ServerApp; with `fixed_config` it ignores `context.run_config` (for run_simulation),
+    and calls `callbacks` as the run goes (see `fl_app.server.callbacks`). A config, model
+    or data error it raises is logged by Flower as one `error:` line.
 
     `server-loop` picks the loop: Flower's synchronous `Server` (our `FederatedServer`,
     run as Flower runs a `server_fn`'s components) or the FedBuff loop on the Grid.
     """
+    report_app_errors_in_one_line()
     app = ServerApp()
 
     @app.main()
     def main(grid: Grid, context: Context) -> None:
-        cfg = fixed_config if fixed_config is not None else resolve(context.run_config)
+        raw = fixed_config if fixed_config is not None else context.run_config
+        quiet_libraries(raw.get("verbose") is True)  # resolving imports TensorFlow
+        cfg = fixed_config if fixed_config is not None else resolve(raw)
         if cfg["server-loop"] == FEDBUFF:
-            fedbuff_server(cfg).run(grid)
+            fedbuff_server(cfg, callbacks, started_at).run(grid)
             return
-        components = server_components(cfg)
+        components = server_components(cfg, callbacks, started_at)
         start_grid(grid=grid, server=components.server, config=components.config)
 
     return app

@@ -2,6 +2,7 @@
 
     python run_simulation.py [--num-supernodes 10] [--run-config "k=v k2=v2"] [--out DIR]
     python run_simulation.py --resume DIR [--run-config "num-server-rounds=40"]
+    python run_simulation.py --check [--run-config "k=v"]   # config, model and data only
 
 `--run-config` takes the same syntax as `flwr run . --run-config` and is resolved through
 the same schema on top of pyproject.toml's `[tool.flwr.app.config]`, so both entry
@@ -10,13 +11,28 @@ before Flower starts. `--resume DIR` continues an interrupted run after its last
 round, with the config saved in DIR's checkpoint (overrides may change only
 `max-epsilon`, `num-server-rounds` and `round-timeout`; `--out` writes the continuation
 to another folder).
+
+The console shows one progress display (a bar on a terminal, a line per round elsewhere)
+and a summary table; `--verbose` (or `verbose=true`) brings back TensorFlow's, Ray's and
+Flower's own logs.
+
+With `homomorphic-encryption=ckks` (and no `he-public-context`) it makes a fresh CKKS key in
+a private temporary folder, gives the server the public context (`he-public-context`) and
+every simulated node the secret key file (node config `he-key-file`, which the server never
+receives), decrypts the encrypted final aggregate into `final_model.keras` as a node would
+(`fl_app.app.he_final`), and removes the keys. With your own keys: set `he-public-context`
+and pass the nodes' key file with `--he-key-file`.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
+import tempfile
 import time
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -24,10 +40,12 @@ import click
 from flwr.common.config import flatten_dict, get_project_config, parse_config_args
 
 from fl_app.app.config import check_num_clients, resolve
+from fl_app.app.quiet import quiet_libraries
 from fl_app.cli.summary import print_summary
 from fl_app.data.sources import DataError
 from fl_app.ml.errors import ModelError
 from fl_app.schema import ConfigError, RunConfig
+from fl_app.server.callbacks import Callback
 from fl_app.server.checkpoint import RESUMABLE_CHANGES, CheckpointError, load_checkpoint
 from fl_app.server.outputs import resolve_out_dir
 from fl_app.server.stopping import IDLE_STOP
@@ -88,53 +106,141 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="GPUs reserved per simulated client (default: 0)")
     parser.add_argument("--ray-address", default=None,
                         help="address of an existing Ray cluster to run the clients on")
+    parser.add_argument("--check", action="store_true",
+                        help="check the config, model and data, train nothing: one `error:` "
+                             "line (exit 2) or `ok` (e.g. to see which key `flwr run` "
+                             "rejected as `Invalid run configuration`)")
+
+    parser.add_argument("--verbose", action="store_true",
+                        help="show TensorFlow's, Ray's and Flower's own logs (as verbose=true)")
+    parser.add_argument("--he-key-file", default=None, metavar="FILE",
+                        help="homomorphic-encryption=ckks with your own he-public-context: the "
+                             "nodes' secret key file (default: a fresh key for this run)")
     args = parser.parse_args(argv)
     if args.num_supernodes < 1:
         parser.error("--num-supernodes must be at least 1")
     return args
 
 
-def backend_config(args: argparse.Namespace) -> dict:
-    """Ray backend settings: resources per client and an optional cluster address."""
-    init_args = {"address": args.ray_address} if args.ray_address else {}
+def backend_config(args: argparse.Namespace, verbose: bool = False) -> dict:
+    """Ray backend settings: resources per client, an optional cluster address, and (unless
+    `verbose`) Ray's own logging and the workers' output kept off the console."""
+    init_args: dict = {} if verbose else {"log_to_driver": False, "logging_level": "ERROR"}
+    if args.ray_address:
+        init_args["address"] = args.ray_address
     return {"client_resources": {"num_cpus": args.num_cpus_per_client,
                                  "num_gpus": args.num_gpus_per_client},
             "init_args": init_args}
 
 
-def prepare(args: argparse.Namespace) -> RunConfig:
-    """The run's config (new or resumed), checked against `--num-supernodes`, with the
-    output folder filled in."""
+def checked_config(args: argparse.Namespace) -> RunConfig:
+    """The run's config (new or resumed), checked against `--num-supernodes`, its model
+    checked against its data."""
     if args.resume:
         cfg = resume_run_config(args.resume, args.run_config)
     else:
         cfg = load_run_config(args.run_config)
+    if args.verbose:
+        cfg = cfg.replace(verbose=True)
+    elif cfg["verbose"]:  # verbose=true in --run-config: Flower's lines back on
+        quiet_libraries(True)
     check_num_clients(cfg, args.num_supernodes)
     from fl_app.app.preflight import checked_trainer  # imports TensorFlow
 
     checked_trainer(cfg)  # the model fits the data: one `error:` line, before Flower starts
+    return cfg
+
+
+def prepare(args: argparse.Namespace) -> RunConfig:
+    """`checked_config` with the output folder filled in."""
+    cfg = checked_config(args)
     out_dir = resolve_out_dir(args.out or args.resume or str(cfg["out-dir"]))
     return cfg.replace(out_dir=str(out_dir))
 
 
-def simulate(cfg: RunConfig, args: argparse.Namespace) -> float:
-    """Run the ServerApp and `--num-supernodes` ClientApps on Flower's simulation engine;
-    return the run's wall time in seconds."""
+@contextmanager
+def encryption_keys(cfg: RunConfig, key_file: str | None) -> Iterator[tuple[RunConfig, str]]:
+    """The run's config and the nodes' key file under `homomorphic-encryption=ckks`: the
+    user's (`he-public-context` and `--he-key-file`), or a fresh pair in a private
+    temporary folder (0700, files 0600) removed when the run is over."""
+    if cfg["he-public-context"] or key_file:
+        if not (cfg["he-public-context"] and key_file):
+            raise ConfigError("homomorphic-encryption=ckks with your own keys needs both "
+                              "run-config key he-public-context and --he-key-file")
+        yield cfg, key_file
+        return
+    from strategies import ckks
+
+    with tempfile.TemporaryDirectory(prefix="fl-he-") as folder:  # mode 0700
+        public, secret = Path(folder) / ckks.PUBLIC_CONTEXT_FILE, Path(folder) / ckks.SECRET_CONTEXT_FILE
+        ckks.write_key_pair(public, secret)
+        yield cfg.replace(he_public_context=str(public)), str(secret)
+
+
+@contextmanager
+def tenseal_first_ray(args: argparse.Namespace) -> Iterator[None]:
+    """Ray started (and stopped afterwards) so that every worker loads TenSEAL before
+    Flower's Ray actor imports TensorFlow (see `fl_app/__init__.py`); Flower then uses it
+    as it is (and shuts it down). Workers get this process's import path, as Flower's own
+    start gives them."""
+    import ray
+
+    if ray.is_initialized():  # a Ray of this process's: Flower will use it as it is
+        yield
+        return
+    path = os.pathsep.join([*sys.path, *filter(None, [os.environ.get("PYTHONPATH")])])
+    ray.init(**backend_config(args)["init_args"], include_dashboard=False,
+             runtime_env={"env_vars": {"PYTHONPATH": path},
+                          "worker_process_setup_hook": "fl_app.preload_tenseal"})
+    try:
+        yield
+    finally:
+        ray.shutdown()
+
+
+def simulate(cfg: RunConfig, args: argparse.Namespace, callbacks: Sequence[Callback] = (),
+             started_at: float | None = None) -> float:
+    """Run the ServerApp and `--num-supernodes` ClientApps on Flower's simulation engine
+    (`callbacks`, `started_at`: see `fl_app.server.recorder.RunRecorder`); return the run's
+    wall time in seconds (with homomorphic encryption: including the decryption of the
+    final model)."""
     from flwr.simulation import run_simulation
 
     from fl_app.app.client_app import make_client_app
     from fl_app.app.server_app import make_server_app
 
     start = time.perf_counter()
-    run_simulation(server_app=make_server_app(cfg), client_app=make_client_app(cfg),
-                   num_supernodes=args.num_supernodes, backend_config=backend_config(args))
+    backend = backend_config(args, bool(cfg["verbose"]))
+    if cfg["homomorphic-encryption"] == "none":
+        run_simulation(server_app=make_server_app(cfg, callbacks, started_at),
+                       client_app=make_client_app(cfg), num_supernodes=args.num_supernodes,
+                       backend_config=backend)
+        return time.perf_counter() - start
+    from fl_app.app.he_final import decrypt_final_model
+    from fl_app.server.outputs import ENCRYPTED_MODEL_FILE, MODEL_FILE
+    from strategies.ckks import KEY_FILE_NODE_CONFIG
+
+    with encryption_keys(cfg, args.he_key_file) as (run_cfg, key_file), tenseal_first_ray(args):
+        client_app = make_client_app(run_cfg, node_config={KEY_FILE_NODE_CONFIG: key_file})
+        run_simulation(server_app=make_server_app(run_cfg, callbacks, started_at),
+                       client_app=client_app, num_supernodes=args.num_supernodes,
+                       backend_config=backend)
+        out_dir = Path(str(cfg["out-dir"]))
+        if (out_dir / ENCRYPTED_MODEL_FILE).is_file():
+            decrypt_final_model(run_cfg, key_file, out_dir / ENCRYPTED_MODEL_FILE,
+                                out_dir / MODEL_FILE)
     return time.perf_counter() - start
 
 
 def main(argv: list[str] | None = None) -> int:
     """Resolve and check the config, run the simulation, print the summary."""
     args = parse_args(argv)
+    quiet_libraries(args.verbose)  # before the config's model check imports TensorFlow
     try:
+        if args.check:
+            checked_config(args)
+            print(f"ok: the config, model and data fit {args.num_supernodes} clients")
+            return 0
         cfg = prepare(args)
         seconds = simulate(cfg, args)
     except (ConfigError, DataError, ModelError, CheckpointError) as err:

@@ -14,13 +14,26 @@ def _fmt(value: float | None, spec: str = ".4f") -> str:
 
 
 Column = tuple[str, Callable[[dict[str, Any]], str]]
+def _count(key: str) -> Callable[[dict[str, Any]], str]:
+    return lambda r: str(r["fit"][key]) if key in r.get("fit", {}) else ""
+
+
+def _ok(record: dict[str, Any]) -> str:
+    """Clients whose update was accepted: replies (`num_clients`) less rejected ones."""
+    fit = record.get("fit", {})
+    return str(fit["num_clients"] - fit.get("num_rejected", 0)) if "num_clients" in fit else ""
+
+
 COUNT_COLUMNS: list[Column] = [
     ("round", lambda r: str(r["round"])),
-    ("clients", lambda r: str(r.get("fit", {}).get("num_clients", ""))),
-    ("failed", lambda r: str(r.get("fit", {}).get("num_failures", ""))),
-    ("rejected", lambda r: str(r.get("fit", {}).get("num_rejected", ""))),
+    ("sampled", _count("num_sampled")),
+    ("ok", _ok),
+    ("failed", _count("num_failures")),
+    ("rejected", _count("num_rejected")),
 ]
 TAIL_COLUMNS: list[Column] = [
+    ("bytes up", lambda r: str(r.get("bytes", {}).get("up", ""))),
+    ("bytes down", lambda r: str(r.get("bytes", {}).get("down", ""))),
     ("ε", lambda r: _fmt(r.get("privacy", {}).get("epsilon"), ".3f")),
     ("seconds", lambda r: _fmt(r["seconds"], ".2f")),
 ]
@@ -31,7 +44,8 @@ def _metric_column(section: str, name: str, title: str) -> Column:
 
 
 def summary_columns(rounds: list[dict[str, Any]]) -> list[Column]:
-    """Counts, the centralized metrics by Keras name, the distributed ones, ε and seconds."""
+    """Client counts (sampled = ok + failed + rejected), the centralized metrics by Keras
+    name, the distributed ones, the bytes sent up and down, ε and seconds."""
     centralized = [_metric_column("centralized", n, n) for n in metric_names(rounds, "centralized")]
     distributed = [_metric_column("distributed", n, f"dist. {n}")
                    for n in metric_names(rounds, "distributed")]
@@ -55,7 +69,7 @@ def print_summary(out_dir: Path, wall_seconds: float) -> str:
         table.add_column(name, justify="right")
     for row in zip(*(cells[name] for name in shown)):
         table.add_row(*row)
-    console = Console(width=max(Console().width, 100))
+    console = Console(width=max(Console().width, 120))
     console.print(table)
     console.print(f"wall time {wall_seconds:.1f} s; history, final model and plots: {out_dir}")
     return str(history["stopped"])

@@ -31,7 +31,7 @@ import numpy as np
 from flwr.client import NumPyClient
 from flwr.common import NDArrays, Scalar
 
-from fl_app.client.delegating import DelegatingClient
+from fl_app.client.wrapper import ClientWrapper
 from fl_app.data.sources import ClientData, DataSpec, Split
 from fl_app.schema import ConfigError, Setting
 from fl_app.wire import SERVER_ROUND
@@ -144,8 +144,9 @@ def garbage(weights: NDArrays, num_examples: int, kind: str) -> tuple[NDArrays, 
     return weights, 0 if kind == "zero-examples" else -1
 
 
-class FaultyClient(DelegatingClient):
-    """Wraps an honest client and misbehaves according to `role` (see the module doc)."""
+class FaultyClient(ClientWrapper):
+    """Wraps an honest client and misbehaves according to `role` (see the module doc);
+    faults strike in fit and evaluate only."""
 
     def __init__(self, inner: NumPyClient, role: str, cfg: Mapping[str, Scalar],
                  partition_id: int) -> None:
@@ -190,7 +191,7 @@ class FaultyClient(DelegatingClient):
         return self.inner.evaluate(parameters, config)
 
 
-class SlowClient(DelegatingClient):
+class SlowClient(ClientWrapper):
     """Wraps an honest client and makes it `slowdown` times slower: after each `fit` and
     `evaluate` it sleeps (slowdown - 1) times that call's measured duration."""
 

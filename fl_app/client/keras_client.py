@@ -7,11 +7,13 @@ from collections.abc import Mapping
 from flwr.client import NumPyClient
 from flwr.common import NDArrays, Scalar
 
+from fl_app.client.local_work import NodeWork
 from fl_app.data.sources import ClientData
 from fl_app.ml.trainer import KerasTrainer
 from fl_app.wire import (
     CLIENT_KEY,
     KEY_CLIPPING_NORM,
+    KEY_LOCAL_STEPS,
     KEY_NORM_BIT,
     KEY_PROXIMAL_MU,
     SERVER_ROUND,
@@ -25,7 +27,9 @@ class KerasClient(NumPyClient):
     `trainer` wraps any Keras model with its optimizer (see `KerasTrainer`) and is shared
     by every client in the process; each call loads the server's weights and starts the
     optimizer fresh, so clients never see each other's state. Local epochs, batch size
-    and learning rate come from the round's config (falling back to `defaults`); FedProx's
+    and learning rate come from the round's config (falling back to `defaults`), epochs
+    and batch size overridden by the node's own `work` (node-config, a time budget; see
+    `fl_app.client.local_work`); the steps taken go back as `local_steps`. FedProx's
     `proximal_mu` adds the proximal term to the local loss; a `clipping_norm` in the
     config (client-side DP) clips the returned update to that L2 norm and reports
     `norm_bit` (keys in `fl_app.wire`, clipping in `strategies.clipping`). Fit metrics carry
@@ -34,12 +38,13 @@ class KerasClient(NumPyClient):
     """
 
     def __init__(self, trainer: KerasTrainer, data: ClientData, defaults: Mapping[str, Scalar],
-                 seed: int = 0, client_key: int = 0) -> None:
+                 seed: int = 0, client_key: int = 0, work: NodeWork = NodeWork()) -> None:
         self.trainer = trainer
         self.data = data
         self.defaults = dict(defaults)
         self.seed = seed
         self.client_key = client_key
+        self.work = work
 
     def _setting(self, config: Mapping[str, Scalar], key: str) -> Scalar:
         return config.get(key, self.defaults[key])
@@ -57,16 +62,19 @@ class KerasClient(NumPyClient):
         """Train locally from the global weights; return new weights, example count, metrics."""
         self.trainer.set_weights(parameters)
         server_round = int(config.get(SERVER_ROUND, 0))
+        epochs, batch_size, time_budget = self.work.plan(config, self.defaults)
         result = self.trainer.fit(
             self.data.train,
-            epochs=int(self._setting(config, "local-epochs")),
-            batch_size=int(self._setting(config, "batch-size")),
+            epochs=epochs,
+            batch_size=batch_size,
+            time_budget=time_budget,
             learning_rate=float(self._setting(config, "learning-rate")) or None,
             proximal_mu=float(config.get(KEY_PROXIMAL_MU, 0.0)),
             seed=[self.seed, server_round, self.client_key],
         )
         metrics: dict[str, Scalar] = {
             "train_loss": result.loss, "train_seconds": result.seconds,
+            KEY_LOCAL_STEPS: result.steps,
             **{f"train_{name}": value for name, value in result.metrics.items()},
             **self.data.quality.as_metrics()}
         weights = self.trainer.get_weights()

@@ -15,24 +15,36 @@ from __future__ import annotations
 
 import time
 from collections.abc import Mapping
+from typing import Any
 
 from flwr.client import NumPyClient
 from flwr.common import NDArrays, Scalar
 
-from fl_app.client.delegating import DelegatingClient
 from fl_app.wire import TIMING_PREFIX
 
 PHASES = ("process", "imports", "data", "model", "training")
 
 
-class TimedClient(DelegatingClient):
+class TimedClient(NumPyClient):
     """Delegates every call to `inner`; its fit metrics also carry `seconds` (phase →
     seconds) and the fit's own time as `training`, each unless `inner` already reports it
     (a worker measures its own phases)."""
 
     def __init__(self, inner: NumPyClient, seconds: Mapping[str, float]) -> None:
-        super().__init__(inner)
+        self.inner = inner
         self.seconds = dict(seconds)
+
+    def __getattr__(self, name: str) -> Any:
+        # Attributes particular to the wrapped client (a KerasClient's data, trainer).
+        return getattr(self.__dict__["inner"], name)
+
+    def get_properties(self, config: dict[str, Scalar]) -> dict[str, Scalar]:
+        """Delegate to the wrapped client."""
+        return self.inner.get_properties(config)
+
+    def get_parameters(self, config: dict[str, Scalar]) -> NDArrays:
+        """Delegate to the wrapped client."""
+        return self.inner.get_parameters(config)
 
     def fit(self, parameters: NDArrays,
             config: dict[str, Scalar]) -> tuple[NDArrays, int, dict[str, Scalar]]:
@@ -44,6 +56,11 @@ class TimedClient(DelegatingClient):
         for phase, value in seconds.items():
             timed.setdefault(f"{TIMING_PREFIX}{phase}", float(value))
         return weights, num_examples, timed
+
+    def evaluate(self, parameters: NDArrays,
+                 config: dict[str, Scalar]) -> tuple[float, int, dict[str, Scalar]]:
+        """Delegate to the wrapped client."""
+        return self.inner.evaluate(parameters, config)
 
 
 def process_seconds(since: float) -> float:

@@ -20,13 +20,13 @@ targets (counts, years) therefore need `task='regression'`.
 
 from __future__ import annotations
 
-import difflib
 from pathlib import Path
 
 import numpy as np
 from sklearn.utils.multiclass import type_of_target
 
 from fl_app.data.types import TASKS, DataError, DataSpec
+from fl_app.schema import did_you_mean
 
 FILE_SUFFIXES = (".npz", ".csv", ".parquet")
 AUTO = "auto"
@@ -94,9 +94,7 @@ def _describe_columns(names: list[str], target: str) -> str:
     if any(_looks_like_data(name) for name in names):
         return (f"its first row ({len(names)} values) looks like data, not column names: "
                 "the file needs a header row")
-    close = difflib.get_close_matches(target, names, n=3)
-    hint = f"; did you mean {', '.join(repr(c) for c in close)}?" if close else ""
-    return f"its columns: {names}{hint}"
+    return f"its columns: {names}{did_you_mean(target, names, n=3)}"
 
 
 def _read_table(path: Path, label_column: str) -> tuple[np.ndarray, np.ndarray]:

@@ -89,10 +89,18 @@ SETTINGS = [
     Setting("test-fraction", float, 0.2,
             "Fraction of the dataset held out on the server for centralized evaluation.", "data",
             low=0.0, high=0.5, low_open=True),
-    Setting("synthetic-alpha", float, 1.0, "Synthetic(alpha,beta): model heterogeneity.", "data",
-            low=0.0),
-    Setting("synthetic-beta", float, 1.0, "Synthetic(alpha,beta): data heterogeneity.", "data",
-            low=0.0),
+    Setting("synthetic-alpha", float, 1.0,
+            "Synthetic(alpha,beta): model heterogeneity, the standard deviation of each user's "
+            "model mean (as the FedProx paper's generator).", "data", low=0.0),
+    Setting("synthetic-beta", float, 1.0,
+            "Synthetic(alpha,beta): data heterogeneity, the standard deviation of each user's "
+            "feature mean (as the FedProx paper's generator).", "data", low=0.0),
+    Setting("synthetic-iid", bool, False,
+            "Synthetic: the paper's Synthetic-IID (one shared model, features N(0, Sigma) on "
+            "every user; alpha and beta unused).", "data"),
+    Setting("synthetic-max-samples", int, 1000,
+            "Synthetic: cap on a user's samples (drawn lognormal(4, 2) + 50; 0: uncapped, as "
+            "the paper's data, where one user may hold most samples).", "data", low=0),
     Setting("synthetic-num-users", int, 10,
             "Synthetic(alpha,beta): number of users; each client holds one user's data, so "
             "it must equal the number of clients.", "data", low=1),

@@ -197,16 +197,18 @@ def _file_pool(cfg: RunConfig) -> PoolSource:
 
 
 class SyntheticSource:
-    """Synthetic(alpha, beta) (Li et al., 2020, FedProx), one user per client.
+    """Synthetic(alpha, beta) (Li et al., 2020, FedProx), one user per client, drawn as the
+    paper's official generator (litian96/FedProx, data/synthetic_*) draws it.
 
-    User k draws u_k ~ N(0, alpha) and B_k ~ N(0, beta); its softmax model has
+    User k draws u_k ~ N(0, alpha^2) and B_k ~ N(0, beta^2) (alpha and beta are standard
+    deviations, as `np.random.normal(0, alpha)` there); its softmax model has
     W_k, b_k ~ N(u_k, 1) and its features x ~ N(v_k, Sigma) with v_k ~ N(B_k, 1) and
-    Sigma = diag(j^-1.2). Labels are argmax(W_k x + b_k). Sample counts per user follow
-    lognormal(4, 2) + 50 (capped at 1000 to keep simulations small). The test-fraction
-    of every user is held out for the server's test set.
+    Sigma = diag(j^-1.2). Labels are argmax(W_k x + b_k). With `synthetic-iid` every user
+    shares one W, b ~ N(0, 1) and draws x ~ N(0, Sigma) (the paper's Synthetic-IID; alpha
+    and beta are unused). Sample counts per user follow lognormal(4, 2) + 50, capped at
+    `synthetic-max-samples` (0: uncapped, as the paper's data). The test-fraction of every
+    user is held out for the server's test set.
     """
-
-    MAX_SAMPLES = 1000
 
     @staticmethod
     def spec_for(cfg: RunConfig) -> DataSpec:
@@ -218,16 +220,24 @@ class SyntheticSource:
         dim, classes = cfg["synthetic-dim"], cfg["synthetic-classes"]
         self.spec = self.spec_for(cfg)
         rng = np.random.default_rng(cfg["seed"])
-        sizes = np.minimum(rng.lognormal(4, 2, self.num_users).astype(int) + 50, self.MAX_SAMPLES)
-        model_means = rng.normal(0, np.sqrt(cfg["synthetic-alpha"]), self.num_users)
-        feature_means = rng.normal(0, np.sqrt(cfg["synthetic-beta"]), self.num_users)
+        sizes = rng.lognormal(4, 2, self.num_users).astype(int) + 50
+        if cfg["synthetic-max-samples"]:
+            sizes = np.minimum(sizes, cfg["synthetic-max-samples"])
+        iid = cfg["synthetic-iid"]
+        model_means = rng.normal(0, cfg["synthetic-alpha"], self.num_users)
+        feature_means = rng.normal(0, cfg["synthetic-beta"], self.num_users)
+        if iid:  # drawn only then, so the non-IID data of a seed stays as it was
+            shared_w, shared_b = rng.normal(0, 1, (dim, classes)), rng.normal(0, 1, classes)
         std = np.arange(1, dim + 1) ** -0.6  # sqrt of Sigma's diagonal j^-1.2
         self._users: list[Split] = []
         tests = []
         for k in range(self.num_users):
-            w = rng.normal(model_means[k], 1, (dim, classes))
-            b = rng.normal(model_means[k], 1, classes)
-            v = rng.normal(feature_means[k], 1, dim)
+            if iid:
+                w, b, v = shared_w, shared_b, np.zeros(dim)
+            else:
+                w = rng.normal(model_means[k], 1, (dim, classes))
+                b = rng.normal(model_means[k], 1, classes)
+                v = rng.normal(feature_means[k], 1, dim)
             x = v + rng.normal(size=(sizes[k], dim)) * std
             y = np.argmax(x @ w + b, axis=1)
             n_test = max(1, int(round(cfg["test-fraction"] * len(y))))

@@ -18,6 +18,7 @@ import numpy as np
 
 from fl_app.data.sources import DataSpec
 from fl_app.ml.errors import ModelError
+from fl_app.schema import did_you_mean
 
 
 def _kernel(seed: int, layer: int) -> keras.initializers.Initializer:
@@ -122,10 +123,16 @@ def _call_function(reference: str, spec: DataSpec, seed: int) -> keras.Model:
     """Import `package.module:function` and call it, with the data spec if it takes one."""
     module_name, _, function_name = reference.partition(":")
     try:
-        function = getattr(importlib.import_module(module_name), function_name)
-    except (ImportError, AttributeError) as err:
+        module = importlib.import_module(module_name)
+    except ImportError as err:
         raise ModelError(f"run-config key 'model': cannot import {reference}: "
                          f"{type(err).__name__}: {err}") from err
+    function = getattr(module, function_name, None)
+    if not callable(function):
+        names = [name for name, value in vars(module).items()
+                 if callable(value) and not name.startswith("_")]
+        raise ModelError(f"run-config key 'model': module {module_name} has no function "
+                         f"{function_name!r}{did_you_mean(function_name, names)}")
     keras.utils.set_random_seed(seed)  # the function's unseeded initializers are reproducible
     takes_spec = bool(inspect.signature(function).parameters)
     try:

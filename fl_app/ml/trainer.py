@@ -32,17 +32,20 @@ from fl_app.ml.models import build_model, wants_one_hot
 from fl_app.schema import RunConfig
 
 EVAL_CHUNK = 4096
+BUDGET_CHECK_SHARE = 0.05  # under a time budget, the clock is read every ~5% of the budget
 SEED_STATE = "seed_generator_state"  # name of a keras.random.SeedGenerator's state variable
 
 
 @dataclass(frozen=True)
 class FitResult:
     """What one local training call produced: the last epoch's mean loss and compiled
-    metrics (by Keras name), and the wall time."""
+    metrics (by Keras name; a partial epoch's under a time budget), the wall time and the
+    number of local optimizer steps taken (FedNova's tau)."""
 
     loss: float
     metrics: dict[str, float]
     seconds: float
+    steps: int
 
 
 def fresh_optimizer(model: keras.Model, name: str = "",
@@ -184,14 +187,18 @@ class KerasTrainer:
         return loss * tf.cast(tf.shape(x)[0], tf.float32)
 
     # ---- public calls
-    def fit(self, data: Split, *, epochs: int, batch_size: int,
+    def fit(self, data: Split, *, epochs: int | None, batch_size: int,
             learning_rate: float | None = None, proximal_mu: float = 0.0,
-            seed: int | list[int] = 0) -> FitResult:
+            seed: int | list[int] = 0, time_budget: float | None = None) -> FitResult:
         """Train on `data` from the current weights; optimizer and layer RNGs start fresh.
 
         `learning_rate` (if given) replaces the optimizer's rate; `seed` fixes the
-        shuffling and the layers' random streams.
+        shuffling and the layers' random streams. With `time_budget` (seconds, counted
+        from the call) training stops once the budget has run out, checked between chunks
+        of steps (at least one step runs; `epochs` then caps it, None for no cap).
         """
+        if epochs is None and not time_budget:
+            raise ValueError("fit needs a number of epochs or a time budget")
         start = time.perf_counter()
         self.reset_optimizer(learning_rate)
         for anchor, var in zip(self._anchor, self.model.trainable_variables):
@@ -200,15 +207,46 @@ class KerasTrainer:
         x, y = tf.constant(data.x), tf.constant(self.targets(data.y))
         rng = np.random.default_rng(seed)
         self.reseed_layers(rng.spawn(1)[0])  # spawning leaves `rng`'s own stream untouched
-        loss_sum = 0.0
-        for epoch in range(epochs):
-            if epoch == epochs - 1:  # the result reports the last epoch's metrics
+        deadline = start + time_budget if time_budget else None
+        loss_sum, seen, steps, epoch = 0.0, len(data), 0, 0
+        while epochs is None or epoch < epochs:
+            if deadline is not None or epoch == epochs - 1:  # report the last epoch's metrics
                 self.model.reset_metrics()
-            order = tf.constant(rng.permutation(len(data)).astype(np.int32))
-            loss_sum = float(self._train_epoch(x, y, order, tf.constant(batch_size)))
+            order = rng.permutation(len(data)).astype(np.int32)
+            if deadline is None:
+                loss_sum = float(self._train_epoch(x, y, tf.constant(order),
+                                                   tf.constant(batch_size)))
+                steps += -(-len(data) // batch_size)
+            else:
+                loss_sum, seen, steps = self._budgeted_epoch(x, y, order, batch_size,
+                                                             start, deadline, steps)
+                if seen < len(data) or time.perf_counter() >= deadline:
+                    break
+            epoch += 1
         self.optimizer.finalize_variable_values(self.model.trainable_variables)  # EMA, as fit
-        return FitResult(loss_sum / len(data), _scalar_metrics(self.model.get_metrics_result()),
-                         time.perf_counter() - start)
+        return FitResult(loss_sum / max(seen, 1),
+                         _scalar_metrics(self.model.get_metrics_result()),
+                         time.perf_counter() - start, steps)
+
+    def _budgeted_epoch(self, x: tf.Tensor, y: tf.Tensor, order: np.ndarray, batch_size: int,
+                        start: float, deadline: float, steps: int) -> tuple[float, int, int]:
+        """One epoch in chunks of steps until it ends or `deadline` passes; returns its
+        loss sum, the examples it saw and the run's step count so far. A chunk is sized,
+        from the time per step measured so far, to take about BUDGET_CHECK_SHARE of the
+        budget (one step while nothing has been measured)."""
+        loss_sum, seen = 0.0, 0
+        while seen < len(order):
+            now = time.perf_counter()
+            if steps and now >= deadline:
+                break
+            per_step = (now - start) / steps if steps else 0.0
+            share = BUDGET_CHECK_SHARE * (deadline - start)
+            chunk = max(1, int(share / per_step)) if per_step > 0 else 1
+            idx = order[seen:seen + chunk * batch_size]
+            loss_sum += float(self._train_epoch(x, y, tf.constant(idx), tf.constant(batch_size)))
+            seen += len(idx)
+            steps += -(-len(idx) // batch_size)
+        return loss_sum, seen, steps
 
     def evaluate(self, data: Split) -> tuple[float, dict[str, float]]:
         """Mean loss and the compiled metrics (by Keras name) of the current weights on

@@ -38,9 +38,10 @@ LEDGER_FILE = "privacy_ledger.json"
 FORMAT_VERSION = 1
 # Keys that may differ between the interrupted run and its continuation: where results
 # go, how many rounds to run in total, how long a round waits for its clients, and the
-# privacy budget (a run stopped by `max-epsilon` continues under a larger one).
+# privacy budget (a run stopped by `max-epsilon` continues under a larger one), and what
+# the run shows and logs besides its results (console, TensorBoard).
 RESUMABLE_CHANGES = frozenset({"out-dir", "resume-from", "num-server-rounds", "round-timeout",
-                               "max-epsilon"})
+                               "max-epsilon", "verbose", "tensorboard"})
 _META = "meta.json"
 
 

@@ -85,3 +85,10 @@ def describe_failure(failure: tuple[ClientProxy, Any] | BaseException) -> dict[s
         return {"client": "unknown", "error": f"{type(failure).__name__}: {failure}"}
     proxy, res = failure
     return {"client": str(proxy.cid), "error": str(res.status.message)}
+
+
+def last_line(error: str) -> str:
+    """The last non-empty line of an error (for the console: a remote traceback ends with
+    the client's own message; history.json keeps the whole text)."""
+    lines = [line.strip() for line in error.splitlines() if line.strip()]
+    return lines[-1] if lines else error

@@ -15,6 +15,7 @@ from typing import Any
 
 HISTORY_FILE = "history.json"
 MODEL_FILE = "final_model.keras"
+ENCRYPTED_MODEL_FILE = "final_model.ckks.npz"  # homomorphic encryption: the sum, encrypted
 
 
 def resolve_out_dir(configured: str) -> Path:
@@ -85,34 +86,73 @@ def _series(rounds: list[dict[str, Any]], section: str, metric: str) -> tuple[li
     return [p[0] for p in points], [p[1] for p in points]
 
 
-def save_plots(out_dir: Path, rounds: list[dict[str, Any]]) -> list[Path]:
-    """Plot every recorded metric per round (`<metric>.png`, centralized and distributed
-    curves) and ε (`privacy.png`) if recorded."""
+# What each curve of a metric's plot shows: (section, name prefix, legend).
+CURVES = (("centralized", "", "centralized: server's held-out test set"),
+          ("distributed", "", "distributed: clients' validation data"),
+          ("fit", "train_", "clients' training: fit metrics averaged over clients"))
+PRIVACY_CURVES = (("privacy", "", "spent so far (accountant)"),)
+BYTES_CURVES = (("bytes", "up", "up: clients' updates (serialized)"),
+                ("bytes", "down", "down: the model broadcast (serialized)"))
+
+
+def plot_curves(rounds: list[dict[str, Any]], metric: str,
+                specs: tuple[tuple[str, str, str], ...]) -> list[tuple[str, list, list]]:
+    """(legend, rounds, values) of each curve in `specs` that has values."""
+    curves = [(label, *_series(rounds, section, prefix + metric))
+              for section, prefix, label in specs]
+    return [curve for curve in curves if curve[1]]
+
+
+def _pyplot() -> Any:
+    """matplotlib's pyplot on the Agg backend (files only, no display)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    return plt
+
+
+def plot_figure(metric: str, curves: list[tuple[str, list, list]], context: str) -> Any:
+    """A matplotlib figure of `curves` per round: integer round ticks, `context` under the
+    title, a legend naming what each curve is evaluated on."""
+    from matplotlib.ticker import MaxNLocator
+
+    plt = _pyplot()
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for label, xs, ys in curves:
+        ax.plot(xs, ys, marker="o", label=label)
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.set_xlabel("round")
+    ax.set_ylabel(metric)
+    ax.set_title(f"{metric} per round" + (f"\n{context}" if context else ""), fontsize=10)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    return fig
+
+
+def save_plots(out_dir: Path, rounds: list[dict[str, Any]], context: str = "") -> list[Path]:
+    """Plot every evaluated metric per round (`<metric>.png`: centralized, distributed and
+    the clients' training curve `train_<metric>`), the parameter bytes sent up and down
+    (`bytes.png`) and ε (`privacy.png`) if recorded, with
+    integer round ticks, `context` (strategy, dataset, clients) in the titles and legends
+    that say what each curve is evaluated on."""
+    plt = _pyplot()
     names = dict.fromkeys([*metric_names(rounds, "centralized"),
                            *metric_names(rounds, "distributed")])
-    panels = [*((name, ("centralized", "distributed"), name) for name in names),
-              ("privacy", ("privacy",), "epsilon")]
+    # (file name, y-axis label, the key's name, curves)
+    panels = [*((name, name, name, CURVES) for name in names),
+              ("bytes", "bytes", "", BYTES_CURVES),
+              ("privacy", "epsilon", "epsilon", PRIVACY_CURVES)]
     written = []
-    for name, sections, metric in panels:
-        series = [(s, *_series(rounds, s, metric)) for s in sections]
-        if not any(xs for _, xs, _ in series):
+    for file_name, ylabel, metric, specs in panels:
+        curves = plot_curves(rounds, metric, specs)
+        if not curves:
             continue
-        fig, ax = plt.subplots(figsize=(6, 4))
-        for section, xs, ys in series:
-            if xs:
-                ax.plot(xs, ys, marker="o", label=section)
-        ax.set_xlabel("round")
-        ax.set_ylabel(metric)
-        ax.set_title(f"{metric} per round")
-        ax.grid(alpha=0.3)
-        ax.legend()
-        path = out_dir / f"{re.sub(r'[^A-Za-z0-9_.-]', '_', name)}.png"
-        fig.tight_layout()
+        fig = plot_figure(ylabel, curves, context)
+        path = out_dir / f"{re.sub(r'[^A-Za-z0-9_.-]', '_', file_name)}.png"
         with private_files():
             fig.savefig(path, dpi=100)
         plt.close(fig)

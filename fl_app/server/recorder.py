@@ -1,71 +1,127 @@
-"""What a run records: one log line and one history.json record per round, the final
-model and the plots at the end."""
+"""What a run records: history.json and history.csv every round, the final model, the
+plots and the history's summary at the end; and the run's callbacks (the console progress,
+TensorBoard when `tensorboard` is on, and any given by the caller), called as it goes."""
 
 from __future__ import annotations
 
+import copy
+import io
+import time
+from collections.abc import Sequence
 from logging import INFO
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+import psutil
 from flwr.common import Parameters, parameters_to_ndarrays
 from flwr.common.logger import log
 
 from fl_app.ml.trainer import KerasTrainer
 from fl_app.schema import RunConfig
+from fl_app.server.callbacks import Callback
 from fl_app.server.checkpoint import Checkpoint
 from fl_app.server.outputs import (
+    ENCRYPTED_MODEL_FILE,
     MODEL_FILE,
-    metric_names,
+    atomic_write_bytes,
     private_files,
     save_plots,
     write_history,
 )
+from fl_app.server.progress import ConsoleProgress
+from fl_app.server.round_log import write_csv_log
+from fl_app.server.run_summary import run_summary
+from fl_app.server.tensorboard import LOG_DIR, TensorBoardLogger
+from strategies.homomorphic import is_encrypted
 
 
-def progress_line(record: dict[str, Any]) -> str:
-    """One human-readable line per round."""
-    parts = [f"round {record['round']:>3}"]
-    fit = record.get("fit")
-    if fit:
-        parts.append(f"clients {fit['num_clients']} ({fit['num_failures']} failed, "
-                     f"{fit['num_rejected']} rejected)")
-    cen = record.get("centralized", {})
-    if cen:
-        parts.append("  ".join(f"{name} {cen[name]:.4f}"
-                               for name in metric_names([record], "centralized")))
-    if "privacy" in record:
-        parts.append(f"ε {record['privacy']['epsilon']:.3f}")
-    parts.append(f"{record['seconds']:.2f} s")
-    return " | ".join(parts)
+def process_start() -> float:
+    """When this process started (seconds since the epoch)."""
+    return psutil.Process().create_time()
+
+
+def live_console(cfg: RunConfig) -> bool:
+    """Whether the progress is a live bar: on a terminal, and not drowned out by `verbose`."""
+    from rich.console import Console
+
+    return Console().is_terminal and not cfg["verbose"]
+
+
+def plot_context(cfg: RunConfig, rounds: list[dict[str, Any]]) -> str:
+    """The run in a few words for plot titles: strategy, dataset, clients per round."""
+    sampled = max((r.get("fit", {}).get("num_sampled", 0) for r in rounds), default=0)
+    parts = [str(cfg["strategy"]), Path(str(cfg["dataset"])).name]
+    if sampled:
+        parts.append(f"{sampled} clients/round")
+    return " · ".join(parts)
 
 
 class RunRecorder:
-    """Keeps the run's history; writes history.json each round, model and plots at the end."""
+    """Keeps the run's history; writes history.json and history.csv each round, model,
+    plots and summary at the end; calls the callbacks.
 
-    def __init__(self, cfg: RunConfig, out_dir: Path, trainer: KerasTrainer) -> None:
+    `started_at` (seconds since the epoch; default: when this process started) is where
+    the run's start-up and total time are counted from.
+    """
+
+    def __init__(self, cfg: RunConfig, out_dir: Path, trainer: KerasTrainer,
+                 callbacks: Sequence[Callback] = (), started_at: float | None = None) -> None:
+        self.cfg = cfg
         self.out_dir = out_dir
         self.trainer = trainer
         self.history: dict[str, Any] = {"config": dict(cfg), "rounds": [], "stopped": None}
+        self.started_at = process_start() if started_at is None else started_at
+        self.startup_seconds: float | None = None
+        tensorboard = [TensorBoardLogger(out_dir / LOG_DIR)] if cfg["tensorboard"] else []
+        self.callbacks: list[Callback] = [
+            ConsoleProgress(int(cfg["num-server-rounds"]), live=live_console(cfg)),
+            *tensorboard, *callbacks]
 
     def resume(self, checkpoint: Checkpoint) -> None:
         """Continue the history saved in `checkpoint` (later rounds on disk are dropped)."""
-        saved = checkpoint.history
+        saved = {k: v for k, v in checkpoint.history.items() if k != "summary"}
         self.history = {**saved, "config": self.history["config"], "stopped": None,
                         "resumed_after": [*saved.get("resumed_after", []), checkpoint.round]}
         write_history(self.out_dir, self.history)
 
     def on_round(self, record: dict[str, Any], parameters: Parameters) -> None:
-        """Append a round's record, log it and persist the history."""
+        """Append a round's record, persist the history and its CSV log, call the callbacks
+        (the first record also ends the start-up: `on_run_begin`)."""
         self.history["rounds"].append(record)
-        log(INFO, "%s", progress_line(record))
         write_history(self.out_dir, self.history)
+        write_csv_log(self.out_dir, self.history["rounds"])
+        if self.startup_seconds is None:
+            self.startup_seconds = time.time() - self.started_at - float(record["seconds"])
+            for callback in self.callbacks:
+                callback.on_run_begin(dict(self.cfg), self.startup_seconds)
+        for callback in self.callbacks:
+            callback.on_round_end(int(record["round"]), copy.deepcopy(record))
 
     def on_finish(self, stopped: str, parameters: Parameters) -> None:
-        """Record why the run stopped; save the final model and the plots."""
+        """Record why the run stopped and its summary; save the final model and the plots;
+        call the callbacks' `on_run_end`.
+
+        An encrypted aggregate (homomorphic encryption) is saved as it is, in
+        `final_model.ckks.npz` (arrays `chunk_0`, ...), for a key holder to decrypt
+        (`python -m fl_app.app.he_final`): the server cannot write `final_model.keras`."""
         self.history["stopped"] = stopped
+        self.history["summary"] = run_summary(
+            self.history, startup_seconds=self.startup_seconds,
+            total_seconds=time.time() - self.started_at,
+            directions=self.trainer.metric_directions())
         write_history(self.out_dir, self.history)
-        self.trainer.set_weights(parameters_to_ndarrays(parameters))
-        with private_files():
-            self.trainer.model.save(self.out_dir / MODEL_FILE)
-        save_plots(self.out_dir, self.history["rounds"])
+        if is_encrypted(parameters):
+            buffer = io.BytesIO()
+            np.savez(buffer, **{f"chunk_{i}": a for i, a in
+                                enumerate(parameters_to_ndarrays(parameters))})
+            atomic_write_bytes(self.out_dir / ENCRYPTED_MODEL_FILE, buffer.getvalue())
+        else:
+            self.trainer.set_weights(parameters_to_ndarrays(parameters))
+            with private_files():
+                self.trainer.model.save(self.out_dir / MODEL_FILE)
+        rounds = self.history["rounds"]
+        save_plots(self.out_dir, rounds, plot_context(self.cfg, rounds))
         log(INFO, "results written to %s", self.out_dir)
+        for callback in self.callbacks:
+            callback.on_run_end(copy.deepcopy(self.history))

@@ -15,9 +15,10 @@ from flwr.server.client_proxy import ClientProxy
 from flwr.server.history import History
 from flwr.server.strategy import Strategy
 
-from fl_app.server.client_failures import describe_failure
+from fl_app.server.client_failures import describe_failure, last_line
 from fl_app.server.client_manager import SeededClientManager
 from fl_app.server.stopping import StoppingRules
+from fl_app.server.wire_bytes import WireMeter
 from fl_app.wire import DATA_QUALITY_PREFIX, TIMING_PREFIX
 from strategies.protocols import PrivacyAccounting, find_layer
 from strategies.state import set_strategy_state, strategy_state
@@ -80,11 +81,13 @@ class FederatedServer(Server):
     """Flower's `Server` loop with early stopping and a record per round.
 
     Each round: fit, centralized evaluation, distributed evaluation, then `on_round` gets
-    the round's record (`round`, `seconds`, `fit`, `centralized`, `distributed`,
-    `privacy`) and the new global parameters. The fit record holds `data_quality`, the
-    data-quality report of each client that reports for the first time in this run (by
-    client id: a client's data does not change, so once is enough; a resumed run records
-    its clients again). A
+    the round's record (`round`, `seconds`, `fit`, `bytes`, `centralized`, `distributed`,
+    `privacy`) and the new global parameters. `bytes` holds the training messages'
+    parameter bytes, `up` (every client's `FitRes`) and `down` (every sampled client's
+    `FitIns`), as serialized (`fl_app.server.wire_bytes`). The fit record holds
+    `data_quality`, the data-quality report of each client that reports for the first time
+    in this run (by client id: a client's data does not change, so once is enough; a
+    resumed run records its clients again). A
     strategy with a `PrivacyAccounting` layer (strategies.protocols) adds its privacy report
     to every record, and the run stops *before* a round its budget does not allow.
 
@@ -100,7 +103,8 @@ class FederatedServer(Server):
                  on_checkpoint: CheckpointCallback | None = None,
                  on_charge: Callable[[dict[str, Any]], None] | None = None,
                  resume: ResumePoint | None = None) -> None:
-        super().__init__(client_manager=SeededClientManager(seed), strategy=strategy)
+        self.wire = WireMeter(strategy)  # counts the round's parameter bytes up and down
+        super().__init__(client_manager=SeededClientManager(seed), strategy=self.wire)
         self.privacy = find_layer(strategy, PrivacyAccounting)
         self.stopping = stopping
         self.on_round = on_round
@@ -151,7 +155,8 @@ class FederatedServer(Server):
         if self.privacy is not None and self.on_charge is not None:
             self.on_charge(self.privacy.ledger())  # before anything of the round is released
         if res_fit is None:
-            return {"num_clients": 0, "num_failures": 0, "num_rejected": 0}, 0
+            return {"num_sampled": 0, "num_clients": 0, "num_failures": 0,
+                    "num_rejected": 0}, 0
         parameters, metrics, (results, failures) = res_fit
         if parameters:
             self.parameters = parameters
@@ -160,8 +165,9 @@ class FederatedServer(Server):
         metrics = _without_client_reports(metrics)
         history.add_metrics_distributed_fit(server_round=server_round, metrics=metrics)
         # The server's counts come last: no client-reported metric may overwrite them.
-        record = {"num_rejected": 0, **metrics, "num_clients": len(results),
-                  "num_failures": len(failures)}
+        # Sampled = replied (num_clients, rejected ones included) + failed.
+        record = {"num_rejected": 0, **metrics, "num_sampled": len(results) + len(failures),
+                  "num_clients": len(results), "num_failures": len(failures)}
         reports = data_quality(results, self._quality_seen)
         if reports:
             record["data_quality"] = reports
@@ -172,7 +178,7 @@ class FederatedServer(Server):
             record["failures"] = [describe_failure(f) for f in failures]
             for failure in record["failures"]:
                 log(WARNING, "round %s: client %s failed: %s", server_round,
-                    failure["client"], failure["error"])
+                    failure["client"], last_line(failure["error"]))
         return record, (record["num_clients"] - record["num_rejected"] if parameters else 0)
 
     def _evaluate_distributed(self, server_round: int, timeout: float | None,
@@ -187,9 +193,9 @@ class FederatedServer(Server):
         return _section(loss, metrics)
 
     def _start(self, timeout: float | None, history: History) -> tuple[int, str | None]:
-        """Round 0 (or the restored checkpoint): the first round to run and any stop reason."""
-        if timeout is not None:
-            self.client_manager().warm_up()
+        """Round 0 (or the restored checkpoint): the first round to run and any stop reason.
+        The clients are started first, so round 1's time is a round's, not the start-up's."""
+        self.client_manager().warm_up()
         if self.resume is not None:
             return self.resume.round + 1, self._restore(self.resume)
         if self.privacy is not None and self.on_charge is not None:
@@ -214,7 +220,7 @@ class FederatedServer(Server):
                 break
             round_start = timeit.default_timer()
             fit, accepted = self._fit(server_round, timeout, history)
-            record = {"round": server_round, "fit": fit,
+            record = {"round": server_round, "fit": fit, "bytes": self.wire.take(),
                       "centralized": self._evaluate_centralized(server_round, history),
                       "distributed": self._evaluate_distributed(server_round, timeout, history)}
             privacy = self.privacy.privacy_report(server_round) if self.privacy else None

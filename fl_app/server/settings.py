@@ -1,9 +1,13 @@
 """The server layer's run-config keys: how long a run goes and when it stops early, where
-its results and checkpoints are written, and where a resumed run continues from."""
+its results and checkpoints are written (and in which formats), where a resumed run
+continues from, and how much the console shows."""
 
 from __future__ import annotations
 
-from fl_app.schema import Setting
+import importlib.util
+from collections.abc import Mapping
+
+from fl_app.schema import ConfigError, Scalar, Setting
 
 SETTINGS = [
     Setting("num-server-rounds", int, 20,
@@ -39,9 +43,24 @@ SETTINGS = [
             "Seconds a round waits for its clients (0 waits forever); clients are started "
             "before round 1, so their start-up does not count.", "run", low=0.0),
     Setting("out-dir", str, "",
-            "Folder for history.json, final_model.keras and plots "
+            "Folder for history.json, history.csv, final_model.keras, plots (and tensorboard/) "
             "(empty: outputs/<timestamp> under the working directory).", "run"),
     Setting("resume-from", str, "",
             "Output folder of an interrupted run: continue it after its last complete round "
             "(from its checkpoint.npz; empty: start a new run).", "run"),
+    Setting("tensorboard", bool, False,
+            "Also write TensorBoard event files (per-round scalars) to <out-dir>/tensorboard; "
+            "needs the `tensorboard` extra (pip install 'fl-keras[tensorboard]').", "run"),
+    Setting("verbose", bool, False,
+            "Show the libraries' own logs (Flower's per-call lines and [SUMMARY], "
+            "TensorFlow, Ray workers, deprecation warnings) instead of only the progress.",
+            "run"),
 ]
+
+
+def check_config(values: Mapping[str, Scalar]) -> None:
+    """`tensorboard` needs the TensorBoard package, found before any training."""
+    if values["tensorboard"] and importlib.util.find_spec("tensorboard") is None:
+        raise ConfigError("run-config key 'tensorboard' is true but the tensorboard package "
+                          "is not installed: pip install 'fl-keras[tensorboard]' (or set "
+                          "tensorboard=false)")

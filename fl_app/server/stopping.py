@@ -9,12 +9,11 @@ falls back to the metric's name when no direction is known.
 
 from __future__ import annotations
 
-import difflib
 import math
 from collections.abc import Iterable, Mapping
 from typing import Any
 
-from fl_app.schema import ConfigError
+from fl_app.schema import ConfigError, did_you_mean
 
 IDLE_STOP = "no-client-updates"  # history's "stopped" when `max-idle-rounds` ends a run
 DISTRIBUTED = "distributed_"  # monitor prefix for the clients' validation average
@@ -50,10 +49,9 @@ def check_monitor(monitor: str, metric_names: Iterable[str]) -> None:
     available = names + [DISTRIBUTED + name for name in names]
     if monitor == "auto" or monitor in available:
         return
-    close = difflib.get_close_matches(monitor, available, n=1)
-    hint = f"; did you mean {close[0]!r}?" if close else ""
     raise ConfigError(f"run-config key 'monitor' has unknown metric {monitor!r}; available: "
-                      f"'auto', {', '.join(repr(n) for n in available)}{hint}")
+                      f"'auto', {', '.join(repr(n) for n in available)}"
+                      f"{did_you_mean(monitor, available)}")
 
 
 class StoppingRules:

@@ -1,0 +1,38 @@
+"""Shared by the experiment-table scripts: run one simulation, read back its accuracies."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from fl_app.cli import simulate  # noqa: E402
+
+
+def run_accuracies(clients: int, run_config: str, out: Path, attempts: int = 3) -> list[float]:
+    """Run `run_simulation.py` with `clients` clients and `run_config`, writing to `out`;
+    return the centralized accuracy after each round (round 0, the initial model, first).
+    A run that wrote no history (Ray failing to start on a loaded machine) is started
+    again, up to `attempts` times in all; exit with the run's code if it still fails."""
+    for attempt in range(1, attempts + 1):
+        code = simulate.main(["--num-supernodes", str(clients), "--run-config", run_config,
+                              "--out", str(out)])
+        if code == 0:
+            break
+        print(f"attempt {attempt}/{attempts} of {run_config!r} failed with exit code {code}",
+              flush=True)
+    else:
+        raise SystemExit(f"run with {run_config!r} failed {attempts} times")
+    history = json.loads((out / "history.json").read_text(encoding="utf-8"))
+    return [float(r["centralized"]["accuracy"]) for r in history["rounds"]]
+
+
+def tail_mean(values: list[float], rounds: int) -> float:
+    """The mean of the last `rounds` values (smooths the round-to-round noise of a final
+    accuracy)."""
+    tail = values[-rounds:]
+    return sum(tail) / len(tail)

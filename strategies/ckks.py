@@ -1,0 +1,200 @@
+"""CKKS encryption of model updates with TenSEAL: keys, the client's codec, the server's sum.
+
+CKKS (Cheon, Kim, Kim, Song, "Homomorphic Encryption for Arithmetic of Approximate
+Numbers", ASIACRYPT 2017) encrypts vectors of reals; anyone holding the *public* context
+can add ciphertexts, only the holder of the secret key can decrypt. A client encodes its
+weights scaled by its example count, followed by the count itself, as one flat vector
+`[n·w_1, ..., n·w_m, n]`, cut into chunks of the context's slot count (poly modulus / 2)
+and encrypted chunk by chunk. The server adds the clients' chunks position by position
+(`add_encrypted`) and never decrypts; a client decrypts the sum and divides by the summed
+count: the weighted average of FedAvg (`decrypt_average`).
+
+Parameters: poly modulus degree 8192 (4096 slots), coefficient moduli of 60, 40 and 60 bits
+(160 bits, within the 218 bits HE-standard allows for 128-bit security at N = 8192) and
+scale 2^40. Only additions are done, so no relinearization or Galois keys are made. The
+decryption error of a sum of k such vectors is about k·1e-8 in absolute terms
+(`tests/test_ckks.py` checks the average within 1e-6 relative).
+
+The key file a node holds is its serialized context *with* the secret key (0600); the public
+context file the server holds is the same context without it (`write_key_pair`), and
+`load_public_context` refuses a file that holds a secret key.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from flwr.common import NDArrays
+
+from fl_app.schema import ConfigError
+
+POLY_MODULUS_DEGREE = 8192
+COEFF_MOD_BIT_SIZES = (60, 40, 60)
+SCALE_BITS = 40
+SLOTS = POLY_MODULUS_DEGREE // 2
+KEY_FILE_NODE_CONFIG = "he-key-file"  # node config: path to the node's secret context file
+PUBLIC_CONTEXT_FILE = "he_public_context.bin"
+SECRET_CONTEXT_FILE = "he_secret_context.bin"
+TENSOR_TYPE = "ckks.chunks"  # Parameters.tensor_type of an encrypted aggregate (server side)
+
+
+class KeyFileError(ConfigError):
+    """A context file is missing, unreadable, or holds the wrong kind of key."""
+
+
+def _tenseal() -> Any:
+    """The `tenseal` module (`fl_app/__init__.py` loads it before TensorFlow, see there)."""
+    if "tenseal" not in sys.modules and "tensorflow" in sys.modules:
+        raise RuntimeError("TenSEAL must be imported before TensorFlow (both bundle protobuf; "
+                           "loaded after it, TenSEAL cannot serialize): import fl_app first")
+    try:
+        import tenseal
+    except ImportError as err:  # an optional extra
+        raise KeyFileError("homomorphic-encryption=ckks needs TenSEAL: "
+                           "pip install -e '.[he]'") from err
+    return tenseal
+
+
+def new_secret_context() -> Any:
+    """A fresh CKKS context holding a new secret key (for the nodes only)."""
+    ts = _tenseal()
+    ctx = ts.context(ts.SCHEME_TYPE.CKKS, POLY_MODULUS_DEGREE,
+                     coeff_mod_bit_sizes=list(COEFF_MOD_BIT_SIZES))
+    ctx.global_scale = 2.0 ** SCALE_BITS
+    return ctx
+
+
+def public_bytes(ctx: Any) -> bytes:
+    """`ctx` serialized without its secret key (what the server may hold)."""
+    return ctx.serialize(save_secret_key=False, save_galois_keys=False, save_relin_keys=False)
+
+
+def secret_bytes(ctx: Any) -> bytes:
+    """`ctx` serialized with its secret key (what a node holds)."""
+    return ctx.serialize(save_secret_key=True, save_galois_keys=False, save_relin_keys=False)
+
+
+def _write_private(path: Path, data: bytes) -> None:
+    """Write `data` to a new file created with mode 0600 (never readable by others)."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "wb") as file:
+        file.write(data)
+
+
+def write_key_pair(public_path: Path, secret_path: Path) -> None:
+    """Make a new key and write the public context and the secret context (both 0600,
+    neither may exist yet)."""
+    ctx = new_secret_context()
+    _write_private(Path(public_path), public_bytes(ctx))
+    _write_private(Path(secret_path), secret_bytes(ctx))
+
+
+def _read_context(path: str | Path, what: str) -> Any:
+    ts = _tenseal()
+    try:
+        data = Path(path).read_bytes()
+    except OSError as err:
+        raise KeyFileError(f"{what} {str(path)!r} cannot be read: {err.strerror}") from err
+    try:
+        return ts.context_from(data)
+    except Exception as err:  # TenSEAL raises bare ValueError/RuntimeError on bad bytes
+        raise KeyFileError(f"{what} {str(path)!r} is not a TenSEAL context") from err
+
+
+def load_public_context(path: str | Path) -> Any:
+    """The server's context from `path`; refuses one that holds a secret key."""
+    if not str(path):
+        raise KeyFileError("homomorphic-encryption=ckks needs run-config key he-public-context: "
+                           "the public context file (deploy.prepare writes it)")
+    ctx = _read_context(path, "he-public-context")
+    if ctx.is_private():
+        raise KeyFileError(f"he-public-context {str(path)!r} holds a secret key: the server must "
+                        "get only the public context (deploy.prepare writes it)")
+    return ctx
+
+
+def load_secret_context(path: str | Path) -> Any:
+    """A node's context from its key file; refuses one without a secret key."""
+    ctx = _read_context(path, f"node config {KEY_FILE_NODE_CONFIG}")
+    if not ctx.is_private():
+        raise KeyFileError(f"node config {KEY_FILE_NODE_CONFIG} {str(path)!r} holds no secret "
+                        "key (that is the server's public context)")
+    return ctx
+
+
+def num_chunks(num_values: int) -> int:
+    """How many ciphertexts carry `num_values` weights plus the count."""
+    return math.ceil((num_values + 1) / SLOTS)
+
+
+def chunk_sizes(num_values: int) -> list[int]:
+    """The number of slots used in each ciphertext for `num_values` weights plus the count."""
+    total = num_values + 1
+    return [min(SLOTS, total - start) for start in range(0, total, SLOTS)]
+
+
+def encrypt_update(ctx: Any, weights: NDArrays, num_examples: int) -> NDArrays:
+    """The client's reply: `[n·weights..., n]` encrypted in chunks, each a uint8 array of
+    its serialized ciphertext."""
+    ts = _tenseal()
+    flat = np.concatenate([np.asarray(w, dtype=np.float64).ravel() for w in weights]
+                          + [np.ones(1)]) * float(num_examples)
+    return [np.frombuffer(ts.ckks_vector(ctx, flat[start:start + SLOTS]).serialize(),
+                          dtype=np.uint8)
+            for start in range(0, flat.size, SLOTS)]
+
+
+def ciphertexts(ctx: Any, arrays: NDArrays, sizes: Sequence[int]) -> list[Any]:
+    """Deserialize one reply's chunks under `ctx`; ValueError unless there is one ciphertext
+    per expected chunk, each with the expected number of slots."""
+    ts = _tenseal()
+    if len(arrays) != len(sizes):
+        raise ValueError(f"{len(arrays)} ciphertexts, expected {len(sizes)}")
+    out = []
+    for i, (array, size) in enumerate(zip(arrays, sizes)):
+        array = np.asarray(array)
+        if array.dtype != np.uint8 or array.ndim != 1:
+            raise ValueError(f"chunk {i} is {array.dtype} of shape {array.shape}, not bytes")
+        try:
+            vector = ts.ckks_vector_from(ctx, array.tobytes())
+        except Exception as err:  # TenSEAL raises bare exceptions on bad bytes
+            raise ValueError(f"chunk {i} is not a CKKS ciphertext of this context") from err
+        if vector.size() != size:
+            raise ValueError(f"chunk {i} holds {vector.size()} values, expected {size}")
+        out.append(vector)
+    return out
+
+
+def add_encrypted(replies: Sequence[list[Any]]) -> NDArrays:
+    """The position-wise sum of deserialized replies (`ciphertexts`), serialized as uint8
+    arrays. Needs no secret key."""
+    if not replies:
+        raise ValueError("nothing to add")
+    total = list(replies[0])
+    for reply in replies[1:]:
+        total = [a + b for a, b in zip(total, reply, strict=True)]
+    return [np.frombuffer(vector.serialize(), dtype=np.uint8) for vector in total]
+
+
+def decrypt_average(ctx: Any, arrays: NDArrays, reference: NDArrays) -> NDArrays:
+    """Decrypt an encrypted sum and divide by its count: the weighted average, shaped and
+    typed like `reference` (the model's weights). ValueError if it does not fit."""
+    num_values = sum(int(np.asarray(r).size) for r in reference)
+    vectors = ciphertexts(ctx, arrays, chunk_sizes(num_values))
+    flat = np.concatenate([np.asarray(v.decrypt(), dtype=np.float64) for v in vectors])
+    count = flat[-1]
+    if not count > 0.5:  # counts are integers >= 1; CKKS error is far below 0.5
+        raise ValueError(f"the encrypted aggregate's example count is {count:.3g}")
+    average, start = [], 0
+    for ref in reference:
+        ref = np.asarray(ref)
+        average.append((flat[start:start + ref.size] / count).reshape(ref.shape)
+                       .astype(ref.dtype))
+        start += ref.size
+    return average

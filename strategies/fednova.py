@@ -1,0 +1,136 @@
+"""FedNova: normalised averaging for clients that do different amounts of local work.
+
+Wang, Liu, Liang, Joshi and Poor, "Tackling the Objective Inconsistency Problem in
+Heterogeneous Federated Optimization" (NeurIPS 2020). FedAvg averages the clients' models;
+a client that took more local steps moved further and pulls the average towards its own
+objective, so the global model converges to the optimum of a mis-weighted objective. FedNova
+averages each client's update divided by its number of local steps tau_i, then takes
+tau_eff = sum_i p_i tau_i steps along that average (p_i = n_i / n, the example weights):
+
+    x_new = x - tau_eff * sum_i p_i (x - x_i) / tau_i
+
+This is the paper's rule for plain local SGD (its a_i = [1, ..., 1], ||a_i||_1 = tau_i),
+which is what the app's compiled optimizer does unless the model was compiled with
+momentum or an adaptive optimizer. With equal tau_i it is exactly FedAvg. The clients
+report tau_i as `local_steps` in their fit metrics; an update without a whole number of
+steps >= 1 is left out of the round and logged. FedNova trusts the reported steps as FedAvg
+trusts `num_examples`: a client that under-reports them has its update scaled up by
+tau_eff / tau_i (a whole number >= 1 bounds that by tau_eff).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from logging import WARNING
+
+import numpy as np
+from flwr.common import (
+    FitIns,
+    FitRes,
+    NDArrays,
+    Parameters,
+    Scalar,
+    ndarrays_to_parameters,
+    parameters_to_ndarrays,
+)
+from flwr.common.logger import log
+from flwr.server.client_manager import ClientManager
+from flwr.server.client_proxy import ClientProxy
+from flwr.server.strategy import Strategy
+
+from fl_app.schema import ConfigError
+from fl_app.wire import KEY_LOCAL_STEPS
+from strategies import dp
+from strategies.context import StrategyContext
+from strategies.metrics import weighted_metrics
+from strategies.weighted_fedavg import WeightedFedAvg, weighted_average
+
+
+def normalized_average(global_weights: NDArrays, client_weights: list[NDArrays],
+                       num_examples: list[int], steps: list[float]) -> NDArrays:
+    """FedNova's new global model from the clients' models, example counts and local steps
+    (accumulates in float64, keeps each array's dtype)."""
+    total = float(sum(num_examples))
+    tau_eff = sum(n / total * tau for n, tau in zip(num_examples, steps))
+    directions = [[(g.astype(np.float64) - w.astype(np.float64)) / tau
+                   for g, w in zip(global_weights, weights)]
+                  for weights, tau in zip(client_weights, steps)]
+    mean_direction = weighted_average(directions, [float(n) for n in num_examples])
+    return [(g.astype(np.float64) - tau_eff * d).astype(g.dtype)
+            for g, d in zip(global_weights, mean_direction)]
+
+
+def _steps(fit_res: FitRes) -> float | None:
+    value = fit_res.metrics.get(KEY_LOCAL_STEPS)
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+    if not ok or not math.isfinite(value) or value < 1 or not float(value).is_integer():
+        return None
+    return float(value)
+
+
+class FedNova(WeightedFedAvg):
+    """WeightedFedAvg's sampling and evaluation with FedNova's normalised averaging.
+
+    It remembers the global model it sends in `configure_fit` and aggregates the round's
+    updates against it (see the module doc). Arguments: those of `WeightedFedAvg`.
+    """
+
+    def __init__(self, **kwargs: object) -> None:
+        super().__init__(**kwargs)  # type: ignore[arg-type]
+        self._sent: dict[int, Parameters] = {}
+
+    def __repr__(self) -> str:
+        return f"FedNova(accept_failures={self.accept_failures})"
+
+    def configure_fit(self, server_round: int, parameters: Parameters,
+                      client_manager: ClientManager) -> list[tuple[ClientProxy, FitIns]]:
+        """As WeightedFedAvg, remembering the global model this round starts from."""
+        self._sent = {server_round: parameters}
+        return super().configure_fit(server_round, parameters, client_manager)
+
+    def aggregate_fit(
+        self,
+        server_round: int,
+        results: list[tuple[ClientProxy, FitRes]],
+        failures: list[tuple[ClientProxy, FitRes] | BaseException],
+    ) -> tuple[Parameters | None, dict[str, Scalar]]:
+        """The normalised average of the updates (None without usable results, or with
+        failures when `accept_failures` is off)."""
+        sent = self._sent.get(server_round)
+        if sent is None:
+            raise RuntimeError(f"FedNova: round {server_round} was not configured by this "
+                               "strategy, so the model the updates start from is unknown")
+        usable = []
+        for proxy, fit_res in results:
+            if _steps(fit_res) is None:
+                log(WARNING, "round %s: FedNova leaves out client %s: its fit metrics carry no "
+                    "whole number >= 1 of %r", server_round, proxy.cid, KEY_LOCAL_STEPS)
+            else:
+                usable.append((proxy, fit_res))
+        if not usable or (failures and not self.accept_failures):
+            return super().aggregate_fit(server_round, usable, failures)
+        counts = [fit_res.num_examples for _, fit_res in usable]
+        new = normalized_average(parameters_to_ndarrays(sent),
+                                 [parameters_to_ndarrays(r.parameters) for _, r in usable],
+                                 counts, [_steps(r) or 0.0 for _, r in usable])
+        metrics = weighted_metrics((r.num_examples, r.metrics) for _, r in usable)
+        return ndarrays_to_parameters(new), metrics
+
+
+def build(ctx: StrategyContext) -> Strategy:
+    """Registry factory for `strategy=fednova`."""
+    return FedNova(**ctx.common_kwargs())
+
+
+def check_config(values: Mapping[str, Scalar]) -> None:
+    """Refuse FedNova inside a DP wrapper: the privatized average it would be handed carries
+    no client's local steps."""
+    if values["strategy"] in dp.WRAPPERS and values["dp-inner"] == "fednova":
+        raise ConfigError(f"run-config key 'dp-inner' is 'fednova' under strategy="
+                          f"{values['strategy']!r}: FedNova needs each client's local steps, "
+                          "which a DP release does not carry; use another dp-inner")
+
+
+STRATEGIES = {"fednova": build}
+SETTINGS: list = []  # FedNova uses only the shared sampling keys (strategies.context)

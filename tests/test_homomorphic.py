@@ -1,0 +1,194 @@
+"""Homomorphic aggregation (CKKS, TenSEAL): the codec, the server's wrapper, the refusals.
+
+The simulation test (real Flower simulation engine) is `tests/test_homomorphic_sim.py`.
+"""
+
+from __future__ import annotations
+
+import stat
+
+import numpy as np
+import pytest
+from flwr.common import ndarrays_to_parameters, parameters_to_ndarrays
+
+from fl_app.schema import ConfigError
+from fl_app.wire import KEY_HE_ENCRYPTED
+from strategies import ckks
+from strategies.homomorphic import (
+    HomomorphicAggregation,
+    incompatibilities,
+    is_encrypted,
+)
+from strategies.weighted_fedavg import WeightedFedAvg
+from tests.conftest import make_config
+from tests.flower_objects import IdleProxy, fit_res, random_model
+
+SHAPES = ((70, 64), (64,), (64, 10), (10,))  # 5194 weights: two chunks of 4096 slots
+RELATIVE_BOUND = 1e-6  # observed ~1e-9; the README states 1e-4 for whole runs
+
+
+@pytest.fixture(scope="module")
+def keys(tmp_path_factory):
+    """A key pair written as deploy.prepare and run_simulation.py write it."""
+    folder = tmp_path_factory.mktemp("keys")
+    public, secret = folder / ckks.PUBLIC_CONTEXT_FILE, folder / ckks.SECRET_CONTEXT_FILE
+    ckks.write_key_pair(public, secret)
+    return public, secret
+
+
+def _relative_error(got, want) -> float:
+    flat_got = np.concatenate([np.ravel(g) for g in got]).astype(np.float64)
+    flat_want = np.concatenate([np.ravel(w) for w in want]).astype(np.float64)
+    return float(np.max(np.abs(flat_got - flat_want)) / np.max(np.abs(flat_want)))
+
+
+def test_key_files_are_private_and_the_server_side_holds_no_secret(keys):
+    public, secret = keys
+    for path in keys:
+        assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    assert not ckks.load_public_context(public).is_private()
+    assert ckks.load_secret_context(secret).is_private()
+    with pytest.raises(ConfigError, match="holds a secret key"):
+        ckks.load_public_context(secret)
+    with pytest.raises(ConfigError, match="holds no secret key"):
+        ckks.load_secret_context(public)
+    with pytest.raises(ConfigError, match="needs run-config key he-public-context"):
+        ckks.load_public_context("")
+
+
+def test_sum_of_encrypted_updates_decrypts_to_the_weighted_average(keys):
+    public, secret = keys
+    rng = np.random.default_rng(0)
+    updates = [(random_model(rng, SHAPES), n) for n in (120, 45, 301)]
+    client = ckks.load_secret_context(secret)
+    server = ckks.load_public_context(public)
+    sizes = ckks.chunk_sizes(sum(int(np.prod(s)) for s in SHAPES))
+    assert sizes == [4096, 1099]
+    replies = [ckks.ciphertexts(server, ckks.encrypt_update(client, w, n), sizes)
+               for w, n in updates]
+    total = ckks.add_encrypted(replies)
+    average = ckks.decrypt_average(client, total, updates[0][0])
+    want = [sum(n * w[i].astype(np.float64) for w, n in updates) / 466 for i in range(4)]
+    assert [a.shape for a in average] == list(SHAPES)
+    assert all(a.dtype == np.float32 for a in average)
+    assert _relative_error(average, want) <= RELATIVE_BOUND
+    with pytest.raises(ValueError, match="doesn't hold a secret_key"):
+        ckks.ciphertexts(server, total, sizes)[0].decrypt()
+
+
+def _wrapper(keys, min_fit_clients=1) -> HomomorphicAggregation:
+    initial = random_model(np.random.default_rng(1), SHAPES)
+    inner = WeightedFedAvg(initial_parameters=ndarrays_to_parameters(initial))
+    return HomomorphicAggregation(inner, public_context=ckks.load_public_context(keys[0]),
+                                  num_values=sum(a.size for a in initial),
+                                  min_fit_clients=min_fit_clients)
+
+
+def test_wrapper_adds_ciphertexts_and_rejects_what_is_not_one(keys):
+    strategy = _wrapper(keys)
+    client = ckks.load_secret_context(keys[1])
+    rng = np.random.default_rng(2)
+    honest = [(random_model(rng, SHAPES), n) for n in (10, 30)]
+    plaintext = random_model(rng, SHAPES)
+    good = [(IdleProxy(f"c{i}"), fit_res(ckks.encrypt_update(client, w, n), 1, {"train_loss": i}))
+            for i, (w, n) in enumerate(honest)]
+    bad = [(IdleProxy("plain"), fit_res(plaintext, 10)),  # a plaintext update
+           (IdleProxy("short"), fit_res(ckks.encrypt_update(client, plaintext, 5)[:1], 1)),
+           (IdleProxy("junk"), fit_res([np.zeros(100, np.uint8)] * 2, 1))]
+    parameters, metrics = strategy.aggregate_fit(1, good + bad, [])
+    assert metrics["num_rejected"] == 3 and metrics["train_loss"] == 0.5
+    assert is_encrypted(parameters)
+    average = ckks.decrypt_average(client, parameters_to_ndarrays(parameters), plaintext)
+    want = [(10 * a.astype(np.float64) + 30 * b) / 40 for a, b in zip(*(w for w, _ in honest))]
+    assert _relative_error(average, want) <= RELATIVE_BOUND
+    assert strategy.evaluate(1, parameters) is None  # no centralized evaluation
+
+
+def test_wrapper_keeps_the_model_below_min_fit_clients(keys):
+    strategy = _wrapper(keys, min_fit_clients=2)
+    update = ckks.encrypt_update(ckks.load_secret_context(keys[1]),
+                                 random_model(np.random.default_rng(3), SHAPES), 4)
+    parameters, metrics = strategy.aggregate_fit(1, [(IdleProxy("c0"), fit_res(update, 1))], [])
+    assert parameters is None and metrics["num_rejected"] == 0
+
+
+def test_wrapper_refuses_a_context_with_a_secret_key(keys):
+    inner = WeightedFedAvg()
+    with pytest.raises(ValueError, match="must not hold a secret key"):
+        HomomorphicAggregation(inner, public_context=ckks.load_secret_context(keys[1]),
+                               num_values=10, min_fit_clients=1)
+
+
+def test_configure_marks_only_the_encrypted_aggregate(keys):
+    from fl_app.server.client_manager import SeededClientManager
+
+    strategy = _wrapper(keys)
+    manager = SeededClientManager(0)
+    for cid in ("c0", "c1"):  # the inner strategy samples at least 2
+        manager.register(IdleProxy(cid))
+    plain = ndarrays_to_parameters(random_model(np.random.default_rng(4), SHAPES))
+    encrypted = ndarrays_to_parameters([np.zeros(3, np.uint8)])
+    encrypted.tensor_type = ckks.TENSOR_TYPE
+    for parameters, flag in ((plain, False), (encrypted, True)):
+        fit = strategy.configure_fit(2, parameters, manager)
+        evaluate = strategy.configure_evaluate(2, parameters, manager)
+        assert len(fit) == len(evaluate) == 2
+        for _, ins in fit + evaluate:
+            assert ins.config[KEY_HE_ENCRYPTED] is flag
+            assert ins.parameters is parameters
+
+
+@pytest.mark.parametrize("overrides, problem", [
+    ({"strategy": "krum"}, "needs individual updates"),
+    ({"strategy": "fedmedian"}, "needs individual updates"),
+    ({"strategy": "fedtrimmedavg"}, "needs individual updates"),
+    ({"strategy": "bulyan"}, "needs individual updates"),
+    ({"strategy": "fedadam"}, "plaintext server-side model"),
+    ({"strategy": "dp-fixed"}, "clips and noises on the server"),
+    ({"outlier_norm_factor": 3.0}, "outlier-norm-factor"),
+    ({"resume_from": "outputs/x"}, "resume-from"),
+    ({"target": 0.9}, "centralized metric"),
+])
+def test_combinations_that_need_individual_updates_are_refused(overrides, problem):
+    with pytest.raises(ConfigError, match=f"homomorphic-encryption='ckks' cannot run with.*"
+                                          f"{problem}"):
+        make_config(homomorphic_encryption="ckks", **overrides)
+
+
+@pytest.mark.parametrize("strategy", ["weighted-fedavg", "fedavg", "fedprox"])
+def test_linear_strategies_and_distributed_monitoring_are_accepted(strategy):
+    cfg = make_config(homomorphic_encryption="ckks", strategy=strategy, patience=2,
+                      monitor="distributed_accuracy")
+    assert incompatibilities(cfg) == []
+
+
+def test_prepare_gives_the_nodes_the_secret_key_and_the_server_only_the_public_context(
+        tmp_path):
+    from deploy.commands import he_run_config, node_config
+    from deploy.prepare import instructions, prepare
+
+    dep = prepare(tmp_path / "dep", 2, "homomorphic-encryption='ckks'", ["127.0.0.1"])
+    server = ckks.load_public_context(dep.he_public_context)
+    assert not server.is_private()
+    for node in dep.nodes:
+        key = dep.he_key(node)
+        assert stat.S_IMODE(key.stat().st_mode) == 0o600
+        assert ckks.load_secret_context(key).is_private()
+        assert f'he-key-file="{key}"' in node_config(dep, node)
+    assert stat.S_IMODE(dep.he_public_context.stat().st_mode) == 0o600
+    assert he_run_config(dep) == f'he-public-context="{dep.he_public_context}"'
+    assert he_run_config(dep) in instructions(dep)
+    # The nodes share one key: what one encrypts, another decrypts.
+    one, other = (ckks.load_secret_context(dep.he_key(n)) for n in dep.nodes)
+    weights = [np.arange(6, dtype=np.float32).reshape(2, 3)]
+    total = ckks.add_encrypted([ckks.ciphertexts(server, ckks.encrypt_update(one, weights, 3),
+                                                 [7])])
+    assert np.allclose(ckks.decrypt_average(other, total, weights)[0], weights[0], atol=1e-5)
+
+
+def test_prepare_without_encryption_writes_no_he_keys(tmp_path):
+    from deploy.commands import he_run_config
+    from deploy.prepare import prepare
+
+    dep = prepare(tmp_path / "dep", 2, "", ["127.0.0.1"])
+    assert not (dep.root / "he").exists() and he_run_config(dep) == ""
