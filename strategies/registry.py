@@ -20,6 +20,7 @@ from strategies import (
     compression,
     context,
     dp,
+    fedbuff,
     fednova,
     flower_builtins,
     homomorphic,
@@ -58,7 +59,7 @@ _OWN_SETTINGS = [
             "registry name).", "privacy", choices=tuple(STRATEGIES)),
 ]
 _SETTING_MODULES = [context, validation, secure, compression, stragglers, *STRATEGY_MODULES,
-                    *WRAPPER_MODULES, homomorphic]
+                    *WRAPPER_MODULES, homomorphic, fedbuff]
 
 SETTINGS: list[Setting] = [*_OWN_SETTINGS,
                            *(s for module in _SETTING_MODULES for s in module.SETTINGS)]

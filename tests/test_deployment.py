@@ -4,7 +4,8 @@ with TLS and SuperNode authentication, each node on its own data file.
 One SuperLink serves the module (starting Flower's processes costs more than the rounds):
 a SuperNode whose key was never registered is refused (flwr 1.41: Flower's exit code 305,
 process exit status 1); three SuperNodes run 3 rounds of
-weighted-fedavg; then a fourth node whose data file is corrupt joins for a second run,
+weighted-fedavg, then 3 FedBuff versions (server-loop='fedbuff'); then a fourth node
+whose data file is corrupt joins for a further run,
 which finishes on the other three and records and logs the error naming that node and
 file. The run's results are private (mode 600/700: Flower's processes run with umask 077).
 When the module ends (pass or fail) every process is stopped, checked by pid.
@@ -76,6 +77,18 @@ def _rounds(outcome) -> list[dict]:
     return outcome.history["rounds"]
 
 
+def _three_rounds(cluster, name: str, run_config: str, clients: int):
+    """Run the app on the cluster; check it made rounds 0-3 from `clients` updates each,
+    with no failure; return the outcome and its rounds."""
+    outcome = cluster.local.run_app(
+        PROJECT_DIR, cluster.local.run_config(cluster.out / name, run_config), RUN_TIMEOUT)
+    rounds = _rounds(outcome)
+    assert [r["round"] for r in rounds] == [0, 1, 2, 3]
+    for record in rounds[1:]:
+        assert record["fit"]["num_clients"] == clients and record["fit"]["num_failures"] == 0
+    return outcome, rounds
+
+
 def test_superlink_serves_tls_with_the_prepared_ca(cluster):
     context = ssl.create_default_context(cafile=str(cluster.dep.ca_cert))
     with socket.create_connection(("127.0.0.1", cluster.local.port), timeout=10) as raw:
@@ -105,13 +118,8 @@ def test_three_supernodes_train_with_tls_and_node_auth(cluster):
     first_worker = cluster.local.workers_started["node-0"]
     first_worker.popen.kill()
     first_worker.popen.wait(timeout=30)
-    run_config = cluster.local.run_config(cluster.out / "healthy",
-                                          "num-server-rounds=3 fraction-evaluate=0.0")
-    outcome = cluster.local.run_app(PROJECT_DIR, run_config, RUN_TIMEOUT)
-    rounds = _rounds(outcome)
-    assert [r["round"] for r in rounds] == [0, 1, 2, 3]
-    for record in rounds[1:]:
-        assert record["fit"]["num_clients"] == 3 and record["fit"]["num_failures"] == 0
+    outcome, rounds = _three_rounds(cluster, "healthy",
+                                    "num-server-rounds=3 fraction-evaluate=0.0", clients=3)
     accuracy = [r["centralized"]["accuracy"] for r in rounds]
     assert accuracy[-1] > accuracy[0] + 0.3, accuracy
     assert (outcome.out_dir / MODEL_FILE).is_file()
@@ -170,6 +178,15 @@ def _worker_pids(cluster, node) -> set[str]:
 
 def _log_count(cluster, node, what: str) -> int:
     return (cluster.dep.root / "workers" / node.name / "sock.log").read_text().count(what)
+
+
+def test_fedbuff_runs_on_the_superlink(cluster):
+    _, rounds = _three_rounds(cluster, "fedbuff", "server-loop='fedbuff' num-server-rounds=3 "
+                              "fedbuff-buffer-size=2 fraction-evaluate=0.0", clients=2)
+    # three nodes start on version 0 and two updates make a version: the third is stale
+    assert max(r["fit"]["staleness_max"] for r in rounds[1:]) >= 1
+    accuracy = [r["centralized"]["accuracy"] for r in rounds]
+    assert accuracy[-1] > accuracy[0] + 0.2, accuracy
 
 
 def test_corrupt_node_file_fails_that_node_only_and_is_named(cluster):

@@ -1,8 +1,10 @@
-"""The Flower ServerApp: model, strategy, centralized evaluation, stopping and results."""
+"""The Flower ServerApp: model, strategy (or FedBuff), centralized evaluation, stopping and
+results."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
 from flwr.common import Context, NDArrays, Scalar, ndarrays_to_parameters
 from flwr.server import ServerAppComponents, ServerConfig
@@ -19,15 +21,22 @@ from fl_app.ml.models import build_model
 from fl_app.ml.trainer import KerasTrainer
 from fl_app.schema import RunConfig
 from fl_app.server.callbacks import Callback
-from fl_app.server.checkpoint import Checkpointer, load_for_resume, read_ledger
+from fl_app.server.checkpoint import (
+    Checkpoint,
+    Checkpointer,
+    load_for_resume,
+    read_ledger,
+)
+from fl_app.server.fedbuff_loop import FedBuffServer
 from fl_app.server.outputs import resolve_out_dir
 from fl_app.server.prompt_grid import PromptGrid
 from fl_app.server.recorder import RunRecorder
 from fl_app.server.runner import FederatedServer, ResumePoint
 from fl_app.server.secagg import SecAggPlusFit
 from fl_app.server.stopping import StoppingRules
-from fl_app.wire import evaluate_config, round_config
+from fl_app.wire import KEY_PROXIMAL_MU, evaluate_config, round_config
 from strategies.context import StrategyContext
+from strategies.fedbuff import FEDBUFF, FedBuffAggregator
 from strategies.registry import build_strategy
 from strategies.secure import share_count
 from strategies.weighted_fedavg import EvaluateFn
@@ -46,10 +55,23 @@ def centralized_evaluator(trainer: KerasTrainer, test: Split) -> EvaluateFn:
     return evaluate
 
 
-def server_components(cfg: RunConfig, callbacks: Sequence[Callback] = (),
-                      started_at: float | None = None) -> ServerAppComponents:
-    """Build everything the server needs for one run from a resolved config (`callbacks`
-    and `started_at`: see `RunRecorder`)."""
+@dataclass
+class RunParts:
+    """What both server loops build from a resolved config."""
+
+    initial_weights: NDArrays
+    evaluate: EvaluateFn
+    recorder: RunRecorder
+    checkpointer: Checkpointer
+    stopping: StoppingRules
+    checkpoint: Checkpoint | None
+
+
+def run_parts(cfg: RunConfig, callbacks: Sequence[Callback] = (),
+              started_at: float | None = None) -> RunParts:
+    """The model, centralized evaluation, recorder, checkpointer and stopping rules of a
+    run, with the recorder resumed when `resume-from` names a checkpoint (`callbacks` and
+    `started_at`: see `RunRecorder`)."""
     trainer = checked_trainer(cfg)
     source = data_source(cfg)
     # A fresh seeded model, not the process-wide trainer's weights: those are whatever the
@@ -58,26 +80,36 @@ def server_components(cfg: RunConfig, callbacks: Sequence[Callback] = (),
     checkpoint = load_for_resume(cfg, initial_weights)
     out_dir = resolve_out_dir(str(cfg["out-dir"] or cfg["resume-from"]))
     recorder = RunRecorder(cfg, out_dir, trainer, callbacks, started_at)
-    resume = None
     if checkpoint is not None:
         recorder.resume(checkpoint)
+    stopping = StoppingRules(
+        str(cfg["monitor"]), str(cfg["mode"]), patience=int(cfg["patience"]),
+        min_delta=float(cfg["min-delta"]), target=float(cfg["target"]),
+        max_idle_rounds=int(cfg["max-idle-rounds"]), metric_names=monitored_names(trainer),
+        directions=trainer.metric_directions())
+    return RunParts(initial_weights, centralized_evaluator(trainer, source.test_set()),
+                    recorder, Checkpointer(cfg, out_dir, lambda: recorder.history), stopping,
+                    checkpoint)
+
+
+def server_components(cfg: RunConfig, callbacks: Sequence[Callback] = (),
+                      started_at: float | None = None) -> ServerAppComponents:
+    """Build everything the synchronous server needs for one run from a resolved config."""
+    parts = run_parts(cfg, callbacks, started_at)
+    checkpoint, recorder, checkpointer = parts.checkpoint, parts.recorder, parts.checkpointer
+    resume = None
+    if checkpoint is not None:
         resume = ResumePoint(checkpoint.round, ndarrays_to_parameters(checkpoint.weights),
                              checkpoint.server_state, read_ledger(str(cfg["resume-from"])))
     ctx = StrategyContext(
         cfg=cfg,
-        initial_parameters=ndarrays_to_parameters(initial_weights),
-        evaluate_fn=centralized_evaluator(trainer, source.test_set()),
+        initial_parameters=ndarrays_to_parameters(parts.initial_weights),
+        evaluate_fn=parts.evaluate,
         on_fit_config_fn=lambda server_round: round_config(cfg, server_round),
         on_evaluate_config_fn=evaluate_config,
     )
-    checkpointer = Checkpointer(cfg, out_dir, lambda: recorder.history)
     server = FederatedServer(
-        strategy=build_strategy(ctx), seed=int(cfg["seed"]),
-        stopping=StoppingRules(
-            str(cfg["monitor"]), str(cfg["mode"]), patience=int(cfg["patience"]),
-            min_delta=float(cfg["min-delta"]), target=float(cfg["target"]),
-            max_idle_rounds=int(cfg["max-idle-rounds"]), metric_names=monitored_names(trainer),
-            directions=trainer.metric_directions()),
+        strategy=build_strategy(ctx), seed=int(cfg["seed"]), stopping=parts.stopping,
         on_round=recorder.on_round, on_finish=recorder.on_finish,
         on_checkpoint=checkpointer, on_charge=checkpointer.save_ledger, resume=resume,
     )
@@ -112,11 +144,47 @@ def serve(grid: Grid, context: Context, cfg: RunConfig,
     start_grid(grid=grid, server=server, config=components.config)
 
 
+def fedbuff_fit_config(cfg: RunConfig) -> Callable[[int], dict[str, Scalar]]:
+    """The fit config sent with a model version: the round keys, plus FedProx's mu."""
+    extra = {KEY_PROXIMAL_MU: float(cfg["proximal-mu"])} if cfg["strategy"] == "fedprox" else {}
+    return lambda version: {**round_config(cfg, version), **extra}
+
+
+def fedbuff_server(cfg: RunConfig, callbacks: Sequence[Callback] = (),
+                   started_at: float | None = None) -> FedBuffServer:
+    """The FedBuff server for one run (see `fl_app.server.fedbuff_loop`)."""
+    parts = run_parts(cfg, callbacks, started_at)
+    checkpoint = parts.checkpoint
+    aggregator = FedBuffAggregator(
+        parts.initial_weights if checkpoint is None else checkpoint.weights,
+        buffer_size=int(cfg["fedbuff-buffer-size"]),
+        max_staleness=int(cfg["fedbuff-max-staleness"]),
+        server_lr=float(cfg["fedbuff-server-lr"]),
+        staleness_exponent=float(cfg["fedbuff-staleness-exponent"]),
+        max_examples=int(cfg["max-examples"]),
+        examples_cap_factor=float(cfg["examples-cap-factor"]),
+        version=0 if checkpoint is None else checkpoint.round)
+    resume = None if checkpoint is None else ResumePoint(
+        checkpoint.round, ndarrays_to_parameters(checkpoint.weights), checkpoint.server_state)
+    return FedBuffServer(
+        aggregator=aggregator, evaluate=lambda version, arrays: parts.evaluate(version, arrays, {}),
+        fit_config=fedbuff_fit_config(cfg), stopping=parts.stopping,
+        on_round=parts.recorder.on_round, on_finish=parts.recorder.on_finish,
+        on_checkpoint=parts.checkpointer, num_versions=int(cfg["num-server-rounds"]),
+        concurrency=int(cfg["fedbuff-concurrency"]),
+        min_available=int(cfg["min-available-clients"]), seed=int(cfg["seed"]),
+        timeout=float(cfg["round-timeout"]) or None, resume=resume)
+
+
 def make_server_app(fixed_config: RunConfig | None = None, callbacks: Sequence[Callback] = (),
                     started_at: float | None = None) -> ServerApp:
     """A ServerApp; with `fixed_config` it ignores `context.run_config` (for run_simulation),
     and calls `callbacks` as the run goes (see `fl_app.server.callbacks`). A config, model
-    or data error it raises is logged by Flower as one `error:` line."""
+    or data error it raises is logged by Flower as one `error:` line.
+
+    `server-loop` picks the loop: Flower's synchronous `Server` (our `FederatedServer`,
+    run as Flower runs a `server_fn`'s components) or the FedBuff loop on the Grid.
+    """
     report_app_errors_in_one_line()
     app = ServerApp()
 
@@ -125,6 +193,9 @@ def make_server_app(fixed_config: RunConfig | None = None, callbacks: Sequence[C
         raw = fixed_config if fixed_config is not None else context.run_config
         quiet_libraries(raw.get("verbose") is True)  # resolving imports TensorFlow
         cfg = fixed_config if fixed_config is not None else resolve(raw)
+        if cfg["server-loop"] == FEDBUFF:
+            fedbuff_server(cfg, callbacks, started_at).run(grid)
+            return
         serve(grid, context, cfg, server_components(cfg, callbacks, started_at))
 
     return app

@@ -3,8 +3,9 @@
 Each simulated client gets at most one role, fixed for the whole run and derived only from
 the run's `seed` and the client's partition id: the partition ids are shuffled with the
 seed and the first ones become, in this order, clients that raise, stall, return NaN,
-return garbage, then attackers (`attack-fraction` of `attack`); counts are the fractions
-of the number of partitions, rounded half up. Roles:
+return garbage, then attackers (`attack-fraction` of `attack`), then stragglers
+(`slow-client-fraction`); counts are the fractions of the number of partitions, rounded half
+up. Roles:
 
 * `raise`: `fit` and `evaluate` raise an error (a crashing client).
 * `stall`: `fit` and `evaluate` sleep `fault-stall-seconds` before answering (a hanging
@@ -15,6 +16,10 @@ of the number of partitions, rounded half up. Roles:
 * attackers (`fit` only): `sign-flip` sends the global weights minus `attack-scale` times
   its update, `scale` plus `attack-scale` times its update, `gaussian` the global weights
   plus N(0, `attack-noise-std`^2) noise, `label-flip` trains honestly on labels c -> C-1-c.
+* `straggler`: an honest client that runs `slow-client-slowdown` times slower: after each
+  `fit` and `evaluate` it sleeps (slowdown - 1) times the call's measured duration, so its
+  wall time is `slowdown` times its own. In deployment, node-config `slowdown` makes one
+  node such a client (`SlowClient`), whatever the fault keys say.
 """
 
 from __future__ import annotations
@@ -34,6 +39,8 @@ from fl_app.wire import SERVER_ROUND
 ATTACKS = ("none", "sign-flip", "scale", "gaussian", "label-flip")
 FAULT_KEYS = {"raise": "fault-raise-fraction", "stall": "fault-stall-fraction",
               "nan": "fault-nan-fraction", "garbage": "fault-garbage-fraction"}
+STRAGGLER = "straggler"
+NODE_SLOWDOWN = "slowdown"  # node-config key: this node runs that many times slower
 GARBAGE_KINDS = ("missing-array", "wrong-shape", "float64", "zero-examples", "negative-examples")
 _ROLE_SALT = 0xFA0175
 
@@ -61,11 +68,18 @@ SETTINGS = [
     Setting("attack-noise-std", float, 1.0,
             "gaussian attack: standard deviation of the noise sent as the update.", "faults",
             low=0.0, low_open=True),
+    _fraction("slow-client-fraction",
+              "are stragglers (honest, slow-client-slowdown times slower in fit and evaluate)"),
+    Setting("slow-client-slowdown", float, 10.0,
+            "Stragglers' slowdown N: each fit/evaluate then sleeps N-1 times its measured "
+            "duration, so it takes N times as long (deployment: node-config `slowdown`).",
+            "faults", low=1.0),
 ]
 
 
 def _fractions(cfg: Mapping[str, Scalar]) -> dict[str, float]:
-    keys = [*FAULT_KEYS.values(), *(["attack-fraction"] if cfg["attack"] != "none" else [])]
+    keys = [*FAULT_KEYS.values(), *(["attack-fraction"] if cfg["attack"] != "none" else []),
+            "slow-client-fraction"]
     return {key: float(cfg[key]) for key in keys}
 
 
@@ -89,17 +103,17 @@ def _count(fraction: float, num_partitions: int) -> int:
 def role_counts(cfg: Mapping[str, Scalar], num_partitions: int) -> list[tuple[str, int]]:
     """How many clients get each role; raise ConfigError if they exceed the clients."""
     fractions = _fractions(cfg)
-    roles = [*FAULT_KEYS, *([str(cfg["attack"])] if cfg["attack"] != "none" else [])]
+    roles = [*FAULT_KEYS, *([str(cfg["attack"])] if cfg["attack"] != "none" else []), STRAGGLER]
     counts = [(role, _count(f, num_partitions)) for role, f in zip(roles, fractions.values())]
     if sum(n for _, n in counts) > num_partitions:
         raise ConfigError(f"run-config keys {', '.join(repr(k) for k in fractions)} assign "
-                          f"{sum(n for _, n in counts)} faulty or malicious clients out of "
+                          f"{sum(n for _, n in counts)} faulty, malicious or slow clients out of "
                           f"{num_partitions} (counts are rounded half up): lower them")
     return counts
 
 
 def assign_roles(cfg: Mapping[str, Scalar], num_partitions: int) -> dict[int, str]:
-    """Partition id -> role for every misbehaving client (deterministic from `seed`)."""
+    """Partition id -> role for every misbehaving or slow client (deterministic from `seed`)."""
     order = np.random.default_rng([int(cfg["seed"]), _ROLE_SALT]).permutation(num_partitions)
     roles: dict[int, str] = {}
     start = 0
@@ -177,23 +191,67 @@ class FaultyClient(ClientWrapper):
         return self.inner.evaluate(parameters, config)
 
 
+class SlowClient(ClientWrapper):
+    """Wraps an honest client and makes it `slowdown` times slower: after each `fit` and
+    `evaluate` it sleeps (slowdown - 1) times that call's measured duration."""
+
+    def __init__(self, inner: NumPyClient, slowdown: float) -> None:
+        super().__init__(inner)
+        self.slowdown = slowdown
+
+    def _stretch(self, started: float) -> None:
+        time.sleep((self.slowdown - 1.0) * (time.perf_counter() - started))
+
+    def fit(self, parameters: NDArrays,
+            config: dict[str, Scalar]) -> tuple[NDArrays, int, dict[str, Scalar]]:
+        """Train like the inner client, then wait out the slowdown."""
+        started = time.perf_counter()
+        result = self.inner.fit(parameters, config)
+        self._stretch(started)
+        return result
+
+    def evaluate(self, parameters: NDArrays,
+                 config: dict[str, Scalar]) -> tuple[float, int, dict[str, Scalar]]:
+        """Evaluate like the inner client, then wait out the slowdown."""
+        started = time.perf_counter()
+        result = self.inner.evaluate(parameters, config)
+        self._stretch(started)
+        return result
+
+
+def node_slowdown(node_config: Mapping[str, Scalar]) -> float:
+    """Node-config `slowdown` (1.0 when absent); ConfigError unless it is a number >= 1."""
+    value = node_config.get(NODE_SLOWDOWN, 1.0)
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 1.0:
+        raise ConfigError(f"node-config key {NODE_SLOWDOWN!r} is {value!r}: it must be a "
+                          "number >= 1 (how many times slower this node runs)")
+    return float(value)
+
+
 def with_faults(client: NumPyClient, cfg: Mapping[str, Scalar],
                 node_config: Mapping[str, Scalar]) -> NumPyClient:
     """`client` (a `KerasClient`) wrapped per this node's role, or unchanged if it has none.
 
-    Label-flip attackers keep the honest client but train on flipped labels.
+    Label-flip attackers keep the honest client but train on flipped labels; a node-config
+    `slowdown` above 1 makes the node a `SlowClient` whatever its role.
     """
+    slowdown = node_slowdown(node_config)
+    if slowdown > 1.0:
+        return SlowClient(client, slowdown)
     roles_configured = any(cfg[key] for key in FAULT_KEYS.values()) or (
-        cfg["attack"] != "none" and cfg["attack-fraction"] > 0)
+        cfg["attack"] != "none" and cfg["attack-fraction"] > 0) or cfg["slow-client-fraction"] > 0
     if not roles_configured:
         return client
     if "partition-id" not in node_config:
-        raise ConfigError("fault injection and attacks (fault-*, attack-*) are for simulation: "
-                          "this node has no 'partition-id' in its node-config")
+        raise ConfigError("fault injection, attacks and stragglers (fault-*, attack-*, "
+                          "slow-client-*) are for simulation: this node has no 'partition-id' in "
+                          "its node-config (use node-config 'slowdown' for a slow node)")
     partition_id = int(node_config["partition-id"])
     role = assign_roles(cfg, int(node_config["num-partitions"])).get(partition_id)
     if role is None:
         return client
+    if role == STRAGGLER:
+        return SlowClient(client, float(cfg["slow-client-slowdown"]))
     if role == "label-flip":
         data: ClientData = client.data
         client.data = ClientData(flip_labels(data.train, client.trainer.spec), data.val,

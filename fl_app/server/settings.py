@@ -10,7 +10,13 @@ from collections.abc import Mapping
 from fl_app.schema import ConfigError, Scalar, Setting
 
 SETTINGS = [
-    Setting("num-server-rounds", int, 20, "Maximum number of federated rounds.", "run", low=1),
+    Setting("num-server-rounds", int, 20,
+            "Maximum number of federated rounds (FedBuff: of new model versions).", "run",
+            low=1),
+    Setting("server-loop", str, "sync",
+            "sync: Flower's synchronous rounds; fedbuff: buffered asynchronous aggregation "
+            "(clients keep training, a new model every fedbuff-buffer-size updates).", "run",
+            choices=("sync", "fedbuff")),
     Setting("monitor", str, "auto",
             "Value the stopping rules watch, as Keras' EarlyStopping: a centralized metric by "
             "its Keras name (loss, accuracy, mae, ...), distributed_<name> for the clients' "
