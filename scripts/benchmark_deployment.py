@@ -148,7 +148,8 @@ def one(mode: str, tmp: Path, rounds: int, num_nodes: int,
     if mode == "before":
         tree = checkout(tmp / "before-tree", str(before))
         try:
-            argv = launch_argv(tmp / "dep-before", rounds, num_nodes, out, workers=False)
+            # the revision predates workers (and --no-workers): every ClientApp trains itself
+            argv = launch_argv(tmp / "dep-before", rounds, num_nodes, out, workers=True)
             return summarize(*run(argv, tree, out, f"{mode} ({before})"))
         finally:
             subprocess.run(["git", "worktree", "remove", "--force", str(tree)], cwd=ROOT,

@@ -50,6 +50,11 @@ class _StartUp:
                 "imports": IMPORTED - IMPORT_START + time.time() - imports_since}
 
 
+# One per process (not per ClientApp object: the simulation engine ships a copy of the app
+# with every message to its long-lived workers).
+start_up = _StartUp()
+
+
 def make_client_app(fixed_config: RunConfig | None = None,
                     node_config: Mapping[str, Scalar] | None = None) -> ClientApp:
     """A ClientApp; with `fixed_config` it ignores `context.run_config` (for run_simulation),
@@ -58,7 +63,6 @@ def make_client_app(fixed_config: RunConfig | None = None,
     sees). Each fit's metrics say where the message's time went (`fl_app.client.timing`).
     """
     extra = dict(node_config or {})
-    start_up = _StartUp()
 
     def client_fn(context: Context) -> Client:
         node = {**context.node_config, **extra}
