@@ -25,7 +25,6 @@ import json
 import statistics
 import sys
 import tempfile
-from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -33,8 +32,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 import fl_app  # noqa: E402,F401,I001  (quiet TensorFlow start-up: before tensorflow)
-from flwr.app import Context, Message, RecordDict  # noqa: E402
-from flwr.app.message_type import MessageType  # noqa: E402
+from flwr.app import Context  # noqa: E402
 from flwr.serverapp import Grid, ServerApp  # noqa: E402
 from flwr.simulation import run_simulation  # noqa: E402
 from rich.console import Console  # noqa: E402
@@ -45,59 +43,10 @@ from fl_app.app.config import resolve  # noqa: E402
 from fl_app.app.server_app import serve  # noqa: E402
 from fl_app.data.node_data import load_client  # noqa: E402
 from fl_app.schema import RunConfig  # noqa: E402
+from fl_app.server.wire_bytes import MeteredGrid  # noqa: E402
 
 MODELS = ("mlp", "examples.keras_models:wide_mlp")
 STARTUP_ATTEMPTS = 3
-
-
-def value_bytes(value: Any) -> int:
-    """The payload bytes of a config or metric value: strings and bytes by length, numbers
-    8 (as protobuf carries them), booleans 1, lists element by element."""
-    if isinstance(value, list):
-        return sum(value_bytes(v) for v in value)
-    if isinstance(value, bool):
-        return 1
-    return len(value) if isinstance(value, (str, bytes)) else 8
-
-
-def record_bytes(content: RecordDict) -> int:
-    """The bytes of a message's records: arrays (data), configs and metrics (keys and
-    values)."""
-    arrays = sum(record.count_bytes() for record in content.array_records.values())
-    return arrays + sum(len(key) + value_bytes(value) for records in (
-        content.config_records, content.metric_records)
-        for record in records.values() for key, value in record.items())
-
-
-class MeteredGrid:
-    """A Grid that counts the bytes of the fit messages pushed and the replies pulled
-    (the app's `PromptGrid` sends and receives through these two calls)."""
-
-    def __init__(self, grid: Grid) -> None:
-        self.grid = grid
-        self.down = 0
-        self.up = 0
-        self._fit_ids: set[str] = set()
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self.grid, name)
-
-    def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
-        """Push to the real Grid, counting fit messages."""
-        messages = list(messages)
-        ids = list(self.grid.push_messages(messages))
-        for message, message_id in zip(messages, ids):
-            if message.metadata.message_type == MessageType.TRAIN:
-                self.down += record_bytes(message.content)
-                self._fit_ids.add(message_id)
-        return ids
-
-    def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
-        """Pull from the real Grid, counting replies to fit messages."""
-        replies = list(self.grid.pull_messages(message_ids))
-        self.up += sum(record_bytes(r.content) for r in replies if r.has_content()
-                       and r.metadata.reply_to_message_id in self._fit_ids)
-        return replies
 
 
 def run(cfg: RunConfig, num_supernodes: int) -> dict[str, Any]:

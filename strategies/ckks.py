@@ -128,6 +128,23 @@ def load_secret_context(path: str | Path) -> Any:
     return ctx
 
 
+def check_key_pair(public_path: str | Path, secret_path: str | Path) -> None:
+    """Raise KeyFileError unless the secret context decrypts what the public context
+    encrypts (the two files were made together)."""
+    public, secret = load_public_context(public_path), load_secret_context(secret_path)
+    probe = [1.0, -2.0, 0.5]
+    vector = _tenseal().ckks_vector(public, probe)
+    vector.link_context(secret)
+    try:
+        decrypted = vector.decrypt()[:len(probe)]
+    except Exception:  # TenSEAL raises bare ValueError/RuntimeError on mismatched parameters
+        decrypted = []
+    if len(decrypted) != len(probe) or not np.allclose(decrypted, probe, atol=1e-3):
+        raise KeyFileError(f"he-public-context {str(public_path)!r} and the key file "
+                           f"{str(secret_path)!r} are not one key pair: give the public context "
+                           "made with that key (deploy.prepare writes both)")
+
+
 def num_chunks(num_values: int) -> int:
     """How many ciphertexts carry `num_values` weights plus the count."""
     return math.ceil((num_values + 1) / SLOTS)

@@ -85,6 +85,11 @@ def check_config(values: Mapping[str, Scalar]) -> None:
                               f"{values[key]!r} cannot be combined: FedBuff's loop sends and "
                               f"reads plain updates, outside the strategy that would encrypt, "
                               f"mask, encode or decode them; set {key}={off!r}")
+    if values["straggler-fraction"]:
+        raise ConfigError("run-config keys 'server-loop'='fedbuff' and 'straggler-fraction' "
+                          "cannot be combined: FedProx-style stragglers are drawn from a "
+                          "synchronous round's cohort; simulate slow clients under FedBuff "
+                          "with slow-client-fraction and slow-client-slowdown")
     if values["outlier-norm-factor"]:
         raise ConfigError("run-config keys 'server-loop'='fedbuff' and 'outlier-norm-factor' "
                           "cannot be combined: the outlier check compares the updates of one "

@@ -81,6 +81,9 @@ def incompatibilities(values: Mapping[str, Scalar]) -> list[str]:
                         f"server-side model (use one of {', '.join(LINEAR_STRATEGIES)})")
     if float(values["outlier-norm-factor"]) > 0:
         problems.append("outlier-norm-factor > 0 compares individual update norms")
+    if int(values["max-examples"]) > 0:
+        problems.append("max-examples > 0 caps each client's example count, which is "
+                        "encrypted")
     if values["resume-from"]:
         problems.append("resume-from restores a plaintext checkpoint")
     compressed = [key for key in ("compress-up", "compress-down") if values[key] != "none"]

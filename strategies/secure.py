@@ -4,9 +4,12 @@ Under secure aggregation (`secure-aggregation=secagg+`: Flower's SecAgg+, Bell e
 "Secure Single-Server Aggregation with (Poly)Logarithmic Overhead") the server never holds
 one client's update, only the sum of the round's updates. Every mechanism that looks at an
 individual update therefore cannot run: robust aggregators (Krum, Bulyan, median, trimmed
-mean), the outlier-norm check, the per-update caps, and server-side DP clipping.
-`needs_individual_updates(values)` lists those settings, and `refuse_individual_checks`
-raises one `ConfigError` naming them; other secure modes (homomorphic encryption) reuse both.
+mean), aggregators that scale each update by its own client's figure (FedNova's local
+steps, q-FedAvg's loss), the outlier-norm check, the per-update caps, and server-side DP
+clipping. `needs_individual_updates(values)` lists those settings, and
+`refuse_individual_checks` raises one `ConfigError` naming them. (Homomorphic encryption has
+its own list, `strategies.homomorphic.incompatibilities`: it also refuses what needs a
+plaintext model on the server.)
 
 What still holds: the aggregate's array count, shapes, dtypes and finiteness are checked by
 `ValidatedStrategy` as before; each honest client checks its own update (shapes, finite
@@ -23,6 +26,8 @@ from fl_app.schema import ConfigError, Scalar, Setting
 SECURE_MODES = ("none", "secagg+")
 ROBUST_STRATEGIES = ("krum", "bulyan", "fedmedian", "fedtrimmedavg")
 """Registry names of aggregators that compare individual updates."""
+PER_CLIENT_WEIGHTING = ("fednova", "qfedavg")
+"""Aggregators that scale each update by its own client's quantity (local steps, loss)."""
 SERVER_CLIPPING_STRATEGIES = ("dp-fixed", "dp-adaptive", "dp-client-adaptive")
 """DP wrappers that need each update (server-side clipping) or each client's clipping bit."""
 PER_UPDATE_CHECKS = ("outlier-norm-factor", "examples-cap-factor", "max-examples")
@@ -59,7 +64,8 @@ def needs_individual_updates(values: Mapping[str, Scalar]) -> list[str]:
     """The settings in `values` that need the server to see individual client updates,
     as `key='value'` strings (empty: everything configured works on an aggregate)."""
     found = []
-    if values["strategy"] in (*ROBUST_STRATEGIES, *SERVER_CLIPPING_STRATEGIES):
+    if values["strategy"] in (*ROBUST_STRATEGIES, *PER_CLIENT_WEIGHTING,
+                              *SERVER_CLIPPING_STRATEGIES):
         found.append(f"strategy='{values['strategy']}'")
     found += [f"{key}={values[key]}" for key in PER_UPDATE_CHECKS if values[key]]
     return found

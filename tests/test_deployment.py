@@ -221,7 +221,8 @@ def test_secagg_rounds_on_real_supernodes_survive_a_dropout(cluster):
     node_id = str(cluster.local.node_ids[corrupt.name])
     run_config = cluster.local.run_config(
         cluster.out / "secagg", "num-server-rounds=2 fraction-evaluate=0.0 "
-        "min-available-clients=4 secure-aggregation='secagg+' examples-cap-factor=0")
+        "min-available-clients=4 secure-aggregation='secagg+' examples-cap-factor=0 "
+        "verbose=true")  # Flower's workflow lines (quiet by default) show the protocol ran
     outcome = cluster.local.run_app(PROJECT_DIR, run_config, RUN_TIMEOUT)
     rounds = _rounds(outcome)
     assert outcome.history["config"]["secure-aggregation"] == "secagg+"

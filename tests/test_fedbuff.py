@@ -128,6 +128,8 @@ def test_fedbuff_refuses_round_based_checks_and_distributed_monitors():
         make_config(server_loop="fedbuff", outlier_norm_factor=3.0)
     with pytest.raises(ConfigError, match="'monitor'='distributed_accuracy'"):
         make_config(server_loop="fedbuff", monitor="distributed_accuracy")
+    with pytest.raises(ConfigError, match="'straggler-fraction'.*slow-client-fraction"):
+        make_config(server_loop="fedbuff", straggler_fraction=0.5, local_epochs=2)
     for strategy in ("weighted-fedavg", "fedavg", "fedprox"):
         make_config(server_loop="fedbuff", strategy=strategy)
 

@@ -146,6 +146,8 @@ def test_configure_marks_only_the_encrypted_aggregate(keys):
     ({"strategy": "fedadam"}, "plaintext server-side model"),
     ({"strategy": "dp-fixed"}, "clips and noises on the server"),
     ({"outlier_norm_factor": 3.0}, "outlier-norm-factor"),
+    ({"max_examples": 500}, "max-examples"),
+    ({"strategy": "fednova"}, "needs individual updates"),
     ({"resume_from": "outputs/x"}, "resume-from"),
     ({"target": 0.9}, "centralized metric"),
 ])
@@ -192,3 +194,23 @@ def test_prepare_without_encryption_writes_no_he_keys(tmp_path):
 
     dep = prepare(tmp_path / "dep", 2, "", ["127.0.0.1"])
     assert not (dep.root / "he").exists() and he_run_config(dep) == ""
+
+
+def test_run_simulation_checks_the_users_key_pair_before_training(tmp_path, capsys):
+    import run_simulation
+
+    for name in ("a", "b"):
+        ckks.write_key_pair(tmp_path / f"{name}.pub", tmp_path / f"{name}.key")
+    ckks.check_key_pair(tmp_path / "a.pub", tmp_path / "a.key")  # one pair: accepted
+    with pytest.raises(ckks.KeyFileError, match="are not one key pair"):
+        ckks.check_key_pair(tmp_path / "a.pub", tmp_path / "b.key")
+    he = f"homomorphic-encryption='ckks' he-public-context='{tmp_path / 'a.pub'}'"
+    cases = [
+        (["--run-config", he, "--he-key-file", str(tmp_path / "b.key")], "not one key pair"),
+        (["--he-key-file", str(tmp_path / "a.key")], "homomorphic-encryption is 'none'"),
+        (["--run-config", he], "needs both"),
+    ]
+    for argv, message in cases:
+        assert run_simulation.main(["--check", *argv]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("error: ") and message in err, err

@@ -52,6 +52,8 @@ SECURE = dict(secure_aggregation="secagg+", examples_cap_factor=0.0)
     (dict(strategy="fedmedian"), "strategy='fedmedian'"),
     (dict(strategy="fedtrimmedavg"), "strategy='fedtrimmedavg'"),
     (dict(strategy="bulyan"), "strategy='bulyan'"),
+    (dict(strategy="fednova"), "strategy='fednova'"),
+    (dict(strategy="qfedavg"), "strategy='qfedavg'"),
     (dict(strategy="dp-fixed"), "strategy='dp-fixed'"),
     (dict(strategy="dp-client-adaptive"), "strategy='dp-client-adaptive'"),
     (dict(outlier_norm_factor=3.0), "outlier-norm-factor=3.0"),
@@ -302,6 +304,12 @@ def test_secagg_round_is_the_weighted_average_and_survives_a_dropout(tmp_path):
         print(f"round {server_round}: max |aggregate - weighted mean| = {error:.2e}, "
               f"bound {bound:.2e}")
         assert error <= bound + 1e-6, (error, bound)  # + float32 rounding of the weights
+        # bytes on the wire: SecAgg+'s messages (keys, shares, masked vectors), counted at
+        # the Grid, not the plaintext aggregate the strategy sees once per client
+        model_bytes = sum(a.nbytes for a in sent)
+        wire = history["rounds"][server_round]["bytes"]
+        assert wire["up"] > 1.5 * len(answered) * model_bytes, (wire, model_bytes)
+        assert wire["down"] > NUM_CLIENTS * model_bytes, (wire, model_bytes)
         for update in updates:  # and it is none of the clients' own
             assert max(float(np.max(np.abs((a - s) - u)))
                        for a, s, u in zip(aggregate, sent, update)) > 0.01

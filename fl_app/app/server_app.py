@@ -29,7 +29,6 @@ from fl_app.server.checkpoint import (
 )
 from fl_app.server.fedbuff_loop import FedBuffServer
 from fl_app.server.outputs import resolve_out_dir
-from fl_app.server.prompt_grid import PromptGrid
 from fl_app.server.recorder import RunRecorder
 from fl_app.server.runner import FederatedServer, ResumePoint
 from fl_app.server.secagg import SecAggPlusFit
@@ -140,7 +139,7 @@ def serve(grid: Grid, context: Context, cfg: RunConfig,
     server = components.server
     if cfg["secure-aggregation"] == "secagg+" and isinstance(server, FederatedServer):
         # The workflow talks to the grid itself: poll it as promptly as the proxies do.
-        server.secure_fit = SecAggPlusFit(secagg_workflow(cfg), PromptGrid(grid), context)
+        server.secure_fit = SecAggPlusFit(secagg_workflow(cfg), grid, context)
     start_grid(grid=grid, server=server, config=components.config)
 
 

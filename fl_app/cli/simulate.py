@@ -145,10 +145,29 @@ def checked_config(args: argparse.Namespace) -> RunConfig:
     elif cfg["verbose"]:  # verbose=true in --run-config: Flower's lines back on
         quiet_libraries(True)
     check_num_clients(cfg, args.num_supernodes)
+    check_user_keys(cfg, args.he_key_file)
     from fl_app.app.preflight import checked_trainer  # imports TensorFlow
 
     checked_trainer(cfg)  # the model fits the data: one `error:` line, before Flower starts
     return cfg
+
+
+def check_user_keys(cfg: RunConfig, key_file: str | None) -> None:
+    """Refuse `--he-key-file` without homomorphic encryption, and the user's own keys unless
+    both halves are given and make one key pair."""
+    if cfg["homomorphic-encryption"] == "none":
+        if key_file:
+            raise ConfigError("--he-key-file is set but run-config key homomorphic-encryption "
+                              "is 'none': set homomorphic-encryption='ckks' or drop the file")
+        return
+    if not (cfg["he-public-context"] or key_file):
+        return  # run_simulation.py makes a fresh pair
+    if not (cfg["he-public-context"] and key_file):
+        raise ConfigError("homomorphic-encryption=ckks with your own keys needs both "
+                          "run-config key he-public-context and --he-key-file")
+    from strategies.ckks import check_key_pair
+
+    check_key_pair(str(cfg["he-public-context"]), key_file)
 
 
 def prepare(args: argparse.Namespace) -> RunConfig:
@@ -163,10 +182,7 @@ def encryption_keys(cfg: RunConfig, key_file: str | None) -> Iterator[tuple[RunC
     """The run's config and the nodes' key file under `homomorphic-encryption=ckks`: the
     user's (`he-public-context` and `--he-key-file`), or a fresh pair in a private
     temporary folder (0700, files 0600) removed when the run is over."""
-    if cfg["he-public-context"] or key_file:
-        if not (cfg["he-public-context"] and key_file):
-            raise ConfigError("homomorphic-encryption=ckks with your own keys needs both "
-                              "run-config key he-public-context and --he-key-file")
+    if cfg["he-public-context"] or key_file:  # both, and a pair: see `check_user_keys`
         yield cfg, key_file
         return
     from strategies import ckks
@@ -178,7 +194,7 @@ def encryption_keys(cfg: RunConfig, key_file: str | None) -> Iterator[tuple[RunC
 
 
 @contextmanager
-def tenseal_first_ray(args: argparse.Namespace) -> Iterator[None]:
+def tenseal_first_ray(args: argparse.Namespace, verbose: bool) -> Iterator[None]:
     """Ray started (and stopped afterwards) so that every worker loads TenSEAL before
     Flower's Ray actor imports TensorFlow (see `fl_app/__init__.py`); Flower then uses it
     as it is (and shuts it down). Workers get this process's import path, as Flower's own
@@ -189,7 +205,7 @@ def tenseal_first_ray(args: argparse.Namespace) -> Iterator[None]:
         yield
         return
     path = os.pathsep.join([*sys.path, *filter(None, [os.environ.get("PYTHONPATH")])])
-    ray.init(**backend_config(args)["init_args"], include_dashboard=False,
+    ray.init(**backend_config(args, verbose)["init_args"], include_dashboard=False,
              runtime_env={"env_vars": {"PYTHONPATH": path},
                           "worker_process_setup_hook": "fl_app.preload_tenseal"})
     try:
@@ -220,7 +236,8 @@ def simulate(cfg: RunConfig, args: argparse.Namespace, callbacks: Sequence[Callb
     from fl_app.server.outputs import ENCRYPTED_MODEL_FILE, MODEL_FILE
     from strategies.ckks import KEY_FILE_NODE_CONFIG
 
-    with encryption_keys(cfg, args.he_key_file) as (run_cfg, key_file), tenseal_first_ray(args):
+    keys = encryption_keys(cfg, args.he_key_file)
+    with keys as (run_cfg, key_file), tenseal_first_ray(args, bool(cfg["verbose"])):
         client_app = make_client_app(run_cfg, node_config={KEY_FILE_NODE_CONFIG: key_file})
         run_simulation(server_app=make_server_app(run_cfg, callbacks, started_at),
                        client_app=client_app, num_supernodes=args.num_supernodes,

@@ -241,9 +241,13 @@ class FedBuffServer:
 
     def _new_version(self, tally: Tally, since: float) -> str | None:
         step = self.aggregator.apply()
-        # The server's counts come last: no client-reported metric may overwrite them.
+        # The server's counts come last: no client-reported metric may overwrite them. As in
+        # a synchronous round, num_clients counts the replies (rejected ones included) and
+        # num_sampled every arrival (replies and failures) since the last version.
+        replies = step.num_updates + tally.num_rejected
         record: dict[str, Any] = {"round": step.version,
-                                  "fit": {**step.record(), "num_clients": step.num_updates,
+                                  "fit": {**step.record(), "num_clients": replies,
+                                          "num_sampled": replies + len(tally.failures),
                                           **tally.record()}}
         centralized = self._centralized()
         if centralized:

@@ -40,6 +40,8 @@ from flwr.server.workflow.constant import MAIN_CONFIGS_RECORD, MAIN_PARAMS_RECOR
 from flwr.serverapp.grid import Grid
 
 from fl_app.server.client_failures import ClientFailure
+from fl_app.server.prompt_grid import PromptGrid
+from fl_app.server.wire_bytes import MeteredGrid, WireMeter
 from strategies.wrapper import StrategyWrapper
 
 FitOutcome = tuple[Parameters | None, dict[str, Scalar],
@@ -103,16 +105,20 @@ class AggregateOnly(StrategyWrapper):
 
 class SecAggPlusFit:
     """Runs `FederatedServer`'s fit rounds through `workflow` (a `SecAggPlusWorkflow`)
-    over `grid`, with `context` the ServerApp's context."""
+    over `grid` (polled promptly, its traffic metered), with `context` the ServerApp's
+    context."""
 
     def __init__(self, workflow: SecAggPlusWorkflow, grid: Grid, context: Context) -> None:
         self.workflow = workflow
-        self.grid = grid
+        self.meter = MeteredGrid(grid)
+        self.grid = PromptGrid(self.meter)
         self.context = context
 
     def __call__(self, server: Server, server_round: int) -> FitOutcome | None:
         """One SecAgg+ fit round from `server`'s global model with `server`'s strategy
-        and clients; None if the round halted (too few clients, or too many dropped out)."""
+        and clients. A round that halted (too few clients, or more dropped out than the
+        threshold allows) has no parameters and names every client it was sent to as a
+        failure. The round's bytes are the protocol's messages, counted at the Grid."""
         strategy = AggregateOnly(server.strategy)
         ctx = self.context
         legacy = LegacyContext(
@@ -123,9 +129,15 @@ class SecAggPlusFit:
             server.parameters, keep_input=True)
         legacy.state.config_records[MAIN_CONFIGS_RECORD] = ConfigRecord(
             {Key.CURRENT_ROUND: server_round})
+        self.meter.take()
         self.workflow(self.grid, legacy)
-        if strategy.outcome is None:
-            log(WARNING, "round %s: the SecAgg+ round halted before an aggregate (too few "
-                "clients, or more dropped out than the reconstruction threshold allows)",
-                server_round)
-        return strategy.outcome
+        wire = getattr(server, "wire", None)  # FederatedServer's meter (not Flower's Server)
+        if isinstance(wire, WireMeter):
+            wire.replace_counts(**self.meter.take())
+        if strategy.outcome is not None:
+            return strategy.outcome
+        log(WARNING, "round %s: the SecAgg+ round halted before an aggregate (too few "
+            "clients, or more dropped out than the reconstruction threshold allows)",
+            server_round)
+        halted = RuntimeError("the SecAgg+ round halted before an aggregate")
+        return None, {}, ([], [ClientFailure(proxy.cid, halted) for proxy, _ in strategy.sent])

@@ -5,14 +5,25 @@ every sampled client, the byte lengths of the `Parameters` tensors as Flower ser
 them: the `FitIns` each client is sent (down) and the `FitRes` each returns (up). Nothing
 is estimated from shapes: a compressed message counts its codec's blobs, a plain one the
 `.npy` bytes of each array.
+
+Under SecAgg+ the strategy sees only the unmasked aggregate, so `MeteredGrid` counts that
+round's traffic at the Grid instead: the records (arrays, configs, metrics) of every fit
+message pushed and every reply pulled, all four of the protocol's stages included, and
+`WireMeter.replace_counts` makes them the round's figures.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+from typing import Any
+
+from flwr.app import Message, RecordDict
+from flwr.app.message_type import MessageType
 from flwr.common import FitIns, FitRes, Parameters, Scalar
 from flwr.server.client_manager import ClientManager
 from flwr.server.client_proxy import ClientProxy
 from flwr.server.strategy import Strategy
+from flwr.serverapp import Grid
 
 from strategies.wrapper import StrategyWrapper
 
@@ -48,6 +59,66 @@ class WireMeter(StrategyWrapper):
         """Count what each answering client sent, then delegate."""
         self.up += sum(parameters_bytes(res.parameters) for _, res in results)
         return self.inner.aggregate_fit(server_round, results, failures)
+
+    def take(self) -> dict[str, int]:
+        """The bytes counted since the last call, {"up": ..., "down": ...}; resets them."""
+        counted = {"up": self.up, "down": self.down}
+        self.up = self.down = 0
+        return counted
+
+    def replace_counts(self, up: int, down: int) -> None:
+        """Make `up` and `down` the round's counts (SecAgg+: counted at the Grid)."""
+        self.up, self.down = up, down
+
+
+def value_bytes(value: Any) -> int:
+    """The payload bytes of a config or metric value: strings and bytes by length, numbers
+    8 (as protobuf carries them), booleans 1, lists element by element."""
+    if isinstance(value, list):
+        return sum(value_bytes(v) for v in value)
+    if isinstance(value, bool):
+        return 1
+    return len(value) if isinstance(value, (str, bytes)) else 8
+
+
+def record_bytes(content: RecordDict) -> int:
+    """The bytes of a message's records: arrays (data), configs and metrics (keys and
+    values)."""
+    arrays = sum(record.count_bytes() for record in content.array_records.values())
+    return arrays + sum(len(key) + value_bytes(value) for records in (
+        content.config_records, content.metric_records)
+        for record in records.values() for key, value in record.items())
+
+
+class MeteredGrid:
+    """A Grid that counts the bytes of the fit messages pushed and the replies pulled
+    (the app's `PromptGrid` sends and receives through these two calls)."""
+
+    def __init__(self, grid: Grid) -> None:
+        self.grid = grid
+        self.down = 0
+        self.up = 0
+        self._fit_ids: set[str] = set()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.grid, name)
+
+    def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
+        """Push to the real Grid, counting fit messages."""
+        messages = list(messages)
+        ids = list(self.grid.push_messages(messages))
+        for message, message_id in zip(messages, ids):
+            if message.metadata.message_type == MessageType.TRAIN:
+                self.down += record_bytes(message.content)
+                self._fit_ids.add(message_id)
+        return ids
+
+    def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
+        """Pull from the real Grid, counting replies to fit messages."""
+        replies = list(self.grid.pull_messages(message_ids))
+        self.up += sum(record_bytes(r.content) for r in replies if r.has_content()
+                       and r.metadata.reply_to_message_id in self._fit_ids)
+        return replies
 
     def take(self) -> dict[str, int]:
         """The bytes counted since the last call, {"up": ..., "down": ...}; resets them."""
