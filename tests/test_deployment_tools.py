@@ -407,7 +407,7 @@ def test_ctrl_c_in_the_middle_of_a_round_stops_everything_without_tracebacks(pre
         for proc in psutil.Process(launcher.pid).children(recursive=True):
             seen.setdefault(proc.pid, proc)
         run_log = log_dir / "run.log"
-        return run_log.is_file() and "round   2" in run_log.read_text(errors="replace")
+        return run_log.is_file() and "round   1" in run_log.read_text(errors="replace")
 
     try:
         _wait_for(training, timeout=600)

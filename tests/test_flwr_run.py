@@ -29,7 +29,8 @@ BIN = Path(sys.executable).parent
 
 @pytest.fixture(scope="module")
 def simulation_superlink(tmp_path_factory):
-    """A simulation-mode SuperLink with 10 simulated SuperNodes and a `flwr` home for it."""
+    """A simulation-mode SuperLink and a `flwr` home for it (the runs ask for 10 simulated
+    SuperNodes with `FEDERATION`, as the README does)."""
     home = tmp_path_factory.mktemp("flwr-home")
     env = {"FLWR_HOME": str(home)}
 
@@ -42,24 +43,25 @@ def simulation_superlink(tmp_path_factory):
         _, port = start_listening(supervisor, "superlink", superlink)
         (home / "config.toml").write_text(
             f'[superlink]\ndefault = "test"\n\n[superlink.test]\naddress = "127.0.0.1:{port}"\n'
-            'insecure = true\noptions.num-supernodes = 10\n')
+            'insecure = true\n')
         yield supervisor, env
     assert not supervisor.alive()  # a survivor would also have raised ProcessesLeft
 
 
 SECAGG = "secure-aggregation='secagg+' examples-cap-factor=0"
+FEDERATION = ["--federation-config", "num-supernodes=10 init-args-log-to-driver=false"]
 
 
-@pytest.mark.parametrize("overrides", ["", "strategy='fedprox'",
-                                       "strategy='dp-client-fixed' noise-multiplier=0.5",
-                                       f"strategy='weighted-fedavg' {SECAGG}",
+# Other strategies, plaintext DP among them, run through the same path in tests/test_simulation.py.
+@pytest.mark.parametrize("overrides", ["", f"strategy='weighted-fedavg' {SECAGG}",
                                        f"strategy='dp-client-fixed' noise-multiplier=0.5 {SECAGG}"])
 def test_flwr_run_completes_with_the_app_config(simulation_superlink, tmp_path, overrides):
     supervisor, env = simulation_superlink
     out = tmp_path / "out"
     run_config = f"num-server-rounds=3 out-dir='{out}' {overrides}"
     cli = supervisor.run(f"flwr-run-{len(overrides)}", Command(
-        [str(BIN / "flwr"), "run", ".", "test", "--stream", "--run-config", run_config], env),
+        [str(BIN / "flwr"), "run", ".", "test", "--stream", *FEDERATION,
+         "--run-config", run_config], env),
         timeout=400, cwd=ROOT)
     assert cli.popen.returncode == 0, cli.log_text()[-3000:]
     log = cli.log_text()  # the streamed ServerApp log: its progress, not the libraries'
@@ -91,7 +93,8 @@ def test_flwr_run_trains_a_users_regression_model_on_diabetes(simulation_superli
     run_config = (f"num-server-rounds=5 out-dir='{out}' dataset='diabetes' "
                   "model='examples.keras_models:regression'")
     cli = supervisor.run("flwr-run-regression", Command(
-        [str(BIN / "flwr"), "run", ".", "test", "--stream", "--run-config", run_config], env),
+        [str(BIN / "flwr"), "run", ".", "test", "--stream", *FEDERATION,
+         "--run-config", run_config], env),
         timeout=400, cwd=ROOT)
     assert cli.popen.returncode == 0, cli.log_text()[-3000:]
     history = json.loads((out / "history.json").read_text())
@@ -133,6 +136,7 @@ def test_the_readmes_flwr_run_trains_ten_clients_on_a_fresh_flwr_home(tmp_path):
         text = cli.log_text()
         assert cli.popen.returncode == 0, text[-3000:]
         assert "Created default configuration" in text and "(10 simulated SuperNodes)" in text
+        assert not [n for n in ("configure_fit", "[SUMMARY]", "oneDNN") if n in text], text[-3000:]
     history = json.loads((out / "history.json").read_text())
     trained = history["rounds"][1]["fit"]
     assert trained["num_clients"] == 10
@@ -158,7 +162,7 @@ def test_a_config_or_model_error_ends_the_run_with_one_error_line(simulation_sup
     exits 0 whatever the run's end: that is Flower's, see docs/architecture.md.)"""
     supervisor, env = simulation_superlink
     cli = supervisor.run(f"flwr-run-error-{len(run_config)}", Command(
-        [str(BIN / "flwr"), "run", ".", "test", "--stream", "--run-config",
+        [str(BIN / "flwr"), "run", ".", "test", "--stream", *FEDERATION, "--run-config",
          f"{run_config} out-dir='{tmp_path / 'out'}'"], env), timeout=400, cwd=ROOT)
     text = cli.log_text()
     error_lines = [line for line in text.splitlines() if "error: run-config key" in line]

@@ -157,7 +157,7 @@ def test_without_a_worker_and_no_autostart_the_message_fails_naming_the_node():
 
 def _slow_fit(remote: WorkerClient, weights, errors: list) -> None:
     try:
-        remote.fit(weights, {"local-epochs": 400})
+        remote.fit(weights, {"local-epochs": 100_000})  # far longer than the test waits
     except WorkerError as err:
         errors.append(err)
 
