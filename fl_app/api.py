@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 
 from fl_app.app.config import check_num_clients, defaults, resolve
-from fl_app.cli.simulate import parse_args, simulate
+from fl_app.cli.simulate import check_user_keys, parse_args, simulate
 from fl_app.cli.summary import print_summary
 from fl_app.schema import Scalar
 from fl_app.server.callbacks import Callback
@@ -63,6 +63,7 @@ def run(model: Any, x: np.ndarray, y: np.ndarray, *, num_clients: int = 10,
         cfg = resolve({**defaults(), **_kebab(config), "dataset": str(data),
                        "model": model_value, "out-dir": str(out)})
         check_num_clients(cfg, num_clients)
+        check_user_keys(cfg, None)  # HE: a he-public-context without the nodes' key is refused
         checked_trainer(cfg)
         seconds = simulate(cfg, parse_args(["--num-supernodes", str(num_clients)]),
                            callbacks, started_at)

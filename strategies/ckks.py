@@ -142,7 +142,8 @@ def check_key_pair(public_path: str | Path, secret_path: str | Path) -> None:
     if len(decrypted) != len(probe) or not np.allclose(decrypted, probe, atol=1e-3):
         raise KeyFileError(f"he-public-context {str(public_path)!r} and the key file "
                            f"{str(secret_path)!r} are not one key pair: give the public context "
-                           "made with that key (deploy.prepare writes both)")
+                           "made with that key (deploy.prepare writes both), or give neither "
+                           "and run_simulation.py makes a fresh pair")
 
 
 def num_chunks(num_values: int) -> int:

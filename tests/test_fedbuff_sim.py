@@ -30,6 +30,7 @@ def test_fedbuff_with_a_straggler_completes_records_staleness_and_resumes(tmp_pa
     for record in rounds[1:]:
         fit = record["fit"]
         assert fit["num_clients"] == 2 and fit["num_failures"] == 0, fit
+        assert fit["num_sampled"] == 2 + fit["num_rejected"], fit  # rejected arrivals count
         assert 0 <= fit["staleness_mean"] <= fit["staleness_max"] <= 20
         assert record["seconds"] > 0
     # four clients start on version 0 and two updates make each version: the later

@@ -214,3 +214,11 @@ def test_run_simulation_checks_the_users_key_pair_before_training(tmp_path, caps
         assert run_simulation.main(["--check", *argv]) == 2
         err = capsys.readouterr().err
         assert err.startswith("error: ") and message in err, err
+    from sklearn.datasets import load_digits
+
+    from fl_app.api import run
+
+    x, y = load_digits(return_X_y=True)
+    with pytest.raises(ConfigError, match="needs both"):  # the notebook entry point too
+        run("mlp", x, y, num_clients=2, out_dir=str(tmp_path / "out"),
+            homomorphic_encryption="ckks", he_public_context=str(tmp_path / "a.pub"))

@@ -196,6 +196,29 @@ def test_distributed_dp_server_adds_only_the_dropped_clients_noise():
     assert len(strategy.accountant.rounds) == 2
 
 
+def test_a_halted_secagg_round_names_every_client_it_was_sent_to():
+    """A workflow that sends the round and stops before any aggregate (as SecAgg+ does when
+    more clients drop out than the threshold allows): no new model, every client a failure."""
+    from flwr.app import RecordDict
+    from flwr.server import Server
+
+    from fl_app.server.secagg import SecAggPlusFit
+
+    server = Server(client_manager=client_manager(4),
+                    strategy=WeightedFedAvg(min_fit_clients=4, min_available_clients=4))
+    server.parameters = ndarrays_to_parameters(zeros())
+
+    def halting(grid, legacy) -> None:
+        legacy.strategy.configure_fit(1, server.parameters, legacy.client_manager)
+
+    context = Context(run_id=1, node_id=0, node_config={}, state=RecordDict(), run_config={})
+    parameters, metrics, (results, failures) = SecAggPlusFit(halting, object(), context)(
+        server, 1)
+    assert parameters is None and metrics == {} and results == []
+    assert sorted(f.cid for f in failures) == ["c0", "c1", "c2", "c3"]
+    assert all("halted" in str(f) for f in failures)
+
+
 # ---- real SecAgg+ rounds on Flower's simulation engine
 
 NUM_CLIENTS = 4
@@ -309,7 +332,7 @@ def test_secagg_round_is_the_weighted_average_and_survives_a_dropout(tmp_path):
         model_bytes = sum(a.nbytes for a in sent)
         wire = history["rounds"][server_round]["bytes"]
         assert wire["up"] > 1.5 * len(answered) * model_bytes, (wire, model_bytes)
-        assert wire["down"] > NUM_CLIENTS * model_bytes, (wire, model_bytes)
+        assert wire["down"] > 1.2 * NUM_CLIENTS * model_bytes, (wire, model_bytes)
         for update in updates:  # and it is none of the clients' own
             assert max(float(np.max(np.abs((a - s) - u)))
                        for a, s, u in zip(aggregate, sent, update)) > 0.01

@@ -87,7 +87,8 @@ class FederatedServer(Server):
     the round's record (`round`, `seconds`, `fit`, `bytes`, `centralized`, `distributed`,
     `privacy`) and the new global parameters. `bytes` holds the training messages'
     parameter bytes, `up` (every client's `FitRes`) and `down` (every sampled client's
-    `FitIns`), as serialized (`fl_app.server.wire_bytes`). The fit record holds
+    `FitIns`), as serialized (`fl_app.server.wire_bytes`; SecAgg+ rounds: every protocol
+    message's records, counted at the Grid). The fit record holds
     `data_quality`, the data-quality report of each client that reports for the first time
     in this run (by client id: a client's data does not change, so once is enough; a
     resumed run records its clients again). A

@@ -114,7 +114,7 @@ class SecAggPlusFit:
         self.grid = PromptGrid(self.meter)
         self.context = context
 
-    def __call__(self, server: Server, server_round: int) -> FitOutcome | None:
+    def __call__(self, server: Server, server_round: int) -> FitOutcome:
         """One SecAgg+ fit round from `server`'s global model with `server`'s strategy
         and clients. A round that halted (too few clients, or more dropped out than the
         threshold allows) has no parameters and names every client it was sent to as a

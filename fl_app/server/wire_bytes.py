@@ -107,17 +107,22 @@ class MeteredGrid:
         """Push to the real Grid, counting fit messages."""
         messages = list(messages)
         ids = list(self.grid.push_messages(messages))
-        for message, message_id in zip(messages, ids):
-            if message.metadata.message_type == MessageType.TRAIN:
+        pushed = set(ids)  # a grid may skip a message it could not store
+        for message in messages:
+            if message.metadata.message_type == MessageType.TRAIN \
+                    and message.metadata.message_id in pushed:
                 self.down += record_bytes(message.content)
-                self._fit_ids.add(message_id)
+                self._fit_ids.add(message.metadata.message_id)
         return ids
 
     def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
         """Pull from the real Grid, counting replies to fit messages."""
         replies = list(self.grid.pull_messages(message_ids))
-        self.up += sum(record_bytes(r.content) for r in replies if r.has_content()
-                       and r.metadata.reply_to_message_id in self._fit_ids)
+        for reply in replies:
+            if reply.metadata.reply_to_message_id in self._fit_ids:
+                self._fit_ids.discard(reply.metadata.reply_to_message_id)
+                if reply.has_content():
+                    self.up += record_bytes(reply.content)
         return replies
 
     def take(self) -> dict[str, int]:
