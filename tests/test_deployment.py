@@ -231,6 +231,7 @@ def test_secagg_rounds_on_real_supernodes_survive_a_dropout(cluster):
         assert fit["num_clients"] == 3 and fit["num_failures"] == 1
         assert [f["client"] for f in fit["failures"]] == [node_id]
         assert "SecAgg+" in fit["failures"][0]["error"]
+        assert "DataError" in fit["failures"][0]["error"]  # the node's own reason
     assert rounds[-1]["centralized"]["accuracy"] > rounds[0]["centralized"]["accuracy"] + 0.2
     assert (outcome.out_dir / MODEL_FILE).is_file()
     run_log = (cluster.sup.log_dir / "run.log").read_text()

@@ -339,7 +339,8 @@ def test_secagg_round_is_the_weighted_average_and_survives_a_dropout(tmp_path):
     fits = [r["fit"] for r in history["rounds"][1:]]
     assert [f["num_clients"] for f in fits] == [4, 3]
     assert [f["num_failures"] for f in fits] == [0, 1]
-    assert "SecAgg+" in fits[1]["failures"][0]["error"]
+    error = fits[1]["failures"][0]["error"]  # named with its own error reply's reason
+    assert "dropped out of the SecAgg+ round" in error and "client 0 drops out" in error
     assert history["stopped"] == "num-server-rounds"
 
 

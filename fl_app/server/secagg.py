@@ -16,12 +16,13 @@ the model's dtypes, so the strategies see weights, as in a plaintext round.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from logging import WARNING
 from typing import Any
 
 import flwr.compat.common.recorddict_compat as compat
 import numpy as np
-from flwr.app import ConfigRecord, Context, RecordDict
+from flwr.app import ConfigRecord, Context, Message, RecordDict
 from flwr.common import (
     FitRes,
     Parameters,
@@ -56,6 +57,32 @@ def _brief(failure: object, keep: int = 200) -> str:
     return text if len(text) <= 2 * keep else f"{text[:keep]} ... {text[-keep:]}"
 
 
+class ReplyErrors:
+    """A Grid that notes the error of every reply pulled through it, by the sender's
+    client id (`str(node_id)`, as `ClientProxy.cid`), so a client that dropped out of a
+    SecAgg+ round is named with its own reason; every other call is the wrapped grid's."""
+
+    def __init__(self, grid: Grid) -> None:
+        self.grid = grid
+        self.by_client: dict[str, str] = {}
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.grid, name)
+
+    def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
+        """Pull from the wrapped grid, noting each error reply's reason."""
+        replies = list(self.grid.pull_messages(message_ids))
+        for reply in replies:
+            if reply.has_error():
+                self.by_client[str(reply.metadata.src_node_id)] = _brief(reply.error.reason)
+        return replies
+
+    def failure(self, cid: str, what: str) -> ClientFailure:
+        """Client `cid`'s failure: `what` happened, with its error reply's reason if any."""
+        reason = self.by_client.get(cid)
+        return ClientFailure(cid, RuntimeError(f"{what}: {reason}" if reason else what))
+
+
 class AggregateOnly(StrategyWrapper):
     """The strategy as the SecAgg+ workflow sees it: turns the unmasked mean update into
     weights for `inner` and remembers the round's outcome for the server loop.
@@ -64,8 +91,9 @@ class AggregateOnly(StrategyWrapper):
     would then have handed an individual update to the strategy).
     """
 
-    def __init__(self, inner: Strategy) -> None:
+    def __init__(self, inner: Strategy, errors: ReplyErrors) -> None:
         super().__init__(inner)
+        self.errors = errors
         self.sent: list[tuple[ClientProxy, Any]] = []
         self.outcome: FitOutcome | None = None
         self._reference: Parameters | None = None
@@ -87,9 +115,8 @@ class AggregateOnly(StrategyWrapper):
         for error in dict.fromkeys(_brief(f) for f in failures):  # Flower lists some twice
             log(WARNING, "round %s: SecAgg+ message failed: %s", server_round, error)
         answered = {proxy.cid for proxy, _ in results}
-        dropped: list[Any] = [
-            ClientFailure(proxy.cid, RuntimeError("dropped out of the SecAgg+ round"))
-            for proxy, _ in self.sent if proxy.cid not in answered]
+        dropped: list[Any] = [self.errors.failure(proxy.cid, "dropped out of the SecAgg+ round")
+                              for proxy, _ in self.sent if proxy.cid not in answered]
         if results and self._reference is not None:
             weights = ndarrays_to_parameters([
                 (np.asarray(ref, dtype=np.float64) + update).astype(ref.dtype)
@@ -111,7 +138,6 @@ class SecAggPlusFit:
     def __init__(self, workflow: SecAggPlusWorkflow, grid: Grid, context: Context) -> None:
         self.workflow = workflow
         self.meter = MeteredGrid(grid)
-        self.grid = PromptGrid(self.meter)
         self.context = context
 
     def __call__(self, server: Server, server_round: int) -> FitOutcome:
@@ -119,7 +145,8 @@ class SecAggPlusFit:
         and clients. A round that halted (too few clients, or more dropped out than the
         threshold allows) has no parameters and names every client it was sent to as a
         failure. The round's bytes are the protocol's messages, counted at the Grid."""
-        strategy = AggregateOnly(server.strategy)
+        errors = ReplyErrors(self.meter)  # a fresh note of error replies per round
+        strategy = AggregateOnly(server.strategy, errors)
         ctx = self.context
         legacy = LegacyContext(
             Context(run_id=ctx.run_id, node_id=ctx.node_id, node_config=ctx.node_config,
@@ -130,7 +157,7 @@ class SecAggPlusFit:
         legacy.state.config_records[MAIN_CONFIGS_RECORD] = ConfigRecord(
             {Key.CURRENT_ROUND: server_round})
         self.meter.take()
-        self.workflow(self.grid, legacy)
+        self.workflow(PromptGrid(errors), legacy)
         wire = getattr(server, "wire", None)  # FederatedServer's meter (not Flower's Server)
         if isinstance(wire, WireMeter):
             wire.replace_counts(**self.meter.take())
@@ -139,5 +166,5 @@ class SecAggPlusFit:
         log(WARNING, "round %s: the SecAgg+ round halted before an aggregate (too few "
             "clients, or more dropped out than the reconstruction threshold allows)",
             server_round)
-        halted = RuntimeError("the SecAgg+ round halted before an aggregate")
-        return None, {}, ([], [ClientFailure(proxy.cid, halted) for proxy, _ in strategy.sent])
+        return None, {}, ([], [errors.failure(proxy.cid, "the SecAgg+ round halted before an "
+                                              "aggregate") for proxy, _ in strategy.sent])
