@@ -53,6 +53,12 @@ def readme_text(current: str) -> str:
 
 def main() -> int:
     """Rewrite (or with --check, verify) pyproject.toml and README.md."""
+    unknown = [arg for arg in sys.argv[1:] if arg != "--check"]
+    if unknown:  # --help included: nothing is rewritten on a mistyped call
+        print(f"usage: {Path(sys.argv[0]).name} [--check]  (rewrite pyproject.toml and README.md"
+              f"'s config sections, or only verify them); unknown: {' '.join(unknown)}",
+              file=sys.stderr)
+        return 2
     check = "--check" in sys.argv[1:]
     stale = []
     for name, render in (("pyproject.toml", pyproject_text), ("README.md", readme_text)):
