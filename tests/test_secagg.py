@@ -30,7 +30,11 @@ from flwr.serverapp import ServerApp
 
 import run_simulation
 from fl_app.app.server_app import serve, server_components
-from fl_app.client.secure_mod import checked_update, secure_aggregation_mod
+from fl_app.client.secure_mod import (
+    checked_update,
+    secure_aggregation_mod,
+    withhold_weights_mod,
+)
 from fl_app.schema import ConfigError
 from fl_app.wire import KEY_CLIPPING_NORM, KEY_DP_NOISE_STD, SERVER_ROUND
 from strategies.accounting import PrivacyAccountant
@@ -114,6 +118,32 @@ def test_a_secure_client_refuses_a_plaintext_fit_round(monkeypatch):
     assert answered == []
     secure_aggregation_mod(lambda ctxt: False)(_train_message(), context, call_next)
     assert len(answered) == 1  # off: a plaintext round passes through untouched
+
+
+def test_a_protected_run_never_sends_a_nodes_weights_in_the_clear(monkeypatch):
+    """`get_parameters` would return the node's last fit result, unmasked: refused under
+    SecAgg+ and HE; other messages, and plain runs, pass through."""
+    from flwr.app import RecordDict
+    from flwr.supercore.task_identity import TaskIdentity
+
+    for attribute in ("_task_id", "_run_id", "_node_id"):
+        monkeypatch.setattr(TaskIdentity, attribute, 1)
+    context = Context(run_id=1, node_id=1, node_config={}, state=None, run_config={})
+    answered = []
+
+    def call_next(msg, ctxt):
+        answered.append(msg)
+        return msg
+
+    def ask() -> Message:
+        return Message(content=RecordDict(), dst_node_id=1, message_type="get_parameters")
+
+    with pytest.raises(RuntimeError, match="refusing to send this node's weights"):
+        withhold_weights_mod(lambda ctxt: True)(ask(), context, call_next)
+    assert answered == []
+    withhold_weights_mod(lambda ctxt: True)(_train_message(), context, call_next)
+    withhold_weights_mod(lambda ctxt: False)(ask(), context, call_next)
+    assert len(answered) == 2
 
 
 def test_a_distributed_dp_client_clips_noises_and_reports_only_one_example():

@@ -25,7 +25,8 @@ import numpy as np
 import pytest
 
 from fl_app.app.local_client import client_for
-from fl_app.app.worker_link import WorkerAddress, WorkerClient, WorkerError
+from fl_app.app.worker import main as worker_main
+from fl_app.app.worker_link import WorkerAddress, WorkerClient, WorkerError, private_dir
 from fl_app.data.sources import data_source
 from fl_app.data.types import DataError
 from fl_app.wire import round_config
@@ -122,6 +123,20 @@ def test_a_data_error_inside_the_worker_names_the_node(worker):
     with pytest.raises(DataError, match="^node 42: data file /nonexistent/node.npz"):
         remote.get_properties({})
     assert remote.__class__(address, RAW, PARTITION, "node 42").get_properties({})
+
+
+def test_a_shared_folder_is_refused_not_changed_and_a_non_socket_is_left_alone(tmp_path):
+    shared = tmp_path / "shared"
+    shared.mkdir(mode=0o755)
+    shared.chmod(0o755)
+    with pytest.raises(WorkerError, match="open to other accounts"):
+        private_dir(shared)
+    assert shared.stat().st_mode & 0o777 == 0o755  # the user's folder keeps its mode
+    folder = _short_dir()
+    not_a_socket = folder / "w.sock"
+    not_a_socket.write_text("the user's notes")
+    assert worker_main(["--socket", str(not_a_socket)]) == 1
+    assert not_a_socket.read_text() == "the user's notes"
 
 
 def test_worker_files_are_private(worker):

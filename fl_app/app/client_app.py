@@ -27,7 +27,10 @@ from flwr.common import Context, Scalar  # noqa: E402
 from fl_app.app.quiet import quiet_libraries  # noqa: E402
 from fl_app.app.worker_link import WorkerAddress, WorkerClient  # noqa: E402
 from fl_app.client.compression import CompressingClient  # noqa: E402
-from fl_app.client.secure_mod import secure_aggregation_mod  # noqa: E402
+from fl_app.client.secure_mod import (  # noqa: E402
+    secure_aggregation_mod,
+    withhold_weights_mod,
+)
 from fl_app.client.timing import TimedClient, process_seconds  # noqa: E402
 from fl_app.schema import RunConfig  # noqa: E402
 
@@ -87,11 +90,18 @@ def make_client_app(fixed_config: RunConfig | None = None,
             raise DataError(f"node {context.node_id}: {err}") from err
         return CompressingClient(TimedClient(client, seconds).to_client(), context.state)
 
-    def secure_required(context: Context) -> bool:
-        run_config = fixed_config if fixed_config is not None else context.run_config
-        return run_config.get("secure-aggregation", "none") != "none"
+    def run_config(context: Context) -> Mapping[str, Scalar]:
+        return fixed_config if fixed_config is not None else context.run_config
 
-    return ClientApp(client_fn=client_fn, mods=[secure_aggregation_mod(secure_required)])
+    def secure_required(context: Context) -> bool:
+        return run_config(context).get("secure-aggregation", "none") != "none"
+
+    def protected(context: Context) -> bool:  # the server must not see one client's weights
+        return secure_required(context) or \
+            run_config(context).get("homomorphic-encryption", "none") != "none"
+
+    return ClientApp(client_fn=client_fn, mods=[withhold_weights_mod(protected),
+                                                secure_aggregation_mod(secure_required)])
 
 
 app = make_client_app()

@@ -197,7 +197,11 @@ def main(argv: list[str] | None = None) -> int:
         log("another worker already listens on this socket; exiting")
         return 0
     except (OSError, EOFError, AuthenticationError):
-        address.socket.unlink(missing_ok=True)
+        if address.socket.is_socket():  # a stale socket; never a file that merely has its name
+            address.socket.unlink()
+        elif address.socket.exists():
+            log(f"{address.socket} exists and is not a socket; exiting")
+            return 1
 
     old_umask = os.umask(0o077)
     try:

@@ -66,15 +66,18 @@ def _refuse_foreign(path: Path, info: os.stat_result) -> None:
 
 
 def private_dir(path: Path) -> Path:
-    """`path` as a folder of mode 700 (created, parents too, or tightened) that this account
-    owns and that is not a symlink."""
+    """`path` as a folder of mode 700 that this account owns and that is not a symlink:
+    created (parents too) if missing; an existing folder open to other accounts is refused,
+    not changed (it may be the user's home or another shared folder)."""
     path.mkdir(mode=0o700, parents=True, exist_ok=True)
     info = path.lstat()
     if stat.S_ISLNK(info.st_mode):
         raise WorkerError(f"worker folder {path} is a symlink: use a real folder")
     _refuse_foreign(path, info)
-    if stat.S_IMODE(info.st_mode) != 0o700:
-        path.chmod(0o700)
+    if stat.S_IMODE(info.st_mode) & 0o077:
+        raise WorkerError(f"worker folder {path} (mode {stat.S_IMODE(info.st_mode):o}) is open "
+                          "to other accounts: put worker-socket in a folder of its own (it is "
+                          "created with mode 700)")
     return path
 
 

@@ -25,6 +25,7 @@ from flwr.app.message_type import MessageType
 from flwr.client.mod import secaggplus_mod
 from flwr.clientapp.typing import ClientAppCallable, Mod
 from flwr.common import NDArrays, ndarrays_to_parameters, parameters_to_ndarrays
+from flwr.common.constant import MessageTypeLegacy
 from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS
 from flwr.compat.common import recorddict_compat as compat
 
@@ -79,6 +80,21 @@ def secure_aggregation_mod(required: SecureRequired) -> Mod:
         if required(ctxt):
             raise RuntimeError("secure-aggregation is on for this run, but the server sent a "
                                "plaintext fit round: refusing to send the update in the clear")
+        return call_next(msg, ctxt)
+
+    return mod
+
+
+def withhold_weights_mod(protected: SecureRequired) -> Mod:
+    """A ClientApp mod: refuses `get_parameters` when `protected(context)` (a SecAgg+ or
+    homomorphic-encryption run), since the reply would be this node's own weights (its last
+    fit's result) in the clear; everything else passed on."""
+
+    def mod(msg: Message, ctxt: Context, call_next: ClientAppCallable) -> Message:
+        if msg.metadata.message_type == MessageTypeLegacy.GET_PARAMETERS and protected(ctxt):
+            raise RuntimeError("this run protects the clients' updates (secure aggregation or "
+                               "homomorphic encryption): refusing to send this node's weights "
+                               "in the clear")
         return call_next(msg, ctxt)
 
     return mod
