@@ -101,18 +101,26 @@ def _train_message() -> Message:
     return Message(content=RecordDict(), dst_node_id=1, message_type=MessageType.TRAIN)
 
 
-def test_a_secure_client_refuses_a_plaintext_fit_round(monkeypatch):
+@pytest.fixture
+def mod_call(monkeypatch):
+    """A node's context, the messages a mod passed on, and the `call_next` that records
+    them (a Message needs a task's identity: set here)."""
     from flwr.supercore.task_identity import TaskIdentity
 
-    for attribute in ("_task_id", "_run_id", "_node_id"):  # a Message needs a task's identity
+    for attribute in ("_task_id", "_run_id", "_node_id"):
         monkeypatch.setattr(TaskIdentity, attribute, 1)
-    context = Context(run_id=1, node_id=1, node_config={}, state=None, run_config={})
-    answered = []
+    answered: list = []
 
     def call_next(msg, ctxt):
         answered.append(msg)
         return msg
 
+    return Context(run_id=1, node_id=1, node_config={}, state=None, run_config={}), answered, \
+        call_next
+
+
+def test_a_secure_client_refuses_a_plaintext_fit_round(mod_call):
+    context, answered, call_next = mod_call
     with pytest.raises(RuntimeError, match="refusing to send the update in the clear"):
         secure_aggregation_mod(lambda ctxt: True)(_train_message(), context, call_next)
     assert answered == []
@@ -120,20 +128,12 @@ def test_a_secure_client_refuses_a_plaintext_fit_round(monkeypatch):
     assert len(answered) == 1  # off: a plaintext round passes through untouched
 
 
-def test_a_protected_run_never_sends_a_nodes_weights_in_the_clear(monkeypatch):
+def test_a_protected_run_never_sends_a_nodes_weights_in_the_clear(mod_call):
     """`get_parameters` would return the node's last fit result, unmasked: refused under
     SecAgg+ and HE; other messages, and plain runs, pass through."""
     from flwr.app import RecordDict
-    from flwr.supercore.task_identity import TaskIdentity
 
-    for attribute in ("_task_id", "_run_id", "_node_id"):
-        monkeypatch.setattr(TaskIdentity, attribute, 1)
-    context = Context(run_id=1, node_id=1, node_config={}, state=None, run_config={})
-    answered = []
-
-    def call_next(msg, ctxt):
-        answered.append(msg)
-        return msg
+    context, answered, call_next = mod_call
 
     def ask() -> Message:
         return Message(content=RecordDict(), dst_node_id=1, message_type="get_parameters")
