@@ -72,7 +72,7 @@ def run(cfg: RunConfig, num_supernodes: int) -> dict[str, Any]:
             print(f"the simulation engine did not start ({err}); retrying", flush=True)
             metered.clear()  # a new run from scratch: count only its traffic
     history = json.loads((Path(str(cfg["out-dir"])) / "history.json").read_text())
-    return {"history": history, "down": metered[0].down, "up": metered[0].up}
+    return {"history": history, "down": metered[0].counts.down, "up": metered[0].counts.up}
 
 
 def bound(cfg: RunConfig, num_examples: list[int], max_update: float) -> float:

@@ -35,6 +35,7 @@ from flwr.common.logger import log
 from fl_app.schema import ConfigError, Setting
 from strategies.clipping import model_update
 from strategies.metrics import weighted_metrics
+from strategies.secure import ROBUST_STRATEGIES
 from strategies.validation import update_problem
 
 FEDBUFF = "fedbuff"
@@ -68,7 +69,7 @@ def check_config(values: Mapping[str, Scalar]) -> None:
     if strategy.startswith("dp-"):
         why = ("its privacy accounting assumes one noised average of a sampled cohort per "
                "round, while FedBuff applies stale, staleness-weighted updates as they arrive")
-    elif strategy in ("krum", "bulyan", "fedmedian", "fedtrimmedavg"):
+    elif strategy in ROBUST_STRATEGIES:
         why = "a robust aggregator needs every update of a full round to compare them"
     elif strategy not in COMPATIBLE:
         why = "FedBuff's server step replaces the strategy's own server update"

@@ -13,28 +13,26 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterable
-from typing import Any
 
 from flwr.common import Message
 from flwr.server.client_proxy import ClientProxy
 from flwr.serverapp.grid import Grid
 
+from fl_app.server.grid_wrapper import GridWrapper
+
 FIRST_INTERVAL = 0.02
 MAX_INTERVAL = 0.25
 
 
-class PromptGrid:
+class PromptGrid(GridWrapper):
     """A Flower `Grid` whose `send_and_receive` polls for replies with a short back-off;
     every other attribute is the wrapped grid's."""
 
     def __init__(self, grid: Grid, first_interval: float = FIRST_INTERVAL,
                  max_interval: float = MAX_INTERVAL) -> None:
-        self.grid = grid
+        super().__init__(grid)
         self.first_interval = first_interval
         self.max_interval = max_interval
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self.grid, name)
 
     def send_and_receive(self, messages: Iterable[Message], *,
                          timeout: float | None = None) -> Iterable[Message]:

@@ -41,8 +41,9 @@ from flwr.server.workflow.constant import MAIN_CONFIGS_RECORD, MAIN_PARAMS_RECOR
 from flwr.serverapp.grid import Grid
 
 from fl_app.server.client_failures import ClientFailure
+from fl_app.server.grid_wrapper import GridWrapper
 from fl_app.server.prompt_grid import PromptGrid
-from fl_app.server.wire_bytes import MeteredGrid, WireMeter
+from fl_app.server.wire_bytes import ByteCounts, MeteredGrid, WireMeter
 from strategies.wrapper import StrategyWrapper
 
 FitOutcome = tuple[Parameters | None, dict[str, Scalar],
@@ -57,17 +58,14 @@ def _brief(failure: object, keep: int = 200) -> str:
     return text if len(text) <= 2 * keep else f"{text[:keep]} ... {text[-keep:]}"
 
 
-class ReplyErrors:
+class ReplyErrors(GridWrapper):
     """A Grid that notes the error of every reply pulled through it, by the sender's
     client id (`str(node_id)`, as `ClientProxy.cid`), so a client that dropped out of a
     SecAgg+ round is named with its own reason; every other call is the wrapped grid's."""
 
     def __init__(self, grid: Grid) -> None:
-        self.grid = grid
+        super().__init__(grid)
         self.by_client: dict[str, str] = {}
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self.grid, name)
 
     def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
         """Pull from the wrapped grid, noting each error reply's reason."""
@@ -109,11 +107,11 @@ class AggregateOnly(StrategyWrapper):
                       failures: list[tuple[ClientProxy, FitRes] | BaseException],
                       ) -> tuple[Parameters | None, dict[str, Scalar]]:
         """Hand `inner` the aggregate as weights (global model + mean update) in every
-        answering client's result; name the clients that dropped out as failures."""
+        answering client's result; name the clients that dropped out as failures, each with
+        its own error reply's reason (`ReplyErrors`; Flower's `failures` carry the same
+        errors without the client's id)."""
         if len({id(res.parameters) for _, res in results}) > 1:
             raise RuntimeError("SecAgg+ handed the strategy more than one update")
-        for error in dict.fromkeys(_brief(f) for f in failures):  # Flower lists some twice
-            log(WARNING, "round %s: SecAgg+ message failed: %s", server_round, error)
         answered = {proxy.cid for proxy, _ in results}
         dropped: list[Any] = [self.errors.failure(proxy.cid, "dropped out of the SecAgg+ round")
                               for proxy, _ in self.sent if proxy.cid not in answered]
@@ -156,11 +154,11 @@ class SecAggPlusFit:
             server.parameters, keep_input=True)
         legacy.state.config_records[MAIN_CONFIGS_RECORD] = ConfigRecord(
             {Key.CURRENT_ROUND: server_round})
-        self.meter.take()
+        self.meter.counts.take()  # this round's traffic only
         self.workflow(PromptGrid(errors), legacy)
         wire = getattr(server, "wire", None)  # FederatedServer's meter (not Flower's Server)
         if isinstance(wire, WireMeter):
-            wire.replace_counts(**self.meter.take())
+            wire.counts = ByteCounts(**self.meter.counts.take())
         if strategy.outcome is not None:
             return strategy.outcome
         log(WARNING, "round %s: the SecAgg+ round halted before an aggregate (too few "

@@ -9,12 +9,13 @@ is estimated from shapes: a compressed message counts its codec's blobs, a plain
 Under SecAgg+ the strategy sees only the unmasked aggregate, so `MeteredGrid` counts that
 round's traffic at the Grid instead: the records (arrays, configs, metrics) of every fit
 message pushed and every reply pulled, all four of the protocol's stages included, and
-`WireMeter.replace_counts` makes them the round's figures.
+those `ByteCounts` become the round's figures.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable
+from dataclasses import dataclass
 from typing import Any
 
 from flwr.app import Message, RecordDict
@@ -25,6 +26,7 @@ from flwr.server.client_proxy import ClientProxy
 from flwr.server.strategy import Strategy
 from flwr.serverapp import Grid
 
+from fl_app.server.grid_wrapper import GridWrapper
 from strategies.wrapper import StrategyWrapper
 
 
@@ -33,12 +35,26 @@ def parameters_bytes(parameters: Parameters) -> int:
     return sum(len(tensor) for tensor in parameters.tensors)
 
 
+@dataclass
+class ByteCounts:
+    """Bytes sent to the clients (`down`) and received from them (`up`) since `take()`."""
+
+    up: int = 0
+    down: int = 0
+
+    def take(self) -> dict[str, int]:
+        """The bytes counted since the last call, {"up": ..., "down": ...}; resets them."""
+        counted = {"up": self.up, "down": self.down}
+        self.up = self.down = 0
+        return counted
+
+
 class WireMeter(StrategyWrapper):
-    """Counts the training messages' parameter bytes; `take()` returns and resets them."""
+    """Counts the training messages' parameter bytes in `counts`."""
 
     def __init__(self, inner: Strategy) -> None:
         super().__init__(inner)
-        self.up = self.down = 0
+        self.counts = ByteCounts()
 
     def __repr__(self) -> str:
         return repr(self.inner)
@@ -47,7 +63,7 @@ class WireMeter(StrategyWrapper):
                       client_manager: ClientManager) -> list[tuple[ClientProxy, FitIns]]:
         """Delegate, then count what each sampled client is sent."""
         instructions = self.inner.configure_fit(server_round, parameters, client_manager)
-        self.down += sum(parameters_bytes(ins.parameters) for _, ins in instructions)
+        self.counts.down += sum(parameters_bytes(ins.parameters) for _, ins in instructions)
         return instructions
 
     def aggregate_fit(
@@ -57,18 +73,13 @@ class WireMeter(StrategyWrapper):
         failures: list[tuple[ClientProxy, FitRes] | BaseException],
     ) -> tuple[Parameters | None, dict[str, Scalar]]:
         """Count what each answering client sent, then delegate."""
-        self.up += sum(parameters_bytes(res.parameters) for _, res in results)
+        self.counts.up += sum(parameters_bytes(res.parameters) for _, res in results)
         return self.inner.aggregate_fit(server_round, results, failures)
 
     def take(self) -> dict[str, int]:
-        """The bytes counted since the last call, {"up": ..., "down": ...}; resets them."""
-        counted = {"up": self.up, "down": self.down}
-        self.up = self.down = 0
-        return counted
+        """The round's bytes (`ByteCounts.take`)."""
+        return self.counts.take()
 
-    def replace_counts(self, up: int, down: int) -> None:
-        """Make `up` and `down` the round's counts (SecAgg+: counted at the Grid)."""
-        self.up, self.down = up, down
 
 
 def value_bytes(value: Any) -> int:
@@ -90,18 +101,14 @@ def record_bytes(content: RecordDict) -> int:
         for record in records.values() for key, value in record.items())
 
 
-class MeteredGrid:
+class MeteredGrid(GridWrapper):
     """A Grid that counts the bytes of the fit messages pushed and the replies pulled
     (the app's `PromptGrid` sends and receives through these two calls)."""
 
     def __init__(self, grid: Grid) -> None:
-        self.grid = grid
-        self.down = 0
-        self.up = 0
+        super().__init__(grid)
+        self.counts = ByteCounts()
         self._fit_ids: set[str] = set()
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self.grid, name)
 
     def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
         """Push to the real Grid, counting fit messages."""
@@ -111,7 +118,7 @@ class MeteredGrid:
         for message in messages:
             if message.metadata.message_type == MessageType.TRAIN \
                     and message.metadata.message_id in pushed:
-                self.down += record_bytes(message.content)
+                self.counts.down += record_bytes(message.content)
                 self._fit_ids.add(message.metadata.message_id)
         return ids
 
@@ -122,11 +129,5 @@ class MeteredGrid:
             if reply.metadata.reply_to_message_id in self._fit_ids:
                 self._fit_ids.discard(reply.metadata.reply_to_message_id)
                 if reply.has_content():
-                    self.up += record_bytes(reply.content)
+                    self.counts.up += record_bytes(reply.content)
         return replies
-
-    def take(self) -> dict[str, int]:
-        """The bytes counted since the last call, {"up": ..., "down": ...}; resets them."""
-        counted = {"up": self.up, "down": self.down}
-        self.up = self.down = 0
-        return counted
