@@ -86,31 +86,48 @@ def secret_bytes(ctx: Any) -> bytes:
     return ctx.serialize(save_secret_key=True, save_galois_keys=False, save_relin_keys=False)
 
 
-def _write_private(path: Path, data: bytes) -> None:
-    """Write `data` to a new file created with mode 0600 (never readable by others)."""
+def write_new(path: Path, data: bytes) -> Path:
+    """Write `data` to a new file created with mode 0600 (never readable by others); an
+    existing file or link at `path` is never written through (FileExistsError)."""
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     with os.fdopen(fd, "wb") as file:
         file.write(data)
+    return path
 
 
 def write_key_pair(public_path: Path, secret_path: Path) -> None:
     """Make a new key and write the public context and the secret context (both 0600,
     neither may exist yet)."""
     ctx = new_secret_context()
-    _write_private(Path(public_path), public_bytes(ctx))
-    _write_private(Path(secret_path), secret_bytes(ctx))
+    write_new(Path(public_path), public_bytes(ctx))
+    write_new(Path(secret_path), secret_bytes(ctx))
+
+
+def _context_from(data: bytes, what: str) -> Any:
+    """The TenSEAL context serialized in `data`; KeyFileError naming `what` if it is none."""
+    try:
+        return _tenseal().context_from(data)
+    except KeyFileError:
+        raise
+    except Exception as err:  # TenSEAL raises bare ValueError/RuntimeError on bad bytes
+        raise KeyFileError(f"{what} is not a TenSEAL context") from err
 
 
 def _read_context(path: str | Path, what: str) -> Any:
-    ts = _tenseal()
     try:
         data = Path(path).read_bytes()
     except OSError as err:
         raise KeyFileError(f"{what} {str(path)!r} cannot be read: {err.strerror}") from err
-    try:
-        return ts.context_from(data)
-    except Exception as err:  # TenSEAL raises bare ValueError/RuntimeError on bad bytes
-        raise KeyFileError(f"{what} {str(path)!r} is not a TenSEAL context") from err
+    return _context_from(data, f"{what} {str(path)!r}")
+
+
+def secret_context_from(data: bytes, what: str) -> Any:
+    """The secret context serialized in `data` (`what` names it in errors); KeyFileError
+    unless it is a TenSEAL context holding a secret key."""
+    ctx = _context_from(data, what)
+    if not ctx.is_private():
+        raise KeyFileError(f"{what} holds no secret key")
+    return ctx
 
 
 def load_public_context(path: str | Path) -> Any:
