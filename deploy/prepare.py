@@ -90,8 +90,8 @@ def write_node_data(cfg: RunConfig, num_nodes: int, data_dir: Path, fmt: str) ->
 def write_he_keys(dep: Deployment) -> None:
     """homomorphic-encryption=ckks: one new CKKS key, a copy of the secret context per node
     and the public context (without the secret key) for the ServerApp; all 0600, in `he/`
-    (0700). In a real deployment only node i receives `he/node-i.ckks`, and the copies are
-    deleted here once handed over."""
+    (0700). For a one-machine trial (`--he-keys here`): this machine then holds the secret
+    key; a real deployment makes it on a node (`--he-keys nodes`, `deploy.he_key`)."""
     files.private_dir(dep.he_public_context.parent)
     ctx = ckks.new_secret_context()
     files.write_private(dep.he_public_context, ckks.public_bytes(ctx))
