@@ -110,7 +110,7 @@ def node_config(dep: Deployment, node: NodeFiles, use_worker: bool = True) -> st
     """`node`'s `--node-config`: its data file, its worker's socket and key file, and (under
     homomorphic encryption) its secret key file."""
     pairs = [f"data-path={config_string(str(node.data))}"]
-    if dep.he_key(node).is_file():
+    if dep.he_key_held_by is not None:  # made here, or on the node (`he_key_generate`)
         pairs.append(f"he-key-file={config_string(str(dep.he_key(node)))}")
     if use_worker:
         sock, key = worker_files(dep, node)
@@ -123,7 +123,27 @@ def he_run_config(dep: Deployment) -> str:
     """The `--run-config` naming the ServerApp's public context, when the deployment uses
     homomorphic encryption (else empty)."""
     path = dep.he_public_context
-    return f"he-public-context={config_string(str(path))}" if path.is_file() else ""
+    return (f"he-public-context={config_string(str(path))}"
+            if dep.he_key_held_by is not None else "")
+
+
+def he_key_generate(dep: Deployment, holder: NodeFiles, python: str = "python") -> Command:
+    """`python -m deploy.he_key generate` on the key holder `holder`: the CKKS key pair, its
+    own secret key at `dep.he_key(holder)`, the public context at `dep.he_public_context`,
+    and a sealed copy `he/node-i.sealed` for every other node's public key."""
+    others = [str(node.public_key) for node in dep.nodes if node != holder]
+    argv = [python, "-m", "deploy.he_key", "generate", "--out",
+            str(dep.he_public_context.parent), "--name", holder.name]
+    return Command(argv + (["--for", *others] if others else []))
+
+
+def he_key_open(dep: Deployment, node: NodeFiles, node_key: str,
+                python: str = "python") -> Command:
+    """`python -m deploy.he_key open` on `node`: its sealed copy opened with its private
+    key `node_key`, written to `dep.he_key(node)` (its node-config `he-key-file`)."""
+    sealed = dep.he_public_context.parent / f"{node.name}.sealed"
+    return Command([python, "-m", "deploy.he_key", "open", "--sealed", str(sealed),
+                    "--node-key", node_key, "--out", str(dep.he_key(node))])
 
 
 def register(dep: Deployment, node: NodeFiles, cli_home: Path) -> Command:

@@ -317,8 +317,9 @@ def describe_failures(history: dict[str, Any], node_ids: dict[str, int]) -> list
 
 
 def check_private_keys(dep: Deployment) -> None:
-    """Raise `DeploymentError` naming the first node whose private key is not in the folder:
-    every SuperNode starts on this machine and signs with its key."""
+    """Raise `DeploymentError` naming the first node whose private key is not in the folder
+    (every SuperNode starts on this machine and signs with its key), or the first CKKS key
+    file missing under homomorphic encryption."""
     for node in dep.nodes:
         if node.key is None:
             raise DeploymentError(
@@ -330,6 +331,12 @@ def check_private_keys(dep: Deployment) -> None:
         if not node.key.is_file():
             raise DeploymentError(f"{node.name}'s private key {node.key} not found: prepare "
                                   f"{dep.root} again (--force)")
+    he_files = [dep.he_public_context, *map(dep.he_key, dep.nodes)]
+    for path in he_files if dep.he_key_held_by is not None else []:
+        if not path.is_file():
+            raise DeploymentError(f"{path} not found: the nodes' CKKS keys are made with "
+                                  "`python -m deploy.he_key` (step 0 of the commands "
+                                  "deploy.prepare printed) before the run")
 
 
 def check_node_data(dep: Deployment, project_dir: Path, run_config: str = "") -> None:

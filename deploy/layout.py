@@ -9,9 +9,12 @@ DIR/keys/node-i            its private key (node i only); absent when node i mad
                            key pair (`deploy.prepare --node-public-keys`, `deploy.node_key`)
 DIR/data/node-i.npz|.csv   SuperNode i's own data (node i only)
 DIR/he/node-i.ckks         homomorphic-encryption=ckks: the nodes' shared secret key, node
-                           i's copy (node i only; its node-config `he-key-file`)
+                           i's copy (node i only; its node-config `he-key-file`); absent
+                           when the nodes make it (`deploy.prepare --he-keys nodes`,
+                           `deploy.he_key`): then only node i writes it, on its machine
 DIR/he/public_context.ckks the public context, without the secret key (the ServerApp's
-                           `he-public-context`)
+                           `he-public-context`; with `--he-keys nodes` the key holder
+                           makes it and the SuperLink host puts it there)
 DIR/flwr-home/config.toml  the flwr CLI's SuperLink connection (FLWR_HOME for `flwr ...`)
 DIR/launch/logs/           the process logs of `deploy.launch`
 ```
@@ -67,6 +70,7 @@ class Deployment:
     run_config: str
     server_host: str
     port: int
+    he_key_held_by: str | None = None  # homomorphic encryption: KEY_IN_FOLDER or KEY_ON_NODE
 
     @property
     def ca_cert(self) -> Path:
@@ -103,6 +107,7 @@ class Deployment:
             "run_config": self.run_config,
             "server_host": self.server_host,
             "port": self.port,
+            "he_key_held_by": self.he_key_held_by,
             "nodes": [{**{k: self._relative(v) if isinstance(v, Path) else v
                           for k, v in asdict(node).items()},
                        "private_key_held_by": node.private_key_held_by}
@@ -125,7 +130,10 @@ class Deployment:
         try:
             data = json.loads(path.read_text(encoding="utf-8"))
             nodes = tuple(_node(root, n) for n in data["nodes"])
-            return cls(root, nodes, data["run_config"], data["server_host"], int(data["port"]))
+            he_held = data.get("he_key_held_by",  # a manifest from before the field
+                               KEY_IN_FOLDER if (root / "he").is_dir() else None)
+            return cls(root, nodes, data["run_config"], data["server_host"], int(data["port"]),
+                       he_held)
         except (ValueError, KeyError, TypeError) as err:
             raise DeploymentError(f"{path} is not a valid deployment manifest: {err!r}") from err
 

@@ -187,3 +187,29 @@ def read_node_public_key(path: Path) -> ec.EllipticCurvePublicKey:
         raise ValueError(f"{path} is not an ECDSA P-384 public key but {kind} (make one "
                          "with `ssh-keygen -t ecdsa -b 384` or `python -m deploy.node_key`)")
     return key
+
+
+def read_node_private_key(path: Path) -> ec.EllipticCurvePrivateKey:
+    """The SuperNode private key in the file at `path` (OpenSSH or PEM, unencrypted).
+
+    Raises `ValueError`, naming `path`, unless it is one ECDSA P-384 private key.
+    """
+    try:
+        data = path.read_bytes()
+    except OSError as err:
+        raise ValueError(f"{path} cannot be read: {err.strerror or err}") from None
+    loaders = (serialization.load_ssh_private_key, serialization.load_pem_private_key)
+    for load in loaders:
+        try:
+            key = load(data, password=None)
+            break
+        except (ValueError, TypeError, UnsupportedAlgorithm):
+            continue
+    else:
+        raise ValueError(f"{path} is not an unencrypted OpenSSH or PEM private key (this "
+                         "node's key from `python -m deploy.node_key`)")
+    if not isinstance(key, ec.EllipticCurvePrivateKey) or not isinstance(key.curve,
+                                                                          ec.SECP384R1):
+        raise ValueError(f"{path} is not an ECDSA P-384 private key (the node's key from "
+                         "`python -m deploy.node_key`)")
+    return key

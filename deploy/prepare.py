@@ -2,13 +2,17 @@
 
     python -m deploy.prepare --out DIR --num-nodes N [--partitioner NAME]
         [--run-config "k=v ..."] [--server-host HOST ...] [--port PORT] [--data-format npz|csv]
-        [--node-public-keys KEYS] [--force]
+        [--node-public-keys KEYS] [--he-keys here|nodes] [--force]
 
 With `--node-public-keys KEYS` each node has made its own key pair (`python -m
 deploy.node_key`, or `ssh-keygen -t ecdsa -b 384`) and handed over only its public key,
 `KEYS/node-i.pub`: those are checked (ECDSA P-384, one per node) and copied, and no private
 key is made or kept here; each node starts its SuperNode with its own private key. Without
 it the SuperNodes' key pairs are made here, for a one-machine trial (`deploy.launch`).
+Under `homomorphic-encryption=ckks`, `--he-keys nodes` (the default with
+`--node-public-keys`) makes no CKKS key here: one node makes it (`python -m deploy.he_key`)
+and seals it to the other nodes' public keys, as the printed step 0 says; `--he-keys here`
+(the default otherwise) makes it here, every node's copy in `he/`, for a one-machine trial.
 
 Node i's data is partition i of N of the run's dataset, cut by the configured flwr-datasets
 partitioner (the same split a simulation with N SuperNodes uses); the server keeps the
@@ -24,6 +28,7 @@ in memory (nothing it relays is written to disk).
 from __future__ import annotations
 
 import argparse
+import shutil
 import sys
 from pathlib import Path
 
@@ -34,7 +39,15 @@ from flwr.supercore.constant import (
 )
 
 from deploy import commands, files, pki
-from deploy.layout import CONNECTION, MANIFEST, Deployment, DeploymentError, NodeFiles
+from deploy.layout import (
+    CONNECTION,
+    KEY_IN_FOLDER,
+    KEY_ON_NODE,
+    MANIFEST,
+    Deployment,
+    DeploymentError,
+    NodeFiles,
+)
 from deploy.node_key import NODE_KEY_COMMAND, NODE_KEY_PATH
 from fl_app.app.config import check_num_clients
 from fl_app.cli.simulate import PROJECT_DIR, load_run_config
@@ -43,6 +56,7 @@ from fl_app.schema import ConfigError, RunConfig
 from strategies import ckks
 
 DATA_FORMATS = ("npz", "csv")
+HE_KEYS = {"here": KEY_IN_FOLDER, "nodes": KEY_ON_NODE}  # --he-keys: who makes the CKKS key
 SECRETS = (MANIFEST, "certs", "keys", "he")  # what a second `prepare` would silently replace
 
 
@@ -76,18 +90,25 @@ def write_node_data(cfg: RunConfig, num_nodes: int, data_dir: Path, fmt: str) ->
 def write_he_keys(dep: Deployment) -> None:
     """homomorphic-encryption=ckks: one new CKKS key, a copy of the secret context per node
     and the public context (without the secret key) for the ServerApp; all 0600, in `he/`
-    (0700). In a real deployment only node i receives `he/node-i.ckks`, and the copies are
-    deleted here once handed over."""
-    folder = dep.he_public_context.parent
-    if folder.exists():  # a --force'd folder: the old key goes
-        for old in folder.iterdir():
-            old.unlink()
-    files.private_dir(folder)
+    (0700). For a one-machine trial (`--he-keys here`): this machine then holds the secret
+    key; a real deployment makes it on a node (`--he-keys nodes`, `deploy.he_key`)."""
+    files.private_dir(dep.he_public_context.parent)
     ctx = ckks.new_secret_context()
     files.write_private(dep.he_public_context, ckks.public_bytes(ctx))
     secret = ckks.secret_bytes(ctx)
     for node in dep.nodes:
         files.write_private(dep.he_key(node), secret)
+
+
+def he_key_holder(cfg: RunConfig, he_keys: str | None, node_keys_on_nodes: bool) -> str | None:
+    """Who makes the CKKS key (`Deployment.he_key_held_by`): None without homomorphic
+    encryption, else `--he-keys` (default: the nodes when they hold their own keys)."""
+    if cfg["homomorphic-encryption"] == "none":
+        if he_keys is not None:
+            raise DeploymentError(f"--he-keys {he_keys} needs run-config "
+                                  "homomorphic-encryption='ckks'")
+        return None
+    return HE_KEYS[he_keys or ("nodes" if node_keys_on_nodes else "here")]
 
 
 def check_fresh(root: Path) -> None:
@@ -131,14 +152,16 @@ def read_public_keys(folder: Path, num_nodes: int) -> list[bytes]:
 
 def prepare(out: Path, num_nodes: int, run_config: str, server_hosts: list[str],
             port: int = SUPERLINK_UVICORN_DEFAULT_PORT, data_format: str = "npz",
-            force: bool = False, node_public_keys: Path | None = None) -> Deployment:
+            force: bool = False, node_public_keys: Path | None = None,
+            he_keys: str | None = None) -> Deployment:
     """Make a deployment folder for `num_nodes` SuperNodes; return its manifest.
 
     With `node_public_keys` (a folder with the nodes' `node-i.pub`), node i's public key is
     copied from there and no private key is written: the manifest records that the node
     holds it. Otherwise each node's key pair is made here (a one-machine trial).
     A folder that already holds one is refused unless `force` (then its CA, certificates,
-    keys, data files and manifest are replaced). Files are written mode 600, folders mode
+    keys, data files and manifest are replaced). `he_keys` (`HE_KEYS`) says where the CKKS
+    key is made (`he_key_holder`). Files are written mode 600, folders mode
     700; `out` itself is made mode 700 if it is created here (an existing one keeps its mode).
     """
     if num_nodes < 1:
@@ -148,6 +171,7 @@ def prepare(out: Path, num_nodes: int, run_config: str, server_hosts: list[str],
         check_fresh(root)
     cfg = load_run_config(run_config or None)
     check_num_clients(cfg, num_nodes)  # before any key or data file is written
+    he_held = he_key_holder(cfg, he_keys, node_public_keys is not None)
     public_keys = (None if node_public_keys is None
                    else read_public_keys(node_public_keys, num_nodes))
     files.private_dir(root, tighten=False)
@@ -163,8 +187,9 @@ def prepare(out: Path, num_nodes: int, run_config: str, server_hosts: list[str],
         files.private_dir(key.parent)
         public = files.write_private(key.with_name(key.name + ".pub"), public_keys[i])
         nodes.append(NodeFiles(f"node-{i}", None, data, public))
-    dep = Deployment(root, tuple(nodes), run_config, server_hosts[0], port)
-    if cfg["homomorphic-encryption"] == "ckks":
+    dep = Deployment(root, tuple(nodes), run_config, server_hosts[0], port, he_held)
+    shutil.rmtree(dep.he_public_context.parent, ignore_errors=True)  # a --force'd folder's key
+    if he_held == KEY_IN_FOLDER:
         write_he_keys(dep)
     commands.write_connection(dep.cli_home, superlink_address(dep), dep.ca_cert)
     dep.save()
@@ -195,6 +220,7 @@ def instructions(dep: Deployment, project_dir: Path = PROJECT_DIR) -> str:
         f"#   (or: ssh-keygen -t ecdsa -b 384 -N '' -f {NODE_KEY_PATH.format(name='node-i')})",
         ("# Collect node-0.pub ... in one folder and prepare with --node-public-keys FOLDER: "
          "then no private key is ever on this machine."), ""]
+    lines += he_key_steps(dep, project_dir)
     lines += [("# 1. SuperLink (TLS on, SuperNode authentication on; state in memory, so "
                "nothing it relays is written to disk: after a restart, register the nodes "
                "again):"), link.shell(), "",
@@ -228,6 +254,32 @@ def instructions(dep: Deployment, project_dir: Path = PROJECT_DIR) -> str:
               "on the SuperLink's machine):",
               commands.run_app(dep.cli_home, run_configs, stream=True).shell(cwd=project_dir)]
     return "\n".join(lines)
+
+
+def he_key_steps(dep: Deployment, project_dir: Path = PROJECT_DIR) -> list[str]:
+    """The printed lines on the CKKS key: where it was made, or step 0, which makes it on
+    the first node and hands it to the others sealed to their own public keys."""
+    if dep.he_key_held_by == KEY_IN_FOLDER:
+        return [(f"# The nodes' shared CKKS secret key is in {dep.he_public_context.parent}, "
+                 "made here for a one-machine trial: whoever can read it can decrypt every "
+                 "update. For a real deployment prepare with --he-keys nodes: a node makes "
+                 "it and seals it to the other nodes' keys, and this machine never holds it."),
+                ""]
+    if dep.he_key_held_by != KEY_ON_NODE:
+        return []
+    holder, others = dep.nodes[0], dep.nodes[1:]
+    lines = [(f"# 0. The nodes' shared CKKS secret key is made on {holder.name}, the key holder, "
+              "never here or on the SuperLink host. On it, from the project folder, with the "
+              f"other nodes' public keys (copies of {dep.root}/keys/node-i.pub; check each "
+              "fingerprint, printed by the command, with its node):"),
+             commands.he_key_generate(dep, holder).shell(cwd=project_dir),
+             (f"# {holder.name} keeps {dep.he_key(holder)}; copy "
+              f"{dep.he_public_context} (no secret key) to the SuperLink host at that path"
+              + (", and each he/node-i.sealed (only node i can open it) to node i, which "
+                 "opens it:" if others else "."))]
+    lines += [commands.he_key_open(dep, node, _node_side_key(node) or str(node.key))
+              .shell(cwd=project_dir) for node in others]
+    return lines + [""]
 
 
 def _fingerprint(node: NodeFiles) -> str:
@@ -264,6 +316,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                              "themselves (`python -m deploy.node_key`): no private key is "
                              "made here (default: make every node's key pair here, for a "
                              "one-machine trial)")
+    parser.add_argument("--he-keys", choices=tuple(HE_KEYS), default=None,
+                        help="homomorphic-encryption=ckks: who makes the nodes' shared CKKS "
+                             "secret key: 'nodes' (one node, `python -m deploy.he_key`, sealed "
+                             "to the others' public keys: this machine never holds it; the "
+                             "default with --node-public-keys) or 'here' (every node's copy in "
+                             "he/, for a one-machine trial; the default otherwise)")
     parser.add_argument("--force", action="store_true",
                         help="replace the CA, keys and data of a folder prepared before")
     return parser.parse_args(argv)
@@ -283,7 +341,8 @@ def main(argv: list[str] | None = None) -> int:
     hosts = args.server_host or ["127.0.0.1", "localhost"]
     try:
         dep = prepare(args.out, args.num_nodes, run_config, hosts, args.port, args.data_format,
-                      force=args.force, node_public_keys=args.node_public_keys)
+                      force=args.force, node_public_keys=args.node_public_keys,
+                      he_keys=args.he_keys)
     except (DeploymentError, ConfigError, DataError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

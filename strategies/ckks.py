@@ -15,6 +15,12 @@ scale 2^40. Only additions are done, so no relinearization or Galois keys are ma
 decryption error of a sum of k such vectors is about k·1e-8 in absolute terms
 (`tests/test_ckks.py` checks the average within 1e-6 relative).
 
+Every reply (and every aggregate a client receives) is checked before use
+(`ciphertexts`): one ciphertext per chunk with the expected slot count, at the context's
+parameters and first level, at exactly its scale, two polynomials. A ciphertext that fails
+is refused with a reason naming the chunk; no error or log line ever quotes a decrypted
+value (a server could otherwise send someone's ciphertext and read it back in the error).
+
 The key file a node holds is its serialized context *with* the secret key (0600); the public
 context file the server holds is the same context without it (`write_key_pair`), and
 `load_public_context` refuses a file that holds a secret key.
@@ -80,31 +86,48 @@ def secret_bytes(ctx: Any) -> bytes:
     return ctx.serialize(save_secret_key=True, save_galois_keys=False, save_relin_keys=False)
 
 
-def _write_private(path: Path, data: bytes) -> None:
-    """Write `data` to a new file created with mode 0600 (never readable by others)."""
+def write_new(path: Path, data: bytes) -> Path:
+    """Write `data` to a new file created with mode 0600 (never readable by others); an
+    existing file or link at `path` is never written through (FileExistsError)."""
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     with os.fdopen(fd, "wb") as file:
         file.write(data)
+    return path
 
 
 def write_key_pair(public_path: Path, secret_path: Path) -> None:
     """Make a new key and write the public context and the secret context (both 0600,
     neither may exist yet)."""
     ctx = new_secret_context()
-    _write_private(Path(public_path), public_bytes(ctx))
-    _write_private(Path(secret_path), secret_bytes(ctx))
+    write_new(Path(public_path), public_bytes(ctx))
+    write_new(Path(secret_path), secret_bytes(ctx))
+
+
+def _context_from(data: bytes, what: str) -> Any:
+    """The TenSEAL context serialized in `data`; KeyFileError naming `what` if it is none."""
+    try:
+        return _tenseal().context_from(data)
+    except KeyFileError:
+        raise
+    except Exception as err:  # TenSEAL raises bare ValueError/RuntimeError on bad bytes
+        raise KeyFileError(f"{what} is not a TenSEAL context") from err
 
 
 def _read_context(path: str | Path, what: str) -> Any:
-    ts = _tenseal()
     try:
         data = Path(path).read_bytes()
     except OSError as err:
         raise KeyFileError(f"{what} {str(path)!r} cannot be read: {err.strerror}") from err
-    try:
-        return ts.context_from(data)
-    except Exception as err:  # TenSEAL raises bare ValueError/RuntimeError on bad bytes
-        raise KeyFileError(f"{what} {str(path)!r} is not a TenSEAL context") from err
+    return _context_from(data, f"{what} {str(path)!r}")
+
+
+def secret_context_from(data: bytes, what: str) -> Any:
+    """The secret context serialized in `data` (`what` names it in errors); KeyFileError
+    unless it is a TenSEAL context holding a secret key."""
+    ctx = _context_from(data, what)
+    if not ctx.is_private():
+        raise KeyFileError(f"{what} holds no secret key")
+    return ctx
 
 
 def load_public_context(path: str | Path) -> Any:
@@ -170,7 +193,8 @@ def encrypt_update(ctx: Any, weights: NDArrays, num_examples: int) -> NDArrays:
 
 def ciphertexts(ctx: Any, arrays: NDArrays, sizes: Sequence[int]) -> list[Any]:
     """Deserialize one reply's chunks under `ctx`; ValueError unless there is one ciphertext
-    per expected chunk, each with the expected number of slots."""
+    per expected chunk, each with the expected number of slots and addable to fresh
+    ciphertexts of `ctx` (`parameter_problem`)."""
     ts = _tenseal()
     if len(arrays) != len(sizes):
         raise ValueError(f"{len(arrays)} ciphertexts, expected {len(sizes)}")
@@ -185,8 +209,38 @@ def ciphertexts(ctx: Any, arrays: NDArrays, sizes: Sequence[int]) -> list[Any]:
             raise ValueError(f"chunk {i} is not a CKKS ciphertext of this context") from err
         if vector.size() != size:
             raise ValueError(f"chunk {i} holds {vector.size()} values, expected {size}")
+        problem = parameter_problem(ctx, vector)
+        if problem:
+            raise ValueError(f"chunk {i} {problem}")
         out.append(vector)
     return out
+
+
+def parameter_problem(ctx: Any, vector: Any) -> str | None:
+    """Why `vector` cannot be added to fresh ciphertexts of `ctx`, or None if it can.
+
+    A fresh encryption under `ctx` is one SEAL ciphertext of two polynomials in NTT form, at
+    the context's first data level (its `parms_id`: poly modulus degree and coefficient
+    moduli) and at exactly its global scale; a sum of such ciphertexts is too. Anything else
+    (another scale, a lower level after a rescale, a product never relinearized) would make
+    TenSEAL's addition raise or change the sum's level, so it is refused here, per reply.
+    Reads only metadata, never decrypts.
+    """
+    parts = vector.ciphertext()
+    if len(parts) != 1:
+        return f"holds {len(parts)} ciphertexts, expected 1"
+    cipher = parts[0]
+    if list(cipher.parms_id()) != list(ctx.seal_context().data.first_parms_id()):
+        return (f"is encrypted under other parameters or at another level "
+                f"({cipher.coeff_modulus_size()} coefficient moduli of poly modulus degree "
+                f"{cipher.poly_modulus_degree()}, expected {len(COEFF_MOD_BIT_SIZES) - 1} of "
+                f"{POLY_MODULUS_DEGREE})")
+    if cipher.scale != ctx.global_scale:
+        return (f"is at scale 2^{math.log2(cipher.scale):.4g}, expected "
+                f"2^{math.log2(ctx.global_scale):.4g}")
+    if cipher.size() != 2 or not cipher.is_ntt_form():
+        return f"is not a fresh ciphertext ({cipher.size()} polynomials, expected 2)"
+    return None
 
 
 def add_encrypted(replies: Sequence[list[Any]]) -> NDArrays:
@@ -202,13 +256,16 @@ def add_encrypted(replies: Sequence[list[Any]]) -> NDArrays:
 
 def decrypt_average(ctx: Any, arrays: NDArrays, reference: NDArrays) -> NDArrays:
     """Decrypt an encrypted sum and divide by its count: the weighted average, shaped and
-    typed like `reference` (the model's weights). ValueError if it does not fit."""
+    typed like `reference` (the model's weights). ValueError if it does not fit; its message
+    never holds a decrypted value."""
     num_values = sum(int(np.asarray(r).size) for r in reference)
     vectors = ciphertexts(ctx, arrays, chunk_sizes(num_values))
     flat = np.concatenate([np.asarray(v.decrypt(), dtype=np.float64) for v in vectors])
     count = flat[-1]
     if not count > 0.5:  # counts are integers >= 1; CKKS error is far below 0.5
-        raise ValueError(f"the encrypted aggregate's example count is {count:.3g}")
+        # Never quote a decrypted value: a server that sends someone's ciphertext as the
+        # aggregate would read it back in the error reply (a decryption oracle).
+        raise ValueError("the encrypted aggregate's example count is not a positive count")
     average, start = [], 0
     for ref in reference:
         ref = np.asarray(ref)

@@ -5,7 +5,8 @@ registry puts it outside `ValidatedStrategy`, which still checks the plaintext e
 reports). Each client replies with `[n·w, n]` encrypted under the nodes' shared key
 (`strategies.ckks`, client side `fl_app.client.homomorphic`); the wrapper checks each
 reply's structure (one ciphertext per chunk, each deserializing under the public context
-with the expected number of slots), rejects and logs the rest, adds the valid ones and
+with the expected number of slots, at the context's parameters, level and scale), rejects
+and logs the rest (counted in `num_rejected`; the round goes on with the others), adds the valid ones and
 sends the encrypted sum as the next global model. The clients decrypt it and divide by the
 summed count: FedAvg weighted by examples, which no step on the server sees in the clear.
 

@@ -5,10 +5,12 @@ The simulation test (real Flower simulation engine) is `tests/test_homomorphic_s
 
 from __future__ import annotations
 
+import re
 import stat
 
 import numpy as np
 import pytest
+from flwr.client import NumPyClient
 from flwr.common import ndarrays_to_parameters, parameters_to_ndarrays
 
 from fl_app.schema import ConfigError
@@ -222,3 +224,89 @@ def test_run_simulation_checks_the_users_key_pair_before_training(tmp_path, caps
     with pytest.raises(ConfigError, match="needs both"):  # the notebook entry point too
         run("mlp", x, y, num_clients=2, out_dir=str(tmp_path / "out"),
             homomorphic_encryption="ckks", he_public_context=str(tmp_path / "a.pub"))
+
+
+def _chunks(vectors) -> list[np.ndarray]:
+    """TenSEAL vectors serialized as a reply's uint8 chunks."""
+    return [np.frombuffer(v.serialize(), dtype=np.uint8) for v in vectors]
+
+
+def _deviating_replies(secret_path, weights) -> dict[str, list[np.ndarray]]:
+    """Replies a deviating client could send, each well-formed in size (one ciphertext per
+    chunk with the right number of slots) but not addable to honest ones."""
+    import tenseal as ts
+
+    size = sum(w.size for w in weights) + 1
+    other_scale = ckks.load_secret_context(secret_path)  # the shared key, scale 2^30
+    other_scale.global_scale = 2.0 ** 30
+    lower = ckks.load_secret_context(secret_path)  # a rescaled ciphertext: one level lower
+    lowered = [ts.ckks_vector_from(lower, c.tobytes()) * np.ones(s).tolist()
+               for c, s in zip(ckks.encrypt_update(lower, weights, 7), ckks.chunk_sizes(size - 1))]
+    product = ckks.load_secret_context(secret_path)  # 2^20·2^20 = 2^40, three polynomials
+    product.global_scale, product.auto_relin, product.auto_rescale = 2.0 ** 20, False, False
+    squared = [ts.ckks_vector_from(product, c.tobytes()) ** 2
+               for c in ckks.encrypt_update(product, weights, 7)]
+    bigger = ts.context(ts.SCHEME_TYPE.CKKS, 16384, coeff_mod_bit_sizes=[60, 40, 40, 60])
+    bigger.global_scale = 2.0 ** 40
+    return {"scale-2^30": ckks.encrypt_update(other_scale, weights, 7),
+            "lower-level": _chunks(lowered),
+            "unrelinearized": _chunks(squared),
+            "other-context": ckks.encrypt_update(bigger, weights, 7)}
+
+
+def test_a_reply_at_another_scale_or_with_other_parameters_is_rejected_and_the_round_goes_on(
+        keys, caplog):
+    strategy = _wrapper(keys)
+    client = ckks.load_secret_context(keys[1])
+    rng = np.random.default_rng(5)
+    honest = [(random_model(rng, SHAPES), n) for n in (12, 36)]
+    good = [(IdleProxy(f"c{i}"), fit_res(ckks.encrypt_update(client, w, n), 1))
+            for i, (w, n) in enumerate(honest)]
+    deviating = _deviating_replies(keys[1], honest[0][0])
+    bad = [(IdleProxy(name), fit_res(reply, 1)) for name, reply in deviating.items()]
+    with caplog.at_level("WARNING"):
+        parameters, metrics = strategy.aggregate_fit(3, bad[:2] + good + bad[2:], [])
+    assert metrics["num_rejected"] == len(bad)
+    for name, reason in [("scale-2^30", "at scale 2^30, expected 2^40"),
+                         ("lower-level", "other parameters or at another level (1 "),
+                         ("unrelinearized", "(3 polynomials, expected 2)"),
+                         ("other-context", "not a CKKS ciphertext of this context")]:
+        assert f"rejected the update of client {name}: chunk 0 " in caplog.text
+        assert reason in caplog.text, (name, caplog.text)
+    average = ckks.decrypt_average(client, parameters_to_ndarrays(parameters), honest[0][0])
+    want = [(12 * a.astype(np.float64) + 36 * b) / 48 for a, b in zip(*(w for w, _ in honest))]
+    assert _relative_error(average, want) <= RELATIVE_BOUND
+
+
+class _Weights(NumPyClient):
+    """A client that only knows its model's shapes (what HomomorphicClient decrypts into)."""
+
+    def __init__(self, weights) -> None:
+        self.weights = weights
+
+    def get_parameters(self, config):
+        """The local model's weights (their shapes and dtypes)."""
+        return self.weights
+
+
+@pytest.mark.parametrize("count", [-25.137, 0.0371])
+def test_a_bad_encrypted_count_is_refused_without_quoting_a_decrypted_value(keys, count):
+    """An active server can encrypt anything under the public context and send it as the
+    aggregate (e.g. one client's reply): the client's error reply must not decrypt it back."""
+    import tenseal as ts
+
+    from fl_app.client.homomorphic import HomomorphicClient
+
+    weights = [np.array([[3.25, -11.5], [0.875, 42.0]], np.float32)]
+    server = ckks.load_public_context(keys[0])
+    payload = [np.frombuffer(ts.ckks_vector(server, [3.25, -11.5, 0.875, 42.0, count])
+                             .serialize(), dtype=np.uint8)]
+    client = HomomorphicClient(_Weights(weights), ckks.load_secret_context(keys[1]))
+    for call in (client.fit, client.evaluate):
+        with pytest.raises(ValueError) as err:
+            call(payload, {KEY_HE_ENCRYPTED: True})
+        numbers = [float(n) for n in re.findall(r"-?\d+(?:\.\d+)?(?:e-?\d+)?", str(err.value))]
+        assert not [n for n in numbers if n != 0 and np.isclose(
+            [count, abs(count), 3.25, -11.5, 0.875, 42.0], n, rtol=1e-2).any()], (
+            str(err.value))
+        assert "example count is not a positive count" in str(err.value)
