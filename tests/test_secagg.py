@@ -161,8 +161,8 @@ def test_a_distributed_dp_client_clips_noises_and_reports_only_one_example():
     cfg = make_config()
     start = [w.copy() for w in trainer_for(cfg, data_source(cfg).spec).get_weights()]
     node = {"partition-id": 1, "num-partitions": 10}
-    client = client_with(cfg, node, load_client(cfg, node))  # the KerasClient (the secure mod
-    # also strips what wrappers such as TimedClient add)
+    client = client_with(cfg, node, load_client(cfg, node))  # the KerasClient (the ClientApp's
+    # private_replies_mod strips every fit metric of a protected run, timing included)
     config = {**round_config(cfg, 1), KEY_CLIPPING_NORM: 0.5}
     clipped, n, metrics = client.fit(start, config)
     assert n > 1 and metrics and l2_norm(model_update(clipped, start)) <= 0.5 + 1e-4
