@@ -28,6 +28,7 @@ reply's metrics and refuses evaluation, and `withhold_weights_mod` refuses `get_
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
+from typing import NoReturn
 
 import numpy as np
 from flwr.app import ConfigRecord, Context, Message, MetricRecord
@@ -94,7 +95,7 @@ def _as_update(call_next: ClientAppCallable) -> ClientAppCallable:
     return fit
 
 
-def _refuse(why: str) -> None:
+def _refuse(why: str) -> NoReturn:
     raise ValueError(f"refusing this SecAgg+ request: {why}")
 
 
