@@ -320,7 +320,7 @@ def _message(message_type: str, cfg) -> Message:
 
 @pytest.mark.parametrize("protection", [dict(secure_aggregation="secagg+"),
                                         dict(homomorphic_encryption="ckks")])
-def test_a_protected_runs_client_sends_no_fit_metrics_and_refuses_evaluation(protection):
+def test_a_protected_runs_client_refuses_evaluation(protection):
     plain = make_config(examples_cap_factor=0.0)
     cfg = make_config(examples_cap_factor=0.0, **protection)
     context = _contexts({})[NODES[0]]
