@@ -11,6 +11,7 @@ from flwr.common import NDArrays, Parameters, Scalar
 
 from fl_app.schema import ConfigError, RunConfig, Setting
 from strategies.metrics import weighted_metrics
+from strategies.secure import evaluate_fraction
 
 SETTINGS = [
     Setting("fraction-fit", float, 1.0, "Fraction of available clients sampled for training.",
@@ -55,7 +56,7 @@ class StrategyContext:
         cfg = self.cfg
         return dict(
             fraction_fit=cfg["fraction-fit"],
-            fraction_evaluate=cfg["fraction-evaluate"],
+            fraction_evaluate=evaluate_fraction(cfg),
             min_fit_clients=cfg["min-fit-clients"],
             min_evaluate_clients=cfg["min-evaluate-clients"],
             min_available_clients=cfg["min-available-clients"],

@@ -12,7 +12,9 @@ validation path.
 from __future__ import annotations
 
 from collections.abc import Callable
+from logging import INFO
 
+from flwr.common.logger import log
 from flwr.server.strategy import Strategy
 
 from fl_app.schema import ConfigCheck, Setting, module_checks
@@ -81,6 +83,10 @@ def build_strategy(ctx: StrategyContext) -> Strategy:
     rounds and checks the evaluation reports); it refuses compression."""
     cfg = ctx.cfg
     name = str(cfg["strategy"])
+    if secure.protected(cfg) and cfg["fraction-evaluate"] > 0:
+        log(INFO, "fraction-evaluate=%s is not used: a run with secure aggregation or "
+            "homomorphic encryption has no distributed evaluation (each client's loss and "
+            "validation-set size would reach the server in the clear)", cfg["fraction-evaluate"])
     if name in WRAPPERS:
         wrap = secure_wrapper(name, ctx) or WRAPPERS[name]
         strategy = wrap(STRATEGIES[str(cfg["dp-inner"])](ctx), ctx)

@@ -15,6 +15,14 @@ What still holds: the aggregate's array count, shapes, dtypes and finiteness are
 `ValidatedStrategy` as before; each honest client checks its own update (shapes, finite
 values) before masking it and clips it itself under `dp-client-fixed`; the server counts the
 clients whose masked vectors made it into the sum.
+
+A protected run (SecAgg+ or homomorphic encryption, `protected`) has no distributed
+evaluation: each client's evaluation reply (loss, validation-set size) would go to the server
+in the clear, so `evaluate_fraction` is 0 there and a `distributed_*` monitor is refused. A
+SecAgg+ round needs `secagg-min-clients` clients (the server does not start a smaller one,
+and each client refuses one) and a reconstruction threshold above half the shares (with half
+or fewer, a server that asks some clients for a client's mask seed and others for its mask
+key could rebuild both).
 """
 
 from __future__ import annotations
@@ -24,6 +32,9 @@ from collections.abc import Mapping
 from fl_app.schema import ConfigError, Scalar, Setting
 
 SECURE_MODES = ("none", "secagg+")
+MIN_CLIENTS = "secagg-min-clients"
+"""Run-config key: the fewest clients a SecAgg+ round may sum (server and clients refuse fewer)."""
+MIN_CLIENTS_DEFAULT = 5
 ROBUST_STRATEGIES = ("krum", "bulyan", "fedmedian", "fedtrimmedavg")
 """Registry names of aggregators that compare individual updates."""
 PER_CLIENT_WEIGHTING = ("fednova", "qfedavg")
@@ -43,8 +54,13 @@ SETTINGS = [
     Setting("secagg-reconstruction-threshold", float, 0.6,
             "SecAgg+: shares needed to rebuild a secret: a fraction of the shares if <= 1, "
             "else a count (< shares). Fewer colluding clients learn nothing; each client needs "
-            "this many neighbours alive for the round to finish.", "secure", low=0.0,
-            low_open=True),
+            "this many neighbours alive for the round to finish. Must be above half the shares "
+            "(> 0.5).", "secure", low=0.0, low_open=True),
+    Setting(MIN_CLIENTS, int, MIN_CLIENTS_DEFAULT,
+            "SecAgg+: the fewest clients a round may sum: the server does not start a round "
+            "with fewer sampled, and each client refuses a round (or an unmasking) with fewer "
+            "(a small sum says much about each update; lower it only for a toy cohort).",
+            "secure", low=2),
     Setting("secagg-clipping-range", float, 8.0,
             "SecAgg+: each coordinate of a client's weighted update (n/max-weight times "
             "w - w_global) is clamped to [-r, r] before quantization.", "secure", low=0.0,
@@ -85,9 +101,29 @@ def refuse_individual_checks(values: Mapping[str, Scalar], mode_key: str) -> Non
         "fedavg, fedadam, ...) or dp-client-fixed, and set those checks to 0")
 
 
+def protected(values: Mapping[str, Scalar]) -> bool:
+    """Whether the run protects each client's update (SecAgg+ or homomorphic encryption)."""
+    return values["secure-aggregation"] != "none" or values["homomorphic-encryption"] != "none"
+
+
+def evaluate_fraction(values: Mapping[str, Scalar]) -> float:
+    """The fraction of clients sampled for distributed evaluation: `fraction-evaluate`, or 0
+    in a protected run (a client's evaluation reply would be in the clear)."""
+    return 0.0 if protected(values) else float(values["fraction-evaluate"])
+
+
 def check_config(values: Mapping[str, Scalar]) -> None:
-    """Refuse SecAgg+ combined with anything that needs individual updates, and ranges
-    whose sum could overflow the protocol's 2^32 modulus."""
+    """Refuse a distributed monitor in a protected run; refuse SecAgg+ combined with
+    anything that needs individual updates, a threshold of half the shares or fewer, and
+    ranges whose sum could overflow the protocol's 2^32 modulus."""
+    if protected(values) and str(values["monitor"]).startswith("distributed_"):
+        mode = "secure-aggregation" if values["secure-aggregation"] != "none" \
+            else "homomorphic-encryption"
+        raise ConfigError(
+            f"run-config key 'monitor'={values['monitor']!r} cannot work with {mode}="
+            f"{values[mode]!r}: a protected run has no distributed evaluation (each client's "
+            "loss and validation-set size would reach the server in the clear); monitor a "
+            "centralized metric")
     refuse_individual_checks(values, "secure-aggregation")
     if values["secure-aggregation"] == "none":
         return
@@ -109,6 +145,12 @@ def check_config(values: Mapping[str, Scalar]) -> None:
         raise ConfigError(
             "run-config key 'secagg-reconstruction-threshold' must be a fraction (<= 1) when "
             "'secagg-num-shares' is a fraction: the share count is only known per round")
+    if threshold <= 0.5 or (shares > 1 and 2 * threshold <= shares):
+        raise ConfigError(
+            f"run-config key 'secagg-reconstruction-threshold' ({threshold:g}) must be above "
+            "half the shares: with half or fewer, a server that asks some clients for a "
+            "client's mask seed and the others for its mask key rebuilds both, and that "
+            "client's update")
 
 
 def share_count(value: float) -> int | float:

@@ -222,6 +222,7 @@ def test_secagg_rounds_on_real_supernodes_survive_a_dropout(cluster):
     run_config = cluster.local.run_config(
         cluster.out / "secagg", "num-server-rounds=2 fraction-evaluate=0.0 "
         "min-available-clients=4 secure-aggregation='secagg+' examples-cap-factor=0 "
+        "secagg-min-clients=3 secagg-reconstruction-threshold=0.75 "  # a toy cohort
         "verbose=true")  # Flower's workflow lines (quiet by default) show the protocol ran
     outcome = cluster.local.run_app(PROJECT_DIR, run_config, RUN_TIMEOUT)
     rounds = _rounds(outcome)

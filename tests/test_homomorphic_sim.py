@@ -87,11 +87,11 @@ def test_encrypted_aggregate_equals_the_plaintext_weighted_average(tmp_path, mon
         got = ckks.decrypt_average(key, parameters_to_ndarrays(encrypted), want)
         assert _relative_error(got, want) <= RELATIVE_BOUND
 
-    # No centralized evaluation; the clients evaluated the decrypted model as in plaintext.
+    # No evaluation during the run: the server holds only ciphertexts, and a client's
+    # evaluation reply (loss, validation-set size) would be in the clear, so none is asked.
     he_round, plain_round = he_history["rounds"][-1], plain_history["rounds"][-1]
-    assert "centralized" not in he_round
-    assert he_round["distributed"]["accuracy"] == pytest.approx(
-        plain_round["distributed"]["accuracy"], abs=0.01)
+    assert "centralized" not in he_round and "distributed" not in he_round
+    assert "distributed" in plain_round
     # A node decrypted the final aggregate into the run's model.
     assert (tmp_path / "he" / "out" / "final_model.keras").is_file()
     assert (tmp_path / "he" / "out" / "final_model.ckks.npz").is_file()

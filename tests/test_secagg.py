@@ -32,6 +32,7 @@ import run_simulation
 from fl_app.app.server_app import serve, server_components
 from fl_app.client.secure_mod import (
     checked_update,
+    min_clients_in,
     secure_aggregation_mod,
     withhold_weights_mod,
 )
@@ -47,6 +48,9 @@ from tests.conftest import make_config
 from tests.dp_rounds import client_manager, zeros
 
 SECURE = dict(secure_aggregation="secagg+", examples_cap_factor=0.0)
+TOY_COHORT = dict(secagg_min_clients=3, secagg_reconstruction_threshold=0.75)
+"""4 clients, 3 after a dropout: below the default minimum (5), and 0.6 of 4 shares (2) is
+not above half; the documented way to run such a toy cohort."""
 
 
 # ---- refusing what cannot work on an aggregate
@@ -157,8 +161,8 @@ def test_a_distributed_dp_client_clips_noises_and_reports_only_one_example():
     cfg = make_config()
     start = [w.copy() for w in trainer_for(cfg, data_source(cfg).spec).get_weights()]
     node = {"partition-id": 1, "num-partitions": 10}
-    client = client_with(cfg, node, load_client(cfg, node))  # the KerasClient (the secure mod
-    # also strips what wrappers such as TimedClient add)
+    client = client_with(cfg, node, load_client(cfg, node))  # the KerasClient (the ClientApp's
+    # private_replies_mod strips every fit metric of a protected run, timing included)
     config = {**round_config(cfg, 1), KEY_CLIPPING_NORM: 0.5}
     clipped, n, metrics = client.fit(start, config)
     assert n > 1 and metrics and l2_norm(model_update(clipped, start)) <= 0.5 + 1e-4
@@ -242,8 +246,8 @@ def test_a_halted_secagg_round_names_every_client_it_was_sent_to():
         legacy.strategy.configure_fit(1, server.parameters, legacy.client_manager)
 
     context = Context(run_id=1, node_id=0, node_config={}, state=RecordDict(), run_config={})
-    parameters, metrics, (results, failures) = SecAggPlusFit(halting, object(), context)(
-        server, 1)
+    parameters, metrics, (results, failures) = SecAggPlusFit(halting, object(), context,
+                                                             min_clients=4)(server, 1)
     assert parameters is None and metrics == {} and results == []
     assert sorted(f.cid for f in failures) == ["c0", "c1", "c2", "c3"]
     assert all("halted" in str(f) for f in failures)
@@ -304,7 +308,7 @@ def _simulate(tmp_path, secure: str) -> tuple[Recorder, dict]:
 
     cfg = make_config(num_server_rounds=2, fraction_evaluate=0.0, min_fit_clients=3,
                       min_available_clients=NUM_CLIENTS, secure_aggregation=secure,
-                      examples_cap_factor=0.0, out_dir=str(tmp_path))
+                      examples_cap_factor=0.0, out_dir=str(tmp_path), **TOY_COHORT)
     components = server_components(cfg)
     recorder = Recorder(components.server.strategy)
     components.server.strategy = recorder
@@ -317,7 +321,8 @@ def _simulate(tmp_path, secure: str) -> tuple[Recorder, dict]:
     client_app = ClientApp(
         client_fn=lambda context: KnownUpdateClient(
             int(context.node_config["partition-id"])).to_client(),
-        mods=[secure_aggregation_mod(lambda context: secure != "none")])
+        mods=[secure_aggregation_mod(lambda context: secure != "none",
+                                     lambda context: min_clients_in(cfg))])
     run_simulation(server_app=server_app, client_app=client_app, num_supernodes=NUM_CLIENTS,
                    backend_config={"client_resources": {"num_cpus": 1, "num_gpus": 0.0}})
     return recorder, json.loads((tmp_path / "history.json").read_text())
@@ -345,8 +350,9 @@ def test_secagg_round_is_the_weighted_average_and_survives_a_dropout(tmp_path):
         mean = [sum(n * u[i] for n, u in zip(counts, updates)) / sum(counts)
                 for i in range(len(sent))]
         received = recorder.received[server_round]
-        # the strategy never receives an individual update: every result is the aggregate
-        assert sorted(n for _, n in received) == sorted(counts)
+        # the strategy never receives an individual update: every result is the aggregate,
+        # and no client's example count (that is only inside the masked sum)
+        assert [n for _, n in received] == [1] * len(counts)
         aggregate = received[0][0]
         for arrays, _ in received:
             for a, b in zip(arrays, aggregate):
@@ -395,7 +401,7 @@ def test_the_app_trains_under_secagg_with_a_crashing_client(tmp_path):
         "--num-supernodes", "4", "--out", str(tmp_path), "--run-config",
         "num-server-rounds=2 local-epochs=1 min-fit-clients=3 min-available-clients=4 "
         "fraction-evaluate=0 secure-aggregation='secagg+' examples-cap-factor=0 "
-        "fault-raise-fraction=0.25"])
+        "fault-raise-fraction=0.25 secagg-min-clients=3 secagg-reconstruction-threshold=0.75"])
     assert code == 0
     history = json.loads((tmp_path / "history.json").read_text())
     assert [r["round"] for r in history["rounds"]] == [0, 1, 2]

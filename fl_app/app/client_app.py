@@ -8,7 +8,9 @@ any other node (simulation, `flwr run .`, a plain SuperNode) trains in this proc
 the ClientApp, by `CompressingClient` (`fl_app.client.compression`), which decodes a
 compressed broadcast and encodes the update, keeping its error-feedback residual in the
 node's `context.state`. Every ClientApp carries `secure_aggregation_mod` (SecAgg+, active
-only for the protocol's messages; see `fl_app.client.secure_mod`).
+only for the protocol's messages) and, for a protected run (SecAgg+ or homomorphic
+encryption), `withhold_weights_mod` and `private_replies_mod` (no weights, fit metrics or
+evaluation in the clear); see `fl_app.client.secure_mod`.
 """
 
 from __future__ import annotations
@@ -28,6 +30,8 @@ from fl_app.app.quiet import quiet_libraries  # noqa: E402
 from fl_app.app.worker_link import WorkerAddress, WorkerClient  # noqa: E402
 from fl_app.client.compression import CompressingClient  # noqa: E402
 from fl_app.client.secure_mod import (  # noqa: E402
+    min_clients_in,
+    private_replies_mod,
     secure_aggregation_mod,
     withhold_weights_mod,
 )
@@ -100,8 +104,12 @@ def make_client_app(fixed_config: RunConfig | None = None,
         return secure_required(context) or \
             run_config(context).get("homomorphic-encryption", "none") != "none"
 
-    return ClientApp(client_fn=client_fn, mods=[withhold_weights_mod(protected),
-                                                secure_aggregation_mod(secure_required)])
+    def min_clients(context: Context) -> int:
+        return min_clients_in(run_config(context))
+
+    return ClientApp(client_fn=client_fn, mods=[
+        withhold_weights_mod(protected), private_replies_mod(protected),
+        secure_aggregation_mod(secure_required, min_clients)])
 
 
 app = make_client_app()

@@ -18,6 +18,7 @@ from fl_app.schema import ConfigError, RunConfig, Scalar, Schema, Setting, modul
 from fl_app.server import settings as server_settings
 from strategies import registry
 from strategies.accounting import PrivacyAccountant
+from strategies.secure import evaluate_fraction
 
 RUN_SETTINGS = [
     Setting("seed", int, 42, "Seed for initial weights, partitioning, sampling and shuffling.",
@@ -26,7 +27,7 @@ RUN_SETTINGS = [
 
 
 def _check_evaluation_data(values: Mapping[str, Scalar]) -> None:
-    if values["validation-fraction"] == 0 and values["fraction-evaluate"] > 0:
+    if values["validation-fraction"] == 0 and evaluate_fraction(values) > 0:
         raise ConfigError(
             "run-config key 'validation-fraction' is 0, so clients keep no validation data, "
             f"but 'fraction-evaluate' is {values['fraction-evaluate']}: set "
@@ -63,7 +64,7 @@ def check_num_clients(cfg: Mapping[str, Scalar], num_clients: int) -> None:
     than δ.
     """
     keys = ["min-fit-clients", "min-available-clients",
-            *(["min-evaluate-clients"] if cfg["fraction-evaluate"] > 0 else [])]
+            *(["min-evaluate-clients"] if evaluate_fraction(cfg) > 0 else [])]
     too_many = [f"'{key}' ({cfg[key]})" for key in keys if cfg[key] > num_clients]
     if too_many:
         raise ConfigError(f"run-config key(s) {', '.join(too_many)} exceed the {num_clients} "

@@ -139,7 +139,8 @@ def serve(grid: Grid, context: Context, cfg: RunConfig,
     server = components.server
     if cfg["secure-aggregation"] == "secagg+" and isinstance(server, FederatedServer):
         # The workflow talks to the grid itself: poll it as promptly as the proxies do.
-        server.secure_fit = SecAggPlusFit(secagg_workflow(cfg), grid, context)
+        server.secure_fit = SecAggPlusFit(secagg_workflow(cfg), grid, context,
+                                          min_clients=int(cfg["secagg-min-clients"]))
     start_grid(grid=grid, server=server, config=components.config)
 
 

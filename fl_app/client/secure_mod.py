@@ -10,29 +10,58 @@ update in the clear. Evaluation messages always pass through.
 Inside the protocol the client masks its *update* w − w_global (not its weights: updates are
 small, so the clipping range can be tight and the quantization fine), after checking it has
 the global model's shapes and only finite values; a client that fails the check raises, and
-the round treats it as a dropout. Under distributed DP (`dp_noise_std` in the fit config) the
-reply carries no metrics at all, whatever the client reported. `secaggplus_mod` then scales the update by n/max-weight,
-quantizes it and adds the masks; the server unmasks only the sum.
+the round treats it as a dropout. `secaggplus_mod` then scales the update by n/max-weight,
+quantizes it and adds the masks; the server unmasks only the sum, whose quantized weight
+factor is the round's total example count. The reply's own example count, which Flower's
+protocol leaves in the clear, is replaced by 1.
+
+Before Flower's mod answers a stage, `check_secagg_request` refuses (an error reply, nothing
+of this node's secrets sent) what only a deviating or careless server asks: a cohort below
+`secagg-min-clients`, a reconstruction threshold of half the shares or fewer, and an unmask
+request that lists a node both alive and dropped, names a node this one holds no shares of,
+lists this node itself as dropped, or would unmask a sum of fewer than `secagg-min-clients`.
+
+In a protected run (SecAgg+ or homomorphic encryption) `private_replies_mod` strips every fit
+reply's metrics and refuses evaluation, and `withhold_weights_mod` refuses `get_parameters`.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
+from typing import NoReturn
 
 import numpy as np
-from flwr.app import Context, Message
+from flwr.app import ConfigRecord, Context, Message, MetricRecord
 from flwr.app.message_type import MessageType
 from flwr.client.mod import secaggplus_mod
+from flwr.client.mod.secure_aggregation.secaggplus_mod import SecAggPlusState, check_configs
 from flwr.clientapp.typing import ClientAppCallable, Mod
-from flwr.common import NDArrays, ndarrays_to_parameters, parameters_to_ndarrays
+from flwr.common import NDArrays, Scalar, ndarrays_to_parameters, parameters_to_ndarrays
 from flwr.common.constant import MessageTypeLegacy
-from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS
+from flwr.common.secure_aggregation.secaggplus_constants import (
+    RECORD_KEY_CONFIGS,
+    RECORD_KEY_STATE,
+    Key,
+    Stage,
+)
 from flwr.compat.common import recorddict_compat as compat
 
-from fl_app.wire import KEY_DP_NOISE_STD
+from strategies.secure import MIN_CLIENTS, MIN_CLIENTS_DEFAULT
 
 SecureRequired = Callable[[Context], bool]
 """Whether this node's run requires secure aggregation (then plaintext fit is refused)."""
+MinClients = Callable[[Context], int]
+"""The fewest clients this node's run lets a SecAgg+ round sum (`secagg-min-clients`)."""
+
+FIT_METRICS = "fitres.metrics"
+"""A fit reply's metrics record (Flower's compat layout: `fitres_to_recorddict`)."""
+FIT_COUNT = "fitres.num_examples"
+"""A fit reply's example-count record (Flower's compat layout)."""
+
+
+def min_clients_in(run_config: Mapping[str, Scalar]) -> int:
+    """`secagg-min-clients` from a run config (its default when absent)."""
+    return int(run_config.get(MIN_CLIENTS, MIN_CLIENTS_DEFAULT))
 
 
 def checked_update(weights: NDArrays, sent: NDArrays) -> NDArrays:
@@ -61,22 +90,92 @@ def _as_update(call_next: ClientAppCallable) -> ClientAppCallable:
         res = compat.recorddict_to_fitres(reply.content, keep_input=True)
         res.parameters = ndarrays_to_parameters(checked_update(
             parameters_to_ndarrays(res.parameters), parameters_to_ndarrays(ins.parameters)))
-        if KEY_DP_NOISE_STD in ins.config:  # distributed DP: only the masked update leaves
-            res.metrics = {}
         return Message(compat.fitres_to_recorddict(res, keep_input=False), reply_to=msg)
 
     return fit
 
 
-def secure_aggregation_mod(required: SecureRequired) -> Mod:
-    """A ClientApp mod: SecAgg+ fit messages through `secaggplus_mod` (masking the update),
-    plain fit messages refused when `required(context)`, everything else passed on."""
+def _refuse(why: str) -> NoReturn:
+    raise ValueError(f"refusing this SecAgg+ request: {why}")
+
+
+def _check_setup(configs: ConfigRecord, min_clients: int) -> None:
+    sampled, shares = int(configs[Key.SAMPLE_NUMBER]), int(configs[Key.SHARE_NUMBER])
+    threshold = int(configs[Key.THRESHOLD])
+    if sampled < min_clients:
+        _refuse(f"the round has {sampled} clients, fewer than {MIN_CLIENTS} ({min_clients})")
+    if 2 * threshold <= shares:
+        _refuse(f"a reconstruction threshold of {threshold} of {shares} shares is not above "
+                "half: a server could ask some clients for this node's mask seed and the "
+                "others for its mask key (raise secagg-reconstruction-threshold)")
+
+
+def _check_unmask(configs: ConfigRecord, state: SecAggPlusState, min_clients: int) -> None:
+    active = [int(nid) for nid in configs[Key.ACTIVE_NODE_ID_LIST]]
+    dead = [int(nid) for nid in configs[Key.DEAD_NODE_ID_LIST]]
+    held = set(state.rd_seed_share_dict)  # this node's own share and those it received
+    if len(set(active)) != len(active) or len(set(dead)) != len(dead):
+        _refuse("the unmask request lists a node twice")
+    if set(active) & set(dead):
+        _refuse(f"the unmask request lists node(s) {sorted(set(active) & set(dead))} both as "
+                "alive and as dropped out (their two masks' shares would reveal their update)")
+    if unknown := sorted((set(active) | set(dead)) - held):
+        _refuse(f"the unmask request names node(s) {unknown} this node holds no shares of")
+    if state.nid not in active:
+        _refuse("the unmask request does not list this node, which is answering it, as alive")
+    if len(active) < min_clients:
+        _refuse(f"the unmasked sum would have {len(active)} clients, fewer than {MIN_CLIENTS} "
+                f"({min_clients})")
+
+
+def check_secagg_request(configs: ConfigRecord, state: SecAggPlusState, min_clients: int
+                         ) -> None:
+    """Raise ValueError if answering this SecAgg+ stage request (`configs`, its stage under
+    `Key.STAGE`) could weaken this node's protection: a round (setup's sample count, or the
+    share-keys stage's peers, this node included) below `min_clients`, a threshold not above
+    half the shares, or an unmask request whose lists overlap, repeat a node, name a node
+    `state` (Flower's `SecAggPlusState` of this node) holds no shares of, leave this node
+    out of the alive list, or hold fewer than `min_clients` alive nodes. Flower's own type
+    checks (`check_configs`) run first."""
+    stage = configs.get(Key.STAGE)
+    if stage not in Stage.all():
+        return  # Flower's mod refuses it with its own error
+    check_configs(str(stage), ConfigRecord({k: v for k, v in configs.items() if k != Key.STAGE}))
+    if stage == Stage.SETUP:
+        _check_setup(configs, min_clients)
+    elif stage == Stage.SHARE_KEYS and len(configs) - 1 < min_clients:
+        _refuse(f"the round shares keys among {len(configs) - 1} clients, fewer than "
+                f"{MIN_CLIENTS} ({min_clients})")
+    elif stage == Stage.UNMASK:
+        _check_unmask(configs, state, min_clients)
+
+
+def _secagg_state(ctxt: Context) -> SecAggPlusState:
+    """This node's SecAgg+ state as `secaggplus_mod` keeps it in `ctxt.state` (empty if none)."""
+    record = ctxt.state.config_records.get(RECORD_KEY_STATE, ConfigRecord({}))
+    return SecAggPlusState(**record)
+
+
+def secure_aggregation_mod(required: SecureRequired,
+                           min_clients: MinClients = lambda ctxt: min_clients_in(
+                               ctxt.run_config)) -> Mod:
+    """A ClientApp mod: SecAgg+ fit messages checked (`check_secagg_request`, with
+    `min_clients(context)`) and then answered by `secaggplus_mod` (masking the update; the
+    masked reply's example count replaced by 1), plain fit messages refused when
+    `required(context)`, everything else passed on."""
 
     def mod(msg: Message, ctxt: Context, call_next: ClientAppCallable) -> Message:
         if msg.metadata.message_type != MessageType.TRAIN:
             return call_next(msg, ctxt)
         if RECORD_KEY_CONFIGS in msg.content.config_records:
-            return secaggplus_mod(msg, ctxt, _as_update(call_next))
+            configs = msg.content.config_records[RECORD_KEY_CONFIGS]
+            stage = configs.get(Key.STAGE)
+            check_secagg_request(configs, _secagg_state(ctxt), min_clients(ctxt))
+            reply = secaggplus_mod(msg, ctxt, _as_update(call_next))
+            if stage == Stage.COLLECT_MASKED_VECTORS and FIT_COUNT in reply.content.metric_records:
+                # the count is inside the masked sum; in the clear it would be per client
+                reply.content.metric_records[FIT_COUNT] = MetricRecord({"num_examples": 1})
+            return reply
         if required(ctxt):
             raise RuntimeError("secure-aggregation is on for this run, but the server sent a "
                                "plaintext fit round: refusing to send the update in the clear")
@@ -96,5 +195,27 @@ def withhold_weights_mod(protected: SecureRequired) -> Mod:
                                "homomorphic encryption): refusing to send this node's weights "
                                "in the clear")
         return call_next(msg, ctxt)
+
+    return mod
+
+
+def private_replies_mod(protected: SecureRequired) -> Mod:
+    """A ClientApp mod: when `protected(context)` (a SecAgg+ or homomorphic-encryption run),
+    strips every fit reply's metrics (data rows, local steps, data warnings, loss, timing:
+    per client and in the clear) and refuses evaluation (its loss and validation-set size
+    would be per client and in the clear); everything else, and plain runs, passed on."""
+
+    def mod(msg: Message, ctxt: Context, call_next: ClientAppCallable) -> Message:
+        if not protected(ctxt):
+            return call_next(msg, ctxt)
+        if msg.metadata.message_type == MessageType.EVALUATE:
+            raise RuntimeError("this run protects the clients' updates (secure aggregation or "
+                               "homomorphic encryption): refusing to send this node's "
+                               "evaluation (loss, validation-set size) in the clear")
+        reply = call_next(msg, ctxt)
+        if msg.metadata.message_type == MessageType.TRAIN and not reply.has_error() \
+                and FIT_METRICS in reply.content.config_records:
+            reply.content.config_records[FIT_METRICS] = ConfigRecord({})
+        return reply
 
     return mod

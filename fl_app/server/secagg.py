@@ -6,9 +6,14 @@ for one round of `FederatedServer`, so the app's stopping rules, records, checkp
 resume and DP accounting work unchanged around it: `FederatedServer.fit_round` hands the
 round to it and gets back what Flower's `Server.fit_round` returns.
 
+A round with fewer sampled clients than `secagg-min-clients` is not started (nothing is
+sent; the round halts with every sampled client named); the clients refuse such a round
+too, and any unmasking of a smaller sum (`fl_app.client.secure_mod`).
+
 What the strategy receives: the workflow unmasks only the sum of the clients' masked
-vectors and puts that one aggregate into every answering client's `FitRes` (whose
-`num_examples` and metrics the client sent in the clear). Clients send their *update*
+vectors and puts that one aggregate into every answering client's `FitRes`, whose
+`num_examples` is 1 and whose metrics are empty in a protected run (the clients' mods strip
+them; the round's total example count is only inside the masked sum). Clients send their *update*
 w − w_global scaled by n/max-weight (`fl_app.client.secure_mod`), so the aggregate is the
 example-weighted mean update; `AggregateOnly` adds the global model back and casts it to
 the model's dtypes, so the strategies see weights, as in a plaintext round.
@@ -89,18 +94,25 @@ class AggregateOnly(StrategyWrapper):
     would then have handed an individual update to the strategy).
     """
 
-    def __init__(self, inner: Strategy, errors: ReplyErrors) -> None:
+    def __init__(self, inner: Strategy, errors: ReplyErrors, min_clients: int) -> None:
         super().__init__(inner)
         self.errors = errors
+        self.min_clients = min_clients
+        self.refused = ""  # why the round was not started, if it was not
         self.sent: list[tuple[ClientProxy, Any]] = []
         self.outcome: FitOutcome | None = None
         self._reference: Parameters | None = None
 
     def configure_fit(self, server_round: int, parameters: Parameters,
                       client_manager: ClientManager) -> list[tuple[ClientProxy, Any]]:
-        """Delegate; remember the global model and the clients sent the round."""
+        """Delegate; remember the global model and the clients sampled. Fewer than
+        `min_clients` sampled: send nothing (the workflow then halts)."""
         self._reference = parameters
         self.sent = self.inner.configure_fit(server_round, parameters, client_manager)
+        if len(self.sent) < self.min_clients:
+            self.refused = (f"{len(self.sent)} clients sampled, fewer than secagg-min-clients "
+                            f"({self.min_clients}): not started, nothing sent")
+            return []
         return self.sent
 
     def aggregate_fit(self, server_round: int, results: list[tuple[ClientProxy, FitRes]],
@@ -131,20 +143,22 @@ class AggregateOnly(StrategyWrapper):
 class SecAggPlusFit:
     """Runs `FederatedServer`'s fit rounds through `workflow` (a `SecAggPlusWorkflow`)
     over `grid` (polled promptly, its traffic metered), with `context` the ServerApp's
-    context."""
+    context; a round with fewer than `min_clients` sampled is not started."""
 
-    def __init__(self, workflow: SecAggPlusWorkflow, grid: Grid, context: Context) -> None:
+    def __init__(self, workflow: SecAggPlusWorkflow, grid: Grid, context: Context,
+                 min_clients: int) -> None:
         self.workflow = workflow
         self.meter = MeteredGrid(grid)
         self.context = context
+        self.min_clients = min_clients
 
     def __call__(self, server: Server, server_round: int) -> FitOutcome:
         """One SecAgg+ fit round from `server`'s global model with `server`'s strategy
-        and clients. A round that halted (too few clients, or more dropped out than the
-        threshold allows) has no parameters and names every client it was sent to as a
-        failure. The round's bytes are the protocol's messages, counted at the Grid."""
+        and clients. A round that halted (too few clients sampled, or more dropped out or
+        refused than the threshold allows) has no parameters and names every client sampled
+        as a failure. The round's bytes are the protocol's messages, counted at the Grid."""
         errors = ReplyErrors(self.meter)  # a fresh note of error replies per round
-        strategy = AggregateOnly(server.strategy, errors)
+        strategy = AggregateOnly(server.strategy, errors, self.min_clients)
         ctx = self.context
         legacy = LegacyContext(
             Context(run_id=ctx.run_id, node_id=ctx.node_id, node_config=ctx.node_config,
@@ -161,8 +175,10 @@ class SecAggPlusFit:
             wire.counts = ByteCounts(**self.meter.counts.take())
         if strategy.outcome is not None:
             return strategy.outcome
-        log(WARNING, "round %s: the SecAgg+ round halted before an aggregate (too few "
-            "clients, or more dropped out than the reconstruction threshold allows)",
-            server_round)
-        return None, {}, ([], [errors.failure(proxy.cid, "the SecAgg+ round halted before an "
-                                              "aggregate") for proxy, _ in strategy.sent])
+        what = "the SecAgg+ round halted before an aggregate"
+        log(WARNING, "round %s: %s (%s)", server_round, what, strategy.refused or
+            "too few clients, or more dropped out or refused than the reconstruction "
+            "threshold allows")
+        if strategy.refused:
+            what += f" ({strategy.refused})"
+        return None, {}, ([], [errors.failure(proxy.cid, what) for proxy, _ in strategy.sent])
