@@ -25,6 +25,8 @@ KEY_NORM_BIT = "norm_bit"  # fit metrics: True when the client's update had to b
 KEY_STRAGGLER_EPOCHS = "straggler-epochs"  # fit config: a straggler's partial epochs (int)
 KEY_LOCAL_STEPS = "local_steps"  # fit metrics: local optimizer steps taken (FedNova's tau)
 DATA_QUALITY_PREFIX = "data_"  # fit metrics: the client's data-quality report (data_rows, ...)
+# The longest `data_warnings` string: clients truncate to it, the server drops a longer one.
+MAX_DATA_WARNINGS_CHARS = 200
 TIMING_PREFIX = "time_"  # fit metrics: seconds the message spent per phase (time_training, ...)
 KEY_COMPRESS_UP = "compress-up"  # fit config: the codec the client encodes its update with
 KEY_COMPRESS_TOP_K = "compress-top-k"  # fit config: the fraction of entries top-k keeps

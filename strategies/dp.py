@@ -90,9 +90,11 @@ CLIENT_CLIP_TOLERANCE = 1e-5  # relative: float32 rounding of a client-clipped u
 # What a round's record in history.json holds outside the guarantee, which covers the
 # released model and everything computed from it alone (centralized evaluation, the
 # final model): counts of sampled, answering, failed, rejected and capped clients, the failures,
-# distributed evaluation and the round's wall time.
+# distributed evaluation, the round's wall time and its bytes on the wire (they count the
+# replies). The clients' per-client reports (`fit.data_quality`, `fit.timing`) are not
+# recorded under DP at all (`fl_app.server.runner.FederatedServer`).
 NOT_COVERED = ("fit.num_sampled", "fit.num_clients", "fit.num_failures", "fit.failures",
-               "fit.num_rejected", "fit.num_capped", "distributed", "seconds")
+               "fit.num_rejected", "fit.num_capped", "distributed", "seconds", "bytes")
 
 
 SETTINGS = [
@@ -218,7 +220,6 @@ class DPFixedClipping(StrategyWrapper):
             log(WARNING, "dp-noise-seed=%s: the DP noise and client sample are reproducible "
                 "by anyone who knows the run config; use it for experiments, not privacy",
                 noise_seed)
-        self._client_manager: ClientManager | None = None
         self._plan: _RoundPlan | None = None
         if noise_multiplier == 0:
             log(WARNING, "noise-multiplier=0: updates are clipped but not noised; the run has "
@@ -256,16 +257,11 @@ class DPFixedClipping(StrategyWrapper):
         return bool(fit_res.metrics.get(KEY_NORM_BIT, norm > clip_norm))
 
     # ---- the Strategy contract
-    def initialize_parameters(self, client_manager: ClientManager) -> Parameters | None:
-        """Remember the client manager (for budget checks), then delegate."""
-        self._client_manager = client_manager
-        return self.inner.initialize_parameters(client_manager)
-
     def configure_fit(self, server_round: int, parameters: Parameters,
                       client_manager: ClientManager) -> list[tuple[ClientProxy, FitIns]]:
         """Let the inner strategy sample through our secret `DPSampling` view; fix m, C and
         the round's privacy event; send C to the clients for client-side clipping."""
-        self._client_manager, self._plan = client_manager, None
+        self._plan = None
         poisson = self.accountant.sampling == "poisson"
         sampler = DPSampling(client_manager, self._sample_rng(),
                              self.accountant.poisson_rate if poisson else None)
@@ -382,10 +378,10 @@ class DPFixedClipping(StrategyWrapper):
         self.accountant.fix_delta(event.population)
         return not self.max_epsilon or self.accountant.epsilon(event) <= self.max_epsilon
 
-    def budget_allows(self, server_round: int) -> bool:
-        """False if the next round (at the current number of clients) would exceed the
-        budget; True if there is no budget or no client is known yet."""
-        population = self._client_manager.num_available() if self._client_manager else 0
+    def budget_allows(self, server_round: int, client_manager: ClientManager) -> bool:
+        """False if the next round (at the number of clients `client_manager` has now)
+        would exceed the budget; True if there is no budget or no client is known yet."""
+        population = client_manager.num_available()
         if not self.max_epsilon or population == 0:
             return True
         m = min(population, sample_size(population, self.fraction_fit, self.min_fit_clients))

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from typing import Any, Protocol, TypeVar, runtime_checkable
 
+from flwr.server.client_manager import ClientManager
 from flwr.server.strategy import Strategy
 
 StrategyState = dict[str, Any]
@@ -24,8 +25,9 @@ class PrivacyAccounting(Protocol):
         """ε, δ and what they cover over the rounds released so far (None while there is
         nothing to report)."""
 
-    def budget_allows(self, server_round: int) -> bool:
-        """False if the next round would exceed the privacy budget."""
+    def budget_allows(self, server_round: int, client_manager: ClientManager) -> bool:
+        """False if the next round, among `client_manager`'s clients, would exceed the
+        privacy budget."""
 
     def ledger(self) -> dict[str, Any]:
         """Every round charged so far: persisted before anything of a round is released."""

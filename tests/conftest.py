@@ -2,11 +2,23 @@
 
 from __future__ import annotations
 
+import atexit
 import os
+import shutil
+import tempfile
 
 import pytest
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+# Every Ray the tests start (Flower's `run_simulation` called directly, the simulation
+# runtime of `flwr run`, subprocesses) is private, as run_simulation.py makes its own
+# (`fl_app.cli.simulate.simulation_ray`): its nodes stay on 127.0.0.1, and its temporary
+# folder lies in a fresh 0700 folder, short (Ray's socket paths must stay under 108 bytes).
+# tests/test_simulation_ray.py checks run_simulation.py's own without these variables.
+RAY_TEST_DIR = tempfile.mkdtemp(prefix="fl-ray-tests-", dir="/tmp")
+atexit.register(shutil.rmtree, RAY_TEST_DIR, ignore_errors=True)
+os.environ.setdefault("RAY_TMPDIR", RAY_TEST_DIR)
+os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 
 from fl_app.app.config import resolve
 from fl_app.schema import RunConfig  # noqa: E402

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
-from flwr.common import Code, FitRes, Status, ndarrays_to_parameters
+from flwr.common import Code, FitRes, Status, ndarrays_to_parameters, parameters_to_ndarrays
 from flwr.server.client_proxy import ClientProxy
 
 
@@ -24,6 +24,26 @@ class IdleProxy(ClientProxy):
 
     def reconnect(self, ins, timeout, group_id):
         raise NotImplementedError
+
+
+class AnsweringProxy(IdleProxy):
+    """A client that answers every fit with the model it was sent (and `metrics`)."""
+
+    def __init__(self, cid: str, metrics: dict | None = None) -> None:
+        super().__init__(cid)
+        self.metrics = metrics or {}
+        self.fits = 0
+
+    def fit(self, ins, timeout, group_id):
+        self.fits += 1
+        return fit_res(parameters_to_ndarrays(ins.parameters), 5, dict(self.metrics))
+
+
+class FailingProxy(IdleProxy):
+    """A client whose every fit fails."""
+
+    def fit(self, ins, timeout, group_id):
+        raise RuntimeError(f"client {self.cid} is down")
 
 
 def fit_res(arrays: list[np.ndarray], num_examples: int, metrics: dict | None = None) -> FitRes:

@@ -126,10 +126,10 @@ def test_budget_refuses_the_round_that_would_exceed_it():
     strategy.initialize_parameters(manager)
     base = zeros()
     for r in (1, 2):
-        assert strategy.budget_allows(r)
+        assert strategy.budget_allows(r, manager)
         new, _, _ = play_round(strategy, manager, r, base, lambda p, i: (base, 1, {}))
         assert new is not None
-    assert not strategy.budget_allows(3)
+    assert not strategy.budget_allows(3, manager)
     # configure_fit enforces it too (e.g. under Flower's plain server loop)
     assert strategy.configure_fit(3, ndarrays_to_parameters(base), manager) == []
     assert strategy.privacy_report(3)["epsilon"] == pytest.approx(eps[1], rel=1e-6)
@@ -139,7 +139,7 @@ def test_no_noise_means_no_privacy_report_and_no_budget():
     strategy = dp_strategy(noise_multiplier=0.0, max_epsilon=100.0)
     manager = client_manager(4)
     strategy.initialize_parameters(manager)
-    assert not strategy.budget_allows(1)
+    assert not strategy.budget_allows(1, manager)
     assert strategy.privacy_report(1) is None
     accountant = PrivacyAccountant()
     accountant.fix_delta(4)

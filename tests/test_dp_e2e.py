@@ -50,6 +50,10 @@ def test_dp_run_records_privacy_per_round(tmp_path):
     assert all(r["privacy"]["delta"] == 1e-5 for r in rounds)
     assert all(r["fit"]["dp_clip_norm"] == 0.5 for r in rounds)
     assert (tmp_path / "privacy.png").is_file()
+    # The clients' per-client reports (rows, class warnings, timings) are not released.
+    assert not any("data_quality" in r["fit"] or "timing" in r["fit"] for r in rounds)
+    assert "bytes" in rounds[-1]["privacy"]["not_covered"]
+    assert "timing" not in (tmp_path / "history.csv").read_text().splitlines()[0]
 
 
 def test_client_side_adaptive_run_stops_before_exceeding_the_budget(tmp_path):

@@ -37,7 +37,9 @@ pytestmark = pytest.mark.slow  # runs Flower simulations or real processes
 ROOT = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
 HOST = "127.0.0.1"
-ENV = {"RAY_USAGE_STATS_ENABLED": "0"}
+# A real cluster: Ray may advertise the machine's address (tests/conftest.py keeps every
+# other test's Ray on 127.0.0.1, which would refuse the second node).
+ENV = {"RAY_USAGE_STATS_ENABLED": "0", "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "1"}
 STARTED = "Ray runtime started."
 
 

@@ -30,7 +30,7 @@ from strategies.context import StrategyContext
 from strategies.registry import build_strategy, strategy_names
 from strategies.state import StrategyStateError, set_strategy_state
 from tests.conftest import make_config
-from tests.flower_objects import IdleProxy, fit_res, random_model
+from tests.flower_objects import AnsweringProxy, IdleProxy, fit_res, random_model
 
 STATEFUL = ["fedadam", "fedyogi", "fedadagrad", "fedavgm",
             *[name for name in ("dp-fixed", "dp-adaptive") if name in strategy_names()]]
@@ -289,7 +289,7 @@ class _ChargingFedAvg(WeightedFedAvg):
     def privacy_report(self, server_round):
         return {"epsilon": float(self.charged), "delta": 1e-5}
 
-    def budget_allows(self, server_round):
+    def budget_allows(self, server_round, client_manager):
         return True
 
     def ledger(self):
@@ -297,11 +297,6 @@ class _ChargingFedAvg(WeightedFedAvg):
 
     def restore_ledger(self, ledger):
         self.charged = max(self.charged, len(ledger["rounds"]))
-
-
-class _Answering(IdleProxy):
-    def fit(self, ins, timeout, group_id):
-        return fit_res(parameters_to_ndarrays(ins.parameters), 5)
 
 
 def test_the_privacy_ledger_is_saved_before_anything_of_the_round_is_released():
@@ -323,7 +318,7 @@ def test_the_privacy_ledger_is_saved_before_anything_of_the_round_is_released():
         on_finish=lambda reason, p: None,
         on_checkpoint=lambda r, p, state: events.append(f"checkpoint {r}"),
         on_charge=lambda ledger: events.append(f"ledger {len(ledger['rounds'])}"))
-    server.client_manager().register(_Answering("c0"))
+    server.client_manager().register(AnsweringProxy("c0"))
     server.fit(num_rounds=2, timeout=None)
     for t in (1, 2):
         charged = events.index(f"ledger {t}")

@@ -12,6 +12,11 @@ round, with the config saved in DIR's checkpoint (overrides may change only
 `max-epsilon`, `num-server-rounds` and `round-timeout`; `--out` writes the continuation
 to another folder).
 
+Without `--ray-address` the simulation starts its own Ray, private to this machine and
+account (`simulation_ray`): every Ray process listens on 127.0.0.1 only, no dashboard, and
+Ray's temporary folder (sockets, logs with the clients' output) is a fresh 0700 folder,
+removed after the run. `--ray-address` joins an existing cluster as it is configured.
+
 The console shows one progress display (a bar on a terminal, a line per round elsewhere)
 and a summary table; `--verbose` (or `verbose=true`) brings back TensorFlow's, Ray's and
 Flower's own logs.
@@ -32,7 +37,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -105,7 +110,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--num-gpus-per-client", type=float, default=0.0,
                         help="GPUs reserved per simulated client (default: 0)")
     parser.add_argument("--ray-address", default=None,
-                        help="address of an existing Ray cluster to run the clients on")
+                        help="address of an existing Ray cluster to run the clients on (its "
+                             "own settings apply: who can reach it is its operator's choice); "
+                             "without it the run starts a private Ray on 127.0.0.1")
     parser.add_argument("--check", action="store_true",
                         help="check the config, model and data, train nothing: one `error:` "
                              "line (exit 2) or `ok` (e.g. to see which key `flwr run` "
@@ -193,25 +200,86 @@ def encryption_keys(cfg: RunConfig, key_file: str | None) -> Iterator[tuple[RunC
         yield cfg.replace(he_public_context=str(public)), str(secret)
 
 
+LOOPBACK = "127.0.0.1"
+# Ray's switch for a loopback-only node (on Linux it otherwise turns a loopback
+# `_node_ip_address` into the machine's address, and its servers listen on every interface).
+RAY_CLUSTER_ENV = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
+# The longest parent folder for Ray's private temp folder: Ray's Unix sockets lie about 85
+# characters below it (`fl-ray-XXXXXXXX/ray/session_<date>_<pid>/sockets/plasma_store`),
+# and a socket's path must stay under 108 bytes.
+MAX_TEMP_PARENT = 20
+
+
+def ray_runtime_env(preload_tenseal: bool) -> dict[str, Any]:
+    """The Ray workers' runtime env: this process's import path (as Flower's own start gives
+    them) and, for homomorphic encryption, TenSEAL loaded before Flower's Ray actor imports
+    TensorFlow (see `fl_app/__init__.py`)."""
+    path = os.pathsep.join([*sys.path, *filter(None, [os.environ.get("PYTHONPATH")])])
+    env: dict[str, Any] = {"env_vars": {"PYTHONPATH": path}}
+    if preload_tenseal:
+        env["worker_process_setup_hook"] = "fl_app.preload_tenseal"
+    return env
+
+
 @contextmanager
-def tenseal_first_ray(args: argparse.Namespace, verbose: bool) -> Iterator[None]:
-    """Ray started (and stopped afterwards) so that every worker loads TenSEAL before
-    Flower's Ray actor imports TensorFlow (see `fl_app/__init__.py`); Flower then uses it
-    as it is (and shuts it down). Workers get this process's import path, as Flower's own
-    start gives them."""
+def loopback_only_ray() -> Iterator[None]:
+    """Ray told to keep a node on 127.0.0.1 (`RAY_CLUSTER_ENV`=0, in this process, read by
+    Ray when it resolves the node's address, and in the environment its processes inherit);
+    both restored afterwards."""
+    from ray._private import ray_constants
+
+    saved_env, saved = os.environ.get(RAY_CLUSTER_ENV), ray_constants.ENABLE_RAY_CLUSTER
+    os.environ[RAY_CLUSTER_ENV], ray_constants.ENABLE_RAY_CLUSTER = "0", False
+    try:
+        yield
+    finally:
+        ray_constants.ENABLE_RAY_CLUSTER = saved
+        if saved_env is None:
+            os.environ.pop(RAY_CLUSTER_ENV, None)
+        else:
+            os.environ[RAY_CLUSTER_ENV] = saved_env
+
+
+def ray_temp_parent() -> str:
+    """Where the private Ray folder goes: the system's temp folder when its path leaves room
+    for Ray's Unix sockets, else /tmp."""
+    parent = tempfile.gettempdir()
+    return parent if len(parent) <= MAX_TEMP_PARENT else "/tmp"
+
+
+@contextmanager
+def simulation_ray(args: argparse.Namespace, verbose: bool,
+                   preload_tenseal: bool = False) -> Iterator[None]:
+    """Ray, started here (and stopped afterwards) so that Flower's simulation uses it as it
+    is (`ray_runtime_env` for the workers).
+
+    With `--ray-address` it joins that cluster, as Flower would. Otherwise the Ray it starts
+    is this machine's and this account's alone: every Ray process listens on 127.0.0.1 only
+    (`loopback_only_ray`), there is no dashboard, and Ray's temporary folder (its sockets,
+    and logs holding the clients' output) lies in a fresh private folder (0700; Ray's
+    processes inherit umask 077, so their files are the account's alone; Ray makes its own
+    folders 0777 from every process, which the 0700 folder above them keeps closed), removed
+    when the run is over."""
     import ray
 
     if ray.is_initialized():  # a Ray of this process's: Flower will use it as it is
         yield
         return
-    path = os.pathsep.join([*sys.path, *filter(None, [os.environ.get("PYTHONPATH")])])
-    ray.init(**backend_config(args, verbose)["init_args"], include_dashboard=False,
-             runtime_env={"env_vars": {"PYTHONPATH": path},
-                          "worker_process_setup_hook": "fl_app.preload_tenseal"})
-    try:
+    init_args = {**backend_config(args, verbose)["init_args"], "include_dashboard": False,
+                 "runtime_env": ray_runtime_env(preload_tenseal)}
+    with ExitStack() as stack:
+        folder = None if args.ray_address else stack.enter_context(tempfile.TemporaryDirectory(
+            prefix="fl-ray-", dir=ray_temp_parent(), ignore_cleanup_errors=True))
+        if folder is not None:
+            stack.enter_context(loopback_only_ray())
+            init_args.update(_node_ip_address=LOOPBACK, _temp_dir=os.path.join(folder, "ray"))
+        umask = os.umask(0o077)  # Ray's processes, and so every file they write, inherit it
+        try:
+            ray.init(**init_args)
+        finally:
+            os.umask(umask)
+        stack.callback(ray.shutdown)
         yield
-    finally:
-        ray.shutdown()
 
 
 def simulate(cfg: RunConfig, args: argparse.Namespace, callbacks: Sequence[Callback] = (),
@@ -226,18 +294,20 @@ def simulate(cfg: RunConfig, args: argparse.Namespace, callbacks: Sequence[Callb
     from fl_app.app.server_app import make_server_app
 
     start = time.perf_counter()
-    backend = backend_config(args, bool(cfg["verbose"]))
+    verbose = bool(cfg["verbose"])
+    backend = backend_config(args, verbose)
     if cfg["homomorphic-encryption"] == "none":
-        run_simulation(server_app=make_server_app(cfg, callbacks, started_at),
-                       client_app=make_client_app(cfg), num_supernodes=args.num_supernodes,
-                       backend_config=backend)
+        with simulation_ray(args, verbose):
+            run_simulation(server_app=make_server_app(cfg, callbacks, started_at),
+                           client_app=make_client_app(cfg), num_supernodes=args.num_supernodes,
+                           backend_config=backend)
         return time.perf_counter() - start
     from fl_app.app.he_final import decrypt_final_model
     from fl_app.server.outputs import ENCRYPTED_MODEL_FILE, MODEL_FILE
     from strategies.ckks import KEY_FILE_NODE_CONFIG
 
     keys = encryption_keys(cfg, args.he_key_file)
-    with keys as (run_cfg, key_file), tenseal_first_ray(args, bool(cfg["verbose"])):
+    with keys as (run_cfg, key_file), simulation_ray(args, verbose, preload_tenseal=True):
         client_app = make_client_app(run_cfg, node_config={KEY_FILE_NODE_CONFIG: key_file})
         run_simulation(server_app=make_server_app(run_cfg, callbacks, started_at),
                        client_app=client_app, num_supernodes=args.num_supernodes,

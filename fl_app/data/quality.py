@@ -14,12 +14,13 @@ file) and on a file dataset's pool before it is split:
   are removed and counted per reason.
 * Warnings only: training data of a single class, and extreme imbalance (the majority
   class has more than `max-class-imbalance` times the examples of the minority class;
-  0 disables). Skewed, even one-class clients are what non-IID federated learning is
+  0 disables). A warning holds counts only, never a class label (it reaches the server). Skewed, even one-class clients are what non-IID federated learning is
   about (`partitioner='pathological'` with one class per client must keep working), so
   these never stop a run: they are logged and reported.
 
 The report reaches the server as fit metrics (`QualityReport.as_metrics`, keys starting
-with `fl_app.wire.DATA_QUALITY_PREFIX`); the server only records them.
+with `fl_app.wire.DATA_QUALITY_PREFIX`; the warnings as one string of at most
+`fl_app.wire.MAX_DATA_WARNINGS_CHARS` characters); the server only records them.
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ from flwr.common.logger import log
 
 from fl_app.data.types import DataError, DataSpec, as_split
 from fl_app.schema import Scalar
-from fl_app.wire import DATA_QUALITY_PREFIX
+from fl_app.wire import DATA_QUALITY_PREFIX, MAX_DATA_WARNINGS_CHARS
 
 POLICIES = ("error", "drop-rows")
 REASONS = ("nonfinite", "target")  # why a row is dropped: its features, its target
@@ -50,11 +51,14 @@ class QualityReport:
 
     def as_metrics(self) -> dict[str, Scalar]:
         """The report as Flower fit metrics: `data_rows`, `data_dropped_<reason>`,
-        `data_warnings` (a short string, empty when there are none)."""
+        `data_warnings` (empty when there are none; cut to `MAX_DATA_WARNINGS_CHARS`)."""
+        warnings = "; ".join(self.warnings)
+        if len(warnings) > MAX_DATA_WARNINGS_CHARS:
+            warnings = warnings[:MAX_DATA_WARNINGS_CHARS - 3] + "..."
         return {f"{DATA_QUALITY_PREFIX}rows": self.rows,
                 **{f"{DATA_QUALITY_PREFIX}dropped_{reason}": self.dropped.get(reason, 0)
                    for reason in REASONS},
-                f"{DATA_QUALITY_PREFIX}warnings": "; ".join(self.warnings)}
+                f"{DATA_QUALITY_PREFIX}warnings": warnings}
 
 
 def _fit_features(x: np.ndarray, n: int, spec: DataSpec, where: str) -> np.ndarray:
@@ -100,18 +104,17 @@ def _bad_targets(y: np.ndarray, spec: DataSpec) -> tuple[np.ndarray, str]:
 
 
 def _class_warnings(y: np.ndarray, spec: DataSpec, max_imbalance: float) -> tuple[str, ...]:
-    """Single-class and imbalance warnings for single-label class targets."""
+    """Single-class and imbalance warnings for single-label class targets: row counts
+    only, no class label (the server sees them)."""
     if spec.task not in ("multiclass", "binary"):
         return ()
     classes, counts = np.unique(y, return_counts=True)
     if len(classes) == 1:
-        return (f"single class ({int(classes[0])})",)
+        return ("single class",)
     ratio = counts.max() / counts.min()
     if max_imbalance > 0 and ratio > max_imbalance:
-        major, minor = int(classes[counts.argmax()]), int(classes[counts.argmin()])
-        warning = (f"class imbalance {ratio:.0f}:1 (class {major}: {counts.max()}, "
-                   f"class {minor}: {counts.min()})")
-        return (warning,)
+        return (f"class imbalance {ratio:.0f}:1 (largest class {counts.max()} rows, "
+                f"smallest {counts.min()})",)
     return ()
 
 

@@ -19,7 +19,7 @@ from fl_app.server.client_failures import describe_failure, last_line
 from fl_app.server.client_manager import SeededClientManager
 from fl_app.server.stopping import StoppingRules
 from fl_app.server.wire_bytes import WireMeter
-from fl_app.wire import DATA_QUALITY_PREFIX, TIMING_PREFIX
+from fl_app.wire import DATA_QUALITY_PREFIX, MAX_DATA_WARNINGS_CHARS, TIMING_PREFIX
 from strategies.protocols import PrivacyAccounting, find_layer
 from strategies.state import set_strategy_state, strategy_state
 
@@ -49,17 +49,35 @@ def timing(results: list[tuple[ClientProxy, FitRes]]) -> dict[str, float]:
     return {phase: sum(values) / len(values) for phase, values in phases.items()}
 
 
+def _checked_report_value(cid: str, key: str, value: Scalar) -> bool:
+    """Whether a client's data-quality value has the form `QualityReport.as_metrics` gives
+    it (`warnings`: a string of at most `MAX_DATA_WARNINGS_CHARS`; the rest: counts); a
+    value that has not is logged by its type and size, never verbatim."""
+    if key == "warnings":
+        ok = isinstance(value, str) and len(value) <= MAX_DATA_WARNINGS_CHARS
+    else:
+        ok = isinstance(value, int) and not isinstance(value, bool) and value >= 0
+    if not ok:
+        size = f", {len(value)} characters" if isinstance(value, (str, bytes)) else ""
+        log(WARNING, "client %s: its data-quality value %r (%s%s) is not of the expected "
+            "form; dropped, not recorded", cid, DATA_QUALITY_PREFIX + key,
+            type(value).__name__, size)
+    return ok
+
+
 def data_quality(results: list[tuple[ClientProxy, FitRes]],
                  seen: set[str]) -> dict[str, dict[str, Scalar]]:
     """Each client's data-quality report (its `data_*` fit metrics, prefix removed), for
-    clients not in `seen`, which it updates. The counts are only recorded, never trusted."""
+    clients not in `seen`, which it updates. The counts are only recorded, never trusted;
+    a value not of the form clients send (see `_checked_report_value`) is dropped."""
     reports = {}
     for proxy, res in results:
         report = {k.removeprefix(DATA_QUALITY_PREFIX): v for k, v in res.metrics.items()
                   if k.startswith(DATA_QUALITY_PREFIX)}
         if report and proxy.cid not in seen:
             seen.add(proxy.cid)
-            reports[proxy.cid] = report
+            reports[proxy.cid] = {key: value for key, value in report.items()
+                                  if _checked_report_value(proxy.cid, key, value)}
     return reports
 
 
@@ -91,9 +109,14 @@ class FederatedServer(Server):
     message's records, counted at the Grid). The fit record holds
     `data_quality`, the data-quality report of each client that reports for the first time
     in this run (by client id: a client's data does not change, so once is enough; a
-    resumed run records its clients again). A
-    strategy with a `PrivacyAccounting` layer (strategies.protocols) adds its privacy report
-    to every record, and the run stops *before* a round its budget does not allow.
+    resumed run records its clients again) and `timing`, the clients' mean seconds per
+    phase. A strategy with a `PrivacyAccounting` layer (strategies.protocols, the DP
+    wrappers) adds its privacy report to every record, and the run stops *before* a round
+    its budget does not allow (checked before the first round of a resumed run too). Under
+    DP the fit record holds neither `data_quality` nor `timing` (per-client values the
+    guarantee does not cover), and a round that released a model is never idle for
+    `max-idle-rounds`, whatever its clients did (a stop that depended on which clients
+    failed would reveal it, un-noised).
 
     After every round (round 0 included) `on_checkpoint` gets the round, the global
     parameters and the server state (`server_state()`); with `resume` the run restores
@@ -164,7 +187,8 @@ class FederatedServer(Server):
     def _fit(self, server_round: int, timeout: float | None,
              history: History) -> tuple[dict[str, Any], int]:
         """Run the round's training; return its record and how many client updates made
-        it into a new global model (0 when the strategy kept the previous one)."""
+        it into a new global model (0 when the strategy kept the previous one; under DP 1
+        for every released model, see the class doc)."""
         res_fit = self.fit_round(server_round=server_round, timeout=timeout)
         if self.privacy is not None and self.on_charge is not None:
             self.on_charge(self.privacy.ledger())  # before anything of the round is released
@@ -182,18 +206,23 @@ class FederatedServer(Server):
         # Sampled = replied (num_clients, rejected ones included) + failed.
         record = {"num_rejected": 0, **metrics, "num_sampled": len(results) + len(failures),
                   "num_clients": len(results), "num_failures": len(failures)}
-        reports = data_quality(results, self._quality_seen)
-        if reports:
-            record["data_quality"] = reports
-        seconds = timing(results)
-        if seconds:
-            record["timing"] = seconds
+        if self.privacy is None:  # under DP, per-client reports are not released
+            reports = data_quality(results, self._quality_seen)
+            if reports:
+                record["data_quality"] = reports
+            seconds = timing(results)
+            if seconds:
+                record["timing"] = seconds
         if failures:
             record["failures"] = [describe_failure(f) for f in failures]
             for failure in record["failures"]:
                 log(WARNING, "round %s: client %s failed: %s", server_round,
                     failure["client"], last_line(failure["error"]))
-        return record, (record["num_clients"] - record["num_rejected"] if parameters else 0)
+        if not parameters:
+            return record, 0
+        if self.privacy is not None:  # a released DP round is progress, whoever answered
+            return record, 1
+        return record, record["num_clients"] - record["num_rejected"]
 
     def _evaluate_distributed(self, server_round: int, timeout: float | None,
                               history: History) -> dict[str, Any]:
@@ -229,7 +258,8 @@ class FederatedServer(Server):
         stopped = already_stopped or "num-server-rounds"
         rounds = range(first_round, num_rounds + 1) if already_stopped is None else range(0)
         for server_round in rounds:
-            if self.privacy is not None and not self.privacy.budget_allows(server_round):
+            if (self.privacy is not None
+                    and not self.privacy.budget_allows(server_round, self.client_manager())):
                 stopped = "privacy-budget"
                 break
             round_start = timeit.default_timer()
