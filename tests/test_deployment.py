@@ -52,7 +52,8 @@ def cluster(tmp_path_factory):
     stranger = _extra_node(dep, "stranger", dep.nodes[0].data)  # never registered
     supervisor = Supervisor(root / "logs", echo=print)
     with supervisor:
-        local = LocalDeployment(dep, supervisor, root / "state")
+        # the nodes accept the prepared model (mlp) and the second test run's (logreg) only
+        local = LocalDeployment(dep, supervisor, root / "state", run_configs=["model='logreg'"])
         local.start_superlink()
         for node in (*dep.nodes, corrupt):
             local.register(node)

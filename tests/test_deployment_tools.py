@@ -184,7 +184,8 @@ def test_printed_commands_parse_with_the_installed_flower(prepared):
         assert args.root_certificates == str(prepared.ca_cert) and not args.insecure
         worker_dir = prepared.root / "workers" / node.name
         assert parse_config_args([args.node_config]) == {
-            "data-path": str(node.data), "worker-socket": str(worker_dir / "sock"),
+            "data-path": str(node.data), "client-key": node.name, "allow-models": "mlp",
+            "allow-data": f"digits,{node.data}", "worker-socket": str(worker_dir / "sock"),
             "worker-authkey-file": str(worker_dir / "authkey")}
     workers = [line for line in lines if "fl_app.app.worker" in line]
     assert len(workers) == 3

@@ -7,8 +7,9 @@ any other node (simulation, `flwr run .`, a plain SuperNode) trains in this proc
 `fl_app.app.local_client.client_for` builds it. Either way the client is wrapped here, in
 the ClientApp, by `CompressingClient` (`fl_app.client.compression`), which decodes a
 compressed broadcast and encodes the update, keeping its error-feedback residual in the
-node's `context.state`. Every ClientApp carries `secure_aggregation_mod` (SecAgg+, active
-only for the protocol's messages; see `fl_app.client.secure_mod`).
+node's `context.state`. Every ClientApp carries `node_policy_mod` first (the node's own
+floor from its node config, `fl_app.client.node_policy`) and `secure_aggregation_mod` (SecAgg+,
+active only for the protocol's messages; see `fl_app.client.secure_mod`).
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from flwr.common import Context, Scalar  # noqa: E402
 from fl_app.app.quiet import quiet_libraries  # noqa: E402
 from fl_app.app.worker_link import WorkerAddress, WorkerClient  # noqa: E402
 from fl_app.client.compression import CompressingClient  # noqa: E402
+from fl_app.client.node_policy import node_policy_mod  # noqa: E402
 from fl_app.client.secure_mod import (  # noqa: E402
     secure_aggregation_mod,
     withhold_weights_mod,
@@ -67,8 +69,11 @@ def make_client_app(fixed_config: RunConfig | None = None,
     """
     extra = dict(node_config or {})
 
+    def node_config_of(context: Context) -> Mapping[str, Scalar]:
+        return {**context.node_config, **extra}
+
     def client_fn(context: Context) -> Client:
-        node = {**context.node_config, **extra}
+        node = node_config_of(context)
         address = WorkerAddress.from_node_config(node)
         if address is not None and fixed_config is None:
             client: NumPyClient = WorkerClient(address, context.run_config, node,
@@ -100,7 +105,8 @@ def make_client_app(fixed_config: RunConfig | None = None,
         return secure_required(context) or \
             run_config(context).get("homomorphic-encryption", "none") != "none"
 
-    return ClientApp(client_fn=client_fn, mods=[withhold_weights_mod(protected),
+    return ClientApp(client_fn=client_fn, mods=[node_policy_mod(run_config, node_config_of),
+                                                withhold_weights_mod(protected),
                                                 secure_aggregation_mod(secure_required)])
 
 
