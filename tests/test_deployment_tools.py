@@ -205,6 +205,27 @@ def test_config_string_carries_any_path_flower_can_parse():
         commands.config_string("a'b\"c")
 
 
+def test_prepared_nodes_accept_only_the_prepared_sources_and_the_launchs(prepared):
+    """A prepared node's node config refuses another model or dataset than the prepared ones
+    (`fl_app.client.node_policy`), unless the launcher names them; a listed path with a
+    comma cannot be written."""
+    from fl_app.client.node_policy import NodePolicy, NodePolicyError, check_sources
+    from tests.conftest import make_config
+
+    node = prepared.nodes[1]
+    policy = NodePolicy.from_node_config(
+        parse_config_args([commands.node_config(prepared, node, use_worker=False)]))
+    check_sources(policy, make_config(partitioner="dirichlet"))
+    check_sources(policy, make_config(dataset=str(node.data)))  # the node's own file
+    for key, value in (("model", "logreg"), ("dataset", str(prepared.nodes[0].data))):
+        with pytest.raises(NodePolicyError, match=f"{key}='{value}'"):
+            check_sources(policy, make_config(**{key: value}))
+    widened = parse_config_args([commands.node_config(prepared, node, True, ["model='cnn'"])])
+    assert widened["allow-models"] == "mlp,cnn"
+    with pytest.raises(DeploymentError, match="comma"):
+        commands.config_list(["/data/a,b.npz"])
+
+
 def test_a_project_with_legacy_federations_is_refused(tmp_path):
     (tmp_path / "pyproject.toml").write_text("[tool.flwr.federations]\ndefault = 'x'\n")
     with pytest.raises(DeploymentError, match="federations"):
