@@ -137,7 +137,8 @@ def test_require_he_needs_a_ckks_run_the_nodes_key_and_a_ciphertext_reply(identi
     ciphertexts = ckks.encrypt_update(context, WEIGHTS, 5)
     assert len(run(node, fit_message(), HE_RUN, ciphertexts)) == 1
     refused(node, fit_message(), r"requires he .* in the clear", run_config=PLAIN_RUN)
-    refused({"require-secure": "he"}, fit_message(), "in the clear", run_config=HE_RUN)  # no key
+    refused({"require-secure": "he"}, fit_message(), "without a key of this node",
+            run_config=HE_RUN)
     refused(node, fit_message(secagg=True), "under SecAgg", run_config=HE_RUN)
     # the run says ckks, but the reply that would leave is plaintext: it does not leave
     refused(node, fit_message(), "not CKKS ciphertexts under its key", run_config=HE_RUN)
@@ -173,7 +174,7 @@ def test_require_client_clip_refuses_an_unclipped_or_looser_fit(identity):
     assert len(run(node, other(MessageType.EVALUATE))) == 1
 
 
-def test_allowed_sources_compare_files_after_realpath(tmp_path):
+def test_allowed_sources_compare_files_after_realpath(tmp_path, monkeypatch):
     models = tmp_path / "models"
     (models / "sub").mkdir(parents=True)
     (models / "sub" / "m.keras").write_bytes(b"")
@@ -192,6 +193,9 @@ def test_allowed_sources_compare_files_after_realpath(tmp_path):
     assert not allowed(str(models / "link.keras"), entries, keras_file)  # symlink escapes
     assert allowed(str(outside), (str(models / "link.keras"),), keras_file)  # the same file
     assert not allowed(str(models / "sub"), entries, keras_file)  # no suffix: a name
+    monkeypatch.chdir(tmp_path)  # a name is never a folder, even where one has that name
+    assert not allowed("models/sub/m.keras", ("models",), keras_file)
+    assert allowed("models/sub/m.keras", ("./models",), keras_file)
     data = ("digits", str(tmp_path / "mine.npz"))
     assert allowed("digits", data, (".npz",)) and not allowed("hf:x/y", data, (".npz",))
     assert allowed(str(tmp_path / "." / "mine.npz"), data, (".npz",))

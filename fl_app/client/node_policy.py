@@ -134,12 +134,14 @@ def _real(path: str) -> Path:
 
 def allowed(value: str, entries: tuple[str, ...], file_suffixes: tuple[str, ...]) -> bool:
     """Whether `value` is one of `entries`: for a file (a name ending in `file_suffixes`) the
-    same file or one under an entry's folder after `realpath`, else the same string."""
+    same file or one under an entry's folder (an entry with a `/`) after `realpath`, else the
+    same string."""
     if not value.lower().endswith(file_suffixes):
         return value in entries
     real = _real(value)
-    return any(real == _real(entry) or (_real(entry).is_dir() and real.is_relative_to(
-        _real(entry))) for entry in entries)
+    paths = [_real(entry) for entry in entries  # names (mlp, digits) are never folders
+             if "/" in entry or entry.lower().endswith(file_suffixes)]
+    return any(real == path or (path.is_dir() and real.is_relative_to(path)) for path in paths)
 
 
 def check_sources(policy: NodePolicy, run_config: Mapping[str, Scalar],
@@ -161,6 +163,18 @@ def he_ready(run_config: Mapping[str, Scalar], node_config: Mapping[str, Scalar]
             and bool(node_config.get(ckks.KEY_FILE_NODE_CONFIG)))
 
 
+def _how(secagg: bool, run_config: Mapping[str, Scalar],
+         node_config: Mapping[str, Scalar]) -> str:
+    """How a fit message would send the node's update."""
+    if secagg:
+        return "under SecAgg+"
+    if he_ready(run_config, node_config):
+        return "under homomorphic encryption"
+    if run_config.get("homomorphic-encryption", "none") != "none":
+        return f"without a key of this node (node-config {ckks.KEY_FILE_NODE_CONFIG})"
+    return "in the clear"
+
+
 def check_fit(policy: NodePolicy, msg: Message, run_config: Mapping[str, Scalar],
               node_config: Mapping[str, Scalar], node: str = "this node") -> bool:
     """Refuse (`NodePolicyError`) a fit message (any TRAIN message) that the policy does not
@@ -172,11 +186,10 @@ def check_fit(policy: NodePolicy, msg: Message, run_config: Mapping[str, Scalar]
     if mode is not None and not (secagg and mode in ("secagg+", "any")):
         must_encrypt = not secagg and mode in ("he", "any") and he_ready(run_config, node_config)
         if not must_encrypt:
-            how = ("under SecAgg+" if secagg else "under homomorphic encryption"
-                   if he_ready(run_config, node_config) else "in the clear")
             raise NodePolicyError(f"{node} requires {mode} (node-config {KEY_REQUIRE_SECURE}), "
-                                  f"but this fit message would send its update {how}: "
-                                  "refused, nothing sent")
+                                  f"but this fit message would send its update "
+                                  f"{_how(secagg, run_config, node_config)}: refused, nothing "
+                                  "sent")
     bound = policy.require_client_clip
     if bound is not None and (FIT_CONFIG in records or not secagg):  # a message that trains
         norm = records[FIT_CONFIG].get(KEY_CLIPPING_NORM) if FIT_CONFIG in records else None
@@ -196,18 +209,17 @@ def check_encrypted_reply(reply: Message, node_config: Mapping[str, Scalar],
     import tenseal as ts
 
     context = ckks.load_secret_context(str(node_config[ckks.KEY_FILE_NODE_CONFIG]))
-    arrays = parameters_to_ndarrays(
-        compat.recorddict_to_fitres(reply.content, keep_input=True).parameters)
-    for array in arrays:
-        array = np.asarray(array)
-        try:
+    try:
+        arrays = parameters_to_ndarrays(
+            compat.recorddict_to_fitres(reply.content, keep_input=True).parameters)
+        for array in map(np.asarray, arrays):
             if array.dtype != np.uint8 or array.ndim != 1:
                 raise ValueError("not bytes")
             ts.ckks_vector_from(context, array.tobytes())
-        except Exception:  # TenSEAL raises bare exceptions on bytes that are not one
-            raise NodePolicyError(f"{node} requires its update encrypted (node-config "
-                                  f"{KEY_REQUIRE_SECURE}), but its fit reply is not CKKS "
-                                  "ciphertexts under its key: refused, nothing sent") from None
+    except Exception:  # TenSEAL raises bare exceptions on bytes that are not a ciphertext
+        raise NodePolicyError(f"{node} requires its update encrypted (node-config "
+                              f"{KEY_REQUIRE_SECURE}), but its fit reply is not CKKS "
+                              "ciphertexts under its key: refused, nothing sent") from None
 
 
 def public_client_key(node_config: Mapping[str, Scalar], source: str) -> str:
