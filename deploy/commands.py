@@ -10,6 +10,7 @@ clients' model updates) never go to disk.
 from __future__ import annotations
 
 import shlex
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -17,6 +18,7 @@ import tomli_w
 
 from deploy.files import PRIVATE_UMASK, private_dir, write_private
 from deploy.layout import CONNECTION, Deployment, DeploymentError, NodeFiles
+from fl_app.client.node_policy import KEY_ALLOW_DATA, KEY_ALLOW_MODELS, KEY_CLIENT_KEY
 
 TASK_POLL_INTERVAL = 0.1  # seconds between a SuperExec's looks for a message to run
 
@@ -79,7 +81,7 @@ def worker(dep: Deployment, node: NodeFiles, parent_pid: int | None = None,
 
 def supernode(dep: Deployment, node: NodeFiles, home: Path, superlink_address: str,
               runtime_port: int, private_key: str | None = None,
-              use_worker: bool = True) -> Command:
+              use_worker: bool = True, run_configs: Sequence[str] = ()) -> Command:
     """`flower-supernode` for `node`: verifies the SuperLink's TLS certificate, signs with
     its private key, and reads its own data file (node-config `data-path`).
 
@@ -91,7 +93,8 @@ def supernode(dep: Deployment, node: NodeFiles, home: Path, superlink_address: s
     (`worker-socket`, `worker-authkey-file`): its ClientApps forward each message there,
     starting the worker if it is not running. Its SuperExec looks for a new message to
     run every `TASK_POLL_INTERVAL` seconds (`FLWR_SUPEREXEC_TASK_POLL_INTERVAL`; Flower's
-    default, 1 s, is added to every message a node answers).
+    default, 1 s, is added to every message a node answers). Its node config lets it accept
+    only the prepared model and dataset, or those of `run_configs` (see `node_config`).
     """
     if private_key is None and node.key is None:
         raise DeploymentError(f"{node.name}'s private key is held by the node itself, not "
@@ -100,16 +103,29 @@ def supernode(dep: Deployment, node: NodeFiles, home: Path, superlink_address: s
             "--superlink", superlink_address,
             "--root-certificates", str(dep.ca_cert),
             "--auth-supernode-private-key", private_key or str(node.key),
-            "--node-config", node_config(dep, node, use_worker),
+            "--node-config", node_config(dep, node, use_worker, run_configs),
             "--host", "127.0.0.1", "--port", str(runtime_port)]
     return Command(argv, {"FLWR_HOME": str(home),
                           "FLWR_SUPEREXEC_TASK_POLL_INTERVAL": str(TASK_POLL_INTERVAL)})
 
 
-def node_config(dep: Deployment, node: NodeFiles, use_worker: bool = True) -> str:
-    """`node`'s `--node-config`: its data file, its worker's socket and key file, and (under
-    homomorphic encryption) its secret key file."""
-    pairs = [f"data-path={config_string(str(node.data))}"]
+def node_config(dep: Deployment, node: NodeFiles, use_worker: bool = True,
+                run_configs: Sequence[str] = ()) -> str:
+    """`node`'s `--node-config`: its data file; the name it gives the server (`client-key`:
+    the node's name, never its file's path); the only model and dataset sources it accepts
+    (`allow-models`, `allow-data`: the prepared run config's, with each of `run_configs` on
+    top of it, and its own data file; see `fl_app.client.node_policy`); its worker's socket
+    and key file; and (under homomorphic encryption) its secret key file."""
+    from fl_app.cli.simulate import load_run_config
+
+    configs = [load_run_config(" ".join(p for p in (dep.run_config, extra) if p) or None)
+               for extra in ("", *run_configs)]
+    models = [str(cfg["model"]) for cfg in configs]
+    data = [str(cfg["dataset"]) for cfg in configs] + [str(node.data)]
+    pairs = [f"data-path={config_string(str(node.data))}",
+             f"{KEY_CLIENT_KEY}={config_string(node.name)}",
+             f"{KEY_ALLOW_MODELS}={config_string(config_list(models))}",
+             f"{KEY_ALLOW_DATA}={config_string(config_list(data))}"]
     if dep.he_key_held_by is not None:  # made here, or on the node (`he_key_generate`)
         pairs.append(f"he-key-file={config_string(str(dep.he_key(node)))}")
     if use_worker:
@@ -186,6 +202,16 @@ def write_connection(cli_home: Path, address: str, ca_cert: Path) -> Path:
                             CONNECTION: {"address": address,
                                          "root-certificates": str(ca_cert)}}}
     return write_private(cli_home / "config.toml", tomli_w.dumps(config))
+
+
+def config_list(values: Sequence[str]) -> str:
+    """`values` as one comma-separated node-config list, each once, in order; a value with a
+    comma cannot be listed (`DeploymentError`)."""
+    for value in values:
+        if "," in value:
+            raise DeploymentError(f"{value!r} contains a comma: it cannot be listed in a "
+                                  f"node config's {KEY_ALLOW_MODELS}/{KEY_ALLOW_DATA}")
+    return ",".join(dict.fromkeys(values))
 
 
 def config_string(value: str) -> str:

@@ -34,7 +34,7 @@ import sys
 import tempfile
 import time
 import tomllib
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -171,13 +171,16 @@ class LocalDeployment:
 
     `state_dir` holds what only this launch needs: the CLI's connection (with the port
     picked now) and one FLWR_HOME per component, as if each ran on its own machine. With
-    `echo_components` off only the run's log is echoed (every log is still written).
+    `echo_components` off only the run's log is echoed (every log is still written). The
+    SuperNodes accept the prepared model and dataset and those of `run_configs` (the
+    overrides of the runs this launch will start; `deploy.commands.node_config`).
     """
 
     def __init__(self, dep: Deployment, supervisor: Supervisor, state_dir: Path,
                  echo_components: bool = True, workers: bool = True,
-                 project_dir: Path | None = None) -> None:
+                 project_dir: Path | None = None, run_configs: Sequence[str] = ()) -> None:
         self.dep = dep
+        self.run_configs = tuple(run_configs)
         self.workers = workers
         self.workers_started: dict[str, Managed] = {}
         self.project_dir = project_dir or Path(__file__).resolve().parents[1]
@@ -220,7 +223,8 @@ class LocalDeployment:
         """Start `node`'s SuperNode (and, with `workers` on, its worker next to it, which
         exits with it); a `required` one that exits fails the run."""
         cmd = commands.supernode(self.dep, node, self.homes / node.name, self.address,
-                                 free_port(), use_worker=self.workers)
+                                 free_port(), use_worker=self.workers,
+                                 run_configs=self.run_configs)
         managed = self.sup.start(node.name, cmd, echo=self.echo_components)
         if required:
             self.required[node.name] = managed
@@ -375,7 +379,8 @@ def launch(dep: Deployment, project_dir: Path, out_dir: Path, run_config: str = 
     with (tempfile.TemporaryDirectory(prefix="fl-deploy-") as state_dir,
           Supervisor(log_dir, echo=echo) as sup):
         local = LocalDeployment(dep, sup, Path(state_dir), echo_components=echo_nodes,
-                                workers=workers, project_dir=project_dir)
+                                workers=workers, project_dir=project_dir,
+                                run_configs=(run_config,))
         local.start_superlink()
         say(f"SuperLink on https://{local.address} (logs in {sup.log_dir})")
         for node in dep.nodes:

@@ -232,7 +232,9 @@ def instructions(dep: Deployment, project_dir: Path = PROJECT_DIR) -> str:
                    "file):")]
         lines += [f"#   {node.name}: {_fingerprint(node)}" for node in on_nodes]
     lines += [commands.register(dep, node, dep.cli_home).shell() for node in dep.nodes]
-    lines += ["", "# 3. One SuperNode per node (each with its own key and data file):"]
+    lines += ["", ("# 3. One SuperNode per node (each with its own key and data file; its "
+                   "node config accepts only the prepared model and dataset, allow-models and "
+                   "allow-data: a node's operator may widen or narrow them):")]
     if on_nodes:
         lines += [("# Each node runs its SuperNode on its own machine with the private key it "
                    "made itself, which never leaves that machine: pass its path to "

@@ -52,7 +52,8 @@ def cluster(tmp_path_factory):
     stranger = _extra_node(dep, "stranger", dep.nodes[0].data)  # never registered
     supervisor = Supervisor(root / "logs", echo=print)
     with supervisor:
-        local = LocalDeployment(dep, supervisor, root / "state")
+        # the nodes accept the prepared model (mlp) and the second test run's (logreg) only
+        local = LocalDeployment(dep, supervisor, root / "state", run_configs=["model='logreg'"])
         local.start_superlink()
         for node in (*dep.nodes, corrupt):
             local.register(node)
@@ -178,6 +179,21 @@ def _worker_pids(cluster, node) -> set[str]:
 
 def _log_count(cluster, node, what: str) -> int:
     return (cluster.dep.root / "workers" / node.name / "sock.log").read_text().count(what)
+
+
+def test_prepared_nodes_refuse_a_model_they_were_not_prepared_with(cluster):
+    """Node policy on real SuperNodes: nodes prepared with mlp (and told logreg) refuse a
+    run's `model='cnn'` before importing or building anything; the server logs each refusal
+    naming the node, and no worker was asked to build it."""
+    served = {node.name: _log_count(cluster, node, "served") for node in cluster.dep.nodes}
+    run_config = cluster.local.run_config(cluster.out / "cnn",
+                                          "num-server-rounds=1 fraction-evaluate=0.0 model='cnn'")
+    cluster.local.run_app(PROJECT_DIR, run_config, RUN_TIMEOUT)
+    run_log = (cluster.sup.log_dir / "run.log").read_text()
+    for node in cluster.dep.nodes:
+        node_id = cluster.local.node_ids[node.name]
+        assert f"node {node_id} refuses run-config model='cnn'" in run_log, run_log[-3000:]
+        assert _log_count(cluster, node, "served") == served[node.name]
 
 
 def test_fedbuff_runs_on_the_superlink(cluster):

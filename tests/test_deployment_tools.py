@@ -184,7 +184,8 @@ def test_printed_commands_parse_with_the_installed_flower(prepared):
         assert args.root_certificates == str(prepared.ca_cert) and not args.insecure
         worker_dir = prepared.root / "workers" / node.name
         assert parse_config_args([args.node_config]) == {
-            "data-path": str(node.data), "worker-socket": str(worker_dir / "sock"),
+            "data-path": str(node.data), "client-key": node.name, "allow-models": "mlp",
+            "allow-data": f"digits,{node.data}", "worker-socket": str(worker_dir / "sock"),
             "worker-authkey-file": str(worker_dir / "authkey")}
     workers = [line for line in lines if "fl_app.app.worker" in line]
     assert len(workers) == 3
@@ -202,6 +203,27 @@ def test_config_string_carries_any_path_flower_can_parse():
         assert parse_config_args([f"k={commands.config_string(value)}"]) == {"k": value}
     with pytest.raises(DeploymentError, match="quotes"):
         commands.config_string("a'b\"c")
+
+
+def test_prepared_nodes_accept_only_the_prepared_sources_and_the_launchs(prepared):
+    """A prepared node's node config refuses another model or dataset than the prepared ones
+    (`fl_app.client.node_policy`), unless the launcher names them; a listed path with a
+    comma cannot be written."""
+    from fl_app.client.node_policy import NodePolicy, NodePolicyError, check_sources
+    from tests.conftest import make_config
+
+    node = prepared.nodes[1]
+    policy = NodePolicy.from_node_config(
+        parse_config_args([commands.node_config(prepared, node, use_worker=False)]))
+    check_sources(policy, make_config(partitioner="dirichlet"))
+    check_sources(policy, make_config(dataset=str(node.data)))  # the node's own file
+    for key, value in (("model", "logreg"), ("dataset", str(prepared.nodes[0].data))):
+        with pytest.raises(NodePolicyError, match=f"{key}='{value}'"):
+            check_sources(policy, make_config(**{key: value}))
+    widened = parse_config_args([commands.node_config(prepared, node, True, ["model='cnn'"])])
+    assert widened["allow-models"] == "mlp,cnn"
+    with pytest.raises(DeploymentError, match="comma"):
+        commands.config_list(["/data/a,b.npz"])
 
 
 def test_a_project_with_legacy_federations_is_refused(tmp_path):

@@ -7,8 +7,9 @@ any other node (simulation, `flwr run .`, a plain SuperNode) trains in this proc
 `fl_app.app.local_client.client_for` builds it. Either way the client is wrapped here, in
 the ClientApp, by `CompressingClient` (`fl_app.client.compression`), which decodes a
 compressed broadcast and encodes the update, keeping its error-feedback residual in the
-node's `context.state`. Every ClientApp carries `secure_aggregation_mod` (SecAgg+, active
-only for the protocol's messages) and, for a protected run (SecAgg+ or homomorphic
+node's `context.state`. Every ClientApp carries `node_policy_mod` first (the node's own
+floor from its node config, `fl_app.client.node_policy`), `secure_aggregation_mod` (SecAgg+,
+active only for the protocol's messages) and, for a protected run (SecAgg+ or homomorphic
 encryption), `withhold_weights_mod` and `private_replies_mod` (no weights, fit metrics or
 evaluation in the clear); see `fl_app.client.secure_mod`.
 """
@@ -29,6 +30,7 @@ from flwr.common import Context, Scalar  # noqa: E402
 from fl_app.app.quiet import quiet_libraries  # noqa: E402
 from fl_app.app.worker_link import WorkerAddress, WorkerClient  # noqa: E402
 from fl_app.client.compression import CompressingClient  # noqa: E402
+from fl_app.client.node_policy import node_policy_mod  # noqa: E402
 from fl_app.client.secure_mod import (  # noqa: E402
     min_clients_in,
     private_replies_mod,
@@ -71,8 +73,11 @@ def make_client_app(fixed_config: RunConfig | None = None,
     """
     extra = dict(node_config or {})
 
+    def node_config_of(context: Context) -> Mapping[str, Scalar]:
+        return {**context.node_config, **extra}
+
     def client_fn(context: Context) -> Client:
-        node = {**context.node_config, **extra}
+        node = node_config_of(context)
         address = WorkerAddress.from_node_config(node)
         if address is not None and fixed_config is None:
             client: NumPyClient = WorkerClient(address, context.run_config, node,
@@ -108,6 +113,7 @@ def make_client_app(fixed_config: RunConfig | None = None,
         return min_clients_in(run_config(context))
 
     return ClientApp(client_fn=client_fn, mods=[
+        node_policy_mod(run_config, node_config_of),
         withhold_weights_mod(protected), private_replies_mod(protected),
         secure_aggregation_mod(secure_required, min_clients)])
 

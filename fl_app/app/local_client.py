@@ -15,6 +15,7 @@ from fl_app.client.faults import with_faults
 from fl_app.client.homomorphic import with_encryption
 from fl_app.client.keras_client import KerasClient
 from fl_app.client.local_work import work_for
+from fl_app.client.node_policy import NodePolicy, check_sources, public_client_key
 from fl_app.client.timing import TimedClient
 from fl_app.data.node_data import load_client
 from fl_app.data.sources import ClientData, data_spec
@@ -36,7 +37,8 @@ def client_with(cfg: RunConfig, node_config: Mapping[str, Scalar],
     key = int(node_config["partition-id"]) if "partition-id" in node_config else data.key
     work = work_for(cfg, node_config, key, f"node-config of {data.source}")
     client = with_faults(KerasClient(trainer, data, cfg, seed=int(cfg["seed"]), client_key=key,
-                                     work=work), cfg, node_config)
+                                     work=work, public_key=public_client_key(node_config, data.source)),
+                         cfg, node_config)
     return with_encryption(client, cfg, node_config)
 
 
@@ -44,7 +46,9 @@ def client_for(cfg: RunConfig, node_config: Mapping[str, Scalar],
                load: Callable[[], ClientData] | None = None) -> NumPyClient:
     """Build the client for one node: its data (`load()`; by default loaded from its
     partition or own file) and the shared trainer; its fit metrics say how long each took
-    (`fl_app.client.timing`)."""
+    (`fl_app.client.timing`). The node's `allow-models`/`allow-data` are checked first
+    (`fl_app.client.node_policy`): this is where a node's worker imports and reads them."""
+    check_sources(NodePolicy.from_node_config(node_config), cfg)
     start = time.perf_counter()
     data = load() if load is not None else load_client(cfg, node_config)
     loaded = time.perf_counter()

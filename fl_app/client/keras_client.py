@@ -39,24 +39,29 @@ class KerasClient(NumPyClient):
     clipped update, from OS entropy, and reports `num_examples=1` and no metrics at all: the
     DP sum weighs clients equally, and a curious server must learn nothing but the sum. Fit metrics carry
     the data's quality report (`data_rows`, `data_dropped_*`, `data_warnings`). `client_key` (the partition id in simulation,
-    a CRC of the data file's name in deployment) varies the shuffling between clients.
+    a CRC of the data file's name in deployment) varies the shuffling between clients; it
+    stays on the node. `public_key` is what `get_properties` tells the server
+    (`fl_app.client.node_policy.public_client_key`; empty: nothing).
     """
 
     def __init__(self, trainer: KerasTrainer, data: ClientData, defaults: Mapping[str, Scalar],
-                 seed: int = 0, client_key: int = 0, work: NodeWork = NodeWork()) -> None:
+                 seed: int = 0, client_key: int = 0, work: NodeWork = NodeWork(),
+                 public_key: str = "") -> None:
         self.trainer = trainer
         self.data = data
         self.defaults = dict(defaults)
         self.seed = seed
         self.client_key = client_key
         self.work = work
+        self.public_key = public_key
 
     def _setting(self, config: Mapping[str, Scalar], key: str) -> Scalar:
         return config.get(key, self.defaults[key])
 
     def get_properties(self, config: dict[str, Scalar]) -> dict[str, Scalar]:
-        """A key naming this client's data that stays the same across runs (for sampling)."""
-        return {CLIENT_KEY: self.data.source}
+        """The client's `public_key`, a name that stays the same across runs (the server
+        orders clients by it for seeded sampling); none when it has no such name."""
+        return {CLIENT_KEY: self.public_key} if self.public_key else {}
 
     def get_parameters(self, config: dict[str, Scalar]) -> NDArrays:
         """The model's current weights."""

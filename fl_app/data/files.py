@@ -25,17 +25,11 @@ from pathlib import Path
 import numpy as np
 from sklearn.utils.multiclass import type_of_target
 
-from fl_app.data.types import TASKS, DataError, DataSpec
+from fl_app.data.types import FILE_SUFFIXES, TASKS, DataError, DataSpec, is_data_file
 from fl_app.schema import did_you_mean
 
-FILE_SUFFIXES = (".npz", ".csv", ".parquet")
 AUTO = "auto"
 TASK_CHOICES = (AUTO, *TASKS)
-
-
-def is_data_file(value: object) -> bool:
-    """Whether a `dataset` value names a data file (by its suffix)."""
-    return str(value).lower().endswith(FILE_SUFFIXES)
 
 
 def _read_npz(path: Path, label_column: str) -> tuple[np.ndarray, np.ndarray]:

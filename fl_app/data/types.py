@@ -13,6 +13,12 @@ class DataError(ValueError):
 
 
 TASKS = ("multiclass", "binary", "multilabel", "regression")
+FILE_SUFFIXES = (".npz", ".csv", ".parquet")
+
+
+def is_data_file(value: object) -> bool:
+    """Whether a `dataset` value names a data file (by its suffix)."""
+    return str(value).lower().endswith(FILE_SUFFIXES)
 
 
 @dataclass(frozen=True)

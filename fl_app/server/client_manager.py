@@ -23,8 +23,9 @@ class SeededClientManager(SimpleClientManager):
     """Flower's client manager with reproducible sampling.
 
     Node ids are random in every run, so clients are ordered by a stable key each client
-    reports once through `get_properties` (`client-key`: its partition or data file),
-    and the seeded RNG samples positions in that order. When every client is sampled no
+    reports once through `get_properties` (`client-key`: its partition in simulation, or
+    the name its node config gives; a node that gives none sorts by its node id), and the
+    seeded RNG samples positions in that order. When every client is sampled no
     key is needed and none is asked for.
     """
 
