@@ -91,11 +91,10 @@ def incompatibilities(values: Mapping[str, Scalar]) -> list[str]:
     if compressed:
         problems.append(f"{' and '.join(compressed)} would encode ciphertexts (CKKS "
                         "already fixes their size)")
-    if not str(values["monitor"]).startswith("distributed_") and (
-            values["patience"] or values["target"]):
-        problems.append(f"monitor={values['monitor']!r} with patience/target watches a "
-                        "centralized metric, and the server cannot evaluate (use "
-                        "monitor='distributed_<name>')")
+    if values["patience"] or values["target"]:
+        problems.append("patience/target need a metric each round, and an encrypted run has "
+                        "none: the server cannot evaluate the model, and the clients send no "
+                        "evaluation in the clear")
     return problems
 
 
@@ -116,8 +115,9 @@ class HomomorphicAggregation(StrategyWrapper):
 
     Round 1 sends the plaintext initial model; every later round sends the encrypted
     aggregate, with `KEY_HE_ENCRYPTED` set in the fit and evaluate config so the clients
-    decrypt it first. Fit metrics (plaintext: loss, accuracy, data counts) are averaged
-    unweighted, since the example counts are encrypted.
+    decrypt it first. The clients send no fit metrics and answer no evaluation in an
+    encrypted run (`fl_app.client.secure_mod.private_replies_mod`); whatever metrics a reply
+    still carries are averaged unweighted, since the example counts are encrypted.
 
     Args:
         inner: the strategy that samples and configures the clients (its `aggregate_fit`

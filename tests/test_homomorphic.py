@@ -151,7 +151,7 @@ def test_configure_marks_only_the_encrypted_aggregate(keys):
     ({"max_examples": 500}, "max-examples"),
     ({"strategy": "fednova"}, "needs individual updates"),
     ({"resume_from": "outputs/x"}, "resume-from"),
-    ({"target": 0.9}, "centralized metric"),
+    ({"target": 0.9}, "an encrypted run has none"),
 ])
 def test_combinations_that_need_individual_updates_are_refused(overrides, problem):
     with pytest.raises(ConfigError, match=f"homomorphic-encryption='ckks' cannot run with.*"
