@@ -391,3 +391,16 @@ def test_a_symlinked_pid_or_log_file_is_refused(which):
     assert proc.returncode == 1 and "is a symlink" in stderr
     assert target.read_text() == "the user's file"
     assert not address.socket.exists()  # a worker that gave up removed its own socket
+
+
+def test_a_request_that_does_not_unpickle_fails_alone_and_is_logged(worker):
+    from fl_app.app.worker_link import read_authkey
+
+    address, _ = worker
+    with Client(str(address.socket), family="AF_UNIX",
+                authkey=read_authkey(address.authkey_file)) as conn:
+        conn.send_bytes(b"not a pickle")
+        with pytest.raises(EOFError):
+            conn.recv()
+    assert "a connection failed: UnpicklingError" in address.log_file.read_text()
+    assert WorkerClient(address, RAW, PARTITION, "node 7").get_properties({})

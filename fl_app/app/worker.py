@@ -199,6 +199,8 @@ class Worker:
                 return
             except OSError as err:  # the ClientApp went away mid-call
                 self.log(f"lost a connection: {err}")
+            except Exception as err:  # e.g. a request that does not unpickle: this one only
+                self.log(f"a connection failed: {type(err).__name__}: {err}")
 
     def serve(self, server: socket.socket) -> None:
         """Accept connections until the process is told to stop, each served by a thread."""
