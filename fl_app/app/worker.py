@@ -157,8 +157,9 @@ class Worker:
             except (OSError, EOFError) as err:
                 if deadline.expired:
                     raise OSError(f"no request within {REQUEST_WAIT:.0f} s") from err
-                if isinstance(err, EOFError) or conn.readable:  # not too long: recv_bytes
-                    raise  # marks a connection unreadable when it refuses a long message
+                # recv_bytes refuses a long message by marking the connection unreadable
+                if isinstance(err, EOFError) or conn.readable:
+                    raise
                 self.log(f"refused a request longer than {MAX_REQUEST_BYTES} bytes")
                 conn.send(_error_reply(WorkerError(
                     f"the request is longer than a worker reads ({MAX_REQUEST_BYTES} bytes)")))
