@@ -12,6 +12,8 @@ import atexit
 import os
 import shutil
 import signal
+import socket
+import struct
 import subprocess
 import sys
 import tempfile
@@ -26,7 +28,13 @@ import pytest
 
 from fl_app.app.local_client import client_for
 from fl_app.app.worker import main as worker_main
-from fl_app.app.worker_link import WorkerAddress, WorkerClient, WorkerError, private_dir
+from fl_app.app.worker_link import (
+    PROTOCOL,
+    WorkerAddress,
+    WorkerClient,
+    WorkerError,
+    private_dir,
+)
 from fl_app.data.sources import data_source
 from fl_app.data.types import DataError
 from fl_app.wire import round_config
@@ -240,14 +248,16 @@ def test_the_worker_exits_when_its_parent_does():
         parent.kill()
 
 
-def test_the_workers_data_cache_is_bounded():
+def test_the_workers_data_cache_is_bounded_and_keyed_by_run():
     from fl_app.app.worker import DATA_RUNS, Worker
 
-    server = Worker(WorkerAddress(_short_dir() / "w.sock"), log=lambda line: None)
-    for seed in range(DATA_RUNS + 2):
-        request = {"protocol": 1, "method": "get_properties", "run_config": {"seed": seed},
-                   "node_config": PARTITION, "parameters": None, "config": {}}
+    server = Worker(b"k" * 64, log=lambda line: None)
+    for run_id in range(DATA_RUNS + 2):  # equal run configs: the run id tells them apart
+        request = {"protocol": PROTOCOL, "method": "get_properties", "run_id": run_id,
+                   "run_config": {"seed": 1}, "node_config": PARTITION, "parameters": None,
+                   "config": {}}
         assert server.handle(request)
+        assert [key[0] for key in server.data][-1] == run_id
     assert len(server.data) == DATA_RUNS
     # the models of runs whose data was dropped are dropped too (rebuilt if they return)
     from fl_app.ml.trainer import cached_trainer
@@ -268,3 +278,129 @@ def test_a_key_file_another_account_owns_or_a_symlinked_key_is_refused(tmp_path,
     (folder / "link").symlink_to(key)
     with pytest.raises(OSError):
         worker_link.read_authkey(folder / "link")
+
+
+def test_a_later_run_or_another_client_never_gets_a_fit_s_weights(worker):
+    address, _ = worker
+    cfg = make_config(**{k.replace("-", "_"): v for k, v in RAW.items()})
+    initial = WorkerClient(address, RAW, PARTITION, "node 1", run_id=11).get_parameters({})
+    sent = [w + 0.01 for w in initial]
+    trained, _, _ = WorkerClient(address, RAW, PARTITION, "node 1", run_id=11).fit(
+        sent, round_config(cfg, server_round=1))
+    assert _max_diff(trained, sent) > 0
+    other = {"partition-id": 4, "num-partitions": 10}
+    for node_config, run_id in ((other, 11), (PARTITION, 12)):  # another client; a later run
+        handed = WorkerClient(address, RAW, node_config, "node 2", run_id).get_parameters({})
+        assert _max_diff(handed, trained) > 0 and _max_diff(handed, sent) > 0
+        assert _max_diff(handed, initial) == 0
+
+
+def test_a_silent_connection_does_not_block_an_honest_client(worker):
+    from fl_app.app.worker import CHALLENGE_TIMEOUT
+
+    address, _ = worker
+    silent = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    silent.connect(str(address.socket))  # never answers the key challenge
+    try:
+        answers: list = []
+        honest = threading.Thread(target=lambda: answers.append(
+            WorkerClient(address, RAW, PARTITION, "node 3").get_properties({})))
+        honest.start()
+        honest.join(timeout=CHALLENGE_TIMEOUT / 2)
+        assert answers, "an honest call waited behind a silent connection"
+        silent.settimeout(CHALLENGE_TIMEOUT + 20)
+        start = time.monotonic()
+        while silent.recv(4096):  # the challenge, then the worker hangs up
+            pass
+        assert time.monotonic() - start < CHALLENGE_TIMEOUT + 5
+        deadline = time.monotonic() + 10  # the worker's thread logs once it hung up
+        while "did not answer the key challenge within" not in address.log_file.read_text():
+            assert time.monotonic() < deadline
+            time.sleep(0.1)
+    finally:
+        silent.close()
+
+
+def test_a_request_longer_than_the_limit_gets_an_error_not_a_crash(worker):
+    from fl_app.app.worker_link import MAX_REQUEST_BYTES, read_authkey
+
+    address, _ = worker
+    conn = Client(str(address.socket), family="AF_UNIX",
+                  authkey=read_authkey(address.authkey_file))
+    with conn:  # the header of a message of 1 TB (the long form), and no body
+        os.write(conn.fileno(), struct.pack("!i", -1) + struct.pack("!Q", 10**12))
+        assert conn.poll(30)
+        reply = conn.recv()
+    assert not reply["ok"] and f"({MAX_REQUEST_BYTES} bytes)" in reply["error"]
+    assert WorkerClient(address, RAW, PARTITION, "node 4").get_properties({})
+
+
+def test_a_worker_with_another_key_leaves_a_live_socket_alone(worker, tmp_path):
+    address, _ = worker
+    other = WorkerAddress(address.socket, tmp_path / "other.key")
+    proc = subprocess.Popen(other.command(os.getpid()), cwd=ROOT, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True)
+    try:
+        _, stderr = proc.communicate(timeout=60)
+    finally:
+        _stop(proc)
+    assert proc.returncode == 1 and "did not pass the key challenge" in stderr
+    assert address.socket.is_socket()
+    assert WorkerClient(address, RAW, PARTITION, "node 5").get_properties({})
+
+
+def test_an_old_worker_exiting_leaves_its_successors_socket_in_place():
+    address = WorkerAddress(_short_dir() / "w.sock", timeout=120.0, autostart=False)
+    old = start_worker(address)
+    try:
+        address.socket.unlink()  # e.g. an operator's clean-up: the old worker is orphaned
+        new = start_worker(address)
+        try:
+            _stop(old)  # it exits, cleaning up what it made
+            assert address.socket.is_socket() and address.worker_pid() == new.pid
+            assert WorkerClient(address, RAW, PARTITION, "node 6").get_properties({})
+            assert "unless another worker has taken it over" in address.log_file.read_text()
+        finally:
+            _stop(new)
+        assert not address.socket.exists() and not address.pid_file.exists()
+    finally:
+        _stop(old)
+
+
+def test_every_socket_has_its_own_key_file():
+    folder = _short_dir()
+    sockets = [folder / name for name in ("a.sock", "a.other", "a", "a.key")]
+    keys = [WorkerAddress(path).authkey_file for path in sockets]
+    assert len(set(keys)) == len(keys)  # with_suffix gave a.key for the first three
+    assert all(key != path for key, path in zip(keys, sockets))  # and a.key for "a.key"
+    assert keys[0] == folder / "a.sock.key"
+
+
+@pytest.mark.parametrize("which", ["log_file", "pid_file"])
+def test_a_symlinked_pid_or_log_file_is_refused(which):
+    address = WorkerAddress(_short_dir() / "w.sock")
+    target = address.socket.parent / "target"
+    target.write_text("the user's file")
+    getattr(address, which).symlink_to(target)
+    proc = subprocess.Popen(address.command(os.getpid()), cwd=ROOT, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True)
+    try:  # (following the link, it would run on: it gives up at once)
+        _, stderr = proc.communicate(timeout=60)
+    finally:
+        _stop(proc)
+    assert proc.returncode == 1 and "is a symlink" in stderr
+    assert target.read_text() == "the user's file"
+    assert not address.socket.exists()  # a worker that gave up removed its own socket
+
+
+def test_a_request_that_does_not_unpickle_fails_alone_and_is_logged(worker):
+    from fl_app.app.worker_link import read_authkey
+
+    address, _ = worker
+    with Client(str(address.socket), family="AF_UNIX",
+                authkey=read_authkey(address.authkey_file)) as conn:
+        conn.send_bytes(b"not a pickle")
+        with pytest.raises(EOFError):
+            conn.recv()
+    assert "a connection failed: UnpicklingError" in address.log_file.read_text()
+    assert WorkerClient(address, RAW, PARTITION, "node 7").get_properties({})

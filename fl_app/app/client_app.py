@@ -81,7 +81,7 @@ def make_client_app(fixed_config: RunConfig | None = None,
         address = WorkerAddress.from_node_config(node)
         if address is not None and fixed_config is None:
             client: NumPyClient = WorkerClient(address, context.run_config, node,
-                                               f"node {context.node_id}")
+                                               f"node {context.node_id}", context.run_id)
             timed = TimedClient(client, start_up.seconds(time.time())).to_client()
             return CompressingClient(timed, context.state)
         imports_since = time.time()
@@ -94,7 +94,7 @@ def make_client_app(fixed_config: RunConfig | None = None,
         seconds = start_up.seconds(imports_since)
         cfg = fixed_config if fixed_config is not None else resolve(raw)
         try:
-            client = build(cfg, node)
+            client = build(cfg, node, run_id=context.run_id)
         except DataError as err:  # the server sees only this message: name the node
             raise DataError(f"node {context.node_id}: {err}") from err
         return CompressingClient(TimedClient(client, seconds).to_client(), context.state)

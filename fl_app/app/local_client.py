@@ -24,8 +24,9 @@ from fl_app.schema import RunConfig, Scalar
 
 
 def client_with(cfg: RunConfig, node_config: Mapping[str, Scalar],
-                data: ClientData) -> NumPyClient:
-    """The client for one node on already loaded `data`, with the shared trainer.
+                data: ClientData, run_id: int = 0) -> NumPyClient:
+    """The client for one node on already loaded `data`, with the trainer shared by the
+    process's clients of run `run_id` (Flower's run id).
 
     The node's local work (epochs, batch size, time budget) comes from its node-config
     (`fl_app.client.local_work`). In simulation, the fault-injection and attack keys may
@@ -33,24 +34,24 @@ def client_with(cfg: RunConfig, node_config: Mapping[str, Scalar],
     `homomorphic-encryption=ckks` its replies are encrypted with the key file named in its
     node config (`fl_app.client.homomorphic`).
     """
-    trainer = trainer_for(cfg, data_spec(cfg))
+    trainer = trainer_for(cfg, data_spec(cfg), run_id)
     key = int(node_config["partition-id"]) if "partition-id" in node_config else data.key
     work = work_for(cfg, node_config, key, f"node-config of {data.source}")
-    client = with_faults(KerasClient(trainer, data, cfg, seed=int(cfg["seed"]), client_key=key,
-                                     work=work, public_key=public_client_key(node_config, data.source)),
-                         cfg, node_config)
+    keras_client = KerasClient(trainer, data, cfg, seed=int(cfg["seed"]), client_key=key,
+                               work=work, public_key=public_client_key(node_config, data.source))
+    client = with_faults(keras_client, cfg, node_config)
     return with_encryption(client, cfg, node_config)
 
 
 def client_for(cfg: RunConfig, node_config: Mapping[str, Scalar],
-               load: Callable[[], ClientData] | None = None) -> NumPyClient:
+               load: Callable[[], ClientData] | None = None, run_id: int = 0) -> NumPyClient:
     """Build the client for one node: its data (`load()`; by default loaded from its
-    partition or own file) and the shared trainer; its fit metrics say how long each took
-    (`fl_app.client.timing`). The node's `allow-models`/`allow-data` are checked first
-    (`fl_app.client.node_policy`): this is where a node's worker imports and reads them."""
+    partition or own file) and run `run_id`'s shared trainer; its fit metrics say how long
+    each took (`fl_app.client.timing`). The node's `allow-models`/`allow-data` are checked
+    first (`fl_app.client.node_policy`): this is where a node's worker imports and reads them."""
     check_sources(NodePolicy.from_node_config(node_config), cfg)
     start = time.perf_counter()
     data = load() if load is not None else load_client(cfg, node_config)
     loaded = time.perf_counter()
-    client = client_with(cfg, node_config, data)
+    client = client_with(cfg, node_config, data, run_id)
     return TimedClient(client, {"data": loaded - start, "model": time.perf_counter() - loaded})

@@ -5,14 +5,20 @@
 Flower's SuperNode starts one ClientApp process per message; with `worker-socket` in its
 node config, that process (`fl_app.app.client_app`, which imports no TensorFlow) forwards the
 call here (`fl_app.app.worker_link`). This process imports TensorFlow once, keeps the node's
-data loaded and validated for the last `DATA_RUNS` run configs, and the process-wide trainer
-(`fl_app.ml.trainer.trainer_for`: the built model and its traced loops), and runs the
-`KerasClient` call, one at a time.
+data loaded and validated for the last `DATA_RUNS` runs, and each run's trainer
+(`fl_app.ml.trainer.trainer_for`: the built model and its traced loops, back at its initial
+weights after every call), and runs the `KerasClient` calls one at a time. Both caches are
+keyed by Flower's run id: nothing of one run is handed to the next.
 
-Only local clients that know the key reach it: it listens on the Unix socket PATH (created
-mode 600, in a folder of mode 700) and challenges every connection with the key in FILE
-(default PATH with suffix .key; mode 600, made if missing). It exits, removing its socket, on
-SIGTERM/SIGINT or when the process PID (the SuperNode) ends. Its log is PATH.log.
+Who reaches it: it listens on the Unix socket PATH (mode 600, in a folder of mode 700) and
+challenges every connection with the key in FILE (default PATH.key, one per socket; mode
+600, made if missing), so another local account can neither connect nor read the key; only
+the account that runs the SuperNode does. Each connection is served in its own thread: one
+that does not answer the challenge within `CHALLENGE_TIMEOUT` seconds, or sends no request
+within `REQUEST_WAIT`, is dropped without holding up the others, and a request longer than
+`MAX_REQUEST_BYTES` is refused before it is read. It exits on SIGTERM/SIGINT or when the
+process PID (the SuperNode) ends, removing its socket and pid file only while they are still
+the ones it made (a newer worker may have taken the path over). Its log is PATH.log.
 """
 
 from __future__ import annotations
@@ -20,46 +26,93 @@ from __future__ import annotations
 import argparse
 import gc
 import os
+import pickle
 import signal
+import socket
 import sys
 import threading
 import time
 import traceback
 from collections import OrderedDict
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from multiprocessing import AuthenticationError
-from multiprocessing.connection import Connection, Listener
-from typing import Any
+from multiprocessing.connection import Connection, answer_challenge, deliver_challenge
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from fl_app.app.worker_link import (
+    MAX_REQUEST_BYTES,
     PROTOCOL,
     WorkerAddress,
     WorkerError,
     ensure_authkey,
+    open_private,
     private_dir,
 )
 from fl_app.data.files import file_stamp
-from fl_app.schema import Scalar
+from fl_app.schema import RunConfig, Scalar
 
-DATA_RUNS = 2  # run configs whose node data stays loaded
+if TYPE_CHECKING:
+    from fl_app.data.sources import ClientData
+
+DATA_RUNS = 2  # runs whose node data stays loaded
+CHALLENGE_TIMEOUT = 10.0  # seconds a new connection has to answer the key challenge
 REQUEST_WAIT = 30.0  # seconds a connected client has to send its request
+BACKLOG = 16  # connections the kernel queues until they are accepted
+
+Log = Callable[[str], None]
+FileId = tuple[int, int, int]  # device, inode and change time of a file this process made
+
+
+class _Deadline:
+    """Shuts `sock` down (its blocked reads end) if the `with` block outlasts `seconds`."""
+
+    def __init__(self, sock: socket.socket, seconds: float) -> None:
+        self.sock = sock
+        self.expired = False
+        self._timer = threading.Timer(seconds, self._expire)
+        self._timer.daemon = True
+
+    def _expire(self) -> None:
+        self.expired = True
+        try:
+            self.sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass  # the peer has gone already
+
+    def __enter__(self) -> _Deadline:
+        self._timer.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._timer.cancel()
+        self._timer.join()
+
+
+def _error_reply(err: Exception) -> dict[str, Any]:
+    return {"ok": False, "type": type(err).__name__, "error": f"{type(err).__name__}: {err}",
+            "message": str(err)}
 
 
 class Worker:
-    """Serves `KerasClient` calls on a listener, one at a time, with bounded caches."""
+    """Serves `KerasClient` calls: each connection in its own thread (challenged with
+    `authkey`), the calls themselves one at a time (the trainer is not thread-safe), with
+    caches bounded and keyed by run."""
 
-    def __init__(self, address: WorkerAddress, log) -> None:
-        self.address = address
+    def __init__(self, authkey: bytes, log: Log) -> None:
+        self.authkey = authkey
         self.log = log
         self.data: OrderedDict[tuple, Any] = OrderedDict()
         self.served = 0
+        self.calls = threading.Lock()
 
-    def node_data(self, cfg, node_config: Mapping[str, Scalar]):
-        """The node's data for `cfg`, from the cache (loaded on a miss)."""
+    def node_data(self, run_id: int, cfg: RunConfig,
+                  node_config: Mapping[str, Scalar]) -> ClientData:
+        """The node's data for run `run_id` with `cfg`, from the cache (loaded on a miss)."""
         from fl_app.data.node_data import load_client
         from fl_app.ml.trainer import cached_trainer
 
-        key = (tuple(sorted(cfg.items())), tuple(sorted(node_config.items())),
+        key = (run_id, tuple(sorted(cfg.items())), tuple(sorted(node_config.items())),
                file_stamp(str(node_config.get("data-path", ""))))
         if key in self.data:
             self.data.move_to_end(key)
@@ -67,27 +120,24 @@ class Worker:
             self.data[key] = load_client(cfg, node_config)
             while len(self.data) > DATA_RUNS:
                 evicted, _ = self.data.popitem(last=False)
-                if _trainer_key(evicted[0]) not in {_trainer_key(k[0]) for k in self.data}:
-                    cached_trainer.cache_clear()  # models of runs gone: rebuilt if they return
+                if evicted[0] not in {k[0] for k in self.data}:
+                    cached_trainer.cache_clear()  # a run gone: its model too (others rebuilt)
                 gc.collect()
         return self.data[key]
-
-    def client(self, cfg, node_config: Mapping[str, Scalar]):
-        """The node's client for `cfg`: its cached data and the shared trainer (fit metrics
-        time each, `fl_app.client.timing`: both near 0 once loaded and built)."""
-        from fl_app.app.local_client import client_for
-
-        return client_for(cfg, node_config, lambda: self.node_data(cfg, node_config))
 
     def handle(self, request: Mapping[str, Any]) -> Any:
         """Run one request's call; return its result."""
         from fl_app.app.config import resolve
+        from fl_app.app.local_client import client_for
 
         if request.get("protocol") != PROTOCOL:
             raise WorkerError(f"the ClientApp speaks worker protocol {request.get('protocol')}, "
                               f"this worker {PROTOCOL}: restart the worker")
         cfg = resolve(request["run_config"])
-        client = self.client(cfg, request["node_config"])
+        run_id, node_config = int(request["run_id"]), request["node_config"]
+        # its fit metrics time data and model (`fl_app.client.timing`): near 0 once cached
+        client = client_for(cfg, node_config, lambda: self.node_data(run_id, cfg, node_config),
+                            run_id)
         method = request["method"]
         if method == "get_properties":
             return client.get_properties(request["config"])
@@ -99,47 +149,123 @@ class Worker:
             return client.evaluate(request["parameters"], request["config"])
         raise WorkerError(f"unknown method {method!r}")
 
-    def serve_one(self, conn: Connection) -> None:
-        """Read one request from `conn`, answer it (the result or the error)."""
-        with conn:
-            if not conn.poll(REQUEST_WAIT):
+    def serve_one(self, conn: Connection, sock: socket.socket) -> None:
+        """Read one request from `conn` (on `sock`), answer it (the result or the error)."""
+        with _Deadline(sock, REQUEST_WAIT) as deadline:
+            try:
+                payload = conn.recv_bytes(MAX_REQUEST_BYTES)
+            except (OSError, EOFError) as err:
+                if deadline.expired:
+                    raise OSError(f"no request within {REQUEST_WAIT:.0f} s") from err
+                # recv_bytes refuses a long message by marking the connection unreadable
+                if isinstance(err, EOFError) or conn.readable:
+                    raise
+                self.log(f"refused a request longer than {MAX_REQUEST_BYTES} bytes")
+                conn.send(_error_reply(WorkerError(
+                    f"the request is longer than a worker reads ({MAX_REQUEST_BYTES} bytes)")))
                 return
-            request = conn.recv()
-            start = time.perf_counter()
+        request = pickle.loads(payload)
+        start = time.perf_counter()
+        with self.calls:
             try:
                 reply = {"ok": True, "result": self.handle(request)}
             except Exception as err:  # the call fails, the worker stays
                 self.log(f"{request.get('method')} failed: "
                          f"{''.join(traceback.format_exception(err)).strip()}")
-                reply = {"ok": False, "type": type(err).__name__,
-                         "error": f"{type(err).__name__}: {err}", "message": str(err)}
+                reply = _error_reply(err)
             self.served += 1
             self.log(f"{request.get('method')} served in {time.perf_counter() - start:.3f} s "
                      f"(request {self.served})")
-            conn.send(reply)
+        conn.send(reply)
 
-    def serve(self, listener: Listener) -> None:
-        """Accept and serve connections until the process is told to stop."""
-        while True:
+    def serve_connection(self, sock: socket.socket) -> None:
+        """Challenge one accepted connection, then serve its request."""
+        with sock, Connection(os.dup(sock.fileno())) as conn:
+            deadline = _Deadline(sock, CHALLENGE_TIMEOUT)
             try:
-                conn = listener.accept()
+                with deadline:
+                    deliver_challenge(conn, self.authkey)
+                    answer_challenge(conn, self.authkey)
             except AuthenticationError:
                 self.log("refused a connection that did not answer the key challenge")
-                continue
+                return
             except (OSError, EOFError) as err:
-                self.log(f"a connection failed before its request: {err!r}")
-                continue
+                self.log(f"dropped a connection that did not answer the key challenge within "
+                         f"{CHALLENGE_TIMEOUT:.0f} s" if deadline.expired
+                         else f"a connection failed before its request: {err!r}")
+                return
             try:
-                self.serve_one(conn)
+                self.serve_one(conn, sock)
             except EOFError:  # a probe (is a worker listening?) that sent nothing
-                continue
+                return
             except OSError as err:  # the ClientApp went away mid-call
-                self.log(f"lost a connection: {err!r}")
+                self.log(f"lost a connection: {err}")
+            except Exception as err:  # e.g. a request that does not unpickle: this one only
+                self.log(f"a connection failed: {type(err).__name__}: {err}")
+
+    def serve(self, server: socket.socket) -> None:
+        """Accept connections until the process is told to stop, each served by a thread."""
+        while True:
+            try:
+                sock, _ = server.accept()
+            except OSError as err:  # e.g. out of file descriptors: let some close first
+                self.log(f"accepting a connection failed: {err!r}")
+                time.sleep(0.1)
+                continue
+            threading.Thread(target=self.serve_connection, args=(sock,), name="connection",
+                             daemon=True).start()
 
 
-def _trainer_key(cfg_items: tuple) -> tuple:
-    cfg = dict(cfg_items)
-    return tuple(cfg.get(k) for k in ("model", "optimizer", "learning-rate", "seed", "dataset"))
+def _file_id(path: Path) -> FileId | None:
+    try:
+        info = path.lstat()
+    except FileNotFoundError:
+        return None
+    return info.st_dev, info.st_ino, info.st_ctime_ns
+
+
+def _remove_own(path: Path, made: FileId | None) -> None:
+    """Remove `path` if it is still the file this process made (not a successor's)."""
+    if made is not None and _file_id(path) == made:
+        path.unlink(missing_ok=True)
+
+
+def _path_free(address: WorkerAddress) -> bool:
+    """Whether this worker may bind the socket path: True once it is free (a stale socket
+    that nobody listens on is removed), False if a worker with this key already serves it.
+    Raises `WorkerError` for a file that is not a socket, or when whatever listens there
+    fails the key challenge: a live socket is never removed."""
+    try:
+        address.connect().close()
+    except FileNotFoundError:
+        return True
+    except ConnectionRefusedError:  # nobody listens: a stale socket, or not a socket at all
+        if not address.socket.is_socket():
+            raise WorkerError(f"{address.socket} exists and is not a socket; leaving it be")
+        address.socket.unlink()
+        return True
+    except (OSError, EOFError, AuthenticationError) as err:
+        raise WorkerError(f"something listens on {address.socket} but did not pass the key "
+                          f"challenge with {address.authkey_file} ({err!r}): another worker "
+                          "with another key? Its socket is left in place: stop it or choose "
+                          "another worker-socket") from err
+    return False
+
+
+def _bind(path: Path) -> tuple[socket.socket, FileId | None]:
+    """A socket listening on `path` (mode 600) and the id of the file it made there."""
+    server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    old_umask = os.umask(0o077)
+    try:
+        server.bind(str(path))
+        os.chmod(path, 0o600)
+        server.listen(BACKLOG)
+    except OSError:
+        server.close()
+        raise
+    finally:
+        os.umask(old_umask)
+    return server, _file_id(path)
 
 
 def _watch_parent(pid: int, cleanup) -> None:
@@ -177,70 +303,76 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
+def _open_log(path: Path) -> Log:
+    """A function writing a line to the log file `path` (mode 600, never a symlink) and to
+    stderr, from any thread."""
+    log_file = os.fdopen(open_private(path, os.O_WRONLY | os.O_APPEND), "a", encoding="utf-8")
+    lock = threading.Lock()
+
+    def log(message: str) -> None:
+        line = f"{time.strftime('%H:%M:%S')} worker[{os.getpid()}] {message}\n"
+        with lock:
+            log_file.write(line)
+            log_file.flush()
+            print(line, end="", file=sys.stderr, flush=True)
+
+    return log
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     address = WorkerAddress(args.socket, args.authkey_file)
-    private_dir(address.socket.parent)
-    authkey = ensure_authkey(address.authkey_file)
-    log_fd = os.open(address.log_file, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
-    log_file = os.fdopen(log_fd, "a", encoding="utf-8")
-
-    def log(message: str) -> None:
-        line = f"{time.strftime('%H:%M:%S')} worker[{os.getpid()}] {message}\n"
-        log_file.write(line)
-        log_file.flush()
-        print(line, end="", file=sys.stderr, flush=True)
-
-    try:  # a live worker already serves this socket: leave it be
-        address.connect().close()
-        log("another worker already listens on this socket; exiting")
-        return 0
-    except (OSError, EOFError, AuthenticationError):
-        if address.socket.is_socket():  # a stale socket; never a file that merely has its name
-            address.socket.unlink()
-        elif address.socket.exists():
-            log(f"{address.socket} exists and is not a socket; exiting")
-            return 1
-
-    old_umask = os.umask(0o077)
     try:
-        listener = Listener(str(address.socket), family="AF_UNIX", authkey=authkey)
-    finally:
-        os.umask(old_umask)
-    address.socket.chmod(0o600)
-    pid_fd = os.open(address.pid_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(pid_fd, "w", encoding="ascii") as pid_file:
-        pid_file.write(str(os.getpid()))
+        private_dir(address.socket.parent)
+        authkey = ensure_authkey(address.authkey_file)
+        log = _open_log(address.log_file)
+    except WorkerError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+    try:
+        if not _path_free(address):
+            log("another worker already listens on this socket; exiting")
+            return 0
+        server, socket_id = _bind(address.socket)
+    except WorkerError as err:
+        log(f"error: {err}")
+        return 1
+    made: dict[Path, FileId | None] = {address.socket: socket_id}
     done = threading.Lock()
 
     def cleanup(reason: str = "stopping") -> None:
         if not done.acquire(blocking=False):
             return
-        log(f"{reason}; removing {address.socket}")
-        for path in (address.socket, address.pid_file):
-            path.unlink(missing_ok=True)
+        log(f"{reason}; removing {address.socket} unless another worker has taken it over")
+        for path, file_id in made.items():
+            _remove_own(path, file_id)
 
-    def on_signal(signum: int, frame: Any) -> None:
-        raise SystemExit(128 + signum)
-
-    signal.signal(signal.SIGTERM, on_signal)
-    signal.signal(signal.SIGINT, on_signal)
-    signal.signal(signal.SIGHUP, on_signal)
-    if args.parent_pid:
-        _watch_parent(args.parent_pid, cleanup)
-    log(f"started: listening on {address.socket} (parent pid {args.parent_pid})")
     try:
+        with os.fdopen(open_private(address.pid_file, os.O_WRONLY | os.O_TRUNC), "w",
+                       encoding="ascii") as pid_file:
+            pid_file.write(str(os.getpid()))
+        made[address.pid_file] = _file_id(address.pid_file)
+
+        def on_signal(signum: int, frame: Any) -> None:
+            raise SystemExit(128 + signum)
+
+        signal.signal(signal.SIGTERM, on_signal)
+        signal.signal(signal.SIGINT, on_signal)
+        signal.signal(signal.SIGHUP, on_signal)
+        if args.parent_pid:
+            _watch_parent(args.parent_pid, cleanup)
+        log(f"started: listening on {address.socket} (parent pid {args.parent_pid})")
         start = time.perf_counter()
         import fl_app.app.local_client  # noqa: F401  (TensorFlow, once per worker)
 
         log(f"tensorflow imported in {time.perf_counter() - start:.2f} s")
-        Worker(address, log).serve(listener)
+        Worker(authkey, log).serve(server)
+    except WorkerError as err:
+        log(f"error: {err}")
+        return 1
     finally:
-        try:
-            listener.close()  # it unlinks the socket itself
-        except OSError:
-            pass
+        server.close()
         cleanup()
     return 0
 

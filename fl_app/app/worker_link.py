@@ -8,9 +8,11 @@ it takes to import Flower.
 
 A node uses a worker when its node config names one (`--node-config "... worker-socket='PATH'
 worker-authkey-file='FILE'"`); without `worker-socket` the ClientApp trains in-process, as in
-simulation. The worker listens on a Unix socket (`PATH`) in a mode-700 folder, and every
-connection must answer an HMAC challenge with the key in `FILE` (mode 600): nothing on the
-network reaches it, and on the node only the account that runs the SuperNode does.
+simulation. The worker listens on a Unix socket (`PATH`, mode 600) in a mode-700 folder,
+and every connection must answer an HMAC challenge with the key in `FILE` (mode 600;
+default `PATH.key`, one key per socket): nothing on the network reaches it, and on the node
+only the account that runs the SuperNode does; another local account can neither connect
+nor read the key.
 
 A worker that is not running when a message arrives is started here (detached, watching the
 SuperNode's pid: it exits when the SuperNode stops), unless `worker-autostart=false`. A worker
@@ -21,8 +23,10 @@ fresh one.
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import os
+import pickle
 import secrets
 import stat
 import subprocess
@@ -31,6 +35,7 @@ import tempfile
 import time
 from collections.abc import Mapping
 from contextlib import contextmanager
+from multiprocessing import AuthenticationError
 from multiprocessing.connection import Client as connect
 from multiprocessing.connection import Connection
 from pathlib import Path
@@ -46,7 +51,10 @@ KEY_AUTOSTART = "worker-autostart"
 WORKER_KEYS = (KEY_SOCKET, KEY_AUTHKEY, KEY_TIMEOUT, KEY_AUTOSTART)
 DEFAULT_TIMEOUT = 300.0
 START_TIMEOUT = 120.0
-PROTOCOL = 1  # bumped whenever a request or reply changes shape
+PROTOCOL = 2  # bumped whenever a request or reply changes shape
+# the largest request a worker reads: Flower's largest message (2 GiB, its gRPC limit) of
+# parameters, plus room for the configs and pickling
+MAX_REQUEST_BYTES = 2**31 + 2**26
 MAX_SOCKET_PATH = 100  # AF_UNIX paths are limited to 107 bytes on Linux
 SUPERNODE = "flower-supernode"
 # nothing listens (no socket file, or a stale one), or the worker died as we connected
@@ -79,6 +87,24 @@ def private_dir(path: Path) -> Path:
                           "to other accounts: put worker-socket in a folder of its own (it is "
                           "created with mode 700)")
     return path
+
+
+def open_private(path: Path, flags: int) -> int:
+    """A file descriptor on `path` (created mode 600 if missing, never through a symlink,
+    refused if another account owns it), opened with `flags` added to `O_CREAT`."""
+    try:
+        fd = os.open(path, flags | os.O_CREAT | os.O_NOFOLLOW, 0o600)
+    except OSError as err:
+        why = "it is a symlink (never followed): remove it" if err.errno == errno.ELOOP \
+            else err.strerror
+        raise WorkerError(f"cannot open worker file {path}: {why}") from err
+    try:
+        _refuse_foreign(path, os.fstat(fd))
+        os.fchmod(fd, 0o600)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
 
 
 def ensure_authkey(path: Path) -> bytes:
@@ -124,7 +150,7 @@ class WorkerAddress:
                  timeout: float = DEFAULT_TIMEOUT, autostart: bool = True) -> None:
         self.socket = Path(socket).expanduser().absolute()
         self.authkey_file = (Path(authkey_file).expanduser().absolute() if authkey_file
-                             else self.socket.with_suffix(".key"))
+                             else self._beside(".key"))
         self.timeout = float(timeout)
         self.autostart = autostart
         if len(os.fsencode(self.socket)) > MAX_SOCKET_PATH:
@@ -143,17 +169,21 @@ class WorkerAddress:
         return cls(str(node_config[KEY_SOCKET]), node_config.get(KEY_AUTHKEY) or None,
                    float(node_config.get(KEY_TIMEOUT, DEFAULT_TIMEOUT)), bool(autostart))
 
+    def _beside(self, suffix: str) -> Path:
+        """The socket's full file name plus `suffix`: every socket has its own files."""
+        return self.socket.with_name(self.socket.name + suffix)
+
     @property
     def pid_file(self) -> Path:
-        return self.socket.with_name(self.socket.name + ".pid")
+        return self._beside(".pid")
 
     @property
     def log_file(self) -> Path:
-        return self.socket.with_name(self.socket.name + ".log")
+        return self._beside(".log")
 
     @property
     def lock_file(self) -> Path:
-        return self.socket.with_name(self.socket.name + ".lock")
+        return self._beside(".lock")
 
     def command(self, parent_pid: int | None) -> list[str]:
         """The command line that starts this worker."""
@@ -203,7 +233,7 @@ def supernode_pid() -> int | None:
 def _start_lock(address: WorkerAddress) -> Iterator[None]:
     """One ClientApp at a time checks for, and starts, a node's worker."""
     private_dir(address.socket.parent)
-    fd = os.open(address.lock_file, os.O_RDWR | os.O_CREAT, 0o600)
+    fd = open_private(address.lock_file, os.O_RDWR)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX)
         yield
@@ -268,29 +298,37 @@ def kill_worker(address: WorkerAddress) -> None:
         proc.kill()
         proc.wait(timeout=10)
     except psutil.Error:
-        pass
-    address.socket.unlink(missing_ok=True)
+        pass  # its socket stays: the next worker finds nobody listening and replaces it
 
 
 def call_worker(address: WorkerAddress, node: str, request: dict[str, Any]) -> Any:
     """Send one request to the node's worker and return its result.
 
-    Raises `WorkerError` naming `node` and the socket if the worker cannot be reached, dies
-    or does not answer within the address's timeout (then it is killed, so the next message
-    starts a fresh one), and re-raises an error the call hit inside the worker as a
+    Raises `WorkerError` naming `node` and the socket if the worker cannot be reached,
+    refuses this node's key, dies or does not answer within the address's timeout (then it
+    is killed, so the next message starts a fresh one), or if the request is larger than
+    `MAX_REQUEST_BYTES`, and re-raises an error the call hit inside the worker as a
     `WorkerError` carrying its type and message (a `DataError` as a `DataError` naming
     `node`, as the in-process ClientApp raises it).
     """
     where = f"{node}: worker at {address.socket}"
+    payload = pickle.dumps({"protocol": PROTOCOL, **request}, pickle.HIGHEST_PROTOCOL)
+    if len(payload) > MAX_REQUEST_BYTES:
+        raise WorkerError(f"{where}: the {request['method']} request is {len(payload)} bytes, "
+                          f"more than a worker reads ({MAX_REQUEST_BYTES})")
     try:
         conn = open_worker(address)
     except WorkerError as err:
         raise WorkerError(f"{node}: {err}") from err
+    except AuthenticationError as err:
+        raise WorkerError(f"{where} refused the key in {address.authkey_file}: a worker with "
+                          "another key listens there; stop it or choose another "
+                          "worker-socket") from err
     except (OSError, EOFError) as err:
         raise WorkerError(f"{where} could not be reached ({err!r})") from err
     with conn:
         try:
-            conn.send({"protocol": PROTOCOL, **request})
+            conn.send_bytes(payload)
             if not conn.poll(address.timeout):
                 kill_worker(address)
                 raise WorkerError(f"{where} did not answer {request['method']} within "
@@ -313,21 +351,23 @@ class WorkerClient(NumPyClient):
     """A NumPyClient that forwards every call to the node's worker.
 
     `run_config` is the run's raw config (the worker resolves it), `node_config` the node's
-    (its worker keys removed), `node` the name errors use.
+    (its worker keys removed), `node` the name errors use, `run_id` Flower's id of the run
+    (the worker keeps each run's data and trainer apart).
     """
 
     def __init__(self, address: WorkerAddress, run_config: Mapping[str, Scalar],
-                 node_config: Mapping[str, Scalar], node: str) -> None:
+                 node_config: Mapping[str, Scalar], node: str, run_id: int = 0) -> None:
         self.address = address
         self.run_config = dict(run_config)
         self.node_config = {k: v for k, v in node_config.items() if k not in WORKER_KEYS}
         self.node = node
+        self.run_id = int(run_id)
 
     def _call(self, method: str, parameters: NDArrays | None,
               config: Mapping[str, Scalar]) -> Any:
         return call_worker(self.address, self.node, {
-            "method": method, "run_config": self.run_config, "node_config": self.node_config,
-            "parameters": parameters, "config": dict(config)})
+            "method": method, "run_id": self.run_id, "run_config": self.run_config,
+            "node_config": self.node_config, "parameters": parameters, "config": dict(config)})
 
     def get_properties(self, config: dict[str, Scalar]) -> dict[str, Scalar]:
         return self._call("get_properties", None, config)

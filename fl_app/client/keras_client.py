@@ -27,8 +27,9 @@ class KerasClient(NumPyClient):
     """A Flower NumPyClient that trains a Keras model on one client's data.
 
     `trainer` wraps any Keras model with its optimizer (see `KerasTrainer`) and is shared
-    by every client in the process; each call loads the server's weights and starts the
-    optimizer fresh, so clients never see each other's state. Local epochs, batch size
+    by every client of a run in the process; each call loads the server's weights and starts
+    the optimizer fresh, and ends with `trainer.forget()` (the model's initial weights
+    back), so no client or later run can read another's weights. Local epochs, batch size
     and learning rate come from the round's config (falling back to `defaults`), epochs
     and batch size overridden by the node's own `work` (node-config, a time budget; see
     `fl_app.client.local_work`); the steps taken go back as `local_steps`. FedProx's
@@ -64,12 +65,19 @@ class KerasClient(NumPyClient):
         return {CLIENT_KEY: self.public_key} if self.public_key else {}
 
     def get_parameters(self, config: dict[str, Scalar]) -> NDArrays:
-        """The model's current weights."""
+        """The model's initial weights (built or loaded; never a fit's or evaluation's)."""
         return self.trainer.get_weights()
 
     def fit(self, parameters: NDArrays,
             config: dict[str, Scalar]) -> tuple[NDArrays, int, dict[str, Scalar]]:
         """Train locally from the global weights; return new weights, example count, metrics."""
+        try:
+            return self._fit(parameters, config)
+        finally:
+            self.trainer.forget()
+
+    def _fit(self, parameters: NDArrays,
+             config: dict[str, Scalar]) -> tuple[NDArrays, int, dict[str, Scalar]]:
         self.trainer.set_weights(parameters)
         server_round = int(config.get(SERVER_ROUND, 0))
         epochs, batch_size, time_budget = self.work.plan(config, self.defaults)
@@ -100,7 +108,10 @@ class KerasClient(NumPyClient):
     def evaluate(self, parameters: NDArrays,
                  config: dict[str, Scalar]) -> tuple[float, int, dict[str, Scalar]]:
         """Evaluate the global weights on the local validation split (train if none)."""
-        self.trainer.set_weights(parameters)
         split = self.data.val if len(self.data.val) else self.data.train
-        loss, metrics = self.trainer.evaluate(split)
+        try:
+            self.trainer.set_weights(parameters)
+            loss, metrics = self.trainer.evaluate(split)
+        finally:
+            self.trainer.forget()
         return loss, len(split), dict(metrics)

@@ -11,8 +11,10 @@ Keras names, reset on every call), and a fresh copy of the compiled optimizer (c
 hyperparameters; the `optimizer`/`learning-rate` keys replace it only when set). Every
 call starts from the weights it is given, and `fit` also from fresh optimizer state; the
 layers' random state (Dropout's seed generators, which live outside `model.weights`) is
-reseeded on every fit, so no state leaks between clients. A custom `train_step` runs only
-under `model.fit` and is not used here.
+reseeded on every fit, so no state leaks between clients. `forget` puts the model back to
+the weights it was built with (a set_weights, no rebuild): the client calls it after every
+fit and evaluate, so no client's or run's weights stay in a trainer that the next one shares.
+A custom `train_step` runs only under `model.fit` and is not used here.
 """
 
 from __future__ import annotations
@@ -87,6 +89,7 @@ class KerasTrainer:
         self._units = int(model(np.zeros((1, *spec.input_shape), np.float32)).shape[-1])
         self._on_schedule = isinstance(self.optimizer.get_config().get("learning_rate"), dict)
         self.optimizer.build(model.trainable_variables)
+        self._initial = model.get_weights()  # built or loaded: no client's data in them
         self._optimizer_initial = [v.numpy() for v in self.optimizer.variables]
         self._seed_states = [v for v in model.variables if v.name == SEED_STATE]
         self._anchor = [tf.Variable(v, trainable=False) for v in model.trainable_variables]
@@ -145,6 +148,16 @@ class KerasTrainer:
             var.assign(initial)
         if learning_rate and not self._on_schedule:
             self.optimizer.learning_rate = learning_rate
+
+    def forget(self) -> None:
+        """Return the model to the weights it was built with, the optimizer to its fresh
+        state, FedProx's anchor to zeros and the metrics to empty: nothing of the last call
+        (a client's trained weights, a decrypted global model) stays readable."""
+        self.model.set_weights(self._initial)
+        self.reset_optimizer()
+        for anchor in self._anchor:
+            anchor.assign(tf.zeros_like(anchor))
+        self.model.reset_metrics()
 
     def reseed_layers(self, rng: np.random.Generator) -> None:
         """Restart every layer's random stream (Dropout masks, noise) from `rng`.
@@ -276,14 +289,17 @@ class KerasTrainer:
 
 @lru_cache(maxsize=4)
 def cached_trainer(model_name: str, spec: DataSpec, optimizer: str, learning_rate: float,
-                   seed: int, stamp: tuple[int, int, int] | None = None) -> KerasTrainer:
-    """One trainer per process and model: built once, reused by every client call
-    (`stamp`, a `.keras` file's version, makes a file rewritten on disk load again)."""
+                   seed: int, stamp: tuple[int, int, int] | None = None,
+                   run_id: int = 0) -> KerasTrainer:
+    """One trainer per process, run and model: built once, reused by every client call of
+    that run (`stamp`, a `.keras` file's version, makes a file rewritten on disk load
+    again; `run_id`, Flower's, keeps two runs with equal configs apart)."""
     model = build_model(model_name, spec, seed)
     return KerasTrainer(model, spec, fresh_optimizer(model, optimizer, learning_rate))
 
 
-def trainer_for(cfg: RunConfig, spec: DataSpec) -> KerasTrainer:
-    """The process-wide trainer for this run config's model, optimizer and rate."""
+def trainer_for(cfg: RunConfig, spec: DataSpec, run_id: int = 0) -> KerasTrainer:
+    """The process-wide trainer for run `run_id` (Flower's run id; 0 outside a Flower
+    run) with this run config's model, optimizer and rate."""
     return cached_trainer(cfg["model"], spec, cfg["optimizer"], cfg["learning-rate"],
-                          cfg["seed"], file_stamp(str(cfg["model"])))
+                          cfg["seed"], file_stamp(str(cfg["model"])), run_id)
