@@ -68,3 +68,11 @@ def test_the_cnns_take_any_image_file(tmp_path):
     assert spec.input_shape == (32, 32, 3) and spec.num_classes == 4
     model = build_model("cnn-1m", spec, seed=0)
     assert tuple(model.input_shape[1:]) == (32, 32, 3) and model.output_shape[-1] == 4
+
+
+@pytest.mark.parametrize("name", ["cnn-1m", "cnn-10m"])
+def test_the_benchmark_uses_the_models_own_layer_shapes(name):
+    from scripts.benchmark_scale import MODELS, vgg_shapes
+
+    model = build_model(name, IMAGES_SPEC, seed=0)
+    assert vgg_shapes(*MODELS[name]) == [tuple(w.shape) for w in model.get_weights()]
