@@ -10,22 +10,28 @@ from __future__ import annotations
 from dataclasses import replace
 from logging import WARNING
 
-from flwr.common import EvaluateRes, FitIns, FitRes, Parameters, Scalar
+from flwr.common import EvaluateRes, FitIns, FitRes, NDArrays, Parameters, Scalar
 from flwr.common.logger import log
 from flwr.server.client_manager import ClientManager
 from flwr.server.client_proxy import ClientProxy
 from flwr.server.strategy import Strategy
 
+from strategies.running_sum import RunningWeightedSum
 from strategies.validation import (
     NUM_CAPPED,
     NUM_REJECTED,
+    FitResults,
+    Rejections,
     Res,
     cap_claims,
     cast_like,
+    claim_cap,
     reference_arrays,
+    reject,
     validate_evaluate_results,
     validate_fit_results,
 )
+from strategies.weighted_fedavg import sums_updates
 from strategies.wrapper import StrategyWrapper
 
 RESERVED = {NUM_REJECTED, NUM_CAPPED}  # the server's counts: never taken from a client
@@ -51,6 +57,9 @@ class ValidatedStrategy(StrategyWrapper):
     round: skipping one would reveal, un-noised, that clients failed).
     The aggregate keeps the dtypes of the model sent (Flower's FedOpt family computes in
     float64, which would otherwise make every float32 client update mismatch next round).
+    When `inner` is the weighted average (`sums_updates`: WeightedFedAvg) each update is
+    decoded once, without a copy, and checked and folded into a `RunningWeightedSum` in
+    one pass; any other inner strategy gets the accepted results to decode itself.
 
     Args:
         inner: the strategy that aggregates the valid updates.
@@ -94,13 +103,12 @@ class ValidatedStrategy(StrategyWrapper):
         Raises RuntimeError if no global model was sent or initialized yet.
         """
         reference = reference_arrays(self._sent, self, server_round)
+        if sums_updates(self.inner):
+            return self._aggregate_sum(server_round, results, failures, reference)
         checked = validate_fit_results(results, reference, server_round,
                                        self.max_examples, self.outlier_norm_factor)
         if len(checked.accepted) < self.min_fit_clients:
-            log(WARNING, "round %s: only %s valid update(s), fewer than min-fit-clients=%s: "
-                "keeping the previous global model", server_round, len(checked.accepted),
-                self.min_fit_clients)
-            return None, {NUM_REJECTED: len(checked.rejected)}
+            return self._too_few(server_round, len(checked.accepted), checked.rejected)
         accepted, capped = cap_claims(_without_reserved_metrics(checked.accepted),
                                       self.examples_cap_factor, server_round)
         parameters, metrics = self.inner.aggregate_fit(server_round, accepted, failures)
@@ -108,6 +116,54 @@ class ValidatedStrategy(StrategyWrapper):
             parameters = cast_like(parameters, reference)
         return parameters, {**_with_rejections(metrics, len(checked.rejected)),
                             NUM_CAPPED: capped}
+
+    def _aggregate_sum(
+        self,
+        server_round: int,
+        results: FitResults,
+        failures: list[tuple[ClientProxy, FitRes] | BaseException],
+        reference: NDArrays,
+    ) -> tuple[Parameters | None, dict[str, Scalar]]:
+        """`aggregate_fit` for an inner weighted average (`sums_updates`): each update is
+        decoded once without a copy, and checked and folded into a `RunningWeightedSum` in
+        one pass over its values; the inner strategy gets the sum, not the updates.
+
+        The claims are capped before the fold, at the cap of the claims whose arrays have
+        the right number, shapes and dtypes; when a non-finite update rejected during the
+        fold moves that cap, the kept updates are folded again with the round's cap.
+        """
+        checked = validate_fit_results(results, reference, server_round, self.max_examples,
+                                       self.outlier_norm_factor, values=False)
+        candidates = _without_reserved_metrics(checked.accepted)
+        cap = claim_cap([res.num_examples for _, res in candidates], self.examples_cap_factor)
+        total = RunningWeightedSum(reference)
+        accepted, kept, weights = [], [], []
+        for (proxy, res), arrays in zip(candidates, checked.accepted_arrays):
+            weight = res.num_examples if cap is None else min(res.num_examples, cap)
+            problem = total.add(arrays, weight)
+            if problem is None:
+                accepted.append((proxy, res))
+                kept.append(arrays)
+                weights.append(weight)
+            else:
+                reject(checked.rejected, "update", proxy, problem, server_round)
+        if len(accepted) < self.min_fit_clients:
+            return self._too_few(server_round, len(accepted), checked.rejected)
+        accepted, capped = cap_claims(accepted, self.examples_cap_factor, server_round)
+        if weights != [res.num_examples for _, res in accepted]:
+            total = RunningWeightedSum(reference)
+            for arrays, (_, res) in zip(kept, accepted):
+                total.add(arrays, res.num_examples)
+        parameters, metrics = self.inner.aggregate_sum(server_round, total, accepted, failures)
+        return parameters, {**_with_rejections(metrics, len(checked.rejected)),
+                            NUM_CAPPED: capped}
+
+    def _too_few(self, server_round: int, valid: int,
+                 rejected: Rejections) -> tuple[None, dict[str, Scalar]]:
+        """The answer of a round with fewer than `min_fit_clients` valid updates (logged)."""
+        log(WARNING, "round %s: only %s valid update(s), fewer than min-fit-clients=%s: "
+            "keeping the previous global model", server_round, valid, self.min_fit_clients)
+        return None, {NUM_REJECTED: len(rejected)}
 
     def aggregate_evaluate(
         self,

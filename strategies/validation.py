@@ -25,7 +25,6 @@ from flwr.common import (
     NDArrays,
     Parameters,
     ndarrays_to_parameters,
-    parameters_to_ndarrays,
 )
 from flwr.common.logger import log
 from flwr.server.client_proxy import ClientProxy
@@ -33,6 +32,7 @@ from flwr.server.strategy import Strategy
 
 from fl_app.schema import Setting
 from strategies.clipping import l2_norm, model_update
+from strategies.decoding import decode
 from strategies.metrics import is_finite_number
 
 SETTINGS = [
@@ -70,6 +70,43 @@ def examples_problem(num_examples: object, max_examples: int = 0) -> str | None:
     return None
 
 
+def structure_problem(arrays: NDArrays, reference: NDArrays) -> str | None:
+    """Why `arrays` do not match `reference` (the global model sent this round) array by
+    array in number, shape and dtype, or None if they do. Reads no array data."""
+    if len(arrays) != len(reference):
+        return f"{len(arrays)} arrays, expected {len(reference)}"
+    for i, (got, want) in enumerate(zip(arrays, reference)):
+        if got.shape != want.shape:
+            return f"array {i} has shape {got.shape}, expected {want.shape}"
+        if got.dtype is not want.dtype and got.dtype != want.dtype:
+            return f"array {i} has dtype {got.dtype}, expected {want.dtype}"
+    return None
+
+
+def is_finite(array: np.ndarray) -> bool:
+    """Whether every value of `array` is finite.
+
+    A float array's dot product with itself (one BLAS pass, no temporary) is finite when
+    every value is; only when it is not (a NaN or infinity, or a sum of squares beyond the
+    dtype's range) are the values checked one by one. Call it under
+    `np.errstate(over="ignore", invalid="ignore")` to silence numpy's warning on those.
+    """
+    if array.dtype.kind == "f" and array.dtype.itemsize >= 4 and array.size:
+        flat = array.reshape(-1)
+        if np.isfinite(np.dot(flat, flat)):
+            return True
+    return bool(np.all(np.isfinite(array)))
+
+
+def nonfinite_problem(arrays: NDArrays) -> str | None:
+    """Why `arrays` must be rejected for a NaN or infinite value, or None."""
+    with np.errstate(over="ignore", invalid="ignore"):
+        for i, array in enumerate(arrays):
+            if not is_finite(array):
+                return f"array {i} contains NaN or infinite values"
+    return None
+
+
 def update_problem(arrays: NDArrays, num_examples: int, reference: NDArrays,
                    max_examples: int = 0) -> str | None:
     """Why this update must be rejected, or None if it is acceptable.
@@ -77,19 +114,8 @@ def update_problem(arrays: NDArrays, num_examples: int, reference: NDArrays,
     `reference` is the global model sent this round: the update must match it array by
     array in shape and dtype. `max_examples` > 0 caps the claimed number of examples.
     """
-    problem = examples_problem(num_examples, max_examples)
-    if problem is not None:
-        return problem
-    if len(arrays) != len(reference):
-        return f"{len(arrays)} arrays, expected {len(reference)}"
-    for i, (got, want) in enumerate(zip(arrays, reference)):
-        if got.shape != want.shape:
-            return f"array {i} has shape {got.shape}, expected {want.shape}"
-        if got.dtype != want.dtype:
-            return f"array {i} has dtype {got.dtype}, expected {want.dtype}"
-        if not np.all(np.isfinite(got)):
-            return f"array {i} contains NaN or infinite values"
-    return None
+    return (examples_problem(num_examples, max_examples)
+            or structure_problem(arrays, reference) or nonfinite_problem(arrays))
 
 
 def evaluate_problem(res: EvaluateRes, max_examples: int = 0) -> str | None:
@@ -122,8 +148,9 @@ def update_norm(arrays: NDArrays, reference: NDArrays) -> float:
     return l2_norm(model_update(arrays, reference))
 
 
-def _reject(rejected: Rejections, what: str, proxy: ClientProxy, problem: str,
-            server_round: int) -> None:
+def reject(rejected: Rejections, what: str, proxy: ClientProxy, problem: str,
+           server_round: int) -> None:
+    """Log the rejection of a client's update or report and append it to `rejected`."""
     log(WARNING, "round %s: rejected %s from client %s: %s", server_round, what, proxy.cid,
         problem)
     rejected.append((proxy.cid, problem))
@@ -146,7 +173,7 @@ def _drop_norm_outliers(checked: ValidatedResults, reference: NDArrays, factor: 
     out = ValidatedResults(rejected=list(checked.rejected))
     for entry, arrays, norm in zip(checked.accepted, checked.accepted_arrays, norms):
         if norm > factor * median:
-            _reject(out.rejected, "update", entry[0],
+            reject(out.rejected, "update", entry[0],
                     f"update norm {norm:.4g} exceeds outlier-norm-factor={factor:g} x the "
                     f"round's median update norm ({median:.4g})", server_round)
         else:
@@ -157,25 +184,33 @@ def _drop_norm_outliers(checked: ValidatedResults, reference: NDArrays, factor: 
 
 def validate_fit_results(results: FitResults, reference: NDArrays, server_round: int,
                          max_examples: int = 0,
-                         outlier_norm_factor: float = 0.0) -> ValidatedResults:
+                         outlier_norm_factor: float = 0.0, *,
+                         values: bool = True) -> ValidatedResults:
     """Split fit results into accepted and rejected updates; log every rejection.
 
     With `outlier_norm_factor` > 0, updates that pass the per-update checks are then
-    screened against the median update norm of the round (see `update_norm`).
+    screened against the median update norm of the round (see `update_norm`). With `values`
+    off (and no outlier check, which reads them anyway) the values are not read: only the
+    claims and the arrays' number, shapes and dtypes are checked, and the caller checks
+    finiteness as it folds the updates (`RunningWeightedSum.add`).
     """
+    read_values = values or bool(outlier_norm_factor)
     out = ValidatedResults()
     for proxy, fit_res in results:
         try:
-            arrays = parameters_to_ndarrays(fit_res.parameters)
+            arrays = decode(fit_res.parameters)
         except Exception as err:  # undecodable bytes from a broken client
             problem = f"parameters cannot be decoded: {err}"
         else:
-            problem = update_problem(arrays, fit_res.num_examples, reference, max_examples)
+            problem = (update_problem(arrays, fit_res.num_examples, reference, max_examples)
+                       if read_values else
+                       examples_problem(fit_res.num_examples, max_examples)
+                       or structure_problem(arrays, reference))
         if problem is None:
             out.accepted.append((proxy, fit_res))
             out.accepted_arrays.append(arrays)
         else:
-            _reject(out.rejected, "update", proxy, problem, server_round)
+            reject(out.rejected, "update", proxy, problem, server_round)
     if outlier_norm_factor and out.accepted:
         out = _drop_norm_outliers(out, reference, outlier_norm_factor, server_round)
     return out
@@ -190,11 +225,18 @@ def validate_evaluate_results(results: EvaluateResults, server_round: int,
         if problem is None:
             out.accepted.append((proxy, res))
         else:
-            _reject(out.rejected, "evaluation", proxy, problem, server_round)
+            reject(out.rejected, "evaluation", proxy, problem, server_round)
     return out
 
 
 Res = TypeVar("Res", FitRes, EvaluateRes)
+
+
+def claim_cap(claims: list[int], factor: float) -> int | None:
+    """The cap `cap_claims` puts on claims: `factor` x their lower median (None: no cap)."""
+    if not factor or not claims:
+        return None
+    return max(1, int(factor * statistics.median_low(claims)))
 
 
 def cap_claims(results: list[tuple[ClientProxy, Res]], factor: float,
@@ -206,9 +248,9 @@ def cap_claims(results: list[tuple[ClientProxy, Res]], factor: float,
     of the whole average. Returns the results (unchanged objects where no claim is capped,
     so the average stays exactly Flower's) and how many were capped, each logged.
     """
-    if not factor or not results:
+    cap = claim_cap([res.num_examples for _, res in results], factor)
+    if cap is None:
         return results, 0
-    cap = max(1, int(factor * statistics.median_low(res.num_examples for _, res in results)))
     out, capped = [], 0
     for proxy, res in results:
         if res.num_examples > cap:
@@ -222,7 +264,7 @@ def cap_claims(results: list[tuple[ClientProxy, Res]], factor: float,
 
 def cast_like(parameters: Parameters, reference: NDArrays) -> Parameters:
     """`parameters` with each array cast to the dtype of its `reference` counterpart."""
-    arrays = parameters_to_ndarrays(parameters)
+    arrays = decode(parameters)
     if len(arrays) != len(reference) or all(a.dtype == r.dtype for a, r in zip(arrays, reference)):
         return parameters
     return ndarrays_to_parameters([a.astype(r.dtype) for a, r in zip(arrays, reference)])
@@ -240,4 +282,4 @@ def reference_arrays(parameters: Parameters | None, owner: Strategy,
         raise RuntimeError(f"round {server_round}: {owner!r}.aggregate_fit was called before "
                            "configure_fit, so there is no global model to validate client "
                            "updates against")
-    return parameters_to_ndarrays(parameters)
+    return decode(parameters)

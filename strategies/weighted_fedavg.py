@@ -14,7 +14,6 @@ from flwr.common import (
     NDArrays,
     Parameters,
     Scalar,
-    ndarrays_to_parameters,
     parameters_to_ndarrays,
 )
 from flwr.common.logger import log
@@ -24,7 +23,9 @@ from flwr.server.strategy import Strategy
 from flwr.server.strategy.aggregate import weighted_loss_avg
 
 from strategies.context import StrategyContext
+from strategies.decoding import decode, encode
 from strategies.metrics import weighted_metrics
+from strategies.running_sum import RunningWeightedSum
 
 EvaluateFn = Callable[[int, NDArrays, dict[str, Scalar]], "tuple[float, dict[str, Scalar]] | None"]
 ConfigFn = Callable[[int], dict[str, Scalar]]
@@ -51,7 +52,8 @@ class WeightedFedAvg(Strategy):
     """Federated averaging of client weights, weighted by each client's `num_examples`.
 
     Samples `fraction_fit` of the available clients (at least `min_fit_clients`) and
-    averages their updates (accumulating in float64, keeping each array's dtype); fit and
+    averages their updates (`RunningWeightedSum`: float32 arrays summed in float32 as
+    Flower's `aggregate` sums them, others in float64; each array keeps its dtype); fit and
     evaluate metrics are averaged with the same weights (non-finite values skipped). It
     trusts its inputs: the registry puts every strategy behind `ValidatedStrategy`
     (strategies.validated), which rejects invalid updates and reports first.
@@ -114,18 +116,50 @@ class WeightedFedAvg(Strategy):
         failures: list[tuple[ClientProxy, FitRes] | BaseException],
     ) -> tuple[Parameters | None, dict[str, Scalar]]:
         """Average the updates by `num_examples` (None without results, or with failures
-        when `accept_failures` is off)."""
-        if not results:
+        when `accept_failures` is off): each decoded once, without a copy, and folded into
+        a `RunningWeightedSum` (float32 weights are summed in float32, as Flower does).
+
+        Raises ValueError on an update that does not match the first one or is not finite:
+        this strategy trusts its inputs (`ValidatedStrategy` checks them first).
+        """
+        if self._declines(server_round, results, failures):
             return None, {}
+        updates = [decode(fit_res.parameters) for _, fit_res in results]
+        total = RunningWeightedSum(updates[0])
+        for (proxy, fit_res), arrays in zip(results, updates):
+            problem = total.add(arrays, fit_res.num_examples)
+            if problem is not None:
+                raise ValueError(f"round {server_round}: the update of client {proxy.cid} "
+                                 f"cannot be averaged: {problem}")
+        return self.aggregate_sum(server_round, total, results, failures)
+
+    def aggregate_sum(
+        self,
+        server_round: int,
+        total: RunningWeightedSum,
+        results: list[tuple[ClientProxy, FitRes]],
+        failures: list[tuple[ClientProxy, FitRes] | BaseException],
+    ) -> tuple[Parameters | None, dict[str, Scalar]]:
+        """`aggregate_fit` of updates already folded into `total`, each weighted by its
+        result's `num_examples` (`results` give the fit metrics): what `ValidatedStrategy`
+        hands over when it checks and folds the updates in one pass."""
+        if self._declines(server_round, results, failures) or total.count == 0:
+            return None, {}
+        metrics = weighted_metrics((fit_res.num_examples, fit_res.metrics)
+                                   for _, fit_res in results)
+        return encode(total.result()), metrics
+
+    def _declines(self, server_round: int, results: list[tuple[ClientProxy, FitRes]],
+                  failures: list[tuple[ClientProxy, FitRes] | BaseException]) -> bool:
+        """Whether the round makes no new model: no results, or failures while
+        `accept_failures` is off (logged)."""
+        if not results:
+            return True
         if failures and not self.accept_failures:
             log(WARNING, "round %s: %s client(s) failed and accept-failures is off: "
                 "keeping the previous global model", server_round, len(failures))
-            return None, {}
-        counts = [fit_res.num_examples for _, fit_res in results]
-        averaged = weighted_average(
-            [parameters_to_ndarrays(fit_res.parameters) for _, fit_res in results], counts)
-        metrics = weighted_metrics((fit_res.num_examples, fit_res.metrics) for _, fit_res in results)
-        return ndarrays_to_parameters(averaged), metrics
+            return True
+        return False
 
     def configure_evaluate(self, server_round: int, parameters: Parameters,
                            client_manager: ClientManager) -> list[tuple[ClientProxy, EvaluateIns]]:
@@ -157,6 +191,13 @@ class WeightedFedAvg(Strategy):
         if self.evaluate_fn is None:
             return None
         return self.evaluate_fn(server_round, parameters_to_ndarrays(parameters), {})
+
+
+def sums_updates(strategy: Strategy) -> bool:
+    """Whether `strategy` aggregates exactly as WeightedFedAvg does (a subclass that keeps
+    its `aggregate_fit`; not FedNova), so it can take a `RunningWeightedSum` through
+    `aggregate_sum` instead of the updates."""
+    return type(strategy).aggregate_fit is WeightedFedAvg.aggregate_fit
 
 
 def build(ctx: StrategyContext) -> Strategy:

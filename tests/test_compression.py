@@ -152,8 +152,9 @@ def test_a_compressed_update_that_does_not_decode_is_rejected_and_counted(caplog
 
 def test_the_broadcast_is_encoded_and_the_inner_strategy_sees_what_clients_decode():
     """compress-down=int8: the FitIns carry int8 blobs (about a quarter of float32's bytes);
-    a client that returns what it received yields exactly the decoded broadcast w̃, within
-    half a quantization step of the server's model."""
+    a client that returns what it received yields the decoded broadcast w̃ (up to the float32
+    rounding of the average, summed in float32 as Flower's), within half a quantization step
+    of the server's model."""
     strategy, initial = stack(compress_down="int8")
     zero = {cid: [np.zeros(s, np.float32) for s in SHAPES] for cid in DELTAS}
     new, _, instructions, results = play(strategy, initial, zero)
@@ -164,7 +165,7 @@ def test_the_broadcast_is_encoded_and_the_inner_strategy_sees_what_clients_decod
     received = codec_of(instructions[0][1].parameters.tensor_type).decode(
         list(instructions[0][1].parameters.tensors), reference)
     for w, r, got in zip(received, reference, new):
-        np.testing.assert_array_equal(got, w)
+        np.testing.assert_allclose(got, w, rtol=1e-6, atol=0)
         assert np.max(np.abs(w - r)) <= np.max(np.abs(r)) / 127 / 2 * 1.001
     assert all(res.parameters.tensor_type == "numpy.ndarray" for _, res in results)
 

@@ -56,7 +56,8 @@ def check_config(values: Mapping[str, Scalar]) -> None:
 
 SETTINGS = [
     Setting("dataset", str, "digits",
-            "Dataset: embedded digits, generated Synthetic(alpha,beta), a hub dataset "
+            "Dataset: embedded digits, generated Synthetic(alpha,beta) or CIFAR-shaped "
+            "synthetic-images, a hub dataset "
             "(needs network), or your own .npz/.csv/.parquet file.", "data",
             choices=_dataset_names, check=_is_hub_dataset_or_file,
             check_hint="'hf:<hub id>' or a path ending in .npz, .csv or .parquet"),
@@ -107,4 +108,10 @@ SETTINGS = [
     Setting("synthetic-dim", int, 60, "Synthetic(alpha,beta): feature dimension.", "data", low=1),
     Setting("synthetic-classes", int, 10, "Synthetic(alpha,beta): number of classes.", "data",
             low=2),
+    Setting("synthetic-images-samples", int, 5000, "synthetic-images: how many 32x32x3 "
+            "images are generated, 10 classes balanced, the test set included.", "data",
+            low=20),
+    Setting("synthetic-images-noise", float, 0.5, "synthetic-images: std of the Gaussian "
+            "pixel noise on each image's class pattern (higher is harder; at 0.5, logistic "
+            "regression on the pixels gets about 53%).", "data", low=0.0),
 ]
