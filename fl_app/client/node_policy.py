@@ -53,7 +53,7 @@ from fl_app.data.types import is_data_file
 from fl_app.ml.settings import SETTINGS as ML_SETTINGS
 from fl_app.ml.settings import is_model_file
 from fl_app.schema import ConfigError, Scalar
-from fl_app.wire import KEY_CLIPPING_NORM
+from fl_app.wire import FIT_CONFIG, KEY_CLIPPING_NORM
 from strategies import ckks
 
 KEY_REQUIRE_SECURE = "require-secure"
@@ -62,7 +62,6 @@ KEY_ALLOW_MODELS = "allow-models"
 KEY_ALLOW_DATA = "allow-data"
 KEY_CLIENT_KEY = "client-key"  # the name this node gives the server (`public_client_key`)
 SECURE_MODES = ("secagg+", "he", "any")
-FIT_CONFIG = "fitins.config"  # the config record of a compat FitIns (Flower's naming)
 
 IsFile = Callable[[object], bool]
 """Whether a run-config value names a file (the loader's own test: `is_model_file`,
