@@ -3,9 +3,10 @@
 Both sides import these names from here, so neither imports the other: the server sends
 `round_config` in every `FitIns`, asks each client for its `CLIENT_KEY` property, and
 reads the DP keys back from the client's fit metrics. With update compression, the
-fit config names the codec the client encodes its update with (`fl_app.codecs`). The clipping keys are the ones
-Flower's `fixedclipping_mod`/`adaptiveclipping_mod` use, and `KEY_PROXIMAL_MU` is the one
-Flower's FedProx sends, so our clients work with Flower's strategies and mods.
+fit config names the codec the client encodes its update with (`fl_app.codecs`). The
+clipping keys are the ones Flower's `fixedclipping_mod`/`adaptiveclipping_mod` use, and
+`KEY_PROXIMAL_MU` is the one Flower's FedProx sends, so our clients work with Flower's
+strategies and mods.
 """
 
 from __future__ import annotations
@@ -31,6 +32,8 @@ TIMING_PREFIX = "time_"  # fit metrics: seconds the message spent per phase (tim
 KEY_COMPRESS_UP = "compress-up"  # fit config: the codec the client encodes its update with
 KEY_COMPRESS_TOP_K = "compress-top-k"  # fit config: the fraction of entries top-k keeps
 KEY_ERROR_FEEDBACK = "error-feedback"  # fit config: carry the encoding error to next round
+# The records of Flower's compat messages (`flwr.compat.common.recorddict_compat`), by name:
+FIT_CONFIG = "fitins.config"  # a fit message's config record (FitIns.config)
 
 
 def round_config(cfg: Mapping[str, Scalar], server_round: int) -> dict[str, Scalar]:

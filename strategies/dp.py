@@ -196,7 +196,8 @@ class DPFixedClipping(StrategyWrapper):
     def __init__(self, inner: Strategy, *, noise_multiplier: float, clipping_norm: float,
                  accountant: PrivacyAccountant, noise_seed: int = 0, client_side: bool = False,
                  max_epsilon: float = 0.0, fraction_fit: float = 1.0,
-                 min_fit_clients: int = 1, distributed_evaluation: bool = False) -> None:
+                 min_fit_clients: int = 1, min_available_clients: int = 1,
+                 distributed_evaluation: bool = False) -> None:
         super().__init__(inner)
         if noise_multiplier < 0 or clipping_norm <= 0:
             raise ConfigError(f"need noise-multiplier >= 0 and clipping-norm > 0, got "
@@ -208,6 +209,7 @@ class DPFixedClipping(StrategyWrapper):
         self.max_epsilon = max_epsilon
         self.fraction_fit = fraction_fit
         self.min_fit_clients = min_fit_clients
+        self.min_available_clients = max(1, min_available_clients)
         self.distributed_evaluation = distributed_evaluation
         if distributed_evaluation:
             log(WARNING, "dp-distributed-evaluation=true: the clients' evaluation metrics are "
@@ -379,11 +381,18 @@ class DPFixedClipping(StrategyWrapper):
         return not self.max_epsilon or self.accountant.epsilon(event) <= self.max_epsilon
 
     def budget_allows(self, server_round: int, client_manager: ClientManager) -> bool:
-        """False if the next round (at the number of clients `client_manager` has now)
-        would exceed the budget; True if there is no budget or no client is known yet."""
-        population = client_manager.num_available()
-        if not self.max_epsilon or population == 0:
+        """False if the next round would exceed the budget, among the clients it samples
+        from: like the round's sampling, this first waits until `min_available_clients` are
+        connected (a resumed run may start before any node has), and with no client even
+        then the population is unknown and the round is not allowed. True without a budget."""
+        if not self.max_epsilon:
             return True
+        client_manager.wait_for(self.min_available_clients)
+        population = client_manager.num_available()
+        if population == 0:
+            log(WARNING, "round %s: no client connected, so the privacy budget cannot be "
+                "checked: not started", server_round)
+            return False
         m = min(population, sample_size(population, self.fraction_fit, self.min_fit_clients))
         return self._allows(self.accountant.event(self.noise_multiplier, m, population))
 
@@ -501,6 +510,7 @@ def dp_kwargs(ctx: StrategyContext, client_side: bool) -> dict[str, Any]:
                 accountant=accountant, noise_seed=cfg["dp-noise-seed"], client_side=client_side,
                 max_epsilon=cfg["max-epsilon"], fraction_fit=cfg["fraction-fit"],
                 min_fit_clients=cfg["min-fit-clients"],
+                min_available_clients=cfg["min-available-clients"],
                 distributed_evaluation=cfg["dp-distributed-evaluation"])
 
 

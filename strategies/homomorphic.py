@@ -6,9 +6,10 @@ reports). Each client replies with `[n·w, n]` encrypted under the nodes' shared
 (`strategies.ckks`, client side `fl_app.client.homomorphic`); the wrapper checks each
 reply's structure (one ciphertext per chunk, each deserializing under the public context
 with the expected number of slots, at the context's parameters, level and scale), rejects
-and logs the rest (counted in `num_rejected`; the round goes on with the others), adds the valid ones and
-sends the encrypted sum as the next global model. The clients decrypt it and divide by the
-summed count: FedAvg weighted by examples, which no step on the server sees in the clear.
+and logs the rest (counted in `num_rejected`; the round goes on with the others), adds the
+valid ones and sends the encrypted sum as the next global model. The clients decrypt it and
+divide by the summed count: FedAvg weighted by examples, which no step on the server sees in
+the clear.
 
 Trust model: an honest-but-curious server (it follows the protocol but reads whatever it
 holds) that gets only the public context; the clients share one secret key (so a client

@@ -27,7 +27,7 @@ class PrivacyAccounting(Protocol):
 
     def budget_allows(self, server_round: int, client_manager: ClientManager) -> bool:
         """False if the next round, among `client_manager`'s clients, would exceed the
-        privacy budget."""
+        privacy budget; never True while no client is known (it may wait for them)."""
 
     def ledger(self) -> dict[str, Any]:
         """Every round charged so far: persisted before anything of a round is released."""

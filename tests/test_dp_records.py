@@ -4,6 +4,8 @@ fail) in process."""
 
 from __future__ import annotations
 
+import threading
+
 import numpy as np
 import pytest
 from flwr.common import ndarrays_to_parameters
@@ -27,7 +29,7 @@ class Run:
 
     def __init__(self, strategy: str, clients: list[IdleProxy], *, folder=None,
                  resume: ResumePoint | None = None, max_idle_rounds: int = 0,
-                 **config) -> None:
+                 connect_after: float = 0.0, **config) -> None:
         self.cfg = make_config(strategy=strategy, min_fit_clients=CLIENTS,
                                min_available_clients=CLIENTS, fraction_evaluate=0.0, **config)
         self.rounds: list[dict] = []
@@ -42,8 +44,13 @@ class Run:
             on_finish=lambda reason, p: self.stopped.append(reason),
             on_checkpoint=checkpointer,
             on_charge=None if checkpointer is None else checkpointer.save_ledger, resume=resume)
-        for client in clients:
-            self.server.client_manager().register(client)
+        manager = self.server.client_manager()
+        if connect_after:  # the nodes connect after the server has started
+            threading.Timer(connect_after,
+                            lambda: [manager.register(client) for client in clients]).start()
+        else:
+            for client in clients:
+                manager.register(client)
 
     def fit(self, num_rounds: int) -> Run:
         """Play up to `num_rounds` rounds."""
@@ -89,7 +96,11 @@ def test_without_dp_rounds_without_an_update_still_stop_the_run():
     assert run.stopped == [IDLE_STOP] and len(run.rounds) == 2
 
 
-def test_a_resumed_run_whose_budget_is_spent_stops_before_playing_a_round(tmp_path):
+@pytest.mark.parametrize("connect_after", [0.0, 0.5])
+def test_a_resumed_run_whose_budget_is_spent_stops_before_playing_a_round(tmp_path,
+                                                                          connect_after):
+    """Also when no node is connected yet as the resumed server starts (`connect_after`):
+    the budget check waits for them rather than letting round 1 start empty."""
     first = Run("dp-fixed", answering(), folder=tmp_path).fit(2)
     assert first.stopped == ["num-server-rounds"]
     spent = first.rounds[-1]["privacy"]["epsilon"]  # the budget: exactly these two rounds
@@ -98,8 +109,8 @@ def test_a_resumed_run_whose_budget_is_spent_stops_before_playing_a_round(tmp_pa
     resume = ResumePoint(checkpoint.round, ndarrays_to_parameters(checkpoint.weights),
                          checkpoint.server_state, read_ledger(tmp_path))
     clients = answering()
-    resumed = Run("dp-fixed", clients, folder=tmp_path, resume=resume,
-                  max_epsilon=spent).fit(4)
+    resumed = Run("dp-fixed", clients, folder=tmp_path, resume=resume, max_epsilon=spent,
+                  connect_after=connect_after).fit(4)
     assert resumed.stopped == ["privacy-budget"]
     assert resumed.rounds == []  # no round recorded
     assert sum(client.fits for client in clients) == 0  # nothing sent, nothing released

@@ -23,6 +23,9 @@ from fl_app.client.node_policy import (
     check_sources,
     node_policy_mod,
 )
+from fl_app.data.files import read_data_file
+from fl_app.data.types import is_data_file
+from fl_app.ml.settings import is_model_file
 from fl_app.wire import CLIENT_KEY, KEY_CLIPPING_NORM
 from strategies import ckks
 from tests.conftest import make_config
@@ -182,7 +185,7 @@ def test_allowed_sources_compare_files_after_realpath(tmp_path, monkeypatch):
     outside.write_bytes(b"")
     (models / "link.keras").symlink_to(outside)
     entries = ("mlp", "examples.keras_models:regression", str(models))
-    keras_file = (".keras",)
+    keras_file = is_model_file
     assert allowed("mlp", entries, keras_file)
     assert allowed("examples.keras_models:regression", entries, keras_file)
     assert not allowed("examples.keras_models:other", entries, keras_file)
@@ -197,9 +200,57 @@ def test_allowed_sources_compare_files_after_realpath(tmp_path, monkeypatch):
     assert not allowed("models/sub/m.keras", ("models",), keras_file)
     assert allowed("models/sub/m.keras", ("./models",), keras_file)
     data = ("digits", str(tmp_path / "mine.npz"))
-    assert allowed("digits", data, (".npz",)) and not allowed("hf:x/y", data, (".npz",))
-    assert allowed(str(tmp_path / "." / "mine.npz"), data, (".npz",))
-    assert not allowed(str(tmp_path / "other.npz"), data, (".npz",))
+    assert allowed("digits", data, is_data_file) and not allowed("hf:x/y", data, is_data_file)
+    assert allowed(str(tmp_path / "." / "mine.npz"), data, is_data_file)
+    assert not allowed(str(tmp_path / "other.npz"), data, is_data_file)
+
+
+def test_a_listed_file_named_through_a_symlink_or_dotdot_is_refused(tmp_path):
+    """The check resolves the value, the loader opens it as given: a value through a symlink
+    (here one another account could re-point) is refused, so what is checked is what is
+    opened."""
+    listed, evil = tmp_path / "listed", tmp_path / "evil"
+    for folder in (listed, evil):
+        (folder / "sub").mkdir(parents=True)
+    np.savez(listed / "mine.npz", x=np.zeros((2, 1)), y=np.zeros(2))
+    np.savez(evil / "mine.npz", x=np.ones((5, 1)), y=np.ones(5))
+    hop = tmp_path / "hop"  # e.g. in a folder another local account may write
+    hop.symlink_to(listed / "sub")
+    (listed / "link.npz").symlink_to(listed / "mine.npz")
+    policy = NodePolicy.from_node_config({"allow-data": f"{listed}/"})
+
+    def refuses(value: str, match: str) -> None:
+        with pytest.raises(NodePolicyError, match=match) as err:
+            check_sources(policy, {"dataset": value}, "node 7")
+        assert f"node 7 refuses run-config dataset={value!r}" in str(err.value)
+        assert str(listed) not in str(err.value).replace(value, "")  # no list, no target
+
+    through = f"{hop}/../mine.npz"  # resolves to listed/mine.npz today
+    refuses(through, r"names a path through a symlink or '\.\.'; give the resolved path")
+    refuses(str(listed / "link.npz"), "through a symlink")  # the file itself is a link
+    refuses(f"{listed}/sub/../mine.npz", "through a symlink or '..'")  # `..` alone too
+    refuses(f"{evil}/mine.npz", "does not list it")
+    refuses(f"{tmp_path}/evil/../hop/../mine.npz", "through a symlink")
+    check_sources(policy, {"dataset": str(listed / "mine.npz")})  # the resolved path passes
+    # Why: re-pointing the link after a check would have made the loader read other data.
+    hop.unlink()
+    hop.symlink_to(evil / "sub")
+    assert len(read_data_file(through)[1]) == 5
+
+
+def test_policy_and_loader_tell_a_file_from_a_name_alike(tmp_path):
+    """`.KERAS` is not a model file to the loader (nor to the run-config check), so the
+    policy does not match it against a folder entry either."""
+    (tmp_path / "m.keras").write_bytes(b"")
+    (tmp_path / "M.KERAS").write_bytes(b"")
+    policy = NodePolicy.from_node_config({"allow-models": f"{tmp_path}/",
+                                          "allow-data": f"{tmp_path}/"})
+    check_sources(policy, {"model": str(tmp_path / "m.keras"),
+                           "dataset": str(tmp_path / "d.NPZ")})  # data suffixes: any case
+    with pytest.raises(NodePolicyError, match="model=.*M.KERAS.*does not list it"):
+        check_sources(policy, {"model": str(tmp_path / "M.KERAS"),
+                               "dataset": str(tmp_path / "d.npz")})
+    assert not is_model_file("M.KERAS") and is_data_file("d.NPZ")
 
 
 @pytest.fixture

@@ -79,3 +79,15 @@ def test_check_reports_ok_or_one_error_line_and_trains_nothing(monkeypatch, caps
     err = capsys.readouterr().err
     assert err.startswith("error: run-config key 'strategy' has invalid value 'fedavgg'")
     assert err.endswith("did you mean 'fedavg'?\n") and err.count("\n") == 1
+
+
+def test_a_ray_without_its_loopback_switch_is_refused_with_a_clear_error(monkeypatch):
+    """`loopback_only_ray` sets a private Ray constant: a Ray without it is named, and the
+    simulation does not start (it could listen beyond 127.0.0.1)."""
+    from ray._private import ray_constants
+
+    monkeypatch.delattr(ray_constants, "ENABLE_RAY_CLUSTER")
+    with pytest.raises(RuntimeError, match=r"Ray \S+ has no .*ENABLE_RAY_CLUSTER.*127\.0\.0\.1: "
+                       "not started"):
+        with simulate.loopback_only_ray():
+            raise AssertionError("entered without the switch")

@@ -59,6 +59,10 @@ DATA_RUNS = 2  # runs whose node data stays loaded
 CHALLENGE_TIMEOUT = 10.0  # seconds a new connection has to answer the key challenge
 REQUEST_WAIT = 30.0  # seconds a connected client has to send its request
 BACKLOG = 16  # connections the kernel queues until they are accepted
+_Items = tuple[tuple[str, Scalar], ...]
+DataKey = tuple[int, _Items, _Items, tuple[int, int, int] | None]
+"""What a node's loaded data is cached by: run id, run config, node config and the data
+file's stamp (`file_stamp`)."""
 
 Log = Callable[[str], None]
 FileId = tuple[int, int, int]  # device, inode and change time of a file this process made
@@ -102,7 +106,7 @@ class Worker:
     def __init__(self, authkey: bytes, log: Log) -> None:
         self.authkey = authkey
         self.log = log
-        self.data: OrderedDict[tuple, Any] = OrderedDict()
+        self.data: OrderedDict[DataKey, ClientData] = OrderedDict()
         self.served = 0
         self.calls = threading.Lock()
 
@@ -268,7 +272,7 @@ def _bind(path: Path) -> tuple[socket.socket, FileId | None]:
     return server, _file_id(path)
 
 
-def _watch_parent(pid: int, cleanup) -> None:
+def _watch_parent(pid: int, cleanup: Callable[[], None]) -> None:
     """Exit this process (after `cleanup`) once process `pid` has ended."""
     import psutil
 

@@ -228,6 +228,12 @@ def loopback_only_ray() -> Iterator[None]:
     both restored afterwards."""
     from ray._private import ray_constants
 
+    if not hasattr(ray_constants, "ENABLE_RAY_CLUSTER"):  # a private name: check it is there
+        import ray
+
+        raise RuntimeError(f"Ray {ray.__version__} has no ray._private.ray_constants."
+                           "ENABLE_RAY_CLUSTER, which keeps the simulation's Ray on "
+                           "127.0.0.1: not started; use a Ray version that has it")
     saved_env, saved = os.environ.get(RAY_CLUSTER_ENV), ray_constants.ENABLE_RAY_CLUSTER
     os.environ[RAY_CLUSTER_ENV], ray_constants.ENABLE_RAY_CLUSTER = "0", False
     try:

@@ -38,10 +38,11 @@ class KerasClient(NumPyClient):
     `norm_bit` (keys in `fl_app.wire`, clipping in `strategies.clipping`); a `dp_noise_std`
     as well (distributed DP under secure aggregation) adds Gaussian noise of that std to the
     clipped update, from OS entropy, and reports `num_examples=1` and no metrics at all: the
-    DP sum weighs clients equally, and a curious server must learn nothing but the sum. Fit metrics carry
-    the data's quality report (`data_rows`, `data_dropped_*`, `data_warnings`). `client_key` (the partition id in simulation,
-    a CRC of the data file's name in deployment) varies the shuffling between clients; it
-    stays on the node. `public_key` is what `get_properties` tells the server
+    DP sum weighs clients equally, and a curious server must learn nothing but the sum. Fit
+    metrics carry the data's quality report (`data_rows`, `data_dropped_*`,
+    `data_warnings`). `client_key` (the partition id in simulation, a CRC of the data
+    file's name in deployment) varies the shuffling between clients; it stays on the node.
+    `public_key` is what `get_properties` tells the server
     (`fl_app.client.node_policy.public_client_key`; empty: nothing).
     """
 

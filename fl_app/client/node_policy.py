@@ -16,10 +16,13 @@ which model code it imports and which data it reads. The server's run config can
   unclipped weights) is refused.
 - `allow-models`, `allow-data` (comma-separated): the run config's `model` and `dataset`
   values the node accepts; anything else is refused before it is imported or read. A `.keras`
-  model or a data file matches an entry naming the same file, or a folder it lies under, both
-  compared after `realpath` (no `../` or symlink leads out); every other value (builder names,
-  `package.module:function`, `digits`, `hf:<id>`) must equal an entry. Unset: anything the run
-  config's checks accept, as before.
+  model or a data file (told apart by the loaders' own rules, `is_model_file`, `is_data_file`)
+  matches an entry naming the same file, or a folder it lies under, both compared after
+  `realpath` (no `../` or symlink leads out); every other value (builder names,
+  `package.module:function`, `digits`, `hf:<id>`) must equal an entry. A file value must be
+  its own resolved path: one through a symlink or a `..` is refused, since the loader opens
+  the value as given and such a path could be re-pointed between the check and the load.
+  Unset: anything the run config's checks accept, as before.
 
 `node_policy_mod` enforces all of it for every message, before anything is built;
 `check_sources` is also called where a node builds its client (`fl_app.app.local_client`), so a
@@ -46,10 +49,11 @@ from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFI
 from flwr.compat.common import recorddict_compat as compat
 
 from fl_app.data.settings import SETTINGS as DATA_SETTINGS
-from fl_app.data.types import FILE_SUFFIXES
+from fl_app.data.types import is_data_file
 from fl_app.ml.settings import SETTINGS as ML_SETTINGS
+from fl_app.ml.settings import is_model_file
 from fl_app.schema import ConfigError, Scalar
-from fl_app.wire import KEY_CLIPPING_NORM
+from fl_app.wire import FIT_CONFIG, KEY_CLIPPING_NORM
 from strategies import ckks
 
 KEY_REQUIRE_SECURE = "require-secure"
@@ -58,12 +62,15 @@ KEY_ALLOW_MODELS = "allow-models"
 KEY_ALLOW_DATA = "allow-data"
 KEY_CLIENT_KEY = "client-key"  # the name this node gives the server (`public_client_key`)
 SECURE_MODES = ("secagg+", "he", "any")
-FIT_CONFIG = "fitins.config"  # the config record of a compat FitIns (Flower's naming)
 
-# run-config key -> (the node-config list that allows it, suffixes of values that are files)
-SOURCE_KEYS: dict[str, tuple[str, tuple[str, ...]]] = {
-    "model": (KEY_ALLOW_MODELS, (".keras",)),
-    "dataset": (KEY_ALLOW_DATA, FILE_SUFFIXES),
+IsFile = Callable[[object], bool]
+"""Whether a run-config value names a file (the loader's own test: `is_model_file`,
+`is_data_file`)."""
+
+# run-config key -> (the node-config list that allows it, whether a value is a file)
+SOURCE_KEYS: dict[str, tuple[str, IsFile]] = {
+    "model": (KEY_ALLOW_MODELS, is_model_file),
+    "dataset": (KEY_ALLOW_DATA, is_data_file),
 }
 _DEFAULTS = {s.key: s.default for s in (*ML_SETTINGS, *DATA_SETTINGS) if s.key in SOURCE_KEYS}
 
@@ -129,32 +136,45 @@ def _entries(value: Scalar, key: str, node: str) -> tuple[str, ...]:
 
 
 def _real(path: str) -> Path:
+    """`path` with `~` expanded and every symlink and `..` resolved."""
     return Path(os.path.realpath(os.path.expanduser(path)))
 
 
-def allowed(value: str, entries: tuple[str, ...], file_suffixes: tuple[str, ...]) -> bool:
-    """Whether `value` is one of `entries`: for a file (a name ending in `file_suffixes`) the
-    same file or one under an entry's folder (an entry with a `/`) after `realpath`, else the
-    same string."""
-    if not value.lower().endswith(file_suffixes):
+def resolved(path: str) -> bool:
+    """Whether `path` (after `~`) is its own resolved path: no `..` and no symlink on the way,
+    so the file a loader opens from it later is the one `realpath` names now (barring a
+    writer into its folders)."""
+    expanded = os.path.expanduser(path)
+    return ".." not in Path(expanded).parts and _real(path) == Path(os.path.abspath(expanded))
+
+
+def allowed(value: str, entries: tuple[str, ...], is_file: IsFile) -> bool:
+    """Whether `value` is one of `entries`: for a file (`is_file`) the same file or one under
+    an entry's folder (an entry with a `/`) after `realpath`, else the same string."""
+    if not is_file(value):
         return value in entries
     real = _real(value)
     paths = [_real(entry) for entry in entries  # names (mlp, digits) are never folders
-             if "/" in entry or entry.lower().endswith(file_suffixes)]
+             if "/" in entry or is_file(entry)]
     return any(real == path or (path.is_dir() and real.is_relative_to(path)) for path in paths)
 
 
 def check_sources(policy: NodePolicy, run_config: Mapping[str, Scalar],
                   node: str = "this node") -> None:
     """Refuse (`NodePolicyError`) a run config whose model or dataset the node's
-    `allow-models`/`allow-data` does not list, before anything is imported or read."""
-    for key, (list_key, suffixes) in SOURCE_KEYS.items():
+    `allow-models`/`allow-data` does not list, or that names a listed file through a
+    symlink or `..` (see `resolved`), before anything is imported or read."""
+    for key, (list_key, is_file) in SOURCE_KEYS.items():
         if list_key not in policy.allow:
             continue
         value = str(run_config.get(key, _DEFAULTS[key]))
-        if not allowed(value, policy.allow[list_key], suffixes):
+        if not allowed(value, policy.allow[list_key], is_file):
             raise NodePolicyError(f"{node} refuses run-config {key}={value!r}: its "
                                   f"node-config {list_key} does not list it")
+        if is_file(value) and not resolved(value):
+            raise NodePolicyError(f"{node} refuses run-config {key}={value!r}: it names a path "
+                                  "through a symlink or '..'; give the resolved path (node-config "
+                                  f"{list_key} is checked against the file that is opened)")
 
 
 def he_ready(run_config: Mapping[str, Scalar], node_config: Mapping[str, Scalar]) -> bool:

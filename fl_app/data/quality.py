@@ -14,9 +14,10 @@ file) and on a file dataset's pool before it is split:
   are removed and counted per reason.
 * Warnings only: training data of a single class, and extreme imbalance (the majority
   class has more than `max-class-imbalance` times the examples of the minority class;
-  0 disables). A warning holds counts only, never a class label (it reaches the server). Skewed, even one-class clients are what non-IID federated learning is
-  about (`partitioner='pathological'` with one class per client must keep working), so
-  these never stop a run: they are logged and reported.
+  0 disables). A warning holds counts only, never a class label (it reaches the server).
+  Skewed, even one-class clients are what non-IID federated learning is about
+  (`partitioner='pathological'` with one class per client must keep working), so these
+  never stop a run: they are logged and reported.
 
 The report reaches the server as fit metrics (`QualityReport.as_metrics`, keys starting
 with `fl_app.wire.DATA_QUALITY_PREFIX`; the warnings as one string of at most

@@ -14,11 +14,20 @@ def _model_names() -> list[str]:
     return sorted(MODEL_BUILDERS)
 
 
+MODEL_FILE_SUFFIX = ".keras"
+
+
+def is_model_file(value: object) -> bool:
+    """Whether a `model` value names a `.keras` file (by its suffix, case-sensitive as the
+    run-config check is); the node's allow-list (`fl_app.client.node_policy`) asks the same."""
+    return str(value).endswith(MODEL_FILE_SUFFIX)
+
+
 def _is_model_reference(value: Scalar) -> bool:
     """A `.keras` path or a `package.module:function`."""
     from fl_app.ml.models import is_function_reference
 
-    return str(value).endswith(".keras") or is_function_reference(str(value))
+    return is_model_file(value) or is_function_reference(str(value))
 
 
 SETTINGS = [
