@@ -28,6 +28,7 @@ context file the server holds is the same context without it (`write_key_pair`),
 
 from __future__ import annotations
 
+import hashlib
 import math
 import os
 import sys
@@ -79,6 +80,13 @@ def new_secret_context() -> Any:
 def public_bytes(ctx: Any) -> bytes:
     """`ctx` serialized without its secret key (what the server may hold)."""
     return ctx.serialize(save_secret_key=False, save_galois_keys=False, save_relin_keys=False)
+
+
+def context_fingerprint(public: bytes) -> str:
+    """A short fingerprint of the public context serialized in `public` (`public_bytes`):
+    SHA-256, its first 80 bits in hex, for operators to compare that all hold one key."""
+    digest = hashlib.sha256(public).hexdigest()[:20]
+    return "SHA256:" + "-".join(digest[i:i + 4] for i in range(0, len(digest), 4))
 
 
 def secret_bytes(ctx: Any) -> bytes:
