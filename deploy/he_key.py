@@ -32,8 +32,11 @@ The key holder must check each recipient's fingerprint (printed here) with that 
 operator, and each node the key holder's fingerprint (printed by `open`) with the key
 holder's operator, as the SuperLink's operator does before registering a key: a public key
 substituted on the way would receive the secret key, or pass off another key as the key
-holder's. Every file is written mode 600 (in a
-folder made mode 700 if missing) and never over an existing file.
+holder's. Every file is written mode 600 (in a folder made mode 700 if missing) and never
+over an existing file. The node key both signs here and agrees keys (ECDH) for `open`, and
+signs SuperNode authentication: each use hashes a different message (here under
+`SIGNED_LABEL`, with SHA-384; Flower's with SHA-256), so no signature of one is valid for
+another.
 """
 
 from __future__ import annotations
