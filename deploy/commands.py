@@ -143,23 +143,27 @@ def he_run_config(dep: Deployment) -> str:
             if dep.he_key_held_by is not None else "")
 
 
-def he_key_generate(dep: Deployment, holder: NodeFiles, python: str = "python") -> Command:
-    """`python -m deploy.he_key generate` on the key holder `holder`: the CKKS key pair, its
-    own secret key at `dep.he_key(holder)`, the public context at `dep.he_public_context`,
-    and a sealed copy `he/node-i.sealed` for every other node's public key."""
+def he_key_generate(dep: Deployment, holder: NodeFiles, node_key: str,
+                    python: str = "python") -> Command:
+    """`python -m deploy.he_key generate` on the key holder `holder`, signing with its private
+    key `node_key`: the CKKS key pair, its own secret key at `dep.he_key(holder)`, the public
+    context at `dep.he_public_context`, and a sealed copy `he/node-i.sealed` for every other
+    node's public key."""
     others = [str(node.public_key) for node in dep.nodes if node != holder]
-    argv = [python, "-m", "deploy.he_key", "generate", "--out",
+    argv = [python, "-m", "deploy.he_key", "generate", "--node-key", node_key, "--out",
             str(dep.he_public_context.parent), "--name", holder.name]
     return Command(argv + (["--for", *others] if others else []))
 
 
-def he_key_open(dep: Deployment, node: NodeFiles, node_key: str,
+def he_key_open(dep: Deployment, node: NodeFiles, holder: NodeFiles, node_key: str,
                 python: str = "python") -> Command:
-    """`python -m deploy.he_key open` on `node`: its sealed copy opened with its private
-    key `node_key`, written to `dep.he_key(node)` (its node-config `he-key-file`)."""
+    """`python -m deploy.he_key open` on `node`: its sealed copy, which must be signed by the
+    key holder `holder`'s public key, opened with its private key `node_key`, written to
+    `dep.he_key(node)` (its node-config `he-key-file`)."""
     sealed = dep.he_public_context.parent / f"{node.name}.sealed"
     return Command([python, "-m", "deploy.he_key", "open", "--sealed", str(sealed),
-                    "--node-key", node_key, "--out", str(dep.he_key(node))])
+                    "--from", str(holder.public_key), "--node-key", node_key,
+                    "--out", str(dep.he_key(node))])
 
 
 def register(dep: Deployment, node: NodeFiles, cli_home: Path) -> Command:

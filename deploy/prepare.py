@@ -271,22 +271,34 @@ def he_key_steps(dep: Deployment, project_dir: Path = PROJECT_DIR) -> list[str]:
         return []
     holder, others = dep.nodes[0], dep.nodes[1:]
     lines = [(f"# 0. The nodes' shared CKKS secret key is made on {holder.name}, the key holder, "
-              "never here or on the SuperLink host. On it, from the project folder, with the "
-              f"other nodes' public keys (copies of {dep.root}/keys/node-i.pub; check each "
-              "fingerprint, printed by the command, with its node):"),
-             commands.he_key_generate(dep, holder).shell(cwd=project_dir),
+              "never here or on the SuperLink host. On it, from the project folder, with its "
+              "own private key (it signs the sealed files) and the other nodes' public keys "
+              f"(copies of {dep.root}/keys/node-i.pub; check each fingerprint, printed by the "
+              "command, with its node):"),
+             commands.he_key_generate(dep, holder, _private_key(holder))
+             .shell(cwd=project_dir),
              (f"# {holder.name} keeps {dep.he_key(holder)}; copy "
               f"{dep.he_public_context} (no secret key) to the SuperLink host at that path"
-              + (", and each he/node-i.sealed (only node i can open it) to node i, which "
-                 "opens it:" if others else "."))]
-    lines += [commands.he_key_open(dep, node, _node_side_key(node) or str(node.key))
+              + (f", and to each node i he/node-i.sealed (only node i can open it) and "
+                 f"{holder.public_key} ({holder.name}'s public key, fingerprint "
+                 f"{_fingerprint(holder)}: check it with {holder.name}'s operator; `open` "
+                 "refuses a file it did not sign). Node i opens it:" if others else "."))]
+    lines += [commands.he_key_open(dep, node, holder, _private_key(node))
               .shell(cwd=project_dir) for node in others]
+    if others:
+        lines.append("# Every node's command prints the public context's fingerprint: compare "
+                     f"it with the one {holder.name}'s printed (one key for all).")
     return lines + [""]
 
 
 def _fingerprint(node: NodeFiles) -> str:
     """The SHA256 fingerprint of `node`'s public key."""
     return pki.fingerprint(pki.read_node_public_key(node.public_key))
+
+
+def _private_key(node: NodeFiles) -> str:
+    """Where `node`'s private key is: on its own machine, or in the folder."""
+    return _node_side_key(node) or str(node.key)
 
 
 def _node_side_key(node: NodeFiles) -> str | None:

@@ -28,6 +28,7 @@ context file the server holds is the same context without it (`write_key_pair`),
 
 from __future__ import annotations
 
+import hashlib
 import math
 import os
 import sys
@@ -44,6 +45,7 @@ POLY_MODULUS_DEGREE = 8192
 COEFF_MOD_BIT_SIZES = (60, 40, 60)
 SCALE_BITS = 40
 SLOTS = POLY_MODULUS_DEGREE // 2
+MAX_ENCODED = 2.0 ** 50  # largest |n·w| a client encrypts (`encodable`)
 KEY_FILE_NODE_CONFIG = "he-key-file"  # node config: path to the node's secret context file
 PUBLIC_CONTEXT_FILE = "he_public_context.bin"
 SECRET_CONTEXT_FILE = "he_secret_context.bin"
@@ -79,6 +81,13 @@ def new_secret_context() -> Any:
 def public_bytes(ctx: Any) -> bytes:
     """`ctx` serialized without its secret key (what the server may hold)."""
     return ctx.serialize(save_secret_key=False, save_galois_keys=False, save_relin_keys=False)
+
+
+def context_fingerprint(public: bytes) -> str:
+    """A short fingerprint of the public context serialized in `public` (`public_bytes`):
+    SHA-256, its first 80 bits in hex, for operators to compare that all hold one key."""
+    digest = hashlib.sha256(public).hexdigest()[:20]
+    return "SHA256:" + "-".join(digest[i:i + 4] for i in range(0, len(digest), 4))
 
 
 def secret_bytes(ctx: Any) -> bytes:
@@ -169,6 +178,12 @@ def check_key_pair(public_path: str | Path, secret_path: str | Path) -> None:
                            "and run_simulation.py makes a fresh pair")
 
 
+class CountError(ValueError):
+    """The decrypted example count of an aggregate is not a positive count: it was forged
+    (e.g. a client's reply with its count shifted by a plaintext), since an honest sum's
+    count is an integer of at least 1. Its message never holds a decrypted value."""
+
+
 def num_chunks(num_values: int) -> int:
     """How many ciphertexts carry `num_values` weights plus the count."""
     return math.ceil((num_values + 1) / SLOTS)
@@ -178,6 +193,15 @@ def chunk_sizes(num_values: int) -> list[int]:
     """The number of slots used in each ciphertext for `num_values` weights plus the count."""
     total = num_values + 1
     return [min(SLOTS, total - start) for start in range(0, total, SLOTS)]
+
+
+def encodable(weights: NDArrays, num_examples: int) -> bool:
+    """Whether `encrypt_update` takes these weights: every `n·w` finite and at most
+    `MAX_ENCODED` in size (far above any trained model's, far below what CKKS cannot encode
+    or decrypt at this scale), so that the check, not TenSEAL, refuses them."""
+    return all(bool(np.all(np.isfinite(w)))
+               and float(np.max(np.abs(np.asarray(w, dtype=np.float64)), initial=0.0))
+               * num_examples <= MAX_ENCODED for w in weights)
 
 
 def encrypt_update(ctx: Any, weights: NDArrays, num_examples: int) -> NDArrays:
@@ -256,8 +280,8 @@ def add_encrypted(replies: Sequence[list[Any]]) -> NDArrays:
 
 def decrypt_average(ctx: Any, arrays: NDArrays, reference: NDArrays) -> NDArrays:
     """Decrypt an encrypted sum and divide by its count: the weighted average, shaped and
-    typed like `reference` (the model's weights). ValueError if it does not fit; its message
-    never holds a decrypted value."""
+    typed like `reference` (the model's weights). ValueError if it does not fit (`CountError`
+    if its count is not a positive count); its message never holds a decrypted value."""
     num_values = sum(int(np.asarray(r).size) for r in reference)
     vectors = ciphertexts(ctx, arrays, chunk_sizes(num_values))
     flat = np.concatenate([np.asarray(v.decrypt(), dtype=np.float64) for v in vectors])
@@ -265,7 +289,7 @@ def decrypt_average(ctx: Any, arrays: NDArrays, reference: NDArrays) -> NDArrays
     if not count > 0.5:  # counts are integers >= 1; CKKS error is far below 0.5
         # Never quote a decrypted value: a server that sends someone's ciphertext as the
         # aggregate would read it back in the error reply (a decryption oracle).
-        raise ValueError("the encrypted aggregate's example count is not a positive count")
+        raise CountError("the encrypted aggregate's example count is not a positive count")
     average, start = [], 0
     for ref in reference:
         ref = np.asarray(ref)

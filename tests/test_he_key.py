@@ -4,14 +4,16 @@ P-384 keys: real `cryptography` keys, real TenSEAL contexts, the printed command
 
 from __future__ import annotations
 
+import re
 import shlex
 import stat
 from pathlib import Path
 
 import numpy as np
 import pytest
+from cryptography.hazmat.primitives.asymmetric import ec
 
-from deploy import he_key, node_key
+from deploy import he_key, node_key, pki
 from deploy.layout import KEY_IN_FOLDER, KEY_ON_NODE, DeploymentError
 from strategies import ckks
 
@@ -32,15 +34,23 @@ def nodes(tmp_path_factory) -> dict[str, Path]:
 def generated(tmp_path_factory, nodes) -> Path:
     """node-0's `generate` for node-1 and node-2, through the command line."""
     out = tmp_path_factory.mktemp("holder") / "he"
-    argv = ["generate", "--out", str(out), "--name", "node-0",
-            "--for", str(nodes["node-1"]) + ".pub", str(nodes["node-2"]) + ".pub"]
+    argv = ["generate", "--node-key", str(nodes["node-0"]), "--out", str(out),
+            "--name", "node-0", "--for", str(nodes["node-1"]) + ".pub",
+            str(nodes["node-2"]) + ".pub"]
     assert he_key.main(argv) == 0
     return out
 
 
-def _open(sealed: Path, key: Path, out: Path, capsys) -> tuple[int, str]:
-    code = he_key.main(["open", "--sealed", str(sealed), "--node-key", str(key),
-                        "--out", str(out)])
+def _pub(private: Path) -> Path:
+    """The public key file next to the node's private key file `private`."""
+    return private.with_name(private.name + ".pub")
+
+
+def _open(sealed: Path, key: Path, out: Path, capsys, holder: Path) -> tuple[int, str]:
+    """`open` of `sealed` with the node key `key`, which must be signed by the public key
+    `holder`; its exit code and stderr."""
+    code = he_key.main(["open", "--sealed", str(sealed), "--from", str(holder),
+                        "--node-key", str(key), "--out", str(out)])
     return code, capsys.readouterr().err
 
 
@@ -65,7 +75,8 @@ def test_each_node_opens_its_own_sealed_copy_of_the_holders_key(generated, nodes
                                                                  capsys):
     for name in ("node-1", "node-2"):
         out = tmp_path / name / "he.ckks"
-        code, err = _open(generated / f"{name}.sealed", nodes[name], out, capsys)
+        code, err = _open(generated / f"{name}.sealed", nodes[name], out, capsys,
+                          _pub(nodes["node-0"]))
         assert code == 0, err
         assert _mode(out) == 0o600 and _mode(out.parent) == 0o700
         assert out.read_bytes() == (generated / "node-0.ckks").read_bytes()
@@ -83,7 +94,8 @@ def test_each_node_opens_its_own_sealed_copy_of_the_holders_key(generated, nodes
 def test_a_sealed_file_opened_with_another_nodes_key_fails_cleanly(generated, nodes, tmp_path,
                                                                    capsys):
     out = tmp_path / "he.ckks"
-    code, err = _open(generated / "node-1.sealed", nodes["node-2"], out, capsys)
+    code, err = _open(generated / "node-1.sealed", nodes["node-2"], out, capsys,
+                      _pub(nodes["node-0"]))
     assert code == 2 and not out.exists()
     assert err.startswith(f"error: {generated / 'node-1.sealed'} was sealed for the node key "
                           "SHA256:"), err
@@ -94,51 +106,125 @@ def _flipped(data: bytes, offset: int) -> bytes:
     return data[:offset] + bytes([data[offset] ^ 1]) + data[offset + 1:]
 
 
+def _resigned(data: bytes, signer: Path) -> bytes:
+    """`data`, a sealed file, with its signature replaced by the node key `signer`'s over it."""
+    content = data[:-he_key.SIGNATURE_BYTES]
+    return content + he_key._sign(content, pki.read_node_private_key(signer))
+
+
 @pytest.mark.parametrize("where", ["ephemeral key", "nonce", "ciphertext", "tag",
-                                   "fingerprint", "truncated"])
+                                   "recipient", "signer", "signature", "truncated",
+                                   "ciphertext, signed by the holder"])
 def test_a_tampered_sealed_file_fails_cleanly(generated, nodes, tmp_path, capsys, where):
     data = (generated / "node-1.sealed").read_bytes()
-    body = data.index(b"\n", len(he_key.MAGIC)) + 1  # after the recipient's fingerprint
+    recipient = data.index(b"\n", len(he_key.MAGIC)) + 1  # after the recipient's fingerprint
+    body = data.index(b"\n", recipient) + 1  # after the signer's fingerprint
+    tag = len(data) - he_key.SIGNATURE_BYTES - 1
     tampered = {
         "ephemeral key": _flipped(data, body + 40),
         "nonce": _flipped(data, body + he_key.POINT_BYTES + 3),
         "ciphertext": _flipped(data, len(data) // 2),
-        "tag": _flipped(data, len(data) - 1),
-        "fingerprint": _flipped(data, body - 5),
+        "tag": _flipped(data, tag),
+        "recipient": _flipped(data, recipient - 5),
+        "signer": _flipped(data, body - 5),
+        "signature": _flipped(data, len(data) - 1),
         "truncated": data[:body + 50],
+        # Signed as it is by the holder, but damaged before: the AEAD still refuses it.
+        "ciphertext, signed by the holder": _resigned(_flipped(data, tag), nodes["node-0"]),
     }[where]
     sealed, out = tmp_path / "node-1.sealed", tmp_path / "he.ckks"
     sealed.write_bytes(tampered)
-    code, err = _open(sealed, nodes["node-1"], out, capsys)
+    code, err = _open(sealed, nodes["node-1"], out, capsys, _pub(nodes["node-0"]))
     assert code == 2 and not out.exists()
     assert err.startswith(f"error: {sealed} ") and len(err.splitlines()) == 1, err
-    assert ("altered or damaged" in err or "truncated" in err
-            or "was sealed for the node key" in err), err
+    expected = {"recipient": "was sealed for the node key", "truncated": "is truncated",
+                "ciphertext, signed by the holder": "has been altered or damaged"}
+    assert expected.get(where, "is not signed by the key holder's key") in err, err
 
 
 def test_nothing_is_overwritten_and_bad_inputs_name_the_file(generated, nodes, tmp_path,
                                                              capsys):
+    holder = _pub(nodes["node-0"])
     before = (generated / "node-0.ckks").read_bytes()
-    assert he_key.main(["generate", "--out", str(generated), "--name", "node-0",
+    assert he_key.main(["generate", "--node-key", str(nodes["node-0"]), "--out",
+                        str(generated), "--name", "node-0",
                         "--for", str(nodes["node-1"]) + ".pub"]) == 2
     assert capsys.readouterr().err.startswith(f"error: {generated / 'node-0.ckks'} already "
                                               "exists: refusing to replace it")
     assert (generated / "node-0.ckks").read_bytes() == before
     taken = tmp_path / "taken.ckks"
     taken.write_bytes(b"keep")
-    code, err = _open(generated / "node-1.sealed", nodes["node-1"], taken, capsys)
+    code, err = _open(generated / "node-1.sealed", nodes["node-1"], taken, capsys, holder)
     assert code == 2 and err.startswith(f"error: {taken} already exists")
     assert taken.read_bytes() == b"keep"
-    code, err = _open(generated / "node-1.sealed", nodes["node-1"].with_suffix(".pub"),
-                      tmp_path / "x.ckks", capsys)  # a public key given as --node-key
-    assert code == 2 and str(nodes["node-1"].with_suffix(".pub")) in err, err
+    code, err = _open(generated / "node-1.sealed", _pub(nodes["node-1"]),
+                      tmp_path / "x.ckks", capsys, holder)  # a public key given as --node-key
+    assert code == 2 and str(_pub(nodes["node-1"])) in err, err
+    code, err = _open(generated / "node-1.sealed", nodes["node-1"], tmp_path / "x.ckks",
+                      capsys, nodes["node-0"])  # the holder's private key given as --from
+    assert code == 2 and f"{nodes['node-0']} holds a private key" in err, err
     code, err = _open(generated / "public_context.ckks", nodes["node-1"], tmp_path / "y.ckks",
-                      capsys)
+                      capsys, holder)
     assert code == 2 and "is not a sealed CKKS key file" in err, err
-    twice = ["generate", "--out", str(tmp_path / "new"), "--for",
-             str(nodes["node-1"]) + ".pub", str(nodes["node-1"]) + ".pub"]
-    assert he_key.main(twice) == 2 and "is the same key as" in capsys.readouterr().err
-    assert not (tmp_path / "new").exists()  # nothing written before the check
+    new = ["generate", "--node-key", str(nodes["node-0"]), "--out", str(tmp_path / "new"),
+           "--for"]
+    assert he_key.main(new + [str(_pub(nodes["node-1"]))] * 2) == 2
+    assert "is the same key as" in capsys.readouterr().err
+    assert he_key.main(new + [str(holder)]) == 2
+    assert f"--for: {holder} is this node's own key (--node-key)" in capsys.readouterr().err
+    new[2] = str(holder)  # a public key given as the holder's --node-key
+    assert he_key.main(new + [str(_pub(nodes["node-1"]))]) == 2
+    assert f"error: {holder} is not an unencrypted OpenSSH or PEM private key" in (
+        capsys.readouterr().err)
+    assert not (tmp_path / "new").exists()  # nothing written before the checks
+
+
+def test_a_key_sealed_by_anyone_but_the_holder_is_refused(generated, nodes, tmp_path, capsys):
+    """Whoever has node-1's public key (e.g. the SuperLink operator, who registers it) can
+    seal a CKKS key of its own to it: `open --from` the holder's key refuses that file, and
+    one whose signature was replaced or altered; the holder's own file opens."""
+    holder = _pub(nodes["node-0"])
+    intruder = ec.generate_private_key(ec.SECP384R1())
+    node_1 = pki.read_node_public_key(_pub(nodes["node-1"]))
+    own = ckks.secret_bytes(ckks.new_secret_context())  # the intruder's own CKKS key
+    honest = (generated / "node-1.sealed").read_bytes()
+    signature = len(honest) - he_key.SIGNATURE_BYTES
+    resigned = honest[:signature] + he_key._sign(honest[:signature], intruder)
+    cases = {"sealed by another key": he_key.seal(own, node_1, intruder),
+             "signature replaced": resigned,
+             "signature altered": _flipped(honest, signature + 10),
+             "signature cut off": honest[:signature]}
+    for case, data in cases.items():
+        sealed, out = tmp_path / f"{case}.sealed", tmp_path / f"{case}.ckks"
+        sealed.write_bytes(data)
+        code, err = _open(sealed, nodes["node-1"], out, capsys, holder)
+        assert code == 2 and not out.exists(), case
+        assert err.startswith(f"error: {sealed} is not signed by the key holder's key "
+                              f"{pki.fingerprint(pki.read_node_public_key(holder))}"), (
+            case, err)
+        assert len(err.splitlines()) == 1
+    # The intruder's file is sound but for the signer: checked against the intruder's own
+    # key, it opens (so the refusal above is the signature check, nothing else).
+    intruder_pub = tmp_path / "intruder.pub"
+    intruder_pub.write_bytes(pki.openssh_public_key(intruder.public_key()))
+    code, err = _open(tmp_path / "sealed by another key.sealed", nodes["node-1"],
+                      tmp_path / "intruder.ckks", capsys, intruder_pub)
+    assert code == 0 and (tmp_path / "intruder.ckks").read_bytes() == own, err
+
+
+def test_generate_and_open_print_one_public_context_fingerprint(tmp_path, nodes, capsys):
+    """Both print the public context's fingerprint, the same on the holder and every node."""
+    out = tmp_path / "he"
+    assert he_key.main(["generate", "--node-key", str(nodes["node-0"]), "--out", str(out),
+                        "--for", str(_pub(nodes["node-1"]))]) == 0
+    printed = capsys.readouterr().out
+    expected = ckks.context_fingerprint((out / he_key.PUBLIC_CONTEXT_NAME).read_bytes())
+    assert re.fullmatch(r"SHA256:([0-9a-f]{4}-){4}[0-9a-f]{4}", expected)
+    assert f"Public context fingerprint: {expected} " in printed
+    assert he_key.main(["open", "--sealed", str(out / "node-1.sealed"),
+                        "--from", str(_pub(nodes["node-0"])), "--node-key",
+                        str(nodes["node-1"]), "--out", str(tmp_path / "node-1.ckks")]) == 0
+    assert f"Public context fingerprint: {expected} " in capsys.readouterr().out
 
 
 def _is_secret(path: Path) -> bool:
@@ -182,10 +268,9 @@ def test_prepare_with_node_held_keys_makes_no_secret_key_and_prints_the_steps(tm
     assert len(steps) == 3 and "generate" in steps[0]
     assert commands.he_run_config(dep) in text
     # On the nodes, as printed (a node's own key is at keys/node-i on its machine).
-    assert _run_printed(steps[0]) == 0
-    for line, node in zip(steps[1:], ("node-1", "node-2")):
-        line = line.replace(" keys/", f" {nodes[node].parent}/")
-        assert _run_printed(line) == 0
+    for line, node in zip(steps, nodes):
+        assert f"--node-key keys/{node} " in line
+        assert _run_printed(line.replace(" keys/", f" {nodes[node].parent}/")) == 0
     for node in dep.nodes:
         ckks.check_key_pair(dep.he_public_context, dep.he_key(node))
 

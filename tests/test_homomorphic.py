@@ -278,20 +278,84 @@ def test_a_reply_at_another_scale_or_with_other_parameters_is_rejected_and_the_r
 
 
 class _Weights(NumPyClient):
-    """A client that only knows its model's shapes (what HomomorphicClient decrypts into)."""
+    """A client that only knows its model's shapes (what HomomorphicClient decrypts into);
+    its `fit` "trains" by adding `step` to what it was sent, on 37 examples, and records
+    what it was sent."""
 
-    def __init__(self, weights) -> None:
-        self.weights = weights
+    def __init__(self, weights, step: float = 0.5) -> None:
+        self.weights, self.step, self.sent = weights, step, []
 
     def get_parameters(self, config):
-        """The local model's weights (their shapes and dtypes)."""
+        """The local model's initial weights (their shapes and dtypes)."""
         return self.weights
+
+    def fit(self, parameters, config):
+        """The sent weights plus `step`, on 37 examples."""
+        self.sent.append(parameters)
+        return [p + self.step for p in parameters], 37, {"local_steps": 3}
+
+
+def _shifted_count(public, reply, num_values: int, shift: float) -> list[np.ndarray]:
+    """What an active server with the public context only can send as the aggregate:
+    `reply` with `shift` added to its count slot (a plaintext added to a ciphertext keeps
+    its level and scale, so the parameter checks pass), as in /tmp/review19/he_oracle.py."""
+    vectors = ckks.ciphertexts(public, reply, ckks.chunk_sizes(num_values))
+    vectors[-1] = vectors[-1] + ([0.0] * (vectors[-1].size() - 1) + [shift])
+    return [np.frombuffer(v.serialize(), dtype=np.uint8) for v in vectors]
+
+
+def test_a_forged_count_gets_the_same_kind_of_fit_reply_so_no_bit_leaks(keys, caplog):
+    """The server shifts a victim's encrypted count by -t and sends it back as the
+    aggregate: with an error on a count <= 0.5 it would learn whether the count exceeds t
+    (a binary search on the count, 10 probes). Now every probe gets a normal reply, of the
+    form, and the node trains from its initial weights on a forged count. (A serialized
+    ciphertext's length varies with its random coefficients, not with what it encrypts.)"""
+    from fl_app.client.homomorphic import HomomorphicClient
+
+    initial = [np.zeros((3, 2), np.float32)]
+    secret = ckks.load_secret_context(keys[1])
+    public = ckks.load_public_context(keys[0])
+    victim = ckks.encrypt_update(secret, [np.full((3, 2), 0.25, np.float32)], 37)
+    inner = _Weights(initial)
+    client = HomomorphicClient(inner, secret)
+    replies = {}
+    for t in (0, 36, 37, 512):  # count 37 - t: 37, 1 (honest-looking), 0, -475
+        arrays, n, metrics = client.fit(_shifted_count(public, victim, 6, -float(t)),
+                                        {KEY_HE_ENCRYPTED: True})
+        replies[t] = arrays
+        assert n == 1 and metrics == {"local_steps": 3}
+    for arrays in replies.values():  # each a well-formed one-chunk reply, as the server sees
+        assert len(ckks.ciphertexts(public, arrays, ckks.chunk_sizes(6))) == 1
+    # 37 and 1 decrypt to weights (0.25 and 9.25); 0 and -475 are forged: initial weights.
+    expected = {0: 0.25, 36: 9.25, 37: 0.0, 512: 0.0}
+    for sent, (t, want) in zip(inner.sent, expected.items()):
+        assert np.allclose(sent[0], want, atol=1e-4), (t, sent)
+    assert caplog.text.count("a forged aggregate") == 2
+    for t, arrays in replies.items():  # every reply is a real update: sent weights + 0.5
+        reply = ckks.decrypt_average(secret, arrays, initial)
+        assert np.allclose(reply[0], expected[t] + 0.5, atol=1e-3), t
+
+
+def test_trained_weights_that_cannot_be_encrypted_send_the_initial_weights(keys, caplog):
+    """Training on forged weights may give NaN or huge weights, which TenSEAL would refuse
+    (an error, another one-bit oracle): the node sends its initial weights instead."""
+    from fl_app.client.homomorphic import HomomorphicClient
+
+    initial = [np.full((2, 2), 0.125, np.float32)]
+    secret = ckks.load_secret_context(keys[1])
+    for step in (np.nan, np.inf, 1e17):
+        arrays, n, _ = HomomorphicClient(_Weights(initial, step), secret).fit(initial, {})
+        assert n == 1
+        assert np.allclose(ckks.decrypt_average(secret, arrays, initial)[0], 0.125, atol=1e-4)
+    assert caplog.text.count("not finite or too large") == 3
+    assert ckks.encodable(initial, 37) and not ckks.encodable([np.array([2.0 ** 45])], 37)
 
 
 @pytest.mark.parametrize("count", [-25.137, 0.0371])
 def test_a_bad_encrypted_count_is_refused_without_quoting_a_decrypted_value(keys, count):
     """An active server can encrypt anything under the public context and send it as the
-    aggregate (e.g. one client's reply): the client's error reply must not decrypt it back."""
+    aggregate (e.g. one client's reply): evaluation's error must not decrypt it back (fit
+    answers as usual, above)."""
     import tenseal as ts
 
     from fl_app.client.homomorphic import HomomorphicClient
@@ -301,11 +365,9 @@ def test_a_bad_encrypted_count_is_refused_without_quoting_a_decrypted_value(keys
     payload = [np.frombuffer(ts.ckks_vector(server, [3.25, -11.5, 0.875, 42.0, count])
                              .serialize(), dtype=np.uint8)]
     client = HomomorphicClient(_Weights(weights), ckks.load_secret_context(keys[1]))
-    for call in (client.fit, client.evaluate):
-        with pytest.raises(ValueError) as err:
-            call(payload, {KEY_HE_ENCRYPTED: True})
-        numbers = [float(n) for n in re.findall(r"-?\d+(?:\.\d+)?(?:e-?\d+)?", str(err.value))]
-        assert not [n for n in numbers if n != 0 and np.isclose(
-            [count, abs(count), 3.25, -11.5, 0.875, 42.0], n, rtol=1e-2).any()], (
-            str(err.value))
-        assert "example count is not a positive count" in str(err.value)
+    with pytest.raises(ValueError) as err:
+        client.evaluate(payload, {KEY_HE_ENCRYPTED: True})
+    numbers = [float(n) for n in re.findall(r"-?\d+(?:\.\d+)?(?:e-?\d+)?", str(err.value))]
+    assert not [n for n in numbers if n != 0 and np.isclose(
+        [count, abs(count), 3.25, -11.5, 0.875, 42.0], n, rtol=1e-2).any()], str(err.value)
+    assert "example count is not a positive count" in str(err.value)
