@@ -383,15 +383,15 @@ def _split_view(msg: Message) -> None:
         configs[Key.ACTIVE_NODE_ID_LIST], configs[Key.DEAD_NODE_ID_LIST] = _split_lists(node)
 
 
-def _split_round(node_config: dict) -> tuple[Callable[[], FitOutcome], LocalGrid,
-                                              dict[int, Context]]:
-    """The split-view server's round over the app's SecAgg+ mod on KnownUpdate clients, each
-    node with `node_config`; its own run config empty (the defaults)."""
+def _split_round(node_config: dict, rewrite: Rewrite = _split_view
+                 ) -> tuple[Callable[[], FitOutcome], LocalGrid, dict[int, Context]]:
+    """The split-view server's (or `rewrite`'s) round over the app's SecAgg+ mod on
+    KnownUpdate clients, each node with `node_config`; its run config empty (the defaults)."""
     app = ClientApp(client_fn=lambda context: KnownUpdate().to_client(),
                     mods=[secure_aggregation_mod(lambda context: True)])
     cfg = make_config(secure_aggregation="secagg+", examples_cap_factor=0.0,
                       num_server_rounds=1)
-    return _prepared_round(cfg, _split_view, app=app, nodes=SPLIT_NODES,
+    return _prepared_round(cfg, rewrite, app=app, nodes=SPLIT_NODES,
                            node_config=node_config)
 
 
@@ -404,6 +404,13 @@ def test_nodes_that_recover_no_dropouts_give_a_split_view_server_no_mask_key():
                in r.error.reason for r in others)
     assert _shares(others) == []  # not one share of a seed or a key left them
     assert parameters is None
+
+
+def test_nodes_that_recover_no_dropouts_complete_a_round_without_dropouts():
+    run, grid, _ = _split_round({"secagg-recover-dropouts": False}, lambda msg: None)
+    parameters, _, (results, failures) = run()
+    assert parameters is not None and failures == [] and len(results) == len(SPLIT_NODES)
+    assert not any(reply.has_error() for reply in grid.log_replies())
 
 
 def test_control_with_dropout_recovery_a_split_view_server_unmasks_one_client():
