@@ -121,10 +121,13 @@ def test_no_policy_changes_nothing(identity):
 
 
 def test_the_secagg_keys_parse_to_the_policy():
+    """As `flower-supernode --node-config` parses them (Flower's own parser)."""
+    from flwr.common.config import parse_config_args
+
     assert NodePolicy.from_node_config({}) == NodePolicy()
     assert (NodePolicy().secagg_min_clients, NodePolicy().secagg_recover_dropouts) == (None, True)
-    policy = NodePolicy.from_node_config({"secagg-min-clients": 8,
-                                          "secagg-recover-dropouts": False})
+    policy = NodePolicy.from_node_config(parse_config_args(
+        ["secagg-min-clients=8 secagg-recover-dropouts=false"]))
     assert (policy.secagg_min_clients, policy.secagg_recover_dropouts) == (8, False)
 
 
