@@ -396,7 +396,7 @@ def _split_round(node_config: dict, rewrite: Rewrite = _split_view
 
 
 def test_nodes_that_recover_no_dropouts_give_a_split_view_server_no_mask_key():
-    run, grid, contexts = _split_round({"secagg-recover-dropouts": False})
+    run, grid, _ = _split_round({"secagg-recover-dropouts": False})
     parameters, _, _ = run()
     replies = grid.stage_replies(Stage.UNMASK)
     others = [replies[n] for n in SPLIT_PEERS]
