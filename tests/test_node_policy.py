@@ -104,6 +104,13 @@ def refused(node_config: dict, msg: Message, match: str, **kwargs) -> None:
     ({"allow-models": ""}, r"allow-models='' on node 7: must be a comma-separated list"),
     ({"allow-data": " , "}, r"allow-data=' , '"),
     ({"allow-data": 3}, r"allow-data=3"),
+    ({"secagg-min-clients": 1}, r"secagg-min-clients=1 on node 7: must be an integer >= 2"),
+    ({"secagg-min-clients": True}, r"secagg-min-clients=True"),
+    ({"secagg-min-clients": "8"}, r"secagg-min-clients='8'"),
+    ({"secagg-min-clients": 5.0}, r"secagg-min-clients=5.0"),
+    ({"secagg-recover-dropouts": "false"},
+     r"secagg-recover-dropouts='false' on node 7: must be true or false"),
+    ({"secagg-recover-dropouts": 0}, r"secagg-recover-dropouts=0"),
 ])
 def test_a_bad_node_config_policy_refuses_every_message_naming_key_and_value(
         identity, node_config, match):
@@ -116,12 +123,25 @@ def test_no_policy_changes_nothing(identity):
     assert len(run({}, other(MessageTypeLegacy.GET_PARAMETERS))) == 1
 
 
+def test_the_secagg_keys_parse_to_the_policy():
+    """As `flower-supernode --node-config` parses them (Flower's own parser)."""
+    from flwr.common.config import parse_config_args
+
+    assert NodePolicy.from_node_config({}) == NodePolicy()
+    assert (NodePolicy().secagg_min_clients, NodePolicy().secagg_recover_dropouts) == (None, True)
+    policy = NodePolicy.from_node_config(parse_config_args(
+        ["secagg-min-clients=8 secagg-recover-dropouts=false"]))
+    assert (policy.secagg_min_clients, policy.secagg_recover_dropouts) == (8, False)
+
+
 def test_require_secagg_answers_only_fit_messages_inside_secagg(identity):
     node = {"require-secure": "secagg+"}
     refused(node, fit_message(), r"requires secagg\+ .* update in the clear: refused")
     assert len(run(node, fit_message(secagg=True))) == 1  # the masked stage
     assert len(run(node, secagg_key_stage())) == 1
-    assert len(run(node, other(MessageType.EVALUATE))) == 1  # a loss, not the update
+    # evaluation passes this mod; the ClientApp's private_replies_mod refuses it
+    # (tests/test_secagg_protocol.py)
+    assert len(run(node, other(MessageType.EVALUATE))) == 1
     assert len(run(node, other(MessageTypeLegacy.GET_PROPERTIES))) == 1
     refused(node, other(MessageTypeLegacy.GET_PARAMETERS), "refuses get_parameters")
 

@@ -32,7 +32,6 @@ import run_simulation
 from fl_app.app.server_app import serve, server_components
 from fl_app.client.secure_mod import (
     checked_update,
-    min_clients_in,
     secure_aggregation_mod,
     withhold_weights_mod,
 )
@@ -321,8 +320,7 @@ def _simulate(tmp_path, secure: str) -> tuple[Recorder, dict]:
     client_app = ClientApp(
         client_fn=lambda context: KnownUpdateClient(
             int(context.node_config["partition-id"])).to_client(),
-        mods=[secure_aggregation_mod(lambda context: secure != "none",
-                                     lambda context: min_clients_in(cfg))])
+        mods=[secure_aggregation_mod(lambda context: secure != "none", lambda context: cfg)])
     run_simulation(server_app=server_app, client_app=client_app, num_supernodes=NUM_CLIENTS,
                    backend_config={"client_resources": {"num_cpus": 1, "num_gpus": 0.0}})
     return recorder, json.loads((tmp_path / "history.json").read_text())

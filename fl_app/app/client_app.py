@@ -10,8 +10,9 @@ compressed broadcast and encodes the update, keeping its error-feedback residual
 node's `context.state`. Every ClientApp carries `node_policy_mod` first (the node's own
 floor from its node config, `fl_app.client.node_policy`), `secure_aggregation_mod` (SecAgg+,
 active only for the protocol's messages) and, for a protected run (SecAgg+ or homomorphic
-encryption), `withhold_weights_mod` and `private_replies_mod` (no weights, fit metrics or
-evaluation in the clear); see `fl_app.client.secure_mod`.
+encryption, or a node whose node config sets `require-secure`), `withhold_weights_mod` and
+`private_replies_mod` (no weights, fit metrics or evaluation in the clear); see
+`fl_app.client.secure_mod`.
 """
 
 from __future__ import annotations
@@ -30,9 +31,8 @@ from flwr.common import Context, Scalar  # noqa: E402
 from fl_app.app.quiet import quiet_libraries  # noqa: E402
 from fl_app.app.worker_link import WorkerAddress, WorkerClient  # noqa: E402
 from fl_app.client.compression import CompressingClient  # noqa: E402
-from fl_app.client.node_policy import node_policy_mod  # noqa: E402
+from fl_app.client.node_policy import NodePolicy, node_policy_mod  # noqa: E402
 from fl_app.client.secure_mod import (  # noqa: E402
-    min_clients_in,
     private_replies_mod,
     secure_aggregation_mod,
     withhold_weights_mod,
@@ -107,15 +107,13 @@ def make_client_app(fixed_config: RunConfig | None = None,
 
     def protected(context: Context) -> bool:  # the server must not see one client's weights
         return secure_required(context) or \
-            run_config(context).get("homomorphic-encryption", "none") != "none"
-
-    def min_clients(context: Context) -> int:
-        return min_clients_in(run_config(context))
+            run_config(context).get("homomorphic-encryption", "none") != "none" or \
+            NodePolicy.from_node_config(node_config_of(context)).require_secure is not None
 
     return ClientApp(client_fn=client_fn, mods=[
         node_policy_mod(run_config, node_config_of),
         withhold_weights_mod(protected), private_replies_mod(protected),
-        secure_aggregation_mod(secure_required, min_clients)])
+        secure_aggregation_mod(secure_required, run_config, node_config_of)])
 
 
 app = make_client_app()

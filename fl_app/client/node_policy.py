@@ -9,8 +9,8 @@ which model code it imports and which data it reads. The server's run config can
   `RECORD_KEY_CONFIGS` in its config records), so the update is masked; `he`: the run uses
   `homomorphic-encryption=ckks`, the node holds its key (`he-key-file`) and the reply is checked
   to be CKKS ciphertexts under that key before it goes; `any`: either. `get_parameters` (the
-  node's weights in the clear) is refused. Evaluation passes: it sends a loss and a count, not
-  the update.
+  node's weights in the clear) is refused; whatever the run config says, the ClientApp then
+  also strips every fit reply's metrics and refuses evaluation (`private_replies_mod`).
 - `require-client-clip` (a float C > 0): a fit message must carry client-side clipping
   (`KEY_CLIPPING_NORM`, the `dp-client-*` strategies) at a norm <= C; `get_parameters` (the
   unclipped weights) is refused.
@@ -23,6 +23,13 @@ which model code it imports and which data it reads. The server's run config can
   its own resolved path: one through a symlink or a `..` is refused, since the loader opens
   the value as given and such a path could be re-pointed between the check and the load.
   Unset: anything the run config's checks accept, as before.
+- `secagg-min-clients` (an int >= 2): the fewest clients of a SecAgg+ round this node takes
+  part in and of a sum it helps unmask; the node uses the larger of this and the run config's
+  `secagg-min-clients` (`fl_app.client.secure_mod`), so a server cannot lower it.
+- `secagg-recover-dropouts` (true by default): `false` refuses every SecAgg+ unmask request
+  that lists a dropped-out node, so no share of this node's pairwise-mask keys (or of its
+  peers') ever leaves it: a server that splits the clients' views of who dropped out learns
+  nothing beyond sums, but a round in which a client drops out after sharing its keys fails.
 
 `node_policy_mod` enforces all of it for every message, before anything is built;
 `check_sources` is also called where a node builds its client (`fl_app.app.local_client`), so a
@@ -60,6 +67,8 @@ KEY_REQUIRE_SECURE = "require-secure"
 KEY_REQUIRE_CLIENT_CLIP = "require-client-clip"
 KEY_ALLOW_MODELS = "allow-models"
 KEY_ALLOW_DATA = "allow-data"
+KEY_SECAGG_MIN_CLIENTS = "secagg-min-clients"
+KEY_SECAGG_RECOVER_DROPOUTS = "secagg-recover-dropouts"
 KEY_CLIENT_KEY = "client-key"  # the name this node gives the server (`public_client_key`)
 SECURE_MODES = ("secagg+", "he", "any")
 
@@ -89,6 +98,8 @@ class NodePolicy:
     require_secure: str | None = None
     require_client_clip: float | None = None
     allow: Mapping[str, tuple[str, ...]] = field(default_factory=dict)  # list key -> entries
+    secagg_min_clients: int | None = None
+    secagg_recover_dropouts: bool = True
 
     @classmethod
     def from_node_config(cls, node_config: Mapping[str, Scalar],
@@ -103,7 +114,18 @@ class NodePolicy:
         clip = node_config.get(KEY_REQUIRE_CLIENT_CLIP)
         allow = {key: _entries(node_config[key], key, node)
                  for key in (KEY_ALLOW_MODELS, KEY_ALLOW_DATA) if key in node_config}
-        return cls(secure, None if clip is None else _clip_bound(clip, node), allow)
+        cohort = node_config.get(KEY_SECAGG_MIN_CLIENTS)
+        if cohort is not None and (isinstance(cohort, bool) or not isinstance(cohort, int)
+                                   or cohort < 2):
+            raise NodePolicyError(f"node-config {KEY_SECAGG_MIN_CLIENTS}={cohort!r} on {node}: "
+                                  "must be an integer >= 2 (the fewest clients of a SecAgg+ "
+                                  "round this node takes part in)")
+        recover = node_config.get(KEY_SECAGG_RECOVER_DROPOUTS, True)
+        if not isinstance(recover, bool):
+            raise NodePolicyError(f"node-config {KEY_SECAGG_RECOVER_DROPOUTS}={recover!r} on "
+                                  f"{node}: must be true or false")
+        return cls(secure, None if clip is None else _clip_bound(clip, node), allow, cohort,
+                   recover)
 
     @property
     def withholds_weights(self) -> bool:

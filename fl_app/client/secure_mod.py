@@ -17,12 +17,17 @@ protocol leaves in the clear, is replaced by 1.
 
 Before Flower's mod answers a stage, `check_secagg_request` refuses (an error reply, nothing
 of this node's secrets sent) what only a deviating or careless server asks: a cohort below
-`secagg-min-clients`, a reconstruction threshold of half the shares or fewer, and an unmask
-request that lists a node both alive and dropped, names a node this one holds no shares of,
-lists this node itself as dropped, or would unmask a sum of fewer than `secagg-min-clients`.
+`secagg-min-clients` (the larger of the run config's and the node config's, at least 2), a
+reconstruction threshold of half the shares or fewer, a masked vector summed with fewer peers
+than that minimum, and an unmask request that lists a node both alive and dropped, names a
+node this one holds no shares of, lists this node itself as dropped, or would unmask a sum of
+fewer than `secagg-min-clients`; with node-config `secagg-recover-dropouts=false`, also any
+unmask request that lists a dropped node (no pairwise-mask key share ever leaves).
 
-In a protected run (SecAgg+ or homomorphic encryption) `private_replies_mod` strips every fit
-reply's metrics and refuses evaluation, and `withhold_weights_mod` refuses `get_parameters`.
+Every reply to a SecAgg+ stage goes without fit metrics and with an example count of 1,
+whatever the run config says. In a protected run (SecAgg+ or homomorphic encryption, or a
+node whose node config sets `require-secure`) `private_replies_mod` strips every fit reply's
+metrics and refuses evaluation, and `withhold_weights_mod` refuses `get_parameters`.
 """
 
 from __future__ import annotations
@@ -46,22 +51,26 @@ from flwr.common.secure_aggregation.secaggplus_constants import (
 )
 from flwr.compat.common import recorddict_compat as compat
 
+from fl_app.client.node_policy import ConfigOf, NodePolicy
 from strategies.secure import MIN_CLIENTS, MIN_CLIENTS_DEFAULT
 
 SecureRequired = Callable[[Context], bool]
 """Whether this node's run requires secure aggregation (then plaintext fit is refused)."""
-MinClients = Callable[[Context], int]
-"""The fewest clients this node's run lets a SecAgg+ round sum (`secagg-min-clients`)."""
 
 FIT_METRICS = "fitres.metrics"
 """A fit reply's metrics record (Flower's compat layout: `fitres_to_recorddict`)."""
 FIT_COUNT = "fitres.num_examples"
 """A fit reply's example-count record (Flower's compat layout)."""
+_PROTECTED = ("this run or this node (node-config require-secure) protects the clients' "
+              "updates (secure aggregation or homomorphic encryption)")
 
 
-def min_clients_in(run_config: Mapping[str, Scalar]) -> int:
-    """`secagg-min-clients` from a run config (its default when absent)."""
-    return int(run_config.get(MIN_CLIENTS, MIN_CLIENTS_DEFAULT))
+def min_clients_for(run_config: Mapping[str, Scalar], policy: NodePolicy) -> int:
+    """The fewest clients a SecAgg+ round may sum for this node: the larger of the run
+    config's (its default when absent) and the node config's (`policy`)
+    `secagg-min-clients`, and never below 2."""
+    run_min = int(run_config.get(MIN_CLIENTS, MIN_CLIENTS_DEFAULT))
+    return max(run_min, policy.secagg_min_clients or 2, 2)
 
 
 def checked_update(weights: NDArrays, sent: NDArrays) -> NDArrays:
@@ -110,10 +119,15 @@ def _check_setup(configs: ConfigRecord, min_clients: int) -> None:
                 "others for its mask key (raise secagg-reconstruction-threshold)")
 
 
-def _check_unmask(configs: ConfigRecord, state: SecAggPlusState, min_clients: int) -> None:
+def _check_unmask(configs: ConfigRecord, state: SecAggPlusState, min_clients: int,
+                  recover_dropouts: bool) -> None:
     active = [int(nid) for nid in configs[Key.ACTIVE_NODE_ID_LIST]]
     dead = [int(nid) for nid in configs[Key.DEAD_NODE_ID_LIST]]
     held = set(state.rd_seed_share_dict)  # this node's own share and those it received
+    if dead and not recover_dropouts:
+        _refuse(f"the unmask request lists {len(dead)} node(s) as dropped out, and this node "
+                "recovers no dropout (node-config secagg-recover-dropouts=false): it sends no "
+                "share of a pairwise-mask key")
     if len(set(active)) != len(active) or len(set(dead)) != len(dead):
         _refuse("the unmask request lists a node twice")
     if set(active) & set(dead):
@@ -128,15 +142,16 @@ def _check_unmask(configs: ConfigRecord, state: SecAggPlusState, min_clients: in
                 f"({min_clients})")
 
 
-def check_secagg_request(configs: ConfigRecord, state: SecAggPlusState, min_clients: int
-                         ) -> None:
+def check_secagg_request(configs: ConfigRecord, state: SecAggPlusState, min_clients: int,
+                         recover_dropouts: bool = True) -> None:
     """Raise ValueError if answering this SecAgg+ stage request (`configs`, its stage under
-    `Key.STAGE`) could weaken this node's protection: a round (setup's sample count, or the
-    share-keys stage's peers, this node included) below `min_clients`, a threshold not above
-    half the shares, or an unmask request whose lists overlap, repeat a node, name a node
-    `state` (Flower's `SecAggPlusState` of this node) holds no shares of, leave this node
-    out of the alive list, or hold fewer than `min_clients` alive nodes. Flower's own type
-    checks (`check_configs`) run first."""
+    `Key.STAGE`) could weaken this node's protection: a round (setup's sample count, the
+    share-keys stage's peers or the collect stage's forwarded shares, this node included)
+    below `min_clients`, a threshold not above half the shares, or an unmask request whose
+    lists overlap, repeat a node, name a node `state` (Flower's `SecAggPlusState` of this
+    node) holds no shares of, leave this node out of the alive list, hold fewer than
+    `min_clients` alive nodes or, unless `recover_dropouts`, list any dropped node. Flower's
+    own type checks (`check_configs`) run first."""
     stage = configs.get(Key.STAGE)
     if stage not in Stage.all():
         return  # Flower's mod refuses it with its own error
@@ -146,8 +161,18 @@ def check_secagg_request(configs: ConfigRecord, state: SecAggPlusState, min_clie
     elif stage == Stage.SHARE_KEYS and len(configs) - 1 < min_clients:
         _refuse(f"the round shares keys among {len(configs) - 1} clients, fewer than "
                 f"{MIN_CLIENTS} ({min_clients})")
+    elif stage == Stage.COLLECT_MASKED_VECTORS \
+            and (peers := len(set(configs[Key.SOURCE_LIST]))) + 1 < min_clients:
+        _refuse(f"the server forwards this node the shares of {peers} peers: its masked vector "
+                f"could be unmasked in a sum of fewer than {MIN_CLIENTS} ({min_clients}) clients")
     elif stage == Stage.UNMASK:
-        _check_unmask(configs, state, min_clients)
+        _check_unmask(configs, state, min_clients, recover_dropouts)
+
+
+def _strip_metrics(reply: Message) -> None:
+    """Empty a fit reply's metrics record, if it has one."""
+    if not reply.has_error() and FIT_METRICS in reply.content.config_records:
+        reply.content.config_records[FIT_METRICS] = ConfigRecord({})
 
 
 def _secagg_state(ctxt: Context) -> SecAggPlusState:
@@ -157,23 +182,30 @@ def _secagg_state(ctxt: Context) -> SecAggPlusState:
 
 
 def secure_aggregation_mod(required: SecureRequired,
-                           min_clients: MinClients = lambda ctxt: min_clients_in(
-                               ctxt.run_config)) -> Mod:
-    """A ClientApp mod: SecAgg+ fit messages checked (`check_secagg_request`, with
-    `min_clients(context)`) and then answered by `secaggplus_mod` (masking the update; the
-    masked reply's example count replaced by 1), plain fit messages refused when
-    `required(context)`, everything else passed on."""
+                           run_config: ConfigOf = lambda ctxt: ctxt.run_config,
+                           node_config: ConfigOf = lambda ctxt: ctxt.node_config) -> Mod:
+    """A ClientApp mod: SecAgg+ fit messages checked (`check_secagg_request`, with the
+    minimum of `min_clients_for` and the node's `secagg-recover-dropouts`, from
+    `run_config(context)` and `node_config(context)`) and then answered by `secaggplus_mod`
+    (masking the update; the reply's fit metrics stripped and its example count replaced by
+    1, whatever the run config says), plain fit messages refused when `required(context)`,
+    everything else passed on."""
 
     def mod(msg: Message, ctxt: Context, call_next: ClientAppCallable) -> Message:
         if msg.metadata.message_type != MessageType.TRAIN:
             return call_next(msg, ctxt)
         if RECORD_KEY_CONFIGS in msg.content.config_records:
             configs = msg.content.config_records[RECORD_KEY_CONFIGS]
-            stage = configs.get(Key.STAGE)
-            check_secagg_request(configs, _secagg_state(ctxt), min_clients(ctxt))
+            policy = NodePolicy.from_node_config(node_config(ctxt), f"node {ctxt.node_id}")
+            check_secagg_request(configs, _secagg_state(ctxt),
+                                 min_clients_for(run_config(ctxt), policy),
+                                 policy.secagg_recover_dropouts)
             reply = secaggplus_mod(msg, ctxt, _as_update(call_next))
-            if stage == Stage.COLLECT_MASKED_VECTORS and FIT_COUNT in reply.content.metric_records:
-                # the count is inside the masked sum; in the clear it would be per client
+            # Flower's mod returns the ClientApp's reply with only its arrays cleared: its
+            # metrics and count would go per client and in the clear (the count is inside
+            # the masked sum)
+            _strip_metrics(reply)
+            if not reply.has_error() and FIT_COUNT in reply.content.metric_records:
                 reply.content.metric_records[FIT_COUNT] = MetricRecord({"num_examples": 1})
             return reply
         if required(ctxt):
@@ -186,36 +218,35 @@ def secure_aggregation_mod(required: SecureRequired,
 
 def withhold_weights_mod(protected: SecureRequired) -> Mod:
     """A ClientApp mod: refuses `get_parameters` when `protected(context)` (a SecAgg+ or
-    homomorphic-encryption run), since the reply would be this node's own weights (its last
-    fit's result) in the clear; everything else passed on."""
+    homomorphic-encryption run, or a node that requires either), since the reply would be
+    this node's own weights (its last fit's result) in the clear; everything else passed on.
+    """
 
     def mod(msg: Message, ctxt: Context, call_next: ClientAppCallable) -> Message:
         if msg.metadata.message_type == MessageTypeLegacy.GET_PARAMETERS and protected(ctxt):
-            raise RuntimeError("this run protects the clients' updates (secure aggregation or "
-                               "homomorphic encryption): refusing to send this node's weights "
-                               "in the clear")
+            raise RuntimeError(f"{_PROTECTED}: refusing to send this node's weights in the "
+                               "clear")
         return call_next(msg, ctxt)
 
     return mod
 
 
 def private_replies_mod(protected: SecureRequired) -> Mod:
-    """A ClientApp mod: when `protected(context)` (a SecAgg+ or homomorphic-encryption run),
-    strips every fit reply's metrics (data rows, local steps, data warnings, loss, timing:
-    per client and in the clear) and refuses evaluation (its loss and validation-set size
-    would be per client and in the clear); everything else, and plain runs, passed on."""
+    """A ClientApp mod: when `protected(context)` (a SecAgg+ or homomorphic-encryption run,
+    or a node that requires either: node-config `require-secure`), strips every fit reply's
+    metrics (data rows, local steps, data warnings, loss, timing: per client and in the
+    clear) and refuses evaluation (its loss and validation-set size would be per client and
+    in the clear); everything else, and plain runs, passed on."""
 
     def mod(msg: Message, ctxt: Context, call_next: ClientAppCallable) -> Message:
         if not protected(ctxt):
             return call_next(msg, ctxt)
         if msg.metadata.message_type == MessageType.EVALUATE:
-            raise RuntimeError("this run protects the clients' updates (secure aggregation or "
-                               "homomorphic encryption): refusing to send this node's "
-                               "evaluation (loss, validation-set size) in the clear")
+            raise RuntimeError(f"{_PROTECTED}: refusing to send this node's evaluation (loss, "
+                               "validation-set size) in the clear")
         reply = call_next(msg, ctxt)
-        if msg.metadata.message_type == MessageType.TRAIN and not reply.has_error() \
-                and FIT_METRICS in reply.content.config_records:
-            reply.content.config_records[FIT_METRICS] = ConfigRecord({})
+        if msg.metadata.message_type == MessageType.TRAIN:
+            _strip_metrics(reply)
         return reply
 
     return mod
