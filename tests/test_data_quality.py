@@ -237,6 +237,12 @@ def test_the_runner_records_each_clients_report_the_first_time_it_reports():
     assert data_quality(results, seen) == {}  # once per client
 
 
+def test_a_report_with_nothing_of_the_expected_form_is_not_recorded():
+    arrays = [np.zeros(2, dtype=np.float32)]
+    results = [(IdleProxy("liar"), fit_res(arrays, 10, {"data_label_7_rows": 40}))]
+    assert data_quality(results, set()) == {}
+
+
 @pytest.mark.parametrize("lie", [
     {"data_warnings": "x" * (MAX_DATA_WARNINGS_CHARS + 1)},  # over-long
     {"data_warnings": b"single class (7)"},  # not a string
@@ -244,6 +250,7 @@ def test_the_runner_records_each_clients_report_the_first_time_it_reports():
     {"data_rows": "40 rows of class 7"},  # a count that is not one
     {"data_rows": -3},
     {"data_dropped_target": True},
+    {"data_label_7_rows": 40},  # a key clients do not send
 ])
 def test_the_server_drops_a_report_value_of_the_wrong_form_and_logs_it_not_verbatim(lie, caplog):
     arrays = [np.zeros(2, dtype=np.float32)]

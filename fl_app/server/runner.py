@@ -15,6 +15,7 @@ from flwr.server.client_proxy import ClientProxy
 from flwr.server.history import History
 from flwr.server.strategy import Strategy
 
+from fl_app.data.quality import REASONS
 from fl_app.server.client_failures import describe_failure, last_line
 from fl_app.server.client_manager import SeededClientManager
 from fl_app.server.stopping import StoppingRules
@@ -49,14 +50,19 @@ def timing(results: list[tuple[ClientProxy, FitRes]]) -> dict[str, float]:
     return {phase: sum(values) / len(values) for phase, values in phases.items()}
 
 
+REPORT_COUNTS = {"rows", *(f"dropped_{reason}" for reason in REASONS)}
+"""The counts of a data-quality report (`QualityReport.as_metrics`, prefix removed)."""
+
+
 def _checked_report_value(cid: str, key: str, value: Scalar) -> bool:
-    """Whether a client's data-quality value has the form `QualityReport.as_metrics` gives
-    it (`warnings`: a string of at most `MAX_DATA_WARNINGS_CHARS`; the rest: counts); a
-    value that has not is logged by its type and size, never verbatim."""
+    """Whether a client's data-quality value has the key and form `QualityReport.as_metrics`
+    gives it (`warnings`: a string of at most `MAX_DATA_WARNINGS_CHARS`; `REPORT_COUNTS`:
+    counts); any other is logged by its type and size, never verbatim."""
     if key == "warnings":
         ok = isinstance(value, str) and len(value) <= MAX_DATA_WARNINGS_CHARS
     else:
-        ok = isinstance(value, int) and not isinstance(value, bool) and value >= 0
+        ok = key in REPORT_COUNTS and isinstance(value, int) and not isinstance(value, bool) \
+            and value >= 0
     if not ok:
         size = f", {len(value)} characters" if isinstance(value, (str, bytes)) else ""
         log(WARNING, "client %s: its data-quality value %r (%s%s) is not of the expected "
@@ -76,8 +82,10 @@ def data_quality(results: list[tuple[ClientProxy, FitRes]],
                   if k.startswith(DATA_QUALITY_PREFIX)}
         if report and proxy.cid not in seen:
             seen.add(proxy.cid)
-            reports[proxy.cid] = {key: value for key, value in report.items()
-                                  if _checked_report_value(proxy.cid, key, value)}
+            kept = {key: value for key, value in report.items()
+                    if _checked_report_value(proxy.cid, key, value)}
+            if kept:
+                reports[proxy.cid] = kept
     return reports
 
 
