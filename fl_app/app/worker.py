@@ -16,7 +16,7 @@ challenges every connection with the key in FILE (default PATH.key, one per sock
 the account that runs the SuperNode does. Each connection is served in its own thread: one
 that does not answer the challenge within `CHALLENGE_TIMEOUT` seconds, or sends no request
 within `REQUEST_WAIT`, is dropped without holding up the others, and a request longer than
-`MAX_REQUEST_BYTES` is refused before it is read. It exits on SIGTERM/SIGINT or when the
+`MAX_REQUEST_BYTES` is refused before it is read. It exits on SIGTERM/SIGINT/SIGHUP or when the
 process PID (the SuperNode) ends, removing its socket and pid file only while they are still
 the ones it made (a newer worker may have taken the path over). Its log is PATH.log.
 """

@@ -8,7 +8,7 @@ which model code it imports and which data it reads. The server's run config can
   leaves protected. `secagg+`: the message itself is a SecAgg+ stage (Flower's
   `RECORD_KEY_CONFIGS` in its config records), so the update is masked; `he`: the run uses
   `homomorphic-encryption=ckks`, the node holds its key (`he-key-file`) and the reply is checked
-  to be CKKS ciphertexts under that key before it goes; `any`: either. `get_parameters` (the
+  to be CKKS ciphertexts that load under its context before it goes; `any`: either. `get_parameters` (the
   node's weights in the clear) is refused; whatever the run config says, the ClientApp then
   also strips every fit reply's metrics and refuses evaluation (`private_replies_mod`).
 - `require-client-clip` (a float C > 0): a fit message must carry client-side clipping
@@ -247,7 +247,8 @@ def check_fit(policy: NodePolicy, msg: Message, run_config: Mapping[str, Scalar]
 def check_encrypted_reply(reply: Message, node_config: Mapping[str, Scalar],
                           node: str = "this node") -> None:
     """Refuse (`NodePolicyError`) a fit reply whose parameters are not all CKKS ciphertexts
-    under the node's own key (`he-key-file`)."""
+    that load under the node's own context (`he-key-file`; which key encrypted them cannot be
+    told from the bytes)."""
     import tenseal as ts
 
     context = ckks.load_secret_context(str(node_config[ckks.KEY_FILE_NODE_CONFIG]))
@@ -261,7 +262,7 @@ def check_encrypted_reply(reply: Message, node_config: Mapping[str, Scalar],
     except Exception:  # TenSEAL raises bare exceptions on bytes that are not a ciphertext
         raise NodePolicyError(f"{node} requires its update encrypted (node-config "
                               f"{KEY_REQUIRE_SECURE}), but its fit reply is not CKKS "
-                              "ciphertexts under its key: refused, nothing sent") from None
+                              "ciphertexts that load under its context: refused, nothing sent") from None
 
 
 def public_client_key(node_config: Mapping[str, Scalar], source: str) -> str:
