@@ -86,6 +86,7 @@ class GeneratedKeys:
 
 
 def _point(key: ec.EllipticCurvePublicKey) -> bytes:
+    """The public key as an uncompressed X9.62 point."""
     return key.public_bytes(serialization.Encoding.X962,
                             serialization.PublicFormat.UncompressedPoint)
 
@@ -99,6 +100,7 @@ def _aead(shared: bytes, ephemeral: ec.EllipticCurvePublicKey,
 
 
 def _associated_data(fingerprint: str) -> bytes:
+    """The AES-GCM associated data: the purpose label and the recipient's key fingerprint."""
     return PURPOSE + b"\n" + fingerprint.encode("ascii")
 
 

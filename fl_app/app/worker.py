@@ -94,6 +94,7 @@ class _Deadline:
 
 
 def _error_reply(err: Exception) -> dict[str, Any]:
+    """The reply to a failed call: its error's type and message."""
     return {"ok": False, "type": type(err).__name__, "error": f"{type(err).__name__}: {err}",
             "message": str(err)}
 
@@ -221,6 +222,7 @@ class Worker:
 
 
 def _file_id(path: Path) -> FileId | None:
+    """(device, inode, ctime) of `path` itself (a symlink is not followed), or None if absent."""
     try:
         info = path.lstat()
     except FileNotFoundError:
@@ -324,6 +326,7 @@ def _open_log(path: Path) -> Log:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run the worker until a signal or its parent's end; the exit status."""
     args = parse_args(argv)
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     address = WorkerAddress(args.socket, args.authkey_file)

@@ -79,6 +79,7 @@ class KerasClient(NumPyClient):
 
     def _fit(self, parameters: NDArrays,
              config: dict[str, Scalar]) -> tuple[NDArrays, int, dict[str, Scalar]]:
+        """`fit` before the trainer forgets (see `fit`)."""
         self.trainer.set_weights(parameters)
         server_round = int(config.get(SERVER_ROUND, 0))
         epochs, batch_size, time_budget = self.work.plan(config, self.defaults)

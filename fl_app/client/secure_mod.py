@@ -105,10 +105,13 @@ def _as_update(call_next: ClientAppCallable) -> ClientAppCallable:
 
 
 def _refuse(why: str) -> NoReturn:
+    """Raise the ValueError that refuses this SecAgg+ request, saying `why`."""
     raise ValueError(f"refusing this SecAgg+ request: {why}")
 
 
 def _check_setup(configs: ConfigRecord, min_clients: int) -> None:
+    """Refuse a setup stage whose cohort is below `min_clients` or whose threshold is not
+    above half the shares."""
     sampled, shares = int(configs[Key.SAMPLE_NUMBER]), int(configs[Key.SHARE_NUMBER])
     threshold = int(configs[Key.THRESHOLD])
     if sampled < min_clients:
@@ -121,6 +124,8 @@ def _check_setup(configs: ConfigRecord, min_clients: int) -> None:
 
 def _check_unmask(configs: ConfigRecord, state: SecAggPlusState, min_clients: int,
                   recover_dropouts: bool) -> None:
+    """Refuse an unmask request that could reveal one client's update (see
+    `check_secagg_request`)."""
     active = [int(nid) for nid in configs[Key.ACTIVE_NODE_ID_LIST]]
     dead = [int(nid) for nid in configs[Key.DEAD_NODE_ID_LIST]]
     held = set(state.rd_seed_share_dict)  # this node's own share and those it received
