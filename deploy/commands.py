@@ -119,7 +119,7 @@ def node_config(dep: Deployment, node: NodeFiles, use_worker: bool = True,
     from fl_app.cli.simulate import load_run_config
 
     configs = [load_run_config(" ".join(p for p in (dep.run_config, extra) if p) or None)
-               for extra in ("", *run_configs)]
+               for extra in dict.fromkeys(("", *run_configs))]
     models = [str(cfg["model"]) for cfg in configs]
     data = [str(cfg["dataset"]) for cfg in configs] + [str(node.data)]
     pairs = [f"data-path={config_string(str(node.data))}",

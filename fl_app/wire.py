@@ -34,6 +34,8 @@ KEY_COMPRESS_TOP_K = "compress-top-k"  # fit config: the fraction of entries top
 KEY_ERROR_FEEDBACK = "error-feedback"  # fit config: carry the encoding error to next round
 # The records of Flower's compat messages (`flwr.compat.common.recorddict_compat`), by name:
 FIT_CONFIG = "fitins.config"  # a fit message's config record (FitIns.config)
+FIT_METRICS = "fitres.metrics"  # a fit reply's metrics record (FitRes.metrics)
+FIT_COUNT = "fitres.num_examples"  # a fit reply's example-count record (FitRes.num_examples)
 
 
 def round_config(cfg: Mapping[str, Scalar], server_round: int) -> dict[str, Scalar]:

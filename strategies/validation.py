@@ -24,7 +24,6 @@ from flwr.common import (
     FitRes,
     NDArrays,
     Parameters,
-    ndarrays_to_parameters,
 )
 from flwr.common.logger import log
 from flwr.server.client_proxy import ClientProxy
@@ -32,7 +31,7 @@ from flwr.server.strategy import Strategy
 
 from fl_app.schema import Setting
 from strategies.clipping import l2_norm, model_update
-from strategies.decoding import decode
+from strategies.decoding import decode, encode
 from strategies.metrics import is_finite_number
 
 SETTINGS = [
@@ -267,7 +266,7 @@ def cast_like(parameters: Parameters, reference: NDArrays) -> Parameters:
     arrays = decode(parameters)
     if len(arrays) != len(reference) or all(a.dtype == r.dtype for a, r in zip(arrays, reference)):
         return parameters
-    return ndarrays_to_parameters([a.astype(r.dtype) for a, r in zip(arrays, reference)])
+    return encode([a.astype(r.dtype) for a, r in zip(arrays, reference)])
 
 
 def reference_arrays(parameters: Parameters | None, owner: Strategy,

@@ -15,12 +15,13 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 # (`fl_app.cli.simulate.simulation_ray`): its nodes stay on 127.0.0.1, and its temporary
 # folder lies in a fresh 0700 folder, short (Ray's socket paths must stay under 108 bytes).
 # tests/test_simulation_ray.py checks run_simulation.py's own without these variables.
-RAY_TEST_DIR = tempfile.mkdtemp(prefix="fl-ray-tests-", dir="/tmp")
-atexit.register(shutil.rmtree, RAY_TEST_DIR, ignore_errors=True)
-os.environ.setdefault("RAY_TMPDIR", RAY_TEST_DIR)
+if "RAY_TMPDIR" not in os.environ:
+    RAY_TEST_DIR = tempfile.mkdtemp(prefix="fl-ray-tests-", dir="/tmp")
+    atexit.register(shutil.rmtree, RAY_TEST_DIR, ignore_errors=True)
+    os.environ["RAY_TMPDIR"] = RAY_TEST_DIR
 os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 
-from fl_app.app.config import resolve
+from fl_app.app.config import resolve  # noqa: E402
 from fl_app.schema import RunConfig  # noqa: E402
 
 

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from flwr.app import ConfigRecord, Context, Message, RecordDict
 from flwr.app.message_type import MessageType
-from flwr.common import Code, FitIns, FitRes, Status, ndarrays_to_parameters
+from flwr.common import FitIns, ndarrays_to_parameters
 from flwr.common.constant import MessageTypeLegacy
 from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS
 from flwr.compat.common import recorddict_compat as compat
@@ -29,6 +29,7 @@ from fl_app.ml.settings import is_model_file
 from fl_app.wire import CLIENT_KEY, KEY_CLIPPING_NORM
 from strategies import ckks
 from tests.conftest import make_config
+from tests.flower_objects import fit_res
 
 PLAIN_RUN = {"model": "mlp", "dataset": "digits", "homomorphic-encryption": "none"}
 HE_RUN = {**PLAIN_RUN, "homomorphic-encryption": "ckks"}
@@ -71,8 +72,8 @@ def reply_with(arrays) -> callable:
         answered.append(msg)
         if msg.metadata.message_type != MessageType.TRAIN:
             return msg
-        res = FitRes(Status(Code.OK, "ok"), ndarrays_to_parameters(arrays), 1, {})
-        return Message(compat.fitres_to_recorddict(res, keep_input=False), reply_to=msg)
+        return Message(compat.fitres_to_recorddict(fit_res(arrays, 1), keep_input=False),
+                       reply_to=msg)
 
     call_next.answered = answered  # type: ignore[attr-defined]
     return call_next

@@ -52,15 +52,12 @@ from flwr.common.secure_aggregation.secaggplus_constants import (
 from flwr.compat.common import recorddict_compat as compat
 
 from fl_app.client.node_policy import ConfigOf, NodePolicy
+from fl_app.wire import FIT_COUNT, FIT_METRICS
 from strategies.secure import MIN_CLIENTS, MIN_CLIENTS_DEFAULT
 
 SecureRequired = Callable[[Context], bool]
 """Whether this node's run requires secure aggregation (then plaintext fit is refused)."""
 
-FIT_METRICS = "fitres.metrics"
-"""A fit reply's metrics record (Flower's compat layout: `fitres_to_recorddict`)."""
-FIT_COUNT = "fitres.num_examples"
-"""A fit reply's example-count record (Flower's compat layout)."""
 _PROTECTED = ("this run or this node (node-config require-secure) protects the clients' "
               "updates (secure aggregation or homomorphic encryption)")
 
