@@ -34,3 +34,12 @@ def make_config(**overrides) -> RunConfig:
 def small_config() -> RunConfig:
     """Digits with few rounds: the workload most tests use."""
     return make_config(num_server_rounds=2, local_epochs=1)
+
+
+@pytest.fixture
+def identity(monkeypatch):
+    """A task's identity, which a Message built outside a ServerApp or ClientApp needs."""
+    from flwr.supercore.task_identity import TaskIdentity
+
+    for attribute in ("_task_id", "_run_id", "_node_id"):
+        monkeypatch.setattr(TaskIdentity, attribute, 1)

@@ -36,15 +36,6 @@ HE_RUN = {**PLAIN_RUN, "homomorphic-encryption": "ckks"}
 WEIGHTS = [np.zeros((2, 3), dtype=np.float32), np.zeros(3, dtype=np.float32)]
 
 
-@pytest.fixture
-def identity(monkeypatch):
-    """A Message needs a task's identity: set here."""
-    from flwr.supercore.task_identity import TaskIdentity
-
-    for attribute in ("_task_id", "_run_id", "_node_id"):
-        monkeypatch.setattr(TaskIdentity, attribute, 1)
-
-
 def fit_message(config: dict | None = None, secagg: bool = False) -> Message:
     """A compat fit message (FitIns), inside a SecAgg+ stage when `secagg`."""
     content = compat.fitins_to_recorddict(FitIns(ndarrays_to_parameters(WEIGHTS),

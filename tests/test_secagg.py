@@ -105,13 +105,9 @@ def _train_message() -> Message:
 
 
 @pytest.fixture
-def mod_call(monkeypatch):
+def mod_call(identity):
     """A node's context, the messages a mod passed on, and the `call_next` that records
-    them (a Message needs a task's identity: set here)."""
-    from flwr.supercore.task_identity import TaskIdentity
-
-    for attribute in ("_task_id", "_run_id", "_node_id"):
-        monkeypatch.setattr(TaskIdentity, attribute, 1)
+    them (a Message needs a task's identity: `identity`)."""
     answered: list = []
 
     def call_next(msg, ctxt):

@@ -60,13 +60,7 @@ SECURE = dict(secure_aggregation="secagg+", examples_cap_factor=0.0, num_server_
 Rewrite = Callable[[Message], None]
 
 
-@pytest.fixture(autouse=True)
-def task_identity(monkeypatch):
-    """The server's identity, which a Message built outside a ServerApp needs."""
-    from flwr.supercore.task_identity import TaskIdentity
-
-    for attribute in ("_task_id", "_run_id", "_node_id"):
-        monkeypatch.setattr(TaskIdentity, attribute, 1)
+pytestmark = pytest.mark.usefixtures("identity")
 
 
 class LocalGrid:
