@@ -40,6 +40,7 @@ from deploy.layout import Deployment, DeploymentError
 from deploy.prepare import instructions, prepare
 from deploy.prepare import main as prepare_main
 from deploy.processes import ProcessesLeft, Supervisor, living
+from fl_app.app.executor import parse_args as executor_parse_args
 from fl_app.data.node_files import load_node_file
 from fl_app.data.sources import data_source
 from fl_app.schema import ConfigError
@@ -182,20 +183,23 @@ def test_printed_commands_parse_with_the_installed_flower(prepared):
         args = _parse_args_run_supernode().parse_args(_args_after(line, "flower-supernode"))
         assert args.auth_supernode_private_key == str(node.key)
         assert args.root_certificates == str(prepared.ca_cert) and not args.insecure
-        worker_dir = prepared.root / "workers" / node.name
         assert parse_config_args([args.node_config]) == {
             "data-path": str(node.data), "client-key": node.name, "allow-models": "mlp",
-            "allow-data": f"digits,{node.data}", "worker-socket": str(worker_dir / "sock"),
-            "worker-authkey-file": str(worker_dir / "authkey")}
-    workers = [line for line in lines if "fl_app.app.worker" in line]
-    assert len(workers) == 3
-    for node, line in zip(prepared.nodes, workers):
-        assert _args_after(line, "-m")[:3] == ["fl_app.app.worker", "--socket",
-                                               str(prepared.root / "workers" / node.name / "sock")]
+            "allow-data": f"digits,{node.data}"}
+        secret = str(commands.executor_secret(prepared, node))
+        assert args.isolation == "process" and args.superexec_auth_secret_file == secret
+        executor = next(line for line in lines if "fl_app.app.executor --runtime-api" in line
+                        and f"--name {node.name}" in line)
+        executor_args = executor_parse_args(_args_after(executor, "fl_app.app.executor"))
+        assert executor_args.runtime_api == f"127.0.0.1:{args.port}"
+        assert executor_args.secret_file == Path(secret)
+        assert f"fl_app.app.executor --new-secret --secret-file {secret}" in \
+            instructions(prepared)
     assert sum("flwr supernode register" in line for line in lines) == 3
     run = _args_after(lines[-1], "flwr")
     assert run[:3] == ["run", ".", "local-deployment"]
-    assert "min-available-clients=3" in run[run.index("--run-config") + 1]
+    run_configs = [run[i + 1] for i, arg in enumerate(run) if arg == "--run-config"]
+    assert "min-available-clients=3" in run_configs and "fuse-evaluate=true" in run_configs
 
 
 def test_config_string_carries_any_path_flower_can_parse():
@@ -214,13 +218,13 @@ def test_prepared_nodes_accept_only_the_prepared_sources_and_the_launchs(prepare
 
     node = prepared.nodes[1]
     policy = NodePolicy.from_node_config(
-        parse_config_args([commands.node_config(prepared, node, use_worker=False)]))
+        parse_config_args([commands.node_config(prepared, node)]))
     check_sources(policy, make_config(partitioner="dirichlet"))
     check_sources(policy, make_config(dataset=str(node.data)))  # the node's own file
     for key, value in (("model", "logreg"), ("dataset", str(prepared.nodes[0].data))):
         with pytest.raises(NodePolicyError, match=f"{key}='{value}'"):
             check_sources(policy, make_config(**{key: value}))
-    widened = parse_config_args([commands.node_config(prepared, node, True, ["model='cnn'"])])
+    widened = parse_config_args([commands.node_config(prepared, node, ["model='cnn'"])])
     assert widened["allow-models"] == "mlp,cnn"
     with pytest.raises(DeploymentError, match="comma"):
         commands.config_list(["/data/a,b.npz"])

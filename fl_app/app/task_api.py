@@ -1,0 +1,192 @@
+"""Flower's task API, as this app's executor uses it: every Flower internal it needs, here.
+
+A SuperNode started with `--isolation process` launches no ClientApp itself: it queues each
+message as a task on its Runtime API (`127.0.0.1:PORT`), and an executor outside it takes
+the task and runs it. Flower's own executor is `flower-superexec` (one fresh
+`flwr-clientapp` process per task); `fl_app.app.executor` is this app's, which keeps the
+ClientApp warm. Both speak the same API, with the same Flower classes, used here as
+Flower's `flwr/supercore/superexec/run_superexec.py` (acquire a task) and
+`flwr/supernode/runtime/run_clientapp.py` (pull its input, push its reply and output)
+use them:
+
+* `Acquirer`: `AcquireTask`, signed with the SuperExec secret the SuperNode was started
+  with (`--superexec-auth-secret-file`; Flower's `SuperExecAuthHttpInterceptor`). Without
+  the secret the SuperNode answers HTTP 401/403 (`NodeRefused`): another local account, or
+  any process that cannot read the secret file, cannot take the node's tasks.
+* `Task`: one acquired task, by its one-time token (`RuntimeTokenHttpInterceptor`): pulls
+  the message, context, run and FAB (`pull_task_input`), keeps the task alive
+  (`HeartbeatSender`), pushes the reply (`push_message`) and the final status
+  (`push_task_output`).
+* `install`, `load_client_app`: the FAB installed under FLWR_HOME once per hash, its
+  ClientApp loaded as Flower loads it.
+
+These are Flower's internal, unversioned classes: `tests/test_task_api.py` pins every name
+and signature used here and the flwr range the project is tested with (`FLWR_TESTED`), so a
+flwr upgrade that changes them fails loudly there, not in a deployment.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+from flwr.app import Context, Message
+from flwr.app.error import Error
+from flwr.cli.install import install_from_fab
+from flwr.clientapp.client_app import ClientApp
+from flwr.clientapp.utils import get_load_client_app_fn
+from flwr.common.config import get_project_dir
+from flwr.common.constant import ErrorCode, SubStatus
+from flwr.proto.runtime_pb2 import AcquireTaskRequest  # pylint: disable=E0611
+from flwr.supercore.constant import TaskType
+from flwr.supercore.fab import Fab
+from flwr.supercore.heartbeat import HeartbeatSender, make_task_heartbeat_fn_http
+from flwr.supercore.interceptors import (
+    RuntimeTokenHttpInterceptor,
+    RuntimeVersionHttpInterceptor,
+    SuperExecAuthHttpInterceptor,
+)
+from flwr.supercore.retry.retry_invoker import RetryInvoker, exponential
+from flwr.supercore.run import Run
+from flwr.supercore.runtime import RuntimeHttpClient
+from flwr.supernode.runtime.run_clientapp import (
+    pull_task_input,
+    push_message,
+    push_task_output,
+)
+
+FLWR_TESTED = ("1.41", "1.42")
+"""The flwr minor versions whose task API this module is tested against."""
+
+COMPONENT = "fl-app-executor"
+ACQUIRE_METHOD = "/flwr.proto.Runtime/AcquireTask"
+RETRY_SECONDS = 60.0  # how long a call retries while the SuperNode cannot be reached
+CLIENT_APP_ERROR = ErrorCode.CLIENT_APP_RAISED_EXCEPTION
+
+
+class NodeRefused(RuntimeError):
+    """The SuperNode refused this executor (HTTP 401/403: a wrong or missing secret)."""
+
+
+def _retry_invoker() -> RetryInvoker:
+    """Retries a call only when the SuperNode cannot be reached (it is starting, or gone),
+    for `RETRY_SECONDS`. Flower's own invoker (`make_simple_http_retry_invoker`) answers an
+    HTTP 401 by sending SIGINT to its own process; here a refusal is an exception."""
+    return RetryInvoker(wait_gen_factory=lambda: exponential(max_delay=2.0),
+                        recoverable_exceptions=httpx.TransportError, max_tries=None,
+                        max_time=RETRY_SECONDS)
+
+
+@dataclass(frozen=True)
+class Endpoint:
+    """A SuperNode's Runtime API: `address` (host:port), plain HTTP on loopback unless
+    `root_certificates` (a PEM file) is given."""
+
+    address: str
+    root_certificates: str | None = None
+
+    def client(self, *interceptors: object) -> RuntimeHttpClient:
+        """A Runtime API client with Flower's version header and `interceptors`."""
+        return RuntimeHttpClient.from_server_address(
+            server_address=self.address, insecure=self.root_certificates is None,
+            root_certificates=self.root_certificates,
+            interceptors=[RuntimeVersionHttpInterceptor(component_name=COMPONENT),
+                          *interceptors],
+            retry_invoker=_retry_invoker())
+
+
+def _refusal(err: httpx.HTTPStatusError) -> NodeRefused | None:
+    """A `NodeRefused` for an HTTP 401/403 answer, else None."""
+    code = err.response.status_code
+    if code in (httpx.codes.UNAUTHORIZED, httpx.codes.FORBIDDEN):
+        return NodeRefused(f"HTTP {code}")
+    return None
+
+
+@dataclass(frozen=True)
+class Acquired:
+    """A task taken from the SuperNode: its one-time token, id, run and FAB hash."""
+
+    token: str
+    task_id: int
+    run_id: int
+    fab_hash: str
+
+
+class Acquirer:
+    """Takes the SuperNode's ClientApp tasks, one per call, signed with `secret`."""
+
+    def __init__(self, endpoint: Endpoint, secret: bytes) -> None:
+        self._client = endpoint.client(SuperExecAuthHttpInterceptor(
+            master_secret=secret, protected_methods=frozenset({ACQUIRE_METHOD})))
+
+    def acquire(self) -> Acquired | None:
+        """The oldest pending ClientApp task, or None when there is none.
+
+        Raises NodeRefused when the SuperNode refuses the secret.
+        """
+        try:
+            res = self._client.AcquireTask(AcquireTaskRequest(
+                supported_task_types=[TaskType.CLIENT_APP], agentapp_fab_hashes=[]))
+        except httpx.HTTPStatusError as err:
+            refused = _refusal(err)
+            if refused is not None:
+                raise refused from None
+            raise
+        if not (res.HasField("task") and res.token):
+            return None
+        return Acquired(res.token, res.task.task_id, res.task.run_id, res.task.fab_hash)
+
+    def close(self) -> None:
+        """Close the connection."""
+        self._client.close()
+
+
+class Task:
+    """One acquired task, reached with its token: its input, heartbeat, reply and output."""
+
+    def __init__(self, endpoint: Endpoint, token: str) -> None:
+        self._client = endpoint.client(RuntimeTokenHttpInterceptor(token))
+        self._heartbeat = HeartbeatSender(make_task_heartbeat_fn_http(self._client))
+
+    def pull(self) -> tuple[Message, Context, Run, Fab]:
+        """Start the task's heartbeat; its message, context, run and FAB."""
+        self._heartbeat.start()
+        return pull_task_input(self._client)
+
+    def finish(self, reply: Message, context: Context, failed: str | None) -> None:
+        """Push `reply` and the final status with `context` (`failed`: why it failed)."""
+        push_message(self._client, reply, context)
+        push_task_output(self._client, context,
+                         SubStatus.FAILED if failed else SubStatus.COMPLETED, failed or "")
+
+    def close(self) -> None:
+        """Stop the heartbeat and close the connection."""
+        if self._heartbeat.is_running:
+            self._heartbeat.stop()
+        self._client.close()
+
+
+def error_reply(message: Message, reason: str, code: int = CLIENT_APP_ERROR) -> Message:
+    """The reply a failed ClientApp gives `message` (as Flower's `run_clientapp` builds it)."""
+    return Message(Error(code=code, reason=reason), reply_to=message)
+
+
+def exception_reason(err: BaseException) -> str:
+    """A ClientApp exception as Flower's `run_clientapp` reports it to the server."""
+    return str(type(err)) + ":<'" + str(err) + "'>"
+
+
+def install(fab: Fab, run: Run) -> Path:
+    """The FAB's project folder under FLWR_HOME, installed on first use of its hash."""
+    folder = Path(get_project_dir(run.fab_id, run.fab_version, fab.hash_str))
+    if not folder.is_dir():
+        install_from_fab(fab.content, skip_prompt=True)
+    return folder
+
+
+def load_client_app(fab_id: str, fab_version: str, fab_hash: str) -> ClientApp:
+    """The ClientApp of an installed FAB, loaded as Flower's `run_clientapp` loads it."""
+    load = get_load_client_app_fn(default_app_ref="", app_path=None, multi_app=True)
+    return load(fab_id, fab_version, fab_hash)
