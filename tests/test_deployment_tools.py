@@ -417,8 +417,9 @@ def test_launcher_stops_every_process_on_ctrl_c(prepared):
 @pytest.mark.slow
 def test_ctrl_c_in_the_middle_of_a_round_stops_everything_without_tracebacks(prepared,
                                                                               tmp_path):
-    """SIGINT while the nodes' ClientApps and workers are busy: each process is signalled
-    once, in order (nodes before their workers), so no log holds a traceback."""
+    """SIGINT while the nodes' executors and their warm ClientApps are busy: each process is
+    signalled once, in order (executors, SuperNodes, SuperLink), so no log holds a traceback
+    (`KeyboardInterrupt`, Flower's `OSError: Signal 15`)."""
     log_dir = prepared.root / "launch" / "logs"
     shutil.rmtree(log_dir, ignore_errors=True)
     launcher = subprocess.Popen([sys.executable, "-m", "deploy.launch", "--dir",
@@ -443,7 +444,7 @@ def test_ctrl_c_in_the_middle_of_a_round_stops_everything_without_tracebacks(pre
         assert not living(seen.values())
         logs = {path.name: path.read_text(errors="replace") for path in log_dir.iterdir()}
         for name, text in logs.items():
-            for marker in ("Traceback", "KeyboardInterrupt", "race condition"):
+            for marker in ("Traceback", "KeyboardInterrupt", "Signal 15", "race condition"):
                 assert marker not in text, f"{name}: {text[-3000:]}"
         assert "Traceback" not in output, output
     finally:
