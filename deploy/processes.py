@@ -143,7 +143,7 @@ class Supervisor:
         """Start `cmd` in its own session, with its umask, and its output going to
         `<log_dir>/<name>.log` (mode 600; and to the supervisor's `echo` unless `echo` is
         False). With `stop_last` it is stopped after every other process (a service the
-        others call until they stop, like a node's worker).
+        others call until they stop, like a node's executor).
 
         With `capture`, standard output is also kept (`Managed.text()`) apart from standard
         error, which goes to the log only.
