@@ -636,3 +636,24 @@ def test_launch_reads_every_nodes_data_file_before_starting_anything(tmp_path, c
     err = capsys.readouterr().err
     assert err.startswith(f"error: node-1: data file {dep.nodes[1].data}") and message in err
     assert not (dep.root / "launch").exists()  # refused before starting anything
+
+
+def _deprecated_flags(parser) -> set[str]:
+    """The flags of one of Flower's parsers that Flower marks deprecated (in their help, or
+    handled by one of its deprecation actions)."""
+    return {flag for action in parser._actions for flag in action.option_strings
+            if "deprecated" in (action.help or "").lower()
+            or "Deprecated" in type(action).__name__}
+
+
+def test_printed_commands_use_no_flag_flower_deprecates(prepared):
+    """flwr 1.42 deprecates `--fleet-api-type`, `--auth-supernode-public-key`, the
+    `--appio-ssl-*` names and more: no printed command uses one."""
+    deprecated = (_deprecated_flags(_parse_args_run_superlink())
+                  | _deprecated_flags(_parse_args_run_supernode()))
+    assert {"--fleet-api-type", "--auth-supernode-public-key"} <= deprecated, deprecated
+    for line in instructions(prepared).splitlines():
+        if line.startswith("#"):
+            continue
+        used = {arg.split("=")[0] for arg in shlex.split(line) if arg.startswith("--")}
+        assert not used & deprecated, line
