@@ -132,6 +132,8 @@ def task_phases(log_dir: Path, rounds: int) -> dict[str, float]:
         lines = TASK_LINE.findall(log.read_text(errors="replace"))
         tasks.append([tuple(map(float, line)) for line in lines])
     counts = [len(t) for t in tasks]
+    if not counts:  # Flower's SuperExec ran the tasks: no executor log
+        return {}
     per_round = (statistics.mean(counts) - 1) / rounds  # less the client-key query
     skip = 1 + round(per_round)  # the query and round 1's tasks
     later = [task for node in tasks for task in node[skip:]]
