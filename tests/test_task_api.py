@@ -8,7 +8,11 @@ import tomllib
 from pathlib import Path
 
 import flwr
-from flwr.proto.runtime_pb2 import AcquireTaskRequest  # pylint: disable=E0611
+from flwr.proto.runtime_pb2 import (  # pylint: disable=E0611
+    AcquireTaskRequest,
+    PullAppMessagesResponse,
+    PullTaskInputResponse,
+)
 from flwr.proto.task_pb2 import Task  # pylint: disable=E0611
 from flwr.supercore.superexec import run_superexec
 from flwr.supernode.cli.flower_supernode import _parse_args_run_supernode
@@ -32,7 +36,10 @@ def test_the_installed_flwr_is_one_the_task_api_is_tested_with():
 
 
 def test_the_task_api_functions_keep_their_signatures():
-    assert _params(task_api.pull_task_input) == ["client"]
+    assert {"initial_backoff", "backoff_cap", "return_type"} <= \
+        set(_params(task_api.pull_and_inflate_object_from_tree))
+    assert _params(task_api.make_pull_object_fn_protobuf)[:3] == ["pull_object_protobuf",
+                                                                   "node", "run_id"]
     assert _params(task_api.push_message) == ["client", "message", "context"]
     assert _params(task_api.push_task_output) == ["client", "context", "sub_status", "details"]
     assert _params(task_api.make_task_heartbeat_fn_http) == ["client"]
@@ -47,7 +54,8 @@ def test_the_task_api_functions_keep_their_signatures():
 def test_the_clients_and_interceptors_keep_their_signatures():
     assert _params(task_api.RuntimeHttpClient.from_server_address) == [
         "server_address", "insecure", "root_certificates", "interceptors", "retry_invoker"]
-    for method in ("AcquireTask", "PullTaskInput", "PullMessages", "PushMessages",
+    for method in ("AcquireTask", "PullTaskInput", "PullMessages", "PullObject",
+                   "ConfirmMessageReceived", "PushMessages",
                    "PushTaskOutput", "SendTaskHeartbeat", "close"):
         assert hasattr(task_api.RuntimeHttpClient, method), method
     assert _params(task_api.SuperExecAuthHttpInterceptor) == ["master_secret",
@@ -64,6 +72,12 @@ def test_the_protocol_names_match_flowers_own_superexec():
     assert set(AcquireTaskRequest.DESCRIPTOR.fields_by_name) >= {"supported_task_types",
                                                                   "agentapp_fab_hashes"}
     assert set(Task.DESCRIPTOR.fields_by_name) >= {"task_id", "run_id", "fab_hash"}
+    assert {"task_id", "run", "context", "fab"} <= set(
+        PullTaskInputResponse.DESCRIPTOR.fields_by_name)
+    assert {"messages_list", "message_object_trees"} <= set(
+        PullAppMessagesResponse.DESCRIPTOR.fields_by_name)
+    for name in ("task_id", "run_id", "node_id"):  # settable properties of its metaclass
+        assert isinstance(getattr(type(task_api.TaskIdentity), name), property), name
     assert task_api.TaskType.CLIENT_APP == "flwr-clientapp"
     assert (task_api.SubStatus.COMPLETED, task_api.SubStatus.FAILED) == ("completed", "failed")
     assert int(task_api.CLIENT_APP_ERROR) == int(task_api.ErrorCode.CLIENT_APP_RAISED_EXCEPTION)
