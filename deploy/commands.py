@@ -19,6 +19,7 @@ import tomli_w
 from deploy.files import PRIVATE_UMASK, private_dir, write_private
 from deploy.layout import CONNECTION, Deployment, DeploymentError, NodeFiles
 from fl_app.client.node_policy import KEY_ALLOW_DATA, KEY_ALLOW_MODELS, KEY_CLIENT_KEY
+from fl_app.wire import KEY_FUSE_EVALUATE
 
 TASK_POLL_INTERVAL = 0.1  # seconds between a SuperExec's looks for a message to run
 
@@ -152,6 +153,15 @@ def node_config(dep: Deployment, node: NodeFiles, run_configs: Sequence[str] = (
     if dep.he_key_held_by is not None:  # made here, or on the node (`he_key_generate`)
         pairs.append(f"he-key-file={config_string(str(dep.he_key(node)))}")
     return " ".join(pairs)
+
+
+def fused_run_config(*run_configs: str) -> str:
+    """`fuse-evaluate=true` (one message per round), unless `run_configs` (later ones
+    overriding earlier ones) pick the FedBuff loop, which has no rounds to fuse into."""
+    from flwr.common.config import parse_config_args
+
+    chosen = parse_config_args([rc for rc in run_configs if rc])
+    return "" if chosen.get("server-loop") == "fedbuff" else f"{KEY_FUSE_EVALUATE}=true"
 
 
 def he_run_config(dep: Deployment) -> str:

@@ -17,7 +17,8 @@ Flower's own SuperExec instead, a fresh process per message), and the `flwr` CLI
 registers the nodes' public keys, submits the run (`flwr run . <connection>` from the
 project folder) and streams its log (the ServerApp's progress lines only; `--verbose`: also
 the SuperLink's, SuperNodes' and executors' output and Flower's own INFO lines). The run
-config adds `fuse-evaluate=true` (one message per round) unless `--run-config` sets it. The results (history.json, final_model.keras, plots) land in OUT
+config adds `fuse-evaluate=true` (one message per round; not under `server-loop='fedbuff'`)
+unless `--run-config` sets it. The results (history.json, final_model.keras, plots) land in OUT
 (default DIR/results); the logs of every process in DIR/launch/logs. Every file written
 is mode 600 and every folder mode 700 (the processes run with umask 077), and the
 SuperLink keeps its state in memory, so the messages it relays (the clients' model
@@ -54,7 +55,6 @@ from fl_app.data.sources import DataError, data_spec
 from fl_app.schema import ConfigError
 from fl_app.server.outputs import HISTORY_FILE
 from fl_app.server.stopping import IDLE_STOP
-from fl_app.wire import KEY_FUSE_EVALUATE
 
 COMPLETED = "finished:completed"
 CLI_TIMEOUT = 120.0
@@ -268,9 +268,10 @@ class LocalDeployment:
 
     def run_config(self, out_dir: Path, extra: str = "") -> list[str]:
         """The run's `--run-config`s, later ones overriding earlier ones: wait for every
-        node, one message per round (`fuse-evaluate=true`), the prepared keys, `extra`,
-        and `out-dir`."""
-        return [f"min-available-clients={len(self.dep.nodes)}", f"{KEY_FUSE_EVALUATE}=true",
+        node, one message per round (`fuse-evaluate=true`, but under FedBuff), the prepared
+        keys, `extra`, and `out-dir`."""
+        return [f"min-available-clients={len(self.dep.nodes)}",
+                commands.fused_run_config(self.dep.run_config, extra),
                 commands.he_run_config(self.dep), self.dep.run_config, extra,
                 f"out-dir={commands.config_string(str(out_dir))}"]
 

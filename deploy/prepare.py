@@ -53,7 +53,6 @@ from fl_app.app.config import check_num_clients
 from fl_app.cli.simulate import PROJECT_DIR, load_run_config
 from fl_app.data.sources import DataError, data_source
 from fl_app.schema import ConfigError, RunConfig
-from fl_app.wire import KEY_FUSE_EVALUATE
 from strategies import ckks
 
 DATA_FORMATS = ("npz", "csv")
@@ -257,8 +256,9 @@ def instructions(dep: Deployment, project_dir: Path = PROJECT_DIR) -> str:
     lines += [commands.executor(dep, node, homes / f"{node.name}-executor",
                                 SUPERNODE_UVICORN_DEFAULT_PORT + i).shell(cwd=project_dir)
               for i, node in enumerate(dep.nodes)]
-    run_configs = [f"min-available-clients={len(dep.nodes)}", f"{KEY_FUSE_EVALUATE}=true",
-                   commands.he_run_config(dep), dep.run_config]
+    run_configs = [f"min-available-clients={len(dep.nodes)}",
+                   commands.fused_run_config(dep.run_config), commands.he_run_config(dep),
+                   dep.run_config]
     lines += ["", "# 4. Run the app and stream the ServerApp's log (results go to out-dir, "
               "on the SuperLink's machine):",
               commands.run_app(dep.cli_home, run_configs, stream=True).shell(cwd=project_dir)]

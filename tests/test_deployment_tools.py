@@ -657,3 +657,10 @@ def test_printed_commands_use_no_flag_flower_deprecates(prepared):
             continue
         used = {arg.split("=")[0] for arg in shlex.split(line) if arg.startswith("--")}
         assert not used & deprecated, line
+
+
+def test_the_launch_fuses_evaluation_except_under_fedbuff():
+    assert commands.fused_run_config("", "num-server-rounds=3") == "fuse-evaluate=true"
+    assert commands.fused_run_config("server-loop='fedbuff'", "num-server-rounds=3") == ""
+    assert commands.fused_run_config("server-loop='fedbuff'", "server-loop='sync'") == \
+        "fuse-evaluate=true"
