@@ -36,8 +36,8 @@ from fl_app.server.stopping import StoppingRules
 from fl_app.wire import KEY_FUSE_EVALUATE, KEY_PROXIMAL_MU, evaluate_config, round_config
 from strategies.context import StrategyContext
 from strategies.fedbuff import FEDBUFF, FedBuffAggregator
-from strategies.registry import build_strategy
-from strategies.secure import evaluate_fraction, share_count
+from strategies.registry import build_strategy, evaluates_distributed
+from strategies.secure import share_count
 from strategies.weighted_fedavg import EvaluateFn
 
 
@@ -93,8 +93,8 @@ def run_parts(cfg: RunConfig, callbacks: Sequence[Callback] = (),
 
 def fuses_evaluation(cfg: RunConfig) -> bool:
     """Whether the run's fit messages carry its distributed evaluation (`fuse-evaluate`,
-    unless distributed evaluation is off: fraction-evaluate=0 or a protected run)."""
-    return bool(cfg["fuse-evaluate"]) and evaluate_fraction(cfg) > 0
+    unless the run has none: `strategies.registry.evaluates_distributed`)."""
+    return bool(cfg["fuse-evaluate"]) and evaluates_distributed(cfg)
 
 
 def fit_config(cfg: RunConfig) -> Callable[[int], dict[str, Scalar]]:

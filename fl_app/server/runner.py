@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import math
 import timeit
 from collections.abc import Callable
 from dataclasses import dataclass
 from logging import INFO, WARNING
 from typing import Any
 
-from flwr.common import EvaluateRes, FitRes, Parameters, Scalar
+from flwr.common import Code, EvaluateRes, FitRes, Parameters, Scalar, Status
 from flwr.common.logger import log
 from flwr.server import Server
 from flwr.server.client_proxy import ClientProxy
@@ -47,38 +48,31 @@ def _without_client_reports(metrics: dict[str, Scalar]) -> dict[str, Scalar]:
             if not k.startswith((DATA_QUALITY_PREFIX, TIMING_PREFIX, FUSED_PREFIX))}
 
 
-def _number(value: Scalar) -> bool:
-    """Whether `value` is an int or float (not a bool)."""
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
+def _fused_report(cid: str, metrics: dict[str, Scalar]) -> EvaluateRes | None:
+    """A fit reply's fused evaluation as an `EvaluateRes`, or None when it has none or its
+    loss is not a finite number or its count not a non-negative int (logged: a client's
+    values never reach the aggregation, or crash the server, unchecked)."""
+    loss, count = metrics.get(FUSED_LOSS), metrics.get(FUSED_COUNT)
+    if loss is None and count is None:
+        return None
+    if (type(loss) not in (int, float) or not math.isfinite(loss)
+            or type(count) is not int or count < 0):
+        log(WARNING, "client %s: its fused evaluation (%s=%r, %s=%r) is not a finite loss "
+            "and an example count; dropped", cid, FUSED_LOSS, loss, FUSED_COUNT, count)
+        return None
+    return EvaluateRes(Status(Code.OK, ""), float(loss), count,
+                       {key.removeprefix(FUSED_PREFIX): value for key, value in metrics.items()
+                        if key.startswith(FUSED_PREFIX) and key not in (FUSED_LOSS, FUSED_COUNT)})
 
 
 def fused_evaluations(
         results: list[tuple[ClientProxy, FitRes]]) -> list[tuple[ClientProxy, EvaluateRes]]:
     """The evaluations the fit replies carry (`fuse-evaluate`: `eval_loss`,
     `eval_num_examples`, `eval_<metric>`, see `KerasClient`) as the `EvaluateRes` a
-    separate evaluate message would have given; a reply without them, or with a loss or
-    count that is not a number, gives none (its metrics are never taken on trust: the
-    strategy's `aggregate_evaluate` checks them as any evaluation report)."""
-    evaluations = []
-    for proxy, res in results:
-        loss, count = res.metrics.get(FUSED_LOSS), res.metrics.get(FUSED_COUNT)
-        if loss is None or count is None or not (_number(loss) and _number(count)):
-            continue
-        metrics = {key.removeprefix(FUSED_PREFIX): value for key, value in res.metrics.items()
-                   if key.startswith(FUSED_PREFIX) and key not in (FUSED_LOSS, FUSED_COUNT)}
-        evaluations.append((proxy, EvaluateRes(res.status, float(loss), int(count), metrics)))
-    return evaluations
-
-
-def timing(results: list[tuple[ClientProxy, FitRes]]) -> dict[str, float]:
-    """The clients' mean seconds per phase of their fit message (their `time_*` fit
-    metrics, see `fl_app.client.timing`); only recorded, never trusted."""
-    phases: dict[str, list[float]] = {}
-    for _, res in results:
-        for key, value in res.metrics.items():
-            if key.startswith(TIMING_PREFIX) and isinstance(value, (int, float)):
-                phases.setdefault(key.removeprefix(TIMING_PREFIX), []).append(float(value))
-    return {phase: sum(values) / len(values) for phase, values in phases.items()}
+    separate evaluate message would have given (see `_fused_report`); the strategy's
+    `aggregate_evaluate` then checks them as any evaluation report."""
+    reports = [(proxy, _fused_report(proxy.cid, res.metrics)) for proxy, res in results]
+    return [(proxy, report) for proxy, report in reports if report is not None]
 
 
 REPORT_COUNTS = {"rows", *(f"dropped_{reason}" for reason in REASONS)}
@@ -166,8 +160,8 @@ class FederatedServer(Server):
     With `secure_fit` (see `fl_app.server.secagg`), every fit round runs through it instead
     of Flower's plaintext `fit_round`; all else stays the same. With `fuse_evaluate` no
     evaluate messages are sent: the clients evaluate the model they receive inside the fit
-    message (`fuse-evaluate`), and round r's `distributed` record (with `model_round` r-1)
-    is the strategy's `aggregate_evaluate` of those reports.
+    message (`fuse-evaluate`), and round r's `distributed` record (the evaluation of round
+    r-1's model) is the strategy's `aggregate_evaluate` of those reports.
     """
 
     def __init__(self, *, strategy: Strategy, seed: int, stopping: StoppingRules,
@@ -278,7 +272,6 @@ class FederatedServer(Server):
             if not evaluations:
                 return {}
             loss, metrics = self.strategy.aggregate_evaluate(server_round, evaluations, [])
-            metrics = {**metrics, "model_round": server_round - 1}
         else:
             res_fed = self.evaluate_round(server_round=server_round, timeout=timeout)
             if res_fed is None:
