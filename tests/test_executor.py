@@ -102,3 +102,21 @@ def test_the_executor_exits_with_its_supernode(cluster):
         time.sleep(0.2)
     assert executor.poll() == 0, executor.log_text()
     assert "its SuperNode" in executor.log_text() and "ended: stopping" in executor.log_text()
+
+
+def test_the_executor_takes_tasks_only_from_a_runtime_api_its_supernode_serves():
+    """Another account could bind the port before the SuperNode: the listener must be this
+    account's process, and the --parent-pid one when given (`check_listener`)."""
+    import os
+    import socket
+
+    from fl_app.app.executor import check_listener
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        address = f"127.0.0.1:{sock.getsockname()[1]}"
+        assert check_listener(address, None, wait=0.5) == f"nothing listens on {address}"
+        sock.listen()
+        assert check_listener(address, os.getpid(), wait=5) is None
+        problem = check_listener(address, os.getpid() + 1, wait=5)
+        assert problem is not None and "is not the SuperNode --parent-pid names" in problem

@@ -21,9 +21,17 @@ Flower's does (the server gets the exception). One that crashes or runs past
 ClientApp process crashed (exit code N)"), and its process is replaced for the next task.
 Each task's time is logged by phase ("task done in X s (pull a, run b, push c)").
 
-It exits with status 0 on SIGTERM/SIGINT/SIGHUP and when the `--parent-pid` process (its
-SuperNode) ends, stopping its warm processes first; with status 1 and an `error:` line when
-the SuperNode refuses its secret or cannot be reached for `task_api.RETRY_SECONDS`.
+Before taking any task it checks that the process listening on the Runtime API belongs to
+this account (and is the `--parent-pid` SuperNode): another account that bound the port
+first could otherwise hand out tasks of its own (not needed with `--root-certificates`, a
+Runtime API served over TLS). A failure anywhere in a task (pulling it, installing its FAB,
+running it) fails that task with an error reply and a FAILED status; the executor goes on.
+
+It exits with status 0 on SIGTERM/SIGINT/SIGHUP (a task in progress fails at once: its
+warm process is stopped) and when the `--parent-pid` process (its SuperNode) ends, stopping
+its warm processes first; with status 1 and an `error:` line when the Runtime API is not
+the SuperNode's, or the SuperNode refuses its secret or cannot be reached for
+`task_api.RETRY_SECONDS`.
 `--new-secret` makes FILE (mode 600, a random secret) if it is missing, and exits.
 """
 
@@ -38,14 +46,28 @@ import threading
 import time
 from collections import OrderedDict
 from collections.abc import Callable
+from importlib.metadata import version
 from multiprocessing import Pipe
 from pathlib import Path
 from typing import Any
 
 import httpx
+from flwr.app import Context, Message
+from flwr.common.serde import (
+    context_from_proto,
+    context_to_proto,
+    message_from_proto,
+    message_to_proto,
+)
+from flwr.proto.message_pb2 import Context as ContextProto  # pylint: disable=E0611
+from flwr.proto.message_pb2 import Message as MessageProto  # pylint: disable=E0611
+from flwr.supercore.fab import Fab
+from flwr.supercore.run import Run
 
 from fl_app.app.secret_file import SecretFileError, ensure_secret, read_secret
 from fl_app.app.task_api import (
+    FLWR_TESTED,
+    RETRY_SECONDS,
     Acquired,
     Acquirer,
     Endpoint,
@@ -64,7 +86,7 @@ Log = Callable[[str], None]
 
 
 class ClientAppFailed(RuntimeError):
-    """The warm ClientApp process crashed or ran past the task timeout."""
+    """The warm ClientApp process crashed, ran past the task timeout or was stopped."""
 
 
 class WarmProcess:
@@ -77,6 +99,7 @@ class WarmProcess:
              "--project", str(project), "--fab-id", fab_id, "--fab-version", fab_version,
              "--fab-hash", fab_hash], pass_fds=(child.fileno(),))
         child.close()
+        self._why: str | None = None  # why the process was stopped during a call
 
     def alive(self) -> bool:
         """Whether the process still runs."""
@@ -85,24 +108,33 @@ class WarmProcess:
     def call(self, request: dict[str, Any], timeout: float) -> dict[str, Any]:
         """Send one task to the process; its answer.
 
-        Raises ClientAppFailed when the process crashes or does not answer in `timeout`
-        seconds (it is then stopped).
+        Raises ClientAppFailed when the process crashes, is stopped (`stop`) or does not
+        answer within `timeout` seconds of the call (sending included; it is then stopped).
         """
+        watchdog = threading.Timer(timeout, self.stop, args=(
+            f"the ClientApp ran past the task timeout ({timeout:g} s); its process was "
+            "stopped",))
+        watchdog.daemon = True
+        watchdog.start()
         try:
             self.conn.send(request)
-            if self.conn.poll(timeout):
-                answer: dict[str, Any] = self.conn.recv()
-                return answer
+            answer: dict[str, Any] = self.conn.recv()
+            return answer
         except (EOFError, OSError):
             self.close()
-            raise ClientAppFailed("the ClientApp process crashed (exit code "
+            raise ClientAppFailed(self._why or "the ClientApp process crashed (exit code "
                                   f"{self.proc.returncode})") from None
-        self.close()
-        raise ClientAppFailed(f"the ClientApp ran past the task timeout ({timeout:g} s); "
-                              "its process was stopped")
+        finally:
+            watchdog.cancel()
+
+    def stop(self, why: str) -> None:
+        """End the process now (a call in progress fails with `why`)."""
+        self._why = why
+        if self.alive():
+            self.proc.kill()
 
     def close(self) -> None:
-        """Stop the process (SIGTERM, then SIGKILL after `STOP_WAIT` seconds)."""
+        """Stop the process (SIGTERM, then SIGKILL after `STOP_WAIT` seconds) and reap it."""
         self.conn.close()
         if self.alive():
             self.proc.terminate()
@@ -132,6 +164,7 @@ class Executor:
         self.task_timeout = task_timeout
         self.log = log
         self.warm: OrderedDict[str, WarmProcess] = OrderedDict()
+        self.running: WarmProcess | None = None
         self.done = 0
 
     def serve(self, stop: threading.Event, poll: float) -> None:
@@ -145,16 +178,22 @@ class Executor:
             if acquired is None:
                 stop.wait(poll)
                 continue
-            try:
-                self.run_task(acquired)
-            except (httpx.HTTPError, RuntimeError) as err:  # the task fails, the node goes on
-                self.log(f"task {acquired.task_id} (run {acquired.run_id}) failed: {err}")
+            self.run_task(acquired)
+
+    def interrupt(self, why: str) -> None:
+        """Stop the warm process of the task in progress, if any (it fails with `why`)."""
+        running = self.running
+        if running is not None:
+            running.stop(why)
 
     def _process(self, project: Path, fab_id: str, fab_version: str,
                  fab_hash: str) -> WarmProcess:
         """The FAB's warm process: the running one, else a new one (the oldest dropped)."""
         proc = self.warm.pop(fab_hash, None)
-        if proc is None or not proc.alive():
+        if proc is not None and not proc.alive():
+            proc.close()
+            proc = None
+        if proc is None:
             proc = WarmProcess(project, fab_id, fab_version, fab_hash)
             self.log(f"started a warm ClientApp process (pid {proc.proc.pid}) for FAB "
                      f"{fab_hash[:12]}")
@@ -163,39 +202,53 @@ class Executor:
             self.warm.popitem(last=False)[1].close()
         return proc
 
-    def run_task(self, acquired: Acquired) -> None:
-        """Pull one task's input, run it in its warm process, push its reply and status."""
-        from flwr.app import Message
-        from flwr.common.serde import context_from_proto, context_to_proto, message_from_proto
-        from flwr.common.serde import message_to_proto
-        from flwr.proto.message_pb2 import Context as ContextProto  # pylint: disable=E0611
-        from flwr.proto.message_pb2 import Message as MessageProto  # pylint: disable=E0611
+    def _run(self, task_id: int, message: Message, context: Context, run: Run,
+             fab: Fab) -> tuple[Message, Context, str | None]:
+        """Run one pulled task in its FAB's warm process: the reply, the context after it,
+        and why it failed (None when the ClientApp answered)."""
+        proc = self._process(install(fab, run), run.fab_id, run.fab_version, fab.hash_str)
+        request = {"identity": (task_id, run.run_id, context.node_id),
+                   "message": message_to_proto(message).SerializeToString(),
+                   "context": context_to_proto(context).SerializeToString()}
+        self.running = proc
+        try:
+            answer = proc.call(request, self.task_timeout)
+        except ClientAppFailed as err:
+            return error_reply(message, f"{self.name}: {err}"), context, f"{self.name}: {err}"
+        finally:
+            self.running = None
+        if not answer["ok"]:
+            return error_reply(message, answer["reason"]), context, answer["reason"]
+        return (message_from_proto(MessageProto.FromString(answer["message"])),
+                context_from_proto(ContextProto.FromString(answer["context"])), None)
 
+    def run_task(self, acquired: Acquired) -> None:
+        """Pull one task's input, run it in its warm process, push its reply and status.
+        Whatever fails on the way, the task ends with an error reply (once its message is
+        known) and a FAILED status, and the executor goes on with the next task."""
         start = time.perf_counter()
         task = Task(self.endpoint, acquired.token)
+        message: Message | None = None
+        context: Context | None = None
+        reply: Message | None = None
+        failed: str | None = f"{self.name}: the executor could not run the task"
+        pulled = ran = start
         try:
             message, context, run, fab = task.pull()
             pulled = time.perf_counter()
-            proc = self._process(install(fab, run), run.fab_id, run.fab_version, fab.hash_str)
-            request = {"identity": (acquired.task_id, run.run_id, context.node_id),
-                       "message": message_to_proto(message).SerializeToString(),
-                       "context": context_to_proto(context).SerializeToString()}
-            failed: str | None = None
-            try:
-                answer = proc.call(request, self.task_timeout)
-            except ClientAppFailed as err:
-                answer = {"ok": False, "reason": f"{self.name}: {err}"}
-            if answer["ok"]:
-                reply: Message = message_from_proto(MessageProto.FromString(answer["message"]))
-                context = context_from_proto(ContextProto.FromString(answer["context"]))
-            else:
-                failed = answer["reason"]
-                reply = error_reply(message, failed)
-                self.log(f"task {acquired.task_id} failed: {failed}")
-            ran = time.perf_counter()
-            task.finish(reply, context, failed)
+            reply, context, failed = self._run(acquired.task_id, message, context, run, fab)
+        except Exception as err:  # pylint: disable=broad-exception-caught
+            failed = f"{self.name}: the executor could not run the task: {err!r}"
+            reply = error_reply(message, failed) if message is not None else None
         finally:
+            ran = time.perf_counter()
+            try:
+                task.finish(reply, context, failed)
+            except Exception as err:  # pylint: disable=broad-exception-caught
+                self.log(f"task {acquired.task_id}: its reply could not be pushed: {err!r}")
             task.close()
+        if failed:
+            self.log(f"task {acquired.task_id} failed: {failed}")
         self.done += 1
         end = time.perf_counter()
         self.log(f"task {acquired.task_id} done in {end - start:.3f} s (pull "
@@ -209,13 +262,19 @@ class Executor:
 
 
 def watch_parent(pid: int, on_exit: Callable[[], None]) -> None:
-    """Call `on_exit` once process `pid` has ended (checked every second, in a thread)."""
+    """Call `on_exit` once process `pid` has ended (checked every second, in a thread; the
+    process is looked up once, so a reused pid does not look alive)."""
     import psutil
+
+    try:
+        parent: psutil.Process | None = psutil.Process(pid)
+    except psutil.Error:
+        parent = None
 
     def ended() -> bool:
         try:
-            parent = psutil.Process(pid)
-            return not parent.is_running() or parent.status() == psutil.STATUS_ZOMBIE
+            return parent is None or not parent.is_running() or \
+                parent.status() == psutil.STATUS_ZOMBIE
         except psutil.Error:
             return True
 
@@ -225,6 +284,41 @@ def watch_parent(pid: int, on_exit: Callable[[], None]) -> None:
         on_exit()
 
     threading.Thread(target=watch, name="parent-watch", daemon=True).start()
+
+
+def check_listener(address: str, parent_pid: int | None, wait: float) -> str | None:
+    """Why the Runtime API at `address` (host:port) is not the SuperNode's, or None.
+
+    Another local account could bind the port before the SuperNode does and hand out tasks
+    of its own (code to run as this account): the process that listens there must belong
+    to this account (and be `parent_pid`, when given). Waits up to `wait` seconds for a
+    listener.
+    """
+    import psutil
+
+    host, _, port = address.rpartition(":")
+    deadline = time.monotonic() + wait
+    while True:
+        owners = {conn.pid for conn in psutil.net_connections(kind="tcp")
+                  if conn.status == psutil.CONN_LISTEN and conn.laddr
+                  and conn.laddr.port == int(port) and conn.laddr.ip in (host, "0.0.0.0", "::")}
+        if owners or time.monotonic() > deadline:
+            break
+        time.sleep(0.2)
+    if not owners:
+        return f"nothing listens on {address}"
+    for pid in owners:
+        try:
+            uid = psutil.Process(pid).uids().real if pid is not None else None
+        except psutil.Error:
+            uid = None
+        if uid != os.getuid():
+            return (f"the process listening on {address} does not belong to this account: "
+                    "it is not this node's SuperNode")
+        if parent_pid and pid != parent_pid:
+            return (f"the process listening on {address} (pid {pid}) is not the SuperNode "
+                    f"--parent-pid names ({parent_pid})")
+    return None
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -270,16 +364,29 @@ def main(argv: list[str] | None = None) -> int:
     def on_signal(signum: int, _frame: object) -> None:
         log(f"stopping ({signal.Signals(signum).name})")
         stop.set()
+        executor.interrupt(f"{name}: the executor was stopped ({signal.Signals(signum).name})")
 
     for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
         signal.signal(signum, on_signal)
     if args.parent_pid:
         def parent_ended() -> None:
             log(f"its SuperNode (pid {args.parent_pid}) ended: stopping")
-            executor.close()
-            os._exit(0)  # a call may be blocked retrying the SuperNode that has gone
+            try:
+                executor.close()
+            finally:
+                os._exit(0)  # a call may be blocked retrying the SuperNode that has gone
 
         watch_parent(args.parent_pid, parent_ended)
+    flwr_minor = ".".join(version("flwr").split(".")[:2])
+    if flwr_minor not in FLWR_TESTED:
+        log(f"warning: flwr {version('flwr')} is installed; this executor is tested with "
+            f"flwr {', '.join(FLWR_TESTED)} (see tests/test_task_api.py)")
+    if args.root_certificates is None:  # plain HTTP: make sure it is the node's own API
+        problem = check_listener(args.runtime_api, args.parent_pid, RETRY_SECONDS)
+        if problem is not None:
+            executor.close()
+            print(f"error: {name}: {problem}", file=sys.stderr)
+            return 1
     log(f"taking tasks from {args.runtime_api}")
     try:
         executor.serve(stop, args.poll)

@@ -27,6 +27,9 @@ flwr upgrade that changes them fails loudly there, not in a deployment.
 
 from __future__ import annotations
 
+import fcntl
+import os
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -64,8 +67,9 @@ from flwr.supercore.inflatable.inflatable_utils import pull_and_inflate_object_f
 from flwr.supercore.task_identity import TaskIdentity
 from flwr.supernode.runtime.run_clientapp import push_message, push_task_output
 
-FLWR_TESTED = ("1.41", "1.42")
-"""The flwr minor versions whose task API this module is tested against."""
+FLWR_TESTED = ("1.42",)
+"""The flwr minor versions whose task API this module is tested against (1.41 served the
+Runtime API over gRPC; this module speaks Flower's HTTP one)."""
 
 COMPONENT = "fl-app-executor"
 ACQUIRE_METHOD = "/flwr.proto.Runtime/AcquireTask"
@@ -119,12 +123,11 @@ def _refusal(err: httpx.HTTPStatusError) -> NodeRefused | None:
 
 @dataclass(frozen=True)
 class Acquired:
-    """A task taken from the SuperNode: its one-time token, id, run and FAB hash."""
+    """A task taken from the SuperNode: its one-time token, id and run."""
 
     token: str
     task_id: int
     run_id: int
-    fab_hash: str
 
 
 class Acquirer:
@@ -149,7 +152,7 @@ class Acquirer:
             raise
         if not (res.HasField("task") and res.token):
             return None
-        return Acquired(res.token, res.task.task_id, res.task.run_id, res.task.fab_hash)
+        return Acquired(res.token, res.task.task_id, res.task.run_id)
 
     def close(self) -> None:
         """Close the connection."""
@@ -186,11 +189,16 @@ class Task:
         message.metadata.__dict__["_message_id"] = tree.object_id  # not in the deflated one
         return message, context, run_from_proto(res.run), fab_from_proto(res.fab)
 
-    def finish(self, reply: Message, context: Context, failed: str | None) -> None:
-        """Push `reply` and the final status with `context` (`failed`: why it failed)."""
-        push_message(self._client, reply, context)
-        push_task_output(self._client, context,
-                         SubStatus.FAILED if failed else SubStatus.COMPLETED, failed or "")
+    def finish(self, reply: Message | None, context: Context | None,
+               failed: str | None) -> None:
+        """Push `reply` (when there is one and the context it belongs to) and, whatever
+        happens to it, the final status with `context` (`failed`: why the task failed)."""
+        try:
+            if reply is not None and context is not None:
+                push_message(self._client, reply, context)
+        finally:
+            push_task_output(self._client, context,
+                             SubStatus.FAILED if failed else SubStatus.COMPLETED, failed or "")
 
     def close(self) -> None:
         """Stop the heartbeat and close the connection."""
@@ -209,11 +217,24 @@ def exception_reason(err: BaseException) -> str:
     return str(type(err)) + ":<'" + str(err) + "'>"
 
 
+INSTALLED = ".fl-app-installed"  # written into a FAB's folder once it is installed whole
+
+
 def install(fab: Fab, run: Run) -> Path:
-    """The FAB's project folder under FLWR_HOME, installed on first use of its hash."""
+    """The FAB's project folder under FLWR_HOME, installed on first use of its hash, under
+    a lock (executors may share FLWR_HOME); a folder an interrupted install left without
+    its `INSTALLED` mark is installed again."""
     folder = Path(get_project_dir(run.fab_id, run.fab_version, fab.hash_str))
-    if not folder.is_dir():
-        install_from_fab(fab.content, skip_prompt=True)
+    folder.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    lock = os.open(folder.parent / ".fl-app-install.lock", os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not (folder / INSTALLED).is_file():
+            shutil.rmtree(folder, ignore_errors=True)
+            install_from_fab(fab.content, skip_prompt=True)
+            (folder / INSTALLED).touch(mode=0o600)
+    finally:
+        os.close(lock)  # releases the lock
     return folder
 
 

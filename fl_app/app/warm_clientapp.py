@@ -18,7 +18,7 @@ from __future__ import annotations
 import argparse
 import signal
 import sys
-import time
+from collections.abc import Callable
 from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import Any
@@ -37,8 +37,9 @@ def forget_launch_modules(project: Path) -> None:
         del sys.modules[module]
 
 
-def _serve(conn: Connection, app: Any) -> None:
-    """Answer requests on `conn` until it closes."""
+def _serve(conn: Connection, app: Any, exception_reason: Callable[[BaseException], str]) -> None:
+    """Answer requests on `conn` until it closes (a reply to an executor that has gone ends
+    this process quietly)."""
     from flwr.app.message import Message
     from flwr.common.serde import (
         context_from_proto,
@@ -50,26 +51,24 @@ def _serve(conn: Connection, app: Any) -> None:
     from flwr.proto.message_pb2 import Message as MessageProto  # pylint: disable=E0611
     from flwr.supercore.task_identity import TaskIdentity
 
-    from fl_app.app.task_api import exception_reason
-
     while True:
         try:
             request: Request = conn.recv()
         except EOFError:
             return
-        start = time.perf_counter()
         TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = request["identity"]
         message = message_from_proto(MessageProto.FromString(request["message"]))
         context = context_from_proto(ContextProto.FromString(request["context"]))
         try:
             reply: Message = app(message=message, context=context)
+            answer = {"ok": True, "message": message_to_proto(reply).SerializeToString(),
+                      "context": context_to_proto(context).SerializeToString()}
         except Exception as err:  # pylint: disable=broad-exception-caught
-            conn.send({"ok": False, "reason": exception_reason(err),
-                       "seconds": time.perf_counter() - start})
-            continue
-        conn.send({"ok": True, "seconds": time.perf_counter() - start,
-                   "message": message_to_proto(reply).SerializeToString(),
-                   "context": context_to_proto(context).SerializeToString()})
+            answer = {"ok": False, "reason": exception_reason(err)}
+        try:
+            conn.send(answer)
+        except OSError:  # the executor has gone (BrokenPipeError)
+            return
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -83,11 +82,13 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the executor stops this process itself
     conn = Connection(args.fd)
+    # the executor's side, bound before the FAB's code replaces this installed copy
+    from fl_app.app.task_api import exception_reason, load_client_app
+
     forget_launch_modules(args.project)
     sys.path.insert(0, str(args.project))  # from here on, this app's code is the FAB's
-    from fl_app.app.task_api import load_client_app
-
-    _serve(conn, load_client_app(args.fab_id, args.fab_version, args.fab_hash))
+    _serve(conn, load_client_app(args.fab_id, args.fab_version, args.fab_hash),
+           exception_reason)
     return 0
 
 

@@ -75,6 +75,17 @@ def fused_evaluations(
     return [(proxy, report) for proxy, report in reports if report is not None]
 
 
+def timing(results: list[tuple[ClientProxy, FitRes]]) -> dict[str, float]:
+    """The clients' mean seconds per phase of their fit message (their `time_*` fit
+    metrics, see `fl_app.client.timing`); only recorded, never trusted."""
+    phases: dict[str, list[float]] = {}
+    for _, res in results:
+        for key, value in res.metrics.items():
+            if key.startswith(TIMING_PREFIX) and isinstance(value, (int, float)):
+                phases.setdefault(key.removeprefix(TIMING_PREFIX), []).append(float(value))
+    return {phase: sum(values) / len(values) for phase, values in phases.items()}
+
+
 REPORT_COUNTS = {"rows", *(f"dropped_{reason}" for reason in REASONS)}
 """The counts of a data-quality report (`QualityReport.as_metrics`, prefix removed)."""
 
