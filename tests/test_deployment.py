@@ -212,7 +212,8 @@ def test_corrupt_node_file_fails_that_node_only_and_is_named(cluster):
     assert rounds[-1]["centralized"]["accuracy"] > rounds[0]["centralized"]["accuracy"]
     run_log = (cluster.sup.log_dir / "run.log").read_text()
     assert f"node {node_id}: data file {corrupt.data}" in run_log  # the server logged it
-    assert "DataError" in (cluster.sup.log_dir / f"{corrupt.name}.log").read_text()
+    # the node logged it too (its executor: the task failed with the ClientApp's error)
+    assert "DataError" in (cluster.sup.log_dir / f"{corrupt.name}-executor.log").read_text()
 
 
 def test_secagg_rounds_on_real_supernodes_survive_a_dropout(cluster):
