@@ -16,7 +16,7 @@ from flwr.server.client_manager import ClientManager
 from flwr.server.client_proxy import ClientProxy
 from flwr.server.strategy import Strategy
 
-from strategies.running_sum import RunningWeightedSum
+from strategies.running_sum import CappedWeightedSum
 from strategies.validation import (
     NUM_CAPPED,
     NUM_REJECTED,
@@ -25,7 +25,7 @@ from strategies.validation import (
     Res,
     cap_claims,
     cast_like,
-    claim_cap,
+    decode_update,
     reference_arrays,
     reject,
     validate_evaluate_results,
@@ -34,7 +34,8 @@ from strategies.validation import (
 from strategies.weighted_fedavg import sums_updates
 from strategies.wrapper import StrategyWrapper
 
-RESERVED = {NUM_REJECTED, NUM_CAPPED}  # the server's counts: never taken from a client
+RESERVED = {NUM_REJECTED, NUM_CAPPED}
+STREAM_HOLD = 3  # updates a round folded as its replies arrive keeps for the examples cap  # the server's counts: never taken from a client
 
 
 def _without_reserved_metrics(
@@ -58,8 +59,10 @@ class ValidatedStrategy(StrategyWrapper):
     The aggregate keeps the dtypes of the model sent (Flower's FedOpt family computes in
     float64, which would otherwise make every float32 client update mismatch next round).
     When `inner` is the weighted average (`sums_updates`: WeightedFedAvg) each update is
-    decoded once, without a copy, and checked and folded into a `RunningWeightedSum` in
-    one pass; any other inner strategy gets the accepted results to decode itself.
+    decoded once, without a copy, and checked and folded into a running sum
+    (`CappedWeightedSum`); any other inner strategy gets the accepted results to decode
+    itself. For such an inner strategy a server loop may also fold each reply as it
+    arrives (`open_fit_stream`) and drop it, with the same result bit for bit.
 
     Args:
         inner: the strategy that aggregates the valid updates.
@@ -69,11 +72,15 @@ class ValidatedStrategy(StrategyWrapper):
             round's median update norm (0: off).
         examples_cap_factor: cap claimed `num_examples` at this factor times the round's
             lower median claim (0: off); capped claims are counted as `num_capped`.
+        stream_hold: updates with the largest claims a running sum keeps unfolded until
+            the round's cap is known (`CappedWeightedSum`).
     """
 
     def __init__(self, inner: Strategy, *, min_fit_clients: int, max_examples: int = 0,
-                 outlier_norm_factor: float = 0.0, examples_cap_factor: float = 0.0) -> None:
+                 outlier_norm_factor: float = 0.0, examples_cap_factor: float = 0.0,
+                 stream_hold: int = STREAM_HOLD) -> None:
         super().__init__(inner)
+        self.stream_hold = stream_hold
         self.min_fit_clients = min_fit_clients
         self.max_examples = max_examples
         self.outlier_norm_factor = outlier_norm_factor
@@ -124,39 +131,43 @@ class ValidatedStrategy(StrategyWrapper):
         failures: list[tuple[ClientProxy, FitRes] | BaseException],
         reference: NDArrays,
     ) -> tuple[Parameters | None, dict[str, Scalar]]:
-        """`aggregate_fit` for an inner weighted average (`sums_updates`): each update is
-        decoded once without a copy, and checked and folded into a `RunningWeightedSum` in
-        one pass over its values; the inner strategy gets the sum, not the updates.
+        """`aggregate_fit` for an inner weighted average (`sums_updates`): the round's
+        results through the `ValidatedFitStream` a streamed round feeds as they arrive, so
+        both give the same model bit for bit. Here every update is still at hand: when
+        the stream could not give every update its exact capped weight (more than
+        `stream_hold` claims above the cap), the accepted ones are folded again with
+        every one held (the cap rule exactly). With an outlier-norm factor the updates
+        are screened first (the median norm needs them all)."""
+        stream = ValidatedFitStream(self, server_round, reference, self.stream_hold)
+        arrays: list[NDArrays | None] = [None] * len(results)
+        if self.outlier_norm_factor:
+            checked = validate_fit_results(results, reference, server_round, self.max_examples,
+                                           self.outlier_norm_factor)
+            stream.rejected, results = checked.rejected, checked.accepted
+            arrays = list(checked.accepted_arrays)
+        for (proxy, res), decoded in zip(results, arrays):
+            stream.add(proxy, res, decoded)
+        if not stream.sum.exact:
+            exact = ValidatedFitStream(self, server_round, reference, len(results))
+            exact.rejected = stream.rejected
+            for proxy, res in stream.accepted:
+                exact.add(proxy, res)
+            stream = exact
+        return stream.finish(failures)
 
-        The claims are capped before the fold, at the cap of the claims whose arrays have
-        the right number, shapes and dtypes; when a non-finite update rejected during the
-        fold moves that cap, the kept updates are folded again with the round's cap.
+    def open_fit_stream(self, server_round: int) -> ValidatedFitStream | None:
+        """A stream that checks each reply as it arrives and folds it into the round's sum
+        (`strategies.protocols.StreamsFit`), when the inner strategy sums updates
+        (`sums_updates`) and no check needs the whole round (`outlier_norm_factor` 0);
+        else None.
+
+        Raises RuntimeError if no global model was sent or initialized yet.
         """
-        checked = validate_fit_results(results, reference, server_round, self.max_examples,
-                                       self.outlier_norm_factor, values=False)
-        candidates = _without_reserved_metrics(checked.accepted)
-        cap = claim_cap([res.num_examples for _, res in candidates], self.examples_cap_factor)
-        total = RunningWeightedSum(reference)
-        accepted, kept, weights = [], [], []
-        for (proxy, res), arrays in zip(candidates, checked.accepted_arrays):
-            weight = res.num_examples if cap is None else min(res.num_examples, cap)
-            problem = total.add(arrays, weight)
-            if problem is None:
-                accepted.append((proxy, res))
-                kept.append(arrays)
-                weights.append(weight)
-            else:
-                reject(checked.rejected, "update", proxy, problem, server_round)
-        if len(accepted) < self.min_fit_clients:
-            return self._too_few(server_round, len(accepted), checked.rejected)
-        accepted, capped = cap_claims(accepted, self.examples_cap_factor, server_round)
-        if weights != [res.num_examples for _, res in accepted]:
-            total = RunningWeightedSum(reference)
-            for arrays, (_, res) in zip(kept, accepted):
-                total.add(arrays, res.num_examples)
-        parameters, metrics = self.inner.aggregate_sum(server_round, total, accepted, failures)
-        return parameters, {**_with_rejections(metrics, len(checked.rejected)),
-                            NUM_CAPPED: capped}
+        if not sums_updates(self.inner) or self.outlier_norm_factor:
+            return None
+        return ValidatedFitStream(self, server_round,
+                                  reference_arrays(self._sent, self, server_round),
+                                  self.stream_hold)
 
     def _too_few(self, server_round: int, valid: int,
                  rejected: Rejections) -> tuple[None, dict[str, Scalar]]:
@@ -177,6 +188,57 @@ class ValidatedStrategy(StrategyWrapper):
                                       self.examples_cap_factor, server_round)
         loss, metrics = self.inner.aggregate_evaluate(server_round, accepted, failures)
         return loss, {**_with_rejections(metrics, len(checked.rejected)), NUM_CAPPED: capped}
+
+
+class ValidatedFitStream:
+    """One round's fit replies checked and folded into a `CappedWeightedSum` one by one,
+    as `ValidatedStrategy.aggregate_fit` checks and folds them for an inner weighted
+    average (`strategies.protocols.FitStream`).
+
+    `add` strips a reply's reserved metrics, rejects it (logged, counted) on a bad claim,
+    undecodable bytes, a wrong structure or a non-finite value, before anything of it
+    touches the sum, and otherwise folds it (or holds it, see `CappedWeightedSum`): the
+    caller may drop the reply's tensors as soon as `add` returns. `finish` applies the
+    `min-fit-clients` rule and the examples cap to the kept results (their metrics weigh
+    by the capped claims) and lets the inner strategy make the model from the sum.
+    """
+
+    def __init__(self, owner: ValidatedStrategy, server_round: int, reference: NDArrays,
+                 hold: int) -> None:
+        self.owner = owner
+        self.server_round = server_round
+        self.sum = CappedWeightedSum(reference, owner.examples_cap_factor, hold)
+        self.accepted: FitResults = []
+        self.rejected: Rejections = []
+
+    def add(self, proxy: ClientProxy, res: FitRes, arrays: NDArrays | None = None) -> None:
+        """Check one reply and fold its update (`arrays`: its update already decoded)."""
+        ((proxy, res),) = _without_reserved_metrics([(proxy, res)])
+        problem = None
+        if arrays is None:
+            arrays, problem = decode_update(res, self.owner.max_examples)
+        if arrays is not None:
+            problem = self.sum.add(arrays, res.num_examples)
+        if problem is None:
+            self.accepted.append((proxy, res))
+        else:
+            reject(self.rejected, "update", proxy, problem, self.server_round)
+
+    def finish(
+        self, failures: list[tuple[ClientProxy, FitRes] | BaseException],
+    ) -> tuple[Parameters | None, dict[str, Scalar]]:
+        """What `aggregate_fit` returns for the replies added (`failures`: the round's)."""
+        owner, server_round = self.owner, self.server_round
+        if len(self.accepted) < owner.min_fit_clients:
+            return owner._too_few(server_round, len(self.accepted), self.rejected)
+        if not self.sum.exact:
+            log(WARNING, "round %s: more than %s claims exceeded the examples cap; the "
+                "updates folded before the last reply weigh by the cap of the claims then "
+                "received", server_round, self.sum.hold)
+        total = self.sum.finish()
+        accepted, capped = cap_claims(self.accepted, owner.examples_cap_factor, server_round)
+        parameters, metrics = owner.inner.aggregate_sum(server_round, total, accepted, failures)
+        return parameters, {**_with_rejections(metrics, len(self.rejected)), NUM_CAPPED: capped}
 
 
 def _with_rejections(metrics: dict[str, Scalar], rejected: int) -> dict[str, Scalar]:

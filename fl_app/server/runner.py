@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
+import threading
 import timeit
 from collections.abc import Callable
-from dataclasses import dataclass
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, replace
 from logging import INFO, WARNING
 from typing import Any
 
-from flwr.common import FitRes, Parameters, Scalar
+from flwr.common import Code, FitIns, FitRes, Parameters, Scalar
 from flwr.common.logger import log
 from flwr.server import Server
+from flwr.server.server import FitResultsAndFailures, fit_client, fit_clients
 from flwr.server.client_proxy import ClientProxy
 from flwr.server.history import History
 from flwr.server.strategy import Strategy
@@ -21,7 +24,7 @@ from fl_app.server.client_manager import SeededClientManager
 from fl_app.server.stopping import StoppingRules
 from fl_app.server.wire_bytes import WireMeter
 from fl_app.wire import DATA_QUALITY_PREFIX, MAX_DATA_WARNINGS_CHARS, TIMING_PREFIX
-from strategies.protocols import PrivacyAccounting, find_layer
+from strategies.protocols import FitStream, PrivacyAccounting, StreamsFit, find_layer
 from strategies.state import set_strategy_state, strategy_state
 
 
@@ -87,6 +90,38 @@ def data_quality(results: list[tuple[ClientProxy, FitRes]],
             if kept:
                 reports[proxy.cid] = kept
     return reports
+
+
+def fit_clients_streamed(instructions: list[tuple[ClientProxy, FitIns]],
+                         max_workers: int | None, timeout: float | None, group_id: int,
+                         stream: FitStream) -> FitResultsAndFailures:
+    """Flower's `fit_clients`, each successful reply added to `stream` as it arrives (one
+    at a time) and kept without its tensors: the round's results (proxy, `FitRes` with
+    empty `parameters`) and failures, as Flower sorts them (an exception, or a reply
+    whose status is not OK)."""
+    lock = threading.Lock()
+
+    def fit_and_add(proxy: ClientProxy, ins: FitIns) -> tuple[ClientProxy, FitRes]:
+        proxy, res = fit_client(proxy, ins, timeout, group_id)
+        if res.status.code != Code.OK:
+            return proxy, res
+        with lock:
+            stream.add(proxy, res)
+        return proxy, replace(res, parameters=Parameters(
+            tensors=[], tensor_type=res.parameters.tensor_type))
+
+    results: list[tuple[ClientProxy, FitRes]] = []
+    failures: list[tuple[ClientProxy, FitRes] | BaseException] = []
+    with ThreadPoolExecutor(max_workers=max_workers) as executor:
+        futures = [executor.submit(fit_and_add, proxy, ins) for proxy, ins in instructions]
+    for future in futures:
+        failure = future.exception()
+        if failure is not None:
+            failures.append(failure)
+        else:
+            reply = future.result()
+            (results if reply[1].status.code == Code.OK else failures).append(reply)
+    return results, failures
 
 
 RoundCallback = Callable[[dict[str, Any], Parameters], None]
@@ -178,10 +213,39 @@ class FederatedServer(Server):
         return state["stopped"]
 
     def fit_round(self, server_round: int, timeout: float | None) -> Any:
-        """One fit round: through `secure_fit` when set, else Flower's plaintext round."""
+        """One fit round: through `secure_fit` when set, else Flower's plaintext round;
+        with a strategy that streams the round (`StreamsFit`), each reply is added to the
+        round's sum as it arrives and its tensors dropped (`fit_clients_streamed`)."""
         if self.secure_fit is not None:
             return self.secure_fit(self, server_round)
-        return super().fit_round(server_round=server_round, timeout=timeout)
+        if not isinstance(self.strategy, StreamsFit):
+            return super().fit_round(server_round=server_round, timeout=timeout)
+        return self._streamed_fit_round(self.strategy, server_round, timeout)
+
+    def _streamed_fit_round(self, strategy: StreamsFit, server_round: int,
+                            timeout: float | None) -> Any:
+        """Flower's `Server.fit_round` (same logs, same return), with the round's replies
+        added to `strategy`'s stream as they arrive when it opens one."""
+        instructions = self.strategy.configure_fit(
+            server_round=server_round, parameters=self.parameters,
+            client_manager=self._client_manager)
+        if not instructions:
+            log(INFO, "configure_fit: no clients selected, cancel")
+            return None
+        log(INFO, "configure_fit: strategy sampled %s clients (out of %s)", len(instructions),
+            self._client_manager.num_available())
+        stream = strategy.open_fit_stream(server_round)
+        if stream is None:
+            results, failures = fit_clients(instructions, self.max_workers, timeout,
+                                            server_round)
+        else:
+            results, failures = fit_clients_streamed(instructions, self.max_workers, timeout,
+                                                     server_round, stream)
+        log(INFO, "aggregate_fit: received %s results and %s failures", len(results),
+            len(failures))
+        parameters, metrics = (self.strategy.aggregate_fit(server_round, results, failures)
+                               if stream is None else stream.finish(failures))
+        return parameters, metrics, (results, failures)
 
     def _evaluate_centralized(self, server_round: int, history: History) -> dict[str, Any]:
         res = self.strategy.evaluate(server_round, parameters=self.parameters)
