@@ -1,0 +1,262 @@
+"""A fit round folded as its replies arrive (issue 20 item 3): `ValidatedStrategy`'s stream
+gives the whole round's model bit for bit, a rejected reply never touches the sum, the
+examples cap holds a bounded number of updates, strategies that need the whole round
+decline to stream, and Flower's server loop (`FederatedServer`) feeds the stream."""
+
+from __future__ import annotations
+
+import logging
+import statistics
+
+import numpy as np
+import pytest
+from flwr.common import (
+    Code,
+    FitRes,
+    Parameters,
+    Status,
+    ndarrays_to_parameters,
+    parameters_to_ndarrays,
+)
+from flwr.server import Server
+from flwr.server.client_manager import SimpleClientManager
+from flwr.server.strategy.aggregate import aggregate
+
+from fl_app.server.runner import FederatedServer
+from fl_app.server.stopping import StoppingRules
+from fl_app.server.wire_bytes import WireMeter, parameters_bytes
+from strategies import ValidatedStrategy, WeightedFedAvg
+from strategies.context import StrategyContext
+from strategies.registry import build_strategy
+from strategies.running_sum import CappedWeightedSum, RunningWeightedSum
+from tests.conftest import make_config
+from tests.flower_objects import FailingProxy, IdleProxy, fit_res, random_model, results
+
+
+def _validated(global_model, **kwargs) -> ValidatedStrategy:
+    inner = WeightedFedAvg(initial_parameters=ndarrays_to_parameters(global_model))
+    strategy = ValidatedStrategy(inner, min_fit_clients=1, **kwargs)
+    strategy.initialize_parameters(SimpleClientManager())
+    return strategy
+
+
+def _streamed(strategy: ValidatedStrategy, replies, failures=()):
+    stream = strategy.open_fit_stream(1)
+    assert stream is not None
+    for proxy, res in replies:
+        stream.add(proxy, res)
+    return stream.finish(list(failures))
+
+
+def _assert_same(a: Parameters, b: Parameters) -> None:
+    for x, y in zip(parameters_to_ndarrays(a), parameters_to_ndarrays(b), strict=True):
+        assert x.dtype == y.dtype and np.array_equal(x, y)  # bit for bit
+
+
+def _updates(seed: int, claims) -> tuple[list[np.ndarray], list]:
+    rng = np.random.default_rng(seed)
+    global_model = random_model(rng)
+    return global_model, [([g + rng.normal(size=g.shape).astype(np.float32) * np.float32(0.1)
+                            for g in global_model], n) for n in claims]
+
+
+CLAIMS = {
+    "equal": [60] * 8,
+    "spread": [30, 90, 45, 120, 60, 75, 50, 100],
+    "liars within the hold": [60, 10**9, 70, 80, 10**12, 65, 10**6, 55],
+}
+
+
+@pytest.mark.parametrize("factor", [0.0, 3.0])
+@pytest.mark.parametrize("claims", list(CLAIMS.values()), ids=list(CLAIMS))
+def test_streamed_round_equals_the_whole_round_bit_for_bit(factor, claims):
+    global_model, updates = _updates(1, claims)
+    whole, whole_metrics = _validated(global_model, examples_cap_factor=factor).aggregate_fit(
+        1, results(updates), [])
+    streamed, metrics = _streamed(_validated(global_model, examples_cap_factor=factor),
+                                  results(updates))
+    _assert_same(streamed, whole)
+    assert metrics == whole_metrics
+    cap = int(factor * statistics.median_low(claims))
+    capped = [min(n, cap) if factor else n for n in claims]
+    assert metrics["num_capped"] == sum(c != n for c, (_, n) in zip(capped, updates))
+    for ours, flowers in zip(parameters_to_ndarrays(streamed),
+                             aggregate([(u, c) for (u, _), c in zip(updates, capped)])):
+        np.testing.assert_allclose(ours, flowers, atol=1e-6, rtol=0)
+
+
+def _bad_replies(global_model) -> dict[str, FitRes]:
+    nan = [a.copy() for a in global_model]
+    nan[1][0] = np.nan
+    undecodable = fit_res(global_model, 10)
+    undecodable.parameters.tensors[0] = b"not an npy array"
+    return {"nan": fit_res(nan, 10), "shape": fit_res([a.T for a in global_model], 10),
+            "dtype": fit_res([a.astype(np.float64) for a in global_model], 10),
+            "claim": fit_res(global_model, 0), "undecodable": undecodable}
+
+
+@pytest.mark.parametrize("factor", [0.0, 3.0])
+@pytest.mark.parametrize("kind", list(_bad_replies(random_model(np.random.default_rng(0)))))
+def test_a_rejected_reply_leaves_the_sum_exactly_as_it_was(factor, kind):
+    global_model, updates = _updates(2, [40, 50, 60, 70, 80])
+    stream = _validated(global_model, examples_cap_factor=factor).open_fit_stream(1)
+    good = results(updates)
+    for proxy, res in good[:4]:
+        stream.add(proxy, res)
+    total = stream.sum.total
+    before = ([s.copy() for s in total._sums], total.total_weight, total.count,
+              list(stream.sum.claims), list(stream.sum._held))
+    stream.add(IdleProxy("bad"), _bad_replies(global_model)[kind])
+    after = ([s.copy() for s in total._sums], total.total_weight, total.count,
+             list(stream.sum.claims), list(stream.sum._held))
+    assert all(np.array_equal(a, b) for a, b in zip(before[0], after[0]))
+    assert before[1:] == after[1:]
+    assert stream.rejected[0][0] == "bad"
+    stream.add(*good[4])
+    with_bad, metrics = stream.finish([])
+    without, _ = _streamed(_validated(global_model, examples_cap_factor=factor), good)
+    _assert_same(with_bad, without)
+    assert metrics["num_rejected"] == 1
+
+
+def test_the_stream_holds_at_most_stream_hold_updates():
+    global_model, updates = _updates(3, [50 + 7 * i for i in range(20)])
+    total = CappedWeightedSum(global_model, factor=3.0, hold=2)
+    for arrays, n in updates:
+        assert total.add(arrays, n) is None
+        assert len(total._held) <= 2
+    assert total.total.count == len(updates) - 2 and total.exact
+    reference = RunningWeightedSum(global_model)
+    for arrays, n in updates:
+        reference.add(arrays, n)
+    for ours, want in zip(total.finish().result(), reference.result()):
+        np.testing.assert_allclose(ours, want, atol=1e-6, rtol=0)
+
+
+def test_more_liars_than_the_hold_the_whole_round_still_caps_every_claim(caplog):
+    """Beyond `stream_hold` inflated claims a streamed round cannot know the final cap when
+    it folds (documented, logged); the whole-round path, which has every update, caps
+    each claim exactly as the rule says."""
+    claims = [10**9, 10**9, 10**9, 10**9, 60, 60, 60, 60, 60, 60]  # liars first
+    global_model, updates = _updates(4, claims)
+    capped = [min(n, 3 * 60) for n in claims]
+    whole, metrics = _validated(global_model, examples_cap_factor=3.0).aggregate_fit(
+        1, results(updates), [])
+    for ours, flowers in zip(parameters_to_ndarrays(whole),
+                             aggregate([(u, c) for (u, _), c in zip(updates, capped)])):
+        np.testing.assert_allclose(ours, flowers, atol=1e-6, rtol=0)
+    assert metrics["num_capped"] == 4
+    with caplog.at_level(logging.WARNING, logger="flwr"):
+        streamed, streamed_metrics = _streamed(
+            _validated(global_model, examples_cap_factor=3.0), results(updates))
+    assert "more than 3 claims exceeded the examples cap" in caplog.text
+    assert streamed_metrics["num_capped"] == 4
+    assert not all(np.array_equal(a, b) for a, b in zip(parameters_to_ndarrays(streamed),
+                                                        parameters_to_ndarrays(whole)))
+
+
+def test_too_few_valid_replies_keep_the_previous_model():
+    global_model, updates = _updates(5, [10, 20])
+    strategy = _validated(global_model)
+    strategy.min_fit_clients = 3
+    assert _streamed(strategy, results(updates)) == (None, {"num_rejected": 0})
+    assert strategy.aggregate_fit(1, results(updates), []) == (None, {"num_rejected": 0})
+
+
+def test_failures_reach_the_inner_strategy():
+    global_model, updates = _updates(6, [10, 20])
+    strategy = _validated(global_model)
+    strategy.inner.accept_failures = False
+    assert _streamed(strategy, results(updates), [RuntimeError("down")]) == (
+        None, {"num_rejected": 0, "num_capped": 0})
+
+
+def _chain(**config):
+    cfg = make_config(min_fit_clients=2, min_available_clients=2, **config)
+    model = ndarrays_to_parameters(random_model(np.random.default_rng(0)))
+    strategy = WireMeter(build_strategy(StrategyContext(cfg, model)))
+    manager = SimpleClientManager()
+    for i in range(2):
+        manager.register(IdleProxy(f"c{i}"))
+    strategy.initialize_parameters(manager)
+    strategy.configure_fit(1, model, manager)
+    return strategy
+
+
+@pytest.mark.parametrize("config", [
+    {}, {"strategy": "fedavg"}, {"strategy": "fedmedian"}, {"strategy": "krum"},
+    {"strategy": "dp-fixed"}, {"strategy": "fedprox"}, {"outlier_norm_factor": 3.0},
+    {"compress_up": "fp16"}])
+def test_only_the_weighted_average_streams(config):
+    stream = _chain(**config).open_fit_stream(1)
+    assert (stream is not None) == (config == {})
+
+
+class UpdatingProxy(IdleProxy):
+    """A client whose fit returns the model it was sent plus its own fixed update."""
+
+    def __init__(self, cid: str, num_examples: int, metrics: dict | None = None) -> None:
+        super().__init__(cid)
+        self.num_examples, self.metrics = num_examples, metrics or {}
+
+    def fit(self, ins, timeout, group_id):
+        rng = np.random.default_rng(int(self.cid[1:]))
+        arrays = [a + rng.normal(size=a.shape).astype(a.dtype)
+                  for a in parameters_to_ndarrays(ins.parameters)]
+        return fit_res(arrays, self.num_examples, dict(self.metrics))
+
+
+class NotOkProxy(IdleProxy):
+    """A client whose fit answers with a status that is not OK."""
+
+    def fit(self, ins, timeout, group_id):
+        return FitRes(Status(Code.FIT_NOT_IMPLEMENTED, "no"), Parameters([], ""), 0, {})
+
+
+def _server(clients) -> tuple[FederatedServer, list[dict]]:
+    cfg = make_config(min_fit_clients=2, min_available_clients=len(clients),
+                      fraction_evaluate=0.0)
+    model = ndarrays_to_parameters(random_model(np.random.default_rng(0)))
+    rounds: list[dict] = []
+    server = FederatedServer(strategy=build_strategy(StrategyContext(cfg, model)), seed=0,
+                             stopping=StoppingRules(),
+                             on_round=lambda record, p: rounds.append(record),
+                             on_finish=lambda reason, p: None)
+    for client in clients:
+        server.client_manager().register(client)
+    server.parameters = model
+    return server, rounds
+
+
+def _clients():
+    return [UpdatingProxy(f"c{i}", 10 * (i + 1), {"data_rows": 10 * (i + 1),
+                                                  "time_training": 0.5})
+            for i in range(5)] + [FailingProxy("c8"), NotOkProxy("c9")]
+
+
+def test_the_server_streams_a_round_as_flowers_round_would_aggregate_it():
+    streamed_server, _ = _server(_clients())
+    params, metrics, (replies, failures) = streamed_server.fit_round(1, None)
+    up = streamed_server.wire.take()["up"]
+    whole_server, _ = _server(_clients())
+    whole, whole_metrics, (whole_replies, whole_failures) = Server.fit_round(
+        whole_server, 1, None)
+    assert up == whole_server.wire.take()["up"] == sum(
+        parameters_bytes(res.parameters) for _, res in whole_replies) > 0
+    for a, b in zip(parameters_to_ndarrays(params), parameters_to_ndarrays(whole), strict=True):
+        np.testing.assert_allclose(a, b, atol=1e-6, rtol=0)  # replies may arrive in any order
+    assert metrics == whole_metrics
+    assert sorted(p.cid for p, _ in replies) == sorted(p.cid for p, _ in whole_replies)
+    assert all(res.parameters.tensors == [] for _, res in replies)  # dropped once folded
+    assert len(failures) == len(whole_failures) == 2
+
+
+def test_the_round_record_is_the_same_when_streamed():
+    server, rounds = _server(_clients())
+    server.fit(num_rounds=1, timeout=None)
+    fit = rounds[1]["fit"]
+    assert (fit["num_sampled"], fit["num_clients"], fit["num_failures"]) == (7, 5, 2)
+    assert fit["data_quality"]["c0"] == {"rows": 10}
+    assert fit["timing"] == {"training": 0.5}
+    assert {f["client"] for f in fit["failures"]} >= {"c9"}
+    assert rounds[1]["bytes"]["up"] > 0
