@@ -16,6 +16,7 @@ from flwr.server.client_manager import ClientManager
 from flwr.server.client_proxy import ClientProxy
 from flwr.server.strategy import Strategy
 
+from strategies.decoding import without_tensors
 from strategies.running_sum import CappedWeightedSum
 from strategies.validation import (
     NUM_CAPPED,
@@ -145,12 +146,12 @@ class ValidatedStrategy(StrategyWrapper):
                                            self.outlier_norm_factor)
             stream.rejected, results = checked.rejected, checked.accepted
             arrays = list(checked.accepted_arrays)
-        for (proxy, res), decoded in zip(results, arrays):
-            stream.add(proxy, res, decoded)
+        accepted = [(proxy, res) for (proxy, res), decoded in zip(results, arrays)
+                    if stream.add(proxy, res, decoded)]
         if not stream.sum.exact:
-            exact = ValidatedFitStream(self, server_round, reference, len(results))
+            exact = ValidatedFitStream(self, server_round, reference, len(accepted))
             exact.rejected = stream.rejected
-            for proxy, res in stream.accepted:
+            for proxy, res in accepted:
                 exact.add(proxy, res)
             stream = exact
         return stream.finish(failures)
@@ -211,18 +212,21 @@ class ValidatedFitStream:
         self.accepted: FitResults = []
         self.rejected: Rejections = []
 
-    def add(self, proxy: ClientProxy, res: FitRes, arrays: NDArrays | None = None) -> None:
-        """Check one reply and fold its update (`arrays`: its update already decoded)."""
+    def add(self, proxy: ClientProxy, res: FitRes, arrays: NDArrays | None = None) -> bool:
+        """Check one reply and fold its update (`arrays`: its update already decoded);
+        whether it was accepted. The stream keeps the reply's claim and metrics, never its
+        tensors (only the views of the updates it holds, `CappedWeightedSum`)."""
         ((proxy, res),) = _without_reserved_metrics([(proxy, res)])
         problem = None
         if arrays is None:
             arrays, problem = decode_update(res, self.owner.max_examples)
         if arrays is not None:
             problem = self.sum.add(arrays, res.num_examples)
-        if problem is None:
-            self.accepted.append((proxy, res))
-        else:
+        if problem is not None:
             reject(self.rejected, "update", proxy, problem, self.server_round)
+            return False
+        self.accepted.append((proxy, without_tensors(res)))
+        return True
 
     def finish(
         self, failures: list[tuple[ClientProxy, FitRes] | BaseException],

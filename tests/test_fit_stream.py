@@ -77,6 +77,11 @@ def test_streamed_round_equals_the_whole_round_bit_for_bit(factor, claims):
                                   results(updates))
     _assert_same(streamed, whole)
     assert metrics == whole_metrics
+    stream = _validated(global_model, examples_cap_factor=factor).open_fit_stream(1)
+    for proxy, res in results(updates):
+        stream.add(proxy, res)
+    assert all(res.parameters.tensors == [] for _, res in stream.accepted)  # keeps no reply
+    assert len(stream.sum._held) == (min(3, len(claims)) if factor else 0)
     cap = int(factor * statistics.median_low(claims))
     capped = [min(n, cap) if factor else n for n in claims]
     assert metrics["num_capped"] == sum(c != n for c, (_, n) in zip(capped, updates))

@@ -6,7 +6,7 @@ import threading
 import timeit
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from logging import INFO, WARNING
 from typing import Any
 
@@ -24,6 +24,7 @@ from fl_app.server.client_manager import SeededClientManager
 from fl_app.server.stopping import StoppingRules
 from fl_app.server.wire_bytes import WireMeter
 from fl_app.wire import DATA_QUALITY_PREFIX, MAX_DATA_WARNINGS_CHARS, TIMING_PREFIX
+from strategies.decoding import without_tensors
 from strategies.protocols import FitStream, PrivacyAccounting, StreamsFit, find_layer
 from strategies.state import set_strategy_state, strategy_state
 
@@ -107,8 +108,7 @@ def fit_clients_streamed(instructions: list[tuple[ClientProxy, FitIns]],
             return proxy, res
         with lock:
             stream.add(proxy, res)
-        return proxy, replace(res, parameters=Parameters(
-            tensors=[], tensor_type=res.parameters.tensor_type))
+        return proxy, without_tensors(res)
 
     results: list[tuple[ClientProxy, FitRes]] = []
     failures: list[tuple[ClientProxy, FitRes] | BaseException] = []
