@@ -17,6 +17,8 @@ from flwr.server.client_proxy import ClientProxy
 from flwr.server.strategy import Strategy
 
 from strategies.decoding import without_tensors
+from strategies.dp import DPFixedClipping
+from strategies.protocols import FitStream
 from strategies.running_sum import CappedWeightedSum
 from strategies.validation import (
     NUM_CAPPED,
@@ -27,8 +29,10 @@ from strategies.validation import (
     cap_claims,
     cast_like,
     decode_update,
+    nonfinite_problem,
     reference_arrays,
     reject,
+    structure_problem,
     validate_evaluate_results,
     validate_fit_results,
 )
@@ -148,7 +152,7 @@ class ValidatedStrategy(StrategyWrapper):
             arrays = list(checked.accepted_arrays)
         accepted = [(proxy, res) for (proxy, res), decoded in zip(results, arrays)
                     if stream.add(proxy, res, decoded)]
-        if not stream.sum.exact:
+        if not stream.exact:
             exact = ValidatedFitStream(self, server_round, reference, len(accepted))
             exact.rejected = stream.rejected
             for proxy, res in accepted:
@@ -157,18 +161,26 @@ class ValidatedStrategy(StrategyWrapper):
         return stream.finish(failures)
 
     def open_fit_stream(self, server_round: int) -> ValidatedFitStream | None:
-        """A stream that checks each reply as it arrives and folds it into the round's sum
-        (`strategies.protocols.StreamsFit`), when the inner strategy sums updates
-        (`sums_updates`) and no check needs the whole round (`outlier_norm_factor` 0);
-        else None.
+        """A stream that checks each reply as it arrives (`strategies.protocols.StreamsFit`)
+        and folds it into the round's sum, when the inner strategy sums updates
+        (`sums_updates`), or passes it to the inner strategy's stream, when that is a
+        central DP wrapper's (`DPFixedClipping`: it weighs every update alike, so it needs
+        no claim capped); None when the inner strategy needs the whole round (robust
+        aggregators, FedNova, Flower's strategies) or a check does (`outlier_norm_factor`).
 
         Raises RuntimeError if no global model was sent or initialized yet.
         """
-        if not sums_updates(self.inner) or self.outlier_norm_factor:
+        if self.outlier_norm_factor:
             return None
+        inner = None
+        if not sums_updates(self.inner):
+            inner = (self.inner.open_fit_stream(server_round)
+                     if isinstance(self.inner, DPFixedClipping) else None)
+            if inner is None:
+                return None
         return ValidatedFitStream(self, server_round,
                                   reference_arrays(self._sent, self, server_round),
-                                  self.stream_hold)
+                                  self.stream_hold, inner)
 
     def _too_few(self, server_round: int, valid: int,
                  rejected: Rejections) -> tuple[None, dict[str, Scalar]]:
@@ -192,41 +204,55 @@ class ValidatedStrategy(StrategyWrapper):
 
 
 class ValidatedFitStream:
-    """One round's fit replies checked and folded into a `CappedWeightedSum` one by one,
-    as `ValidatedStrategy.aggregate_fit` checks and folds them for an inner weighted
-    average (`strategies.protocols.FitStream`).
+    """One round's fit replies checked as `ValidatedStrategy.aggregate_fit` checks them,
+    one by one (`strategies.protocols.FitStream`), and folded into a `CappedWeightedSum`
+    for an inner weighted average, or passed to the inner strategy's own stream `inner`
+    (the DP wrappers', which weigh every update alike).
 
     `add` strips a reply's reserved metrics, rejects it (logged, counted) on a bad claim,
     undecodable bytes, a wrong structure or a non-finite value, before anything of it
-    touches the sum, and otherwise folds it (or holds it, see `CappedWeightedSum`): the
-    caller may drop the reply's tensors as soon as `add` returns. `finish` applies the
-    `min-fit-clients` rule and the examples cap to the kept results (their metrics weigh
-    by the capped claims) and lets the inner strategy make the model from the sum.
+    touches the sum, and otherwise folds it (or holds it, see `CappedWeightedSum`) or
+    passes it on: the caller may drop the reply's tensors as soon as `add` returns.
+    `finish` applies the `min-fit-clients` rule and the examples cap to the kept results
+    (their metrics weigh by the capped claims; an inner stream saw the claims uncapped,
+    which only counts them) and makes the model from the sum or the inner stream.
     """
 
     def __init__(self, owner: ValidatedStrategy, server_round: int, reference: NDArrays,
-                 hold: int) -> None:
+                 hold: int, inner: FitStream | None = None) -> None:
         self.owner = owner
         self.server_round = server_round
-        self.sum = CappedWeightedSum(reference, owner.examples_cap_factor, hold)
+        self.reference = reference
+        self.inner = inner
+        self.sum = (CappedWeightedSum(reference, owner.examples_cap_factor, hold)
+                    if inner is None else None)
         self.accepted: FitResults = []
         self.rejected: Rejections = []
 
     def add(self, proxy: ClientProxy, res: FitRes, arrays: NDArrays | None = None) -> bool:
-        """Check one reply and fold its update (`arrays`: its update already decoded);
-        whether it was accepted. The stream keeps the reply's claim and metrics, never its
-        tensors (only the views of the updates it holds, `CappedWeightedSum`)."""
+        """Check one reply and fold its update or pass it on (`arrays`: its update already
+        decoded); whether it was accepted. The stream keeps the reply's claim and metrics,
+        never its tensors (only the views of the updates it holds, `CappedWeightedSum`)."""
         ((proxy, res),) = _without_reserved_metrics([(proxy, res)])
         problem = None
         if arrays is None:
             arrays, problem = decode_update(res, self.owner.max_examples)
         if arrays is not None:
-            problem = self.sum.add(arrays, res.num_examples)
+            problem = (self.sum.add(arrays, res.num_examples) if self.sum is not None else
+                       structure_problem(arrays, self.reference) or nonfinite_problem(arrays))
         if problem is not None:
             reject(self.rejected, "update", proxy, problem, self.server_round)
             return False
         self.accepted.append((proxy, without_tensors(res)))
+        if self.inner is not None:
+            self.inner.add(proxy, res)
         return True
+
+    @property
+    def exact(self) -> bool:
+        """Whether every update folded so far has its exact capped weight
+        (`CappedWeightedSum.exact`)."""
+        return self.sum is None or self.sum.exact
 
     def finish(
         self, failures: list[tuple[ClientProxy, FitRes] | BaseException],
@@ -235,13 +261,18 @@ class ValidatedFitStream:
         owner, server_round = self.owner, self.server_round
         if len(self.accepted) < owner.min_fit_clients:
             return owner._too_few(server_round, len(self.accepted), self.rejected)
-        if not self.sum.exact:
-            log(WARNING, "round %s: more than %s claims exceeded the examples cap; the "
-                "updates folded before the last reply weigh by the cap of the claims then "
-                "received", server_round, self.sum.hold)
-        total = self.sum.finish()
         accepted, capped = cap_claims(self.accepted, owner.examples_cap_factor, server_round)
-        parameters, metrics = owner.inner.aggregate_sum(server_round, total, accepted, failures)
+        if self.sum is None:
+            parameters, metrics = self.inner.finish(failures)
+            if parameters is not None:
+                parameters = cast_like(parameters, self.reference)
+        else:
+            if not self.sum.exact:
+                log(WARNING, "round %s: more than %s claims exceeded the examples cap; the "
+                    "updates folded before the last reply weigh by the cap of the claims "
+                    "then received", server_round, self.sum.hold)
+            parameters, metrics = owner.inner.aggregate_sum(
+                server_round, self.sum.finish(), accepted, failures)
         return parameters, {**_with_rejections(metrics, len(self.rejected)), NUM_CAPPED: capped}
 
 

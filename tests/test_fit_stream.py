@@ -188,13 +188,38 @@ def _chain(**config):
     return strategy
 
 
+STREAMING = [{}, {"strategy": "dp-fixed"}, {"strategy": "dp-adaptive"},
+             {"strategy": "dp-client-fixed"}, {"strategy": "dp-client-adaptive"}]
+
+
 @pytest.mark.parametrize("config", [
-    {}, {"strategy": "fedavg"}, {"strategy": "fedmedian"}, {"strategy": "krum"},
-    {"strategy": "dp-fixed"}, {"strategy": "fedprox"}, {"outlier_norm_factor": 3.0},
-    {"compress_up": "fp16"}])
-def test_only_the_weighted_average_streams(config):
+    *STREAMING, {"strategy": "fedavg"}, {"strategy": "fedmedian"}, {"strategy": "krum"},
+    {"strategy": "fednova"}, {"strategy": "fedprox"}, {"strategy": "fedadam"},
+    {"outlier_norm_factor": 3.0}, {"compress_up": "fp16"}, {"straggler_fraction": 0.5},
+    {"strategy": "dp-client-fixed", "secure_aggregation": "secagg+", "examples_cap_factor": 0.0}])
+def test_the_weighted_average_and_central_dp_stream_the_rest_aggregate_whole(config):
     stream = _chain(**config).open_fit_stream(1)
-    assert (stream is not None) == (config == {})
+    assert (stream is not None) == (config in STREAMING)
+
+
+@pytest.mark.parametrize("strategy", ["dp-fixed", "dp-adaptive"])
+def test_a_streamed_dp_round_releases_the_whole_rounds_model_bit_for_bit(strategy):
+    config = dict(strategy=strategy, dp_noise_seed=7, clipping_norm=0.5)
+    chains = _chain(**config), _chain(**config)
+    sent = parameters_to_ndarrays(chains[0].inner._sent)
+    rng = np.random.default_rng(8)
+    replies = [(IdleProxy(f"c{i}"), fit_res([a + rng.normal(size=a.shape).astype(np.float32)
+                                             for a in sent], 10 * (i + 1))) for i in range(2)]
+    nan = fit_res([np.full_like(a, np.nan) for a in sent], 5)
+    whole, whole_metrics = chains[0].aggregate_fit(1, [*replies, (IdleProxy("c9"), nan)], [])
+    stream = chains[1].open_fit_stream(1)
+    for proxy, res in [*replies, (IdleProxy("c9"), nan)]:
+        stream.add(proxy, res)
+    streamed, metrics = stream.finish([])
+    _assert_same(streamed, whole)
+    assert metrics == whole_metrics and metrics["num_rejected"] == 1
+    assert chains[0].inner.inner.accountant.get_state() == \
+        chains[1].inner.inner.accountant.get_state()
 
 
 class UpdatingProxy(IdleProxy):
