@@ -7,7 +7,9 @@ and the DP wrappers alike. It is also the one place of the `min-fit-clients` rul
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import replace
+from functools import partial
 from logging import WARNING
 
 from flwr.common import EvaluateRes, FitIns, FitRes, NDArrays, Parameters, Scalar
@@ -19,7 +21,8 @@ from flwr.server.strategy import Strategy
 from strategies.decoding import without_tensors
 from strategies.dp import DPFixedClipping
 from strategies.protocols import FitStream
-from strategies.running_sum import CappedWeightedSum
+from strategies.flower_builtins import aggregate_average, averages_updates
+from strategies.running_sum import CappedWeightedSum, RunningWeightedSum
 from strategies.validation import (
     NUM_CAPPED,
     NUM_REJECTED,
@@ -52,6 +55,24 @@ def _without_reserved_metrics(
             if RESERVED & set(res.metrics) else (proxy, res) for proxy, res in results]
 
 
+SumAggregator = Callable[
+    [int, RunningWeightedSum, FitResults, list[tuple[ClientProxy, FitRes] | BaseException]],
+    tuple[Parameters | None, dict[str, Scalar]]]
+"""`aggregate_fit` of updates already folded into a running sum: (round, sum, results
+without their updates, failures)."""
+
+
+def sum_aggregator(inner: Strategy) -> SumAggregator | None:
+    """How `inner` aggregates a running sum of the updates instead of the updates: our
+    weighted average's `aggregate_sum` (`sums_updates`), or one of Flower's averaging
+    strategies through `aggregate_average` (`averages_updates`); None for any other."""
+    if sums_updates(inner):
+        return inner.aggregate_sum
+    if averages_updates(inner):
+        return partial(aggregate_average, inner)
+    return None
+
+
 class ValidatedStrategy(StrategyWrapper):
     """Rejects invalid client updates and evaluation reports before `inner` sees them.
 
@@ -63,11 +84,12 @@ class ValidatedStrategy(StrategyWrapper):
     round: skipping one would reveal, un-noised, that clients failed).
     The aggregate keeps the dtypes of the model sent (Flower's FedOpt family computes in
     float64, which would otherwise make every float32 client update mismatch next round).
-    When `inner` is the weighted average (`sums_updates`: WeightedFedAvg) each update is
-    decoded once, without a copy, and checked and folded into a running sum
-    (`CappedWeightedSum`); any other inner strategy gets the accepted results to decode
-    itself. For such an inner strategy a server loop may also fold each reply as it
-    arrives (`open_fit_stream`) and drop it, with the same result bit for bit.
+    When `inner` averages the updates (`sum_aggregator`: WeightedFedAvg, Flower's FedAvg,
+    FedProx, FedOpt family and FedAvgM) each update is decoded once, without a copy, and
+    checked and folded into a running sum (`CappedWeightedSum`); any other inner strategy
+    gets the accepted results to decode itself. For such an inner strategy, and for the
+    central DP wrappers, a server loop may also check and fold each reply as it arrives
+    (`open_fit_stream`) and drop it, with the same result bit for bit.
 
     Args:
         inner: the strategy that aggregates the valid updates.
@@ -115,7 +137,7 @@ class ValidatedStrategy(StrategyWrapper):
         Raises RuntimeError if no global model was sent or initialized yet.
         """
         reference = reference_arrays(self._sent, self, server_round)
-        if sums_updates(self.inner):
+        if sum_aggregator(self.inner) is not None:
             return self._aggregate_sum(server_round, results, failures, reference)
         checked = validate_fit_results(results, reference, server_round,
                                        self.max_examples, self.outlier_norm_factor)
@@ -136,7 +158,7 @@ class ValidatedStrategy(StrategyWrapper):
         failures: list[tuple[ClientProxy, FitRes] | BaseException],
         reference: NDArrays,
     ) -> tuple[Parameters | None, dict[str, Scalar]]:
-        """`aggregate_fit` for an inner weighted average (`sums_updates`): the round's
+        """`aggregate_fit` for an inner strategy that averages (`sum_aggregator`): the round's
         results through the `ValidatedFitStream` a streamed round feeds as they arrive, so
         both give the same model bit for bit. Here every update is still at hand: when
         the stream could not give every update its exact capped weight (more than
@@ -162,18 +184,18 @@ class ValidatedStrategy(StrategyWrapper):
 
     def open_fit_stream(self, server_round: int) -> ValidatedFitStream | None:
         """A stream that checks each reply as it arrives (`strategies.protocols.StreamsFit`)
-        and folds it into the round's sum, when the inner strategy sums updates
-        (`sums_updates`), or passes it to the inner strategy's stream, when that is a
+        and folds it into the round's sum, when the inner strategy averages the updates
+        (`sum_aggregator`), or passes it to the inner strategy's stream, when that is a
         central DP wrapper's (`DPFixedClipping`: it weighs every update alike, so it needs
         no claim capped); None when the inner strategy needs the whole round (robust
-        aggregators, FedNova, Flower's strategies) or a check does (`outlier_norm_factor`).
+        aggregators, FedNova, QFedAvg) or a check does (`outlier_norm_factor`).
 
         Raises RuntimeError if no global model was sent or initialized yet.
         """
         if self.outlier_norm_factor:
             return None
         inner = None
-        if not sums_updates(self.inner):
+        if sum_aggregator(self.inner) is None:
             inner = (self.inner.open_fit_stream(server_round)
                      if isinstance(self.inner, DPFixedClipping) else None)
             if inner is None:
@@ -262,7 +284,7 @@ class ValidatedFitStream:
         if len(self.accepted) < owner.min_fit_clients:
             return owner._too_few(server_round, len(self.accepted), self.rejected)
         accepted, capped = cap_claims(self.accepted, owner.examples_cap_factor, server_round)
-        if self.sum is None:
+        if self.inner is not None:
             parameters, metrics = self.inner.finish(failures)
             if parameters is not None:
                 parameters = cast_like(parameters, self.reference)
@@ -271,8 +293,9 @@ class ValidatedFitStream:
                 log(WARNING, "round %s: more than %s claims exceeded the examples cap; the "
                     "updates folded before the last reply weigh by the cap of the claims "
                     "then received", server_round, self.sum.hold)
-            parameters, metrics = owner.inner.aggregate_sum(
-                server_round, self.sum.finish(), accepted, failures)
+            aggregate = sum_aggregator(owner.inner)
+            assert aggregate is not None  # a stream without `inner` is opened only then
+            parameters, metrics = aggregate(server_round, self.sum.finish(), accepted, failures)
         return parameters, {**_with_rejections(metrics, len(self.rejected)), NUM_CAPPED: capped}
 
 

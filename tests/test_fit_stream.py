@@ -188,18 +188,42 @@ def _chain(**config):
     return strategy
 
 
-STREAMING = [{}, {"strategy": "dp-fixed"}, {"strategy": "dp-adaptive"},
-             {"strategy": "dp-client-fixed"}, {"strategy": "dp-client-adaptive"}]
+AVERAGING = ["fedavg", "fedprox", "fedadam", "fedyogi", "fedadagrad", "fedavgm"]
+STREAMING = [{}, *({"strategy": name} for name in AVERAGING), {"strategy": "dp-fixed"},
+             {"strategy": "dp-adaptive"}, {"strategy": "dp-client-fixed"},
+             {"strategy": "dp-client-adaptive"},
+             {"strategy": "dp-fixed", "dp_inner": "fedmedian"}]  # DP averages, then the inner
 
 
 @pytest.mark.parametrize("config", [
-    *STREAMING, {"strategy": "fedavg"}, {"strategy": "fedmedian"}, {"strategy": "krum"},
-    {"strategy": "fednova"}, {"strategy": "fedprox"}, {"strategy": "fedadam"},
+    *STREAMING, {"strategy": "fedmedian"}, {"strategy": "fedtrimmedavg"}, {"strategy": "krum"},
+    {"strategy": "bulyan"}, {"strategy": "qfedavg"}, {"strategy": "fednova"},
     {"outlier_norm_factor": 3.0}, {"compress_up": "fp16"}, {"straggler_fraction": 0.5},
     {"strategy": "dp-client-fixed", "secure_aggregation": "secagg+", "examples_cap_factor": 0.0}])
-def test_the_weighted_average_and_central_dp_stream_the_rest_aggregate_whole(config):
+def test_averaging_and_central_dp_stream_the_rest_aggregate_whole(config):
     stream = _chain(**config).open_fit_stream(1)
     assert (stream is not None) == (config in STREAMING)
+
+
+@pytest.mark.parametrize("name", AVERAGING)
+def test_flowers_averaging_strategies_stream_and_equal_their_own_aggregate_fit(name):
+    """Streamed == whole round bit for bit; both equal what the Flower strategy makes of
+    the updates themselves (its `aggregate_fit`) within 1e-6, metrics included."""
+    chains = _chain(strategy=name), _chain(strategy=name), _chain(strategy=name)
+    sent = parameters_to_ndarrays(chains[0].inner._sent)
+    rng = np.random.default_rng(9)
+    replies = [(IdleProxy(f"c{i}"), fit_res([a + rng.normal(size=a.shape).astype(np.float32)
+                                             for a in sent], 10 * (i + 1),
+                                            {"loss": float(i)})) for i in range(2)]
+    whole, whole_metrics = chains[0].aggregate_fit(1, replies, [])
+    streamed, metrics = _streamed(chains[1].inner, replies)
+    _assert_same(streamed, whole)
+    assert metrics == whole_metrics
+    flowers, flowers_metrics = chains[2].inner.inner.aggregate_fit(1, replies, [])
+    for ours, theirs in zip(parameters_to_ndarrays(streamed), parameters_to_ndarrays(flowers)):
+        assert ours.dtype == np.float32
+        np.testing.assert_allclose(ours, theirs, atol=1e-6, rtol=0)
+    assert metrics["loss"] == pytest.approx(flowers_metrics["loss"])
 
 
 @pytest.mark.parametrize("strategy", ["dp-fixed", "dp-adaptive"])
