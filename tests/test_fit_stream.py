@@ -314,3 +314,38 @@ def test_the_round_record_is_the_same_when_streamed():
     assert fit["timing"] == {"training": 0.5}
     assert {f["client"] for f in fit["failures"]} >= {"c9"}
     assert rounds[1]["bytes"]["up"] > 0
+
+
+@pytest.mark.slow
+def test_a_flower_simulation_gives_the_same_run_streamed_or_whole(tmp_path, monkeypatch):
+    """run_simulation.py on Flower's simulation engine: the streamed rounds (the default)
+    record the run the whole-round path records (replies arrive in any order, so the
+    losses agree to float rounding), and every round was streamed."""
+    import json
+
+    import run_simulation
+
+    config = "num-server-rounds=2 local-epochs=1 min-fit-clients=3 min-available-clients=3"
+
+    def history(out) -> dict:
+        assert run_simulation.main(["--num-supernodes", "3", "--run-config", config,
+                                    "--out", str(out)]) == 0
+        return json.loads((out / "history.json").read_text())
+
+    opened = []
+    open_fit_stream = ValidatedStrategy.open_fit_stream
+    monkeypatch.setattr(ValidatedStrategy, "open_fit_stream",
+                        lambda self, r: opened.append(r) or open_fit_stream(self, r))
+    streamed = history(tmp_path / "streamed")
+    assert opened == [1, 2]
+    monkeypatch.setattr(ValidatedStrategy, "open_fit_stream", lambda self, r: None)
+    whole = history(tmp_path / "whole")
+    for ours, theirs in zip(streamed["rounds"], whole["rounds"], strict=True):
+        assert ours.get("bytes") == theirs.get("bytes")
+        assert ours["centralized"]["loss"] == pytest.approx(theirs["centralized"]["loss"],
+                                                            abs=1e-5)
+        assert ours["centralized"]["accuracy"] == pytest.approx(
+            theirs["centralized"]["accuracy"], abs=1e-3)
+        keys = ("num_sampled", "num_clients", "num_failures", "num_rejected", "num_capped")
+        assert {k: ours.get("fit", {}).get(k) for k in keys} == \
+            {k: theirs.get("fit", {}).get(k) for k in keys}
