@@ -349,3 +349,24 @@ def test_a_flower_simulation_gives_the_same_run_streamed_or_whole(tmp_path, monk
         keys = ("num_sampled", "num_clients", "num_failures", "num_rejected", "num_capped")
         assert {k: ours.get("fit", {}).get(k) for k in keys} == \
             {k: theirs.get("fit", {}).get(k) for k in keys}
+
+
+class BrokenStream:
+    """A `FitStream` whose `add` fails: a bug on the server's side."""
+
+    def add(self, proxy, res):
+        raise ZeroDivisionError("server bug")
+
+    def finish(self, failures):
+        raise AssertionError("never reached")
+
+
+def test_a_stream_that_fails_fails_the_round_not_the_client():
+    from flwr.common import FitIns
+
+    from fl_app.server.runner import StreamFailed, fit_clients_streamed
+
+    model = ndarrays_to_parameters(random_model(np.random.default_rng(0)))
+    instructions = [(UpdatingProxy(f"c{i}", 10), FitIns(model, {})) for i in range(3)]
+    with pytest.raises(StreamFailed, match="server bug"):
+        fit_clients_streamed(instructions, None, None, 1, BrokenStream())

@@ -93,13 +93,21 @@ def data_quality(results: list[tuple[ClientProxy, FitRes]],
     return reports
 
 
+class StreamFailed(RuntimeError):
+    """The server's stream failed on a reply: a server error, raised from the round, never
+    recorded as the client's failure."""
+
+
 def fit_clients_streamed(instructions: list[tuple[ClientProxy, FitIns]],
                          max_workers: int | None, timeout: float | None, group_id: int,
                          stream: FitStream) -> FitResultsAndFailures:
     """Flower's `fit_clients`, each successful reply added to `stream` as it arrives (one
     at a time) and kept without its tensors: the round's results (proxy, `FitRes` with
     empty `parameters`) and failures, as Flower sorts them (an exception, or a reply
-    whose status is not OK)."""
+    whose status is not OK).
+
+    Raises StreamFailed (after every client has answered) if `stream.add` raised.
+    """
     lock = threading.Lock()
 
     def fit_and_add(proxy: ClientProxy, ins: FitIns) -> tuple[ClientProxy, FitRes]:
@@ -107,7 +115,11 @@ def fit_clients_streamed(instructions: list[tuple[ClientProxy, FitIns]],
         if res.status.code != Code.OK:
             return proxy, res
         with lock:
-            stream.add(proxy, res)
+            try:
+                stream.add(proxy, res)
+            except Exception as err:
+                raise StreamFailed(f"the round's stream failed on the reply of client "
+                                   f"{proxy.cid}: {err!r}") from err
         return proxy, without_tensors(res)
 
     results: list[tuple[ClientProxy, FitRes]] = []
@@ -116,6 +128,8 @@ def fit_clients_streamed(instructions: list[tuple[ClientProxy, FitIns]],
         futures = [executor.submit(fit_and_add, proxy, ins) for proxy, ins in instructions]
     for future in futures:
         failure = future.exception()
+        if isinstance(failure, StreamFailed):
+            raise failure
         if failure is not None:
             failures.append(failure)
         else:
@@ -168,7 +182,11 @@ class FederatedServer(Server):
     model is evaluated, recorded or checkpointed.
 
     With `secure_fit` (see `fl_app.server.secagg`), every fit round runs through it instead
-    of Flower's plaintext `fit_round`; all else stays the same.
+    of Flower's plaintext `fit_round`; all else stays the same. A plaintext round whose
+    strategy opens a `FitStream` (`strategies.protocols.StreamsFit`: averaging and central
+    DP behind `ValidatedStrategy`) adds each reply to it as it arrives and keeps the reply
+    without its tensors, so the server's memory does not grow with the clients; the round's
+    results, failures, record and model are those of Flower's round.
     """
 
     def __init__(self, *, strategy: Strategy, seed: int, stopping: StoppingRules,
