@@ -471,6 +471,9 @@ class ClippedSum:
             acc += layer
         self.bits.append(bit)
 
+    def skip(self, proxy: ClientProxy) -> None:
+        """Nothing to do: a failed client counts as a zero update."""
+
     def finish(
         self, failures: list[tuple[ClientProxy, FitRes] | BaseException],
     ) -> tuple[Parameters | None, dict[str, Scalar]]:

@@ -58,6 +58,9 @@ class FitStream(Protocol):
         """Take one successful reply; once it returns, the caller may drop the reply's
         tensors (the stream keeps what it still needs)."""
 
+    def skip(self, proxy: ClientProxy) -> None:
+        """`proxy` failed: it will send no reply this round."""
+
     def finish(
         self, failures: list[tuple[ClientProxy, FitRes] | BaseException],
     ) -> tuple[Parameters | None, dict[str, Scalar]]:

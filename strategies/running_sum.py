@@ -140,19 +140,30 @@ class CappedWeightedSum:
         leaving the sum and the claims untouched."""
         if not self.factor:
             problem = self.total.add(arrays, claim)
-        else:
-            problem = self.total.problem(arrays)
             if problem is None:
-                heapq.heappush(self._held, (claim, len(self.claims), arrays))
-        if problem is not None:
+                self.claims.append(claim)
             return problem
+        problem = self.problem(arrays)
+        if problem is None:
+            self.take(arrays, claim)
+        return problem
+
+    def problem(self, arrays: NDArrays) -> str | None:
+        """Why `arrays` cannot be added (`RunningWeightedSum.problem`), or None."""
+        return self.total.problem(arrays)
+
+    def take(self, arrays: NDArrays, claim: int) -> None:
+        """`add` for arrays that passed `problem` already (they are not checked again)."""
         self.claims.append(claim)
+        if not self.factor:
+            self.total.fold(arrays, claim)
+            return
+        heapq.heappush(self._held, (claim, len(self.claims), arrays))
         if len(self._held) > self.hold:
             early, _, arrays = heapq.heappop(self._held)
             weight = min(early, self.cap())
             self.total.fold(arrays, weight)
             self._early.append((early, weight))
-        return None
 
     def cap(self) -> int | None:
         """The cap on the claims accepted so far (None without a factor or a claim)."""

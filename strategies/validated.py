@@ -42,8 +42,9 @@ from strategies.validation import (
 from strategies.weighted_fedavg import sums_updates
 from strategies.wrapper import StrategyWrapper
 
-RESERVED = {NUM_REJECTED, NUM_CAPPED}
-STREAM_HOLD = 3  # updates a round folded as its replies arrive keeps for the examples cap  # the server's counts: never taken from a client
+RESERVED = {NUM_REJECTED, NUM_CAPPED}  # the server's counts: never taken from a client
+STREAM_HOLD = 3  # updates a round folded as its replies arrive keeps for the examples cap
+STREAM_REORDER = 4  # replies a stream keeps waiting for an earlier client's (sample order)
 
 
 def _without_reserved_metrics(
@@ -101,18 +102,22 @@ class ValidatedStrategy(StrategyWrapper):
             lower median claim (0: off); capped claims are counted as `num_capped`.
         stream_hold: updates with the largest claims a running sum keeps unfolded until
             the round's cap is known (`CappedWeightedSum`).
+        stream_reorder: replies a streamed round keeps waiting for an earlier client's
+            (`ValidatedFitStream`).
     """
 
     def __init__(self, inner: Strategy, *, min_fit_clients: int, max_examples: int = 0,
                  outlier_norm_factor: float = 0.0, examples_cap_factor: float = 0.0,
-                 stream_hold: int = STREAM_HOLD) -> None:
+                 stream_hold: int = STREAM_HOLD, stream_reorder: int = STREAM_REORDER) -> None:
         super().__init__(inner)
         self.stream_hold = stream_hold
+        self.stream_reorder = stream_reorder
         self.min_fit_clients = min_fit_clients
         self.max_examples = max_examples
         self.outlier_norm_factor = outlier_norm_factor
         self.examples_cap_factor = examples_cap_factor
         self._sent: Parameters | None = None
+        self._order: dict[str, int] = {}  # each sampled client's place in the round's sample
 
     def initialize_parameters(self, client_manager: ClientManager) -> Parameters | None:
         """Remember the initial global model (the reference until a round is sent)."""
@@ -122,9 +127,12 @@ class ValidatedStrategy(StrategyWrapper):
 
     def configure_fit(self, server_round: int, parameters: Parameters,
                       client_manager: ClientManager) -> list[tuple[ClientProxy, FitIns]]:
-        """Remember the global model sent this round, then delegate."""
+        """Remember the global model sent this round, delegate, and remember the order of the
+        sample (the order the round's updates are folded in)."""
         self._sent = parameters
-        return self.inner.configure_fit(server_round, parameters, client_manager)
+        instructions = self.inner.configure_fit(server_round, parameters, client_manager)
+        self._order = {proxy.cid: place for place, (proxy, _) in enumerate(instructions)}
+        return instructions
 
     def aggregate_fit(
         self,
@@ -132,13 +140,16 @@ class ValidatedStrategy(StrategyWrapper):
         results: list[tuple[ClientProxy, FitRes]],
         failures: list[tuple[ClientProxy, FitRes] | BaseException],
     ) -> tuple[Parameters | None, dict[str, Scalar]]:
-        """Drop invalid updates, then let the inner strategy aggregate the rest.
+        """Drop invalid updates, then let the inner strategy aggregate the rest (through the
+        stream a streamed round feeds, `_aggregate_stream`, when the inner strategy takes
+        one).
 
         Raises RuntimeError if no global model was sent or initialized yet.
         """
         reference = reference_arrays(self._sent, self, server_round)
-        if sum_aggregator(self.inner) is not None:
-            return self._aggregate_sum(server_round, results, failures, reference)
+        stream = self._stream(server_round, reference)
+        if stream is not None:
+            return self._aggregate_stream(stream, results, failures)
         checked = validate_fit_results(results, reference, server_round,
                                        self.max_examples, self.outlier_norm_factor)
         if len(checked.accepted) < self.min_fit_clients:
@@ -151,36 +162,51 @@ class ValidatedStrategy(StrategyWrapper):
         return parameters, {**_with_rejections(metrics, len(checked.rejected)),
                             NUM_CAPPED: capped}
 
-    def _aggregate_sum(
+    def _aggregate_stream(
         self,
-        server_round: int,
+        stream: ValidatedFitStream,
         results: FitResults,
         failures: list[tuple[ClientProxy, FitRes] | BaseException],
-        reference: NDArrays,
     ) -> tuple[Parameters | None, dict[str, Scalar]]:
-        """`aggregate_fit` for an inner strategy that averages (`sum_aggregator`): the round's
-        results through the `ValidatedFitStream` a streamed round feeds as they arrive, so
-        both give the same model bit for bit. Here every update is still at hand: when
-        the stream could not give every update its exact capped weight (more than
-        `stream_hold` claims above the cap), the accepted ones are folded again with
-        every one held (the cap rule exactly). With an outlier-norm factor the updates
-        are screened first (the median norm needs them all)."""
-        stream = ValidatedFitStream(self, server_round, reference, self.stream_hold)
+        """`aggregate_fit` through the `ValidatedFitStream` a streamed round feeds as its
+        replies arrive, the results added in the order of the round's sample (the order
+        the stream folds them in), so both give the same model bit for bit. Here every
+        update is still at hand: when the stream could not give every update its exact
+        capped weight (more than `stream_hold` claims above the cap), the accepted ones are
+        folded again with every one held (the cap rule exactly). With an outlier-norm
+        factor the updates are screened first (the median norm needs them all)."""
+        results = sorted(results, key=lambda result: self._order.get(result[0].cid,
+                                                                     len(self._order)))
         arrays: list[NDArrays | None] = [None] * len(results)
         if self.outlier_norm_factor:
-            checked = validate_fit_results(results, reference, server_round, self.max_examples,
-                                           self.outlier_norm_factor)
+            checked = validate_fit_results(results, stream.reference, stream.server_round,
+                                           self.max_examples, self.outlier_norm_factor)
             stream.rejected, results = checked.rejected, checked.accepted
             arrays = list(checked.accepted_arrays)
         accepted = [(proxy, res) for (proxy, res), decoded in zip(results, arrays)
                     if stream.add(proxy, res, decoded)]
         if not stream.exact:
-            exact = ValidatedFitStream(self, server_round, reference, len(accepted))
+            exact = self._stream(stream.server_round, stream.reference, hold=len(accepted))
+            assert exact is not None  # the same inner strategy
             exact.rejected = stream.rejected
             for proxy, res in accepted:
                 exact.add(proxy, res)
             stream = exact
         return stream.finish(failures)
+
+    def _stream(self, server_round: int, reference: NDArrays,
+                hold: int | None = None) -> ValidatedFitStream | None:
+        """The round's `ValidatedFitStream` (`hold`: default `stream_hold`), when the inner
+        strategy averages the updates (`sum_aggregator`) or is a central DP wrapper
+        (`DPFixedClipping`, whose own stream then takes the checked replies); else None."""
+        inner = None
+        if sum_aggregator(self.inner) is None:
+            inner = (self.inner.open_fit_stream(server_round)
+                     if isinstance(self.inner, DPFixedClipping) else None)
+            if inner is None:
+                return None
+        return ValidatedFitStream(self, server_round, reference,
+                                  self.stream_hold if hold is None else hold, inner)
 
     def open_fit_stream(self, server_round: int) -> ValidatedFitStream | None:
         """A stream that checks each reply as it arrives (`strategies.protocols.StreamsFit`)
@@ -194,15 +220,7 @@ class ValidatedStrategy(StrategyWrapper):
         """
         if self.outlier_norm_factor:
             return None
-        inner = None
-        if sum_aggregator(self.inner) is None:
-            inner = (self.inner.open_fit_stream(server_round)
-                     if isinstance(self.inner, DPFixedClipping) else None)
-            if inner is None:
-                return None
-        return ValidatedFitStream(self, server_round,
-                                  reference_arrays(self._sent, self, server_round),
-                                  self.stream_hold, inner)
+        return self._stream(server_round, reference_arrays(self._sent, self, server_round))
 
     def _too_few(self, server_round: int, valid: int,
                  rejected: Rejections) -> tuple[None, dict[str, Scalar]]:
@@ -228,16 +246,22 @@ class ValidatedStrategy(StrategyWrapper):
 class ValidatedFitStream:
     """One round's fit replies checked as `ValidatedStrategy.aggregate_fit` checks them,
     one by one (`strategies.protocols.FitStream`), and folded into a `CappedWeightedSum`
-    for an inner weighted average, or passed to the inner strategy's own stream `inner`
-    (the DP wrappers', which weigh every update alike).
+    for an inner strategy that averages, or passed to the inner strategy's own stream
+    `inner` (the DP wrappers', which weigh every update alike).
 
-    `add` strips a reply's reserved metrics, rejects it (logged, counted) on a bad claim,
-    undecodable bytes, a wrong structure or a non-finite value, before anything of it
-    touches the sum, and otherwise folds it (or holds it, see `CappedWeightedSum`) or
-    passes it on: the caller may drop the reply's tensors as soon as `add` returns.
-    `finish` applies the `min-fit-clients` rule and the examples cap to the kept results
-    (their metrics weigh by the capped claims; an inner stream saw the claims uncapped,
-    which only counts them) and makes the model from the sum or the inner stream.
+    `add` strips a reply's reserved metrics and rejects it (logged, counted) on a bad
+    claim, undecodable bytes, a wrong structure or a non-finite value, before anything of
+    it touches the sum; the caller may drop the reply's tensors as soon as `add` returns.
+    Accepted updates are folded (or passed on) in the order of the round's sample, not
+    the order they arrive, so a run folds the same sums whichever client answers first:
+    an update waits (a view of its reply's bytes) until every client before it in the
+    sample has been folded, rejected or `skip`ped (it failed). When more than
+    `owner.stream_reorder` updates wait, the earliest waiting one is folded without
+    waiting further (bounded memory; then a run's sums depend on the order of arrival,
+    within float rounding). `finish` folds what still waits, applies the
+    `min-fit-clients` rule and the examples cap to the kept results (their metrics weigh
+    by the capped claims; an inner stream saw the claims uncapped, which only counts
+    them) and makes the model from the sum or the inner stream.
     """
 
     def __init__(self, owner: ValidatedStrategy, server_round: int, reference: NDArrays,
@@ -250,25 +274,74 @@ class ValidatedFitStream:
                     if inner is None else None)
         self.accepted: FitResults = []
         self.rejected: Rejections = []
+        self._order = owner._order  # each sampled client's place in the sample
+        self._next = 0  # the place folded next
+        self._waiting: dict[int, tuple[ClientProxy, FitRes, NDArrays]] = {}
+        self._skipped: set[int] = set()  # places that will send nothing to fold
+        self._placed: set[str] = set()  # clients already given their place
 
     def add(self, proxy: ClientProxy, res: FitRes, arrays: NDArrays | None = None) -> bool:
-        """Check one reply and fold its update or pass it on (`arrays`: its update already
-        decoded); whether it was accepted. The stream keeps the reply's claim and metrics,
-        never its tensors (only the views of the updates it holds, `CappedWeightedSum`)."""
+        """Check one reply, then fold its update or pass it on, now or once the clients
+        before it in the sample are done (`arrays`: its update already decoded); whether
+        it was accepted. The stream keeps the reply's claim and metrics, never its tensors
+        (only the views of the updates that wait or are held, `CappedWeightedSum`)."""
         ((proxy, res),) = _without_reserved_metrics([(proxy, res)])
         problem = None
         if arrays is None:
             arrays, problem = decode_update(res, self.owner.max_examples)
         if arrays is not None:
-            problem = (self.sum.add(arrays, res.num_examples) if self.sum is not None else
+            problem = (self.sum.problem(arrays) if self.sum is not None else
                        structure_problem(arrays, self.reference) or nonfinite_problem(arrays))
+        place = self._place(proxy)
         if problem is not None:
             reject(self.rejected, "update", proxy, problem, self.server_round)
+            self._skip(place)
             return False
         self.accepted.append((proxy, without_tensors(res)))
-        if self.inner is not None:
-            self.inner.add(proxy, res)
+        if place is None or place < self._next:  # not in the sample, or given up waiting for
+            self._fold(proxy, res, arrays)
+        else:
+            self._waiting[place] = (proxy, res, arrays)
+            self._release()
         return True
+
+    def skip(self, proxy: ClientProxy) -> None:
+        """`proxy` failed: it sends nothing this round, so no update waits for it."""
+        self._skip(self._place(proxy))
+
+    def _place(self, proxy: ClientProxy) -> int | None:
+        """The client's place in the sample (None: not sampled, or it was placed already)."""
+        place = self._order.get(proxy.cid)
+        if place is None or proxy.cid in self._placed:
+            return None
+        self._placed.add(proxy.cid)
+        return place
+
+    def _skip(self, place: int | None) -> None:
+        if place is not None:
+            self._skipped.add(place)
+            self._release()
+
+    def _release(self) -> None:
+        """Fold the waiting updates whose turn it is; past `stream_reorder` waiting ones,
+        stop waiting for the missing places before the earliest."""
+        while True:
+            if self._next in self._waiting:
+                self._fold(*self._waiting.pop(self._next))
+            elif self._next not in self._skipped:
+                if len(self._waiting) <= self.owner.stream_reorder:
+                    return
+                self._next = min(self._waiting)
+                continue
+            self._next += 1
+
+    def _fold(self, proxy: ClientProxy, res: FitRes, arrays: NDArrays) -> None:
+        """Fold one checked update into the sum, or pass its reply to the inner stream."""
+        if self.sum is not None:
+            self.sum.take(arrays, res.num_examples)
+        else:
+            assert self.inner is not None
+            self.inner.add(proxy, res)
 
     @property
     def exact(self) -> bool:
@@ -280,6 +353,8 @@ class ValidatedFitStream:
         self, failures: list[tuple[ClientProxy, FitRes] | BaseException],
     ) -> tuple[Parameters | None, dict[str, Scalar]]:
         """What `aggregate_fit` returns for the replies added (`failures`: the round's)."""
+        for place in sorted(self._waiting):
+            self._fold(*self._waiting.pop(place))
         owner, server_round = self.owner, self.server_round
         if len(self.accepted) < owner.min_fit_clients:
             return owner._too_few(server_round, len(self.accepted), self.rejected)
@@ -289,6 +364,7 @@ class ValidatedFitStream:
             if parameters is not None:
                 parameters = cast_like(parameters, self.reference)
         else:
+            assert self.sum is not None
             if not self.sum.exact:
                 log(WARNING, "round %s: more than %s claims exceeded the examples cap; the "
                     "updates folded before the last reply weigh by the cap of the claims "

@@ -6,6 +6,7 @@ decline to stream, and Flower's server loop (`FederatedServer`) feeds the stream
 from __future__ import annotations
 
 import logging
+import random
 import statistics
 
 import numpy as np
@@ -176,14 +177,15 @@ def test_failures_reach_the_inner_strategy():
         None, {"num_rejected": 0, "num_capped": 0})
 
 
-def _chain(**config):
-    cfg = make_config(min_fit_clients=2, min_available_clients=2, **config)
+def _chain(clients: int = 2, **config):
+    cfg = make_config(min_fit_clients=2, min_available_clients=clients, **config)
     model = ndarrays_to_parameters(random_model(np.random.default_rng(0)))
     strategy = WireMeter(build_strategy(StrategyContext(cfg, model)))
     manager = SimpleClientManager()
-    for i in range(2):
+    for i in range(clients):
         manager.register(IdleProxy(f"c{i}"))
     strategy.initialize_parameters(manager)
+    random.seed(0)  # Flower's SimpleClientManager samples with `random`: the same sample
     strategy.configure_fit(1, model, manager)
     return strategy
 
@@ -244,6 +246,53 @@ def test_a_streamed_dp_round_releases_the_whole_rounds_model_bit_for_bit(strateg
     assert metrics == whole_metrics and metrics["num_rejected"] == 1
     assert chains[0].inner.inner.accountant.get_state() == \
         chains[1].inner.inner.accountant.get_state()
+
+
+def _round(chain, seed: int, claims) -> list:
+    """Replies of the clients c0, c1, ... to the model `chain` sent."""
+    sent = parameters_to_ndarrays(chain.inner._sent)
+    rng = np.random.default_rng(seed)
+    return [(IdleProxy(f"c{i}"), fit_res([a + rng.normal(size=a.shape).astype(np.float32)
+                                          for a in sent], n)) for i, n in enumerate(claims)]
+
+
+@pytest.mark.parametrize("factor", [0.0, 3.0])
+def test_replies_are_folded_in_the_samples_order_whichever_arrives_first(factor):
+    """Two runs whose replies arrive in different orders fold the same sums: streamed in
+    one order (a client failing) == the whole round in another, bit for bit."""
+    claims = [40, 90, 60, 10**9, 75, 50, 65, 80]
+    whole_chain, chain = _chain(8, examples_cap_factor=factor), \
+        _chain(8, examples_cap_factor=factor)
+    replies = _round(whole_chain, 10, claims)
+    failed = replies.pop(2)[0]
+    shuffled = [replies[i] for i in np.random.default_rng(11).permutation(len(replies))]
+    whole, whole_metrics = whole_chain.aggregate_fit(1, shuffled, [RuntimeError("down")])
+    stream = chain.open_fit_stream(1)
+    waiting = []
+    for proxy, res in [*replies[3:], replies[0], replies[2]]:
+        stream.add(proxy, res)
+        waiting.append(len(stream.stream._waiting))
+    stream.skip(failed)
+    stream.add(*replies[1])
+    assert max(waiting) <= chain.inner.stream_reorder and not stream.stream._waiting
+    streamed, metrics = stream.finish([RuntimeError("down")])
+    _assert_same(streamed, whole)
+    assert metrics == whole_metrics
+
+
+def test_past_stream_reorder_waiting_replies_the_stream_stops_waiting():
+    claims = [50 + i for i in range(12)]
+    chain = _chain(12)
+    replies = _round(chain, 12, claims)
+    stream = chain.open_fit_stream(1)
+    for proxy, res in reversed(replies):  # the first client of the sample answers last
+        stream.add(proxy, res)
+        assert len(stream.stream._waiting) <= chain.inner.stream_reorder
+    streamed, _ = stream.finish([])
+    updates = [(parameters_to_ndarrays(res.parameters), n)
+               for (_, res), n in zip(replies, claims)]
+    for ours, flowers in zip(parameters_to_ndarrays(streamed), aggregate(updates)):
+        np.testing.assert_allclose(ours, flowers, atol=1e-6, rtol=0)
 
 
 class UpdatingProxy(IdleProxy):

@@ -102,17 +102,24 @@ def fit_clients_streamed(instructions: list[tuple[ClientProxy, FitIns]],
                          max_workers: int | None, timeout: float | None, group_id: int,
                          stream: FitStream) -> FitResultsAndFailures:
     """Flower's `fit_clients`, each successful reply added to `stream` as it arrives (one
-    at a time) and kept without its tensors: the round's results (proxy, `FitRes` with
-    empty `parameters`) and failures, as Flower sorts them (an exception, or a reply
-    whose status is not OK).
+    at a time) and kept without its tensors, each failed client `skip`ped: the round's
+    results (proxy, `FitRes` with empty `parameters`) and failures, as Flower sorts them
+    (an exception, or a reply whose status is not OK).
 
     Raises StreamFailed (after every client has answered) if `stream.add` raised.
     """
     lock = threading.Lock()
 
     def fit_and_add(proxy: ClientProxy, ins: FitIns) -> tuple[ClientProxy, FitRes]:
-        proxy, res = fit_client(proxy, ins, timeout, group_id)
+        try:
+            proxy, res = fit_client(proxy, ins, timeout, group_id)
+        except BaseException:
+            with lock:
+                stream.skip(proxy)
+            raise
         if res.status.code != Code.OK:
+            with lock:
+                stream.skip(proxy)
             return proxy, res
         with lock:
             try:

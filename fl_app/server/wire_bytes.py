@@ -102,6 +102,10 @@ class CountedStream:
         self.counts.up += parameters_bytes(res.parameters)
         self.stream.add(proxy, res)
 
+    def skip(self, proxy: ClientProxy) -> None:
+        """Pass it on."""
+        self.stream.skip(proxy)
+
     def finish(
         self, failures: list[tuple[ClientProxy, FitRes] | BaseException],
     ) -> tuple[Parameters | None, dict[str, Scalar]]:
