@@ -20,8 +20,8 @@ from flwr.server.strategy import Strategy
 
 from strategies.decoding import without_tensors
 from strategies.dp import DPFixedClipping
-from strategies.protocols import FitStream
 from strategies.flower_builtins import aggregate_average, averages_updates
+from strategies.protocols import FitStream
 from strategies.running_sum import CappedWeightedSum, RunningWeightedSum
 from strategies.validation import (
     NUM_CAPPED,

@@ -13,9 +13,9 @@ from typing import Any
 from flwr.common import Code, FitIns, FitRes, Parameters, Scalar
 from flwr.common.logger import log
 from flwr.server import Server
-from flwr.server.server import FitResultsAndFailures, fit_client, fit_clients
 from flwr.server.client_proxy import ClientProxy
 from flwr.server.history import History
+from flwr.server.server import FitResultsAndFailures, fit_client, fit_clients
 from flwr.server.strategy import Strategy
 
 from fl_app.data.quality import REASONS
