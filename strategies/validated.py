@@ -44,7 +44,7 @@ from strategies.wrapper import StrategyWrapper
 
 RESERVED = {NUM_REJECTED, NUM_CAPPED}  # the server's counts: never taken from a client
 STREAM_HOLD = 3  # updates a round folded as its replies arrive keeps for the examples cap
-STREAM_REORDER = 4  # replies a stream keeps waiting for an earlier client's (sample order)
+STREAM_REORDER_BYTES = 64 * 2**20  # bytes of replies a stream keeps waiting (sample order)
 
 
 def _without_reserved_metrics(
@@ -102,16 +102,17 @@ class ValidatedStrategy(StrategyWrapper):
             lower median claim (0: off); capped claims are counted as `num_capped`.
         stream_hold: updates with the largest claims a running sum keeps unfolded until
             the round's cap is known (`CappedWeightedSum`).
-        stream_reorder: replies a streamed round keeps waiting for an earlier client's
-            (`ValidatedFitStream`).
+        stream_reorder_bytes: most bytes of replies a streamed round keeps waiting for an
+            earlier client's (`ValidatedFitStream`).
     """
 
     def __init__(self, inner: Strategy, *, min_fit_clients: int, max_examples: int = 0,
                  outlier_norm_factor: float = 0.0, examples_cap_factor: float = 0.0,
-                 stream_hold: int = STREAM_HOLD, stream_reorder: int = STREAM_REORDER) -> None:
+                 stream_hold: int = STREAM_HOLD,
+                 stream_reorder_bytes: int = STREAM_REORDER_BYTES) -> None:
         super().__init__(inner)
         self.stream_hold = stream_hold
-        self.stream_reorder = stream_reorder
+        self.stream_reorder_bytes = stream_reorder_bytes
         self.min_fit_clients = min_fit_clients
         self.max_examples = max_examples
         self.outlier_norm_factor = outlier_norm_factor
@@ -255,10 +256,11 @@ class ValidatedFitStream:
     Accepted updates are folded (or passed on) in the order of the round's sample, not
     the order they arrive, so a run folds the same sums whichever client answers first:
     an update waits (a view of its reply's bytes) until every client before it in the
-    sample has been folded, rejected or `skip`ped (it failed). When more than
-    `owner.stream_reorder` updates wait, the earliest waiting one is folded without
-    waiting further (bounded memory; then a run's sums depend on the order of arrival,
-    within float rounding). `finish` folds what still waits, applies the
+    sample has been folded, rejected or `skip`ped (it failed). When the waiting updates
+    take more than `owner.stream_reorder_bytes`, the earliest waiting one is folded
+    without waiting further (bounded memory; then a run's sums depend on the order of
+    arrival, within float rounding: with the default 64 MiB, a model of a few MiB waits
+    for dozens of replies, a 36.5 MiB one for one). `finish` folds what still waits, applies the
     `min-fit-clients` rule and the examples cap to the kept results (their metrics weigh
     by the capped claims; an inner stream saw the claims uncapped, which only counts
     them) and makes the model from the sum or the inner stream.
@@ -277,6 +279,7 @@ class ValidatedFitStream:
         self._order = owner._order  # each sampled client's place in the sample
         self._next = 0  # the place folded next
         self._waiting: dict[int, tuple[ClientProxy, FitRes, NDArrays]] = {}
+        self._waiting_bytes = 0
         self._skipped: set[int] = set()  # places that will send nothing to fold
         self._placed: set[str] = set()  # clients already given their place
 
@@ -302,6 +305,7 @@ class ValidatedFitStream:
             self._fold(proxy, res, arrays)
         else:
             self._waiting[place] = (proxy, res, arrays)
+            self._waiting_bytes += sum(a.nbytes for a in arrays)
             self._release()
         return True
 
@@ -323,17 +327,23 @@ class ValidatedFitStream:
             self._release()
 
     def _release(self) -> None:
-        """Fold the waiting updates whose turn it is; past `stream_reorder` waiting ones,
+        """Fold the waiting updates whose turn it is; past `stream_reorder_bytes` waiting,
         stop waiting for the missing places before the earliest."""
         while True:
             if self._next in self._waiting:
-                self._fold(*self._waiting.pop(self._next))
+                self._fold_waiting(self._next)
             elif self._next not in self._skipped:
-                if len(self._waiting) <= self.owner.stream_reorder:
+                if self._waiting_bytes <= self.owner.stream_reorder_bytes:
                     return
                 self._next = min(self._waiting)
                 continue
             self._next += 1
+
+    def _fold_waiting(self, place: int) -> None:
+        """Fold the update waiting at `place`."""
+        proxy, res, arrays = self._waiting.pop(place)
+        self._waiting_bytes -= sum(a.nbytes for a in arrays)
+        self._fold(proxy, res, arrays)
 
     def _fold(self, proxy: ClientProxy, res: FitRes, arrays: NDArrays) -> None:
         """Fold one checked update into the sum, or pass its reply to the inner stream."""
@@ -354,7 +364,7 @@ class ValidatedFitStream:
     ) -> tuple[Parameters | None, dict[str, Scalar]]:
         """What `aggregate_fit` returns for the replies added (`failures`: the round's)."""
         for place in sorted(self._waiting):
-            self._fold(*self._waiting.pop(place))
+            self._fold_waiting(place)
         owner, server_round = self.owner, self.server_round
         if len(self.accepted) < owner.min_fit_clients:
             return owner._too_few(server_round, len(self.accepted), self.rejected)

@@ -268,26 +268,27 @@ def test_replies_are_folded_in_the_samples_order_whichever_arrives_first(factor)
     shuffled = [replies[i] for i in np.random.default_rng(11).permutation(len(replies))]
     whole, whole_metrics = whole_chain.aggregate_fit(1, shuffled, [RuntimeError("down")])
     stream = chain.open_fit_stream(1)
-    waiting = []
     for proxy, res in [*replies[3:], replies[0], replies[2]]:
         stream.add(proxy, res)
-        waiting.append(len(stream.stream._waiting))
+    assert stream.stream._waiting  # the first client of the sample has not answered
     stream.skip(failed)
     stream.add(*replies[1])
-    assert max(waiting) <= chain.inner.stream_reorder and not stream.stream._waiting
+    assert not stream.stream._waiting
     streamed, metrics = stream.finish([RuntimeError("down")])
     _assert_same(streamed, whole)
     assert metrics == whole_metrics
 
 
-def test_past_stream_reorder_waiting_replies_the_stream_stops_waiting():
+def test_past_stream_reorder_bytes_waiting_the_stream_stops_waiting():
     claims = [50 + i for i in range(12)]
     chain = _chain(12)
     replies = _round(chain, 12, claims)
+    model_bytes = sum(a.nbytes for a in parameters_to_ndarrays(chain.inner._sent))
+    chain.inner.stream_reorder_bytes = 3 * model_bytes
     stream = chain.open_fit_stream(1)
     for proxy, res in reversed(replies):  # the first client of the sample answers last
         stream.add(proxy, res)
-        assert len(stream.stream._waiting) <= chain.inner.stream_reorder
+        assert len(stream.stream._waiting) <= 3
     streamed, _ = stream.finish([])
     updates = [(parameters_to_ndarrays(res.parameters), n)
                for (_, res), n in zip(replies, claims)]
