@@ -17,7 +17,10 @@ ask the clients, as Flower's `Server.max_workers` does.
   * whole round: Flower's `Server.fit_round` (what the app ran before streaming): every
     reply is collected, then `aggregate_fit` reads them all;
   * streamed: `FederatedServer.fit_round`: each reply is checked and folded into the
-    running sum as it arrives, and its tensors dropped.
+    running sum as it arrives (in the sample's order, `ValidatedFitStream`), and its
+    tensors dropped; the 3 largest claims are held until the examples cap is known;
+  * streamed, stream-hold 0: the same with no update held for the cap (every update
+    folded at once), which shows what the hold adds.
 
 Peak RSS is the kernel's high-water mark (VmHWM, reset just before the round through
 /proc/self/clear_refs; `ru_maxrss` where that is not allowed); the growth is the peak
