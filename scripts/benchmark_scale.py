@@ -1,6 +1,7 @@
 """Benchmark: the server's aggregation of one round at a real model size (issue 20).
 
     python scripts/benchmark_scale.py [--repeats 5] [--workloads 50x670k 20xcnn-10m]
+                                      [--memory]
 
 Each workload is N client replies (real Flower `FitRes`, float32 arrays serialized by
 `ndarrays_to_parameters`) in the layer shapes of a VGG-style CIFAR CNN: `670k` (widths 32,
@@ -18,12 +19,15 @@ examples counts 50..150 (none capped). Side by side in one run, the median of `-
     checks, no weights.
 Then each path's time over the floor's and over Flower's. It also checks that the
 validated path's model equals Flower's `aggregate()` (the largest absolute difference).
+`--memory` then runs `scripts/scale_memory.py` (peak server RSS over one round at 10, 50
+and 100 clients x cnn-10m, whole round vs streamed, and its plot).
 """
 
 from __future__ import annotations
 
 import argparse
 import statistics
+import subprocess
 import sys
 import time
 from collections.abc import Callable
@@ -125,6 +129,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         "(default: 50x670k 20xcnn-10m)")
     parser.add_argument("--repeats", type=int, default=5, help="timed repeats (median)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the generated updates")
+    parser.add_argument("--memory", action="store_true",
+                        help="then the memory table and plot (scripts/scale_memory.py)")
     args = parser.parse_args(argv)
     for spec in args.workloads:
         count, sep, model = spec.partition("x")
@@ -134,10 +140,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> None:
-    """Print the aggregation table of every workload."""
+    """Print the aggregation table of every workload (and with `--memory` the memory
+    table)."""
     args = parse_args(argv)
     for spec in args.workloads:
         measure(spec, args.repeats, args.seed)
+    if args.memory:  # its own processes: each configuration's peak RSS in a fresh one
+        subprocess.run([sys.executable, str(ROOT / "scripts" / "scale_memory.py"),
+                        "--seed", str(args.seed)], check=True)
 
 
 if __name__ == "__main__":

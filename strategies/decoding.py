@@ -5,17 +5,19 @@ Flower's `parameters_to_ndarrays` runs `np.load` on each tensor, which copies ev
 update of a layer has the same one) and returns a read-only `np.frombuffer` view of the
 bytes Flower received. Anything but Flower's own `numpy.ndarray` tensors goes through
 `parameters_to_ndarrays` unchanged. `encode` writes the bytes `ndarrays_to_parameters`
-writes, copying each array once instead of three times.
+writes, copying each array once instead of three times. `without_tensors` is what a server
+keeps of a reply once its update is folded.
 """
 
 from __future__ import annotations
 
 import io
 import math
+from dataclasses import replace
 from functools import lru_cache
 
 import numpy as np
-from flwr.common import NDArrays, Parameters, ndarray_to_bytes, parameters_to_ndarrays
+from flwr.common import FitRes, NDArrays, Parameters, ndarray_to_bytes, parameters_to_ndarrays
 
 NUMPY_TENSORS = "numpy.ndarray"  # the tensor_type of Flower's ndarrays_to_parameters
 _PREFIX = 8  # magic string (6 bytes) and format version (2 bytes)
@@ -77,3 +79,10 @@ def encode_array(array: np.ndarray) -> bytes:
 def encode(arrays: NDArrays) -> Parameters:
     """`ndarrays_to_parameters(arrays)`, the same bytes, each array copied once."""
     return Parameters(tensors=[encode_array(a) for a in arrays], tensor_type=NUMPY_TENSORS)
+
+
+def without_tensors(res: FitRes) -> FitRes:
+    """`res` with no tensors (its status, claim and metrics kept): what a server keeps of a
+    reply once its update is folded, so the bytes can be freed."""
+    return replace(res, parameters=Parameters(tensors=[],
+                                              tensor_type=res.parameters.tensor_type))

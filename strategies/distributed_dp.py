@@ -71,6 +71,10 @@ class DistributedDPFixedClipping(DPFixedClipping):
                 fit_ins.config = {**fit_ins.config, KEY_DP_NOISE_STD: std}
         return instructions
 
+    def open_fit_stream(self, server_round: int) -> None:
+        """None: the round's one reply is the SecAgg+ sum, aggregated whole."""
+        return None
+
     def aggregate_fit(self, server_round: int, results: list[tuple[ClientProxy, FitRes]],
                       failures: list[tuple[ClientProxy, FitRes] | BaseException],
                       ) -> tuple[Parameters | None, dict[str, Scalar]]:

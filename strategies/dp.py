@@ -81,6 +81,7 @@ from fl_app.wire import KEY_CLIPPING_NORM, KEY_NORM_BIT
 from strategies.accounting import ACCOUNTANTS, SAMPLINGS, PrivacyAccountant, RoundEvent
 from strategies.clipping import clip_update, model_update
 from strategies.context import StrategyContext
+from strategies.decoding import decode
 from strategies.dp_sampling import DPSampling
 from strategies.validation import NUM_REJECTED
 from strategies.weighted_fedavg import sample_size
@@ -301,30 +302,19 @@ class DPFixedClipping(StrategyWrapper):
     ) -> tuple[Parameters | None, dict[str, Scalar]]:
         """Clip the (validated) updates, average them with equal weights, add noise, account
         the release, and hand the privatized model to the inner strategy. Every configured
-        round is released, whatever the clients did: failed and rejected ones count as zero."""
-        plan = self._plan
-        if plan is None:
+        round is released, whatever the clients did: failed and rejected ones count as zero.
+        The same `ClippedSum` a streamed round feeds (`open_fit_stream`)."""
+        stream = self.open_fit_stream(server_round)
+        if stream is None:
             return None, {}
-        rejected, clipped, bits = 0, [], []
-        for proxy, fit_res in self._from_sample(server_round, results, plan):
-            update, norm = clip_update(
-                model_update(parameters_to_ndarrays(fit_res.parameters), plan.reference),
-                plan.clip_norm)
-            bit = self._clipped(proxy, fit_res, norm, plan.clip_norm, server_round)
-            if isinstance(bit, str):
-                log(WARNING, "round %s: rejected update from client %s: %s", server_round,
-                    proxy.cid, bit)
-                rejected += 1
-                continue
-            clipped.append(update)
-            bits.append(bit)
-        metrics: dict[str, Scalar] = {NUM_REJECTED: rejected}
-        if len(clipped) < self.min_fit_clients:
-            log(WARNING, "round %s: only %s valid update(s), fewer than min-fit-clients=%s: "
-                "released all the same (a DP round is never held back)", server_round,
-                len(clipped), self.min_fit_clients)
-        noised, dp_metrics = self._release(plan, clipped, bits)
-        return self._post_process(server_round, plan, noised, {**metrics, **dp_metrics})
+        for proxy, fit_res in results:
+            stream.add(proxy, fit_res)
+        return stream.finish(failures)
+
+    def open_fit_stream(self, server_round: int) -> ClippedSum | None:
+        """The round's `ClippedSum`, to which a server loop may add each reply as it
+        arrives (`strategies.protocols.StreamsFit`); None when no round was configured."""
+        return None if self._plan is None else ClippedSum(self, server_round, self._plan)
 
     def _post_process(self, server_round: int, plan: _RoundPlan, noised: NDArrays,
                       metrics: dict[str, Scalar]) -> tuple[Parameters | None, dict[str, Scalar]]:
@@ -349,30 +339,20 @@ class DPFixedClipping(StrategyWrapper):
                      plan: _RoundPlan) -> list[tuple[ClientProxy, FitRes]]:
         """The results of clients in the round's sample, one each; others dropped, logged
         (an extra or repeated update would raise the sensitivity the noise assumes)."""
-        sampled, seen, kept = {proxy.cid for proxy in plan.sampled}, set(), []
-        for proxy, fit_res in results:
-            if proxy.cid not in sampled or proxy.cid in seen:
-                why = "not in this round's sample" if proxy.cid not in sampled else "a repeat"
-                log(WARNING, "round %s: dropped an update from client %s: %s", server_round,
-                    proxy.cid, why)
-                continue
-            seen.add(proxy.cid)
-            kept.append((proxy, fit_res))
-        return kept
+        seen: set[str] = set()
+        return [(proxy, fit_res) for proxy, fit_res in results
+                if in_sample(server_round, proxy, plan, seen)]
 
-    def _release(self, plan: _RoundPlan, clipped: list[NDArrays],
+    def _release(self, plan: _RoundPlan, total: NDArrays,
                  bits: list[bool]) -> tuple[NDArrays, dict[str, Scalar]]:
-        """The noised average update; records the round with the accountant."""
+        """The noised average update, from the sum of the clipped updates (`bits`: one per
+        update, whether it was clipped); records the round with the accountant."""
         std = self.update_noise_multiplier(plan.denominator) * plan.clip_norm / plan.denominator
-        total = [np.zeros(ref.shape) for ref in plan.reference]
-        for update in clipped:
-            for acc, layer in zip(total, update):
-                acc += layer
         rng = self._noise_rng()
         noised = [t / plan.denominator + rng.normal(0.0, std, t.shape) for t in total]
         self.accountant.record(plan.event)
         log(INFO, "DP: averaged %s clipped update(s) over m=%g, C=%.4g, noise std %.4g",
-            len(clipped), plan.denominator, plan.clip_norm, std)
+            len(bits), plan.denominator, plan.clip_norm, std)
         return noised, {"dp_clip_norm": plan.clip_norm, "dp_noise_std": std}
 
     # ---- privacy budget and report (strategies.protocols.PrivacyAccounting)
@@ -443,6 +423,71 @@ class DPFixedClipping(StrategyWrapper):
             self.accountant.set_state(ledger)
 
 
+def in_sample(server_round: int, proxy: ClientProxy, plan: _RoundPlan, seen: set[str]) -> bool:
+    """Whether the reply of `proxy` counts: from a client in the round's sample, and its
+    first (`seen`: the clients counted so far, updated); else dropped, logged (an extra or
+    repeated update would raise the sensitivity the noise assumes)."""
+    if proxy.cid in seen or proxy.cid not in {p.cid for p in plan.sampled}:
+        why = "a repeat" if proxy.cid in seen else "not in this round's sample"
+        log(WARNING, "round %s: dropped an update from client %s: %s", server_round,
+            proxy.cid, why)
+        return False
+    seen.add(proxy.cid)
+    return True
+
+
+class ClippedSum:
+    """One DP round's clipped updates summed (float64) as they are added: what
+    `DPFixedClipping.aggregate_fit` computes, reply by reply (`strategies.protocols.
+    FitStream`), so a server loop may drop each reply once it is added. Each update is
+    decoded without a copy, clipped (`strategies.clipping`) and added in the order the
+    replies come; `finish` noises the average, accounts the release and post-processes it.
+    """
+
+    def __init__(self, owner: DPFixedClipping, server_round: int, plan: _RoundPlan) -> None:
+        self.owner = owner
+        self.server_round = server_round
+        self.plan = plan
+        self.total: NDArrays = [np.zeros(ref.shape) for ref in plan.reference]
+        self.bits: list[bool] = []  # per summed update: whether it was clipped
+        self.rejected = 0
+        self._seen: set[str] = set()
+
+    def add(self, proxy: ClientProxy, fit_res: FitRes) -> None:
+        """Clip one (validated) reply's update and add it to the sum, unless it is not
+        counted (`in_sample`) or `DPFixedClipping._clipped` rejects it (logged)."""
+        plan, server_round = self.plan, self.server_round
+        if not in_sample(server_round, proxy, plan, self._seen):
+            return
+        update, norm = clip_update(model_update(decode(fit_res.parameters), plan.reference),
+                                   plan.clip_norm)
+        bit = self.owner._clipped(proxy, fit_res, norm, plan.clip_norm, server_round)
+        if isinstance(bit, str):
+            log(WARNING, "round %s: rejected update from client %s: %s", server_round,
+                proxy.cid, bit)
+            self.rejected += 1
+            return
+        for acc, layer in zip(self.total, update):
+            acc += layer
+        self.bits.append(bit)
+
+    def skip(self, proxy: ClientProxy) -> None:
+        """Nothing to do: a failed client counts as a zero update."""
+
+    def finish(
+        self, failures: list[tuple[ClientProxy, FitRes] | BaseException],
+    ) -> tuple[Parameters | None, dict[str, Scalar]]:
+        """The round's release (`DPFixedClipping.aggregate_fit`'s answer)."""
+        owner = self.owner
+        if len(self.bits) < owner.min_fit_clients:
+            log(WARNING, "round %s: only %s valid update(s), fewer than min-fit-clients=%s: "
+                "released all the same (a DP round is never held back)", self.server_round,
+                len(self.bits), owner.min_fit_clients)
+        noised, dp_metrics = owner._release(self.plan, self.total, self.bits)
+        return owner._post_process(self.server_round, self.plan, noised,
+                                   {NUM_REJECTED: self.rejected, **dp_metrics})
+
+
 def centred_unclipped_count(clipped: list[bool]) -> float:
     """Σ(bᵢ − ½) over the clients' bits bᵢ = 1 when not clipped: adding or removing one
     client moves it by exactly ½, the sensitivity the noise split assumes."""
@@ -490,9 +535,9 @@ class DPAdaptiveClipping(DPFixedClipping):
                     "adaptiveclipping_mod)")
         return super()._clipped(proxy, fit_res, norm, clip_norm, server_round)
 
-    def _release(self, plan: _RoundPlan, clipped: list[NDArrays],
+    def _release(self, plan: _RoundPlan, total: NDArrays,
                  bits: list[bool]) -> tuple[NDArrays, dict[str, Scalar]]:
-        noised, metrics = super()._release(plan, clipped, bits)
+        noised, metrics = super()._release(plan, total, bits)
         noised_count = centred_unclipped_count(bits) + self._noise_rng().normal(
             0.0, self.count_stddev(plan.denominator))
         fraction = noised_count / plan.denominator + 0.5

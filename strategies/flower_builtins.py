@@ -1,11 +1,22 @@
-"""Flower's built-in strategies, by name (the registry puts each behind our validation)."""
+"""Flower's built-in strategies, by name (the registry puts each behind our validation).
+
+Those whose `aggregate_fit` depends on the updates only through their weighted average
+(`averages_updates`: FedAvg, FedProx, FedAdam, FedYogi, FedAdagrad, FedAvgM) can take the
+average from a running sum instead of the updates (`aggregate_average`), so
+`ValidatedStrategy` folds their updates as it checks them, or as they arrive.
+"""
 
 from __future__ import annotations
 
+from flwr.common import Code, FitRes, Parameters, Scalar, Status
 from flwr.server import strategy as fl
+from flwr.server.client_proxy import ClientProxy
 
 from fl_app.schema import Setting
 from strategies.context import StrategyContext
+from strategies.decoding import encode
+from strategies.running_sum import RunningWeightedSum
+from strategies.validation import cast_like
 
 SETTINGS = [
     Setting("proximal-mu", float, 0.01, "FedProx: weight of the proximal term (sent to clients).",
@@ -118,3 +129,44 @@ STRATEGIES = {
     "fedadagrad": fedadagrad, "fedavgm": fedavgm, "fedmedian": fedmedian,
     "fedtrimmedavg": fedtrimmedavg, "krum": krum, "bulyan": bulyan, "qfedavg": qfedavg,
 }
+
+
+AVERAGING = {fl.FedAvg.aggregate_fit, fl.FedAdam.aggregate_fit, fl.FedYogi.aggregate_fit,
+             fl.FedAdagrad.aggregate_fit, fl.FedAvgM.aggregate_fit}
+"""The `aggregate_fit`s that read the updates only through `aggregate`/`aggregate_inplace`
+(FedProx inherits FedAvg's; the FedOpt family steps from FedAvg's average)."""
+
+
+def averages_updates(strategy: object) -> bool:
+    """Whether `strategy` is one of Flower's strategies whose `aggregate_fit` depends on the
+    updates only through their weighted average by `num_examples` (`AVERAGING`), its fit
+    metrics aside (a subclass that overrides `aggregate_fit` is not)."""
+    return isinstance(strategy, fl.FedAvg) and type(strategy).aggregate_fit in AVERAGING
+
+
+def aggregate_average(
+    strategy: fl.FedAvg,
+    server_round: int,
+    total: RunningWeightedSum,
+    results: list[tuple[ClientProxy, FitRes]],
+    failures: list[tuple[ClientProxy, FitRes] | BaseException],
+) -> tuple[Parameters | None, dict[str, Scalar]]:
+    """`strategy.aggregate_fit` (an `averages_updates` strategy) of updates already folded
+    into `total`, each weighted by its result's `num_examples` (`results` give the fit
+    metrics). The strategy aggregates one reply carrying the weighted average (the weighted
+    average of one reply is that reply, exactly), with the round's `failures`; its fit
+    metrics are its `fit_metrics_aggregation_fn` over `results`, as it computes them. The
+    model keeps the dtypes of `total`'s reference (the FedOpt family computes in float64).
+    """
+    average = total.result()
+    if not results or average is None:
+        return None, {}
+    reply = FitRes(Status(Code.OK, ""), encode(average), 1, {})
+    parameters, _ = strategy.aggregate_fit(server_round, [(results[0][0], reply)], failures)
+    if parameters is None:
+        return None, {}
+    parameters = cast_like(parameters, total.reference)
+    if strategy.fit_metrics_aggregation_fn is None:
+        return parameters, {}
+    return parameters, strategy.fit_metrics_aggregation_fn(
+        [(res.num_examples, res.metrics) for _, res in results])

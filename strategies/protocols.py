@@ -2,14 +2,18 @@
 
 A strategy (or any wrapper in a chain of `StrategyWrapper`s) opts in by implementing the
 methods; `find_layer` finds the layer that does, so the runner asks for a privacy report
-or a budget check without knowing how the strategies are composed.
+or a budget check without knowing how the strategies are composed. `StreamsFit` is asked
+of the outermost strategy only: every layer between the runner and the one that sums must
+pass the stream on (or decline it), since each may change what `aggregate_fit` sees.
 """
 
 from __future__ import annotations
 
 from typing import Any, Protocol, TypeVar, runtime_checkable
 
+from flwr.common import FitRes, Parameters, Scalar
 from flwr.server.client_manager import ClientManager
+from flwr.server.client_proxy import ClientProxy
 from flwr.server.strategy import Strategy
 
 StrategyState = dict[str, Any]
@@ -45,6 +49,32 @@ class Stateful(Protocol):
 
     def set_state(self, state: StrategyState) -> None:
         """Restore what `get_state` returned into a freshly built strategy."""
+
+
+class FitStream(Protocol):
+    """One fit round aggregated as its replies arrive, instead of all at once."""
+
+    def add(self, proxy: ClientProxy, res: FitRes) -> None:
+        """Take one successful reply; once it returns, the caller may drop the reply's
+        tensors (the stream keeps what it still needs)."""
+
+    def skip(self, proxy: ClientProxy) -> None:
+        """`proxy` failed: it will send no reply this round."""
+
+    def finish(
+        self, failures: list[tuple[ClientProxy, FitRes] | BaseException],
+    ) -> tuple[Parameters | None, dict[str, Scalar]]:
+        """What the strategy's `aggregate_fit` returns for the replies added, given the
+        round's `failures`."""
+
+
+@runtime_checkable
+class StreamsFit(Protocol):
+    """A strategy that can aggregate a fit round reply by reply (`FitStream`)."""
+
+    def open_fit_stream(self, server_round: int) -> FitStream | None:
+        """A stream for the round just configured (`configure_fit` was called), or None
+        when this round must be aggregated whole by `aggregate_fit`."""
 
 
 @runtime_checkable

@@ -16,6 +16,7 @@ to two threads on a busy machine made a round up to 30 times slower.
 
 from __future__ import annotations
 
+import heapq
 from functools import cache
 
 import numpy as np
@@ -23,13 +24,19 @@ from flwr.common import NDArrays
 from scipy.linalg.blas import saxpy
 from threadpoolctl import ThreadpoolController
 
-from strategies.validation import nonfinite_problem, structure_problem
+from strategies.validation import claim_cap, nonfinite_problem, structure_problem
 
 
 @cache
 def _blas() -> ThreadpoolController:
     """The process's BLAS thread pools (found once: it scans the loaded libraries)."""
     return ThreadpoolController()
+
+
+def _check_weight(weight: float) -> None:
+    """Raise ValueError unless `weight` is a positive finite number."""
+    if not np.isfinite(weight) or weight <= 0:
+        raise ValueError(f"an update's weight must be positive and finite, got {weight!r}")
 
 
 def _accumulator(reference: np.ndarray) -> np.ndarray:
@@ -58,12 +65,26 @@ class RunningWeightedSum:
 
         Raises ValueError if `weight` is not a positive finite number.
         """
-        if not np.isfinite(weight) or weight <= 0:
-            raise ValueError(f"an update's weight must be positive and finite, got {weight!r}")
+        _check_weight(weight)
         with _blas().limit(limits=1, user_api="blas"):
-            problem = structure_problem(arrays, self.reference) or nonfinite_problem(arrays)
-            if problem is not None:
-                return problem
+            problem = self.problem(arrays)
+            if problem is None:
+                self.fold(arrays, weight)
+        return problem
+
+    def problem(self, arrays: NDArrays) -> str | None:
+        """Why `arrays` cannot be added (`add`'s checks), or None; reads every value once."""
+        with _blas().limit(limits=1, user_api="blas"):
+            return structure_problem(arrays, self.reference) or nonfinite_problem(arrays)
+
+    def fold(self, arrays: NDArrays, weight: float) -> None:
+        """Fold `weight * arrays` into the sum without `add`'s checks: for arrays that
+        passed `problem` already.
+
+        Raises ValueError if `weight` is not a positive finite number.
+        """
+        _check_weight(weight)
+        with _blas().limit(limits=1, user_api="blas"):
             for total, array in zip(self._sums, arrays):
                 flat = array.reshape(-1)
                 if total.dtype == np.float32:
@@ -72,7 +93,6 @@ class RunningWeightedSum:
                     total += flat.astype(np.float64) * weight
         self.total_weight += float(weight)
         self.count += 1
-        return None
 
     def result(self) -> NDArrays | None:
         """The weighted average of the updates added, each array in its reference dtype and
@@ -82,3 +102,83 @@ class RunningWeightedSum:
         return [(total / np.asarray(self.total_weight, dtype=total.dtype))
                 .astype(ref.dtype, copy=False).reshape(ref.shape)
                 for total, ref in zip(self._sums, self.reference)]
+
+
+class CappedWeightedSum:
+    """Σ min(claim, cap) · update, the cap `claim_cap` puts on the round's claims, holding
+    at most `hold` updates unfolded: the running sum of a round whose replies are folded as
+    they arrive while the `examples-cap-factor` rule needs every claim.
+
+    The cap is `factor` x the lower median of every accepted claim, known only once the
+    round's last reply is in. So the `hold` updates with the largest claims so far stay
+    unfolded (views of their replies' bytes); when one more arrives, the held update with
+    the smallest claim (the earliest of equal claims) is folded with weight
+    min(claim, the cap of the claims accepted so far). `finish` folds the held ones, in
+    the order they arrived, with min(claim, the round's cap). An update folded early thus
+    has its exact weight whenever its claim is within the round's final cap, in
+    particular whenever at most `hold` accepted claims exceed it (`exact` says whether
+    every weight was exact). With `factor` 0 nothing is capped, held or read twice: each
+    update is checked and folded in one pass (`RunningWeightedSum.add`).
+
+    Args:
+        reference: the global model sent this round (see `RunningWeightedSum`).
+        factor: the `examples-cap-factor` (0: no cap).
+        hold: most updates kept unfolded (>= 0).
+    """
+
+    def __init__(self, reference: NDArrays, factor: float, hold: int) -> None:
+        self.total = RunningWeightedSum(reference)
+        self.factor = factor
+        self.hold = hold
+        self.claims: list[int] = []  # every accepted claim, in order of arrival
+        self._held: list[tuple[int, int, NDArrays]] = []  # heap of (claim, arrival, arrays)
+        self._early: list[tuple[int, float]] = []  # (claim, weight) of updates folded early
+
+    def add(self, arrays: NDArrays, claim: int) -> str | None:
+        """Accept the update and its claimed `num_examples` (a positive integer), holding or
+        folding it; or return why `arrays` are rejected (`RunningWeightedSum.add`'s checks),
+        leaving the sum and the claims untouched."""
+        if not self.factor:
+            problem = self.total.add(arrays, claim)
+            if problem is None:
+                self.claims.append(claim)
+            return problem
+        problem = self.problem(arrays)
+        if problem is None:
+            self.take(arrays, claim)
+        return problem
+
+    def problem(self, arrays: NDArrays) -> str | None:
+        """Why `arrays` cannot be added (`RunningWeightedSum.problem`), or None."""
+        return self.total.problem(arrays)
+
+    def take(self, arrays: NDArrays, claim: int) -> None:
+        """`add` for arrays that passed `problem` already (they are not checked again)."""
+        self.claims.append(claim)
+        if not self.factor:
+            self.total.fold(arrays, claim)
+            return
+        heapq.heappush(self._held, (claim, len(self.claims), arrays))
+        if len(self._held) > self.hold:
+            early, _, arrays = heapq.heappop(self._held)
+            weight = min(early, self.cap())
+            self.total.fold(arrays, weight)
+            self._early.append((early, weight))
+
+    def cap(self) -> int | None:
+        """The cap on the claims accepted so far (None without a factor or a claim)."""
+        return claim_cap(self.claims, self.factor)
+
+    @property
+    def exact(self) -> bool:
+        """Whether every update folded early got the weight the round's cap gives it."""
+        cap = self.cap()
+        return all(weight == min(claim, cap) for claim, weight in self._early)
+
+    def finish(self) -> RunningWeightedSum:
+        """Fold the held updates with the round's cap; the sum of the round."""
+        cap = self.cap()
+        for claim, _, arrays in sorted(self._held, key=lambda held: held[1]):
+            self.total.fold(arrays, claim if cap is None else min(claim, cap))
+        self._held.clear()
+        return self.total

@@ -181,30 +181,31 @@ def _drop_norm_outliers(checked: ValidatedResults, reference: NDArrays, factor: 
     return out
 
 
+def decode_update(fit_res: FitRes, max_examples: int = 0) -> tuple[NDArrays | None, str | None]:
+    """An update's arrays (zero-copy, `strategies.decoding.decode`), or why it is rejected
+    before they are compared with the global model: a claim `examples_problem` refuses, or
+    bytes that do not decode."""
+    try:
+        arrays = decode(fit_res.parameters)
+    except Exception as err:  # undecodable bytes from a broken client
+        return None, f"parameters cannot be decoded: {err}"
+    problem = examples_problem(fit_res.num_examples, max_examples)
+    return (None, problem) if problem else (arrays, None)
+
+
 def validate_fit_results(results: FitResults, reference: NDArrays, server_round: int,
                          max_examples: int = 0,
-                         outlier_norm_factor: float = 0.0, *,
-                         values: bool = True) -> ValidatedResults:
+                         outlier_norm_factor: float = 0.0) -> ValidatedResults:
     """Split fit results into accepted and rejected updates; log every rejection.
 
     With `outlier_norm_factor` > 0, updates that pass the per-update checks are then
-    screened against the median update norm of the round (see `update_norm`). With `values`
-    off (and no outlier check, which reads them anyway) the values are not read: only the
-    claims and the arrays' number, shapes and dtypes are checked, and the caller checks
-    finiteness as it folds the updates (`RunningWeightedSum.add`).
+    screened against the median update norm of the round (see `update_norm`).
     """
-    read_values = values or bool(outlier_norm_factor)
     out = ValidatedResults()
     for proxy, fit_res in results:
-        try:
-            arrays = decode(fit_res.parameters)
-        except Exception as err:  # undecodable bytes from a broken client
-            problem = f"parameters cannot be decoded: {err}"
-        else:
-            problem = (update_problem(arrays, fit_res.num_examples, reference, max_examples)
-                       if read_values else
-                       examples_problem(fit_res.num_examples, max_examples)
-                       or structure_problem(arrays, reference))
+        arrays, problem = decode_update(fit_res, max_examples)
+        if arrays is not None:
+            problem = structure_problem(arrays, reference) or nonfinite_problem(arrays)
         if problem is None:
             out.accepted.append((proxy, fit_res))
             out.accepted_arrays.append(arrays)

@@ -3,17 +3,20 @@
 from __future__ import annotations
 
 import math
+import threading
 import timeit
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from logging import INFO, WARNING
 from typing import Any
 
-from flwr.common import Code, EvaluateRes, FitRes, Parameters, Scalar, Status
+from flwr.common import Code, EvaluateRes, FitIns, FitRes, Parameters, Scalar, Status
 from flwr.common.logger import log
 from flwr.server import Server
 from flwr.server.client_proxy import ClientProxy
 from flwr.server.history import History
+from flwr.server.server import FitResultsAndFailures, fit_client, fit_clients
 from flwr.server.strategy import Strategy
 
 from fl_app.data.quality import REASONS
@@ -29,7 +32,8 @@ from fl_app.wire import (
     MAX_DATA_WARNINGS_CHARS,
     TIMING_PREFIX,
 )
-from strategies.protocols import PrivacyAccounting, find_layer
+from strategies.decoding import without_tensors
+from strategies.protocols import FitStream, PrivacyAccounting, StreamsFit, find_layer
 from strategies.state import set_strategy_state, strategy_state
 
 
@@ -125,6 +129,58 @@ def data_quality(results: list[tuple[ClientProxy, FitRes]],
     return reports
 
 
+class StreamFailed(RuntimeError):
+    """The server's stream failed on a reply: a server error, raised from the round, never
+    recorded as the client's failure."""
+
+
+def fit_clients_streamed(instructions: list[tuple[ClientProxy, FitIns]],
+                         max_workers: int | None, timeout: float | None, group_id: int,
+                         stream: FitStream) -> FitResultsAndFailures:
+    """Flower's `fit_clients`, each successful reply added to `stream` as it arrives (one
+    at a time) and kept without its tensors, each failed client `skip`ped: the round's
+    results (proxy, `FitRes` with empty `parameters`) and failures, as Flower sorts them
+    (an exception, or a reply whose status is not OK).
+
+    Raises StreamFailed (after every client has answered) if `stream.add` raised.
+    """
+    lock = threading.Lock()
+
+    def fit_and_add(proxy: ClientProxy, ins: FitIns) -> tuple[ClientProxy, FitRes]:
+        try:
+            proxy, res = fit_client(proxy, ins, timeout, group_id)
+        except BaseException:
+            with lock:
+                stream.skip(proxy)
+            raise
+        if res.status.code != Code.OK:
+            with lock:
+                stream.skip(proxy)
+            return proxy, res
+        with lock:
+            try:
+                stream.add(proxy, res)
+            except Exception as err:
+                raise StreamFailed(f"the round's stream failed on the reply of client "
+                                   f"{proxy.cid}: {err!r}") from err
+        return proxy, without_tensors(res)
+
+    results: list[tuple[ClientProxy, FitRes]] = []
+    failures: list[tuple[ClientProxy, FitRes] | BaseException] = []
+    with ThreadPoolExecutor(max_workers=max_workers) as executor:
+        futures = [executor.submit(fit_and_add, proxy, ins) for proxy, ins in instructions]
+    for future in futures:
+        failure = future.exception()
+        if isinstance(failure, StreamFailed):
+            raise failure
+        if failure is not None:
+            failures.append(failure)
+        else:
+            reply = future.result()
+            (results if reply[1].status.code == Code.OK else failures).append(reply)
+    return results, failures
+
+
 RoundCallback = Callable[[dict[str, Any], Parameters], None]
 CheckpointCallback = Callable[[int, Parameters, dict[str, Any]], None]
 FitRound = Callable[[Server, int], Any]
@@ -169,10 +225,14 @@ class FederatedServer(Server):
     model is evaluated, recorded or checkpointed.
 
     With `secure_fit` (see `fl_app.server.secagg`), every fit round runs through it instead
-    of Flower's plaintext `fit_round`; all else stays the same. With `fuse_evaluate` no
-    evaluate messages are sent: the clients evaluate the model they receive inside the fit
-    message (`fuse-evaluate`), and round r's `distributed` record (the evaluation of round
-    r-1's model) is the strategy's `aggregate_evaluate` of those reports.
+    of Flower's plaintext `fit_round`; all else stays the same. A plaintext round whose
+    strategy opens a `FitStream` (`strategies.protocols.StreamsFit`: averaging and central
+    DP behind `ValidatedStrategy`) adds each reply to it as it arrives and keeps the reply
+    without its tensors, so the server's memory does not grow with the clients; the round's
+    results, failures, record and model are those of Flower's round. With `fuse_evaluate`
+    no evaluate messages are sent: the clients evaluate the model they receive inside the
+    fit message (`fuse-evaluate`), and round r's `distributed` record (the evaluation of
+    round r-1's model) is the strategy's `aggregate_evaluate` of those reports.
     """
 
     def __init__(self, *, strategy: Strategy, seed: int, stopping: StoppingRules,
@@ -219,10 +279,39 @@ class FederatedServer(Server):
         return state["stopped"]
 
     def fit_round(self, server_round: int, timeout: float | None) -> Any:
-        """One fit round: through `secure_fit` when set, else Flower's plaintext round."""
+        """One fit round: through `secure_fit` when set, else Flower's plaintext round;
+        with a strategy that streams the round (`StreamsFit`), each reply is added to the
+        round's sum as it arrives and its tensors dropped (`fit_clients_streamed`)."""
         if self.secure_fit is not None:
             return self.secure_fit(self, server_round)
-        return super().fit_round(server_round=server_round, timeout=timeout)
+        if not isinstance(self.strategy, StreamsFit):
+            return super().fit_round(server_round=server_round, timeout=timeout)
+        return self._streamed_fit_round(self.strategy, server_round, timeout)
+
+    def _streamed_fit_round(self, strategy: StreamsFit, server_round: int,
+                            timeout: float | None) -> Any:
+        """Flower's `Server.fit_round` (same logs, same return), with the round's replies
+        added to `strategy`'s stream as they arrive when it opens one."""
+        instructions = self.strategy.configure_fit(
+            server_round=server_round, parameters=self.parameters,
+            client_manager=self._client_manager)
+        if not instructions:
+            log(INFO, "configure_fit: no clients selected, cancel")
+            return None
+        log(INFO, "configure_fit: strategy sampled %s clients (out of %s)", len(instructions),
+            self._client_manager.num_available())
+        stream = strategy.open_fit_stream(server_round)
+        if stream is None:
+            results, failures = fit_clients(instructions, self.max_workers, timeout,
+                                            server_round)
+        else:
+            results, failures = fit_clients_streamed(instructions, self.max_workers, timeout,
+                                                     server_round, stream)
+        log(INFO, "aggregate_fit: received %s results and %s failures", len(results),
+            len(failures))
+        parameters, metrics = (self.strategy.aggregate_fit(server_round, results, failures)
+                               if stream is None else stream.finish(failures))
+        return parameters, metrics, (results, failures)
 
     def _evaluate_centralized(self, server_round: int, history: History) -> dict[str, Any]:
         res = self.strategy.evaluate(server_round, parameters=self.parameters)

@@ -2,7 +2,8 @@
 
 `WireMeter` wraps the server's strategy (outermost, around any compression) and sums, for
 every sampled client, the byte lengths of the `Parameters` tensors as Flower serializes
-them: the `FitIns` each client is sent (down) and the `FitRes` each returns (up). Nothing
+them: the `FitIns` each client is sent (down) and the `FitRes` each returns (up; in a round
+aggregated as its replies arrive, each reply as it is added: `CountedStream`). Nothing
 is estimated from shapes: a compressed message counts its codec's blobs, a plain one the
 `.npy` bytes of each array.
 
@@ -27,6 +28,7 @@ from flwr.server.strategy import Strategy
 from flwr.serverapp import Grid
 
 from fl_app.server.grid_wrapper import GridWrapper
+from strategies.protocols import FitStream, StreamsFit
 from strategies.wrapper import StrategyWrapper
 
 
@@ -76,10 +78,39 @@ class WireMeter(StrategyWrapper):
         self.counts.up += sum(parameters_bytes(res.parameters) for _, res in results)
         return self.inner.aggregate_fit(server_round, results, failures)
 
+    def open_fit_stream(self, server_round: int) -> FitStream | None:
+        """The inner strategy's stream for this round (`StreamsFit`), counting each reply
+        added; None when the inner strategy aggregates the round whole."""
+        stream = (self.inner.open_fit_stream(server_round)
+                  if isinstance(self.inner, StreamsFit) else None)
+        return None if stream is None else CountedStream(stream, self.counts)
+
     def take(self) -> dict[str, int]:
         """The round's bytes (`ByteCounts.take`)."""
         return self.counts.take()
 
+
+class CountedStream:
+    """A `FitStream` that adds each reply's parameter bytes to `counts.up`."""
+
+    def __init__(self, stream: FitStream, counts: ByteCounts) -> None:
+        self.stream = stream
+        self.counts = counts
+
+    def add(self, proxy: ClientProxy, res: FitRes) -> None:
+        """Count the reply's bytes, then pass it on."""
+        self.counts.up += parameters_bytes(res.parameters)
+        self.stream.add(proxy, res)
+
+    def skip(self, proxy: ClientProxy) -> None:
+        """Pass it on."""
+        self.stream.skip(proxy)
+
+    def finish(
+        self, failures: list[tuple[ClientProxy, FitRes] | BaseException],
+    ) -> tuple[Parameters | None, dict[str, Scalar]]:
+        """The inner stream's aggregate."""
+        return self.stream.finish(failures)
 
 
 def value_bytes(value: Any) -> int:
