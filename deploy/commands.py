@@ -19,6 +19,7 @@ import tomli_w
 from deploy.files import PRIVATE_UMASK, private_dir, write_private
 from deploy.layout import CONNECTION, Deployment, DeploymentError, NodeFiles
 from fl_app.client.node_policy import KEY_ALLOW_DATA, KEY_ALLOW_MODELS, KEY_CLIENT_KEY
+from fl_app.wire import KEY_FUSE_EVALUATE
 
 TASK_POLL_INTERVAL = 0.1  # seconds between a SuperExec's looks for a message to run
 
@@ -62,26 +63,43 @@ def superlink(dep: Deployment, home: Path, bind_host: str, port: int) -> Command
                           "FLWR_SUPEREXEC_TASK_POLL_INTERVAL": str(TASK_POLL_INTERVAL)})
 
 
-def worker_files(dep: Deployment, node: NodeFiles) -> tuple[Path, Path]:
-    """Where `node`'s worker listens and keeps its key: `DIR/workers/<node>/` (mode 700)."""
-    folder = dep.root / "workers" / node.name
-    return folder / "sock", folder / "authkey"
+CLIENTAPPS = ("executor", "flower")
+"""Who runs a node's ClientApps: this app's executor (`fl_app.app.executor`: one warm
+process, the SuperNode started with `--isolation process`), or Flower's default SuperExec
+(a fresh `flwr-clientapp` process per message)."""
 
 
-def worker(dep: Deployment, node: NodeFiles, parent_pid: int | None = None,
-           python: str = "python") -> Command:
-    """`python -m fl_app.app.worker` for `node`: the long-lived process its ClientApps forward
-    every message to (TensorFlow, the data and the compiled model stay loaded), on a Unix
-    socket in the node's mode-700 worker folder, with a mode-600 key; it exits when
+def executor_secret(dep: Deployment, node: NodeFiles) -> Path:
+    """`node`'s SuperExec secret file: `DIR/executors/<node>/secret` (mode 600, folder 700);
+    its SuperNode and its executor both read it."""
+    return dep.root / "executors" / node.name / "secret"
+
+
+def executor(dep: Deployment, node: NodeFiles, home: Path, runtime_port: int,
+             parent_pid: int | None = None, python: str = "python",
+             task_timeout: float | None = None) -> Command:
+    """`python -m fl_app.app.executor` for `node`: takes its SuperNode's tasks on
+    127.0.0.1:`runtime_port`, signed with the node's secret, and runs them in one warm
+    ClientApp process (the FABs it installs go to `home`, its FLWR_HOME); it exits when
     `parent_pid` (the SuperNode) does."""
-    sock, key = worker_files(dep, node)
-    argv = [python, "-m", "fl_app.app.worker", "--socket", str(sock), "--authkey-file", str(key)]
-    return Command(argv + (["--parent-pid", str(parent_pid)] if parent_pid else []))
+    argv = [python, "-m", "fl_app.app.executor", "--runtime-api", f"127.0.0.1:{runtime_port}",
+            "--secret-file", str(executor_secret(dep, node)), "--name", node.name]
+    if parent_pid:
+        argv += ["--parent-pid", str(parent_pid)]
+    if task_timeout is not None:
+        argv += ["--task-timeout", f"{task_timeout:g}"]
+    return Command(argv, {"FLWR_HOME": str(home)})
+
+
+def new_secret(dep: Deployment, node: NodeFiles, python: str = "python") -> Command:
+    """`python -m fl_app.app.executor --new-secret`: make `node`'s secret file if missing."""
+    return Command([python, "-m", "fl_app.app.executor", "--new-secret", "--secret-file",
+                    str(executor_secret(dep, node))])
 
 
 def supernode(dep: Deployment, node: NodeFiles, home: Path, superlink_address: str,
               runtime_port: int, private_key: str | None = None,
-              use_worker: bool = True, run_configs: Sequence[str] = ()) -> Command:
+              clientapps: str = "executor", run_configs: Sequence[str] = ()) -> Command:
     """`flower-supernode` for `node`: verifies the SuperLink's TLS certificate, signs with
     its private key, and reads its own data file (node-config `data-path`).
 
@@ -89,11 +107,13 @@ def supernode(dep: Deployment, node: NodeFiles, home: Path, superlink_address: s
     the one in the folder; a node that holds its own key has none there
     (`DeploymentError` naming it). Its local Runtime API (for the ClientApp processes it
     starts) binds 127.0.0.1:`runtime_port`. Runtime installation of dependencies stays off
-    (the SuperNode default). With `use_worker` its node config names the node's worker
-    (`worker-socket`, `worker-authkey-file`): its ClientApps forward each message there,
-    starting the worker if it is not running. Its SuperExec looks for a new message to
-    run every `TASK_POLL_INTERVAL` seconds (`FLWR_SUPEREXEC_TASK_POLL_INTERVAL`; Flower's
-    default, 1 s, is added to every message a node answers). Its node config lets it accept
+    (the SuperNode default). With `clientapps="executor"` it runs with `--isolation
+    process` and `--superexec-auth-secret-file` (the node's `executor_secret`): it launches
+    nothing itself, and only a process holding the secret, the node's `executor`, takes its
+    tasks. With `clientapps="flower"` its own SuperExec starts a `flwr-clientapp` process per
+    message, looking for one every `TASK_POLL_INTERVAL` seconds
+    (`FLWR_SUPEREXEC_TASK_POLL_INTERVAL`; Flower's default, 1 s, is added to every message a
+    node answers). Its node config lets it accept
     only the prepared model and dataset, or those of `run_configs` (see `node_config`).
     """
     if private_key is None and node.key is None:
@@ -103,19 +123,23 @@ def supernode(dep: Deployment, node: NodeFiles, home: Path, superlink_address: s
             "--superlink", superlink_address,
             "--root-certificates", str(dep.ca_cert),
             "--auth-supernode-private-key", private_key or str(node.key),
-            "--node-config", node_config(dep, node, use_worker, run_configs),
+            "--node-config", node_config(dep, node, run_configs),
             "--host", "127.0.0.1", "--port", str(runtime_port)]
+    if clientapps == "executor":
+        argv += ["--isolation", "process",
+                 "--superexec-auth-secret-file", str(executor_secret(dep, node))]
+    elif clientapps != "flower":
+        raise DeploymentError(f"clientapps={clientapps!r}: expected one of {CLIENTAPPS}")
     return Command(argv, {"FLWR_HOME": str(home),
                           "FLWR_SUPEREXEC_TASK_POLL_INTERVAL": str(TASK_POLL_INTERVAL)})
 
 
-def node_config(dep: Deployment, node: NodeFiles, use_worker: bool = True,
-                run_configs: Sequence[str] = ()) -> str:
+def node_config(dep: Deployment, node: NodeFiles, run_configs: Sequence[str] = ()) -> str:
     """`node`'s `--node-config`: its data file; the name it gives the server (`client-key`:
     the node's name, never its file's path); the only model and dataset sources it accepts
     (`allow-models`, `allow-data`: the prepared run config's, with each of `run_configs` on
-    top of it, and its own data file; see `fl_app.client.node_policy`); its worker's socket
-    and key file; and (under homomorphic encryption) its secret key file."""
+    top of it, and its own data file; see `fl_app.client.node_policy`); and (under
+    homomorphic encryption) its secret key file."""
     from fl_app.cli.simulate import load_run_config
 
     configs = [load_run_config(" ".join(p for p in (dep.run_config, extra) if p) or None)
@@ -128,11 +152,16 @@ def node_config(dep: Deployment, node: NodeFiles, use_worker: bool = True,
              f"{KEY_ALLOW_DATA}={config_string(config_list(data))}"]
     if dep.he_key_held_by is not None:  # made here, or on the node (`he_key_generate`)
         pairs.append(f"he-key-file={config_string(str(dep.he_key(node)))}")
-    if use_worker:
-        sock, key = worker_files(dep, node)
-        pairs += [f"worker-socket={config_string(str(sock))}",
-                  f"worker-authkey-file={config_string(str(key))}"]
     return " ".join(pairs)
+
+
+def fused_run_config(*run_configs: str) -> str:
+    """`fuse-evaluate=true` (one message per round), unless `run_configs` (later ones
+    overriding earlier ones) pick the FedBuff loop, which has no rounds to fuse into."""
+    from flwr.common.config import parse_config_args
+
+    chosen = parse_config_args([rc for rc in run_configs if rc])
+    return "" if chosen.get("server-loop") == "fedbuff" else f"{KEY_FUSE_EVALUATE}=true"
 
 
 def he_run_config(dep: Deployment) -> str:

@@ -1,19 +1,24 @@
 """Launch a whole deployment on this machine: 1 SuperLink + N SuperNodes, then `flwr run`.
 
     python -m deploy.launch --dir DIR [--num-nodes N [--partitioner NAME]]
-        [--run-config "k=v ..."] [--out OUT] [--timeout SECONDS] [--no-workers] [--verbose]
+        [--run-config "k=v ..."] [--out OUT] [--timeout SECONDS]
+        [--clientapps executor|flower] [--task-timeout SECONDS] [--verbose]
 
 DIR is a folder made by `python -m deploy.prepare` (with `--num-nodes` it is prepared
 first if it holds no deployment yet) that holds every node's private key: a one-machine
 trial. A folder prepared with `--node-public-keys` (each node holds its own private key)
 is refused before anything starts, naming a node whose key it lacks. Every process is a separate Flower process on
 127.0.0.1 with TLS and SuperNode authentication on, on free ports: the SuperLink, one
-SuperNode per node (its own key and data file) with its long-lived worker next to it
-(`fl_app.app.worker`: TensorFlow, the data and the model stay loaded across messages; a
-Unix socket and key in DIR/workers/<node>/; `--no-workers`: none), and the `flwr` CLI that registers the
-nodes' public keys, submits the run (`flwr run . <connection>` from the project folder)
-and streams its log (the ServerApp's progress lines only; `--verbose`: also the
-SuperLink's, SuperNodes' and workers' output and Flower's own INFO lines). The results (history.json, final_model.keras, plots) land in OUT
+SuperNode per node (its own key and data file; `--isolation process`) with its executor
+next to it (`fl_app.app.executor`: it takes the node's tasks with the node's SuperExec
+secret, DIR/executors/<node>/secret, and runs them in one warm ClientApp process, so
+TensorFlow, the data and the model stay loaded across messages; `--clientapps flower`:
+Flower's own SuperExec instead, a fresh process per message), and the `flwr` CLI that
+registers the nodes' public keys, submits the run (`flwr run . <connection>` from the
+project folder) and streams its log (the ServerApp's progress lines only; `--verbose`: also
+the SuperLink's, SuperNodes' and executors' output and Flower's own INFO lines). The run
+config adds `fuse-evaluate=true` (one message per round; not under `server-loop='fedbuff'`)
+unless `--run-config` sets it. The results (history.json, final_model.keras, plots) land in OUT
 (default DIR/results); the logs of every process in DIR/launch/logs. Every file written
 is mode 600 and every folder mode 700 (the processes run with umask 077), and the
 SuperLink keeps its state in memory, so the messages it relays (the clients' model
@@ -177,12 +182,17 @@ class LocalDeployment:
     """
 
     def __init__(self, dep: Deployment, supervisor: Supervisor, state_dir: Path,
-                 echo_components: bool = True, workers: bool = True,
-                 project_dir: Path | None = None, run_configs: Sequence[str] = ()) -> None:
+                 echo_components: bool = True, clientapps: str = "executor",
+                 project_dir: Path | None = None, run_configs: Sequence[str] = (),
+                 task_timeout: float | None = None) -> None:
+        if clientapps not in commands.CLIENTAPPS:
+            raise DeploymentError(f"clientapps={clientapps!r}: expected one of "
+                                  f"{commands.CLIENTAPPS}")
         self.dep = dep
         self.run_configs = tuple(run_configs)
-        self.workers = workers
-        self.workers_started: dict[str, Managed] = {}
+        self.clientapps = clientapps
+        self.task_timeout = task_timeout
+        self.executors: dict[str, Managed] = {}
         self.project_dir = project_dir or Path(__file__).resolve().parents[1]
         self.echo_components = echo_components
         self.sup = supervisor
@@ -220,41 +230,33 @@ class LocalDeployment:
         return node_id
 
     def start_node(self, node: NodeFiles, required: bool = True) -> Managed:
-        """Start `node`'s SuperNode (and, with `workers` on, its worker next to it, which
-        exits with it); a `required` one that exits fails the run."""
+        """Start `node`'s SuperNode (and, with the executor, the node's secret first and its
+        executor next to it, which exits with it); a `required` one that exits fails the
+        run."""
+        runtime_port = free_port()
+        if self.clientapps == "executor":
+            from fl_app.app.secret_file import ensure_secret
+
+            ensure_secret(commands.executor_secret(self.dep, node))
         cmd = commands.supernode(self.dep, node, self.homes / node.name, self.address,
-                                 free_port(), use_worker=self.workers,
+                                 runtime_port, clientapps=self.clientapps,
                                  run_configs=self.run_configs)
         managed = self.sup.start(node.name, cmd, echo=self.echo_components)
         if required:
             self.required[node.name] = managed
-        if self.workers and required:
-            self.start_worker(node, managed.pid)
+        if self.clientapps == "executor":
+            self.start_executor(node, managed.pid, runtime_port)
         return managed
 
-    def start_worker(self, node: NodeFiles, parent_pid: int, timeout: float = 120.0) -> Managed:
-        """Start `node`'s worker (watching `parent_pid`) and wait until it accepts
-        connections: its ClientApps then never race to start one."""
-        from fl_app.app.worker_link import WorkerAddress, WorkerError
-
-        sock, key = commands.worker_files(self.dep, node)
-        files.private_dir(sock.parent)
-        cmd = commands.worker(self.dep, node, parent_pid, python=sys.executable)
-        managed = self.sup.start(f"{node.name}-worker", cmd, cwd=self.project_dir,
-                                 echo=self.echo_components, stop_last=True)
-        address = WorkerAddress(sock, key)
-        deadline = time.monotonic() + timeout
-        while True:
-            try:
-                address.connect().close()
-                break
-            except (OSError, EOFError, WorkerError):
-                pass
-            if managed.poll() is not None or time.monotonic() > deadline:
-                raise DeploymentError(f"{node.name}'s worker did not start (exit code "
-                                      f"{managed.poll()}); see {managed.log_path}")
-            time.sleep(0.2)
-        self.workers_started[node.name] = managed
+    def start_executor(self, node: NodeFiles, parent_pid: int, runtime_port: int) -> Managed:
+        """Start `node`'s executor on its SuperNode's Runtime API (it waits for the API
+        to come up, and exits when `parent_pid`, the SuperNode, does)."""
+        cmd = commands.executor(self.dep, node, self.homes / f"{node.name}-executor",
+                                runtime_port, parent_pid, python=sys.executable,
+                                task_timeout=self.task_timeout)
+        managed = self.sup.start(f"{node.name}-executor", cmd, cwd=self.project_dir,
+                                 echo=self.echo_components)
+        self.executors[node.name] = managed
         return managed
 
     def check_running(self) -> None:
@@ -266,8 +268,10 @@ class LocalDeployment:
 
     def run_config(self, out_dir: Path, extra: str = "") -> list[str]:
         """The run's `--run-config`s, later ones overriding earlier ones: wait for every
-        node, the prepared keys, `extra`, and `out-dir`."""
+        node, one message per round (`fuse-evaluate=true`, but under FedBuff), the prepared
+        keys, `extra`, and `out-dir`."""
         return [f"min-available-clients={len(self.dep.nodes)}",
+                commands.fused_run_config(self.dep.run_config, extra),
                 commands.he_run_config(self.dep), self.dep.run_config, extra,
                 f"out-dir={commands.config_string(str(out_dir))}"]
 
@@ -361,7 +365,8 @@ def check_node_data(dep: Deployment, project_dir: Path, run_config: str = "") ->
 
 def launch(dep: Deployment, project_dir: Path, out_dir: Path, run_config: str = "",
            timeout: float = 1800.0, echo: Echo | None = print,
-           echo_nodes: bool = False, workers: bool = True) -> tuple[RunOutcome, dict[str, int]]:
+           echo_nodes: bool = False, clientapps: str = "executor",
+           task_timeout: float | None = None) -> tuple[RunOutcome, dict[str, int]]:
     """Start the SuperLink and every SuperNode, run the app, stop everything.
 
     Refuses (before starting anything) a folder without every node's private key or with a
@@ -379,8 +384,8 @@ def launch(dep: Deployment, project_dir: Path, out_dir: Path, run_config: str = 
     with (tempfile.TemporaryDirectory(prefix="fl-deploy-") as state_dir,
           Supervisor(log_dir, echo=echo) as sup):
         local = LocalDeployment(dep, sup, Path(state_dir), echo_components=echo_nodes,
-                                workers=workers, project_dir=project_dir,
-                                run_configs=(run_config,))
+                                clientapps=clientapps, project_dir=project_dir,
+                                run_configs=(run_config,), task_timeout=task_timeout)
         local.start_superlink()
         say(f"SuperLink on https://{local.address} (logs in {sup.log_dir})")
         for node in dep.nodes:
@@ -407,11 +412,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="the Flower app's folder (default: this repository)")
     parser.add_argument("--timeout", type=float, default=1800.0,
                         help="seconds the run may take (default 1800)")
-    parser.add_argument("--no-workers", action="store_true",
-                        help="no long-lived worker per node: every ClientApp process imports "
-                             "TensorFlow, loads the data and builds the model itself")
+    parser.add_argument("--clientapps", choices=commands.CLIENTAPPS, default="executor",
+                        help="who runs the ClientApps: this app's executor, one warm process "
+                             "per node (default), or Flower's SuperExec, a fresh process per "
+                             "message")
+    parser.add_argument("--task-timeout", type=float, default=None,
+                        help="seconds the executor lets a ClientApp take for one message "
+                             "(default 600)")
     parser.add_argument("--verbose", action="store_true",
-                        help="also stream the SuperLink's, SuperNodes' and workers' logs, and "
+                        help="also stream the SuperLink's, SuperNodes' and executors' logs, and "
                              "Flower's own lines in the run's log (verbose=true)")
     return parser.parse_args(argv)
 
@@ -448,7 +457,7 @@ def main(argv: list[str] | None = None) -> int:
         run_config = f"{args.run_config} verbose=true" if args.verbose else args.run_config
         outcome, node_ids = launch(dep, (args.project or PROJECT_DIR).resolve(), out_dir,
                                    run_config, args.timeout, echo_nodes=args.verbose,
-                                   workers=not args.no_workers)
+                                   clientapps=args.clientapps, task_timeout=args.task_timeout)
         seconds = time.perf_counter() - start
     except (DeploymentError, ConfigError, DataError) as err:
         print(f"error: {_with_notes(err)}", file=sys.stderr)

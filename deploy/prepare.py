@@ -241,16 +241,23 @@ def instructions(dep: Deployment, project_dir: Path = PROJECT_DIR) -> str:
                    "--auth-supernode-private-key (below: "
                    f"{NODE_KEY_PATH.format(name='node-i')}, where "
                    f"`{NODE_KEY_COMMAND.format(name='node-i')}` puts it).")]
+    lines += [("# Each SuperNode runs with --isolation process: it launches nothing itself, and "
+               "only its executor (step 3b), which holds the node's SuperExec secret, takes "
+               "its tasks. Make each node's secret first (mode 600), on the node:")]
+    lines += [commands.new_secret(dep, node).shell(cwd=project_dir) for node in dep.nodes]
     lines += [commands.supernode(dep, node, homes / node.name, superlink_address(dep),
                                  SUPERNODE_UVICORN_DEFAULT_PORT + i,
                                  _node_side_key(node)).shell()
               for i, node in enumerate(dep.nodes)]
-    lines += ["", ("# 3b. Next to each SuperNode, from the project folder, its long-lived worker "
-                   "(TensorFlow, the node's data and the model stay loaded across messages; "
-                   "its ClientApps start it themselves if it is not running). Pass "
-                   "--parent-pid <the SuperNode's pid> to stop it with the SuperNode:")]
-    lines += [commands.worker(dep, node).shell(cwd=project_dir) for node in dep.nodes]
-    run_configs = [f"min-available-clients={len(dep.nodes)}", commands.he_run_config(dep),
+    lines += ["", ("# 3b. Next to each SuperNode, from the project folder, its executor (one "
+                   "warm ClientApp process: TensorFlow, the node's data and the model stay "
+                   "loaded across messages). Pass --parent-pid <the SuperNode's pid> to stop "
+                   "it with the SuperNode:")]
+    lines += [commands.executor(dep, node, homes / f"{node.name}-executor",
+                                SUPERNODE_UVICORN_DEFAULT_PORT + i).shell(cwd=project_dir)
+              for i, node in enumerate(dep.nodes)]
+    run_configs = [f"min-available-clients={len(dep.nodes)}",
+                   commands.fused_run_config(dep.run_config), commands.he_run_config(dep),
                    dep.run_config]
     lines += ["", "# 4. Run the app and stream the ServerApp's log (results go to out-dir, "
               "on the SuperLink's machine):",

@@ -59,7 +59,6 @@ class Managed:
         self.log_offset = log_offset
         self.output: list[str] | None = [] if capture else None
         self.reader: threading.Thread | None = None
-        self.stop_last = False
 
     @property
     def pid(self) -> int:
@@ -139,11 +138,10 @@ class Supervisor:
 
     # --- starting
     def start(self, name: str, cmd: Command, cwd: Path | None = None,
-              capture: bool = False, echo: bool = True, stop_last: bool = False) -> Managed:
+              capture: bool = False, echo: bool = True) -> Managed:
         """Start `cmd` in its own session, with its umask, and its output going to
         `<log_dir>/<name>.log` (mode 600; and to the supervisor's `echo` unless `echo` is
-        False). With `stop_last` it is stopped after every other process (a service the
-        others call until they stop, like a node's worker).
+        False).
 
         With `capture`, standard output is also kept (`Managed.text()`) apart from standard
         error, which goes to the log only.
@@ -160,7 +158,6 @@ class Supervisor:
                                      text=True, errors="replace", start_new_session=True,
                                      umask=-1 if cmd.umask is None else cmd.umask)
         managed = Managed(name, popen, log_path, offset, capture, echo)
-        managed.stop_last = stop_last
         with self._lock:
             self.started.append(managed)
             self._seen[managed.process] = " ".join(cmd.argv)
@@ -252,21 +249,19 @@ class Supervisor:
     def shutdown(self, grace: float = 10.0) -> list[psutil.Process]:
         """Stop the started processes (last started first), then every descendant left.
 
-        Each process is signalled once, in order: the started ones (but those started with
-        `stop_last`); then their descendants get `grace` seconds to exit on their own (Flower's
-        SuperNode and SuperExec stop the ClientApp processes they started: a second SIGTERM
-        while one handles the first makes it print a traceback); then the `stop_last` ones;
-        then whatever is left is terminated, and killed if need be. Returns the processes
+        Each process is signalled once, in order: the started ones; then their descendants
+        get `grace` seconds to exit on their own (Flower's SuperNode and SuperExec, and our
+        executors, stop the processes they started: a second SIGTERM while one handles the
+        first makes it print a traceback); then whatever is left is terminated, and killed
+        if need be. Returns the processes
         still alive afterwards (empty unless one resisted SIGKILL).
         """
         with _ignoring_interrupts():
             self._stop.set()
             self._scan()
             ordered = list(reversed(self.started))
-            last = [m.process for m in ordered if m.stop_last]
-            self._terminate(living([m.process for m in ordered if not m.stop_last]), grace)
-            psutil.wait_procs([p for p in self.alive() if p not in last], timeout=grace)
-            self._terminate(living(last), grace)
+            self._terminate(living([m.process for m in ordered]), grace)
+            psutil.wait_procs(self.alive(), timeout=grace)
             for _ in range(3):
                 left = self.alive()
                 if not left:

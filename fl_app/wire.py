@@ -32,6 +32,10 @@ TIMING_PREFIX = "time_"  # fit metrics: seconds the message spent per phase (tim
 KEY_COMPRESS_UP = "compress-up"  # fit config: the codec the client encodes its update with
 KEY_COMPRESS_TOP_K = "compress-top-k"  # fit config: the fraction of entries top-k keeps
 KEY_ERROR_FEEDBACK = "error-feedback"  # fit config: carry the encoding error to next round
+KEY_FUSE_EVALUATE = "fuse-evaluate"  # fit config: evaluate the received model before training
+FUSED_PREFIX = "eval_"  # fit metrics: that evaluation (eval_loss, eval_num_examples, eval_<metric>)
+FUSED_LOSS = FUSED_PREFIX + "loss"
+FUSED_COUNT = FUSED_PREFIX + "num_examples"
 # The records of Flower's compat messages (`flwr.compat.common.recorddict_compat`), by name:
 FIT_CONFIG = "fitins.config"  # a fit message's config record (FitIns.config)
 FIT_METRICS = "fitres.metrics"  # a fit reply's metrics record (FitRes.metrics)

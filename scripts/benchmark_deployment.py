@@ -1,33 +1,38 @@
-"""Benchmark: one workload in simulation, in a real deployment, and on the deployment's floor.
+"""Benchmark: one workload in simulation, in real deployments, and on Flower's floor.
 
     python scripts/benchmark_deployment.py [--rounds 10] [--num-nodes 3]
-        [--modes simulation,deployment,floor] [--before REV]
+        [--modes simulation,floor,flower,executor,fused]
 
-The workload: digits, IID, `--num-nodes` clients, every client in every round, the app's
-default local training, `--rounds` rounds. It runs
+The workload: digits, IID, `--num-nodes` clients, every client in every round (fit and
+distributed evaluation), the app's default local training, `--rounds` rounds. Every
+deployment is `deploy.launch` on 127.0.0.1: a SuperLink, N SuperNodes, TLS and node
+authentication on. It runs
 
 - `simulation`: `run_simulation.py --num-supernodes N` (Flower's simulation engine);
-- `deployment`: `deploy.launch` on 127.0.0.1 — a SuperLink, N SuperNodes, TLS and node
-  authentication on, a long-lived worker next to each SuperNode (`fl_app.app.worker`);
-- `no-workers`: the same deployment, every ClientApp process training itself (importing
-  TensorFlow, loading the data, building the model);
-- `floor`: the same deployment with a ClientApp that does no work (it returns the weights
-  it gets): the cost of Flower's process-per-message design on this machine, which no app
-  can go below;
-- `--before REV`: `no-workers` from a checkout of git revision REV (e.g. the commit before
-  the workers, `3992b38`), as the deployment ran then.
+- `floor`: a ClientApp that does no work (it returns the weights it gets) under Flower's
+  own SuperExec (`--clientapps flower`: a fresh `flwr-clientapp` process per message): the
+  cost of Flower's process-per-message design on this machine, the reference;
+- `flower`: this app under Flower's SuperExec (each message imports TensorFlow, loads the
+  data and builds the model);
+- `executor`: this app with its executor (`fl_app.app.executor`: one warm ClientApp process
+  per node), a fit and an evaluate message per round (`fuse-evaluate=false`);
+- `fused`: the executor with `fuse-evaluate=true` (one message per round): `deploy.launch`'s
+  default.
 
 Per round: the median of rounds 2..N of history.json's `seconds` (round 1 includes the
-workers' first model build and is printed apart). Per fit message: the clients' mean
-seconds per phase (`fit.timing`: process start, imports, data, model, training; see
-`fl_app.client.timing`) over rounds 2..N and in round 1; what a round spends outside the
-clients' fit phases is Flower's transport, the evaluate messages and the server's work.
+first model build and is printed apart), and each mode over the floor. For the executor
+modes, where a round goes: the executor's own log times every task ("task done in X s
+(pull a, run b, push c)": the task's input pulled from the SuperNode, the ClientApp's run
+in the warm process, the reply and status pushed); the rest of a round is outside the
+node's tasks (the SuperNode's back-off of up to 3 s after an empty pull, the SuperLink's
+relay, the server's aggregation and centralized evaluation).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import re
 import shutil
 import statistics
 import subprocess
@@ -41,7 +46,11 @@ from typing import Any
 import tomli_w
 
 ROOT = Path(__file__).resolve().parent.parent
-MODES = ("simulation", "deployment", "no-workers", "floor")
+MODES = ("simulation", "floor", "flower", "executor", "fused")
+LAUNCH = {"floor": ("flower", "fuse-evaluate=false"), "flower": ("flower", "fuse-evaluate=false"),
+          "executor": ("executor", "fuse-evaluate=false"), "fused": ("executor", "")}
+"""mode -> (deploy.launch's --clientapps, extra run config)"""
+TASK_LINE = re.compile(r"done in ([\d.]+) s \(pull ([\d.]+), run ([\d.]+), push ([\d.]+)\)")
 PHASES = ("process", "imports", "data", "model", "training")
 
 # The floor's ClientApp: no TensorFlow, no data, no model; the weights it gets go back.
@@ -85,13 +94,6 @@ def floor_project(folder: Path) -> Path:
     return folder
 
 
-def checkout(folder: Path, revision: str) -> Path:
-    """A detached git worktree of `revision` in `folder`."""
-    subprocess.run(["git", "worktree", "add", "--detach", "-q", str(folder), revision],
-                   cwd=ROOT, check=True)
-    return folder
-
-
 def run(argv: list[str], cwd: Path, out: Path, what: str) -> tuple[dict[str, Any], float]:
     """Run `argv` in `cwd` (its own code first on the path); its history.json and wall time."""
     start = time.perf_counter()
@@ -110,14 +112,36 @@ def _env(cwd: Path) -> dict[str, str]:
     return {**os.environ, "PYTHONPATH": str(cwd)}
 
 
-def launch_argv(folder: Path, rounds: int, num_nodes: int, out: Path, *, workers: bool,
+def launch_argv(folder: Path, mode: str, rounds: int, num_nodes: int, out: Path,
                 project: Path | None = None) -> list[str]:
-    """`python -m deploy.launch` for one deployment run."""
+    """`python -m deploy.launch` for one deployment run of `mode`."""
+    clientapps, run_config = LAUNCH[mode]
     argv = [sys.executable, "-m", "deploy.launch", "--dir", str(folder), "--num-nodes",
-            str(num_nodes), "--run-config", f"num-server-rounds={rounds}", "--out", str(out),
-            "--timeout", "3600"]
-    return (argv + ([] if workers else ["--no-workers"])
-            + ([] if project is None else ["--project", str(project)]))
+            str(num_nodes), "--out", str(out), "--timeout", "3600", "--clientapps", clientapps,
+            "--run-config", f"num-server-rounds={rounds} {run_config}".strip()]
+    return argv + ([] if project is None else ["--project", str(project)])
+
+
+def task_phases(log_dir: Path, rounds: int) -> dict[str, float]:
+    """The executors' tasks of rounds 2..N from their logs: tasks per node per round and
+    the mean seconds of each phase (each node's first tasks, the client-key query and
+    round 1, are left out: they start the warm process)."""
+    tasks = []
+    logs = sorted(log_dir.glob("*-executor.log"))
+    for log in logs:
+        lines = TASK_LINE.findall(log.read_text(errors="replace"))
+        tasks.append([tuple(map(float, line)) for line in lines])
+    counts = [len(t) for t in tasks]
+    if not counts:  # Flower's SuperExec ran the tasks: no executor log
+        return {}
+    per_round = (statistics.mean(counts) - 1) / rounds  # less the client-key query
+    skip = 1 + round(per_round)  # the query and round 1's tasks
+    later = [task for node in tasks for task in node[skip:]]
+    if not later:
+        return {}
+    return {"tasks/round": per_round,
+            **{name: statistics.mean(t[i] for t in later)
+               for i, name in enumerate(("task", "pull", "run", "push"))}}
 
 
 def summarize(history: dict[str, Any], wall: float) -> dict[str, Any]:
@@ -136,8 +160,7 @@ def summarize(history: dict[str, Any], wall: float) -> dict[str, Any]:
             "all": seconds, "phases": phases(later), "phases1": phases(rounds[:1])}
 
 
-def one(mode: str, tmp: Path, rounds: int, num_nodes: int,
-        before: str | None) -> dict[str, Any]:
+def one(mode: str, tmp: Path, rounds: int, num_nodes: int) -> dict[str, Any]:
     """Run one mode; its summary."""
     out = tmp / f"out-{mode}"
     dep = tmp / "dep"  # prepared by the first deployment run, reused by the others
@@ -145,19 +168,11 @@ def one(mode: str, tmp: Path, rounds: int, num_nodes: int,
         argv = [sys.executable, "run_simulation.py", "--num-supernodes", str(num_nodes),
                 "--run-config", f"num-server-rounds={rounds}", "--out", str(out)]
         return summarize(*run(argv, ROOT, out, mode))
-    if mode == "before":
-        tree = checkout(tmp / "before-tree", str(before))
-        try:
-            # the revision predates workers (and --no-workers): every ClientApp trains itself
-            argv = launch_argv(tmp / "dep-before", rounds, num_nodes, out, workers=True)
-            return summarize(*run(argv, tree, out, f"{mode} ({before})"))
-        finally:
-            subprocess.run(["git", "worktree", "remove", "--force", str(tree)], cwd=ROOT,
-                           check=False)
     project = floor_project(tmp / "floor-app") if mode == "floor" else None
-    argv = launch_argv(dep, rounds, num_nodes, out, workers=mode == "deployment",
-                       project=project)
-    return summarize(*run(argv, ROOT, out, mode))
+    summary = summarize(*run(launch_argv(dep, mode, rounds, num_nodes, out, project), ROOT,
+                             out, mode))
+    summary["tasks"] = task_phases(dep / "launch" / "logs", rounds)
+    return summary
 
 
 def report(mode: str, r: dict[str, Any]) -> None:
@@ -165,6 +180,13 @@ def report(mode: str, r: dict[str, Any]) -> None:
     print(f"{mode:>11}: median of rounds 2..{r['rounds']} {r['median']:6.2f} s/round, "
           f"round 1 {r['round1']:.2f} s, wall {r['wall']:.1f} s; rounds: "
           + " ".join(f"{s:.2f}" for s in r["all"]), flush=True)
+    tasks = r.get("tasks")
+    if tasks:
+        outside = r["median"] - tasks["task"] * tasks["tasks/round"]
+        print(f"{'':>13}executor, rounds 2..N: {tasks['tasks/round']:.2f} task(s) per node "
+              f"per round, each {tasks['task']:.3f} s (pull {tasks['pull']:.3f}, run "
+              f"{tasks['run']:.3f}, push {tasks['push']:.3f}); outside the node's tasks "
+              f"{outside:.2f} s/round", flush=True)
     for label, phases in (("rounds 2..N", r["phases"]), ("round 1", r["phases1"])):
         if phases:
             inside = sum(phases.values())
@@ -174,36 +196,30 @@ def report(mode: str, r: dict[str, Any]) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run the modes one after the other and print their figures and ratios."""
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rounds", type=int, default=10)
     parser.add_argument("--num-nodes", type=int, default=3)
-    parser.add_argument("--modes", default="simulation,deployment,floor",
+    parser.add_argument("--modes", default="simulation,floor,flower,executor,fused",
                         help=f"comma-separated, of {', '.join(MODES)}")
-    parser.add_argument("--before", default=None, metavar="REV",
-                        help="also run `no-workers` from git revision REV")
     args = parser.parse_args(argv)
     modes = [m for m in args.modes.split(",") if m]
     unknown = sorted(set(modes) - set(MODES))
     if unknown:
         parser.error(f"unknown mode(s) {', '.join(unknown)}; choose from {', '.join(MODES)}")
-    modes += ["before"] if args.before else []
     results = {}
     with tempfile.TemporaryDirectory(prefix="fl-bench-") as tmp:
         for mode in modes:
-            results[mode] = one(mode, Path(tmp), args.rounds, args.num_nodes, args.before)
+            results[mode] = one(mode, Path(tmp), args.rounds, args.num_nodes)
             report(mode, results[mode])
-    median = {mode: r["median"] for mode, r in results.items()}
-    if "deployment" in median:
-        for other, label in (("before", f"before ({args.before}) / deployment"),
-                             ("no-workers", "no-workers / deployment"),
-                             ("floor", "deployment / floor"), ("simulation",
-                                                               "deployment / simulation")):
-            if other in median:
-                a, b = ((median[other], median["deployment"]) if other in ("before",
-                                                                            "no-workers")
-                        else (median["deployment"], median[other]))
-                print(f"{label}: {a / b:.2f}x")
+    if "floor" in results:
+        for mode, r in results.items():
+            if mode != "floor":
+                print(f"{mode} / floor: {r['median'] / results['floor']['median']:.2f}x")
+    for mode in ("executor", "fused"):
+        if mode in results and "flower" in results:
+            print(f"{mode} / flower: {results[mode]['median'] / results['flower']['median']:.2f}x")
     return 0
 
 

@@ -11,13 +11,13 @@ validation path.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from logging import INFO
 
 from flwr.common.logger import log
 from flwr.server.strategy import Strategy
 
-from fl_app.schema import ConfigCheck, Setting, module_checks
+from fl_app.schema import ConfigCheck, Scalar, Setting, module_checks
 from strategies import (
     compression,
     context,
@@ -46,6 +46,14 @@ STRATEGIES: dict[str, StrategyFactory] = {
     name: factory for module in STRATEGY_MODULES for name, factory in module.STRATEGIES.items()}
 WRAPPERS: dict[str, WrapperFactory] = {
     name: factory for module in WRAPPER_MODULES for name, factory in module.WRAPPERS.items()}
+
+
+def evaluates_distributed(cfg: Mapping[str, Scalar]) -> bool:
+    """Whether the run's clients evaluate the global model (and report it): some clients
+    are sampled for it (`secure.evaluate_fraction`: none in a protected run), and a DP
+    wrapper releases it only with `dp-distributed-evaluation` (its metrics are outside ε)."""
+    dp_gated = cfg["strategy"] in WRAPPERS and not cfg["dp-distributed-evaluation"]
+    return secure.evaluate_fraction(cfg) > 0 and not dp_gated
 
 
 def strategy_names() -> list[str]:

@@ -43,3 +43,4 @@ def identity(monkeypatch):
 
     for attribute in ("_task_id", "_run_id", "_node_id"):
         monkeypatch.setattr(TaskIdentity, attribute, 1)
+

@@ -14,7 +14,7 @@ import pytest
 from fl_app.app.local_client import client_for
 from fl_app.data.sources import data_source, load_partition
 from fl_app.ml.trainer import cached_trainer, trainer_for
-from fl_app.wire import round_config
+from fl_app.wire import KEY_FUSE_EVALUATE, round_config
 from tests.conftest import make_config
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -147,3 +147,21 @@ def test_a_keras_file_that_does_not_fit_the_data_is_refused(tmp_path):
     model.save(path)
     with pytest.raises(ValueError, match="outputs 3 value"):
         client_for(make_config(model=str(path)), {"partition-id": 0, "num-partitions": 10})
+
+
+def test_a_fused_fit_evaluates_the_received_weights_exactly_as_evaluate_does():
+    """`fuse-evaluate`: the fit reply carries what a separate evaluate message would have
+    returned for the same weights (bit for bit), and the fit itself is unchanged."""
+    cfg = make_config()
+    client = client_for(cfg, {"partition-id": 3, "num-partitions": 10})
+    sent = _global_weights(cfg)
+    loss, count, metrics = client.evaluate(sent, {})
+    plain_weights, _, plain = client.fit(sent, round_config(cfg, 1))
+    fused_weights, _, fused = client.fit(sent, {**round_config(cfg, 1),
+                                                KEY_FUSE_EVALUATE: True})
+    assert fused["eval_loss"] == loss and fused["eval_num_examples"] == count
+    assert {k.removeprefix("eval_"): v for k, v in fused.items()
+            if k.startswith("eval_") and k not in ("eval_loss", "eval_num_examples")} == metrics
+    assert all(np.array_equal(a, b) for a, b in zip(plain_weights, fused_weights))
+    assert not any(k.startswith("eval_") for k in plain)
+    assert plain["train_loss"] == fused["train_loss"]

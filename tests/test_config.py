@@ -46,6 +46,9 @@ def test_defaults_resolve_and_cover_every_key():
     ({"fault-raise-fraction": 0.6, "attack": "scale", "attack-fraction": 0.5},
      "attack-fraction", "add up to 1.1"),
     ({"validation-fraction": 0.0}, "validation-fraction", "'fraction-evaluate' is 1.0"),
+    ({"fuse-evaluate": True, "server-loop": "fedbuff"}, "fuse-evaluate", "'fedbuff'"),
+    ({"fuse-evaluate": True, "monitor": "distributed_accuracy"}, "fuse-evaluate",
+     "a round late"),
 ])
 def test_bad_values_fail_naming_the_key_and_what_is_allowed(raw, key, hint):
     with pytest.raises(ConfigError) as err:

@@ -212,3 +212,25 @@ def test_a_file_without_a_header_row_is_named_but_its_values_are_not_quoted(tmp_
     with pytest.raises(DataError, match="looks like data.*needs a header row") as info:
         data_spec(make_config(dataset=str(path)))
     assert "123456789" not in str(info.value) and "5.1" not in str(info.value)
+
+
+def test_a_node_file_is_read_once_per_run_config_and_again_when_it_changes(tmp_path):
+    """A deployment node's warm ClientApp process serves every message of a run: its data
+    file is loaded and checked once (`fl_app.data.node_data`), and again after a change."""
+    import os
+
+    from fl_app.data import node_data
+
+    x, y = _digits()
+    path = tmp_path / "node.npz"
+    write(path, x[:200], y[:200])
+    cfg = make_config()
+    node = {"data-path": str(path)}
+    node_data._node_files.clear()
+    first = node_data.load_client(cfg, node)
+    assert node_data.load_client(cfg, node) is first
+    os.utime(path, ns=(1, 1))  # the file changed on disk (its stamp)
+    assert node_data.load_client(cfg, node) is not first
+    for seed in range(node_data.NODE_FILE_RUNS + 1):
+        node_data.load_client(make_config(seed=seed), node)
+    assert len(node_data._node_files) == node_data.NODE_FILE_RUNS

@@ -30,7 +30,7 @@ from deploy.processes import Supervisor
 
 pytestmark = pytest.mark.timeout(300)
 HOSTS = ["127.0.0.1", "localhost"]
-PROGRAMS = ("flower-superlink", "flower-supernode", "flwr", "python")  # python: the workers
+PROGRAMS = ("flower-superlink", "flower-supernode", "flwr", "python")  # python: the executors
 SQLITE_SUFFIXES = (".db", ".sqlite", ".sqlite3", "-wal", "-shm", "-journal")
 
 

@@ -65,11 +65,13 @@ def cluster(tmp_path_factory):
     seen = supervisor.seen()
     assert not living(seen)  # a survivor would also have raised ProcessesLeft
     cmdlines = list(seen.values())
-    # the SuperNodes (3 healthy, the corrupt one, the stranger), and Flower's own SuperExecs
-    # (the SuperLink's and at least the long-running SuperNodes') found under them
+    # the SuperNodes (3 healthy, the corrupt one, the stranger), each with our executor and
+    # its warm ClientApp process (--isolation process: no SuperExec of Flower's under them),
+    # and the SuperLink's own SuperExec (for the ServerApp)
     assert sum("flower-supernode" in cmdline for cmdline in cmdlines) >= len(dep.nodes) + 2
-    assert sum("flower-superexec" in cmdline for cmdline in cmdlines) >= len(dep.nodes) + 1, \
-        cmdlines
+    assert sum("fl_app.app.executor" in cmdline for cmdline in cmdlines) >= len(dep.nodes) + 2
+    assert sum("fl_app.app.warm_clientapp" in cmdline for cmdline in cmdlines) >= len(dep.nodes)
+    assert sum("flower-superexec" in cmdline for cmdline in cmdlines) == 1, cmdlines
 
 
 def _rounds(outcome) -> list[dict]:
@@ -115,48 +117,35 @@ def test_supernode_without_a_registered_key_is_refused(cluster):
 
 
 def test_three_supernodes_train_with_tls_and_node_auth(cluster):
-    # node-0's worker is gone before the run: its first ClientApp starts a fresh one
-    first_worker = cluster.local.workers_started["node-0"]
-    first_worker.popen.kill()
-    first_worker.popen.wait(timeout=30)
     outcome, rounds = _three_rounds(cluster, "healthy",
                                     "num-server-rounds=3 fraction-evaluate=0.0", clients=3)
     accuracy = [r["centralized"]["accuracy"] for r in rounds]
     assert accuracy[-1] > accuracy[0] + 0.3, accuracy
     assert (outcome.out_dir / MODEL_FILE).is_file()
-    # where a fit message's time went: after round 1 the workers hold the data and the
-    # model, and no ClientApp imports TensorFlow (2.5 s or more here)
+    # where a fit message's time went: after round 1 the warm ClientApp processes hold
+    # TensorFlow, the data and the model (no process start, no import, no load, no build)
     for record in rounds[2:]:
         timing = record["fit"]["timing"]
         assert set(timing) == {"process", "imports", "data", "model", "training"}, timing
         assert timing["data"] < 0.05 and timing["model"] < 0.05, timing
-        assert timing["imports"] < 1.0 and timing["process"] > 0.0, timing
+        assert timing["imports"] < 0.05 and timing["process"] == 0.0, timing
 
     # the run's log (the ServerApp's, streamed by `flwr log`): progress, not Flower's chatter
     run_log = (cluster.sup.log_dir / "run.log").read_text()
     assert "round   3/3 | 3 sampled: 3 ok, 0 failed, 0 rejected" in run_log, run_log
     assert "configure_fit" not in run_log and "[SUMMARY]" not in run_log, run_log
-    # each node's ClientApps forwarded to its one long-lived worker: TensorFlow imported
-    # once per node, every fit served there
+    # each node's executor ran every message (the client-key query, 3 fits) in one warm
+    # ClientApp process, a child of the executor
     for node in cluster.dep.nodes:
-        log = (cluster.dep.root / "workers" / node.name / "sock.log").read_text()
-        workers = set(re.findall(r"worker\[(\d+)\]", log))
-        assert log.count("tensorflow imported") == len(workers), log
-        assert log.count("fit served") == 3, log
-        if node.name == "node-0":  # one killed, one started by a ClientApp under the SuperNode
-            assert len(workers) == 2, log
-            supernode = cluster.local.required["node-0"].pid
-            started = [line for line in log.splitlines() if "started:" in line]
-            assert f"(parent pid {supernode})" in started[-1], log
-        else:
-            assert len(workers) == 1, log
+        assert len(_warm_pids(cluster, node)) == 1
+        assert _executor_log(cluster, node).count(" done in ") == 4
     # the ServerApp runs under the SuperLink's umask 077: its results are private
     for path in [outcome.out_dir, *outcome.out_dir.rglob("*")]:
         assert path.stat().st_mode & 0o777 == (0o700 if path.is_dir() else 0o600), path
 
 
-def test_a_second_run_with_another_model_trains_on_the_same_workers(cluster):
-    pids = {node.name: _worker_pids(cluster, node) for node in cluster.dep.nodes}
+def test_a_second_run_with_another_model_trains_in_the_same_warm_processes(cluster):
+    pids = {node.name: _warm_pids(cluster, node) for node in cluster.dep.nodes}
     run_config = cluster.local.run_config(cluster.out / "logreg",
                                           "num-server-rounds=2 model='logreg'")
     outcome = cluster.local.run_app(PROJECT_DIR, run_config, RUN_TIMEOUT)
@@ -167,25 +156,25 @@ def test_a_second_run_with_another_model_trains_on_the_same_workers(cluster):
     assert outcome.history["config"]["model"] == "logreg"
     saved = keras.saving.load_model(outcome.out_dir / MODEL_FILE)
     assert saved.name == "logreg" and len(saved.get_weights()) == 2  # one Dense layer
-    for node in cluster.dep.nodes:  # the same workers, each building the second model
-        assert _worker_pids(cluster, node) == pids[node.name]
-        assert _log_count(cluster, node, "fit served") >= 3 + 2
+    for node in cluster.dep.nodes:  # the same warm processes, each building the second model
+        assert _warm_pids(cluster, node) == pids[node.name]
 
 
-def _worker_pids(cluster, node) -> set[str]:
-    log = (cluster.dep.root / "workers" / node.name / "sock.log").read_text()
-    return set(re.findall(r"worker\[(\d+)\] started", log))
+def _executor_log(cluster, node) -> str:
+    return (cluster.sup.log_dir / f"{node.name}-executor.log").read_text()
 
 
-def _log_count(cluster, node, what: str) -> int:
-    return (cluster.dep.root / "workers" / node.name / "sock.log").read_text().count(what)
+def _warm_pids(cluster, node) -> list[str]:
+    """The pids of the warm ClientApp processes `node`'s executor started, in order."""
+    return re.findall(r"started a warm ClientApp process \(pid (\d+)\)",
+                      _executor_log(cluster, node))
 
 
 def test_prepared_nodes_refuse_a_model_they_were_not_prepared_with(cluster):
     """Node policy on real SuperNodes: nodes prepared with mlp (and told logreg) refuse a
     run's `model='cnn'` before importing or building anything; the server logs each refusal
-    naming the node, and no worker was asked to build it."""
-    served = {node.name: _log_count(cluster, node, "served") for node in cluster.dep.nodes}
+    naming the node, and the refusal is a normal reply (the warm process lives on)."""
+    pids = {node.name: _warm_pids(cluster, node) for node in cluster.dep.nodes}
     run_config = cluster.local.run_config(cluster.out / "cnn",
                                           "num-server-rounds=1 fraction-evaluate=0.0 model='cnn'")
     cluster.local.run_app(PROJECT_DIR, run_config, RUN_TIMEOUT)
@@ -193,7 +182,7 @@ def test_prepared_nodes_refuse_a_model_they_were_not_prepared_with(cluster):
     for node in cluster.dep.nodes:
         node_id = cluster.local.node_ids[node.name]
         assert f"node {node_id} refuses run-config model='cnn'" in run_log, run_log[-3000:]
-        assert _log_count(cluster, node, "served") == served[node.name]
+        assert _warm_pids(cluster, node) == pids[node.name]
 
 
 def test_fedbuff_runs_on_the_superlink(cluster):
@@ -223,7 +212,8 @@ def test_corrupt_node_file_fails_that_node_only_and_is_named(cluster):
     assert rounds[-1]["centralized"]["accuracy"] > rounds[0]["centralized"]["accuracy"]
     run_log = (cluster.sup.log_dir / "run.log").read_text()
     assert f"node {node_id}: data file {corrupt.data}" in run_log  # the server logged it
-    assert "DataError" in (cluster.sup.log_dir / f"{corrupt.name}.log").read_text()
+    # the node logged it too (its executor: the task failed with the ClientApp's error)
+    assert "DataError" in (cluster.sup.log_dir / f"{corrupt.name}-executor.log").read_text()
 
 
 def test_secagg_rounds_on_real_supernodes_survive_a_dropout(cluster):

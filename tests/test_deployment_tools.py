@@ -40,6 +40,7 @@ from deploy.layout import Deployment, DeploymentError
 from deploy.prepare import instructions, prepare
 from deploy.prepare import main as prepare_main
 from deploy.processes import ProcessesLeft, Supervisor, living
+from fl_app.app.executor import parse_args as executor_parse_args
 from fl_app.data.node_files import load_node_file
 from fl_app.data.sources import data_source
 from fl_app.schema import ConfigError
@@ -182,20 +183,23 @@ def test_printed_commands_parse_with_the_installed_flower(prepared):
         args = _parse_args_run_supernode().parse_args(_args_after(line, "flower-supernode"))
         assert args.auth_supernode_private_key == str(node.key)
         assert args.root_certificates == str(prepared.ca_cert) and not args.insecure
-        worker_dir = prepared.root / "workers" / node.name
         assert parse_config_args([args.node_config]) == {
             "data-path": str(node.data), "client-key": node.name, "allow-models": "mlp",
-            "allow-data": f"digits,{node.data}", "worker-socket": str(worker_dir / "sock"),
-            "worker-authkey-file": str(worker_dir / "authkey")}
-    workers = [line for line in lines if "fl_app.app.worker" in line]
-    assert len(workers) == 3
-    for node, line in zip(prepared.nodes, workers):
-        assert _args_after(line, "-m")[:3] == ["fl_app.app.worker", "--socket",
-                                               str(prepared.root / "workers" / node.name / "sock")]
+            "allow-data": f"digits,{node.data}"}
+        secret = str(commands.executor_secret(prepared, node))
+        assert args.isolation == "process" and args.superexec_auth_secret_file == secret
+        executor = next(line for line in lines if "fl_app.app.executor --runtime-api" in line
+                        and f"--name {node.name}" in line)
+        executor_args = executor_parse_args(_args_after(executor, "fl_app.app.executor"))
+        assert executor_args.runtime_api == f"127.0.0.1:{args.port}"
+        assert executor_args.secret_file == Path(secret)
+        assert f"fl_app.app.executor --new-secret --secret-file {secret}" in \
+            instructions(prepared)
     assert sum("flwr supernode register" in line for line in lines) == 3
     run = _args_after(lines[-1], "flwr")
     assert run[:3] == ["run", ".", "local-deployment"]
-    assert "min-available-clients=3" in run[run.index("--run-config") + 1]
+    run_configs = [run[i + 1] for i, arg in enumerate(run) if arg == "--run-config"]
+    assert "min-available-clients=3" in run_configs and "fuse-evaluate=true" in run_configs
 
 
 def test_config_string_carries_any_path_flower_can_parse():
@@ -214,13 +218,13 @@ def test_prepared_nodes_accept_only_the_prepared_sources_and_the_launchs(prepare
 
     node = prepared.nodes[1]
     policy = NodePolicy.from_node_config(
-        parse_config_args([commands.node_config(prepared, node, use_worker=False)]))
+        parse_config_args([commands.node_config(prepared, node)]))
     check_sources(policy, make_config(partitioner="dirichlet"))
     check_sources(policy, make_config(dataset=str(node.data)))  # the node's own file
     for key, value in (("model", "logreg"), ("dataset", str(prepared.nodes[0].data))):
         with pytest.raises(NodePolicyError, match=f"{key}='{value}'"):
             check_sources(policy, make_config(**{key: value}))
-    widened = parse_config_args([commands.node_config(prepared, node, True, ["model='cnn'"])])
+    widened = parse_config_args([commands.node_config(prepared, node, ["model='cnn'"])])
     assert widened["allow-models"] == "mlp,cnn"
     with pytest.raises(DeploymentError, match="comma"):
         commands.config_list(["/data/a,b.npz"])
@@ -413,8 +417,9 @@ def test_launcher_stops_every_process_on_ctrl_c(prepared):
 @pytest.mark.slow
 def test_ctrl_c_in_the_middle_of_a_round_stops_everything_without_tracebacks(prepared,
                                                                               tmp_path):
-    """SIGINT while the nodes' ClientApps and workers are busy: each process is signalled
-    once, in order (nodes before their workers), so no log holds a traceback."""
+    """SIGINT while the nodes' executors and their warm ClientApps are busy: each process is
+    signalled once, in order (executors, SuperNodes, SuperLink), so no log holds a traceback
+    (`KeyboardInterrupt`, Flower's `OSError: Signal 15`)."""
     log_dir = prepared.root / "launch" / "logs"
     shutil.rmtree(log_dir, ignore_errors=True)
     launcher = subprocess.Popen([sys.executable, "-m", "deploy.launch", "--dir",
@@ -439,7 +444,7 @@ def test_ctrl_c_in_the_middle_of_a_round_stops_everything_without_tracebacks(pre
         assert not living(seen.values())
         logs = {path.name: path.read_text(errors="replace") for path in log_dir.iterdir()}
         for name, text in logs.items():
-            for marker in ("Traceback", "KeyboardInterrupt", "race condition"):
+            for marker in ("Traceback", "KeyboardInterrupt", "Signal 15", "race condition"):
                 assert marker not in text, f"{name}: {text[-3000:]}"
         assert "Traceback" not in output, output
     finally:
@@ -631,3 +636,31 @@ def test_launch_reads_every_nodes_data_file_before_starting_anything(tmp_path, c
     err = capsys.readouterr().err
     assert err.startswith(f"error: node-1: data file {dep.nodes[1].data}") and message in err
     assert not (dep.root / "launch").exists()  # refused before starting anything
+
+
+def _deprecated_flags(parser) -> set[str]:
+    """The flags of one of Flower's parsers that Flower marks deprecated (in their help, or
+    handled by one of its deprecation actions)."""
+    return {flag for action in parser._actions for flag in action.option_strings
+            if "deprecated" in (action.help or "").lower()
+            or "Deprecated" in type(action).__name__}
+
+
+def test_printed_commands_use_no_flag_flower_deprecates(prepared):
+    """flwr 1.42 deprecates `--fleet-api-type`, `--auth-supernode-public-key`, the
+    `--appio-ssl-*` names and more: no printed command uses one."""
+    deprecated = (_deprecated_flags(_parse_args_run_superlink())
+                  | _deprecated_flags(_parse_args_run_supernode()))
+    assert {"--fleet-api-type", "--auth-supernode-public-key"} <= deprecated, deprecated
+    for line in instructions(prepared).splitlines():
+        if line.startswith("#"):
+            continue
+        used = {arg.split("=")[0] for arg in shlex.split(line) if arg.startswith("--")}
+        assert not used & deprecated, line
+
+
+def test_the_launch_fuses_evaluation_except_under_fedbuff():
+    assert commands.fused_run_config("", "num-server-rounds=3") == "fuse-evaluate=true"
+    assert commands.fused_run_config("server-loop='fedbuff'", "num-server-rounds=3") == ""
+    assert commands.fused_run_config("server-loop='fedbuff'", "server-loop='sync'") == \
+        "fuse-evaluate=true"

@@ -297,7 +297,7 @@ def test_a_clientapp_refuses_an_unlisted_model_or_dataset_before_import_or_read(
     assert "digits" not in str(err.value)  # the node's own list is not shown
 
 
-def test_the_worker_path_checks_the_sources_before_loading():
+def test_the_in_process_client_checks_the_sources_before_loading():
     from fl_app.app.local_client import client_for
 
     def load():

@@ -72,3 +72,19 @@ def test_summary_shows_epsilon_only_for_private_runs(tmp_path, capsys, privacy):
     assert "0.8750" in out and "stopped: num-server-rounds" in out
     assert ("ε" in out and "2.500" in out) == privacy
     assert "distributed" not in out  # no round had distributed evaluation
+
+
+def test_fused_evaluation_records_what_separate_evaluate_messages_gave(tmp_path):
+    """`fuse-evaluate=true`: no evaluate messages; round r's distributed record is round
+    r-1's model evaluated by the same clients, equal to the separate evaluation of that
+    model (up to the order float32 sums arrive in), and the training is unchanged."""
+    config = "num-server-rounds=3 local-epochs=1"
+    separate = _run(tmp_path / "separate", config)["rounds"]
+    fused = _run(tmp_path / "fused", f"{config} fuse-evaluate=true")["rounds"]
+    for a, b in zip(fused, separate):  # the same training (the updates arrive in another order)
+        assert a["centralized"] == pytest.approx(b["centralized"], rel=1e-5)
+    assert "distributed" in fused[1]  # round 1 evaluated the initial model
+    for before, after in zip(separate[1:-1], fused[2:]):
+        assert set(after["distributed"]) == set(before["distributed"])
+        for key, value in before["distributed"].items():
+            assert after["distributed"][key] == pytest.approx(value, rel=1e-4), key

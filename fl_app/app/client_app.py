@@ -1,10 +1,10 @@
 """The Flower ClientApp: each node's data and the shared trainer behind a `KerasClient`.
 
-Importing this module imports no TensorFlow. A node whose node config names a worker
-(`worker-socket`, see `fl_app.app.worker_link`) forwards each message to that long-lived
-process, which keeps TensorFlow, the node's data and the compiled model across messages;
-any other node (simulation, `flwr run .`, a plain SuperNode) trains in this process, as
-`fl_app.app.local_client.client_for` builds it. Either way the client is wrapped here, in
+Importing this module imports no TensorFlow: the first message does, and the client trains
+in this process as `fl_app.app.local_client.client_for` builds it, keeping TensorFlow, the
+node's data and the compiled model for the next message when the process lives on (a
+simulation's workers, a deployment node's executor: `fl_app.app.executor`). The client is
+wrapped here, in
 the ClientApp, by `CompressingClient` (`fl_app.client.compression`), which decodes a
 compressed broadcast and encodes the update, keeping its error-feedback residual in the
 node's `context.state`. Every ClientApp carries `node_policy_mod` first (the node's own
@@ -24,12 +24,11 @@ IMPORT_START = time.time()  # before this module's imports: the `process` phase 
 
 from collections.abc import Mapping  # noqa: E402
 
-from flwr.client import Client, NumPyClient  # noqa: E402
+from flwr.client import Client  # noqa: E402
 from flwr.clientapp import ClientApp  # noqa: E402
 from flwr.common import Context, Scalar  # noqa: E402
 
 from fl_app.app.quiet import quiet_libraries  # noqa: E402
-from fl_app.app.worker_link import WorkerAddress, WorkerClient  # noqa: E402
 from fl_app.client.compression import CompressingClient  # noqa: E402
 from fl_app.client.node_policy import NodePolicy, node_policy_mod  # noqa: E402
 from fl_app.client.secure_mod import (  # noqa: E402
@@ -78,12 +77,6 @@ def make_client_app(fixed_config: RunConfig | None = None,
 
     def client_fn(context: Context) -> Client:
         node = node_config_of(context)
-        address = WorkerAddress.from_node_config(node)
-        if address is not None and fixed_config is None:
-            client: NumPyClient = WorkerClient(address, context.run_config, node,
-                                               f"node {context.node_id}", context.run_id)
-            timed = TimedClient(client, start_up.seconds(time.time())).to_client()
-            return CompressingClient(timed, context.state)
         imports_since = time.time()
         raw = fixed_config if fixed_config is not None else context.run_config
         quiet_libraries(raw.get("verbose") is True)  # before anything imports TensorFlow

@@ -1,7 +1,8 @@
 """The in-process client: a node's data and the process-wide trainer behind a `KerasClient`.
 
-This is what trains, whether in the ClientApp's own process (simulation, a node without a
-worker) or in the node's long-lived worker (`fl_app.app.worker`). It imports TensorFlow.
+This is what trains, in the ClientApp's process: a simulation's worker, a node executor's
+warm ClientApp process (`fl_app.app.executor`), or a fresh one per message under Flower's own
+SuperExec. It imports TensorFlow.
 """
 
 from __future__ import annotations
@@ -48,7 +49,7 @@ def client_for(cfg: RunConfig, node_config: Mapping[str, Scalar],
     """Build the client for one node: its data (`load()`; by default loaded from its
     partition or own file) and run `run_id`'s shared trainer; its fit metrics say how long
     each took (`fl_app.client.timing`). The node's `allow-models`/`allow-data` are checked
-    first (`fl_app.client.node_policy`): this is where a node's worker imports and reads them."""
+    first (`fl_app.client.node_policy`): this is where a node imports and reads them."""
     check_sources(NodePolicy.from_node_config(node_config), cfg)
     start = time.perf_counter()
     data = load() if load is not None else load_client(cfg, node_config)

@@ -33,10 +33,10 @@ from fl_app.server.recorder import RunRecorder
 from fl_app.server.runner import FederatedServer, ResumePoint
 from fl_app.server.secagg import SecAggPlusFit
 from fl_app.server.stopping import StoppingRules
-from fl_app.wire import KEY_PROXIMAL_MU, evaluate_config, round_config
+from fl_app.wire import KEY_FUSE_EVALUATE, KEY_PROXIMAL_MU, evaluate_config, round_config
 from strategies.context import StrategyContext
 from strategies.fedbuff import FEDBUFF, FedBuffAggregator
-from strategies.registry import build_strategy
+from strategies.registry import build_strategy, evaluates_distributed
 from strategies.secure import share_count
 from strategies.weighted_fedavg import EvaluateFn
 
@@ -91,6 +91,18 @@ def run_parts(cfg: RunConfig, callbacks: Sequence[Callback] = (),
                     checkpoint)
 
 
+def fuses_evaluation(cfg: RunConfig) -> bool:
+    """Whether the run's fit messages carry its distributed evaluation (`fuse-evaluate`,
+    unless the run has none: `strategies.registry.evaluates_distributed`)."""
+    return bool(cfg["fuse-evaluate"]) and evaluates_distributed(cfg)
+
+
+def fit_config(cfg: RunConfig) -> Callable[[int], dict[str, Scalar]]:
+    """The fit config of each round: `round_config`, and `fuse-evaluate` when it is on."""
+    fused = {KEY_FUSE_EVALUATE: True} if fuses_evaluation(cfg) else {}
+    return lambda server_round: {**round_config(cfg, server_round), **fused}
+
+
 def server_components(cfg: RunConfig, callbacks: Sequence[Callback] = (),
                       started_at: float | None = None) -> ServerAppComponents:
     """Build everything the synchronous server needs for one run from a resolved config."""
@@ -104,13 +116,14 @@ def server_components(cfg: RunConfig, callbacks: Sequence[Callback] = (),
         cfg=cfg,
         initial_parameters=ndarrays_to_parameters(parts.initial_weights),
         evaluate_fn=parts.evaluate,
-        on_fit_config_fn=lambda server_round: round_config(cfg, server_round),
+        on_fit_config_fn=fit_config(cfg),
         on_evaluate_config_fn=evaluate_config,
     )
     server = FederatedServer(
         strategy=build_strategy(ctx), seed=int(cfg["seed"]), stopping=parts.stopping,
         on_round=recorder.on_round, on_finish=recorder.on_finish,
         on_checkpoint=checkpointer, on_charge=checkpointer.save_ledger, resume=resume,
+        fuse_evaluate=fuses_evaluation(cfg),
     )
     timeout = cfg["round-timeout"] or None
     return ServerAppComponents(server=server, config=ServerConfig(

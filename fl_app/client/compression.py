@@ -1,10 +1,9 @@
 """The client's side of update compression: decode the broadcast, encode the update.
 
-`CompressingClient` wraps any Flower `Client` (a `KerasClient`, or the ClientApp's proxy to
-the node's worker, `NumPyClient.to_client()` either way). It runs in the ClientApp itself,
-so the error-feedback residual lives in the node's Flower `context.state`, which Flower
-keeps per node and run in simulation and in deployment alike; a worker process never holds
-it. Each fit:
+`CompressingClient` wraps any Flower `Client` (a `KerasClient`, `NumPyClient.to_client()`).
+It runs in the ClientApp itself, so the error-feedback residual lives in the node's Flower
+`context.state`, which Flower keeps per node and run in simulation and in deployment alike
+(the executor sends it back to the SuperNode with every reply). Each fit:
 
 1. a broadcast whose `tensor_type` names a codec (`fl_app.codecs`) is decoded to float32:
    the received weights w̃;

@@ -13,8 +13,12 @@ from fl_app.data.sources import ClientData
 from fl_app.ml.trainer import KerasTrainer
 from fl_app.wire import (
     CLIENT_KEY,
+    FUSED_COUNT,
+    FUSED_LOSS,
+    FUSED_PREFIX,
     KEY_CLIPPING_NORM,
     KEY_DP_NOISE_STD,
+    KEY_FUSE_EVALUATE,
     KEY_LOCAL_STEPS,
     KEY_NORM_BIT,
     KEY_PROXIMAL_MU,
@@ -38,7 +42,10 @@ class KerasClient(NumPyClient):
     `norm_bit` (keys in `fl_app.wire`, clipping in `strategies.clipping`); a `dp_noise_std`
     as well (distributed DP under secure aggregation) adds Gaussian noise of that std to the
     clipped update, from OS entropy, and reports `num_examples=1` and no metrics at all: the
-    DP sum weighs clients equally, and a curious server must learn nothing but the sum. Fit
+    DP sum weighs clients equally, and a curious server must learn nothing but the sum. With
+    `fuse-evaluate` in the config (and no `dp_noise_std`) a fit first evaluates the received
+    weights exactly as `evaluate` does and adds that as `eval_loss`, `eval_num_examples`
+    and `eval_<metric>` to its metrics (one message per round instead of two). Fit
     metrics carry the data's quality report (`data_rows`, `data_dropped_*`,
     `data_warnings`). `client_key` (the partition id in simulation, a CRC of the data
     file's name in deployment) varies the shuffling between clients; it stays on the node.
@@ -77,9 +84,19 @@ class KerasClient(NumPyClient):
         finally:
             self.trainer.forget()
 
+    def _fused_evaluation(self, parameters: NDArrays,
+                          config: dict[str, Scalar]) -> dict[str, Scalar]:
+        """`evaluate`'s result as fit metrics, when the config asks for it (else none)."""
+        if config.get(KEY_FUSE_EVALUATE) is not True or KEY_DP_NOISE_STD in config:
+            return {}
+        loss, count, metrics = self.evaluate(parameters, config)
+        return {FUSED_LOSS: loss, FUSED_COUNT: count,
+                **{FUSED_PREFIX + name: value for name, value in metrics.items()}}
+
     def _fit(self, parameters: NDArrays,
              config: dict[str, Scalar]) -> tuple[NDArrays, int, dict[str, Scalar]]:
         """`fit` before the trainer forgets (see `fit`)."""
+        fused = self._fused_evaluation(parameters, config)
         self.trainer.set_weights(parameters)
         server_round = int(config.get(SERVER_ROUND, 0))
         epochs, batch_size, time_budget = self.work.plan(config, self.defaults)
@@ -96,7 +113,7 @@ class KerasClient(NumPyClient):
             "train_loss": result.loss, "train_seconds": result.seconds,
             KEY_LOCAL_STEPS: result.steps,
             **{f"train_{name}": value for name, value in result.metrics.items()},
-            **self.data.quality.as_metrics()}
+            **self.data.quality.as_metrics(), **fused}
         weights = self.trainer.get_weights()
         if KEY_CLIPPING_NORM in config:  # client-side DP: clip the update to C ourselves
             weights, metrics[KEY_NORM_BIT] = clip_weights(weights, parameters,

@@ -32,8 +32,7 @@ which model code it imports and which data it reads. The server's run config can
   nothing beyond sums, but a round in which a client drops out after sharing its keys fails.
 
 `node_policy_mod` enforces all of it for every message, before anything is built;
-`check_sources` is also called where a node builds its client (`fl_app.app.local_client`), so a
-node's worker refuses the same sources. A refusal is a `NodePolicyError` (a `ConfigError`): the
+`check_sources` is also called where a node builds its client (`fl_app.app.local_client`). A refusal is a `NodePolicyError` (a `ConfigError`): the
 ClientApp raises, and the server gets one error reply naming the node, the key and its value.
 The errors never list the node's allowed entries (they may name its files).
 """

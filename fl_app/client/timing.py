@@ -4,9 +4,9 @@ Each phase is a fit metric `time_<phase>` in seconds (`fl_app.wire.TIMING_PREFIX
 `process` (from the process's start until the app's code starts importing: Python,
 Flower, the app bundle's installation, pulling the message), `imports` (the app's
 modules, TensorFlow among them where this process trains), `data` (loading and checking
-the node's data; 0 when a worker has it loaded), `model` (building the trainer; 0 when
+the node's data; 0 when the process has it loaded), `model` (building the trainer; 0 when
 built) and `training` (the local fit). A process that serves many messages (a simulation
-worker, the node's worker) pays `process` and `imports` once: later messages report 0.
+worker, a node executor's warm ClientApp) pays `process` and `imports` once: later messages report 0.
 The server records the clients' mean per phase (`fit.timing` in history.json). Imports no
 TensorFlow.
 """
@@ -28,7 +28,7 @@ PHASES = ("process", "imports", "data", "model", "training")
 class TimedClient(NumPyClient):
     """Delegates every call to `inner`; its fit metrics also carry `seconds` (phase →
     seconds) and the fit's own time as `training`, each unless `inner` already reports it
-    (a worker measures its own phases)."""
+    (a client that measures its own phases)."""
 
     def __init__(self, inner: NumPyClient, seconds: Mapping[str, float]) -> None:
         self.inner = inner

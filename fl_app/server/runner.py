@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import threading
 import timeit
 from collections.abc import Callable
@@ -10,7 +11,7 @@ from dataclasses import dataclass
 from logging import INFO, WARNING
 from typing import Any
 
-from flwr.common import Code, FitIns, FitRes, Parameters, Scalar
+from flwr.common import Code, EvaluateRes, FitIns, FitRes, Parameters, Scalar, Status
 from flwr.common.logger import log
 from flwr.server import Server
 from flwr.server.client_proxy import ClientProxy
@@ -23,7 +24,14 @@ from fl_app.server.client_failures import describe_failure, last_line
 from fl_app.server.client_manager import SeededClientManager
 from fl_app.server.stopping import StoppingRules
 from fl_app.server.wire_bytes import WireMeter
-from fl_app.wire import DATA_QUALITY_PREFIX, MAX_DATA_WARNINGS_CHARS, TIMING_PREFIX
+from fl_app.wire import (
+    DATA_QUALITY_PREFIX,
+    FUSED_COUNT,
+    FUSED_LOSS,
+    FUSED_PREFIX,
+    MAX_DATA_WARNINGS_CHARS,
+    TIMING_PREFIX,
+)
 from strategies.decoding import without_tensors
 from strategies.protocols import FitStream, PrivacyAccounting, StreamsFit, find_layer
 from strategies.state import set_strategy_state, strategy_state
@@ -38,9 +46,37 @@ def _section(loss: float | None, metrics: dict[str, Scalar]) -> dict[str, Any]:
 
 def _without_client_reports(metrics: dict[str, Scalar]) -> dict[str, Scalar]:
     """Aggregated fit metrics less the clients' data-quality counts and timings (a weighted
-    average of them means nothing; `data_quality` and `timing` hold them)."""
+    average of them means nothing; `data_quality` and `timing` hold them) and their fused
+    evaluations (the `distributed` record holds those)."""
     return {k: v for k, v in metrics.items()
-            if not k.startswith((DATA_QUALITY_PREFIX, TIMING_PREFIX))}
+            if not k.startswith((DATA_QUALITY_PREFIX, TIMING_PREFIX, FUSED_PREFIX))}
+
+
+def _fused_report(cid: str, metrics: dict[str, Scalar]) -> EvaluateRes | None:
+    """A fit reply's fused evaluation as an `EvaluateRes`, or None when it has none or its
+    loss is not a finite number or its count not a non-negative int (logged: a client's
+    values never reach the aggregation, or crash the server, unchecked)."""
+    loss, count = metrics.get(FUSED_LOSS), metrics.get(FUSED_COUNT)
+    if loss is None and count is None:
+        return None
+    if (type(loss) not in (int, float) or not math.isfinite(loss)
+            or type(count) is not int or count < 0):
+        log(WARNING, "client %s: its fused evaluation (%s=%r, %s=%r) is not a finite loss "
+            "and an example count; dropped", cid, FUSED_LOSS, loss, FUSED_COUNT, count)
+        return None
+    return EvaluateRes(Status(Code.OK, ""), float(loss), count,
+                       {key.removeprefix(FUSED_PREFIX): value for key, value in metrics.items()
+                        if key.startswith(FUSED_PREFIX) and key not in (FUSED_LOSS, FUSED_COUNT)})
+
+
+def fused_evaluations(
+        results: list[tuple[ClientProxy, FitRes]]) -> list[tuple[ClientProxy, EvaluateRes]]:
+    """The evaluations the fit replies carry (`fuse-evaluate`: `eval_loss`,
+    `eval_num_examples`, `eval_<metric>`, see `KerasClient`) as the `EvaluateRes` a
+    separate evaluate message would have given (see `_fused_report`); the strategy's
+    `aggregate_evaluate` then checks them as any evaluation report."""
+    reports = [(proxy, _fused_report(proxy.cid, res.metrics)) for proxy, res in results]
+    return [(proxy, report) for proxy, report in reports if report is not None]
 
 
 def timing(results: list[tuple[ClientProxy, FitRes]]) -> dict[str, float]:
@@ -193,14 +229,18 @@ class FederatedServer(Server):
     strategy opens a `FitStream` (`strategies.protocols.StreamsFit`: averaging and central
     DP behind `ValidatedStrategy`) adds each reply to it as it arrives and keeps the reply
     without its tensors, so the server's memory does not grow with the clients; the round's
-    results, failures, record and model are those of Flower's round.
+    results, failures, record and model are those of Flower's round. With `fuse_evaluate`
+    no evaluate messages are sent: the clients evaluate the model they receive inside the
+    fit message (`fuse-evaluate`), and round r's `distributed` record (the evaluation of
+    round r-1's model) is the strategy's `aggregate_evaluate` of those reports.
     """
 
     def __init__(self, *, strategy: Strategy, seed: int, stopping: StoppingRules,
                  on_round: RoundCallback, on_finish: Callable[[str, Parameters], None],
                  on_checkpoint: CheckpointCallback | None = None,
                  on_charge: Callable[[dict[str, Any]], None] | None = None,
-                 resume: ResumePoint | None = None, secure_fit: FitRound | None = None) -> None:
+                 resume: ResumePoint | None = None, secure_fit: FitRound | None = None,
+                 fuse_evaluate: bool = False) -> None:
         self.wire = WireMeter(strategy)  # counts the round's parameter bytes up and down
         super().__init__(client_manager=SeededClientManager(seed), strategy=self.wire)
         self.privacy = find_layer(strategy, PrivacyAccounting)
@@ -211,6 +251,7 @@ class FederatedServer(Server):
         self.on_charge = on_charge
         self.resume = resume
         self.secure_fit = secure_fit
+        self.fuse_evaluate = fuse_evaluate
         self._quality_seen: set[str] = set()
 
     def server_state(self, stopped: str | None) -> dict[str, Any]:
@@ -282,16 +323,16 @@ class FederatedServer(Server):
         return _section(loss, metrics)
 
     def _fit(self, server_round: int, timeout: float | None,
-             history: History) -> tuple[dict[str, Any], int]:
-        """Run the round's training; return its record and how many client updates made
-        it into a new global model (0 when the strategy kept the previous one; under DP 1
-        for every released model, see the class doc)."""
+             history: History) -> tuple[dict[str, Any], int, list[tuple[ClientProxy, FitRes]]]:
+        """Run the round's training; return its record, how many client updates made it
+        into a new global model (0 when the strategy kept the previous one; under DP 1 for
+        every released model, see the class doc) and the clients' replies."""
         res_fit = self.fit_round(server_round=server_round, timeout=timeout)
         if self.privacy is not None and self.on_charge is not None:
             self.on_charge(self.privacy.ledger())  # before anything of the round is released
         if res_fit is None:
             return {"num_sampled": 0, "num_clients": 0, "num_failures": 0,
-                    "num_rejected": 0}, 0
+                    "num_rejected": 0}, 0, []
         parameters, metrics, (results, failures) = res_fit
         if parameters:
             self.parameters = parameters
@@ -316,17 +357,26 @@ class FederatedServer(Server):
                 log(WARNING, "round %s: client %s failed: %s", server_round,
                     failure["client"], last_line(failure["error"]))
         if not parameters:
-            return record, 0
+            return record, 0, results
         if self.privacy is not None:  # a released DP round is progress, whoever answered
-            return record, 1
-        return record, record["num_clients"] - record["num_rejected"]
+            return record, 1, results
+        return record, record["num_clients"] - record["num_rejected"], results
 
     def _evaluate_distributed(self, server_round: int, timeout: float | None,
-                              history: History) -> dict[str, Any]:
-        res_fed = self.evaluate_round(server_round=server_round, timeout=timeout)
-        if res_fed is None:
-            return {}
-        loss, metrics, _ = res_fed  # loss is None when every report was rejected or failed
+                              history: History,
+                              fitted: list[tuple[ClientProxy, FitRes]]) -> dict[str, Any]:
+        """The round's distributed evaluation: evaluate messages, or with `fuse_evaluate`
+        the reports in the fit replies `fitted` (of the previous round's model)."""
+        if self.fuse_evaluate:
+            evaluations = fused_evaluations(fitted)
+            if not evaluations:
+                return {}
+            loss, metrics = self.strategy.aggregate_evaluate(server_round, evaluations, [])
+        else:
+            res_fed = self.evaluate_round(server_round=server_round, timeout=timeout)
+            if res_fed is None:
+                return {}
+            loss, metrics, _ = res_fed  # loss is None when every report was rejected or failed
         if loss is not None:
             history.add_loss_distributed(server_round=server_round, loss=loss)
         history.add_metrics_distributed(server_round=server_round, metrics=metrics)
@@ -360,10 +410,11 @@ class FederatedServer(Server):
                 stopped = "privacy-budget"
                 break
             round_start = timeit.default_timer()
-            fit, accepted = self._fit(server_round, timeout, history)
+            fit, accepted, fitted = self._fit(server_round, timeout, history)
             record = {"round": server_round, "fit": fit, "bytes": self.wire.take(),
                       "centralized": self._evaluate_centralized(server_round, history),
-                      "distributed": self._evaluate_distributed(server_round, timeout, history)}
+                      "distributed": self._evaluate_distributed(server_round, timeout, history,
+                                                                fitted)}
             privacy = self.privacy.privacy_report(server_round) if self.privacy else None
             if privacy:
                 record["privacy"] = privacy

@@ -17,6 +17,13 @@ SETTINGS = [
             "sync: Flower's synchronous rounds; fedbuff: buffered asynchronous aggregation "
             "(clients keep training, a new model every fedbuff-buffer-size updates).", "run",
             choices=("sync", "fedbuff")),
+    Setting("fuse-evaluate", bool, False,
+            "Distributed evaluation inside the fit message: each client evaluates the model "
+            "it receives on its validation split before training and sends the metrics with "
+            "its update, so a round is one message per client instead of two. Round r's "
+            "distributed record is then the evaluation of round r-1's model by round r's "
+            "fit clients; fraction-evaluate=0 still turns it off. Not with "
+            "server-loop=fedbuff or a distributed_* monitor.", "run"),
     Setting("monitor", str, "auto",
             "Value the stopping rules watch, as Keras' EarlyStopping: a centralized metric by "
             "its Keras name (loss, accuracy, mae, ...), distributed_<name> for the clients' "
@@ -59,7 +66,18 @@ SETTINGS = [
 
 
 def check_config(values: Mapping[str, Scalar]) -> None:
-    """`tensorboard` needs the TensorBoard package, found before any training."""
+    """`tensorboard` needs the TensorBoard package, found before any training;
+    `fuse-evaluate` needs the synchronous loop (FedBuff has no rounds to evaluate in) and a
+    centralized `monitor` (fused distributed metrics are a round late)."""
+    if values["fuse-evaluate"] and str(values["monitor"]).startswith("distributed_"):
+        raise ConfigError(f"run-config key 'fuse-evaluate' is true but monitor is "
+                          f"{values['monitor']!r}: a fused round's distributed metrics are the "
+                          "previous round's model, so the stopping rules would act a round "
+                          "late: monitor a centralized metric or set fuse-evaluate=false")
+    if values["fuse-evaluate"] and values["server-loop"] == "fedbuff":
+        raise ConfigError("run-config key 'fuse-evaluate' is true but server-loop is "
+                          "'fedbuff', which has no fit rounds to evaluate in: set "
+                          "fuse-evaluate=false or server-loop='sync'")
     if values["tensorboard"] and importlib.util.find_spec("tensorboard") is None:
         raise ConfigError("run-config key 'tensorboard' is true but the tensorboard package "
                           "is not installed: pip install 'fl-keras[tensorboard]' (or set "
