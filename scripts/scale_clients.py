@@ -34,6 +34,7 @@ from __future__ import annotations
 import argparse
 import gc
 import json
+import logging
 import os
 import statistics
 import sys
@@ -212,35 +213,51 @@ def traced_bytes(build: Callable[[], object]) -> tuple[object, int]:
     return made, after - before
 
 
-def flower_engine(num_nodes: int) -> tuple[Any, dict[int, int], int]:
-    """Flower's in-memory link state with a run and `num_nodes` nodes registered as the
-    simulation engine registers them: (state, node id -> partition, run id)."""
-    from flwr.common.typing import RunStatus
+def flower_engine(num_nodes: int) -> tuple[Any, Any, dict[int, int]]:
+    """Flower's in-memory link state with a run and `num_nodes` nodes, made as
+    `flwr.simulation.run_simulation` makes them: (state, the ServerApp's `InMemoryGrid` on
+    it, node id -> partition)."""
+    from flwr.common.constant import RUN_ID_NUM_BYTES, SUPERLINK_NODE_ID, TASK_ID_NUM_BYTES
+    from flwr.proto.task_pb2 import Task  # pylint: disable=no-name-in-module
     from flwr.server.superlink.fleet.vce.vce_api import _register_nodes
     from flwr.server.superlink.linkstate import LinkStateFactory
-    from flwr.supercore.constant import FLWR_IN_MEMORY_DB_NAME
+    from flwr.server.superlink.linkstate.in_memory_linkstate import RunRecord
+    from flwr.server.superlink.linkstate.utils import generate_rand_int_from_bytes
+    from flwr.supercore.constant import FLWR_IN_MEMORY_DB_NAME, NOOP_FEDERATION_ID
+    from flwr.supercore.object_store import ObjectStoreFactory
+    from flwr.supercore.run import Run
+    from flwr.supercore.task_identity import TaskIdentity
+    from flwr.superlink.federation import NoOpFederationManager
+    from flwr.superlink.grid import InMemoryGrid
 
-    factory = LinkStateFactory(FLWR_IN_MEMORY_DB_NAME, None)  # type: ignore[arg-type]
+    factory = LinkStateFactory(FLWR_IN_MEMORY_DB_NAME, NoOpFederationManager(),
+                               ObjectStoreFactory())
     state = factory.state()
-    run_id = state.create_run(None, None, None, {}, None, None, "")  # type: ignore[arg-type]
-    state.update_run_status(run_id, RunStatus("running", "", ""))
-    return state, _register_nodes(num_nodes, factory), run_id
+    run = Run.create_empty(run_id=generate_rand_int_from_bytes(RUN_ID_NUM_BYTES))
+    run.federation_id = NOOP_FEDERATION_ID
+    run.primary_task_id = generate_rand_int_from_bytes(TASK_ID_NUM_BYTES)
+    state.run_ids[run.run_id] = RunRecord(run=run)
+    state.task_store[run.primary_task_id] = Task(task_id=run.primary_task_id, run_id=run.run_id)
+    TaskIdentity.task_id, TaskIdentity.run_id = 1, run.run_id  # as run_simulation sets them
+    TaskIdentity.node_id = SUPERLINK_NODE_ID
+    mapping = _register_nodes(num_nodes, factory)
+    grid = InMemoryGrid(factory)
+    grid.set_run(run)
+    return state, grid, mapping
 
 
-def dispatch_seconds(num_nodes: int, num_messages: int) -> dict[str, float]:
-    """One sweep of the simulation engine's dispatcher over `num_nodes` nodes with
-    `num_messages` instructions (to distinct nodes) stored, as `add_messages_to_queue` makes
-    it, and the seconds per (node x stored message)."""
+def dispatch_cost(num_nodes: int, num_messages: int) -> dict[str, float]:
+    """One sweep of the simulation engine's dispatcher (`add_messages_to_queue`: every node's
+    `get_message_ins(node_id, limit=1)`) over `num_nodes` nodes while `num_messages`
+    instructions to distinct nodes, pushed through the ServerApp's grid, are stored (as
+    they stay until their replies are pulled): seconds per sweep and per (node x stored
+    message)."""
     from flwr.common import Message, RecordDict
-    from flwr.common.constant import SUPERLINK_NODE_ID
 
-    state, mapping, run_id = flower_engine(num_nodes)
+    state, grid, mapping = flower_engine(num_nodes)
     nodes = list(mapping)
-    for node_id in nodes[:num_messages]:
-        msg = Message(RecordDict(), dst_node_id=node_id, message_type="query")
-        msg.metadata.__dict__.update(_run_id=run_id, _src_node_id=SUPERLINK_NODE_ID,
-                                     _message_id=msg.object_id)
-        state.store_message_ins(msg)
+    grid.push_messages([Message(RecordDict(), node_id, "query", group_id="0")
+                        for node_id in nodes[:num_messages]])
 
     def sweep() -> None:
         for node_id in nodes:
@@ -249,7 +266,88 @@ def dispatch_seconds(num_nodes: int, num_messages: int) -> dict[str, float]:
     stored = len(state.message_ins_store)
     seconds = time_per_call(sweep)
     return {"nodes": num_nodes, "stored": stored, "sweep_seconds": seconds,
-            "per_pair_us": 1e6 * seconds / (num_nodes * max(stored, 1))}
+            "per_pair_us": 1e6 * seconds / (num_nodes * max(stored, 1)),
+            "per_node_us": 1e6 * seconds / num_nodes}
+
+
+def node_memory(num_nodes: int) -> dict[str, float]:
+    """Bytes per virtual client: in Flower's engine (the link state's node records and the
+    engine's `DeprecatedRunInfoStore` with its Context, as `start_vce` registers them) and in
+    the server's `SeededClientManager` (Flower's `GridClientProxy` registered as the compat
+    server registers it, wrapped by `register`, and its cached client key)."""
+    from flwr.server.compat.grid_client_proxy import GridClientProxy
+    from flwr.server.superlink.fleet.vce.vce_api import _register_node_info_stores
+
+    from fl_app.server.client_manager import SeededClientManager
+
+    (state, grid, mapping), engine = traced_bytes(lambda: flower_engine(num_nodes))
+    _, empty_engine = traced_bytes(lambda: flower_engine(0))
+    _, stores = traced_bytes(lambda: _register_node_info_stores(mapping, grid.run))
+    manager = SeededClientManager(seed=0)
+
+    def register() -> None:
+        for node_id in mapping:
+            manager.register(GridClientProxy(node_id=node_id, grid=grid, run_id=grid.run.run_id))
+
+    _, managed = traced_bytes(register)
+    # the client keys `ordered` caches: node id -> partition id, as strings
+    _, keys = traced_bytes(lambda: {str(node): str(part) for node, part in mapping.items()})
+    return {"nodes": num_nodes, "link_state_bytes": (engine - empty_engine) / num_nodes,
+            "run_info_store_bytes": stores / num_nodes,
+            "client_manager_bytes": (managed + keys) / num_nodes}
+
+
+def data_cost(num_users: int, max_samples: int) -> dict[str, float]:
+    """`dataset=synthetic` for `num_users` users (each at most `max_samples` samples), as
+    every process of a run builds it (the server for its test set, each Ray worker for its
+    clients' partitions): seconds and bytes per user, and the seconds of one client's
+    partition load (checks and train/validation split) after it."""
+    from fl_app.app.config import resolve
+    from fl_app.data.sources import SyntheticSource, load_partition
+
+    logging.getLogger("flwr").setLevel(logging.ERROR)  # the checks warn of every skewed user
+    cfg = resolve({"dataset": "synthetic", "synthetic-num-users": num_users,
+                   "synthetic-max-samples": max_samples})
+    start = time.perf_counter()
+    _, allocated = traced_bytes(lambda: SyntheticSource(cfg))
+    build = time.perf_counter() - start
+    load_partition(cfg, 0, num_users)  # builds the process's cached source
+    loads = range(1, min(num_users, 201))
+    start = time.perf_counter()
+    for partition in loads:
+        load_partition(cfg, partition, num_users)
+    per_load = (time.perf_counter() - start) / len(loads)
+    return {"users": num_users, "build_seconds_per_user": build / num_users,
+            "bytes_per_user": allocated / num_users, "partition_load_seconds": per_load}
+
+
+def run_costs(args: argparse.Namespace) -> dict[str, Any]:
+    """The per-client costs (`costs`), as a JSON-able dict."""
+    return {"dispatch": [dispatch_cost(n, m) for n in args.nodes for m in args.messages],
+            "memory": [node_memory(n) for n in args.nodes],
+            "data": [data_cost(n, 100) for n in args.nodes]}
+
+
+def print_costs(costs: Mapping[str, Any]) -> None:
+    """The `costs` tables."""
+    print("\nFlower's dispatcher: one sweep of get_message_ins over every node")
+    print("| nodes | stored instructions | sweep s | us per node | us per (node x message) |")
+    print("|---|---|---|---|---|")
+    for row in costs["dispatch"]:
+        print(f"| {row['nodes']:,} | {row['stored']} | {row['sweep_seconds']:.3f} | "
+              f"{row['per_node_us']:.1f} | {row['per_pair_us']:.2f} |")
+    print("\nMemory per virtual client (bytes, tracemalloc)")
+    print("| nodes | link state | engine run-info store | server client manager |")
+    print("|---|---|---|---|")
+    for row in costs["memory"]:
+        print(f"| {row['nodes']:,} | {row['link_state_bytes']:,.0f} | "
+              f"{row['run_info_store_bytes']:,.0f} | {row['client_manager_bytes']:,.0f} |")
+    print("\ndataset=synthetic (synthetic-max-samples=100), in every process")
+    print("| users | build us per user | bytes per user | one partition load ms |")
+    print("|---|---|---|---|")
+    for row in costs["data"]:
+        print(f"| {row['users']:,} | {1e6 * row['build_seconds_per_user']:.0f} | "
+              f"{row['bytes_per_user']:,.0f} | {1e3 * row['partition_load_seconds']:.2f} |")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -267,18 +365,25 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     many.add_argument("--seed", type=int, default=42)
     many.add_argument("--at", type=int, nargs="+", default=None,
                       help="rounds whose memory is shown (default: 1, 10 and the last)")
-    many.add_argument("--json", type=Path, default=None, help="also write the figures here")
+    costs = sub.add_parser("costs", help="measure the per-client costs of a larger run")
+    costs.add_argument("--nodes", type=int, nargs="+", default=[1000, 10_000])
+    costs.add_argument("--messages", type=int, nargs="+", default=[0, 100])
+    for command in (many, costs):
+        command.add_argument("--json", type=Path, default=None,
+                             help="also write the figures here")
     return parser.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> None:
     """Run the chosen measurement and print its tables."""
     args = parse_args(argv)
+    result = run_many(args) if args.command == "many" else run_costs(args)
+    if args.json is not None:
+        args.json.write_text(json.dumps(result, indent=1), encoding="utf-8")
     if args.command == "many":
-        result = run_many(args)
-        if args.json is not None:
-            args.json.write_text(json.dumps(result, indent=1), encoding="utf-8")
         print_many(result, args.at or sorted({1, min(10, args.rounds), args.rounds}))
+    else:
+        print_costs(result)
 
 
 if __name__ == "__main__":
