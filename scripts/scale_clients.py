@@ -158,12 +158,17 @@ def run_many(args: argparse.Namespace) -> dict[str, Any]:
         cfg = simulate.prepare(sim_args)
         wall = simulate.simulate(cfg, sim_args, callbacks=[sampler])
         history = read_history(Path(out))
-    seconds = {int(r["round"]): float(r["seconds"]) for r in history["rounds"] if r["round"] > 0}
+    rounds = [r for r in history["rounds"] if r["round"] > 0]
+    seconds = {int(r["round"]): float(r["seconds"]) for r in rounds}
+    timings = [r["fit"]["timing"] for r in rounds if "timing" in r.get("fit", {})]
+    client_seconds = {phase: statistics.mean(t.get(phase, 0.0) for t in timings)
+                      for phase in sorted({p for t in timings for p in t})}
     return {"clients": args.clients, "per_round": args.per_round, "model": args.model,
             "dataset": args.dataset, "run_config": overrides,
             "startup_seconds": sampler.startup_seconds,
             "total_seconds": time.perf_counter() - start, "simulate_seconds": wall,
             "round_seconds": seconds, "memory": sampler.samples,
+            "client_fit_seconds": client_seconds,
             "accuracy": [r["centralized"].get("accuracy") for r in history["rounds"]],
             "load_average": os.getloadavg()}
 
@@ -181,6 +186,9 @@ def print_many(result: Mapping[str, Any], at: Sequence[int]) -> None:
     print(f"seconds per round: mean {statistics.mean(values):.2f}, median "
           f"{statistics.median(values):.2f}, round 1 {values[0]:.2f}, min {min(values):.2f}, "
           f"max {max(values):.2f}")
+    phases = ", ".join(f"{phase} {value:.3f}" for phase, value in
+                       result["client_fit_seconds"].items())
+    print(f"a client's fit message, mean seconds per phase (fit.timing): {phases}")
     acc = result["accuracy"]
     print(f"centralized accuracy: round 0 {acc[0]:.4f}, last {acc[-1]:.4f}")
     header = " | ".join(f"round {r}" for r in rounds)

@@ -91,6 +91,7 @@ def test_many_clients_run_records_rounds_and_memory_at_each(tmp_path, capsys):
     for sample in result["memory"].values():
         assert sample["server"]["rss"] > 0 and sample["workers"]  # Ray's ClientApp actors
     assert result["startup_seconds"] > 0 and len(result["accuracy"]) == 4
+    assert result["client_fit_seconds"]["training"] > 0  # history's fit.timing, per client
     printed = capsys.readouterr().out
     assert "30 clients, 6 a round, 3 rounds" in printed
     assert "| server RSS |" in printed and "| worker 1 RSS |" in printed
