@@ -130,17 +130,22 @@ def memory_rows(samples: Mapping[int, Mapping[str, Any]], rounds: Sequence[int]
     return rows
 
 
+def data_keys(dataset: str, clients: int) -> dict[str, Any]:
+    """The data's run-config keys for `clients` clients: `synthetic` gets one user a client
+    of at most 100 samples, `synthetic-images` 16 training images a client (20 before the
+    test fraction, 0.2, is held out)."""
+    if dataset == "synthetic":
+        return {"synthetic-num-users": clients, "synthetic-max-samples": 100}
+    return {"synthetic-images-samples": 20 * clients}
+
+
 def run_overrides(args: argparse.Namespace) -> str:
     """The `--run-config` string of a `many` run."""
     fraction = args.per_round / args.clients
     keys = {"num-server-rounds": args.rounds, "model": f"'{args.model}'",
             "dataset": f"'{args.dataset}'", "fraction-fit": fraction, "fraction-evaluate": 0.0,
-            "min-fit-clients": min(2, args.per_round), "local-epochs": 1, "seed": args.seed}
-    if args.dataset == "synthetic":
-        keys.update({"synthetic-num-users": args.clients, "synthetic-max-samples": 100})
-    elif args.dataset == "synthetic-images":
-        # 16 training images a client after the test fraction (0.2) is held out
-        keys["synthetic-images-samples"] = 20 * args.clients
+            "min-fit-clients": min(2, args.per_round), "local-epochs": 1, "seed": args.seed,
+            **data_keys(args.dataset, args.clients)}
     return " ".join(f"{key}={value}" for key, value in keys.items())
 
 
@@ -305,35 +310,39 @@ def node_memory(num_nodes: int) -> dict[str, float]:
             "client_manager_bytes": (managed + keys) / num_nodes}
 
 
-def data_cost(num_users: int, max_samples: int) -> dict[str, float]:
-    """`dataset=synthetic` for `num_users` users (each at most `max_samples` samples), as
-    every process of a run builds it (the server for its test set, each Ray worker for its
-    clients' partitions): seconds and bytes per user, and the seconds of one client's
-    partition load (checks and train/validation split) after it."""
+def data_cost(dataset: str, clients: int) -> dict[str, Any]:
+    """The data of a `many` run of `clients` clients (`data_keys`), as every process of a
+    run builds it (the server for its test set, each Ray worker for its clients'
+    partitions): seconds and bytes per client of the dataset's build, the first partition
+    load (which also builds the partitioner, if any) and one client's partition load after
+    it (partitioning, checks, train/validation split; the mean of up to 200)."""
     from fl_app.app.config import resolve
-    from fl_app.data.sources import SyntheticSource, load_partition
+    from fl_app.data.sources import data_source, load_partition
 
     logging.getLogger("flwr").setLevel(logging.ERROR)  # the checks warn of every skewed user
-    cfg = resolve({"dataset": "synthetic", "synthetic-num-users": num_users,
-                   "synthetic-max-samples": max_samples})
+    cfg = resolve({"dataset": dataset, **data_keys(dataset, clients)})
     start = time.perf_counter()
-    _, allocated = traced_bytes(lambda: SyntheticSource(cfg))
+    _, allocated = traced_bytes(lambda: data_source(cfg))
     build = time.perf_counter() - start
-    load_partition(cfg, 0, num_users)  # builds the process's cached source
-    loads = range(1, min(num_users, 201))
+    start = time.perf_counter()
+    load_partition(cfg, 0, clients)
+    first = time.perf_counter() - start
+    loads = range(1, min(clients, 201))
     start = time.perf_counter()
     for partition in loads:
-        load_partition(cfg, partition, num_users)
+        load_partition(cfg, partition, clients)
     per_load = (time.perf_counter() - start) / len(loads)
-    return {"users": num_users, "build_seconds_per_user": build / num_users,
-            "bytes_per_user": allocated / num_users, "partition_load_seconds": per_load}
+    return {"dataset": dataset, "clients": clients, "build_seconds_per_client": build / clients,
+            "bytes_per_client": allocated / clients, "first_load_seconds": first,
+            "partition_load_seconds": per_load}
 
 
 def run_costs(args: argparse.Namespace) -> dict[str, Any]:
     """The per-client costs (`costs`), as a JSON-able dict."""
     return {"dispatch": [dispatch_cost(n, m) for n in args.nodes for m in args.messages],
             "memory": [node_memory(n) for n in args.nodes],
-            "data": [data_cost(n, 100) for n in args.nodes]}
+            "data": [data_cost(dataset, n) for dataset in ("synthetic", "synthetic-images")
+                     for n in args.nodes]}
 
 
 def print_costs(costs: Mapping[str, Any]) -> None:
@@ -350,12 +359,14 @@ def print_costs(costs: Mapping[str, Any]) -> None:
     for row in costs["memory"]:
         print(f"| {row['nodes']:,} | {row['link_state_bytes']:,.0f} | "
               f"{row['run_info_store_bytes']:,.0f} | {row['client_manager_bytes']:,.0f} |")
-    print("\ndataset=synthetic (synthetic-max-samples=100), in every process")
-    print("| users | build us per user | bytes per user | one partition load ms |")
-    print("|---|---|---|---|")
+    print("\nThe data, built in every process (`many`'s data keys)")
+    print("| dataset | clients | build us per client | bytes per client | first partition s "
+          "| one partition load ms |")
+    print("|---|---|---|---|---|---|")
     for row in costs["data"]:
-        print(f"| {row['users']:,} | {1e6 * row['build_seconds_per_user']:.0f} | "
-              f"{row['bytes_per_user']:,.0f} | {1e3 * row['partition_load_seconds']:.2f} |")
+        print(f"| {row['dataset']} | {row['clients']:,} | "
+              f"{1e6 * row['build_seconds_per_client']:.0f} | {row['bytes_per_client']:,.0f} | "
+              f"{row['first_load_seconds']:.2f} | {1e3 * row['partition_load_seconds']:.2f} |")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

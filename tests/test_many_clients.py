@@ -73,11 +73,13 @@ def test_node_memory_and_data_cost_are_per_client(identity):
     assert memory["nodes"] == 50
     assert all(memory[key] > 0 for key in
                ("link_state_bytes", "run_info_store_bytes", "client_manager_bytes"))
-    data = scale_clients.data_cost(30, 60)
-    assert data["users"] == 30
-    # at most 60 samples of 60 features a user, float32 or float64
-    assert 0 < data["bytes_per_user"] <= 60 * 61 * 8 * 2
+    data = scale_clients.data_cost("synthetic", 30)
+    assert data["clients"] == 30
+    # at most 100 samples of 60 features a user (float64 at most), its labels and test part
+    assert 0 < data["bytes_per_client"] <= 100 * 61 * 8 * 2
     assert data["partition_load_seconds"] > 0
+    images = scale_clients.data_cost("synthetic-images", 30)
+    assert 20 * 32 * 32 * 3 * 4 <= images["bytes_per_client"]  # 20 float32 images a client
 
 
 @pytest.mark.slow
