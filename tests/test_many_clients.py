@@ -64,8 +64,9 @@ def test_ray_workers_are_found_by_title_below_this_process_only():
 def test_dispatch_cost_sweeps_flowers_link_state_with_the_messages_stored(identity):
     cost = scale_clients.dispatch_cost(40, 10)
     assert cost["nodes"] == 40 and cost["stored"] == 10
-    assert cost["sweep_seconds"] > 0
-    assert cost["per_pair_us"] == pytest.approx(1e6 * cost["sweep_seconds"] / 400)
+    assert cost["sweep_seconds"] > 0 and cost["sweep_cpu_seconds"] > 0
+    assert cost["per_pair_cpu_us"] == pytest.approx(1e6 * cost["sweep_cpu_seconds"] / 400)
+    assert cost["per_node_cpu_us"] == pytest.approx(1e6 * cost["sweep_cpu_seconds"] / 40)
 
 
 def test_node_memory_and_data_cost_are_per_client(identity):
