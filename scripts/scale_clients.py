@@ -39,7 +39,6 @@ import os
 import statistics
 import sys
 import tempfile
-import threading
 import time
 import tracemalloc
 from collections.abc import Callable, Mapping, Sequence
@@ -52,7 +51,7 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from fl_app.server.callbacks import Callback  # noqa: E402
+from fl_app.server.callbacks import Callback
 
 WORKER_TITLE = "ray::ClientAppActor"
 DATASETS = ("synthetic", "synthetic-images")
@@ -233,7 +232,11 @@ def flower_engine(num_nodes: int) -> tuple[Any, Any, dict[int, int]]:
     """Flower's in-memory link state with a run and `num_nodes` nodes, made as
     `flwr.simulation.run_simulation` makes them: (state, the ServerApp's `InMemoryGrid` on
     it, node id -> partition)."""
-    from flwr.common.constant import RUN_ID_NUM_BYTES, SUPERLINK_NODE_ID, TASK_ID_NUM_BYTES
+    from flwr.common.constant import (
+        RUN_ID_NUM_BYTES,
+        SUPERLINK_NODE_ID,
+        TASK_ID_NUM_BYTES,
+    )
     from flwr.proto.task_pb2 import Task  # pylint: disable=no-name-in-module
     from flwr.server.superlink.fleet.vce.vce_api import _register_nodes
     from flwr.server.superlink.linkstate import LinkStateFactory
@@ -296,7 +299,7 @@ def node_memory(num_nodes: int) -> dict[str, float]:
 
     from fl_app.server.client_manager import SeededClientManager
 
-    (state, grid, mapping), engine = traced_bytes(lambda: flower_engine(num_nodes))
+    (_, grid, mapping), engine = traced_bytes(lambda: flower_engine(num_nodes))
     _, empty_engine = traced_bytes(lambda: flower_engine(0))
     _, stores = traced_bytes(lambda: _register_node_info_stores(mapping, grid.run))
     manager = SeededClientManager(seed=0)
