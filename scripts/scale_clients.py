@@ -3,7 +3,8 @@
     python scripts/scale_clients.py many --clients 10000 --per-round 100 --rounds 30
     python scripts/scale_clients.py many --clients 1000 --per-round 100 --rounds 30 \\
         --model cnn-1m --dataset synthetic-images
-    python scripts/scale_clients.py costs [--nodes 1000 4000] [--messages 100]
+    python scripts/scale_clients.py costs [--nodes 1000 10000] [--messages 0 100] \
+        [--datasets synthetic synthetic-images]
 
 `many` runs the app as `run_simulation.py --num-supernodes N` does (`fl_app.cli.simulate`:
 the same config resolution, preflight, private Ray and Flower `run_simulation`), in this
@@ -21,12 +22,14 @@ the last, and writes it all as JSON (`--json`).
 `costs` measures, without Ray or TensorFlow, the per-client costs that decide a larger run:
   * Flower's dispatch: the in-memory link state's `get_message_ins(node_id, limit=1)` for
     every node (what the simulation engine's `add_messages_to_queue` does every 0.1 s) with
-    M instructions stored: the seconds per (node x stored message);
+    M instructions stored: wall and CPU seconds per sweep, per node and per (node x stored
+    message) (the CPU time is what an idle machine would see);
   * memory per virtual node in Flower's engine (link-state node, `DeprecatedRunInfoStore`
     with its Context) and per client in the server's `SeededClientManager` (its
     `GridClientProxy` wrapped as every run wraps it, and its cached key);
-  * generating and partitioning the data: `dataset=synthetic` for N users (seconds and
-    bytes per user) and one client's partition load.
+  * generating and partitioning the data (`synthetic`, `synthetic-images`, sized as `many`
+    sizes them): seconds and bytes per client of the build, the first partition load (the
+    partitioner's build) and one client's partition load after it.
 """
 
 from __future__ import annotations
