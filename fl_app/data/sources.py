@@ -272,10 +272,12 @@ class SyntheticSource:
             x = v + rng.normal(size=(sizes[k], dim)) * std
             y = np.argmax(x @ w + b, axis=1)
             n_test = max(1, int(round(cfg["test-fraction"] * len(y))))
-            tests.append((x[:n_test], y[:n_test]))
+            # float32 copies now, so this user's float64 draw is freed before the next one:
+            # a view kept it alive to the end, 3x the data's size in every process's heap
+            tests.append(as_split(x[:n_test], y[:n_test]))
             self._users.append(as_split(x[n_test:], y[n_test:]))
-        self._test = as_split(np.concatenate([t[0] for t in tests]),
-                               np.concatenate([t[1] for t in tests]))
+        self._test = as_split(np.concatenate([t.x for t in tests]),
+                               np.concatenate([t.y for t in tests]))
 
     def test_set(self) -> Split:
         """The union of every user's held-out part."""
