@@ -141,10 +141,10 @@ def test_the_table_gives_each_figure_over_plaintext_at_its_size():
     secure = Row("1m", "secagg+", 3, 250.0, 110.0, 3.0, 4.0, 7.0, 0.4)
     other_size = Row("4.8k", "int8", 3, 25.0, 100.0, 1.0, 1.0, 0.1, 0.9)
     lines = markdown([plain, secure, other_size]).splitlines()
-    assert lines[2] == "| 1m | plain | 100 | 100 | 2.000 (3.000) | 0.5000 | 0.4000 |"
-    assert lines[3] == ("| 1m | secagg+ | 250 (2.5x) | 110 (1.1x) | 3.000 (1.5x) (4.000) | "
+    assert lines[2] == "| 1m | plain | 3 | 100 | 100 | 2.000 (3.000) | 0.5000 | 0.4000 |"
+    assert lines[3] == ("| 1m | secagg+ | 3 | 250 (2.5x) | 110 (1.1x) | 3.000 (1.5x) (4.000) | "
                         "7.0000 (14x) | 0.4000 |")
-    assert lines[4] == "| 4.8k | int8 | 25 | 100 | 1.000 (1.000) | 0.1000 | 0.9000 |"
+    assert lines[4] == "| 4.8k | int8 | 3 | 25 | 100 | 1.000 (1.000) | 0.1000 | 0.9000 |"
 
 
 @pytest.mark.slow
