@@ -19,7 +19,8 @@ server-side DP (`dp-fixed`, z=1) at the README's clipping norm C=0.3 and at C=0.
 Per mode and size it prints:
   * bytes up and down per client per round, from each round's record in history.json
     (the `Parameters` tensors of every FitRes and FitIns; under SecAgg+ every protocol
-    message's records, counted at the Grid: a slightly larger unit);
+    message's records, counted at the Grid: a slightly larger unit), rounds 2..N (under
+    HE round 1 broadcasts the plaintext initial model);
   * client CPU seconds per client per round: the CPU time of the client's process (every
     thread, TensorFlow's included) from each fit message's arrival at the ClientApp's
     outermost mod (`fl_app.client.timing.message_seconds_mod`) to its reply, summed over
@@ -127,10 +128,10 @@ def row_from(size: str, mode: str, history: dict, messages: list[MessageSeconds]
     later = rounds[1:] or rounds  # round 1 carries first-time costs
     cpu, wall = client_seconds(messages, skip_first=len(rounds) > 1)
     return Row(size, mode, len(rounds),
-               up=sum(r["bytes"]["up"] for r in rounds) / sum(r["fit"]["num_clients"]
-                                                                for r in rounds),
-               down=sum(r["bytes"]["down"] for r in rounds) / sum(r["fit"]["num_sampled"]
-                                                                  for r in rounds),
+               up=sum(r["bytes"]["up"] for r in later) / sum(r["fit"]["num_clients"]
+                                                               for r in later),
+               down=sum(r["bytes"]["down"] for r in later) / sum(r["fit"]["num_sampled"]
+                                                                 for r in later),
                client_cpu=cpu, client_wall=wall,
                server_cpu=statistics.median(r["server_cpu_seconds"]["fit"] for r in later),
                accuracy=accuracy)
