@@ -75,7 +75,7 @@ MODES = {
     "dp": "strategy='dp-fixed' noise-multiplier=1.0 clipping-norm=0.3 dp-noise-seed=1",
     "dp-c0.03": "strategy='dp-fixed' noise-multiplier=1.0 clipping-norm=0.03 dp-noise-seed=1",
 }
-STARTUP_ATTEMPTS = 3
+ATTEMPTS = 3
 
 
 @dataclass
@@ -139,7 +139,8 @@ def row_from(size: str, mode: str, history: dict, messages: list[MessageSeconds]
 
 def run(args: argparse.Namespace, size: str, mode: str, folder: Path) -> Row:
     """Run one mode at one size in this process; its row. A run that did not start (Ray
-    given too little time on a loaded machine) is started again from scratch."""
+    given too little time on a loaded machine) or lost a client (Ray kills a worker when
+    the machine runs low on memory) is run again from scratch, `ATTEMPTS` times in all."""
     attempt = 0
     while True:
         attempt += 1
@@ -150,12 +151,13 @@ def run(args: argparse.Namespace, size: str, mode: str, folder: Path) -> Row:
         cfg = simulate.prepare(sim_args)
         try:
             simulate.simulate(cfg, sim_args, outer_mods=[message_seconds_mod(sink)])
+            return row_from(size, mode, read_history(out), sink.read(),
+                            final_model_accuracy(out))
         except RuntimeError as err:
-            if attempt == STARTUP_ATTEMPTS:
+            if attempt == ATTEMPTS:
                 raise
-            print(f"{size} {mode}: the simulation did not start ({err}); retrying", flush=True)
-            continue
-        return row_from(size, mode, read_history(out), sink.read(), final_model_accuracy(out))
+            print(f"{size} {mode}: attempt {attempt} failed ({str(err)[:300]}); retrying",
+                  flush=True)
 
 
 def ratio(value: float, base: float) -> str:
@@ -204,22 +206,31 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Run every mode at every size; print the rows as they come, then the table."""
+    """Run every mode at every size; print the rows as they come, then the table and the
+    modes that failed every attempt (exit status 1 if any did)."""
     args = parse_args(argv)
     quiet_libraries(False)
     rows: list[Row] = []
+    failed: list[str] = []
     with tempfile.TemporaryDirectory(prefix="scale-costs-") as tmp:
         folder = args.out if args.out is not None else Path(tmp)
         folder.mkdir(parents=True, exist_ok=True)
         for size in args.sizes:
             for mode in args.modes:
-                rows.append(run(args, size, mode, folder))
+                try:
+                    rows.append(run(args, size, mode, folder))
+                except RuntimeError as err:
+                    failed.append(f"{size} {mode}: {str(err)[:300]}")
+                    continue
                 print(json.dumps(asdict(rows[-1])), flush=True)
                 if args.json is not None:
                     args.json.write_text(json.dumps([asdict(r) for r in rows], indent=2))
-    print(f"\n{args.clients} clients, {args.local_epochs} local epoch(s); sizes: " + "; ".join(f"{s} = {SIZES[s][0]}" for s in args.sizes))
+    print(f"\n{args.clients} clients, {args.local_epochs} local epoch(s); sizes: "
+          + "; ".join(f"{s} = {SIZES[s][0]}" for s in args.sizes))
     print(markdown(rows))
-    return 0
+    for line in failed:
+        print(f"failed, no row: {line}")
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":
