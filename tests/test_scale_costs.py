@@ -130,11 +130,13 @@ def test_a_row_is_per_client_per_round_and_the_server_median_of_later_rounds():
     assert (row.client_cpu, row.accuracy) == (1.0, 0.5)
 
 
-def test_a_run_with_a_failed_client_gives_no_row():
-    failed = history([(300, 3, 9.0), (200, 2, 1.0)])
-    failed["rounds"][2]["fit"].update(num_failures=1, failures=[{"error": "too few"}])
+def test_a_run_with_a_failed_client_gives_no_row_a_rejected_update_counts():
+    runs = history([(300, 3, 9.0), (200, 2, 1.0)])
+    runs["rounds"][2]["fit"]["num_rejected"] = 2
+    assert row_from("1m", "dp", runs, [seconds(1, "2", 1.0)], accuracy=0.1).up == 100.0
+    runs["rounds"][2]["fit"].update(num_failures=1, failures=[{"error": "too few"}])
     with pytest.raises(RuntimeError, match="1m secagg\\+: round 2 had failed .*too few"):
-        row_from("1m", "secagg+", failed, [seconds(1, "2", 1.0)], accuracy=0.5)
+        row_from("1m", "secagg+", runs, [seconds(1, "2", 1.0)], accuracy=0.5)
 
 
 def test_the_table_gives_each_figure_over_plaintext_at_its_size():
