@@ -22,10 +22,11 @@ import time
 IMPORT_START = time.time()  # before this module's imports: the `process` phase ends here
 
 
-from collections.abc import Mapping  # noqa: E402
+from collections.abc import Mapping, Sequence  # noqa: E402
 
 from flwr.client import Client  # noqa: E402
 from flwr.clientapp import ClientApp  # noqa: E402
+from flwr.clientapp.typing import Mod  # noqa: E402
 from flwr.common import Context, Scalar  # noqa: E402
 
 from fl_app.app.quiet import quiet_libraries  # noqa: E402
@@ -64,11 +65,14 @@ start_up = _StartUp()
 
 
 def make_client_app(fixed_config: RunConfig | None = None,
-                    node_config: Mapping[str, Scalar] | None = None) -> ClientApp:
+                    node_config: Mapping[str, Scalar] | None = None,
+                    outer_mods: Sequence[Mod] = ()) -> ClientApp:
     """A ClientApp; with `fixed_config` it ignores `context.run_config` (for run_simulation),
     and `node_config` adds to every node's own (the simulation engine's is fixed; this is
     how run_simulation gives the simulated nodes their key file, which the server never
     sees). Each fit's metrics say where the message's time went (`fl_app.client.timing`).
+    `outer_mods` go before the app's own mods, outermost first (a benchmark's
+    `fl_app.client.timing.message_seconds_mod` sees each message as it arrives).
     """
     extra = dict(node_config or {})
 
@@ -104,7 +108,7 @@ def make_client_app(fixed_config: RunConfig | None = None,
             NodePolicy.from_node_config(node_config_of(context)).require_secure is not None
 
     return ClientApp(client_fn=client_fn, mods=[
-        node_policy_mod(run_config, node_config_of),
+        *outer_mods, node_policy_mod(run_config, node_config_of),
         withhold_weights_mod(protected), private_replies_mod(protected),
         secure_aggregation_mod(secure_required, run_config, node_config_of)])
 

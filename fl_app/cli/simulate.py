@@ -39,7 +39,7 @@ import time
 from collections.abc import Iterator, Sequence
 from contextlib import ExitStack, contextmanager
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
 from flwr.common.config import flatten_dict, get_project_config, parse_config_args
@@ -54,6 +54,9 @@ from fl_app.server.callbacks import Callback
 from fl_app.server.checkpoint import RESUMABLE_CHANGES, CheckpointError, load_checkpoint
 from fl_app.server.outputs import resolve_out_dir
 from fl_app.server.stopping import IDLE_STOP
+
+if TYPE_CHECKING:
+    from flwr.clientapp.typing import Mod
 
 PROJECT_DIR = Path(__file__).resolve().parents[2]  # the folder of pyproject.toml
 # What `--run-config` may change with `--resume`: `--resume` sets resume-from and the
@@ -289,11 +292,11 @@ def simulation_ray(args: argparse.Namespace, verbose: bool,
 
 
 def simulate(cfg: RunConfig, args: argparse.Namespace, callbacks: Sequence[Callback] = (),
-             started_at: float | None = None) -> float:
+             started_at: float | None = None, outer_mods: Sequence[Mod] = ()) -> float:
     """Run the ServerApp and `--num-supernodes` ClientApps on Flower's simulation engine
-    (`callbacks`, `started_at`: see `fl_app.server.recorder.RunRecorder`); return the run's
-    wall time in seconds (with homomorphic encryption: including the decryption of the
-    final model)."""
+    (`callbacks`, `started_at`: see `fl_app.server.recorder.RunRecorder`; `outer_mods`:
+    see `make_client_app`); return the run's wall time in seconds (with homomorphic
+    encryption: including the decryption of the final model)."""
     from flwr.simulation import run_simulation
 
     from fl_app.app.client_app import make_client_app
@@ -305,7 +308,8 @@ def simulate(cfg: RunConfig, args: argparse.Namespace, callbacks: Sequence[Callb
     if cfg["homomorphic-encryption"] == "none":
         with simulation_ray(args, verbose):
             run_simulation(server_app=make_server_app(cfg, callbacks, started_at),
-                           client_app=make_client_app(cfg), num_supernodes=args.num_supernodes,
+                           client_app=make_client_app(cfg, outer_mods=outer_mods),
+                           num_supernodes=args.num_supernodes,
                            backend_config=backend)
         return time.perf_counter() - start
     from fl_app.app.he_final import decrypt_final_model
@@ -314,7 +318,8 @@ def simulate(cfg: RunConfig, args: argparse.Namespace, callbacks: Sequence[Callb
 
     keys = encryption_keys(cfg, args.he_key_file)
     with keys as (run_cfg, key_file), simulation_ray(args, verbose, preload_tenseal=True):
-        client_app = make_client_app(run_cfg, node_config={KEY_FILE_NODE_CONFIG: key_file})
+        client_app = make_client_app(run_cfg, node_config={KEY_FILE_NODE_CONFIG: key_file},
+                                     outer_mods=outer_mods)
         run_simulation(server_app=make_server_app(run_cfg, callbacks, started_at),
                        client_app=client_app, num_supernodes=args.num_supernodes,
                        backend_config=backend)
