@@ -117,7 +117,8 @@ class CappedWeightedSum:
     the order they arrived, with min(claim, the round's cap). An update folded early thus
     has its exact weight whenever its claim is within the round's final cap, in
     particular whenever at most `hold` accepted claims exceed it (`exact` says whether
-    every weight was exact). With `factor` 0 nothing is capped, held or read twice: each
+    every weight was exact; a streamed round that is not keeps the previous global model,
+    `strategies.validated.ValidatedFitStream.finish`). With `factor` 0 nothing is capped, held or read twice: each
     update is checked and folded in one pass (`RunningWeightedSum.add`).
 
     Args:

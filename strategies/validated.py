@@ -375,10 +375,12 @@ class ValidatedFitStream:
                 parameters = cast_like(parameters, self.reference)
         else:
             assert self.sum is not None
-            if not self.sum.exact:
-                log(WARNING, "round %s: more than %s claims exceeded the examples cap; the "
-                    "updates folded before the last reply weigh by the cap of the claims "
-                    "then received", server_round, self.sum.hold)
+            if not self.sum.exact:  # never average in a weight the cap rule would not give
+                log(WARNING, "round %s: more than %s claims exceeded the examples cap before "
+                    "the round's cap was known, so the streamed sum cannot weigh them as the "
+                    "rule does: keeping the previous global model", server_round,
+                    self.sum.hold)
+                return None, {NUM_REJECTED: len(self.rejected), NUM_CAPPED: capped}
             aggregate = sum_aggregator(owner.inner)
             assert aggregate is not None  # a stream without `inner` is opened only then
             parameters, metrics = aggregate(server_round, self.sum.finish(), accepted, failures)
