@@ -328,19 +328,24 @@ def data_cost(dataset: str, clients: int) -> dict[str, Any]:
     from fl_app.app.config import resolve
     from fl_app.data.sources import data_source, load_partition
 
-    logging.getLogger("flwr").setLevel(logging.ERROR)  # the checks warn of every skewed user
-    cfg = resolve({"dataset": dataset, **data_keys(dataset, clients)})
-    start = time.perf_counter()
-    _, allocated = traced_bytes(lambda: data_source(cfg))
-    build = time.perf_counter() - start
-    start = time.perf_counter()
-    load_partition(cfg, 0, clients)
-    first = time.perf_counter() - start
-    loads = range(1, min(clients, 201))
-    start = time.perf_counter()
-    for partition in loads:
-        load_partition(cfg, partition, clients)
-    per_load = (time.perf_counter() - start) / len(loads)
+    flwr_logger = logging.getLogger("flwr")
+    level = flwr_logger.level
+    flwr_logger.setLevel(logging.ERROR)  # the checks warn of every skewed user
+    try:
+        cfg = resolve({"dataset": dataset, **data_keys(dataset, clients)})
+        start = time.perf_counter()
+        _, allocated = traced_bytes(lambda: data_source(cfg))
+        build = time.perf_counter() - start
+        start = time.perf_counter()
+        load_partition(cfg, 0, clients)
+        first = time.perf_counter() - start
+        loads = range(1, min(clients, 201))
+        start = time.perf_counter()
+        for partition in loads:
+            load_partition(cfg, partition, clients)
+        per_load = (time.perf_counter() - start) / len(loads)
+    finally:
+        flwr_logger.setLevel(level)  # this process's logging as it was
     return {"dataset": dataset, "clients": clients, "build_seconds_per_client": build / clients,
             "bytes_per_client": allocated / clients, "first_load_seconds": first,
             "partition_load_seconds": per_load}
