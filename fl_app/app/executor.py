@@ -53,14 +53,6 @@ from typing import Any
 
 import httpx
 from flwr.app import Context, Message
-from flwr.common.serde import (
-    context_from_proto,
-    context_to_proto,
-    message_from_proto,
-    message_to_proto,
-)
-from flwr.proto.message_pb2 import Context as ContextProto  # pylint: disable=E0611
-from flwr.proto.message_pb2 import Message as MessageProto  # pylint: disable=E0611
 from flwr.supercore.fab import Fab
 from flwr.supercore.run import Run
 
@@ -74,7 +66,9 @@ from fl_app.app.task_api import (
     NodeRefused,
     Task,
     error_reply,
+    from_bytes,
     install,
+    to_bytes,
 )
 
 DEFAULT_TASK_TIMEOUT = 600.0  # seconds a ClientApp may take for one message
@@ -208,8 +202,7 @@ class Executor:
         and why it failed (None when the ClientApp answered)."""
         proc = self._process(install(fab, run), run.fab_id, run.fab_version, fab.hash_str)
         request = {"identity": (task_id, run.run_id, context.node_id),
-                   "message": message_to_proto(message).SerializeToString(),
-                   "context": context_to_proto(context).SerializeToString()}
+                   **to_bytes(message, context)}
         self.running = proc
         try:
             answer = proc.call(request, self.task_timeout)
@@ -219,8 +212,8 @@ class Executor:
             self.running = None
         if not answer["ok"]:
             return error_reply(message, answer["reason"]), context, answer["reason"]
-        return (message_from_proto(MessageProto.FromString(answer["message"])),
-                context_from_proto(ContextProto.FromString(answer["context"])), None)
+        reply, context = from_bytes(answer)
+        return reply, context, None
 
     def run_task(self, acquired: Acquired) -> None:
         """Pull one task's input, run it in its warm process, push its reply and status.

@@ -53,7 +53,16 @@ from flwr.supercore.interceptors import (
 from flwr.supercore.retry.retry_invoker import RetryInvoker, exponential
 from flwr.supercore.run import Run
 from flwr.supercore.runtime import RuntimeHttpClient
-from flwr.common.serde import context_from_proto, fab_from_proto, run_from_proto
+from flwr.common.serde import (
+    context_from_proto,
+    context_to_proto,
+    fab_from_proto,
+    message_from_proto,
+    message_to_proto,
+    run_from_proto,
+)
+from flwr.proto.message_pb2 import Context as ContextProto  # pylint: disable=E0611
+from flwr.proto.message_pb2 import Message as MessageProto  # pylint: disable=E0611
 from flwr.proto.node_pb2 import Node  # pylint: disable=E0611
 from flwr.proto.runtime_pb2 import (  # pylint: disable=E0611
     PullAppMessagesRequest,
@@ -205,6 +214,18 @@ class Task:
         if self._heartbeat.is_running:
             self._heartbeat.stop()
         self._client.close()
+
+
+def to_bytes(message: Message, context: Context) -> dict[str, bytes]:
+    """`message` and `context` as Flower's protobuf bytes (what crosses the executor's pipe)."""
+    return {"message": message_to_proto(message).SerializeToString(),
+            "context": context_to_proto(context).SerializeToString()}
+
+
+def from_bytes(encoded: dict[str, bytes]) -> tuple[Message, Context]:
+    """The message and context `to_bytes` encoded."""
+    return (message_from_proto(MessageProto.FromString(encoded["message"])),
+            context_from_proto(ContextProto.FromString(encoded["context"])))
 
 
 def error_reply(message: Message, reason: str, code: int = CLIENT_APP_ERROR) -> Message:

@@ -18,9 +18,9 @@ from __future__ import annotations
 import argparse
 import signal
 import sys
-from collections.abc import Callable
 from multiprocessing.connection import Connection
 from pathlib import Path
+from types import ModuleType
 from typing import Any
 
 Request = dict[str, Any]
@@ -37,18 +37,9 @@ def forget_launch_modules(project: Path) -> None:
         del sys.modules[module]
 
 
-def _serve(conn: Connection, app: Any, exception_reason: Callable[[BaseException], str]) -> None:
+def _serve(conn: Connection, app: Any, task_api: ModuleType) -> None:
     """Answer requests on `conn` until it closes (a reply to an executor that has gone ends
-    this process quietly)."""
-    from flwr.app.message import Message
-    from flwr.common.serde import (
-        context_from_proto,
-        context_to_proto,
-        message_from_proto,
-        message_to_proto,
-    )
-    from flwr.proto.message_pb2 import Context as ContextProto  # pylint: disable=E0611
-    from flwr.proto.message_pb2 import Message as MessageProto  # pylint: disable=E0611
+    this process quietly); `task_api` is the executor's `fl_app.app.task_api`."""
     from flwr.supercore.task_identity import TaskIdentity
 
     while True:
@@ -57,14 +48,12 @@ def _serve(conn: Connection, app: Any, exception_reason: Callable[[BaseException
         except EOFError:
             return
         TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = request["identity"]
-        message = message_from_proto(MessageProto.FromString(request["message"]))
-        context = context_from_proto(ContextProto.FromString(request["context"]))
+        message, context = task_api.from_bytes(request)
         try:
-            reply: Message = app(message=message, context=context)
-            answer = {"ok": True, "message": message_to_proto(reply).SerializeToString(),
-                      "context": context_to_proto(context).SerializeToString()}
+            answer = {"ok": True, **task_api.to_bytes(app(message=message, context=context),
+                                                      context)}
         except Exception as err:  # pylint: disable=broad-exception-caught
-            answer = {"ok": False, "reason": exception_reason(err)}
+            answer = {"ok": False, "reason": task_api.exception_reason(err)}
         try:
             conn.send(answer)
         except OSError:  # the executor has gone (BrokenPipeError)
@@ -83,12 +72,12 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the executor stops this process itself
     conn = Connection(args.fd)
     # the executor's side, bound before the FAB's code replaces this installed copy
-    from fl_app.app.task_api import exception_reason, load_client_app
+    from fl_app.app import task_api
 
     forget_launch_modules(args.project)
     sys.path.insert(0, str(args.project))  # from here on, this app's code is the FAB's
-    _serve(conn, load_client_app(args.fab_id, args.fab_version, args.fab_hash),
-           exception_reason)
+    _serve(conn, task_api.load_client_app(args.fab_id, args.fab_version, args.fab_hash),
+           task_api)
     return 0
 
 
