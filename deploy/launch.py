@@ -185,9 +185,6 @@ class LocalDeployment:
                  echo_components: bool = True, clientapps: str = "executor",
                  project_dir: Path | None = None, run_configs: Sequence[str] = (),
                  task_timeout: float | None = None) -> None:
-        if clientapps not in commands.CLIENTAPPS:
-            raise DeploymentError(f"clientapps={clientapps!r}: expected one of "
-                                  f"{commands.CLIENTAPPS}")
         self.dep = dep
         self.run_configs = tuple(run_configs)
         self.clientapps = clientapps

@@ -55,6 +55,7 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass
+from functools import cached_property
 from logging import INFO, WARNING
 from typing import Any
 
@@ -181,6 +182,11 @@ class _RoundPlan:
     event: RoundEvent  # what the accountant records if the round releases a model
     clip_norm: float  # C for this round
     sampled: list[ClientProxy]  # the clients sent the round, whatever they answer
+
+    @cached_property
+    def sampled_cids(self) -> frozenset[str]:
+        """The ids of `sampled` (looked up once per reply)."""
+        return frozenset(proxy.cid for proxy in self.sampled)
 
 
 class DPFixedClipping(StrategyWrapper):
@@ -427,7 +433,7 @@ def in_sample(server_round: int, proxy: ClientProxy, plan: _RoundPlan, seen: set
     """Whether the reply of `proxy` counts: from a client in the round's sample, and its
     first (`seen`: the clients counted so far, updated); else dropped, logged (an extra or
     repeated update would raise the sensitivity the noise assumes)."""
-    if proxy.cid in seen or proxy.cid not in {p.cid for p in plan.sampled}:
+    if proxy.cid in seen or proxy.cid not in plan.sampled_cids:
         why = "a repeat" if proxy.cid in seen else "not in this round's sample"
         log(WARNING, "round %s: dropped an update from client %s: %s", server_round,
             proxy.cid, why)

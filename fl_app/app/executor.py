@@ -180,18 +180,18 @@ class Executor:
         if running is not None:
             running.stop(why)
 
-    def _process(self, project: Path, fab_id: str, fab_version: str,
-                 fab_hash: str) -> WarmProcess:
-        """The FAB's warm process: the running one, else a new one (the oldest dropped)."""
-        proc = self.warm.pop(fab_hash, None)
+    def _process(self, fab: Fab, run: Run) -> WarmProcess:
+        """The FAB's warm process: the running one, else a new one on the FAB installed
+        (once per hash, `task_api.install`); the oldest is dropped past `WARM_FABS`."""
+        proc = self.warm.pop(fab.hash_str, None)
         if proc is not None and not proc.alive():
             proc.close()
             proc = None
         if proc is None:
-            proc = WarmProcess(project, fab_id, fab_version, fab_hash)
+            proc = WarmProcess(install(fab, run), run.fab_id, run.fab_version, fab.hash_str)
             self.log(f"started a warm ClientApp process (pid {proc.proc.pid}) for FAB "
-                     f"{fab_hash[:12]}")
-        self.warm[fab_hash] = proc
+                     f"{fab.hash_str[:12]}")
+        self.warm[fab.hash_str] = proc
         while len(self.warm) > WARM_FABS:
             self.warm.popitem(last=False)[1].close()
         return proc
@@ -200,7 +200,7 @@ class Executor:
              fab: Fab) -> tuple[Message, Context, str | None]:
         """Run one pulled task in its FAB's warm process: the reply, the context after it,
         and why it failed (None when the ClientApp answered)."""
-        proc = self._process(install(fab, run), run.fab_id, run.fab_version, fab.hash_str)
+        proc = self._process(fab, run)
         request = {"identity": (task_id, run.run_id, context.node_id),
                    **to_bytes(message, context)}
         self.running = proc

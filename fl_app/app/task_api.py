@@ -132,11 +132,10 @@ def _refusal(err: httpx.HTTPStatusError) -> NodeRefused | None:
 
 @dataclass(frozen=True)
 class Acquired:
-    """A task taken from the SuperNode: its one-time token, id and run."""
+    """A task taken from the SuperNode: its one-time token and id."""
 
     token: str
     task_id: int
-    run_id: int
 
 
 class Acquirer:
@@ -161,7 +160,7 @@ class Acquirer:
             raise
         if not (res.HasField("task") and res.token):
             return None
-        return Acquired(res.token, res.task.task_id, res.task.run_id)
+        return Acquired(res.token, res.task.task_id)
 
     def close(self) -> None:
         """Close the connection."""

@@ -34,7 +34,7 @@ from fl_app.wire import (
     TIMING_PREFIX,
 )
 from strategies.decoding import without_tensors
-from strategies.protocols import FitStream, PrivacyAccounting, StreamsFit, find_layer
+from strategies.protocols import FitStream, PrivacyAccounting, find_layer
 from strategies.state import set_strategy_state, strategy_state
 
 
@@ -289,14 +289,12 @@ class FederatedServer(Server):
         round's sum as it arrives and its tensors dropped (`fit_clients_streamed`)."""
         if self.secure_fit is not None:
             return self.secure_fit(self, server_round)
-        if not isinstance(self.strategy, StreamsFit):
-            return super().fit_round(server_round=server_round, timeout=timeout)
-        return self._streamed_fit_round(self.strategy, server_round, timeout)
+        return self._streamed_fit_round(server_round, timeout)
 
-    def _streamed_fit_round(self, strategy: StreamsFit, server_round: int,
-                            timeout: float | None) -> Any:
+    def _streamed_fit_round(self, server_round: int, timeout: float | None) -> Any:
         """Flower's `Server.fit_round` (same logs, same return), with the round's replies
-        added to `strategy`'s stream as they arrive when it opens one."""
+        added to the strategy's stream as they arrive when it opens one (`self.wire`, the
+        outermost layer, asks the chain and counts the streamed replies' bytes)."""
         instructions = self.strategy.configure_fit(
             server_round=server_round, parameters=self.parameters,
             client_manager=self._client_manager)
@@ -305,7 +303,7 @@ class FederatedServer(Server):
             return None
         log(INFO, "configure_fit: strategy sampled %s clients (out of %s)", len(instructions),
             self._client_manager.num_available())
-        stream = strategy.open_fit_stream(server_round)
+        stream = self.wire.open_fit_stream(server_round)
         if stream is None:
             results, failures = fit_clients(instructions, self.max_workers, timeout,
                                             server_round)
