@@ -34,7 +34,7 @@ from fl_app.wire import (
     TIMING_PREFIX,
 )
 from strategies.decoding import without_tensors
-from strategies.protocols import FitStream, PrivacyAccounting, find_layer
+from strategies.protocols import FitStream, PrivacyAccounting, StreamsFit, find_layer
 from strategies.state import set_strategy_state, strategy_state
 
 
@@ -293,8 +293,9 @@ class FederatedServer(Server):
 
     def _streamed_fit_round(self, server_round: int, timeout: float | None) -> Any:
         """Flower's `Server.fit_round` (same logs, same return), with the round's replies
-        added to the strategy's stream as they arrive when it opens one (`self.wire`, the
-        outermost layer, asks the chain and counts the streamed replies' bytes)."""
+        added to the strategy's stream as they arrive when it opens one. `self.strategy` is
+        asked, not `self.wire`: a caller that wraps the server's strategy (a recorder, an
+        audit layer) and does not stream gets Flower's whole round through its wrapper."""
         instructions = self.strategy.configure_fit(
             server_round=server_round, parameters=self.parameters,
             client_manager=self._client_manager)
@@ -303,7 +304,8 @@ class FederatedServer(Server):
             return None
         log(INFO, "configure_fit: strategy sampled %s clients (out of %s)", len(instructions),
             self._client_manager.num_available())
-        stream = self.wire.open_fit_stream(server_round)
+        stream = (self.strategy.open_fit_stream(server_round)
+                  if isinstance(self.strategy, StreamsFit) else None)
         if stream is None:
             results, failures = fit_clients(instructions, self.max_workers, timeout,
                                             server_round)
