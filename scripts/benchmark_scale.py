@@ -1,7 +1,7 @@
 """Benchmark: the server's aggregation of one round at a real model size (issue 20).
 
     python scripts/benchmark_scale.py [--repeats 5] [--workloads 50x670k 20xcnn-10m]
-                                      [--memory]
+                                      [--tables aggregation memory clients costs startup]
 
 Each workload is N client replies (real Flower `FitRes`, float32 arrays serialized by
 `ndarrays_to_parameters`) in the layer shapes of a VGG-style CIFAR CNN: `670k` (widths 32,
@@ -19,8 +19,19 @@ examples counts 50..150 (none capped). Side by side in one run, the median of `-
     checks, no weights.
 Then each path's time over the floor's and over Flower's. It also checks that the
 validated path's model equals Flower's `aggregate()` (the largest absolute difference).
-`--memory` then runs `scripts/scale_memory.py` (peak server RSS over one round at 10, 50
-and 100 clients x cnn-10m, whole round vs streamed, and its plot).
+
+`--tables` picks issue 20's tables (default: aggregation only; `--tables all` for every one).
+The others run their own script, each in a fresh process with its defaults (see each
+script for its options and what it measures):
+  * memory: `scripts/scale_memory.py`, peak server RSS over one round at 10, 50 and 100
+    clients x cnn-10m, whole round vs streamed, and its plot (a few minutes);
+  * clients: `scripts/scale_clients.py many` (10,000 Synthetic clients, 100 per round, 30
+    rounds: seconds per round and RSS at rounds 1, 10, 30; about 15 minutes here), then
+    `many --clients 1000 --model cnn-1m --dataset synthetic-images`, then `costs` (the
+    per-client costs behind the 100,000-client estimate);
+  * costs: `scripts/scale_costs.py`, SecAgg+, HE, compression and DP at 4.8k and 1 M
+    weights (about an hour here);
+  * startup: `scripts/scale_startup.py`, where `run_simulation.py`'s start-up goes.
 """
 
 from __future__ import annotations
@@ -47,6 +58,17 @@ from strategies.context import StrategyContext  # noqa: E402
 from strategies.registry import build_strategy  # noqa: E402
 from strategies.weighted_fedavg import WeightedFedAvg  # noqa: E402
 from tests.flower_objects import results  # noqa: E402  (real FitRes, no client behind them)
+
+# table -> the commands (script and arguments, from the repository root) that print it
+TABLES = {
+    "memory": [["scripts/scale_memory.py"]],
+    "clients": [["scripts/scale_clients.py", "many"],
+                ["scripts/scale_clients.py", "many", "--clients", "1000", "--model", "cnn-1m",
+                 "--dataset", "synthetic-images"],
+                ["scripts/scale_clients.py", "costs"]],
+    "costs": [["scripts/scale_costs.py"]],
+    "startup": [["scripts/scale_startup.py"]],
+}
 
 # name -> (conv widths, dense units) of `fl_app.ml.models.vgg_cnn`
 MODELS = {"670k": ((32, 64, 128), 186), "cnn-1m": ((32, 64, 128), 384),
@@ -129,9 +151,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         "(default: 50x670k 20xcnn-10m)")
     parser.add_argument("--repeats", type=int, default=5, help="timed repeats (median)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the generated updates")
-    parser.add_argument("--memory", action="store_true",
-                        help="then the memory table and plot (scripts/scale_memory.py)")
+    parser.add_argument("--tables", nargs="+", default=["aggregation"],
+                        choices=["all", "aggregation", *TABLES],
+                        help="which tables (default: aggregation; all: every one)")
     args = parser.parse_args(argv)
+    if "all" in args.tables:
+        args.tables = ["aggregation", *TABLES]
     for spec in args.workloads:
         count, sep, model = spec.partition("x")
         if not (sep and count.isdigit() and int(count) > 0 and model in MODELS):
@@ -140,14 +165,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> None:
-    """Print the aggregation table of every workload (and with `--memory` the memory
-    table)."""
+    """Print the tables asked for: the aggregation table of every workload here, the
+    others by their own scripts (`TABLES`), each in a fresh process."""
     args = parse_args(argv)
-    for spec in args.workloads:
-        measure(spec, args.repeats, args.seed)
-    if args.memory:  # its own processes: each configuration's peak RSS in a fresh one
-        subprocess.run([sys.executable, str(ROOT / "scripts" / "scale_memory.py"),
-                        "--seed", str(args.seed)], check=True)
+    if "aggregation" in args.tables:
+        for spec in args.workloads:
+            measure(spec, args.repeats, args.seed)
+    for table, commands in TABLES.items():
+        if table in args.tables:
+            for command in commands:
+                print(f"\n## {table}: python {' '.join(command)}", flush=True)
+                subprocess.run([sys.executable, *command], cwd=ROOT, check=True)
 
 
 if __name__ == "__main__":

@@ -10,28 +10,19 @@ as soon as it is added (a server loop may fold each reply as it arrives).
 float32 arrays (every Keras model's weights) are summed in float32 with BLAS `saxpy`, as
 Flower's `aggregate` sums them; arrays of any other dtype in float64. `result()` divides by
 the total weight and returns each array in its reference dtype. The check and the fold run
-on one BLAS thread: these passes are bound by memory, and OpenBLAS handing each of them
-to two threads on a busy machine made a round up to 30 times slower.
+on one BLAS thread (`strategies.blas.one_blas_thread`).
 """
 
 from __future__ import annotations
 
 import heapq
-from functools import cache
 
 import numpy as np
 from flwr.common import NDArrays
 from scipy.linalg.blas import saxpy
-from threadpoolctl import ThreadpoolController
 
-from strategies.validation import claim_cap, nonfinite_problem, structure_problem
-
-
-@cache
-def _blas() -> ThreadpoolController:
-    """The process's BLAS thread pools (found once: it scans the loaded libraries)."""
-    return ThreadpoolController()
-
+from strategies.blas import one_blas_thread
+from strategies.validation import arrays_problem, claim_cap
 
 def _check_weight(weight: float) -> None:
     """Raise ValueError unless `weight` is a positive finite number."""
@@ -66,7 +57,7 @@ class RunningWeightedSum:
         Raises ValueError if `weight` is not a positive finite number.
         """
         _check_weight(weight)
-        with _blas().limit(limits=1, user_api="blas"):
+        with one_blas_thread():
             problem = self.problem(arrays)
             if problem is None:
                 self.fold(arrays, weight)
@@ -74,8 +65,7 @@ class RunningWeightedSum:
 
     def problem(self, arrays: NDArrays) -> str | None:
         """Why `arrays` cannot be added (`add`'s checks), or None; reads every value once."""
-        with _blas().limit(limits=1, user_api="blas"):
-            return structure_problem(arrays, self.reference) or nonfinite_problem(arrays)
+        return arrays_problem(arrays, self.reference)
 
     def fold(self, arrays: NDArrays, weight: float) -> None:
         """Fold `weight * arrays` into the sum without `add`'s checks: for arrays that
@@ -84,7 +74,7 @@ class RunningWeightedSum:
         Raises ValueError if `weight` is not a positive finite number.
         """
         _check_weight(weight)
-        with _blas().limit(limits=1, user_api="blas"):
+        with one_blas_thread():
             for total, array in zip(self._sums, arrays):
                 flat = array.reshape(-1)
                 if total.dtype == np.float32:
@@ -139,22 +129,14 @@ class CappedWeightedSum:
         """Accept the update and its claimed `num_examples` (a positive integer), holding or
         folding it; or return why `arrays` are rejected (`RunningWeightedSum.add`'s checks),
         leaving the sum and the claims untouched."""
-        if not self.factor:
-            problem = self.total.add(arrays, claim)
+        with one_blas_thread():
+            problem = self.total.problem(arrays)
             if problem is None:
-                self.claims.append(claim)
-            return problem
-        problem = self.problem(arrays)
-        if problem is None:
-            self.take(arrays, claim)
+                self.take(arrays, claim)
         return problem
 
-    def problem(self, arrays: NDArrays) -> str | None:
-        """Why `arrays` cannot be added (`RunningWeightedSum.problem`), or None."""
-        return self.total.problem(arrays)
-
     def take(self, arrays: NDArrays, claim: int) -> None:
-        """`add` for arrays that passed `problem` already (they are not checked again)."""
+        """`add` for arrays that passed `RunningWeightedSum.problem` already (they are not checked again)."""
         self.claims.append(claim)
         if not self.factor:
             self.total.fold(arrays, claim)

@@ -18,6 +18,7 @@ from flwr.server.client_manager import ClientManager
 from flwr.server.client_proxy import ClientProxy
 from flwr.server.strategy import Strategy
 
+from strategies.blas import one_blas_thread
 from strategies.decoding import without_tensors
 from strategies.dp import DPFixedClipping
 from strategies.flower_builtins import aggregate_average, averages_updates
@@ -31,11 +32,10 @@ from strategies.validation import (
     Res,
     cap_claims,
     cast_like,
+    arrays_problem,
     decode_update,
-    nonfinite_problem,
     reference_arrays,
     reject,
-    structure_problem,
     validate_evaluate_results,
     validate_fit_results,
 )
@@ -283,6 +283,7 @@ class ValidatedFitStream:
         self._skipped: set[int] = set()  # places that will send nothing to fold
         self._placed: set[str] = set()  # clients already given their place
 
+    @one_blas_thread()  # the check and the fold share one limit
     def add(self, proxy: ClientProxy, res: FitRes, arrays: NDArrays | None = None) -> bool:
         """Check one reply, then fold its update or pass it on, now or once the clients
         before it in the sample are done (`arrays`: its update already decoded); whether
@@ -293,8 +294,7 @@ class ValidatedFitStream:
         if arrays is None:
             arrays, problem = decode_update(res, self.owner.max_examples)
         if arrays is not None:
-            problem = (self.sum.problem(arrays) if self.sum is not None else
-                       structure_problem(arrays, self.reference) or nonfinite_problem(arrays))
+            problem = arrays_problem(arrays, self.reference)
         place = self._place(proxy)
         if problem is not None:
             reject(self.rejected, "update", proxy, problem, self.server_round)

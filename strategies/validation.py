@@ -30,6 +30,7 @@ from flwr.server.client_proxy import ClientProxy
 from flwr.server.strategy import Strategy
 
 from fl_app.schema import Setting
+from strategies.blas import one_blas_thread
 from strategies.clipping import l2_norm, model_update
 from strategies.decoding import decode, encode
 from strategies.metrics import is_finite_number
@@ -106,6 +107,14 @@ def nonfinite_problem(arrays: NDArrays) -> str | None:
     return None
 
 
+def arrays_problem(arrays: NDArrays, reference: NDArrays) -> str | None:
+    """Why an update's decoded `arrays` cannot be averaged with the global model
+    `reference` (`structure_problem`, then `nonfinite_problem`, on one BLAS thread), or
+    None: the check every path runs before an update touches a sum."""
+    with one_blas_thread():
+        return structure_problem(arrays, reference) or nonfinite_problem(arrays)
+
+
 def update_problem(arrays: NDArrays, num_examples: int, reference: NDArrays,
                    max_examples: int = 0) -> str | None:
     """Why this update must be rejected, or None if it is acceptable.
@@ -113,8 +122,7 @@ def update_problem(arrays: NDArrays, num_examples: int, reference: NDArrays,
     `reference` is the global model sent this round: the update must match it array by
     array in shape and dtype. `max_examples` > 0 caps the claimed number of examples.
     """
-    return (examples_problem(num_examples, max_examples)
-            or structure_problem(arrays, reference) or nonfinite_problem(arrays))
+    return examples_problem(num_examples, max_examples) or arrays_problem(arrays, reference)
 
 
 def evaluate_problem(res: EvaluateRes, max_examples: int = 0) -> str | None:
@@ -205,7 +213,7 @@ def validate_fit_results(results: FitResults, reference: NDArrays, server_round:
     for proxy, fit_res in results:
         arrays, problem = decode_update(fit_res, max_examples)
         if arrays is not None:
-            problem = structure_problem(arrays, reference) or nonfinite_problem(arrays)
+            problem = arrays_problem(arrays, reference)
         if problem is None:
             out.accepted.append((proxy, fit_res))
             out.accepted_arrays.append(arrays)
