@@ -15,6 +15,7 @@ on one BLAS thread (`strategies.blas.one_blas_thread`).
 
 from __future__ import annotations
 
+import bisect
 import heapq
 
 import numpy as np
@@ -121,7 +122,8 @@ class CappedWeightedSum:
         self.total = RunningWeightedSum(reference)
         self.factor = factor
         self.hold = hold
-        self.claims: list[int] = []  # every accepted claim, in order of arrival
+        self.claims: list[int] = []  # every accepted claim, in ascending order
+        self._arrivals = 0  # updates taken so far (the order of arrival of held ones)
         self._held: list[tuple[int, int, NDArrays]] = []  # heap of (claim, arrival, arrays)
         self._early: list[tuple[int, float]] = []  # (claim, weight) of updates folded early
 
@@ -137,11 +139,12 @@ class CappedWeightedSum:
 
     def take(self, arrays: NDArrays, claim: int) -> None:
         """`add` for arrays that passed `RunningWeightedSum.problem` already (they are not checked again)."""
-        self.claims.append(claim)
+        bisect.insort(self.claims, claim)  # the cap reads their median, never sorts
+        self._arrivals += 1
         if not self.factor:
             self.total.fold(arrays, claim)
             return
-        heapq.heappush(self._held, (claim, len(self.claims), arrays))
+        heapq.heappush(self._held, (claim, self._arrivals, arrays))
         if len(self._held) > self.hold:
             early, _, arrays = heapq.heappop(self._held)
             weight = min(early, self.cap())
@@ -150,7 +153,7 @@ class CappedWeightedSum:
 
     def cap(self) -> int | None:
         """The cap on the claims accepted so far (None without a factor or a claim)."""
-        return claim_cap(self.claims, self.factor)
+        return claim_cap(self.claims, self.factor, is_sorted=True)
 
     @property
     def exact(self) -> bool:

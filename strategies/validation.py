@@ -240,11 +240,13 @@ def validate_evaluate_results(results: EvaluateResults, server_round: int,
 Res = TypeVar("Res", FitRes, EvaluateRes)
 
 
-def claim_cap(claims: list[int], factor: float) -> int | None:
-    """The cap `cap_claims` puts on claims: `factor` x their lower median (None: no cap)."""
+def claim_cap(claims: list[int], factor: float, *, is_sorted: bool = False) -> int | None:
+    """The cap `cap_claims` puts on claims: `factor` x their lower median (None: no cap).
+    `is_sorted`: the claims are in ascending order (the median is read, not sorted for)."""
     if not factor or not claims:
         return None
-    return max(1, int(factor * statistics.median_low(claims)))
+    median = claims[(len(claims) - 1) // 2] if is_sorted else statistics.median_low(claims)
+    return max(1, int(factor * median))
 
 
 def cap_claims(results: list[tuple[ClientProxy, Res]], factor: float,

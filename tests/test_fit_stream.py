@@ -30,6 +30,7 @@ from strategies import ValidatedStrategy, WeightedFedAvg
 from strategies.context import StrategyContext
 from strategies.registry import build_strategy
 from strategies.running_sum import CappedWeightedSum, RunningWeightedSum
+from strategies.validation import claim_cap
 from tests.conftest import make_config
 from tests.flower_objects import FailingProxy, IdleProxy, fit_res, random_model, results
 
@@ -137,6 +138,17 @@ def test_the_stream_holds_at_most_stream_hold_updates():
         reference.add(arrays, n)
     for ours, want in zip(total.finish().result(), reference.result()):
         np.testing.assert_allclose(ours, want, atol=1e-6, rtol=0)
+
+
+def test_the_running_cap_is_the_rule_on_every_claim_so_far():
+    """The running sum keeps its claims sorted and reads their median: at every step its
+    cap is `claim_cap` of the claims in the order they arrived."""
+    claims = [int(n) for n in np.random.default_rng(7).integers(1, 500, 41)]
+    global_model, updates = _updates(5, claims)
+    total = CappedWeightedSum(global_model, factor=2.5, hold=3)
+    for i, (arrays, n) in enumerate(updates):
+        total.add(arrays, n)
+        assert total.cap() == claim_cap(claims[:i + 1], 2.5)
 
 
 def test_more_liars_than_the_hold_the_whole_round_still_caps_every_claim(caplog):
