@@ -6,6 +6,9 @@ from __future__ import annotations
 
 import csv
 import io
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 from rich.console import Console
@@ -16,6 +19,8 @@ from fl_app.server.progress import ConsoleProgress, client_counts, progress_line
 from fl_app.server.round_log import csv_text, round_scalars, write_csv_log
 from fl_app.server.run_summary import metric_summary
 from fl_app.server.tensorboard import TensorBoardLogger
+
+ROOT = Path(__file__).resolve().parent.parent
 
 
 def _record(server_round: int, accuracy: float, **extra) -> dict:
@@ -183,3 +188,15 @@ def test_a_failed_clients_console_line_is_the_last_line_of_its_error():
     assert last_line(remote) == ("Exception ClientAppException occurred. Message: injected "
                                  "fault: client 0")
     assert last_line("ValueError: TTL expired") == "ValueError: TTL expired"
+
+
+def test_a_later_run_in_the_same_process_counts_its_start_up_from_its_own_call():
+    """The first run counts from the command (the process's start); a second run in the same
+    process (tests, notebooks) from its call, not from a process started long before."""
+    code = ("import time, psutil\n"
+            "from fl_app.server.run_clock import run_start\n"
+            "first = run_start(); time.sleep(0.3); before = time.time(); second = run_start()\n"
+            "print(first == psutil.Process().create_time(), second >= before > first + 0.3)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         check=True, cwd=ROOT).stdout
+    assert out.split() == ["True", "True"]

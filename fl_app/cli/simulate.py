@@ -53,6 +53,7 @@ from fl_app.schema import ConfigError, RunConfig
 from fl_app.server.callbacks import Callback
 from fl_app.server.checkpoint import RESUMABLE_CHANGES, CheckpointError, load_checkpoint
 from fl_app.server.outputs import resolve_out_dir
+from fl_app.server.run_clock import run_start
 from fl_app.server.stopping import IDLE_STOP
 
 if TYPE_CHECKING:
@@ -332,6 +333,7 @@ def simulate(cfg: RunConfig, args: argparse.Namespace, callbacks: Sequence[Callb
 
 def main(argv: list[str] | None = None) -> int:
     """Resolve and check the config, run the simulation, print the summary."""
+    started_at = run_start()  # before the config's model check and Ray's start
     args = parse_args(argv)
     quiet_libraries(args.verbose)  # before the config's model check imports TensorFlow
     try:
@@ -340,7 +342,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"ok: the config, model and data fit {args.num_supernodes} clients")
             return 0
         cfg = prepare(args)
-        seconds = simulate(cfg, args)
+        seconds = simulate(cfg, args, started_at=started_at)
     except (ConfigError, DataError, ModelError, CheckpointError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

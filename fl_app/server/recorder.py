@@ -13,7 +13,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import psutil
 from flwr.common import Parameters, parameters_to_ndarrays
 from flwr.common.logger import log
 
@@ -31,14 +30,10 @@ from fl_app.server.outputs import (
 )
 from fl_app.server.progress import ConsoleProgress
 from fl_app.server.round_log import write_csv_log
+from fl_app.server.run_clock import run_start
 from fl_app.server.run_summary import run_summary
 from fl_app.server.tensorboard import LOG_DIR, TensorBoardLogger
 from strategies.homomorphic import is_encrypted
-
-
-def process_start() -> float:
-    """When this process started (seconds since the epoch)."""
-    return psutil.Process().create_time()
 
 
 def live_console(cfg: RunConfig) -> bool:
@@ -61,8 +56,8 @@ class RunRecorder:
     """Keeps the run's history; writes history.json and history.csv each round, model,
     plots and summary at the end; calls the callbacks.
 
-    `started_at` (seconds since the epoch; default: when this process started) is where
-    the run's start-up and total time are counted from.
+    `started_at` (seconds since the epoch; default: `run_start()`) is where the run's
+    start-up and total time are counted from.
     """
 
     def __init__(self, cfg: RunConfig, out_dir: Path, trainer: KerasTrainer,
@@ -71,7 +66,7 @@ class RunRecorder:
         self.out_dir = out_dir
         self.trainer = trainer
         self.history: dict[str, Any] = {"config": dict(cfg), "rounds": [], "stopped": None}
-        self.started_at = process_start() if started_at is None else started_at
+        self.started_at = run_start() if started_at is None else started_at
         self.startup_seconds: float | None = None
         tensorboard = [TensorBoardLogger(out_dir / LOG_DIR)] if cfg["tensorboard"] else []
         self.callbacks: list[Callback] = [
