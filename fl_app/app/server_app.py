@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from functools import partial
 
 from flwr.common import Context, NDArrays, Scalar, ndarrays_to_parameters
 from flwr.server import ServerAppComponents, ServerConfig
@@ -27,6 +28,7 @@ from fl_app.server.checkpoint import (
     load_for_resume,
     read_ledger,
 )
+from fl_app.server.export import export_int8
 from fl_app.server.fedbuff_loop import FedBuffServer
 from fl_app.server.outputs import resolve_out_dir
 from fl_app.server.recorder import RunRecorder
@@ -78,7 +80,9 @@ def run_parts(cfg: RunConfig, callbacks: Sequence[Callback] = (),
     initial_weights = build_model(str(cfg["model"]), source.spec, int(cfg["seed"])).get_weights()
     checkpoint = load_for_resume(cfg, initial_weights)
     out_dir = resolve_out_dir(str(cfg["out-dir"] or cfg["resume-from"]))
-    recorder = RunRecorder(cfg, out_dir, trainer, callbacks, started_at)
+    test_set = source.test_set()
+    exporter = partial(export_int8, trainer, test_set) if cfg["export-int8"] else None
+    recorder = RunRecorder(cfg, out_dir, trainer, callbacks, started_at, exporter)
     if checkpoint is not None:
         recorder.resume(checkpoint)
     stopping = StoppingRules(
@@ -86,7 +90,7 @@ def run_parts(cfg: RunConfig, callbacks: Sequence[Callback] = (),
         min_delta=float(cfg["min-delta"]), target=float(cfg["target"]),
         max_idle_rounds=int(cfg["max-idle-rounds"]), metric_names=monitored_names(trainer),
         directions=trainer.metric_directions())
-    return RunParts(initial_weights, centralized_evaluator(trainer, source.test_set()),
+    return RunParts(initial_weights, centralized_evaluator(trainer, test_set),
                     recorder, Checkpointer(cfg, out_dir, lambda: recorder.history), stopping,
                     checkpoint)
 

@@ -272,6 +272,18 @@ class KerasTrainer:
                                                tf.constant(targets[lo:lo + EVAL_CHUNK])))
         return loss_sum / len(data), _scalar_metrics(self.model.get_metrics_result())
 
+    def evaluate_predictions(self, data: Split,
+                             y_pred: np.ndarray) -> tuple[float, dict[str, float]]:
+        """`evaluate`'s loss and compiled metrics for predictions made elsewhere (another
+        copy of the model: an int8 one, a LiteRT file) on `data`."""
+        self.model.reset_metrics()
+        targets = self.targets(data.y)
+        prediction = tf.constant(y_pred, dtype=tf.float32)
+        loss = self.model.compute_loss(x=None, y=tf.constant(targets), y_pred=prediction,
+                                       training=False)
+        self.model.compute_metrics(None, tf.constant(targets), prediction, None)
+        return float(loss), _scalar_metrics(self.model.get_metrics_result())
+
     def metric_names(self) -> list[str]:
         """The names under which `fit` and `evaluate` report the compiled metrics."""
         return sorted(_scalar_metrics(self.model.get_metrics_result()))

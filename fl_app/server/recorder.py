@@ -7,7 +7,7 @@ from __future__ import annotations
 import copy
 import io
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from logging import INFO
 from pathlib import Path
 from typing import Any
@@ -57,17 +57,21 @@ class RunRecorder:
     plots and summary at the end; calls the callbacks.
 
     `started_at` (seconds since the epoch; default: `run_start()`) is where the run's
-    start-up and total time are counted from.
+    start-up and total time are counted from. `exporter`, when given, writes more copies
+    of a plaintext final model into the output folder and returns what to record of them
+    in the summary under `export` (`fl_app.server.export`).
     """
 
     def __init__(self, cfg: RunConfig, out_dir: Path, trainer: KerasTrainer,
-                 callbacks: Sequence[Callback] = (), started_at: float | None = None) -> None:
+                 callbacks: Sequence[Callback] = (), started_at: float | None = None,
+                 exporter: Callable[[Path], dict[str, Any]] | None = None) -> None:
         self.cfg = cfg
         self.out_dir = out_dir
         self.trainer = trainer
         self.history: dict[str, Any] = {"config": dict(cfg), "rounds": [], "stopped": None}
         self.started_at = run_start() if started_at is None else started_at
         self.startup_seconds: float | None = None
+        self.exporter = exporter
         tensorboard = [TensorBoardLogger(out_dir / LOG_DIR)] if cfg["tensorboard"] else []
         self.callbacks: list[Callback] = [
             ConsoleProgress(int(cfg["num-server-rounds"]), live=live_console(cfg)),
@@ -115,6 +119,9 @@ class RunRecorder:
             self.trainer.set_weights(parameters_to_ndarrays(parameters))
             with private_files():
                 self.trainer.model.save(self.out_dir / MODEL_FILE)
+            if self.exporter is not None:
+                self.history["summary"]["export"] = self.exporter(self.out_dir)
+                write_history(self.out_dir, self.history)
         rounds = self.history["rounds"]
         save_plots(self.out_dir, rounds, plot_context(self.cfg, rounds))
         log(INFO, "results written to %s", self.out_dir)

@@ -58,6 +58,12 @@ SETTINGS = [
     Setting("tensorboard", bool, False,
             "Also write TensorBoard event files (per-round scalars) to <out-dir>/tensorboard; "
             "needs the `tensorboard` extra (pip install 'fl-keras[tensorboard]').", "run"),
+    Setting("export-int8", bool, False,
+            "Also write the final model as int8 copies for devices: final_model.int8.keras "
+            "(Keras 3 int8 quantization) and final_model.int8.tflite (LiteRT, int8 weights), "
+            "with each file's size, loss and metrics on the server's test set in "
+            "history.json (summary.export). Not with homomorphic-encryption: the server has "
+            "no plaintext model.", "run"),
     Setting("verbose", bool, False,
             "Show the libraries' own logs (Flower's per-call lines and [SUMMARY], "
             "TensorFlow, Ray workers, deprecation warnings) instead of only the progress.",
@@ -68,7 +74,14 @@ SETTINGS = [
 def check_config(values: Mapping[str, Scalar]) -> None:
     """`tensorboard` needs the TensorBoard package, found before any training;
     `fuse-evaluate` needs the synchronous loop (FedBuff has no rounds to evaluate in) and a
-    centralized `monitor` (fused distributed metrics are a round late)."""
+    centralized `monitor` (fused distributed metrics are a round late); `export-int8`
+    needs a plaintext final model."""
+    if values["export-int8"] and values["homomorphic-encryption"] != "none":
+        raise ConfigError("run-config key 'export-int8' is true but homomorphic-encryption is "
+                          f"{values['homomorphic-encryption']!r}: the server never holds the "
+                          "final model in plaintext, so it cannot quantize it; set "
+                          "export-int8=false (a key holder can quantize the decrypted "
+                          "final_model.keras)")
     if values["fuse-evaluate"] and str(values["monitor"]).startswith("distributed_"):
         raise ConfigError(f"run-config key 'fuse-evaluate' is true but monitor is "
                           f"{values['monitor']!r}: a fused round's distributed metrics are the "
