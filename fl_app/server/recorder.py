@@ -18,6 +18,7 @@ from flwr.common import Parameters, parameters_to_ndarrays
 from flwr.common.logger import log
 
 from fl_app.ml.trainer import KerasTrainer
+from fl_app.server.statistics import StatisticsRound
 from fl_app.schema import RunConfig
 from fl_app.server.callbacks import Callback
 from fl_app.server.checkpoint import Checkpoint
@@ -62,14 +63,18 @@ class RunRecorder:
     plots and summary at the end; calls the callbacks.
 
     `started_at` (seconds since the epoch; default: when this process started) is where
-    the run's start-up and total time are counted from.
+    the run's start-up and total time are counted from. With `statistics`
+    (`standardize=true`) `final_model.keras` holds the model between its Normalization and
+    Rescaling layers: raw inputs in, raw-scale outputs out.
     """
 
     def __init__(self, cfg: RunConfig, out_dir: Path, trainer: KerasTrainer,
-                 callbacks: Sequence[Callback] = (), started_at: float | None = None) -> None:
+                 callbacks: Sequence[Callback] = (), started_at: float | None = None,
+                 statistics: StatisticsRound | None = None) -> None:
         self.cfg = cfg
         self.out_dir = out_dir
         self.trainer = trainer
+        self.statistics = statistics
         self.history: dict[str, Any] = {"config": dict(cfg), "rounds": [], "stopped": None}
         self.started_at = process_start() if started_at is None else started_at
         self.startup_seconds: float | None = None
@@ -118,8 +123,11 @@ class RunRecorder:
             atomic_write_bytes(self.out_dir / ENCRYPTED_MODEL_FILE, buffer.getvalue())
         else:
             self.trainer.set_weights(parameters_to_ndarrays(parameters))
+            model = self.trainer.model
+            if self.statistics is not None:  # raw inputs in, raw-scale outputs out
+                model = self.statistics.final_model(model, self.trainer.spec.input_shape)
             with private_files():
-                self.trainer.model.save(self.out_dir / MODEL_FILE)
+                model.save(self.out_dir / MODEL_FILE)
         rounds = self.history["rounds"]
         save_plots(self.out_dir, rounds, plot_context(self.cfg, rounds))
         log(INFO, "results written to %s", self.out_dir)
