@@ -19,7 +19,6 @@ checked against its `final_model.keras` evaluated on the raw test data.
 
 from __future__ import annotations
 
-import argparse
 import sys
 import tempfile
 from pathlib import Path
@@ -37,7 +36,12 @@ from fl_app.ml.models import build_model  # noqa: E402
 from fl_app.ml.standardize import from_moments, moments  # noqa: E402
 from fl_app.schema import RunConfig  # noqa: E402
 from fl_app.server.outputs import MODEL_FILE  # noqa: E402
-from scripts.benchmark_regression import MODEL, mean_baseline, pooled_training_data  # noqa: E402
+from scripts.benchmark_regression import (  # noqa: E402
+    MODEL,
+    mean_baseline,
+    parse_args,
+    pooled_training_data,
+)
 from scripts.simulation_run import timed_run  # noqa: E402
 
 
@@ -69,13 +73,7 @@ def central_standardized(cfg: RunConfig, pooled: Split, test: Split, epochs: int
 
 def main(argv: list[str] | None = None) -> int:
     """Run (a) to (d) and print the table of final test MSEs."""
-    parser = argparse.ArgumentParser(description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--rounds", type=int, default=20, help="federated rounds (default: 20)")
-    parser.add_argument("--seed", type=int, default=42, help="run seed (default: 42)")
-    parser.add_argument("--num-supernodes", type=int, default=10,
-                        help="number of federated clients (default: 10)")
-    args = parser.parse_args(argv)
+    args = parse_args(argv, __doc__)
     folder = Path(tempfile.mkdtemp(prefix="standardize-table-"))
     path = write_diabetes_csv(folder)
     mse = {}

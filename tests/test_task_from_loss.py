@@ -10,7 +10,7 @@ import pytest
 from sklearn.datasets import load_diabetes
 
 from fl_app.app.preflight import checked_trainer
-from fl_app.data.sources import DataError, data_spec, load_partition
+from fl_app.data.sources import data_spec, load_partition
 from fl_app.ml.errors import ModelError
 from tests.conftest import make_config
 

@@ -18,7 +18,6 @@ from flwr.common import Parameters, parameters_to_ndarrays
 from flwr.common.logger import log
 
 from fl_app.ml.trainer import KerasTrainer
-from fl_app.server.statistics import StatisticsRound
 from fl_app.schema import RunConfig
 from fl_app.server.callbacks import Callback
 from fl_app.server.checkpoint import Checkpoint
@@ -33,6 +32,7 @@ from fl_app.server.outputs import (
 from fl_app.server.progress import ConsoleProgress
 from fl_app.server.round_log import write_csv_log
 from fl_app.server.run_summary import run_summary
+from fl_app.server.statistics import StatisticsRound
 from fl_app.server.tensorboard import LOG_DIR, TensorBoardLogger
 from strategies.homomorphic import is_encrypted
 
