@@ -94,9 +94,9 @@ def mean_baseline(pooled: Split, test: Split) -> dict[str, float]:
     return {"mse": float(np.mean(error ** 2)), "mae": float(np.mean(np.abs(error)))}
 
 
-def main(argv: list[str] | None = None) -> int:
-    """Run (a), (b), (c) and print the comparison."""
-    parser = argparse.ArgumentParser(description=__doc__,
+def parse_args(argv: list[str] | None, description: str | None) -> argparse.Namespace:
+    """`--rounds`, `--seed` and `--num-supernodes` of a regression benchmark."""
+    parser = argparse.ArgumentParser(description=description,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rounds", type=int, default=20, help="federated rounds (default: 20)")
     parser.add_argument("--seed", type=int, default=42, help="run seed (default: 42)")
@@ -105,7 +105,12 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.rounds < 1 or args.num_supernodes < 1 or args.seed < 0:
         parser.error("--rounds and --num-supernodes must be at least 1, --seed at least 0")
+    return args
 
+
+def main(argv: list[str] | None = None) -> int:
+    """Run (a), (b), (c) and print the comparison."""
+    args = parse_args(argv, __doc__)
     overrides = run_config_overrides(args.rounds, args.seed)
     cfg = simulate.load_run_config(overrides)  # what the federated run resolves too
     out_dir = Path(tempfile.mkdtemp(prefix="bench-regression-"))

@@ -41,8 +41,12 @@ SCHEMA = Schema([*RUN_SETTINGS, *(s for module in SETTING_MODULES for s in modul
 
 
 def resolve(raw: Mapping[str, object]) -> RunConfig:
-    """Validate `raw` against the app's schema and fill in defaults (see `Schema.resolve`)."""
-    return SCHEMA.resolve(raw)
+    """Validate `raw` against the app's schema and fill in defaults (see `Schema.resolve`);
+    `task='auto'` on a data file follows the model's compiled loss where it settles the task
+    (`fl_app.ml.task`: every entry point, server and clients, resolves the same task)."""
+    from fl_app.ml.task import settle_task
+
+    return settle_task(SCHEMA.resolve(raw))
 
 
 def all_settings() -> dict[str, Setting]:

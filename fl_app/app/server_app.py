@@ -34,6 +34,7 @@ from fl_app.server.outputs import resolve_out_dir
 from fl_app.server.recorder import RunRecorder
 from fl_app.server.runner import FederatedServer, ResumePoint
 from fl_app.server.secagg import SecAggPlusFit
+from fl_app.server.statistics import StatisticsRound
 from fl_app.server.stopping import StoppingRules
 from fl_app.wire import KEY_FUSE_EVALUATE, KEY_PROXIMAL_MU, evaluate_config, round_config
 from strategies.context import StrategyContext
@@ -43,14 +44,16 @@ from strategies.secure import share_count
 from strategies.weighted_fedavg import EvaluateFn
 
 
-def centralized_evaluator(trainer: KerasTrainer, test: Split) -> EvaluateFn:
+def centralized_evaluator(trainer: KerasTrainer, test: Split,
+                          statistics: StatisticsRound | None = None) -> EvaluateFn:
     """Flower `evaluate_fn`: loss and compiled metrics of the global model on the server's
-    test set."""
+    test set (standardized with the pooled `statistics` when the run has them)."""
 
     def evaluate(server_round: int, arrays: NDArrays,
                  config: dict[str, Scalar]) -> tuple[float, dict[str, Scalar]]:
         trainer.set_weights(arrays)
-        loss, metrics = trainer.evaluate(test)
+        standardization = statistics.standardization if statistics is not None else None
+        loss, metrics = trainer.evaluate(test, standardization)
         return loss, dict(metrics)
 
     return evaluate
@@ -66,15 +69,17 @@ class RunParts:
     checkpointer: Checkpointer
     stopping: StoppingRules
     checkpoint: Checkpoint | None
+    statistics: StatisticsRound | None
 
 
 def run_parts(cfg: RunConfig, callbacks: Sequence[Callback] = (),
               started_at: float | None = None) -> RunParts:
     """The model, centralized evaluation, recorder, checkpointer and stopping rules of a
     run, with the recorder resumed when `resume-from` names a checkpoint (`callbacks` and
-    `started_at`: see `RunRecorder`)."""
+    `started_at`: see `RunRecorder`), and with `standardize=true` its statistics round."""
     trainer = checked_trainer(cfg)
     source = data_source(cfg)
+    statistics = StatisticsRound(source.spec) if cfg["standardize"] else None
     # A fresh seeded model, not the process-wide trainer's weights: those are whatever the
     # previous run in this process (tests, benchmark scripts) evaluated last.
     initial_weights = build_model(str(cfg["model"]), source.spec, int(cfg["seed"])).get_weights()
@@ -82,7 +87,7 @@ def run_parts(cfg: RunConfig, callbacks: Sequence[Callback] = (),
     out_dir = resolve_out_dir(str(cfg["out-dir"] or cfg["resume-from"]))
     test_set = source.test_set()
     exporter = partial(export_int8, trainer, test_set) if cfg["export-int8"] else None
-    recorder = RunRecorder(cfg, out_dir, trainer, callbacks, started_at, exporter)
+    recorder = RunRecorder(cfg, out_dir, trainer, callbacks, started_at, statistics, exporter)
     if checkpoint is not None:
         recorder.resume(checkpoint)
     stopping = StoppingRules(
@@ -90,9 +95,9 @@ def run_parts(cfg: RunConfig, callbacks: Sequence[Callback] = (),
         min_delta=float(cfg["min-delta"]), target=float(cfg["target"]),
         max_idle_rounds=int(cfg["max-idle-rounds"]), metric_names=monitored_names(trainer),
         directions=trainer.metric_directions())
-    return RunParts(initial_weights, centralized_evaluator(trainer, test_set),
+    return RunParts(initial_weights, centralized_evaluator(trainer, test_set, statistics),
                     recorder, Checkpointer(cfg, out_dir, lambda: recorder.history), stopping,
-                    checkpoint)
+                    checkpoint, statistics)
 
 
 def fuses_evaluation(cfg: RunConfig) -> bool:
@@ -101,10 +106,18 @@ def fuses_evaluation(cfg: RunConfig) -> bool:
     return bool(cfg["fuse-evaluate"]) and evaluates_distributed(cfg)
 
 
-def fit_config(cfg: RunConfig) -> Callable[[int], dict[str, Scalar]]:
-    """The fit config of each round: `round_config`, and `fuse-evaluate` when it is on."""
+def extra_config(statistics: StatisticsRound | None) -> Callable[[], dict[str, Scalar]]:
+    """What every fit and evaluate config adds: the pooled statistics (`standardize`)."""
+    return statistics.config if statistics is not None else dict
+
+
+def fit_config(cfg: RunConfig, statistics: StatisticsRound | None = None
+               ) -> Callable[[int], dict[str, Scalar]]:
+    """The fit config of each round: `round_config`, `fuse-evaluate` when it is on and the
+    pooled statistics under `standardize`."""
     fused = {KEY_FUSE_EVALUATE: True} if fuses_evaluation(cfg) else {}
-    return lambda server_round: {**round_config(cfg, server_round), **fused}
+    extra = extra_config(statistics)
+    return lambda server_round: {**round_config(cfg, server_round), **fused, **extra()}
 
 
 def server_components(cfg: RunConfig, callbacks: Sequence[Callback] = (),
@@ -120,14 +133,15 @@ def server_components(cfg: RunConfig, callbacks: Sequence[Callback] = (),
         cfg=cfg,
         initial_parameters=ndarrays_to_parameters(parts.initial_weights),
         evaluate_fn=parts.evaluate,
-        on_fit_config_fn=fit_config(cfg),
-        on_evaluate_config_fn=evaluate_config,
+        on_fit_config_fn=fit_config(cfg, parts.statistics),
+        on_evaluate_config_fn=lambda server_round: {**evaluate_config(server_round),
+                                                    **extra_config(parts.statistics)()},
     )
     server = FederatedServer(
         strategy=build_strategy(ctx), seed=int(cfg["seed"]), stopping=parts.stopping,
         on_round=recorder.on_round, on_finish=recorder.on_finish,
         on_checkpoint=checkpointer, on_charge=checkpointer.save_ledger, resume=resume,
-        fuse_evaluate=fuses_evaluation(cfg),
+        fuse_evaluate=fuses_evaluation(cfg), statistics=parts.statistics,
     )
     timeout = cfg["round-timeout"] or None
     return ServerAppComponents(server=server, config=ServerConfig(

@@ -10,6 +10,7 @@ from flwr.common import NDArrays, Scalar
 
 from fl_app.client.local_work import NodeWork
 from fl_app.data.sources import ClientData
+from fl_app.ml.standardize import Standardization, moments
 from fl_app.ml.trainer import KerasTrainer
 from fl_app.wire import (
     CLIENT_KEY,
@@ -22,6 +23,8 @@ from fl_app.wire import (
     KEY_LOCAL_STEPS,
     KEY_NORM_BIT,
     KEY_PROXIMAL_MU,
+    KEY_STANDARDIZATION,
+    KEY_STATISTICS,
     SERVER_ROUND,
 )
 from strategies.clipping import add_noise, clip_weights
@@ -50,7 +53,11 @@ class KerasClient(NumPyClient):
     `data_warnings`). `client_key` (the partition id in simulation, a CRC of the data
     file's name in deployment) varies the shuffling between clients; it stays on the node.
     `public_key` is what `get_properties` tells the server
-    (`fl_app.client.node_policy.public_client_key`; empty: nothing).
+    (`fl_app.client.node_policy.public_client_key`; empty: nothing). Under
+    `standardize=true` a fit whose config asks for `statistics` trains nothing and returns
+    the sums of its training data (`fl_app.ml.standardize.moments`; a regression target's
+    too); later fits and evaluations standardize with the pooled `standardization` their
+    config carries.
     """
 
     def __init__(self, trainer: KerasTrainer, data: ClientData, defaults: Mapping[str, Scalar],
@@ -84,6 +91,12 @@ class KerasClient(NumPyClient):
         finally:
             self.trainer.forget()
 
+    @staticmethod
+    def _standardization(config: Mapping[str, Scalar]) -> Standardization | None:
+        """The pooled statistics the config carries (`standardize=true`), else None."""
+        data = config.get(KEY_STANDARDIZATION)
+        return Standardization.from_bytes(data) if isinstance(data, bytes) else None
+
     def _fused_evaluation(self, parameters: NDArrays,
                           config: dict[str, Scalar]) -> dict[str, Scalar]:
         """`evaluate`'s result as fit metrics, when the config asks for it (else none)."""
@@ -96,18 +109,23 @@ class KerasClient(NumPyClient):
     def _fit(self, parameters: NDArrays,
              config: dict[str, Scalar]) -> tuple[NDArrays, int, dict[str, Scalar]]:
         """`fit` before the trainer forgets (see `fit`)."""
+        train = self.data.train
+        if config.get(KEY_STATISTICS) is True:
+            target = train.y if self.trainer.spec.task == "regression" else None
+            return moments(train.x, target), len(train), {}
         fused = self._fused_evaluation(parameters, config)
         self.trainer.set_weights(parameters)
         server_round = int(config.get(SERVER_ROUND, 0))
         epochs, batch_size, time_budget = self.work.plan(config, self.defaults)
         result = self.trainer.fit(
-            self.data.train,
+            train,
             epochs=epochs,
             batch_size=batch_size,
             time_budget=time_budget,
             learning_rate=float(self._setting(config, "learning-rate")) or None,
             proximal_mu=float(config.get(KEY_PROXIMAL_MU, 0.0)),
             seed=[self.seed, server_round, self.client_key],
+            standardization=self._standardization(config),
         )
         metrics: dict[str, Scalar] = {
             "train_loss": result.loss, "train_seconds": result.seconds,
@@ -122,7 +140,7 @@ class KerasClient(NumPyClient):
                 noised = add_noise(weights, float(config[KEY_DP_NOISE_STD]),
                                    np.random.default_rng())
                 return noised, 1, {}
-        return weights, len(self.data.train), metrics
+        return weights, len(train), metrics
 
     def evaluate(self, parameters: NDArrays,
                  config: dict[str, Scalar]) -> tuple[float, int, dict[str, Scalar]]:
@@ -130,7 +148,7 @@ class KerasClient(NumPyClient):
         split = self.data.val if len(self.data.val) else self.data.train
         try:
             self.trainer.set_weights(parameters)
-            loss, metrics = self.trainer.evaluate(split)
+            loss, metrics = self.trainer.evaluate(split, self._standardization(config))
         finally:
             self.trainer.forget()
         return loss, len(split), dict(metrics)

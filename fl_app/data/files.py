@@ -15,7 +15,8 @@ bad row (counted from 0, the header excluded).
 `task='auto'` infers the task from the targets with scikit-learn's `type_of_target`:
 non-integer values are a regression, two values within 0/1 binary, other integers
 multiclass (labels `0..K-1`), 0/1 columns multi-label. Integer-valued regression
-targets (counts, years) therefore need `task='regression'`.
+targets (counts, years) therefore need `task='regression'`, or a user model compiled with a
+regression loss, which settles the task before this runs (`fl_app.ml.task`).
 """
 
 from __future__ import annotations

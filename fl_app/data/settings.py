@@ -65,8 +65,9 @@ SETTINGS = [
             "Target column of a .csv/.parquet data file (comma-separated for several: "
             "multi-label or multi-value targets); the other columns are features.", "data"),
     Setting("task", str, "auto",
-            "Task of a data file; auto infers it from the targets (integer-valued regression "
-            "targets need 'regression'). For a named dataset: auto or its own task.", "data",
+            "Task of a data file; auto follows a user model's compiled loss where it settles "
+            "the task (mse, mae, huber: regression), else infers it from the targets. For a "
+            "named dataset: auto or its own task.", "data",
             choices=_task_choices),
     Setting("data-cleaning", str, "error",
             "Rows with NaN/Inf features or unusable targets: 'error' stops naming the first "

@@ -3,7 +3,8 @@ default for the task), a user's `.keras` file (with its own compiled loss, metri
 optimizer) or a user's `package.module:function` that returns a compiled model.
 
 `check_fits` compares a model with the data before any training: input size, output units
-and, through `targets`, what its loss expects of the targets.
+and what its loss expects of the targets; `loss_task` says which task a compiled loss
+settles (`fl_app.ml.task` lets it decide `task='auto'`).
 """
 
 from __future__ import annotations
@@ -191,18 +192,24 @@ def is_function_reference(name: str) -> bool:
                 and all(part.isidentifier() for part in module_name.split(".")))
 
 
+def make_model(name: str, spec: DataSpec, seed: int) -> keras.Model:
+    """The model `name` names (builder, `.keras` path or `module:function`), as it comes:
+    not checked against `spec` (`build_model` checks it). Raises ModelError naming the file
+    or function when it cannot be had."""
+    if name in MODEL_BUILDERS:
+        return _build_named(name, spec, seed)
+    if is_function_reference(name):
+        return _call_function(name, spec, seed)
+    return _load_file(name)
+
+
 def build_model(name: str, spec: DataSpec, seed: int) -> keras.Model:
     """The compiled, built model `name` names (builder, `.keras` path or `module:function`).
 
     Raises ModelError naming the file or function when it cannot be had, is not compiled
     or does not fit `spec` (see `check_fits`).
     """
-    if name in MODEL_BUILDERS:
-        model = _build_named(name, spec, seed)
-    elif is_function_reference(name):
-        model = _call_function(name, spec, seed)
-    else:
-        model = _load_file(name)
+    model = make_model(name, spec, seed)
     origin = f"model {name!r}"
     if not getattr(model, "compiled", False) or getattr(model, "optimizer", None) is None:
         raise ModelError(f"{origin} is not compiled: call model.compile(optimizer=..., loss=..., "
@@ -231,6 +238,40 @@ def wants_one_hot(model: keras.Model) -> bool:
     return loss_name(model) in ONE_HOT_LOSSES
 
 
+# Keras' built-in losses by the task they settle (by `loss_name`); any other loss (custom,
+# kl_divergence, cosine_similarity) settles none.
+REGRESSION_LOSSES = ("mean_squared_error", "mean_absolute_error",
+                     "mean_absolute_percentage_error", "mean_squared_logarithmic_error",
+                     "huber", "huber_loss", "log_cosh", "poisson")
+CLASS_INDEX_LOSSES = ("sparse_categorical_crossentropy", *ONE_HOT_LOSSES)
+SOFT_TARGET_LOSSES = ("binary_crossentropy", "binary_focal_crossentropy")  # any y in [0, 1]
+CLASSIFICATION_LOSSES = (*CLASS_INDEX_LOSSES, *SOFT_TARGET_LOSSES, "hinge", "squared_hinge")
+
+
+def loss_task(model: keras.Model) -> str | None:
+    """The task the compiled loss settles: "regression", "classification" or None."""
+    name = loss_name(model)
+    if name in REGRESSION_LOSSES:
+        return "regression"
+    return "classification" if name in CLASSIFICATION_LOSSES else None
+
+
+def _check_loss_task(model: keras.Model, spec: DataSpec, origin: str) -> None:
+    """Refuse a loss that cannot train the task: a regression loss on class indices, a
+    class-index loss on continuous values."""
+    name = loss_name(model)
+    if spec.task == "multiclass" and name in REGRESSION_LOSSES:
+        raise ModelError(f"{origin} is compiled with {name}, a regression loss, but the data is "
+                         f"{spec.describe()} (task='multiclass'): set run-config key "
+                         "task='regression' (or 'auto') for a data file, or compile the model "
+                         "with a classification loss")
+    if spec.task == "regression" and name in CLASS_INDEX_LOSSES:
+        raise ModelError(f"{origin} is compiled with {name}, which takes class indices, but the "
+                         f"data is {spec.describe()} (task='regression'): compile it with a "
+                         "regression loss (mse, mae, huber, ...) or set run-config key task "
+                         "to the classes' task")
+
+
 def check_fits(model: keras.Model, spec: DataSpec, origin: str) -> None:
     """Raise ModelError naming `origin` if the model's input or output does not fit `spec`."""
     in_shape = tuple(model.input_shape[1:]) if _has_input_shape(model) else spec.input_shape
@@ -257,6 +298,7 @@ def check_fits(model: keras.Model, spec: DataSpec, origin: str) -> None:
     if one_hot and (spec.task not in ("multiclass", "binary") or units < 2):
         raise ModelError(f"{origin} is compiled with {loss_name(model)}, which takes one-hot "
                          f"classes, but it outputs {units} value(s) for {spec.describe()}")
+    _check_loss_task(model, spec, origin)
 
 
 def _has_input_shape(model: keras.Model) -> bool:

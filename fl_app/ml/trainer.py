@@ -14,7 +14,10 @@ layers' random state (Dropout's seed generators, which live outside `model.weigh
 reseeded on every fit, so no state leaks between clients. `forget` puts the model back to
 the weights it was built with (a set_weights, no rebuild): the client calls it after every
 fit and evaluate, so no client's or run's weights stay in a trainer that the next one shares.
-A custom `train_step` runs only under `model.fit` and is not used here.
+A custom `train_step` runs only under `model.fit` and is not used here. With a
+`Standardization` (`standardize=true`) `fit` trains on standardized inputs and targets and
+`evaluate` reports on the target's own scale, as the final model with its Normalization and
+Rescaling layers would (`fl_app.ml.standardize`).
 """
 
 from __future__ import annotations
@@ -31,6 +34,7 @@ from fl_app.data.files import file_stamp
 from fl_app.data.sources import DataSpec, Split
 from fl_app.ml.errors import ModelError
 from fl_app.ml.models import build_model, wants_one_hot
+from fl_app.ml.standardize import UNSCALED, Standardization
 from fl_app.schema import RunConfig
 
 EVAL_CHUNK = 4096
@@ -193,8 +197,10 @@ class KerasTrainer:
             self.model.compute_metrics(xb, yb, out, None)
         return loss_sum
 
-    def _eval_chunk_impl(self, x: tf.Tensor, y: tf.Tensor) -> tf.Tensor:
+    def _eval_chunk_impl(self, x: tf.Tensor, y: tf.Tensor, scale: tf.Tensor,
+                         offset: tf.Tensor) -> tf.Tensor:
         out = self.model(x, training=False)
+        out = out * tf.cast(scale, out.dtype) + tf.cast(offset, out.dtype)  # exact for 1 and 0
         loss = tf.cast(self.model.compute_loss(x=x, y=y, y_pred=out, training=False), tf.float32)
         self.model.compute_metrics(x, y, out, None)
         return loss * tf.cast(tf.shape(x)[0], tf.float32)
@@ -202,13 +208,16 @@ class KerasTrainer:
     # ---- public calls
     def fit(self, data: Split, *, epochs: int | None, batch_size: int,
             learning_rate: float | None = None, proximal_mu: float = 0.0,
-            seed: int | list[int] = 0, time_budget: float | None = None) -> FitResult:
+            seed: int | list[int] = 0, time_budget: float | None = None,
+            standardization: Standardization | None = None) -> FitResult:
         """Train on `data` from the current weights; optimizer and layer RNGs start fresh.
 
         `learning_rate` (if given) replaces the optimizer's rate; `seed` fixes the
         shuffling and the layers' random streams. With `time_budget` (seconds, counted
         from the call) training stops once the budget has run out, checked between chunks
-        of steps (at least one step runs; `epochs` then caps it, None for no cap).
+        of steps (at least one step runs; `epochs` then caps it, None for no cap). With
+        `standardization` it trains on standardized inputs and targets (its loss and
+        metrics are then on the standardized scale).
         """
         if epochs is None and not time_budget:
             raise ValueError("fit needs a number of epochs or a time budget")
@@ -217,6 +226,8 @@ class KerasTrainer:
         for anchor, var in zip(self._anchor, self.model.trainable_variables):
             anchor.assign(var)
         self._mu.assign(proximal_mu)
+        if standardization is not None:
+            data = Split(standardization.inputs(data.x), standardization.targets(data.y))
         x, y = tf.constant(data.x), tf.constant(self.targets(data.y))
         rng = np.random.default_rng(seed)
         self.reseed_layers(rng.spawn(1)[0])  # spawning leaves `rng`'s own stream untouched
@@ -261,15 +272,21 @@ class KerasTrainer:
             steps += -(-len(idx) // batch_size)
         return loss_sum, seen, steps
 
-    def evaluate(self, data: Split) -> tuple[float, dict[str, float]]:
+    def evaluate(self, data: Split, standardization: Standardization | None = None
+                 ) -> tuple[float, dict[str, float]]:
         """Mean loss and the compiled metrics (by Keras name) of the current weights on
-        `data`, in inference mode (no layer draws random numbers, so none is reseeded)."""
+        `data`, in inference mode (no layer draws random numbers, so none is reseeded).
+        With `standardization` the inputs are standardized and the outputs scaled back to
+        the target's scale before the loss and metrics (`data` as the final model takes it)."""
         self.model.reset_metrics()
         targets = self.targets(data.y)
+        x = data.x if standardization is None else standardization.inputs(data.x)
+        scale, offset = standardization.output_scale() if standardization else UNSCALED
         loss_sum = 0.0
         for lo in range(0, len(data), EVAL_CHUNK):
-            loss_sum += float(self._eval_chunk(tf.constant(data.x[lo:lo + EVAL_CHUNK]),
-                                               tf.constant(targets[lo:lo + EVAL_CHUNK])))
+            loss_sum += float(self._eval_chunk(tf.constant(x[lo:lo + EVAL_CHUNK]),
+                                               tf.constant(targets[lo:lo + EVAL_CHUNK]),
+                                               tf.constant(scale), tf.constant(offset)))
         return loss_sum / len(data), _scalar_metrics(self.model.get_metrics_result())
 
     def evaluate_predictions(self, data: Split,

@@ -32,6 +32,7 @@ from fl_app.server.progress import ConsoleProgress
 from fl_app.server.round_log import write_csv_log
 from fl_app.server.run_clock import run_start
 from fl_app.server.run_summary import run_summary
+from fl_app.server.statistics import StatisticsRound
 from fl_app.server.tensorboard import LOG_DIR, TensorBoardLogger
 from strategies.homomorphic import is_encrypted
 
@@ -57,17 +58,21 @@ class RunRecorder:
     plots and summary at the end; calls the callbacks.
 
     `started_at` (seconds since the epoch; default: `run_start()`) is where the run's
-    start-up and total time are counted from. `exporter`, when given, writes more copies
-    of a plaintext final model into the output folder and returns what to record of them
-    in the summary under `export` (`fl_app.server.export`).
+    start-up and total time are counted from. With `statistics` (`standardize=true`)
+    `final_model.keras` holds the model between its Normalization and Rescaling layers:
+    raw inputs in, raw-scale outputs out. `exporter`, when given, writes more copies of a
+    plaintext final model into the output folder and returns what to record of them in
+    the summary under `export` (`fl_app.server.export`).
     """
 
     def __init__(self, cfg: RunConfig, out_dir: Path, trainer: KerasTrainer,
                  callbacks: Sequence[Callback] = (), started_at: float | None = None,
+                 statistics: StatisticsRound | None = None,
                  exporter: Callable[[Path], dict[str, Any]] | None = None) -> None:
         self.cfg = cfg
         self.out_dir = out_dir
         self.trainer = trainer
+        self.statistics = statistics
         self.history: dict[str, Any] = {"config": dict(cfg), "rounds": [], "stopped": None}
         self.started_at = run_start() if started_at is None else started_at
         self.startup_seconds: float | None = None
@@ -117,8 +122,11 @@ class RunRecorder:
             atomic_write_bytes(self.out_dir / ENCRYPTED_MODEL_FILE, buffer.getvalue())
         else:
             self.trainer.set_weights(parameters_to_ndarrays(parameters))
+            model = self.trainer.model
+            if self.statistics is not None:  # raw inputs in, raw-scale outputs out
+                model = self.statistics.final_model(model, self.trainer.spec.input_shape)
             with private_files():
-                self.trainer.model.save(self.out_dir / MODEL_FILE)
+                model.save(self.out_dir / MODEL_FILE)
             if self.exporter is not None:
                 self.history["summary"]["export"] = self.exporter(self.out_dir)
                 write_history(self.out_dir, self.history)

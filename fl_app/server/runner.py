@@ -12,7 +12,16 @@ from dataclasses import dataclass
 from logging import INFO, WARNING
 from typing import Any
 
-from flwr.common import Code, EvaluateRes, FitIns, FitRes, Parameters, Scalar, Status
+from flwr.common import (
+    Code,
+    EvaluateRes,
+    FitIns,
+    FitRes,
+    Parameters,
+    Scalar,
+    Status,
+    parameters_to_ndarrays,
+)
 from flwr.common.logger import log
 from flwr.server import Server
 from flwr.server.client_proxy import ClientProxy
@@ -23,6 +32,7 @@ from flwr.server.strategy import Strategy
 from fl_app.data.quality import REASONS
 from fl_app.server.client_failures import describe_failure, last_line
 from fl_app.server.client_manager import SeededClientManager
+from fl_app.server.statistics import STATISTICS_CONFIG, StatisticsRound
 from fl_app.server.stopping import StoppingRules
 from fl_app.server.wire_bytes import WireMeter
 from fl_app.wire import (
@@ -245,7 +255,7 @@ class FederatedServer(Server):
                  on_checkpoint: CheckpointCallback | None = None,
                  on_charge: Callable[[dict[str, Any]], None] | None = None,
                  resume: ResumePoint | None = None, secure_fit: FitRound | None = None,
-                 fuse_evaluate: bool = False) -> None:
+                 fuse_evaluate: bool = False, statistics: StatisticsRound | None = None) -> None:
         self.wire = WireMeter(strategy)  # counts the round's parameter bytes up and down
         super().__init__(client_manager=SeededClientManager(seed), strategy=self.wire)
         self.privacy = find_layer(strategy, PrivacyAccounting)
@@ -257,6 +267,7 @@ class FederatedServer(Server):
         self.resume = resume
         self.secure_fit = secure_fit
         self.fuse_evaluate = fuse_evaluate
+        self.statistics = statistics
         self._quality_seen: set[str] = set()
 
     def server_state(self, stopped: str | None) -> dict[str, Any]:
@@ -387,10 +398,26 @@ class FederatedServer(Server):
         history.add_metrics_distributed(server_round=server_round, metrics=metrics)
         return _section(loss, metrics)
 
+    def _statistics_round(self, statistics: StatisticsRound, timeout: float | None) -> None:
+        """Every connected client's data sums, pooled (a client that fails is left out,
+        logged)."""
+        clients = self.client_manager().all()
+        ins = FitIns(Parameters(tensors=[], tensor_type="numpy.ndarray"),
+                     dict(STATISTICS_CONFIG))
+        results, failures = fit_clients([(clients[cid], ins) for cid in sorted(clients)],
+                                        self.max_workers, timeout, 0)
+        for failure in map(describe_failure, failures):
+            log(WARNING, "statistics round: client %s failed: %s", failure["client"],
+                last_line(failure["error"]))
+        statistics.add([(proxy.cid, parameters_to_ndarrays(res.parameters))
+                        for proxy, res in results])
+
     def _start(self, timeout: float | None, history: History) -> tuple[int, str | None]:
         """Round 0 (or the restored checkpoint): the first round to run and any stop reason.
         The clients are started first, so round 1's time is a round's, not the start-up's."""
         self.client_manager().warm_up()
+        if self.statistics is not None:
+            self._statistics_round(self.statistics, timeout)
         if self.resume is not None:
             return self.resume.round + 1, self._restore(self.resume)
         if self.privacy is not None and self.on_charge is not None:

@@ -24,6 +24,13 @@ SETTINGS = [
             "distributed record is then the evaluation of round r-1's model by round r's "
             "fit clients; fraction-evaluate=0 still turns it off. Not with "
             "server-loop=fedbuff or a distributed_* monitor.", "run"),
+    Setting("standardize", bool, False,
+            "Federated standardization: before round 1 the clients send counts, sums and sums "
+            "of squares of their features (and of a regression target), the server adds them, "
+            "and the model trains behind a Keras Normalization layer of the pooled mean and "
+            "variance (a regression target standardized, scaled back by a Rescaling layer); "
+            "final_model.keras takes raw inputs. Plaintext only: not with "
+            "secure-aggregation, homomorphic-encryption, dp-* strategies or fedbuff.", "run"),
     Setting("monitor", str, "auto",
             "Value the stopping rules watch, as Keras' EarlyStopping: a centralized metric by "
             "its Keras name (loss, accuracy, mae, ...), distributed_<name> for the clients' "
@@ -71,17 +78,44 @@ SETTINGS = [
 ]
 
 
+def _check_standardize(values: Mapping[str, Scalar]) -> None:
+    """The statistics round is plaintext and outside any privacy accounting: refused where
+    the server must not see one client's sums (secure aggregation, homomorphic encryption)
+    or where their release is not covered (DP), and with FedBuff (no rounds)."""
+    if not values["standardize"]:
+        return
+    conflicts = [f"{key}={values[key]!r}" for key in ("secure-aggregation",
+                                                       "homomorphic-encryption")
+                 if values[key] != "none"]
+    if str(values["strategy"]).startswith("dp-"):
+        conflicts.append(f"strategy={values['strategy']!r}")
+    if values["server-loop"] == "fedbuff":
+        conflicts.append("server-loop='fedbuff'")
+    if conflicts:
+        raise ConfigError(f"run-config key 'standardize' is true with {', '.join(conflicts)}: "
+                          "its statistics round sends each client's feature sums to the server "
+                          "in plaintext (not inside the secure sum, not covered by the DP "
+                          "accounting; FedBuff has no round for it): set standardize=false "
+                          "and scale the data before the run")
+
+
 def check_config(values: Mapping[str, Scalar]) -> None:
     """`tensorboard` needs the TensorBoard package, found before any training;
     `fuse-evaluate` needs the synchronous loop (FedBuff has no rounds to evaluate in) and a
-    centralized `monitor` (fused distributed metrics are a round late); `export-int8`
-    needs a plaintext final model."""
+    centralized `monitor` (fused distributed metrics are a round late); `standardize` needs
+    a plaintext synchronous run (`_check_standardize`); `export-int8` needs a plaintext
+    final model without standardization layers."""
+    _check_standardize(values)
     if values["export-int8"] and values["homomorphic-encryption"] != "none":
         raise ConfigError("run-config key 'export-int8' is true but homomorphic-encryption is "
                           f"{values['homomorphic-encryption']!r}: the server never holds the "
                           "final model in plaintext, so it cannot quantize it; set "
                           "export-int8=false (a key holder can quantize the decrypted "
                           "final_model.keras)")
+    if values["export-int8"] and values["standardize"]:
+        raise ConfigError("run-config key 'export-int8' is true but standardize is true: the "
+                          "int8 copies are not made of the model with its standardization "
+                          "layers yet; set one of them to false")
     if values["fuse-evaluate"] and str(values["monitor"]).startswith("distributed_"):
         raise ConfigError(f"run-config key 'fuse-evaluate' is true but monitor is "
                           f"{values['monitor']!r}: a fused round's distributed metrics are the "

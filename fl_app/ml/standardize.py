@@ -1,0 +1,115 @@
+"""Federated standardization, the Keras way (`standardize=true`).
+
+Every client sends the sums of its training data (`moments`: the count, sum and sum of
+squares of each feature along the last axis, and of a regression target); the server adds
+them and `from_moments` turns the pooled sums into a `Standardization`: the mean and
+variance of a `keras.layers.Normalization` in front of the model and, for a regression,
+the target's mean and standard deviation, which a `keras.layers.Rescaling` after the
+output undoes. Clients train on inputs passed through that same Normalization layer and on
+standardized targets; evaluation reports the loss and metrics on the raw target scale;
+`wrap` makes the model that `final_model.keras` holds: raw inputs in, raw-scale outputs out.
+The sums are plain sums of float64 values, so the pooled statistics equal the central ones
+(to float64 rounding), whatever the partition.
+"""
+
+from __future__ import annotations
+
+import io
+from dataclasses import dataclass
+
+import keras
+import numpy as np
+
+UNSCALED = (np.ones(1, np.float32), np.zeros(1, np.float32))  # (scale, offset) of no target scale
+
+
+def moments(x: np.ndarray, y: np.ndarray | None) -> list[np.ndarray]:
+    """A client's sums, as float64 arrays: the counts (values per feature along the last
+    axis, and rows), the features' sums and sums of squares, then the target's (empty
+    without `y`)."""
+    features = np.asarray(x, np.float64).reshape(-1, x.shape[-1])
+    targets = (np.zeros((0, 0)) if y is None
+               else np.asarray(y, np.float64).reshape(len(y), -1))
+    return [np.array([len(features), len(x)], np.float64), features.sum(axis=0),
+            np.square(features).sum(axis=0), targets.sum(axis=0), np.square(targets).sum(axis=0)]
+
+
+def _mean_variance(count: float, total: np.ndarray,
+                   squares: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Mean and (population) variance from sums; a constant column gets variance 1, so the
+    Normalization layer leaves it centred instead of dividing by ~0."""
+    mean = total / count
+    variance = np.maximum(squares / count - np.square(mean), 0.0)
+    return mean, np.where(variance > 0, variance, 1.0)
+
+
+@dataclass(frozen=True)
+class Standardization:
+    """Per-feature mean and variance of the inputs (last axis) and, for a regression, the
+    target's mean and standard deviation (None for classes)."""
+
+    x_mean: np.ndarray
+    x_variance: np.ndarray
+    y_mean: np.ndarray | None = None
+    y_std: np.ndarray | None = None
+
+    def normalization(self) -> keras.layers.Normalization:
+        """The Keras layer that standardizes the inputs."""
+        return keras.layers.Normalization(axis=-1, mean=self.x_mean, variance=self.x_variance)
+
+    def inputs(self, x: np.ndarray) -> np.ndarray:
+        """`x` through the Normalization layer (float32), as the final model sees it."""
+        return np.asarray(self.normalization()(np.asarray(x, np.float32)), np.float32)
+
+    def targets(self, y: np.ndarray) -> np.ndarray:
+        """A regression target standardized (float32); class labels unchanged."""
+        if self.y_mean is None:
+            return y
+        scaled = (np.asarray(y, np.float64).reshape(len(y), -1) - self.y_mean) / self.y_std
+        return scaled.reshape(np.shape(y)).astype(np.float32)
+
+    def output_scale(self) -> tuple[np.ndarray, np.ndarray]:
+        """(scale, offset) that turn a standardized output into the target's scale
+        (1 and 0 for classes)."""
+        if self.y_mean is None:
+            return UNSCALED
+        return self.y_std.astype(np.float32), self.y_mean.astype(np.float32)
+
+    def wrap(self, model: keras.Model, input_shape: tuple[int, ...]) -> keras.Model:
+        """`model` (taking `input_shape`) between the Normalization layer and, for a
+        regression, a Rescaling of its output to the target's scale, compiled as `model` is;
+        the same weights (the two layers hold constants)."""
+        inputs = keras.Input(input_shape)
+        outputs = model(self.normalization()(inputs))
+        if self.y_mean is not None:
+            scale, offset = self.output_scale()
+            outputs = keras.layers.Rescaling(scale.tolist(), offset.tolist())(outputs)
+        wrapped = keras.Model(inputs, outputs, name=f"standardized_{model.name}")
+        wrapped.compile_from_config(model.get_compile_config())
+        return wrapped
+
+    def to_bytes(self) -> bytes:
+        """The statistics as `.npz` bytes (what the fit and evaluate configs carry)."""
+        buffer = io.BytesIO()
+        arrays = {"x_mean": self.x_mean, "x_variance": self.x_variance}
+        if self.y_mean is not None:
+            arrays.update(y_mean=self.y_mean, y_std=self.y_std)
+        np.savez(buffer, **arrays)
+        return buffer.getvalue()
+
+    @classmethod
+    def from_bytes(cls, data: bytes) -> Standardization:
+        """The statistics `to_bytes` wrote."""
+        with np.load(io.BytesIO(data), allow_pickle=False) as arrays:
+            return cls(**{name: arrays[name] for name in arrays.files})
+
+
+def from_moments(sums: list[np.ndarray]) -> Standardization:
+    """The pooled statistics from the clients' summed `moments` (a target's only when the
+    clients sent one)."""
+    counts, x_sum, x_squares, y_sum, y_squares = sums
+    x_mean, x_variance = _mean_variance(float(counts[0]), x_sum, x_squares)
+    if not len(y_sum):
+        return Standardization(x_mean, x_variance)
+    y_mean, y_variance = _mean_variance(float(counts[1]), y_sum, y_squares)
+    return Standardization(x_mean, x_variance, y_mean, np.sqrt(y_variance))

@@ -1,0 +1,131 @@
+"""Federated standardization (`standardize=true`): the clients' sums pool to the central
+statistics, the final model takes raw inputs, and the seed case trains where raw data does not."""
+
+from __future__ import annotations
+
+import json
+
+import keras
+import numpy as np
+import pytest
+from sklearn.datasets import load_diabetes
+
+import run_simulation
+from fl_app.app.local_client import client_for
+from fl_app.data.sources import data_source, load_partition
+from fl_app.ml.standardize import Standardization, from_moments, moments
+from fl_app.ml.trainer import trainer_for
+from fl_app.schema import ConfigError
+from fl_app.server.statistics import STATISTICS_CONFIG, StatisticsRound
+from tests.conftest import make_config
+
+MODEL = "examples.keras_models:regression"  # the seed's adam/mse model
+CLIENTS = 5
+
+
+@pytest.fixture
+def diabetes_csv(tmp_path) -> str:
+    """The seed case: diabetes with its raw target (25..346) in a CSV."""
+    path = tmp_path / "diabetes.csv"
+    load_diabetes(as_frame=True).frame.to_csv(path, index=False)
+    return str(path)
+
+
+def seed_config(data: str, **overrides):
+    return make_config(dataset=data, label_column="target", task="regression", model=MODEL,
+                       standardize=True, **overrides)
+
+
+def pooled_statistics(cfg) -> Standardization:
+    """What the server pools from the real clients' answers to the statistics round."""
+    statistics = StatisticsRound(data_source(cfg).spec)
+    replies = []
+    for pid in range(CLIENTS):
+        client = client_for(cfg, {"partition-id": pid, "num-partitions": CLIENTS})
+        sums, _, metrics = client.fit([], dict(STATISTICS_CONFIG))
+        assert not {k for k in metrics if not k.startswith("time_")}  # nothing but the sums
+        replies.append((str(pid), sums))
+    statistics.add(replies)
+    return statistics.standardization
+
+
+@pytest.mark.parametrize("partitioner", ["iid", "dirichlet"])
+def test_pooled_sums_give_the_central_mean_and_variance(diabetes_csv, partitioner):
+    cfg = seed_config(diabetes_csv, partitioner=partitioner)
+    pooled = pooled_statistics(cfg)
+    parts = [load_partition(cfg, pid, CLIENTS).train for pid in range(CLIENTS)]
+    x = np.concatenate([p.x for p in parts]).astype(np.float64)
+    y = np.concatenate([p.y for p in parts]).astype(np.float64)
+    np.testing.assert_allclose(pooled.x_mean, x.mean(axis=0), rtol=1e-6, atol=1e-12)
+    np.testing.assert_allclose(pooled.x_variance, x.var(axis=0), rtol=1e-6)
+    np.testing.assert_allclose(pooled.y_mean, [y.mean()], rtol=1e-6)
+    np.testing.assert_allclose(pooled.y_std, [y.std()], rtol=1e-6)
+    assert 100 < pooled.y_mean[0] < 200  # the raw target's scale, not a standardized one
+
+
+def test_classes_send_no_target_and_images_pool_per_channel():
+    x = np.random.default_rng(0).normal(3.0, 2.0, size=(40, 4, 4, 3))
+    sums = [a + b for a, b in zip(moments(x[:15], None), moments(x[15:], None))]
+    pooled = from_moments(sums)
+    assert pooled.y_mean is None and pooled.x_mean.shape == (3,)
+    np.testing.assert_allclose(pooled.x_variance, x.reshape(-1, 3).var(axis=0), rtol=1e-9)
+
+
+def test_a_reply_not_of_the_clients_form_is_dropped(diabetes_csv):
+    statistics = StatisticsRound(data_source(seed_config(diabetes_csv)).spec)
+    good = moments(np.ones((4, 10)), np.arange(4.0))
+    statistics.add([("a", good), ("b", [np.full_like(a, np.nan) for a in good]),
+                    ("c", good[:3])])
+    assert statistics.standardization.y_mean[0] == pytest.approx(1.5)
+    with pytest.raises(RuntimeError, match="no client answered"):
+        statistics.add([("b", good[:3])])
+
+
+@pytest.mark.parametrize("conflict", [{"secure_aggregation": "secagg+"},
+                                      {"homomorphic_encryption": "ckks"},
+                                      {"strategy": "dp-fixed"}, {"server_loop": "fedbuff"}])
+def test_standardize_is_refused_where_the_sums_would_leak_or_go_unaccounted(conflict):
+    key = next(iter(conflict)).replace("_", "-")
+    with pytest.raises(ConfigError, match=f"'standardize' is true with {key}="):
+        make_config(standardize=True, **conflict)
+
+
+def test_evaluation_with_standardization_is_the_wrapped_models_on_raw_data(diabetes_csv):
+    cfg = seed_config(diabetes_csv)
+    trainer = trainer_for(cfg, data_source(cfg).spec)
+    standardization = pooled_statistics(cfg)
+    test = data_source(cfg).test_set()
+    loss, metrics = trainer.evaluate(test, standardization)
+    wrapped = standardization.wrap(trainer.model, trainer.spec.input_shape)
+    logs = wrapped.evaluate(test.x, test.y, verbose=0, return_dict=True)
+    assert loss == pytest.approx(logs["loss"], rel=1e-5)
+    assert metrics["mae"] == pytest.approx(logs["mae"], rel=1e-5)
+    assert trainer.evaluate(test)[0] != pytest.approx(loss, rel=1e-3)  # the layers matter
+
+
+def _run(tmp_path, data: str, standardize: bool) -> tuple[dict, keras.Model]:
+    out = tmp_path / f"standardize-{standardize}"
+    code = run_simulation.main(["--num-supernodes", "4", "--out", str(out), "--run-config",
+                                f"dataset='{data}' label-column='target' task='regression' "
+                                f"model='{MODEL}' num-server-rounds=3 "
+                                f"standardize={str(standardize).lower()}"])
+    assert code == 0
+    history = json.loads((out / "history.json").read_text())
+    return history, keras.models.load_model(out / "final_model.keras")
+
+
+@pytest.mark.slow
+def test_a_standardized_run_beats_the_raw_one_and_saves_a_raw_input_model(tmp_path,
+                                                                         diabetes_csv):
+    raw_history, raw_model = _run(tmp_path, diabetes_csv, standardize=False)
+    history, model = _run(tmp_path, diabetes_csv, standardize=True)
+    final = history["rounds"][-1]["centralized"]["loss"]
+    assert final < 0.25 * raw_history["rounds"][-1]["centralized"]["loss"]
+    layers = [type(layer).__name__ for layer in model.layers]
+    assert layers[1] == "Normalization" and layers[-1] == "Rescaling"
+    assert "Normalization" not in [type(layer).__name__ for layer in raw_model.layers]
+    test = data_source(seed_config(diabetes_csv)).test_set()  # raw features and target
+    logs = model.evaluate(test.x, test.y, verbose=0, return_dict=True)
+    assert logs["loss"] == pytest.approx(final, rel=1e-4)
+    assert 25 < float(np.median(model.predict(test.x, verbose=0))) < 346
+    assert "standardization" not in json.dumps(history["rounds"])  # no client's sums recorded
