@@ -78,7 +78,8 @@ def run_parts(cfg: RunConfig, callbacks: Sequence[Callback] = (),
     initial_weights = build_model(str(cfg["model"]), source.spec, int(cfg["seed"])).get_weights()
     checkpoint = load_for_resume(cfg, initial_weights)
     out_dir = resolve_out_dir(str(cfg["out-dir"] or cfg["resume-from"]))
-    recorder = RunRecorder(cfg, out_dir, trainer, callbacks, started_at)
+    test = source.test_set()
+    recorder = RunRecorder(cfg, out_dir, trainer, callbacks, started_at, test)
     if checkpoint is not None:
         recorder.resume(checkpoint)
     stopping = StoppingRules(
@@ -86,7 +87,7 @@ def run_parts(cfg: RunConfig, callbacks: Sequence[Callback] = (),
         min_delta=float(cfg["min-delta"]), target=float(cfg["target"]),
         max_idle_rounds=int(cfg["max-idle-rounds"]), metric_names=monitored_names(trainer),
         directions=trainer.metric_directions())
-    return RunParts(initial_weights, centralized_evaluator(trainer, source.test_set()),
+    return RunParts(initial_weights, centralized_evaluator(trainer, test),
                     recorder, Checkpointer(cfg, out_dir, lambda: recorder.history), stopping,
                     checkpoint)
 

@@ -9,6 +9,7 @@ from flwr.client import NumPyClient
 from flwr.common import NDArrays, Scalar
 
 from fl_app.client.local_work import NodeWork
+from fl_app.data.rebalance import rebalance
 from fl_app.data.sources import ClientData
 from fl_app.ml.trainer import KerasTrainer
 from fl_app.wire import (
@@ -50,12 +51,14 @@ class KerasClient(NumPyClient):
     `data_warnings`). `client_key` (the partition id in simulation, a CRC of the data
     file's name in deployment) varies the shuffling between clients; it stays on the node.
     `public_key` is what `get_properties` tells the server
-    (`fl_app.client.node_policy.public_client_key`; empty: nothing).
+    (`fl_app.client.node_policy.public_client_key`; empty: nothing). `rebalance` (a
+    `fl_app.data.rebalance` mode) reweights or resamples the training data by its own class
+    counts every round, seeded like the shuffling; the example count sent stays the data's.
     """
 
     def __init__(self, trainer: KerasTrainer, data: ClientData, defaults: Mapping[str, Scalar],
                  seed: int = 0, client_key: int = 0, work: NodeWork = NodeWork(),
-                 public_key: str = "") -> None:
+                 public_key: str = "", rebalance: str = "none") -> None:
         self.trainer = trainer
         self.data = data
         self.defaults = dict(defaults)
@@ -63,6 +66,7 @@ class KerasClient(NumPyClient):
         self.client_key = client_key
         self.work = work
         self.public_key = public_key
+        self.rebalance = rebalance
 
     def _setting(self, config: Mapping[str, Scalar], key: str) -> Scalar:
         return config.get(key, self.defaults[key])
@@ -100,14 +104,17 @@ class KerasClient(NumPyClient):
         self.trainer.set_weights(parameters)
         server_round = int(config.get(SERVER_ROUND, 0))
         epochs, batch_size, time_budget = self.work.plan(config, self.defaults)
+        seed = [self.seed, server_round, self.client_key]
+        train, sample_weight = rebalance(self.data.train, self.rebalance, seed)
         result = self.trainer.fit(
-            self.data.train,
+            train,
             epochs=epochs,
             batch_size=batch_size,
             time_budget=time_budget,
             learning_rate=float(self._setting(config, "learning-rate")) or None,
             proximal_mu=float(config.get(KEY_PROXIMAL_MU, 0.0)),
-            seed=[self.seed, server_round, self.client_key],
+            seed=seed,
+            sample_weight=sample_weight,
         )
         metrics: dict[str, Scalar] = {
             "train_loss": result.loss, "train_seconds": result.seconds,
