@@ -25,8 +25,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from fl_app.data.rebalance import MODES  # noqa: E402
 from scripts.sim_runs import run_history  # noqa: E402
 
-PARTITIONS = {"pathological": "partitioner='pathological' classes-per-partition=2",
-              "dirichlet α=0.1": "partitioner='dirichlet' dirichlet-alpha=0.1"}
+PARTITIONS = {
+    "pathological (2 classes per client)": "partitioner='pathological' classes-per-partition=2",
+    "dirichlet α=0.1": "partitioner='dirichlet' dirichlet-alpha=0.1",
+}
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
