@@ -72,6 +72,8 @@ def test_history_has_a_summary_and_unambiguous_client_counts(quiet_run):
     assert {"accuracy", "loss"} <= set(summary["metrics"]["distributed"])
     assert {"train_accuracy", "train_loss"} <= set(summary["metrics"]["fit"])
     assert set(summary["versions"]) == {"flwr", "tensorflow", "keras", "python"}
+    assert set(summary["class_recall"]) == {str(c) for c in range(10)}  # digits' classes
+    assert summary["worst_class_recall"] == min(summary["class_recall"].values())
     assert all(summary["versions"].values())
 
 

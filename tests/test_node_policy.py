@@ -26,7 +26,7 @@ from fl_app.client.node_policy import (
 from fl_app.data.files import read_data_file
 from fl_app.data.types import is_data_file
 from fl_app.ml.settings import is_model_file
-from fl_app.wire import CLIENT_KEY, KEY_CLIPPING_NORM
+from fl_app.wire import CLIENT_KEY, KEY_CLIPPING_NORM, KEY_STATISTICS
 from strategies import ckks
 from tests.conftest import make_config
 from tests.flower_objects import fit_res
@@ -187,6 +187,9 @@ def test_require_client_clip_refuses_an_unclipped_or_looser_fit(identity):
         refused(node, fit_message({KEY_CLIPPING_NORM: norm}), f"{KEY_CLIPPING_NORM}=")
     refused(node, other(MessageTypeLegacy.GET_PARAMETERS), "refuses get_parameters")
     assert len(run(node, other(MessageType.EVALUATE))) == 1
+    # a clipped-looking message that asks for the node's data sums in the clear
+    refused(node, fit_message({KEY_CLIPPING_NORM: 1.0, KEY_STATISTICS: True}),
+            "asks for the node's data statistics in the clear")
 
 
 def test_allowed_sources_compare_files_after_realpath(tmp_path, monkeypatch):

@@ -17,6 +17,7 @@ from fl_app.ml.standardize import Standardization, from_moments, moments
 from fl_app.ml.trainer import trainer_for
 from fl_app.schema import ConfigError
 from fl_app.server.statistics import STATISTICS_CONFIG, StatisticsRound
+from fl_app.wire import KEY_CLIPPING_NORM, KEY_DP_NOISE_STD
 from tests.conftest import make_config
 
 MODEL = "examples.keras_models:regression"  # the seed's adam/mse model
@@ -32,8 +33,8 @@ def diabetes_csv(tmp_path) -> str:
 
 
 def seed_config(data: str, **overrides):
-    return make_config(dataset=data, label_column="target", task="regression", model=MODEL,
-                       standardize=True, **overrides)
+    return make_config(**{"dataset": data, "label_column": "target", "task": "regression",
+                          "model": MODEL, "standardize": True, **overrides})
 
 
 def pooled_statistics(cfg) -> Standardization:
@@ -47,6 +48,19 @@ def pooled_statistics(cfg) -> Standardization:
         replies.append((str(pid), sums))
     statistics.add(replies)
     return statistics.standardization
+
+
+def test_a_client_sends_its_sums_only_to_a_standardizing_plaintext_run(diabetes_csv):
+    """A deviating server cannot get a client's raw data sums from a run that did not turn
+    `standardize` on, nor from a client-side DP round (the sums would skip the clipping
+    and the noise)."""
+    partition = {"partition-id": 0, "num-partitions": CLIENTS}
+    client = client_for(seed_config(diabetes_csv, standardize=False), partition)
+    with pytest.raises(ValueError, match="standardize=false: refused"):
+        client.fit([], dict(STATISTICS_CONFIG))
+    client = client_for(seed_config(diabetes_csv), partition)
+    with pytest.raises(ValueError, match="client-side DP round: refused"):
+        client.fit([], {**STATISTICS_CONFIG, KEY_CLIPPING_NORM: 0.1, KEY_DP_NOISE_STD: 1.0})
 
 
 @pytest.mark.parametrize("partitioner", ["iid", "dirichlet"])
@@ -79,6 +93,32 @@ def test_a_reply_not_of_the_clients_form_is_dropped(diabetes_csv):
     assert statistics.standardization.y_mean[0] == pytest.approx(1.5)
     with pytest.raises(RuntimeError, match="no client answered"):
         statistics.add([("b", good[:3])])
+
+
+def test_a_lying_client_cannot_set_the_standardization(diabetes_csv):
+    """Sums no data can have are dropped (negative or too small sums of squares, a count of
+    values that is not the rows', a fractional row); a huge claimed count is capped at the
+    examples cap like a fit claim, keeping the liar's means but not its weight."""
+    spec = data_source(seed_config(diabetes_csv)).spec
+    rng = np.random.default_rng(1)
+    honest = [moments(rng.normal(0.0, 1.0, (50, 10)), rng.normal(100.0, 10.0, 50))
+              for _ in range(4)]
+    statistics = StatisticsRound(spec, examples_cap_factor=3.0)
+    bad_squares = [a.copy() for a in honest[0]]
+    bad_squares[2][:] = -1.0
+    bad_count = [a.copy() for a in honest[0]]
+    bad_count[0][0] += 1
+    liar = [a * 1e10 for a in moments(np.full((50, 10), 1e6), np.full(50, 1e6))]
+    statistics.add([*[(str(i), sums) for i, sums in enumerate(honest)],
+                    ("squares", bad_squares), ("count", bad_count), ("liar", liar)])
+    honest_only = from_moments([np.sum(a, axis=0) for a in zip(*honest)])
+    pooled = statistics.standardization
+    # the liar's rows are capped at 3 x the median claim: 150 of the pool's 350
+    assert pooled.y_mean[0] == pytest.approx((200 * honest_only.y_mean[0] + 150 * 1e6) / 350)
+    assert pooled.y_mean[0] < 1e6 * 0.5  # not the liar's
+    unlimited = StatisticsRound(spec)
+    unlimited.add([*[(str(i), sums) for i, sums in enumerate(honest)], ("liar", liar)])
+    assert unlimited.standardization.y_mean[0] > 0.99e6  # without the cap it would be
 
 
 @pytest.mark.parametrize("conflict", [{"secure_aggregation": "secagg+"},

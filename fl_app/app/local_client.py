@@ -39,7 +39,8 @@ def client_with(cfg: RunConfig, node_config: Mapping[str, Scalar],
     key = int(node_config["partition-id"]) if "partition-id" in node_config else data.key
     work = work_for(cfg, node_config, key, f"node-config of {data.source}")
     keras_client = KerasClient(trainer, data, cfg, seed=int(cfg["seed"]), client_key=key,
-                               work=work, public_key=public_client_key(node_config, data.source))
+                               work=work, public_key=public_client_key(node_config, data.source),
+                               rebalance=str(cfg["rebalance"]))
     client = with_faults(keras_client, cfg, node_config)
     return with_encryption(client, cfg, node_config)
 

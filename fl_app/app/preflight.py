@@ -1,5 +1,5 @@
-"""Checks a run makes before any training: the model fits the data, and the stopping rules
-watch a metric the model records.
+"""Checks a run makes before any training: the model fits the data, `rebalance` fits its
+task, and the stopping rules watch a metric the model records.
 
 `run_simulation.py` calls `check_run` before Flower starts, so a model or data problem is
 one `error:` line; the ServerApp builds the same trainer (cached per process), so the
@@ -8,6 +8,7 @@ checks and the run cannot disagree.
 
 from __future__ import annotations
 
+from fl_app.data.rebalance import check_rebalance
 from fl_app.data.sources import data_source
 from fl_app.ml.trainer import KerasTrainer, trainer_for
 from fl_app.schema import RunConfig
@@ -17,8 +18,10 @@ from fl_app.server.stopping import check_monitor
 def checked_trainer(cfg: RunConfig) -> KerasTrainer:
     """The run's trainer, built and checked against the server's data (loaded here, once per
     process); raises ModelError, DataError or ConfigError (naming the model, file or key)
-    when the run cannot train."""
-    trainer = trainer_for(cfg, data_source(cfg).spec)
+    when the run cannot train (a `rebalance` the data's task cannot take included)."""
+    spec = data_source(cfg).spec
+    check_rebalance(str(cfg["rebalance"]), spec)
+    trainer = trainer_for(cfg, spec)
     check_monitor(str(cfg["monitor"]), monitored_names(trainer))
     return trainer
 

@@ -79,7 +79,8 @@ def run_parts(cfg: RunConfig, callbacks: Sequence[Callback] = (),
     `started_at`: see `RunRecorder`), and with `standardize=true` its statistics round."""
     trainer = checked_trainer(cfg)
     source = data_source(cfg)
-    statistics = StatisticsRound(source.spec) if cfg["standardize"] else None
+    statistics = (StatisticsRound(source.spec, float(cfg["examples-cap-factor"]),
+                                  int(cfg["max-examples"])) if cfg["standardize"] else None)
     # A fresh seeded model, not the process-wide trainer's weights: those are whatever the
     # previous run in this process (tests, benchmark scripts) evaluated last.
     initial_weights = build_model(str(cfg["model"]), source.spec, int(cfg["seed"])).get_weights()
@@ -87,7 +88,8 @@ def run_parts(cfg: RunConfig, callbacks: Sequence[Callback] = (),
     out_dir = resolve_out_dir(str(cfg["out-dir"] or cfg["resume-from"]))
     test_set = source.test_set()
     exporter = partial(export_int8, trainer, test_set) if cfg["export-int8"] else None
-    recorder = RunRecorder(cfg, out_dir, trainer, callbacks, started_at, statistics, exporter)
+    recorder = RunRecorder(cfg, out_dir, trainer, callbacks, started_at, test_set,
+                           statistics, exporter)
     if checkpoint is not None:
         recorder.resume(checkpoint)
     stopping = StoppingRules(

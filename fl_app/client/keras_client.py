@@ -9,6 +9,7 @@ from flwr.client import NumPyClient
 from flwr.common import NDArrays, Scalar
 
 from fl_app.client.local_work import NodeWork
+from fl_app.data.rebalance import rebalance
 from fl_app.data.sources import ClientData
 from fl_app.ml.standardize import Standardization, moments
 from fl_app.ml.trainer import KerasTrainer
@@ -57,12 +58,14 @@ class KerasClient(NumPyClient):
     `standardize=true` a fit whose config asks for `statistics` trains nothing and returns
     the sums of its training data (`fl_app.ml.standardize.moments`; a regression target's
     too); later fits and evaluations standardize with the pooled `standardization` their
-    config carries.
+    config carries. `rebalance` (a `fl_app.data.rebalance` mode) reweights or resamples the
+    training data by its own class counts every round, seeded like the shuffling; the
+    example count sent stays the data's.
     """
 
     def __init__(self, trainer: KerasTrainer, data: ClientData, defaults: Mapping[str, Scalar],
                  seed: int = 0, client_key: int = 0, work: NodeWork = NodeWork(),
-                 public_key: str = "") -> None:
+                 public_key: str = "", rebalance: str = "none") -> None:
         self.trainer = trainer
         self.data = data
         self.defaults = dict(defaults)
@@ -70,6 +73,7 @@ class KerasClient(NumPyClient):
         self.client_key = client_key
         self.work = work
         self.public_key = public_key
+        self.rebalance = rebalance
 
     def _setting(self, config: Mapping[str, Scalar], key: str) -> Scalar:
         return config.get(key, self.defaults[key])
@@ -97,6 +101,17 @@ class KerasClient(NumPyClient):
         data = config.get(KEY_STANDARDIZATION)
         return Standardization.from_bytes(data) if isinstance(data, bytes) else None
 
+    def _check_statistics_request(self, config: dict[str, Scalar]) -> None:
+        """Raise ValueError unless this run standardizes (`standardize=true`) in the clear:
+        the data sums go out unclipped and un-noised, so a server must not get them from a
+        run that promised client-side DP, or from one that never asked for them."""
+        if not self.defaults.get("standardize"):
+            raise ValueError("the server asked for this client's data statistics, but this "
+                             "run has standardize=false: refused, nothing sent")
+        if KEY_CLIPPING_NORM in config or KEY_DP_NOISE_STD in config:
+            raise ValueError("the server asked for this client's data statistics in a "
+                             "client-side DP round: refused, nothing sent")
+
     def _fused_evaluation(self, parameters: NDArrays,
                           config: dict[str, Scalar]) -> dict[str, Scalar]:
         """`evaluate`'s result as fit metrics, when the config asks for it (else none)."""
@@ -111,12 +126,15 @@ class KerasClient(NumPyClient):
         """`fit` before the trainer forgets (see `fit`)."""
         train = self.data.train
         if config.get(KEY_STATISTICS) is True:
+            self._check_statistics_request(config)
             target = train.y if self.trainer.spec.task == "regression" else None
             return moments(train.x, target), len(train), {}
         fused = self._fused_evaluation(parameters, config)
         self.trainer.set_weights(parameters)
         server_round = int(config.get(SERVER_ROUND, 0))
         epochs, batch_size, time_budget = self.work.plan(config, self.defaults)
+        seed = [self.seed, server_round, self.client_key]
+        train, sample_weight = rebalance(self.data.train, self.rebalance, seed)
         result = self.trainer.fit(
             train,
             epochs=epochs,
@@ -124,8 +142,9 @@ class KerasClient(NumPyClient):
             time_budget=time_budget,
             learning_rate=float(self._setting(config, "learning-rate")) or None,
             proximal_mu=float(config.get(KEY_PROXIMAL_MU, 0.0)),
-            seed=[self.seed, server_round, self.client_key],
+            seed=seed,
             standardization=self._standardization(config),
+            sample_weight=sample_weight,
         )
         metrics: dict[str, Scalar] = {
             "train_loss": result.loss, "train_seconds": result.seconds,
@@ -140,7 +159,7 @@ class KerasClient(NumPyClient):
                 noised = add_noise(weights, float(config[KEY_DP_NOISE_STD]),
                                    np.random.default_rng())
                 return noised, 1, {}
-        return weights, len(train), metrics
+        return weights, len(self.data.train), metrics  # the data's count, not a resample's
 
     def evaluate(self, parameters: NDArrays,
                  config: dict[str, Scalar]) -> tuple[float, int, dict[str, Scalar]]:

@@ -59,7 +59,7 @@ from fl_app.data.types import is_data_file
 from fl_app.ml.settings import SETTINGS as ML_SETTINGS
 from fl_app.ml.settings import is_model_file
 from fl_app.schema import ConfigError, Scalar
-from fl_app.wire import FIT_CONFIG, KEY_CLIPPING_NORM
+from fl_app.wire import FIT_CONFIG, KEY_CLIPPING_NORM, KEY_STATISTICS
 from strategies import ckks
 
 KEY_REQUIRE_SECURE = "require-secure"
@@ -231,6 +231,11 @@ def check_fit(policy: NodePolicy, msg: Message, run_config: Mapping[str, Scalar]
                                   f"but this fit message would send its update "
                                   f"{_how(secagg, run_config, node_config)}: refused, nothing "
                                   "sent")
+    if (mode is not None or policy.require_client_clip is not None) and FIT_CONFIG in records \
+            and records[FIT_CONFIG].get(KEY_STATISTICS) is True:
+        raise NodePolicyError(f"{node} requires secure aggregation or client-side clipping "
+                              "(its node config), but this fit message asks for the node's "
+                              "data statistics in the clear: refused, nothing sent")
     bound = policy.require_client_clip
     if bound is not None and (FIT_CONFIG in records or not secagg):  # a message that trains
         norm = records[FIT_CONFIG].get(KEY_CLIPPING_NORM) if FIT_CONFIG in records else None

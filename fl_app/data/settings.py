@@ -40,6 +40,12 @@ def _policies() -> list[str]:
     return list(POLICIES)
 
 
+def _rebalance_modes() -> list[str]:
+    from fl_app.data.rebalance import MODES
+
+    return list(MODES)
+
+
 def check_config(values: Mapping[str, Scalar]) -> None:
     """A named dataset has its own task: `task` must be 'auto' or that task."""
     from fl_app.data.files import AUTO, is_data_file
@@ -76,6 +82,12 @@ SETTINGS = [
     Setting("max-class-imbalance", float, 50.0,
             "Warn when a client's majority class outnumbers its minority class more than "
             "this many times (0: never).", "data", low=0.0),
+    Setting("rebalance", str, "none",
+            "Rebalance each client's training data by its own class counts: 'class-weight' "
+            "(Keras class_weight n/(k*n_c) on the loss), 'oversample' (minority classes "
+            "resampled up to the largest), 'augment' (as many new minority examples, by "
+            "within-class mixup and feature masking); classification only.", "data",
+            choices=_rebalance_modes),
     Setting("partitioner", str, "iid", "flwr-datasets partitioner that splits the training pool.",
             "data", choices=_partitioner_names),
     Setting("dirichlet-alpha", float, 0.3, "Concentration of the Dirichlet partitioner.", "data",

@@ -175,7 +175,7 @@ class KerasTrainer:
 
     # ---- compiled loops
     def _train_epoch_impl(self, x: tf.Tensor, y: tf.Tensor, order: tf.Tensor,
-                          batch_size: tf.Tensor) -> tf.Tensor:
+                          batch_size: tf.Tensor, weights: tf.Tensor | None = None) -> tf.Tensor:
         n = tf.shape(order)[0]
         num_batches = (n + batch_size - 1) // batch_size
         loss_sum = tf.constant(0.0)
@@ -183,10 +183,11 @@ class KerasTrainer:
         for b in tf.range(num_batches):
             idx = order[b * batch_size:tf.minimum((b + 1) * batch_size, n)]
             xb, yb = tf.gather(x, idx), tf.gather(y, idx)
+            wb = None if weights is None else tf.gather(weights, idx)
             with tf.GradientTape() as tape:
                 out = self.model(xb, training=True)
-                loss = tf.cast(self.model.compute_loss(x=xb, y=yb, y_pred=out, training=True),
-                               tf.float32)
+                loss = tf.cast(self.model.compute_loss(x=xb, y=yb, y_pred=out, sample_weight=wb,
+                                                       training=True), tf.float32)
                 prox = tf.add_n([tf.reduce_sum(tf.square(tf.cast(w - a, tf.float32)))
                                  for w, a in zip(variables, self._anchor)])
                 objective = loss + 0.5 * self._mu * prox
@@ -194,7 +195,7 @@ class KerasTrainer:
             grads = tape.gradient(scaled, variables)
             self.optimizer.apply_gradients(zip(grads, variables))
             loss_sum += loss * tf.cast(tf.shape(idx)[0], tf.float32)
-            self.model.compute_metrics(xb, yb, out, None)
+            self.model.compute_metrics(xb, yb, out, wb)
         return loss_sum
 
     def _eval_chunk_impl(self, x: tf.Tensor, y: tf.Tensor, scale: tf.Tensor,
@@ -209,7 +210,8 @@ class KerasTrainer:
     def fit(self, data: Split, *, epochs: int | None, batch_size: int,
             learning_rate: float | None = None, proximal_mu: float = 0.0,
             seed: int | list[int] = 0, time_budget: float | None = None,
-            standardization: Standardization | None = None) -> FitResult:
+            standardization: Standardization | None = None,
+            sample_weight: np.ndarray | None = None) -> FitResult:
         """Train on `data` from the current weights; optimizer and layer RNGs start fresh.
 
         `learning_rate` (if given) replaces the optimizer's rate; `seed` fixes the
@@ -217,7 +219,9 @@ class KerasTrainer:
         from the call) training stops once the budget has run out, checked between chunks
         of steps (at least one step runs; `epochs` then caps it, None for no cap). With
         `standardization` it trains on standardized inputs and targets (its loss and
-        metrics are then on the standardized scale).
+        metrics are then on the standardized scale). `sample_weight` (one per example)
+        weighs the compiled loss and metrics as `model.fit`'s does (`class_weight` becomes
+        exactly such weights there).
         """
         if epochs is None and not time_budget:
             raise ValueError("fit needs a number of epochs or a time budget")
@@ -229,6 +233,7 @@ class KerasTrainer:
         if standardization is not None:
             data = Split(standardization.inputs(data.x), standardization.targets(data.y))
         x, y = tf.constant(data.x), tf.constant(self.targets(data.y))
+        w = None if sample_weight is None else tf.constant(sample_weight, tf.float32)
         rng = np.random.default_rng(seed)
         self.reseed_layers(rng.spawn(1)[0])  # spawning leaves `rng`'s own stream untouched
         deadline = start + time_budget if time_budget else None
@@ -239,10 +244,10 @@ class KerasTrainer:
             order = rng.permutation(len(data)).astype(np.int32)
             if deadline is None:
                 loss_sum = float(self._train_epoch(x, y, tf.constant(order),
-                                                   tf.constant(batch_size)))
+                                                   tf.constant(batch_size), w))
                 steps += -(-len(data) // batch_size)
             else:
-                loss_sum, seen, steps = self._budgeted_epoch(x, y, order, batch_size,
+                loss_sum, seen, steps = self._budgeted_epoch(x, y, w, order, batch_size,
                                                              start, deadline, steps)
                 if seen < len(data) or time.perf_counter() >= deadline:
                     break
@@ -252,8 +257,9 @@ class KerasTrainer:
                          _scalar_metrics(self.model.get_metrics_result()),
                          time.perf_counter() - start, steps)
 
-    def _budgeted_epoch(self, x: tf.Tensor, y: tf.Tensor, order: np.ndarray, batch_size: int,
-                        start: float, deadline: float, steps: int) -> tuple[float, int, int]:
+    def _budgeted_epoch(self, x: tf.Tensor, y: tf.Tensor, w: tf.Tensor | None,
+                        order: np.ndarray, batch_size: int, start: float, deadline: float,
+                        steps: int) -> tuple[float, int, int]:
         """One epoch in chunks of steps until it ends or `deadline` passes; returns its
         loss sum, the examples it saw and the run's step count so far. A chunk is sized,
         from the time per step measured so far, to take about BUDGET_CHECK_SHARE of the
@@ -267,7 +273,8 @@ class KerasTrainer:
             share = BUDGET_CHECK_SHARE * (deadline - start)
             chunk = max(1, int(share / per_step)) if per_step > 0 else 1
             idx = order[seen:seen + chunk * batch_size]
-            loss_sum += float(self._train_epoch(x, y, tf.constant(idx), tf.constant(batch_size)))
+            loss_sum += float(self._train_epoch(x, y, tf.constant(idx), tf.constant(batch_size),
+                                                w))
             seen += len(idx)
             steps += -(-len(idx) // batch_size)
         return loss_sum, seen, steps
@@ -300,6 +307,18 @@ class KerasTrainer:
                                        training=False)
         self.model.compute_metrics(None, tf.constant(targets), prediction, None)
         return float(loss), _scalar_metrics(self.model.get_metrics_result())
+
+    def class_recall(self, data: Split,
+                     model: keras.Model | None = None) -> dict[str, float]:
+        """Recall of the current weights (or of `model`, e.g. the final model with its
+        standardization layers, on raw `data`) on each class present in `data`
+        (single-label classes), keyed by class index: the share of its examples predicted
+        as it, the prediction being the largest output (one sigmoid unit: above 0.5, as
+        Keras' accuracy); scikit-learn's `recall_score(average=None)`."""
+        model = self.model if model is None else model
+        out = model.predict(data.x, batch_size=EVAL_CHUNK, verbose=0)
+        predicted = (out[:, 0] > 0.5).astype(np.int64) if out.shape[-1] == 1 else out.argmax(-1)
+        return {str(c): float(np.mean(predicted[data.y == c] == c)) for c in np.unique(data.y)}
 
     def metric_names(self) -> list[str]:
         """The names under which `fit` and `evaluate` report the compiled metrics."""

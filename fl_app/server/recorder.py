@@ -12,10 +12,12 @@ from logging import INFO
 from pathlib import Path
 from typing import Any
 
+import keras
 import numpy as np
 from flwr.common import Parameters, parameters_to_ndarrays
 from flwr.common.logger import log
 
+from fl_app.data.types import Split
 from fl_app.ml.trainer import KerasTrainer
 from fl_app.schema import RunConfig
 from fl_app.server.callbacks import Callback
@@ -58,20 +60,23 @@ class RunRecorder:
     plots and summary at the end; calls the callbacks.
 
     `started_at` (seconds since the epoch; default: `run_start()`) is where the run's
-    start-up and total time are counted from. With `statistics` (`standardize=true`)
-    `final_model.keras` holds the model between its Normalization and Rescaling layers:
-    raw inputs in, raw-scale outputs out. `exporter`, when given, writes more copies of a
-    plaintext final model into the output folder and returns what to record of them in
-    the summary under `export` (`fl_app.server.export`).
+    start-up and total time are counted from. With the server's `test_set` and
+    single-label classes, the summary also holds the final model's recall per class on it
+    (`class_recall`, by class index) and the lowest (`worst_class_recall`). With
+    `statistics` (`standardize=true`) `final_model.keras` holds the model between its
+    Normalization and Rescaling layers: raw inputs in, raw-scale outputs out. `exporter`,
+    when given, writes more copies of a plaintext final model into the output folder and
+    returns what to record of them in the summary under `export` (`fl_app.server.export`).
     """
 
     def __init__(self, cfg: RunConfig, out_dir: Path, trainer: KerasTrainer,
                  callbacks: Sequence[Callback] = (), started_at: float | None = None,
-                 statistics: StatisticsRound | None = None,
+                 test_set: Split | None = None, statistics: StatisticsRound | None = None,
                  exporter: Callable[[Path], dict[str, Any]] | None = None) -> None:
         self.cfg = cfg
         self.out_dir = out_dir
         self.trainer = trainer
+        self.test_set = test_set
         self.statistics = statistics
         self.history: dict[str, Any] = {"config": dict(cfg), "rounds": [], "stopped": None}
         self.started_at = run_start() if started_at is None else started_at
@@ -102,6 +107,14 @@ class RunRecorder:
         for callback in self.callbacks:
             callback.on_round_end(int(record["round"]), copy.deepcopy(record))
 
+    def _class_recall(self, model: keras.Model) -> dict[str, Any]:
+        """The final `model`'s recall per class on the test set, and the worst (none
+        without a test set or single-label classes)."""
+        if self.test_set is None or self.trainer.spec.task not in ("multiclass", "binary"):
+            return {}
+        recall = self.trainer.class_recall(self.test_set, model)
+        return {"class_recall": recall, "worst_class_recall": min(recall.values())}
+
     def on_finish(self, stopped: str, parameters: Parameters) -> None:
         """Record why the run stopped and its summary; save the final model and the plots;
         call the callbacks' `on_run_end`.
@@ -109,22 +122,25 @@ class RunRecorder:
         An encrypted aggregate (homomorphic encryption) is saved as it is, in
         `final_model.ckks.npz` (arrays `chunk_0`, ...), for a key holder to decrypt
         (`python -m fl_app.app.he_final`): the server cannot write `final_model.keras`."""
+        encrypted = is_encrypted(parameters)
+        model = self.trainer.model
+        if not encrypted:
+            self.trainer.set_weights(parameters_to_ndarrays(parameters))
+            if self.statistics is not None:  # raw inputs in, raw-scale outputs out
+                model = self.statistics.final_model(model, self.trainer.spec.input_shape)
         self.history["stopped"] = stopped
-        self.history["summary"] = run_summary(
-            self.history, startup_seconds=self.startup_seconds,
-            total_seconds=time.time() - self.started_at,
-            directions=self.trainer.metric_directions())
+        self.history["summary"] = {
+            **run_summary(self.history, startup_seconds=self.startup_seconds,
+                          total_seconds=time.time() - self.started_at,
+                          directions=self.trainer.metric_directions()),
+            **({} if encrypted else self._class_recall(model))}
         write_history(self.out_dir, self.history)
-        if is_encrypted(parameters):
+        if encrypted:
             buffer = io.BytesIO()
             np.savez(buffer, **{f"chunk_{i}": a for i, a in
                                 enumerate(parameters_to_ndarrays(parameters))})
             atomic_write_bytes(self.out_dir / ENCRYPTED_MODEL_FILE, buffer.getvalue())
         else:
-            self.trainer.set_weights(parameters_to_ndarrays(parameters))
-            model = self.trainer.model
-            if self.statistics is not None:  # raw inputs in, raw-scale outputs out
-                model = self.statistics.final_model(model, self.trainer.spec.input_shape)
             with private_files():
                 model.save(self.out_dir / MODEL_FILE)
             if self.exporter is not None:
