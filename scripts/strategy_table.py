@@ -31,7 +31,7 @@ from fl_app.app.config import RUN_SETTINGS, defaults  # noqa: E402
 from fl_app.data import settings as data_settings  # noqa: E402
 from fl_app.ml import settings as ml_settings  # noqa: E402
 from scripts.simulation_run import timed_run  # noqa: E402
-from strategies import context, registry, validation  # noqa: E402
+from strategies import context, flower_builtins, registry, validation  # noqa: E402
 from strategies.accounting import PrivacyAccountant, default_delta  # noqa: E402
 
 BASELINE = "weighted-fedavg"
@@ -72,9 +72,12 @@ def result_keys() -> list[str]:
 
 
 def defaults_fingerprint() -> str:
-    """12 hex digits of the SHA-256 of those keys' defaults: changes whenever one does."""
+    """12 hex digits of the SHA-256 of those keys' defaults and of the defaults a strategy
+    takes where its keys say 0 (`flower_builtins.FEDOPT_DEFAULTS`): changes whenever one
+    does."""
     values = defaults()
-    text = json.dumps({key: values[key] for key in result_keys()}, sort_keys=True)
+    text = json.dumps({**{key: values[key] for key in result_keys()},
+                       "fedopt-defaults": flower_builtins.FEDOPT_DEFAULTS}, sort_keys=True)
     return hashlib.sha256(text.encode()).hexdigest()[:12]
 
 
