@@ -31,7 +31,7 @@ from fl_app.app.config import RUN_SETTINGS, defaults  # noqa: E402
 from fl_app.data import settings as data_settings  # noqa: E402
 from fl_app.ml import settings as ml_settings  # noqa: E402
 from scripts.simulation_run import timed_run  # noqa: E402
-from strategies import context, registry, validation  # noqa: E402
+from strategies import context, flower_builtins, registry, validation  # noqa: E402
 from strategies.accounting import PrivacyAccountant, default_delta  # noqa: E402
 
 BASELINE = "weighted-fedavg"
@@ -57,6 +57,9 @@ class Result:
     seconds: float
 
 
+OFF_BY_DEFAULT = {"standardize", "rebalance"}  # data and model options off by default
+
+
 def result_keys() -> list[str]:
     """The run-config keys whose defaults shape the table: the strategy choice, sampling,
     validation and every registered strategy's and wrapper's own keys (DP included), the
@@ -67,14 +70,19 @@ def result_keys() -> list[str]:
                ml_settings, data_settings)
     keys = {"num-server-rounds", "strategy", "dp-inner", *(s.key for s in RUN_SETTINGS),
             *(s.key for module in modules for s in module.SETTINGS)}
-    # the synthetic dataset's own keys do not shape a digits run
-    return sorted(key for key in keys if not key.startswith("synthetic-"))
+    # the synthetic dataset's own keys do not shape a digits run, nor do the data and
+    # model options that are off by default (their `none`/false default is the table's)
+    return sorted(key for key in keys
+                  if not key.startswith("synthetic-") and key not in OFF_BY_DEFAULT)
 
 
 def defaults_fingerprint() -> str:
-    """12 hex digits of the SHA-256 of those keys' defaults: changes whenever one does."""
+    """12 hex digits of the SHA-256 of those keys' defaults and of the defaults a strategy
+    takes where its keys say 0 (`flower_builtins.FEDOPT_DEFAULTS`): changes whenever one
+    does."""
     values = defaults()
-    text = json.dumps({key: values[key] for key in result_keys()}, sort_keys=True)
+    text = json.dumps({**{key: values[key] for key in result_keys()},
+                       "fedopt-defaults": flower_builtins.FEDOPT_DEFAULTS}, sort_keys=True)
     return hashlib.sha256(text.encode()).hexdigest()[:12]
 
 

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import inspect
-
 import numpy as np
 import pytest
 from flwr.common import ndarrays_to_parameters
@@ -13,8 +11,11 @@ from strategies.context import StrategyContext
 from strategies.registry import build_strategy
 from tests.conftest import make_config
 
-FEDOPT = {"fedadam": (fl.FedAdam, 0.1), "fedyogi": (fl.FedYogi, 0.01),
-          "fedadagrad": (fl.FedAdagrad, 0.1)}
+# Measured on the default workload (README, "Notes on the defaults"): each within 0.10 of
+# weighted-fedavg after 5 rounds and 0.05 after 20. Flower's own FedYogi eta 0.01 and tau
+# 1e-3 for FedAdagrad reach 0.71 and 0.75 after 5 rounds where weighted-fedavg reaches 0.93.
+FEDOPT = {"fedadam": (fl.FedAdam, 0.1, 1e-3), "fedyogi": (fl.FedYogi, 0.1, 1e-3),
+          "fedadagrad": (fl.FedAdagrad, 0.1, 1e-2)}
 
 
 def built(**overrides) -> fl.Strategy:
@@ -25,14 +26,15 @@ def built(**overrides) -> fl.Strategy:
 
 
 @pytest.mark.parametrize("name", FEDOPT)
-def test_fedopt_strategies_default_to_flowers_own_server_learning_rate(name):
-    cls, eta = FEDOPT[name]
+def test_fedopt_strategies_take_their_measured_server_step_by_default(name):
+    cls, eta, tau = FEDOPT[name]
     strategy = built(strategy=name)
     assert isinstance(strategy, cls)
-    assert strategy.eta == eta == inspect.signature(cls).parameters["eta"].default
-    assert strategy.tau == 1e-3  # Reddi et al.'s recommended adaptivity, unchanged
+    assert (strategy.eta, strategy.tau) == (eta, tau)
 
 
 @pytest.mark.parametrize("name", FEDOPT)
-def test_a_set_fedopt_eta_replaces_the_default(name):
-    assert built(strategy=name, fedopt_eta=0.03).eta == 0.03
+def test_a_set_fedopt_eta_or_tau_replaces_the_default(name):
+    strategy = built(strategy=name, fedopt_eta=0.03, fedopt_tau=0.5)
+    assert (strategy.eta, strategy.tau) == (0.03, 0.5)
+

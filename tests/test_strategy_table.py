@@ -9,6 +9,7 @@ import pytest
 from fl_app.app.config import defaults
 from scripts import strategy_table
 from scripts.strategy_table import Result
+from strategies import flower_builtins
 from strategies.registry import strategy_names
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -49,6 +50,13 @@ def test_fingerprint_follows_every_strategy_and_training_default(monkeypatch):
     assert "out-dir" not in strategy_table.result_keys()
     changed = {**defaults(), "fedopt-eta": 0.5}
     monkeypatch.setattr(strategy_table, "defaults", lambda: changed)
+    assert strategy_table.defaults_fingerprint() != before
+
+
+def test_fingerprint_follows_the_defaults_a_strategy_takes_where_its_keys_say_0(monkeypatch):
+    before = strategy_table.defaults_fingerprint()
+    own = flower_builtins.FEDOPT_DEFAULTS
+    monkeypatch.setitem(own, "fedyogi", {**own["fedyogi"], "eta": 0.01})
     assert strategy_table.defaults_fingerprint() != before
 
 
