@@ -123,7 +123,7 @@ def server_components(cfg: RunConfig, callbacks: Sequence[Callback] = (),
         strategy=build_strategy(ctx), seed=int(cfg["seed"]), stopping=parts.stopping,
         on_round=recorder.on_round, on_finish=recorder.on_finish,
         on_checkpoint=checkpointer, on_charge=checkpointer.save_ledger, resume=resume,
-        fuse_evaluate=fuses_evaluation(cfg),
+        fuse_evaluate=fuses_evaluation(cfg), directions=recorder.trainer.metric_directions(),
     )
     timeout = cfg["round-timeout"] or None
     return ServerAppComponents(server=server, config=ServerConfig(
