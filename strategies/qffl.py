@@ -24,19 +24,9 @@ to their data size (`client-sampling='size'`). An update without a finite `loss_
 from __future__ import annotations
 
 from collections.abc import Mapping
-from logging import WARNING
 
 import numpy as np
-from flwr.common import (
-    FitIns,
-    FitRes,
-    NDArrays,
-    Parameters,
-    Scalar,
-    ndarrays_to_parameters,
-    parameters_to_ndarrays,
-)
-from flwr.common.logger import log
+from flwr.common import FitIns, FitRes, NDArrays, Parameters, Scalar
 from flwr.server.client_manager import ClientManager
 from flwr.server.client_proxy import ClientProxy
 from flwr.server.strategy import Strategy
@@ -45,8 +35,8 @@ from fl_app.schema import ConfigError, Setting
 from fl_app.wire import KEY_LOSS_BEFORE
 from strategies import dp
 from strategies.context import StrategyContext
-from strategies.metrics import is_finite_number, weighted_metrics
-from strategies.weighted_fedavg import WeightedFedAvg
+from strategies.metrics import is_finite_number
+from strategies.per_client import PerClientFigure
 
 LOSS_EPSILON = 1e-10  # added to every F_k, as the official code does
 
@@ -79,16 +69,10 @@ def qffl_step(global_weights: NDArrays, client_weights: list[NDArrays], losses: 
             for g, s, w in zip(base, step, global_weights)]
 
 
-def _loss(fit_res: FitRes) -> float | None:
-    value = fit_res.metrics.get(KEY_LOSS_BEFORE)
-    return float(value) if is_finite_number(value) and value >= 0 else None
-
-
-class QFedAvg(WeightedFedAvg):
-    """WeightedFedAvg's sampling and evaluation with q-FFL's aggregation (module doc).
-
-    It asks every sampled client for `loss_before` in the fit config, remembers the global
-    model it sends and aggregates the round's updates against it.
+class QFedAvg(PerClientFigure):
+    """WeightedFedAvg's sampling and evaluation with q-FFL's aggregation (module doc), each
+    client's loss at the global model its figure (`PerClientFigure`): it asks every sampled
+    client for `loss_before` in the fit config.
 
     Args:
         q: the fairness exponent.
@@ -96,53 +80,33 @@ class QFedAvg(WeightedFedAvg):
         **kwargs: those of `WeightedFedAvg`.
     """
 
+    name = "q-FFL"
+    requirement = f"finite {KEY_LOSS_BEFORE!r} >= 0"
+
     def __init__(self, *, q: float, lipschitz: float, **kwargs: object) -> None:
-        super().__init__(**kwargs)  # type: ignore[arg-type]
+        super().__init__(**kwargs)
         self.q = q
         self.lipschitz = lipschitz
-        self._sent: dict[int, Parameters] = {}
 
     def __repr__(self) -> str:
         return f"QFedAvg(q={self.q}, L={self.lipschitz}, accept_failures={self.accept_failures})"
 
     def configure_fit(self, server_round: int, parameters: Parameters,
                       client_manager: ClientManager) -> list[tuple[ClientProxy, FitIns]]:
-        """As WeightedFedAvg, asking each client for its loss before training, and
-        remembering the global model this round starts from."""
-        self._sent = {server_round: parameters}
+        """As `PerClientFigure`, asking each client for its loss before training."""
         return [(client, FitIns(ins.parameters, {**ins.config, KEY_LOSS_BEFORE: True}))
                 for client, ins in super().configure_fit(server_round, parameters,
                                                          client_manager)]
 
-    def aggregate_fit(
-        self,
-        server_round: int,
-        results: list[tuple[ClientProxy, FitRes]],
-        failures: list[tuple[ClientProxy, FitRes] | BaseException],
-    ) -> tuple[Parameters | None, dict[str, Scalar]]:
-        """q-FedAvg's step from the updates that report their loss (None without such
-        updates, or with failures when `accept_failures` is off).
+    def figure(self, fit_res: FitRes) -> float | None:
+        """The client's `loss_before`: a finite number >= 0 (None otherwise)."""
+        value = fit_res.metrics.get(KEY_LOSS_BEFORE)
+        return float(value) if is_finite_number(value) and value >= 0 else None
 
-        Raises RuntimeError if the round was not configured by this strategy.
-        """
-        sent = self._sent.get(server_round)
-        if sent is None:
-            raise RuntimeError(f"QFedAvg: round {server_round} was not configured by this "
-                               "strategy, so the model the updates start from is unknown")
-        usable = []
-        for proxy, fit_res in results:
-            if _loss(fit_res) is None:
-                log(WARNING, "round %s: q-FFL leaves out client %s: its fit metrics carry no "
-                    "finite %r >= 0", server_round, proxy.cid, KEY_LOSS_BEFORE)
-            else:
-                usable.append((proxy, fit_res))
-        if self._declines(server_round, usable, failures):
-            return None, {}
-        new = qffl_step(parameters_to_ndarrays(sent),
-                        [parameters_to_ndarrays(r.parameters) for _, r in usable],
-                        [_loss(r) or 0.0 for _, r in usable], self.q, self.lipschitz)
-        metrics = weighted_metrics((r.num_examples, r.metrics) for _, r in usable)
-        return ndarrays_to_parameters(new), metrics
+    def step(self, global_weights: NDArrays, client_weights: list[NDArrays],
+             figures: list[float], num_examples: list[int]) -> NDArrays:
+        """`qffl_step` with the clients' losses (their example counts do not weigh)."""
+        return qffl_step(global_weights, client_weights, figures, self.q, self.lipschitz)
 
 
 def build(ctx: StrategyContext) -> Strategy:

@@ -281,7 +281,8 @@ class FederatedServer(Server):
     client's own report goes into the record too (`client_evaluations`, by client id) with
     their spread across clients (`fairness`, worse and better by `directions`, the
     metrics' "up"/"down"), except under DP, whose guarantee does not cover them (a protected
-    run has no distributed evaluation at all).
+    run has no distributed evaluation at all). With `sample_by_size` clients are drawn in
+    proportion to their training-set size (`SeededClientManager`).
     """
 
     def __init__(self, *, strategy: Strategy, seed: int, stopping: StoppingRules,
@@ -289,10 +290,11 @@ class FederatedServer(Server):
                  on_checkpoint: CheckpointCallback | None = None,
                  on_charge: Callable[[dict[str, Any]], None] | None = None,
                  resume: ResumePoint | None = None, secure_fit: FitRound | None = None,
-                 fuse_evaluate: bool = False,
-                 directions: Mapping[str, str] | None = None) -> None:
+                 fuse_evaluate: bool = False, directions: Mapping[str, str] | None = None,
+                 sample_by_size: bool = False) -> None:
         self.wire = WireMeter(strategy)  # counts the round's parameter bytes up and down
-        super().__init__(client_manager=SeededClientManager(seed), strategy=self.wire)
+        super().__init__(client_manager=SeededClientManager(seed, by_size=sample_by_size),
+                         strategy=self.wire)
         self.privacy = find_layer(strategy, PrivacyAccounting)
         self.stopping = stopping
         self.on_round = on_round
