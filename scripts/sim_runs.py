@@ -13,11 +13,11 @@ if str(ROOT) not in sys.path:
 from fl_app.cli import simulate  # noqa: E402
 
 
-def run_accuracies(clients: int, run_config: str, out: Path, attempts: int = 3) -> list[float]:
+def run_history(clients: int, run_config: str, out: Path, attempts: int = 3) -> dict:
     """Run `run_simulation.py` with `clients` clients and `run_config`, writing to `out`;
-    return the centralized accuracy after each round (round 0, the initial model, first).
-    A run that wrote no history (Ray failing to start on a loaded machine) is started
-    again, up to `attempts` times in all; exit with the run's code if it still fails."""
+    return its `history.json`. A run that wrote no history (Ray failing to start on a
+    loaded machine) is started again, up to `attempts` times in all; exit with the run's
+    code if it still fails."""
     for attempt in range(1, attempts + 1):
         code = simulate.main(["--num-supernodes", str(clients), "--run-config", run_config,
                               "--out", str(out)])
@@ -27,7 +27,13 @@ def run_accuracies(clients: int, run_config: str, out: Path, attempts: int = 3) 
               flush=True)
     else:
         raise SystemExit(f"run with {run_config!r} failed {attempts} times")
-    history = json.loads((out / "history.json").read_text(encoding="utf-8"))
+    return json.loads((out / "history.json").read_text(encoding="utf-8"))
+
+
+def run_accuracies(clients: int, run_config: str, out: Path, attempts: int = 3) -> list[float]:
+    """The centralized accuracy after each round (round 0, the initial model, first) of
+    `run_history(clients, run_config, out, attempts)`."""
+    history = run_history(clients, run_config, out, attempts)
     return [float(r["centralized"]["accuracy"]) for r in history["rounds"]]
 
 

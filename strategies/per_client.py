@@ -24,8 +24,8 @@ class PerClientFigure(WeightedFedAvg):
     It remembers the global model it sends in `configure_fit` and aggregates the round's
     updates against it; an update whose figure is missing or unusable is left out of the
     round and logged (`name` and `requirement` say whose and what is needed). The updates
-    are decoded without a copy (`strategies.decoding`); its fit metrics are averaged over the kept updates by `num_examples`. Arguments: those of
-    `WeightedFedAvg`.
+    are decoded without a copy (`strategies.decoding`); its fit metrics are averaged over
+    the kept updates by `num_examples`. Arguments: those of `WeightedFedAvg`.
     """
 
     name = ""  # the strategy, in log lines and errors
