@@ -29,7 +29,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from scripts.sim_runs import run_history  # noqa: E402
+from scripts.sim_runs import run_history, synthetic_devices  # noqa: E402
 
 DEVICES, PER_ROUND = 100, 10
 COLUMNS = ("mean", "worst_10", "best_10", "variance")
@@ -53,15 +53,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def run_config(args: argparse.Namespace, q: float, seed: int) -> str:
-    """The `--run-config` of one run."""
-    return (f"dataset='synthetic' synthetic-alpha=1.0 synthetic-beta=1.0 "
-            f"synthetic-num-users={DEVICES} synthetic-max-samples=0 test-fraction=0.1 "
-            f"model='logreg' learning-rate={args.learning_rate} batch-size={args.batch_size} "
-            f"local-epochs=1 num-server-rounds={args.rounds} strategy='qfedavg' qffl-q={q} "
-            f"qffl-lipschitz={1 / args.learning_rate:g} client-sampling='size' "
-            f"fraction-fit={PER_ROUND / DEVICES + 0.005:.3f} min-fit-clients={PER_ROUND} "
-            f"fraction-evaluate=1.0 min-evaluate-clients={DEVICES} "
-            f"min-available-clients={DEVICES} examples-cap-factor=0 seed={seed}")
+    """The `--run-config` of one run: the paper's devices, then q-FFL's and this run's keys."""
+    keys = {"learning-rate": args.learning_rate, "batch-size": args.batch_size,
+            "local-epochs": 1, "num-server-rounds": args.rounds, "strategy": "qfedavg",
+            "qffl-q": q, "qffl-lipschitz": 1 / args.learning_rate, "client-sampling": "size",
+            "min-fit-clients": PER_ROUND, "fraction-evaluate": 1.0,
+            "min-evaluate-clients": DEVICES, "examples-cap-factor": 0.0, "seed": seed}
+    return " ".join([synthetic_devices(DEVICES, PER_ROUND),
+                     *(f"{key}={value!r}" for key, value in keys.items())])
 
 
 def row(label: str, spread: dict[str, float]) -> str:

@@ -41,9 +41,11 @@ from strategies.per_client import PerClientFigure
 LOSS_EPSILON = 1e-10  # added to every F_k, as the official code does
 
 SETTINGS = [
-    Setting("qffl-q", float, 1.0,
+    Setting("qffl-q", float, 0.2,
             "qfedavg (q-FFL): fairness exponent q; a client's update weighs its own loss to "
-            "the power q (0: an unweighted average of the updates).", "strategy", low=0.0),
+            "the power q (0: an unweighted average of the updates; the paper uses 1 to 15, "
+            "and a larger q also damps the step, so it needs more rounds).", "strategy",
+            low=0.0),
     Setting("qffl-lipschitz", float, 10.0,
             "qfedavg (q-FFL): Lipschitz estimate L of the loss's gradient, the paper's "
             "1/learning rate of the clients (10: SGD(0.1), the default model's).",

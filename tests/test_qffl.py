@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 from flwr.common import ndarrays_to_parameters, parameters_to_ndarrays
@@ -113,3 +115,24 @@ def test_an_update_without_a_finite_loss_is_left_out_and_logged(caplog, loss):
 def test_refused_inside_a_dp_wrapper():
     with pytest.raises(ConfigError, match="dp-inner"):
         make_config(strategy="dp-fixed", dp_inner="qfedavg")
+
+
+@pytest.mark.slow  # runs a Flower simulation
+def test_a_simulated_run_weighs_by_the_clients_own_losses_and_records_each_client(tmp_path):
+    """End to end: the real clients report their loss (so no update is left out and the
+    model moves), the clients are sampled by size, and every client's evaluation is
+    recorded with the spread across clients."""
+    from fl_app.cli import simulate
+
+    config = ("strategy='qfedavg' client-sampling='size' fraction-fit=0.5 num-server-rounds=2 "
+              "local-epochs=1 min-evaluate-clients=4 min-available-clients=4")
+    assert simulate.main(["--num-supernodes", "4", "--run-config", config,
+                          "--out", str(tmp_path)]) == 0
+    rounds = json.loads((tmp_path / "history.json").read_text())["rounds"]
+    losses = [r["centralized"]["loss"] for r in rounds]
+    assert losses[-1] < losses[0]  # the model moved: the updates were not left out
+    for record in rounds[1:]:
+        assert record["fit"]["num_clients"] == 2 and record["fit"][KEY_LOSS_BEFORE] > 0
+        assert len(record["client_evaluations"]) == 4
+        assert 0 <= record["fairness"]["accuracy"]["worst_10"] <= record["fairness"][
+            "accuracy"]["mean"] <= record["fairness"]["accuracy"]["best_10"] <= 1
