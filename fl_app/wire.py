@@ -25,6 +25,10 @@ KEY_DP_NOISE_STD = "dp_noise_std"  # fit config: std of the noise a client adds 
 KEY_NORM_BIT = "norm_bit"  # fit metrics: True when the client's update had to be clipped
 KEY_STRAGGLER_EPOCHS = "straggler-epochs"  # fit config: a straggler's partial epochs (int)
 KEY_LOCAL_STEPS = "local_steps"  # fit metrics: local optimizer steps taken (FedNova's tau)
+KEY_LOSS_BEFORE = "loss_before"  # fit config: report it; fit metrics: the loss of the
+# received model on the client's own training data, before training (q-FFL's F_k)
+CLIENT_SAMPLING = "client-sampling"  # run-config key: 'size' samples clients by size
+NUM_EXAMPLES = "num-examples"  # get_properties (client-sampling='size'): training-set size
 DATA_QUALITY_PREFIX = "data_"  # fit metrics: the client's data-quality report (data_rows, ...)
 # The longest `data_warnings` string: clients truncate to it, the server drops a longer one.
 MAX_DATA_WARNINGS_CHARS = 200

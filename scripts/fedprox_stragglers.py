@@ -26,7 +26,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from scripts.sim_runs import run_accuracies, tail_mean  # noqa: E402
+from scripts.sim_runs import run_accuracies, synthetic_devices, tail_mean  # noqa: E402
 
 FRACTIONS = (0.0, 0.5, 0.9)
 DEVICES, PER_ROUND = 30, 10
@@ -58,13 +58,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def run_config(args: argparse.Namespace, variant: str, fraction: float) -> str:
     """The `--run-config` of one cell."""
-    return (f"dataset='synthetic' synthetic-alpha=1.0 synthetic-beta=1.0 "
-            f"synthetic-num-users={DEVICES} synthetic-max-samples=0 test-fraction=0.1 "
-            f"validation-fraction=0.0 fraction-evaluate=0.0 model='logreg' learning-rate=0.01 "
-            f"batch-size=10 local-epochs={args.local_epochs} num-server-rounds={args.rounds} "
-            f"fraction-fit={PER_ROUND / DEVICES + 0.005:.3f} min-fit-clients=1 "
-            f"min-available-clients={DEVICES} straggler-fraction={fraction} seed={args.seed} "
-            f"{variant}")
+    return (f"{synthetic_devices(DEVICES, PER_ROUND)} validation-fraction=0.0 "
+            f"fraction-evaluate=0.0 learning-rate=0.01 batch-size=10 "
+            f"local-epochs={args.local_epochs} num-server-rounds={args.rounds} "
+            f"min-fit-clients=1 straggler-fraction={fraction} seed={args.seed} {variant}")
 
 
 def print_table(args: argparse.Namespace, results: dict[tuple[str, float], list[float]],

@@ -37,6 +37,16 @@ def run_accuracies(clients: int, run_config: str, out: Path, attempts: int = 3) 
     return [float(r["centralized"]["accuracy"]) for r in history["rounds"]]
 
 
+def synthetic_devices(devices: int, per_round: int) -> str:
+    """The run-config of the FedProx and q-FFL papers' Synthetic(1,1) runs: `devices` users
+    of uncapped size (lognormal(4, 2) + 50), 10% of each held out for the server, multinomial
+    logistic regression, `per_round` of them sampled each round."""
+    return (f"dataset='synthetic' synthetic-alpha=1.0 synthetic-beta=1.0 "
+            f"synthetic-num-users={devices} synthetic-max-samples=0 test-fraction=0.1 "
+            f"model='logreg' fraction-fit={per_round / devices + 0.005:.3f} "
+            f"min-available-clients={devices}")
+
+
 def tail_mean(values: list[float], rounds: int) -> float:
     """The mean of the last `rounds` values (smooths the round-to-round noise of a final
     accuracy)."""

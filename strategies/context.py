@@ -10,8 +10,9 @@ from typing import Any
 from flwr.common import NDArrays, Parameters, Scalar
 
 from fl_app.schema import ConfigError, RunConfig, Setting
+from fl_app.wire import CLIENT_SAMPLING
 from strategies.metrics import weighted_metrics
-from strategies.secure import evaluate_fraction
+from strategies.secure import evaluate_fraction, protected
 
 SETTINGS = [
     Setting("fraction-fit", float, 1.0, "Fraction of available clients sampled for training.",
@@ -19,6 +20,12 @@ SETTINGS = [
     Setting("fraction-evaluate", float, 1.0,
             "Fraction of available clients sampled for distributed evaluation (0 disables).",
             "sampling", low=0.0, high=1.0),
+    Setting(CLIENT_SAMPLING, str, "uniform",
+            "How the sampled clients are drawn: uniform, or size (each with probability "
+            "proportional to the training-set size it reports, as the q-FFL paper samples "
+            "devices; pair it with an aggregation that does not weigh by size again, such as "
+            "qfedavg). Not with DP, secure aggregation, HE or server-loop=fedbuff.",
+            "sampling", choices=("uniform", "size")),
     Setting("min-fit-clients", int, 2, "Minimum number of clients sampled for training.",
             "sampling", low=1),
     Setting("min-evaluate-clients", int, 2, "Minimum number of clients sampled for evaluation.",
@@ -32,12 +39,22 @@ SETTINGS = [
 
 
 def check_config(values: Mapping[str, Scalar]) -> None:
-    """Refuse a sampling minimum no round could meet."""
+    """Refuse a sampling minimum no round could meet, and sampling by size where each
+    client's size must not reach the server (DP, secure aggregation, HE: the DP accounting
+    also assumes uniform sampling) or where the loop samples otherwise (FedBuff)."""
     if values["min-fit-clients"] > values["min-available-clients"]:
         raise ConfigError(
             f"run-config key 'min-fit-clients' ({values['min-fit-clients']}) must not exceed "
             f"'min-available-clients' ({values['min-available-clients']})"
         )
+    if values[CLIENT_SAMPLING] == "size" and (str(values["strategy"]).startswith("dp-")
+                                              or protected(values)
+                                              or values["server-loop"] == "fedbuff"):
+        raise ConfigError(
+            f"run-config key '{CLIENT_SAMPLING}'='size' cannot work with DP, secure "
+            "aggregation, homomorphic encryption or server-loop='fedbuff': each client "
+            "would tell the server its size in the clear (and DP's accounting assumes "
+            f"uniform sampling); use {CLIENT_SAMPLING}='uniform'")
 
 
 @dataclass

@@ -22,29 +22,17 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
-from logging import WARNING
 
 import numpy as np
-from flwr.common import (
-    FitIns,
-    FitRes,
-    NDArrays,
-    Parameters,
-    Scalar,
-    ndarrays_to_parameters,
-    parameters_to_ndarrays,
-)
-from flwr.common.logger import log
-from flwr.server.client_manager import ClientManager
-from flwr.server.client_proxy import ClientProxy
+from flwr.common import FitRes, NDArrays, Scalar
 from flwr.server.strategy import Strategy
 
 from fl_app.schema import ConfigError
 from fl_app.wire import KEY_LOCAL_STEPS
 from strategies import dp
 from strategies.context import StrategyContext
-from strategies.metrics import weighted_metrics
-from strategies.weighted_fedavg import WeightedFedAvg, weighted_average
+from strategies.per_client import PerClientFigure
+from strategies.weighted_fedavg import weighted_average
 
 
 def normalized_average(global_weights: NDArrays, client_weights: list[NDArrays],
@@ -61,61 +49,30 @@ def normalized_average(global_weights: NDArrays, client_weights: list[NDArrays],
             for g, d in zip(global_weights, mean_direction)]
 
 
-def _steps(fit_res: FitRes) -> float | None:
-    value = fit_res.metrics.get(KEY_LOCAL_STEPS)
-    ok = isinstance(value, (int, float)) and not isinstance(value, bool)
-    if not ok or not math.isfinite(value) or value < 1 or not float(value).is_integer():
-        return None
-    return float(value)
-
-
-class FedNova(WeightedFedAvg):
-    """WeightedFedAvg's sampling and evaluation with FedNova's normalised averaging.
-
-    It remembers the global model it sends in `configure_fit` and aggregates the round's
-    updates against it (see the module doc). Arguments: those of `WeightedFedAvg`.
+class FedNova(PerClientFigure):
+    """WeightedFedAvg's sampling and evaluation with FedNova's normalised averaging of the
+    updates against the global model sent (see the module doc), each client's local steps
+    its figure (`PerClientFigure`). Arguments: those of `WeightedFedAvg`.
     """
 
-    def __init__(self, **kwargs: object) -> None:
-        super().__init__(**kwargs)  # type: ignore[arg-type]
-        self._sent: dict[int, Parameters] = {}
+    name = "FedNova"
+    requirement = f"whole number >= 1 of {KEY_LOCAL_STEPS!r}"
 
     def __repr__(self) -> str:
         return f"FedNova(accept_failures={self.accept_failures})"
 
-    def configure_fit(self, server_round: int, parameters: Parameters,
-                      client_manager: ClientManager) -> list[tuple[ClientProxy, FitIns]]:
-        """As WeightedFedAvg, remembering the global model this round starts from."""
-        self._sent = {server_round: parameters}
-        return super().configure_fit(server_round, parameters, client_manager)
+    def figure(self, fit_res: FitRes) -> float | None:
+        """The client's local steps: a whole number >= 1 (None otherwise)."""
+        value = fit_res.metrics.get(KEY_LOCAL_STEPS)
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+        if not ok or not math.isfinite(value) or value < 1 or not float(value).is_integer():
+            return None
+        return float(value)
 
-    def aggregate_fit(
-        self,
-        server_round: int,
-        results: list[tuple[ClientProxy, FitRes]],
-        failures: list[tuple[ClientProxy, FitRes] | BaseException],
-    ) -> tuple[Parameters | None, dict[str, Scalar]]:
-        """The normalised average of the updates (None without usable results, or with
-        failures when `accept_failures` is off)."""
-        sent = self._sent.get(server_round)
-        if sent is None:
-            raise RuntimeError(f"FedNova: round {server_round} was not configured by this "
-                               "strategy, so the model the updates start from is unknown")
-        usable = []
-        for proxy, fit_res in results:
-            if _steps(fit_res) is None:
-                log(WARNING, "round %s: FedNova leaves out client %s: its fit metrics carry no "
-                    "whole number >= 1 of %r", server_round, proxy.cid, KEY_LOCAL_STEPS)
-            else:
-                usable.append((proxy, fit_res))
-        if not usable or (failures and not self.accept_failures):
-            return super().aggregate_fit(server_round, usable, failures)
-        counts = [fit_res.num_examples for _, fit_res in usable]
-        new = normalized_average(parameters_to_ndarrays(sent),
-                                 [parameters_to_ndarrays(r.parameters) for _, r in usable],
-                                 counts, [_steps(r) or 0.0 for _, r in usable])
-        metrics = weighted_metrics((r.num_examples, r.metrics) for _, r in usable)
-        return ndarrays_to_parameters(new), metrics
+    def step(self, global_weights: NDArrays, client_weights: list[NDArrays],
+             figures: list[float], num_examples: list[int]) -> NDArrays:
+        """`normalized_average` with the clients' local steps."""
+        return normalized_average(global_weights, client_weights, num_examples, figures)
 
 
 def build(ctx: StrategyContext) -> Strategy:

@@ -4,6 +4,10 @@ Those whose `aggregate_fit` depends on the updates only through their weighted a
 (`averages_updates`: FedAvg, FedProx, FedAdam, FedYogi, FedAdagrad, FedAvgM) can take the
 average from a running sum instead of the updates (`aggregate_average`), so
 `ValidatedStrategy` folds their updates as it checks them, or as they arrive.
+
+Flower's `QFedAvg` is not offered: it weights every client by the server's centralized
+evaluation loss, not by the client's own, so it is not q-FFL; `qfedavg` is q-FFL as
+published (`strategies.qffl`).
 """
 
 from __future__ import annotations
@@ -50,9 +54,6 @@ SETTINGS = [
             "Krum: average this many best-scored updates (0: plain Krum).", "strategy", low=0),
     Setting("bulyan-to-keep", int, 0, "Bulyan: updates kept by the Krum stage (0: automatic).",
             "strategy", low=0),
-    Setting("qfedavg-q", float, 0.2, "QFedAvg: fairness parameter q.", "strategy", low=0.0),
-    Setting("qfedavg-learning-rate", float, 0.1, "QFedAvg: server learning rate.", "strategy",
-            low=0.0, low_open=True),
 ]
 
 
@@ -132,16 +133,10 @@ def bulyan(ctx: StrategyContext) -> fl.Strategy:
                       to_keep=ctx.cfg["bulyan-to-keep"])
 
 
-def qfedavg(ctx: StrategyContext) -> fl.Strategy:
-    """Flower's q-FedAvg (fair resource allocation)."""
-    return fl.QFedAvg(**ctx.flower_kwargs(), q_param=ctx.cfg["qfedavg-q"],
-                      qffl_learning_rate=ctx.cfg["qfedavg-learning-rate"])
-
-
 STRATEGIES = {
     "fedavg": fedavg, "fedprox": fedprox, "fedadam": fedadam, "fedyogi": fedyogi,
     "fedadagrad": fedadagrad, "fedavgm": fedavgm, "fedmedian": fedmedian,
-    "fedtrimmedavg": fedtrimmedavg, "krum": krum, "bulyan": bulyan, "qfedavg": qfedavg,
+    "fedtrimmedavg": fedtrimmedavg, "krum": krum, "bulyan": bulyan,
 }
 
 

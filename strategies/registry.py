@@ -26,6 +26,7 @@ from strategies import (
     fednova,
     flower_builtins,
     homomorphic,
+    qffl,
     secure,
     stragglers,
     validation,
@@ -39,7 +40,7 @@ from strategies.validated import ValidatedStrategy
 StrategyFactory = Callable[[StrategyContext], Strategy]
 WrapperFactory = Callable[[Strategy, StrategyContext], Strategy]
 
-STRATEGY_MODULES = [weighted_fedavg, fednova, flower_builtins]
+STRATEGY_MODULES = [weighted_fedavg, fednova, flower_builtins, qffl]
 WRAPPER_MODULES = [dp]
 
 STRATEGIES: dict[str, StrategyFactory] = {

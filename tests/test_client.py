@@ -14,7 +14,7 @@ import pytest
 from fl_app.app.local_client import client_for
 from fl_app.data.sources import data_source, load_partition
 from fl_app.ml.trainer import cached_trainer, trainer_for
-from fl_app.wire import KEY_FUSE_EVALUATE, round_config
+from fl_app.wire import KEY_FUSE_EVALUATE, KEY_LOSS_BEFORE, round_config
 from tests.conftest import make_config
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -165,3 +165,21 @@ def test_a_fused_fit_evaluates_the_received_weights_exactly_as_evaluate_does():
     assert all(np.array_equal(a, b) for a, b in zip(plain_weights, fused_weights))
     assert not any(k.startswith("eval_") for k in plain)
     assert plain["train_loss"] == fused["train_loss"]
+
+
+def test_a_fit_asked_for_its_loss_reports_the_received_models_loss_on_its_training_data():
+    """q-FFL's F_k: the loss of the weights the client received, on its own training data
+    (not its validation split), before training; the fit itself is unchanged."""
+    cfg = make_config()
+    client = client_for(cfg, {"partition-id": 3, "num-partitions": 10})
+    sent = _global_weights(cfg)
+    trainer = trainer_for(cfg, data_source(cfg).spec)
+    trainer.set_weights(sent)
+    expected, _ = trainer.evaluate(load_partition(cfg, 3, 10).train)
+    trainer.forget()
+    plain_weights, _, plain = client.fit(sent, round_config(cfg, 1))
+    asked_weights, _, asked = client.fit(sent, {**round_config(cfg, 1), KEY_LOSS_BEFORE: True})
+    assert asked[KEY_LOSS_BEFORE] == expected
+    assert asked[KEY_LOSS_BEFORE] != client.evaluate(sent, {})[0]  # not the validation loss
+    assert KEY_LOSS_BEFORE not in plain
+    assert all(np.array_equal(a, b) for a, b in zip(plain_weights, asked_weights))

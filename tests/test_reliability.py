@@ -72,16 +72,10 @@ BAD_KINDS = list(bad_updates(random_model(np.random.default_rng(0)),
                              random_model(np.random.default_rng(1))))
 
 
-def _squared_norm_loss(server_round, arrays, config):
-    """A centralized 'loss' for strategies that need one (QFedAvg)."""
-    return float(sum(np.sum(np.square(a, dtype=np.float64)) for a in arrays)), {}
-
-
 def _strategy(name: str, global_model: list[np.ndarray], **overrides):
     cfg = make_config(strategy=name, max_examples=1000, outlier_norm_factor=3.0,
                       min_fit_clients=2, min_available_clients=2, **overrides)
-    strategy = build_strategy(StrategyContext(cfg, ndarrays_to_parameters(global_model),
-                                              evaluate_fn=_squared_norm_loss))
+    strategy = build_strategy(StrategyContext(cfg, ndarrays_to_parameters(global_model)))
     manager = SeededClientManager(0)
     for i in range(NUM_GOOD + 1):
         manager.register(IdleProxy(f"c{i}"))
@@ -101,8 +95,9 @@ def test_bad_update_is_rejected_and_aggregate_equals_good_clients(name, kind):
     rng = np.random.default_rng(7)
     global_model = random_model(rng)
     updates = _good_updates(global_model, rng)
-    # every client reports its local steps (FedNova normalises by them)
-    good = [(IdleProxy(f"c{i}"), fit_res(a, n, {"local_steps": 5}))
+    # every client reports its local steps (FedNova normalises by them) and its loss (q-FFL
+    # weighs by it)
+    good = [(IdleProxy(f"c{i}"), fit_res(a, n, {"local_steps": 5, "loss_before": 1.0 + i}))
             for i, (a, n) in enumerate(updates)]
     bad = (IdleProxy("bad"), bad_updates(global_model, updates[0][0])[kind])
 

@@ -36,7 +36,13 @@ from fl_app.server.runner import FederatedServer, ResumePoint
 from fl_app.server.secagg import SecAggPlusFit
 from fl_app.server.statistics import StatisticsRound
 from fl_app.server.stopping import StoppingRules
-from fl_app.wire import KEY_FUSE_EVALUATE, KEY_PROXIMAL_MU, evaluate_config, round_config
+from fl_app.wire import (
+    CLIENT_SAMPLING,
+    KEY_FUSE_EVALUATE,
+    KEY_PROXIMAL_MU,
+    evaluate_config,
+    round_config,
+)
 from strategies.context import StrategyContext
 from strategies.fedbuff import FEDBUFF, FedBuffAggregator
 from strategies.registry import build_strategy, evaluates_distributed
@@ -144,6 +150,8 @@ def server_components(cfg: RunConfig, callbacks: Sequence[Callback] = (),
         on_round=recorder.on_round, on_finish=recorder.on_finish,
         on_checkpoint=checkpointer, on_charge=checkpointer.save_ledger, resume=resume,
         fuse_evaluate=fuses_evaluation(cfg), statistics=parts.statistics,
+        directions=recorder.trainer.metric_directions(),
+        sample_by_size=cfg[CLIENT_SAMPLING] == "size",
     )
     timeout = cfg["round-timeout"] or None
     return ServerAppComponents(server=server, config=ServerConfig(

@@ -15,6 +15,7 @@ from fl_app.ml.standardize import Standardization, moments
 from fl_app.ml.trainer import KerasTrainer
 from fl_app.wire import (
     CLIENT_KEY,
+    CLIENT_SAMPLING,
     FUSED_COUNT,
     FUSED_LOSS,
     FUSED_PREFIX,
@@ -22,10 +23,12 @@ from fl_app.wire import (
     KEY_DP_NOISE_STD,
     KEY_FUSE_EVALUATE,
     KEY_LOCAL_STEPS,
+    KEY_LOSS_BEFORE,
     KEY_NORM_BIT,
     KEY_PROXIMAL_MU,
     KEY_STANDARDIZATION,
     KEY_STATISTICS,
+    NUM_EXAMPLES,
     SERVER_ROUND,
 )
 from strategies.clipping import add_noise, clip_weights
@@ -49,18 +52,22 @@ class KerasClient(NumPyClient):
     DP sum weighs clients equally, and a curious server must learn nothing but the sum. With
     `fuse-evaluate` in the config (and no `dp_noise_std`) a fit first evaluates the received
     weights exactly as `evaluate` does and adds that as `eval_loss`, `eval_num_examples`
-    and `eval_<metric>` to its metrics (one message per round instead of two). Fit
-    metrics carry the data's quality report (`data_rows`, `data_dropped_*`,
+    and `eval_<metric>` to its metrics (one message per round instead of two). With
+    `loss_before` in the config (q-FFL, `strategies.qffl`; not with `dp_noise_std`) a fit
+    first evaluates the received weights on its own training data and reports that loss
+    as `loss_before`. Fit metrics carry the data's quality report (`data_rows`, `data_dropped_*`,
     `data_warnings`). `client_key` (the partition id in simulation, a CRC of the data
     file's name in deployment) varies the shuffling between clients; it stays on the node.
     `public_key` is what `get_properties` tells the server
-    (`fl_app.client.node_policy.public_client_key`; empty: nothing). Under
-    `standardize=true` a fit whose config asks for `statistics` trains nothing and returns
-    the sums of its training data (`fl_app.ml.standardize.moments`; a regression target's
-    too); later fits and evaluations standardize with the pooled `standardization` their
-    config carries. `rebalance` (a `fl_app.data.rebalance` mode) reweights or resamples the
-    training data by its own class counts every round, seeded like the shuffling; the
-    example count sent stays the data's.
+    (`fl_app.client.node_policy.public_client_key`; empty: nothing), with the size of its
+    training set when its own run config samples clients by size (`client-sampling='size'`,
+    which the config refuses in protected and DP runs). Under `standardize=true` a fit whose
+    config asks for `statistics` trains nothing and returns the sums of its training data
+    (`fl_app.ml.standardize.moments`; a regression target's too); later fits and
+    evaluations standardize with the pooled `standardization` their config carries.
+    `rebalance` (a `fl_app.data.rebalance` mode) reweights or resamples the training data
+    by its own class counts every round, seeded like the shuffling; the example count sent
+    stays the data's.
     """
 
     def __init__(self, trainer: KerasTrainer, data: ClientData, defaults: Mapping[str, Scalar],
@@ -80,8 +87,12 @@ class KerasClient(NumPyClient):
 
     def get_properties(self, config: dict[str, Scalar]) -> dict[str, Scalar]:
         """The client's `public_key`, a name that stays the same across runs (the server
-        orders clients by it for seeded sampling); none when it has no such name."""
-        return {CLIENT_KEY: self.public_key} if self.public_key else {}
+        orders clients by it for seeded sampling; none when it has no such name), and its
+        training-set size when the run samples clients by size."""
+        properties: dict[str, Scalar] = {CLIENT_KEY: self.public_key} if self.public_key else {}
+        if self.defaults.get(CLIENT_SAMPLING) == "size":
+            properties[NUM_EXAMPLES] = len(self.data.train)
+        return properties
 
     def get_parameters(self, config: dict[str, Scalar]) -> NDArrays:
         """The model's initial weights (built or loaded; never a fit's or evaluation's)."""
@@ -121,6 +132,14 @@ class KerasClient(NumPyClient):
         return {FUSED_LOSS: loss, FUSED_COUNT: count,
                 **{FUSED_PREFIX + name: value for name, value in metrics.items()}}
 
+    def _loss_before(self, config: dict[str, Scalar]) -> dict[str, Scalar]:
+        """The loss of the weights just set on the training data, as `loss_before`, when the
+        config asks for it (q-FFL) and the reply is not a distributed-DP one (else none)."""
+        if config.get(KEY_LOSS_BEFORE) is not True or KEY_DP_NOISE_STD in config:
+            return {}
+        loss, _ = self.trainer.evaluate(self.data.train)
+        return {KEY_LOSS_BEFORE: loss}
+
     def _fit(self, parameters: NDArrays,
              config: dict[str, Scalar]) -> tuple[NDArrays, int, dict[str, Scalar]]:
         """`fit` before the trainer forgets (see `fit`)."""
@@ -131,6 +150,7 @@ class KerasClient(NumPyClient):
             return moments(train.x, target), len(train), {}
         fused = self._fused_evaluation(parameters, config)
         self.trainer.set_weights(parameters)
+        loss_before = self._loss_before(config)
         server_round = int(config.get(SERVER_ROUND, 0))
         epochs, batch_size, time_budget = self.work.plan(config, self.defaults)
         seed = [self.seed, server_round, self.client_key]
@@ -150,7 +170,7 @@ class KerasClient(NumPyClient):
             "train_loss": result.loss, "train_seconds": result.seconds,
             KEY_LOCAL_STEPS: result.steps,
             **{f"train_{name}": value for name, value in result.metrics.items()},
-            **self.data.quality.as_metrics(), **fused}
+            **self.data.quality.as_metrics(), **fused, **loss_before}
         weights = self.trainer.get_weights()
         if KEY_CLIPPING_NORM in config:  # client-side DP: clip the update to C ourselves
             weights, metrics[KEY_NORM_BIT] = clip_weights(weights, parameters,

@@ -16,7 +16,7 @@ from flwr.server.criterion import Criterion
 
 from fl_app.server.client_failures import NamedClientProxy
 from fl_app.server.prompt_grid import prompt
-from fl_app.wire import CLIENT_KEY
+from fl_app.wire import CLIENT_KEY, NUM_EXAMPLES
 
 
 class SeededClientManager(SimpleClientManager):
@@ -26,38 +26,62 @@ class SeededClientManager(SimpleClientManager):
     reports once through `get_properties` (`client-key`: its partition in simulation, or
     the name its node config gives; a node that gives none sorts by its node id), and the
     seeded RNG samples positions in that order. When every client is sampled no
-    key is needed and none is asked for.
+    key is needed and none is asked for. With `by_size` (`client-sampling='size'`) each
+    client is drawn with probability proportional to the training-set size it reports with
+    its key (`num-examples`), one after another without replacement, as the q-FFL paper
+    samples devices (numpy's `choice(replace=False, p=sizes/total)` in its code); the sizes
+    are the clients' own claims, and one that reports none counts as 1 example (logged).
     """
 
-    def __init__(self, seed: int) -> None:
+    def __init__(self, seed: int, by_size: bool = False) -> None:
         super().__init__()
         self._rng = random.Random(seed)
+        self.by_size = by_size
         self._keys: dict[str, str] = {}
+        self._sizes: dict[str, int] = {}
 
     def register(self, client: ClientProxy) -> bool:
         """Register `client` wrapped so that its failures name it (`NamedClientProxy`) and
         its replies are seen as soon as they arrive (`PromptGrid`)."""
         return super().register(NamedClientProxy(prompt(client)))
 
-    def _ask_key(self, cid: str) -> str:
-        fallback = f"~{cid}"  # a client that cannot say sorts after those that can
+    def _ask(self, cid: str) -> tuple[str, int]:
+        """The client's key and, with `by_size`, its training-set size (else 1)."""
+        key, size = f"~{cid}", None  # a client that cannot say sorts after those that can
         try:
             res = self.clients[cid].get_properties(GetPropertiesIns(config={}), timeout=120,
                                                    group_id=0)
         except Exception:  # a broken client keeps its node id as key
-            return fallback
-        if res.status.code != Code.OK:
-            return fallback
-        return str(res.properties.get(CLIENT_KEY, fallback))
+            res = None
+        if res is not None and res.status.code == Code.OK:
+            key, size = str(res.properties.get(CLIENT_KEY, key)), res.properties.get(NUM_EXAMPLES)
+        if not self.by_size:
+            return key, 1
+        if type(size) is not int or size < 1:
+            log(WARNING, "client %s reports no training-set size (%r): sampled as if it held "
+                "1 example", cid, NUM_EXAMPLES)
+            return key, 1
+        return key, size
 
     def ordered(self, cids: Iterable[str]) -> list[str]:
-        """`cids` sorted by their clients' stable keys (asked once per client, in parallel)."""
+        """`cids` sorted by their clients' stable keys (asked once per client, in parallel,
+        with their sizes)."""
         cids = list(cids)
         missing = [cid for cid in cids if cid not in self._keys]
         if missing:
             with ThreadPoolExecutor(max_workers=min(32, len(missing))) as pool:
-                self._keys.update(zip(missing, pool.map(self._ask_key, missing)))
+                for cid, (key, size) in zip(missing, pool.map(self._ask, missing)):
+                    self._keys[cid], self._sizes[cid] = key, size
         return sorted(cids, key=lambda cid: (self._keys[cid], cid))
+
+    def _by_size(self, cids: list[str], num_clients: int) -> list[str]:
+        """`num_clients` of `cids` drawn one after another without replacement, each with
+        probability proportional to its size among those left."""
+        left, chosen = list(cids), []
+        for _ in range(num_clients):
+            place = self._rng.choices(range(len(left)), [self._sizes[cid] for cid in left])[0]
+            chosen.append(left.pop(place))
+        return chosen
 
     def warm_up(self) -> None:
         """Ask every connected client for its key now, which starts its ClientApp (in
@@ -78,7 +102,9 @@ class SeededClientManager(SimpleClientManager):
         if num_clients == len(available):
             return [self.clients[cid] for cid in sorted(available)]
         ordered = self.ordered(available)
-        return [self.clients[cid] for cid in self._rng.sample(ordered, num_clients)]
+        chosen = (self._by_size(ordered, num_clients) if self.by_size
+                  else self._rng.sample(ordered, num_clients))
+        return [self.clients[cid] for cid in chosen]
 
     def get_state(self) -> dict[str, Any]:
         """The sampling RNG's state (for checkpoints)."""

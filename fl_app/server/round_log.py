@@ -5,7 +5,8 @@ The scalars come from the round record generically, so a field added to the reco
 shows up without a change here: every numeric leaf of every section, named by its path
 (`centralized/accuracy`, `fit/num_sampled`, `privacy/epsilon`, `bytes/up`, `seconds`).
 Left out: `round` (the step), booleans, lists (`fit.failures`) and each client's own
-data-quality report (`fit.data_quality`, by client id: not a series over rounds).
+data-quality report (`fit.data_quality`) and evaluation (`client_evaluations`), by client id:
+not a series over rounds (their spread, `fairness`, is).
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from typing import Any
 from fl_app.server.outputs import atomic_write_text
 
 CSV_FILE = "history.csv"
-NOT_SERIES = {"round", "data_quality"}
+NOT_SERIES = {"round", "data_quality", "client_evaluations"}
 
 
 def _leaves(value: Any, path: str) -> dict[str, float]:

@@ -6,12 +6,13 @@ import math
 import threading
 import time
 import timeit
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from logging import INFO, WARNING
 from typing import Any
 
+import numpy as np
 from flwr.common import (
     Code,
     EvaluateRes,
@@ -33,7 +34,7 @@ from fl_app.data.quality import REASONS
 from fl_app.server.client_failures import describe_failure, last_line
 from fl_app.server.client_manager import SeededClientManager
 from fl_app.server.statistics import STATISTICS_CONFIG, StatisticsRound
-from fl_app.server.stopping import StoppingRules
+from fl_app.server.stopping import StoppingRules, resolve_mode
 from fl_app.server.wire_bytes import WireMeter
 from fl_app.wire import (
     DATA_QUALITY_PREFIX,
@@ -44,6 +45,7 @@ from fl_app.wire import (
     TIMING_PREFIX,
 )
 from strategies.decoding import without_tensors
+from strategies.metrics import is_finite_number
 from strategies.protocols import FitStream, PrivacyAccounting, StreamsFit, find_layer
 from strategies.state import set_strategy_state, strategy_state
 
@@ -192,6 +194,44 @@ def fit_clients_streamed(instructions: list[tuple[ClientProxy, FitIns]],
     return results, failures
 
 
+EVALUATIONS = "client_evaluations"  # round record: each client's distributed evaluation
+FAIRNESS = "fairness"  # round record: the spread of those evaluations across clients
+
+
+def client_evaluations(
+        results: list[tuple[ClientProxy, EvaluateRes]]) -> dict[str, dict[str, float]]:
+    """Each client's distributed evaluation by client id: its loss, example count and
+    every finite numeric metric (only recorded, never trusted); a report whose loss is not
+    finite or whose count is not an int >= 0 is left out."""
+    return {proxy.cid: {"loss": float(res.loss), "num_examples": res.num_examples,
+                        **{name: float(value) for name, value in res.metrics.items()
+                           if is_finite_number(value)}}
+            for proxy, res in results
+            if is_finite_number(res.loss) and type(res.num_examples) is int
+            and res.num_examples >= 0}
+
+
+def fairness(evaluations: Mapping[str, Mapping[str, float]],
+             directions: Mapping[str, str] | None = None) -> dict[str, dict[str, float]]:
+    """How each evaluated value (loss, accuracy, ...) spreads over the clients, as the
+    q-FFL paper reports it: `mean` across clients (each client counts once), the mean of the
+    `worst_10` and `best_10` per cent of clients (10% rounded up, at least one; worse is
+    higher for a loss, lower for an accuracy: `resolve_mode` with the metrics'
+    `directions`) and the population `variance` across clients."""
+    names = dict.fromkeys(name for report in evaluations.values() for name in report
+                          if name != "num_examples")
+    summary = {}
+    for name in names:
+        values = np.sort([report[name] for report in evaluations.values() if name in report])
+        tail = max(1, (len(values) + 9) // 10)
+        low, high = float(values[:tail].mean()), float(values[-tail:].mean())
+        worst, best = (low, high) if resolve_mode(name, "auto", directions) == "max" \
+            else (high, low)
+        summary[name] = {"mean": float(values.mean()), "worst_10": worst, "best_10": best,
+                         "variance": float(values.var())}
+    return summary
+
+
 RoundCallback = Callable[[dict[str, Any], Parameters], None]
 CheckpointCallback = Callable[[int, Parameters, dict[str, Any]], None]
 FitRound = Callable[[Server, int], Any]
@@ -247,7 +287,12 @@ class FederatedServer(Server):
     results, failures, record and model are those of Flower's round. With `fuse_evaluate`
     no evaluate messages are sent: the clients evaluate the model they receive inside the
     fit message (`fuse-evaluate`), and round r's `distributed` record (the evaluation of
-    round r-1's model) is the strategy's `aggregate_evaluate` of those reports.
+    round r-1's model) is the strategy's `aggregate_evaluate` of those reports. Each
+    client's own report goes into the record too (`client_evaluations`, by client id) with
+    their spread across clients (`fairness`, worse and better by `directions`, the
+    metrics' "up"/"down"), except under DP, whose guarantee does not cover them (a protected
+    run has no distributed evaluation at all). With `sample_by_size` clients are drawn in
+    proportion to their training-set size (`SeededClientManager`).
     """
 
     def __init__(self, *, strategy: Strategy, seed: int, stopping: StoppingRules,
@@ -255,9 +300,12 @@ class FederatedServer(Server):
                  on_checkpoint: CheckpointCallback | None = None,
                  on_charge: Callable[[dict[str, Any]], None] | None = None,
                  resume: ResumePoint | None = None, secure_fit: FitRound | None = None,
-                 fuse_evaluate: bool = False, statistics: StatisticsRound | None = None) -> None:
+                 fuse_evaluate: bool = False, statistics: StatisticsRound | None = None,
+                 directions: Mapping[str, str] | None = None,
+                 sample_by_size: bool = False) -> None:
         self.wire = WireMeter(strategy)  # counts the round's parameter bytes up and down
-        super().__init__(client_manager=SeededClientManager(seed), strategy=self.wire)
+        super().__init__(client_manager=SeededClientManager(seed, by_size=sample_by_size),
+                         strategy=self.wire)
         self.privacy = find_layer(strategy, PrivacyAccounting)
         self.stopping = stopping
         self.on_round = on_round
@@ -268,6 +316,7 @@ class FederatedServer(Server):
         self.secure_fit = secure_fit
         self.fuse_evaluate = fuse_evaluate
         self.statistics = statistics
+        self.directions = directions
         self._quality_seen: set[str] = set()
 
     def server_state(self, stopped: str | None) -> dict[str, Any]:
@@ -378,25 +427,35 @@ class FederatedServer(Server):
             return record, 1, results
         return record, record["num_clients"] - record["num_rejected"], results
 
-    def _evaluate_distributed(self, server_round: int, timeout: float | None,
-                              history: History,
-                              fitted: list[tuple[ClientProxy, FitRes]]) -> dict[str, Any]:
-        """The round's distributed evaluation: evaluate messages, or with `fuse_evaluate`
-        the reports in the fit replies `fitted` (of the previous round's model)."""
+    def _evaluate_distributed(
+            self, server_round: int, timeout: float | None, history: History,
+            fitted: list[tuple[ClientProxy, FitRes]],
+    ) -> tuple[dict[str, Any], list[tuple[ClientProxy, EvaluateRes]]]:
+        """The round's distributed evaluation and the clients' reports: evaluate messages,
+        or with `fuse_evaluate` the reports in the fit replies `fitted` (of the previous
+        round's model)."""
         if self.fuse_evaluate:
             evaluations = fused_evaluations(fitted)
             if not evaluations:
-                return {}
+                return {}, []
             loss, metrics = self.strategy.aggregate_evaluate(server_round, evaluations, [])
         else:
             res_fed = self.evaluate_round(server_round=server_round, timeout=timeout)
             if res_fed is None:
-                return {}
-            loss, metrics, _ = res_fed  # loss is None when every report was rejected or failed
+                return {}, []
+            # loss is None when every report was rejected or failed
+            loss, metrics, (evaluations, _) = res_fed
         if loss is not None:
             history.add_loss_distributed(server_round=server_round, loss=loss)
         history.add_metrics_distributed(server_round=server_round, metrics=metrics)
-        return _section(loss, metrics)
+        return _section(loss, metrics), evaluations
+
+    def _per_client(self, evaluations: list[tuple[ClientProxy, EvaluateRes]]) -> dict[str, Any]:
+        """The round record's `client_evaluations` and `fairness` (none under DP)."""
+        reports = client_evaluations(evaluations) if self.privacy is None else {}
+        if not reports:
+            return {}
+        return {EVALUATIONS: reports, FAIRNESS: fairness(reports, self.directions)}
 
     def _statistics_round(self, statistics: StatisticsRound, timeout: float | None) -> None:
         """Every connected client's data sums, pooled (a client that fails is left out,
@@ -446,9 +505,10 @@ class FederatedServer(Server):
             fit_cpu = time.process_time() - cpu_start
             record = {"round": server_round, "fit": fit, "bytes": self.wire.take(),
                       "server_cpu_seconds": {"fit": fit_cpu},
-                      "centralized": self._evaluate_centralized(server_round, history),
-                      "distributed": self._evaluate_distributed(server_round, timeout, history,
-                                                                fitted)}
+                      "centralized": self._evaluate_centralized(server_round, history)}
+            record["distributed"], evaluations = self._evaluate_distributed(
+                server_round, timeout, history, fitted)
+            record.update(self._per_client(evaluations))
             privacy = self.privacy.privacy_report(server_round) if self.privacy else None
             if privacy:
                 record["privacy"] = privacy
