@@ -28,6 +28,7 @@ from fl_app.wire import (
     SERVER_ROUND,
 )
 from strategies.clipping import add_noise, clip_weights
+from strategies.pruning import round_mask
 
 
 class KerasClient(NumPyClient):
@@ -57,7 +58,8 @@ class KerasClient(NumPyClient):
     `standardize=true` a fit whose config asks for `statistics` trains nothing and returns
     the sums of its training data (`fl_app.ml.standardize.moments`; a regression target's
     too); later fits and evaluations standardize with the pooled `standardization` their
-    config carries.
+    config carries. A `prune-sparsity` in the config (`strategies.pruning`) makes the fit
+    derive the round's mask from the received weights and keep those entries at zero.
     """
 
     def __init__(self, trainer: KerasTrainer, data: ClientData, defaults: Mapping[str, Scalar],
@@ -126,6 +128,7 @@ class KerasClient(NumPyClient):
             proximal_mu=float(config.get(KEY_PROXIMAL_MU, 0.0)),
             seed=[self.seed, server_round, self.client_key],
             standardization=self._standardization(config),
+            pruned=round_mask(config, parameters),
         )
         metrics: dict[str, Scalar] = {
             "train_loss": result.loss, "train_seconds": result.seconds,
