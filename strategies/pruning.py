@@ -39,20 +39,19 @@ import numpy as np
 from flwr.common import (
     FitIns,
     FitRes,
-    NDArrays,
     Parameters,
-    Scalar,
     ndarrays_to_parameters,
     parameters_to_ndarrays,
 )
 from flwr.common.logger import log
+from flwr.common.typing import NDArrays, Scalar
 from flwr.server.client_manager import ClientManager
 from flwr.server.client_proxy import ClientProxy
 from flwr.server.strategy import Strategy
 
 from fl_app.schema import Setting
 from fl_app.wire import KEY_PRUNE_SPARSITY
-from strategies.validation import NUM_REJECTED
+from strategies.validation import NUM_REJECTED, FitResults
 from strategies.wrapper import StrategyWrapper
 
 SPARSITY = "prune_sparsity"  # fit metrics: the sparsity the round's aggregate was pruned to
@@ -163,12 +162,9 @@ class PrunedStrategy(StrategyWrapper):
                 "are not zero", server_round, proxy.cid, unmasked)
         return not unmasked
 
-    def aggregate_fit(
-        self,
-        server_round: int,
-        results: list[tuple[ClientProxy, FitRes]],
-        failures: list[tuple[ClientProxy, FitRes] | BaseException],
-    ) -> tuple[Parameters | None, dict[str, Scalar]]:
+    def aggregate_fit(self, server_round: int, results: FitResults,
+                      failures: list[tuple[ClientProxy, FitRes] | BaseException]
+                      ) -> tuple[Parameters | None, dict[str, Scalar]]:
         """Reject the updates that break the round's mask, let `inner` aggregate the rest,
         then zero the mask in the aggregate and prune it to this round's sparsity."""
         kept = [(proxy, res) for proxy, res in results

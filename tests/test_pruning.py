@@ -191,8 +191,9 @@ def test_pruning_is_refused_where_the_mask_cannot_be_checked(conflict):
 def test_a_pruned_run_saves_a_sparse_final_model_and_sends_fewer_bytes(tmp_path):
     out = tmp_path / "pruned"
     code = run_simulation.main(["--num-supernodes", "4", "--out", str(out), "--run-config",
-                                "num-server-rounds=3 prune-sparsity=0.8 prune-rounds=2 "
-                                "compress-up='top-k' compress-top-k=1.0 error-feedback=true"])
+                                ("num-server-rounds=3 prune-sparsity=0.8 prune-rounds=2 "
+                                 "compress-up='top-k' compress-top-k=1.0 "
+                                 "error-feedback=true")])
     assert code == 0
     rounds = json.loads((out / "history.json").read_text())["rounds"]
     assert [r["fit"][SPARSITY] for r in rounds[1:]] == pytest.approx([0.7, 0.8, 0.8])
