@@ -20,8 +20,9 @@ from flwr.common import (
 import run_simulation
 from fl_app.app.local_client import client_for
 from fl_app.client.compression import CompressingClient
-from fl_app.data.sources import data_source
+from fl_app.data.sources import data_source, load_partition
 from fl_app.ml.models import build_model
+from fl_app.ml.trainer import KerasTrainer
 from fl_app.schema import ConfigError
 from fl_app.wire import KEY_COMPRESS_TOP_K, KEY_COMPRESS_UP, KEY_PRUNE_SPARSITY
 from strategies.compression import CompressedStrategy
@@ -124,6 +125,22 @@ def test_server_and_every_client_hold_the_same_mask_through_local_training(optim
     assert all(np.count_nonzero(w[pruned]) > 0.5 * pruned.sum()
                for weights in unmasked.values()
                for w, pruned in zip(weights, mask) if pruned.any())
+
+
+@pytest.mark.parametrize("time_budget", [None, 0.5])
+def test_an_ema_optimizer_and_a_time_budget_keep_the_pruned_weights_at_zero(time_budget):
+    """An optimizer with an exponential moving average (whose final values overwrite the
+    weights) and the time-budgeted loop: the pruned entries end at zero all the same."""
+    cfg = make_config()
+    spec = data_source(cfg).spec
+    model = build_model(str(cfg["model"]), spec, 42)
+    trainer = KerasTrainer(model, spec, keras.optimizers.SGD(0.1, use_ema=True))
+    mask = magnitude_mask(model.get_weights(), 0.8)
+    trainer.set_weights(apply_mask(model.get_weights(), mask))
+    trainer.fit(load_partition(cfg, 0, CLIENTS).train, epochs=2, batch_size=16,
+                time_budget=time_budget, pruned=mask)
+    trained = trainer.get_weights()
+    assert all(np.array_equal(w == 0, p) for w, p in zip(trained, mask) if np.ndim(w) >= 2)
 
 
 def test_a_client_that_breaks_the_mask_is_rejected_and_logged(caplog):
