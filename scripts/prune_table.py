@@ -39,11 +39,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """Command-line options."""
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--clients", type=int, default=10, help="simulated clients (10)")
-    parser.add_argument("--rounds", type=int, default=20, help="rounds per run (20)")
+    parser.add_argument("--sparsities", type=float, nargs="+", default=[0.0, 0.5, 0.8, 0.9],
+                        help="one pruned run each (0 0.5 0.8 0.9)")
     parser.add_argument("--prune-rounds", type=int, default=10,
                         help="rounds to reach the target sparsity (10)")
-    parser.add_argument("--sparsities", type=float, nargs="+", default=[0.0, 0.5, 0.8, 0.9])
+    parser.add_argument("--rounds", type=int, default=20, help="rounds per run (20)")
+    parser.add_argument("--clients", type=int, default=10, help="simulated clients (10)")
     parser.add_argument("--seed", type=int, default=42)
     return parser.parse_args(argv)
 
