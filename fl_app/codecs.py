@@ -14,7 +14,8 @@ Blobs per array and the error of decode(encode(x)) per element:
 - `int8-channel`: as int8 with one scale per output channel (the last axis; an array of one
   axis has one scale).
 - `top-k`: uint32 flat indices and float32 values of the k largest |x| over all arrays
-  together (8 bytes each); exact where kept, the rest dropped.
+  together (8 bytes each), exact zeros left out (they decode to zero anyway, so a pruned
+  model's update costs only its non-zero entries); exact where kept, the rest dropped.
 
 Stochastic rounding (Suresh et al., 2017, "Distributed Mean Estimation with Limited
 Communication") rounds x/s up with probability equal to its fractional part, so the decoded
@@ -181,7 +182,9 @@ class Int8Codec(Codec):
 
 class TopKCodec(Codec):
     """The `fraction` of entries with the largest magnitude over all arrays together (at
-    least one), as uint32 flat indices and float32 values per array; the rest are zero."""
+    least one), as uint32 flat indices and float32 values per array, less those that are
+    exactly zero (with `fraction` 1, every non-zero entry: a lossless sparse encoding);
+    the rest decode to zero."""
 
     name = "top-k"
 
@@ -198,6 +201,7 @@ class TopKCodec(Codec):
         keep = np.zeros(everything.size, dtype=bool)
         if k:
             keep[np.argpartition(np.abs(everything), everything.size - k)[-k:]] = True
+            keep &= everything != 0
         blobs, start = [], 0
         for a in flat:
             idx = np.flatnonzero(keep[start:start + a.size]).astype("<u4")

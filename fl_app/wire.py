@@ -36,6 +36,7 @@ TIMING_PREFIX = "time_"  # fit metrics: seconds the message spent per phase (tim
 KEY_COMPRESS_UP = "compress-up"  # fit config: the codec the client encodes its update with
 KEY_COMPRESS_TOP_K = "compress-top-k"  # fit config: the fraction of entries top-k keeps
 KEY_ERROR_FEEDBACK = "error-feedback"  # fit config: carry the encoding error to next round
+KEY_PRUNE_SPARSITY = "prune-sparsity"  # fit config: the sparsity of the round's pruning mask
 KEY_FUSE_EVALUATE = "fuse-evaluate"  # fit config: evaluate the received model before training
 KEY_STATISTICS = "statistics"  # fit config: reply with the data's sums, not trained weights
 KEY_STANDARDIZATION = "standardization"  # fit/evaluate config: the pooled statistics (bytes)

@@ -80,12 +80,13 @@ def check_config(values: Mapping[str, Scalar]) -> None:
                           f"cannot be combined: {why}; use strategy "
                           f"{' / '.join(COMPATIBLE)} with FedBuff, or server-loop='sync'")
     for key, off in (("homomorphic-encryption", "none"), ("secure-aggregation", "none"),
-                     ("compress-up", "none"), ("compress-down", "none")):
+                     ("compress-up", "none"), ("compress-down", "none"),
+                     ("prune-sparsity", 0.0)):
         if key in values and values[key] != off:
             raise ConfigError(f"run-config keys 'server-loop'='fedbuff' and {key!r}="
                               f"{values[key]!r} cannot be combined: FedBuff's loop sends and "
                               f"reads plain updates, outside the strategy that would encrypt, "
-                              f"mask, encode or decode them; set {key}={off!r}")
+                              f"mask, encode, decode or prune them; set {key}={off!r}")
     if values["straggler-fraction"]:
         raise ConfigError("run-config keys 'server-loop'='fedbuff' and 'straggler-fraction' "
                           "cannot be combined: FedProx-style stragglers are drawn from a "

@@ -86,6 +86,9 @@ def incompatibilities(values: Mapping[str, Scalar]) -> list[str]:
     if int(values["max-examples"]) > 0:
         problems.append("max-examples > 0 caps each client's example count, which is "
                         "encrypted")
+    if float(values["prune-sparsity"]) > 0:
+        problems.append("prune-sparsity > 0 checks each update against the mask and prunes "
+                        "the plaintext model")
     if values["resume-from"]:
         problems.append("resume-from restores a plaintext checkpoint")
     compressed = [key for key in ("compress-up", "compress-down") if values[key] != "none"]

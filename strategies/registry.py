@@ -27,6 +27,7 @@ from strategies import (
     flower_builtins,
     homomorphic,
     qffl,
+    pruning,
     secure,
     stragglers,
     validation,
@@ -69,8 +70,8 @@ _OWN_SETTINGS = [
             "DP strategies: the inner strategy given the privatized average (a non-DP "
             "registry name).", "privacy", choices=tuple(STRATEGIES)),
 ]
-_SETTING_MODULES = [context, validation, secure, compression, stragglers, *STRATEGY_MODULES,
-                    *WRAPPER_MODULES, homomorphic, fedbuff]
+_SETTING_MODULES = [context, validation, secure, compression, pruning, stragglers,
+                    *STRATEGY_MODULES, *WRAPPER_MODULES, homomorphic, fedbuff]
 
 SETTINGS: list[Setting] = [*_OWN_SETTINGS,
                            *(s for module in _SETTING_MODULES for s in module.SETTINGS)]
@@ -84,12 +85,14 @@ def build_strategy(ctx: StrategyContext) -> Strategy:
     """The strategy named by `strategy` (a wrapper around the plain `dp-inner` one; under
     secure aggregation, `dp-client-fixed` is distributed DP: `strategies.distributed_dp`),
     with simulated stragglers when `straggler-fraction` is set, behind `ValidatedStrategy`,
-    behind `CompressedStrategy` when either direction is compressed (so validation, DP and
-    every strategy see decoded weights). A privacy-accounting strategy's release is never
-    held back by the `min-fit-clients` rule (skipping a round would reveal, un-noised, that
-    clients failed). With `homomorphic-encryption=ckks`, `HomomorphicAggregation` goes
-    outside: it adds the encrypted updates itself (the validated chain still configures the
-    rounds and checks the evaluation reports); it refuses compression."""
+    behind `PrunedStrategy` when `prune-sparsity` is set (it checks the decoded updates
+    against the round's mask and prunes the aggregate), behind `CompressedStrategy` when
+    either direction is compressed (so validation, DP and every strategy see decoded
+    weights). A privacy-accounting strategy's release is never held back by the
+    `min-fit-clients` rule (skipping a round would reveal, un-noised, that clients failed).
+    With `homomorphic-encryption=ckks`, `HomomorphicAggregation` goes outside: it adds the
+    encrypted updates itself (the validated chain still configures the rounds and checks
+    the evaluation reports); it refuses compression."""
     cfg = ctx.cfg
     name = str(cfg["strategy"])
     if secure.protected(cfg) and cfg["fraction-evaluate"] > 0:
@@ -112,4 +115,4 @@ def build_strategy(ctx: StrategyContext) -> Strategy:
         return homomorphic.wrap(validated, public_context_path=str(cfg["he-public-context"]),
                                 initial=ctx.initial_parameters,
                                 min_fit_clients=int(cfg["min-fit-clients"]))
-    return compression.compressed(validated, cfg)
+    return compression.compressed(pruning.pruned(validated, cfg), cfg)

@@ -5,8 +5,9 @@ Under secure aggregation (`secure-aggregation=secagg+`: Flower's SecAgg+, Bell e
 one client's update, only the sum of the round's updates. Every mechanism that looks at an
 individual update therefore cannot run: robust aggregators (Krum, Bulyan, median, trimmed
 mean), aggregators that scale each update by its own client's figure (FedNova's local
-steps, q-FFL's client loss), the outlier-norm check, the per-update caps, and server-side DP
-clipping. `needs_individual_updates(values)` lists those settings, and
+steps, q-FFL's client loss), the outlier-norm check, the per-update caps, the pruning
+mask's check (`prune-sparsity`) and server-side DP clipping. `needs_individual_updates(values)`
+lists those settings, and
 `refuse_individual_checks` raises one `ConfigError` naming them. (Homomorphic encryption has
 its own list, `strategies.homomorphic.incompatibilities`: it also refuses what needs a
 plaintext model on the server.)
@@ -41,7 +42,8 @@ PER_CLIENT_WEIGHTING = ("fednova", "qfedavg")
 """Aggregators that scale each update by its own client's figure (local steps, loss)."""
 SERVER_CLIPPING_STRATEGIES = ("dp-fixed", "dp-adaptive", "dp-client-adaptive")
 """DP wrappers that need each update (server-side clipping) or each client's clipping bit."""
-PER_UPDATE_CHECKS = ("outlier-norm-factor", "examples-cap-factor", "max-examples")
+PER_UPDATE_CHECKS = ("outlier-norm-factor", "examples-cap-factor", "max-examples",
+                     "prune-sparsity")
 """Server-side checks of one update or one client's weight, by run-config key (0: off)."""
 
 SETTINGS = [

@@ -13,6 +13,9 @@ It runs in the ClientApp itself, so the error-feedback residual lives in the nod
    C again first, so the encoded vector is always within C (clipping comes before
    encoding); the new residual is (Δ + e) − decode(encode(Δ + e)), and the fit metrics
    report both residuals' L2 norms (`compress_residual_in`, `compress_residual_out`).
+   Under pruning (`prune-sparsity` in the config) Δ + e is zeroed where the round's mask
+   is (`strategies.pruning.round_mask`): a residual kept from before an entry was pruned
+   must not send it.
 
 Evaluation decodes a compressed broadcast the same way. Without codec keys the wrapper
 changes nothing.
@@ -50,6 +53,7 @@ from fl_app.wire import (
     KEY_ERROR_FEEDBACK,
 )
 from strategies.clipping import clip_update, l2_norm
+from strategies.pruning import apply_mask, round_mask
 
 RESIDUAL_KEY = "compression-residual"  # context.state: the error-feedback residual
 RESIDUAL_IN = "compress_residual_in"  # fit metrics: L2 norm of the residual carried in
@@ -102,17 +106,21 @@ class CompressingClient(Client):
         update = [np.asarray(w, np.float64) - np.asarray(r, np.float64)
                   for w, r in zip(weights, reference, strict=True)]
         feedback = bool(ins.config.get(KEY_ERROR_FEEDBACK, False))
-        parameters, metrics = self._encode(codec, update, ins, feedback)
+        mask = round_mask(ins.config, reference)
+        parameters, metrics = self._encode(codec, update, ins, feedback, mask)
         return replace(res, parameters=parameters, metrics={**res.metrics, **metrics})
 
-    def _encode(self, codec: Codec, update: NDArrays, ins: FitIns,
-                feedback: bool) -> tuple[Parameters, dict[str, Scalar]]:
+    def _encode(self, codec: Codec, update: NDArrays, ins: FitIns, feedback: bool,
+                mask: list[np.ndarray] | None) -> tuple[Parameters, dict[str, Scalar]]:
         """The encoded update and, with error feedback, the L2 norms of the residual carried
-        in from the node's state and of the one kept for the next round."""
+        in from the node's state and of the one kept for the next round (zero where the
+        round's pruning `mask` is)."""
         target, metrics = update, {}
         if feedback:
             carried = self._residual(update)
             target = [u + e for u, e in zip(update, carried)]
+            if mask is not None:
+                target = apply_mask(target, mask)
             if KEY_CLIPPING_NORM in ins.config:  # the encoded vector stays within C
                 target, _ = clip_update(target, float(ins.config[KEY_CLIPPING_NORM]))
         blobs = codec.encode([t.astype(np.float32) for t in target])

@@ -32,6 +32,7 @@ from fl_app.wire import (
     SERVER_ROUND,
 )
 from strategies.clipping import add_noise, clip_weights
+from strategies.pruning import round_mask
 
 
 class KerasClient(NumPyClient):
@@ -67,7 +68,8 @@ class KerasClient(NumPyClient):
     evaluations standardize with the pooled `standardization` their config carries.
     `rebalance` (a `fl_app.data.rebalance` mode) reweights or resamples the training data
     by its own class counts every round, seeded like the shuffling; the example count sent
-    stays the data's.
+    stays the data's. A `prune-sparsity` in the config (`strategies.pruning`) makes the fit
+    derive the round's mask from the received weights and keep those entries at zero.
     """
 
     def __init__(self, trainer: KerasTrainer, data: ClientData, defaults: Mapping[str, Scalar],
@@ -165,6 +167,7 @@ class KerasClient(NumPyClient):
             seed=seed,
             standardization=self._standardization(config),
             sample_weight=sample_weight,
+            pruned=round_mask(config, parameters),
         )
         metrics: dict[str, Scalar] = {
             "train_loss": result.loss, "train_seconds": result.seconds,

@@ -23,8 +23,9 @@ Rescaling layers would (`fl_app.ml.standardize`).
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
-from functools import lru_cache
+from functools import lru_cache, partial
 
 import keras
 import numpy as np
@@ -98,8 +99,11 @@ class KerasTrainer:
         self._seed_states = [v for v in model.variables if v.name == SEED_STATE]
         self._anchor = [tf.Variable(v, trainable=False) for v in model.trainable_variables]
         self._mu = tf.Variable(0.0, trainable=False, dtype=tf.float32)
+        self._kept: list[tuple[keras.Variable, tf.Variable]] | None = None  # pruning masks
         self._build_loss_and_metrics()
         self._train_epoch = tf.function(self._train_epoch_impl, reduce_retracing=True)
+        self._train_epoch_pruned = tf.function(partial(self._train_epoch_impl, pruned=True),
+                                               reduce_retracing=True)
         self._eval_chunk = tf.function(self._eval_chunk_impl, reduce_retracing=True)
 
     def _build_loss_and_metrics(self) -> None:
@@ -173,9 +177,26 @@ class KerasTrainer:
             seed = rng.integers(np.iinfo(np.int32).max)
             state.assign(np.array([seed, 0], dtype=state.dtype))
 
+    def _load_mask(self, pruned: list[np.ndarray]) -> None:
+        """Keep the entries `pruned` marks (one boolean array per weight array, True:
+        pruned) at zero in the next fit: a 0/1 keep-mask per trainable kernel (a variable
+        of two or more axes), made on first use."""
+        if self._kept is None:
+            self._kept = [(var, tf.Variable(tf.ones(var.shape, var.dtype), trainable=False))
+                          for var in self.model.trainable_variables if len(var.shape) >= 2]
+        index = {id(var): i for i, var in enumerate(self.model.weights)}
+        for var, keep in self._kept:
+            keep.assign(np.logical_not(pruned[index[id(var)]]).astype(keep.dtype.as_numpy_dtype))
+
+    def _zero_pruned(self) -> None:
+        """Set the pruned entries of the trainable kernels back to zero."""
+        for var, keep in self._kept or ():
+            var.assign(var * keep)
+
     # ---- compiled loops
     def _train_epoch_impl(self, x: tf.Tensor, y: tf.Tensor, order: tf.Tensor,
-                          batch_size: tf.Tensor, weights: tf.Tensor | None = None) -> tf.Tensor:
+                          batch_size: tf.Tensor, weights: tf.Tensor | None = None,
+                          pruned: bool = False) -> tf.Tensor:
         n = tf.shape(order)[0]
         num_batches = (n + batch_size - 1) // batch_size
         loss_sum = tf.constant(0.0)
@@ -194,6 +215,8 @@ class KerasTrainer:
                 scaled = self.optimizer.scale_loss(objective)  # mixed precision's loss scale
             grads = tape.gradient(scaled, variables)
             self.optimizer.apply_gradients(zip(grads, variables))
+            if pruned:  # after every step, so the user's optimizer trains the rest
+                self._zero_pruned()
             loss_sum += loss * tf.cast(tf.shape(idx)[0], tf.float32)
             self.model.compute_metrics(xb, yb, out, wb)
         return loss_sum
@@ -211,7 +234,8 @@ class KerasTrainer:
             learning_rate: float | None = None, proximal_mu: float = 0.0,
             seed: int | list[int] = 0, time_budget: float | None = None,
             standardization: Standardization | None = None,
-            sample_weight: np.ndarray | None = None) -> FitResult:
+            sample_weight: np.ndarray | None = None,
+            pruned: list[np.ndarray] | None = None) -> FitResult:
         """Train on `data` from the current weights; optimizer and layer RNGs start fresh.
 
         `learning_rate` (if given) replaces the optimizer's rate; `seed` fixes the
@@ -221,7 +245,10 @@ class KerasTrainer:
         `standardization` it trains on standardized inputs and targets (its loss and
         metrics are then on the standardized scale). `sample_weight` (one per example)
         weighs the compiled loss and metrics as `model.fit`'s does (`class_weight` becomes
-        exactly such weights there).
+        exactly such weights there). With `pruned` (a boolean array per weight array, True:
+        pruned; `strategies.pruning`) the pruned entries of the trainable kernels are set
+        back to zero after every optimizer step, inside the compiled loop, and after the
+        optimizer's final values.
         """
         if epochs is None and not time_budget:
             raise ValueError("fit needs a number of epochs or a time budget")
@@ -237,33 +264,40 @@ class KerasTrainer:
         rng = np.random.default_rng(seed)
         self.reseed_layers(rng.spawn(1)[0])  # spawning leaves `rng`'s own stream untouched
         deadline = start + time_budget if time_budget else None
+        train_epoch = self._train_epoch
+        if pruned is not None:
+            self._load_mask(pruned)
+            train_epoch = self._train_epoch_pruned
         loss_sum, seen, steps, epoch = 0.0, len(data), 0, 0
         while epochs is None or epoch < epochs:
             if deadline is not None or epoch == epochs - 1:  # report the last epoch's metrics
                 self.model.reset_metrics()
             order = rng.permutation(len(data)).astype(np.int32)
             if deadline is None:
-                loss_sum = float(self._train_epoch(x, y, tf.constant(order),
-                                                   tf.constant(batch_size), w))
+                loss_sum = float(train_epoch(x, y, tf.constant(order), tf.constant(batch_size),
+                                             w))
                 steps += -(-len(data) // batch_size)
             else:
-                loss_sum, seen, steps = self._budgeted_epoch(x, y, w, order, batch_size,
-                                                             start, deadline, steps)
+                loss_sum, seen, steps = self._budgeted_epoch(train_epoch, x, y, w, order,
+                                                             batch_size, start, deadline,
+                                                             steps)
                 if seen < len(data) or time.perf_counter() >= deadline:
                     break
             epoch += 1
         self.optimizer.finalize_variable_values(self.model.trainable_variables)  # EMA, as fit
+        if pruned is not None:  # an EMA of the unmasked steps is not pruned
+            self._zero_pruned()
         return FitResult(loss_sum / max(seen, 1),
                          _scalar_metrics(self.model.get_metrics_result()),
                          time.perf_counter() - start, steps)
 
-    def _budgeted_epoch(self, x: tf.Tensor, y: tf.Tensor, w: tf.Tensor | None,
-                        order: np.ndarray, batch_size: int, start: float, deadline: float,
-                        steps: int) -> tuple[float, int, int]:
-        """One epoch in chunks of steps until it ends or `deadline` passes; returns its
-        loss sum, the examples it saw and the run's step count so far. A chunk is sized,
-        from the time per step measured so far, to take about BUDGET_CHECK_SHARE of the
-        budget (one step while nothing has been measured)."""
+    def _budgeted_epoch(self, train_epoch: Callable[..., tf.Tensor], x: tf.Tensor,
+                        y: tf.Tensor, w: tf.Tensor | None, order: np.ndarray, batch_size: int,
+                        start: float, deadline: float, steps: int) -> tuple[float, int, int]:
+        """One epoch of `train_epoch` in chunks of steps until it ends or `deadline`
+        passes; returns its loss sum, the examples it saw and the run's step count so far.
+        A chunk is sized, from the time per step measured so far, to take about
+        BUDGET_CHECK_SHARE of the budget (one step while nothing has been measured)."""
         loss_sum, seen = 0.0, 0
         while seen < len(order):
             now = time.perf_counter()
@@ -273,8 +307,7 @@ class KerasTrainer:
             share = BUDGET_CHECK_SHARE * (deadline - start)
             chunk = max(1, int(share / per_step)) if per_step > 0 else 1
             idx = order[seen:seen + chunk * batch_size]
-            loss_sum += float(self._train_epoch(x, y, tf.constant(idx), tf.constant(batch_size),
-                                                w))
+            loss_sum += float(train_epoch(x, y, tf.constant(idx), tf.constant(batch_size), w))
             seen += len(idx)
             steps += -(-len(idx) // batch_size)
         return loss_sum, seen, steps
