@@ -15,7 +15,6 @@ registered with `@keras.saving.register_keras_serializable` in an importable mod
 from __future__ import annotations
 
 import tempfile
-import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -28,6 +27,7 @@ from fl_app.cli.summary import print_summary
 from fl_app.schema import Scalar
 from fl_app.server.callbacks import Callback
 from fl_app.server.outputs import private_files, read_history, resolve_out_dir
+from fl_app.server.run_clock import run_start
 
 
 def _kebab(config: Mapping[str, Scalar]) -> dict[str, Scalar]:
@@ -49,7 +49,7 @@ def run(model: Any, x: np.ndarray, y: np.ndarray, *, num_clients: int = 10,
     (see `fl_app.server.callbacks`). Raises ConfigError, DataError or
     ModelError (as `run_simulation.py` would print them) before any training.
     """
-    started_at = time.time()
+    started_at = run_start(command=False)
     from fl_app.app.preflight import checked_trainer  # imports TensorFlow
 
     with tempfile.TemporaryDirectory(prefix="fl-keras-") as folder:  # created 0700

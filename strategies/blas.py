@@ -3,7 +3,10 @@
 Checking and folding an update are bound by memory, not arithmetic: OpenBLAS handing each
 pass to two threads on a busy machine made a round up to 30 times slower. `one_blas_thread`
 limits BLAS to one thread for a block; setting the limit costs about 11 µs, so nested
-blocks (a reply checked, then folded) reuse the outermost one's.
+blocks (a reply checked, then folded) reuse the outermost one's. Blocks are counted per
+thread: the server checks and folds replies under one lock. (OpenBLAS's limit set in one
+thread and restored from another does not come back here, so blocks overlapping in two
+threads are not merged into one process-wide count.)
 """
 
 from __future__ import annotations

@@ -109,8 +109,8 @@ class CappedWeightedSum:
     has its exact weight whenever its claim is within the round's final cap, in
     particular whenever at most `hold` accepted claims exceed it (`exact` says whether
     every weight was exact; a streamed round that is not keeps the previous global model,
-    `strategies.validated.ValidatedFitStream.finish`). With `factor` 0 nothing is capped, held or read twice: each
-    update is checked and folded in one pass (`RunningWeightedSum.add`).
+    `strategies.validated.ValidatedFitStream.finish`). With `factor` 0 nothing is capped or
+    held: each update is checked, then folded at once.
 
     Args:
         reference: the global model sent this round (see `RunningWeightedSum`).
@@ -138,7 +138,10 @@ class CappedWeightedSum:
         return problem
 
     def take(self, arrays: NDArrays, claim: int) -> None:
-        """`add` for arrays that passed `RunningWeightedSum.problem` already (they are not checked again)."""
+        """`add` for arrays that passed `RunningWeightedSum.problem` already (they are not
+        checked again). Raises ValueError, taking nothing, if `claim` is not a positive
+        finite number."""
+        _check_weight(claim)
         bisect.insort(self.claims, claim)  # the cap reads their median, never sorts
         self._arrivals += 1
         if not self.factor:

@@ -88,3 +88,24 @@ def test_the_litert_file_holds_int8_weights(trained):
 def test_export_int8_is_refused_with_homomorphic_encryption():
     with pytest.raises(ConfigError, match="'export-int8'.*homomorphic-encryption"):
         make_config(export_int8=True, homomorphic_encryption="ckks")
+
+
+def test_a_model_that_cannot_be_quantized_is_refused_before_training():
+    """A subclassed model cannot be cloned for its int8 copy: one error naming the model,
+    from the preflight check, not a crash after the last round."""
+    from fl_app.ml.errors import ModelError
+    from fl_app.ml.export import check_exportable
+
+    class Subclassed(keras.Model):
+        def __init__(self) -> None:
+            super().__init__(name="mine")
+            self.dense = keras.layers.Dense(10, activation="softmax")
+
+        def call(self, inputs):
+            return self.dense(inputs)
+
+    model = Subclassed()
+    model(np.zeros((1, 64), np.float32))
+    model.compile(loss="sparse_categorical_crossentropy", metrics=["accuracy"])
+    with pytest.raises(ModelError, match="model 'mine': export-int8 cannot make"):
+        check_exportable(model)

@@ -432,3 +432,13 @@ def test_a_stream_that_fails_fails_the_round_not_the_client():
     instructions = [(UpdatingProxy(f"c{i}", 10), FitIns(model, {})) for i in range(3)]
     with pytest.raises(StreamFailed, match="server bug"):
         fit_clients_streamed(instructions, None, None, 1, BrokenStream())
+
+
+def test_a_bad_claim_leaves_the_capped_sum_and_its_claims_untouched():
+    global_model, updates = _updates(6, [50, 60])
+    total = CappedWeightedSum(global_model, factor=3.0, hold=1)
+    total.add(*updates[0])
+    for claim in (0, -5, float("nan")):
+        with pytest.raises(ValueError, match="positive and finite"):
+            total.add(updates[1][0], claim)
+    assert total.claims == [50] and total.total.count == 0 and len(total._held) == 1

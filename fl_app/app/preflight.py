@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from fl_app.data.rebalance import check_rebalance
 from fl_app.data.sources import data_source
+from fl_app.ml.export import check_exportable
 from fl_app.ml.trainer import KerasTrainer, trainer_for
 from fl_app.schema import RunConfig
 from fl_app.server.stopping import check_monitor
@@ -18,11 +19,14 @@ from fl_app.server.stopping import check_monitor
 def checked_trainer(cfg: RunConfig) -> KerasTrainer:
     """The run's trainer, built and checked against the server's data (loaded here, once per
     process); raises ModelError, DataError or ConfigError (naming the model, file or key)
-    when the run cannot train (a `rebalance` the data's task cannot take included)."""
+    when the run cannot train (a `rebalance` the data's task cannot take included) or, with
+    `export-int8`, cannot make its int8 copies."""
     spec = data_source(cfg).spec
     check_rebalance(str(cfg["rebalance"]), spec)
     trainer = trainer_for(cfg, spec)
     check_monitor(str(cfg["monitor"]), monitored_names(trainer))
+    if cfg["export-int8"]:
+        check_exportable(trainer.model)
     return trainer
 
 

@@ -333,7 +333,7 @@ def simulate(cfg: RunConfig, args: argparse.Namespace, callbacks: Sequence[Callb
 
 def main(argv: list[str] | None = None) -> int:
     """Resolve and check the config, run the simulation, print the summary."""
-    started_at = run_start()  # before the config's model check and Ray's start
+    started_at = run_start(command=argv is None)  # before the model check and Ray's start
     args = parse_args(argv)
     quiet_libraries(args.verbose)  # before the config's model check imports TensorFlow
     try:

@@ -19,6 +19,8 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from fl_app.ml.errors import ModelError
+
 
 def int8_keras(model: keras.Model) -> keras.Model:
     """A copy of `model` (weights and compile settings) with int8 weights."""
@@ -37,6 +39,19 @@ def int8_tflite(model: keras.Model) -> bytes:
     converter = tf.lite.TFLiteConverter.from_keras_model(model)
     converter.optimizations = [tf.lite.Optimize.DEFAULT]
     return converter.convert()
+
+
+def check_exportable(model: keras.Model) -> None:
+    """Raise ModelError, naming the model, unless both int8 copies can be made of it (a
+    subclassed model cannot be cloned; a custom layer may not convert): found before any
+    training, not after the last round."""
+    try:
+        int8_keras(model)
+        int8_tflite(model)
+    except Exception as err:  # Keras and the converter raise many kinds
+        raise ModelError(f"model {model.name!r}: export-int8 cannot make its int8 copies: "
+                         f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
+                         " (set export-int8=false)") from err
 
 
 def _interpreter(content: bytes):  # noqa: ANN202  (ai-edge-litert or tf.lite, same API)

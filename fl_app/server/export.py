@@ -7,6 +7,7 @@ Writes `final_model.int8.keras` (Keras 3 int8 quantization) and `final_model.int
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any
 
@@ -31,8 +32,10 @@ def export_int8(trainer: KerasTrainer, test: Split, out_dir: Path) -> dict[str, 
     model = trainer.model
     report = {"float32": _row(out_dir / MODEL_FILE, trainer.evaluate(test))}
     quantized = int8_keras(model)
-    with private_files():
-        quantized.save(out_dir / INT8_KERAS_FILE)
+    with private_files():  # written whole, then renamed: never a half-written file
+        partial = out_dir / f".{INT8_KERAS_FILE}.tmp.keras"
+        quantized.save(partial)
+        os.replace(partial, out_dir / INT8_KERAS_FILE)
     predicted = quantized.predict(test.x, batch_size=EVAL_CHUNK, verbose=0)
     report["int8-keras"] = _row(out_dir / INT8_KERAS_FILE,
                                 trainer.evaluate_predictions(test, predicted))

@@ -8,7 +8,7 @@ import copy
 import io
 import time
 from collections.abc import Callable, Sequence
-from logging import INFO
+from logging import ERROR, INFO
 from pathlib import Path
 from typing import Any
 
@@ -115,6 +115,17 @@ class RunRecorder:
         recall = self.trainer.class_recall(self.test_set, model)
         return {"class_recall": recall, "worst_class_recall": min(recall.values())}
 
+    def _export(self) -> dict[str, Any]:
+        """The exporter's record; a failure is logged and recorded, not raised: the run's
+        model, plots and history are still written (the preflight check makes it rare)."""
+        assert self.exporter is not None
+        try:
+            return self.exporter(self.out_dir)
+        except Exception as err:  # noqa: BLE001  (Keras and the converter raise many kinds)
+            log(ERROR, "error: export-int8 failed after training: %s: %s",
+                type(err).__name__, err)
+            return {"error": f"{type(err).__name__}: {err}"}
+
     def on_finish(self, stopped: str, parameters: Parameters) -> None:
         """Record why the run stopped and its summary; save the final model and the plots;
         call the callbacks' `on_run_end`.
@@ -144,7 +155,7 @@ class RunRecorder:
             with private_files():
                 model.save(self.out_dir / MODEL_FILE)
             if self.exporter is not None:
-                self.history["summary"]["export"] = self.exporter(self.out_dir)
+                self.history["summary"]["export"] = self._export()
                 write_history(self.out_dir, self.history)
         rounds = self.history["rounds"]
         save_plots(self.out_dir, rounds, plot_context(self.cfg, rounds))
