@@ -169,3 +169,8 @@ def test_a_standardized_run_beats_the_raw_one_and_saves_a_raw_input_model(tmp_pa
     assert logs["loss"] == pytest.approx(final, rel=1e-4)
     assert 25 < float(np.median(model.predict(test.x, verbose=0))) < 346
     assert "standardization" not in json.dumps(history["rounds"])  # no client's sums recorded
+
+
+def test_a_standardized_run_is_not_resumed_under_other_statistics(tmp_path):
+    with pytest.raises(ConfigError, match="'standardize' is true with resume-from"):
+        make_config(standardize=True, resume_from=str(tmp_path))

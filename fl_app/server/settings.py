@@ -97,6 +97,12 @@ def _check_standardize(values: Mapping[str, Scalar]) -> None:
                           "in plaintext (not inside the secure sum, not covered by the DP "
                           "accounting; FedBuff has no round for it): set standardize=false "
                           "and scale the data before the run")
+    if values["resume-from"]:
+        raise ConfigError("run-config key 'standardize' is true with resume-from: the pooled "
+                          "statistics are not in the checkpoint, and a new statistics round "
+                          "over other nodes would put the saved weights under another "
+                          "Normalization; resume with standardize=false is not the same run "
+                          "either, so start the run again")
 
 
 def check_config(values: Mapping[str, Scalar]) -> None:
