@@ -14,7 +14,7 @@ from fl_app.server.checkpoint import CheckpointError
 from tests.conftest import make_config
 
 
-def _flower_must_not_start(cfg, args):
+def _flower_must_not_start(cfg, args, **_):
     raise AssertionError("the simulation started despite a config that cannot run")
 
 
@@ -62,7 +62,7 @@ def test_a_model_that_cannot_train_on_the_data_exits_2_before_flower_starts(
 
 @pytest.mark.parametrize("error", [DataError, ConfigError, CheckpointError, ModelError])
 def test_errors_while_running_are_one_line(monkeypatch, capsys, tmp_path, error):
-    def fail(cfg, args):
+    def fail(cfg, args, **_):
         raise error("dataset 'mnist' could not be loaded")
 
     monkeypatch.setattr(simulate, "simulate", fail)
