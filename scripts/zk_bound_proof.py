@@ -36,34 +36,44 @@ import sys
 import tempfile
 import threading
 import time
+from importlib.util import find_spec
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import numpy as np
-
-ROOT = Path(__file__).resolve().parent.parent
+if TYPE_CHECKING:
+    import numpy as np
 
 CLIPPING_RANGE = 8.0  # the run config's secagg-clipping-range default
 QUANTIZATION_RANGE = 4194304  # the run config's secagg-quantization-range default (2^22)
 DECOMP_BASE = 16384  # ezkl's default range-check base (a 2^14-row lookup table)
 
 
+REQUIRED = ("ezkl", "onnx", "numpy", "flwr")
+
+
 def require_ezkl() -> Any:
-    """The `ezkl` module; exits with a message when ezkl or onnx is not installed."""
-    try:
-        import ezkl
-        import onnx  # noqa: F401
-    except ImportError as missing:
-        sys.exit(f"zk_bound_proof: {missing.name} is not installed. ezkl is not a project "
-                 "dependency: install it in a separate virtualenv (python -m venv zk && "
-                 "zk/bin/pip install ezkl onnx numpy flwr) and run this script with it.")
+    """The `ezkl` module; exits with a message naming what is missing when ezkl, onnx,
+    numpy or flwr is not installed."""
+    if missing := [name for name in REQUIRED if find_spec(name) is None]:
+        sys.exit(f"zk_bound_proof: {', '.join(missing)} not installed. ezkl is not a project "
+                 "dependency: install it in a separate virtualenv (python -m venv .zkvenv && "
+                 ".zkvenv/bin/pip install ezkl onnx numpy flwr) and run this script with it.")
+    import ezkl
+
     return ezkl
 
 
 def quantized_bound(bound: float, clip: float, target_range: int) -> int:
     """The L2 bound `bound` on the float update as a bound on the sum of squares of the
-    centred quantized update (Flower's quantizer: R / (2 * clip) integers per unit)."""
-    return int(math.floor((bound * target_range / (2 * clip)) ** 2))
+    centred quantized update (Flower's quantizer: R / (2 * clip) integers per unit), rounded
+    down to a float32 (the ONNX graph's constant)."""
+    import numpy as np
+
+    exact = math.floor((bound * target_range / (2 * clip)) ** 2)
+    as_float32 = np.float32(exact)
+    if int(as_float32) > exact:
+        as_float32 = np.nextafter(as_float32, np.float32(0))
+    return int(as_float32)
 
 
 def quantized_update(n: int, norm: float | None, rng: np.random.Generator, clip: float,
@@ -71,6 +81,7 @@ def quantized_update(n: int, norm: float | None, rng: np.random.Generator, clip:
     """A random update of `n` parameters with L2 norm `norm` (None: every coordinate at
     ±`clip`), quantized by Flower's SecAgg+ quantizer (stochastic rounding), as the
     integers that enter the masked sum."""
+    import numpy as np
     from flwr.common.secure_aggregation.quantization import quantize
 
     update = rng.standard_normal(n)
@@ -80,6 +91,7 @@ def quantized_update(n: int, norm: float | None, rng: np.random.Generator, clip:
 
 def bound_graph(n: int, centre: int, bound_sq: int) -> Any:
     """The ONNX graph `ok = float(sum((q - centre)^2) <= bound_sq)` over q of shape (1, n)."""
+    import numpy as np
     from onnx import TensorProto, helper, numpy_helper
 
     constants = [numpy_helper.from_array(np.array([centre], np.float32), "centre"),
@@ -155,6 +167,7 @@ def measure(n: int, bound: float, visibility: str, inner_cols: int, srs_dir: Pat
     """Build, set up, prove and verify the bound circuit for `n` parameters (this process):
     the table's row, with each of `CASES` (only the valid one with `only_valid`)."""
     ezkl = require_ezkl()
+    import numpy as np
     import onnx
 
     bound_sq = quantized_bound(bound, CLIPPING_RANGE, QUANTIZATION_RANGE)
