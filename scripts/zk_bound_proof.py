@@ -1,7 +1,7 @@
 """Table: a zero-knowledge proof (ezkl, Halo2/KZG) that a SecAgg+ client's quantized update
 is within an L2 bound, its setup, prover and verifier cost and proof size per client.
 
-    pip install ezkl onnx            # not a project dependency: in a separate virtualenv
+    pip install ezkl onnx py_ecc     # not project dependencies: in a separate virtualenv
     python scripts/zk_bound_proof.py [--sizes 1000 4800 20000] [--bound 1.0]
 
 The client's update u (n float parameters) is quantized as Flower's `secaggplus_mod` does
@@ -20,8 +20,11 @@ verifies four cases (`CASES`): a valid update (norm bound/2: must verify with ok
 update over the bound (norm 2·bound: ok = 0, so the server drops it), a forged claim (that
 over-bound witness with its output set to ok = 1: must fail to prove or to verify) and the
 largest update the quantizer lets through (every coordinate at the clipping range: beyond
-the comparison's range checks, so no valid proof). Each size runs in its own process (its
-peak RSS is its own), stopped above `--max-rss-gib` or `--timeout`.
+the comparison's range checks, so no valid proof). With polycommit it also checks the binding
+as a server would (`binding_checks`): the proof verifies against the commitment C_i the
+client sends beside it and not against another's, and the clients' commitments add up to
+the commitment of the sum that SecAgg+ unmasks. Each size runs in its own process (its peak
+RSS is its own), stopped above `--max-rss-gib` or `--timeout`.
 """
 
 from __future__ import annotations
@@ -48,7 +51,7 @@ QUANTIZATION_RANGE = 4194304  # the run config's secagg-quantization-range defau
 DECOMP_BASE = 16384  # ezkl's default range-check base (a 2^14-row lookup table)
 
 
-REQUIRED = ("ezkl", "onnx", "numpy", "flwr")
+REQUIRED = ("ezkl", "onnx", "numpy", "flwr", "py_ecc")
 
 
 def require_ezkl() -> Any:
@@ -57,7 +60,7 @@ def require_ezkl() -> Any:
     if missing := [name for name in REQUIRED if find_spec(name) is None]:
         sys.exit(f"zk_bound_proof: {', '.join(missing)} not installed. ezkl is not a project "
                  "dependency: install it in a separate virtualenv (python -m venv .zkvenv && "
-                 ".zkvenv/bin/pip install ezkl onnx numpy flwr) and run this script with it.")
+                 ".zkvenv/bin/pip install ezkl onnx numpy flwr py_ecc) and run this script with it.")
     import ezkl
 
     return ezkl
@@ -155,6 +158,68 @@ def _prove_and_verify(ezkl: Any, folder: Path, update: str, srs: Path,
             "instances": [len(column) for column in body["instances"]]}
 
 
+def _compressed(point: Any) -> str:
+    """A G1 point from `ezkl.kzg_commit` in the witness file's form: x little-endian, the
+    top bit set when y is odd (halo2curves' serialization; no curve arithmetic)."""
+    x = bytearray.fromhex(point.x)
+    x[-1] |= 0x80 * (bytes.fromhex(point.y)[0] & 1)
+    return x.hex()
+
+
+def _verifies_against(ezkl: Any, folder: Path, proof: str, commitment: str, srs: Path) -> bool:
+    """Whether `folder/<proof>.proof.json` verifies with `commitment` (compressed) swapped
+    in as the committed update, from a witness file the server writes with only it."""
+    witness, swapped = folder / "server.witness.json", folder / "server.proof.json"
+    witness.write_text(json.dumps({
+        "inputs": [], "pretty_elements": None, "outputs": [],
+        "processed_inputs": {"poseidon_hash": None, "polycommit": [[commitment]]},
+        "processed_params": None, "processed_outputs": None, "max_lookup_inputs": 0,
+        "min_lookup_inputs": 0, "max_range_size": 0}))
+    swapped.write_bytes((folder / f"{proof}.proof.json").read_bytes())
+    try:
+        ezkl.swap_proof_commitments(str(swapped), str(witness))
+        return bool(ezkl.verify(str(swapped), str(folder / "settings.json"),
+                                str(folder / "vk.key"), srs_path=str(srs)))
+    except (RuntimeError, ValueError):
+        return False
+
+
+def binding_checks(ezkl: Any, folder: Path, srs: Path) -> dict[str, bool]:
+    """The polycommit binding as a server would check it, with the valid and the over-bound
+    updates as two clients': each client sends C_i = kzg_commit(q_i) beside its proof;
+    `proof_is_of_c`: the proof's own commitment is C_i; `own_c_verifies` /
+    `other_c_verifies`: the valid proof verifies with C_i swapped in, not with the other
+    client's; `sum_matches`: KZG commitments add, so sum C_i = C(sum q_i) + (m - 1) C(0)
+    (C(0) commits ezkl's unusable rows, set to one) with sum q_i what SecAgg+ unmasks;
+    `off_by_one_matches`: the same check against a sum off by one in one coordinate."""
+    from py_ecc.bn128 import FQ, add, eq
+
+    vk, settings = str(folder / "vk.key"), str(folder / "settings.json")
+
+    def commit(values: list[int]) -> Any:
+        felts = [ezkl.float_to_felt(float(v), 0, ezkl.PyInputType.F32) for v in values]
+        return ezkl.kzg_commit(felts, vk, settings, str(srs))[0]
+
+    def point(commitment: Any) -> tuple[FQ, FQ]:
+        return (FQ(int.from_bytes(bytes.fromhex(commitment.x), "little")),
+                FQ(int.from_bytes(bytes.fromhex(commitment.y), "little")))
+
+    updates = [json.loads((folder / f"{name}.input.json").read_text())["input_data"][0]
+               for name in ("valid", "over")]
+    commits = [commit(update) for update in updates]
+    total = [int(a + b) for a, b in zip(*updates)]
+    added, zero = add(*(point(c) for c in commits)), point(commit([0] * len(total)))
+    own = json.loads((folder / "valid.witness.json").read_text())
+    return {
+        "proof_is_of_c": own["processed_inputs"]["polycommit"][0][0] == _compressed(commits[0]),
+        "own_c_verifies": _verifies_against(ezkl, folder, "valid", _compressed(commits[0]), srs),
+        "other_c_verifies": _verifies_against(ezkl, folder, "valid", _compressed(commits[1]),
+                                              srs),
+        "sum_matches": eq(added, add(point(commit(total)), zero)),
+        "off_by_one_matches": eq(added, add(point(commit([total[0] + 1, *total[1:]])), zero)),
+    }
+
+
 CASES = {"valid": (0.5, False), "over": (2.0, False), "forged": (2.0, True),
          "max": (None, False)}
 """Each case: its update's norm as a multiple of the bound (None: every coordinate at the
@@ -215,6 +280,8 @@ def measure(n: int, bound: float, visibility: str, inner_cols: int, srs_dir: Pat
             if name == "valid" or not only_valid:
                 update = "over" if forge_ok else name
                 row[name] = _prove_and_verify(ezkl, folder, update, srs, forge_ok)
+        if visibility == "polycommit" and not only_valid:
+            row["binding"] = binding_checks(ezkl, folder, srs)
     row["peak_rss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     return row
 
@@ -272,10 +339,21 @@ def outcome(case: dict[str, Any]) -> str:
     return "accepted" if case["ok"] == [1] else f"dropped: ok={case['ok'][0]}"
 
 
+def binding(checks: dict[str, bool] | None) -> str:
+    """The binding checks in a table cell: whether the valid proof verifies with its own
+    commitment and with another client's, and whether the commitments' sum matches the
+    unmasked sum and a sum off by one (expected: yes, no, yes, no)."""
+    if not checks or not checks["proof_is_of_c"]:
+        return "-" if not checks else "proof not of C_i"
+    keys = ("own_c_verifies", "other_c_verifies", "sum_matches", "off_by_one_matches")
+    return ", ".join("yes" if checks[key] else "no" for key in keys)
+
+
 def table(rows: list[dict[str, Any]]) -> str:
     """The measured rows as a Markdown table."""
     head = ("| parameters | rows | logrows | SRS gen s | setup s | pk MB | prove s | verify s "
-            "| proof bytes | peak RSS MiB | " + " | ".join(CASES) + " |")
+            "| proof bytes | peak RSS MiB | " + " | ".join(CASES)
+            + " | binding: own C, other C, sum, sum+1 |")
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for row in rows:
         if "failed" in row:
@@ -289,7 +367,8 @@ def table(rows: list[dict[str, Any]]) -> str:
             f"| {valid.get('prove_s', float('nan')):.1f} "
             f"| {valid.get('verify_s', float('nan')):.3f} | {valid.get('proof_bytes', 0):,} "
             f"| {row['peak_rss_mib']:.0f} | "
-            + " | ".join(outcome(row[name]) if name in row else "-" for name in CASES) + " |")
+            + " | ".join(outcome(row[name]) if name in row else "-" for name in CASES)
+            + f" | {binding(row.get('binding'))} |")
     return "\n".join(lines)
 
 
