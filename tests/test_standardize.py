@@ -174,3 +174,11 @@ def test_a_standardized_run_beats_the_raw_one_and_saves_a_raw_input_model(tmp_pa
 def test_a_standardized_run_is_not_resumed_under_other_statistics(tmp_path):
     with pytest.raises(ConfigError, match="'standardize' is true with resume-from"):
         make_config(standardize=True, resume_from=str(tmp_path))
+
+
+def test_a_constant_column_is_centred_not_blown_up():
+    """E[x²] - E[x]² of a constant is float64 rounding, not 0: it still gets variance 1."""
+    x = np.column_stack([np.full(97, 0.1), np.arange(97.0)])
+    pooled = from_moments(moments(x, np.full(97, 123.456)))
+    assert pooled.x_variance[0] == 1.0 and pooled.y_std[0] == 1.0
+    assert pooled.x_variance[1] == pytest.approx(np.var(np.arange(97.0)))
