@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 import threading
 import time
 import timeit
@@ -65,6 +64,13 @@ def _without_client_reports(metrics: dict[str, Scalar]) -> dict[str, Scalar]:
             if not k.startswith((DATA_QUALITY_PREFIX, TIMING_PREFIX, FUSED_PREFIX))}
 
 
+def _sound_report(loss: object, count: object) -> bool:
+    """Whether a client's evaluation report can be used as it is: a finite loss and an
+    example count that is an int >= 0 (a client's values never reach the aggregation, or
+    crash the server, unchecked)."""
+    return is_finite_number(loss) and type(count) is int and count >= 0
+
+
 def _fused_report(cid: str, metrics: dict[str, Scalar]) -> EvaluateRes | None:
     """A fit reply's fused evaluation as an `EvaluateRes`, or None when it has none or its
     loss is not a finite number or its count not a non-negative int (logged: a client's
@@ -72,8 +78,7 @@ def _fused_report(cid: str, metrics: dict[str, Scalar]) -> EvaluateRes | None:
     loss, count = metrics.get(FUSED_LOSS), metrics.get(FUSED_COUNT)
     if loss is None and count is None:
         return None
-    if (type(loss) not in (int, float) or not math.isfinite(loss)
-            or type(count) is not int or count < 0):
+    if not _sound_report(loss, count):
         log(WARNING, "client %s: its fused evaluation (%s=%r, %s=%r) is not a finite loss "
             "and an example count; dropped", cid, FUSED_LOSS, loss, FUSED_COUNT, count)
         return None
@@ -206,9 +211,7 @@ def client_evaluations(
     return {proxy.cid: {"loss": float(res.loss), "num_examples": res.num_examples,
                         **{name: float(value) for name, value in res.metrics.items()
                            if is_finite_number(value)}}
-            for proxy, res in results
-            if is_finite_number(res.loss) and type(res.num_examples) is int
-            and res.num_examples >= 0}
+            for proxy, res in results if _sound_report(res.loss, res.num_examples)}
 
 
 def fairness(evaluations: Mapping[str, Mapping[str, float]],
