@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import sys
 from pathlib import Path
 from typing import Any
@@ -11,23 +10,20 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from fl_app.cli import simulate  # noqa: E402
+from scripts.simulation_run import timed_run  # noqa: E402
 
 
 def run_history(clients: int, run_config: str, out: Path, attempts: int = 3) -> dict[str, Any]:
-    """Run `run_simulation.py` with `clients` clients and `run_config`, writing to `out`;
-    return its history.json. A run that wrote no history (Ray failing to start on a loaded
-    machine) is started again, up to `attempts` times in all; exit if it still fails."""
+    """Run `run_simulation.py` with `clients` clients and `run_config`, writing to `out`
+    (`scripts.simulation_run.timed_run`); return its history.json. A run that fails (Ray
+    failing to start on a loaded machine) is started again, up to `attempts` times in all;
+    exit if it still fails."""
     for attempt in range(1, attempts + 1):
-        code = simulate.main(["--num-supernodes", str(clients), "--run-config", run_config,
-                              "--out", str(out)])
-        if code == 0:
-            break
-        print(f"attempt {attempt}/{attempts} of {run_config!r} failed with exit code {code}",
-              flush=True)
-    else:
-        raise SystemExit(f"run with {run_config!r} failed {attempts} times")
-    return json.loads((out / "history.json").read_text(encoding="utf-8"))
+        try:
+            return timed_run(run_config, clients, out)[0]
+        except RuntimeError as err:
+            print(f"attempt {attempt}/{attempts}: {err}", flush=True)
+    raise SystemExit(f"run with {run_config!r} failed {attempts} times")
 
 
 def run_accuracies(clients: int, run_config: str, out: Path, attempts: int = 3) -> list[float]:

@@ -123,7 +123,6 @@ class CappedWeightedSum:
         self.factor = factor
         self.hold = hold
         self.claims: list[int] = []  # every accepted claim, in ascending order
-        self._arrivals = 0  # updates taken so far (the order of arrival of held ones)
         self._held: list[tuple[int, int, NDArrays]] = []  # heap of (claim, arrival, arrays)
         self._early: list[tuple[int, float]] = []  # (claim, weight) of updates folded early
 
@@ -143,11 +142,10 @@ class CappedWeightedSum:
         finite number."""
         _check_weight(claim)
         bisect.insort(self.claims, claim)  # the cap reads their median, never sorts
-        self._arrivals += 1
         if not self.factor:
             self.total.fold(arrays, claim)
             return
-        heapq.heappush(self._held, (claim, self._arrivals, arrays))
+        heapq.heappush(self._held, (claim, len(self.claims), arrays))  # (.., arrival, ..)
         if len(self._held) > self.hold:
             early, _, arrays = heapq.heappop(self._held)
             weight = min(early, self.cap())

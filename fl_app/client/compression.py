@@ -106,7 +106,7 @@ class CompressingClient(Client):
         update = [np.asarray(w, np.float64) - np.asarray(r, np.float64)
                   for w, r in zip(weights, reference, strict=True)]
         feedback = bool(ins.config.get(KEY_ERROR_FEEDBACK, False))
-        mask = round_mask(ins.config, reference)
+        mask = round_mask(ins.config, reference) if feedback else None  # only feedback uses it
         parameters, metrics = self._encode(codec, update, ins, feedback, mask)
         return replace(res, parameters=parameters, metrics={**res.metrics, **metrics})
 

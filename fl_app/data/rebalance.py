@@ -48,8 +48,8 @@ def class_weights(y: np.ndarray) -> dict[int, float]:
 
 def sample_weights(y: np.ndarray) -> np.ndarray:
     """Each example's class weight (`class_weights`), as float32 per-sample weights."""
-    weights = class_weights(y)
-    return np.array([weights[int(c)] for c in y], dtype=np.float32)
+    _, inverse, counts = np.unique(y, return_inverse=True, return_counts=True)
+    return (len(y) / (len(counts) * counts.astype(np.float64)))[inverse].astype(np.float32)
 
 
 def _extra_rows(y: np.ndarray, rng: np.random.Generator) -> np.ndarray:

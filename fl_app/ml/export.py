@@ -14,6 +14,7 @@ TensorFlow's own (deprecated) `tf.lite.Interpreter`.
 from __future__ import annotations
 
 import warnings
+from functools import lru_cache
 
 import keras
 import numpy as np
@@ -41,10 +42,11 @@ def int8_tflite(model: keras.Model) -> bytes:
     return converter.convert()
 
 
+@lru_cache(maxsize=4)  # the CLI's preflight and the ServerApp check the same shared model
 def check_exportable(model: keras.Model) -> None:
     """Raise ModelError, naming the model, unless both int8 copies can be made of it (a
     subclassed model cannot be cloned; a custom layer may not convert): found before any
-    training, not after the last round."""
+    training, not after the last round. Checked once per model object."""
     try:
         int8_keras(model)
         int8_tflite(model)

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import io
 from dataclasses import dataclass
+from functools import cached_property, lru_cache
 
 import keras
 import numpy as np
@@ -57,12 +58,17 @@ class Standardization:
     y_std: np.ndarray | None = None
 
     def normalization(self) -> keras.layers.Normalization:
-        """The Keras layer that standardizes the inputs."""
+        """A new Keras layer that standardizes the inputs (one per model that holds it)."""
         return keras.layers.Normalization(axis=-1, mean=self.x_mean, variance=self.x_variance)
+
+    @cached_property
+    def _layer(self) -> keras.layers.Normalization:
+        """The layer `inputs` applies, built once per statistics."""
+        return self.normalization()
 
     def inputs(self, x: np.ndarray) -> np.ndarray:
         """`x` through the Normalization layer (float32), as the final model sees it."""
-        return np.asarray(self.normalization()(np.asarray(x, np.float32)), np.float32)
+        return np.asarray(self._layer(np.asarray(x, np.float32)), np.float32)
 
     def targets(self, y: np.ndarray) -> np.ndarray:
         """A regression target standardized (float32); class labels unchanged."""
@@ -101,8 +107,9 @@ class Standardization:
         return buffer.getvalue()
 
     @classmethod
+    @lru_cache(maxsize=2)  # every fit and evaluate config of a run carries the same bytes
     def from_bytes(cls, data: bytes) -> Standardization:
-        """The statistics `to_bytes` wrote."""
+        """The statistics `to_bytes` wrote (decoded once per distinct bytes)."""
         with np.load(io.BytesIO(data), allow_pickle=False) as arrays:
             return cls(**{name: arrays[name] for name in arrays.files})
 
