@@ -139,7 +139,7 @@ class KerasClient(NumPyClient):
         config asks for it (q-FFL) and the reply is not a distributed-DP one (else none)."""
         if config.get(KEY_LOSS_BEFORE) is not True or KEY_DP_NOISE_STD in config:
             return {}
-        loss, _ = self.trainer.evaluate(self.data.train)
+        loss, _ = self.trainer.evaluate(self.data.train, self._standardization(config))
         return {KEY_LOSS_BEFORE: loss}
 
     def _fit(self, parameters: NDArrays,
