@@ -23,10 +23,13 @@ to their data size (`client-sampling='size'`). An update without a finite `loss_
 
 from __future__ import annotations
 
+import statistics
 from collections.abc import Mapping
+from logging import WARNING
 
 import numpy as np
 from flwr.common import FitIns, FitRes, NDArrays, Parameters, Scalar
+from flwr.common.logger import log
 from flwr.server.client_manager import ClientManager
 from flwr.server.client_proxy import ClientProxy
 from flwr.server.strategy import Strategy
@@ -39,6 +42,7 @@ from strategies.metrics import is_finite_number
 from strategies.per_client import PerClientFigure
 
 LOSS_EPSILON = 1e-10  # added to every F_k, as the official code does
+LOSS_CAP_FACTOR = 100.0  # a client's loss counts at most this x the round's lower median (a bound on a lie, far above the 50x losses q-FFL is meant to favour)
 
 SETTINGS = [
     Setting("qffl-q", float, 0.2,
@@ -56,19 +60,25 @@ SETTINGS = [
 def qffl_step(global_weights: NDArrays, client_weights: list[NDArrays], losses: list[float],
               q: float, lipschitz: float) -> NDArrays:
     """q-FedAvg's new global model from the clients' models and their losses at the global
-    model (see the module doc; accumulates in float64, keeps each array's dtype)."""
+    model (see the module doc; accumulates in float64, keeps each array's dtype). When the
+    losses' powers overflow the step is not finite: the global model is kept (logged)."""
     base = [g.astype(np.float64) for g in global_weights]
     step = [np.zeros_like(g) for g in base]
-    denominator = 0.0
-    for weights, loss in zip(client_weights, losses):
-        f = loss + LOSS_EPSILON
-        delta = [lipschitz * (g - w.astype(np.float64)) for g, w in zip(base, weights)]
-        squared_norm = sum(float(np.sum(np.square(d))) for d in delta)
-        for total, d in zip(step, delta):
-            total += f ** q * d
-        denominator += q * f ** (q - 1) * squared_norm + lipschitz * f ** q
-    return [(g - s / denominator).astype(w.dtype)
-            for g, s, w in zip(base, step, global_weights)]
+    denominator = np.float64(0.0)
+    with np.errstate(over="ignore", invalid="ignore"):  # numpy powers overflow to inf
+        for weights, loss in zip(client_weights, losses):
+            f = np.float64(loss + LOSS_EPSILON)
+            delta = [lipschitz * (g - w.astype(np.float64)) for g, w in zip(base, weights)]
+            squared_norm = sum(float(np.sum(np.square(d))) for d in delta)
+            for total, d in zip(step, delta):
+                total += f ** q * d
+            denominator += q * f ** (q - 1) * squared_norm + lipschitz * f ** q
+        if not np.isfinite(denominator) or not all(np.isfinite(s).all() for s in step):
+            log(WARNING, "q-FFL: the step is not finite (the losses' powers overflow at "
+                "q=%s): keeping the global model", q)
+            return [np.array(g, copy=True) for g in global_weights]
+        return [(g - s / denominator).astype(w.dtype)
+                for g, s, w in zip(base, step, global_weights)]
 
 
 class QFedAvg(PerClientFigure):
@@ -107,8 +117,12 @@ class QFedAvg(PerClientFigure):
 
     def step(self, global_weights: NDArrays, client_weights: list[NDArrays],
              figures: list[float], num_examples: list[int]) -> NDArrays:
-        """`qffl_step` with the clients' losses (their example counts do not weigh)."""
-        return qffl_step(global_weights, client_weights, figures, self.q, self.lipschitz)
+        """`qffl_step` with the clients' losses (their example counts do not weigh), each
+        capped at LOSS_CAP_FACTOR x the round's lower median loss: a client cannot make
+        its own update the whole step by reporting a huge loss."""
+        cap = LOSS_CAP_FACTOR * max(statistics.median_low(figures), LOSS_EPSILON)
+        return qffl_step(global_weights, client_weights, [min(f, cap) for f in figures],
+                         self.q, self.lipschitz)
 
 
 def build(ctx: StrategyContext) -> Strategy:

@@ -92,6 +92,12 @@ def test_a_report_not_of_the_form_clients_send_is_left_out():
     assert reports == {"a": {"loss": 0.5, "num_examples": 10, "accuracy": 0.75}}
 
 
+def test_a_clients_metrics_cannot_overwrite_its_checked_loss_or_count():
+    forged = EvaluateRes(Status(Code.OK, ""), 0.5, 10, {"loss": 1e300, "num_examples": -7.5})
+    assert client_evaluations([(IdleProxy("a"), forged)]) == {
+        "a": {"loss": 0.5, "num_examples": 10}}
+
+
 @pytest.mark.parametrize("fused", [False, True])
 def test_each_clients_evaluation_and_their_spread_are_recorded_every_round(fused):
     rounds = _rounds(_clients(), fuse_evaluate=fused)

@@ -136,3 +136,19 @@ def test_a_simulated_run_weighs_by_the_clients_own_losses_and_records_each_clien
         assert len(record["client_evaluations"]) == 4
         assert 0 <= record["fairness"]["accuracy"]["worst_10"] <= record["fairness"][
             "accuracy"]["mean"] <= record["fairness"]["accuracy"]["best_10"] <= 1
+
+
+def test_a_lying_loss_is_capped_and_an_overflowing_step_keeps_the_model():
+    """A client reporting loss 1e300 counts as 100 x the round's lower median loss, not as
+    the whole step; powers that overflow keep the global model instead of crashing."""
+    from strategies.qffl import QFedAvg, qffl_step
+
+    base = [np.zeros(3, np.float32)]
+    honest, liar = [np.ones(3, np.float32)], [np.full(3, 50.0, np.float32)]
+    lied = qffl_step(base, [honest, honest, liar], [1.0, 1.0, 1e300], q=1.0, lipschitz=1.0)
+    assert np.allclose(lied[0], liar[0])  # uncapped, the liar's model is the new model
+    capped = QFedAvg(q=1.0, lipschitz=1.0).step(base, [honest, honest, liar],
+                                                 [1.0, 1.0, 1e300], [1, 1, 1])
+    assert float(capped[0][0]) < 10.0
+    kept = qffl_step(base, [honest, liar], [1e300, 1e300], q=10.0, lipschitz=1.0)
+    np.testing.assert_array_equal(kept[0], base[0])

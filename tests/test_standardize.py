@@ -182,3 +182,16 @@ def test_a_constant_column_is_centred_not_blown_up():
     pooled = from_moments(moments(x, np.full(97, 123.456)))
     assert pooled.x_variance[0] == 1.0 and pooled.y_std[0] == 1.0
     assert pooled.x_variance[1] == pytest.approx(np.var(np.arange(97.0)))
+
+
+def test_a_reply_of_strings_or_bad_bytes_is_dropped_not_a_crash(diabetes_csv):
+    from flwr.common import Parameters
+
+    from fl_app.server.runner import _decoded_or_none
+
+    statistics = StatisticsRound(data_source(seed_config(diabetes_csv)).spec)
+    good = moments(np.ones((4, 10)), np.arange(4.0))
+    strings = [np.full(a.shape, "x") for a in good]
+    bad = _decoded_or_none(Parameters(tensors=[b"not npy"], tensor_type="numpy.ndarray"))
+    statistics.add([("a", good), ("strings", strings), ("bytes", bad)])
+    assert statistics.standardization.y_mean[0] == pytest.approx(1.5)

@@ -108,11 +108,13 @@ class KerasClient(NumPyClient):
         finally:
             self.trainer.forget()
 
-    @staticmethod
-    def _standardization(config: Mapping[str, Scalar]) -> Standardization | None:
-        """The pooled statistics the config carries (`standardize=true`), else None."""
+    def _standardization(self, config: Mapping[str, Scalar]) -> Standardization | None:
+        """The pooled statistics the config carries, when this client's own run config has
+        `standardize=true` (a server cannot impose them on any other run), else None."""
         data = config.get(KEY_STANDARDIZATION)
-        return Standardization.from_bytes(data) if isinstance(data, bytes) else None
+        if not self.defaults.get("standardize") or not isinstance(data, bytes):
+            return None
+        return Standardization.from_bytes(data)
 
     def _check_statistics_request(self, config: dict[str, Scalar]) -> None:
         """Raise ValueError unless this run standardizes (`standardize=true`) in the clear:

@@ -17,6 +17,7 @@ from flwr.common import (
     EvaluateRes,
     FitIns,
     FitRes,
+    NDArrays,
     Parameters,
     Scalar,
     Status,
@@ -62,6 +63,15 @@ def _without_client_reports(metrics: dict[str, Scalar]) -> dict[str, Scalar]:
     evaluations (the `distributed` record holds those)."""
     return {k: v for k, v in metrics.items()
             if not k.startswith((DATA_QUALITY_PREFIX, TIMING_PREFIX, FUSED_PREFIX))}
+
+
+def _decoded_or_none(parameters: Parameters) -> NDArrays:
+    """A reply's arrays, or none when its bytes do not decode (a lying client's reply is
+    then dropped by the check it fails, not a crash of the server)."""
+    try:
+        return parameters_to_ndarrays(parameters)
+    except Exception:  # noqa: BLE001  (np.load raises many kinds on bad bytes)
+        return []
 
 
 def _sound_report(loss: object, count: object) -> bool:
@@ -201,6 +211,7 @@ def fit_clients_streamed(instructions: list[tuple[ClientProxy, FitIns]],
 
 EVALUATIONS = "client_evaluations"  # round record: each client's distributed evaluation
 FAIRNESS = "fairness"  # round record: the spread of those evaluations across clients
+RESERVED_REPORT = ("loss", "num_examples")  # a client's metrics cannot overwrite these
 
 
 def client_evaluations(
@@ -210,7 +221,7 @@ def client_evaluations(
     finite or whose count is not an int >= 0 is left out."""
     return {proxy.cid: {"loss": float(res.loss), "num_examples": res.num_examples,
                         **{name: float(value) for name, value in res.metrics.items()
-                           if is_finite_number(value)}}
+                           if is_finite_number(value) and name not in RESERVED_REPORT}}
             for proxy, res in results if _sound_report(res.loss, res.num_examples)}
 
 
@@ -471,7 +482,7 @@ class FederatedServer(Server):
         for failure in map(describe_failure, failures):
             log(WARNING, "statistics round: client %s failed: %s", failure["client"],
                 last_line(failure["error"]))
-        statistics.add([(proxy.cid, parameters_to_ndarrays(res.parameters))
+        statistics.add([(proxy.cid, _decoded_or_none(res.parameters))
                         for proxy, res in results])
 
     def _start(self, timeout: float | None, history: History) -> tuple[int, str | None]:

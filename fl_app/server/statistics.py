@@ -53,7 +53,8 @@ class StatisticsRound:
         """Whether a reply could be a client's sums of real data (see the class doc)."""
         if not (len(sums) == len(self.shapes)
                 and all(np.shape(a) == shape for a, shape in zip(sums, self.shapes))
-                and all(np.isfinite(a).all() for a in sums)):
+                and all(np.asarray(a).dtype.kind == "f" and np.isfinite(a).all()
+                        for a in sums)):
             return False
         values, rows = (float(c) for c in sums[0])
         if not (rows >= 1 and rows.is_integer() and values == rows * self.per_row):
