@@ -8,6 +8,7 @@ Writes `final_model.int8.keras` (Keras 3 int8 quantization) and `final_model.int
 from __future__ import annotations
 
 import os
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -32,10 +33,10 @@ def export_int8(trainer: KerasTrainer, test: Split, out_dir: Path) -> dict[str, 
     model = trainer.model
     report = {"float32": _row(out_dir / MODEL_FILE, trainer.evaluate(test))}
     quantized = int8_keras(model)
-    with private_files():  # written whole, then renamed: never a half-written file
-        partial = out_dir / f".{INT8_KERAS_FILE}.tmp.keras"
+    with private_files(), tempfile.TemporaryDirectory(dir=out_dir, prefix=".export-") as tmp:
+        partial = Path(tmp) / INT8_KERAS_FILE  # a fresh private folder: no name to plant
         quantized.save(partial)
-        os.replace(partial, out_dir / INT8_KERAS_FILE)
+        os.replace(partial, out_dir / INT8_KERAS_FILE)  # whole, never half-written
     predicted = quantized.predict(test.x, batch_size=EVAL_CHUNK, verbose=0)
     report["int8-keras"] = _row(out_dir / INT8_KERAS_FILE,
                                 trainer.evaluate_predictions(test, predicted))
