@@ -20,8 +20,9 @@ authentication on. It runs
   default.
 
 Per round: the median of rounds 2..N of history.json's `seconds` (round 1 includes the
-first model build and is printed apart), and each mode over the floor. For the executor
-modes, where a round goes: the executor's own log times every task ("task done in X s
+first model build and is printed apart), each mode over the floor, and the last round's
+centralized accuracy (the floor trains nothing: its model stays the initial one). For the
+executor modes, where a round goes: the executor's own log times every task ("task done in X s
 (pull a, run b, push c)": the task's input pulled from the SuperNode, the ClientApp's run
 in the warm process, the reply and status pushed); the rest of a round is outside the
 node's tasks (the SuperNode's back-off of up to 3 s after an empty pull, the SuperLink's
@@ -156,6 +157,7 @@ def summarize(history: dict[str, Any], wall: float) -> dict[str, Any]:
                 if any(p in t for t in timings)}
 
     return {"rounds": len(seconds), "round1": seconds[0],
+            "accuracy": rounds[-1].get("centralized", {}).get("accuracy"),
             "median": statistics.median(seconds[1:] or seconds), "wall": wall,
             "all": seconds, "phases": phases(later), "phases1": phases(rounds[:1])}
 
@@ -175,10 +177,16 @@ def one(mode: str, tmp: Path, rounds: int, num_nodes: int) -> dict[str, Any]:
     return summary
 
 
+def _fmt(value: float | None) -> str:
+    """A metric to four places, or `n/a` when the run recorded none."""
+    return "n/a" if value is None else f"{value:.4f}"
+
+
 def report(mode: str, r: dict[str, Any]) -> None:
     """Print one mode's figures."""
     print(f"{mode:>11}: median of rounds 2..{r['rounds']} {r['median']:6.2f} s/round, "
-          f"round 1 {r['round1']:.2f} s, wall {r['wall']:.1f} s; rounds: "
+          f"round 1 {r['round1']:.2f} s, wall {r['wall']:.1f} s, final centralized "
+          f"accuracy {_fmt(r['accuracy'])}; rounds: "
           + " ".join(f"{s:.2f}" for s in r["all"]), flush=True)
     tasks = r.get("tasks")
     if tasks:
