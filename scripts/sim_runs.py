@@ -13,14 +13,16 @@ if str(ROOT) not in sys.path:
 from scripts.simulation_run import timed_run  # noqa: E402
 
 
-def run_history(clients: int, run_config: str, out: Path, attempts: int = 3) -> dict[str, Any]:
+def run_history(clients: int, run_config: str, out: Path, attempts: int = 3,
+                cpus_per_client: float | None = None) -> dict[str, Any]:
     """Run `run_simulation.py` with `clients` clients and `run_config`, writing to `out`
-    (`scripts.simulation_run.timed_run`); return its history.json. A run that fails (Ray
-    failing to start on a loaded machine) is started again, up to `attempts` times in all;
-    exit if it still fails."""
+    (`scripts.simulation_run.timed_run`; `cpus_per_client`: Ray's CPUs per client, e.g.
+    CPUs / clients for one actor per client); return its history.json. A run that fails
+    (Ray failing to start on a loaded machine) is started again, up to `attempts` times in
+    all; exit if it still fails."""
     for attempt in range(1, attempts + 1):
         try:
-            return timed_run(run_config, clients, out)[0]
+            return timed_run(run_config, clients, out, cpus_per_client)[0]
         except RuntimeError as err:
             print(f"attempt {attempt}/{attempts}: {err}", flush=True)
     raise SystemExit(f"run with {run_config!r} failed {attempts} times")
@@ -48,3 +50,17 @@ def tail_mean(values: list[float], rounds: int) -> float:
     accuracy)."""
     tail = values[-rounds:]
     return sum(tail) / len(tail)
+
+
+def timeline(history: dict[str, Any]) -> list[tuple[float, float]]:
+    """(seconds since round 0, centralized accuracy) after every round / version."""
+    elapsed, points = 0.0, []
+    for record in history["rounds"]:
+        elapsed += float(record["seconds"])
+        points.append((elapsed, float(record["centralized"]["accuracy"])))
+    return points
+
+
+def time_to(points: list[tuple[float, float]], accuracy: float) -> float | None:
+    """When the accuracy first reached `accuracy` (None: never)."""
+    return next((t for t, acc in points if acc >= accuracy), None)
