@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import sys
 from pathlib import Path
 from typing import Any
@@ -11,6 +12,19 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from scripts.simulation_run import timed_run  # noqa: E402
+
+
+def table_parser(doc: str, rounds: int, clients: int = 10,
+                 seeds: int = 3) -> argparse.ArgumentParser:
+    """A table script's command line (its module `doc` as help) with the options every
+    such script has: `--clients`, `--rounds` and `--seeds` (seeds 1..N), at these defaults."""
+    parser = argparse.ArgumentParser(description=doc,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--clients", type=int, default=clients,
+                        help=f"simulated clients ({clients})")
+    parser.add_argument("--rounds", type=int, default=rounds, help=f"rounds per run ({rounds})")
+    parser.add_argument("--seeds", type=int, default=seeds, help=f"seeds 1..N ({seeds})")
+    return parser
 
 
 def run_history(clients: int, run_config: str, out: Path, attempts: int = 3,

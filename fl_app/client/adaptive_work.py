@@ -5,9 +5,9 @@ quarter of its batch size and at four times it, for at least 0.05 s each (after 
 step at each, so tracing is not counted; a one-step fit subtracted, so a fit's fixed cost
 is not either),
 fitted as seconds per step t(b) = a + c·b (a the fixed cost of a step, c the cost per
-example). The probe's weights are thrown away. After every fit the line is rescaled to
-pass through the seconds per step that fit took (a probe of a fraction of a second on a
-busy machine is rough; a whole round's training is not). The line is kept in
+example). The probe's weights are thrown away. After every fit the line is rescaled half
+way (geometrically) towards the seconds per step that fit took (a probe of a fraction of a
+second on a busy machine is rough; a round's training less so). The line is kept in
 the node's Flower `context.state` (`STATE_KEY`), which Flower keeps per node and run in
 simulation and in deployment, so later rounds plan without measuring again. Every fit then
 picks, from b/4, b/2, b, 2b and 4b (b: the node's batch size, at most its number of
@@ -69,9 +69,11 @@ class StepCost:
         """Seconds per step at `batch` (never 0)."""
         return max(self.overhead + self.per_example * batch, 1e-9)
 
-    def through(self, batch: int, seconds: float) -> StepCost:
-        """This line scaled to pass through (`batch`, `seconds` per step)."""
-        factor = seconds / self.seconds(batch)
+    def toward(self, batch: int, seconds: float) -> StepCost:
+        """This line scaled half-way (geometrically) to pass through (`batch`, `seconds`
+        per step): one fit slowed by something else (a retrace, a busy machine) moves
+        the estimate only part of the way."""
+        factor = math.sqrt(seconds / self.seconds(batch))
         return StepCost(self.overhead * factor, self.per_example * factor)
 
 
@@ -170,4 +172,4 @@ class AdaptiveWork:
         plan follows the node's speed as it is now."""
         cost = self.cost()
         if cost is not None and chosen.steps:
-            self._keep(cost.through(chosen.batch_size, seconds / chosen.steps))
+            self._keep(cost.toward(chosen.batch_size, seconds / chosen.steps))
