@@ -25,6 +25,9 @@ KEY_DP_NOISE_STD = "dp_noise_std"  # fit config: std of the noise a client adds 
 KEY_NORM_BIT = "norm_bit"  # fit metrics: True when the client's update had to be clipped
 KEY_STRAGGLER_EPOCHS = "straggler-epochs"  # fit config: a straggler's partial epochs (int)
 KEY_LOCAL_STEPS = "local_steps"  # fit metrics: local optimizer steps taken (FedNova's tau)
+KEY_BATCH_SIZE = "batch_size"  # fit metrics (round-time-budget): the batch size a node chose
+KEY_LR_SCALE = "lr_scale"  # fit metrics (round-time-budget): its learning-rate factor b'/b
+MAX_LR_SCALE = 4.0  # round-time-budget: a node's batch (and rate) is b/4 .. 4b of its own
 KEY_LOSS_BEFORE = "loss_before"  # fit config: report it; fit metrics: the loss of the
 # received model on the client's own training data, before training (q-FFL's F_k)
 CLIENT_SAMPLING = "client-sampling"  # run-config key: 'size' samples clients by size

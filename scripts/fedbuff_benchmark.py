@@ -34,6 +34,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from fl_app.cli import simulate  # noqa: E402
+from scripts.sim_runs import time_to, timeline  # noqa: E402
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -80,20 +81,6 @@ def run(args: argparse.Namespace, out: Path, run_config: str) -> dict[str, Any]:
     history = json.loads((out / "history.json").read_text(encoding="utf-8"))
     history["total_seconds"] = total
     return history
-
-
-def timeline(history: dict[str, Any]) -> list[tuple[float, float]]:
-    """(seconds since round 0, centralized accuracy) after every round / version."""
-    elapsed, points = 0.0, []
-    for record in history["rounds"]:
-        elapsed += float(record["seconds"])
-        points.append((elapsed, float(record["centralized"]["accuracy"])))
-    return points
-
-
-def time_to(points: list[tuple[float, float]], accuracy: float) -> float | None:
-    """When the accuracy first reached `accuracy` (None: never)."""
-    return next((t for t, acc in points if acc >= accuracy), None)
 
 
 def staleness(history: dict[str, Any]) -> str:

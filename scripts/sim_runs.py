@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import sys
 from pathlib import Path
 from typing import Any
@@ -13,14 +14,29 @@ if str(ROOT) not in sys.path:
 from scripts.simulation_run import timed_run  # noqa: E402
 
 
-def run_history(clients: int, run_config: str, out: Path, attempts: int = 3) -> dict[str, Any]:
+def table_parser(doc: str, rounds: int, clients: int = 10,
+                 seeds: int = 3) -> argparse.ArgumentParser:
+    """A table script's command line (its module `doc` as help) with the options every
+    such script has: `--clients`, `--rounds` and `--seeds` (seeds 1..N), at these defaults."""
+    parser = argparse.ArgumentParser(description=doc,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--clients", type=int, default=clients,
+                        help=f"simulated clients ({clients})")
+    parser.add_argument("--rounds", type=int, default=rounds, help=f"rounds per run ({rounds})")
+    parser.add_argument("--seeds", type=int, default=seeds, help=f"seeds 1..N ({seeds})")
+    return parser
+
+
+def run_history(clients: int, run_config: str, out: Path, attempts: int = 3,
+                cpus_per_client: float | None = None) -> dict[str, Any]:
     """Run `run_simulation.py` with `clients` clients and `run_config`, writing to `out`
-    (`scripts.simulation_run.timed_run`); return its history.json. A run that fails (Ray
-    failing to start on a loaded machine) is started again, up to `attempts` times in all;
-    exit if it still fails."""
+    (`scripts.simulation_run.timed_run`; `cpus_per_client`: Ray's CPUs per client, e.g.
+    CPUs / clients for one actor per client); return its history.json. A run that fails
+    (Ray failing to start on a loaded machine) is started again, up to `attempts` times in
+    all; exit if it still fails."""
     for attempt in range(1, attempts + 1):
         try:
-            return timed_run(run_config, clients, out)[0]
+            return timed_run(run_config, clients, out, cpus_per_client)[0]
         except RuntimeError as err:
             print(f"attempt {attempt}/{attempts}: {err}", flush=True)
     raise SystemExit(f"run with {run_config!r} failed {attempts} times")
@@ -48,3 +64,17 @@ def tail_mean(values: list[float], rounds: int) -> float:
     accuracy)."""
     tail = values[-rounds:]
     return sum(tail) / len(tail)
+
+
+def timeline(history: dict[str, Any]) -> list[tuple[float, float]]:
+    """(seconds since round 0, centralized accuracy) after every round / version."""
+    elapsed, points = 0.0, []
+    for record in history["rounds"]:
+        elapsed += float(record["seconds"])
+        points.append((elapsed, float(record["centralized"]["accuracy"])))
+    return points
+
+
+def time_to(points: list[tuple[float, float]], accuracy: float) -> float | None:
+    """When the accuracy first reached `accuracy` (None: never)."""
+    return next((t for t, acc in points if acc >= accuracy), None)

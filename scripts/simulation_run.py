@@ -10,13 +10,16 @@ from fl_app.cli import simulate
 from fl_app.server.outputs import read_history
 
 
-def timed_run(overrides: str, num_clients: int, out_dir: Path) -> tuple[dict[str, Any], float]:
+def timed_run(overrides: str, num_clients: int, out_dir: Path,
+              cpus_per_client: float | None = None) -> tuple[dict[str, Any], float]:
     """Run `run_simulation.py --num-supernodes N --run-config OVERRIDES --out DIR` in this
-    process (`fl_app.cli.simulate.main`); return its history.json and wall seconds.
+    process (`fl_app.cli.simulate.main`; with `cpus_per_client`, also
+    `--num-cpus-per-client`); return its history.json and wall seconds.
     Raises RuntimeError when the run fails."""
     start = time.perf_counter()
-    code = simulate.main(["--num-supernodes", str(num_clients), "--run-config", overrides,
-                          "--out", str(out_dir)])
+    cpus = ["--num-cpus-per-client", f"{cpus_per_client:g}"] if cpus_per_client else []
+    code = simulate.main(["--num-supernodes", str(num_clients), *cpus, "--run-config",
+                          overrides, "--out", str(out_dir)])
     seconds = time.perf_counter() - start
     if code != 0:
         raise RuntimeError(f"the run {overrides!r} failed with exit status {code}; see the "

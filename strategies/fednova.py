@@ -13,9 +13,13 @@ This is the paper's rule for plain local SGD (its a_i = [1, ..., 1], ||a_i||_1 =
 which is what the app's compiled optimizer does unless the model was compiled with
 momentum or an adaptive optimizer. With equal tau_i it is exactly FedAvg. The clients
 report tau_i as `local_steps` in their fit metrics; an update without a whole number of
-steps >= 1 is left out of the round and logged. FedNova trusts the reported steps as FedAvg
-trusts `num_examples`: a client that under-reports them has its update scaled up by
-tau_eff / tau_i (a whole number >= 1 bounds that by tau_eff).
+steps >= 1 is left out of the round and logged. Under `round-time-budget` a client also
+reports `lr_scale`, the factor b'/b its learning rate was scaled by with its batch size
+(`fl_app.client.adaptive_work`): the paper assumes one rate for all, and a step at s
+times the rate moves as far as s steps at it (linear scaling), so tau_i = local_steps ×
+lr_scale, the steps at the base rate (an `lr_scale` outside [1/4, 4] leaves the update
+out). FedNova trusts the reported figures as FedAvg trusts `num_examples`: a client that
+under-reports them has its update scaled up by tau_eff / tau_i (at most 4 tau_eff).
 """
 
 from __future__ import annotations
@@ -28,7 +32,7 @@ from flwr.common import FitRes, NDArrays, Scalar
 from flwr.server.strategy import Strategy
 
 from fl_app.schema import ConfigError
-from fl_app.wire import KEY_LOCAL_STEPS
+from fl_app.wire import KEY_LOCAL_STEPS, KEY_LR_SCALE, MAX_LR_SCALE
 from strategies import dp
 from strategies.context import StrategyContext
 from strategies.per_client import PerClientFigure
@@ -49,6 +53,12 @@ def normalized_average(global_weights: NDArrays, client_weights: list[NDArrays],
             for g, d in zip(global_weights, mean_direction)]
 
 
+def _number(value: object) -> float | None:
+    """`value` as a finite float, None if it is not a finite int or float."""
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+    return float(value) if ok and math.isfinite(value) else None
+
+
 class FedNova(PerClientFigure):
     """WeightedFedAvg's sampling and evaluation with FedNova's normalised averaging of the
     updates against the global model sent (see the module doc), each client's local steps
@@ -56,18 +66,21 @@ class FedNova(PerClientFigure):
     """
 
     name = "FedNova"
-    requirement = f"whole number >= 1 of {KEY_LOCAL_STEPS!r}"
+    requirement = (f"whole number >= 1 of {KEY_LOCAL_STEPS!r} (and {KEY_LR_SCALE!r}, if "
+                   f"sent, within [1/{MAX_LR_SCALE:g}, {MAX_LR_SCALE:g}])")
 
     def __repr__(self) -> str:
         return f"FedNova(accept_failures={self.accept_failures})"
 
     def figure(self, fit_res: FitRes) -> float | None:
-        """The client's local steps: a whole number >= 1 (None otherwise)."""
-        value = fit_res.metrics.get(KEY_LOCAL_STEPS)
-        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
-        if not ok or not math.isfinite(value) or value < 1 or not float(value).is_integer():
+        """The client's tau: its local steps, a whole number >= 1, times its `lr_scale`
+        (1 if not sent; within [1/4, 4]); None when either is out of bounds."""
+        steps = _number(fit_res.metrics.get(KEY_LOCAL_STEPS))
+        scale = _number(fit_res.metrics.get(KEY_LR_SCALE, 1.0))
+        if steps is None or steps < 1 or not steps.is_integer() or scale is None \
+                or not 1 / MAX_LR_SCALE <= scale <= MAX_LR_SCALE:
             return None
-        return float(value)
+        return steps * scale
 
     def step(self, global_weights: NDArrays, client_weights: list[NDArrays],
              figures: list[float], num_examples: list[int]) -> NDArrays:

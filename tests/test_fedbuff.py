@@ -10,7 +10,9 @@ import pytest
 from flwr.server.strategy.aggregate import aggregate
 
 from fl_app.app.local_client import client_for
-from fl_app.client.faults import SlowClient, assign_roles, node_slowdown, with_faults
+from fl_app.client.faults import assign_roles, node_slowdown, with_faults
+from fl_app.data.sources import data_spec, load_partition
+from fl_app.ml.trainer import trainer_for
 from fl_app.schema import ConfigError
 from fl_app.wire import round_config
 from strategies.fedbuff import FedBuffAggregator, staleness_weight
@@ -145,22 +147,36 @@ def test_stragglers_are_a_seeded_role_that_leaves_the_other_roles_alone():
         make_config(attack="sign-flip", attack_fraction=0.8, slow_client_fraction=0.3)
 
 
-def test_a_straggler_takes_slowdown_times_its_training_time():
+def test_a_straggler_is_a_slow_device_whose_training_and_evaluation_take_longer():
     cfg = make_config(slow_client_fraction=1.0, slow_client_slowdown=3.0, local_epochs=1)
     client = client_for(cfg, {"partition-id": 0, "num-partitions": 4})
-    assert isinstance(client.inner, SlowClient)  # inside the TimedClient
+    assert client.inner.slowdown == 3.0  # inside the TimedClient
     weights = client.get_parameters({})
-    started = time.perf_counter()
     _, _, metrics = client.fit(weights, round_config(cfg, 1))
-    assert time.perf_counter() - started >= 3.0 * metrics["train_seconds"]
+    assert metrics["train_seconds"] > 0
+    # The slowdown acts where the work runs: the trainer's own clock sees it.
+    trainer, data = trainer_for(cfg, data_spec(cfg)), load_partition(cfg, 0, 4).train
+    trainer.fit(data, epochs=1, batch_size=8)  # traced outside the timed calls
+    fit_seconds: dict[float, list[float]] = {1.0: [], 10.0: []}
+    eval_seconds: dict[float, list[float]] = {1.0: [], 10.0: []}
+    for _ in range(3):  # interleaved, the fastest of each: a loaded machine slows both
+        for slowdown in (1.0, 10.0):
+            fit_seconds[slowdown].append(
+                trainer.fit(data, epochs=2, batch_size=8, slowdown=slowdown).seconds)
+            started = time.perf_counter()
+            trainer.evaluate(data, slowdown=slowdown)
+            eval_seconds[slowdown].append(time.perf_counter() - started)
+    assert min(fit_seconds[10.0]) >= 5.0 * min(fit_seconds[1.0])  # 10x expected
+    assert min(eval_seconds[10.0]) >= 5.0 * min(eval_seconds[1.0])
+    trainer.forget()
 
 
 def test_node_config_slowdown_makes_a_slow_node_and_is_checked():
     cfg = make_config()
     honest = client_for(cfg, {"partition-id": 0, "num-partitions": 4}).inner
-    assert with_faults(honest, cfg, {"slowdown": 1}) is honest
+    assert with_faults(honest, cfg, {"slowdown": 1}) is honest and honest.slowdown == 1.0
     slow = with_faults(honest, cfg, {"slowdown": 4.0})
-    assert isinstance(slow, SlowClient) and slow.slowdown == 4.0
+    assert slow is honest and slow.slowdown == 4.0
     for bad in (0.5, "fast", True):
         with pytest.raises(ConfigError, match="node-config key 'slowdown'"):
             node_slowdown({"slowdown": bad})

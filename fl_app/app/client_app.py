@@ -91,7 +91,7 @@ def make_client_app(fixed_config: RunConfig | None = None,
         seconds = start_up.seconds(imports_since)
         cfg = fixed_config if fixed_config is not None else resolve(raw)
         try:
-            client = build(cfg, node, run_id=context.run_id)
+            client = build(cfg, node, run_id=context.run_id, state=context.state)
         except DataError as err:  # the server sees only this message: name the node
             raise DataError(f"node {context.node_id}: {err}") from err
         return CompressingClient(TimedClient(client, seconds).to_client(), context.state)

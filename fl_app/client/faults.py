@@ -16,10 +16,13 @@ up. Roles:
 * attackers (`fit` only): `sign-flip` sends the global weights minus `attack-scale` times
   its update, `scale` plus `attack-scale` times its update, `gaussian` the global weights
   plus N(0, `attack-noise-std`^2) noise, `label-flip` trains honestly on labels c -> C-1-c.
-* `straggler`: an honest client that runs `slow-client-slowdown` times slower: after each
-  `fit` and `evaluate` it sleeps (slowdown - 1) times the call's measured duration, so its
-  wall time is `slowdown` times its own. In deployment, node-config `slowdown` makes one
-  node such a client (`SlowClient`), whatever the fault keys say.
+* `straggler`: an honest client on a device `slow-client-slowdown` times slower: its
+  training and evaluation sleep (slowdown - 1) times each piece of work's measured
+  duration right after it (each compiled chunk of training steps, each evaluation), so
+  they take `slowdown` times as long where they run, and the node's own clock (a time
+  budget, `round-time-budget`'s measurement) sees its slowness, as a real slow device's
+  would. In deployment, node-config `slowdown` makes one node such a client
+  (`KerasClient.slowdown`), whatever the fault keys say.
 """
 
 from __future__ import annotations
@@ -31,6 +34,7 @@ import numpy as np
 from flwr.client import NumPyClient
 from flwr.common import NDArrays, Scalar
 
+from fl_app.client.keras_client import KerasClient
 from fl_app.client.wrapper import ClientWrapper
 from fl_app.data.sources import ClientData, DataSpec, Split
 from fl_app.schema import ConfigError, Setting
@@ -71,8 +75,9 @@ SETTINGS = [
     _fraction("slow-client-fraction",
               "are stragglers (honest, slow-client-slowdown times slower in fit and evaluate)"),
     Setting("slow-client-slowdown", float, 10.0,
-            "Stragglers' slowdown N: each fit/evaluate then sleeps N-1 times its measured "
-            "duration, so it takes N times as long (deployment: node-config `slowdown`).",
+            "Stragglers' slowdown N: each chunk of training steps and each evaluation then "
+            "sleeps N-1 times its measured duration, so it takes N times as long, seen by "
+            "the node's own clock (deployment: node-config `slowdown`).",
             "faults", low=1.0),
 ]
 
@@ -191,34 +196,6 @@ class FaultyClient(ClientWrapper):
         return self.inner.evaluate(parameters, config)
 
 
-class SlowClient(ClientWrapper):
-    """Wraps an honest client and makes it `slowdown` times slower: after each `fit` and
-    `evaluate` it sleeps (slowdown - 1) times that call's measured duration."""
-
-    def __init__(self, inner: NumPyClient, slowdown: float) -> None:
-        super().__init__(inner)
-        self.slowdown = slowdown
-
-    def _stretch(self, started: float) -> None:
-        time.sleep((self.slowdown - 1.0) * (time.perf_counter() - started))
-
-    def fit(self, parameters: NDArrays,
-            config: dict[str, Scalar]) -> tuple[NDArrays, int, dict[str, Scalar]]:
-        """Train like the inner client, then wait out the slowdown."""
-        started = time.perf_counter()
-        result = self.inner.fit(parameters, config)
-        self._stretch(started)
-        return result
-
-    def evaluate(self, parameters: NDArrays,
-                 config: dict[str, Scalar]) -> tuple[float, int, dict[str, Scalar]]:
-        """Evaluate like the inner client, then wait out the slowdown."""
-        started = time.perf_counter()
-        result = self.inner.evaluate(parameters, config)
-        self._stretch(started)
-        return result
-
-
 def node_slowdown(node_config: Mapping[str, Scalar]) -> float:
     """Node-config `slowdown` (1.0 when absent); ConfigError unless it is a number >= 1."""
     value = node_config.get(NODE_SLOWDOWN, 1.0)
@@ -228,16 +205,18 @@ def node_slowdown(node_config: Mapping[str, Scalar]) -> float:
     return float(value)
 
 
-def with_faults(client: NumPyClient, cfg: Mapping[str, Scalar],
+def with_faults(client: KerasClient, cfg: Mapping[str, Scalar],
                 node_config: Mapping[str, Scalar]) -> NumPyClient:
     """`client` (a `KerasClient`) wrapped per this node's role, or unchanged if it has none.
 
-    Label-flip attackers keep the honest client but train on flipped labels; a node-config
-    `slowdown` above 1 makes the node a `SlowClient` whatever its role.
+    Label-flip attackers keep the honest client but train on flipped labels; stragglers
+    keep it with its `slowdown` set; a node-config `slowdown` above 1 makes the node that
+    slow whatever its role.
     """
     slowdown = node_slowdown(node_config)
     if slowdown > 1.0:
-        return SlowClient(client, slowdown)
+        client.slowdown = slowdown
+        return client
     roles_configured = any(cfg[key] for key in FAULT_KEYS.values()) or (
         cfg["attack"] != "none" and cfg["attack-fraction"] > 0) or cfg["slow-client-fraction"] > 0
     if not roles_configured:
@@ -251,7 +230,8 @@ def with_faults(client: NumPyClient, cfg: Mapping[str, Scalar],
     if role is None:
         return client
     if role == STRAGGLER:
-        return SlowClient(client, float(cfg["slow-client-slowdown"]))
+        client.slowdown = float(cfg["slow-client-slowdown"])
+        return client
     if role == "label-flip":
         data: ClientData = client.data
         client.data = ClientData(flip_labels(data.train, client.trainer.spec), data.val,

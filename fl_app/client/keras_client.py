@@ -8,6 +8,7 @@ import numpy as np
 from flwr.client import NumPyClient
 from flwr.common import NDArrays, Scalar
 
+from fl_app.client.adaptive_work import AdaptiveWork
 from fl_app.client.local_work import NodeWork
 from fl_app.data.rebalance import rebalance
 from fl_app.data.sources import ClientData
@@ -19,11 +20,13 @@ from fl_app.wire import (
     FUSED_COUNT,
     FUSED_LOSS,
     FUSED_PREFIX,
+    KEY_BATCH_SIZE,
     KEY_CLIPPING_NORM,
     KEY_DP_NOISE_STD,
     KEY_FUSE_EVALUATE,
     KEY_LOCAL_STEPS,
     KEY_LOSS_BEFORE,
+    KEY_LR_SCALE,
     KEY_NORM_BIT,
     KEY_PROXIMAL_MU,
     KEY_STANDARDIZATION,
@@ -70,11 +73,17 @@ class KerasClient(NumPyClient):
     by its own class counts every round, seeded like the shuffling; the example count sent
     stays the data's. A `prune-sparsity` in the config (`strategies.pruning`) makes the fit
     derive the round's mask from the received weights and keep those entries at zero.
+    With `adaptive` (`round-time-budget`, `fl_app.client.adaptive_work`) a fit without a
+    node time budget trains the steps and batch size its plan picks, at the rate scaled by
+    its `lr_scale`, and reports `batch_size` and `lr_scale` too. `slowdown` > 1 (a
+    simulated straggler, `fl_app.client.faults`) makes training and evaluation that many
+    times slower where they run, so the node's own clock sees it.
     """
 
     def __init__(self, trainer: KerasTrainer, data: ClientData, defaults: Mapping[str, Scalar],
                  seed: int = 0, client_key: int = 0, work: NodeWork = NodeWork(),
-                 public_key: str = "", rebalance: str = "none") -> None:
+                 public_key: str = "", rebalance: str = "none",
+                 adaptive: AdaptiveWork | None = None, slowdown: float = 1.0) -> None:
         self.trainer = trainer
         self.data = data
         self.defaults = dict(defaults)
@@ -83,6 +92,8 @@ class KerasClient(NumPyClient):
         self.work = work
         self.public_key = public_key
         self.rebalance = rebalance
+        self.adaptive = adaptive
+        self.slowdown = slowdown
 
     def _setting(self, config: Mapping[str, Scalar], key: str) -> Scalar:
         return config.get(key, self.defaults[key])
@@ -141,7 +152,8 @@ class KerasClient(NumPyClient):
         config asks for it (q-FFL) and the reply is not a distributed-DP one (else none)."""
         if config.get(KEY_LOSS_BEFORE) is not True or KEY_DP_NOISE_STD in config:
             return {}
-        loss, _ = self.trainer.evaluate(self.data.train, self._standardization(config))
+        loss, _ = self.trainer.evaluate(self.data.train, self._standardization(config),
+                                        self.slowdown)
         return {KEY_LOSS_BEFORE: loss}
 
     def _fit(self, parameters: NDArrays,
@@ -153,10 +165,19 @@ class KerasClient(NumPyClient):
             target = train.y if self.trainer.spec.task == "regression" else None
             return moments(train.x, target), len(train), {}
         fused = self._fused_evaluation(parameters, config)
+        epochs, batch_size, time_budget = self.work.plan(config, self.defaults)
+        learning_rate = float(self._setting(config, "learning-rate")) or None
+        steps, plan, chosen = None, None, {}
+        if self.adaptive is not None and time_budget is None:
+            plan = self.adaptive.choose(self.trainer, train, batch_size, self.slowdown)
+            epochs, batch_size, steps = None, plan.batch_size, plan.steps
+            if plan.lr_scale != 1.0:
+                base_rate = learning_rate or self.trainer.base_learning_rate()
+                learning_rate = base_rate * plan.lr_scale
+            chosen = {KEY_BATCH_SIZE: batch_size, KEY_LR_SCALE: plan.lr_scale}
         self.trainer.set_weights(parameters)
         loss_before = self._loss_before(config)
         server_round = int(config.get(SERVER_ROUND, 0))
-        epochs, batch_size, time_budget = self.work.plan(config, self.defaults)
         seed = [self.seed, server_round, self.client_key]
         train, sample_weight = rebalance(self.data.train, self.rebalance, seed)
         result = self.trainer.fit(
@@ -164,16 +185,20 @@ class KerasClient(NumPyClient):
             epochs=epochs,
             batch_size=batch_size,
             time_budget=time_budget,
-            learning_rate=float(self._setting(config, "learning-rate")) or None,
+            steps=steps,
+            slowdown=self.slowdown,
+            learning_rate=learning_rate,
             proximal_mu=float(config.get(KEY_PROXIMAL_MU, 0.0)),
             seed=seed,
             standardization=self._standardization(config),
             sample_weight=sample_weight,
             pruned=round_mask(config, parameters),
         )
+        if plan is not None:
+            self.adaptive.trained(plan, result.seconds)
         metrics: dict[str, Scalar] = {
             "train_loss": result.loss, "train_seconds": result.seconds,
-            KEY_LOCAL_STEPS: result.steps,
+            KEY_LOCAL_STEPS: result.steps, **chosen,
             **{f"train_{name}": value for name, value in result.metrics.items()},
             **self.data.quality.as_metrics(), **fused, **loss_before}
         weights = self.trainer.get_weights()
@@ -192,7 +217,8 @@ class KerasClient(NumPyClient):
         split = self.data.val if len(self.data.val) else self.data.train
         try:
             self.trainer.set_weights(parameters)
-            loss, metrics = self.trainer.evaluate(split, self._standardization(config))
+            loss, metrics = self.trainer.evaluate(split, self._standardization(config),
+                                                  self.slowdown)
         finally:
             self.trainer.forget()
         return loss, len(split), dict(metrics)

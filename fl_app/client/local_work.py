@@ -10,7 +10,9 @@ and `local-epochs-range = "1-10"` gives each client a fixed number of local epoc
 from that range, seeded by `seed` and its partition id (the FedNova paper's heterogeneous
 local work). A server-chosen straggler's `straggler-epochs` (fit config, see
 `strategies.stragglers`) wins over all of them. Clients report the steps they took as
-`local_steps` in their fit metrics (FedNova's tau).
+`local_steps` in their fit metrics (FedNova's tau). `round-time-budget` makes every node
+size its own work to a per-round time budget from its measured speed
+(`fl_app.client.adaptive_work`).
 """
 
 from __future__ import annotations
@@ -136,12 +138,24 @@ def work_for(cfg: Mapping[str, Scalar], node_config: Mapping[str, Scalar], clien
 
 
 def check_config(values: Mapping[str, Scalar]) -> None:
-    """Refuse a malformed `local-epochs-range` or `sim-node-config` before any training."""
+    """Refuse a malformed `local-epochs-range` or `sim-node-config`, and a
+    `round-time-budget` next to another key that sets the work, before any training."""
     parse_epochs_range(str(values["local-epochs-range"]))
     parse_sim_node_config(str(values["sim-node-config"]))
+    if values["round-time-budget"]:
+        clashes = [f"{key!r}" for key in ("local-epochs-range", "straggler-fraction")
+                   if values[key]]
+        if clashes:
+            raise ConfigError(f"run-config key 'round-time-budget' lets each node size its own "
+                              f"work, which {' and '.join(clashes)} would set too: use one")
 
 
 SETTINGS = [
+    Setting("round-time-budget", float, 0.0,
+            "Adaptive local work: seconds of local training per round. Each node measures "
+            "its speed on its first fit, then picks its batch size (b/4 .. 4b, the learning "
+            "rate scaled with it) and steps to fill the budget; a node's own time-budget "
+            "wins (0: off, every node trains local-epochs).", "training", low=0.0),
     Setting("local-epochs-range", str, "",
             "Heterogeneous local work: each client trains a fixed number of local epochs "
             "drawn from 'low-high' (e.g. '1-10'), seeded by seed and its partition id "

@@ -76,6 +76,21 @@ def _scalar_metrics(results: dict[str, object]) -> dict[str, float]:
             if name != "loss" and np.ndim(value) == 0}
 
 
+def _stretch(slowdown: float, started: float) -> None:
+    """Sleep (slowdown - 1) times the seconds since `started`: what `started`'s work would
+    have taken on a device `slowdown` times slower."""
+    if slowdown > 1.0:
+        time.sleep((slowdown - 1.0) * (time.perf_counter() - started))
+
+
+def _stretched(slowdown: float, train: Callable[..., tf.Tensor], *args: object) -> float:
+    """`train(*args)`'s loss sum as a float, stretched by `slowdown` (`_stretch`)."""
+    started = time.perf_counter()
+    loss_sum = float(train(*args))
+    _stretch(slowdown, started)
+    return loss_sum
+
+
 class KerasTrainer:
     """Compiled train/evaluate loops for one compiled Keras model, reusable across clients.
 
@@ -229,10 +244,16 @@ class KerasTrainer:
         self.model.compute_metrics(x, y, out, None)
         return loss * tf.cast(tf.shape(x)[0], tf.float32)
 
+    def base_learning_rate(self) -> float | None:
+        """The rate the optimizer starts every call at (the compiled or configured one),
+        None when it follows a LearningRateSchedule."""
+        return None if self._on_schedule else float(self.optimizer.learning_rate)
+
     # ---- public calls
     def fit(self, data: Split, *, epochs: int | None, batch_size: int,
             learning_rate: float | None = None, proximal_mu: float = 0.0,
             seed: int | list[int] = 0, time_budget: float | None = None,
+            steps: int | None = None, slowdown: float = 1.0,
             standardization: Standardization | None = None,
             sample_weight: np.ndarray | None = None,
             pruned: list[np.ndarray] | None = None) -> FitResult:
@@ -242,6 +263,10 @@ class KerasTrainer:
         shuffling and the layers' random streams. With `time_budget` (seconds, counted
         from the call) training stops once the budget has run out, checked between chunks
         of steps (at least one step runs; `epochs` then caps it, None for no cap). With
+        `steps` (no time budget) it stops after that many optimizer steps, the last epoch
+        cut short (`epochs` caps it, None for no cap). `slowdown` > 1 simulates a device
+        that many times slower: after each compiled chunk of steps it sleeps (slowdown - 1)
+        times the chunk's duration, so time budgets and measurements see it. With
         `standardization` it trains on standardized inputs and targets (its loss and
         metrics are then on the standardized scale). `sample_weight` (one per example)
         weighs the compiled loss and metrics as `model.fit`'s does (`class_weight` becomes
@@ -250,8 +275,10 @@ class KerasTrainer:
         back to zero after every optimizer step, inside the compiled loop, and after the
         optimizer's final values.
         """
-        if epochs is None and not time_budget:
-            raise ValueError("fit needs a number of epochs or a time budget")
+        if epochs is None and not time_budget and not steps:
+            raise ValueError("fit needs a number of epochs, of steps or a time budget")
+        if steps and time_budget:
+            raise ValueError("fit takes a number of steps or a time budget, not both")
         start = time.perf_counter()
         self.reset_optimizer(learning_rate)
         for anchor, var in zip(self._anchor, self.model.trainable_variables):
@@ -264,19 +291,24 @@ class KerasTrainer:
         rng = np.random.default_rng(seed)
         self.reseed_layers(rng.spawn(1)[0])  # spawning leaves `rng`'s own stream untouched
         deadline = start + time_budget if time_budget else None
-        train_epoch = self._train_epoch
+        train_epoch = partial(_stretched, slowdown, self._train_epoch)
         if pruned is not None:
             self._load_mask(pruned)
-            train_epoch = self._train_epoch_pruned
+            train_epoch = partial(_stretched, slowdown, self._train_epoch_pruned)
+        cap = steps
         loss_sum, seen, steps, epoch = 0.0, len(data), 0, 0
         while epochs is None or epoch < epochs:
-            if deadline is not None or epoch == epochs - 1:  # report the last epoch's metrics
-                self.model.reset_metrics()
+            if epochs is None or deadline is not None or epoch == epochs - 1:
+                self.model.reset_metrics()  # report the last (or partial) epoch's metrics
             order = rng.permutation(len(data)).astype(np.int32)
             if deadline is None:
-                loss_sum = float(train_epoch(x, y, tf.constant(order), tf.constant(batch_size),
-                                             w))
-                steps += -(-len(data) // batch_size)
+                if cap:
+                    order = order[:(cap - steps) * batch_size]
+                loss_sum = train_epoch(x, y, tf.constant(order), tf.constant(batch_size), w)
+                seen = len(order)
+                steps += -(-len(order) // batch_size)
+                if steps == cap or not len(order):
+                    break
             else:
                 loss_sum, seen, steps = self._budgeted_epoch(train_epoch, x, y, w, order,
                                                              batch_size, start, deadline,
@@ -291,7 +323,7 @@ class KerasTrainer:
                          _scalar_metrics(self.model.get_metrics_result()),
                          time.perf_counter() - start, steps)
 
-    def _budgeted_epoch(self, train_epoch: Callable[..., tf.Tensor], x: tf.Tensor,
+    def _budgeted_epoch(self, train_epoch: Callable[..., float], x: tf.Tensor,
                         y: tf.Tensor, w: tf.Tensor | None, order: np.ndarray, batch_size: int,
                         start: float, deadline: float, steps: int) -> tuple[float, int, int]:
         """One epoch of `train_epoch` in chunks of steps until it ends or `deadline`
@@ -307,17 +339,19 @@ class KerasTrainer:
             share = BUDGET_CHECK_SHARE * (deadline - start)
             chunk = max(1, int(share / per_step)) if per_step > 0 else 1
             idx = order[seen:seen + chunk * batch_size]
-            loss_sum += float(train_epoch(x, y, tf.constant(idx), tf.constant(batch_size), w))
+            loss_sum += train_epoch(x, y, tf.constant(idx), tf.constant(batch_size), w)
             seen += len(idx)
             steps += -(-len(idx) // batch_size)
         return loss_sum, seen, steps
 
-    def evaluate(self, data: Split, standardization: Standardization | None = None
-                 ) -> tuple[float, dict[str, float]]:
+    def evaluate(self, data: Split, standardization: Standardization | None = None,
+                 slowdown: float = 1.0) -> tuple[float, dict[str, float]]:
         """Mean loss and the compiled metrics (by Keras name) of the current weights on
         `data`, in inference mode (no layer draws random numbers, so none is reseeded).
         With `standardization` the inputs are standardized and the outputs scaled back to
-        the target's scale before the loss and metrics (`data` as the final model takes it)."""
+        the target's scale before the loss and metrics (`data` as the final model takes it).
+        `slowdown` > 1 sleeps (slowdown - 1) times the evaluation's duration after it."""
+        started = time.perf_counter()
         self.model.reset_metrics()
         targets = self.targets(data.y)
         x = data.x if standardization is None else standardization.inputs(data.x)
@@ -327,6 +361,7 @@ class KerasTrainer:
             loss_sum += float(self._eval_chunk(tf.constant(x[lo:lo + EVAL_CHUNK]),
                                                tf.constant(targets[lo:lo + EVAL_CHUNK]),
                                                tf.constant(scale), tf.constant(offset)))
+        _stretch(slowdown, started)
         return loss_sum / len(data), _scalar_metrics(self.model.get_metrics_result())
 
     def evaluate_predictions(self, data: Split,
