@@ -54,7 +54,7 @@ class KerasClient(NumPyClient):
     `fuse-evaluate` in the config (and no `dp_noise_std`) a fit first evaluates the received
     weights exactly as `evaluate` does and adds that as `eval_loss`, `eval_num_examples`
     and `eval_<metric>` to its metrics (one message per round instead of two). With
-    `loss_before` in the config (q-FFL, `strategies.qffl`; not with `dp_noise_std`) a fit
+    `loss_before` in the config (q-FFL, `strategies.qffl`; not with client-side DP) a fit
     first evaluates the received weights on its own training data and reports that loss
     as `loss_before`. Fit metrics carry the data's quality report (`data_rows`, `data_dropped_*`,
     `data_warnings`). `client_key` (the partition id in simulation, a CRC of the data
@@ -138,8 +138,11 @@ class KerasClient(NumPyClient):
 
     def _loss_before(self, config: dict[str, Scalar]) -> dict[str, Scalar]:
         """The loss of the weights just set on the training data, as `loss_before`, when the
-        config asks for it (q-FFL) and the reply is not a distributed-DP one (else none)."""
-        if config.get(KEY_LOSS_BEFORE) is not True or KEY_DP_NOISE_STD in config:
+        config asks for it (q-FFL) and the round is not a client-side DP one (clipping, with
+        or without noise: the loss would be a per-client figure outside the DP accounting;
+        no DP run aggregates with q-FFL, `strategies.qffl.check_config`), else none."""
+        if (config.get(KEY_LOSS_BEFORE) is not True or KEY_DP_NOISE_STD in config
+                or KEY_CLIPPING_NORM in config):
             return {}
         loss, _ = self.trainer.evaluate(self.data.train, self._standardization(config))
         return {KEY_LOSS_BEFORE: loss}
