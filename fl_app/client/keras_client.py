@@ -32,7 +32,7 @@ from fl_app.wire import (
     SERVER_ROUND,
 )
 from strategies.clipping import add_noise, clip_weights
-from strategies.pruning import round_mask
+from strategies.pruning import check_round_sparsity, round_mask
 
 
 class KerasClient(NumPyClient):
@@ -69,7 +69,8 @@ class KerasClient(NumPyClient):
     `rebalance` (a `fl_app.data.rebalance` mode) reweights or resamples the training data
     by its own class counts every round, seeded like the shuffling; the example count sent
     stays the data's. A `prune-sparsity` in the config (`strategies.pruning`) makes the fit
-    derive the round's mask from the received weights and keep those entries at zero.
+    derive the round's mask from the received weights and keep those entries at zero; a fit
+    whose sparsity is not the one its own run config schedules for the round is refused.
     """
 
     def __init__(self, trainer: KerasTrainer, data: ClientData, defaults: Mapping[str, Scalar],
@@ -155,6 +156,8 @@ class KerasClient(NumPyClient):
             self._check_statistics_request(config)
             target = train.y if self.trainer.spec.task == "regression" else None
             return moments(train.x, target), len(train), {}
+        check_round_sparsity(config, float(self.defaults.get("prune-sparsity", 0.0)),
+                             int(self.defaults.get("prune-rounds", 1)))
         fused = self._fused_evaluation(parameters, config)
         self.trainer.set_weights(parameters)
         loss_before = self._loss_before(config)
