@@ -3,7 +3,9 @@ statistics, the final model takes raw inputs, and the seed case trains where raw
 
 from __future__ import annotations
 
+import io
 import json
+import zipfile
 
 import keras
 import numpy as np
@@ -17,7 +19,7 @@ from fl_app.ml.standardize import Standardization, from_moments, moments
 from fl_app.ml.trainer import trainer_for
 from fl_app.schema import ConfigError
 from fl_app.server.statistics import STATISTICS_CONFIG, StatisticsRound
-from fl_app.wire import KEY_CLIPPING_NORM, KEY_DP_NOISE_STD
+from fl_app.wire import KEY_CLIPPING_NORM, KEY_DP_NOISE_STD, KEY_STANDARDIZATION
 from tests.conftest import make_config
 
 MODEL = "examples.keras_models:regression"  # the seed's adam/mse model
@@ -195,3 +197,48 @@ def test_a_reply_of_strings_or_bad_bytes_is_dropped_not_a_crash(diabetes_csv):
     bad = _decoded_or_none(Parameters(tensors=[b"not npy"], tensor_type="numpy.ndarray"))
     statistics.add([("a", good), ("strings", strings), ("bytes", bad)])
     assert statistics.standardization.y_mean[0] == pytest.approx(1.5)
+
+
+def _npz(**arrays) -> bytes:
+    buffer = io.BytesIO()
+    np.savez(buffer, **arrays)
+    return buffer.getvalue()
+
+
+def _allocation_bomb() -> bytes:
+    """An .npz whose every header claims 10^9 float64 values (8 GB) but holds none."""
+    header = io.BytesIO()
+    np.lib.format.write_array_header_1_0(header, {"descr": "<f8", "fortran_order": False,
+                                                  "shape": (10 ** 9,)})
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w") as archive:
+        for name in ("x_mean", "x_variance", "y_mean", "y_std"):
+            archive.writestr(f"{name}.npy", header.getvalue())
+    return buffer.getvalue()
+
+
+def test_a_client_refuses_standardization_bytes_not_of_its_own_data(diabetes_csv):
+    """A deviating server's statistics are checked before use: the byte length, the arrays'
+    names, dtypes and shapes (the client's 10 features, 1 target) from their headers before
+    any data is read, finite values and positive variances; the message fails with an error
+    naming the problem, the client answers the next one."""
+    cfg = seed_config(diabetes_csv)
+    client = client_for(cfg, {"partition-id": 0, "num-partitions": CLIENTS})
+    weights = trainer_for(cfg, data_source(cfg).spec).get_weights()
+    good = {"x_mean": np.zeros(10), "x_variance": np.ones(10), "y_mean": np.zeros(1),
+            "y_std": np.ones(1)}
+    bad = {
+        "more than the": _npz(**good, padding=np.zeros(10 ** 6)),
+        "arrays": _npz(**good, evil=np.zeros(1)),
+        "expected float64 of shape \\(10,\\)": _npz(**{**good, "x_mean": np.zeros(3)}),
+        "float32": _npz(**{**good, "y_std": np.ones(1, np.float32)}),
+        "of shape \\(1000000000,\\)": _allocation_bomb(),
+        "not an .npz": b"\x93NUMPY" + bytes(100),
+        "not finite": _npz(**{**good, "x_mean": np.full(10, np.nan)}),
+        "not > 0": _npz(**{**good, "x_variance": np.zeros(10)}),
+    }
+    for problem, data in bad.items():
+        with pytest.raises(ValueError, match=f"standardization: .*{problem}"):
+            client.evaluate(weights, {KEY_STANDARDIZATION: data})
+    loss, count, _ = client.evaluate(weights, {KEY_STANDARDIZATION: _npz(**good)})
+    assert np.isfinite(loss) and count > 0

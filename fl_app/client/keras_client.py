@@ -111,11 +111,12 @@ class KerasClient(NumPyClient):
 
     def _standardization(self, config: Mapping[str, Scalar]) -> Standardization | None:
         """The pooled statistics the config carries, when this client's own run config has
-        `standardize=true` (a server cannot impose them on any other run), else None."""
+        `standardize=true` (a server cannot impose them on any other run), else None;
+        ValueError when they are not statistics of this client's data (`from_bytes`)."""
         data = config.get(KEY_STANDARDIZATION)
         if not self.defaults.get("standardize") or not isinstance(data, bytes):
             return None
-        return Standardization.from_bytes(data)
+        return Standardization.from_bytes(data, self.trainer.spec)
 
     def _check_statistics_request(self, config: dict[str, Scalar]) -> None:
         """Raise ValueError unless this run standardizes (`standardize=true`) in the clear:
