@@ -86,7 +86,8 @@ def run_parts(cfg: RunConfig, callbacks: Sequence[Callback] = (),
     trainer = checked_trainer(cfg)
     source = data_source(cfg)
     statistics = (StatisticsRound(source.spec, float(cfg["examples-cap-factor"]),
-                                  int(cfg["max-examples"])) if cfg["standardize"] else None)
+                                  int(cfg["max-examples"]), int(cfg["min-fit-clients"]))
+                  if cfg["standardize"] else None)
     # A fresh seeded model, not the process-wide trainer's weights: those are whatever the
     # previous run in this process (tests, benchmark scripts) evaluated last.
     initial_weights = build_model(str(cfg["model"]), source.spec, int(cfg["seed"])).get_weights()

@@ -39,14 +39,20 @@ def moments(x: np.ndarray, y: np.ndarray | None) -> list[np.ndarray]:
             np.square(features).sum(axis=0), targets.sum(axis=0), np.square(targets).sum(axis=0)]
 
 
+def mean_variance(count: float, total: np.ndarray,
+                  squares: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Mean and (population) variance from sums, as they are (about 0 for a constant)."""
+    mean = total / count
+    return mean, np.maximum(squares / count - np.square(mean), 0.0)
+
+
 def _mean_variance(count: float, total: np.ndarray,
                    squares: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Mean and (population) variance from sums; a constant column gets variance 1, so the
-    Normalization layer leaves it centred instead of dividing by ~0. Constant means a
-    variance within float64 rounding of zero (E[x²] - E[x]² cancels to about 1e-16 of
-    E[x²], never exactly 0 for most constants)."""
-    mean = total / count
-    variance = np.maximum(squares / count - np.square(mean), 0.0)
+    """`mean_variance`, where a constant column gets variance 1, so the Normalization layer
+    leaves it centred instead of dividing by ~0. Constant means a variance within float64
+    rounding of zero (E[x²] - E[x]² cancels to about 1e-16 of E[x²], never exactly 0 for
+    most constants)."""
+    mean, variance = mean_variance(count, total, squares)
     rounding = 1e-12 * np.maximum(np.square(mean), 1.0)
     return mean, np.where(variance > rounding, variance, 1.0)
 
