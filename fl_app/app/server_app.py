@@ -153,6 +153,7 @@ def server_components(cfg: RunConfig, callbacks: Sequence[Callback] = (),
         fuse_evaluate=fuses_evaluation(cfg), statistics=parts.statistics,
         directions=recorder.trainer.metric_directions(),
         sample_by_size=cfg[CLIENT_SAMPLING] == "size",
+        size_claims=(float(cfg["examples-cap-factor"]), int(cfg["max-examples"])),
     )
     timeout = cfg["round-timeout"] or None
     return ServerAppComponents(server=server, config=ServerConfig(
