@@ -62,6 +62,7 @@ class StatisticsRound:
         self.max_examples = max_examples
         self.min_replies = max(min_replies, MIN_REPLIES)
         self.standardization: Standardization | None = None
+        self._config: dict[str, Scalar] = {}
 
     def _fits(self, sums: NDArrays) -> bool:
         """Whether a reply could be a client's sums of real data (see the class doc)."""
@@ -113,12 +114,12 @@ class StatisticsRound:
                             "(connect more clients or set standardize=false)")
         pooled = self._capped(list(kept.values()))
         self.standardization = from_moments([np.sum(arrays, axis=0) for arrays in zip(*pooled)])
+        self._config = {KEY_STANDARDIZATION: self.standardization.to_bytes()}
 
     def config(self) -> dict[str, Scalar]:
-        """What every later fit and evaluate config carries: the pooled statistics."""
-        if self.standardization is None:
-            return {}
-        return {KEY_STANDARDIZATION: self.standardization.to_bytes()}
+        """What every later fit and evaluate config carries: the pooled statistics (their
+        bytes made once, when they are pooled; nothing before)."""
+        return self._config
 
     def final_model(self, model: keras.Model, input_shape: tuple[int, ...]) -> keras.Model:
         """The model as `final_model.keras` holds it: raw inputs in, raw-scale outputs out."""
