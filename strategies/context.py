@@ -24,7 +24,9 @@ SETTINGS = [
             "How the sampled clients are drawn: uniform, or size (each with probability "
             "proportional to the training-set size it reports, as the q-FFL paper samples "
             "devices; pair it with an aggregation that does not weigh by size again, such as "
-            "qfedavg). Not with DP, secure aggregation, HE or server-loop=fedbuff.",
+            "qfedavg); a size above max-examples counts as 1, one above examples-cap-factor x "
+            "the clients' median size as that cap. Not with DP, secure aggregation, HE or "
+            "server-loop=fedbuff.",
             "sampling", choices=("uniform", "size")),
     Setting("min-fit-clients", int, 2, "Minimum number of clients sampled for training.",
             "sampling", low=1),

@@ -31,11 +31,9 @@ import numpy as np
 from flwr.common import FitRes, NDArrays, Scalar
 from flwr.server.strategy import Strategy
 
-from fl_app.schema import ConfigError
 from fl_app.wire import KEY_LOCAL_STEPS, KEY_LR_SCALE, MAX_LR_SCALE
-from strategies import dp
 from strategies.context import StrategyContext
-from strategies.per_client import PerClientFigure
+from strategies.per_client import PerClientFigure, refuse_as_dp_inner
 from strategies.weighted_fedavg import weighted_average
 
 
@@ -94,12 +92,9 @@ def build(ctx: StrategyContext) -> Strategy:
 
 
 def check_config(values: Mapping[str, Scalar]) -> None:
-    """Refuse FedNova inside a DP wrapper: the privatized average it would be handed carries
-    no client's local steps."""
-    if values["strategy"] in dp.WRAPPERS and values["dp-inner"] == "fednova":
-        raise ConfigError(f"run-config key 'dp-inner' is 'fednova' under strategy="
-                          f"{values['strategy']!r}: FedNova needs each client's local steps, "
-                          "which a DP release does not carry; use another dp-inner")
+    """Refuse FedNova inside a DP wrapper (`refuse_as_dp_inner`): it needs each client's
+    local steps."""
+    refuse_as_dp_inner(values, "fednova", "local steps")
 
 
 STRATEGIES = {"fednova": build}

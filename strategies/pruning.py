@@ -32,6 +32,7 @@ rounds to schedule and check the mask in: `strategies.fedbuff.check_config`).
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from logging import WARNING
 
@@ -50,7 +51,7 @@ from flwr.server.client_proxy import ClientProxy
 from flwr.server.strategy import Strategy
 
 from fl_app.schema import Setting
-from fl_app.wire import KEY_PRUNE_SPARSITY
+from fl_app.wire import KEY_PRUNE_SPARSITY, SERVER_ROUND
 from strategies.validation import NUM_REJECTED, FitResults
 from strategies.wrapper import StrategyWrapper
 
@@ -104,6 +105,23 @@ def round_mask(config: Mapping[str, Scalar], weights: NDArrays) -> list[np.ndarr
     return magnitude_mask(weights, sparsity) if sparsity > 0 else None
 
 
+def check_round_sparsity(config: Mapping[str, Scalar], target: float, rounds: int) -> None:
+    """Raise ValueError unless the sparsity in a fit `config` is the one the client's own run
+    config (`prune-sparsity` `target`, `prune-rounds` `rounds`) schedules for the config's
+    round: a deviating server must not impose a mask (a sparsity of 0.99 zeroes most of the
+    model) that this run did not ask for."""
+    server_round = config.get(SERVER_ROUND, 0)
+    sent = config.get(KEY_PRUNE_SPARSITY, 0.0)
+    expected = (scheduled_sparsity(server_round - 1, target, rounds) if target > 0
+                and isinstance(server_round, int) and not isinstance(server_round, bool) else 0.0)
+    if (isinstance(sent, bool) or not isinstance(sent, (int, float))
+            or not math.isclose(sent, expected, rel_tol=1e-9, abs_tol=1e-12)):
+        raise ValueError(f"the server's fit config has {KEY_PRUNE_SPARSITY}={sent!r}, but this "
+                         f"run's own prune-sparsity={target:g} and prune-rounds={rounds} "
+                         f"schedule {expected:g} for round {server_round!r}: refused, "
+                         "nothing sent")
+
+
 def apply_mask(weights: NDArrays, mask: list[np.ndarray]) -> NDArrays:
     """`weights` with the masked entries set to zero (dtypes kept)."""
     return [np.where(pruned, np.zeros((), np.asarray(w).dtype), w)
@@ -137,10 +155,11 @@ class PrunedStrategy(StrategyWrapper):
     def configure_fit(self, server_round: int, parameters: Parameters,
                       client_manager: ClientManager) -> list[tuple[ClientProxy, FitIns]]:
         """Delegate; derive the round's mask from the weights sent (pruned to the previous
-        round's sparsity) and tell the clients that sparsity."""
+        round's sparsity) and tell the clients that sparsity and the round (each client
+        checks it against its own schedule, `check_round_sparsity`)."""
         instructions = self.inner.configure_fit(server_round, parameters, client_manager)
         sparsity = scheduled_sparsity(server_round - 1, self.sparsity, self.rounds)
-        config: dict[str, Scalar] = {KEY_PRUNE_SPARSITY: sparsity}
+        config: dict[str, Scalar] = {KEY_PRUNE_SPARSITY: sparsity, SERVER_ROUND: server_round}
         self.mask = round_mask(config, parameters_to_ndarrays(parameters))
         if self.mask is None:
             return instructions

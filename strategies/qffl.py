@@ -34,12 +34,11 @@ from flwr.server.client_manager import ClientManager
 from flwr.server.client_proxy import ClientProxy
 from flwr.server.strategy import Strategy
 
-from fl_app.schema import ConfigError, Setting
+from fl_app.schema import Setting
 from fl_app.wire import KEY_LOSS_BEFORE
-from strategies import dp
 from strategies.context import StrategyContext
 from strategies.metrics import is_finite_number
-from strategies.per_client import PerClientFigure
+from strategies.per_client import PerClientFigure, refuse_as_dp_inner
 
 LOSS_EPSILON = 1e-10  # added to every F_k, as the official code does
 LOSS_CAP_FACTOR = 100.0  # a client's loss counts at most this x the round's lower median (a bound on a lie, far above the 50x losses q-FFL is meant to favour)
@@ -132,12 +131,8 @@ def build(ctx: StrategyContext) -> Strategy:
 
 
 def check_config(values: Mapping[str, Scalar]) -> None:
-    """Refuse q-FFL inside a DP wrapper: the privatized average it would be handed carries
-    no client's loss."""
-    if values["strategy"] in dp.WRAPPERS and values["dp-inner"] == "qfedavg":
-        raise ConfigError(f"run-config key 'dp-inner' is 'qfedavg' under strategy="
-                          f"{values['strategy']!r}: q-FFL weights each update by its client's "
-                          "loss, which a DP release does not carry; use another dp-inner")
+    """Refuse q-FFL inside a DP wrapper (`refuse_as_dp_inner`): it needs each client's loss."""
+    refuse_as_dp_inner(values, "qfedavg", "loss")
 
 
 STRATEGIES = {"qfedavg": build}

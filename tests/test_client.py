@@ -14,7 +14,13 @@ import pytest
 from fl_app.app.local_client import client_for
 from fl_app.data.sources import data_source, load_partition
 from fl_app.ml.trainer import cached_trainer, trainer_for
-from fl_app.wire import KEY_FUSE_EVALUATE, KEY_LOSS_BEFORE, round_config
+from fl_app.wire import (
+    KEY_CLIPPING_NORM,
+    KEY_DP_NOISE_STD,
+    KEY_FUSE_EVALUATE,
+    KEY_LOSS_BEFORE,
+    round_config,
+)
 from tests.conftest import make_config
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -183,3 +189,15 @@ def test_a_fit_asked_for_its_loss_reports_the_received_models_loss_on_its_traini
     assert asked[KEY_LOSS_BEFORE] != client.evaluate(sent, {})[0]  # not the validation loss
     assert KEY_LOSS_BEFORE not in plain
     assert all(np.array_equal(a, b) for a, b in zip(plain_weights, asked_weights))
+
+
+@pytest.mark.parametrize("dp", [{KEY_CLIPPING_NORM: 1.0},
+                                {KEY_CLIPPING_NORM: 1.0, KEY_DP_NOISE_STD: 0.1}])
+def test_a_client_side_dp_fit_does_not_send_its_loss_before(dp):
+    """A deviating server asking for `loss_before` in a client-side DP round (clipping only,
+    or distributed noise) gets no per-client loss: it is outside the DP accounting."""
+    cfg = make_config()
+    client = client_for(cfg, {"partition-id": 3, "num-partitions": 10})
+    _, _, metrics = client.fit(_global_weights(cfg),
+                               {**round_config(cfg, 1), KEY_LOSS_BEFORE: True, **dp})
+    assert KEY_LOSS_BEFORE not in metrics

@@ -192,6 +192,21 @@ def test_require_client_clip_refuses_an_unclipped_or_looser_fit(identity):
             "asks for the node's data statistics in the clear")
 
 
+@pytest.mark.parametrize("node", [{"require-client-clip": 1.5}, {"require-secure": "secagg+"}])
+def test_a_protecting_node_does_not_tell_its_size_as_it_does_not_send_its_statistics(
+        identity, node):
+    """The training-set size `get_properties` carries under client-sampling='size' leaves
+    the node in the clear, like the statistics of `standardize`: a node that requires
+    protected or clipped updates refuses both; its name alone it still tells."""
+    sized = {**PLAIN_RUN, "client-sampling": "size"}
+    refused(node, other(MessageTypeLegacy.GET_PROPERTIES), "refuses get_properties: .* "
+            "training-set size in the clear", run_config=sized)
+    refused(node, fit_message({KEY_CLIPPING_NORM: 1.0, KEY_STATISTICS: True}, secagg=True),
+            "data statistics in the clear")
+    assert len(run(node, other(MessageTypeLegacy.GET_PROPERTIES))) == 1
+    assert len(run({}, other(MessageTypeLegacy.GET_PROPERTIES), sized)) == 1
+
+
 def test_allowed_sources_compare_files_after_realpath(tmp_path, monkeypatch):
     models = tmp_path / "models"
     (models / "sub").mkdir(parents=True)

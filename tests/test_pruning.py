@@ -24,7 +24,12 @@ from fl_app.data.sources import data_source, load_partition
 from fl_app.ml.models import build_model
 from fl_app.ml.trainer import KerasTrainer
 from fl_app.schema import ConfigError
-from fl_app.wire import KEY_COMPRESS_TOP_K, KEY_COMPRESS_UP, KEY_PRUNE_SPARSITY
+from fl_app.wire import (
+    KEY_COMPRESS_TOP_K,
+    KEY_COMPRESS_UP,
+    KEY_PRUNE_SPARSITY,
+    round_config,
+)
 from strategies.compression import CompressedStrategy
 from strategies.context import StrategyContext
 from strategies.pruning import (
@@ -102,9 +107,9 @@ def test_server_and_every_client_hold_the_same_mask_through_local_training(optim
     are zero there and nowhere else; the same fit without the round's sparsity moves those
     weights, and the server rejects every such update (the test fails when pruning is off). `adamw`: the user's compiled optimizer, weight decay
     and all, trains inside the masked loop."""
-    cfg = make_config(local_epochs=1, optimizer=optimizer, prune_sparsity=0.8,
-                      prune_rounds=1, compress_down="int8", min_fit_clients=CLIENTS,
-                      min_available_clients=CLIENTS)
+    run = dict(local_epochs=1, optimizer=optimizer, compress_down="int8",
+               min_fit_clients=CLIENTS, min_available_clients=CLIENTS)
+    cfg = make_config(prune_sparsity=0.8, prune_rounds=1, **run)
     initial = build_model(str(cfg["model"]), data_source(cfg).spec, 42).get_weights()
     strategy = build_strategy(StrategyContext(cfg=cfg,
                                               initial_parameters=ndarrays_to_parameters(initial)))
@@ -119,12 +124,32 @@ def test_server_and_every_client_hold_the_same_mask_through_local_training(optim
         for w, pruned in zip(weights, mask):
             if np.ndim(w) >= 2:
                 assert np.array_equal(w == 0, pruned)  # the server's mask, exactly
-    new, metrics, _, unmasked = play_round(strategy, 2, global_1, clients,
+    unpruned = real_clients(make_config(**run))  # clients of a run that prunes nothing
+    new, metrics, _, unmasked = play_round(strategy, 2, global_1, unpruned,
                                            {KEY_PRUNE_SPARSITY: 0.0})
     assert new is None and metrics[NUM_REJECTED] == CLIENTS
     assert all(np.count_nonzero(w[pruned]) > 0.5 * pruned.sum()
                for weights in unmasked.values()
                for w, pruned in zip(weights, mask) if pruned.any())
+
+
+@pytest.mark.parametrize("own, sent", [({"prune_sparsity": 0.5, "prune_rounds": 4}, 0.99),
+                                       ({"prune_sparsity": 0.5, "prune_rounds": 2}, None),
+                                       ({}, 0.5)])
+def test_a_client_refuses_a_sparsity_its_own_run_config_does_not_schedule(own, sent):
+    """A deviating server's sparsity (0.99: most of the model zeroed; the schedule of other
+    prune-rounds; pruning a run that prunes nothing) is refused by the real client before
+    it trains; the sparsity its own schedule gives for the round is accepted."""
+    cfg = make_config(**own)
+    client = client_for(cfg, {"partition-id": 0, "num-partitions": CLIENTS})
+    weights = build_model(str(cfg["model"]), data_source(cfg).spec, 42).get_weights()
+    schedule = scheduled_sparsity(2, 0.5, 4)  # round 3 of prune-sparsity=0.5, prune-rounds=4
+    config = {**round_config(cfg, 3), KEY_PRUNE_SPARSITY: schedule if sent is None else sent}
+    with pytest.raises(ValueError, match=f"{KEY_PRUNE_SPARSITY}=.*refused, nothing sent"):
+        client.fit(weights, config)
+    if own.get("prune_rounds") == 4:
+        _, _, metrics = client.fit(weights, {**config, KEY_PRUNE_SPARSITY: schedule})
+        assert metrics["local_steps"] > 0
 
 
 @pytest.mark.parametrize("time_budget", [None, 0.5])

@@ -9,6 +9,7 @@ import pytest
 from flwr.common import Code, GetPropertiesRes, Status
 
 from fl_app.app.local_client import client_for
+from fl_app.app.server_app import server_components
 from fl_app.data.sources import load_partition
 from fl_app.schema import ConfigError
 from fl_app.server.client_manager import SeededClientManager
@@ -61,7 +62,31 @@ def test_size_sampling_is_reproducible_with_a_seed_and_without_replacement():
 def test_a_client_that_reports_no_size_counts_as_one_example(caplog):
     draws = _draws(by_size=True, sizes=[None, 99])
     assert draws["c0"] / 500 == pytest.approx(1 / 100, abs=0.02)
-    assert "client c0 reports no training-set size" in caplog.text
+    assert "client c0 reports no usable training-set size" in caplog.text
+
+
+def _share(draws: Counter, cid: str = "c0", rounds: int = 500) -> float:
+    return draws[cid] / rounds
+
+
+def test_a_client_lying_about_its_size_does_not_take_every_round(caplog):
+    """A claim of 10^9 examples among nine clients of 10: without a cap it is drawn every
+    time; with examples-cap-factor=3 it counts as 30 (of 120), and a claim above
+    max-examples as 1 example, both logged with the client's id."""
+    liar = [10 ** 9, *[10] * 9]
+
+    def draws(cap_factor: float, max_examples: int = 0) -> Counter:
+        manager = SeededClientManager(0, by_size=True, cap_factor=cap_factor,
+                                      max_examples=max_examples)
+        for i, size in enumerate(liar):
+            manager.register(SizedProxy(f"c{i}", size))
+        return Counter(proxy.cid for _ in range(500) for proxy in manager.sample(1))
+
+    assert _share(draws(0.0)) > 0.99  # the attack, uncapped
+    assert _share(draws(3.0)) == pytest.approx(30 / 120, abs=0.05)
+    assert "client c0 reports 1000000000 training examples, sampled as 30" in caplog.text
+    assert _share(draws(3.0, max_examples=1000)) == pytest.approx(1 / 91, abs=0.02)
+    assert "exceeds the cap max-examples=1000" in caplog.text
 
 
 def test_the_client_reports_its_training_set_size_only_when_the_run_samples_by_size():
@@ -79,3 +104,10 @@ def test_refused_where_a_size_must_not_reach_the_server_or_the_loop_samples_itse
     make_config(**other)  # the control: fine with uniform sampling
     with pytest.raises(ConfigError, match="client-sampling"):
         make_config(client_sampling="size", **other)
+
+
+def test_the_server_of_a_run_caps_sizes_as_its_config_caps_claims(tmp_path):
+    cfg = make_config(client_sampling="size", strategy="qfedavg", examples_cap_factor=2.5,
+                      max_examples=5000, out_dir=str(tmp_path))
+    manager = server_components(cfg).server.client_manager()
+    assert (manager.by_size, manager.cap_factor, manager.max_examples) == (True, 2.5, 5000)

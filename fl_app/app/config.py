@@ -62,7 +62,8 @@ def defaults() -> dict[str, Scalar]:
 def check_num_clients(cfg: Mapping[str, Scalar], num_clients: int) -> None:
     """Raise ConfigError, naming the keys, if `cfg` cannot run on `num_clients` clients.
 
-    Checks the sampling minimums (a round would wait for clients that never come), the
+    Checks the sampling minimums (a round would wait for clients that never come), enough
+    clients for `standardize`'s statistics round (`fl_app.server.settings.MIN_REPLIES`), the
     number of synthetic users (one per client), the fault and attack roles, a DP
     `target-delta` below 1/N and, with Poisson sampling, an empty sample far less likely
     than δ.
@@ -79,6 +80,13 @@ def check_num_clients(cfg: Mapping[str, Scalar], num_clients: int) -> None:
                           f"must equal the number of clients ({num_clients}): dataset "
                           "'synthetic' gives each client the data of one user")
     faults.role_counts(cfg, num_clients)
+    needed = max(int(cfg["min-fit-clients"]), server_settings.MIN_REPLIES)
+    if cfg["standardize"] and num_clients < needed:
+        raise ConfigError(f"run-config key 'standardize' is true with {num_clients} clients: "
+                          f"the statistics round needs replies from at least {needed} "
+                          f"(the larger of min-fit-clients and {server_settings.MIN_REPLIES}), "
+                          "or the pooled statistics would be one or two clients' own; add "
+                          "clients or set standardize=false")
     if str(cfg["strategy"]).startswith("dp-"):
         PrivacyAccountant(str(cfg["accountant"]), str(cfg["dp-sampling"]),
                           float(cfg["fraction-fit"]), float(cfg["target-delta"])

@@ -86,7 +86,8 @@ def run_parts(cfg: RunConfig, callbacks: Sequence[Callback] = (),
     trainer = checked_trainer(cfg)
     source = data_source(cfg)
     statistics = (StatisticsRound(source.spec, float(cfg["examples-cap-factor"]),
-                                  int(cfg["max-examples"])) if cfg["standardize"] else None)
+                                  int(cfg["max-examples"]), int(cfg["min-fit-clients"]))
+                  if cfg["standardize"] else None)
     # A fresh seeded model, not the process-wide trainer's weights: those are whatever the
     # previous run in this process (tests, benchmark scripts) evaluated last.
     initial_weights = build_model(str(cfg["model"]), source.spec, int(cfg["seed"])).get_weights()
@@ -152,6 +153,7 @@ def server_components(cfg: RunConfig, callbacks: Sequence[Callback] = (),
         fuse_evaluate=fuses_evaluation(cfg), statistics=parts.statistics,
         directions=recorder.trainer.metric_directions(),
         sample_by_size=cfg[CLIENT_SAMPLING] == "size",
+        size_claims=(float(cfg["examples-cap-factor"]), int(cfg["max-examples"])),
     )
     timeout = cfg["round-timeout"] or None
     return ServerAppComponents(server=server, config=ServerConfig(

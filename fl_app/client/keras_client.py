@@ -35,7 +35,7 @@ from fl_app.wire import (
     SERVER_ROUND,
 )
 from strategies.clipping import add_noise, clip_weights
-from strategies.pruning import round_mask
+from strategies.pruning import check_round_sparsity, round_mask
 
 
 class KerasClient(NumPyClient):
@@ -57,7 +57,7 @@ class KerasClient(NumPyClient):
     `fuse-evaluate` in the config (and no `dp_noise_std`) a fit first evaluates the received
     weights exactly as `evaluate` does and adds that as `eval_loss`, `eval_num_examples`
     and `eval_<metric>` to its metrics (one message per round instead of two). With
-    `loss_before` in the config (q-FFL, `strategies.qffl`; not with `dp_noise_std`) a fit
+    `loss_before` in the config (q-FFL, `strategies.qffl`; not with client-side DP) a fit
     first evaluates the received weights on its own training data and reports that loss
     as `loss_before`. Fit metrics carry the data's quality report (`data_rows`, `data_dropped_*`,
     `data_warnings`). `client_key` (the partition id in simulation, a CRC of the data
@@ -72,7 +72,8 @@ class KerasClient(NumPyClient):
     `rebalance` (a `fl_app.data.rebalance` mode) reweights or resamples the training data
     by its own class counts every round, seeded like the shuffling; the example count sent
     stays the data's. A `prune-sparsity` in the config (`strategies.pruning`) makes the fit
-    derive the round's mask from the received weights and keep those entries at zero.
+    derive the round's mask from the received weights and keep those entries at zero; a fit
+    whose sparsity is not the one its own run config schedules for the round is refused.
     With `adaptive` (`round-time-budget`, `fl_app.client.adaptive_work`) a fit without a
     node time budget trains the steps and batch size its plan picks, at the rate scaled by
     its `lr_scale`, and reports `batch_size` and `lr_scale` too. `slowdown` > 1 (a
@@ -121,11 +122,12 @@ class KerasClient(NumPyClient):
 
     def _standardization(self, config: Mapping[str, Scalar]) -> Standardization | None:
         """The pooled statistics the config carries, when this client's own run config has
-        `standardize=true` (a server cannot impose them on any other run), else None."""
+        `standardize=true` (a server cannot impose them on any other run), else None;
+        ValueError when they are not statistics of this client's data (`from_bytes`)."""
         data = config.get(KEY_STANDARDIZATION)
         if not self.defaults.get("standardize") or not isinstance(data, bytes):
             return None
-        return Standardization.from_bytes(data)
+        return Standardization.from_bytes(data, self.trainer.spec)
 
     def _check_statistics_request(self, config: dict[str, Scalar]) -> None:
         """Raise ValueError unless this run standardizes (`standardize=true`) in the clear:
@@ -149,8 +151,11 @@ class KerasClient(NumPyClient):
 
     def _loss_before(self, config: dict[str, Scalar]) -> dict[str, Scalar]:
         """The loss of the weights just set on the training data, as `loss_before`, when the
-        config asks for it (q-FFL) and the reply is not a distributed-DP one (else none)."""
-        if config.get(KEY_LOSS_BEFORE) is not True or KEY_DP_NOISE_STD in config:
+        config asks for it (q-FFL) and the round is not a client-side DP one (clipping, with
+        or without noise: the loss would be a per-client figure outside the DP accounting;
+        no DP run aggregates with q-FFL, `strategies.qffl.check_config`), else none."""
+        if (config.get(KEY_LOSS_BEFORE) is not True or KEY_DP_NOISE_STD in config
+                or KEY_CLIPPING_NORM in config):
             return {}
         loss, _ = self.trainer.evaluate(self.data.train, self._standardization(config),
                                         self.slowdown)
@@ -164,6 +169,8 @@ class KerasClient(NumPyClient):
             self._check_statistics_request(config)
             target = train.y if self.trainer.spec.task == "regression" else None
             return moments(train.x, target), len(train), {}
+        check_round_sparsity(config, float(self.defaults.get("prune-sparsity", 0.0)),
+                             int(self.defaults.get("prune-rounds", 1)))
         fused = self._fused_evaluation(parameters, config)
         epochs, batch_size, time_budget = self.work.plan(config, self.defaults)
         learning_rate = float(self._setting(config, "learning-rate")) or None

@@ -11,6 +11,10 @@ which model code it imports and which data it reads. The server's run config can
   to be CKKS ciphertexts that load under its context before it goes; `any`: either. `get_parameters` (the
   node's weights in the clear) is refused; whatever the run config says, the ClientApp then
   also strips every fit reply's metrics and refuses evaluation (`private_replies_mod`).
+  Under this and `require-client-clip` a fit asking for the data's statistics
+  (`standardize`) is refused, and so is `get_properties` in a run with
+  `client-sampling='size'` (its reply would carry the training-set size): both would leave
+  the node in the clear.
 - `require-client-clip` (a float C > 0): a fit message must carry client-side clipping
   (`KEY_CLIPPING_NORM`, the `dp-client-*` strategies) at a norm <= C; `get_parameters` (the
   unclipped weights) is refused.
@@ -59,7 +63,7 @@ from fl_app.data.types import is_data_file
 from fl_app.ml.settings import SETTINGS as ML_SETTINGS
 from fl_app.ml.settings import is_model_file
 from fl_app.schema import ConfigError, Scalar
-from fl_app.wire import FIT_CONFIG, KEY_CLIPPING_NORM, KEY_STATISTICS
+from fl_app.wire import CLIENT_SAMPLING, FIT_CONFIG, KEY_CLIPPING_NORM, KEY_STATISTICS
 from strategies import ckks
 
 KEY_REQUIRE_SECURE = "require-secure"
@@ -297,6 +301,12 @@ def node_policy_mod(run_config: ConfigOf, node_config: ConfigOf) -> Mod:
             raise NodePolicyError(f"{node} refuses get_parameters: its node config requires "
                                   "protected or clipped updates, and the reply would be its "
                                   "weights in the clear")
+        if (kind == MessageTypeLegacy.GET_PROPERTIES and policy.withholds_weights
+                and raw.get(CLIENT_SAMPLING) == "size"):
+            raise NodePolicyError(f"{node} refuses get_properties: its node config requires "
+                                  "protected or clipped updates, and in this run "
+                                  f"({CLIENT_SAMPLING}='size') the reply would be its "
+                                  "training-set size in the clear: refused, nothing sent")
         if kind != MessageType.TRAIN:
             return call_next(msg, ctxt)
         must_encrypt = check_fit(policy, msg, raw, config, node)

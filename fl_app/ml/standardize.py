@@ -15,11 +15,15 @@ The sums are plain sums of float64 values, so the pooled statistics equal the ce
 from __future__ import annotations
 
 import io
+import math
+import zipfile
 from dataclasses import dataclass
 from functools import cached_property, lru_cache
 
 import keras
 import numpy as np
+
+from fl_app.data.types import DataSpec
 
 UNSCALED = (np.ones(1, np.float32), np.zeros(1, np.float32))  # (scale, offset) of no target scale
 
@@ -35,14 +39,20 @@ def moments(x: np.ndarray, y: np.ndarray | None) -> list[np.ndarray]:
             np.square(features).sum(axis=0), targets.sum(axis=0), np.square(targets).sum(axis=0)]
 
 
+def mean_variance(count: float, total: np.ndarray,
+                  squares: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Mean and (population) variance from sums, as they are (about 0 for a constant)."""
+    mean = total / count
+    return mean, np.maximum(squares / count - np.square(mean), 0.0)
+
+
 def _mean_variance(count: float, total: np.ndarray,
                    squares: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Mean and (population) variance from sums; a constant column gets variance 1, so the
-    Normalization layer leaves it centred instead of dividing by ~0. Constant means a
-    variance within float64 rounding of zero (E[x²] - E[x]² cancels to about 1e-16 of
-    E[x²], never exactly 0 for most constants)."""
-    mean = total / count
-    variance = np.maximum(squares / count - np.square(mean), 0.0)
+    """`mean_variance`, where a constant column gets variance 1, so the Normalization layer
+    leaves it centred instead of dividing by ~0. Constant means a variance within float64
+    rounding of zero (E[x²] - E[x]² cancels to about 1e-16 of E[x²], never exactly 0 for
+    most constants)."""
+    mean, variance = mean_variance(count, total, squares)
     rounding = 1e-12 * np.maximum(np.square(mean), 1.0)
     return mean, np.where(variance > rounding, variance, 1.0)
 
@@ -108,10 +118,67 @@ class Standardization:
 
     @classmethod
     @lru_cache(maxsize=2)  # every fit and evaluate config of a run carries the same bytes
-    def from_bytes(cls, data: bytes) -> Standardization:
-        """The statistics `to_bytes` wrote (decoded once per distinct bytes)."""
-        with np.load(io.BytesIO(data), allow_pickle=False) as arrays:
-            return cls(**{name: arrays[name] for name in arrays.files})
+    def from_bytes(cls, data: bytes, spec: DataSpec) -> Standardization:
+        """The statistics `to_bytes` wrote for data of `spec` (decoded once per distinct
+        bytes), checked before any array is read: at most the bytes such statistics take,
+        exactly their arrays by name, float64 of the shapes `spec` gives (its features; a
+        regression's targets), finite, variances and standard deviations > 0. ValueError
+        naming the problem otherwise (a deviating server's zip bomb, another data set's
+        statistics)."""
+        expected = _arrays(spec)
+        limit = sum(_NPY_OVERHEAD + 8 * math.prod(shape) for shape in expected.values())
+        if len(data) > limit:
+            raise ValueError(f"standardization: {len(data)} bytes, more than the {limit} the "
+                             f"statistics of this client's data take")
+        if not data.startswith(b"PK\x03\x04"):
+            raise ValueError("standardization: not an .npz archive")
+        try:
+            with np.load(io.BytesIO(data), allow_pickle=False) as arrays:
+                _check_headers(arrays.zip, expected, limit)
+                standardization = cls(**{name: arrays[name] for name in expected})
+        except (OSError, ValueError, EOFError, zipfile.BadZipFile) as error:
+            raise ValueError(f"standardization: not the statistics of this client's data "
+                             f"({error})") from None
+        if not all(np.isfinite(a).all() for a in vars(standardization).values() if a is not None):
+            raise ValueError("standardization: a statistic is not finite")
+        if np.any(standardization.x_variance <= 0) or (
+                standardization.y_std is not None and np.any(standardization.y_std <= 0)):
+            raise ValueError("standardization: a variance or standard deviation is not > 0")
+        return standardization
+
+
+_NPY_OVERHEAD = 1024  # bytes of an .npz member's zip headers and .npy header, generously
+
+
+def _arrays(spec: DataSpec) -> dict[str, tuple[int, ...]]:
+    """The arrays (name: shape) of the statistics of data of `spec`."""
+    features = (spec.input_shape[-1],)
+    if spec.task != "regression":
+        return {"x_mean": features, "x_variance": features}
+    targets = (spec.num_targets,)
+    return {"x_mean": features, "x_variance": features, "y_mean": targets, "y_std": targets}
+
+
+def _check_headers(archive: zipfile.ZipFile, expected: dict[str, tuple[int, ...]],
+                   limit: int) -> None:
+    """ValueError unless `archive` holds exactly the `expected` arrays, each declaring at
+    most `limit` bytes and a float64 array of its shape in its `.npy` header (read before
+    any data, so a header's shape cannot make the loader allocate)."""
+    members = [info.filename for info in archive.infolist()]
+    if sorted(members) != sorted(f"{name}.npy" for name in expected):
+        raise ValueError(f"arrays {members}, expected {sorted(expected)}")
+    for info in archive.infolist():
+        if info.file_size > limit:
+            raise ValueError(f"{info.filename} declares {info.file_size} bytes")
+        with archive.open(info) as member:
+            version = np.lib.format.read_magic(member)
+            read_header = (np.lib.format.read_array_header_1_0 if version == (1, 0)
+                           else np.lib.format.read_array_header_2_0)
+            shape, _, dtype = read_header(member)
+        name = info.filename.removesuffix(".npy")
+        if shape != expected[name] or dtype != np.float64:
+            raise ValueError(f"{name} is {dtype} of shape {shape}, expected float64 of shape "
+                             f"{expected[name]}")
 
 
 def from_moments(sums: list[np.ndarray]) -> Standardization:

@@ -240,9 +240,14 @@ class KerasTrainer:
                          offset: tf.Tensor) -> tf.Tensor:
         out = self.model(x, training=False)
         out = out * tf.cast(scale, out.dtype) + tf.cast(offset, out.dtype)  # exact for 1 and 0
+        return self._score(x, y, out) * tf.cast(tf.shape(x)[0], tf.float32)
+
+    def _score(self, x: tf.Tensor | None, y: tf.Tensor, out: tf.Tensor) -> tf.Tensor:
+        """The compiled loss (float32) of predictions `out` for targets `y`, the compiled
+        metrics updated with them."""
         loss = tf.cast(self.model.compute_loss(x=x, y=y, y_pred=out, training=False), tf.float32)
         self.model.compute_metrics(x, y, out, None)
-        return loss * tf.cast(tf.shape(x)[0], tf.float32)
+        return loss
 
     def base_learning_rate(self) -> float | None:
         """The rate the optimizer starts every call at (the compiled or configured one),
@@ -369,11 +374,8 @@ class KerasTrainer:
         """`evaluate`'s loss and compiled metrics for predictions made elsewhere (another
         copy of the model: an int8 one, a LiteRT file) on `data`."""
         self.model.reset_metrics()
-        targets = self.targets(data.y)
-        prediction = tf.constant(y_pred, dtype=tf.float32)
-        loss = self.model.compute_loss(x=None, y=tf.constant(targets), y_pred=prediction,
-                                       training=False)
-        self.model.compute_metrics(None, tf.constant(targets), prediction, None)
+        loss = self._score(None, tf.constant(self.targets(data.y)),
+                           tf.constant(y_pred, dtype=tf.float32))
         return float(loss), _scalar_metrics(self.model.get_metrics_result())
 
     def class_recall(self, data: Split,

@@ -17,6 +17,7 @@ from flwr.server.criterion import Criterion
 from fl_app.server.client_failures import NamedClientProxy
 from fl_app.server.prompt_grid import prompt
 from fl_app.wire import CLIENT_KEY, NUM_EXAMPLES
+from strategies.validation import claim_cap, examples_problem
 
 
 class SeededClientManager(SimpleClientManager):
@@ -30,13 +31,20 @@ class SeededClientManager(SimpleClientManager):
     client is drawn with probability proportional to the training-set size it reports with
     its key (`num-examples`), one after another without replacement, as the q-FFL paper
     samples devices (numpy's `choice(replace=False, p=sizes/total)` in its code); the sizes
-    are the clients' own claims, and one that reports none counts as 1 example (logged).
+    are the clients' own claims, checked as fit claims are: one that reports none, or more
+    than `max_examples` (> 0), counts as 1 example, and each draw counts a size at most
+    `cap_factor` (> 0: `examples-cap-factor`) x the lower median of the sizes of the
+    clients it draws from (both logged), so a client lying about its size cannot take
+    every round.
     """
 
-    def __init__(self, seed: int, by_size: bool = False) -> None:
+    def __init__(self, seed: int, by_size: bool = False, cap_factor: float = 0.0,
+                 max_examples: int = 0) -> None:
         super().__init__()
         self._rng = random.Random(seed)
         self.by_size = by_size
+        self.cap_factor = cap_factor
+        self.max_examples = max_examples
         self._keys: dict[str, str] = {}
         self._sizes: dict[str, int] = {}
 
@@ -57,9 +65,11 @@ class SeededClientManager(SimpleClientManager):
             key, size = str(res.properties.get(CLIENT_KEY, key)), res.properties.get(NUM_EXAMPLES)
         if not self.by_size:
             return key, 1
-        if type(size) is not int or size < 1:
-            log(WARNING, "client %s reports no training-set size (%r): sampled as if it held "
-                "1 example", cid, NUM_EXAMPLES)
+        problem = ("none reported" if type(size) is not int
+                   else examples_problem(size, self.max_examples))
+        if problem is not None:
+            log(WARNING, "client %s reports no usable training-set size (%r: %s): sampled as "
+                "if it held 1 example", cid, NUM_EXAMPLES, problem)
             return key, 1
         return key, size
 
@@ -76,10 +86,18 @@ class SeededClientManager(SimpleClientManager):
 
     def _by_size(self, cids: list[str], num_clients: int) -> list[str]:
         """`num_clients` of `cids` drawn one after another without replacement, each with
-        probability proportional to its size among those left."""
+        probability proportional to its size (capped, see the class doc) among those left."""
+        cap = claim_cap([self._sizes[cid] for cid in cids], self.cap_factor)
+        sizes = {cid: self._sizes[cid] if cap is None else min(self._sizes[cid], cap)
+                 for cid in cids}
+        for cid in cids:
+            if sizes[cid] < self._sizes[cid]:
+                log(WARNING, "client %s reports %s training examples, sampled as %s "
+                    "(examples-cap-factor=%g x the clients' median size)", cid,
+                    self._sizes[cid], cap, self.cap_factor)
         left, chosen = list(cids), []
         for _ in range(num_clients):
-            place = self._rng.choices(range(len(left)), [self._sizes[cid] for cid in left])[0]
+            place = self._rng.choices(range(len(left)), [sizes[cid] for cid in left])[0]
             chosen.append(left.pop(place))
         return chosen
 

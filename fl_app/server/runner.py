@@ -306,7 +306,8 @@ class FederatedServer(Server):
     their spread across clients (`fairness`, worse and better by `directions`, the
     metrics' "up"/"down"), except under DP, whose guarantee does not cover them (a protected
     run has no distributed evaluation at all). With `sample_by_size` clients are drawn in
-    proportion to their training-set size (`SeededClientManager`).
+    proportion to their training-set size (`SeededClientManager`), the sizes checked and
+    capped by `size_claims` (`examples-cap-factor`, `max-examples`).
     """
 
     def __init__(self, *, strategy: Strategy, seed: int, stopping: StoppingRules,
@@ -316,9 +317,10 @@ class FederatedServer(Server):
                  resume: ResumePoint | None = None, secure_fit: FitRound | None = None,
                  fuse_evaluate: bool = False, statistics: StatisticsRound | None = None,
                  directions: Mapping[str, str] | None = None,
-                 sample_by_size: bool = False) -> None:
+                 sample_by_size: bool = False, size_claims: tuple[float, int] = (0.0, 0),
+                 ) -> None:
         self.wire = WireMeter(strategy)  # counts the round's parameter bytes up and down
-        super().__init__(client_manager=SeededClientManager(seed, by_size=sample_by_size),
+        super().__init__(client_manager=SeededClientManager(seed, sample_by_size, *size_claims),
                          strategy=self.wire)
         self.privacy = find_layer(strategy, PrivacyAccounting)
         self.stopping = stopping

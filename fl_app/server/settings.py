@@ -9,6 +9,8 @@ from collections.abc import Mapping
 
 from fl_app.schema import ConfigError, Scalar, Setting
 
+MIN_REPLIES = 3  # `standardize`: fewer kept statistics replies would be one or two clients' own
+
 SETTINGS = [
     Setting("num-server-rounds", int, 20,
             "Maximum number of federated rounds (FedBuff: of new model versions).", "run",
@@ -29,7 +31,9 @@ SETTINGS = [
             "of squares of their features (and of a regression target), the server adds them, "
             "and the model trains behind a Keras Normalization layer of the pooled mean and "
             "variance (a regression target standardized, scaled back by a Rescaling layer); "
-            "final_model.keras takes raw inputs. Plaintext only: not with "
+            "final_model.keras takes raw inputs. A client whose means or spreads are outliers "
+            "against the others' is dropped; fewer than max(min-fit-clients, 3) kept replies "
+            "stop the run. Plaintext only: not with "
             "secure-aggregation, homomorphic-encryption, dp-* strategies or fedbuff.", "run"),
     Setting("monitor", str, "auto",
             "Value the stopping rules watch, as Keras' EarlyStopping: a centralized metric by "
