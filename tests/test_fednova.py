@@ -8,7 +8,7 @@ from flwr.common import ndarrays_to_parameters, parameters_to_ndarrays
 from flwr.server.client_manager import SimpleClientManager
 
 from fl_app.schema import ConfigError
-from strategies.fednova import FedNova
+from strategies.fednova import MAX_EXTRAPOLATION, FedNova
 from strategies.weighted_fedavg import WeightedFedAvg
 from tests.conftest import make_config
 from tests.flower_objects import IdleProxy, fit_res, random_model
@@ -71,3 +71,15 @@ def test_an_update_without_a_whole_number_of_steps_is_left_out_and_logged(caplog
 def test_refused_inside_a_dp_wrapper():
     with pytest.raises(ConfigError, match="dp-inner"):
         make_config(strategy="dp-fixed", dp_inner="fednova")
+
+
+def test_a_client_with_far_fewer_steps_counts_at_most_four_times_its_update():
+    # tau = (1, 100) with p = (1/2, 1/2): tau_eff = 50.5; the paper's rule would take the
+    # first client's update 50.5 times; bounded, its tau counts as 50.5 / 4
+    x = [np.zeros(1, np.float32)]
+    clients = [[np.array([-1.0], np.float32)], [np.array([-1.0], np.float32)]]
+    strategy = _configured(FedNova(min_fit_clients=1, min_available_clients=1), x)
+    params, _ = strategy.aggregate_fit(1, _results(clients, [10, 10], [1, 100]), [])
+    tau_eff = 50.5
+    moved = 0.5 * MAX_EXTRAPOLATION + 0.5 * tau_eff / 100  # 2.2525, not 0.5 * 50.5 + 0.2525
+    np.testing.assert_allclose(parameters_to_ndarrays(params)[0], [-moved], rtol=1e-6)
