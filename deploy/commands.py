@@ -158,7 +158,7 @@ def node_config(dep: Deployment, node: NodeFiles, run_configs: Sequence[str] = (
 def fused_run_config(*run_configs: str) -> str:
     """`fuse-evaluate=true` (one message per round), unless `run_configs` (later ones
     overriding earlier ones) pick the FedBuff loop, which has no rounds to fuse into."""
-    from flwr.common.config import parse_config_args
+    from fl_app.flower_internals import parse_config_args
 
     chosen = parse_config_args([rc for rc in run_configs if rc])
     return "" if chosen.get("server-loop") == "fedbuff" else f"{KEY_FUSE_EVALUATE}=true"

@@ -305,7 +305,7 @@ class LocalDeployment:
 
 def run_config_value(run_configs: list[str], key: str) -> Any:
     """One key of `--run-config` strings, parsed as Flower parses them."""
-    from flwr.common.config import parse_config_args
+    from fl_app.flower_internals import parse_config_args
 
     return parse_config_args([rc for rc in run_configs if rc])[key]
 

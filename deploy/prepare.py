@@ -33,10 +33,6 @@ import sys
 from pathlib import Path
 
 import numpy as np
-from flwr.supercore.constant import (
-    SUPERLINK_UVICORN_DEFAULT_PORT,
-    SUPERNODE_UVICORN_DEFAULT_PORT,
-)
 
 from deploy import commands, files, pki
 from deploy.layout import (
@@ -49,6 +45,7 @@ from deploy.layout import (
     NodeFiles,
 )
 from deploy.node_key import NODE_KEY_COMMAND, NODE_KEY_PATH
+from fl_app.flower_internals import SUPERLINK_UVICORN_DEFAULT_PORT, SUPERNODE_UVICORN_DEFAULT_PORT
 from fl_app.app.config import check_num_clients
 from fl_app.cli.simulate import PROJECT_DIR, load_run_config
 from fl_app.data.sources import DataError, data_source

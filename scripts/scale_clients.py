@@ -54,6 +54,7 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+from fl_app.flower_internals import engine_node_stores, grid_client_proxy, in_memory_engine
 from fl_app.server.callbacks import Callback
 
 WORKER_TITLE = "ray::ClientAppActor"
@@ -231,43 +232,6 @@ def traced_bytes(build: Callable[[], object]) -> tuple[object, int]:
     return made, after - before
 
 
-def flower_engine(num_nodes: int) -> tuple[Any, Any, dict[int, int]]:
-    """Flower's in-memory link state with a run and `num_nodes` nodes, made as
-    `flwr.simulation.run_simulation` makes them: (state, the ServerApp's `InMemoryGrid` on
-    it, node id -> partition)."""
-    from flwr.common.constant import (
-        RUN_ID_NUM_BYTES,
-        SUPERLINK_NODE_ID,
-        TASK_ID_NUM_BYTES,
-    )
-    from flwr.proto.task_pb2 import Task  # pylint: disable=no-name-in-module
-    from flwr.server.superlink.fleet.vce.vce_api import _register_nodes
-    from flwr.server.superlink.linkstate import LinkStateFactory
-    from flwr.server.superlink.linkstate.in_memory_linkstate import RunRecord
-    from flwr.server.superlink.linkstate.utils import generate_rand_int_from_bytes
-    from flwr.supercore.constant import FLWR_IN_MEMORY_DB_NAME, NOOP_FEDERATION_ID
-    from flwr.supercore.object_store import ObjectStoreFactory
-    from flwr.supercore.run import Run
-    from flwr.supercore.task_identity import TaskIdentity
-    from flwr.superlink.federation import NoOpFederationManager
-    from flwr.superlink.grid import InMemoryGrid
-
-    factory = LinkStateFactory(FLWR_IN_MEMORY_DB_NAME, NoOpFederationManager(),
-                               ObjectStoreFactory())
-    state = factory.state()
-    run = Run.create_empty(run_id=generate_rand_int_from_bytes(RUN_ID_NUM_BYTES))
-    run.federation_id = NOOP_FEDERATION_ID
-    run.primary_task_id = generate_rand_int_from_bytes(TASK_ID_NUM_BYTES)
-    state.run_ids[run.run_id] = RunRecord(run=run)
-    state.task_store[run.primary_task_id] = Task(task_id=run.primary_task_id, run_id=run.run_id)
-    TaskIdentity.task_id, TaskIdentity.run_id = 1, run.run_id  # as run_simulation sets them
-    TaskIdentity.node_id = SUPERLINK_NODE_ID
-    mapping = _register_nodes(num_nodes, factory)
-    grid = InMemoryGrid(factory)
-    grid.set_run(run)
-    return state, grid, mapping
-
-
 def dispatch_cost(num_nodes: int, num_messages: int) -> dict[str, float]:
     """One sweep of the simulation engine's dispatcher (`add_messages_to_queue`: every node's
     `get_message_ins(node_id, limit=1)`) over `num_nodes` nodes while `num_messages`
@@ -276,7 +240,7 @@ def dispatch_cost(num_nodes: int, num_messages: int) -> dict[str, float]:
     message)."""
     from flwr.common import Message, RecordDict
 
-    state, grid, mapping = flower_engine(num_nodes)
+    state, grid, mapping = in_memory_engine(num_nodes)
     nodes = list(mapping)
     grid.push_messages([Message(RecordDict(), node_id, "query", group_id="0")
                         for node_id in nodes[:num_messages]])
@@ -297,19 +261,16 @@ def node_memory(num_nodes: int) -> dict[str, float]:
     engine's `DeprecatedRunInfoStore` with its Context, as `start_vce` registers them) and in
     the server's `SeededClientManager` (Flower's `GridClientProxy` registered as the compat
     server registers it, wrapped by `register`, and its cached client key)."""
-    from flwr.server.compat.grid_client_proxy import GridClientProxy
-    from flwr.server.superlink.fleet.vce.vce_api import _register_node_info_stores
-
     from fl_app.server.client_manager import SeededClientManager
 
-    (_, grid, mapping), engine = traced_bytes(lambda: flower_engine(num_nodes))
-    _, empty_engine = traced_bytes(lambda: flower_engine(0))
-    _, stores = traced_bytes(lambda: _register_node_info_stores(mapping, grid.run))
+    (_, grid, mapping), engine = traced_bytes(lambda: in_memory_engine(num_nodes))
+    _, empty_engine = traced_bytes(lambda: in_memory_engine(0))
+    _, stores = traced_bytes(lambda: engine_node_stores(mapping, grid.run))
     manager = SeededClientManager(seed=0)
 
     def register() -> None:
         for node_id in mapping:
-            manager.register(GridClientProxy(node_id=node_id, grid=grid, run_id=grid.run.run_id))
+            manager.register(grid_client_proxy(node_id, grid, grid.run.run_id))
 
     _, managed = traced_bytes(register)
     # the client keys `ordered` caches: node id -> partition id, as strings

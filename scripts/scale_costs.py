@@ -50,7 +50,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from flwr.app.message_type import MessageType  # noqa: E402
+from flwr.app import MessageType  # noqa: E402
 
 from fl_app.app.quiet import quiet_libraries  # noqa: E402
 from fl_app.cli import simulate  # noqa: E402

@@ -85,7 +85,7 @@ def quantized_update(n: int, norm: float | None, rng: np.random.Generator, clip:
     ±`clip`), quantized by Flower's SecAgg+ quantizer (stochastic rounding), as the
     integers that enter the masked sum."""
     import numpy as np
-    from flwr.common.secure_aggregation.quantization import quantize
+    from fl_app.flower_internals import quantize
 
     update = rng.standard_normal(n)
     update = clip * np.sign(update) if norm is None else update * norm / np.linalg.norm(update)

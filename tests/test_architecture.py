@@ -18,7 +18,7 @@ PROJECT_TOP = ("fl_app", "strategies", "deploy", "scripts", "run_simulation", "e
 # Lowest first. A module may import modules of a lower layer, or of its own unit; units
 # that share a layer (ml and strategies; server and client) do not import each other.
 LAYERS: list[tuple[str, list[str]]] = [
-    ("schema", ["fl_app", "fl_app.schema"]),
+    ("schema · flower internals", ["fl_app", "fl_app.schema", "fl_app.flower_internals"]),
     ("wire", ["fl_app.wire", "fl_app.codecs"]),
     ("data", ["fl_app.data"]),
     ("ml · strategies", ["fl_app.ml", "strategies"]),

@@ -26,9 +26,9 @@ from collections.abc import Mapping, Sequence  # noqa: E402
 
 from flwr.client import Client  # noqa: E402
 from flwr.clientapp import ClientApp  # noqa: E402
-from flwr.clientapp.typing import Mod  # noqa: E402
 from flwr.common import Context, Scalar  # noqa: E402
 
+from fl_app.flower_internals import Mod  # noqa: E402
 from fl_app.app.quiet import quiet_libraries  # noqa: E402
 from fl_app.client.compression import CompressingClient  # noqa: E402
 from fl_app.client.node_policy import NodePolicy, node_policy_mod  # noqa: E402

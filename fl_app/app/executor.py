@@ -53,12 +53,10 @@ from typing import Any
 
 import httpx
 from flwr.app import Context, Message
-from flwr.supercore.fab import Fab
-from flwr.supercore.run import Run
 
+from fl_app.flower_internals import FLWR_TESTED, Fab, Run
 from fl_app.app.secret_file import SecretFileError, ensure_secret, read_secret
 from fl_app.app.task_api import (
-    FLWR_TESTED,
     RETRY_SECONDS,
     Acquired,
     Acquirer,
@@ -373,7 +371,7 @@ def main(argv: list[str] | None = None) -> int:
     flwr_minor = ".".join(version("flwr").split(".")[:2])
     if flwr_minor not in FLWR_TESTED:
         log(f"warning: flwr {version('flwr')} is installed; this executor is tested with "
-            f"flwr {', '.join(FLWR_TESTED)} (see tests/test_task_api.py)")
+            f"flwr {', '.join(FLWR_TESTED)} (see tests/test_flower_internals.py)")
     if args.root_certificates is None:  # plain HTTP: make sure it is the node's own API
         problem = check_listener(args.runtime_api, args.parent_pid, RETRY_SECONDS)
         if problem is not None:

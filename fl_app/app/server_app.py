@@ -9,10 +9,10 @@ from functools import partial
 
 from flwr.common import Context, NDArrays, Scalar, ndarrays_to_parameters
 from flwr.server import ServerAppComponents, ServerConfig
-from flwr.server.compat import start_grid
 from flwr.server.workflow import SecAggPlusWorkflow
 from flwr.serverapp import Grid, ServerApp
 
+from fl_app.flower_internals import start_grid
 from fl_app.app.config import resolve
 from fl_app.app.one_line_errors import report_app_errors_in_one_line
 from fl_app.app.preflight import checked_trainer, monitored_names

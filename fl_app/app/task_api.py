@@ -1,4 +1,4 @@
-"""Flower's task API, as this app's executor uses it: every Flower internal it needs, here.
+"""Flower's task API, as this app's executor uses it.
 
 A SuperNode started with `--isolation process` launches no ClientApp itself: it queues each
 message as a task on its Runtime API (`127.0.0.1:PORT`), and an executor outside it takes
@@ -20,9 +20,10 @@ use them:
 * `install`, `load_client_app`: the FAB installed under FLWR_HOME once per hash, its
   ClientApp loaded as Flower loads it.
 
-These are Flower's internal, unversioned classes: `tests/test_task_api.py` pins every name
-and signature used here and the flwr range the project is tested with (`FLWR_TESTED`), so a
-flwr upgrade that changes them fails loudly there, not in a deployment.
+These are Flower's internal, unversioned classes, imported from `fl_app.flower_internals`:
+`tests/test_flower_internals.py` pins every name and signature used here and the flwr range
+the project is tested with (`FLWR_TESTED`), so a flwr upgrade that changes them fails
+loudly there, not in a deployment.
 """
 
 from __future__ import annotations
@@ -34,51 +35,45 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
-from flwr.app import Context, Message
-from flwr.app.error import Error
-from flwr.cli.install import install_from_fab
-from flwr.clientapp.client_app import ClientApp
-from flwr.clientapp.utils import get_load_client_app_fn
-from flwr.common.config import get_project_dir
-from flwr.common.constant import ErrorCode, SubStatus
-from flwr.proto.runtime_pb2 import AcquireTaskRequest  # pylint: disable=E0611
-from flwr.supercore.constant import TaskType
-from flwr.supercore.fab import Fab
-from flwr.supercore.heartbeat import HeartbeatSender, make_task_heartbeat_fn_http
-from flwr.supercore.interceptors import (
-    RuntimeTokenHttpInterceptor,
-    RuntimeVersionHttpInterceptor,
-    SuperExecAuthHttpInterceptor,
-)
-from flwr.supercore.retry.retry_invoker import RetryInvoker, exponential
-from flwr.supercore.run import Run
-from flwr.supercore.runtime import RuntimeHttpClient
-from flwr.common.serde import (
-    context_from_proto,
-    context_to_proto,
-    fab_from_proto,
-    message_from_proto,
-    message_to_proto,
-    run_from_proto,
-)
-from flwr.proto.message_pb2 import Context as ContextProto  # pylint: disable=E0611
-from flwr.proto.message_pb2 import Message as MessageProto  # pylint: disable=E0611
-from flwr.proto.node_pb2 import Node  # pylint: disable=E0611
-from flwr.proto.runtime_pb2 import (  # pylint: disable=E0611
+from flwr.app import Context, Error, Message
+from flwr.clientapp import ClientApp
+
+from fl_app.flower_internals import (
+    AcquireTaskRequest,
+    ContextProto,
+    ErrorCode,
+    Fab,
+    HeartbeatSender,
+    MessageProto,
+    Node,
     PullAppMessagesRequest,
     PullTaskInputRequest,
-)
-from flwr.supercore.inflatable.inflatable_protobuf_utils import (
+    RetryInvoker,
+    Run,
+    RuntimeHttpClient,
+    RuntimeTokenHttpInterceptor,
+    RuntimeVersionHttpInterceptor,
+    SubStatus,
+    SuperExecAuthHttpInterceptor,
+    TaskIdentity,
+    TaskType,
+    context_from_proto,
+    context_to_proto,
+    exponential,
+    fab_from_proto,
+    get_load_client_app_fn,
+    get_project_dir,
+    install_from_fab,
     make_confirm_message_received_fn_protobuf,
     make_pull_object_fn_protobuf,
+    make_task_heartbeat_fn_http,
+    message_from_proto,
+    message_to_proto,
+    pull_and_inflate_object_from_tree,
+    push_message,
+    push_task_output,
+    run_from_proto,
 )
-from flwr.supercore.inflatable.inflatable_utils import pull_and_inflate_object_from_tree
-from flwr.supercore.task_identity import TaskIdentity
-from flwr.supernode.runtime.run_clientapp import push_message, push_task_output
-
-FLWR_TESTED = ("1.42",)
-"""The flwr minor versions whose task API this module is tested against (1.41 served the
-Runtime API over gRPC; this module speaks Flower's HTTP one)."""
 
 COMPONENT = "fl-app-executor"
 ACQUIRE_METHOD = "/flwr.proto.Runtime/AcquireTask"

@@ -40,7 +40,7 @@ def forget_launch_modules(project: Path) -> None:
 def _serve(conn: Connection, app: Any, task_api: ModuleType) -> None:
     """Answer requests on `conn` until it closes (a reply to an executor that has gone ends
     this process quietly); `task_api` is the executor's `fl_app.app.task_api`."""
-    from flwr.supercore.task_identity import TaskIdentity
+    from fl_app.flower_internals import TaskIdentity
 
     while True:
         try:

@@ -42,8 +42,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import click
-from flwr.common.config import flatten_dict, get_project_config, parse_config_args
 
+from fl_app.flower_internals import flatten_dict, get_project_config, parse_config_args
 from fl_app.app.config import check_num_clients, resolve
 from fl_app.app.quiet import quiet_libraries
 from fl_app.cli.summary import print_summary
@@ -57,7 +57,7 @@ from fl_app.server.run_clock import run_start
 from fl_app.server.stopping import IDLE_STOP
 
 if TYPE_CHECKING:
-    from flwr.clientapp.typing import Mod
+    from fl_app.flower_internals import Mod
 
 PROJECT_DIR = Path(__file__).resolve().parents[2]  # the folder of pyproject.toml
 # What `--run-config` may change with `--resume`: `--resume` sets resume-from and the

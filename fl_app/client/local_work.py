@@ -46,7 +46,7 @@ def parse_epochs_range(text: str) -> tuple[int, int] | None:
 def parse_sim_node_config(text: str) -> dict[int, dict[str, Scalar]]:
     """`"0: local-epochs=2 batch-size=8; 3: time-budget=1.5"` as {partition: node-config};
     ConfigError naming the part at fault."""
-    from flwr.common.config import parse_config_args
+    from fl_app.flower_internals import parse_config_args
 
     nodes: dict[int, dict[str, Scalar]] = {}
     for part in filter(str.strip, text.split(";")):

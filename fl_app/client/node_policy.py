@@ -50,14 +50,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-from flwr.app import Context, Message
-from flwr.app.message_type import MessageType
-from flwr.clientapp.typing import ClientAppCallable, Mod
-from flwr.common import parameters_to_ndarrays
-from flwr.common.constant import MessageTypeLegacy
-from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS
-from flwr.compat.common import recorddict_compat as compat
+from flwr.app import Context, Message, MessageType
+from flwr.common import MessageTypeLegacy, parameters_to_ndarrays
 
+from fl_app.flower_internals import RECORD_KEY_CONFIGS, ClientAppCallable, Mod
+from fl_app.flower_internals import recorddict_compat as compat
 from fl_app.data.settings import SETTINGS as DATA_SETTINGS
 from fl_app.data.types import is_data_file
 from fl_app.ml.settings import SETTINGS as ML_SETTINGS

@@ -36,21 +36,27 @@ from collections.abc import Callable, Mapping
 from typing import NoReturn
 
 import numpy as np
-from flwr.app import ConfigRecord, Context, Message, MetricRecord
-from flwr.app.message_type import MessageType
+from flwr.app import ConfigRecord, Context, Message, MessageType, MetricRecord
 from flwr.client.mod import secaggplus_mod
-from flwr.client.mod.secure_aggregation.secaggplus_mod import SecAggPlusState, check_configs
-from flwr.clientapp.typing import ClientAppCallable, Mod
-from flwr.common import NDArrays, Scalar, ndarrays_to_parameters, parameters_to_ndarrays
-from flwr.common.constant import MessageTypeLegacy
-from flwr.common.secure_aggregation.secaggplus_constants import (
+from flwr.common import (
+    MessageTypeLegacy,
+    NDArrays,
+    Scalar,
+    ndarrays_to_parameters,
+    parameters_to_ndarrays,
+)
+
+from fl_app.flower_internals import (
     RECORD_KEY_CONFIGS,
     RECORD_KEY_STATE,
-    Key,
+    ClientAppCallable,
+    Mod,
+    SecAggPlusState,
     Stage,
+    check_configs,
 )
-from flwr.compat.common import recorddict_compat as compat
-
+from fl_app.flower_internals import SecAggPlusKey as Key
+from fl_app.flower_internals import recorddict_compat as compat
 from fl_app.client.node_policy import ConfigOf, NodePolicy
 from fl_app.wire import FIT_COUNT, FIT_METRICS
 from strategies.secure import MIN_CLIENTS, MIN_CLIENTS_DEFAULT

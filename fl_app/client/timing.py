@@ -27,9 +27,9 @@ from typing import Any
 
 from flwr.app import Context, Message
 from flwr.client import NumPyClient
-from flwr.clientapp.typing import ClientAppCallable, Mod
 from flwr.common import NDArrays, Scalar
 
+from fl_app.flower_internals import ClientAppCallable, Mod
 from fl_app.wire import TIMING_PREFIX
 
 PHASES = ("process", "imports", "data", "model", "training")

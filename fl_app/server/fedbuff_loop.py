@@ -27,8 +27,7 @@ from logging import INFO, WARNING
 from typing import Any
 
 import numpy as np
-from flwr.app import Message
-from flwr.app.message_type import MessageType
+from flwr.app import Message, MessageType
 from flwr.common import (
     FitIns,
     GetPropertiesIns,
@@ -38,12 +37,11 @@ from flwr.common import (
     ndarrays_to_parameters,
     parameters_to_ndarrays,
 )
-from flwr.common.constant import SUPERLINK_NODE_ID
 from flwr.common.logger import log
-from flwr.compat.common import recorddict_compat as compat
-from flwr.serverapp.grid import Grid
-from flwr.supercore.task_identity import TaskIdentity
+from flwr.serverapp import Grid
 
+from fl_app.flower_internals import SUPERLINK_NODE_ID, TaskIdentity
+from fl_app.flower_internals import recorddict_compat as compat
 from fl_app.server.runner import CheckpointCallback, ResumePoint, RoundCallback
 from fl_app.server.stopping import IDLE_STOP, StoppingRules
 from fl_app.wire import DATA_QUALITY_PREFIX, TIMING_PREFIX

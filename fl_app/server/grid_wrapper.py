@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from flwr.serverapp.grid import Grid
+from flwr.serverapp import Grid
 
 
 class GridWrapper:

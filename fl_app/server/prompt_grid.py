@@ -16,7 +16,7 @@ from collections.abc import Iterable
 
 from flwr.common import Message
 from flwr.server.client_proxy import ClientProxy
-from flwr.serverapp.grid import Grid
+from flwr.serverapp import Grid
 
 from fl_app.server.grid_wrapper import GridWrapper
 

@@ -24,12 +24,11 @@ from flwr.common import (
     parameters_to_ndarrays,
 )
 from flwr.common.logger import log
-from flwr.server import Server
+from flwr.server import History, Server
 from flwr.server.client_proxy import ClientProxy
-from flwr.server.history import History
-from flwr.server.server import FitResultsAndFailures, fit_client, fit_clients
 from flwr.server.strategy import Strategy
 
+from fl_app.flower_internals import FitResultsAndFailures, fit_client, fit_clients
 from fl_app.data.quality import REASONS
 from fl_app.server.client_failures import describe_failure, last_line
 from fl_app.server.client_manager import SeededClientManager

@@ -25,7 +25,6 @@ from collections.abc import Iterable
 from logging import WARNING
 from typing import Any
 
-import flwr.compat.common.recorddict_compat as compat
 import numpy as np
 from flwr.app import ConfigRecord, Context, Message, RecordDict
 from flwr.common import (
@@ -36,15 +35,16 @@ from flwr.common import (
     parameters_to_ndarrays,
 )
 from flwr.common.logger import log
-from flwr.server import Server
+from flwr.server import LegacyContext, Server
 from flwr.server.client_manager import ClientManager
 from flwr.server.client_proxy import ClientProxy
-from flwr.server.compat.legacy_context import LegacyContext
 from flwr.server.strategy import Strategy
 from flwr.server.workflow import SecAggPlusWorkflow
-from flwr.server.workflow.constant import MAIN_CONFIGS_RECORD, MAIN_PARAMS_RECORD, Key
-from flwr.serverapp.grid import Grid
+from flwr.serverapp import Grid
 
+from fl_app.flower_internals import MAIN_CONFIGS_RECORD, MAIN_PARAMS_RECORD
+from fl_app.flower_internals import WorkflowKey as Key
+from fl_app.flower_internals import recorddict_compat as compat
 from fl_app.server.client_failures import ClientFailure
 from fl_app.server.grid_wrapper import GridWrapper
 from fl_app.server.prompt_grid import PromptGrid
