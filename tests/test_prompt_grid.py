@@ -13,7 +13,7 @@ from flwr.server.compat.grid_client_proxy import GridClientProxy
 
 from fl_app.server.client_manager import SeededClientManager
 from fl_app.server.prompt_grid import PromptGrid, prompt
-from fl_app.server.runner import timing
+from fl_app.server.round_record import mean_timing
 from tests.flower_objects import fit_res
 
 
@@ -75,5 +75,5 @@ def test_registered_grid_proxies_poll_promptly_and_are_wrapped_once():
 def test_the_runner_records_the_clients_mean_seconds_per_phase():
     results = [(None, fit_res([], 10, {"time_data": 1.0, "time_training": 2.0, "loss": 0.5})),
                (None, fit_res([], 10, {"time_data": 3.0, "time_training": 4.0}))]
-    assert timing(results) == {"data": 2.0, "training": 3.0}
-    assert timing([(None, fit_res([], 10, {"loss": 0.5}))]) == {}
+    assert mean_timing(res.metrics for _, res in results) == {"data": 2.0, "training": 3.0}
+    assert mean_timing([fit_res([], 10, {"loss": 0.5}).metrics]) == {}

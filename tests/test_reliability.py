@@ -234,6 +234,10 @@ def test_validated_strategy_aggregate_fit_before_configure_fit_is_a_clear_error(
 
 
 def test_a_client_cannot_forge_the_servers_counts_in_the_round_record():
-    from fl_app.server.runner import _section
+    from fl_app.server.round_record import evaluation_section, fit_section
 
-    assert _section(0.5, {"loss": 99.0, "accuracy": 0.9}) == {"loss": 0.5, "accuracy": 0.9}
+    assert evaluation_section(0.5, {"loss": 99.0, "accuracy": 0.9}) == \
+        {"loss": 0.5, "accuracy": 0.9}
+    forged = {"num_clients": 999, "num_sampled": 999, "num_failures": 0, "accuracy": 0.9}
+    fit = fit_section(forged, replies=3, failures=[{"client": "7", "error": "x"}], timing={})
+    assert (fit["num_clients"], fit["num_sampled"], fit["num_failures"]) == (3, 4, 1)

@@ -43,6 +43,7 @@ from flwr.serverapp import Grid
 from fl_app.flower_internals import SUPERLINK_NODE_ID, TaskIdentity
 from fl_app.flower_internals import recorddict_compat as compat
 from fl_app.server.runner import CheckpointCallback, ResumePoint, RoundCallback
+from fl_app.server.round_record import evaluation_section, fit_section, mean_timing
 from fl_app.server.stopping import IDLE_STOP, StoppingRules
 from fl_app.wire import DATA_QUALITY_PREFIX, TIMING_PREFIX
 from strategies.fedbuff import FedBuffAggregator
@@ -86,23 +87,14 @@ class Tally:
     failures: list[dict[str, str]] = field(default_factory=list)
     num_rejected: int = 0
     num_stale: int = 0
-    timing: dict[str, list[float]] = field(default_factory=dict)
+    replies_metrics: list[dict[str, Scalar]] = field(default_factory=list)
 
-    def add_timing(self, metrics: dict[str, Scalar]) -> None:
-        """Keep a reply's `time_*` metrics (`fl_app.client.timing`; recorded, not trusted)."""
-        for key, value in metrics.items():
-            if key.startswith(TIMING_PREFIX) and isinstance(value, (int, float)):
-                self.timing.setdefault(key.removeprefix(TIMING_PREFIX), []).append(float(value))
-
-    def record(self) -> dict[str, Any]:
-        """The counts (and the clients' mean seconds per phase) for the version's record."""
-        out: dict[str, Any] = {"num_failures": len(self.failures),
-                               "num_rejected": self.num_rejected, "num_stale": self.num_stale}
-        if self.failures:
-            out["failures"] = self.failures
-        if self.timing:
-            out["timing"] = {phase: sum(v) / len(v) for phase, v in self.timing.items()}
-        return out
+    def fit(self, aggregated: dict[str, Any], num_updates: int) -> dict[str, Any]:
+        """The version's fit record (`fit_section`): as in a synchronous round, the replies
+        count rejected ones and the clients' `time_*` metrics give the mean timing."""
+        return fit_section(aggregated, replies=num_updates + self.num_rejected,
+                           failures=self.failures, timing=mean_timing(self.replies_metrics),
+                           num_rejected=self.num_rejected, num_stale=self.num_stale)
 
 
 class FedBuffServer:
@@ -160,7 +152,7 @@ class FedBuffServer:
         if res is None:
             return {}
         loss, metrics = res
-        return {**metrics, "loss": float(loss)}
+        return evaluation_section(loss, metrics)
 
     def _warm_up(self, grid: Grid) -> None:
         """Wait for `min_available` clients and ask each for its properties, which starts
@@ -209,7 +201,7 @@ class FedBuffServer:
         except Exception as err:  # a malformed reply from a broken client
             arrival_problem, staleness = f"the reply cannot be decoded: {err}", None
         else:
-            tally.add_timing(res.metrics)
+            tally.replies_metrics.append(res.metrics)
             metrics = {k: v for k, v in res.metrics.items()
                        if not k.startswith((DATA_QUALITY_PREFIX, TIMING_PREFIX))}
             arrival = self.aggregator.add(arrays, res.num_examples, base_version=sent.version,
@@ -239,14 +231,8 @@ class FedBuffServer:
 
     def _new_version(self, tally: Tally, since: float) -> str | None:
         step = self.aggregator.apply()
-        # The server's counts come last: no client-reported metric may overwrite them. As in
-        # a synchronous round, num_clients counts the replies (rejected ones included) and
-        # num_sampled every arrival (replies and failures) since the last version.
-        replies = step.num_updates + tally.num_rejected
         record: dict[str, Any] = {"round": step.version,
-                                  "fit": {**step.record(), "num_clients": replies,
-                                          "num_sampled": replies + len(tally.failures),
-                                          **tally.record()}}
+                                  "fit": tally.fit(step.record(), step.num_updates)}
         centralized = self._centralized()
         if centralized:
             record["centralized"] = centralized

@@ -32,6 +32,7 @@ from fl_app.flower_internals import FitResultsAndFailures, fit_client, fit_clien
 from fl_app.data.quality import REASONS
 from fl_app.server.client_failures import describe_failure, last_line
 from fl_app.server.client_manager import SeededClientManager
+from fl_app.server.round_record import evaluation_section, fit_section, mean_timing
 from fl_app.server.statistics import STATISTICS_CONFIG, StatisticsRound
 from fl_app.server.stopping import StoppingRules, resolve_mode
 from fl_app.server.wire_bytes import WireMeter
@@ -47,13 +48,6 @@ from strategies.decoding import without_tensors
 from strategies.metrics import is_finite_number
 from strategies.protocols import FitStream, PrivacyAccounting, StreamsFit, find_layer
 from strategies.state import set_strategy_state, strategy_state
-
-
-def _section(loss: float | None, metrics: dict[str, Scalar]) -> dict[str, Any]:
-    out: dict[str, Any] = dict(metrics)
-    if loss is not None:
-        out["loss"] = float(loss)  # the aggregated loss, never a client metric named "loss"
-    return out
 
 
 def _without_client_reports(metrics: dict[str, Scalar]) -> dict[str, Scalar]:
@@ -104,17 +98,6 @@ def fused_evaluations(
     `aggregate_evaluate` then checks them as any evaluation report."""
     reports = [(proxy, _fused_report(proxy.cid, res.metrics)) for proxy, res in results]
     return [(proxy, report) for proxy, report in reports if report is not None]
-
-
-def timing(results: list[tuple[ClientProxy, FitRes]]) -> dict[str, float]:
-    """The clients' mean seconds per phase of their fit message (their `time_*` fit
-    metrics, see `fl_app.client.timing`); only recorded, never trusted."""
-    phases: dict[str, list[float]] = {}
-    for _, res in results:
-        for key, value in res.metrics.items():
-            if key.startswith(TIMING_PREFIX) and isinstance(value, (int, float)):
-                phases.setdefault(key.removeprefix(TIMING_PREFIX), []).append(float(value))
-    return {phase: sum(values) / len(values) for phase, values in phases.items()}
 
 
 REPORT_COUNTS = {"rows", *(f"dropped_{reason}" for reason in REASONS)}
@@ -400,7 +383,7 @@ class FederatedServer(Server):
         loss, metrics = res
         history.add_loss_centralized(server_round=server_round, loss=loss)
         history.add_metrics_centralized(server_round=server_round, metrics=metrics)
-        return _section(loss, metrics)
+        return evaluation_section(loss, metrics)
 
     def _fit(self, server_round: int, timeout: float | None,
              history: History) -> tuple[dict[str, Any], int, list[tuple[ClientProxy, FitRes]]]:
@@ -420,22 +403,17 @@ class FederatedServer(Server):
             log(WARNING, "round %s: no aggregate, the global model is unchanged", server_round)
         metrics = _without_client_reports(metrics)
         history.add_metrics_distributed_fit(server_round=server_round, metrics=metrics)
-        # The server's counts come last: no client-reported metric may overwrite them.
-        # Sampled = replied (num_clients, rejected ones included) + failed.
-        record = {"num_rejected": 0, **metrics, "num_sampled": len(results) + len(failures),
-                  "num_clients": len(results), "num_failures": len(failures)}
-        if self.privacy is None:  # under DP, per-client reports are not released
+        described = [describe_failure(f) for f in failures]
+        for failure in described:
+            log(WARNING, "round %s: client %s failed: %s", server_round,
+                failure["client"], last_line(failure["error"]))
+        private = self.privacy is not None  # under DP, per-client reports are not released
+        record = fit_section(metrics, replies=len(results), failures=described,
+                             timing={} if private else mean_timing(r.metrics for _, r in results))
+        if not private:
             reports = data_quality(results, self._quality_seen)
             if reports:
                 record["data_quality"] = reports
-            seconds = timing(results)
-            if seconds:
-                record["timing"] = seconds
-        if failures:
-            record["failures"] = [describe_failure(f) for f in failures]
-            for failure in record["failures"]:
-                log(WARNING, "round %s: client %s failed: %s", server_round,
-                    failure["client"], last_line(failure["error"]))
         if not parameters:
             return record, 0, results
         if self.privacy is not None:  # a released DP round is progress, whoever answered
@@ -463,7 +441,7 @@ class FederatedServer(Server):
         if loss is not None:
             history.add_loss_distributed(server_round=server_round, loss=loss)
         history.add_metrics_distributed(server_round=server_round, metrics=metrics)
-        return _section(loss, metrics), evaluations
+        return evaluation_section(loss, metrics), evaluations
 
     def _per_client(self, evaluations: list[tuple[ClientProxy, EvaluateRes]]) -> dict[str, Any]:
         """The round record's `client_evaluations` and `fairness` (none under DP)."""
