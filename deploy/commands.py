@@ -64,7 +64,7 @@ def superlink(dep: Deployment, home: Path, bind_host: str, port: int) -> Command
 
 
 CLIENTAPPS = ("executor", "flower")
-"""Who runs a node's ClientApps: this app's executor (`fl_app.app.executor`: one warm
+"""Who runs a node's ClientApps: this app's executor (`fl_app.worker.executor`: one warm
 process, the SuperNode started with `--isolation process`), or Flower's default SuperExec
 (a fresh `flwr-clientapp` process per message)."""
 
@@ -78,11 +78,11 @@ def executor_secret(dep: Deployment, node: NodeFiles) -> Path:
 def executor(dep: Deployment, node: NodeFiles, home: Path, runtime_port: int,
              parent_pid: int | None = None, python: str = "python",
              task_timeout: float | None = None) -> Command:
-    """`python -m fl_app.app.executor` for `node`: takes its SuperNode's tasks on
+    """`python -m fl_app.worker.executor` for `node`: takes its SuperNode's tasks on
     127.0.0.1:`runtime_port`, signed with the node's secret, and runs them in one warm
     ClientApp process (the FABs it installs go to `home`, its FLWR_HOME); it exits when
     `parent_pid` (the SuperNode) does."""
-    argv = [python, "-m", "fl_app.app.executor", "--runtime-api", f"127.0.0.1:{runtime_port}",
+    argv = [python, "-m", "fl_app.worker.executor", "--runtime-api", f"127.0.0.1:{runtime_port}",
             "--secret-file", str(executor_secret(dep, node)), "--name", node.name]
     if parent_pid:
         argv += ["--parent-pid", str(parent_pid)]
@@ -92,8 +92,8 @@ def executor(dep: Deployment, node: NodeFiles, home: Path, runtime_port: int,
 
 
 def new_secret(dep: Deployment, node: NodeFiles, python: str = "python") -> Command:
-    """`python -m fl_app.app.executor --new-secret`: make `node`'s secret file if missing."""
-    return Command([python, "-m", "fl_app.app.executor", "--new-secret", "--secret-file",
+    """`python -m fl_app.worker.executor --new-secret`: make `node`'s secret file if missing."""
+    return Command([python, "-m", "fl_app.worker.executor", "--new-secret", "--secret-file",
                     str(executor_secret(dep, node))])
 
 

@@ -10,7 +10,7 @@ trial. A folder prepared with `--node-public-keys` (each node holds its own priv
 is refused before anything starts, naming a node whose key it lacks. Every process is a separate Flower process on
 127.0.0.1 with TLS and SuperNode authentication on, on free ports: the SuperLink, one
 SuperNode per node (its own key and data file; `--isolation process`) with its executor
-next to it (`fl_app.app.executor`: it takes the node's tasks with the node's SuperExec
+next to it (`fl_app.worker.executor`: it takes the node's tasks with the node's SuperExec
 secret, DIR/executors/<node>/secret, and runs them in one warm ClientApp process, so
 TensorFlow, the data and the model stay loaded across messages; `--clientapps flower`:
 Flower's own SuperExec instead, a fresh process per message), and the `flwr` CLI that
@@ -232,7 +232,7 @@ class LocalDeployment:
         run."""
         runtime_port = free_port()
         if self.clientapps == "executor":
-            from fl_app.app.secret_file import ensure_secret
+            from fl_app.worker.secret_file import ensure_secret
 
             ensure_secret(commands.executor_secret(self.dep, node))
         cmd = commands.supernode(self.dep, node, self.homes / node.name, self.address,

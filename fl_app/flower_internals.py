@@ -22,7 +22,7 @@ Who uses what:
   `Mod` and `ClientAppCallable` types;
 * run-config strings (`fl_app.cli.simulate`, `fl_app.client.local_work`, `deploy`): Flower's
   own parser of `--run-config` and `--node-config` and the pyproject reader;
-* a deployment node's executor (`fl_app.app.task_api`, `executor`, `warm_clientapp`):
+* a deployment node's executor (`fl_app.worker.task_api`, `executor`, `warm_clientapp`):
   Flower's task API, as `flwr/supercore/superexec/run_superexec.py` and
   `flwr/supernode/runtime/run_clientapp.py` use it;
 * `deploy.prepare`: the SuperLink's and SuperNode's default ports;

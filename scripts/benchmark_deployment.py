@@ -14,7 +14,7 @@ authentication on. It runs
   cost of Flower's process-per-message design on this machine, the reference;
 - `flower`: this app under Flower's SuperExec (each message imports TensorFlow, loads the
   data and builds the model);
-- `executor`: this app with its executor (`fl_app.app.executor`: one warm ClientApp process
+- `executor`: this app with its executor (`fl_app.worker.executor`: one warm ClientApp process
   per node), a fit and an evaluate message per round (`fuse-evaluate=false`);
 - `fused`: the executor with `fuse-evaluate=true` (one message per round): `deploy.launch`'s
   default.

@@ -52,7 +52,7 @@ sys.path.insert(0, str(ROOT))
 
 from flwr.app import MessageType  # noqa: E402
 
-from fl_app.app.quiet import quiet_libraries  # noqa: E402
+from fl_app.app.logs import quiet_libraries  # noqa: E402
 from fl_app.cli import simulate  # noqa: E402
 from fl_app.client.timing import JsonLinesSink, MessageSeconds, message_seconds_mod  # noqa: E402
 from fl_app.server.outputs import read_history  # noqa: E402

@@ -18,7 +18,7 @@ do: evaluate the model centrally, checkpoint or save a plaintext model, validate
 updates beyond their structure (shapes are fixed by the chunk layout, but values, norms,
 finiteness and the claimed count are encrypted), or aggregate robustly (`check_config`
 refuses those combinations). The run's final model is the encrypted aggregate, which a key
-holder decrypts (`fl_app.app.he_final`).
+holder decrypts (`fl_app.cli.he_final`).
 """
 
 from __future__ import annotations

@@ -23,7 +23,7 @@ LAYERS: list[tuple[str, list[str]]] = [
     ("data", ["fl_app.data"]),
     ("ml · strategies", ["fl_app.ml", "strategies"]),
     ("server · client", ["fl_app.server", "fl_app.client"]),
-    ("app", ["fl_app.app"]),
+    ("app · worker", ["fl_app.app", "fl_app.worker"]),
     ("cli", ["fl_app.cli"]),
     ("api", ["fl_app.api"]),
     ("entry points · deploy · scripts · examples",

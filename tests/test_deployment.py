@@ -69,8 +69,8 @@ def cluster(tmp_path_factory):
     # its warm ClientApp process (--isolation process: no SuperExec of Flower's under them),
     # and the SuperLink's own SuperExec (for the ServerApp)
     assert sum("flower-supernode" in cmdline for cmdline in cmdlines) >= len(dep.nodes) + 2
-    assert sum("fl_app.app.executor" in cmdline for cmdline in cmdlines) >= len(dep.nodes) + 2
-    assert sum("fl_app.app.warm_clientapp" in cmdline for cmdline in cmdlines) >= len(dep.nodes)
+    assert sum("fl_app.worker.executor" in cmdline for cmdline in cmdlines) >= len(dep.nodes) + 2
+    assert sum("fl_app.worker.warm_clientapp" in cmdline for cmdline in cmdlines) >= len(dep.nodes)
     assert sum("flower-superexec" in cmdline for cmdline in cmdlines) == 1, cmdlines
 
 

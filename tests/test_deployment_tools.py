@@ -40,7 +40,7 @@ from deploy.layout import Deployment, DeploymentError
 from deploy.prepare import instructions, prepare
 from deploy.prepare import main as prepare_main
 from deploy.processes import ProcessesLeft, Supervisor, living
-from fl_app.app.executor import parse_args as executor_parse_args
+from fl_app.worker.executor import parse_args as executor_parse_args
 from fl_app.data.node_files import load_node_file
 from fl_app.data.sources import data_source
 from fl_app.schema import ConfigError
@@ -188,12 +188,12 @@ def test_printed_commands_parse_with_the_installed_flower(prepared):
             "allow-data": f"digits,{node.data}"}
         secret = str(commands.executor_secret(prepared, node))
         assert args.isolation == "process" and args.superexec_auth_secret_file == secret
-        executor = next(line for line in lines if "fl_app.app.executor --runtime-api" in line
+        executor = next(line for line in lines if "fl_app.worker.executor --runtime-api" in line
                         and f"--name {node.name}" in line)
-        executor_args = executor_parse_args(_args_after(executor, "fl_app.app.executor"))
+        executor_args = executor_parse_args(_args_after(executor, "fl_app.worker.executor"))
         assert executor_args.runtime_api == f"127.0.0.1:{args.port}"
         assert executor_args.secret_file == Path(secret)
-        assert f"fl_app.app.executor --new-secret --secret-file {secret}" in \
+        assert f"fl_app.worker.executor --new-secret --secret-file {secret}" in \
             instructions(prepared)
     assert sum("flwr supernode register" in line for line in lines) == 3
     run = _args_after(lines[-1], "flwr")

@@ -1,4 +1,4 @@
-"""The node's executor (`fl_app.app.executor`) against a real TLS SuperLink and SuperNodes.
+"""The node's executor (`fl_app.worker.executor`) against a real TLS SuperLink and SuperNodes.
 
 One SuperLink with two authenticated SuperNodes (`--isolation process`, each with its
 SuperExec secret and our executor next to it) serves the module. The probe app
@@ -22,8 +22,8 @@ from deploy import commands
 from deploy.launch import COMPLETED, LocalDeployment
 from deploy.prepare import prepare
 from deploy.processes import Supervisor, living
-from fl_app.app.secret_file import read_secret
-from fl_app.app.task_api import Acquirer, Endpoint, NodeRefused
+from fl_app.worker.secret_file import read_secret
+from fl_app.worker.task_api import Acquirer, Endpoint, NodeRefused
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
 
@@ -110,7 +110,7 @@ def test_the_executor_takes_tasks_only_from_a_runtime_api_its_supernode_serves()
     import os
     import socket
 
-    from fl_app.app.executor import check_listener
+    from fl_app.worker.executor import check_listener
 
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))

@@ -21,7 +21,7 @@ from flwr.supercore.superexec import run_superexec
 from flwr.supernode.cli.flower_supernode import _parse_args_run_supernode
 
 from fl_app import flower_internals as fi
-from fl_app.app import task_api
+from fl_app.worker import task_api
 
 ROOT = Path(__file__).resolve().parents[1]
 PROJECT_CODE = ("fl_app", "strategies", "deploy", "scripts", "examples", "run_simulation.py")

@@ -9,7 +9,7 @@ from logging import ERROR
 import pytest
 from flwr.common.logger import log
 
-from fl_app.app.one_line_errors import OneLineAppErrors, report_app_errors_in_one_line
+from fl_app.app.logs import OneLineAppErrors, report_app_errors_in_one_line
 from fl_app.app.server_app import make_server_app
 from fl_app.data.types import DataError
 from fl_app.ml.errors import ModelError

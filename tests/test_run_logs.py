@@ -158,7 +158,7 @@ def test_quiet_console_keeps_warnings_and_drops_flowers_chatter():
 
     from flwr.common.logger import console_handler, log
 
-    from fl_app.app.quiet import quiet_libraries
+    from fl_app.app.logs import quiet_libraries
 
     stream = io.StringIO()
     previous = console_handler.setStream(stream)

@@ -3,7 +3,7 @@
 Importing this module imports no TensorFlow: the first message does, and the client trains
 in this process as `fl_app.app.local_client.client_for` builds it, keeping TensorFlow, the
 node's data and the compiled model for the next message when the process lives on (a
-simulation's workers, a deployment node's executor: `fl_app.app.executor`). The client is
+simulation's workers, a deployment node's executor: `fl_app.worker.executor`). The client is
 wrapped here, in
 the ClientApp, by `CompressingClient` (`fl_app.client.compression`), which decodes a
 compressed broadcast and encodes the update, keeping its error-feedback residual in the
@@ -29,7 +29,7 @@ from flwr.clientapp import ClientApp  # noqa: E402
 from flwr.common import Context, Scalar  # noqa: E402
 
 from fl_app.flower_internals import Mod  # noqa: E402
-from fl_app.app.quiet import quiet_libraries  # noqa: E402
+from fl_app.app.logs import quiet_libraries  # noqa: E402
 from fl_app.client.compression import CompressingClient  # noqa: E402
 from fl_app.client.node_policy import NodePolicy, node_policy_mod  # noqa: E402
 from fl_app.client.secure_mod import (  # noqa: E402

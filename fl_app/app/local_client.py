@@ -1,7 +1,7 @@
 """The in-process client: a node's data and the process-wide trainer behind a `KerasClient`.
 
 This is what trains, in the ClientApp's process: a simulation's worker, a node executor's
-warm ClientApp process (`fl_app.app.executor`), or a fresh one per message under Flower's own
+warm ClientApp process (`fl_app.worker.executor`), or a fresh one per message under Flower's own
 SuperExec. It imports TensorFlow.
 """
 

@@ -14,9 +14,8 @@ from flwr.serverapp import Grid, ServerApp
 
 from fl_app.flower_internals import start_grid
 from fl_app.app.config import resolve
-from fl_app.app.one_line_errors import report_app_errors_in_one_line
 from fl_app.app.preflight import checked_trainer, monitored_names
-from fl_app.app.quiet import quiet_libraries
+from fl_app.app.logs import quiet_libraries, report_app_errors_in_one_line
 from fl_app.data.sources import Split, data_source
 from fl_app.ml.models import build_model
 from fl_app.ml.trainer import KerasTrainer

@@ -25,7 +25,7 @@ With `homomorphic-encryption=ckks` (and no `he-public-context`) it makes a fresh
 a private temporary folder, gives the server the public context (`he-public-context`) and
 every simulated node the secret key file (node config `he-key-file`, which the server never
 receives), decrypts the encrypted final aggregate into `final_model.keras` as a node would
-(`fl_app.app.he_final`), and removes the keys. With your own keys: set `he-public-context`
+(`fl_app.cli.he_final`), and removes the keys. With your own keys: set `he-public-context`
 and pass the nodes' key file with `--he-key-file`.
 """
 
@@ -45,7 +45,7 @@ import click
 
 from fl_app.flower_internals import flatten_dict, get_project_config, parse_config_args
 from fl_app.app.config import check_num_clients, resolve
-from fl_app.app.quiet import quiet_libraries
+from fl_app.app.logs import quiet_libraries
 from fl_app.cli.summary import print_summary
 from fl_app.data.sources import DataError
 from fl_app.ml.errors import ModelError
@@ -313,7 +313,7 @@ def simulate(cfg: RunConfig, args: argparse.Namespace, callbacks: Sequence[Callb
                            num_supernodes=args.num_supernodes,
                            backend_config=backend)
         return time.perf_counter() - start
-    from fl_app.app.he_final import decrypt_final_model
+    from fl_app.cli.he_final import decrypt_final_model
     from fl_app.server.outputs import ENCRYPTED_MODEL_FILE, MODEL_FILE
     from strategies.ckks import KEY_FILE_NODE_CONFIG
 

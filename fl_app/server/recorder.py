@@ -132,7 +132,7 @@ class RunRecorder:
 
         An encrypted aggregate (homomorphic encryption) is saved as it is, in
         `final_model.ckks.npz` (arrays `chunk_0`, ...), for a key holder to decrypt
-        (`python -m fl_app.app.he_final`): the server cannot write `final_model.keras`."""
+        (`python -m fl_app.cli.he_final`): the server cannot write `final_model.keras`."""
         encrypted = is_encrypted(parameters)
         model = self.trainer.model
         if not encrypted:

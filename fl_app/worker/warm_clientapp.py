@@ -1,9 +1,9 @@
 """The executor's warm ClientApp process: one FAB's ClientApp, loaded once, run per task.
 
-    python -m fl_app.app.warm_clientapp --fd FD --project DIR --fab-id ID --fab-version V
+    python -m fl_app.worker.warm_clientapp --fd FD --project DIR --fab-id ID --fab-version V
         --fab-hash HASH
 
-Started by `fl_app.app.executor` for one installed FAB (its project folder DIR). It loads
+Started by `fl_app.worker.executor` for one installed FAB (its project folder DIR). It loads
 that FAB's ClientApp once, as Flower's `flwr-clientapp` loads it, then serves the
 executor's requests on the pipe FD one at a time: each is one task's message and context
 (Flower's protobuf bytes), answered with the reply message and the context afterwards, or
@@ -39,7 +39,7 @@ def forget_launch_modules(project: Path) -> None:
 
 def _serve(conn: Connection, app: Any, task_api: ModuleType) -> None:
     """Answer requests on `conn` until it closes (a reply to an executor that has gone ends
-    this process quietly); `task_api` is the executor's `fl_app.app.task_api`."""
+    this process quietly); `task_api` is the executor's `fl_app.worker.task_api`."""
     from fl_app.flower_internals import TaskIdentity
 
     while True:
@@ -72,7 +72,7 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the executor stops this process itself
     conn = Connection(args.fd)
     # the executor's side, bound before the FAB's code replaces this installed copy
-    from fl_app.app import task_api
+    from fl_app.worker import task_api
 
     forget_launch_modules(args.project)
     sys.path.insert(0, str(args.project))  # from here on, this app's code is the FAB's

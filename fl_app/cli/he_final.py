@@ -1,6 +1,6 @@
 """A key holder turns a homomorphically encrypted run's final aggregate into a Keras model.
 
-    python -m fl_app.app.he_final --dir RUN_DIR --key-file NODE_KEY [--out FILE]
+    python -m fl_app.cli.he_final --dir RUN_DIR --key-file NODE_KEY [--out FILE]
 
 Under `homomorphic-encryption=ckks` the server holds only the encrypted sum of the last
 round's updates (`final_model.ckks.npz` in the run's output folder) and cannot write
@@ -54,7 +54,7 @@ def decrypt_final_model(cfg: RunConfig, key_file: str | Path, encrypted: Path,
 
 def main(argv: list[str] | None = None) -> int:
     """Decrypt a run's final aggregate into final_model.keras."""
-    parser = argparse.ArgumentParser(prog="python -m fl_app.app.he_final", description=__doc__,
+    parser = argparse.ArgumentParser(prog="python -m fl_app.cli.he_final", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--dir", required=True, help="the run's output folder")
     parser.add_argument("--key-file", required=True, help="this node's secret key file")

@@ -3,7 +3,7 @@
 A SuperNode started with `--isolation process` launches no ClientApp itself: it queues each
 message as a task on its Runtime API (`127.0.0.1:PORT`), and an executor outside it takes
 the task and runs it. Flower's own executor is `flower-superexec` (one fresh
-`flwr-clientapp` process per task); `fl_app.app.executor` is this app's, which keeps the
+`flwr-clientapp` process per task); `fl_app.worker.executor` is this app's, which keeps the
 ClientApp warm. Both speak the same API, with the same Flower classes, used here as
 Flower's `flwr/supercore/superexec/run_superexec.py` (acquire a task) and
 `flwr/supernode/runtime/run_clientapp.py` (pull its input, push its reply and output)

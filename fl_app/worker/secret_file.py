@@ -1,7 +1,7 @@
 """The SuperExec secret's file: private to the account that runs the node, checked on read.
 
 A SuperNode started with `--isolation process --superexec-auth-secret-file FILE` lets only
-a process that signs with the secret in FILE take its tasks (`fl_app.app.task_api`). The
+a process that signs with the secret in FILE take its tasks (`fl_app.worker.task_api`). The
 file is this module's: made whole (never half-written) with mode 600 in a folder of mode
 700, never through a symlink, and refused when another account owns it or may read it.
 This module imports nothing of the deploy tooling (a higher layer).

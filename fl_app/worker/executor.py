@@ -1,16 +1,16 @@
 """A node's executor: takes its SuperNode's tasks and runs them in a warm ClientApp process.
 
-    python -m fl_app.app.executor --runtime-api 127.0.0.1:PORT --secret-file FILE
+    python -m fl_app.worker.executor --runtime-api 127.0.0.1:PORT --secret-file FILE
         [--name NODE] [--parent-pid PID] [--task-timeout 600] [--poll 0.05]
-    python -m fl_app.app.executor --new-secret --secret-file FILE
+    python -m fl_app.worker.executor --new-secret --secret-file FILE
 
 Next to a SuperNode started with `--isolation process --superexec-auth-secret-file FILE`,
 this process replaces Flower's `flower-superexec`. Both take the node's tasks over its
-Runtime API, signed with the secret (`fl_app.app.task_api`): a process without the secret
+Runtime API, signed with the secret (`fl_app.worker.task_api`): a process without the secret
 is refused (HTTP 401/403), so another local account cannot take the node's messages.
 Flower's SuperExec starts a fresh `flwr-clientapp` process for every task (it installs the
 FAB, imports TensorFlow and loads the node's data each time); this one keeps one warm
-process per FAB (`fl_app.app.warm_clientapp`, at most `WARM_FABS` of them): the FAB is
+process per FAB (`fl_app.worker.warm_clientapp`, at most `WARM_FABS` of them): the FAB is
 installed and its ClientApp loaded once, and whatever the ClientApp keeps (TensorFlow, the
 node's data, the compiled model) stays for the next task.
 
@@ -55,8 +55,8 @@ import httpx
 from flwr.app import Context, Message
 
 from fl_app.flower_internals import FLWR_TESTED, Fab, Run
-from fl_app.app.secret_file import SecretFileError, ensure_secret, read_secret
-from fl_app.app.task_api import (
+from fl_app.worker.secret_file import SecretFileError, ensure_secret, read_secret
+from fl_app.worker.task_api import (
     RETRY_SECONDS,
     Acquired,
     Acquirer,
@@ -82,12 +82,12 @@ class ClientAppFailed(RuntimeError):
 
 
 class WarmProcess:
-    """One FAB's ClientApp in a long-lived child process (`fl_app.app.warm_clientapp`)."""
+    """One FAB's ClientApp in a long-lived child process (`fl_app.worker.warm_clientapp`)."""
 
     def __init__(self, project: Path, fab_id: str, fab_version: str, fab_hash: str) -> None:
         self.conn, child = Pipe()
         self.proc = subprocess.Popen(  # pylint: disable=consider-using-with
-            [sys.executable, "-m", "fl_app.app.warm_clientapp", "--fd", str(child.fileno()),
+            [sys.executable, "-m", "fl_app.worker.warm_clientapp", "--fd", str(child.fileno()),
              "--project", str(project), "--fab-id", fab_id, "--fab-version", fab_version,
              "--fab-hash", fab_hash], pass_fds=(child.fileno(),))
         child.close()
@@ -314,7 +314,7 @@ def check_listener(address: str, parent_pid: int | None, wait: float) -> str | N
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     """The command line."""
-    parser = argparse.ArgumentParser(prog="python -m fl_app.app.executor",
+    parser = argparse.ArgumentParser(prog="python -m fl_app.worker.executor",
                                      description=__doc__.splitlines()[0])
     parser.add_argument("--runtime-api", default="127.0.0.1:9094",
                         help="the SuperNode's Runtime API (its --host:--port)")
