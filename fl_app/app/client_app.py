@@ -18,45 +18,40 @@ encryption, or a node whose node config sets `require-secure`), `withhold_weight
 from __future__ import annotations
 
 import time
+from collections.abc import Mapping, Sequence
 
-IMPORT_START = time.time()  # before this module's imports: the `process` phase ends here
+from flwr.client import Client
+from flwr.clientapp import ClientApp
+from flwr.common import Context, Scalar
 
-
-from collections.abc import Mapping, Sequence  # noqa: E402
-
-from flwr.client import Client  # noqa: E402
-from flwr.clientapp import ClientApp  # noqa: E402
-from flwr.common import Context, Scalar  # noqa: E402
-
-from fl_app.flower_internals import Mod  # noqa: E402
-from fl_app.app.logs import quiet_libraries  # noqa: E402
-from fl_app.client.compression import CompressingClient  # noqa: E402
-from fl_app.client.node_policy import NodePolicy, node_policy_mod  # noqa: E402
-from fl_app.client.secure_mod import (  # noqa: E402
+from fl_app.app.logs import quiet_libraries
+from fl_app.client.compression import CompressingClient
+from fl_app.client.node_policy import NodePolicy, node_policy_mod
+from fl_app.client.secure_mod import (
     private_replies_mod,
     secure_aggregation_mod,
     withhold_weights_mod,
 )
-from fl_app.client.timing import TimedClient, process_seconds  # noqa: E402
-from fl_app.schema import RunConfig  # noqa: E402
-
-IMPORTED = time.time()
+from fl_app.client.timing import TimedClient, process_seconds
+from fl_app.flower_internals import Mod
+from fl_app.schema import RunConfig
 
 
 class _StartUp:
-    """The `process` and `imports` seconds of this process's first message (0 after it)."""
+    """The `process` and `imports` seconds of this process's first message (`process`: 0
+    after it)."""
 
     def __init__(self) -> None:
         self.first = True
 
     def seconds(self, imports_since: float) -> dict[str, float]:
-        """This message's start-up phases; `imports_since` is when its imports began
-        (the module's, or later ones that this message triggered)."""
+        """This message's start-up phases; `imports_since` is when its own imports began:
+        `process` until then (the first message only), `imports` from then until now."""
+        imports = time.time() - imports_since
         if not self.first:
-            return {"process": 0.0, "imports": time.time() - imports_since}
+            return {"process": 0.0, "imports": imports}
         self.first = False
-        return {"process": process_seconds(IMPORT_START),
-                "imports": IMPORTED - IMPORT_START + time.time() - imports_since}
+        return {"process": process_seconds(imports_since), "imports": imports}
 
 
 # One per process (not per ClientApp object: the simulation engine ships a copy of the app

@@ -1,12 +1,13 @@
 """Where one fit message's time went on the client, reported with its fit metrics.
 
 Each phase is a fit metric `time_<phase>` in seconds (`fl_app.wire.TIMING_PREFIX`):
-`process` (from the process's start until the app's code starts importing: Python,
-Flower, the app bundle's installation, pulling the message), `imports` (the app's
-modules, TensorFlow among them where this process trains), `data` (loading and checking
-the node's data; 0 when the process has it loaded), `model` (building the trainer; 0 when
-built) and `training` (the local fit). A process that serves many messages (a simulation
-worker, a node executor's warm ClientApp) pays `process` and `imports` once: later messages report 0.
+`process` (from the process's start until the message reaches the client: Python,
+Flower, the app bundle's installation, the ClientApp module, pulling the message),
+`imports` (the modules the client needs, TensorFlow among them where this process
+trains), `data` (loading and checking the node's data; 0 when the process has it loaded),
+`model` (building the trainer; 0 when built) and `training` (the local fit). A process
+that serves many messages (a simulation worker, a node executor's warm ClientApp) pays
+`process` and `imports` once: later messages report 0 and the little their imports take.
 The server records the clients' mean per phase (`fit.timing` in history.json). Imports no
 TensorFlow.
 
