@@ -16,7 +16,7 @@ Who uses what:
   `FitResultsAndFailures` of `flwr.server.server`, to stream a round's replies as they come;
 * SecAgg+ on the legacy path (`fl_app.server.secagg`, `fl_app.client.secure_mod`,
   `fl_app.client.node_policy`): the workflow's record keys, the client mod's state and
-  checks, and the record/compat converters; its `quantize` (`scripts.zk_bound_proof`);
+  checks, and the record/compat converters; its `quantize` (`scripts.bench.zk_bound_proof`);
 * the message-API loop (`fl_app.server.fedbuff_loop`): `TaskIdentity`, `SUPERLINK_NODE_ID`;
 * ClientApp mods (`fl_app.client`, `fl_app.app.client_app`, `fl_app.cli.simulate`): the
   `Mod` and `ClientAppCallable` types;
@@ -26,7 +26,7 @@ Who uses what:
   Flower's task API, as `flwr/supercore/superexec/run_superexec.py` and
   `flwr/supernode/runtime/run_clientapp.py` use it;
 * `deploy.prepare`: the SuperLink's and SuperNode's default ports;
-* `scripts.scale_clients`: Flower's in-memory link state, built as `run_simulation` builds it
+* `scripts.bench.scale_clients`: Flower's in-memory link state, built as `run_simulation` builds it
   (`in_memory_engine`; imported when called, as only that benchmark needs it).
 """
 
@@ -113,7 +113,7 @@ for all but the task API, whose HTTP transport came with 1.42)."""
 def in_memory_engine(num_nodes: int) -> tuple[Any, Any, dict[int, int]]:
     """Flower's in-memory link state with a run and `num_nodes` nodes, made as
     `flwr.simulation.run_simulation` makes them: (state, the ServerApp's `InMemoryGrid` on
-    it, node id -> partition). For `scripts.scale_clients`, which measures Flower's engine."""
+    it, node id -> partition). For `scripts.bench.scale_clients`, which measures Flower's engine."""
     from flwr.common.constant import RUN_ID_NUM_BYTES, TASK_ID_NUM_BYTES
     from flwr.proto.task_pb2 import Task  # pylint: disable=E0611
     from flwr.server.superlink.fleet.vce.vce_api import _register_nodes

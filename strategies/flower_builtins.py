@@ -64,7 +64,7 @@ FEDOPT_DEFAULTS: dict[str, dict[str, float]] = {
 }
 """Each adaptive server optimiser's eta and tau where `fedopt-eta` / `fedopt-tau` are 0: on
 the default workload within 0.10 of weighted-fedavg after 5 rounds and 0.05 after 20
-(README, "Notes on the defaults"; `scripts/strategy_table.py` fingerprints them)."""
+(README, "Notes on the defaults"; `scripts/bench/strategies.py` fingerprints them)."""
 
 
 def _fedopt_kwargs(ctx: StrategyContext, name: str, betas: bool) -> dict:

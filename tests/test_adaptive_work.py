@@ -15,7 +15,7 @@ from fl_app.client.adaptive_work import STATE_KEY, StepCost, plan
 from fl_app.data.sources import load_partition
 from fl_app.schema import ConfigError
 from fl_app.wire import KEY_BATCH_SIZE, KEY_LOCAL_STEPS, KEY_LR_SCALE, round_config
-from scripts.sim_runs import run_history
+from scripts.bench.common import run_history
 from strategies.fednova import FedNova
 from tests.conftest import make_config
 from tests.flower_objects import fit_res

@@ -1,4 +1,4 @@
-"""Many virtual clients (issue 20, item 4): `scripts/scale_clients.py` runs the real simulation
+"""Many virtual clients (issue 20, item 4): `scripts/bench/scale_clients.py` runs the real simulation
 path and records memory per round; its per-client cost probes run Flower's own engine."""
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ import subprocess
 import psutil
 import pytest
 
-from scripts import scale_clients
+from scripts.bench import scale_clients
 
 
 def test_growth_is_the_percentage_change():

@@ -1,7 +1,7 @@
 """Faulty clients on Flower's simulation engine: the run completes and still learns.
 
 The full-size figure (default workload, 20 rounds, 10 clients, 30% raising and 10% NaN)
-is printed by `scripts/faults_run.py`; here a shorter run with a looser bound.
+is printed by `scripts/bench/faults.py`; here a shorter run with a looser bound.
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """Costs at a real size (issue 20 item 5): the client mod that times each message, the
 ClientApp's outer mods, the server's fit CPU time in the round record, and
-`scripts/scale_costs.py`'s arithmetic and run."""
+`scripts/bench/scale_costs.py`'s arithmetic and run."""
 
 from __future__ import annotations
 
@@ -16,8 +16,8 @@ from flwr.common.constant import MessageTypeLegacy
 from fl_app.app.client_app import make_client_app
 from fl_app.client.node_policy import NodePolicyError
 from fl_app.client.timing import JsonLinesSink, MessageSeconds, message_seconds_mod
-from scripts import scale_costs
-from scripts.scale_costs import Row, client_seconds, markdown, row_from
+from scripts.bench import scale_costs
+from scripts.bench.scale_costs import Row, client_seconds, markdown, row_from
 
 
 def context(node_config: dict | None = None, run_config: dict | None = None) -> Context:

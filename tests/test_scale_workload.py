@@ -72,7 +72,7 @@ def test_the_cnns_take_any_image_file(tmp_path):
 
 @pytest.mark.parametrize("name", ["cnn-1m", "cnn-10m"])
 def test_the_benchmark_uses_the_models_own_layer_shapes(name):
-    from scripts.benchmark_scale import MODELS, vgg_shapes
+    from scripts.bench.aggregation_scale import MODELS, vgg_shapes
 
     model = build_model(name, IMAGES_SPEC, seed=0)
     assert vgg_shapes(*MODELS[name]) == [tuple(w.shape) for w in model.get_weights()]

@@ -7,8 +7,8 @@ from pathlib import Path
 import pytest
 
 from fl_app.app.config import defaults
-from scripts import strategy_table
-from scripts.strategy_table import Result
+from scripts.bench import strategies as strategy_table
+from scripts.bench.strategies import Result
 from strategies import flower_builtins
 from strategies.registry import strategy_names
 
@@ -40,7 +40,7 @@ def test_readme_table_was_measured_with_the_current_defaults():
     assert stated, "the README's strategy table names no defaults fingerprint"
     assert stated[1] == strategy_table.defaults_fingerprint(), (
         "a default that shapes the strategy table changed since it was measured: rerun "
-        "python scripts/strategy_table.py")
+        "python -m scripts.bench.strategies")
 
 
 def test_fingerprint_follows_every_strategy_and_training_default(monkeypatch):

@@ -1,7 +1,7 @@
 """FedNova vs FedAvg when clients do different amounts of local work, on non-IID digits.
 
-    python scripts/fednova_table.py                  # 3 seeds x 2 strategies, 30 rounds
-    python scripts/fednova_table.py --rounds 10 --seeds 1
+    python -m scripts.bench.fednova                  # 3 seeds x 2 strategies, 30 rounds
+    python -m scripts.bench.fednova --rounds 10 --seeds 1
 
 Each of `--clients` clients (digits, Dirichlet alpha non-IID) trains a fixed number of local
 epochs drawn from `--epochs-range` (`local-epochs-range`, seeded by its partition id), so
@@ -19,9 +19,8 @@ import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from scripts.sim_runs import run_accuracies, tail_mean  # noqa: E402
+from scripts.bench.common import run_accuracies, tail_mean
 
 STRATEGIES = ("weighted-fedavg", "fednova")
 

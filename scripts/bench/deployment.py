@@ -1,6 +1,6 @@
 """Benchmark: one workload in simulation, in real deployments, and on Flower's floor.
 
-    python scripts/benchmark_deployment.py [--rounds 10] [--num-nodes 3]
+    python -m scripts.bench.deployment [--rounds 10] [--num-nodes 3]
         [--modes simulation,floor,flower,executor,fused]
 
 The workload: digits, IID, `--num-nodes` clients, every client in every round (fit and
@@ -46,7 +46,7 @@ from typing import Any
 
 import tomli_w
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 MODES = ("simulation", "floor", "flower", "executor", "fused")
 LAUNCH = {"floor": ("flower", "fuse-evaluate=false"), "flower": ("flower", "fuse-evaluate=false"),
           "executor": ("executor", "fuse-evaluate=false"), "fused": ("executor", "")}
@@ -55,7 +55,7 @@ TASK_LINE = re.compile(r"done in ([\d.]+) s \(pull ([\d.]+), run ([\d.]+), push 
 PHASES = ("process", "imports", "data", "model", "training")
 
 # The floor's ClientApp: no TensorFlow, no data, no model; the weights it gets go back.
-FLOOR_APP = '''"""A ClientApp that does no work (scripts/benchmark_deployment.py's floor)."""
+FLOOR_APP = '''"""A ClientApp that does no work (scripts/bench/deployment.py's floor)."""
 
 import time
 

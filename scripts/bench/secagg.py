@@ -1,6 +1,6 @@
 """Benchmark: what SecAgg+ costs against plaintext weighted-fedavg, per round and per client.
 
-    python scripts/secure_overhead.py [--rounds 20] [--num-supernodes 10]
+    python -m scripts.bench.secagg [--rounds 20] [--num-supernodes 10]
                                       [--models mlp,examples.keras_models:wide_mlp]
 
 Runs the app on Flower's simulation engine, once in plaintext and once with
@@ -28,22 +28,21 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+import fl_app  # noqa: F401  (quiet TensorFlow start-up: before tensorflow)
+from flwr.app import Context
+from flwr.serverapp import Grid, ServerApp
+from flwr.simulation import run_simulation
+from rich.console import Console
+from rich.table import Table
 
-import fl_app  # noqa: E402,F401,I001  (quiet TensorFlow start-up: before tensorflow)
-from flwr.app import Context  # noqa: E402
-from flwr.serverapp import Grid, ServerApp  # noqa: E402
-from flwr.simulation import run_simulation  # noqa: E402
-from rich.console import Console  # noqa: E402
-from rich.table import Table  # noqa: E402
+from fl_app.app.client_app import make_client_app
+from fl_app.app.config import resolve
+from fl_app.app.server_app import serve
+from fl_app.data.node_data import load_client
+from fl_app.schema import RunConfig
+from fl_app.server.wire_bytes import MeteredGrid
 
-from fl_app.app.client_app import make_client_app  # noqa: E402
-from fl_app.app.config import resolve  # noqa: E402
-from fl_app.app.server_app import serve  # noqa: E402
-from fl_app.data.node_data import load_client  # noqa: E402
-from fl_app.schema import RunConfig  # noqa: E402
-from fl_app.server.wire_bytes import MeteredGrid  # noqa: E402
+ROOT = Path(__file__).resolve().parents[2]
 
 MODELS = ("mlp", "examples.keras_models:wide_mlp")
 STARTUP_ATTEMPTS = 3

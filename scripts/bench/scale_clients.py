@@ -1,9 +1,9 @@
 """Benchmark: many virtual clients on Flower's simulation engine (issue 20, item 4).
 
-    python scripts/scale_clients.py many --clients 10000 --per-round 100 --rounds 30
-    python scripts/scale_clients.py many --clients 1000 --per-round 100 --rounds 30 \\
+    python -m scripts.bench.scale_clients many --clients 10000 --per-round 100 --rounds 30
+    python -m scripts.bench.scale_clients many --clients 1000 --per-round 100 --rounds 30 \\
         --model cnn-1m --dataset synthetic-images
-    python scripts/scale_clients.py costs [--nodes 1000 10000] [--messages 0 100] \
+    python -m scripts.bench.scale_clients costs [--nodes 1000 10000] [--messages 0 100] \
         [--datasets synthetic synthetic-images]
 
 `many` runs the app as `run_simulation.py --num-supernodes N` does (`fl_app.cli.simulate`:
@@ -40,7 +40,6 @@ import json
 import logging
 import os
 import statistics
-import sys
 import tempfile
 import time
 import tracemalloc
@@ -50,12 +49,10 @@ from typing import Any
 
 import psutil
 
-ROOT = Path(__file__).resolve().parent.parent
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
-
 from fl_app.flower_internals import engine_node_stores, grid_client_proxy, in_memory_engine
 from fl_app.server.callbacks import Callback
+
+ROOT = Path(__file__).resolve().parents[2]
 
 WORKER_TITLE = "ray::ClientAppActor"
 DATASETS = ("synthetic", "synthetic-images")

@@ -1,6 +1,6 @@
 """Federated standardization (`standardize=true`) on issue 22's seed case.
 
-    python scripts/standardize_table.py [--rounds 20] [--seed 42] [--num-supernodes 10]
+    python -m scripts.bench.standardize [--rounds 20] [--seed 42] [--num-supernodes 10]
 
 scikit-learn's diabetes, saved as a new user would (`load_diabetes(as_frame=True)` to a CSV:
 ten features and the raw `target`, 25..346), trained with the seed's model
@@ -23,26 +23,25 @@ import sys
 import tempfile
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+import fl_app  # noqa: F401  (quiet TensorFlow start-up: before tensorflow)
+import keras
+from sklearn.datasets import load_diabetes
 
-import fl_app  # noqa: E402,F401,I001  (quiet TensorFlow start-up: before tensorflow)
-import keras  # noqa: E402
-from sklearn.datasets import load_diabetes  # noqa: E402
-
-from fl_app.cli import simulate  # noqa: E402
-from fl_app.data.sources import Split, data_source  # noqa: E402
-from fl_app.ml.models import build_model  # noqa: E402
-from fl_app.ml.standardize import from_moments, moments  # noqa: E402
-from fl_app.schema import RunConfig  # noqa: E402
-from fl_app.server.outputs import MODEL_FILE  # noqa: E402
-from scripts.benchmark_regression import (  # noqa: E402
+from fl_app.cli import simulate
+from fl_app.data.sources import Split, data_source
+from fl_app.ml.models import build_model
+from fl_app.ml.standardize import from_moments, moments
+from fl_app.schema import RunConfig
+from fl_app.server.outputs import MODEL_FILE
+from scripts.bench.regression import (
     MODEL,
     mean_baseline,
     parse_args,
     pooled_training_data,
 )
-from scripts.simulation_run import timed_run  # noqa: E402
+from scripts.bench.common import timed_run
+
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def write_diabetes_csv(folder: Path) -> str:

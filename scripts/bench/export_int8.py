@@ -1,6 +1,6 @@
 """Table: the final model as float32 and as its int8 copies (`export-int8`), size and accuracy.
 
-    python scripts/export_table.py [--runs "model='mlp'" "model='cnn'"] [--clients 10]
+    python -m scripts.bench.export_int8 [--runs "model='mlp'" "model='cnn'"] [--clients 10]
 
 Each run is the default job with `export-int8=true` plus the run's overrides
 (`run_simulation.py --num-supernodes N --run-config "export-int8=true <overrides>"`, in this
@@ -12,14 +12,12 @@ metrics, `fl_app.server.export`).
 from __future__ import annotations
 
 import argparse
-import sys
 import tempfile
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+from scripts.bench.common import timed_run
 
-from scripts.simulation_run import timed_run  # noqa: E402
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

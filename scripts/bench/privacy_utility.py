@@ -1,6 +1,6 @@
 """Privacy–utility table: final accuracy against ε for several noise multipliers.
 
-    python scripts/privacy_utility.py [--clients 100] [--fraction-fit 0.2] [--rounds 30]
+    python -m scripts.bench.privacy_utility [--clients 100] [--fraction-fit 0.2] [--rounds 30]
         [--noise 0,0.5,1,2,4] [--clipping-norm 0.3] [--strategy dp-fixed]
         [--noise-seeds 1,2,3] [--out DIR]
 
@@ -28,10 +28,9 @@ import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+from fl_app.server.outputs import read_history
 
-from fl_app.server.outputs import read_history  # noqa: E402
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

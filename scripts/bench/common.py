@@ -1,17 +1,32 @@
-"""Shared by the experiment-table scripts: run one simulation, read back its accuracies."""
+"""What the benches share: one simulation run (`timed_run`), its history and accuracies,
+and the command-line options every table has."""
 
 from __future__ import annotations
 
 import argparse
-import sys
+import time
 from pathlib import Path
 from typing import Any
 
-ROOT = Path(__file__).resolve().parent.parent
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
+from fl_app.cli import simulate
+from fl_app.server.outputs import read_history
 
-from scripts.simulation_run import timed_run  # noqa: E402
+
+def timed_run(overrides: str, num_clients: int, out_dir: Path,
+              cpus_per_client: float | None = None) -> tuple[dict[str, Any], float]:
+    """Run `run_simulation.py --num-supernodes N --run-config OVERRIDES --out DIR` in this
+    process (`fl_app.cli.simulate.main`; with `cpus_per_client`, also
+    `--num-cpus-per-client`); return its history.json and wall seconds.
+    Raises RuntimeError when the run fails."""
+    start = time.perf_counter()
+    cpus = ["--num-cpus-per-client", f"{cpus_per_client:g}"] if cpus_per_client else []
+    code = simulate.main(["--num-supernodes", str(num_clients), *cpus, "--run-config",
+                          overrides, "--out", str(out_dir)])
+    seconds = time.perf_counter() - start
+    if code != 0:
+        raise RuntimeError(f"the run {overrides!r} failed with exit status {code}; see the "
+                           "log above")
+    return read_history(out_dir), seconds
 
 
 def table_parser(doc: str, rounds: int, clients: int = 10,
@@ -30,7 +45,7 @@ def table_parser(doc: str, rounds: int, clients: int = 10,
 def run_history(clients: int, run_config: str, out: Path, attempts: int = 3,
                 cpus_per_client: float | None = None) -> dict[str, Any]:
     """Run `run_simulation.py` with `clients` clients and `run_config`, writing to `out`
-    (`scripts.simulation_run.timed_run`; `cpus_per_client`: Ray's CPUs per client, e.g.
+    (`scripts.bench.common.timed_run`; `cpus_per_client`: Ray's CPUs per client, e.g.
     CPUs / clients for one actor per client); return its history.json. A run that fails
     (Ray failing to start on a loaded machine) is started again, up to `attempts` times in
     all; exit if it still fails."""

@@ -1,6 +1,6 @@
 """Synchronous weighted FedAvg vs FedBuff with stragglers: time to the same accuracy.
 
-    python scripts/fedbuff_benchmark.py        # digits, 10 clients, 30% of them 10x slower
+    python -m scripts.bench.fedbuff        # digits, 10 clients, 30% of them 10x slower
 
 Both runs use the same workload (digits, MLP, `--clients` simulated clients on Flower's
 simulation engine, `--slow-client-fraction` of them `--slowdown` times slower, no
@@ -24,17 +24,15 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import sys
 import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+from fl_app.cli import simulate
+from scripts.bench.common import time_to, timeline
 
-from fl_app.cli import simulate  # noqa: E402
-from scripts.sim_runs import time_to, timeline  # noqa: E402
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

@@ -1,6 +1,6 @@
 """Benchmark: what SecAgg+, HE, compression and DP cost at 4.8k and at 1 M weights (issue 20).
 
-    python scripts/scale_costs.py [--sizes 4.8k 1m] [--modes plain secagg+ he top-k int8 dp
+    python -m scripts.bench.scale_costs [--sizes 4.8k 1m] [--modes plain secagg+ he top-k int8 dp
                                   dp-c0.03] [--clients 5] [--rounds 10] [--he-rounds N]
                                   [--local-epochs 2] [--json FILE] [--out DIR]
 
@@ -47,16 +47,15 @@ from collections import defaultdict
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+from flwr.app import MessageType
 
-from flwr.app import MessageType  # noqa: E402
+from fl_app.app.logs import quiet_libraries
+from fl_app.cli import simulate
+from fl_app.client.timing import JsonLinesSink, MessageSeconds, message_seconds_mod
+from fl_app.server.outputs import read_history
+from scripts.bench.homomorphic import final_model_accuracy
 
-from fl_app.app.logs import quiet_libraries  # noqa: E402
-from fl_app.cli import simulate  # noqa: E402
-from fl_app.client.timing import JsonLinesSink, MessageSeconds, message_seconds_mod  # noqa: E402
-from fl_app.server.outputs import read_history  # noqa: E402
-from scripts.he_overhead import final_model_accuracy  # noqa: E402
+ROOT = Path(__file__).resolve().parents[2]
 
 # size -> (what it is, its run-config)
 SIZES = {

@@ -1,7 +1,7 @@
 """Final accuracy of robust and plain aggregation under each simulated attack.
 
-    python scripts/robustness_table.py                # 25 runs, ~7 min; updates README.md
-    python scripts/robustness_table.py --no-readme    # print only
+    python -m scripts.bench.robustness                # 25 runs, ~7 min; updates README.md
+    python -m scripts.bench.robustness --no-readme    # print only
 
 Every run is the default workload (digits, MLP, local-epochs 5) on Flower's simulation
 engine with `--clients` clients (15: Bulyan needs n >= 4f + 3) of which
@@ -19,12 +19,11 @@ import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+from fl_app.app.config import defaults
+from fl_app.cli import simulate
+from fl_app.client.faults import ATTACKS
 
-from fl_app.app.config import defaults  # noqa: E402
-from fl_app.cli import simulate  # noqa: E402
-from fl_app.client.faults import ATTACKS  # noqa: E402
+ROOT = Path(__file__).resolve().parents[2]
 
 STRATEGIES = ("weighted-fedavg", "fedmedian", "fedtrimmedavg", "krum", "bulyan")
 README_START = "<!-- robustness-table:start -->"
@@ -81,7 +80,7 @@ def markdown(args: argparse.Namespace, results: dict[tuple[str, str], float],
         f"`sign-flip` sends −{scale:g}× the honest update, `scale` +{scale:g}×, `gaussian` "
         f"the global model plus N(0, {std:g}²) noise, `label-flip` trains on labels c → 9 − c. "
         "Produced by "
-        f"`python scripts/robustness_table.py` in {minutes:.0f} min.",
+        f"`python -m scripts.bench.robustness` in {minutes:.0f} min.",
         "",
         "| strategy | " + " | ".join(args.attacks) + " |",
         "|---|" + "---:|" * len(args.attacks),

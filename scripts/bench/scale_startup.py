@@ -1,9 +1,9 @@
 """Benchmark: where `run_simulation.py`'s start-up goes, from the command to the first round's
 start (issue 20, item 6), for this tree and (optionally) a baseline tree side by side.
 
-    python scripts/scale_startup.py [--baseline /path/to/other/checkout] [--runs 3]
+    python -m scripts.bench.scale_startup [--baseline /path/to/other/checkout] [--runs 3]
                                     [--rounds 1] [--num-supernodes 10]
-    python scripts/scale_startup.py --baseline DIR --results [--runs 2]
+    python -m scripts.bench.scale_startup --baseline DIR --results [--runs 2]
 
 Each run is the real command (`python run_simulation.py --run-config num-server-rounds=1`)
 in a child process of its tree (cwd and PYTHONPATH set to it), the trees interleaved run by
@@ -52,7 +52,7 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 MODULES = ("fl_app.cli.simulate", "ray", "tensorflow", "flwr.simulation")
 # (module, attribute path, phase name): functions timed in the child, patched right after
 # their module is imported (before anything binds them by name).

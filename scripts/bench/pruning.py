@@ -1,7 +1,7 @@
 """Accuracy against sparsity and upload bytes for magnitude pruning (`prune-sparsity`).
 
-    python scripts/prune_table.py                       # 5 runs, ~10 min on 2 cores
-    python scripts/prune_table.py --sparsities 0 0.8 --rounds 5
+    python -m scripts.bench.pruning                       # 5 runs, ~10 min on 2 cores
+    python -m scripts.bench.pruning --sparsities 0 0.8 --rounds 5
 
 Every run is the default workload (digits, MLP, 10 clients, iid, local-epochs 5,
 `--rounds` 20) through `run_simulation.py`'s entry point: first the float32 baseline (no
@@ -18,19 +18,17 @@ round's (at the target sparsity).
 from __future__ import annotations
 
 import argparse
-import sys
 import tempfile
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+import fl_app  # noqa: F401  (quiet TensorFlow start-up: before tensorflow)
+import keras
+import numpy as np
 
-import fl_app  # noqa: E402,F401,I001  (quiet TensorFlow start-up: before tensorflow)
-import keras  # noqa: E402
-import numpy as np  # noqa: E402
+from fl_app.server.outputs import MODEL_FILE
+from scripts.bench.common import timed_run
 
-from fl_app.server.outputs import MODEL_FILE  # noqa: E402
-from scripts.simulation_run import timed_run  # noqa: E402
+ROOT = Path(__file__).resolve().parents[2]
 
 SPARSE = "compress-up='top-k' compress-top-k=1.0"
 

@@ -2,7 +2,7 @@
 is within an L2 bound, its setup, prover and verifier cost and proof size per client.
 
     pip install ezkl onnx py_ecc     # not project dependencies: in a separate virtualenv
-    python scripts/zk_bound_proof.py [--sizes 1000 4800 20000] [--bound 1.0]
+    python -m scripts.bench.zk_bound_proof [--sizes 1000 4800 20000] [--bound 1.0]
 
 The client's update u (n float parameters) is quantized as Flower's `secaggplus_mod` does
 it before masking (`flwr.common.secure_aggregation.quantization.quantize`: clipped to
@@ -301,11 +301,12 @@ def _rss_mib(pid: int) -> float:
 def measure_in_child(n: int, args: argparse.Namespace) -> dict[str, Any]:
     """`measure` for `n` in a fresh process (its own peak RSS), killed above
     `args.max_rss_gib` or after `args.timeout` seconds."""
-    command = [sys.executable, __file__, "--one", str(n), "--bound", str(args.bound),
-               "--visibility", args.visibility, "--inner-cols", str(args.inner_cols),
+    command = [sys.executable, "-m", "scripts.bench.zk_bound_proof", "--one", str(n),
+               "--bound", str(args.bound), "--visibility", args.visibility, "--inner-cols", str(args.inner_cols),
                "--srs-dir", str(args.srs_dir), "--seed", str(args.seed)]
     command += ["--only-valid"] if args.only_valid else []
-    child = subprocess.Popen(command, stdout=subprocess.PIPE, text=True)
+    child = subprocess.Popen(command, stdout=subprocess.PIPE, text=True,
+                             cwd=Path(__file__).resolve().parents[2])
     stopped: list[str] = []
 
     def watch() -> None:

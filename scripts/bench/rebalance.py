@@ -1,7 +1,7 @@
 """Client-side rebalancing (`rebalance`) on label-skewed digits: accuracy and worst-class recall.
 
-    python scripts/rebalance_table.py                 # 2 partitions x 4 modes x 3 seeds
-    python scripts/rebalance_table.py --seeds 1 --rounds 5
+    python -m scripts.bench.rebalance                 # 2 partitions x 4 modes x 3 seeds
+    python -m scripts.bench.rebalance --seeds 1 --rounds 5
 
 The default digits workload (10 clients, `--rounds` rounds, the mlp, 5 local epochs) on
 two label-skewed partitions, `partitioner='pathological'` (2 classes per client) and
@@ -20,10 +20,9 @@ import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from fl_app.data.rebalance import MODES  # noqa: E402
-from scripts.sim_runs import run_history  # noqa: E402
+from fl_app.data.rebalance import MODES
+from scripts.bench.common import run_history
 
 PARTITIONS = {
     "pathological (2 classes per client)": "partitioner='pathological' classes-per-partition=2",

@@ -1,7 +1,7 @@
 """Accuracy against bytes on the wire for each update codec, with and without error feedback.
 
-    python scripts/compression_table.py                     # 10 runs, ~40 min on 2 cores
-    python scripts/compression_table.py --settings none top-k:ef --rounds 5
+    python -m scripts.bench.compression                     # 10 runs, ~40 min on 2 cores
+    python -m scripts.bench.compression --settings none top-k:ef --rounds 5
 
 Every run is the default workload (digits, MLP, local-epochs 5) on Flower's simulation
 engine, `--clients` clients (10) partitioned by Dirichlet α (`--alpha`, 0.3), at equal
@@ -17,16 +17,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+from fl_app.cli import simulate
 
-from fl_app.cli import simulate  # noqa: E402
+ROOT = Path(__file__).resolve().parents[2]
 
 # name -> (compress-up, error-feedback, compress-down)
 SETTINGS = {

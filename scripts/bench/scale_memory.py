@@ -1,12 +1,12 @@
 """Benchmark: the server's peak memory over one fit round, whole round vs streamed (issue 20).
 
-    python scripts/scale_memory.py [--clients 10 50 100] [--model cnn-10m] [--workers 4]
+    python -m scripts.bench.scale_memory [--clients 10 50 100] [--model cnn-10m] [--workers 4]
                                    [--plot docs/img/memory_per_round.png]
 
 Each configuration runs in a fresh Python process: one round of `FederatedServer` (the
 app's server loop) with the registry's default strategy (`ValidatedStrategy(
 WeightedFedAvg)` behind `WireMeter`, as every run builds it) over N clients, on a model
-in the layer shapes of `scripts/benchmark_scale.py`'s MODEL (cnn-10m: 9,556,554 float32
+in the layer shapes of `scripts/bench/aggregation_scale.py`'s MODEL (cnn-10m: 9,556,554 float32
 weights, 36.5 MiB). Each client is a Flower `ClientProxy` whose `fit` makes its reply
 when it is asked (the global model plus noise, serialized as Flower serializes it,
 claims 50..150 examples): nothing is made before it "arrives", so the process holds
@@ -55,19 +55,18 @@ from flwr.common import (
 from flwr.server import Server
 from flwr.server.client_proxy import ClientProxy
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+from fl_app.app.config import resolve
+from fl_app.server.runner import FederatedServer
+from fl_app.server.stopping import StoppingRules
+from scripts.bench.aggregation_scale import MODELS, vgg_shapes
+from strategies.context import StrategyContext
+from strategies.protocols import find_layer
+from strategies.decoding import NUMPY_TENSORS, decode, encode, encode_array
+from strategies.registry import build_strategy
+from strategies.validated import STREAM_HOLD, ValidatedStrategy
+from tests.flower_objects import IdleProxy
 
-from fl_app.app.config import resolve  # noqa: E402
-from fl_app.server.runner import FederatedServer  # noqa: E402
-from fl_app.server.stopping import StoppingRules  # noqa: E402
-from scripts.benchmark_scale import MODELS, vgg_shapes  # noqa: E402
-from strategies.context import StrategyContext  # noqa: E402
-from strategies.protocols import find_layer  # noqa: E402
-from strategies.decoding import NUMPY_TENSORS, decode, encode, encode_array  # noqa: E402
-from strategies.registry import build_strategy  # noqa: E402
-from strategies.validated import STREAM_HOLD, ValidatedStrategy  # noqa: E402
-from tests.flower_objects import IdleProxy  # noqa: E402
+ROOT = Path(__file__).resolve().parents[2]
 
 MIB = 2**20
 PATHS = {"whole round": None, "streamed": STREAM_HOLD, "streamed, stream-hold 0": 0}
@@ -159,8 +158,8 @@ def one_round(path: str, clients: int, model: str, workers: int, seed: int) -> d
 
 def measure(path: str, clients: int, model: str, workers: int, seed: int) -> dict:
     """`one_round` in a fresh Python process (its figures)."""
-    out = subprocess.run([sys.executable, __file__, "--one", path, "--clients", str(clients),
-                          "--model", model, "--workers", str(workers), "--seed", str(seed)],
+    out = subprocess.run([sys.executable, "-m", "scripts.bench.scale_memory", "--one", path,
+                          "--clients", str(clients), "--model", model, "--workers", str(workers), "--seed", str(seed)],
                          check=True, capture_output=True, text=True, cwd=ROOT)
     return json.loads(out.stdout.strip().splitlines()[-1])
 

@@ -1,6 +1,6 @@
 """Benchmark: the server's aggregation of one round at a real model size (issue 20).
 
-    python scripts/benchmark_scale.py [--repeats 5] [--workloads 50x670k 20xcnn-10m]
+    python -m scripts.bench.aggregation_scale [--repeats 5] [--workloads 50x670k 20xcnn-10m]
                                       [--tables aggregation memory clients costs startup]
 
 Each workload is N client replies (real Flower `FitRes`, float32 arrays serialized by
@@ -23,15 +23,15 @@ validated path's model equals Flower's `aggregate()` (the largest absolute diffe
 `--tables` picks issue 20's tables (default: aggregation only; `--tables all` for every one).
 The others run their own script, each in a fresh process with its defaults (see each
 script for its options and what it measures):
-  * memory: `scripts/scale_memory.py`, peak server RSS over one round at 10, 50 and 100
+  * memory: `scripts/bench/scale_memory.py`, peak server RSS over one round at 10, 50 and 100
     clients x cnn-10m, whole round vs streamed, and its plot (a few minutes);
-  * clients: `scripts/scale_clients.py many` (10,000 Synthetic clients, 100 per round, 30
+  * clients: `scripts/bench/scale_clients.py many` (10,000 Synthetic clients, 100 per round, 30
     rounds: seconds per round and RSS at rounds 1, 10, 30; about 15 minutes here), then
     `many --clients 1000 --model cnn-1m --dataset synthetic-images`, then `costs` (the
     per-client costs behind the 100,000-client estimate);
-  * costs: `scripts/scale_costs.py`, SecAgg+, HE, compression and DP at 4.8k and 1 M
+  * costs: `scripts/bench/scale_costs.py`, SecAgg+, HE, compression and DP at 4.8k and 1 M
     weights (about an hour here);
-  * startup: `scripts/scale_startup.py`, where `run_simulation.py`'s start-up goes.
+  * startup: `scripts/bench/scale_startup.py`, where `run_simulation.py`'s start-up goes.
 """
 
 from __future__ import annotations
@@ -50,24 +50,23 @@ from flwr.server.client_manager import SimpleClientManager
 from flwr.server.strategy import FedAvg
 from flwr.server.strategy.aggregate import aggregate
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+from fl_app.app.config import resolve
+from strategies.context import StrategyContext
+from strategies.registry import build_strategy
+from strategies.weighted_fedavg import WeightedFedAvg
+from tests.flower_objects import results  # real FitRes, no client behind them
 
-from fl_app.app.config import resolve  # noqa: E402
-from strategies.context import StrategyContext  # noqa: E402
-from strategies.registry import build_strategy  # noqa: E402
-from strategies.weighted_fedavg import WeightedFedAvg  # noqa: E402
-from tests.flower_objects import results  # noqa: E402  (real FitRes, no client behind them)
+ROOT = Path(__file__).resolve().parents[2]
 
 # table -> the commands (script and arguments, from the repository root) that print it
 TABLES = {
-    "memory": [["scripts/scale_memory.py"]],
-    "clients": [["scripts/scale_clients.py", "many"],
-                ["scripts/scale_clients.py", "many", "--clients", "1000", "--model", "cnn-1m",
+    "memory": [["scripts.bench.scale_memory"]],
+    "clients": [["scripts.bench.scale_clients", "many"],
+                ["scripts.bench.scale_clients", "many", "--clients", "1000", "--model", "cnn-1m",
                  "--dataset", "synthetic-images"],
-                ["scripts/scale_clients.py", "costs"]],
-    "costs": [["scripts/scale_costs.py"]],
-    "startup": [["scripts/scale_startup.py"]],
+                ["scripts.bench.scale_clients", "costs"]],
+    "costs": [["scripts.bench.scale_costs"]],
+    "startup": [["scripts.bench.scale_startup"]],
 }
 
 # name -> (conv widths, dense units) of `fl_app.ml.models.vgg_cnn`
@@ -174,8 +173,8 @@ def main(argv: list[str] | None = None) -> None:
     for table, commands in TABLES.items():
         if table in args.tables:
             for command in commands:
-                print(f"\n## {table}: python {' '.join(command)}", flush=True)
-                subprocess.run([sys.executable, *command], cwd=ROOT, check=True)
+                print(f"\n## {table}: python -m {' '.join(command)}", flush=True)
+                subprocess.run([sys.executable, "-m", *command], cwd=ROOT, check=True)
 
 
 if __name__ == "__main__":

@@ -1,6 +1,6 @@
 """Benchmark: homomorphic encryption (CKKS) against plaintext weighted-fedavg.
 
-    python scripts/he_overhead.py [--clients 10] [--repeats 3] [--accuracy] [--rounds 20]
+    python -m scripts.bench.homomorphic [--clients 10] [--repeats 3] [--accuracy] [--rounds 20]
 
 Per client and round, for the default model (digits `mlp`, 4,810 weights) and one 10x
 larger (the same MLP with 640 hidden units, 48,010 weights), it times and sizes what

@@ -1,7 +1,7 @@
 """The default workload with broken clients: does the run complete and still learn?
 
-    python scripts/faults_run.py                      # 30% raise, 10% NaN (issue 5)
-    python scripts/faults_run.py --run-config "fault-garbage-fraction=0.2"
+    python -m scripts.bench.faults                      # 30% raise, 10% NaN (issue 5)
+    python -m scripts.bench.faults --run-config "fault-garbage-fraction=0.2"
 
 Runs `run_simulation.py` (10 clients, 20 rounds, digits) with the fault-injection keys
 and prints the rounds completed, failures and rejections per round, and the final
@@ -16,10 +16,9 @@ import sys
 import tempfile
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+from fl_app.cli import simulate
 
-from fl_app.cli import simulate  # noqa: E402
+ROOT = Path(__file__).resolve().parents[2]
 
 DEFAULT_FAULTS = "fault-raise-fraction=0.3 fault-nan-fraction=0.1"
 

@@ -1,6 +1,6 @@
 """Benchmark: the regression model trained federatedly vs. centrally on the embedded diabetes data.
 
-    python scripts/benchmark_regression.py [--rounds 20] [--seed 42] [--num-supernodes 10]
+    python -m scripts.bench.regression [--rounds 20] [--seed 42] [--num-supernodes 10]
 
 (a) Federated: `examples.keras_models:regression` (Dense(10, relu), Dense(1), compiled
     with Adam(0.01), loss='mse', metrics ['mae']) trains on `dataset='diabetes'` split
@@ -26,20 +26,19 @@ import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+import fl_app  # noqa: F401  (quiet TensorFlow start-up: before tensorflow)
+import keras
+import numpy as np
+from rich.console import Console
+from rich.table import Table
 
-import fl_app  # noqa: E402,F401,I001  (quiet TensorFlow start-up: before tensorflow)
-import keras  # noqa: E402
-import numpy as np  # noqa: E402
-from rich.console import Console  # noqa: E402
-from rich.table import Table  # noqa: E402
+from fl_app.cli import simulate
+from fl_app.data.sources import Split, data_source, load_partition
+from fl_app.ml.models import build_model
+from fl_app.schema import RunConfig
+from scripts.bench.common import timed_run
 
-from fl_app.cli import simulate  # noqa: E402
-from fl_app.data.sources import Split, data_source, load_partition  # noqa: E402
-from fl_app.ml.models import build_model  # noqa: E402
-from fl_app.schema import RunConfig  # noqa: E402
-from scripts.simulation_run import timed_run  # noqa: E402
+ROOT = Path(__file__).resolve().parents[2]
 
 MODEL = "examples.keras_models:regression"
 WORSE_THAN_CENTRAL = 1.5  # flag a federated MSE above this many times the central one

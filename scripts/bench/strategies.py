@@ -1,7 +1,7 @@
 """Every registered strategy, with its default hyperparameters, on the default workload.
 
-    python scripts/strategy_table.py                  # every strategy; updates README.md
-    python scripts/strategy_table.py --strategies fedadam dp-fixed --rounds 3 --no-readme
+    python -m scripts.bench.strategies                  # every strategy; updates README.md
+    python -m scripts.bench.strategies --strategies fedadam dp-fixed --rounds 3 --no-readme
 
 Each run is `python run_simulation.py --run-config "strategy='<name>'"` (digits, MLP, 10 IID
 clients, 20 rounds, seed 42), in this process through the same code path, one run at a
@@ -24,15 +24,14 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+from fl_app.app.config import RUN_SETTINGS, defaults
+from fl_app.data import settings as data_settings
+from fl_app.ml import settings as ml_settings
+from scripts.bench.common import timed_run
+from strategies import context, flower_builtins, registry, validation
+from strategies.accounting import PrivacyAccountant, default_delta
 
-from fl_app.app.config import RUN_SETTINGS, defaults  # noqa: E402
-from fl_app.data import settings as data_settings  # noqa: E402
-from fl_app.ml import settings as ml_settings  # noqa: E402
-from scripts.simulation_run import timed_run  # noqa: E402
-from strategies import context, flower_builtins, registry, validation  # noqa: E402
-from strategies.accounting import PrivacyAccountant, default_delta  # noqa: E402
+ROOT = Path(__file__).resolve().parents[2]
 
 BASELINE = "weighted-fedavg"
 TOLERANCE = 0.05  # a strategy's default must reach the baseline's final accuracy within this
@@ -170,7 +169,7 @@ def markdown(results: dict[str, Result], rounds: int, clients: int, minutes: flo
         f"(`python run_simulation.py --run-config \"strategy='NAME'\"`: digits, MLP, "
         f"{clients} IID clients, {rounds} rounds, seed {defaults()['seed']}), one run each; "
         f"Δ is the final centralized accuracy minus `{BASELINE}`'s, ε is at δ = "
-        f"{default_delta(clients):g}. Produced by `python scripts/strategy_table.py` in "
+        f"{default_delta(clients):g}. Produced by `python -m scripts.bench.strategies` in "
         f"{minutes:.0f} min on this machine's 2 cores, shared with other jobs (seconds: "
         f"wall time of a run, start-up included; defaults fingerprint "
         f"`{defaults_fingerprint()}`).",

@@ -1,7 +1,7 @@
 """Fixed vs adaptive local work with stragglers: rounds and wall time to a target accuracy.
 
-    python scripts/adaptive_work_table.py              # 3 seeds, 8 rounds, budget 0.15 s
-    python scripts/adaptive_work_table.py --seeds 1 --rounds 6
+    python -m scripts.bench.adaptive_work              # 3 seeds, 8 rounds, budget 0.15 s
+    python -m scripts.bench.adaptive_work --seeds 1 --rounds 6
 
 `--clients` clients on digits, `--slow-client-fraction` of them `--slowdown` times slower
 (`slow-client-fraction`, `slow-client-slowdown`: their training runs that much slower, as
@@ -28,9 +28,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from scripts.sim_runs import run_history, table_parser, time_to, timeline  # noqa: E402
+from scripts.bench.common import run_history, table_parser, time_to, timeline
 
 VARIANTS = {  # label -> run-config of the variant (the budget added to the adaptive ones)
     "fixed, weighted-fedavg": "strategy='weighted-fedavg'",

@@ -1,7 +1,7 @@
 """Benchmark: this app vs. the Flower quickstart-tensorflow pattern vs. the compute floor,
 for a classifier and a regressor.
 
-    python scripts/benchmark_overhead.py [--rounds 10] [--num-supernodes 10]
+    python -m scripts.bench.overhead [--rounds 10] [--num-supernodes 10]
                                          [--workloads classifier,regressor]
 
 Runs each workload (10 IID clients, 5 local epochs) three ways in one process and prints
@@ -39,31 +39,30 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+import fl_app  # noqa: F401  (quiet TensorFlow start-up: before tensorflow)
+import keras
+import numpy as np
+import tensorflow as tf
+from flwr.client import NumPyClient
+from flwr.clientapp import ClientApp
+from flwr.common import Context, NDArrays, Scalar, ndarrays_to_parameters
+from flwr.server import ServerAppComponents, ServerConfig
+from flwr.server.strategy import FedAvg
+from flwr.serverapp import ServerApp
+from flwr.simulation import run_simulation
+from rich.console import Console
+from rich.table import Table
 
-import fl_app  # noqa: E402,F401,I001  (quiet TensorFlow start-up: before tensorflow)
-import keras  # noqa: E402
-import numpy as np  # noqa: E402
-import tensorflow as tf  # noqa: E402
-from flwr.client import NumPyClient  # noqa: E402
-from flwr.clientapp import ClientApp  # noqa: E402
-from flwr.common import Context, NDArrays, Scalar, ndarrays_to_parameters  # noqa: E402
-from flwr.server import ServerAppComponents, ServerConfig  # noqa: E402
-from flwr.server.strategy import FedAvg  # noqa: E402
-from flwr.serverapp import ServerApp  # noqa: E402
-from flwr.simulation import run_simulation  # noqa: E402
-from rich.console import Console  # noqa: E402
-from rich.table import Table  # noqa: E402
+from fl_app.app.local_client import client_for
+from fl_app.app.config import resolve
+from fl_app.data.sources import Split, data_source, load_partition
+from fl_app.ml.models import build_model
+from fl_app.ml.trainer import fresh_optimizer, trainer_for
+from fl_app.schema import RunConfig
+from fl_app.server.outputs import read_history
+from fl_app.wire import round_config
 
-from fl_app.app.local_client import client_for  # noqa: E402
-from fl_app.app.config import resolve  # noqa: E402
-from fl_app.data.sources import Split, data_source, load_partition  # noqa: E402
-from fl_app.ml.models import build_model  # noqa: E402
-from fl_app.ml.trainer import fresh_optimizer, trainer_for  # noqa: E402
-from fl_app.schema import RunConfig  # noqa: E402
-from fl_app.server.outputs import read_history  # noqa: E402
-from fl_app.wire import round_config  # noqa: E402
+ROOT = Path(__file__).resolve().parents[2]
 
 BACKEND = {"client_resources": {"num_cpus": 1, "num_gpus": 0.0}, "init_args": {}}
 CALL_TARGET = 2.0  # a client call at most this many times the compute floor

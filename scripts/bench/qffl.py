@@ -1,7 +1,7 @@
 """q-FFL's fairness on Synthetic(1,1) with 100 devices: q=0 vs q=1, several seeds.
 
-    python scripts/qffl_table.py                      # 3 seeds x q in (0, 1), 100 rounds
-    python scripts/qffl_table.py --rounds 20 --seeds 1
+    python -m scripts.bench.qffl                      # 3 seeds x q in (0, 1), 100 rounds
+    python -m scripts.bench.qffl --rounds 20 --seeds 1
 
 Li et al., "Fair Resource Allocation in Federated Learning" (ICLR 2020), as its official
 code (litian96/fair_flearn) runs Synthetic: 100 devices of Synthetic(1,1) (sizes
@@ -27,9 +27,8 @@ import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from scripts.sim_runs import run_history, synthetic_devices  # noqa: E402
+from scripts.bench.common import run_history, synthetic_devices
 
 DEVICES, PER_ROUND = 100, 10
 COLUMNS = ("mean", "worst_10", "best_10", "variance")
@@ -77,7 +76,7 @@ def markdown(args: argparse.Namespace, results: dict[tuple[float, int], dict[str
              f"logreg, lr {args.learning_rate:g} (L = {1 / args.learning_rate:g}), batch "
              f"{args.batch_size}, 1 local epoch, {args.rounds} rounds, seeds "
              f"{', '.join(map(str, seeds))}; the devices' accuracy on their own validation "
-             f"split after the last round (`python scripts/qffl_table.py --rounds "
+             f"split after the last round (`python -m scripts.bench.qffl --rounds "
              f"{args.rounds} --seeds {len(seeds)} --learning-rate {args.learning_rate:g} "
              f"--batch-size {args.batch_size}`, {minutes:.0f} min on 2 shared cores).",
              "",

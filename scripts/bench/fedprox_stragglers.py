@@ -1,9 +1,9 @@
 """The FedProx paper's straggler experiment on Synthetic(1,1): FedAvg dropping stragglers vs
 FedProx (mu=1) keeping their partial work, at 0%, 50% and 90% stragglers.
 
-    python scripts/fedprox_stragglers.py                 # the paper's 200 rounds (hours on 2 cores)
-    python scripts/fedprox_stragglers.py --rounds 20     # fewer rounds
-    python scripts/fedprox_stragglers.py --rounds 40 --fractions 0.9
+    python -m scripts.bench.fedprox_stragglers                 # the paper's 200 rounds (hours on 2 cores)
+    python -m scripts.bench.fedprox_stragglers --rounds 20     # fewer rounds
+    python -m scripts.bench.fedprox_stragglers --rounds 40 --fractions 0.9
 
 Li et al., "Federated Optimization in Heterogeneous Networks" (MLSys 2020), section 5.2 and
 its official code: 30 devices of Synthetic(1,1) (alpha, beta as standard deviations, sizes
@@ -24,9 +24,8 @@ import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from scripts.sim_runs import run_accuracies, synthetic_devices, tail_mean  # noqa: E402
+from scripts.bench.common import run_accuracies, synthetic_devices, tail_mean
 
 FRACTIONS = (0.0, 0.5, 0.9)
 DEVICES, PER_ROUND = 30, 10
