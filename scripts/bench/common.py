@@ -29,16 +29,18 @@ def timed_run(overrides: str, num_clients: int, out_dir: Path,
     return read_history(out_dir), seconds
 
 
-def table_parser(doc: str, rounds: int, clients: int = 10,
-                 seeds: int = 3) -> argparse.ArgumentParser:
+def table_parser(doc: str | None, rounds: int, clients: int = 10,
+                 seeds: int | None = 3) -> argparse.ArgumentParser:
     """A table script's command line (its module `doc` as help) with the options every
-    such script has: `--clients`, `--rounds` and `--seeds` (seeds 1..N), at these defaults."""
+    such script has: `--clients`, `--rounds` and (unless `seeds` is None) `--seeds`
+    (seeds 1..N), at these defaults."""
     parser = argparse.ArgumentParser(description=doc,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--clients", type=int, default=clients,
                         help=f"simulated clients ({clients})")
     parser.add_argument("--rounds", type=int, default=rounds, help=f"rounds per run ({rounds})")
-    parser.add_argument("--seeds", type=int, default=seeds, help=f"seeds 1..N ({seeds})")
+    if seeds is not None:
+        parser.add_argument("--seeds", type=int, default=seeds, help=f"seeds 1..N ({seeds})")
     return parser
 
 

@@ -30,17 +30,14 @@ from pathlib import Path
 from typing import Any
 
 from fl_app.cli import simulate
-from scripts.bench.common import time_to, timeline
+from scripts.bench.common import table_parser, time_to, timeline
 
 ROOT = Path(__file__).resolve().parents[2]
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """Command-line options."""
-    parser = argparse.ArgumentParser(description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--clients", type=int, default=10, help="simulated clients (10)")
-    parser.add_argument("--rounds", type=int, default=10, help="synchronous rounds (10)")
+    parser = table_parser(__doc__, rounds=10, clients=10, seeds=None)
     parser.add_argument("--max-versions", type=int, default=300,
                         help="FedBuff: most model versions before giving up (300)")
     parser.add_argument("--slow-client-fraction", type=float, default=0.3)

@@ -22,6 +22,7 @@ from pathlib import Path
 from fl_app.app.config import defaults
 from fl_app.cli import simulate
 from fl_app.client.faults import ATTACKS
+from scripts.bench.common import table_parser
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -33,10 +34,7 @@ CONFIG_TABLE_START = "<!-- config-table:start -->"
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """Command-line options."""
-    parser = argparse.ArgumentParser(description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--clients", type=int, default=15, help="simulated clients (15)")
-    parser.add_argument("--rounds", type=int, default=10, help="rounds per run (10)")
+    parser = table_parser(__doc__, rounds=10, clients=15, seeds=None)
     parser.add_argument("--attack-fraction", type=float, default=0.2,
                         help="fraction of attackers (0.2)")
     parser.add_argument("--strategies", nargs="+", default=list(STRATEGIES))
