@@ -31,31 +31,24 @@ from flwr.client import NumPyClient
 from flwr.common import NDArrays, Scalar
 
 from fl_app.flower_internals import ClientAppCallable, Mod
+from fl_app.client.wrapper import ClientWrapper
 from fl_app.wire import TIMING_PREFIX
 
 PHASES = ("process", "imports", "data", "model", "training")
 
 
-class TimedClient(NumPyClient):
-    """Delegates every call to `inner`; its fit metrics also carry `seconds` (phase →
-    seconds) and the fit's own time as `training`, each unless `inner` already reports it
-    (a client that measures its own phases)."""
+class TimedClient(ClientWrapper):
+    """`inner`'s client whose fit metrics also carry `seconds` (phase → seconds) and the
+    fit's own time as `training`, each unless `inner` already reports it (a client that
+    measures its own phases)."""
 
     def __init__(self, inner: NumPyClient, seconds: Mapping[str, float]) -> None:
-        self.inner = inner
+        super().__init__(inner)
         self.seconds = dict(seconds)
 
     def __getattr__(self, name: str) -> Any:
         # Attributes particular to the wrapped client (a KerasClient's data, trainer).
         return getattr(self.__dict__["inner"], name)
-
-    def get_properties(self, config: dict[str, Scalar]) -> dict[str, Scalar]:
-        """Delegate to the wrapped client."""
-        return self.inner.get_properties(config)
-
-    def get_parameters(self, config: dict[str, Scalar]) -> NDArrays:
-        """Delegate to the wrapped client."""
-        return self.inner.get_parameters(config)
 
     def fit(self, parameters: NDArrays,
             config: dict[str, Scalar]) -> tuple[NDArrays, int, dict[str, Scalar]]:
@@ -67,11 +60,6 @@ class TimedClient(NumPyClient):
         for phase, value in seconds.items():
             timed.setdefault(f"{TIMING_PREFIX}{phase}", float(value))
         return weights, num_examples, timed
-
-    def evaluate(self, parameters: NDArrays,
-                 config: dict[str, Scalar]) -> tuple[float, int, dict[str, Scalar]]:
-        """Delegate to the wrapped client."""
-        return self.inner.evaluate(parameters, config)
 
 
 def process_seconds(since: float) -> float:

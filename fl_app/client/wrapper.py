@@ -1,4 +1,5 @@
-"""The base of every client that wraps another (fault injection, encryption)."""
+"""The base of every NumPyClient that wraps another (fault injection, encryption, the fit
+message's timing)."""
 
 from __future__ import annotations
 
