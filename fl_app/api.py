@@ -3,6 +3,10 @@
     from fl_app.api import run
     history = run(model, x, y, num_clients=10, partitioner="dirichlet", num_server_rounds=20)
 
+and the app's parts for a Flower user's own ServerApp (docs/flower-users.md): `client_app`,
+the Keras ClientApp configured by keyword, and `initial_parameters`, its model's starting
+weights for a server strategy (FedAdam and the other FedOpt strategies need them).
+
 It runs the same simulation as `run_simulation.py` (same config schema, checks, outputs:
 history.json, history.csv, final_model.keras, plots in `out_dir`) and returns the history;
 `callbacks` (`fl_app.server.callbacks.Callback` subclasses) get every round's record as
@@ -21,6 +25,10 @@ from typing import Any
 
 import numpy as np
 
+from flwr.clientapp import ClientApp
+from flwr.common import Parameters, ndarrays_to_parameters
+
+from fl_app.app.client_app import make_client_app
 from fl_app.app.config import check_num_clients, defaults, resolve
 from fl_app.cli.simulate import check_user_keys, parse_args, simulate
 from fl_app.cli.summary import print_summary
@@ -33,6 +41,37 @@ from fl_app.server.run_clock import run_start
 def _kebab(config: Mapping[str, Scalar]) -> dict[str, Scalar]:
     """Python keyword names (`local_epochs`) as run-config keys (`local-epochs`)."""
     return {key.replace("_", "-"): value for key, value in config.items()}
+
+
+def _config(config: Mapping[str, Scalar]) -> Any:
+    """The run config of `config`'s keys in Python spelling over every default, checked
+    (ConfigError naming the key)."""
+    return resolve({**defaults(), **_kebab(config)})
+
+
+def client_app(**config: Scalar) -> ClientApp:
+    """The app's Keras ClientApp, for a ServerApp of your own (Flower's `FedAvg`,
+    `FedAdam`, ...): each node trains `model` on its partition of `dataset` with the run's
+    local work, as under this app's own server. `config` takes any run-config key in Python
+    spelling (`model="cnn"`, `local_epochs=2`, `partitioner="dirichlet"`); the simulated
+    nodes' `partition-id` and `num-partitions` (Flower's node config) pick the partition.
+    Keys that need this app's server (`secure_aggregation`, `homomorphic_encryption`,
+    `compress_up`/`compress_down`, `prune_sparsity`, `standardize`, `fuse_evaluate`) mean
+    nothing to another server: leave them unset. Raises ConfigError on a bad key or value.
+    """
+    return make_client_app(fixed_config=_config(config))
+
+
+def initial_parameters(**config: Scalar) -> Parameters:
+    """The initial weights of the model `config` builds (the same keys as `client_app`),
+    as Flower `Parameters`: a server strategy's `initial_parameters` (FedAdam, FedYogi and
+    FedAdagrad need them), equal to the weights every client starts from."""
+    from fl_app.data.sources import data_spec
+    from fl_app.ml.models import build_model  # imports TensorFlow
+
+    cfg = _config(config)
+    model = build_model(str(cfg["model"]), data_spec(cfg), int(cfg["seed"]))
+    return ndarrays_to_parameters(model.get_weights())
 
 
 def run(model: Any, x: np.ndarray, y: np.ndarray, *, num_clients: int = 10,

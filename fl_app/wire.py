@@ -33,8 +33,6 @@ KEY_LOSS_BEFORE = "loss_before"  # fit config: report it; fit metrics: the loss 
 CLIENT_SAMPLING = "client-sampling"  # run-config key: 'size' samples clients by size
 NUM_EXAMPLES = "num-examples"  # get_properties (client-sampling='size'): training-set size
 DATA_QUALITY_PREFIX = "data_"  # fit metrics: the client's data-quality report (data_rows, ...)
-# The longest `data_warnings` string: clients truncate to it, the server drops a longer one.
-MAX_DATA_WARNINGS_CHARS = 200
 TIMING_PREFIX = "time_"  # fit metrics: seconds the message spent per phase (time_training, ...)
 KEY_COMPRESS_UP = "compress-up"  # fit config: the codec the client encodes its update with
 KEY_COMPRESS_TOP_K = "compress-top-k"  # fit config: the fraction of entries top-k keeps

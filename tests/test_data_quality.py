@@ -19,7 +19,6 @@ from fl_app.data.sources import (
 )
 from fl_app.ml.trainer import trainer_for
 from fl_app.server.runner import data_quality
-from fl_app.wire import MAX_DATA_WARNINGS_CHARS
 from tests.conftest import make_config
 from tests.flower_objects import IdleProxy, fit_res
 
@@ -135,7 +134,7 @@ def test_single_class_data_is_a_warning_not_an_error():
     x, y = _clean()
     _, _, report = check_client_data(x, np.full(40, 2), CLASSES, WHERE)
     assert report.warnings == ("single class",)  # the label (2) never leaves the client
-    assert report.as_metrics()["data_warnings"] == "single class"
+    assert report.as_metrics()["data_single_class"] == 1
 
 
 @pytest.mark.parametrize("limit, warned", [(50.0, True), (100.0, False), (0.0, False)])
@@ -147,19 +146,19 @@ def test_extreme_imbalance_is_a_warning_above_max_class_imbalance(limit, warned)
                                if warned else ())
 
 
-def test_the_warnings_sent_are_cut_to_their_bound():
-    report = QualityReport(rows=5, warnings=("class imbalance 99:1",) * 40)
-    sent = report.as_metrics()["data_warnings"]
-    assert len(sent) == MAX_DATA_WARNINGS_CHARS and sent.endswith("...")
-    assert QualityReport(warnings=("single class",)).as_metrics()["data_warnings"] == (
-        "single class")
+def test_the_report_sent_is_numbers_only():
+    report = QualityReport(rows=5, findings={"largest_class": 99, "smallest_class": 1})
+    sent = report.as_metrics()
+    assert all(isinstance(value, int) for value in sent.values()), sent
+    assert report.warnings == ("class imbalance 99:1 (largest class 99 rows, smallest 1)",)
+    assert QualityReport(findings={"single_class": 1}).warnings == ("single class",)
 
 
 def test_clean_data_gets_a_clean_report():
     x, y = _clean()
     _, _, report = check_client_data(x, y, CLASSES, WHERE)
     assert report.as_metrics() == {"data_rows": 40, "data_dropped_nonfinite": 0,
-                                   "data_dropped_target": 0, "data_warnings": ""}
+                                   "data_dropped_target": 0}
 
 
 def test_pathological_one_class_partitions_keep_working_and_warn():
@@ -212,13 +211,13 @@ def test_a_clients_fit_metrics_carry_its_data_report():
     cfg = make_config(local_epochs=1)
     part = load_partition(cfg, 0, 10)
     report = QualityReport(rows=99, dropped={"nonfinite": 3, "target": 1},
-                           warnings=("single class",))
+                           findings={"single_class": 1})
     data = ClientData(part.train, part.val, part.source, report)
     client = KerasClient(trainer_for(cfg, DataSpec((64,), 10)), data, cfg)
     _, _, metrics = client.fit(client.get_parameters({}), {})
     assert {k: metrics[k] for k in report.as_metrics()} == {
         "data_rows": 99, "data_dropped_nonfinite": 3, "data_dropped_target": 1,
-        "data_warnings": "single class"}
+        "data_single_class": 1}
 
 
 def test_client_data_has_a_clean_report_by_default():
@@ -228,7 +227,7 @@ def test_client_data_has_a_clean_report_by_default():
 
 def test_the_runner_records_each_clients_report_the_first_time_it_reports():
     arrays = [np.zeros(2, dtype=np.float32)]
-    report = {"data_rows": 10, "data_dropped_nonfinite": 2, "data_warnings": ""}
+    report = {"data_rows": 10, "data_dropped_nonfinite": 2}
     results = [(IdleProxy("a"), fit_res(arrays, 10, {**report, "train_loss": 0.5})),
                (IdleProxy("b"), fit_res(arrays, 10, {"train_loss": 0.5}))]
     seen: set[str] = set()
@@ -244,9 +243,9 @@ def test_a_report_with_nothing_of_the_expected_form_is_not_recorded():
 
 
 @pytest.mark.parametrize("lie", [
-    {"data_warnings": "x" * (MAX_DATA_WARNINGS_CHARS + 1)},  # over-long
-    {"data_warnings": b"single class (7)"},  # not a string
-    {"data_warnings": 7.0},
+    {"data_warnings": "class 7 only"},  # text: the server makes the warnings' text itself
+    {"data_single_class": b"7"},  # a finding that is not a count
+    {"data_largest_class": 7.5},
     {"data_rows": "40 rows of class 7"},  # a count that is not one
     {"data_rows": -3},
     {"data_dropped_target": True},
@@ -254,15 +253,16 @@ def test_a_report_with_nothing_of_the_expected_form_is_not_recorded():
 ])
 def test_the_server_drops_a_report_value_of_the_wrong_form_and_logs_it_not_verbatim(lie, caplog):
     arrays = [np.zeros(2, dtype=np.float32)]
-    honest = {"data_rows": 10, "data_dropped_target": 0, "data_warnings": "single class"}
+    honest = {"data_rows": 10, "data_dropped_target": 0, "data_single_class": 1}
     results = [(IdleProxy("liar"), fit_res(arrays, 10, {**honest, **lie}))]
     (key, value), = lie.items()
     with caplog.at_level("WARNING"):
         reports = data_quality(results, set())
-    short = key.removeprefix("data_")
-    assert reports == {"liar": {k.removeprefix("data_"): v for k, v in honest.items()
-                                if k != key}}
-    assert short not in reports["liar"]
+    kept = {k.removeprefix("data_"): v for k, v in honest.items() if k != key}
+    warnings = "single class" if "single_class" in kept else ""
+    assert reports == {"liar": {**{k: v for k, v in kept.items() if k != "single_class"},
+                                "warnings": warnings}}
+    assert value not in reports["liar"].values()
     logged = caplog.text
     assert "liar" in logged and key in logged and type(value).__name__ in logged
     assert str(value)[:20] not in logged.replace(key, "")  # the value itself is never logged

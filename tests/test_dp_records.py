@@ -20,7 +20,7 @@ from tests.flower_objects import AnsweringProxy, FailingProxy, IdleProxy, random
 
 CLIENTS = 4
 # What a client's fit reports besides its update: data-quality counts and timings.
-REPORTS = {"data_rows": 40, "data_dropped_nonfinite": 0, "data_warnings": "single class",
+REPORTS = {"data_rows": 40, "data_dropped_nonfinite": 0, "data_single_class": 1,
            "time_training": 0.25}
 
 

@@ -59,8 +59,9 @@ class KerasClient(NumPyClient):
     and `eval_<metric>` to its metrics (one message per round instead of two). With
     `loss_before` in the config (q-FFL, `strategies.qffl`; not with client-side DP) a fit
     first evaluates the received weights on its own training data and reports that loss
-    as `loss_before`. Fit metrics carry the data's quality report (`data_rows`, `data_dropped_*`,
-    `data_warnings`). `client_key` (the partition id in simulation, a CRC of the data
+    as `loss_before`. Fit metrics carry the data's quality report, numbers only
+    (`data_rows`, `data_dropped_*`, a warning's `data_single_class` or
+    `data_largest_class`/`data_smallest_class`). `client_key` (the partition id in simulation, a CRC of the data
     file's name in deployment) varies the shuffling between clients; it stays on the node.
     `public_key` is what `get_properties` tells the server
     (`fl_app.client.node_policy.public_client_key`; empty: nothing), with the size of its

@@ -19,9 +19,11 @@ file) and on a file dataset's pool before it is split:
   (`partitioner='pathological'` with one class per client must keep working), so these
   never stop a run: they are logged and reported.
 
-The report reaches the server as fit metrics (`QualityReport.as_metrics`, keys starting
-with `fl_app.wire.DATA_QUALITY_PREFIX`; the warnings as one string of at most
-`fl_app.wire.MAX_DATA_WARNINGS_CHARS` characters); the server only records them.
+The report reaches the server as fit metrics, numbers only (`QualityReport.as_metrics`,
+keys starting with `fl_app.wire.DATA_QUALITY_PREFIX`: the counts, and a warning's numbers,
+`single_class` or `largest_class` and `smallest_class`, only when it applies), so an
+"average every metric" aggregator of a Flower user's own server can take them; the server
+only records them, with the warnings' text made from those numbers (`warning_text`).
 """
 
 from __future__ import annotations
@@ -35,31 +37,51 @@ from flwr.common.logger import log
 
 from fl_app.data.types import DataError, DataSpec, as_split
 from fl_app.schema import Scalar
-from fl_app.wire import DATA_QUALITY_PREFIX, MAX_DATA_WARNINGS_CHARS
+from fl_app.wire import DATA_QUALITY_PREFIX
 
 POLICIES = ("error", "drop-rows")
 REASONS = ("nonfinite", "target")  # why a row is dropped: its features, its target
 
 
+FINDINGS = ("single_class", "largest_class", "smallest_class")
+"""The numbers a class warning is made of (`warning_text`)."""
+
+
+def warning_text(findings: Mapping[str, Scalar]) -> tuple[str, ...]:
+    """The warnings that a report's `FINDINGS` make: `single class`, or `class imbalance
+    R:1 (largest class L rows, smallest S)`; none when it holds neither."""
+    if findings.get("single_class"):
+        return ("single class",)
+    largest, smallest = findings.get("largest_class"), findings.get("smallest_class")
+    if isinstance(largest, int) and isinstance(smallest, int) and smallest > 0:
+        return (f"class imbalance {largest / smallest:.0f}:1 (largest class {largest} rows, "
+                f"smallest {smallest})",)
+    return ()
+
+
 @dataclass(frozen=True)
 class QualityReport:
-    """What the checks found in one client's data: rows kept, rows dropped per reason,
-    warnings (single class, imbalance)."""
+    """What the checks found in one client's data: rows kept, rows dropped per reason, and
+    the numbers of a class warning (`FINDINGS`: a single class, or the largest and smallest
+    class's rows of an imbalance), none when there is no warning."""
 
     rows: int = 0
     dropped: dict[str, int] = field(default_factory=lambda: dict.fromkeys(REASONS, 0))
-    warnings: tuple[str, ...] = ()
+    findings: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def warnings(self) -> tuple[str, ...]:
+        """The warnings, as logged on the client and recorded by the server."""
+        return warning_text(self.findings)
 
     def as_metrics(self) -> dict[str, Scalar]:
-        """The report as Flower fit metrics: `data_rows`, `data_dropped_<reason>`,
-        `data_warnings` (empty when there are none; cut to `MAX_DATA_WARNINGS_CHARS`)."""
-        warnings = "; ".join(self.warnings)
-        if len(warnings) > MAX_DATA_WARNINGS_CHARS:
-            warnings = warnings[:MAX_DATA_WARNINGS_CHARS - 3] + "..."
+        """The report as Flower fit metrics, numbers only: `data_rows`,
+        `data_dropped_<reason>` and the findings (`data_single_class`, or
+        `data_largest_class` and `data_smallest_class`) when there are any."""
         return {f"{DATA_QUALITY_PREFIX}rows": self.rows,
                 **{f"{DATA_QUALITY_PREFIX}dropped_{reason}": self.dropped.get(reason, 0)
                    for reason in REASONS},
-                f"{DATA_QUALITY_PREFIX}warnings": warnings}
+                **{f"{DATA_QUALITY_PREFIX}{key}": value for key, value in self.findings.items()}}
 
 
 def _fit_features(x: np.ndarray, n: int, spec: DataSpec, where: str) -> np.ndarray:
@@ -104,19 +126,18 @@ def _bad_targets(y: np.ndarray, spec: DataSpec) -> tuple[np.ndarray, str]:
                     "(or not integers)")
 
 
-def _class_warnings(y: np.ndarray, spec: DataSpec, max_imbalance: float) -> tuple[str, ...]:
-    """Single-class and imbalance warnings for single-label class targets: row counts
-    only, no class label (the server sees them)."""
+def _class_findings(y: np.ndarray, spec: DataSpec, max_imbalance: float) -> dict[str, int]:
+    """A single class, or an imbalance above `max_imbalance` (its largest and smallest
+    class's rows), for single-label class targets: row counts only, no class label (the
+    server sees them); empty when neither applies."""
     if spec.task not in ("multiclass", "binary"):
-        return ()
+        return {}
     classes, counts = np.unique(y, return_counts=True)
     if len(classes) == 1:
-        return ("single class",)
-    ratio = counts.max() / counts.min()
-    if max_imbalance > 0 and ratio > max_imbalance:
-        return (f"class imbalance {ratio:.0f}:1 (largest class {counts.max()} rows, "
-                f"smallest {counts.min()})",)
-    return ()
+        return {"single_class": 1}
+    if max_imbalance > 0 and counts.max() / counts.min() > max_imbalance:
+        return {"largest_class": int(counts.max()), "smallest_class": int(counts.min())}
+    return {}
 
 
 def cleaning(cfg: Mapping[str, Scalar]) -> dict[str, Scalar]:
@@ -152,10 +173,10 @@ def check_client_data(x: np.ndarray, y: np.ndarray, spec: DataSpec, where: str,
     if not keep.any():
         raise DataError(f"{where}: no examples left after dropping {len(y)} bad row(s)")
     split = as_split(x[keep], y[keep], spec.task)
-    warnings = _class_warnings(split.y, spec, max_imbalance)
-    for warning in warnings:
+    report = QualityReport(len(split), {reason: int(rows.sum()) for reason, rows in bad.items()},
+                           _class_findings(split.y, spec, max_imbalance))
+    for warning in report.warnings:
         log(WARNING, "%s: %s", where, warning)
-    dropped = {reason: int(rows.sum()) for reason, rows in bad.items()}
-    if any(dropped.values()):
-        log(WARNING, "%s: dropped %s", where, dropped)
-    return split.x, split.y, QualityReport(len(split), dropped, warnings)
+    if any(report.dropped.values()):
+        log(WARNING, "%s: dropped %s", where, report.dropped)
+    return split.x, split.y, report

@@ -29,7 +29,7 @@ from flwr.server.client_proxy import ClientProxy
 from flwr.server.strategy import Strategy
 
 from fl_app.flower_internals import FitResultsAndFailures, fit_client, fit_clients
-from fl_app.data.quality import REASONS
+from fl_app.data.quality import FINDINGS, REASONS, warning_text
 from fl_app.server.client_failures import describe_failure, last_line
 from fl_app.server.client_manager import SeededClientManager
 from fl_app.server.round_record import evaluation_section, fit_section, mean_timing
@@ -41,7 +41,6 @@ from fl_app.wire import (
     FUSED_COUNT,
     FUSED_LOSS,
     FUSED_PREFIX,
-    MAX_DATA_WARNINGS_CHARS,
     TIMING_PREFIX,
 )
 from strategies.decoding import without_tensors
@@ -100,19 +99,15 @@ def fused_evaluations(
     return [(proxy, report) for proxy, report in reports if report is not None]
 
 
-REPORT_COUNTS = {"rows", *(f"dropped_{reason}" for reason in REASONS)}
-"""The counts of a data-quality report (`QualityReport.as_metrics`, prefix removed)."""
+REPORT_COUNTS = {"rows", *(f"dropped_{reason}" for reason in REASONS), *FINDINGS}
+"""The numbers of a data-quality report (`QualityReport.as_metrics`, prefix removed)."""
 
 
 def _checked_report_value(cid: str, key: str, value: Scalar) -> bool:
-    """Whether a client's data-quality value has the key and form `QualityReport.as_metrics`
-    gives it (`warnings`: a string of at most `MAX_DATA_WARNINGS_CHARS`; `REPORT_COUNTS`:
-    counts); any other is logged by its type and size, never verbatim."""
-    if key == "warnings":
-        ok = isinstance(value, str) and len(value) <= MAX_DATA_WARNINGS_CHARS
-    else:
-        ok = key in REPORT_COUNTS and isinstance(value, int) and not isinstance(value, bool) \
-            and value >= 0
+    """Whether a client's data-quality value has a key `QualityReport.as_metrics` sends and
+    is a count (an int >= 0); any other is logged by its type and size, never verbatim."""
+    ok = key in REPORT_COUNTS and isinstance(value, int) and not isinstance(value, bool) \
+        and value >= 0
     if not ok:
         size = f", {len(value)} characters" if isinstance(value, (str, bytes)) else ""
         log(WARNING, "client %s: its data-quality value %r (%s%s) is not of the expected "
@@ -134,8 +129,9 @@ def data_quality(results: list[tuple[ClientProxy, FitRes]],
             seen.add(proxy.cid)
             kept = {key: value for key, value in report.items()
                     if _checked_report_value(proxy.cid, key, value)}
-            if kept:
-                reports[proxy.cid] = kept
+            if kept:  # the warnings' text from their numbers, as the client logged it
+                reports[proxy.cid] = {**{k: v for k, v in kept.items() if k not in FINDINGS},
+                                      "warnings": "; ".join(warning_text(kept))}
     return reports
 
 
