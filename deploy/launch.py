@@ -7,10 +7,10 @@
 DIR is a folder made by `python -m deploy.prepare` (with `--num-nodes` it is prepared
 first if it holds no deployment yet) that holds every node's private key: a one-machine
 trial. A folder prepared with `--node-public-keys` (each node holds its own private key)
-is refused before anything starts, naming a node whose key it lacks. Every process is a separate Flower process on
-127.0.0.1 with TLS and SuperNode authentication on, on free ports: the SuperLink, one
-SuperNode per node (its own key and data file; `--isolation process`) with its executor
-next to it (`fl_app.worker.executor`: it takes the node's tasks with the node's SuperExec
+is refused before anything starts, naming a node whose key it lacks. Every process is a
+separate Flower process on 127.0.0.1 with TLS and SuperNode authentication on, on free ports: the
+SuperLink, one SuperNode per node (its own key and data file; `--isolation process`) with its
+executor next to it (`fl_app.worker.executor`: it takes the node's tasks with the node's SuperExec
 secret, DIR/executors/<node>/secret, and runs them in one warm ClientApp process, so
 TensorFlow, the data and the model stay loaded across messages; `--clientapps flower`:
 Flower's own SuperExec instead, a fresh process per message), and the `flwr` CLI that

@@ -85,7 +85,7 @@ def _key_usage(signs_certificates: bool) -> x509.KeyUsage:
 def _certificate(subject: x509.Name, key: rsa.RSAPrivateKey, issuer: x509.Name,
                  issuer_key: rsa.RSAPrivateKey) -> x509.CertificateBuilder:
     """A certificate builder with the fields and key identifiers every certificate here has."""
-    now = dt.datetime.now(dt.timezone.utc)
+    now = dt.datetime.now(dt.UTC)
     return (
         x509.CertificateBuilder()
         .subject_name(subject).issuer_name(issuer)

@@ -45,10 +45,10 @@ from deploy.layout import (
     NodeFiles,
 )
 from deploy.node_key import NODE_KEY_COMMAND, NODE_KEY_PATH
-from fl_app.flower_internals import SUPERLINK_UVICORN_DEFAULT_PORT, SUPERNODE_UVICORN_DEFAULT_PORT
 from fl_app.app.config import check_num_clients
 from fl_app.cli.simulate import PROJECT_DIR, load_run_config
 from fl_app.data.sources import DataError, data_source
+from fl_app.flower_internals import SUPERLINK_UVICORN_DEFAULT_PORT, SUPERNODE_UVICORN_DEFAULT_PORT
 from fl_app.schema import ConfigError, RunConfig
 from strategies import ckks
 
@@ -349,7 +349,8 @@ def run_config_with(run_config: str, partitioner: str | None) -> str:
     """`run_config` with `partitioner` set when given."""
     if partitioner is None:
         return run_config
-    return " ".join(p for p in (run_config, f"partitioner={commands.config_string(partitioner)}") if p)
+    partitioning = f"partitioner={commands.config_string(partitioner)}"
+    return " ".join(p for p in (run_config, partitioning) if p)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -24,7 +24,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-
 from flwr.clientapp import ClientApp
 from flwr.common import Parameters, ndarrays_to_parameters
 

@@ -34,25 +34,17 @@ from __future__ import annotations
 
 from typing import Any
 
-# the compat server loop
-from flwr.server.server import FitResultsAndFailures, fit_client, fit_clients
-from flwr.server.compat import start_grid
+# a deployment node's executor: Flower's task API
+from flwr.app.error import Error
+from flwr.cli.install import install_from_fab
 
 # SecAgg+ on the legacy path
 from flwr.client.mod.secure_aggregation.secaggplus_mod import SecAggPlusState, check_configs
-from flwr.common.secure_aggregation.quantization import quantize
-from flwr.common.secure_aggregation.secaggplus_constants import (
-    RECORD_KEY_CONFIGS,
-    RECORD_KEY_STATE,
-    Stage,
-)
-from flwr.common.secure_aggregation.secaggplus_constants import Key as SecAggPlusKey
-from flwr.compat.common import recorddict_compat
-from flwr.server.workflow.constant import MAIN_CONFIGS_RECORD, MAIN_PARAMS_RECORD
-from flwr.server.workflow.constant import Key as WorkflowKey
+from flwr.clientapp.client_app import ClientApp
 
 # message-API loops, mods, run-config strings
 from flwr.clientapp.typing import ClientAppCallable, Mod
+from flwr.clientapp.utils import get_load_client_app_fn
 from flwr.common.config import (
     flatten_dict,
     get_project_config,
@@ -60,13 +52,13 @@ from flwr.common.config import (
     parse_config_args,
 )
 from flwr.common.constant import SUPERLINK_NODE_ID, ErrorCode, SubStatus
-from flwr.supercore.task_identity import TaskIdentity
-
-# a deployment node's executor: Flower's task API
-from flwr.app.error import Error
-from flwr.cli.install import install_from_fab
-from flwr.clientapp.client_app import ClientApp
-from flwr.clientapp.utils import get_load_client_app_fn
+from flwr.common.secure_aggregation.quantization import quantize
+from flwr.common.secure_aggregation.secaggplus_constants import (
+    RECORD_KEY_CONFIGS,
+    RECORD_KEY_STATE,
+    Stage,
+)
+from flwr.common.secure_aggregation.secaggplus_constants import Key as SecAggPlusKey
 from flwr.common.serde import (
     context_from_proto,
     context_to_proto,
@@ -75,6 +67,7 @@ from flwr.common.serde import (
     message_to_proto,
     run_from_proto,
 )
+from flwr.compat.common import recorddict_compat
 from flwr.proto.message_pb2 import Context as ContextProto  # pylint: disable=E0611
 from flwr.proto.message_pb2 import Message as MessageProto  # pylint: disable=E0611
 from flwr.proto.node_pb2 import Node  # pylint: disable=E0611
@@ -83,6 +76,12 @@ from flwr.proto.runtime_pb2 import (  # pylint: disable=E0611
     PullAppMessagesRequest,
     PullTaskInputRequest,
 )
+from flwr.server.compat import start_grid
+
+# the compat server loop
+from flwr.server.server import FitResultsAndFailures, fit_client, fit_clients
+from flwr.server.workflow.constant import MAIN_CONFIGS_RECORD, MAIN_PARAMS_RECORD
+from flwr.server.workflow.constant import Key as WorkflowKey
 from flwr.supercore.constant import (
     SUPERLINK_UVICORN_DEFAULT_PORT,
     SUPERNODE_UVICORN_DEFAULT_PORT,
@@ -103,6 +102,7 @@ from flwr.supercore.interceptors import (
 from flwr.supercore.retry.retry_invoker import RetryInvoker, exponential
 from flwr.supercore.run import Run
 from flwr.supercore.runtime import RuntimeHttpClient
+from flwr.supercore.task_identity import TaskIdentity
 from flwr.supernode.runtime.run_clientapp import push_message, push_task_output
 
 FLWR_TESTED = ("1.42",)

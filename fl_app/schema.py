@@ -10,9 +10,8 @@ from __future__ import annotations
 import difflib
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Union
 
-Scalar = Union[bool, int, float, str]
+Scalar = bool | int | float | str
 ConfigCheck = Callable[[Mapping[str, Scalar]], None]
 """A cross-key rule: takes every key's value, raises ConfigError naming the keys at fault."""
 

@@ -232,7 +232,7 @@ def test_the_runner_records_each_clients_report_the_first_time_it_reports():
                (IdleProxy("b"), fit_res(arrays, 10, {"train_loss": 0.5}))]
     seen: set[str] = set()
     assert data_quality(results, seen) == {
-        "a": {"rows": 10, "dropped_nonfinite": 2, "warnings": ""}}
+        "a": {"rows": 10, "dropped_nonfinite": 2}}
     assert data_quality(results, seen) == {}  # once per client
 
 
@@ -259,9 +259,9 @@ def test_the_server_drops_a_report_value_of_the_wrong_form_and_logs_it_not_verba
     with caplog.at_level("WARNING"):
         reports = data_quality(results, set())
     kept = {k.removeprefix("data_"): v for k, v in honest.items() if k != key}
-    warnings = "single class" if "single_class" in kept else ""
+    warnings = {"warnings": "single class"} if "single_class" in kept else {}
     assert reports == {"liar": {**{k: v for k, v in kept.items() if k != "single_class"},
-                                "warnings": warnings}}
+                                **warnings}}
     assert value not in reports["liar"].values()
     logged = caplog.text
     assert "liar" in logged and key in logged and type(value).__name__ in logged

@@ -199,7 +199,8 @@ def test_corrupt_node_file_fails_that_node_only_and_is_named(cluster):
     cluster.local.start_node(corrupt)
     node_id = str(cluster.local.node_ids[corrupt.name])
     run_config = cluster.local.run_config(
-        cluster.out / "corrupt", "num-server-rounds=1 fraction-evaluate=0.0 min-available-clients=4")
+        cluster.out / "corrupt",
+        "num-server-rounds=1 fraction-evaluate=0.0 min-available-clients=4")
     outcome = cluster.local.run_app(PROJECT_DIR, run_config, RUN_TIMEOUT)
     rounds = _rounds(outcome)
     for record in rounds[1:]:

@@ -40,10 +40,10 @@ from deploy.layout import Deployment, DeploymentError
 from deploy.prepare import instructions, prepare
 from deploy.prepare import main as prepare_main
 from deploy.processes import ProcessesLeft, Supervisor, living
-from fl_app.worker.executor import parse_args as executor_parse_args
 from fl_app.data.node_files import load_node_file
 from fl_app.data.sources import data_source
 from fl_app.schema import ConfigError
+from fl_app.worker.executor import parse_args as executor_parse_args
 from tests.conftest import make_config
 
 pytestmark = pytest.mark.timeout(300)

@@ -1,5 +1,5 @@
-"""Many virtual clients (issue 20, item 4): `scripts/bench/scale_clients.py` runs the real simulation
-path and records memory per round; its per-client cost probes run Flower's own engine."""
+"""Many virtual clients (issue 20, item 4): `scripts/bench/scale_clients.py` runs the real
+simulation path and records memory per round; its per-client cost probes run Flower's own engine."""
 
 from __future__ import annotations
 

@@ -145,8 +145,9 @@ def test_the_compiled_optimizer_class_and_hyperparameters_train(optimizer):
 
 
 def test_the_optimizer_starts_fresh_on_every_fit():
-    model = _sequential(SPEC, lambda: [keras.layers.Dense(3)], keras.losses.SparseCategoricalCrossentropy(
-        from_logits=True), optimizer=keras.optimizers.Adam(0.01))
+    loss = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+    model = _sequential(SPEC, lambda: [keras.layers.Dense(3)], loss,
+                        optimizer=keras.optimizers.Adam(0.01))
     trainer = KerasTrainer(model, SPEC)
     start, data = trainer.get_weights(), _data(SPEC)
     first = trainer.fit(data, epochs=2, batch_size=8, seed=3)
@@ -277,7 +278,8 @@ def test_batchnorm_moving_statistics_travel_with_the_weights():
     ("examples.keras_models:regression", DIGITS_SPEC,
      "outputs 1 value(s) per example but the dataset is a 10-class classification"),
     ("mlp", DataSpec((7,), 0, task="regression", num_targets=2), None),
-    ("examples.keras_models:nope", DIGITS_SPEC, "module examples.keras_models has no function 'nope'"),
+    ("examples.keras_models:nope", DIGITS_SPEC,
+     "module examples.keras_models has no function 'nope'"),
     ("examples.keras_models:regresion", DIGITS_SPEC,
      "has no function 'regresion'; did you mean 'regression'?"),
     ("no_such_module:build", DIGITS_SPEC, "cannot import no_such_module:build"),

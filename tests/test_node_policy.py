@@ -156,7 +156,8 @@ def test_require_he_needs_a_ckks_run_the_nodes_key_and_a_ciphertext_reply(identi
             run_config=HE_RUN)
     refused(node, fit_message(secagg=True), "under SecAgg", run_config=HE_RUN)
     # the run says ckks, but the reply that would leave is plaintext: it does not leave
-    refused(node, fit_message(), "not CKKS ciphertexts that load under its context", run_config=HE_RUN)
+    refused(node, fit_message(), "not CKKS ciphertexts that load under its context",
+            run_config=HE_RUN)
     refused(node, fit_message(), "not CKKS ciphertexts", run_config=HE_RUN,
             arrays=[np.frombuffer(b"\x00" * 64, dtype=np.uint8)])
     # a secagg+-only node refuses an HE run: another mode than the one it asked for

@@ -105,8 +105,8 @@ def test_server_and_every_client_hold_the_same_mask_through_local_training(optim
     """With an int8 broadcast (server and clients derive the mask from its decoded
     weights), every real client trains with exactly the server's mask: its trained kernels
     are zero there and nowhere else; the same fit without the round's sparsity moves those
-    weights, and the server rejects every such update (the test fails when pruning is off). `adamw`: the user's compiled optimizer, weight decay
-    and all, trains inside the masked loop."""
+    weights, and the server rejects every such update (the test fails when pruning is off).
+    `adamw`: the user's compiled optimizer, weight decay and all, trains inside the masked loop."""
     run = dict(local_epochs=1, optimizer=optimizer, compress_down="int8",
                min_fit_clients=CLIENTS, min_available_clients=CLIENTS)
     cfg = make_config(prune_sparsity=0.8, prune_rounds=1, **run)

@@ -45,9 +45,9 @@ from flwr.supercore.primitives.asymmetric import bytes_to_private_key, bytes_to_
 from fl_app.app.client_app import make_client_app
 from fl_app.app.server_app import secagg_workflow
 from fl_app.client.secure_mod import private_replies_mod, secure_aggregation_mod
-from fl_app.wire import FIT_METRICS
 from fl_app.schema import ConfigError
 from fl_app.server.secagg import FitOutcome, SecAggPlusFit
+from fl_app.wire import FIT_METRICS
 from strategies.context import StrategyContext
 from strategies.registry import build_strategy
 from strategies.weighted_fedavg import WeightedFedAvg

@@ -31,7 +31,8 @@ def _strategy(global_model, max_examples: int = 0, **kwargs) -> ValidatedStrateg
 @pytest.mark.parametrize("seed", range(5))
 def test_equals_flower_aggregate_on_random_inputs(seed):
     rng = np.random.default_rng(seed)
-    updates = [(random_model(rng), int(rng.integers(1, 500))) for _ in range(int(rng.integers(2, 9)))]
+    count = int(rng.integers(2, 9))
+    updates = [(random_model(rng), int(rng.integers(1, 500))) for _ in range(count)]
     strategy = _strategy(random_model(rng))
     params, metrics = strategy.aggregate_fit(1, results(updates), [])
     ours = parameters_to_ndarrays(params)

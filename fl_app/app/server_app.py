@@ -12,11 +12,11 @@ from flwr.server import ServerAppComponents, ServerConfig
 from flwr.server.workflow import SecAggPlusWorkflow
 from flwr.serverapp import Grid, ServerApp
 
-from fl_app.flower_internals import start_grid
 from fl_app.app.config import resolve
-from fl_app.app.preflight import checked_trainer, monitored_names
 from fl_app.app.logs import quiet_libraries, report_app_errors_in_one_line
+from fl_app.app.preflight import checked_trainer, monitored_names
 from fl_app.data.sources import Split, data_source
+from fl_app.flower_internals import start_grid
 from fl_app.ml.models import build_model
 from fl_app.ml.trainer import KerasTrainer
 from fl_app.schema import RunConfig

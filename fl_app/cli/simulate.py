@@ -43,11 +43,11 @@ from typing import TYPE_CHECKING, Any
 
 import click
 
-from fl_app.flower_internals import flatten_dict, get_project_config, parse_config_args
 from fl_app.app.config import check_num_clients, resolve
 from fl_app.app.logs import quiet_libraries
 from fl_app.cli.summary import print_summary
 from fl_app.data.sources import DataError
+from fl_app.flower_internals import flatten_dict, get_project_config, parse_config_args
 from fl_app.ml.errors import ModelError
 from fl_app.schema import ConfigError, RunConfig
 from fl_app.server.callbacks import Callback
@@ -199,7 +199,8 @@ def encryption_keys(cfg: RunConfig, key_file: str | None) -> Iterator[tuple[RunC
     from strategies import ckks
 
     with tempfile.TemporaryDirectory(prefix="fl-he-") as folder:  # mode 0700
-        public, secret = Path(folder) / ckks.PUBLIC_CONTEXT_FILE, Path(folder) / ckks.SECRET_CONTEXT_FILE
+        public = Path(folder) / ckks.PUBLIC_CONTEXT_FILE
+        secret = Path(folder) / ckks.SECRET_CONTEXT_FILE
         ckks.write_key_pair(public, secret)
         yield cfg.replace(he_public_context=str(public)), str(secret)
 

@@ -61,9 +61,9 @@ class KerasClient(NumPyClient):
     first evaluates the received weights on its own training data and reports that loss
     as `loss_before`. Fit metrics carry the data's quality report, numbers only
     (`data_rows`, `data_dropped_*`, a warning's `data_single_class` or
-    `data_largest_class`/`data_smallest_class`). `client_key` (the partition id in simulation, a CRC of the data
-    file's name in deployment) varies the shuffling between clients; it stays on the node.
-    `public_key` is what `get_properties` tells the server
+    `data_largest_class`/`data_smallest_class`). `client_key` (the partition id in
+    simulation, a CRC of the data file's name in deployment) varies the shuffling between clients;
+    it stays on the node. `public_key` is what `get_properties` tells the server
     (`fl_app.client.node_policy.public_client_key`; empty: nothing), with the size of its
     training set when its own run config samples clients by size (`client-sampling='size'`,
     which the config refuses in protected and DP runs). Under `standardize=true` a fit whose
@@ -83,7 +83,7 @@ class KerasClient(NumPyClient):
     """
 
     def __init__(self, trainer: KerasTrainer, data: ClientData, defaults: Mapping[str, Scalar],
-                 seed: int = 0, client_key: int = 0, work: NodeWork = NodeWork(),
+                 seed: int = 0, client_key: int = 0, work: NodeWork | None = None,
                  public_key: str = "", rebalance: str = "none",
                  adaptive: AdaptiveWork | None = None, slowdown: float = 1.0) -> None:
         self.trainer = trainer
@@ -91,7 +91,7 @@ class KerasClient(NumPyClient):
         self.defaults = dict(defaults)
         self.seed = seed
         self.client_key = client_key
-        self.work = work
+        self.work = work if work is not None else NodeWork()
         self.public_key = public_key
         self.rebalance = rebalance
         self.adaptive = adaptive

@@ -8,11 +8,11 @@ which model code it imports and which data it reads. The server's run config can
   leaves protected. `secagg+`: the message itself is a SecAgg+ stage (Flower's
   `RECORD_KEY_CONFIGS` in its config records), so the update is masked; `he`: the run uses
   `homomorphic-encryption=ckks`, the node holds its key (`he-key-file`) and the reply is checked
-  to be CKKS ciphertexts that load under its context before it goes; `any`: either. `get_parameters` (the
-  node's weights in the clear) is refused; whatever the run config says, the ClientApp then
-  also strips every fit reply's metrics and refuses evaluation (`private_replies_mod`).
-  Under this and `require-client-clip` a fit asking for the data's statistics
-  (`standardize`) is refused, and so is `get_properties` in a run with
+  to be CKKS ciphertexts that load under its context before it goes; `any`: either.
+  `get_parameters` (the node's weights in the clear) is refused; whatever the run config says, the
+  ClientApp then also strips every fit reply's metrics and refuses evaluation
+  (`private_replies_mod`). Under this and `require-client-clip` a fit asking for the data's
+  statistics (`standardize`) is refused, and so is `get_properties` in a run with
   `client-sampling='size'` (its reply would carry the training-set size): both would leave
   the node in the clear.
 - `require-client-clip` (a float C > 0): a fit message must carry client-side clipping
@@ -36,9 +36,10 @@ which model code it imports and which data it reads. The server's run config can
   nothing beyond sums, but a round in which a client drops out after sharing its keys fails.
 
 `node_policy_mod` enforces all of it for every message, before anything is built;
-`check_sources` is also called where a node builds its client (`fl_app.app.local_client`). A refusal is a `NodePolicyError` (a `ConfigError`): the
-ClientApp raises, and the server gets one error reply naming the node, the key and its value.
-The errors never list the node's allowed entries (they may name its files).
+`check_sources` is also called where a node builds its client (`fl_app.app.local_client`).
+A refusal is a `NodePolicyError` (a `ConfigError`): the ClientApp raises, and the server gets one
+error reply naming the node, the key and its value. The errors never list the node's allowed
+entries (they may name its files).
 """
 
 from __future__ import annotations
@@ -53,10 +54,10 @@ import numpy as np
 from flwr.app import Context, Message, MessageType
 from flwr.common import MessageTypeLegacy, parameters_to_ndarrays
 
-from fl_app.flower_internals import RECORD_KEY_CONFIGS, ClientAppCallable, Mod
-from fl_app.flower_internals import recorddict_compat as compat
 from fl_app.data.settings import SETTINGS as DATA_SETTINGS
 from fl_app.data.types import is_data_file
+from fl_app.flower_internals import RECORD_KEY_CONFIGS, ClientAppCallable, Mod
+from fl_app.flower_internals import recorddict_compat as compat
 from fl_app.ml.settings import SETTINGS as ML_SETTINGS
 from fl_app.ml.settings import is_model_file
 from fl_app.schema import ConfigError, Scalar
@@ -267,7 +268,8 @@ def check_encrypted_reply(reply: Message, node_config: Mapping[str, Scalar],
     except Exception:  # TenSEAL raises bare exceptions on bytes that are not a ciphertext
         raise NodePolicyError(f"{node} requires its update encrypted (node-config "
                               f"{KEY_REQUIRE_SECURE}), but its fit reply is not CKKS "
-                              "ciphertexts that load under its context: refused, nothing sent") from None
+                              "ciphertexts that load under its context: refused, nothing "
+                              "sent") from None
 
 
 def public_client_key(node_config: Mapping[str, Scalar], source: str) -> str:

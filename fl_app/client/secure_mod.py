@@ -46,6 +46,7 @@ from flwr.common import (
     parameters_to_ndarrays,
 )
 
+from fl_app.client.node_policy import ConfigOf, NodePolicy
 from fl_app.flower_internals import (
     RECORD_KEY_CONFIGS,
     RECORD_KEY_STATE,
@@ -57,7 +58,6 @@ from fl_app.flower_internals import (
 )
 from fl_app.flower_internals import SecAggPlusKey as Key
 from fl_app.flower_internals import recorddict_compat as compat
-from fl_app.client.node_policy import ConfigOf, NodePolicy
 from fl_app.wire import FIT_COUNT, FIT_METRICS
 from strategies.secure import MIN_CLIENTS, MIN_CLIENTS_DEFAULT
 

@@ -30,8 +30,8 @@ from flwr.app import Context, Message
 from flwr.client import NumPyClient
 from flwr.common import NDArrays, Scalar
 
-from fl_app.flower_internals import ClientAppCallable, Mod
 from fl_app.client.wrapper import ClientWrapper
+from fl_app.flower_internals import ClientAppCallable, Mod
 from fl_app.wire import TIMING_PREFIX
 
 PHASES = ("process", "imports", "data", "model", "training")

@@ -188,6 +188,7 @@ def infer_spec(x: np.ndarray, y: np.ndarray, task: str, path: str) -> DataSpec:
     num_classes = int(labels.max()) + 1
     if num_classes > MAX_CLASSES:
         raise DataError(f"data file {path}: its labels would need more than {MAX_CLASSES} "
-                        "classes (a value is private, so it is not shown): labels must be class indices 0..K-1; for a continuous "
-                        "target set run-config key task='regression'")
+                        "classes (a value is private, so it is not shown): labels must be "
+                        "class indices 0..K-1; for a continuous target set run-config key "
+                        "task='regression'")
     return DataSpec(shape, num_classes, task)

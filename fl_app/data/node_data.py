@@ -11,7 +11,6 @@ from fl_app.data.node_files import load_node_file
 from fl_app.data.sources import ClientData, DataError, data_spec, load_partition
 from fl_app.schema import RunConfig, Scalar
 
-
 NODE_FILE_RUNS = 2  # run configs whose node file stays loaded in a long-lived process
 _node_files: OrderedDict[tuple[Any, ...], ClientData] = OrderedDict()
 

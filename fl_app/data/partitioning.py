@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import numpy as np
 from datasets import Dataset
@@ -55,7 +55,8 @@ def _shard(cfg: RunConfig, n: int) -> Partitioner:
 
 @dataclass(frozen=True)
 class PartitionerKind:
-    """A partitioner by config name: its factory, its own config keys, and what to try if it fails."""
+    """A partitioner by config name: its factory, its own config keys, and what to try if it
+    fails."""
 
     factory: Callable[[RunConfig, int], Partitioner]
     keys: tuple[str, ...]

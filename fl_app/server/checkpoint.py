@@ -13,8 +13,9 @@ the evaluation clients, history.json, the checkpoint) leaves the server, so a cr
 between a round's release and its checkpoint cannot make a resume forget the charge.
 
 Resuming (`resume-from`, `run_simulation.py --resume DIR`) continues after the last
-complete round, with the ledger's charges. A missing, corrupt or mismatched checkpoint (other model shapes, other
-config) raises `CheckpointError` with what is wrong; a run never silently starts afresh.
+complete round, with the ledger's charges. A missing, corrupt or mismatched checkpoint (other
+model shapes, other config) raises `CheckpointError` with what is wrong; a run never silently
+starts afresh.
 """
 
 from __future__ import annotations

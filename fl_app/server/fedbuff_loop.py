@@ -62,11 +62,11 @@ def bind_task_identity(grid: Grid) -> None:
     """
     TaskIdentity.run_id = grid.run.run_id
     try:
-        TaskIdentity.task_id
+        _ = TaskIdentity.task_id
     except RuntimeError:
         TaskIdentity.task_id = 1
     try:
-        TaskIdentity.node_id
+        _ = TaskIdentity.node_id
     except RuntimeError:
         TaskIdentity.node_id = SUPERLINK_NODE_ID
 

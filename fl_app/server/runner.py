@@ -129,9 +129,10 @@ def data_quality(results: list[tuple[ClientProxy, FitRes]],
             seen.add(proxy.cid)
             kept = {key: value for key, value in report.items()
                     if _checked_report_value(proxy.cid, key, value)}
-            if kept:  # the warnings' text from their numbers, as the client logged it
+            if kept:  # any warning's text from its numbers, as the client logged it
+                warnings = "; ".join(warning_text(kept))
                 reports[proxy.cid] = {**{k: v for k, v in kept.items() if k not in FINDINGS},
-                                      "warnings": "; ".join(warning_text(kept))}
+                                      **({"warnings": warnings} if warnings else {})}
     return reports
 
 
@@ -246,9 +247,9 @@ class FederatedServer(Server):
 
     Each round: fit, centralized evaluation, distributed evaluation, then `on_round` gets
     the round's record (`round`, `seconds`, `fit`, `bytes`, `server_cpu_seconds`,
-    `centralized`, `distributed`, `privacy`) and the new global parameters. `bytes` holds the training messages'
-    parameter bytes, `up` (every client's `FitRes`) and `down` (every sampled client's
-    `FitIns`), as serialized (`fl_app.server.wire_bytes`; SecAgg+ rounds: every protocol
+    `centralized`, `distributed`, `privacy`) and the new global parameters. `bytes` holds the
+    training messages' parameter bytes, `up` (every client's `FitRes`) and `down` (every sampled
+    client's `FitIns`), as serialized (`fl_app.server.wire_bytes`; SecAgg+ rounds: every protocol
     message's records, counted at the Grid). `server_cpu_seconds.fit` is the CPU time of
     the server's process during the fit (configuring, sending, receiving, decoding and
     aggregating, SecAgg+'s unmasking included; waiting for the clients costs none; under

@@ -28,7 +28,6 @@ import time
 from pathlib import Path
 from typing import Any
 
-
 from scripts.bench.common import run_history, table_parser, time_to, timeline
 
 VARIANTS = {  # label -> run-config of the variant (the budget added to the adaptive ones)

@@ -81,7 +81,8 @@ app = ClientApp(client_fn=lambda context: Idle(time.time()).to_client())
 
 def floor_project(folder: Path) -> Path:
     """A copy of this app's tracked files whose ClientApp is `FLOOR_APP`."""
-    files = subprocess.run(["git", "ls-files", "--cached", "--others", "--exclude-standard"], cwd=ROOT, check=True, text=True,
+    files = subprocess.run(["git", "ls-files", "--cached", "--others", "--exclude-standard"],
+                           cwd=ROOT, check=True, text=True,
                            stdout=subprocess.PIPE).stdout.split()
     for name in files:
         target = folder / name

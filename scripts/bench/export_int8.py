@@ -46,7 +46,8 @@ def main(argv: list[str] | None = None) -> None:
     for overrides, variant, row in rows:
         float_bytes.setdefault(overrides, row["bytes"])
         print(f"| `{overrides}` | {variant} | {row['file']} | {row['bytes']:,} | "
-              f"{row['bytes'] / float_bytes[overrides]:.3f} | {row.get('accuracy', float('nan')):.4f} | "
+              f"{row['bytes'] / float_bytes[overrides]:.3f} | "
+              f"{row.get('accuracy', float('nan')):.4f} | "
               f"{row['loss']:.4f} |")
 
 

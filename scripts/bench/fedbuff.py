@@ -58,7 +58,8 @@ def common_config(args: argparse.Namespace) -> str:
     # FedBuff always does, so neither run's wall time counts the actors' start-up.
     return (f"seed={args.seed} local-epochs={args.local_epochs} fraction-evaluate=0 "
             f"round-timeout=1800 "
-            f"slow-client-fraction={args.slow_client_fraction} slow-client-slowdown={args.slowdown} "
+            f"slow-client-fraction={args.slow_client_fraction} "
+            f"slow-client-slowdown={args.slowdown} "
             f"min-available-clients={args.clients}")
 
 

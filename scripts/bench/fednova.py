@@ -19,7 +19,6 @@ import tempfile
 import time
 from pathlib import Path
 
-
 from scripts.bench.common import run_accuracies, tail_mean
 
 STRATEGIES = ("weighted-fedavg", "fednova")

@@ -1,8 +1,8 @@
 """The FedProx paper's straggler experiment on Synthetic(1,1): FedAvg dropping stragglers vs
 FedProx (mu=1) keeping their partial work, at 0%, 50% and 90% stragglers.
 
-    python -m scripts.bench.fedprox_stragglers                 # the paper's 200 rounds (hours on 2 cores)
-    python -m scripts.bench.fedprox_stragglers --rounds 20     # fewer rounds
+    python -m scripts.bench.fedprox_stragglers              # the paper's 200 rounds (hours)
+    python -m scripts.bench.fedprox_stragglers --rounds 20  # fewer rounds
     python -m scripts.bench.fedprox_stragglers --rounds 40 --fractions 0.9
 
 Li et al., "Federated Optimization in Heterogeneous Networks" (MLSys 2020), section 5.2 and
@@ -23,7 +23,6 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-
 
 from scripts.bench.common import run_accuracies, synthetic_devices, tail_mean
 
@@ -76,8 +75,8 @@ def print_table(args: argparse.Namespace, results: dict[tuple[str, float], list[
     for fraction in args.fractions:
         table.add_column(f"{fraction:.0%} stragglers", justify="right")
     for label in labels:
-        table.add_row(label, *(f"{results[label, f][-1]:.3f} / {tail_mean(results[label, f], 5):.3f}"
-                               for f in args.fractions))
+        table.add_row(label, *(f"{results[label, f][-1]:.3f} / "
+                               f"{tail_mean(results[label, f], 5):.3f}" for f in args.fractions))
     Console().print(table)
     print(PAPER_TREND)
 

@@ -30,6 +30,10 @@ client call at most 2x the floor, rounds at least 10x faster than the quickstart
 
 from __future__ import annotations
 
+import fl_app  # noqa: F401  (quiet TensorFlow start-up: before tensorflow)
+
+# isort: split
+
 import argparse
 import statistics
 import sys
@@ -39,7 +43,6 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import fl_app  # noqa: F401  (quiet TensorFlow start-up: before tensorflow)
 import keras
 import numpy as np
 import tensorflow as tf
@@ -53,8 +56,8 @@ from flwr.simulation import run_simulation
 from rich.console import Console
 from rich.table import Table
 
-from fl_app.app.local_client import client_for
 from fl_app.app.config import resolve
+from fl_app.app.local_client import client_for
 from fl_app.data.sources import Split, data_source, load_partition
 from fl_app.ml.models import build_model
 from fl_app.ml.trainer import fresh_optimizer, trainer_for

@@ -17,11 +17,14 @@ round's (at the target sparsity).
 
 from __future__ import annotations
 
+import fl_app  # noqa: F401  (quiet TensorFlow start-up: before tensorflow)
+
+# isort: split
+
 import argparse
 import tempfile
 from pathlib import Path
 
-import fl_app  # noqa: F401  (quiet TensorFlow start-up: before tensorflow)
 import keras
 import numpy as np
 

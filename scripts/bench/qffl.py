@@ -27,7 +27,6 @@ import tempfile
 import time
 from pathlib import Path
 
-
 from scripts.bench.common import run_history, synthetic_devices
 
 DEVICES, PER_ROUND = 100, 10

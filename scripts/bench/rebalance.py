@@ -20,7 +20,6 @@ import tempfile
 import time
 from pathlib import Path
 
-
 from fl_app.data.rebalance import MODES
 from scripts.bench.common import run_history
 

@@ -18,6 +18,10 @@
 
 from __future__ import annotations
 
+import fl_app  # noqa: F401  (quiet TensorFlow start-up: before tensorflow)
+
+# isort: split
+
 import argparse
 import math
 import statistics
@@ -26,7 +30,6 @@ import tempfile
 import time
 from pathlib import Path
 
-import fl_app  # noqa: F401  (quiet TensorFlow start-up: before tensorflow)
 import keras
 import numpy as np
 from rich.console import Console

@@ -173,7 +173,8 @@ def markdown(rows: list[Row]) -> str:
     for r in rows:
         base = plain.get(r.size)
 
-        def cell(value: float, fmt: str, attribute: str) -> str:
+        def cell(value: float, fmt: str, attribute: str, r: Row = r,
+                 base: Row | None = base) -> str:
             text = format(value, fmt)
             if base is None or r is base:
                 return text

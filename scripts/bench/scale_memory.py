@@ -60,8 +60,8 @@ from fl_app.server.runner import FederatedServer
 from fl_app.server.stopping import StoppingRules
 from scripts.bench.aggregation_scale import MODELS, vgg_shapes
 from strategies.context import StrategyContext
-from strategies.protocols import find_layer
 from strategies.decoding import NUMPY_TENSORS, decode, encode, encode_array
+from strategies.protocols import find_layer
 from strategies.registry import build_strategy
 from strategies.validated import STREAM_HOLD, ValidatedStrategy
 from tests.flower_objects import IdleProxy
@@ -159,7 +159,8 @@ def one_round(path: str, clients: int, model: str, workers: int, seed: int) -> d
 def measure(path: str, clients: int, model: str, workers: int, seed: int) -> dict:
     """`one_round` in a fresh Python process (its figures)."""
     out = subprocess.run([sys.executable, "-m", "scripts.bench.scale_memory", "--one", path,
-                          "--clients", str(clients), "--model", model, "--workers", str(workers), "--seed", str(seed)],
+                          "--clients", str(clients), "--model", model,
+                          "--workers", str(workers), "--seed", str(seed)],
                          check=True, capture_output=True, text=True, cwd=ROOT)
     return json.loads(out.stdout.strip().splitlines()[-1])
 

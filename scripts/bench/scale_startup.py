@@ -140,7 +140,7 @@ def timed(marks: Marks, name: str, function: Callable[..., Any]) -> Callable[...
 class _Timing(Loader):
     """A loader that times another loader's `exec_module` and patches the module after."""
 
-    def __init__(self, inner: Loader, finder: "PostImport") -> None:
+    def __init__(self, inner: Loader, finder: PostImport) -> None:
         self.inner = inner
         self.finder = finder
 

@@ -20,6 +20,10 @@ range Q, max weight W and updates u.
 
 from __future__ import annotations
 
+import fl_app  # noqa: F401  (quiet TensorFlow start-up: before tensorflow)
+
+# isort: split
+
 import argparse
 import json
 import statistics
@@ -28,7 +32,6 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-import fl_app  # noqa: F401  (quiet TensorFlow start-up: before tensorflow)
 from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 from flwr.simulation import run_simulation

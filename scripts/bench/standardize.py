@@ -19,11 +19,14 @@ checked against its `final_model.keras` evaluated on the raw test data.
 
 from __future__ import annotations
 
+import fl_app  # noqa: F401  (quiet TensorFlow start-up: before tensorflow)
+
+# isort: split
+
 import sys
 import tempfile
 from pathlib import Path
 
-import fl_app  # noqa: F401  (quiet TensorFlow start-up: before tensorflow)
 import keras
 from sklearn.datasets import load_diabetes
 
@@ -33,13 +36,13 @@ from fl_app.ml.models import build_model
 from fl_app.ml.standardize import from_moments, moments
 from fl_app.schema import RunConfig
 from fl_app.server.outputs import MODEL_FILE
+from scripts.bench.common import timed_run
 from scripts.bench.regression import (
     MODEL,
     mean_baseline,
     parse_args,
     pooled_training_data,
 )
-from scripts.bench.common import timed_run
 
 ROOT = Path(__file__).resolve().parents[2]
 

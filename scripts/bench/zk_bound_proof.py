@@ -60,7 +60,8 @@ def require_ezkl() -> Any:
     if missing := [name for name in REQUIRED if find_spec(name) is None]:
         sys.exit(f"zk_bound_proof: {', '.join(missing)} not installed. ezkl is not a project "
                  "dependency: install it in a separate virtualenv (python -m venv .zkvenv && "
-                 ".zkvenv/bin/pip install ezkl onnx numpy flwr py_ecc) and run this script with it.")
+                 ".zkvenv/bin/pip install ezkl onnx numpy flwr py_ecc) and run this script "
+                 "with it.")
     import ezkl
 
     return ezkl
@@ -85,6 +86,7 @@ def quantized_update(n: int, norm: float | None, rng: np.random.Generator, clip:
     ±`clip`), quantized by Flower's SecAgg+ quantizer (stochastic rounding), as the
     integers that enter the masked sum."""
     import numpy as np
+
     from fl_app.flower_internals import quantize
 
     update = rng.standard_normal(n)
@@ -302,7 +304,8 @@ def measure_in_child(n: int, args: argparse.Namespace) -> dict[str, Any]:
     """`measure` for `n` in a fresh process (its own peak RSS), killed above
     `args.max_rss_gib` or after `args.timeout` seconds."""
     command = [sys.executable, "-m", "scripts.bench.zk_bound_proof", "--one", str(n),
-               "--bound", str(args.bound), "--visibility", args.visibility, "--inner-cols", str(args.inner_cols),
+               "--bound", str(args.bound), "--visibility", args.visibility,
+               "--inner-cols", str(args.inner_cols),
                "--srs-dir", str(args.srs_dir), "--seed", str(args.seed)]
     command += ["--only-valid"] if args.only_valid else []
     child = subprocess.Popen(command, stdout=subprocess.PIPE, text=True,

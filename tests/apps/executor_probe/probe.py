@@ -44,4 +44,5 @@ def main(grid: Grid, context: Context) -> None:
         replies.append({"action": action,
                         "error": reply.error.reason if reply.has_error() else None,
                         "pid": None if reply.has_error() else reply.content["probe"]["pid"]})
-    Path(str(context.run_config["out-dir"]), "probe.json").write_text(json.dumps(replies), encoding="utf-8")
+    out = Path(str(context.run_config["out-dir"]), "probe.json")
+    out.write_text(json.dumps(replies), encoding="utf-8")
