@@ -127,7 +127,8 @@ class PrivacyAccountant:
     """The ledger of released rounds and ε at δ over them (RDP or PLD accountant).
 
     `target_delta` 0 means δ = min(1e-5, 1/(10·N)), fixed from the number of clients N
-    available when δ is first needed; a δ of at least 1/N is refused. `poisson_rate` is the sampling probability q for `poisson` sampling.
+    available when δ is first needed; a δ of at least 1/N is refused. `poisson_rate` is the
+    sampling probability q for `poisson` sampling.
     """
 
     def __init__(self, kind: str = "rdp", sampling: str = "fixed", poisson_rate: float = 0.0,

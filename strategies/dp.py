@@ -576,6 +576,7 @@ def _adaptive(inner: Strategy, ctx: StrategyContext, client_side: bool) -> DPAda
 WRAPPERS = {
     "dp-fixed": lambda inner, ctx: DPFixedClipping(inner, **dp_kwargs(ctx, client_side=False)),
     "dp-adaptive": lambda inner, ctx: _adaptive(inner, ctx, client_side=False),
-    "dp-client-fixed": lambda inner, ctx: DPFixedClipping(inner, **dp_kwargs(ctx, client_side=True)),
+    "dp-client-fixed": lambda inner, ctx: DPFixedClipping(inner,
+                                                          **dp_kwargs(ctx, client_side=True)),
     "dp-client-adaptive": lambda inner, ctx: _adaptive(inner, ctx, client_side=True),
 }

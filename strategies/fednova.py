@@ -26,8 +26,8 @@ assumes the clients' steps are of one order; under `round-time-budget` with 10x 
 stragglers they are not (measured: tau from 10 to 1,000), and a straggler's few noisy
 steps taken 45 times over made the model diverge (accuracy 0.75 at round 2, 0.10 at
 round 3 on digits). With the bound the same run reaches 0.96 by round 5. Below the bound
-(every client within 4x of tau_eff, and so equal tau_i) the rule is the paper's exactly. The bound also limits
-what a client that under-reports its steps gains: its update counts at most 4 times, as
+(every client within 4x of tau_eff, and so equal tau_i) the rule is the paper's exactly. The bound
+also limits what a client that under-reports its steps gains: its update counts at most 4 times, as
 FedAvg trusts `num_examples` and FedNova trusts the reported figures.
 """
 
@@ -44,7 +44,6 @@ from fl_app.wire import KEY_LOCAL_STEPS, KEY_LR_SCALE, MAX_LR_SCALE
 from strategies.context import StrategyContext
 from strategies.per_client import PerClientFigure, refuse_as_dp_inner
 from strategies.weighted_fedavg import weighted_average
-
 
 MAX_EXTRAPOLATION = 4.0  # a client's update is scaled up by tau_eff / tau_i at most this
 

@@ -41,7 +41,9 @@ from strategies.metrics import is_finite_number
 from strategies.per_client import PerClientFigure, refuse_as_dp_inner
 
 LOSS_EPSILON = 1e-10  # added to every F_k, as the official code does
-LOSS_CAP_FACTOR = 100.0  # a client's loss counts at most this x the round's lower median (a bound on a lie, far above the 50x losses q-FFL is meant to favour)
+# A client's loss counts at most this x the round's lower median: a bound on a lie, far above
+# the 50x losses q-FFL is meant to favour.
+LOSS_CAP_FACTOR = 100.0
 
 SETTINGS = [
     Setting("qffl-q", float, 0.2,

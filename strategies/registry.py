@@ -4,8 +4,8 @@ Adding a strategy: write one module with a `STRATEGIES` dict of factories
 `build(ctx: StrategyContext) -> Strategy` (a wrapper module: `WRAPPERS`, factories
 `wrap(inner, ctx) -> Strategy`), a `SETTINGS` list for its own run-config keys and
 optionally a `check_config(values)` raising `ConfigError` for rules across keys; then
-add the module to `STRATEGY_MODULES` (`WRAPPER_MODULES`). The registry collects the names, keys and checks
-itself, and `build_strategy` puts every strategy behind `ValidatedStrategy`, the one
+add the module to `STRATEGY_MODULES` (`WRAPPER_MODULES`). The registry collects the names, keys
+and checks itself, and `build_strategy` puts every strategy behind `ValidatedStrategy`, the one
 validation path.
 """
 
@@ -26,8 +26,8 @@ from strategies import (
     fednova,
     flower_builtins,
     homomorphic,
-    qffl,
     pruning,
+    qffl,
     secure,
     stragglers,
     validation,

@@ -25,6 +25,7 @@ from scipy.linalg.blas import saxpy
 from strategies.blas import one_blas_thread
 from strategies.validation import arrays_problem, claim_cap
 
+
 def _check_weight(weight: float) -> None:
     """Raise ValueError unless `weight` is a positive finite number."""
     if not np.isfinite(weight) or weight <= 0:

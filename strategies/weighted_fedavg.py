@@ -120,7 +120,8 @@ class WeightedFedAvg(Strategy):
         a `RunningWeightedSum` (float32 weights are summed in float32, as Flower does).
 
         Raises ValueError on an update that does not match the first one, is not finite or
-        whose `num_examples` is not positive: this strategy trusts its inputs (`ValidatedStrategy` checks them first).
+        whose `num_examples` is not positive: this strategy trusts its inputs (`ValidatedStrategy`
+        checks them first).
         """
         if self._declines(server_round, results, failures):
             return None, {}

@@ -42,8 +42,8 @@ from flwr.serverapp import Grid
 
 from fl_app.flower_internals import SUPERLINK_NODE_ID, TaskIdentity
 from fl_app.flower_internals import recorddict_compat as compat
-from fl_app.server.runner import CheckpointCallback, ResumePoint, RoundCallback
 from fl_app.server.round_record import evaluation_section, fit_section, mean_timing
+from fl_app.server.runner import CheckpointCallback, ResumePoint, RoundCallback
 from fl_app.server.stopping import IDLE_STOP, StoppingRules
 from fl_app.wire import DATA_QUALITY_PREFIX, TIMING_PREFIX
 from strategies.fedbuff import FedBuffAggregator

@@ -28,8 +28,8 @@ from flwr.server import History, Server
 from flwr.server.client_proxy import ClientProxy
 from flwr.server.strategy import Strategy
 
-from fl_app.flower_internals import FitResultsAndFailures, fit_client, fit_clients
 from fl_app.data.quality import FINDINGS, REASONS, warning_text
+from fl_app.flower_internals import FitResultsAndFailures, fit_client, fit_clients
 from fl_app.server.client_failures import describe_failure, last_line
 from fl_app.server.client_manager import SeededClientManager
 from fl_app.server.round_record import evaluation_section, fit_section, mean_timing
