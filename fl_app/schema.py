@@ -16,7 +16,7 @@ ConfigCheck = Callable[[Mapping[str, Scalar]], None]
 """A cross-key rule: takes every key's value, raises ConfigError naming the keys at fault."""
 
 
-KEYS_LISTED_AT = "pyproject.toml [tool.flwr.app.config] and the README's table list every key"
+KEYS_LISTED_AT = "pyproject.toml [tool.flwr.app.config] and docs/config.md list every key"
 
 
 class ConfigError(ValueError):

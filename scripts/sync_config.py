@@ -1,4 +1,4 @@
-"""Regenerate the config docs from the schema: pyproject's app config and the README table.
+"""Regenerate the config docs from the schema: pyproject's app config and docs/config.md's table.
 
     python scripts/sync_config.py          # rewrite both
     python scripts/sync_config.py --check  # exit 1 if either is out of date
@@ -20,8 +20,8 @@ sys.path.insert(0, str(ROOT))
 
 from fl_app.app.config import all_settings, defaults  # noqa: E402
 
-README_START = "<!-- config-table:start -->"
-README_END = "<!-- config-table:end -->"
+TABLE_START = "<!-- config-table:start -->"
+TABLE_END = "<!-- config-table:end -->"
 
 
 def pyproject_text(current: str) -> str:
@@ -42,26 +42,27 @@ def config_table() -> str:
     return "\n".join(rows)
 
 
-def readme_text(current: str) -> str:
-    """README.md with the config table between its markers replaced."""
-    if README_START not in current:
-        raise SystemExit(f"README.md lacks the marker {README_START}")
-    head, rest = current.split(README_START, 1)
-    _, tail = rest.split(README_END, 1)
-    return f"{head}{README_START}\n{config_table()}\n{README_END}{tail}"
+def reference_text(current: str) -> str:
+    """docs/config.md with the config table between its markers replaced."""
+    if TABLE_START not in current:
+        raise SystemExit(f"docs/config.md lacks the marker {TABLE_START}")
+    head, rest = current.split(TABLE_START, 1)
+    _, tail = rest.split(TABLE_END, 1)
+    return f"{head}{TABLE_START}\n{config_table()}\n{TABLE_END}{tail}"
 
 
 def main() -> int:
-    """Rewrite (or with --check, verify) pyproject.toml and README.md."""
+    """Rewrite (or with --check, verify) pyproject.toml and docs/config.md."""
     unknown = [arg for arg in sys.argv[1:] if arg != "--check"]
     if unknown:  # --help included: nothing is rewritten on a mistyped call
-        print(f"usage: {Path(sys.argv[0]).name} [--check]  (rewrite pyproject.toml and README.md"
-              f"'s config sections, or only verify them); unknown: {' '.join(unknown)}",
+        print(f"usage: {Path(sys.argv[0]).name} [--check]  (rewrite pyproject.toml and "
+              f"docs/config.md's config sections, or only verify them); unknown: "
+              f"{' '.join(unknown)}",
               file=sys.stderr)
         return 2
     check = "--check" in sys.argv[1:]
     stale = []
-    for name, render in (("pyproject.toml", pyproject_text), ("README.md", readme_text)):
+    for name, render in (("pyproject.toml", pyproject_text), ("docs/config.md", reference_text)):
         path = ROOT / name
         current = path.read_text(encoding="utf-8")
         wanted = render(current)

@@ -1,4 +1,4 @@
-"""The README's "Using the trained model" snippets, run as written on a short run's output:
+"""docs/outputs.md's "Using the trained model" snippets, run as written on a short run's output:
 the loaded model predicts digits as preprocessed in training, and evaluating it on the
 server's test set rebuilt from history.json's config gives the run's final centralized
 metrics again."""
@@ -21,8 +21,8 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def readme_snippets() -> list[str]:
-    """The python blocks of the README's "Using the trained model" section."""
-    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    """The python blocks of docs/outputs.md's "Using the trained model" section."""
+    readme = (ROOT / "docs" / "outputs.md").read_text(encoding="utf-8")
     section = readme.split("## Using the trained model\n", 1)[1].split("\n## ", 1)[0]
     return re.findall(r"```python\n(.*?)```", section, flags=re.S)
 

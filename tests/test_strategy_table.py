@@ -1,4 +1,4 @@
-"""The README's strategy table: the script's own output, measured with today's defaults."""
+"""docs/results.md's strategy table: the script's own output, measured with today's defaults."""
 
 from __future__ import annotations
 
@@ -26,7 +26,7 @@ def parse(text: str) -> tuple[dict[str, Result], int, int]:
 
 
 def test_readme_table_is_the_scripts_output_for_every_strategy():
-    text = section(ROOT / "README.md")
+    text = section(ROOT / "docs" / "results.md")
     results, rounds, minutes = parse(text)
     assert list(results) == [strategy_table.BASELINE,
                              *(n for n in strategy_names() if n != strategy_table.BASELINE)]
@@ -36,7 +36,7 @@ def test_readme_table_is_the_scripts_output_for_every_strategy():
 
 
 def test_readme_table_was_measured_with_the_current_defaults():
-    stated = strategy_table.FINGERPRINT.search(section(ROOT / "README.md"))
+    stated = strategy_table.FINGERPRINT.search(section(ROOT / "docs" / "results.md"))
     assert stated, "the README's strategy table names no defaults fingerprint"
     assert stated[1] == strategy_table.defaults_fingerprint(), (
         "a default that shapes the strategy table changed since it was measured: rerun "

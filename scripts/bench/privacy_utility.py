@@ -13,7 +13,7 @@ accuracy is the server's centralized test accuracy after the last round, average
 DP runs' noise seeds (`dp-noise-seed`, one run per `--noise-seeds` entry; seeded so that the
 table can be reproduced, where a private deployment leaves `dp-noise-seed=0`, OS entropy).
 Prints a table
-(and its Markdown for the README) and writes privacy_utility.png/.json under `--out`.
+(and its Markdown for docs/results.md) and writes privacy_utility.png/.json under `--out`.
 """
 
 from __future__ import annotations
@@ -99,7 +99,7 @@ def _accuracy(row: dict) -> str:
 
 
 def markdown(rows: list[dict]) -> str:
-    """The table as Markdown (for the README)."""
+    """The table as Markdown (for docs/results.md)."""
     lines = ["| run | noise multiplier z | ε | final accuracy (mean ± std over noise seeds) |",
              "|---|---|---|---|"]
     for r in rows:

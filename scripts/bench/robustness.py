@@ -1,13 +1,13 @@
 """Final accuracy of robust and plain aggregation under each simulated attack.
 
-    python -m scripts.bench.robustness                # 25 runs, ~7 min; updates README.md
+    python -m scripts.bench.robustness                # 25 runs, ~7 min; updates docs/results.md
     python -m scripts.bench.robustness --no-readme    # print only
 
 Every run is the default workload (digits, MLP, local-epochs 5) on Flower's simulation
 engine with `--clients` clients (15: Bulyan needs n >= 4f + 3) of which
 `--attack-fraction` (20%: f = 3) run the attack; Krum and Bulyan are told f. The table
 (final centralized accuracy, one row per strategy, one column per attack) is printed and
-written into README.md between the robustness markers, above the config table.
+written into docs/results.md between the robustness markers (at its end the first time).
 """
 
 from __future__ import annotations
@@ -29,7 +29,6 @@ ROOT = Path(__file__).resolve().parents[2]
 STRATEGIES = ("weighted-fedavg", "fedmedian", "fedtrimmedavg", "krum", "bulyan")
 README_START = "<!-- robustness-table:start -->"
 README_END = "<!-- robustness-table:end -->"
-CONFIG_TABLE_START = "<!-- config-table:start -->"
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -65,7 +64,7 @@ def final_accuracy(args: argparse.Namespace, strategy: str, attack: str, out: Pa
 
 def markdown(args: argparse.Namespace, results: dict[tuple[str, str], float],
              minutes: float) -> str:
-    """The README section: how it was made, then the table."""
+    """The results page's section: how it was made, then the table."""
     malicious = int(args.attack_fraction * args.clients + 0.5)
     scale, std = defaults()["attack-scale"], defaults()["attack-noise-std"]
     lines = [
@@ -90,19 +89,17 @@ def markdown(args: argparse.Namespace, results: dict[tuple[str, str], float],
     return "\n".join(lines)
 
 
-def write_readme(section: str, readme: Path = ROOT / "README.md") -> None:
-    """Put `section` between the robustness markers, above the config table's section."""
+def write_readme(section: str, readme: Path = ROOT / "docs" / "results.md") -> None:
+    """Put `section` between the robustness markers of the results page (appended, with
+    them, the first time)."""
     text = readme.read_text(encoding="utf-8")
-    if README_START in text:  # drop the previous table
+    block = f"{README_START}\n{section}\n{README_END}"
+    if README_START in text:
         head, rest = text.split(README_START, 1)
-        text = head + rest.split(README_END, 1)[1].lstrip("\n")
-    if CONFIG_TABLE_START not in text:
-        raise SystemExit(f"README.md lacks the marker {CONFIG_TABLE_START}")
-    marker = text.index(CONFIG_TABLE_START)
-    heading = text.rfind("\n## ", 0, marker)  # the config table's own heading, if any
-    at = marker if heading < 0 else heading + 1
-    readme.write_text(f"{text[:at]}{README_START}\n{section}\n{README_END}\n\n{text[at:]}",
-                      encoding="utf-8")
+        text = head + block + rest.split(README_END, 1)[1]
+    else:
+        text = text.rstrip("\n") + "\n\n" + block + "\n"
+    readme.write_text(text, encoding="utf-8")
 
 
 def print_table(args: argparse.Namespace, results: dict[tuple[str, str], float]) -> None:

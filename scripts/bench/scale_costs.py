@@ -14,7 +14,7 @@ within 1e-8 relative). The sizes: `4.8k` is the default `mlp` (4,810 weights) on
 with learning rate 0.05 (at the builder's SGD(0.1) it leaves chance level only after about
 8 rounds and then oscillates). The modes (`MODES`): plaintext weighted-fedavg, SecAgg+,
 CKKS homomorphic encryption, top-k 1% uploads with error feedback, int8 uploads, and
-server-side DP (`dp-fixed`, z=1) at the README's clipping norm C=0.3 and at C=0.03.
+server-side DP (`dp-fixed`, z=1) at the privacy–utility table's clipping norm C=0.3 and at C=0.03.
 
 Per mode and size it prints:
   * bytes up and down per client per round, from each round's record in history.json
@@ -118,7 +118,7 @@ def row_from(size: str, mode: str, history: dict, messages: list[MessageSeconds]
              accuracy: float) -> Row:
     """A table row from one run's history, its clients' message timings and its final
     accuracy; RuntimeError when a round had a failed client (a rejected update counts:
-    DP's noise at 1 M weights gets every update rejected, see the README)."""
+    DP's noise at 1 M weights gets every update rejected, see docs/privacy-security.md)."""
     rounds = [r for r in history["rounds"] if r["round"] > 0]
     for r in rounds:  # a rejected update still cost its bytes and seconds: it counts
         if r["fit"]["num_failures"]:

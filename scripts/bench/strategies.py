@@ -1,13 +1,13 @@
 """Every registered strategy, with its default hyperparameters, on the default workload.
 
-    python -m scripts.bench.strategies                  # every strategy; updates README.md
+    python -m scripts.bench.strategies                  # every strategy; updates docs/results.md
     python -m scripts.bench.strategies --strategies fedadam dp-fixed --rounds 3 --no-readme
 
 Each run is `python run_simulation.py --run-config "strategy='<name>'"` (digits, MLP, 10 IID
 clients, 20 rounds, seed 42), in this process through the same code path, one run at a
 time. The markdown table (final and best centralized accuracy, the difference to
 `weighted-fedavg`'s final accuracy, ε for the DP strategies, wall seconds) is printed and
-written into README.md between the strategy-table markers, with the fingerprint of the
+written into docs/results.md between the strategy-table markers, with the fingerprint of the
 defaults it was measured with (`defaults_fingerprint`; a test checks that it still
 matches the schema's defaults, so a changed default calls for a new table).
 """
@@ -97,8 +97,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="rounds per run (default: num-server-rounds' default)")
     parser.add_argument("--clients", type=int, default=10,
                         help="simulated clients (default: 10, run_simulation.py's)")
-    parser.add_argument("--readme", type=Path, default=ROOT / "README.md",
-                        help="README to update (default: the project's)")
+    parser.add_argument("--readme", type=Path, default=ROOT / "docs" / "results.md",
+                        help="the results page to update (default: docs/results.md)")
     parser.add_argument("--no-readme", action="store_true", help="print the table only")
     parser.add_argument("--update", action="store_true",
                         help="keep the README table's other rows (and add their minutes): "
@@ -162,7 +162,7 @@ def table_row(strategy: str, result: Result, baseline: Result) -> str:
 
 
 def markdown(results: dict[str, Result], rounds: int, clients: int, minutes: float) -> str:
-    """The README section: how it was made, then the table."""
+    """The results page's section: how it was made, then the table."""
     baseline = results[BASELINE]
     lines = [
         f"Every registered strategy with its default hyperparameters on the default workload "
@@ -218,7 +218,7 @@ def parse_table(text: str) -> tuple[dict[str, Result], int, int]:
                                             seconds=float(match["seconds"]))
     caption = CAPTION.search(text)
     if caption is None:
-        raise SystemExit("error: the README's strategy table has no caption to update")
+        raise SystemExit("error: the results page's strategy table has no caption to update")
     return results, int(caption["rounds"]), int(caption["minutes"])
 
 
@@ -231,7 +231,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.update:
         results, stated_rounds, earlier_minutes = parse_table(readme_section(args.readme))
         if stated_rounds != rounds:
-            raise SystemExit(f"error: the README's table has {stated_rounds} rounds, this run "
+            raise SystemExit(f"error: the results table has {stated_rounds} rounds, this run "
                              f"{rounds}: rerun the whole table")
         args.strategies = [s for s in args.strategies if s != BASELINE or BASELINE not in results]
     start = time.monotonic() - earlier_minutes * 60
