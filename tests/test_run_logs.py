@@ -202,3 +202,16 @@ def test_a_later_run_in_the_same_process_counts_its_start_up_from_its_own_call()
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          check=True, cwd=ROOT).stdout
     assert out.split() == ["True", "True", "True"]
+
+
+@pytest.mark.parametrize("module", ["fl_app.cli.simulate", "fl_app.app.client_app",
+                                    "fl_app.app.config"])
+def test_the_entry_modules_import_no_tensorflow(module):
+    # TensorFlow's start-up lines are kept off by loading it after `quiet_libraries`: an
+    # entry module that imports it at import time brings them back (a client-side import
+    # of KerasClient in the config's chain did once)
+    code = (f"import sys, {module}; "
+            "print(sorted(m for m in sys.modules if m.split('.')[0] in ('tensorflow', 'keras')))")
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True,
+                         text=True, check=True, timeout=120)
+    assert out.stdout.strip() == "[]", out.stdout[:300]

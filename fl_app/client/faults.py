@@ -29,16 +29,19 @@ from __future__ import annotations
 
 import time
 from collections.abc import Mapping
+from typing import TYPE_CHECKING
 
 import numpy as np
 from flwr.client import NumPyClient
 from flwr.common import NDArrays, Scalar
 
-from fl_app.client.keras_client import KerasClient
 from fl_app.client.wrapper import ClientWrapper
 from fl_app.data.sources import ClientData, DataSpec, Split
 from fl_app.schema import ConfigError, Setting
 from fl_app.wire import SERVER_ROUND
+
+if TYPE_CHECKING:  # the client imports TensorFlow; the config reads this module's keys
+    from fl_app.client.keras_client import KerasClient
 
 ATTACKS = ("none", "sign-flip", "scale", "gaussian", "label-flip")
 FAULT_KEYS = {"raise": "fault-raise-fraction", "stall": "fault-stall-fraction",
