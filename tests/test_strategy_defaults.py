@@ -11,7 +11,7 @@ from strategies.context import StrategyContext
 from strategies.registry import build_strategy
 from tests.conftest import make_config
 
-# Measured on the default workload (README, "Notes on the defaults"): each within 0.10 of
+# Measured on the default workload (docs/results.md, "Notes on the defaults"): each within 0.10 of
 # weighted-fedavg after 5 rounds and 0.05 after 20. Flower's own FedYogi eta 0.01 and tau
 # 1e-3 for FedAdagrad reach 0.71 and 0.75 after 5 rounds where weighted-fedavg reaches 0.93.
 FEDOPT = {"fedadam": (fl.FedAdam, 0.1, 1e-3), "fedyogi": (fl.FedYogi, 0.1, 1e-3),

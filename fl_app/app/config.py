@@ -50,7 +50,7 @@ def resolve(raw: Mapping[str, object]) -> RunConfig:
 
 
 def all_settings() -> dict[str, Setting]:
-    """Every run-config key, in the order pyproject.toml and the README list them."""
+    """Every run-config key, in the order pyproject.toml and docs/config.md list them."""
     return SCHEMA.settings
 
 

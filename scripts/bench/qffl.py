@@ -15,7 +15,7 @@ runs 20,000 rounds and averages 5 data partitions; this runs `--rounds` rounds p
 2 cores, so the accuracies are far from converged: the comparison is q=0 vs q=1 at the
 same budget. Printed: per q and seed the final round's spread of the devices' accuracy
 (`fairness` in history.json: mean, worst and best 10%, variance across devices), then
-the mean over seeds, as a markdown table for the README.
+the mean over seeds, as a markdown table for the docs.
 """
 
 from __future__ import annotations

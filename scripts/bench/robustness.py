@@ -118,7 +118,7 @@ def print_table(args: argparse.Namespace, results: dict[tuple[str, str], float])
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Run every strategy under every attack; print the table and update the README."""
+    """Run every strategy under every attack; print the table and update docs/results.md."""
     args = parse_args(argv)
     start = time.monotonic()
     results: dict[tuple[str, str], float] = {}

@@ -101,7 +101,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="the results page to update (default: docs/results.md)")
     parser.add_argument("--no-readme", action="store_true", help="print the table only")
     parser.add_argument("--update", action="store_true",
-                        help="keep the README table's other rows (and add their minutes): "
+                        help="keep the results table's other rows (and add their minutes): "
                              "run only --strategies, e.g. a newly registered one")
     args = parser.parse_args(argv)
     args.strategies = [BASELINE, *(s for s in dict.fromkeys(args.strategies) if s != BASELINE)]
@@ -223,7 +223,7 @@ def parse_table(text: str) -> tuple[dict[str, Result], int, int]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Run every strategy once; print the table and update the README."""
+    """Run every strategy once; print the table and update docs/results.md."""
     args = parse_args(argv)
     rounds = args.rounds or int(defaults()["num-server-rounds"])
     results: dict[str, Result] = {}
