@@ -19,21 +19,17 @@ import tempfile
 import time
 from pathlib import Path
 
-from scripts.bench.common import run_accuracies, tail_mean
+from scripts.bench.common import run_accuracies, table_parser, tail_mean
 
 STRATEGIES = ("weighted-fedavg", "fednova")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """Command-line options."""
-    parser = argparse.ArgumentParser(description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--clients", type=int, default=10, help="simulated clients (10)")
-    parser.add_argument("--rounds", type=int, default=30, help="rounds per run (30)")
+    parser = table_parser(__doc__, rounds=30)
     parser.add_argument("--epochs-range", default="1-10", help="local epochs per client (1-10)")
     parser.add_argument("--dirichlet-alpha", type=float, default=0.3)
     parser.add_argument("--learning-rate", type=float, default=0.05)
-    parser.add_argument("--seeds", type=int, default=3, help="seeds 1..N (3)")
     return parser.parse_args(argv)
 
 
