@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import subprocess
+import time
 
 import psutil
 import pytest
@@ -49,7 +50,10 @@ def test_ray_workers_are_found_by_title_below_this_process_only():
     other = subprocess.Popen(["sleep", "30"])
     try:
         me = psutil.Process()
-        psutil.Process(worker.pid).cmdline()  # wait for the exec
+        deadline = time.monotonic() + 10  # wait for bash's exec to set the title
+        while (scale_clients.WORKER_TITLE not in " ".join(psutil.Process(worker.pid).cmdline())
+               and time.monotonic() < deadline):
+            time.sleep(0.01)
         found = [p.pid for p in scale_clients.ray_workers(me)]
         assert found == [worker.pid]
         sample = scale_clients.memory_sample(me)
