@@ -55,7 +55,7 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass
-from functools import cached_property
+from functools import cached_property, partial
 from logging import INFO, WARNING
 from typing import Any
 
@@ -84,6 +84,7 @@ from strategies.clipping import clip_update, model_update
 from strategies.context import StrategyContext
 from strategies.decoding import decode
 from strategies.dp_sampling import DPSampling
+from strategies.spec import StrategySpec
 from strategies.validation import NUM_REJECTED
 from strategies.weighted_fedavg import sample_size
 from strategies.wrapper import StrategyWrapper
@@ -201,7 +202,8 @@ class DPFixedClipping(StrategyWrapper):
     """
 
     def __init__(self, inner: Strategy, *, noise_multiplier: float, clipping_norm: float,
-                 accountant: PrivacyAccountant, noise_seed: int = 0, client_side: bool = False,
+                 accountant: PrivacyAccountant | None = None, noise_seed: int = 0,
+                 client_side: bool = False,
                  max_epsilon: float = 0.0, fraction_fit: float = 1.0,
                  min_fit_clients: int = 1, min_available_clients: int = 1,
                  distributed_evaluation: bool = False) -> None:
@@ -211,7 +213,7 @@ class DPFixedClipping(StrategyWrapper):
                               f"{noise_multiplier} and {clipping_norm}")
         self.noise_multiplier = noise_multiplier
         self.clip_norm = clipping_norm
-        self.accountant = accountant
+        self.accountant = accountant or PrivacyAccountant()
         self.client_side = client_side
         self.max_epsilon = max_epsilon
         self.fraction_fit = fraction_fit
@@ -338,7 +340,14 @@ class DPFixedClipping(StrategyWrapper):
             log(WARNING, "round %s: %r returned no model; the DP release is applied as is",
                 server_round, self.inner)
             parameters = privatized
-        return parameters, {**inner_metrics, **metrics}
+        return parameters, {**inner_metrics, **metrics, **self._epsilon_metrics(server_round)}
+
+    def _epsilon_metrics(self, server_round: int) -> dict[str, Scalar]:
+        """ε and δ so far as fit metrics (`dp_epsilon`, `dp_delta`), so that they reach
+        Flower's `History` as every other round metric does (none without a guarantee)."""
+        report = self.privacy_report(server_round)
+        return {} if report is None else {"dp_epsilon": float(report["epsilon"]),
+                                          "dp_delta": float(report["delta"])}
 
     @staticmethod
     def _from_sample(server_round: int, results: list[tuple[ClientProxy, FitRes]],
@@ -573,10 +582,22 @@ def _adaptive(inner: Strategy, ctx: StrategyContext, client_side: bool) -> DPAda
                               clipped_count_stddev=cfg["clipped-count-stddev"])
 
 
-WRAPPERS = {
-    "dp-fixed": lambda inner, ctx: DPFixedClipping(inner, **dp_kwargs(ctx, client_side=False)),
-    "dp-adaptive": lambda inner, ctx: _adaptive(inner, ctx, client_side=False),
-    "dp-client-fixed": lambda inner, ctx: DPFixedClipping(inner,
-                                                          **dp_kwargs(ctx, client_side=True)),
-    "dp-client-adaptive": lambda inner, ctx: _adaptive(inner, ctx, client_side=True),
-}
+def _fixed(inner: Strategy, ctx: StrategyContext, client_side: bool) -> DPFixedClipping:
+    return DPFixedClipping(inner, **dp_kwargs(ctx, client_side))
+
+
+_ACCOUNTING = ("its privacy accounting assumes one noised average of a sampled cohort per "
+               "synchronous round")
+_SERVER_CLIPPING = f"clips each update on the server, and {_ACCOUNTING}"
+SPECS = [
+    StrategySpec("dp-fixed", partial(_fixed, client_side=False), wrapper=True,
+                 needs=_SERVER_CLIPPING, sums=False, linear=False, takes_private_average=False),
+    StrategySpec("dp-adaptive", partial(_adaptive, client_side=False), wrapper=True,
+                 needs=_SERVER_CLIPPING, sums=False, linear=False, takes_private_average=False),
+    StrategySpec("dp-client-fixed", partial(_fixed, client_side=True), wrapper=True,
+                 needs=f"noises the plaintext average on the server, and {_ACCOUNTING}",
+                 sums=True, linear=False, takes_private_average=False),
+    StrategySpec("dp-client-adaptive", partial(_adaptive, client_side=True), wrapper=True,
+                 needs=f"reads each client's clipping bit, and {_ACCOUNTING}",
+                 sums=False, linear=False, takes_private_average=False),
+]

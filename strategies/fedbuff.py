@@ -35,13 +35,9 @@ from flwr.common.logger import log
 from fl_app.schema import ConfigError, Setting
 from strategies.clipping import model_update
 from strategies.metrics import weighted_metrics
-from strategies.secure import ROBUST_STRATEGIES
 from strategies.validation import update_problem
 
 FEDBUFF = "fedbuff"
-# Strategies whose aggregate FedBuff's step generalises (weighted averaging, FedProx's
-# proximal term being the clients'). Any other would have its guarantee broken.
-COMPATIBLE = ("weighted-fedavg", "fedavg", "fedprox")
 
 SETTINGS = [
     Setting("fedbuff-buffer-size", int, 5,
@@ -62,23 +58,10 @@ SETTINGS = [
 
 
 def check_config(values: Mapping[str, Scalar]) -> None:
-    """Refuse FedBuff with a strategy or key whose guarantee needs a synchronous round."""
+    """Refuse FedBuff with a key whose guarantee needs a synchronous round (the strategy is
+    refused by its spec: `strategies.combinations.refuse_fedbuff`)."""
     if values["server-loop"] != FEDBUFF:
         return
-    strategy = str(values["strategy"])
-    if strategy.startswith("dp-"):
-        why = ("its privacy accounting assumes one noised average of a sampled cohort per "
-               "round, while FedBuff applies stale, staleness-weighted updates as they arrive")
-    elif strategy in ROBUST_STRATEGIES:
-        why = "a robust aggregator needs every update of a full round to compare them"
-    elif strategy not in COMPATIBLE:
-        why = "FedBuff's server step replaces the strategy's own server update"
-    else:
-        why = ""
-    if why:
-        raise ConfigError(f"run-config keys 'server-loop'='fedbuff' and 'strategy'={strategy!r} "
-                          f"cannot be combined: {why}; use strategy "
-                          f"{' / '.join(COMPATIBLE)} with FedBuff, or server-loop='sync'")
     for key, off in (("homomorphic-encryption", "none"), ("secure-aggregation", "none"),
                      ("compress-up", "none"), ("compress-down", "none"),
                      ("prune-sparsity", 0.0)):

@@ -34,15 +34,15 @@ FedAvg trusts `num_examples` and FedNova trusts the reported figures.
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
 
 import numpy as np
-from flwr.common import FitRes, NDArrays, Scalar
+from flwr.common import FitRes, NDArrays
 from flwr.server.strategy import Strategy
 
 from fl_app.wire import KEY_LOCAL_STEPS, KEY_LR_SCALE, MAX_LR_SCALE
 from strategies.context import StrategyContext
-from strategies.per_client import PerClientFigure, refuse_as_dp_inner
+from strategies.per_client import PerClientFigure
+from strategies.spec import StrategySpec
 from strategies.weighted_fedavg import weighted_average
 
 MAX_EXTRAPOLATION = 4.0  # a client's update is scaled up by tau_eff / tau_i at most this
@@ -104,11 +104,6 @@ def build(ctx: StrategyContext) -> Strategy:
     return FedNova(**ctx.common_kwargs())
 
 
-def check_config(values: Mapping[str, Scalar]) -> None:
-    """Refuse FedNova inside a DP wrapper (`refuse_as_dp_inner`): it needs each client's
-    local steps."""
-    refuse_as_dp_inner(values, "fednova", "local steps")
-
-
-STRATEGIES = {"fednova": build}
+SPECS = [StrategySpec("fednova", build, needs="scales each update by its client's local steps",
+                      sums=False, linear=False, takes_private_average=False)]
 SETTINGS: list = []  # FedNova uses only the shared sampling keys (strategies.context)

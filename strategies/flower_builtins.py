@@ -20,6 +20,7 @@ from fl_app.schema import Setting
 from strategies.context import StrategyContext
 from strategies.decoding import encode
 from strategies.running_sum import RunningWeightedSum
+from strategies.spec import StrategySpec
 from strategies.validation import cast_like
 
 SETTINGS = [
@@ -133,11 +134,20 @@ def bulyan(ctx: StrategyContext) -> fl.Strategy:
                       to_keep=ctx.cfg["bulyan-to-keep"])
 
 
-STRATEGIES = {
-    "fedavg": fedavg, "fedprox": fedprox, "fedadam": fedadam, "fedyogi": fedyogi,
-    "fedadagrad": fedadagrad, "fedavgm": fedavgm, "fedmedian": fedmedian,
-    "fedtrimmedavg": fedtrimmedavg, "krum": krum, "bulyan": bulyan,
-}
+_SERVER_STEP = "takes its own server step (an optimizer on the plaintext model)"
+_COMPARES = "is a robust aggregator: it compares individual updates"
+SPECS = [
+    *(StrategySpec(name, build, sums=True, linear=True, takes_private_average=True)
+      for name, build in (("fedavg", fedavg), ("fedprox", fedprox))),
+    *(StrategySpec(name, build, needs=_SERVER_STEP, sums=True, linear=False,
+                   takes_private_average=True)
+      for name, build in (("fedadam", fedadam), ("fedyogi", fedyogi),
+                          ("fedadagrad", fedadagrad), ("fedavgm", fedavgm))),
+    *(StrategySpec(name, build, needs=_COMPARES, sums=False, linear=False,
+                   takes_private_average=True)
+      for name, build in (("fedmedian", fedmedian), ("fedtrimmedavg", fedtrimmedavg),
+                          ("krum", krum), ("bulyan", bulyan))),
+]
 
 
 AVERAGING = {fl.FedAvg.aggregate_fit, fl.FedAdam.aggregate_fit, fl.FedYogi.aggregate_fit,

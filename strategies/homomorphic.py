@@ -43,7 +43,7 @@ from flwr.server.client_manager import ClientManager
 from flwr.server.client_proxy import ClientProxy
 from flwr.server.strategy import Strategy
 
-from fl_app.schema import ConfigError, Setting
+from fl_app.schema import Setting
 from fl_app.wire import KEY_HE_ENCRYPTED
 from strategies import ckks
 from strategies.metrics import weighted_metrics
@@ -60,27 +60,14 @@ SETTINGS = [
             "deploy.prepare; run_simulation.py makes a fresh key when empty).", "privacy"),
 ]
 
-LINEAR_STRATEGIES = ("weighted-fedavg", "fedavg", "fedprox")
-"""Strategies whose aggregate is the example-weighted sum of the updates over the summed
-count, which is all the server can compute on ciphertexts."""
-
-
 def incompatibilities(values: Mapping[str, Scalar]) -> list[str]:
-    """Why the run config cannot run with homomorphic encryption (empty: it can).
-
-    Everything that needs an individual plaintext update, or a plaintext global model on
-    the server, is refused.
-    """
+    """Why the run config's keys other than the strategy cannot run with homomorphic
+    encryption (empty: they can). Everything that needs an individual plaintext update, or a
+    plaintext global model on the server, is refused; the strategy is refused by its spec
+    (`strategies.combinations.homomorphic_problems`, which adds these)."""
     if values["homomorphic-encryption"] == "none":
         return []
     problems = []
-    strategy = str(values["strategy"])
-    if strategy.startswith("dp-"):
-        problems.append(f"strategy={strategy!r} clips and noises on the server, which sees "
-                        "only ciphertexts")
-    elif strategy not in LINEAR_STRATEGIES:
-        problems.append(f"strategy={strategy!r} needs individual updates or a plaintext "
-                        f"server-side model (use one of {', '.join(LINEAR_STRATEGIES)})")
     if float(values["outlier-norm-factor"]) > 0:
         problems.append("outlier-norm-factor > 0 compares individual update norms")
     if int(values["max-examples"]) > 0:
@@ -102,11 +89,6 @@ def incompatibilities(values: Mapping[str, Scalar]) -> list[str]:
     return problems
 
 
-def check_config(values: Mapping[str, Scalar]) -> None:
-    """Refuse a run config that homomorphic encryption cannot run (ConfigError)."""
-    problems = incompatibilities(values)
-    if problems:
-        raise ConfigError("homomorphic-encryption='ckks' cannot run with " + "; ".join(problems))
 
 
 def is_encrypted(parameters: Parameters) -> bool:

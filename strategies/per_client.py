@@ -5,7 +5,6 @@ whose figure is usable, and the new model from them."""
 from __future__ import annotations
 
 from abc import abstractmethod
-from collections.abc import Mapping
 from logging import WARNING
 
 from flwr.common import FitIns, FitRes, NDArrays, Parameters, Scalar
@@ -13,20 +12,9 @@ from flwr.common.logger import log
 from flwr.server.client_manager import ClientManager
 from flwr.server.client_proxy import ClientProxy
 
-from fl_app.schema import ConfigError
-from strategies import dp
 from strategies.decoding import decode, encode
 from strategies.metrics import weighted_metrics
 from strategies.weighted_fedavg import WeightedFedAvg
-
-
-def refuse_as_dp_inner(values: Mapping[str, Scalar], name: str, figure: str) -> None:
-    """Raise ConfigError when `name` is a DP wrapper's `dp-inner`: it scales each update by
-    its client's `figure`, which the privatized average it would be handed does not carry."""
-    if values["strategy"] in dp.WRAPPERS and values["dp-inner"] == name:
-        raise ConfigError(f"run-config key 'dp-inner' is '{name}' under strategy="
-                          f"{values['strategy']!r}: {name} scales each update by its client's "
-                          f"{figure}, which a DP release does not carry; use another dp-inner")
 
 
 class PerClientFigure(WeightedFedAvg):

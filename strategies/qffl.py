@@ -24,11 +24,10 @@ to their data size (`client-sampling='size'`). An update without a finite `loss_
 from __future__ import annotations
 
 import statistics
-from collections.abc import Mapping
 from logging import WARNING
 
 import numpy as np
-from flwr.common import FitIns, FitRes, NDArrays, Parameters, Scalar
+from flwr.common import FitIns, FitRes, NDArrays, Parameters
 from flwr.common.logger import log
 from flwr.server.client_manager import ClientManager
 from flwr.server.client_proxy import ClientProxy
@@ -38,7 +37,8 @@ from fl_app.schema import Setting
 from fl_app.wire import KEY_LOSS_BEFORE
 from strategies.context import StrategyContext
 from strategies.metrics import is_finite_number
-from strategies.per_client import PerClientFigure, refuse_as_dp_inner
+from strategies.per_client import PerClientFigure
+from strategies.spec import StrategySpec
 
 LOSS_EPSILON = 1e-10  # added to every F_k, as the official code does
 # A client's loss counts at most this x the round's lower median: a bound on a lie, far above
@@ -132,9 +132,5 @@ def build(ctx: StrategyContext) -> Strategy:
                    **ctx.common_kwargs())
 
 
-def check_config(values: Mapping[str, Scalar]) -> None:
-    """Refuse q-FFL inside a DP wrapper (`refuse_as_dp_inner`): it needs each client's loss."""
-    refuse_as_dp_inner(values, "qfedavg", "loss")
-
-
-STRATEGIES = {"qfedavg": build}
+SPECS = [StrategySpec("qfedavg", build, needs="scales each update by its client's loss",
+                      sums=False, linear=False, takes_private_average=False)]

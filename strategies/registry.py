@@ -1,12 +1,13 @@
 """The strategy registry: `strategy=<name>` in the run config picks a factory here.
 
-Adding a strategy: write one module with a `STRATEGIES` dict of factories
-`build(ctx: StrategyContext) -> Strategy` (a wrapper module: `WRAPPERS`, factories
-`wrap(inner, ctx) -> Strategy`), a `SETTINGS` list for its own run-config keys and
-optionally a `check_config(values)` raising `ConfigError` for rules across keys; then
-add the module to `STRATEGY_MODULES` (`WRAPPER_MODULES`). The registry collects the names, keys
-and checks itself, and `build_strategy` puts every strategy behind `ValidatedStrategy`, the one
-validation path.
+Adding a strategy: write one module with a `SPECS` list of `strategies.spec.StrategySpec`s
+(the factory `build(ctx: StrategyContext) -> Strategy`, or for a wrapper `build(inner, ctx)`,
+and the capability flags that say what it combines with), a `SETTINGS` list for its own
+run-config keys and optionally a `check_config(values)` raising `ConfigError` for rules
+across keys; then add the module to `strategies.combinations.STRATEGY_MODULES`
+(`WRAPPER_MODULES`). The registry collects the names, keys and checks itself,
+`strategies.combinations` derives every refusal from the flags, and `build_strategy` puts
+every strategy behind `ValidatedStrategy`, the one validation path.
 """
 
 from __future__ import annotations
@@ -19,35 +20,26 @@ from flwr.server.strategy import Strategy
 
 from fl_app.schema import ConfigCheck, Scalar, Setting, module_checks
 from strategies import (
+    combinations,
     compression,
     context,
-    dp,
     fedbuff,
-    fednova,
-    flower_builtins,
     homomorphic,
     pruning,
-    qffl,
     secure,
     stragglers,
     validation,
-    weighted_fedavg,
 )
+from strategies.combinations import SPECS, STRATEGY_MODULES, WRAPPER_MODULES
 from strategies.context import StrategyContext
 from strategies.distributed_dp import secure_wrapper
 from strategies.protocols import PrivacyAccounting, find_layer
 from strategies.validated import ValidatedStrategy
 
-StrategyFactory = Callable[[StrategyContext], Strategy]
-WrapperFactory = Callable[[Strategy, StrategyContext], Strategy]
-
-STRATEGY_MODULES = [weighted_fedavg, fednova, flower_builtins, qffl]
-WRAPPER_MODULES = [dp]
-
-STRATEGIES: dict[str, StrategyFactory] = {
-    name: factory for module in STRATEGY_MODULES for name, factory in module.STRATEGIES.items()}
-WRAPPERS: dict[str, WrapperFactory] = {
-    name: factory for module in WRAPPER_MODULES for name, factory in module.WRAPPERS.items()}
+STRATEGIES: dict[str, Callable[[StrategyContext], Strategy]] = {
+    name: spec.build for name, spec in SPECS.items() if not spec.wrapper}
+WRAPPERS: dict[str, Callable[[Strategy, StrategyContext], Strategy]] = {
+    name: spec.build for name, spec in SPECS.items() if spec.wrapper}
 
 
 def evaluates_distributed(cfg: Mapping[str, Scalar]) -> bool:
@@ -77,7 +69,7 @@ SETTINGS: list[Setting] = [*_OWN_SETTINGS,
                            *(s for module in _SETTING_MODULES for s in module.SETTINGS)]
 """Every run-config key of the strategies layer: sampling, validation, each strategy's."""
 
-check_config: ConfigCheck = module_checks(_SETTING_MODULES)
+check_config: ConfigCheck = module_checks([*_SETTING_MODULES, combinations])
 """Every cross-key rule the strategy modules declare."""
 
 

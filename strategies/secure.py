@@ -6,11 +6,10 @@ one client's update, only the sum of the round's updates. Every mechanism that l
 individual update therefore cannot run: robust aggregators (Krum, Bulyan, median, trimmed
 mean), aggregators that scale each update by its own client's figure (FedNova's local
 steps, q-FFL's client loss), the outlier-norm check, the per-update caps, the pruning
-mask's check (`prune-sparsity`) and server-side DP clipping. `needs_individual_updates(values)`
-lists those settings, and
-`refuse_individual_checks` raises one `ConfigError` naming them. (Homomorphic encryption has
-its own list, `strategies.homomorphic.incompatibilities`: it also refuses what needs a
-plaintext model on the server.)
+mask's check (`prune-sparsity`) and server-side DP clipping. Which strategies those are is
+each strategy's spec (`strategies.spec`); `strategies.combinations` refuses them, with the
+per-update checks listed here (`per_update_checks`), in one `ConfigError`. (Homomorphic
+encryption also refuses what needs a plaintext model on the server.)
 
 What still holds: the aggregate's array count, shapes, dtypes and finiteness are checked by
 `ValidatedStrategy` as before; each honest client checks its own update (shapes, finite
@@ -36,12 +35,6 @@ SECURE_MODES = ("none", "secagg+")
 MIN_CLIENTS = "secagg-min-clients"
 """Run-config key: the fewest clients a SecAgg+ round may sum (server and clients refuse fewer)."""
 MIN_CLIENTS_DEFAULT = 5
-ROBUST_STRATEGIES = ("krum", "bulyan", "fedmedian", "fedtrimmedavg")
-"""Registry names of aggregators that compare individual updates."""
-PER_CLIENT_WEIGHTING = ("fednova", "qfedavg")
-"""Aggregators that scale each update by its own client's figure (local steps, loss)."""
-SERVER_CLIPPING_STRATEGIES = ("dp-fixed", "dp-adaptive", "dp-client-adaptive")
-"""DP wrappers that need each update (server-side clipping) or each client's clipping bit."""
 PER_UPDATE_CHECKS = ("outlier-norm-factor", "examples-cap-factor", "max-examples",
                      "prune-sparsity")
 """Server-side checks of one update or one client's weight, by run-config key (0: off)."""
@@ -78,29 +71,10 @@ SETTINGS = [
 ]
 
 
-def needs_individual_updates(values: Mapping[str, Scalar]) -> list[str]:
-    """The settings in `values` that need the server to see individual client updates,
-    as `key='value'` strings (empty: everything configured works on an aggregate)."""
-    found = []
-    if values["strategy"] in (*ROBUST_STRATEGIES, *PER_CLIENT_WEIGHTING,
-                              *SERVER_CLIPPING_STRATEGIES):
-        found.append(f"strategy='{values['strategy']}'")
-    found += [f"{key}={values[key]}" for key in PER_UPDATE_CHECKS if values[key]]
-    return found
-
-
-def refuse_individual_checks(values: Mapping[str, Scalar], mode_key: str) -> None:
-    """Raise ConfigError naming every setting that needs individual updates, when the
-    secure mode under `mode_key` is on (not 'none')."""
-    mode = values[mode_key]
-    found = needs_individual_updates(values)
-    if mode == "none" or not found:
-        return
-    raise ConfigError(
-        f"run-config key(s) {', '.join(found)} cannot work with {mode_key}='{mode}': the "
-        "server sees only the sum of the clients' updates, never one update, so it cannot "
-        "compare, clip, reject or re-weight them; use a plain strategy (weighted-fedavg, "
-        "fedavg, fedadam, ...) or dp-client-fixed, and set those checks to 0")
+def per_update_checks(values: Mapping[str, Scalar]) -> list[str]:
+    """The server-side checks of one update that `values` turns on, as `key=value`
+    strings (the strategy's own needs are its spec's: `strategies.combinations`)."""
+    return [f"{key}={values[key]}" for key in PER_UPDATE_CHECKS if values[key]]
 
 
 def protected(values: Mapping[str, Scalar]) -> bool:
@@ -116,8 +90,9 @@ def evaluate_fraction(values: Mapping[str, Scalar]) -> float:
 
 def check_config(values: Mapping[str, Scalar]) -> None:
     """Refuse a distributed monitor in a protected run; refuse SecAgg+ combined with
-    anything that needs individual updates, a threshold of half the shares or fewer, and
-    ranges whose sum could overflow the protocol's 2^32 modulus."""
+    another protection or a codec, a threshold of half the shares or fewer, and ranges whose
+    sum could overflow the protocol's 2^32 modulus (what needs individual updates is
+    refused by `strategies.combinations`)."""
     if protected(values) and str(values["monitor"]).startswith("distributed_"):
         mode = "secure-aggregation" if values["secure-aggregation"] != "none" \
             else "homomorphic-encryption"
@@ -126,7 +101,6 @@ def check_config(values: Mapping[str, Scalar]) -> None:
             f"{values[mode]!r}: a protected run has no distributed evaluation (each client's "
             "loss and validation-set size would reach the server in the clear); monitor a "
             "centralized metric")
-    refuse_individual_checks(values, "secure-aggregation")
     if values["secure-aggregation"] == "none":
         return
     others = [f"{key}={values[key]!r}" for key in ("homomorphic-encryption", "compress-up",

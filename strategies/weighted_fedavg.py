@@ -26,6 +26,7 @@ from strategies.context import StrategyContext
 from strategies.decoding import decode, encode
 from strategies.metrics import weighted_metrics
 from strategies.running_sum import RunningWeightedSum
+from strategies.spec import StrategySpec
 
 EvaluateFn = Callable[[int, NDArrays, dict[str, Scalar]], "tuple[float, dict[str, Scalar]] | None"]
 ConfigFn = Callable[[int], dict[str, Scalar]]
@@ -206,5 +207,6 @@ def build(ctx: StrategyContext) -> Strategy:
     return WeightedFedAvg(**ctx.common_kwargs())
 
 
-STRATEGIES = {"weighted-fedavg": build}
+SPECS = [StrategySpec("weighted-fedavg", build, sums=True, linear=True,
+                      takes_private_average=True)]
 SETTINGS: list = []  # WeightedFedAvg uses only the shared sampling keys (strategies.context)

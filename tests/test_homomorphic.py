@@ -16,11 +16,8 @@ from flwr.common import ndarrays_to_parameters, parameters_to_ndarrays
 from fl_app.schema import ConfigError
 from fl_app.wire import KEY_HE_ENCRYPTED
 from strategies import ckks
-from strategies.homomorphic import (
-    HomomorphicAggregation,
-    incompatibilities,
-    is_encrypted,
-)
+from strategies.combinations import homomorphic_problems
+from strategies.homomorphic import HomomorphicAggregation, is_encrypted
 from strategies.weighted_fedavg import WeightedFedAvg
 from tests.conftest import make_config
 from tests.flower_objects import IdleProxy, fit_res, random_model
@@ -162,7 +159,7 @@ def test_combinations_that_need_individual_updates_are_refused(overrides, proble
 @pytest.mark.parametrize("strategy", ["weighted-fedavg", "fedavg", "fedprox"])
 def test_linear_strategies_are_accepted(strategy):
     cfg = make_config(homomorphic_encryption="ckks", strategy=strategy)
-    assert incompatibilities(cfg) == []
+    assert homomorphic_problems(cfg) == []
 
 
 def test_prepare_gives_the_nodes_the_secret_key_and_the_server_only_the_public_context(

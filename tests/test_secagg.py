@@ -38,8 +38,8 @@ from fl_app.client.secure_mod import (
 from fl_app.schema import ConfigError
 from fl_app.wire import KEY_CLIPPING_NORM, KEY_DP_NOISE_STD, SERVER_ROUND
 from strategies.accounting import PrivacyAccountant
+from strategies.combinations import needs_individual_updates
 from strategies.distributed_dp import DistributedDPFixedClipping
-from strategies.secure import needs_individual_updates
 from strategies.validated import ValidatedStrategy
 from strategies.weighted_fedavg import WeightedFedAvg
 from strategies.wrapper import StrategyWrapper
