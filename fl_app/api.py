@@ -4,8 +4,9 @@
     history = run(model, x, y, num_clients=10, partitioner="dirichlet", num_server_rounds=20)
 
 and the app's parts for a Flower user's own ServerApp (docs/flower-users.md): `client_app`,
-the Keras ClientApp configured by keyword, and `initial_parameters`, its model's starting
-weights for a server strategy (FedAdam and the other FedOpt strategies need them).
+the Keras ClientApp configured by keyword, `initial_parameters`, its model's starting
+weights for a server strategy (FedAdam and the other FedOpt strategies need them), and
+`server_strategy`, the app's validated strategy chain around any client.
 
 It runs the same simulation as `run_simulation.py` (same config schema, checks, outputs:
 history.json, history.csv, final_model.keras, plots in `out_dir`) and returns the history;
@@ -19,13 +20,14 @@ registered with `@keras.saving.register_keras_serializable` in an importable mod
 from __future__ import annotations
 
 import tempfile
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 from flwr.clientapp import ClientApp
-from flwr.common import Parameters, ndarrays_to_parameters
+from flwr.common import NDArrays, Parameters, ndarrays_to_parameters
+from flwr.server.strategy import Strategy
 
 from fl_app.app.client_app import make_client_app
 from fl_app.app.config import check_num_clients, defaults, resolve
@@ -35,6 +37,11 @@ from fl_app.schema import Scalar
 from fl_app.server.callbacks import Callback
 from fl_app.server.outputs import private_files, read_history, resolve_out_dir
 from fl_app.server.run_clock import run_start
+from strategies.context import StrategyContext
+from strategies.registry import build_strategy
+
+EvaluateFn = Callable[[int, NDArrays, dict[str, Scalar]], tuple[float, dict[str, Scalar]] | None]
+ConfigFn = Callable[[int], dict[str, Scalar]]
 
 
 def _kebab(config: Mapping[str, Scalar]) -> dict[str, Scalar]:
@@ -71,6 +78,27 @@ def initial_parameters(**config: Scalar) -> Parameters:
     cfg = _config(config)
     model = build_model(str(cfg["model"]), data_spec(cfg), int(cfg["seed"]))
     return ndarrays_to_parameters(model.get_weights())
+
+
+def server_strategy(*, initial_parameters: Parameters,
+                    evaluate_fn: EvaluateFn | None = None,
+                    on_fit_config_fn: ConfigFn | None = None,
+                    on_evaluate_config_fn: ConfigFn | None = None,
+                    **config: Scalar) -> Strategy:
+    """The app's server strategy for a ServerApp of your own, around any client: the
+    strategy `strategy` names (default `weighted-fedavg`; `dp-fixed` and the other DP
+    wrappers around `dp_inner`) with every layer the same keys add under this app's server
+    (stragglers, pruning, compression), always behind `ValidatedStrategy`: a non-finite,
+    misshapen or over-claiming update is rejected and logged, never averaged in.
+    `config` takes any run-config key in Python spelling (`min_fit_clients=3`,
+    `noise_multiplier=1.0`); a DP strategy reports ε and δ so far as the fit metrics
+    `dp_epsilon` and `dp_delta`, so they reach Flower's `History`. Keys that need this
+    app's server loop or its clients (`secure_aggregation`, `homomorphic_encryption`,
+    `standardize`, `fuse_evaluate`) are not for another client. Raises ConfigError on a
+    bad key or value, or a combination the strategy cannot run."""
+    return build_strategy(StrategyContext(
+        _config(config), initial_parameters, evaluate_fn=evaluate_fn,
+        on_fit_config_fn=on_fit_config_fn, on_evaluate_config_fn=on_evaluate_config_fn))
 
 
 def run(model: Any, x: np.ndarray, y: np.ndarray, *, num_clients: int = 10,
