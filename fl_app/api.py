@@ -37,8 +37,8 @@ from fl_app.schema import Scalar
 from fl_app.server.callbacks import Callback
 from fl_app.server.outputs import private_files, read_history, resolve_out_dir
 from fl_app.server.run_clock import run_start
+from strategies.compose import compose
 from strategies.context import StrategyContext
-from strategies.registry import build_strategy
 
 EvaluateFn = Callable[[int, NDArrays, dict[str, Scalar]], tuple[float, dict[str, Scalar]] | None]
 ConfigFn = Callable[[int], dict[str, Scalar]]
@@ -96,9 +96,10 @@ def server_strategy(*, initial_parameters: Parameters,
     app's server loop or its clients (`secure_aggregation`, `homomorphic_encryption`,
     `standardize`, `fuse_evaluate`) are not for another client. Raises ConfigError on a
     bad key or value, or a combination the strategy cannot run."""
-    return build_strategy(StrategyContext(
+    return compose(StrategyContext(
         _config(config), initial_parameters, evaluate_fn=evaluate_fn,
-        on_fit_config_fn=on_fit_config_fn, on_evaluate_config_fn=on_evaluate_config_fn))
+        on_fit_config_fn=on_fit_config_fn, on_evaluate_config_fn=on_evaluate_config_fn),
+        meter=False)
 
 
 def run(model: Any, x: np.ndarray, y: np.ndarray, *, num_clients: int = 10,

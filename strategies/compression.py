@@ -193,12 +193,3 @@ class CompressedStrategy(StrategyWrapper):
         if rejected:
             metrics = {**metrics, NUM_REJECTED: int(metrics.get(NUM_REJECTED, 0)) + rejected}
         return parameters, metrics
-
-
-def compressed(inner: Strategy, cfg: dict[str, Scalar]) -> Strategy:
-    """`inner` behind `CompressedStrategy` if the run config compresses either direction."""
-    if cfg["compress-up"] == "none" and cfg["compress-down"] == "none":
-        return inner
-    return CompressedStrategy(inner, up=str(cfg["compress-up"]), down=str(cfg["compress-down"]),
-                              top_k=float(cfg["compress-top-k"]),
-                              error_feedback=bool(cfg["error-feedback"]))

@@ -200,11 +200,3 @@ class PrunedStrategy(StrategyWrapper):
         sparsity = scheduled_sparsity(server_round, self.sparsity, self.rounds)
         weights = apply_mask(weights, magnitude_mask(weights, sparsity))
         return ndarrays_to_parameters(weights), {**metrics, SPARSITY: sparsity}
-
-
-def pruned(inner: Strategy, cfg: Mapping[str, Scalar]) -> Strategy:
-    """`inner` behind `PrunedStrategy` when the run config prunes (`prune-sparsity` > 0)."""
-    if not cfg["prune-sparsity"]:
-        return inner
-    return PrunedStrategy(inner, sparsity=float(cfg["prune-sparsity"]),
-                          rounds=int(cfg["prune-rounds"]))

@@ -6,16 +6,14 @@ and the capability flags that say what it combines with), a `SETTINGS` list for 
 run-config keys and optionally a `check_config(values)` raising `ConfigError` for rules
 across keys; then add the module to `strategies.combinations.STRATEGY_MODULES`
 (`WRAPPER_MODULES`). The registry collects the names, keys and checks itself,
-`strategies.combinations` derives every refusal from the flags, and `build_strategy` puts
-every strategy behind `ValidatedStrategy`, the one validation path.
+`strategies.combinations` derives every refusal from the flags, and `strategies.compose.compose`
+builds the server's chain around it.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
-from logging import INFO
 
-from flwr.common.logger import log
 from flwr.server.strategy import Strategy
 
 from fl_app.schema import ConfigCheck, Scalar, Setting, module_checks
@@ -32,9 +30,6 @@ from strategies import (
 )
 from strategies.combinations import SPECS, STRATEGY_MODULES, WRAPPER_MODULES
 from strategies.context import StrategyContext
-from strategies.distributed_dp import secure_wrapper
-from strategies.protocols import PrivacyAccounting, find_layer
-from strategies.validated import ValidatedStrategy
 
 STRATEGIES: dict[str, Callable[[StrategyContext], Strategy]] = {
     name: spec.build for name, spec in SPECS.items() if not spec.wrapper}
@@ -71,40 +66,3 @@ SETTINGS: list[Setting] = [*_OWN_SETTINGS,
 
 check_config: ConfigCheck = module_checks([*_SETTING_MODULES, combinations])
 """Every cross-key rule the strategy modules declare."""
-
-
-def build_strategy(ctx: StrategyContext) -> Strategy:
-    """The strategy named by `strategy` (a wrapper around the plain `dp-inner` one; under
-    secure aggregation, `dp-client-fixed` is distributed DP: `strategies.distributed_dp`),
-    with simulated stragglers when `straggler-fraction` is set, behind `ValidatedStrategy`,
-    behind `PrunedStrategy` when `prune-sparsity` is set (it checks the decoded updates
-    against the round's mask and prunes the aggregate), behind `CompressedStrategy` when
-    either direction is compressed (so validation, DP and every strategy see decoded
-    weights). A privacy-accounting strategy's release is never held back by the
-    `min-fit-clients` rule (skipping a round would reveal, un-noised, that clients failed).
-    With `homomorphic-encryption=ckks`, `HomomorphicAggregation` goes outside: it adds the
-    encrypted updates itself (the validated chain still configures the rounds and checks
-    the evaluation reports); it refuses compression."""
-    cfg = ctx.cfg
-    name = str(cfg["strategy"])
-    if secure.protected(cfg) and cfg["fraction-evaluate"] > 0:
-        log(INFO, "fraction-evaluate=%s is not used: a run with secure aggregation or "
-            "homomorphic encryption has no distributed evaluation (each client's loss and "
-            "validation-set size would reach the server in the clear)", cfg["fraction-evaluate"])
-    if name in WRAPPERS:
-        wrap = secure_wrapper(name, ctx) or WRAPPERS[name]
-        strategy = wrap(STRATEGIES[str(cfg["dp-inner"])](ctx), ctx)
-    else:
-        strategy = STRATEGIES[name](ctx)
-    strategy = stragglers.with_stragglers(strategy, ctx)
-    accounts_privacy = find_layer(strategy, PrivacyAccounting) is not None
-    validated = ValidatedStrategy(
-        strategy, min_fit_clients=0 if accounts_privacy else int(cfg["min-fit-clients"]),
-        max_examples=int(cfg["max-examples"]),
-        outlier_norm_factor=float(cfg["outlier-norm-factor"]),
-        examples_cap_factor=float(cfg["examples-cap-factor"]))
-    if cfg["homomorphic-encryption"] != "none":
-        return homomorphic.wrap(validated, public_context_path=str(cfg["he-public-context"]),
-                                initial=ctx.initial_parameters,
-                                min_fit_clients=int(cfg["min-fit-clients"]))
-    return compression.compressed(pruning.pruned(validated, cfg), cfg)

@@ -24,7 +24,6 @@ from flwr.server.strategy import Strategy
 
 from fl_app.schema import ConfigError, Setting
 from fl_app.wire import KEY_STRAGGLER_EPOCHS
-from strategies.context import StrategyContext
 from strategies.wrapper import StrategyWrapper
 
 POLICIES = ("auto", "drop", "keep")
@@ -116,13 +115,3 @@ def check_config(values: Mapping[str, Scalar]) -> None:
             and values["local-epochs"] < 2:
         raise ConfigError("run-config key 'straggler-fraction' is set with stragglers kept, "
                           "who train a random 1..E-1 of local-epochs E: set local-epochs >= 2")
-
-
-def with_stragglers(strategy: Strategy, ctx: StrategyContext) -> Strategy:
-    """`strategy` behind `Stragglers` when `straggler-fraction` > 0, else unchanged."""
-    cfg = ctx.cfg
-    if cfg["straggler-fraction"] <= 0:
-        return strategy
-    return Stragglers(strategy, fraction=float(cfg["straggler-fraction"]),
-                      keep=keeps_partial_work(cfg), local_epochs=int(cfg["local-epochs"]),
-                      seed=int(cfg["seed"]))

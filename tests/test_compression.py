@@ -28,13 +28,13 @@ from fl_app.client.compression import (
 )
 from fl_app.codecs import TopKCodec, codec_of
 from fl_app.schema import ConfigError
-from fl_app.server.wire_bytes import WireMeter, parameters_bytes
 from fl_app.wire import KEY_CLIPPING_NORM, KEY_COMPRESS_UP, KEY_ERROR_FEEDBACK
 from strategies.clipping import clip_weights, l2_norm, model_update
+from strategies.compose import compose
 from strategies.compression import CompressedStrategy
 from strategies.context import StrategyContext
-from strategies.registry import build_strategy
 from strategies.validated import ValidatedStrategy
+from strategies.wire_meter import WireMeter, parameters_bytes
 from tests.conftest import make_config
 from tests.dp_rounds import client_manager
 
@@ -71,7 +71,7 @@ def stack(**config):
     """The strategy the registry builds for `config`, on a random initial model."""
     cfg = make_config(min_fit_clients=2, min_available_clients=2, **config)
     initial = ndarrays_to_parameters(random_arrays(99))
-    return build_strategy(StrategyContext(cfg=cfg, initial_parameters=initial)), initial
+    return compose(StrategyContext(cfg=cfg, initial_parameters=initial), meter=False), initial
 
 
 def play(strategy, parameters: Parameters, deltas: dict[str, list[np.ndarray]],

@@ -20,9 +20,9 @@ from flwr.common import ndarrays_to_parameters, parameters_to_ndarrays
 from fl_app.app.config import check_num_clients
 from fl_app.schema import ConfigError
 from strategies.accounting import PrivacyAccountant, default_delta
+from strategies.compose import compose
 from strategies.context import StrategyContext
 from strategies.protocols import PrivacyAccounting, find_layer
-from strategies.registry import build_strategy
 from tests.conftest import make_config
 from tests.dp_rounds import client_manager, dp_strategy, play_round, zeros
 from tests.flower_objects import fit_res
@@ -149,7 +149,7 @@ def test_no_noise_means_no_privacy_report_and_no_budget():
 
 def _build(**overrides):
     cfg = make_config(**overrides)
-    return build_strategy(StrategyContext(cfg=cfg, initial_parameters=ndarrays_to_parameters(
+    return compose(StrategyContext(cfg=cfg, initial_parameters=ndarrays_to_parameters(
         zeros())))
 
 

@@ -13,8 +13,8 @@ from flwr.common import ndarrays_to_parameters
 from fl_app.server.checkpoint import Checkpointer, load_checkpoint, read_ledger
 from fl_app.server.runner import FederatedServer, ResumePoint
 from fl_app.server.stopping import IDLE_STOP, StoppingRules
+from strategies.compose import compose
 from strategies.context import StrategyContext
-from strategies.registry import build_strategy
 from tests.conftest import make_config
 from tests.flower_objects import AnsweringProxy, FailingProxy, IdleProxy, random_model
 
@@ -38,7 +38,7 @@ class Run:
             self.cfg, folder, lambda: {"rounds": self.rounds})
         model = ndarrays_to_parameters(random_model(np.random.default_rng(0)))
         self.server = FederatedServer(
-            strategy=build_strategy(StrategyContext(self.cfg, model)), seed=0,
+            strategy=compose(StrategyContext(self.cfg, model)), seed=0,
             stopping=StoppingRules(max_idle_rounds=max_idle_rounds),
             on_round=lambda record, p: self.rounds.append(record),
             on_finish=lambda reason, p: self.stopped.append(reason),

@@ -13,8 +13,8 @@ from fl_app.server.round_log import round_scalars
 from fl_app.server.runner import FederatedServer, client_evaluations, fairness
 from fl_app.server.stopping import StoppingRules
 from fl_app.wire import FUSED_COUNT, FUSED_LOSS, KEY_FUSE_EVALUATE
+from strategies.compose import compose
 from strategies.context import StrategyContext
-from strategies.registry import build_strategy
 from tests.conftest import make_config
 from tests.flower_objects import AnsweringProxy, IdleProxy, random_model
 
@@ -55,7 +55,7 @@ def _rounds(clients: list[EvaluatingProxy], **config) -> list[dict]:
     model = ndarrays_to_parameters(random_model(np.random.default_rng(0)))
     rounds: list[dict] = []
     server = FederatedServer(
-        strategy=build_strategy(StrategyContext(cfg, model, on_fit_config_fn=fit_config(cfg))),
+        strategy=compose(StrategyContext(cfg, model, on_fit_config_fn=fit_config(cfg))),
         seed=0, stopping=StoppingRules(),
         on_round=lambda record, p: rounds.append(record), on_finish=lambda reason, p: None,
         fuse_evaluate=fuses_evaluation(cfg), directions={"accuracy": "up"})

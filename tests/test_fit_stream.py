@@ -25,12 +25,12 @@ from flwr.server.strategy.aggregate import aggregate
 
 from fl_app.server.runner import FederatedServer
 from fl_app.server.stopping import StoppingRules
-from fl_app.server.wire_bytes import WireMeter, parameters_bytes
 from strategies import ValidatedStrategy, WeightedFedAvg
+from strategies.compose import compose
 from strategies.context import StrategyContext
-from strategies.registry import build_strategy
 from strategies.running_sum import CappedWeightedSum, RunningWeightedSum
 from strategies.validation import claim_cap
+from strategies.wire_meter import parameters_bytes
 from tests.conftest import make_config
 from tests.flower_objects import FailingProxy, IdleProxy, fit_res, random_model, results
 
@@ -192,7 +192,7 @@ def test_failures_reach_the_inner_strategy():
 def _chain(clients: int = 2, **config):
     cfg = make_config(min_fit_clients=2, min_available_clients=clients, **config)
     model = ndarrays_to_parameters(random_model(np.random.default_rng(0)))
-    strategy = WireMeter(build_strategy(StrategyContext(cfg, model)))
+    strategy = compose(StrategyContext(cfg, model))
     manager = SimpleClientManager()
     for i in range(clients):
         manager.register(IdleProxy(f"c{i}"))
@@ -334,7 +334,7 @@ def _server(clients) -> tuple[FederatedServer, list[dict]]:
                       fraction_evaluate=0.0)
     model = ndarrays_to_parameters(random_model(np.random.default_rng(0)))
     rounds: list[dict] = []
-    server = FederatedServer(strategy=build_strategy(StrategyContext(cfg, model)), seed=0,
+    server = FederatedServer(strategy=compose(StrategyContext(cfg, model)), seed=0,
                              stopping=StoppingRules(),
                              on_round=lambda record, p: rounds.append(record),
                              on_finish=lambda reason, p: None)

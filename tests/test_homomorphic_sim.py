@@ -16,9 +16,9 @@ from flwr.common import parameters_to_ndarrays
 import run_simulation
 from fl_app.app import server_app
 from strategies import ckks
+from strategies.compose import compose
 from strategies.homomorphic import HomomorphicAggregation, is_encrypted
 from strategies.protocols import find_layer
-from strategies.registry import build_strategy
 from strategies.wrapper import StrategyWrapper
 
 pytestmark = pytest.mark.slow  # runs Flower simulations
@@ -46,7 +46,7 @@ class Spy(StrategyWrapper):
 
 def _run(tmp_path, monkeypatch, run_config: str, extra: list[str] = ()) -> tuple[dict, dict]:
     log: dict = {}
-    monkeypatch.setattr(server_app, "build_strategy", lambda ctx: Spy(build_strategy(ctx), log))
+    monkeypatch.setattr(server_app, "compose", lambda ctx: Spy(compose(ctx), log))
     out = tmp_path / "out"
     code = run_simulation.main(["--num-supernodes", "3", "--run-config",
                                 f"{CONFIG} {run_config}", "--out", str(out), *extra])

@@ -30,6 +30,7 @@ from fl_app.wire import (
     KEY_PRUNE_SPARSITY,
     round_config,
 )
+from strategies.compose import compose
 from strategies.compression import CompressedStrategy
 from strategies.context import StrategyContext
 from strategies.pruning import (
@@ -39,7 +40,6 @@ from strategies.pruning import (
     magnitude_mask,
     scheduled_sparsity,
 )
-from strategies.registry import build_strategy
 from strategies.validation import NUM_REJECTED
 from tests.conftest import make_config
 from tests.dp_rounds import client_manager
@@ -111,8 +111,8 @@ def test_server_and_every_client_hold_the_same_mask_through_local_training(optim
                min_fit_clients=CLIENTS, min_available_clients=CLIENTS)
     cfg = make_config(prune_sparsity=0.8, prune_rounds=1, **run)
     initial = build_model(str(cfg["model"]), data_source(cfg).spec, 42).get_weights()
-    strategy = build_strategy(StrategyContext(cfg=cfg,
-                                              initial_parameters=ndarrays_to_parameters(initial)))
+    strategy = compose(StrategyContext(cfg=cfg, initial_parameters=ndarrays_to_parameters(initial)),
+                       meter=False)
     assert isinstance(strategy, CompressedStrategy) and isinstance(strategy.inner, PrunedStrategy)
     clients = real_clients(cfg)
     global_1, metrics, mask, _ = play_round(strategy, 1, initial, clients)
@@ -173,8 +173,8 @@ def test_a_client_that_breaks_the_mask_is_rejected_and_logged(caplog):
     weights = [rng.normal(size=(8, 6)).astype(np.float32), np.zeros(6, np.float32)]
     cfg = make_config(prune_sparsity=0.5, prune_rounds=1, min_fit_clients=1,
                       min_available_clients=1)
-    strategy = build_strategy(StrategyContext(cfg=cfg,
-                                              initial_parameters=ndarrays_to_parameters(weights)))
+    strategy = compose(StrategyContext(cfg=cfg, initial_parameters=ndarrays_to_parameters(weights)),
+                       meter=False)
     sent = apply_mask(weights, magnitude_mask(weights, 0.5))
     instructions = strategy.configure_fit(2, ndarrays_to_parameters(sent), client_manager(2))
     assert all(ins.config[KEY_PRUNE_SPARSITY] == 0.5 for _, ins in instructions)

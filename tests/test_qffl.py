@@ -13,9 +13,9 @@ from flwr.server.strategy import Strategy
 from fl_app.schema import ConfigError
 from fl_app.server.client_manager import SeededClientManager
 from fl_app.wire import KEY_LOSS_BEFORE
+from strategies.compose import compose
 from strategies.context import StrategyContext
 from strategies.qffl import QFedAvg
-from strategies.registry import build_strategy
 from tests.conftest import make_config
 from tests.flower_objects import IdleProxy, fit_res, random_model
 
@@ -44,7 +44,7 @@ def _configured(strategy: Strategy, global_model, clients: int = 2) -> Strategy:
 def _registry_qffl(**overrides) -> Strategy:
     cfg = make_config(strategy="qfedavg", qffl_lipschitz=L, min_fit_clients=2,
                       min_available_clients=2, **overrides)
-    return build_strategy(StrategyContext(cfg, ndarrays_to_parameters(ORIGIN),
+    return compose(StrategyContext(cfg, ndarrays_to_parameters(ORIGIN),
                                           evaluate_fn=_server_loss))
 
 

@@ -23,8 +23,9 @@ from flwr.server.strategy import FedAvg
 
 from fl_app.server.client_failures import ClientFailure, describe_failure
 from fl_app.server.client_manager import SeededClientManager
+from strategies.compose import compose
 from strategies.context import StrategyContext
-from strategies.registry import build_strategy, strategy_names
+from strategies.registry import strategy_names
 from strategies.validated import ValidatedStrategy
 from strategies.validation import update_norm, validate_fit_results
 from tests.conftest import make_config
@@ -75,7 +76,7 @@ BAD_KINDS = list(bad_updates(random_model(np.random.default_rng(0)),
 def _strategy(name: str, global_model: list[np.ndarray], **overrides):
     cfg = make_config(strategy=name, max_examples=1000, outlier_norm_factor=3.0,
                       min_fit_clients=2, min_available_clients=2, **overrides)
-    strategy = build_strategy(StrategyContext(cfg, ndarrays_to_parameters(global_model)))
+    strategy = compose(StrategyContext(cfg, ndarrays_to_parameters(global_model)))
     manager = SeededClientManager(0)
     for i in range(NUM_GOOD + 1):
         manager.register(IdleProxy(f"c{i}"))

@@ -26,8 +26,9 @@ from fl_app.server.client_manager import SeededClientManager
 from fl_app.server.runner import FederatedServer, ResumePoint
 from fl_app.server.stopping import StoppingRules
 from strategies import WeightedFedAvg
+from strategies.compose import compose
 from strategies.context import StrategyContext
-from strategies.registry import build_strategy, strategy_names
+from strategies.registry import strategy_names
 from strategies.state import StrategyStateError, set_strategy_state
 from tests.conftest import make_config
 from tests.flower_objects import AnsweringProxy, IdleProxy, fit_res, random_model
@@ -167,7 +168,7 @@ def _built(name, global_model):
     # persisted (tests/test_dp_strategy.py checks that a restore draws fresh noise).
     seeded = {"dp_noise_seed": 7} if name.startswith("dp-") else {}
     cfg = make_config(strategy=name, min_fit_clients=2, min_available_clients=2, **seeded)
-    strategy = build_strategy(StrategyContext(cfg, ndarrays_to_parameters(global_model)))
+    strategy = compose(StrategyContext(cfg, ndarrays_to_parameters(global_model)))
     manager = SeededClientManager(0)
     for i in range(4):
         manager.register(IdleProxy(f"c{i}"))

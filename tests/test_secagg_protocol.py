@@ -48,8 +48,8 @@ from fl_app.client.secure_mod import private_replies_mod, secure_aggregation_mod
 from fl_app.schema import ConfigError
 from fl_app.server.secagg import FitOutcome, SecAggPlusFit
 from fl_app.wire import FIT_METRICS
+from strategies.compose import compose
 from strategies.context import StrategyContext
-from strategies.registry import build_strategy
 from strategies.weighted_fedavg import WeightedFedAvg
 from tests.conftest import make_config
 from tests.flower_objects import IdleProxy
@@ -523,7 +523,7 @@ def test_the_servers_strategy_samples_nobody_for_evaluation_in_a_protected_run()
 
     for cfg, sampled in ((make_config(examples_cap_factor=0.0), 4),
                          (make_config(**SECURE), 0)):
-        strategy = build_strategy(StrategyContext(
+        strategy = compose(StrategyContext(
             cfg=cfg, initial_parameters=ndarrays_to_parameters(zeros())))
         assert len(strategy.configure_evaluate(1, ndarrays_to_parameters(zeros()),
                                                client_manager(4))) == sampled

@@ -9,8 +9,8 @@ from flwr.server.client_manager import SimpleClientManager
 
 from fl_app.schema import ConfigError
 from fl_app.wire import KEY_STRAGGLER_EPOCHS, round_config
+from strategies.compose import compose
 from strategies.context import StrategyContext
-from strategies.registry import build_strategy
 from strategies.stragglers import Stragglers
 from strategies.weighted_fedavg import WeightedFedAvg
 from tests.conftest import make_config
@@ -71,11 +71,11 @@ def test_the_choice_is_reproducible_from_the_seed():
 def test_auto_policy_keeps_partial_work_for_fedprox_and_drops_it_otherwise():
     def policy(strategy):
         cfg = make_config(strategy=strategy, straggler_fraction=0.5)
-        built = build_strategy(StrategyContext(cfg, ndarrays_to_parameters([])))
+        built = compose(StrategyContext(cfg, ndarrays_to_parameters([])), meter=False)
         return built.inner.keep
     assert policy("fedprox") is True
     assert policy("weighted-fedavg") is False
-    assert "Stragglers" not in repr(build_strategy(StrategyContext(
+    assert "Stragglers" not in repr(compose(StrategyContext(
         make_config(), ndarrays_to_parameters([]))))
 
 

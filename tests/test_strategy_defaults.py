@@ -7,8 +7,8 @@ import pytest
 from flwr.common import ndarrays_to_parameters
 from flwr.server import strategy as fl
 
+from strategies.compose import compose
 from strategies.context import StrategyContext
-from strategies.registry import build_strategy
 from tests.conftest import make_config
 
 # Measured on the default workload (docs/results.md, "Notes on the defaults"): each within 0.10 of
@@ -21,7 +21,7 @@ FEDOPT = {"fedadam": (fl.FedAdam, 0.1, 1e-3), "fedyogi": (fl.FedYogi, 0.1, 1e-3)
 def built(**overrides) -> fl.Strategy:
     """The strategy the registry builds, without its ValidatedStrategy front."""
     cfg = make_config(**overrides)
-    strategy = build_strategy(StrategyContext(cfg, ndarrays_to_parameters([np.zeros(3)])))
+    strategy = compose(StrategyContext(cfg, ndarrays_to_parameters([np.zeros(3)])), meter=False)
     return strategy.inner
 
 

@@ -11,9 +11,9 @@ from flwr.server.strategy.aggregate import aggregate
 
 from fl_app.server.client_manager import SeededClientManager
 from strategies import ValidatedStrategy, WeightedFedAvg
+from strategies.compose import compose
 from strategies.context import StrategyContext
 from strategies.metrics import weighted_metrics
-from strategies.registry import build_strategy
 from tests.conftest import make_config
 from tests.flower_objects import IdleProxy, fit_res, random_model, results
 
@@ -144,7 +144,7 @@ def test_sampling_is_a_fraction_and_reproducible_with_a_seed():
 
 def _default_weighted_fedavg(global_model):
     """weighted-fedavg exactly as the registry builds it from the default config."""
-    strategy = build_strategy(StrategyContext(make_config(),
+    strategy = compose(StrategyContext(make_config(),
                                               ndarrays_to_parameters(global_model)))
     strategy.initialize_parameters(SimpleClientManager())
     return strategy

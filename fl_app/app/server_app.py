@@ -42,9 +42,10 @@ from fl_app.wire import (
     evaluate_config,
     round_config,
 )
+from strategies.compose import compose
 from strategies.context import StrategyContext
 from strategies.fedbuff import FEDBUFF, FedBuffAggregator
-from strategies.registry import build_strategy, evaluates_distributed
+from strategies.registry import evaluates_distributed
 from strategies.secure import share_count
 from strategies.weighted_fedavg import EvaluateFn
 
@@ -146,7 +147,7 @@ def server_components(cfg: RunConfig, callbacks: Sequence[Callback] = (),
                                                     **extra_config(parts.statistics)()},
     )
     server = FederatedServer(
-        strategy=build_strategy(ctx), seed=int(cfg["seed"]), stopping=parts.stopping,
+        strategy=compose(ctx), seed=int(cfg["seed"]), stopping=parts.stopping,
         on_round=recorder.on_round, on_finish=recorder.on_finish,
         on_checkpoint=checkpointer, on_charge=checkpointer.save_ledger, resume=resume,
         fuse_evaluate=fuses_evaluation(cfg), statistics=parts.statistics,

@@ -35,7 +35,6 @@ from fl_app.server.client_manager import SeededClientManager
 from fl_app.server.round_record import evaluation_section, fit_section, mean_timing
 from fl_app.server.statistics import STATISTICS_CONFIG, StatisticsRound
 from fl_app.server.stopping import StoppingRules, resolve_mode
-from fl_app.server.wire_bytes import WireMeter
 from fl_app.wire import (
     DATA_QUALITY_PREFIX,
     FUSED_COUNT,
@@ -47,6 +46,7 @@ from strategies.decoding import without_tensors
 from strategies.metrics import is_finite_number
 from strategies.protocols import FitStream, PrivacyAccounting, StreamsFit, find_layer
 from strategies.state import set_strategy_state, strategy_state
+from strategies.wire_meter import metered
 
 
 def _without_client_reports(metrics: dict[str, Scalar]) -> dict[str, Scalar]:
@@ -298,7 +298,7 @@ class FederatedServer(Server):
                  directions: Mapping[str, str] | None = None,
                  sample_by_size: bool = False, size_claims: tuple[float, int] = (0.0, 0),
                  ) -> None:
-        self.wire = WireMeter(strategy)  # counts the round's parameter bytes up and down
+        self.wire = metered(strategy)  # counts the round's parameter bytes up and down
         super().__init__(client_manager=SeededClientManager(seed, sample_by_size, *size_claims),
                          strategy=self.wire)
         self.privacy = find_layer(strategy, PrivacyAccounting)

@@ -48,7 +48,8 @@ from fl_app.flower_internals import recorddict_compat as compat
 from fl_app.server.client_failures import ClientFailure
 from fl_app.server.grid_wrapper import GridWrapper
 from fl_app.server.prompt_grid import PromptGrid
-from fl_app.server.wire_bytes import ByteCounts, MeteredGrid, WireMeter
+from fl_app.server.wire_bytes import MeteredGrid
+from strategies.wire_meter import ByteCounts, WireMeter
 from strategies.wrapper import StrategyWrapper
 
 FitOutcome = tuple[Parameters | None, dict[str, Scalar],

@@ -51,8 +51,8 @@ from flwr.server.strategy import FedAvg
 from flwr.server.strategy.aggregate import aggregate
 
 from fl_app.app.config import resolve
+from strategies.compose import compose
 from strategies.context import StrategyContext
-from strategies.registry import build_strategy
 from strategies.weighted_fedavg import WeightedFedAvg
 from tests.flower_objects import results  # real FitRes, no client behind them
 
@@ -113,7 +113,7 @@ def measure(spec: str, repeats: int, seed: int) -> None:
     """Print one workload's table."""
     global_model, updates = workload(spec, np.random.default_rng(seed))
     fit_results = results(updates)
-    validated = build_strategy(StrategyContext(resolve({}), ndarrays_to_parameters(global_model)))
+    validated = compose(StrategyContext(resolve({}), ndarrays_to_parameters(global_model)))
     validated.initialize_parameters(SimpleClientManager())
     flats = [np.concatenate([a.reshape(-1) for a in arrays]) for arrays, _ in updates]
 

@@ -59,10 +59,10 @@ from fl_app.app.config import resolve
 from fl_app.server.runner import FederatedServer
 from fl_app.server.stopping import StoppingRules
 from scripts.bench.aggregation_scale import MODELS, vgg_shapes
+from strategies.compose import compose
 from strategies.context import StrategyContext
 from strategies.decoding import NUMPY_TENSORS, decode, encode, encode_array
 from strategies.protocols import find_layer
-from strategies.registry import build_strategy
 from strategies.validated import STREAM_HOLD, ValidatedStrategy
 from tests.flower_objects import IdleProxy
 
@@ -123,7 +123,7 @@ def one_round(path: str, clients: int, model: str, workers: int, seed: int) -> d
                               for shape in vgg_shapes(*MODELS[model])]
     parameters: Parameters = encode(global_model)
     cfg = resolve({"min-fit-clients": clients, "min-available-clients": clients})
-    server = FederatedServer(strategy=build_strategy(StrategyContext(cfg, parameters)),
+    server = FederatedServer(strategy=compose(StrategyContext(cfg, parameters)),
                              seed=seed, stopping=StoppingRules(),
                              on_round=lambda record, p: None, on_finish=lambda reason, p: None)
     server.set_max_workers(workers)
