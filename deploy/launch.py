@@ -52,6 +52,7 @@ from deploy.layout import Deployment, DeploymentError, NodeFiles
 from deploy.processes import Echo, Managed, Supervisor
 from fl_app.data.node_files import load_node_file
 from fl_app.data.sources import DataError, data_spec
+from fl_app.data.types import DataSettings
 from fl_app.schema import ConfigError
 from fl_app.server.outputs import HISTORY_FILE
 from fl_app.server.stopping import IDLE_STOP
@@ -352,10 +353,10 @@ def check_node_data(dep: Deployment, project_dir: Path, run_config: str = "") ->
 
     cfg = load_run_config(" ".join(part for part in (dep.run_config, run_config) if part),
                           project_dir)
-    spec = data_spec(cfg)
+    spec = data_spec(DataSettings.from_config(cfg))
     for node in dep.nodes:
         try:
-            load_node_file(str(node.data), spec, cfg)
+            load_node_file(str(node.data), spec, DataSettings.from_config(cfg))
         except DataError as err:
             raise DataError(f"{node.name}: {err}") from err
 

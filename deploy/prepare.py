@@ -48,6 +48,7 @@ from deploy.node_key import NODE_KEY_COMMAND, NODE_KEY_PATH
 from fl_app.app.config import check_num_clients
 from fl_app.cli.simulate import PROJECT_DIR, load_run_config
 from fl_app.data.sources import DataError, data_source
+from fl_app.data.types import DataSettings
 from fl_app.flower_internals import SUPERLINK_UVICORN_DEFAULT_PORT, SUPERNODE_UVICORN_DEFAULT_PORT
 from fl_app.schema import ConfigError, RunConfig
 from strategies import ckks
@@ -65,7 +66,7 @@ def write_node_data(cfg: RunConfig, num_nodes: int, data_dir: Path, fmt: str) ->
     in a mode-700 folder.
     """
     files.private_dir(data_dir)
-    source = data_source(cfg)
+    source = data_source(DataSettings.from_config(cfg))
     paths = []
     for i in range(num_nodes):
         split = source.partition(i, num_nodes)  # DataError naming the partitioner if empty

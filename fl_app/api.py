@@ -33,6 +33,7 @@ from fl_app.app.client_app import make_client_app
 from fl_app.app.config import check_num_clients, defaults, resolve
 from fl_app.cli.simulate import check_user_keys, parse_args, simulate
 from fl_app.cli.summary import print_summary
+from fl_app.data.types import DataSettings
 from fl_app.schema import Scalar
 from fl_app.server.callbacks import Callback
 from fl_app.server.outputs import private_files, read_history, resolve_out_dir
@@ -76,7 +77,8 @@ def initial_parameters(**config: Scalar) -> Parameters:
     from fl_app.ml.models import build_model  # imports TensorFlow
 
     cfg = _config(config)
-    model = build_model(str(cfg["model"]), data_spec(cfg), int(cfg["seed"]))
+    spec = data_spec(DataSettings.from_config(cfg))
+    model = build_model(str(cfg["model"]), spec, int(cfg["seed"]))
     return ndarrays_to_parameters(model.get_weights())
 
 

@@ -1,5 +1,6 @@
 """The run-config schema's building blocks: a typed, checked `Setting`, the `Schema` that
-resolves raw values against a list of them, and the resolved `RunConfig`.
+resolves raw values against a list of them, the resolved `RunConfig`, and `LayerSettings`,
+the base of each layer's typed settings read from it.
 
 This module imports nothing of the project's: every layer declares its own settings with
 it, and the app layer (`fl_app.app.config`) collects them into the app's one `Schema`.
@@ -9,7 +10,8 @@ from __future__ import annotations
 
 import difflib
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
+from typing import Self
 
 Scalar = bool | int | float | str
 ConfigCheck = Callable[[Mapping[str, Scalar]], None]
@@ -177,6 +179,19 @@ class RunConfig(Mapping[str, Scalar]):
         raw = dict(self._values)
         raw.update({k.replace("_", "-"): v for k, v in changes.items()})
         return self.schema.resolve(raw)
+
+
+@dataclass(frozen=True)
+class LayerSettings:
+    """The base of a layer's typed settings: a frozen dataclass whose field `dirichlet_alpha`
+    holds run-config key `dirichlet-alpha`. The app layer builds each once from the resolved
+    run config (`from_config`); the layer's code takes it, never the whole config, and it
+    is hashable, so a cache keyed by it survives changes to other layers' keys."""
+
+    @classmethod
+    def from_config(cls, values: Mapping[str, Scalar]) -> Self:
+        """The settings read from a resolved run config (every field's key must be there)."""
+        return cls(**{f.name: values[f.name.replace("_", "-")] for f in fields(cls)})
 
 
 def module_checks(modules: Sequence[object]) -> ConfigCheck:

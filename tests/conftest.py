@@ -22,12 +22,18 @@ if "RAY_TMPDIR" not in os.environ:
 os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 
 from fl_app.app.config import resolve  # noqa: E402
+from fl_app.data.types import DataSettings  # noqa: E402
 from fl_app.schema import RunConfig  # noqa: E402
 
 
 def make_config(**overrides) -> RunConfig:
     """A resolved run config; python-style names (local_epochs) map to kebab-case keys."""
     return resolve({key.replace("_", "-"): value for key, value in overrides.items()})
+
+
+def data_settings(**overrides) -> DataSettings:
+    """The data layer's settings of `make_config(**overrides)`."""
+    return DataSettings.from_config(make_config(**overrides))
 
 
 @pytest.fixture

@@ -13,6 +13,7 @@ from flwr.common import ConfigRecord, RecordDict
 from fl_app.app.local_client import client_for
 from fl_app.client.adaptive_work import STATE_KEY, StepCost, plan
 from fl_app.data.sources import load_partition
+from fl_app.data.types import DataSettings
 from fl_app.schema import ConfigError
 from fl_app.wire import KEY_BATCH_SIZE, KEY_LOCAL_STEPS, KEY_LR_SCALE, round_config
 from scripts.bench.common import run_history
@@ -88,7 +89,7 @@ def test_the_scaled_rate_trains_and_the_optimizer_rate_is_restored():
     assert metrics[KEY_LR_SCALE] == 4.0
     # The same plan by hand: 5 steps at batch 4b and 4x the rate, the client's seed.
     trainer.set_weights(weights)
-    data = load_partition(cfg, 0, 4).train
+    data = load_partition(DataSettings.from_config(cfg), 0, 4).train
     trainer.fit(data, epochs=None, steps=5, batch_size=4 * cfg["batch-size"],
                 learning_rate=0.2, seed=[cfg["seed"], 1, 0])
     by_hand = trainer.get_weights()

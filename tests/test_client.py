@@ -13,6 +13,7 @@ import pytest
 
 from fl_app.app.local_client import client_for
 from fl_app.data.sources import data_source, load_partition
+from fl_app.data.types import DataSettings
 from fl_app.ml.trainer import cached_trainer, trainer_for
 from fl_app.wire import (
     KEY_CLIPPING_NORM,
@@ -21,14 +22,15 @@ from fl_app.wire import (
     KEY_LOSS_BEFORE,
     round_config,
 )
-from tests.conftest import make_config
+from tests.conftest import data_settings, make_config
 
 ROOT = Path(__file__).resolve().parent.parent
 ADAM = dict(optimizer="adam", learning_rate=0.01, local_epochs=2)
 
 
 def _global_weights(cfg) -> list[np.ndarray]:
-    return [w.copy() for w in trainer_for(cfg, data_source(cfg).spec).get_weights()]
+    settings = DataSettings.from_config(cfg)
+    return [w.copy() for w in trainer_for(cfg, data_source(settings).spec).get_weights()]
 
 
 def _fit(cfg, partition: int, weights) -> tuple[list[np.ndarray], int, dict]:
@@ -83,7 +85,7 @@ def test_dropout_masks_do_not_depend_on_earlier_clients(tmp_path):
 
 
 def test_nodes_with_their_own_files_shuffle_differently(tmp_path):
-    part = load_partition(make_config(), 0, 10)
+    part = load_partition(data_settings(), 0, 10)
     paths = [tmp_path / name for name in ("a.npz", "b.npz")]
     for path in paths:  # the same examples on both nodes
         np.savez(path, x=part.train.x, y=part.train.y)
@@ -179,9 +181,9 @@ def test_a_fit_asked_for_its_loss_reports_the_received_models_loss_on_its_traini
     cfg = make_config()
     client = client_for(cfg, {"partition-id": 3, "num-partitions": 10})
     sent = _global_weights(cfg)
-    trainer = trainer_for(cfg, data_source(cfg).spec)
+    trainer = trainer_for(cfg, data_source(DataSettings.from_config(cfg)).spec)
     trainer.set_weights(sent)
-    expected, _ = trainer.evaluate(load_partition(cfg, 3, 10).train)
+    expected, _ = trainer.evaluate(load_partition(DataSettings.from_config(cfg), 3, 10).train)
     trainer.forget()
     plain_weights, _, plain = client.fit(sent, round_config(cfg, 1))
     asked_weights, _, asked = client.fit(sent, {**round_config(cfg, 1), KEY_LOSS_BEFORE: True})

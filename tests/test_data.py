@@ -19,18 +19,19 @@ from fl_app.data.sources import (
     load_partition,
     split_train_val,
 )
-from tests.conftest import make_config
+from fl_app.data.types import DataSettings
+from tests.conftest import data_settings, make_config
 
 
 def _labels(cfg, n):
-    return [load_partition(cfg, i, n) for i in range(n)]
+    return [load_partition(DataSettings.from_config(cfg), i, n) for i in range(n)]
 
 
 def test_iid_partitions_split_the_whole_pool_evenly():
     cfg = make_config()
     parts = _labels(cfg, 10)
     sizes = [len(p.train) + len(p.val) for p in parts]
-    source = data_source(cfg)
+    source = data_source(DataSettings.from_config(cfg))
     assert sum(sizes) + len(source.test_set()) == 1797
     assert max(sizes) - min(sizes) <= 1
 
@@ -57,13 +58,13 @@ def test_shard_partitioner_runs():
 
 def test_synthetic_is_one_user_per_client_with_server_test_set():
     cfg = make_config(dataset="synthetic", synthetic_num_users=5, synthetic_dim=20)
-    source = data_source(cfg)
+    source = data_source(DataSettings.from_config(cfg))
     assert source.spec.input_shape == (20,) and source.spec.num_classes == 10
     parts = _labels(cfg, 5)
     assert len({len(p.train) for p in parts}) > 1  # lognormal sizes differ
     assert len(source.test_set()) > 0
     with pytest.raises(DataError, match="synthetic-num-users=5"):
-        load_partition(cfg, 0, 7)
+        load_partition(DataSettings.from_config(cfg), 0, 7)
 
 
 def test_hub_dataset_offline_fails_with_a_clear_message(monkeypatch, tmp_path):
@@ -82,7 +83,7 @@ def test_hub_dataset_offline_fails_with_a_clear_message(monkeypatch, tmp_path):
     monkeypatch.setattr(socket, "getaddrinfo", refuse)
     monkeypatch.setattr(socket.socket, "connect", refuse)
     with pytest.raises(DataError, match="dataset 'mnist'.*network access"):
-        data_source(make_config(dataset="mnist", seed=123))
+        data_source(data_settings(dataset="mnist", seed=123))
     assert attempts == []  # offline mode stopped it before any lookup
 
 
@@ -96,7 +97,7 @@ def test_hub_dataset_offline_fails_with_a_clear_message(monkeypatch, tmp_path):
 def test_validation_split_keeps_at_least_one_example(size, fraction, n_val):
     split = Split(np.zeros((size, 2), np.float32), np.zeros(size, np.int32))
     cfg = make_config(validation_fraction=fraction, fraction_evaluate=float(fraction > 0))
-    train, val = split_train_val(split, cfg, salt=0)
+    train, val = split_train_val(split, DataSettings.from_config(cfg), salt=0)
     assert (len(train), len(val)) == (size - n_val, n_val)
 
 
@@ -104,27 +105,27 @@ def test_validation_split_keeps_at_least_one_example(size, fraction, n_val):
                                                 synthetic_classes=4)])
 def test_data_spec_is_known_without_loading_the_dataset(monkeypatch, settings):
     cfg = make_config(**settings)
-    expected = data_source(cfg).spec
+    expected = data_source(DataSettings.from_config(cfg)).spec
     monkeypatch.setattr(data, "data_source", lambda cfg: pytest.fail("dataset was loaded"))
-    assert data_spec(cfg) == expected
+    assert data_spec(DataSettings.from_config(cfg)) == expected
 
 
 def test_node_file_is_read_without_building_the_dataset(monkeypatch, tmp_path):
-    part = load_partition(make_config(), 0, 10)
+    part = load_partition(data_settings(), 0, 10)
     np.savez(tmp_path / "node.npz", x=part.train.x, y=part.train.y)
     monkeypatch.setattr(data, "data_source", lambda cfg: pytest.fail("dataset was loaded"))
-    node = load_client(make_config(), {"data-path": str(tmp_path / "node.npz")})
+    node = load_client(data_settings(), {"data-path": str(tmp_path / "node.npz")})
     assert len(node.train) + len(node.val) == len(part.train)
 
 
 def test_node_without_partition_or_file_is_told_what_to_set():
     with pytest.raises(DataError, match="data-path"):
-        load_client(make_config(), {})
+        load_client(data_settings(), {})
 
 
 @pytest.fixture
 def digits_arrays():
-    part = load_partition(make_config(), 0, 10)
+    part = load_partition(data_settings(), 0, 10)
     return part.train.x.reshape(len(part.train), -1), part.train.y
 
 
@@ -136,7 +137,7 @@ def test_node_file_npz_and_csv_load(tmp_path, digits_arrays):
                comments="")
     cfg = make_config(validation_fraction=0.0, fraction_evaluate=0.0)
     for name in ("node.npz", "node.csv"):
-        data = load_client(cfg, {"data-path": str(tmp_path / name)})
+        data = load_client(DataSettings.from_config(cfg), {"data-path": str(tmp_path / name)})
         np.testing.assert_allclose(data.train.x.reshape(len(y), -1), x, atol=1e-6)
         assert list(data.train.y) == list(y)
 
@@ -165,5 +166,5 @@ def test_bad_node_files_name_the_file(tmp_path, digits_arrays, problem, match):
     elif problem == "no-y":
         np.savez(path, x=x)
     with pytest.raises(DataError, match=match) as err:
-        load_client(make_config(), {"data-path": str(path)})
+        load_client(data_settings(), {"data-path": str(path)})
     assert str(path) in str(err.value)

@@ -17,9 +17,10 @@ from fl_app.data.sources import (
     _load_partition,
     load_partition,
 )
+from fl_app.data.types import DataSettings
 from fl_app.ml.trainer import trainer_for
 from fl_app.server.runner import data_quality
-from tests.conftest import make_config
+from tests.conftest import data_settings, make_config
 from tests.flower_objects import IdleProxy, fit_res
 
 CLASSES = DataSpec((3,), 4)
@@ -163,7 +164,7 @@ def test_clean_data_gets_a_clean_report():
 
 def test_pathological_one_class_partitions_keep_working_and_warn():
     cfg = make_config(partitioner="pathological", classes_per_partition=1)
-    part = load_partition(cfg, 0, 10)
+    part = load_partition(DataSettings.from_config(cfg), 0, 10)
     assert len(np.unique(part.train.y)) == 1
     assert part.quality.warnings and part.quality.warnings[0].startswith("single class")
 
@@ -175,7 +176,7 @@ def test_simulation_partitions_are_checked(monkeypatch):
     monkeypatch.setattr("fl_app.data.sources.check_client_data",
                         lambda *args, **kw: checked.append((args[3], kw)) or real(*args, **kw))
     _load_partition.cache_clear()
-    part = load_partition(cfg, 2, 10)
+    part = load_partition(DataSettings.from_config(cfg), 2, 10)
     assert checked == [("partition 2/10 of digits",
                         {"policy": "drop-rows", "max_imbalance": 50.0})]
     assert part.quality.rows == len(part.train) + len(part.val)
@@ -183,16 +184,16 @@ def test_simulation_partitions_are_checked(monkeypatch):
 
 @pytest.mark.parametrize("policy", ["error", "drop-rows"])
 def test_a_node_file_with_bad_rows_is_named_or_cleaned(tmp_path, policy):
-    part = load_partition(make_config(), 0, 10)
+    part = load_partition(data_settings(), 0, 10)
     x, y = part.train.x.copy(), part.train.y.copy()
     x[7, 3] = np.inf
     np.savez(tmp_path / "node.npz", x=x, y=y)
     cfg = make_config(data_cleaning=policy)
     if policy == "error":
         with pytest.raises(DataError, match=r"node.npz: features are NaN .* first at row 7"):
-            load_client(cfg, {"data-path": str(tmp_path / "node.npz")})
+            load_client(DataSettings.from_config(cfg), {"data-path": str(tmp_path / "node.npz")})
         return
-    data = load_client(cfg, {"data-path": str(tmp_path / "node.npz")})
+    data = load_client(DataSettings.from_config(cfg), {"data-path": str(tmp_path / "node.npz")})
     assert data.quality.dropped["nonfinite"] == 1
     assert len(data.train) + len(data.val) == len(y) - 1
 
@@ -204,12 +205,12 @@ def test_a_dataset_file_with_bad_rows_is_named_by_file_row(tmp_path):
     np.savez(path, x=x, y=y)
     cfg = make_config(dataset=str(path), task="multiclass")
     with pytest.raises(DataError, match=r"dataset file .*pool.npz: .* first at row 17"):
-        load_partition(cfg, 0, 2)
+        load_partition(DataSettings.from_config(cfg), 0, 2)
 
 
 def test_a_clients_fit_metrics_carry_its_data_report():
     cfg = make_config(local_epochs=1)
-    part = load_partition(cfg, 0, 10)
+    part = load_partition(DataSettings.from_config(cfg), 0, 10)
     report = QualityReport(rows=99, dropped={"nonfinite": 3, "target": 1},
                            findings={"single_class": 1})
     data = ClientData(part.train, part.val, part.source, report)

@@ -42,6 +42,7 @@ from deploy.prepare import main as prepare_main
 from deploy.processes import ProcessesLeft, Supervisor, living
 from fl_app.data.node_files import load_node_file
 from fl_app.data.sources import data_source
+from fl_app.data.types import DataSettings
 from fl_app.schema import ConfigError
 from fl_app.worker.executor import parse_args as executor_parse_args
 from tests.conftest import make_config
@@ -58,14 +59,14 @@ def prepared(tmp_path_factory) -> Deployment:
 
 def test_node_files_are_the_partitions_and_load_as_node_data(prepared):
     cfg = make_config(partitioner="dirichlet")
-    source = data_source(cfg)
+    source = data_source(DataSettings.from_config(cfg))
     sizes = []
     for i, node in enumerate(prepared.nodes):
         expected = source.partition(i, 3)
         with np.load(node.data) as archive:
             np.testing.assert_array_equal(archive["x"], expected.x)
             np.testing.assert_array_equal(archive["y"], expected.y)
-        data = load_node_file(str(node.data), source.spec, cfg)
+        data = load_node_file(str(node.data), source.spec, DataSettings.from_config(cfg))
         assert len(data.train) + len(data.val) == len(expected)
         sizes.append(len(expected))
     assert len(set(sizes)) > 1  # Dirichlet: unequal shares, not an IID split
@@ -75,8 +76,9 @@ def test_node_files_are_the_partitions_and_load_as_node_data(prepared):
 def test_csv_node_files_load_as_node_data(tmp_path):
     dep = prepare(tmp_path / "dep", 2, "", HOSTS, data_format="csv")
     cfg = make_config()
-    expected = data_source(cfg).partition(1, 2)
-    data = load_node_file(str(dep.nodes[1].data), data_source(cfg).spec, cfg)
+    expected = data_source(DataSettings.from_config(cfg)).partition(1, 2)
+    data = load_node_file(str(dep.nodes[1].data), data_source(DataSettings.from_config(cfg)).spec,
+                          DataSettings.from_config(cfg))
     assert len(data.train) + len(data.val) == len(expected)
     assert sorted(np.concatenate([data.train.y, data.val.y])) == sorted(expected.y)
 

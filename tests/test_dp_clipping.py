@@ -7,6 +7,7 @@ import pytest
 
 from fl_app.app.local_client import client_for
 from fl_app.data.sources import data_source
+from fl_app.data.types import DataSettings
 from fl_app.ml.trainer import trainer_for
 from fl_app.wire import KEY_CLIPPING_NORM, KEY_NORM_BIT, round_config
 from strategies.clipping import (
@@ -69,7 +70,8 @@ def test_clip_norm_must_be_positive():
 def client_and_weights():
     cfg = make_config(local_epochs=1)
     client = client_for(cfg, {"partition-id": 0, "num-partitions": 10})
-    weights = [w.copy() for w in trainer_for(cfg, data_source(cfg).spec).get_weights()]
+    settings = DataSettings.from_config(cfg)
+    weights = [w.copy() for w in trainer_for(cfg, data_source(settings).spec).get_weights()]
     return cfg, client, weights
 
 

@@ -13,6 +13,7 @@ from flwr.common import ndarrays_to_parameters
 
 from fl_app.app.server_app import run_parts
 from fl_app.data.sources import data_source
+from fl_app.data.types import DataSettings
 from fl_app.ml.export import int8_tflite, tflite_predict
 from fl_app.schema import ConfigError
 from fl_app.server.export import INT8_KERAS_FILE, INT8_TFLITE_FILE
@@ -29,7 +30,8 @@ def trained(tmp_path_factory):
     parts = run_parts(cfg)
     trainer = parts.recorder.trainer
     trainer.set_weights(parts.initial_weights)
-    trainer.fit(data_source(cfg).partition(0, 2), epochs=20, batch_size=32)
+    settings = DataSettings.from_config(cfg)
+    trainer.fit(data_source(settings).partition(0, 2), epochs=20, batch_size=32)
     return cfg, parts, trainer.get_weights(), out
 
 
@@ -54,7 +56,7 @@ def test_the_final_model_is_also_written_as_int8_copies_with_their_metrics(train
     assert loaded.compiled and loaded.get_compile_config()["loss"] == \
         parts.recorder.trainer.model.get_compile_config()["loss"]
     content = (out / INT8_TFLITE_FILE).read_bytes()
-    test = data_source(cfg).test_set()
+    test = data_source(DataSettings.from_config(cfg)).test_set()
     assert tflite_predict(content, test.x[:5]).shape == (5, 10)
 
 
@@ -64,7 +66,7 @@ def test_metrics_of_outside_predictions_are_evaluates_own(trained):
     cfg, parts, weights, _ = trained
     trainer = parts.recorder.trainer
     trainer.set_weights(weights)
-    test = data_source(cfg).test_set()
+    test = data_source(DataSettings.from_config(cfg)).test_set()
     loss, metrics = trainer.evaluate(test)
     outside_loss, outside = trainer.evaluate_predictions(
         test, trainer.model.predict(test.x, verbose=0))
@@ -79,7 +81,7 @@ def test_the_litert_file_holds_int8_weights(trained):
     content = int8_tflite(trainer.model)
     float_bytes = sum(w.nbytes for w in weights)
     assert len(content) < float_bytes / 2  # int8 kernels: about a quarter, plus the graph
-    test = data_source(cfg).test_set()
+    test = data_source(DataSettings.from_config(cfg)).test_set()
     got = tflite_predict(content, test.x)
     want = trainer.model.predict(test.x, verbose=0)
     assert np.mean(got.argmax(1) == want.argmax(1)) > 0.95

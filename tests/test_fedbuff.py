@@ -12,6 +12,7 @@ from flwr.server.strategy.aggregate import aggregate
 from fl_app.app.local_client import client_for
 from fl_app.client.faults import assign_roles, node_slowdown, with_faults
 from fl_app.data.sources import data_spec, load_partition
+from fl_app.data.types import DataSettings
 from fl_app.ml.trainer import trainer_for
 from fl_app.schema import ConfigError
 from fl_app.wire import round_config
@@ -155,7 +156,8 @@ def test_a_straggler_is_a_slow_device_whose_training_and_evaluation_take_longer(
     _, _, metrics = client.fit(weights, round_config(cfg, 1))
     assert metrics["train_seconds"] > 0
     # The slowdown acts where the work runs: the trainer's own clock sees it.
-    trainer, data = trainer_for(cfg, data_spec(cfg)), load_partition(cfg, 0, 4).train
+    settings = DataSettings.from_config(cfg)
+    trainer, data = trainer_for(cfg, data_spec(settings)), load_partition(settings, 0, 4).train
     trainer.fit(data, epochs=1, batch_size=8)  # traced outside the timed calls
     fit_seconds: dict[float, list[float]] = {1.0: [], 10.0: []}
     eval_seconds: dict[float, list[float]] = {1.0: [], 10.0: []}

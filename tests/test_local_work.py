@@ -18,6 +18,7 @@ from fl_app.client.local_work import (
     work_for,
 )
 from fl_app.data.sources import data_spec, load_partition
+from fl_app.data.types import DataSettings
 from fl_app.ml.trainer import trainer_for
 from fl_app.schema import ConfigError
 from fl_app.wire import KEY_LOCAL_STEPS, KEY_STRAGGLER_EPOCHS, round_config
@@ -83,7 +84,8 @@ def test_local_epochs_range_draws_a_fixed_number_per_client_within_the_range():
 
 def _digits_trainer():
     cfg = make_config()
-    return trainer_for(cfg, data_spec(cfg)), load_partition(cfg, 0, 4).train
+    settings = DataSettings.from_config(cfg)
+    return trainer_for(cfg, data_spec(settings)), load_partition(settings, 0, 4).train
 
 
 def test_fit_reports_its_steps():
@@ -122,7 +124,7 @@ def test_per_node_overrides_reach_the_trainer_in_a_simulation(tmp_path):
     assert code == 0
     history = json.loads((tmp_path / "history.json").read_text())
     cfg = make_config(local_epochs=1, batch_size=16, fraction_evaluate=0.0)
-    sizes = [len(load_partition(cfg, pid, 2).train) for pid in (0, 1)]
+    sizes = [len(load_partition(DataSettings.from_config(cfg), pid, 2).train) for pid in (0, 1)]
     steps = [3 * math.ceil(sizes[0] / 5), 1 * math.ceil(sizes[1] / 9)]
     expected = sum(n * s for n, s in zip(sizes, steps)) / sum(sizes)  # weighted fit metric
     assert history["rounds"][1]["fit"][KEY_LOCAL_STEPS] == pytest.approx(expected)

@@ -24,7 +24,7 @@ from fl_app.client.node_policy import (
     node_policy_mod,
 )
 from fl_app.data.files import read_data_file
-from fl_app.data.types import is_data_file
+from fl_app.data.types import DataSettings, is_data_file
 from fl_app.ml.settings import is_model_file
 from fl_app.wire import CLIENT_KEY, KEY_CLIPPING_NORM, KEY_STATISTICS
 from strategies import ckks
@@ -338,7 +338,7 @@ def test_get_properties_names_no_file_of_a_deployment_node(tmp_path):
     from fl_app.data.sources import data_source
 
     cfg = make_config()
-    split = data_source(cfg).partition(0, 5)
+    split = data_source(DataSettings.from_config(cfg)).partition(0, 5)
     path = tmp_path / "hospital-alice" / "patients-2024.npz"
     path.parent.mkdir()
     np.savez(path, x=split.x, y=split.y)

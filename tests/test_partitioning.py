@@ -9,7 +9,8 @@ from flwr_datasets.partitioner import IidPartitioner
 from fl_app.data.partitioning import PartitioningError
 from fl_app.data.partitioning import load_partition as cut_partition
 from fl_app.data.sources import DataError, load_partition
-from tests.conftest import make_config
+from fl_app.data.types import DataSettings
+from tests.conftest import data_settings, make_config
 
 
 @pytest.mark.parametrize("settings, num_partitions, expected", [
@@ -27,7 +28,7 @@ from tests.conftest import make_config
 def test_a_partitioner_that_cannot_split_the_pool_names_its_keys(settings, num_partitions,
                                                                   expected):
     with pytest.raises(DataError) as err:
-        load_partition(make_config(**settings), num_partitions - 1, num_partitions)
+        load_partition(data_settings(**settings), num_partitions - 1, num_partitions)
     for text in expected:
         assert text in str(err.value)
 
@@ -36,7 +37,7 @@ def test_more_classes_per_partition_than_the_dataset_has_is_refused():
     cfg = make_config(partitioner="pathological", classes_per_partition=11)
     with pytest.raises(DataError, match=r"partitioner='pathological' \(classes-per-partition=11\)"
                                         r" with 10 partitions: the dataset has only 10 classes"):
-        load_partition(cfg, 0, 10)
+        load_partition(DataSettings.from_config(cfg), 0, 10)
 
 
 class _Hollow(IidPartitioner):
@@ -50,4 +51,4 @@ def test_an_empty_partition_is_refused():
     partitioner = _Hollow(num_partitions=4)
     partitioner.dataset = Dataset.from_dict({"x": [0.0, 1.0], "label": [0, 1]})
     with pytest.raises(PartitioningError, match="with 4 partitions: partition 3 is empty"):
-        cut_partition(partitioner, 3, 4, make_config(), num_classes=2)
+        cut_partition(partitioner, 3, 4, data_settings(), num_classes=2)

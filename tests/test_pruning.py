@@ -21,6 +21,7 @@ import run_simulation
 from fl_app.app.local_client import client_for
 from fl_app.client.compression import CompressingClient
 from fl_app.data.sources import data_source, load_partition
+from fl_app.data.types import DataSettings
 from fl_app.ml.models import build_model
 from fl_app.ml.trainer import KerasTrainer
 from fl_app.schema import ConfigError
@@ -110,7 +111,8 @@ def test_server_and_every_client_hold_the_same_mask_through_local_training(optim
     run = dict(local_epochs=1, optimizer=optimizer, compress_down="int8",
                min_fit_clients=CLIENTS, min_available_clients=CLIENTS)
     cfg = make_config(prune_sparsity=0.8, prune_rounds=1, **run)
-    initial = build_model(str(cfg["model"]), data_source(cfg).spec, 42).get_weights()
+    settings = DataSettings.from_config(cfg)
+    initial = build_model(str(cfg["model"]), data_source(settings).spec, 42).get_weights()
     strategy = compose(StrategyContext(cfg=cfg, initial_parameters=ndarrays_to_parameters(initial)),
                        meter=False)
     assert isinstance(strategy, CompressedStrategy) and isinstance(strategy.inner, PrunedStrategy)
@@ -142,7 +144,8 @@ def test_a_client_refuses_a_sparsity_its_own_run_config_does_not_schedule(own, s
     it trains; the sparsity its own schedule gives for the round is accepted."""
     cfg = make_config(**own)
     client = client_for(cfg, {"partition-id": 0, "num-partitions": CLIENTS})
-    weights = build_model(str(cfg["model"]), data_source(cfg).spec, 42).get_weights()
+    settings = DataSettings.from_config(cfg)
+    weights = build_model(str(cfg["model"]), data_source(settings).spec, 42).get_weights()
     schedule = scheduled_sparsity(2, 0.5, 4)  # round 3 of prune-sparsity=0.5, prune-rounds=4
     config = {**round_config(cfg, 3), KEY_PRUNE_SPARSITY: schedule if sent is None else sent}
     with pytest.raises(ValueError, match=f"{KEY_PRUNE_SPARSITY}=.*refused, nothing sent"):
@@ -157,12 +160,13 @@ def test_an_ema_optimizer_and_a_time_budget_keep_the_pruned_weights_at_zero(time
     """An optimizer with an exponential moving average (whose final values overwrite the
     weights) and the time-budgeted loop: the pruned entries end at zero all the same."""
     cfg = make_config()
-    spec = data_source(cfg).spec
+    spec = data_source(DataSettings.from_config(cfg)).spec
     model = build_model(str(cfg["model"]), spec, 42)
     trainer = KerasTrainer(model, spec, keras.optimizers.SGD(0.1, use_ema=True))
     mask = magnitude_mask(model.get_weights(), 0.8)
     trainer.set_weights(apply_mask(model.get_weights(), mask))
-    trainer.fit(load_partition(cfg, 0, CLIENTS).train, epochs=2, batch_size=16,
+    settings = DataSettings.from_config(cfg)
+    trainer.fit(load_partition(settings, 0, CLIENTS).train, epochs=2, batch_size=16,
                 time_budget=time_budget, pruned=mask)
     trained = trainer.get_weights()
     assert all(np.array_equal(w == 0, p) for w, p in zip(trained, mask) if np.ndim(w) >= 2)

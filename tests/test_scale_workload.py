@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 from fl_app.data.sources import IMAGES_SPEC, data_source, data_spec, load_partition
+from fl_app.data.types import DataSettings
 from fl_app.ml.models import build_model
 from tests.conftest import make_config
 
@@ -21,7 +22,7 @@ def test_parameter_counts_are_as_named(name, size):
 def _images(seed: int, samples: int = 400, noise: float = 0.5):
     cfg = make_config(dataset="synthetic-images", seed=seed, synthetic_images_samples=samples,
                       synthetic_images_noise=noise)
-    return cfg, data_source(cfg)
+    return cfg, data_source(DataSettings.from_config(cfg))
 
 
 def test_generated_images_are_deterministic_per_seed():
@@ -40,7 +41,7 @@ def test_generated_images_are_deterministic_per_seed():
 def test_generated_images_are_class_conditional():
     """The class means of one half classify the other half far above chance (10%)."""
     cfg, source = _images(3, samples=2000)
-    train = load_partition(cfg, 0, 1).train
+    train = load_partition(DataSettings.from_config(cfg), 0, 1).train
     test = source.test_set()
     means = np.stack([train.x[train.y == k].mean(axis=0) for k in range(10)])
     distances = ((test.x[:, None] - means[None]) ** 2).sum(axis=(2, 3, 4))
@@ -64,7 +65,7 @@ def test_the_cnns_take_any_image_file(tmp_path):
     np.savez(path, x=rng.random((60, 32, 32, 3), dtype=np.float32),
              y=np.arange(60) % 4)
     cfg = make_config(dataset=str(path))
-    spec = data_spec(cfg)
+    spec = data_spec(DataSettings.from_config(cfg))
     assert spec.input_shape == (32, 32, 3) and spec.num_classes == 4
     model = build_model("cnn-1m", spec, seed=0)
     assert tuple(model.input_shape[1:]) == (32, 32, 3) and model.output_shape[-1] == 4

@@ -35,6 +35,7 @@ from fl_app.client.secure_mod import (
     secure_aggregation_mod,
     withhold_weights_mod,
 )
+from fl_app.data.types import DataSettings
 from fl_app.schema import ConfigError
 from fl_app.wire import KEY_CLIPPING_NORM, KEY_DP_NOISE_STD, SERVER_ROUND
 from strategies.accounting import PrivacyAccountant
@@ -154,9 +155,10 @@ def test_a_distributed_dp_client_clips_noises_and_reports_only_one_example():
     from strategies.clipping import l2_norm, model_update
 
     cfg = make_config()
-    start = [w.copy() for w in trainer_for(cfg, data_source(cfg).spec).get_weights()]
+    settings = DataSettings.from_config(cfg)
+    start = [w.copy() for w in trainer_for(cfg, data_source(settings).spec).get_weights()]
     node = {"partition-id": 1, "num-partitions": 10}
-    client = client_with(cfg, node, load_client(cfg, node))  # the KerasClient (the ClientApp's
+    client = client_with(cfg, node, load_client(settings, node))  # the KerasClient (the ClientApp's
     # private_replies_mod strips every fit metric of a protected run, timing included)
     config = {**round_config(cfg, 1), KEY_CLIPPING_NORM: 0.5}
     clipped, n, metrics = client.fit(start, config)

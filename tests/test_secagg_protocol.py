@@ -45,6 +45,7 @@ from flwr.supercore.primitives.asymmetric import bytes_to_private_key, bytes_to_
 from fl_app.app.client_app import make_client_app
 from fl_app.app.server_app import secagg_workflow
 from fl_app.client.secure_mod import private_replies_mod, secure_aggregation_mod
+from fl_app.data.types import DataSettings
 from fl_app.schema import ConfigError
 from fl_app.server.secagg import FitOutcome, SecAggPlusFit
 from fl_app.wire import FIT_METRICS
@@ -140,7 +141,7 @@ def _prepared_round(cfg, rewrite: Rewrite = lambda msg: None, server_min: int | 
     server = Server(client_manager=manager, strategy=WeightedFedAvg(
         min_fit_clients=len(nodes), min_available_clients=len(nodes)))
     server.parameters = ndarrays_to_parameters(
-        trainer_for(cfg, data_source(cfg).spec).get_weights())
+        trainer_for(cfg, data_source(DataSettings.from_config(cfg)).spec).get_weights())
     server_context = Context(run_id=1, node_id=1, node_config={}, state=RecordDict(),
                              run_config={})
     fit = SecAggPlusFit(secagg_workflow(cfg), grid, server_context,
@@ -452,7 +453,8 @@ def _message(message_type: str, cfg) -> Message:
     from fl_app.ml.trainer import trainer_for
     from fl_app.wire import round_config
 
-    parameters = ndarrays_to_parameters(trainer_for(cfg, data_source(cfg).spec).get_weights())
+    settings = DataSettings.from_config(cfg)
+    parameters = ndarrays_to_parameters(trainer_for(cfg, data_source(settings).spec).get_weights())
     content = (compat.fitins_to_recorddict(FitIns(parameters, round_config(cfg, 1)), True)
                if message_type == MessageType.TRAIN else compat.evaluateins_to_recorddict(
                    EvaluateIns(parameters, round_config(cfg, 1)), True))

@@ -11,6 +11,7 @@ from flwr.common import Code, GetPropertiesRes, Status
 from fl_app.app.local_client import client_for
 from fl_app.app.server_app import server_components
 from fl_app.data.sources import load_partition
+from fl_app.data.types import DataSettings
 from fl_app.schema import ConfigError
 from fl_app.server.client_manager import SeededClientManager
 from fl_app.wire import CLIENT_KEY, NUM_EXAMPLES
@@ -93,7 +94,7 @@ def test_the_client_reports_its_training_set_size_only_when_the_run_samples_by_s
     sized = make_config(client_sampling="size")
     node = {"partition-id": 3, "num-partitions": 10}
     assert client_for(sized, node).get_properties({})[NUM_EXAMPLES] == len(
-        load_partition(sized, 3, 10).train)
+        load_partition(DataSettings.from_config(sized), 3, 10).train)
     assert NUM_EXAMPLES not in client_for(make_config(), node).get_properties({})
 
 

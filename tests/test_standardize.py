@@ -17,7 +17,7 @@ import run_simulation
 from fl_app.app.config import check_num_clients
 from fl_app.app.local_client import client_for
 from fl_app.data.sources import data_source, load_partition
-from fl_app.data.types import DataError
+from fl_app.data.types import DataError, DataSettings
 from fl_app.ml.standardize import Standardization, from_moments, moments
 from fl_app.ml.trainer import trainer_for
 from fl_app.schema import ConfigError
@@ -44,7 +44,7 @@ def seed_config(data: str, **overrides):
 
 def pooled_statistics(cfg) -> Standardization:
     """What the server pools from the real clients' answers to the statistics round."""
-    statistics = StatisticsRound(data_source(cfg).spec)
+    statistics = StatisticsRound(data_source(DataSettings.from_config(cfg)).spec)
     replies = []
     for pid in range(CLIENTS):
         client = client_for(cfg, {"partition-id": pid, "num-partitions": CLIENTS})
@@ -72,7 +72,8 @@ def test_a_client_sends_its_sums_only_to_a_standardizing_plaintext_run(diabetes_
 def test_pooled_sums_give_the_central_mean_and_variance(diabetes_csv, partitioner):
     cfg = seed_config(diabetes_csv, partitioner=partitioner)
     pooled = pooled_statistics(cfg)
-    parts = [load_partition(cfg, pid, CLIENTS).train for pid in range(CLIENTS)]
+    settings = DataSettings.from_config(cfg)
+    parts = [load_partition(settings, pid, CLIENTS).train for pid in range(CLIENTS)]
     x = np.concatenate([p.x for p in parts]).astype(np.float64)
     y = np.concatenate([p.y for p in parts]).astype(np.float64)
     np.testing.assert_allclose(pooled.x_mean, x.mean(axis=0), rtol=1e-6, atol=1e-12)
@@ -98,7 +99,8 @@ def _honest(clients: int = 4, seed: int = 1) -> list[list[np.ndarray]]:
 
 
 def test_a_reply_not_of_the_clients_form_is_dropped(diabetes_csv):
-    statistics = StatisticsRound(data_source(seed_config(diabetes_csv)).spec)
+    settings = DataSettings.from_config(seed_config(diabetes_csv))
+    statistics = StatisticsRound(data_source(settings).spec)
     good = moments(np.ones((4, 10)), np.arange(4.0))
     statistics.add([("a", good), ("a2", good), ("a3", good),
                     ("b", [np.full_like(a, np.nan) for a in good]), ("c", good[:3])])
@@ -112,7 +114,7 @@ def test_a_lying_client_cannot_set_the_standardization(diabetes_csv):
     values that is not the rows', a fractional row); a huge claimed count of plausible data
     is capped at the examples cap like a fit claim, keeping the liar's means but not its
     weight."""
-    spec = data_source(seed_config(diabetes_csv)).spec
+    spec = data_source(DataSettings.from_config(seed_config(diabetes_csv))).spec
     honest = _honest()
     statistics = StatisticsRound(spec, examples_cap_factor=3.0)
     bad_squares = [a.copy() for a in honest[0]]
@@ -141,7 +143,7 @@ def test_a_client_with_huge_values_within_the_row_cap_is_dropped(diabetes_csv, c
     spread, the target's mean) cannot move the pooled statistics: its means and spreads lie
     far outside the other clients', so it is dropped and logged by its id; the honest
     clients' pool is what remains, in float64."""
-    spec = data_source(seed_config(diabetes_csv)).spec
+    spec = data_source(DataSettings.from_config(seed_config(diabetes_csv))).spec
     honest = _honest()
     x, y = np.random.default_rng(3).normal(0.0, 1.0, (50, 10)), np.full(50, 100.0)
     if lie == "mean":
@@ -166,7 +168,8 @@ def test_label_skewed_honest_clients_are_not_outliers(partitioner, clients):
     """Real clients of digits split by label (2 classes each, or Dirichlet(0.1)): their
     pixels' means and spreads differ widely, and none is taken for a liar."""
     cfg = make_config(partitioner=partitioner, dirichlet_alpha=0.1)
-    sums = {str(pid): moments(load_partition(cfg, pid, clients).train.x, None)
+    settings = DataSettings.from_config(cfg)
+    sums = {str(pid): moments(load_partition(settings, pid, clients).train.x, None)
             for pid in range(clients)}
     assert outliers(sums) == []
 
@@ -175,7 +178,7 @@ def test_fewer_than_three_or_min_fit_clients_replies_stop_the_run(diabetes_csv, 
     """One or two kept replies would make the pooled statistics those clients' own: the run
     stops before training (the statistics round raises DataError, an `error:` line; a
     simulation with too few clients is refused before it starts)."""
-    spec = data_source(seed_config(diabetes_csv)).spec
+    spec = data_source(DataSettings.from_config(seed_config(diabetes_csv))).spec
     honest = [(str(i), sums) for i, sums in enumerate(_honest())]
     for replies, min_fit in ((honest[:2], 2), (honest[:3], 4)):
         with pytest.raises(DataError, match=f"{len(replies)} client\\(s\\) answered the "
@@ -200,9 +203,9 @@ def test_standardize_is_refused_where_the_sums_would_leak_or_go_unaccounted(conf
 
 def test_evaluation_with_standardization_is_the_wrapped_models_on_raw_data(diabetes_csv):
     cfg = seed_config(diabetes_csv)
-    trainer = trainer_for(cfg, data_source(cfg).spec)
+    trainer = trainer_for(cfg, data_source(DataSettings.from_config(cfg)).spec)
     standardization = pooled_statistics(cfg)
-    test = data_source(cfg).test_set()
+    test = data_source(DataSettings.from_config(cfg)).test_set()
     loss, metrics = trainer.evaluate(test, standardization)
     wrapped = standardization.wrap(trainer.model, trainer.spec.input_shape)
     logs = wrapped.evaluate(test.x, test.y, verbose=0, return_dict=True)
@@ -232,7 +235,8 @@ def test_a_standardized_run_beats_the_raw_one_and_saves_a_raw_input_model(tmp_pa
     layers = [type(layer).__name__ for layer in model.layers]
     assert layers[1] == "Normalization" and layers[-1] == "Rescaling"
     assert "Normalization" not in [type(layer).__name__ for layer in raw_model.layers]
-    test = data_source(seed_config(diabetes_csv)).test_set()  # raw features and target
+    settings = DataSettings.from_config(seed_config(diabetes_csv))
+    test = data_source(settings).test_set()  # raw features and target
     logs = model.evaluate(test.x, test.y, verbose=0, return_dict=True)
     assert logs["loss"] == pytest.approx(final, rel=1e-4)
     assert 25 < float(np.median(model.predict(test.x, verbose=0))) < 346
@@ -257,7 +261,8 @@ def test_a_reply_of_strings_or_bad_bytes_is_dropped_not_a_crash(diabetes_csv):
 
     from fl_app.server.runner import _decoded_or_none
 
-    statistics = StatisticsRound(data_source(seed_config(diabetes_csv)).spec)
+    settings = DataSettings.from_config(seed_config(diabetes_csv))
+    statistics = StatisticsRound(data_source(settings).spec)
     good = moments(np.ones((4, 10)), np.arange(4.0))
     strings = [np.full(a.shape, "x") for a in good]
     bad = _decoded_or_none(Parameters(tensors=[b"not npy"], tensor_type="numpy.ndarray"))
@@ -291,7 +296,7 @@ def test_a_client_refuses_standardization_bytes_not_of_its_own_data(diabetes_csv
     naming the problem, the client answers the next one."""
     cfg = seed_config(diabetes_csv)
     client = client_for(cfg, {"partition-id": 0, "num-partitions": CLIENTS})
-    weights = trainer_for(cfg, data_source(cfg).spec).get_weights()
+    weights = trainer_for(cfg, data_source(DataSettings.from_config(cfg)).spec).get_weights()
     good = {"x_mean": np.zeros(10), "x_variance": np.ones(10), "y_mean": np.zeros(1),
             "y_std": np.ones(1)}
     bad = {

@@ -6,13 +6,13 @@ from __future__ import annotations
 import numpy as np
 
 from fl_app.data.sources import SyntheticSource
-from tests.conftest import make_config
+from tests.conftest import data_settings
 
 USERS = 200
 
 
 def _source(**overrides) -> SyntheticSource:
-    return SyntheticSource(make_config(dataset="synthetic", synthetic_num_users=USERS,
+    return SyntheticSource(data_settings(dataset="synthetic", synthetic_num_users=USERS,
                                        synthetic_max_samples=60, **overrides))
 
 
@@ -44,8 +44,8 @@ def test_iid_users_share_one_distribution_and_one_model():
 
 
 def test_sample_cap_is_a_key_and_zero_uncaps():
-    capped = SyntheticSource(make_config(dataset="synthetic", synthetic_num_users=30, seed=2))
-    uncapped = SyntheticSource(make_config(dataset="synthetic", synthetic_num_users=30, seed=2,
+    capped = SyntheticSource(data_settings(dataset="synthetic", synthetic_num_users=30, seed=2))
+    uncapped = SyntheticSource(data_settings(dataset="synthetic", synthetic_num_users=30, seed=2,
                                            synthetic_max_samples=0))
     sizes = [len(capped.partition(k, 30).x) for k in range(30)]
     big = [len(uncapped.partition(k, 30).x) for k in range(30)]

@@ -11,6 +11,7 @@ from sklearn.datasets import load_diabetes
 
 from fl_app.app.preflight import checked_trainer
 from fl_app.data.sources import data_spec, load_partition
+from fl_app.data.types import DataSettings
 from fl_app.ml.errors import ModelError
 from tests.conftest import make_config
 
@@ -35,9 +36,10 @@ def test_a_regression_model_on_integer_targets_is_a_regression_not_347_classes(t
     cfg = make_config(dataset=diabetes_csv(tmp_path / "diabetes.csv"), label_column="target",
                       model="examples.keras_models:regression")  # the seed's adam/mse model
     trainer = checked_trainer(cfg)  # refused as "a 347-class classification" before
-    assert cfg["task"] == "regression" and data_spec(cfg).task == "regression"
+    settings = DataSettings.from_config(cfg)
+    assert cfg["task"] == "regression" and data_spec(settings).task == "regression"
     assert trainer.spec.task == "regression"
-    train = load_partition(cfg, 0, 10).train
+    train = load_partition(DataSettings.from_config(cfg), 0, 10).train
     assert train.y.dtype == np.float32 and 25 <= train.y.min() and train.y.max() <= 346
 
 
@@ -62,13 +64,13 @@ def test_a_classification_loss_keeps_the_task_the_targets_give(tmp_path, loss, u
     pd.DataFrame(x).assign(label=y).to_csv(path, index=False)
     cfg = make_config(dataset=str(path), model=saved_model(tmp_path / "m.keras", loss, units,
                                                            activation))
-    assert cfg["task"] == "auto" and data_spec(cfg).task == task
+    assert cfg["task"] == "auto" and data_spec(DataSettings.from_config(cfg)).task == task
     checked_trainer(cfg)
 
 
 def test_a_builder_model_still_reads_the_task_from_the_targets(tmp_path):
     cfg = make_config(dataset=diabetes_csv(tmp_path / "d.csv"), label_column="target")
-    assert cfg["task"] == "auto" and data_spec(cfg).num_classes == 347
+    assert cfg["task"] == "auto" and data_spec(DataSettings.from_config(cfg)).num_classes == 347
 
 
 def test_a_crossentropy_loss_on_a_non_integer_target_is_refused_naming_both(tmp_path):
@@ -88,7 +90,7 @@ def test_binary_crossentropy_on_soft_targets_in_0_1_is_a_regression_not_a_confli
     pd.DataFrame(x).assign(label=np.linspace(0.05, 0.95, 200)).to_csv(path, index=False)
     cfg = make_config(dataset=str(path),
                       model=saved_model(tmp_path / "m.keras", "binary_crossentropy", 1, "sigmoid"))
-    assert data_spec(cfg).task == "regression"
+    assert data_spec(DataSettings.from_config(cfg)).task == "regression"
     checked_trainer(cfg)
 
 

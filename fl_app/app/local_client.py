@@ -22,6 +22,7 @@ from fl_app.client.node_policy import NodePolicy, check_sources, public_client_k
 from fl_app.client.timing import TimedClient
 from fl_app.data.node_data import load_client
 from fl_app.data.sources import ClientData, data_spec
+from fl_app.data.types import DataSettings
 from fl_app.ml.trainer import trainer_for
 from fl_app.schema import RunConfig, Scalar
 
@@ -40,7 +41,7 @@ def client_with(cfg: RunConfig, node_config: Mapping[str, Scalar],
     `homomorphic-encryption=ckks` its replies are encrypted with the key file named in its
     node config (`fl_app.client.homomorphic`).
     """
-    trainer = trainer_for(cfg, data_spec(cfg), run_id)
+    trainer = trainer_for(cfg, data_spec(DataSettings.from_config(cfg)), run_id)
     key = int(node_config["partition-id"]) if "partition-id" in node_config else data.key
     work = work_for(cfg, node_config, key, f"node-config of {data.source}")
     budget = float(cfg["round-time-budget"])
@@ -62,7 +63,7 @@ def client_for(cfg: RunConfig, node_config: Mapping[str, Scalar],
     first (`fl_app.client.node_policy`): this is where a node imports and reads them."""
     check_sources(NodePolicy.from_node_config(node_config), cfg)
     start = time.perf_counter()
-    data = load() if load is not None else load_client(cfg, node_config)
+    data = load() if load is not None else load_client(DataSettings.from_config(cfg), node_config)
     loaded = time.perf_counter()
     client = client_with(cfg, node_config, data, run_id, state)
     return TimedClient(client, {"data": loaded - start, "model": time.perf_counter() - loaded})

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from fl_app.data.rebalance import check_rebalance
 from fl_app.data.sources import data_source
+from fl_app.data.types import DataSettings
 from fl_app.ml.export import check_exportable
 from fl_app.ml.trainer import KerasTrainer, trainer_for
 from fl_app.schema import RunConfig
@@ -21,7 +22,7 @@ def checked_trainer(cfg: RunConfig) -> KerasTrainer:
     process); raises ModelError, DataError or ConfigError (naming the model, file or key)
     when the run cannot train (a `rebalance` the data's task cannot take included) or, with
     `export-int8`, cannot make its int8 copies."""
-    spec = data_source(cfg).spec
+    spec = data_source(DataSettings.from_config(cfg)).spec
     check_rebalance(str(cfg["rebalance"]), spec)
     trainer = trainer_for(cfg, spec)
     check_monitor(str(cfg["monitor"]), monitored_names(trainer))

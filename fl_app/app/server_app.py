@@ -16,6 +16,7 @@ from fl_app.app.config import resolve
 from fl_app.app.logs import quiet_libraries, report_app_errors_in_one_line
 from fl_app.app.preflight import checked_trainer, monitored_names
 from fl_app.data.sources import Split, data_source
+from fl_app.data.types import DataSettings
 from fl_app.flower_internals import start_grid
 from fl_app.ml.models import build_model
 from fl_app.ml.trainer import KerasTrainer
@@ -84,7 +85,7 @@ def run_parts(cfg: RunConfig, callbacks: Sequence[Callback] = (),
     run, with the recorder resumed when `resume-from` names a checkpoint (`callbacks` and
     `started_at`: see `RunRecorder`), and with `standardize=true` its statistics round."""
     trainer = checked_trainer(cfg)
-    source = data_source(cfg)
+    source = data_source(DataSettings.from_config(cfg))
     statistics = (StatisticsRound(source.spec, float(cfg["examples-cap-factor"]),
                                   int(cfg["max-examples"]), int(cfg["min-fit-clients"]))
                   if cfg["standardize"] else None)

@@ -15,13 +15,13 @@ from pathlib import Path
 from fl_app.data.files import read_data_file
 from fl_app.data.quality import check_client_data, cleaning
 from fl_app.data.sources import ClientData, DataSpec, Split, split_train_val
-from fl_app.schema import RunConfig
+from fl_app.data.types import DataSettings
 
 
-def load_node_file(path_str: str, spec: DataSpec, cfg: RunConfig) -> ClientData:
+def load_node_file(path_str: str, spec: DataSpec, settings: DataSettings) -> ClientData:
     """Read and check a node's data file; raise DataError naming the file at fault."""
     path = Path(path_str).expanduser()
-    x, y = read_data_file(str(path), cfg["label-column"])
-    x, y, quality = check_client_data(x, y, spec, f"data file {path}", **cleaning(cfg))
-    train, val = split_train_val(Split(x, y), cfg, salt=0)
+    x, y = read_data_file(str(path), settings.label_column)
+    x, y, quality = check_client_data(x, y, spec, f"data file {path}", **cleaning(settings))
+    train, val = split_train_val(Split(x, y), settings, salt=0)
     return ClientData(train, val, f"file {path}", quality)

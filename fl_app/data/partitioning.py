@@ -15,7 +15,7 @@ from flwr_datasets.partitioner import (
     ShardPartitioner,
 )
 
-from fl_app.schema import RunConfig
+from fl_app.data.types import DataSettings
 
 LABEL = "label"  # the column label-based partitioners split by
 TARGET = "y"  # the pool's targets (equal to LABEL for single-label classes)
@@ -26,30 +26,30 @@ class PartitioningError(ValueError):
     """The configured partitioner cannot split the pool into the requested partitions."""
 
 
-def _iid(cfg: RunConfig, n: int) -> Partitioner:
+def _iid(settings: DataSettings, n: int) -> Partitioner:
     return IidPartitioner(num_partitions=n)
 
 
-def _dirichlet(cfg: RunConfig, n: int) -> Partitioner:
+def _dirichlet(settings: DataSettings, n: int) -> Partitioner:
     # Every client needs at least one training and one validation example.
     return DirichletPartitioner(
-        num_partitions=n, partition_by=LABEL, alpha=cfg["dirichlet-alpha"],
-        min_partition_size=2, self_balancing=False, shuffle=True, seed=cfg["seed"],
+        num_partitions=n, partition_by=LABEL, alpha=settings.dirichlet_alpha,
+        min_partition_size=2, self_balancing=False, shuffle=True, seed=settings.seed,
     )
 
 
-def _pathological(cfg: RunConfig, n: int) -> Partitioner:
+def _pathological(settings: DataSettings, n: int) -> Partitioner:
     return PathologicalPartitioner(
         num_partitions=n, partition_by=LABEL,
-        num_classes_per_partition=cfg["classes-per-partition"],
-        class_assignment_mode="first-deterministic", shuffle=True, seed=cfg["seed"],
+        num_classes_per_partition=settings.classes_per_partition,
+        class_assignment_mode="first-deterministic", shuffle=True, seed=settings.seed,
     )
 
 
-def _shard(cfg: RunConfig, n: int) -> Partitioner:
+def _shard(settings: DataSettings, n: int) -> Partitioner:
     return ShardPartitioner(
         num_partitions=n, partition_by=LABEL,
-        num_shards_per_partition=cfg["shards-per-partition"], shuffle=True, seed=cfg["seed"],
+        num_shards_per_partition=settings.shards_per_partition, shuffle=True, seed=settings.seed,
     )
 
 
@@ -58,7 +58,7 @@ class PartitionerKind:
     """A partitioner by config name: its factory, its own config keys, and what to try if it
     fails."""
 
-    factory: Callable[[RunConfig, int], Partitioner]
+    factory: Callable[[DataSettings, int], Partitioner]
     keys: tuple[str, ...]
     hint: str
 
@@ -77,20 +77,21 @@ PARTITIONERS: dict[str, PartitionerKind] = {
 PARTITIONER_NAMES = tuple(PARTITIONERS)
 
 
-def make_partitioner(cfg: RunConfig, num_partitions: int) -> Partitioner:
+def make_partitioner(settings: DataSettings, num_partitions: int) -> Partitioner:
     """Return the flwr-datasets partitioner named by `partitioner` for `num_partitions` clients."""
-    return PARTITIONERS[cfg["partitioner"]].factory(cfg, num_partitions)
+    return PARTITIONERS[settings.partitioner].factory(settings, num_partitions)
 
 
-def _describe(cfg: RunConfig, num_partitions: int) -> str:
+def _describe(settings: DataSettings, num_partitions: int) -> str:
     """E.g. `partitioner='shard' (shards-per-partition=2) with 100 partitions`."""
-    keys = PARTITIONERS[cfg["partitioner"]].keys
-    own = f" ({', '.join(f'{key}={cfg[key]}' for key in keys)})" if keys else ""
-    return f"partitioner={cfg['partitioner']!r}{own} with {num_partitions} partitions"
+    keys = PARTITIONERS[settings.partitioner].keys
+    values = ", ".join(f"{key}={getattr(settings, key.replace('-', '_'))}" for key in keys)
+    own = f" ({values})" if keys else ""
+    return f"partitioner={settings.partitioner!r}{own} with {num_partitions} partitions"
 
 
 def load_partition(partitioner: Partitioner, partition_id: int, num_partitions: int,
-                   cfg: RunConfig, num_classes: int) -> Dataset:
+                   settings: DataSettings, num_classes: int) -> Dataset:
     """Partition `partition_id` of `num_partitions` from a partitioner that holds its dataset.
 
     Raises PartitioningError naming `partitioner`, its keys and the number of partitions,
@@ -98,9 +99,9 @@ def load_partition(partitioner: Partitioner, partition_id: int, num_partitions: 
     Dirichlet draw that leaves clients too small, more classes per client than exist)
     or leaves this partition empty.
     """
-    setting = _describe(cfg, num_partitions)
-    hint = PARTITIONERS[cfg["partitioner"]].hint
-    if cfg["partitioner"] == "pathological" and cfg["classes-per-partition"] > num_classes:
+    setting = _describe(settings, num_partitions)
+    hint = PARTITIONERS[settings.partitioner].hint
+    if settings.partitioner == "pathological" and settings.classes_per_partition > num_classes:
         raise PartitioningError(f"{setting}: the dataset has only {num_classes} classes: "
                                 f"set classes-per-partition <= {num_classes}")
     try:
@@ -134,17 +135,17 @@ def partition_key(y: np.ndarray, task: str, partitioner: str) -> np.ndarray:
     return np.asarray(y, dtype=np.int64)
 
 
-def partition_arrays(x: np.ndarray, y: np.ndarray, cfg: RunConfig, num_partitions: int,
+def partition_arrays(x: np.ndarray, y: np.ndarray, settings: DataSettings, num_partitions: int,
                      task: str = "multiclass") -> Partitioner:
     """Attach an in-memory (x, y) pool to the configured partitioner and return it.
 
     The pool is shuffled with the run's seed first, since `IidPartitioner` splits in order.
     Partitions come back as `datasets.Dataset` with columns `x`, `TARGET` and `LABEL`.
     """
-    order = np.random.default_rng(cfg["seed"]).permutation(len(y))
+    order = np.random.default_rng(settings.seed).permutation(len(y))
     x, y = x[order], y[order]
     pool = Dataset.from_dict({"x": x.reshape(len(y), -1), TARGET: y,
-                              LABEL: partition_key(y, task, cfg["partitioner"])})
-    partitioner = make_partitioner(cfg, num_partitions)
+                              LABEL: partition_key(y, task, settings.partitioner)})
+    partitioner = make_partitioner(settings, num_partitions)
     partitioner.dataset = pool
     return partitioner

@@ -35,7 +35,7 @@ from logging import WARNING
 import numpy as np
 from flwr.common.logger import log
 
-from fl_app.data.types import DataError, DataSpec, as_split
+from fl_app.data.types import DataError, DataSettings, DataSpec, as_split
 from fl_app.schema import Scalar
 from fl_app.wire import DATA_QUALITY_PREFIX
 
@@ -140,9 +140,9 @@ def _class_findings(y: np.ndarray, spec: DataSpec, max_imbalance: float) -> dict
     return {}
 
 
-def cleaning(cfg: Mapping[str, Scalar]) -> dict[str, Scalar]:
+def cleaning(settings: DataSettings) -> dict[str, Scalar]:
     """The run's `data-cleaning` and `max-class-imbalance` as `check_client_data` keywords."""
-    return {"policy": cfg["data-cleaning"], "max_imbalance": cfg["max-class-imbalance"]}
+    return {"policy": settings.data_cleaning, "max_imbalance": settings.max_class_imbalance}
 
 
 def check_client_data(x: np.ndarray, y: np.ndarray, spec: DataSpec, where: str,

@@ -46,8 +46,7 @@ from fl_app.data.partitioning import (
     partition_arrays,
 )
 from fl_app.data.quality import QualityReport, check_client_data, cleaning
-from fl_app.data.types import DataError, DataSpec, Split, as_split
-from fl_app.schema import RunConfig
+from fl_app.data.types import DataError, DataSettings, DataSpec, Split, as_split
 
 if TYPE_CHECKING:
     from datasets import Dataset
@@ -83,11 +82,11 @@ class DataSource(Protocol):
         """The data of client `partition_id` out of `num_partitions`."""
 
 
-def _cut(partitioner: Partitioner, partition_id: int, num_partitions: int, cfg: RunConfig,
+def _cut(partitioner: Partitioner, partition_id: int, num_partitions: int, settings: DataSettings,
          spec: DataSpec) -> Dataset:
     """Partition `partition_id` of an assigned partitioner; failures raise DataError."""
     try:
-        return partitioning.load_partition(partitioner, partition_id, num_partitions, cfg,
+        return partitioning.load_partition(partitioner, partition_id, num_partitions, settings,
                                            spec.num_classes or partitioning.TARGET_BINS)
     except PartitioningError as err:
         raise DataError(str(err)) from err
@@ -111,13 +110,13 @@ class PoolSource:
     """An in-memory pool: a held-out test set (stratified for single-label classes), the
     rest partitioned by the configured flwr-datasets partitioner."""
 
-    def __init__(self, x: np.ndarray, y: np.ndarray, spec: DataSpec, cfg: RunConfig,
+    def __init__(self, x: np.ndarray, y: np.ndarray, spec: DataSpec, settings: DataSettings,
                  standardize: bool = False, standardize_target: bool = False) -> None:
         # Stratify single-label classes, unless a class is too rare to be split.
         classes = spec.task in ("multiclass", "binary")
         stratify = y if classes and np.unique(y, return_counts=True)[1].min() >= 2 else None
         x_pool, x_test, y_pool, y_test = train_test_split(
-            x, y, test_size=cfg["test-fraction"], stratify=stratify, random_state=cfg["seed"]
+            x, y, test_size=settings.test_fraction, stratify=stratify, random_state=settings.seed
         )
         if standardize:
             x_pool, x_test = _standardize(x_pool, x_test)
@@ -126,7 +125,7 @@ class PoolSource:
         self.spec = spec
         self._test = as_split(x_test, y_test, spec.task)
         self._pool = (x_pool, y_pool)
-        self._cfg = cfg
+        self._settings = settings
         self._partitioners: dict[int, Partitioner] = {}
 
     def test_set(self) -> Split:
@@ -138,11 +137,11 @@ class PoolSource:
         if num_partitions not in self._partitioners:
             try:
                 self._partitioners[num_partitions] = partition_arrays(
-                    *self._pool, self._cfg, num_partitions, self.spec.task)
+                    *self._pool, self._settings, num_partitions, self.spec.task)
             except PartitioningError as err:
                 raise DataError(str(err)) from err
         partition = _cut(self._partitioners[num_partitions], partition_id, num_partitions,
-                         self._cfg, self.spec)
+                         self._settings, self.spec)
         return _partition_to_split(partition, self.spec)
 
 
@@ -154,23 +153,23 @@ DIABETES_SPEC = DataSpec((10,), 0, task="regression")
 MULTILABEL_SPEC = DataSpec((20,), 5, task="multilabel")
 
 
-def _load_digits(cfg: RunConfig) -> tuple[np.ndarray, np.ndarray]:
+def _load_digits(settings: DataSettings) -> tuple[np.ndarray, np.ndarray]:
     digits = load_digits()
     return digits.data / 16.0, digits.target
 
 
-def _load_breast_cancer(cfg: RunConfig) -> tuple[np.ndarray, np.ndarray]:
+def _load_breast_cancer(settings: DataSettings) -> tuple[np.ndarray, np.ndarray]:
     return load_breast_cancer(return_X_y=True)
 
 
-def _load_diabetes(cfg: RunConfig) -> tuple[np.ndarray, np.ndarray]:
+def _load_diabetes(settings: DataSettings) -> tuple[np.ndarray, np.ndarray]:
     return load_diabetes(return_X_y=True)  # features come centred and scaled
 
 
-def _make_multilabel(cfg: RunConfig) -> tuple[np.ndarray, np.ndarray]:
+def _make_multilabel(settings: DataSettings) -> tuple[np.ndarray, np.ndarray]:
     return make_multilabel_classification(
         n_samples=2000, n_features=MULTILABEL_SPEC.input_shape[0],
-        n_classes=MULTILABEL_SPEC.num_classes, random_state=cfg["seed"])
+        n_classes=MULTILABEL_SPEC.num_classes, random_state=settings.seed)
 
 
 IMAGES_SPEC = DataSpec((32, 32, 3), 10)
@@ -179,7 +178,7 @@ _IMAGES_CONTRAST = 0.08  # how far a class pattern moves a pixel from grey 0.5
 _IMAGES_MAX_SHIFT = 8  # pixels an image's pattern is rolled by, at most, each way
 
 
-def _make_images(cfg: RunConfig) -> tuple[np.ndarray, np.ndarray]:
+def _make_images(settings: DataSettings) -> tuple[np.ndarray, np.ndarray]:
     """`synthetic-images-samples` images, balanced over 10 classes, in 0..1.
 
     Each class is a random 4x4 colour pattern scaled up to 32x32; an image is its class
@@ -187,21 +186,21 @@ def _make_images(cfg: RunConfig) -> tuple[np.ndarray, np.ndarray]:
     `synthetic-images-noise` (clipped to 0..1). Learnable, not trivial: at the default
     noise, logistic regression on the pixels gets about 53% where chance is 10%.
     """
-    rng = np.random.default_rng([cfg["seed"], _IMAGES_SALT])
+    rng = np.random.default_rng([settings.seed, _IMAGES_SALT])
     height, width, channels = IMAGES_SPEC.input_shape
-    classes, n = IMAGES_SPEC.num_classes, cfg["synthetic-images-samples"]
+    classes, n = IMAGES_SPEC.num_classes, settings.synthetic_images_samples
     coarse = rng.normal(0.0, 1.0, (classes, 4, 4, channels)).astype(np.float32)
     patterns = coarse.repeat(height // 4, axis=1).repeat(width // 4, axis=2)
     y = rng.permutation(np.arange(n) % classes)
     shifts = rng.integers(-_IMAGES_MAX_SHIFT, _IMAGES_MAX_SHIFT + 1, (n, 2))
     x = np.stack([np.roll(patterns[label], tuple(shift), axis=(0, 1))
                   for label, shift in zip(y, shifts)])
-    x = 0.5 + _IMAGES_CONTRAST * x + cfg["synthetic-images-noise"] * rng.standard_normal(
+    x = 0.5 + _IMAGES_CONTRAST * x + settings.synthetic_images_noise * rng.standard_normal(
         x.shape, dtype=np.float32)
     return np.clip(x, 0.0, 1.0), y
 
 
-EMBEDDED_DATASETS: dict[str, tuple[DataSpec, Callable[[RunConfig], tuple], bool, bool]] = {
+EMBEDDED_DATASETS: dict[str, tuple[DataSpec, Callable[[DataSettings], tuple], bool, bool]] = {
     "digits": (DIGITS_SPEC, _load_digits, False, False),
     "breast-cancer": (BREAST_CANCER_SPEC, _load_breast_cancer, True, False),
     # Disease progression (25..346) standardized: an MSE of 1.0 is predicting the mean.
@@ -211,20 +210,20 @@ EMBEDDED_DATASETS: dict[str, tuple[DataSpec, Callable[[RunConfig], tuple], bool,
 }
 
 
-def _embedded(name: str, cfg: RunConfig) -> PoolSource:
+def _embedded(name: str, settings: DataSettings) -> PoolSource:
     spec, load, standardize, standardize_target = EMBEDDED_DATASETS[name]
-    x, y = load(cfg)
-    return PoolSource(x, y, spec, cfg, standardize, standardize_target)
+    x, y = load(settings)
+    return PoolSource(x, y, spec, settings, standardize, standardize_target)
 
 
-def _file_pool(cfg: RunConfig) -> PoolSource:
+def _file_pool(settings: DataSettings) -> PoolSource:
     """A `dataset=<path>` file as a pool: its spec inferred (or given by `task`), its rows
     checked with the run's `data-cleaning` policy before the test set is held out."""
-    path = cfg["dataset"]
-    x, y = read_data_file(path, cfg["label-column"])
-    spec = infer_spec(x, y, cfg["task"], path)
-    x, y, _ = check_client_data(x, y, spec, f"dataset file {path}", **cleaning(cfg))
-    return PoolSource(x, y, spec, cfg)
+    path = settings.dataset
+    x, y = read_data_file(path, settings.label_column)
+    spec = infer_spec(x, y, settings.task, path)
+    x, y, _ = check_client_data(x, y, spec, f"dataset file {path}", **cleaning(settings))
+    return PoolSource(x, y, spec, settings)
 
 
 class SyntheticSource:
@@ -242,21 +241,21 @@ class SyntheticSource:
     """
 
     @staticmethod
-    def spec_for(cfg: RunConfig) -> DataSpec:
-        """The feature shape and classes that `cfg` asks for."""
-        return DataSpec((cfg["synthetic-dim"],), cfg["synthetic-classes"])
+    def spec_for(settings: DataSettings) -> DataSpec:
+        """The feature shape and classes that `settings` asks for."""
+        return DataSpec((settings.synthetic_dim,), settings.synthetic_classes)
 
-    def __init__(self, cfg: RunConfig) -> None:
-        self.num_users = cfg["synthetic-num-users"]
-        dim, classes = cfg["synthetic-dim"], cfg["synthetic-classes"]
-        self.spec = self.spec_for(cfg)
-        rng = np.random.default_rng(cfg["seed"])
+    def __init__(self, settings: DataSettings) -> None:
+        self.num_users = settings.synthetic_num_users
+        dim, classes = settings.synthetic_dim, settings.synthetic_classes
+        self.spec = self.spec_for(settings)
+        rng = np.random.default_rng(settings.seed)
         sizes = rng.lognormal(4, 2, self.num_users).astype(int) + 50
-        if cfg["synthetic-max-samples"]:
-            sizes = np.minimum(sizes, cfg["synthetic-max-samples"])
-        iid = cfg["synthetic-iid"]
-        model_means = rng.normal(0, cfg["synthetic-alpha"], self.num_users)
-        feature_means = rng.normal(0, cfg["synthetic-beta"], self.num_users)
+        if settings.synthetic_max_samples:
+            sizes = np.minimum(sizes, settings.synthetic_max_samples)
+        iid = settings.synthetic_iid
+        model_means = rng.normal(0, settings.synthetic_alpha, self.num_users)
+        feature_means = rng.normal(0, settings.synthetic_beta, self.num_users)
         if iid:  # drawn only then, so the non-IID data of a seed stays as it was
             shared_w, shared_b = rng.normal(0, 1, (dim, classes)), rng.normal(0, 1, classes)
         std = np.arange(1, dim + 1) ** -0.6  # sqrt of Sigma's diagonal j^-1.2
@@ -271,7 +270,7 @@ class SyntheticSource:
                 v = rng.normal(feature_means[k], 1, dim)
             x = v + rng.normal(size=(sizes[k], dim)) * std
             y = np.argmax(x @ w + b, axis=1)
-            n_test = max(1, int(round(cfg["test-fraction"] * len(y))))
+            n_test = max(1, int(round(settings.test_fraction * len(y))))
             # float32 copies now, so this user's float64 draw is freed before the next one:
             # a view kept it alive to the end, 3x the data's size in every process's heap
             tests.append(as_split(x[:n_test], y[:n_test]))
@@ -306,10 +305,10 @@ HUB_DATASETS = {
 class HubSource:
     """A Hugging Face hub image-classification dataset via flwr-datasets' FederatedDataset."""
 
-    def __init__(self, name: str, cfg: RunConfig) -> None:
+    def __init__(self, name: str, settings: DataSettings) -> None:
         self.hub_id = HUB_DATASETS[name][0] if name in HUB_DATASETS else name.removeprefix("hf:")
         self._name = name
-        self._cfg = cfg
+        self._settings = settings
         test = self._load(lambda fds: fds.load_split("test"), num_partitions=1)
         self._image_key = next(k for k in test.features if k != "label")
         self._test = self._to_split(test)
@@ -320,8 +319,8 @@ class HubSource:
 
         try:
             fds = FederatedDataset(
-                dataset=self.hub_id, shuffle=True, seed=self._cfg["seed"],
-                partitioners={"train": make_partitioner(self._cfg, num_partitions)},
+                dataset=self.hub_id, shuffle=True, seed=self._settings.seed,
+                partitioners={"train": make_partitioner(self._settings, num_partitions)},
             )
             return get(fds)
         except Exception as err:  # the hub raises many kinds of network errors
@@ -344,49 +343,49 @@ class HubSource:
     def partition(self, partition_id: int, num_partitions: int) -> Split:
         """Client `partition_id`'s share of the train split."""
         partitioner = self._load(lambda fds: fds.partitioners["train"], num_partitions)
-        table = _cut(partitioner, partition_id, num_partitions, self._cfg, self.spec)
+        table = _cut(partitioner, partition_id, num_partitions, self._settings, self.spec)
         return self._to_split(table)
 
 
 DATASET_NAMES = (*EMBEDDED_DATASETS, "synthetic", *HUB_DATASETS)
 
 
-def data_source(cfg: RunConfig) -> DataSource:
-    """The dataset named by `dataset`, built once per process, run config and version of a
+def data_source(settings: DataSettings) -> DataSource:
+    """The dataset named by `dataset`, built once per process, data settings and version of a
     dataset file (a file rewritten on disk is read again)."""
-    return _data_source(cfg, file_stamp(str(cfg["dataset"])))
+    return _data_source(settings, file_stamp(str(settings.dataset)))
 
 
 @lru_cache(maxsize=4)
-def _data_source(cfg: RunConfig, stamp: tuple[int, int, int] | None) -> DataSource:
-    name = cfg["dataset"]
+def _data_source(settings: DataSettings, stamp: tuple[int, int, int] | None) -> DataSource:
+    name = settings.dataset
     if name in EMBEDDED_DATASETS:
-        return _embedded(name, cfg)
+        return _embedded(name, settings)
     if is_data_file(name):
-        return _file_pool(cfg)
+        return _file_pool(settings)
     if name == "synthetic":
-        return SyntheticSource(cfg)
-    return HubSource(name, cfg)
+        return SyntheticSource(settings)
+    return HubSource(name, settings)
 
 
-def data_spec(cfg: RunConfig) -> DataSpec:
+def data_spec(settings: DataSettings) -> DataSpec:
     """The input shape and classes of `dataset`, without loading it where they are known.
 
     Only `hf:<id>` datasets and data files are loaded (through `data_source`) to learn
     them, so a SuperNode with its own `data-path` reads no other data, except the run's
     dataset file when `dataset` is one (it defines the model's inputs and classes).
     """
-    name = cfg["dataset"]
+    name = settings.dataset
     if name in EMBEDDED_DATASETS:
         return EMBEDDED_DATASETS[name][0]
     if name == "synthetic":
-        return SyntheticSource.spec_for(cfg)
+        return SyntheticSource.spec_for(settings)
     if name in HUB_DATASETS:
         return HUB_DATASETS[name][1]
-    return data_source(cfg).spec
+    return data_source(settings).spec
 
 
-def split_train_val(data: Split, cfg: RunConfig, salt: int) -> tuple[Split, Split]:
+def split_train_val(data: Split, settings: DataSettings, salt: int) -> tuple[Split, Split]:
     """Split a client's data into train and validation parts (seeded by run seed and `salt`).
 
     The validation part holds `validation-fraction` of the examples, rounded, but at least
@@ -394,29 +393,31 @@ def split_train_val(data: Split, cfg: RunConfig, salt: int) -> tuple[Split, Spli
     a one-example client therefore has no validation part (its evaluation falls back to
     its training data).
     """
-    fraction = cfg["validation-fraction"]
+    fraction = settings.validation_fraction
     n_val = min(max(1, round(fraction * len(data))), len(data) - 1) if fraction > 0 else 0
     if n_val == 0:
         return data, Split(data.x[:0], data.y[:0])
-    order = np.random.default_rng([cfg["seed"], salt]).permutation(len(data))
+    order = np.random.default_rng([settings.seed, salt]).permutation(len(data))
     val, train = order[:n_val], order[n_val:]
     return Split(data.x[train], data.y[train]), Split(data.x[val], data.y[val])
 
 
-def load_partition(cfg: RunConfig, partition_id: int, num_partitions: int) -> ClientData:
+def load_partition(settings: DataSettings, partition_id: int, num_partitions: int) -> ClientData:
     """Client data for simulation: partition `partition_id` of `num_partitions` (cached
-    per run config and version of a dataset file)."""
-    return _load_partition(cfg, partition_id, num_partitions, file_stamp(str(cfg["dataset"])))
+    per data settings and version of a dataset file: runs that differ only in other
+    layers' keys share them)."""
+    return _load_partition(settings, partition_id, num_partitions,
+                           file_stamp(settings.dataset))
 
 
 @lru_cache(maxsize=64)
-def _load_partition(cfg: RunConfig, partition_id: int, num_partitions: int,
+def _load_partition(settings: DataSettings, partition_id: int, num_partitions: int,
                     stamp: tuple[int, int, int] | None) -> ClientData:
     if not 0 <= partition_id < num_partitions:
         raise DataError(f"partition-id {partition_id} is outside 0..{num_partitions - 1}")
-    source = data_source(cfg)
+    source = data_source(settings)
     split = source.partition(partition_id, num_partitions)
-    where = f"partition {partition_id}/{num_partitions} of {cfg['dataset']}"
-    x, y, quality = check_client_data(split.x, split.y, source.spec, where, **cleaning(cfg))
-    train, val = split_train_val(Split(x, y), cfg, salt=partition_id)
+    where = f"partition {partition_id}/{num_partitions} of {settings.dataset}"
+    x, y, quality = check_client_data(split.x, split.y, source.spec, where, **cleaning(settings))
+    train, val = split_train_val(Split(x, y), settings, salt=partition_id)
     return ClientData(train, val, where, quality)

@@ -1,11 +1,14 @@
 """The data layer's vocabulary: its error, what a model needs to know about the data
-(`DataSpec`), and features with targets (`Split`)."""
+(`DataSpec`), features with targets (`Split`), and the run config's keys it reads
+(`DataSettings`)."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
 import numpy as np
+
+from fl_app.schema import LayerSettings
 
 
 class DataError(ValueError):
@@ -70,3 +73,32 @@ def as_split(x: np.ndarray, y: np.ndarray, task: str = "multiclass") -> Split:
     """Features as float32 and targets as the task keeps them (float32 for regression)."""
     y_dtype = np.float32 if task == "regression" else np.int32
     return Split(np.asarray(x, dtype=np.float32), np.asarray(y, dtype=y_dtype))
+
+
+@dataclass(frozen=True)
+class DataSettings(LayerSettings):
+    """What the data layer reads from the run config (each field is the key of that name,
+    declared in `fl_app.data.settings`): built once by the app layer
+    (`DataSettings.from_config(cfg)`)."""
+
+    dataset: str
+    label_column: str
+    task: str
+    data_cleaning: str
+    max_class_imbalance: float
+    test_fraction: float
+    validation_fraction: float
+    seed: int
+    partitioner: str
+    dirichlet_alpha: float
+    classes_per_partition: int
+    shards_per_partition: int
+    synthetic_alpha: float
+    synthetic_beta: float
+    synthetic_classes: int
+    synthetic_dim: int
+    synthetic_iid: bool
+    synthetic_max_samples: int
+    synthetic_num_users: int
+    synthetic_images_noise: float
+    synthetic_images_samples: int

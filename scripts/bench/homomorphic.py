@@ -36,6 +36,7 @@ from fl_app.app.config import resolve
 from fl_app.cli.simulate import load_run_config
 from fl_app.cli.simulate import main as run_simulation
 from fl_app.data.sources import data_source
+from fl_app.data.types import DataSettings
 from fl_app.ml.models import build_model
 from fl_app.ml.trainer import trainer_for
 from fl_app.server.outputs import MODEL_FILE
@@ -127,9 +128,9 @@ def final_model_accuracy(out: Path) -> float:
     import keras
 
     cfg = resolve(json.loads((out / "history.json").read_text())["config"])
-    trainer = trainer_for(cfg, data_source(cfg).spec)
+    trainer = trainer_for(cfg, data_source(DataSettings.from_config(cfg)).spec)
     trainer.set_weights(keras.models.load_model(out / MODEL_FILE).get_weights())
-    _, metrics = trainer.evaluate(data_source(cfg).test_set())
+    _, metrics = trainer.evaluate(data_source(DataSettings.from_config(cfg)).test_set())
     return float(metrics["accuracy"])
 
 
@@ -155,7 +156,8 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=20)
     args = parser.parse_args()
     cfg = load_run_config(None)
-    weights = build_model(str(cfg["model"]), data_source(cfg).spec, int(cfg["seed"])).get_weights()
+    spec = data_source(DataSettings.from_config(cfg)).spec
+    weights = build_model(str(cfg["model"]), spec, int(cfg["seed"])).get_weights()
     with tempfile.TemporaryDirectory() as folder:
         keys = (Path(folder) / "public.bin", Path(folder) / "secret.bin")
         ckks.write_key_pair(*keys)

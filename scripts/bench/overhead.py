@@ -59,6 +59,7 @@ from rich.table import Table
 from fl_app.app.config import resolve
 from fl_app.app.local_client import client_for
 from fl_app.data.sources import Split, data_source, load_partition
+from fl_app.data.types import DataSettings
 from fl_app.ml.models import build_model
 from fl_app.ml.trainer import fresh_optimizer, trainer_for
 from fl_app.schema import RunConfig
@@ -94,7 +95,7 @@ def _quickstart_model(cfg: RunConfig) -> keras.Model:
     """Build the model from scratch as the quickstart does: after `clear_session()`, the
     workload's builder (or the user's function), which returns it compiled."""
     keras.backend.clear_session()
-    return build_model(cfg["model"], data_source(cfg).spec, cfg["seed"])
+    return build_model(cfg["model"], data_source(DataSettings.from_config(cfg)).spec, cfg["seed"])
 
 
 class QuickstartClient(NumPyClient):
@@ -102,7 +103,7 @@ class QuickstartClient(NumPyClient):
 
     def __init__(self, cfg: RunConfig, partition_id: int, num_partitions: int) -> None:
         self.cfg = cfg
-        self.data = load_partition(cfg, partition_id, num_partitions)
+        self.data = load_partition(DataSettings.from_config(cfg), partition_id, num_partitions)
         self.model = _quickstart_model(cfg)
 
     def fit(self, parameters: NDArrays,
@@ -132,7 +133,7 @@ def quickstart_apps(cfg: RunConfig, rounds: int,
                                 int(context.node_config["num-partitions"])).to_client()
 
     def server_fn(context: Context) -> ServerAppComponents:
-        test = data_source(cfg).test_set()
+        test = data_source(DataSettings.from_config(cfg)).test_set()
 
         def evaluate_fn(server_round, arrays, config):
             model = _quickstart_model(cfg)
@@ -184,7 +185,7 @@ def guide_loop(cfg: RunConfig) -> Callable[[Split], Callable[[], None]]:
     """(c1): the TensorFlow guide's custom loop, a plain per-batch tf.function step with the
     model's compiled loss and a fresh copy of its compiled optimizer; returns, for a
     client's training split, a callable that runs its local epochs."""
-    spec = data_source(cfg).spec
+    spec = data_source(DataSettings.from_config(cfg)).spec
     encode = trainer_for(cfg, spec).targets  # targets as the compiled loss takes them
     model = build_model(cfg["model"], spec, cfg["seed"])
     optimizer = fresh_optimizer(model, cfg["optimizer"], cfg["learning-rate"])
@@ -216,13 +217,13 @@ def per_client_seconds(cfg: RunConfig, n: int) -> dict[str, list[float]]:
     in, train, weights out). The three are interleaved, so that a load change on a shared
     machine hits them alike; a first untimed run of each traces and warms it."""
     guide = guide_loop(cfg)
-    trainer = trainer_for(cfg, data_source(cfg).spec)
+    trainer = trainer_for(cfg, data_source(DataSettings.from_config(cfg)).spec)
     weights = trainer.get_weights()
     fit = {"epochs": cfg["local-epochs"], "batch_size": cfg["batch-size"],
            "learning_rate": cfg["learning-rate"] or None}
     times: dict[str, list[float]] = {"guide": [], "epoch_loop": [], "call": []}
     for pid in range(n):
-        train = load_partition(cfg, pid, n).train
+        train = load_partition(DataSettings.from_config(cfg), pid, n).train
         client = client_for(cfg, {"partition-id": pid, "num-partitions": n})
         runs: dict[str, Callable[[], object]] = {
             "guide": guide(train),

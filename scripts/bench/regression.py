@@ -37,6 +37,7 @@ from rich.table import Table
 
 from fl_app.cli import simulate
 from fl_app.data.sources import Split, data_source, load_partition
+from fl_app.data.types import DataSettings
 from fl_app.ml.models import build_model
 from fl_app.schema import RunConfig
 from scripts.bench.common import timed_run
@@ -66,14 +67,16 @@ def run_federated(overrides: str, num_clients: int, out_dir: Path) -> dict[str, 
 
 def client_steps_per_round(cfg: RunConfig, num_clients: int) -> int:
     """Optimizer steps a (median) client takes per round: local epochs x its batches."""
+    data = DataSettings.from_config(cfg)
     return int(statistics.median(
-        cfg["local-epochs"] * math.ceil(len(load_partition(cfg, pid, num_clients).train)
+        cfg["local-epochs"] * math.ceil(len(load_partition(data, pid, num_clients).train)
                                         / cfg["batch-size"]) for pid in range(num_clients)))
 
 
 def pooled_training_data(cfg: RunConfig, num_clients: int) -> Split:
     """The training splits of all `num_clients` clients, concatenated."""
-    parts = [load_partition(cfg, pid, num_clients).train for pid in range(num_clients)]
+    data = DataSettings.from_config(cfg)
+    parts = [load_partition(data, pid, num_clients).train for pid in range(num_clients)]
     return Split(np.concatenate([p.x for p in parts]), np.concatenate([p.y for p in parts]))
 
 
@@ -81,7 +84,7 @@ def run_central(cfg: RunConfig, pooled: Split, test: Split, epochs: int) -> dict
     """(b): the same compiled model, `model.fit` on the pooled data for `epochs` epochs at
     the run's batch size; test MSE/MAE and the wall time of build, fit and evaluate."""
     start = time.perf_counter()
-    model = build_model(cfg["model"], data_source(cfg).spec, cfg["seed"])
+    model = build_model(cfg["model"], data_source(DataSettings.from_config(cfg)).spec, cfg["seed"])
     keras.utils.set_random_seed(cfg["seed"])  # the shuffling
     model.fit(pooled.x, pooled.y, epochs=epochs, batch_size=cfg["batch-size"], shuffle=True,
               verbose=0)
@@ -119,7 +122,7 @@ def main(argv: list[str] | None = None) -> int:
     federated = run_federated(overrides, args.num_supernodes, out_dir)
 
     pooled = pooled_training_data(cfg, args.num_supernodes)
-    test = data_source(cfg).test_set()
+    test = data_source(DataSettings.from_config(cfg)).test_set()
     epochs = federated["rounds"] * cfg["local-epochs"]
     central = run_central(cfg, pooled, test, epochs)
     baseline = mean_baseline(pooled, test)

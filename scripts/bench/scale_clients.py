@@ -49,6 +49,7 @@ from typing import Any
 
 import psutil
 
+from fl_app.data.types import DataSettings
 from fl_app.flower_internals import engine_node_stores, grid_client_proxy, in_memory_engine
 from fl_app.server.callbacks import Callback
 
@@ -292,15 +293,15 @@ def data_cost(dataset: str, clients: int) -> dict[str, Any]:
     try:
         cfg = resolve({"dataset": dataset, **data_keys(dataset, clients)})
         start = time.perf_counter()
-        _, allocated = traced_bytes(lambda: data_source(cfg))
+        _, allocated = traced_bytes(lambda: data_source(DataSettings.from_config(cfg)))
         build = time.perf_counter() - start
         start = time.perf_counter()
-        load_partition(cfg, 0, clients)
+        load_partition(DataSettings.from_config(cfg), 0, clients)
         first = time.perf_counter() - start
         loads = range(1, min(clients, 201))
         start = time.perf_counter()
         for partition in loads:
-            load_partition(cfg, partition, clients)
+            load_partition(DataSettings.from_config(cfg), partition, clients)
         per_load = (time.perf_counter() - start) / len(loads)
     finally:
         flwr_logger.setLevel(level)  # this process's logging as it was

@@ -42,6 +42,7 @@ from fl_app.app.client_app import make_client_app
 from fl_app.app.config import resolve
 from fl_app.app.server_app import serve
 from fl_app.data.node_data import load_client
+from fl_app.data.types import DataSettings
 from fl_app.schema import RunConfig
 from fl_app.server.wire_bytes import MeteredGrid
 
@@ -109,8 +110,9 @@ def main(argv: list[str] | None = None) -> int:
             seconds = statistics.median(r["seconds"] for r in rounds[2:]) if len(rounds) > 2 \
                 else rounds[-1]["seconds"]
             per = 1024 * args.num_supernodes * (len(rounds) - 1)
-            counts = [len(load_client(cfg, {"partition-id": i, "num-partitions":
-                                             args.num_supernodes}).train)
+            data = DataSettings.from_config(cfg)
+            counts = [len(load_client(data, {"partition-id": i,
+                                             "num-partitions": args.num_supernodes}).train)
                       for i in range(args.num_supernodes)]
             table.add_row(model, secure, f"{rounds[-1]['centralized']['accuracy']:.4f}",
                           f"{seconds:.2f}", f"{result['down'] / per:.1f}",

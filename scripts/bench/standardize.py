@@ -32,6 +32,7 @@ from sklearn.datasets import load_diabetes
 
 from fl_app.cli import simulate
 from fl_app.data.sources import Split, data_source
+from fl_app.data.types import DataSettings
 from fl_app.ml.models import build_model
 from fl_app.ml.standardize import from_moments, moments
 from fl_app.schema import RunConfig
@@ -64,7 +65,7 @@ def central_standardized(cfg: RunConfig, pooled: Split, test: Split, epochs: int
     """(c): the seed model fit centrally on the standardized pooled data, wrapped with the
     same Normalization and Rescaling layers; its test MSE on the raw scale."""
     standardization = from_moments(moments(pooled.x, pooled.y))
-    spec = data_source(cfg).spec
+    spec = data_source(DataSettings.from_config(cfg)).spec
     model = build_model(str(cfg["model"]), spec, int(cfg["seed"]))
     keras.utils.set_random_seed(int(cfg["seed"]))  # the shuffling
     model.fit(standardization.inputs(pooled.x), standardization.targets(pooled.y),
@@ -84,7 +85,7 @@ def main(argv: list[str] | None = None) -> int:
         history, _ = timed_run(overrides, args.num_supernodes, folder / f"std-{standardize}")
         mse[standardize] = float(history["rounds"][-1]["centralized"]["loss"])
     cfg = simulate.load_run_config(run_config_overrides(path, args.rounds, args.seed, True))
-    test = data_source(cfg).test_set()
+    test = data_source(DataSettings.from_config(cfg)).test_set()
     saved = keras.models.load_model(folder / "std-True" / MODEL_FILE)
     saved_mse = float(saved.evaluate(test.x, test.y, verbose=0, return_dict=True)["loss"])
     pooled = pooled_training_data(cfg, args.num_supernodes)
