@@ -58,7 +58,7 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 from deploy import files, pki
-from strategies import ckks
+from fl_app.protocol import ckks
 
 MAGIC = b"fl-keras sealed CKKS secret context v2\n"
 UNSIGNED_MAGIC = b"fl-keras sealed CKKS secret context v1\n"  # before signatures: refused

@@ -50,8 +50,8 @@ from fl_app.cli.simulate import PROJECT_DIR, load_run_config
 from fl_app.data.sources import DataError, data_source
 from fl_app.data.types import DataSettings
 from fl_app.flower_internals import SUPERLINK_UVICORN_DEFAULT_PORT, SUPERNODE_UVICORN_DEFAULT_PORT
+from fl_app.protocol import ckks
 from fl_app.schema import ConfigError, RunConfig
-from strategies import ckks
 
 DATA_FORMATS = ("npz", "csv")
 HE_KEYS = {"here": KEY_IN_FOLDER, "nodes": KEY_ON_NODE}  # --he-keys: who makes the CKKS key

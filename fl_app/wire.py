@@ -31,6 +31,8 @@ MAX_LR_SCALE = 4.0  # round-time-budget: a node's batch (and rate) is b/4 .. 4b 
 KEY_LOSS_BEFORE = "loss_before"  # fit config: report it; fit metrics: the loss of the
 # received model on the client's own training data, before training (q-FFL's F_k)
 CLIENT_SAMPLING = "client-sampling"  # run-config key: 'size' samples clients by size
+SECAGG_MIN_CLIENTS = "secagg-min-clients"  # run-config key: the fewest clients a SecAgg+ round
+SECAGG_MIN_CLIENTS_DEFAULT = 5  # may sum (server and clients refuse fewer), and its default
 NUM_EXAMPLES = "num-examples"  # get_properties (client-sampling='size'): training-set size
 DATA_QUALITY_PREFIX = "data_"  # fit metrics: the client's data-quality report (data_rows, ...)
 TIMING_PREFIX = "time_"  # fit metrics: seconds the message spent per phase (time_training, ...)

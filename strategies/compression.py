@@ -51,6 +51,7 @@ from fl_app.codecs import (
     down_codec,
     up_codec,
 )
+from fl_app.protocol.clipping import clip_update, l2_norm
 from fl_app.schema import ConfigError, Setting
 from fl_app.wire import (
     KEY_CLIPPING_NORM,
@@ -58,7 +59,6 @@ from fl_app.wire import (
     KEY_COMPRESS_UP,
     KEY_ERROR_FEEDBACK,
 )
-from strategies.clipping import clip_update, l2_norm
 from strategies.validation import NUM_REJECTED
 from strategies.wrapper import StrategyWrapper
 

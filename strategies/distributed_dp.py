@@ -38,8 +38,8 @@ from flwr.server.client_manager import ClientManager
 from flwr.server.client_proxy import ClientProxy
 from flwr.server.strategy import Strategy
 
+from fl_app.protocol.clipping import model_update
 from fl_app.wire import KEY_DP_NOISE_STD
-from strategies.clipping import model_update
 from strategies.context import StrategyContext
 from strategies.dp import DPFixedClipping, dp_kwargs
 from strategies.validation import NUM_REJECTED

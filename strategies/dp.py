@@ -5,7 +5,7 @@ The wrappers take any inner strategy (`dp-inner`, default `weighted-fedavg`). Ea
 1. invalid updates are rejected by `ValidatedStrategy`, which the registry puts in front
    of every strategy (for DP with no `min-fit-clients` minimum);
 2. each client's update Δᵢ = wᵢ − w_global is clipped to L2 norm C over all layers
-   (`strategies.clipping`) — on the server (`dp-fixed`, `dp-adaptive`), or by the client
+   (`fl_app.protocol.clipping`) — on the server (`dp-fixed`, `dp-adaptive`), or by the client
    itself, which receives C in the round's fit config (`dp-client-fixed`,
    `dp-client-adaptive`; the server re-clips as a safeguard, a no-op for honest clients);
 3. the clipped updates are averaged with *equal weights* over a fixed denominator m (the
@@ -77,10 +77,10 @@ from flwr.server.client_manager import ClientManager
 from flwr.server.client_proxy import ClientProxy
 from flwr.server.strategy import Strategy
 
+from fl_app.protocol.clipping import clip_update, model_update
 from fl_app.schema import ConfigError, Setting
 from fl_app.wire import KEY_CLIPPING_NORM, KEY_NORM_BIT
 from strategies.accounting import ACCOUNTANTS, SAMPLINGS, PrivacyAccountant, RoundEvent
-from strategies.clipping import clip_update, model_update
 from strategies.context import StrategyContext
 from strategies.decoding import decode
 from strategies.dp_sampling import DPSampling
@@ -455,7 +455,7 @@ class ClippedSum:
     """One DP round's clipped updates summed (float64) as they are added: what
     `DPFixedClipping.aggregate_fit` computes, reply by reply (`strategies.protocols.
     FitStream`), so a server loop may drop each reply once it is added. Each update is
-    decoded without a copy, clipped (`strategies.clipping`) and added in the order the
+    decoded without a copy, clipped (`fl_app.protocol.clipping`) and added in the order the
     replies come; `finish` noises the average, accounts the release and post-processes it.
     """
 

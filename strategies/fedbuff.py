@@ -32,8 +32,8 @@ import numpy as np
 from flwr.common import NDArrays, Scalar
 from flwr.common.logger import log
 
+from fl_app.protocol.clipping import model_update
 from fl_app.schema import ConfigError, Setting
-from strategies.clipping import model_update
 from strategies.metrics import weighted_metrics
 from strategies.validation import update_problem
 

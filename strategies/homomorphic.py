@@ -3,7 +3,7 @@
 `HomomorphicAggregation` wraps the strategy that samples and configures the clients (the
 registry puts it outside `ValidatedStrategy`, which still checks the plaintext evaluation
 reports). Each client replies with `[n·w, n]` encrypted under the nodes' shared key
-(`strategies.ckks`, client side `fl_app.client.homomorphic`); the wrapper checks each
+(`fl_app.protocol.ckks`, client side `fl_app.client.homomorphic`); the wrapper checks each
 reply's structure (one ciphertext per chunk, each deserializing under the public context
 with the expected number of slots, at the context's parameters, level and scale), rejects
 and logs the rest (counted in `num_rejected`; the round goes on with the others), adds the
@@ -43,9 +43,9 @@ from flwr.server.client_manager import ClientManager
 from flwr.server.client_proxy import ClientProxy
 from flwr.server.strategy import Strategy
 
+from fl_app.protocol import ckks
 from fl_app.schema import Setting
 from fl_app.wire import KEY_HE_ENCRYPTED
-from strategies import ckks
 from strategies.metrics import weighted_metrics
 from strategies.validation import NUM_REJECTED
 from strategies.wrapper import StrategyWrapper

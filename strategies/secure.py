@@ -30,11 +30,9 @@ from __future__ import annotations
 from collections.abc import Mapping
 
 from fl_app.schema import ConfigError, Scalar, Setting
+from fl_app.wire import SECAGG_MIN_CLIENTS, SECAGG_MIN_CLIENTS_DEFAULT
 
 SECURE_MODES = ("none", "secagg+")
-MIN_CLIENTS = "secagg-min-clients"
-"""Run-config key: the fewest clients a SecAgg+ round may sum (server and clients refuse fewer)."""
-MIN_CLIENTS_DEFAULT = 5
 PER_UPDATE_CHECKS = ("outlier-norm-factor", "examples-cap-factor", "max-examples",
                      "prune-sparsity")
 """Server-side checks of one update or one client's weight, by run-config key (0: off)."""
@@ -51,7 +49,7 @@ SETTINGS = [
             "else a count (< shares). Fewer colluding clients learn nothing; each client needs "
             "this many neighbours alive for the round to finish. Must be above half the shares "
             "(> 0.5).", "secure", low=0.0, low_open=True),
-    Setting(MIN_CLIENTS, int, MIN_CLIENTS_DEFAULT,
+    Setting(SECAGG_MIN_CLIENTS, int, SECAGG_MIN_CLIENTS_DEFAULT,
             "SecAgg+: the fewest clients a round may sum: the server does not start a round "
             "with fewer sampled, and each client refuses a round (or an unmasking) with fewer "
             "(a small sum says much about each update; lower it only for a toy cohort).",

@@ -29,9 +29,9 @@ from flwr.common.logger import log
 from flwr.server.client_proxy import ClientProxy
 from flwr.server.strategy import Strategy
 
+from fl_app.protocol.clipping import l2_norm, model_update
 from fl_app.schema import Setting
 from strategies.blas import one_blas_thread
-from strategies.clipping import l2_norm, model_update
 from strategies.decoding import decode, encode
 from strategies.metrics import is_finite_number
 

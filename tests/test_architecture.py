@@ -20,6 +20,7 @@ PROJECT_TOP = ("fl_app", "strategies", "deploy", "scripts", "run_simulation", "e
 LAYERS: list[tuple[str, list[str]]] = [
     ("schema · flower internals", ["fl_app", "fl_app.schema", "fl_app.flower_internals"]),
     ("wire", ["fl_app.wire", "fl_app.codecs"]),
+    ("protocol", ["fl_app.protocol"]),
     ("data", ["fl_app.data"]),
     ("ml · strategies", ["fl_app.ml", "strategies"]),
     ("server · client", ["fl_app.server", "fl_app.client"]),
@@ -132,6 +133,24 @@ def test_imports_point_down_the_layers():
 def test_no_module_imports_itself_through_a_circle():
     circles = cycles(import_graph())
     assert not circles, _format(circles)
+
+
+CLIENT_SIDE = ("fl_app.client", "fl_app.worker", "fl_app.ml", "fl_app.data")
+
+
+def server_imports_on_the_client_side(graph: Graph) -> list[str]:
+    """Client-side modules that import the server's strategies (what both sides compute
+    lives in `fl_app.protocol`)."""
+    return [f"{module} imports {target}" for module, imported in sorted(graph.items())
+            if unit_of(module) in CLIENT_SIDE
+            for target in sorted(imported) if unit_of(target) == "strategies"]
+
+
+def test_the_client_side_never_imports_the_servers_strategies():
+    found = server_imports_on_the_client_side(import_graph())
+    assert not found, "\n".join(found)
+    assert server_imports_on_the_client_side(
+        {"fl_app.client.keras_client": {"strategies.clipping"}})  # a planted one is caught
 
 
 def test_the_walk_sees_imports_inside_functions_and_type_checking_blocks():

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from flwr.common import ndarrays_to_parameters
 
-from strategies import ckks
+from fl_app.protocol import ckks
 from strategies.compose import compose
 from strategies.context import StrategyContext
 from tests.conftest import make_config

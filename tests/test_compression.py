@@ -27,9 +27,9 @@ from fl_app.client.compression import (
     CompressingClient,
 )
 from fl_app.codecs import TopKCodec, codec_of
+from fl_app.protocol.clipping import clip_weights, l2_norm, model_update
 from fl_app.schema import ConfigError
 from fl_app.wire import KEY_CLIPPING_NORM, KEY_COMPRESS_UP, KEY_ERROR_FEEDBACK
-from strategies.clipping import clip_weights, l2_norm, model_update
 from strategies.compose import compose
 from strategies.compression import CompressedStrategy
 from strategies.context import StrategyContext

@@ -1,4 +1,4 @@
-"""L2 clipping of updates (strategies.clipping) and client-side clipping in KerasClient."""
+"""L2 clipping of updates (fl_app.protocol.clipping) and client-side clipping in KerasClient."""
 
 from __future__ import annotations
 
@@ -9,13 +9,13 @@ from fl_app.app.local_client import client_for
 from fl_app.data.sources import data_source
 from fl_app.data.types import DataSettings
 from fl_app.ml.trainer import trainer_for
-from fl_app.wire import KEY_CLIPPING_NORM, KEY_NORM_BIT, round_config
-from strategies.clipping import (
+from fl_app.protocol.clipping import (
     clip_update,
     clip_weights,
     l2_norm,
     model_update,
 )
+from fl_app.wire import KEY_CLIPPING_NORM, KEY_NORM_BIT, round_config
 from tests.conftest import make_config
 from tests.flower_objects import random_model
 

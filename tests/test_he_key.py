@@ -15,7 +15,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 
 from deploy import he_key, node_key, pki
 from deploy.layout import KEY_IN_FOLDER, KEY_ON_NODE, DeploymentError
-from strategies import ckks
+from fl_app.protocol import ckks
 
 
 def _mode(path: Path) -> int:

@@ -13,9 +13,9 @@ import pytest
 from flwr.client import NumPyClient
 from flwr.common import ndarrays_to_parameters, parameters_to_ndarrays
 
+from fl_app.protocol import ckks
 from fl_app.schema import ConfigError
 from fl_app.wire import KEY_HE_ENCRYPTED
-from strategies import ckks
 from strategies.combinations import homomorphic_problems
 from strategies.homomorphic import HomomorphicAggregation, is_encrypted
 from strategies.weighted_fedavg import WeightedFedAvg

@@ -15,7 +15,7 @@ from flwr.common import parameters_to_ndarrays
 
 import run_simulation
 from fl_app.app import server_app
-from strategies import ckks
+from fl_app.protocol import ckks
 from strategies.compose import compose
 from strategies.homomorphic import HomomorphicAggregation, is_encrypted
 from strategies.protocols import find_layer

@@ -26,8 +26,8 @@ from fl_app.client.node_policy import (
 from fl_app.data.files import read_data_file
 from fl_app.data.types import DataSettings, is_data_file
 from fl_app.ml.settings import is_model_file
+from fl_app.protocol import ckks
 from fl_app.wire import CLIENT_KEY, KEY_CLIPPING_NORM, KEY_STATISTICS
-from strategies import ckks
 from tests.conftest import make_config
 from tests.flower_objects import fit_res
 

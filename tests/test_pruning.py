@@ -24,6 +24,7 @@ from fl_app.data.sources import data_source, load_partition
 from fl_app.data.types import DataSettings
 from fl_app.ml.models import build_model
 from fl_app.ml.trainer import KerasTrainer
+from fl_app.protocol.pruning_mask import apply_mask, magnitude_mask, scheduled_sparsity
 from fl_app.schema import ConfigError
 from fl_app.wire import (
     KEY_COMPRESS_TOP_K,
@@ -34,13 +35,7 @@ from fl_app.wire import (
 from strategies.compose import compose
 from strategies.compression import CompressedStrategy
 from strategies.context import StrategyContext
-from strategies.pruning import (
-    SPARSITY,
-    PrunedStrategy,
-    apply_mask,
-    magnitude_mask,
-    scheduled_sparsity,
-)
+from strategies.pruning import SPARSITY, PrunedStrategy
 from strategies.validation import NUM_REJECTED
 from tests.conftest import make_config
 from tests.dp_rounds import client_manager

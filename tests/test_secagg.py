@@ -151,8 +151,8 @@ def test_a_distributed_dp_client_clips_noises_and_reports_only_one_example():
     from fl_app.data.node_data import load_client
     from fl_app.data.sources import data_source
     from fl_app.ml.trainer import trainer_for
+    from fl_app.protocol.clipping import l2_norm, model_update
     from fl_app.wire import round_config
-    from strategies.clipping import l2_norm, model_update
 
     cfg = make_config()
     settings = DataSettings.from_config(cfg)

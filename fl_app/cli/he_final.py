@@ -24,9 +24,9 @@ from fl_app.app.config import resolve
 from fl_app.data.sources import data_spec
 from fl_app.data.types import DataSettings
 from fl_app.ml.trainer import trainer_for
+from fl_app.protocol import ckks
 from fl_app.schema import ConfigError, RunConfig
 from fl_app.server.outputs import ENCRYPTED_MODEL_FILE, MODEL_FILE, private_files
-from strategies import ckks
 
 
 def read_encrypted(path: Path) -> list[np.ndarray]:

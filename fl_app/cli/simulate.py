@@ -176,7 +176,7 @@ def check_user_keys(cfg: RunConfig, key_file: str | None) -> None:
     if not (cfg["he-public-context"] and key_file):
         raise ConfigError("homomorphic-encryption=ckks with your own keys needs both "
                           "run-config key he-public-context and --he-key-file")
-    from strategies.ckks import check_key_pair
+    from fl_app.protocol.ckks import check_key_pair
 
     check_key_pair(str(cfg["he-public-context"]), key_file)
 
@@ -196,7 +196,7 @@ def encryption_keys(cfg: RunConfig, key_file: str | None) -> Iterator[tuple[RunC
     if cfg["he-public-context"] or key_file:  # both, and a pair: see `check_user_keys`
         yield cfg, key_file
         return
-    from strategies import ckks
+    from fl_app.protocol import ckks
 
     with tempfile.TemporaryDirectory(prefix="fl-he-") as folder:  # mode 0700
         public = Path(folder) / ckks.PUBLIC_CONTEXT_FILE
@@ -315,8 +315,8 @@ def simulate(cfg: RunConfig, args: argparse.Namespace, callbacks: Sequence[Callb
                            backend_config=backend)
         return time.perf_counter() - start
     from fl_app.cli.he_final import decrypt_final_model
+    from fl_app.protocol.ckks import KEY_FILE_NODE_CONFIG
     from fl_app.server.outputs import ENCRYPTED_MODEL_FILE, MODEL_FILE
-    from strategies.ckks import KEY_FILE_NODE_CONFIG
 
     keys = encryption_keys(cfg, args.he_key_file)
     with keys as (run_cfg, key_file), simulation_ray(args, verbose, preload_tenseal=True):

@@ -14,7 +14,7 @@ It runs in the ClientApp itself, so the error-feedback residual lives in the nod
    encoding); the new residual is (Δ + e) − decode(encode(Δ + e)), and the fit metrics
    report both residuals' L2 norms (`compress_residual_in`, `compress_residual_out`).
    Under pruning (`prune-sparsity` in the config) Δ + e is zeroed where the round's mask
-   is (`strategies.pruning.round_mask`): a residual kept from before an entry was pruned
+   is (`fl_app.protocol.pruning_mask.round_mask`): a residual kept from before an entry was pruned
    must not send it.
 
 Evaluation decodes a compressed broadcast the same way. Without codec keys the wrapper
@@ -46,14 +46,14 @@ from flwr.common import (
 )
 
 from fl_app.codecs import Codec, codec_of, up_codec
+from fl_app.protocol.clipping import clip_update, l2_norm
+from fl_app.protocol.pruning_mask import apply_mask, round_mask
 from fl_app.wire import (
     KEY_CLIPPING_NORM,
     KEY_COMPRESS_TOP_K,
     KEY_COMPRESS_UP,
     KEY_ERROR_FEEDBACK,
 )
-from strategies.clipping import clip_update, l2_norm
-from strategies.pruning import apply_mask, round_mask
 
 RESIDUAL_KEY = "compression-residual"  # context.state: the error-feedback residual
 RESIDUAL_IN = "compress_residual_in"  # fit metrics: L2 norm of the residual carried in

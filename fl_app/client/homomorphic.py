@@ -4,7 +4,7 @@
 when the server's instructions carry the encrypted aggregate (`KEY_HE_ENCRYPTED` in the
 config) it decrypts it with the node's secret context and divides by the summed example
 count before the inner client sees it; its fit reply is `[n·w, n]` encrypted in chunks
-(`strategies.ckks`), with `num_examples=1` in the clear, since the count is part of the
+(`fl_app.protocol.ckks`), with `num_examples=1` in the clear, since the count is part of the
 ciphertext. The server side is `strategies.homomorphic`.
 
 A server with the public context can forge an aggregate, e.g. a client's own reply with a
@@ -32,9 +32,9 @@ from flwr.common import NDArrays, Scalar
 from flwr.common.logger import log
 
 from fl_app.client.wrapper import ClientWrapper
+from fl_app.protocol import ckks
 from fl_app.schema import ConfigError
 from fl_app.wire import KEY_HE_ENCRYPTED
-from strategies import ckks
 
 
 class HomomorphicClient(ClientWrapper):

@@ -14,6 +14,8 @@ from fl_app.data.rebalance import rebalance
 from fl_app.data.sources import ClientData
 from fl_app.ml.standardize import Standardization, moments
 from fl_app.ml.trainer import KerasTrainer
+from fl_app.protocol.clipping import add_noise, clip_weights
+from fl_app.protocol.pruning_mask import check_round_sparsity, round_mask
 from fl_app.wire import (
     CLIENT_KEY,
     CLIENT_SAMPLING,
@@ -34,8 +36,6 @@ from fl_app.wire import (
     NUM_EXAMPLES,
     SERVER_ROUND,
 )
-from strategies.clipping import add_noise, clip_weights
-from strategies.pruning import check_round_sparsity, round_mask
 
 
 class KerasClient(NumPyClient):
@@ -50,7 +50,7 @@ class KerasClient(NumPyClient):
     `fl_app.client.local_work`); the steps taken go back as `local_steps`. FedProx's
     `proximal_mu` adds the proximal term to the local loss; a `clipping_norm` in the
     config (client-side DP) clips the returned update to that L2 norm and reports
-    `norm_bit` (keys in `fl_app.wire`, clipping in `strategies.clipping`); a `dp_noise_std`
+    `norm_bit` (keys in `fl_app.wire`, clipping in `fl_app.protocol.clipping`); a `dp_noise_std`
     as well (distributed DP under secure aggregation) adds Gaussian noise of that std to the
     clipped update, from OS entropy, and reports `num_examples=1` and no metrics at all: the
     DP sum weighs clients equally, and a curious server must learn nothing but the sum. With

@@ -60,15 +60,20 @@ from fl_app.flower_internals import RECORD_KEY_CONFIGS, ClientAppCallable, Mod
 from fl_app.flower_internals import recorddict_compat as compat
 from fl_app.ml.settings import SETTINGS as ML_SETTINGS
 from fl_app.ml.settings import is_model_file
+from fl_app.protocol import ckks
 from fl_app.schema import ConfigError, Scalar
-from fl_app.wire import CLIENT_SAMPLING, FIT_CONFIG, KEY_CLIPPING_NORM, KEY_STATISTICS
-from strategies import ckks
+from fl_app.wire import (
+    CLIENT_SAMPLING,
+    FIT_CONFIG,
+    KEY_CLIPPING_NORM,
+    KEY_STATISTICS,
+    SECAGG_MIN_CLIENTS,
+)
 
 KEY_REQUIRE_SECURE = "require-secure"
 KEY_REQUIRE_CLIENT_CLIP = "require-client-clip"
 KEY_ALLOW_MODELS = "allow-models"
 KEY_ALLOW_DATA = "allow-data"
-KEY_SECAGG_MIN_CLIENTS = "secagg-min-clients"
 KEY_SECAGG_RECOVER_DROPOUTS = "secagg-recover-dropouts"
 KEY_CLIENT_KEY = "client-key"  # the name this node gives the server (`public_client_key`)
 SECURE_MODES = ("secagg+", "he", "any")
@@ -115,10 +120,10 @@ class NodePolicy:
         clip = node_config.get(KEY_REQUIRE_CLIENT_CLIP)
         allow = {key: _entries(node_config[key], key, node)
                  for key in (KEY_ALLOW_MODELS, KEY_ALLOW_DATA) if key in node_config}
-        cohort = node_config.get(KEY_SECAGG_MIN_CLIENTS)
+        cohort = node_config.get(SECAGG_MIN_CLIENTS)
         if cohort is not None and (isinstance(cohort, bool) or not isinstance(cohort, int)
                                    or cohort < 2):
-            raise NodePolicyError(f"node-config {KEY_SECAGG_MIN_CLIENTS}={cohort!r} on {node}: "
+            raise NodePolicyError(f"node-config {SECAGG_MIN_CLIENTS}={cohort!r} on {node}: "
                                   "must be an integer >= 2 (the fewest clients of a SecAgg+ "
                                   "round this node takes part in)")
         recover = node_config.get(KEY_SECAGG_RECOVER_DROPOUTS, True)

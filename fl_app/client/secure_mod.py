@@ -58,8 +58,12 @@ from fl_app.flower_internals import (
 )
 from fl_app.flower_internals import SecAggPlusKey as Key
 from fl_app.flower_internals import recorddict_compat as compat
-from fl_app.wire import FIT_COUNT, FIT_METRICS
-from strategies.secure import MIN_CLIENTS, MIN_CLIENTS_DEFAULT
+from fl_app.wire import (
+    FIT_COUNT,
+    FIT_METRICS,
+    SECAGG_MIN_CLIENTS,
+    SECAGG_MIN_CLIENTS_DEFAULT,
+)
 
 SecureRequired = Callable[[Context], bool]
 """Whether this node's run requires secure aggregation (then plaintext fit is refused)."""
@@ -72,7 +76,7 @@ def min_clients_for(run_config: Mapping[str, Scalar], policy: NodePolicy) -> int
     """The fewest clients a SecAgg+ round may sum for this node: the larger of the run
     config's (its default when absent) and the node config's (`policy`)
     `secagg-min-clients`, and never below 2."""
-    run_min = int(run_config.get(MIN_CLIENTS, MIN_CLIENTS_DEFAULT))
+    run_min = int(run_config.get(SECAGG_MIN_CLIENTS, SECAGG_MIN_CLIENTS_DEFAULT))
     return max(run_min, policy.secagg_min_clients or 2, 2)
 
 
@@ -118,7 +122,7 @@ def _check_setup(configs: ConfigRecord, min_clients: int) -> None:
     sampled, shares = int(configs[Key.SAMPLE_NUMBER]), int(configs[Key.SHARE_NUMBER])
     threshold = int(configs[Key.THRESHOLD])
     if sampled < min_clients:
-        _refuse(f"the round has {sampled} clients, fewer than {MIN_CLIENTS} ({min_clients})")
+        _refuse(f"the round has {sampled} clients, fewer than {SECAGG_MIN_CLIENTS} ({min_clients})")
     if 2 * threshold <= shares:
         _refuse(f"a reconstruction threshold of {threshold} of {shares} shares is not above "
                 "half: a server could ask some clients for this node's mask seed and the "
@@ -146,8 +150,8 @@ def _check_unmask(configs: ConfigRecord, state: SecAggPlusState, min_clients: in
     if state.nid not in active:
         _refuse("the unmask request does not list this node, which is answering it, as alive")
     if len(active) < min_clients:
-        _refuse(f"the unmasked sum would have {len(active)} clients, fewer than {MIN_CLIENTS} "
-                f"({min_clients})")
+        _refuse(f"the unmasked sum would have {len(active)} clients, fewer than "
+                f"{SECAGG_MIN_CLIENTS} ({min_clients})")
 
 
 def check_secagg_request(configs: ConfigRecord, state: SecAggPlusState, min_clients: int,
@@ -168,11 +172,12 @@ def check_secagg_request(configs: ConfigRecord, state: SecAggPlusState, min_clie
         _check_setup(configs, min_clients)
     elif stage == Stage.SHARE_KEYS and len(configs) - 1 < min_clients:
         _refuse(f"the round shares keys among {len(configs) - 1} clients, fewer than "
-                f"{MIN_CLIENTS} ({min_clients})")
+                f"{SECAGG_MIN_CLIENTS} ({min_clients})")
     elif stage == Stage.COLLECT_MASKED_VECTORS \
             and (peers := len(set(configs[Key.SOURCE_LIST]))) + 1 < min_clients:
         _refuse(f"the server forwards this node the shares of {peers} peers: its masked vector "
-                f"could be unmasked in a sum of fewer than {MIN_CLIENTS} ({min_clients}) clients")
+                f"could be unmasked in a sum of fewer than {SECAGG_MIN_CLIENTS} ({min_clients}) "
+                "clients")
     elif stage == Stage.UNMASK:
         _check_unmask(configs, state, min_clients, recover_dropouts)
 

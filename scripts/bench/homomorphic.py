@@ -39,8 +39,8 @@ from fl_app.data.sources import data_source
 from fl_app.data.types import DataSettings
 from fl_app.ml.models import build_model
 from fl_app.ml.trainer import trainer_for
+from fl_app.protocol import ckks
 from fl_app.server.outputs import MODEL_FILE
-from strategies import ckks
 from strategies.homomorphic import HomomorphicAggregation
 from strategies.weighted_fedavg import WeightedFedAvg
 from tests.flower_objects import results  # real FitRes objects, no client behind them
