@@ -20,13 +20,13 @@ registered with `@keras.saving.register_keras_serializable` in an importable mod
 from __future__ import annotations
 
 import tempfile
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 from flwr.clientapp import ClientApp
-from flwr.common import NDArrays, Parameters, ndarrays_to_parameters
+from flwr.common import Parameters, ndarrays_to_parameters
 from flwr.server.strategy import Strategy
 
 from fl_app.app.client_app import make_client_app
@@ -39,10 +39,7 @@ from fl_app.server.callbacks import Callback
 from fl_app.server.outputs import private_files, read_history, resolve_out_dir
 from fl_app.server.run_clock import run_start
 from strategies.compose import compose
-from strategies.context import StrategyContext
-
-EvaluateFn = Callable[[int, NDArrays, dict[str, Scalar]], tuple[float, dict[str, Scalar]] | None]
-ConfigFn = Callable[[int], dict[str, Scalar]]
+from strategies.context import ConfigFn, EvaluateFn, StrategyContext
 
 
 def _kebab(config: Mapping[str, Scalar]) -> dict[str, Scalar]:

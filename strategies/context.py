@@ -59,16 +59,21 @@ def check_config(values: Mapping[str, Scalar]) -> None:
             f"uniform sampling); use {CLIENT_SAMPLING}='uniform'")
 
 
+EvaluateFn = Callable[[int, NDArrays, dict[str, Scalar]], tuple[float, dict[str, Scalar]] | None]
+"""A server-side evaluation: round, global weights, config -> (loss, metrics), or None."""
+ConfigFn = Callable[[int], dict[str, Scalar]]
+"""A round's fit or evaluate config, by round."""
+
+
 @dataclass
 class StrategyContext:
     """Inputs to a strategy factory: config, initial model and server-side callbacks."""
 
     cfg: RunConfig
     initial_parameters: Parameters
-    evaluate_fn: Callable[[int, NDArrays, dict[str, Scalar]],
-                          tuple[float, dict[str, Scalar]] | None] | None = None
-    on_fit_config_fn: Callable[[int], dict[str, Scalar]] | None = None
-    on_evaluate_config_fn: Callable[[int], dict[str, Scalar]] | None = None
+    evaluate_fn: EvaluateFn | None = None
+    on_fit_config_fn: ConfigFn | None = None
+    on_evaluate_config_fn: ConfigFn | None = None
 
     def common_kwargs(self) -> dict[str, Any]:
         """Keyword arguments every Flower-style strategy takes (sampling, callbacks, ...)."""

@@ -14,7 +14,7 @@ import pytest
 from fl_app.app.local_client import client_for
 from fl_app.data.sources import data_source, load_partition
 from fl_app.data.types import DataSettings
-from fl_app.ml.trainer import cached_trainer, trainer_for
+from fl_app.ml.trainer import TrainSettings, cached_trainer, trainer_for
 from fl_app.wire import (
     KEY_CLIPPING_NORM,
     KEY_DP_NOISE_STD,
@@ -30,7 +30,8 @@ ADAM = dict(optimizer="adam", learning_rate=0.01, local_epochs=2)
 
 def _global_weights(cfg) -> list[np.ndarray]:
     settings = DataSettings.from_config(cfg)
-    return [w.copy() for w in trainer_for(cfg, data_source(settings).spec).get_weights()]
+    train = TrainSettings.from_config(cfg)
+    return [w.copy() for w in trainer_for(train, data_source(settings).spec).get_weights()]
 
 
 def _fit(cfg, partition: int, weights) -> tuple[list[np.ndarray], int, dict]:
@@ -181,7 +182,8 @@ def test_a_fit_asked_for_its_loss_reports_the_received_models_loss_on_its_traini
     cfg = make_config()
     client = client_for(cfg, {"partition-id": 3, "num-partitions": 10})
     sent = _global_weights(cfg)
-    trainer = trainer_for(cfg, data_source(DataSettings.from_config(cfg)).spec)
+    train = TrainSettings.from_config(cfg)
+    trainer = trainer_for(train, data_source(DataSettings.from_config(cfg)).spec)
     trainer.set_weights(sent)
     expected, _ = trainer.evaluate(load_partition(DataSettings.from_config(cfg), 3, 10).train)
     trainer.forget()

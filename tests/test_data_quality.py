@@ -18,7 +18,7 @@ from fl_app.data.sources import (
     load_partition,
 )
 from fl_app.data.types import DataSettings
-from fl_app.ml.trainer import trainer_for
+from fl_app.ml.trainer import TrainSettings, trainer_for
 from fl_app.server.runner import data_quality
 from tests.conftest import data_settings, make_config
 from tests.flower_objects import IdleProxy, fit_res
@@ -214,7 +214,8 @@ def test_a_clients_fit_metrics_carry_its_data_report():
     report = QualityReport(rows=99, dropped={"nonfinite": 3, "target": 1},
                            findings={"single_class": 1})
     data = ClientData(part.train, part.val, part.source, report)
-    client = KerasClient(trainer_for(cfg, DataSpec((64,), 10)), data, cfg)
+    train = TrainSettings.from_config(cfg)
+    client = KerasClient(trainer_for(train, DataSpec((64,), 10)), data, cfg)
     _, _, metrics = client.fit(client.get_parameters({}), {})
     assert {k: metrics[k] for k in report.as_metrics()} == {
         "data_rows": 99, "data_dropped_nonfinite": 3, "data_dropped_target": 1,

@@ -8,7 +8,7 @@ import pytest
 from fl_app.app.local_client import client_for
 from fl_app.data.sources import data_source
 from fl_app.data.types import DataSettings
-from fl_app.ml.trainer import trainer_for
+from fl_app.ml.trainer import TrainSettings, trainer_for
 from fl_app.protocol.clipping import (
     clip_update,
     clip_weights,
@@ -71,7 +71,8 @@ def client_and_weights():
     cfg = make_config(local_epochs=1)
     client = client_for(cfg, {"partition-id": 0, "num-partitions": 10})
     settings = DataSettings.from_config(cfg)
-    weights = [w.copy() for w in trainer_for(cfg, data_source(settings).spec).get_weights()]
+    train = TrainSettings.from_config(cfg)
+    weights = [w.copy() for w in trainer_for(train, data_source(settings).spec).get_weights()]
     return cfg, client, weights
 
 

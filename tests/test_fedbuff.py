@@ -10,10 +10,10 @@ import pytest
 from flwr.server.strategy.aggregate import aggregate
 
 from fl_app.app.local_client import client_for
-from fl_app.client.faults import assign_roles, node_slowdown, with_faults
+from fl_app.client.faults import FaultSettings, assign_roles, node_slowdown, with_faults
 from fl_app.data.sources import data_spec, load_partition
 from fl_app.data.types import DataSettings
-from fl_app.ml.trainer import trainer_for
+from fl_app.ml.trainer import TrainSettings, trainer_for
 from fl_app.schema import ConfigError
 from fl_app.wire import round_config
 from strategies.fedbuff import FedBuffAggregator, staleness_weight
@@ -140,10 +140,11 @@ def test_fedbuff_refuses_round_based_checks_and_distributed_monitors():
 def test_stragglers_are_a_seeded_role_that_leaves_the_other_roles_alone():
     base = make_config(attack="sign-flip", attack_fraction=0.2)
     slow = base.replace(slow_client_fraction=0.3)
-    roles = assign_roles(slow, 10)
+    roles = assign_roles(FaultSettings.from_config(slow), 10)
     assert sorted(roles.values()).count("straggler") == 3
-    assert {p: r for p, r in roles.items() if r != "straggler"} == assign_roles(base, 10)
-    assert assign_roles(slow.replace(seed=7), 10) != roles
+    others = {p: r for p, r in roles.items() if r != "straggler"}
+    assert others == assign_roles(FaultSettings.from_config(base), 10)
+    assert assign_roles(FaultSettings.from_config(slow.replace(seed=7)), 10) != roles
     with pytest.raises(ConfigError, match="slow-client-fraction"):
         make_config(attack="sign-flip", attack_fraction=0.8, slow_client_fraction=0.3)
 
@@ -157,7 +158,8 @@ def test_a_straggler_is_a_slow_device_whose_training_and_evaluation_take_longer(
     assert metrics["train_seconds"] > 0
     # The slowdown acts where the work runs: the trainer's own clock sees it.
     settings = DataSettings.from_config(cfg)
-    trainer, data = trainer_for(cfg, data_spec(settings)), load_partition(settings, 0, 4).train
+    train = TrainSettings.from_config(cfg)
+    trainer, data = trainer_for(train, data_spec(settings)), load_partition(settings, 0, 4).train
     trainer.fit(data, epochs=1, batch_size=8)  # traced outside the timed calls
     fit_seconds: dict[float, list[float]] = {1.0: [], 10.0: []}
     eval_seconds: dict[float, list[float]] = {1.0: [], 10.0: []}
@@ -176,8 +178,9 @@ def test_a_straggler_is_a_slow_device_whose_training_and_evaluation_take_longer(
 def test_node_config_slowdown_makes_a_slow_node_and_is_checked():
     cfg = make_config()
     honest = client_for(cfg, {"partition-id": 0, "num-partitions": 4}).inner
-    assert with_faults(honest, cfg, {"slowdown": 1}) is honest and honest.slowdown == 1.0
-    slow = with_faults(honest, cfg, {"slowdown": 4.0})
+    settings = FaultSettings.from_config(cfg)
+    assert with_faults(honest, settings, {"slowdown": 1}) is honest and honest.slowdown == 1.0
+    slow = with_faults(honest, settings, {"slowdown": 4.0})
     assert slow is honest and slow.slowdown == 4.0
     for bad in (0.5, "fast", True):
         with pytest.raises(ConfigError, match="node-config key 'slowdown'"):

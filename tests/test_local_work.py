@@ -19,7 +19,7 @@ from fl_app.client.local_work import (
 )
 from fl_app.data.sources import data_spec, load_partition
 from fl_app.data.types import DataSettings
-from fl_app.ml.trainer import trainer_for
+from fl_app.ml.trainer import TrainSettings, trainer_for
 from fl_app.schema import ConfigError
 from fl_app.wire import KEY_LOCAL_STEPS, KEY_STRAGGLER_EPOCHS, round_config
 from tests.conftest import make_config
@@ -85,7 +85,8 @@ def test_local_epochs_range_draws_a_fixed_number_per_client_within_the_range():
 def _digits_trainer():
     cfg = make_config()
     settings = DataSettings.from_config(cfg)
-    return trainer_for(cfg, data_spec(settings)), load_partition(settings, 0, 4).train
+    train = TrainSettings.from_config(cfg)
+    return trainer_for(train, data_spec(settings)), load_partition(settings, 0, 4).train
 
 
 def test_fit_reports_its_steps():

@@ -18,7 +18,13 @@ from fl_app.data.sources import (
     Split,
 )
 from fl_app.ml.models import ModelError, build_model, check_fits, loss_name
-from fl_app.ml.trainer import KerasTrainer, cached_trainer, fresh_optimizer, trainer_for
+from fl_app.ml.trainer import (
+    KerasTrainer,
+    TrainSettings,
+    cached_trainer,
+    fresh_optimizer,
+    trainer_for,
+)
 from tests.conftest import make_config
 
 SPEC = DataSpec((6,), 3)
@@ -352,11 +358,12 @@ def test_a_keras_file_rewritten_on_disk_is_loaded_again(tmp_path):
     _save(_sequential(SPEC, lambda: [keras.layers.Dense(3)], "sparse_categorical_crossentropy",
                       optimizer=keras.optimizers.SGD(0.1)), path)
     cfg = make_config(model=str(path))
-    first = trainer_for(cfg, SPEC)
-    assert trainer_for(cfg, SPEC) is first
+    first = trainer_for(TrainSettings.from_config(cfg), SPEC)
+    assert trainer_for(TrainSettings.from_config(cfg), SPEC) is first
     _save(_sequential(SPEC, lambda: [keras.layers.Dense(3)], "sparse_categorical_crossentropy",
                       optimizer=keras.optimizers.Adam(0.001)), path)
-    assert type(trainer_for(cfg, SPEC).optimizer) is keras.optimizers.Adam
+    train = TrainSettings.from_config(cfg)
+    assert type(trainer_for(train, SPEC).optimizer) is keras.optimizers.Adam
 
 
 @pytest.mark.parametrize("outputs, loss, message", [

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from fl_app.app.local_client import client_for
-from fl_app.client.faults import GARBAGE_KINDS, FaultyClient, assign_roles
+from fl_app.client.faults import GARBAGE_KINDS, FaultSettings, FaultyClient, assign_roles
 from fl_app.schema import ConfigError
 from fl_app.wire import round_config
 from strategies.validation import update_problem
@@ -33,11 +33,11 @@ def _fit(cfg, pid: int, server_round: int = 1, sent: list[np.ndarray] | None = N
 def test_roles_are_deterministic_disjoint_and_sized_by_the_fractions():
     cfg = make_config(fault_raise_fraction=0.3, fault_nan_fraction=0.1, attack="sign-flip",
                       attack_fraction=0.2)
-    roles = assign_roles(cfg, N)
-    assert roles == assign_roles(cfg, N)
+    roles = assign_roles(FaultSettings.from_config(cfg), N)
+    assert roles == assign_roles(FaultSettings.from_config(cfg), N)
     counts = {role: list(roles.values()).count(role) for role in set(roles.values())}
     assert counts == {"raise": 3, "nan": 1, "sign-flip": 2}
-    assert assign_roles(cfg.replace(seed=7), N) != roles
+    assert assign_roles(FaultSettings.from_config(cfg.replace(seed=7)), N) != roles
 
 
 def test_fractions_adding_up_to_more_than_one_are_a_config_error():
@@ -51,7 +51,7 @@ def test_fractions_adding_up_to_more_than_one_are_a_config_error():
 
 def test_clients_without_a_role_are_plain_clients():
     cfg = make_config(fault_raise_fraction=0.3, local_epochs=1)
-    honest = [pid for pid in range(N) if pid not in assign_roles(cfg, N)]
+    honest = [pid for pid in range(N) if pid not in assign_roles(FaultSettings.from_config(cfg), N)]
     assert not isinstance(client_for(cfg, _node(honest[0])), FaultyClient)
 
 

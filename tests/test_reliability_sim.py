@@ -12,7 +12,7 @@ import math
 import pytest
 
 import run_simulation
-from fl_app.client.faults import assign_roles
+from fl_app.client.faults import FaultSettings, assign_roles
 from tests.conftest import make_config
 
 pytestmark = pytest.mark.slow  # runs Flower simulations or real processes
@@ -62,7 +62,7 @@ def test_round_timeout_gives_up_on_a_hanging_client(tmp_path):
     timeout, stall = 10.0, 20.0
     run_config = (f"num-server-rounds=1 fraction-evaluate=0 round-timeout={timeout} "
                   f"fault-stall-fraction=0.34 fault-stall-seconds={stall} local-epochs=1")
-    roles = assign_roles(make_config(fault_stall_fraction=0.34), 3)
+    roles = assign_roles(FaultSettings.from_config(make_config(fault_stall_fraction=0.34)), 3)
     assert list(roles.values()) == ["stall"]
     history = _run(tmp_path, run_config, num_supernodes=3)
     fit = history["rounds"][1]["fit"]

@@ -14,7 +14,7 @@ from fl_app.app.server_app import server_components
 from fl_app.cli import simulate
 from fl_app.data.sources import data_source
 from fl_app.data.types import DataSettings
-from fl_app.ml.trainer import trainer_for
+from fl_app.ml.trainer import TrainSettings, trainer_for
 from fl_app.server.checkpoint import (
     Checkpoint,
     CheckpointError,
@@ -48,7 +48,8 @@ def _checkpoint(cfg, weights, round_=3) -> Checkpoint:
 
 
 def _model_weights(cfg):
-    return trainer_for(cfg, data_source(DataSettings.from_config(cfg)).spec).get_weights()
+    train = TrainSettings.from_config(cfg)
+    return trainer_for(train, data_source(DataSettings.from_config(cfg)).spec).get_weights()
 
 
 def test_checkpoint_round_trip_keeps_arrays_dtypes_big_ints_and_nan(tmp_path):
@@ -257,7 +258,8 @@ def test_a_new_run_starts_from_the_seeded_model_not_the_last_run_in_the_process(
     first = server_components(cfg).server.strategy.initialize_parameters(None)
     trainer_weights = _model_weights(cfg)  # the process-wide trainer a previous run moved
     settings = DataSettings.from_config(cfg)
-    trainer_for(cfg, data_source(settings).spec).set_weights([w + 1.0 for w in trainer_weights])
+    train = TrainSettings.from_config(cfg)
+    trainer_for(train, data_source(settings).spec).set_weights([w + 1.0 for w in trainer_weights])
     second = server_components(cfg).server.strategy.initialize_parameters(None)
     for a, b in zip(parameters_to_ndarrays(first), parameters_to_ndarrays(second), strict=True):
         np.testing.assert_array_equal(a, b)

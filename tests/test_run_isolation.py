@@ -13,7 +13,7 @@ import numpy as np
 from fl_app.app.local_client import client_for
 from fl_app.data.sources import data_spec
 from fl_app.data.types import DataSettings
-from fl_app.ml.trainer import trainer_for
+from fl_app.ml.trainer import TrainSettings, trainer_for
 from fl_app.wire import round_config
 from tests.conftest import make_config
 
@@ -52,5 +52,7 @@ def test_an_evaluated_global_model_is_not_kept_either():
 
 def test_each_run_has_its_own_trainer():
     spec = data_spec(DataSettings.from_config(CFG))
-    assert trainer_for(CFG, spec, 5) is trainer_for(CFG, spec, 5)  # built once per run
-    assert trainer_for(CFG, spec, 5) is not trainer_for(CFG, spec, 6)
+    train = TrainSettings.from_config(CFG)
+    assert trainer_for(train, spec, 5) is trainer_for(train, spec, 5)  # built once per run
+    train = TrainSettings.from_config(CFG)
+    assert trainer_for(train, spec, 5) is not trainer_for(train, spec, 6)

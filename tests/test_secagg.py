@@ -150,13 +150,14 @@ def test_a_distributed_dp_client_clips_noises_and_reports_only_one_example():
     from fl_app.app.local_client import client_with
     from fl_app.data.node_data import load_client
     from fl_app.data.sources import data_source
-    from fl_app.ml.trainer import trainer_for
+    from fl_app.ml.trainer import TrainSettings, trainer_for
     from fl_app.protocol.clipping import l2_norm, model_update
     from fl_app.wire import round_config
 
     cfg = make_config()
     settings = DataSettings.from_config(cfg)
-    start = [w.copy() for w in trainer_for(cfg, data_source(settings).spec).get_weights()]
+    train = TrainSettings.from_config(cfg)
+    start = [w.copy() for w in trainer_for(train, data_source(settings).spec).get_weights()]
     node = {"partition-id": 1, "num-partitions": 10}
     client = client_with(cfg, node, load_client(settings, node))  # the KerasClient (the ClientApp's
     # private_replies_mod strips every fit metric of a protected run, timing included)

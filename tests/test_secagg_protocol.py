@@ -128,7 +128,7 @@ def _prepared_round(cfg, rewrite: Rewrite = lambda msg: None, server_min: int | 
     (each with `node_config` added to its own), ready to run; `server_min` overrides the
     server's `secagg-min-clients`."""
     from fl_app.data.sources import data_source
-    from fl_app.ml.trainer import trainer_for
+    from fl_app.ml.trainer import TrainSettings, trainer_for
 
     app = app or make_client_app(fixed_config=cfg)
     contexts = _contexts({}, nodes, node_config)
@@ -140,8 +140,9 @@ def _prepared_round(cfg, rewrite: Rewrite = lambda msg: None, server_min: int | 
         manager.register(proxy)
     server = Server(client_manager=manager, strategy=WeightedFedAvg(
         min_fit_clients=len(nodes), min_available_clients=len(nodes)))
+    train = TrainSettings.from_config(cfg)
     server.parameters = ndarrays_to_parameters(
-        trainer_for(cfg, data_source(DataSettings.from_config(cfg)).spec).get_weights())
+        trainer_for(train, data_source(DataSettings.from_config(cfg)).spec).get_weights())
     server_context = Context(run_id=1, node_id=1, node_config={}, state=RecordDict(),
                              run_config={})
     fit = SecAggPlusFit(secagg_workflow(cfg), grid, server_context,
@@ -450,11 +451,12 @@ def test_control_with_dropout_recovery_a_split_view_server_unmasks_one_client():
 
 def _message(message_type: str, cfg) -> Message:
     from fl_app.data.sources import data_source
-    from fl_app.ml.trainer import trainer_for
+    from fl_app.ml.trainer import TrainSettings, trainer_for
     from fl_app.wire import round_config
 
     settings = DataSettings.from_config(cfg)
-    parameters = ndarrays_to_parameters(trainer_for(cfg, data_source(settings).spec).get_weights())
+    weights = trainer_for(TrainSettings.from_config(cfg), data_source(settings).spec).get_weights()
+    parameters = ndarrays_to_parameters(weights)
     content = (compat.fitins_to_recorddict(FitIns(parameters, round_config(cfg, 1)), True)
                if message_type == MessageType.TRAIN else compat.evaluateins_to_recorddict(
                    EvaluateIns(parameters, round_config(cfg, 1)), True))

@@ -19,7 +19,7 @@ from fl_app.app.local_client import client_for
 from fl_app.data.sources import data_source, load_partition
 from fl_app.data.types import DataError, DataSettings
 from fl_app.ml.standardize import Standardization, from_moments, moments
-from fl_app.ml.trainer import trainer_for
+from fl_app.ml.trainer import TrainSettings, trainer_for
 from fl_app.schema import ConfigError
 from fl_app.server.statistics import STATISTICS_CONFIG, StatisticsRound, outliers
 from fl_app.wire import KEY_CLIPPING_NORM, KEY_DP_NOISE_STD, KEY_STANDARDIZATION
@@ -203,7 +203,8 @@ def test_standardize_is_refused_where_the_sums_would_leak_or_go_unaccounted(conf
 
 def test_evaluation_with_standardization_is_the_wrapped_models_on_raw_data(diabetes_csv):
     cfg = seed_config(diabetes_csv)
-    trainer = trainer_for(cfg, data_source(DataSettings.from_config(cfg)).spec)
+    train = TrainSettings.from_config(cfg)
+    trainer = trainer_for(train, data_source(DataSettings.from_config(cfg)).spec)
     standardization = pooled_statistics(cfg)
     test = data_source(DataSettings.from_config(cfg)).test_set()
     loss, metrics = trainer.evaluate(test, standardization)
@@ -296,7 +297,8 @@ def test_a_client_refuses_standardization_bytes_not_of_its_own_data(diabetes_csv
     naming the problem, the client answers the next one."""
     cfg = seed_config(diabetes_csv)
     client = client_for(cfg, {"partition-id": 0, "num-partitions": CLIENTS})
-    weights = trainer_for(cfg, data_source(DataSettings.from_config(cfg)).spec).get_weights()
+    train = TrainSettings.from_config(cfg)
+    weights = trainer_for(train, data_source(DataSettings.from_config(cfg)).spec).get_weights()
     good = {"x_mean": np.zeros(10), "x_variance": np.ones(10), "y_mean": np.zeros(1),
             "y_std": np.ones(1)}
     bad = {

@@ -79,7 +79,7 @@ def check_num_clients(cfg: Mapping[str, Scalar], num_clients: int) -> None:
         raise ConfigError(f"run-config key 'synthetic-num-users' ({cfg['synthetic-num-users']}) "
                           f"must equal the number of clients ({num_clients}): dataset "
                           "'synthetic' gives each client the data of one user")
-    faults.role_counts(cfg, num_clients)
+    faults.role_counts(faults.FaultSettings.from_config(cfg), num_clients)
     needed = max(int(cfg["min-fit-clients"]), server_settings.MIN_REPLIES)
     if cfg["standardize"] and num_clients < needed:
         raise ConfigError(f"run-config key 'standardize' is true with {num_clients} clients: "

@@ -14,7 +14,7 @@ from flwr.client import NumPyClient
 from flwr.common import RecordDict
 
 from fl_app.client.adaptive_work import AdaptiveWork
-from fl_app.client.faults import with_faults
+from fl_app.client.faults import FaultSettings, with_faults
 from fl_app.client.homomorphic import with_encryption
 from fl_app.client.keras_client import KerasClient
 from fl_app.client.local_work import work_for
@@ -23,7 +23,7 @@ from fl_app.client.timing import TimedClient
 from fl_app.data.node_data import load_client
 from fl_app.data.sources import ClientData, data_spec
 from fl_app.data.types import DataSettings
-from fl_app.ml.trainer import trainer_for
+from fl_app.ml.trainer import TrainSettings, trainer_for
 from fl_app.schema import RunConfig, Scalar
 
 
@@ -41,7 +41,8 @@ def client_with(cfg: RunConfig, node_config: Mapping[str, Scalar],
     `homomorphic-encryption=ckks` its replies are encrypted with the key file named in its
     node config (`fl_app.client.homomorphic`).
     """
-    trainer = trainer_for(cfg, data_spec(DataSettings.from_config(cfg)), run_id)
+    spec = data_spec(DataSettings.from_config(cfg))
+    trainer = trainer_for(TrainSettings.from_config(cfg), spec, run_id)
     key = int(node_config["partition-id"]) if "partition-id" in node_config else data.key
     work = work_for(cfg, node_config, key, f"node-config of {data.source}")
     budget = float(cfg["round-time-budget"])
@@ -49,7 +50,7 @@ def client_with(cfg: RunConfig, node_config: Mapping[str, Scalar],
     keras_client = KerasClient(trainer, data, cfg, seed=int(cfg["seed"]), client_key=key,
                                work=work, public_key=public_client_key(node_config, data.source),
                                rebalance=str(cfg["rebalance"]), adaptive=adaptive)
-    client = with_faults(keras_client, cfg, node_config)
+    client = with_faults(keras_client, FaultSettings.from_config(cfg), node_config)
     return with_encryption(client, cfg, node_config)
 
 

@@ -12,7 +12,7 @@ from fl_app.data.rebalance import check_rebalance
 from fl_app.data.sources import data_source
 from fl_app.data.types import DataSettings
 from fl_app.ml.export import check_exportable
-from fl_app.ml.trainer import KerasTrainer, trainer_for
+from fl_app.ml.trainer import KerasTrainer, TrainSettings, trainer_for
 from fl_app.schema import RunConfig
 from fl_app.server.stopping import check_monitor
 
@@ -24,7 +24,7 @@ def checked_trainer(cfg: RunConfig) -> KerasTrainer:
     `export-int8`, cannot make its int8 copies."""
     spec = data_source(DataSettings.from_config(cfg)).spec
     check_rebalance(str(cfg["rebalance"]), spec)
-    trainer = trainer_for(cfg, spec)
+    trainer = trainer_for(TrainSettings.from_config(cfg), spec)
     check_monitor(str(cfg["monitor"]), monitored_names(trainer))
     if cfg["export-int8"]:
         check_exportable(trainer.model)

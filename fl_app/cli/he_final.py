@@ -23,7 +23,7 @@ import numpy as np
 from fl_app.app.config import resolve
 from fl_app.data.sources import data_spec
 from fl_app.data.types import DataSettings
-from fl_app.ml.trainer import trainer_for
+from fl_app.ml.trainer import TrainSettings, trainer_for
 from fl_app.protocol import ckks
 from fl_app.schema import ConfigError, RunConfig
 from fl_app.server.outputs import ENCRYPTED_MODEL_FILE, MODEL_FILE, private_files
@@ -41,7 +41,7 @@ def read_encrypted(path: Path) -> list[np.ndarray]:
 def decrypt_final_model(cfg: RunConfig, key_file: str | Path, encrypted: Path,
                         out: Path) -> Path:
     """Decrypt `encrypted` with the node's key into the run's model, saved at `out`."""
-    trainer = trainer_for(cfg, data_spec(DataSettings.from_config(cfg)))
+    trainer = trainer_for(TrainSettings.from_config(cfg), data_spec(DataSettings.from_config(cfg)))
     context = ckks.load_secret_context(key_file)
     try:
         weights = ckks.decrypt_average(context, read_encrypted(encrypted), trainer.get_weights())

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -37,7 +38,7 @@ from flwr.common import NDArrays, Scalar
 
 from fl_app.client.wrapper import ClientWrapper
 from fl_app.data.sources import ClientData, DataSpec, Split
-from fl_app.schema import ConfigError, Setting
+from fl_app.schema import ConfigError, LayerSettings, Setting
 from fl_app.wire import SERVER_ROUND
 
 if TYPE_CHECKING:  # the client imports TensorFlow; the config reads this module's keys
@@ -85,10 +86,33 @@ SETTINGS = [
 ]
 
 
-def _fractions(cfg: Mapping[str, Scalar]) -> dict[str, float]:
-    keys = [*FAULT_KEYS.values(), *(["attack-fraction"] if cfg["attack"] != "none" else []),
+@dataclass(frozen=True)
+class FaultSettings(LayerSettings):
+    """The fault-injection, attack and straggler keys (`SETTINGS`) and the run's seed, which
+    draws the roles: built once by the app layer (`FaultSettings.from_config(cfg)`)."""
+
+    fault_raise_fraction: float
+    fault_stall_fraction: float
+    fault_stall_seconds: float
+    fault_nan_fraction: float
+    fault_garbage_fraction: float
+    attack: str
+    attack_fraction: float
+    attack_scale: float
+    attack_noise_std: float
+    slow_client_fraction: float
+    slow_client_slowdown: float
+    seed: int
+
+    def fraction(self, key: str) -> float:
+        """The fraction under run-config key `key` (e.g. `fault-nan-fraction`)."""
+        return float(getattr(self, key.replace("-", "_")))
+
+
+def _fractions(settings: FaultSettings) -> dict[str, float]:
+    keys = [*FAULT_KEYS.values(), *(["attack-fraction"] if settings.attack != "none" else []),
             "slow-client-fraction"]
-    return {key: float(cfg[key]) for key in keys}
+    return {key: settings.fraction(key) for key in keys}
 
 
 def check_config(values: Mapping[str, Scalar]) -> None:
@@ -97,7 +121,7 @@ def check_config(values: Mapping[str, Scalar]) -> None:
     `fl_app.app.config.resolve` runs this for every config; the counts on a given number of
     clients (rounded, so they may exceed it still) are `role_counts`' check.
     """
-    fractions = _fractions(values)
+    fractions = _fractions(FaultSettings.from_config(values))
     if sum(fractions.values()) > 1.0 + 1e-9:
         raise ConfigError(f"run-config keys {', '.join(repr(k) for k in fractions)} add up to "
                           f"{sum(fractions.values()):g}: a client has at most one role, so they "
@@ -108,10 +132,10 @@ def _count(fraction: float, num_partitions: int) -> int:
     return int(fraction * num_partitions + 0.5)
 
 
-def role_counts(cfg: Mapping[str, Scalar], num_partitions: int) -> list[tuple[str, int]]:
+def role_counts(settings: FaultSettings, num_partitions: int) -> list[tuple[str, int]]:
     """How many clients get each role; raise ConfigError if they exceed the clients."""
-    fractions = _fractions(cfg)
-    roles = [*FAULT_KEYS, *([str(cfg["attack"])] if cfg["attack"] != "none" else []), STRAGGLER]
+    fractions = _fractions(settings)
+    roles = [*FAULT_KEYS, *([settings.attack] if settings.attack != "none" else []), STRAGGLER]
     counts = [(role, _count(f, num_partitions)) for role, f in zip(roles, fractions.values())]
     if sum(n for _, n in counts) > num_partitions:
         raise ConfigError(f"run-config keys {', '.join(repr(k) for k in fractions)} assign "
@@ -120,12 +144,12 @@ def role_counts(cfg: Mapping[str, Scalar], num_partitions: int) -> list[tuple[st
     return counts
 
 
-def assign_roles(cfg: Mapping[str, Scalar], num_partitions: int) -> dict[int, str]:
+def assign_roles(settings: FaultSettings, num_partitions: int) -> dict[int, str]:
     """Partition id -> role for every misbehaving or slow client (deterministic from `seed`)."""
-    order = np.random.default_rng([int(cfg["seed"]), _ROLE_SALT]).permutation(num_partitions)
+    order = np.random.default_rng([settings.seed, _ROLE_SALT]).permutation(num_partitions)
     roles: dict[int, str] = {}
     start = 0
-    for role, count in role_counts(cfg, num_partitions):
+    for role, count in role_counts(settings, num_partitions):
         roles.update({int(pid): role for pid in order[start:start + count]})
         start += count
     return roles
@@ -156,18 +180,18 @@ class FaultyClient(ClientWrapper):
     """Wraps an honest client and misbehaves according to `role` (see the module doc);
     faults strike in fit and evaluate only."""
 
-    def __init__(self, inner: NumPyClient, role: str, cfg: Mapping[str, Scalar],
+    def __init__(self, inner: NumPyClient, role: str, settings: FaultSettings,
                  partition_id: int) -> None:
         super().__init__(inner)
         self.role = role
-        self.cfg = cfg
+        self.settings = settings
         self.partition_id = partition_id
 
     def _misbehave_before(self, call: str) -> None:
         if self.role == "raise":
             raise RuntimeError(f"injected fault: client {self.partition_id} raises in {call}")
         if self.role == "stall":
-            time.sleep(float(self.cfg["fault-stall-seconds"]))
+            time.sleep(self.settings.fault_stall_seconds)
 
     def fit(self, parameters: NDArrays,
             config: dict[str, Scalar]) -> tuple[NDArrays, int, dict[str, Scalar]]:
@@ -186,10 +210,10 @@ class FaultyClient(ClientWrapper):
 
     def _attack(self, sent: NDArrays, trained: NDArrays, server_round: int) -> NDArrays:
         if self.role == "gaussian":
-            rng = np.random.default_rng([int(self.cfg["seed"]), server_round, self.partition_id])
-            std = float(self.cfg["attack-noise-std"])
+            rng = np.random.default_rng([self.settings.seed, server_round, self.partition_id])
+            std = self.settings.attack_noise_std
             return [(g + rng.normal(0.0, std, g.shape)).astype(g.dtype) for g in sent]
-        factor = float(self.cfg["attack-scale"]) * (-1.0 if self.role == "sign-flip" else 1.0)
+        factor = self.settings.attack_scale * (-1.0 if self.role == "sign-flip" else 1.0)
         return [(g + factor * (w - g)).astype(g.dtype) for g, w in zip(sent, trained)]
 
     def evaluate(self, parameters: NDArrays,
@@ -208,7 +232,7 @@ def node_slowdown(node_config: Mapping[str, Scalar]) -> float:
     return float(value)
 
 
-def with_faults(client: KerasClient, cfg: Mapping[str, Scalar],
+def with_faults(client: KerasClient, settings: FaultSettings,
                 node_config: Mapping[str, Scalar]) -> NumPyClient:
     """`client` (a `KerasClient`) wrapped per this node's role, or unchanged if it has none.
 
@@ -220,8 +244,7 @@ def with_faults(client: KerasClient, cfg: Mapping[str, Scalar],
     if slowdown > 1.0:
         client.slowdown = slowdown
         return client
-    roles_configured = any(cfg[key] for key in FAULT_KEYS.values()) or (
-        cfg["attack"] != "none" and cfg["attack-fraction"] > 0) or cfg["slow-client-fraction"] > 0
+    roles_configured = any(_fractions(settings).values())
     if not roles_configured:
         return client
     if "partition-id" not in node_config:
@@ -229,15 +252,15 @@ def with_faults(client: KerasClient, cfg: Mapping[str, Scalar],
                           "slow-client-*) are for simulation: this node has no 'partition-id' in "
                           "its node-config (use node-config 'slowdown' for a slow node)")
     partition_id = int(node_config["partition-id"])
-    role = assign_roles(cfg, int(node_config["num-partitions"])).get(partition_id)
+    role = assign_roles(settings, int(node_config["num-partitions"])).get(partition_id)
     if role is None:
         return client
     if role == STRAGGLER:
-        client.slowdown = float(cfg["slow-client-slowdown"])
+        client.slowdown = settings.slow_client_slowdown
         return client
     if role == "label-flip":
         data: ClientData = client.data
         client.data = ClientData(flip_labels(data.train, client.trainer.spec), data.val,
                                  f"{data.source} (labels flipped)")
         return client
-    return FaultyClient(client, role, cfg, partition_id)
+    return FaultyClient(client, role, settings, partition_id)

@@ -36,7 +36,7 @@ from fl_app.data.sources import DataSpec, Split
 from fl_app.ml.errors import ModelError
 from fl_app.ml.models import build_model, wants_one_hot
 from fl_app.ml.standardize import UNSCALED, Standardization
-from fl_app.schema import RunConfig
+from fl_app.schema import LayerSettings
 
 EVAL_CHUNK = 4096
 BUDGET_CHECK_SHARE = 0.05  # under a time budget, the clock is read every ~5% of the budget
@@ -416,8 +416,20 @@ def cached_trainer(model_name: str, spec: DataSpec, optimizer: str, learning_rat
     return KerasTrainer(model, spec, fresh_optimizer(model, optimizer, learning_rate))
 
 
-def trainer_for(cfg: RunConfig, spec: DataSpec, run_id: int = 0) -> KerasTrainer:
+@dataclass(frozen=True)
+class TrainSettings(LayerSettings):
+    """The run-config keys a trainer is built from (`fl_app.ml.settings`: `model`,
+    `optimizer`, `learning-rate`; the run's `seed`): built once by the app layer
+    (`TrainSettings.from_config(cfg)`)."""
+
+    model: str
+    optimizer: str
+    learning_rate: float
+    seed: int
+
+
+def trainer_for(settings: TrainSettings, spec: DataSpec, run_id: int = 0) -> KerasTrainer:
     """The process-wide trainer for run `run_id` (Flower's run id; 0 outside a Flower
-    run) with this run config's model, optimizer and rate."""
-    return cached_trainer(cfg["model"], spec, cfg["optimizer"], cfg["learning-rate"],
-                          cfg["seed"], file_stamp(str(cfg["model"])), run_id)
+    run) with these settings' model, optimizer and rate."""
+    return cached_trainer(settings.model, spec, settings.optimizer, settings.learning_rate,
+                          settings.seed, file_stamp(settings.model), run_id)

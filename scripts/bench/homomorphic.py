@@ -38,7 +38,7 @@ from fl_app.cli.simulate import main as run_simulation
 from fl_app.data.sources import data_source
 from fl_app.data.types import DataSettings
 from fl_app.ml.models import build_model
-from fl_app.ml.trainer import trainer_for
+from fl_app.ml.trainer import TrainSettings, trainer_for
 from fl_app.protocol import ckks
 from fl_app.server.outputs import MODEL_FILE
 from strategies.homomorphic import HomomorphicAggregation
@@ -128,7 +128,8 @@ def final_model_accuracy(out: Path) -> float:
     import keras
 
     cfg = resolve(json.loads((out / "history.json").read_text())["config"])
-    trainer = trainer_for(cfg, data_source(DataSettings.from_config(cfg)).spec)
+    train = TrainSettings.from_config(cfg)
+    trainer = trainer_for(train, data_source(DataSettings.from_config(cfg)).spec)
     trainer.set_weights(keras.models.load_model(out / MODEL_FILE).get_weights())
     _, metrics = trainer.evaluate(data_source(DataSettings.from_config(cfg)).test_set())
     return float(metrics["accuracy"])
