@@ -8,6 +8,7 @@ import pytest
 
 from fl_app.app.config import defaults
 from scripts.bench import strategies as strategy_table
+from scripts.bench.results_page import markers, read_section
 from scripts.bench.strategies import Result
 from strategies import flower_builtins
 from strategies.registry import strategy_names
@@ -17,7 +18,7 @@ ROOT = Path(__file__).resolve().parent.parent
 
 def section(readme: Path) -> str:
     """What lies between the strategy-table markers."""
-    return strategy_table.readme_section(readme)
+    return read_section(strategy_table.SECTION, readme) or ""
 
 
 def parse(text: str) -> tuple[dict[str, Result], int, int]:
@@ -71,13 +72,13 @@ def test_rows_say_whether_a_strategy_is_within_the_tolerance():
 @pytest.mark.slow  # runs Flower simulations
 def test_script_runs_strategies_and_writes_the_table_between_the_markers(tmp_path, capsys):
     readme = tmp_path / "README.md"
-    readme.write_text(f"# title\n{strategy_table.README_START}\nold table\n"
-                      f"{strategy_table.README_END}\nafter\n", encoding="utf-8")
+    start, end = markers(strategy_table.SECTION)
+    readme.write_text(f"# title\n{start}\nold table\n{end}\nafter\n", encoding="utf-8")
     assert strategy_table.main(["--strategies", "dp-fixed", "--rounds", "2", "--clients", "4",
                                 "--readme", str(readme)]) == 0
     text = section(readme)
     assert "old table" not in text and readme.read_text(encoding="utf-8").endswith(
-        f"{strategy_table.README_END}\nafter\n")
+        f"{end}\nafter\n")
     assert text in capsys.readouterr().out  # what it printed is what it wrote
     results, rounds, _ = parse(text)
     assert list(results) == ["weighted-fedavg", "dp-fixed"] and rounds == 2

@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from scripts.bench.common import run_history, table_parser, time_to, timeline
+from scripts.bench.results_page import write_markdown
 
 VARIANTS = {  # label -> run-config of the variant (the budget added to the adaptive ones)
     "fixed, weighted-fedavg": "strategy='weighted-fedavg'",
@@ -81,18 +82,20 @@ def _mean(values: list[float | None]) -> str:
 
 def print_table(args: argparse.Namespace, results: dict[tuple[str, int], dict]) -> None:
     """One row per variant: the means over the seeds (per seed in the lines above)."""
-    print(f"\ndigits, {args.clients} clients, {args.slow_client_fraction:.0%} of them "
-          f"{args.slowdown:g}x slower, {args.rounds} rounds, fixed work {args.local_epochs} "
-          f"local epochs, adaptive budget {args.budget:g} s, mean of {args.seeds} seed(s)")
-    print(f"| variant | rounds to {args.target} | seconds to {args.target} | seconds per round "
-          f"(from round {STEADY_FROM}) | final accuracy |")
-    print("|---|---:|---:|---:|---:|")
+    lines = [f"digits, {args.clients} clients, {args.slow_client_fraction:.0%} of them "
+             f"{args.slowdown:g}x slower, {args.rounds} rounds, fixed work {args.local_epochs} "
+             f"local epochs, adaptive budget {args.budget:g} s, mean of {args.seeds} seed(s)",
+             "", f"| variant | rounds to {args.target} | seconds to {args.target} | seconds "
+             f"per round (from round {STEADY_FROM}) | final accuracy |",
+             "|---|---:|---:|---:|---:|"]
     for variant in VARIANTS:
         runs = [results[variant, seed] for seed in range(1, args.seeds + 1)]
-        print(f"| {variant} | {_mean([r['rounds'] for r in runs])} | "
-              f"{_mean([r['seconds'] for r in runs])} | "
-              f"{_mean([r['per_round'] for r in runs])} | "
-              f"{sum(r['final'] for r in runs) / len(runs):.3f} |")
+        lines.append(f"| {variant} | {_mean([r['rounds'] for r in runs])} | "
+                     f"{_mean([r['seconds'] for r in runs])} | "
+                     f"{_mean([r['per_round'] for r in runs])} | "
+                     f"{sum(r['final'] for r in runs) / len(runs):.3f} |")
+    print("\n" + "\n".join(lines))
+    write_markdown("adaptive-work", "\n".join(lines), "scripts.bench.adaptive_work")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -51,6 +51,7 @@ from flwr.server.strategy import FedAvg
 from flwr.server.strategy.aggregate import aggregate
 
 from fl_app.app.config import resolve
+from scripts.bench.results_page import recorded
 from strategies.compose import compose
 from strategies.context import StrategyContext
 from strategies.weighted_fedavg import WeightedFedAvg
@@ -134,11 +135,12 @@ def measure(spec: str, repeats: int, seed: int) -> None:
     size = sum(a.size for a in global_model)
     flower = ms["Flower FedAvg.aggregate_fit"]
     floor_ms = ms["single-pass floor (in-place sum of the flat arrays)"]
-    print(f"\n{len(updates)} updates x {size:,} float32 parameters ({spec}), median of "
-          f"{repeats} ms; validated vs Flower's aggregate(): max |diff| {diff:.2g}")
-    print("| path | ms | x floor | x Flower |\n|---|---|---|---|")
-    for name, value in ms.items():
-        print(f"| {name} | {value:.1f} | {value / floor_ms:.2f} | {value / flower:.2f} |")
+    with recorded(f"aggregation-scale-{spec}", "scripts.bench.aggregation_scale"):
+        print(f"\n{len(updates)} updates x {size:,} float32 parameters ({spec}), median of "
+              f"{repeats} ms; validated vs Flower's aggregate(): max |diff| {diff:.2g}")
+        print("| path | ms | x floor | x Flower |\n|---|---|---|---|")
+        for name, value in ms.items():
+            print(f"| {name} | {value:.1f} | {value / floor_ms:.2f} | {value / flower:.2f} |")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from fl_app.cli import simulate
+from scripts.bench.results_page import publish
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -125,7 +126,7 @@ def print_table(args: argparse.Namespace, results: dict[str, Result], minutes: f
             f"{res.up / base.up:.4f}" if base else "", str(res.down),
             f"{res.down / base.down:.4f}" if base else "")
     console = Console(width=160)
-    console.print(table)
+    publish("compression", table, "scripts.bench.compression", console)
     for line in verdicts(results):
         console.print(line)
 

@@ -46,6 +46,8 @@ from typing import Any
 
 import tomli_w
 
+from scripts.bench.results_page import recorded
+
 ROOT = Path(__file__).resolve().parents[2]
 MODES = ("simulation", "floor", "flower", "executor", "fused")
 LAUNCH = {"floor": ("flower", "fuse-evaluate=false"), "flower": ("flower", "fuse-evaluate=false"),
@@ -217,18 +219,20 @@ def main(argv: list[str] | None = None) -> int:
     unknown = sorted(set(modes) - set(MODES))
     if unknown:
         parser.error(f"unknown mode(s) {', '.join(unknown)}; choose from {', '.join(MODES)}")
-    results = {}
-    with tempfile.TemporaryDirectory(prefix="fl-bench-") as tmp:
-        for mode in modes:
-            results[mode] = one(mode, Path(tmp), args.rounds, args.num_nodes)
-            report(mode, results[mode])
-    if "floor" in results:
-        for mode, r in results.items():
-            if mode != "floor":
-                print(f"{mode} / floor: {r['median'] / results['floor']['median']:.2f}x")
-    for mode in ("executor", "fused"):
-        if mode in results and "flower" in results:
-            print(f"{mode} / flower: {results[mode]['median'] / results['flower']['median']:.2f}x")
+    with recorded("deployment", "scripts.bench.deployment", text=True):
+        results = {}
+        with tempfile.TemporaryDirectory(prefix="fl-bench-") as tmp:
+            for mode in modes:
+                results[mode] = one(mode, Path(tmp), args.rounds, args.num_nodes)
+                report(mode, results[mode])
+        if "floor" in results:
+            for mode, r in results.items():
+                if mode != "floor":
+                    print(f"{mode} / floor: {r['median'] / results['floor']['median']:.2f}x")
+        for mode in ("executor", "fused"):
+            if mode in results and "flower" in results:
+                ratio = results[mode]["median"] / results["flower"]["median"]
+                print(f"{mode} / flower: {ratio:.2f}x")
     return 0
 
 

@@ -16,6 +16,7 @@ import tempfile
 from pathlib import Path
 
 from scripts.bench.common import timed_run
+from scripts.bench.results_page import recorded
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -40,15 +41,16 @@ def main(argv: list[str] | None = None) -> None:
                                    Path(folder) / str(i))
             for variant, row in history["summary"]["export"].items():
                 rows.append((overrides, variant, row))
-    print("\n| run | variant | file | bytes | × float32 | accuracy | loss |")
-    print("|---|---|---|---:|---:|---:|---:|")
-    float_bytes = {}
-    for overrides, variant, row in rows:
-        float_bytes.setdefault(overrides, row["bytes"])
-        print(f"| `{overrides}` | {variant} | {row['file']} | {row['bytes']:,} | "
-              f"{row['bytes'] / float_bytes[overrides]:.3f} | "
-              f"{row.get('accuracy', float('nan')):.4f} | "
-              f"{row['loss']:.4f} |")
+    with recorded("export-int8", "scripts.bench.export_int8"):
+        print("\n| run | variant | file | bytes | × float32 | accuracy | loss |")
+        print("|---|---|---|---:|---:|---:|---:|")
+        float_bytes = {}
+        for overrides, variant, row in rows:
+            float_bytes.setdefault(overrides, row["bytes"])
+            print(f"| `{overrides}` | {variant} | {row['file']} | {row['bytes']:,} | "
+                  f"{row['bytes'] / float_bytes[overrides]:.3f} | "
+                  f"{row.get('accuracy', float('nan')):.4f} | "
+                  f"{row['loss']:.4f} |")
 
 
 if __name__ == "__main__":

@@ -17,6 +17,7 @@ import tempfile
 from pathlib import Path
 
 from fl_app.cli import simulate
+from scripts.bench.results_page import recorded
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -39,11 +40,12 @@ def main(argv: list[str] | None = None) -> int:
     rounds = history["rounds"][1:]
     failures = sorted({r["fit"]["num_failures"] for r in rounds})
     rejected = sorted({r["fit"]["num_rejected"] for r in rounds})
-    print(f"faults: {args.run_config}; {args.num_supernodes} clients")
-    print(f"rounds completed: {len(rounds)} of {history['config']['num-server-rounds']} "
-          f"(stopped: {history['stopped']}); failures per round: {failures}; "
-          f"rejected per round: {rejected}")
-    print(f"final centralized accuracy: {rounds[-1]['centralized']['accuracy']:.4f}")
+    with recorded("faults", "scripts.bench.faults", text=True):
+        print(f"faults: {args.run_config}; {args.num_supernodes} clients")
+        print(f"rounds completed: {len(rounds)} of {history['config']['num-server-rounds']} "
+              f"(stopped: {history['stopped']}); failures per round: {failures}; "
+              f"rejected per round: {rejected}")
+        print(f"final centralized accuracy: {rounds[-1]['centralized']['accuracy']:.4f}")
     return 0
 
 

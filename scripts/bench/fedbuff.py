@@ -31,6 +31,7 @@ from typing import Any
 
 from fl_app.cli import simulate
 from scripts.bench.common import table_parser, time_to, timeline
+from scripts.bench.results_page import recorded
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -107,17 +108,18 @@ def main(argv: list[str] | None = None) -> int:
     rows = [("weighted-fedavg (sync)", sync, sync_points, f"{args.rounds} rounds"),
             (f"fedbuff K={args.buffer_size}", buff, buff_points,
              f"{len(buff_points) - 1} versions")]
-    print(f"\n{args.clients} clients on digits, {args.slow_client_fraction:.0%} of them "
-          f"{args.slowdown:g}x slower, local-epochs {args.local_epochs}, seed {args.seed}")
-    print(f"| strategy | final accuracy | wall time (s) | time to {sync_final:.4f} (s) "
-          "| with start-up (s) | length |")
-    print("|---|---:|---:|---:|---:|---|")
-    for name, history, points, length in rows:
-        reach = time_to(points, sync_final)
-        print(f"| {name} | {points[-1][1]:.4f} | {points[-1][0]:.1f} | "
-              f"{'never' if reach is None else f'{reach:.1f}'} | "
-              f"{history['total_seconds']:.1f} | {length} |")
-    print(f"FedBuff: {staleness(buff)}")
+    with recorded("fedbuff", "scripts.bench.fedbuff"):
+        print(f"\n{args.clients} clients on digits, {args.slow_client_fraction:.0%} of them "
+              f"{args.slowdown:g}x slower, local-epochs {args.local_epochs}, seed {args.seed}")
+        print(f"| strategy | final accuracy | wall time (s) | time to {sync_final:.4f} (s) "
+              "| with start-up (s) | length |")
+        print("|---|---:|---:|---:|---:|---|")
+        for name, history, points, length in rows:
+            reach = time_to(points, sync_final)
+            print(f"| {name} | {points[-1][1]:.4f} | {points[-1][0]:.1f} | "
+                  f"{'never' if reach is None else f'{reach:.1f}'} | "
+                  f"{history['total_seconds']:.1f} | {length} |")
+        print(f"FedBuff: {staleness(buff)}")
     reach = time_to(buff_points, sync_final)
     if reach is None:
         print("FedBuff never reached the synchronous final accuracy")

@@ -20,6 +20,7 @@ import time
 from pathlib import Path
 
 from scripts.bench.common import run_accuracies, table_parser, tail_mean
+from scripts.bench.results_page import publish
 
 STRATEGIES = ("weighted-fedavg", "fednova")
 
@@ -43,7 +44,6 @@ def run_config(args: argparse.Namespace, strategy: str, seed: int) -> str:
 
 def print_table(args: argparse.Namespace, results: dict[tuple[str, int], list[float]]) -> None:
     """One row per strategy: final / last-5 accuracy per seed, and their means."""
-    from rich.console import Console
     from rich.table import Table
 
     seeds = range(1, args.seeds + 1)
@@ -60,7 +60,7 @@ def print_table(args: argparse.Namespace, results: dict[tuple[str, int], list[fl
         final = sum(c[-1] for c in curves) / len(curves)
         last5 = sum(tail_mean(c, 5) for c in curves) / len(curves)
         table.add_row(strategy, *cells, f"{final:.3f} / {last5:.3f}")
-    Console().print(table)
+    publish("fednova", table, "scripts.bench.fednova")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -25,6 +25,7 @@ import time
 from pathlib import Path
 
 from scripts.bench.common import run_accuracies, synthetic_devices, tail_mean
+from scripts.bench.results_page import publish
 
 FRACTIONS = (0.0, 0.5, 0.9)
 DEVICES, PER_ROUND = 30, 10
@@ -65,7 +66,6 @@ def run_config(args: argparse.Namespace, variant: str, fraction: float) -> str:
 def print_table(args: argparse.Namespace, results: dict[tuple[str, float], list[float]],
                 labels: list[str]) -> None:
     """The table: final and mean-of-last-5-rounds accuracy per variant and straggler share."""
-    from rich.console import Console
     from rich.table import Table
 
     table = Table(title=f"Synthetic(1,1), {DEVICES} devices, {PER_ROUND} a round, E="
@@ -77,7 +77,7 @@ def print_table(args: argparse.Namespace, results: dict[tuple[str, float], list[
     for label in labels:
         table.add_row(label, *(f"{results[label, f][-1]:.3f} / "
                                f"{tail_mean(results[label, f], 5):.3f}" for f in args.fractions))
-    Console().print(table)
+    publish("fedprox-stragglers", table, "scripts.bench.fedprox_stragglers")
     print(PAPER_TREND)
 
 

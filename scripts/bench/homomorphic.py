@@ -41,6 +41,7 @@ from fl_app.ml.models import build_model
 from fl_app.ml.trainer import TrainSettings, trainer_for
 from fl_app.protocol import ckks
 from fl_app.server.outputs import MODEL_FILE
+from scripts.bench.results_page import recorded
 from strategies.homomorphic import HomomorphicAggregation
 from strategies.weighted_fedavg import WeightedFedAvg
 from tests.flower_objects import results  # real FitRes objects, no client behind them
@@ -165,7 +166,8 @@ def main() -> None:
         rows = {"default mlp": measure(weights, args.clients, args.repeats, keys),
                 "10x mlp": measure(wide_weights(weights, 10, np.random.default_rng(1)),
                                    args.clients, args.repeats, keys)}
-        print_overhead(rows)
+        with recorded("homomorphic", "scripts.bench.homomorphic", text=True):
+            print_overhead(rows)
         if args.accuracy:
             plain = run_workload(Path(folder) / "plain", args.rounds, "")
             he = run_workload(Path(folder) / "he", args.rounds, "homomorphic-encryption='ckks'")

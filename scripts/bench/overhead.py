@@ -61,10 +61,11 @@ from fl_app.app.local_client import client_for
 from fl_app.data.sources import Split, data_source, load_partition
 from fl_app.data.types import DataSettings
 from fl_app.ml.models import build_model
-from fl_app.ml.trainer import fresh_optimizer, trainer_for
+from fl_app.ml.trainer import TrainSettings, fresh_optimizer, trainer_for
 from fl_app.schema import RunConfig
 from fl_app.server.outputs import read_history
 from fl_app.wire import round_config
+from scripts.bench.results_page import publish
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -186,7 +187,8 @@ def guide_loop(cfg: RunConfig) -> Callable[[Split], Callable[[], None]]:
     model's compiled loss and a fresh copy of its compiled optimizer; returns, for a
     client's training split, a callable that runs its local epochs."""
     spec = data_source(DataSettings.from_config(cfg)).spec
-    encode = trainer_for(cfg, spec).targets  # targets as the compiled loss takes them
+    train = TrainSettings.from_config(cfg)
+    encode = trainer_for(train, spec).targets  # targets as the compiled loss takes them
     model = build_model(cfg["model"], spec, cfg["seed"])
     optimizer = fresh_optimizer(model, cfg["optimizer"], cfg["learning-rate"])
 
@@ -217,7 +219,8 @@ def per_client_seconds(cfg: RunConfig, n: int) -> dict[str, list[float]]:
     in, train, weights out). The three are interleaved, so that a load change on a shared
     machine hits them alike; a first untimed run of each traces and warms it."""
     guide = guide_loop(cfg)
-    trainer = trainer_for(cfg, data_source(DataSettings.from_config(cfg)).spec)
+    train = TrainSettings.from_config(cfg)
+    trainer = trainer_for(train, data_source(DataSettings.from_config(cfg)).spec)
     weights = trainer.get_weights()
     fit = {"epochs": cfg["local-epochs"], "batch_size": cfg["batch-size"],
            "learning_rate": cfg["learning-rate"] or None}
@@ -268,7 +271,7 @@ def benchmark(workload: Workload, rounds: int, n: int, console: Console) -> dict
     table.add_row("(c1) floor: guide's per-batch loop", "", f"{sum(guide):.3f}", "", "")
     table.add_row("(c2) floor: compiled epoch loop", "", f"{sum(epoch_loop):.3f}", "", "")
     table.add_row("(c) compute floor (faster per client)", "", f"{floor_round:.3f}", "", "")
-    console.print(table)
+    publish(f"overhead-{workload.name}", table, "scripts.bench.overhead", console)
 
     call_ratio = statistics.median(calls) / statistics.median(floor)
     speedup = quick["round"] / app["round"]
@@ -314,7 +317,7 @@ def main(argv: list[str] | None = None) -> int:
     for name, ratio in ratios.items():
         summary.add_row(name, f"{ratio['call_vs_floor']:.2f}x",
                         f"{ratio['rounds_speedup']:.1f}x")
-    console.print(summary)
+    publish("overhead-summary", summary, "scripts.bench.overhead", console)
     return 0
 
 

@@ -29,6 +29,7 @@ import time
 from pathlib import Path
 
 from fl_app.server.outputs import read_history
+from scripts.bench.results_page import write_markdown
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -166,6 +167,7 @@ def main(argv: list[str] | None = None) -> int:
     plot(rows, out / "privacy_utility.png", title)
     show(rows, title)
     print(markdown(rows))
+    write_markdown("privacy-utility", markdown(rows), "scripts.bench.privacy_utility")
     print(f"runs, plot and table: {out}")
     return 0
 

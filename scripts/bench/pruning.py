@@ -30,6 +30,7 @@ import numpy as np
 
 from fl_app.server.outputs import MODEL_FILE
 from scripts.bench.common import timed_run
+from scripts.bench.results_page import recorded
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -79,10 +80,11 @@ def main(argv: list[str] | None = None) -> None:
             lines.append(row(f"top-k 1.0, sparsity {sparsity:.0%}",
                              f"{SPARSE} prune-sparsity={sparsity} "
                              f"prune-rounds={args.prune_rounds}", args, folder))
-    print("| run | accuracy | kernel sparsity | bytes up / client / round (mean) | "
-          "last round | seconds |")
-    print("|---|---:|---:|---:|---:|---:|")
-    print("\n".join(lines))
+    with recorded("pruning", "scripts.bench.pruning"):
+        print("| run | accuracy | kernel sparsity | bytes up / client / round (mean) | "
+              "last round | seconds |")
+        print("|---|---:|---:|---:|---:|---:|")
+        print("\n".join(lines))
 
 
 if __name__ == "__main__":

@@ -28,6 +28,7 @@ import time
 from pathlib import Path
 
 from scripts.bench.common import run_history, synthetic_devices
+from scripts.bench.results_page import write_markdown
 
 DEVICES, PER_ROUND = 100, 10
 COLUMNS = ("mean", "worst_10", "best_10", "variance")
@@ -103,7 +104,9 @@ def main(argv: list[str] | None = None) -> int:
                 results[q, seed] = history["rounds"][-1]["fairness"]["accuracy"]
                 print(f"q={q:g} seed {seed}: " + ", ".join(
                     f"{c} {results[q, seed][c]:.4f}" for c in COLUMNS), flush=True)
-    print(markdown(args, results, (time.monotonic() - start) / 60))
+    table = markdown(args, results, (time.monotonic() - start) / 60)
+    print(table)
+    write_markdown("qffl", table, "scripts.bench.qffl")
     print(PAPER)
     return 0
 

@@ -22,6 +22,7 @@ from pathlib import Path
 
 from fl_app.data.rebalance import MODES
 from scripts.bench.common import run_history
+from scripts.bench.results_page import recorded
 
 PARTITIONS = {
     "pathological (2 classes per client)": "partitioner='pathological' classes-per-partition=2",
@@ -66,9 +67,10 @@ def main(argv: list[str] | None = None) -> int:
                           f"| worst class recall {worst[-1]:.4f}", flush=True)
                 lines.append(f"| {partition} | {mode} | {mean_std(accuracy)} | "
                              f"{mean_std(worst)} |")
-    print("\n".join(lines))
-    print(f"{args.seeds} seeds, {args.rounds} rounds, {args.clients} clients: "
-          f"{(time.monotonic() - start) / 60:.1f} min")
+    with recorded("rebalance", "scripts.bench.rebalance"):
+        print("\n".join(lines))
+        print(f"{args.seeds} seeds, {args.rounds} rounds, {args.clients} clients: "
+              f"{(time.monotonic() - start) / 60:.1f} min")
     return 0
 
 

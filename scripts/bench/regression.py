@@ -41,6 +41,7 @@ from fl_app.data.types import DataSettings
 from fl_app.ml.models import build_model
 from fl_app.schema import RunConfig
 from scripts.bench.common import timed_run
+from scripts.bench.results_page import publish
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -144,7 +145,7 @@ def main(argv: list[str] | None = None) -> int:
     table.add_row("(c) predict the training mean", "", "", "", f"{baseline['mse']:.4g}",
                   f"{baseline['mae']:.4g}", "")
     console = Console(width=120)
-    console.print(table)
+    publish("regression", table, "scripts.bench.regression", console)
     ratio = federated["mse"] / central["mse"]
     console.print(f"federated / central test MSE: {ratio:.2f}x; federated output in {out_dir}")
     if ratio > WORSE_THAN_CENTRAL:

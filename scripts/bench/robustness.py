@@ -23,12 +23,10 @@ from fl_app.app.config import defaults
 from fl_app.cli import simulate
 from fl_app.client.faults import ATTACKS
 from scripts.bench.common import table_parser
-
-ROOT = Path(__file__).resolve().parents[2]
+from scripts.bench.results_page import write_section
 
 STRATEGIES = ("weighted-fedavg", "fedmedian", "fedtrimmedavg", "krum", "bulyan")
-README_START = "<!-- robustness-table:start -->"
-README_END = "<!-- robustness-table:end -->"
+SECTION = "robustness-table"  # its section of docs/results.md
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -89,19 +87,6 @@ def markdown(args: argparse.Namespace, results: dict[tuple[str, str], float],
     return "\n".join(lines)
 
 
-def write_readme(section: str, readme: Path = ROOT / "docs" / "results.md") -> None:
-    """Put `section` between the robustness markers of the results page (appended, with
-    them, the first time)."""
-    text = readme.read_text(encoding="utf-8")
-    block = f"{README_START}\n{section}\n{README_END}"
-    if README_START in text:
-        head, rest = text.split(README_START, 1)
-        text = head + block + rest.split(README_END, 1)[1]
-    else:
-        text = text.rstrip("\n") + "\n\n" + block + "\n"
-    readme.write_text(text, encoding="utf-8")
-
-
 def print_table(args: argparse.Namespace, results: dict[tuple[str, str], float]) -> None:
     """A rich table of the results."""
     from rich.console import Console
@@ -133,8 +118,8 @@ def main(argv: list[str] | None = None) -> int:
     print_table(args, results)
     print(f"{len(results)} runs in {minutes:.1f} min")
     if not args.no_readme:
-        write_readme(markdown(args, results, minutes))
-        print("README.md updated")
+        write_section(SECTION, markdown(args, results, minutes))
+        print("docs/results.md updated")
     return 0
 
 

@@ -52,6 +52,7 @@ import psutil
 from fl_app.data.types import DataSettings
 from fl_app.flower_internals import engine_node_stores, grid_client_proxy, in_memory_engine
 from fl_app.server.callbacks import Callback
+from scripts.bench.results_page import recorded
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -374,10 +375,11 @@ def main(argv: list[str] | None = None) -> None:
     result = run_many(args) if args.command == "many" else run_costs(args)
     if args.json is not None:
         args.json.write_text(json.dumps(result, indent=1), encoding="utf-8")
-    if args.command == "many":
-        print_many(result, args.at or sorted({1, min(10, args.rounds), args.rounds}))
-    else:
-        print_costs(result)
+    with recorded(f"scale-clients-{args.command}", "scripts.bench.scale_clients"):
+        if args.command == "many":
+            print_many(result, args.at or sorted({1, min(10, args.rounds), args.rounds}))
+        else:
+            print_costs(result)
 
 
 if __name__ == "__main__":

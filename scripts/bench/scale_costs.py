@@ -54,6 +54,7 @@ from fl_app.cli import simulate
 from fl_app.client.timing import JsonLinesSink, MessageSeconds, message_seconds_mod
 from fl_app.server.outputs import read_history
 from scripts.bench.homomorphic import final_model_accuracy
+from scripts.bench.results_page import recorded
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -225,9 +226,10 @@ def main(argv: list[str] | None = None) -> int:
                 print(json.dumps(asdict(rows[-1])), flush=True)
                 if args.json is not None:
                     args.json.write_text(json.dumps([asdict(r) for r in rows], indent=2))
-    print(f"\n{args.clients} clients, {args.local_epochs} local epoch(s); sizes: "
-          + "; ".join(f"{s} = {SIZES[s][0]}" for s in args.sizes))
-    print(markdown(rows))
+    with recorded("scale-costs", "scripts.bench.scale_costs"):
+        print(f"\n{args.clients} clients, {args.local_epochs} local epoch(s); sizes: "
+              + "; ".join(f"{s} = {SIZES[s][0]}" for s in args.sizes))
+        print(markdown(rows))
     for line in failed:
         print(f"failed, no row: {line}")
     return 1 if failed else 0

@@ -59,6 +59,7 @@ from fl_app.app.config import resolve
 from fl_app.server.runner import FederatedServer
 from fl_app.server.stopping import StoppingRules
 from scripts.bench.aggregation_scale import MODELS, vgg_shapes
+from scripts.bench.results_page import recorded
 from strategies.compose import compose
 from strategies.context import StrategyContext
 from strategies.decoding import NUMPY_TENSORS, decode, encode, encode_array
@@ -215,15 +216,16 @@ def main(argv: list[str] | None = None) -> None:
     rows = [measure(path, n, args.model, args.workers, args.seed)
             for n in args.clients for path in PATHS]
     first = rows[0]
-    print(f"\nPeak server RSS over one fit round, {first['model']} ({first['weights']:,} "
-          f"float32 weights, {first['model_mib']:.1f} MiB), {args.workers} worker threads, "
-          "each configuration in a fresh process")
-    print("| clients | path | RSS before (MiB) | peak (MiB) | growth (MiB) | growth / model "
-          "| round (s) |\n|---|---|---|---|---|---|---|")
-    for r in rows:
-        print(f"| {r['clients']} | {r['path']} | {r['rss_before_mib']:.0f} | "
-              f"{r['peak_mib']:.0f} | {r['growth_mib']:.0f} | "
-              f"{r['growth_mib'] / r['model_mib']:.1f} | {r['seconds']:.1f} |")
+    with recorded("scale-memory", "scripts.bench.scale_memory"):
+        print(f"\nPeak server RSS over one fit round, {first['model']} ({first['weights']:,} "
+              f"float32 weights, {first['model_mib']:.1f} MiB), {args.workers} worker threads, "
+              "each configuration in a fresh process")
+        print("| clients | path | RSS before (MiB) | peak (MiB) | growth (MiB) | growth / model "
+              "| round (s) |\n|---|---|---|---|---|---|---|")
+        for r in rows:
+            print(f"| {r['clients']} | {r['path']} | {r['rss_before_mib']:.0f} | "
+                  f"{r['peak_mib']:.0f} | {r['growth_mib']:.0f} | "
+                  f"{r['growth_mib'] / r['model_mib']:.1f} | {r['seconds']:.1f} |")
     for n in args.clients:
         whole, *streamed = (next(r for r in rows if r["clients"] == n and r["path"] == p)
                             for p in PATHS)

@@ -52,6 +52,8 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any
 
+from scripts.bench.results_page import recorded
+
 ROOT = Path(__file__).resolve().parents[2]
 MODULES = ("fl_app.cli.simulate", "ray", "tensorflow", "flwr.simulation")
 # (module, attribute path, phase name): functions timed in the child, patched right after
@@ -405,7 +407,8 @@ def main() -> None:
             runs[name].append(result)
             print(f"run {i + 1} {name}: start-up {result['startup_seconds']:.2f} s "
                   f"(load before {result['load']:.1f})", flush=True)
-        print_startup(trees, runs)  # after every round of runs: the medians so far
+        with recorded("scale-startup", "scripts.bench.scale_startup", text=True):
+            print_startup(trees, runs)  # after every round of runs: the medians so far
 
 
 if __name__ == "__main__":

@@ -35,7 +35,6 @@ from typing import Any
 from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 from flwr.simulation import run_simulation
-from rich.console import Console
 from rich.table import Table
 
 from fl_app.app.client_app import make_client_app
@@ -45,6 +44,7 @@ from fl_app.data.node_data import load_client
 from fl_app.data.types import DataSettings
 from fl_app.schema import RunConfig
 from fl_app.server.wire_bytes import MeteredGrid
+from scripts.bench.results_page import publish
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -122,7 +122,7 @@ def main(argv: list[str] | None = None) -> int:
                               rounds[-1]["centralized"]["accuracy"], "seconds": seconds,
                               "down_per_client_round": result["down"] / per * 1024,
                               "up_per_client_round": result["up"] / per * 1024}), flush=True)
-    Console().print(table)
+    publish("secagg", table, "scripts.bench.secagg")
     return 0
 
 

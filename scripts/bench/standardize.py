@@ -44,6 +44,7 @@ from scripts.bench.regression import (
     parse_args,
     pooled_training_data,
 )
+from scripts.bench.results_page import recorded
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -91,16 +92,17 @@ def main(argv: list[str] | None = None) -> int:
     pooled = pooled_training_data(cfg, args.num_supernodes)
     central = central_standardized(cfg, pooled, test, args.rounds * int(cfg["local-epochs"]))
     mean = mean_baseline(pooled, test)["mse"]
-    print(f"diabetes CSV (raw target 25..346), {MODEL} (adam, mse), task='regression', "
-          f"{args.num_supernodes} IID clients, {args.rounds} rounds x {cfg['local-epochs']} "
-          f"local epochs, seed {args.seed}; final test MSE on the raw scale\n")
-    print("| run | final test MSE | / predicting the mean |")
-    print("|---|---:|---:|")
-    for name, value in (("(a) federated, raw", mse[False]),
-                        ("(b) federated, `standardize=true`", mse[True]),
-                        ("(c) central `model.fit` on standardized data", central),
-                        ("(d) predicting the training mean", mean)):
-        print(f"| {name} | {value:,.0f} | {value / mean:.2f} |")
+    with recorded("standardize", "scripts.bench.standardize"):
+        print(f"diabetes CSV (raw target 25..346), {MODEL} (adam, mse), task='regression', "
+              f"{args.num_supernodes} IID clients, {args.rounds} rounds x {cfg['local-epochs']} "
+              f"local epochs, seed {args.seed}; final test MSE on the raw scale\n")
+        print("| run | final test MSE | / predicting the mean |")
+        print("|---|---:|---:|")
+        for name, value in (("(a) federated, raw", mse[False]),
+                            ("(b) federated, `standardize=true`", mse[True]),
+                            ("(c) central `model.fit` on standardized data", central),
+                            ("(d) predicting the training mean", mean)):
+            print(f"| {name} | {value:,.0f} | {value / mean:.2f} |")
     print(f"\n(b)'s final_model.keras on the raw test set: MSE {saved_mse:,.1f} "
           f"(history: {mse[True]:,.1f}); outputs in {folder}")
     return 0

@@ -28,15 +28,13 @@ from fl_app.app.config import RUN_SETTINGS, defaults
 from fl_app.data import settings as data_settings
 from fl_app.ml import settings as ml_settings
 from scripts.bench.common import timed_run
+from scripts.bench.results_page import RESULTS_PAGE, read_section, write_section
 from strategies import context, flower_builtins, registry, validation
 from strategies.accounting import PrivacyAccountant, default_delta
 
-ROOT = Path(__file__).resolve().parents[2]
-
 BASELINE = "weighted-fedavg"
 TOLERANCE = 0.05  # a strategy's default must reach the baseline's final accuracy within this
-README_START = "<!-- strategy-table:start -->"
-README_END = "<!-- strategy-table:end -->"
+SECTION = "strategy-table"  # its section of docs/results.md
 HEADER = ("| strategy | final accuracy | best accuracy | Δ vs weighted-fedavg | "
           f"within {TOLERANCE:g} | ε | seconds |")
 EPSILON_NOISE = (1.0, 2.0, 4.0, 8.0)
@@ -97,7 +95,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="rounds per run (default: num-server-rounds' default)")
     parser.add_argument("--clients", type=int, default=10,
                         help="simulated clients (default: 10, run_simulation.py's)")
-    parser.add_argument("--readme", type=Path, default=ROOT / "docs" / "results.md",
+    parser.add_argument("--readme", type=Path, default=RESULTS_PAGE,
                         help="the results page to update (default: docs/results.md)")
     parser.add_argument("--no-readme", action="store_true", help="print the table only")
     parser.add_argument("--update", action="store_true",
@@ -185,25 +183,9 @@ def markdown(results: dict[str, Result], rounds: int, clients: int, minutes: flo
     return "\n".join(lines)
 
 
-def write_readme(section: str, readme: Path) -> None:
-    """Replace what lies between the strategy-table markers in `readme` with `section`."""
-    text = readme.read_text(encoding="utf-8")
-    if README_START not in text or README_END not in text:
-        raise SystemExit(f"error: {readme} lacks the markers {README_START} / {README_END}")
-    head, rest = text.split(README_START, 1)
-    tail = rest.split(README_END, 1)[1]
-    readme.write_text(f"{head}{README_START}\n{section}\n{README_END}{tail}", encoding="utf-8")
-
-
 ROW = re.compile(r"^\| `(?P<name>[a-z-]+)` \| (?P<final>[\d.]+) \| (?P<best>[\d.]+) \| "
                  r"[+-][\d.]+ \| (yes|no) \| (?P<eps>[\d.]+|–) \| (?P<seconds>[\d.]+) \|$")
 CAPTION = re.compile(r"clients, (?P<rounds>\d+) rounds, .* in (?P<minutes>\d+) min")
-
-
-def readme_section(readme: Path) -> str:
-    """What lies between the strategy-table markers in `readme`."""
-    text = readme.read_text(encoding="utf-8")
-    return text.split(README_START + "\n", 1)[1].split("\n" + README_END, 1)[0]
 
 
 def parse_table(text: str) -> tuple[dict[str, Result], int, int]:
@@ -229,7 +211,8 @@ def main(argv: list[str] | None = None) -> int:
     results: dict[str, Result] = {}
     earlier_minutes = 0
     if args.update:
-        results, stated_rounds, earlier_minutes = parse_table(readme_section(args.readme))
+        stated = read_section(SECTION, args.readme) or ""
+        results, stated_rounds, earlier_minutes = parse_table(stated)
         if stated_rounds != rounds:
             raise SystemExit(f"error: the results table has {stated_rounds} rounds, this run "
                              f"{rounds}: rerun the whole table")
@@ -243,7 +226,7 @@ def main(argv: list[str] | None = None) -> int:
                   f"{results[strategy].seconds:.1f} s", flush=True)
             section = markdown(results, rounds, args.clients, (time.monotonic() - start) / 60)
             if not args.no_readme:  # after every run: a cut-off table still shows its rows
-                write_readme(section, args.readme)
+                write_section(SECTION, section, args.readme)
     print(section)
     if not args.no_readme:
         print(f"{args.readme} updated")
