@@ -51,7 +51,7 @@ from flwr.server.strategy import FedAvg
 from flwr.server.strategy.aggregate import aggregate
 
 from fl_app.app.config import resolve
-from scripts.bench.results_page import recorded
+from scripts.bench.results_page import write_markdown
 from strategies.compose import compose
 from strategies.context import StrategyContext
 from strategies.weighted_fedavg import WeightedFedAvg
@@ -110,8 +110,8 @@ def median_ms(paths: dict[str, Callable[[], object]], repeats: int) -> dict[str,
     return {name: statistics.median(values) for name, values in times.items()}
 
 
-def measure(spec: str, repeats: int, seed: int) -> None:
-    """Print one workload's table."""
+def measure(spec: str, repeats: int, seed: int) -> str:
+    """Print one workload's table; return it (Markdown, under its caption)."""
     global_model, updates = workload(spec, np.random.default_rng(seed))
     fit_results = results(updates)
     validated = compose(StrategyContext(resolve({}), ndarrays_to_parameters(global_model)))
@@ -135,12 +135,13 @@ def measure(spec: str, repeats: int, seed: int) -> None:
     size = sum(a.size for a in global_model)
     flower = ms["Flower FedAvg.aggregate_fit"]
     floor_ms = ms["single-pass floor (in-place sum of the flat arrays)"]
-    with recorded(f"aggregation-scale-{spec}", "scripts.bench.aggregation_scale"):
-        print(f"\n{len(updates)} updates x {size:,} float32 parameters ({spec}), median of "
-              f"{repeats} ms; validated vs Flower's aggregate(): max |diff| {diff:.2g}")
-        print("| path | ms | x floor | x Flower |\n|---|---|---|---|")
-        for name, value in ms.items():
-            print(f"| {name} | {value:.1f} | {value / floor_ms:.2f} | {value / flower:.2f} |")
+    lines = [f"{len(updates)} updates x {size:,} float32 parameters ({spec}), median of "
+             f"{repeats} ms; validated vs Flower's aggregate(): max |diff| {diff:.2g}",
+             "| path | ms | x floor | x Flower |", "|---|---|---|---|"]
+    lines += [f"| {name} | {value:.1f} | {value / floor_ms:.2f} | {value / flower:.2f} |"
+              for name, value in ms.items()]
+    print("\n" + "\n".join(lines))
+    return "\n".join(lines)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -155,6 +156,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--tables", nargs="+", default=["aggregation"],
                         choices=["all", "aggregation", *TABLES],
                         help="which tables (default: aggregation; all: every one)")
+    parser.add_argument("--no-results", action="store_true",
+                        help="print only; do not update docs/results.md")
     args = parser.parse_args(argv)
     if "all" in args.tables:
         args.tables = ["aggregation", *TABLES]
@@ -166,17 +169,22 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> None:
-    """Print the tables asked for: the aggregation table of every workload here, the
-    others by their own scripts (`TABLES`), each in a fresh process."""
+    """Print the tables asked for (and write them into docs/results.md): the aggregation
+    table of every workload here, the others by their own scripts (`TABLES`), each in a
+    fresh process."""
     args = parse_args(argv)
     if "aggregation" in args.tables:
-        for spec in args.workloads:
-            measure(spec, args.repeats, args.seed)
+        tables = [measure(spec, args.repeats, args.seed) for spec in args.workloads]
+        if not args.no_results:
+            write_markdown("aggregation-scale", "\n\n".join(tables),
+                           "scripts.bench.aggregation_scale")
+    no_results = ["--no-results"] if args.no_results else []
     for table, commands in TABLES.items():
         if table in args.tables:
             for command in commands:
                 print(f"\n## {table}: python -m {' '.join(command)}", flush=True)
-                subprocess.run([sys.executable, "-m", *command], cwd=ROOT, check=True)
+                subprocess.run([sys.executable, "-m", *command, *no_results], cwd=ROOT,
+                               check=True)
 
 
 if __name__ == "__main__":

@@ -214,12 +214,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--num-nodes", type=int, default=3)
     parser.add_argument("--modes", default="simulation,floor,flower,executor,fused",
                         help=f"comma-separated, of {', '.join(MODES)}")
+    parser.add_argument("--no-results", action="store_true",
+                        help="print only; do not update docs/results.md")
     args = parser.parse_args(argv)
     modes = [m for m in args.modes.split(",") if m]
     unknown = sorted(set(modes) - set(MODES))
     if unknown:
         parser.error(f"unknown mode(s) {', '.join(unknown)}; choose from {', '.join(MODES)}")
-    with recorded("deployment", "scripts.bench.deployment", text=True):
+    with recorded("deployment", "scripts.bench.deployment", text=True, write=not args.no_results):
         results = {}
         with tempfile.TemporaryDirectory(prefix="fl-bench-") as tmp:
             for mode in modes:

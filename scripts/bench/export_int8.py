@@ -28,6 +28,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--runs", nargs="+", default=["model='mlp'", "model='cnn'"],
                         help="run-config overrides, one run each")
     parser.add_argument("--clients", type=int, default=10, help="simulated clients (10)")
+    parser.add_argument("--no-results", action="store_true",
+                        help="print only; do not update docs/results.md")
     return parser.parse_args(argv)
 
 
@@ -41,10 +43,10 @@ def main(argv: list[str] | None = None) -> None:
                                    Path(folder) / str(i))
             for variant, row in history["summary"]["export"].items():
                 rows.append((overrides, variant, row))
-    with recorded("export-int8", "scripts.bench.export_int8"):
+    with recorded("export-int8", "scripts.bench.export_int8", write=not args.no_results):
         print("\n| run | variant | file | bytes | × float32 | accuracy | loss |")
         print("|---|---|---|---:|---:|---:|---:|")
-        float_bytes = {}
+        float_bytes: dict[str, int] = {}
         for overrides, variant, row in rows:
             float_bytes.setdefault(overrides, row["bytes"])
             print(f"| `{overrides}` | {variant} | {row['file']} | {row['bytes']:,} | "

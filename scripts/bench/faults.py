@@ -30,6 +30,8 @@ def main(argv: list[str] | None = None) -> int:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--num-supernodes", type=int, default=10)
     parser.add_argument("--run-config", default=DEFAULT_FAULTS)
+    parser.add_argument("--no-results", action="store_true",
+                        help="print only; do not update docs/results.md")
     args = parser.parse_args(argv)
     with tempfile.TemporaryDirectory(prefix="faults-") as out:
         code = simulate.main(["--num-supernodes", str(args.num_supernodes),
@@ -40,7 +42,7 @@ def main(argv: list[str] | None = None) -> int:
     rounds = history["rounds"][1:]
     failures = sorted({r["fit"]["num_failures"] for r in rounds})
     rejected = sorted({r["fit"]["num_rejected"] for r in rounds})
-    with recorded("faults", "scripts.bench.faults", text=True):
+    with recorded("faults", "scripts.bench.faults", text=True, write=not args.no_results):
         print(f"faults: {args.run_config}; {args.num_supernodes} clients")
         print(f"rounds completed: {len(rounds)} of {history['config']['num-server-rounds']} "
               f"(stopped: {history['stopped']}); failures per round: {failures}; "

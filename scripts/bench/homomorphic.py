@@ -41,7 +41,7 @@ from fl_app.ml.models import build_model
 from fl_app.ml.trainer import TrainSettings, trainer_for
 from fl_app.protocol import ckks
 from fl_app.server.outputs import MODEL_FILE
-from scripts.bench.results_page import recorded
+from scripts.bench.results_page import write_markdown
 from strategies.homomorphic import HomomorphicAggregation
 from strategies.weighted_fedavg import WeightedFedAvg
 from tests.flower_objects import results  # real FitRes objects, no client behind them
@@ -108,19 +108,20 @@ def measure(weights: NDArrays, clients: int, repeats: int, keys: tuple[Path, Pat
                                     / np.max(np.abs(flat_want)))}
 
 
-def print_overhead(rows: dict[str, dict]) -> None:
-    """One table: bytes and times per client per round."""
-    print(f"{'model':<16}{'weights':>8}{'chunks':>7}{'bytes up/down plain':>21}"
+def overhead(rows: dict[str, dict]) -> str:
+    """One table (plain text): bytes and times per client per round."""
+    lines = [f"{'model':<16}{'weights':>8}{'chunks':>7}{'bytes up/down plain':>21}"
           f"{'bytes up/down HE':>19}{'x':>6}{'client s plain':>16}{'client s HE':>13}"
-          f"{'server s/client plain':>23}{'server s/client HE':>20}{'rel. error':>12}")
+          f"{'server s/client plain':>23}{'server s/client HE':>20}{'rel. error':>12}"]
     for name, r in rows.items():
-        print(f"{name:<16}{r['weights']:>8}{r['chunks']:>7}"
+        lines.append(f"{name:<16}{r['weights']:>8}{r['chunks']:>7}"
               f"{r['plain_up']:>10,}/{r['plain_down']:<10,}{r['he_up']:>9,}/{r['he_down']:<9,}"
               f"{r['he_up'] / r['plain_up']:>6.0f}{r['plain_client_s']:>16.5f}"
               f"{r['he_client_s']:>13.4f}{r['plain_server_s']:>23.6f}{r['he_server_s']:>20.4f}"
               f"{r['relative_error']:>12.1e}")
-    print("client s HE = encrypt + decrypt (" + ", ".join(
+    lines.append("client s HE = encrypt + decrypt (" + ", ".join(
         f"{n}: {r['he_encrypt_s']:.4f} + {r['he_decrypt_s']:.4f}" for n, r in rows.items()) + ")")
+    return "\n".join(lines)
 
 
 def final_model_accuracy(out: Path) -> float:
@@ -149,13 +150,16 @@ def run_workload(out: Path, rounds: int, extra: str) -> dict:
 
 
 def main() -> None:
-    """Print the overhead table (and with --accuracy, the accuracy comparison)."""
+    """Print the overhead table (and with --accuracy, the accuracy comparison); write them
+    into docs/results.md."""
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--clients", type=int, default=10)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--accuracy", action="store_true")
     parser.add_argument("--rounds", type=int, default=20)
+    parser.add_argument("--no-results", action="store_true",
+                        help="print only; do not update docs/results.md")
     args = parser.parse_args()
     cfg = load_run_config(None)
     spec = data_source(DataSettings.from_config(cfg)).spec
@@ -166,15 +170,19 @@ def main() -> None:
         rows = {"default mlp": measure(weights, args.clients, args.repeats, keys),
                 "10x mlp": measure(wide_weights(weights, 10, np.random.default_rng(1)),
                                    args.clients, args.repeats, keys)}
-        with recorded("homomorphic", "scripts.bench.homomorphic", text=True):
-            print_overhead(rows)
+        printed = [overhead(rows)]
+        print(printed[0])
         if args.accuracy:
             plain = run_workload(Path(folder) / "plain", args.rounds, "")
             he = run_workload(Path(folder) / "he", args.rounds, "homomorphic-encryption='ckks'")
-            print(f"default workload, {args.rounds} rounds, 10 clients: test accuracy plaintext "
-                  f"{plain['accuracy']:.4f}, HE {he['accuracy']:.4f} (difference "
-                  f"{he['accuracy'] - plain['accuracy']:+.4f}); median round "
-                  f"{plain['round_s']:.2f} s plaintext, {he['round_s']:.2f} s HE")
+            printed.append(f"default workload, {args.rounds} rounds, 10 clients: test accuracy "
+                           f"plaintext {plain['accuracy']:.4f}, HE {he['accuracy']:.4f} "
+                           f"(difference {he['accuracy'] - plain['accuracy']:+.4f}); median "
+                           f"round {plain['round_s']:.2f} s plaintext, {he['round_s']:.2f} s HE")
+            print(printed[-1])
+    if not args.no_results:
+        write_markdown("homomorphic", "```text\n" + "\n".join(printed) + "\n```",
+                       "scripts.bench.homomorphic")
 
 
 if __name__ == "__main__":

@@ -48,6 +48,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--rounds", type=int, default=20, help="rounds per run (20)")
     parser.add_argument("--clients", type=int, default=10, help="simulated clients (10)")
     parser.add_argument("--seed", type=int, default=42)
+    parser.add_argument("--no-results", action="store_true",
+                        help="print only; do not update docs/results.md")
     return parser.parse_args(argv)
 
 
@@ -80,7 +82,7 @@ def main(argv: list[str] | None = None) -> None:
             lines.append(row(f"top-k 1.0, sparsity {sparsity:.0%}",
                              f"{SPARSE} prune-sparsity={sparsity} "
                              f"prune-rounds={args.prune_rounds}", args, folder))
-    with recorded("pruning", "scripts.bench.pruning"):
+    with recorded("pruning", "scripts.bench.pruning", write=not args.no_results):
         print("| run | accuracy | kernel sparsity | bytes up / client / round (mean) | "
               "last round | seconds |")
         print("|---|---:|---:|---:|---:|---:|")

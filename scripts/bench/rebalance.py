@@ -22,7 +22,7 @@ from pathlib import Path
 
 from fl_app.data.rebalance import MODES
 from scripts.bench.common import run_history
-from scripts.bench.results_page import recorded
+from scripts.bench.results_page import write_markdown
 
 PARTITIONS = {
     "pathological (2 classes per client)": "partitioner='pathological' classes-per-partition=2",
@@ -37,6 +37,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     for flag, default, what in (("--clients", 10, "simulated clients"),
                                 ("--rounds", 20, "rounds per run"), ("--seeds", 3, "seeds 1..N")):
         parser.add_argument(flag, type=int, default=default, help=f"{what} ({default})")
+    parser.add_argument("--no-results", action="store_true",
+                        help="print only; do not update docs/results.md")
     return parser.parse_args(argv)
 
 
@@ -67,10 +69,13 @@ def main(argv: list[str] | None = None) -> int:
                           f"| worst class recall {worst[-1]:.4f}", flush=True)
                 lines.append(f"| {partition} | {mode} | {mean_std(accuracy)} | "
                              f"{mean_std(worst)} |")
-    with recorded("rebalance", "scripts.bench.rebalance"):
-        print("\n".join(lines))
-        print(f"{args.seeds} seeds, {args.rounds} rounds, {args.clients} clients: "
-              f"{(time.monotonic() - start) / 60:.1f} min")
+    summary = (f"{args.seeds} seeds, {args.rounds} rounds, {args.clients} clients: "
+               f"{(time.monotonic() - start) / 60:.1f} min")
+    print("\n".join(lines))
+    print(summary)
+    if not args.no_results:  # the summary below the table, not a row of it
+        write_markdown("rebalance", "\n".join(lines) + "\n\n" + summary,
+                       "scripts.bench.rebalance")
     return 0
 
 

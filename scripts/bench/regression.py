@@ -108,6 +108,8 @@ def parse_args(argv: list[str] | None, description: str | None) -> argparse.Name
     parser.add_argument("--seed", type=int, default=42, help="run seed (default: 42)")
     parser.add_argument("--num-supernodes", type=int, default=10,
                         help="number of federated clients (default: 10)")
+    parser.add_argument("--no-results", action="store_true",
+                        help="print only; do not update docs/results.md")
     args = parser.parse_args(argv)
     if args.rounds < 1 or args.num_supernodes < 1 or args.seed < 0:
         parser.error("--rounds and --num-supernodes must be at least 1, --seed at least 0")
@@ -145,7 +147,8 @@ def main(argv: list[str] | None = None) -> int:
     table.add_row("(c) predict the training mean", "", "", "", f"{baseline['mse']:.4g}",
                   f"{baseline['mae']:.4g}", "")
     console = Console(width=120)
-    publish("regression", table, "scripts.bench.regression", console)
+    publish("regression", table, "scripts.bench.regression", console,
+            write=not args.no_results)
     ratio = federated["mse"] / central["mse"]
     console.print(f"federated / central test MSE: {ratio:.2f}x; federated output in {out_dir}")
     if ratio > WORSE_THAN_CENTRAL:

@@ -66,11 +66,13 @@ def command_line(module: str) -> str:
 
 
 def publish(name: str, table: Table, module: str, console: Console | None = None,
-            page: Path = RESULTS_PAGE) -> None:
-    """Print `table` (on `console`) and write it, under the command that made it (`module`
-    run with this process's arguments), into section `name` of the results page."""
+            write: bool = True, page: Path = RESULTS_PAGE) -> None:
+    """Print `table` (on `console`) and, unless `write` is False, write it under the
+    command that made it (`module` run with this process's arguments) into section `name`
+    of the results page."""
     (console or Console()).print(table)
-    write_markdown(name, markdown_table(table), module, page)
+    if write:
+        write_markdown(name, markdown_table(table), module, page)
 
 
 def write_markdown(name: str, markdown: str, module: str, page: Path = RESULTS_PAGE) -> None:
@@ -97,10 +99,14 @@ class _Tee(io.TextIOBase):
 
 
 @contextlib.contextmanager
-def recorded(name: str, module: str, text: bool = False,
+def recorded(name: str, module: str, text: bool = False, write: bool = True,
              page: Path = RESULTS_PAGE) -> Iterator[None]:
-    """Print as usual inside the block, then write what was printed into section `name`
-    (Markdown as printed, or with `text` as a text block) under the command that made it."""
+    """Print as usual inside the block, then (unless `write` is False: a bench's
+    `--no-results`) write what was printed into section `name` (Markdown as printed, or
+    with `text` as a text block) under the command that made it."""
+    if not write:
+        yield
+        return
     tee = _Tee(sys.stdout)  # type: ignore[arg-type]
     with contextlib.redirect_stdout(tee):
         yield

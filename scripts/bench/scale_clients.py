@@ -366,16 +366,22 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     for command in (many, costs):
         command.add_argument("--json", type=Path, default=None,
                              help="also write the figures here")
+        command.add_argument("--no-results", action="store_true",
+                             help="print only; do not update docs/results.md")
     return parser.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> None:
-    """Run the chosen measurement and print its tables."""
+    """Run the chosen measurement, print its tables and write them into docs/results.md."""
     args = parse_args(argv)
     result = run_many(args) if args.command == "many" else run_costs(args)
     if args.json is not None:
         args.json.write_text(json.dumps(result, indent=1), encoding="utf-8")
-    with recorded(f"scale-clients-{args.command}", "scripts.bench.scale_clients"):
+    # a section per measurement: `many` per model and dataset, so its runs do not overwrite
+    # each other's (aggregation_scale's clients table makes two)
+    section = (f"scale-clients-many-{args.model}-{args.dataset}" if args.command == "many"
+               else "scale-clients-costs")
+    with recorded(section, "scripts.bench.scale_clients", write=not args.no_results):
         if args.command == "many":
             print_many(result, args.at or sorted({1, min(10, args.rounds), args.rounds}))
         else:

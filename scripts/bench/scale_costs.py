@@ -203,6 +203,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--json", type=Path, default=None, help="also write the rows here")
     parser.add_argument("--out", type=Path, default=None,
                         help="keep each run's outputs here (default: a temporary folder)")
+    parser.add_argument("--no-results", action="store_true",
+                        help="print only; do not update docs/results.md")
     return parser.parse_args(argv)
 
 
@@ -226,7 +228,7 @@ def main(argv: list[str] | None = None) -> int:
                 print(json.dumps(asdict(rows[-1])), flush=True)
                 if args.json is not None:
                     args.json.write_text(json.dumps([asdict(r) for r in rows], indent=2))
-    with recorded("scale-costs", "scripts.bench.scale_costs"):
+    with recorded("scale-costs", "scripts.bench.scale_costs", write=not args.no_results):
         print(f"\n{args.clients} clients, {args.local_epochs} local epoch(s); sizes: "
               + "; ".join(f"{s} = {SIZES[s][0]}" for s in args.sizes))
         print(markdown(rows))

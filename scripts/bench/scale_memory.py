@@ -202,6 +202,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--plot", type=Path, default=ROOT / "docs/img/memory_per_round.png",
                         help="where to write the plot (PNG)")
+    parser.add_argument("--no-results", action="store_true",
+                        help="print only; do not update docs/results.md")
     parser.add_argument("--one", choices=list(PATHS), help=argparse.SUPPRESS)  # the child's run
     return parser.parse_args(argv)
 
@@ -216,7 +218,7 @@ def main(argv: list[str] | None = None) -> None:
     rows = [measure(path, n, args.model, args.workers, args.seed)
             for n in args.clients for path in PATHS]
     first = rows[0]
-    with recorded("scale-memory", "scripts.bench.scale_memory"):
+    with recorded("scale-memory", "scripts.bench.scale_memory", write=not args.no_results):
         print(f"\nPeak server RSS over one fit round, {first['model']} ({first['weights']:,} "
               f"float32 weights, {first['model_mib']:.1f} MiB), {args.workers} worker threads, "
               "each configuration in a fresh process")

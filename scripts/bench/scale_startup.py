@@ -52,8 +52,6 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any
 
-from scripts.bench.results_page import recorded
-
 ROOT = Path(__file__).resolve().parents[2]
 MODULES = ("fl_app.cli.simulate", "ray", "tensorflow", "flwr.simulation")
 # (module, attribute path, phase name): functions timed in the child, patched right after
@@ -381,6 +379,9 @@ def main() -> None:
     if len(sys.argv) > 2 and sys.argv[1] == "--child":
         child(sys.argv[2], sys.argv[4:])
         return
+    # here, not at the top: the child runs in the tree it times (a baseline may lack it)
+    from scripts.bench.results_page import recorded
+
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--baseline", type=Path, default=None,
@@ -390,6 +391,8 @@ def main() -> None:
     parser.add_argument("--num-supernodes", type=int, default=10)
     parser.add_argument("--results", action="store_true",
                         help="compare the full default job's history.json across the trees")
+    parser.add_argument("--no-results", action="store_true",
+                        help="print only; do not update docs/results.md")
     args = parser.parse_args()
     trees = {"this tree": ROOT}
     if args.baseline is not None:
@@ -407,8 +410,9 @@ def main() -> None:
             runs[name].append(result)
             print(f"run {i + 1} {name}: start-up {result['startup_seconds']:.2f} s "
                   f"(load before {result['load']:.1f})", flush=True)
-        with recorded("scale-startup", "scripts.bench.scale_startup", text=True):
-            print_startup(trees, runs)  # after every round of runs: the medians so far
+        with recorded("scale-startup", "scripts.bench.scale_startup", text=True,
+                      write=not args.no_results):  # after every round of runs: the medians so far
+            print_startup(trees, runs)
 
 
 if __name__ == "__main__":

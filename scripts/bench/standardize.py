@@ -76,7 +76,8 @@ def central_standardized(cfg: RunConfig, pooled: Split, test: Split, epochs: int
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Run (a) to (d) and print the table of final test MSEs."""
+    """Run (a) to (d), print the table of final test MSEs and write it into
+    docs/results.md (unless `--no-results`: print only)."""
     args = parse_args(argv, __doc__)
     folder = Path(tempfile.mkdtemp(prefix="standardize-table-"))
     path = write_diabetes_csv(folder)
@@ -92,7 +93,7 @@ def main(argv: list[str] | None = None) -> int:
     pooled = pooled_training_data(cfg, args.num_supernodes)
     central = central_standardized(cfg, pooled, test, args.rounds * int(cfg["local-epochs"]))
     mean = mean_baseline(pooled, test)["mse"]
-    with recorded("standardize", "scripts.bench.standardize"):
+    with recorded("standardize", "scripts.bench.standardize", write=not args.no_results):
         print(f"diabetes CSV (raw target 25..346), {MODEL} (adam, mse), task='regression', "
               f"{args.num_supernodes} IID clients, {args.rounds} rounds x {cfg['local-epochs']} "
               f"local epochs, seed {args.seed}; final test MSE on the raw scale\n")

@@ -402,6 +402,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--only-valid", action="store_true",
                         help="prove only the valid update (large sizes)")
     parser.add_argument("--json", type=Path, help="also write the rows here")
+    parser.add_argument("--no-results", action="store_true",
+                        help="print only; do not update docs/results.md")
     parser.add_argument("--one", type=int, help=argparse.SUPPRESS)
     return parser.parse_args(argv)
 
@@ -421,7 +423,7 @@ def main(argv: list[str] | None = None) -> None:
         print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
     if args.json:
         args.json.write_text(json.dumps(rows, indent=1))
-    with recorded("zk-bound-proof", "scripts.bench.zk_bound_proof"):
+    with recorded("zk-bound-proof", "scripts.bench.zk_bound_proof", write=not args.no_results):
         print(f"L2 bound {args.bound} (float) = sum of squares <= "
               f"{quantized_bound(args.bound, CLIPPING_RANGE, QUANTIZATION_RANGE):,} (quantized: "
               f"clip {CLIPPING_RANGE}, range {QUANTIZATION_RANGE}); input {args.visibility}; "
