@@ -13,6 +13,7 @@ import run_simulation
 from fl_app.app.local_client import client_for
 from fl_app.client.local_work import (
     NodeWork,
+    WorkSettings,
     drawn_epochs,
     parse_sim_node_config,
     work_for,
@@ -47,7 +48,7 @@ def test_a_time_budget_replaces_the_epochs_unless_the_node_caps_them():
 ])
 def test_bad_node_config_values_are_named(node_config, message):
     with pytest.raises(ConfigError, match=message) as err:
-        work_for(make_config(), node_config, 0, "node-config of node 7")
+        work_for(WorkSettings.from_config(make_config()), node_config, 0, "node-config of node 7")
     assert "node 7" in str(err.value)
 
 
@@ -55,9 +56,10 @@ def test_sim_node_config_gives_partitions_their_own_node_config():
     cfg = make_config(sim_node_config="0: local-epochs=2 batch-size=8; 3: time-budget=1.5")
     assert parse_sim_node_config(cfg["sim-node-config"]) == {
         0: {"local-epochs": 2, "batch-size": 8}, 3: {"time-budget": 1.5}}
-    assert work_for(cfg, {"partition-id": 3, "num-partitions": 4}, 3, "p3") == NodeWork(
+    work = WorkSettings.from_config(cfg)
+    assert work_for(work, {"partition-id": 3, "num-partitions": 4}, 3, "p3") == NodeWork(
         time_budget=1.5)
-    assert work_for(cfg, {"partition-id": 1, "num-partitions": 4}, 1, "p1") == NodeWork()
+    assert work_for(work, {"partition-id": 1, "num-partitions": 4}, 1, "p1") == NodeWork()
 
 
 @pytest.mark.parametrize("text, message", [
@@ -71,12 +73,12 @@ def test_bad_sim_node_config_stops_the_run_before_training(text, message):
 
 
 def test_local_epochs_range_draws_a_fixed_number_per_client_within_the_range():
-    cfg = make_config(local_epochs_range="1-10")
-    draws = [drawn_epochs(cfg, key) for key in range(200)]
-    assert draws == [drawn_epochs(cfg, key) for key in range(200)]  # fixed per client
+    work = WorkSettings.from_config(make_config(local_epochs_range="1-10"))
+    draws = [drawn_epochs(work, key) for key in range(200)]
+    assert draws == [drawn_epochs(work, key) for key in range(200)]  # fixed per client
     assert min(draws) == 1 and max(draws) == 10  # P(a value missing) < 200 * 0.9**200
-    assert drawn_epochs(make_config(), 0) is None
-    node_own = work_for(cfg, {"partition-id": 0, "local-epochs": 3}, 0, "p0")
+    assert drawn_epochs(WorkSettings.from_config(make_config()), 0) is None
+    node_own = work_for(work, {"partition-id": 0, "local-epochs": 3}, 0, "p0")
     assert node_own.epochs == 3  # the node's own node-config wins over the drawn number
     with pytest.raises(ConfigError, match="local-epochs-range"):
         make_config(local_epochs_range="10-1")

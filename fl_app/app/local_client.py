@@ -17,7 +17,7 @@ from fl_app.client.adaptive_work import AdaptiveWork
 from fl_app.client.faults import FaultSettings, with_faults
 from fl_app.client.homomorphic import with_encryption
 from fl_app.client.keras_client import KerasClient
-from fl_app.client.local_work import work_for
+from fl_app.client.local_work import WorkSettings, work_for
 from fl_app.client.node_policy import NodePolicy, check_sources, public_client_key
 from fl_app.client.timing import TimedClient
 from fl_app.data.node_data import load_client
@@ -44,8 +44,9 @@ def client_with(cfg: RunConfig, node_config: Mapping[str, Scalar],
     spec = data_spec(DataSettings.from_config(cfg))
     trainer = trainer_for(TrainSettings.from_config(cfg), spec, run_id)
     key = int(node_config["partition-id"]) if "partition-id" in node_config else data.key
-    work = work_for(cfg, node_config, key, f"node-config of {data.source}")
-    budget = float(cfg["round-time-budget"])
+    work_settings = WorkSettings.from_config(cfg)
+    work = work_for(work_settings, node_config, key, f"node-config of {data.source}")
+    budget = work_settings.round_time_budget
     adaptive = AdaptiveWork(budget, RecordDict() if state is None else state) if budget else None
     keras_client = KerasClient(trainer, data, cfg, seed=int(cfg["seed"]), client_key=key,
                                work=work, public_key=public_client_key(node_config, data.source),

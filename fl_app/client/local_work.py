@@ -23,7 +23,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from fl_app.schema import ConfigError, Scalar, Setting
+from fl_app.schema import ConfigError, LayerSettings, Scalar, Setting
 from fl_app.wire import KEY_STRAGGLER_EPOCHS
 
 WORK_KEYS = ("local-epochs", "batch-size", "time-budget")  # node-config keys read here
@@ -114,26 +114,38 @@ def node_work(node_config: Mapping[str, Scalar], where: str) -> NodeWork:
                     time_budget=values.get("time-budget"))
 
 
-def drawn_epochs(cfg: Mapping[str, Scalar], client_key: int) -> int | None:
+@dataclass(frozen=True)
+class WorkSettings(LayerSettings):
+    """The run-config keys a node's local work comes from (`SETTINGS`: the round's time
+    budget, the epochs range, the simulation's per-node work, and the run's seed): built
+    once by the app layer (`WorkSettings.from_config(cfg)`)."""
+
+    round_time_budget: float
+    local_epochs_range: str
+    sim_node_config: str
+    seed: int
+
+
+def drawn_epochs(settings: WorkSettings, client_key: int) -> int | None:
     """This client's fixed epochs from `local-epochs-range` (None when it is unset)."""
-    bounds = parse_epochs_range(str(cfg["local-epochs-range"]))
+    bounds = parse_epochs_range(settings.local_epochs_range)
     if bounds is None:
         return None
-    rng = np.random.default_rng([int(cfg["seed"]), _RANGE_SALT, client_key])
+    rng = np.random.default_rng([settings.seed, _RANGE_SALT, client_key])
     return int(rng.integers(bounds[0], bounds[1] + 1))
 
 
-def work_for(cfg: Mapping[str, Scalar], node_config: Mapping[str, Scalar], client_key: int,
+def work_for(settings: WorkSettings, node_config: Mapping[str, Scalar], client_key: int,
              where: str) -> NodeWork:
     """A node's work: its node-config's keys (in simulation also its `sim-node-config`
     entry), with `local-epochs-range`'s draw where it sets no epochs of its own."""
     merged = dict(node_config)
     if "partition-id" in node_config:
-        merged.update(parse_sim_node_config(str(cfg["sim-node-config"])).get(
+        merged.update(parse_sim_node_config(settings.sim_node_config).get(
             int(node_config["partition-id"]), {}))
     work = node_work(merged, where)
     if work.epochs is None:
-        work = NodeWork(drawn_epochs(cfg, client_key), work.batch_size, work.time_budget)
+        work = NodeWork(drawn_epochs(settings, client_key), work.batch_size, work.time_budget)
     return work
 
 
