@@ -189,7 +189,7 @@ class LayerSettings:
     is hashable, so a cache keyed by it survives changes to other layers' keys."""
 
     @classmethod
-    def from_config(cls, values: Mapping[str, Scalar]) -> Self:
+    def from_config(cls, values: Mapping[str, object]) -> Self:
         """The settings read from a resolved run config (every field's key must be there)."""
         return cls(**{f.name: values[f.name.replace("_", "-")] for f in fields(cls)})
 

@@ -50,7 +50,7 @@ def compose(ctx: StrategyContext, *, meter: bool = True) -> Strategy:
     """The server's strategy chain for `ctx`'s run config (the module doc draws it);
     `meter=False` leaves out the outermost `WireMeter` (a caller that counts no bytes)."""
     cfg = ctx.cfg
-    if secure.protected(cfg) and cfg["fraction-evaluate"] > 0:
+    if secure.protected(cfg) and float(cfg["fraction-evaluate"]) > 0:
         log(INFO, "fraction-evaluate=%s is not used: a run with secure aggregation or "
             "homomorphic encryption has no distributed evaluation (each client's loss and "
             "validation-set size would reach the server in the clear)", cfg["fraction-evaluate"])
@@ -60,7 +60,7 @@ def compose(ctx: StrategyContext, *, meter: bool = True) -> Strategy:
         strategy = wrap(spec_of(cfg, "dp-inner").build(ctx), ctx)
     else:
         strategy = spec.build(ctx)
-    if cfg["straggler-fraction"] > 0:
+    if float(cfg["straggler-fraction"]) > 0:
         strategy = Stragglers(strategy, fraction=float(cfg["straggler-fraction"]),
                               keep=keeps_partial_work(cfg), local_epochs=int(cfg["local-epochs"]),
                               seed=int(cfg["seed"]))
