@@ -1,8 +1,9 @@
 """fl-keras: federated learning for Keras models on Flower.
 
 Subpackages are layers (docs/architecture.md): `schema` and `wire` at the bottom, then
-`data`, `ml` (beside the top-level `strategies` package), `server` and `client`, `app`
-(the ServerApp and ClientApp) and `cli`; imports point down only.
+`protocol` (what server and client both compute), `data`, `ml` (beside the top-level
+`strategies` package, the server's only), `server` and `client`, `app` (the ServerApp and
+ClientApp) and `worker`, `cli`, `api`; imports point down only.
 """
 
 import os
