@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from scripts.bench.common import run_history, table_parser, time_to, timeline
-from scripts.bench.results_page import write_markdown
+from scripts.bench.results_page import add_results_option, write_markdown
 
 VARIANTS = {  # label -> run-config of the variant (the budget added to the adaptive ones)
     "fixed, weighted-fedavg": "strategy='weighted-fedavg'",
@@ -47,6 +47,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--target", type=float, default=0.95, help="accuracy (0.95)")
     parser.add_argument("--slow-client-fraction", type=float, default=0.3)
     parser.add_argument("--slowdown", type=float, default=10.0)
+    add_results_option(parser)
     return parser.parse_args(argv)
 
 
@@ -95,7 +96,8 @@ def print_table(args: argparse.Namespace, results: dict[tuple[str, int], dict]) 
                      f"{_mean([r['per_round'] for r in runs])} | "
                      f"{sum(r['final'] for r in runs) / len(runs):.3f} |")
     print("\n" + "\n".join(lines))
-    write_markdown("adaptive-work", "\n".join(lines), "scripts.bench.adaptive_work")
+    if not args.no_results:
+        write_markdown("adaptive-work", "\n".join(lines), "scripts.bench.adaptive_work")
 
 
 def main(argv: list[str] | None = None) -> int:

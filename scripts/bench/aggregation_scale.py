@@ -51,7 +51,7 @@ from flwr.server.strategy import FedAvg
 from flwr.server.strategy.aggregate import aggregate
 
 from fl_app.app.config import resolve
-from scripts.bench.results_page import write_markdown
+from scripts.bench.results_page import add_results_option, write_markdown
 from strategies.compose import compose
 from strategies.context import StrategyContext
 from strategies.weighted_fedavg import WeightedFedAvg
@@ -156,8 +156,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--tables", nargs="+", default=["aggregation"],
                         choices=["all", "aggregation", *TABLES],
                         help="which tables (default: aggregation; all: every one)")
-    parser.add_argument("--no-results", action="store_true",
-                        help="print only; do not update docs/results.md")
+    add_results_option(parser)
     args = parser.parse_args(argv)
     if "all" in args.tables:
         args.tables = ["aggregation", *TABLES]

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from fl_app.cli import simulate
-from scripts.bench.results_page import publish
+from scripts.bench.results_page import add_results_option, publish
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -65,6 +65,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--seed", type=int, default=42)
     parser.add_argument("--out", type=Path, default=None,
                         help="keep each run's outputs here (default: a temporary folder)")
+    add_results_option(parser)
     return parser.parse_args(argv)
 
 
@@ -126,7 +127,8 @@ def print_table(args: argparse.Namespace, results: dict[str, Result], minutes: f
             f"{res.up / base.up:.4f}" if base else "", str(res.down),
             f"{res.down / base.down:.4f}" if base else "")
     console = Console(width=160)
-    publish("compression", table, "scripts.bench.compression", console)
+    publish("compression", table, "scripts.bench.compression", console,
+            write=not args.no_results)
     for line in verdicts(results):
         console.print(line)
 

@@ -46,7 +46,7 @@ from typing import Any
 
 import tomli_w
 
-from scripts.bench.results_page import recorded
+from scripts.bench.results_page import add_results_option, recorded
 
 ROOT = Path(__file__).resolve().parents[2]
 MODES = ("simulation", "floor", "flower", "executor", "fused")
@@ -214,8 +214,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--num-nodes", type=int, default=3)
     parser.add_argument("--modes", default="simulation,floor,flower,executor,fused",
                         help=f"comma-separated, of {', '.join(MODES)}")
-    parser.add_argument("--no-results", action="store_true",
-                        help="print only; do not update docs/results.md")
+    add_results_option(parser)
     args = parser.parse_args(argv)
     modes = [m for m in args.modes.split(",") if m]
     unknown = sorted(set(modes) - set(MODES))

@@ -16,7 +16,7 @@ import tempfile
 from pathlib import Path
 
 from scripts.bench.common import timed_run
-from scripts.bench.results_page import recorded
+from scripts.bench.results_page import add_results_option, recorded
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -28,8 +28,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--runs", nargs="+", default=["model='mlp'", "model='cnn'"],
                         help="run-config overrides, one run each")
     parser.add_argument("--clients", type=int, default=10, help="simulated clients (10)")
-    parser.add_argument("--no-results", action="store_true",
-                        help="print only; do not update docs/results.md")
+    add_results_option(parser)
     return parser.parse_args(argv)
 
 

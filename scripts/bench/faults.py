@@ -17,7 +17,7 @@ import tempfile
 from pathlib import Path
 
 from fl_app.cli import simulate
-from scripts.bench.results_page import recorded
+from scripts.bench.results_page import add_results_option, recorded
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -30,8 +30,7 @@ def main(argv: list[str] | None = None) -> int:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--num-supernodes", type=int, default=10)
     parser.add_argument("--run-config", default=DEFAULT_FAULTS)
-    parser.add_argument("--no-results", action="store_true",
-                        help="print only; do not update docs/results.md")
+    add_results_option(parser)
     args = parser.parse_args(argv)
     with tempfile.TemporaryDirectory(prefix="faults-") as out:
         code = simulate.main(["--num-supernodes", str(args.num_supernodes),

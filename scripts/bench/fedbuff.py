@@ -31,7 +31,7 @@ from typing import Any
 
 from fl_app.cli import simulate
 from scripts.bench.common import table_parser, time_to, timeline
-from scripts.bench.results_page import write_markdown
+from scripts.bench.results_page import add_results_option, write_markdown
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -50,8 +50,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--local-epochs", type=int, default=2)
     parser.add_argument("--seed", type=int, default=42)
     parser.add_argument("--out", default=None, help="keep the runs' folders here")
-    parser.add_argument("--no-results", action="store_true",
-                        help="print only; do not update docs/results.md")
+    add_results_option(parser)
     return parser.parse_args(argv)
 
 

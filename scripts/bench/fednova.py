@@ -20,7 +20,7 @@ import time
 from pathlib import Path
 
 from scripts.bench.common import run_accuracies, table_parser, tail_mean
-from scripts.bench.results_page import publish
+from scripts.bench.results_page import add_results_option, publish
 
 STRATEGIES = ("weighted-fedavg", "fednova")
 
@@ -31,6 +31,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--epochs-range", default="1-10", help="local epochs per client (1-10)")
     parser.add_argument("--dirichlet-alpha", type=float, default=0.3)
     parser.add_argument("--learning-rate", type=float, default=0.05)
+    add_results_option(parser)
     return parser.parse_args(argv)
 
 
@@ -60,7 +61,7 @@ def print_table(args: argparse.Namespace, results: dict[tuple[str, int], list[fl
         final = sum(c[-1] for c in curves) / len(curves)
         last5 = sum(tail_mean(c, 5) for c in curves) / len(curves)
         table.add_row(strategy, *cells, f"{final:.3f} / {last5:.3f}")
-    publish("fednova", table, "scripts.bench.fednova")
+    publish("fednova", table, "scripts.bench.fednova", write=not args.no_results)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -25,7 +25,7 @@ import time
 from pathlib import Path
 
 from scripts.bench.common import run_accuracies, synthetic_devices, tail_mean
-from scripts.bench.results_page import publish
+from scripts.bench.results_page import add_results_option, publish
 
 FRACTIONS = (0.0, 0.5, 0.9)
 DEVICES, PER_ROUND = 30, 10
@@ -52,6 +52,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="straggler shares (0 0.5 0.9)")
     parser.add_argument("--with-mu0", action="store_true",
                         help="also run FedProx mu=0 keeping partial work")
+    add_results_option(parser)
     return parser.parse_args(argv)
 
 
@@ -77,7 +78,8 @@ def print_table(args: argparse.Namespace, results: dict[tuple[str, float], list[
     for label in labels:
         table.add_row(label, *(f"{results[label, f][-1]:.3f} / "
                                f"{tail_mean(results[label, f], 5):.3f}" for f in args.fractions))
-    publish("fedprox-stragglers", table, "scripts.bench.fedprox_stragglers")
+    publish("fedprox-stragglers", table, "scripts.bench.fedprox_stragglers",
+            write=not args.no_results)
     print(PAPER_TREND)
 
 

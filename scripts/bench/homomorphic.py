@@ -41,7 +41,7 @@ from fl_app.ml.models import build_model
 from fl_app.ml.trainer import TrainSettings, trainer_for
 from fl_app.protocol import ckks
 from fl_app.server.outputs import MODEL_FILE
-from scripts.bench.results_page import write_markdown
+from scripts.bench.results_page import add_results_option, write_markdown
 from strategies.homomorphic import HomomorphicAggregation
 from strategies.weighted_fedavg import WeightedFedAvg
 from tests.flower_objects import results  # real FitRes objects, no client behind them
@@ -158,8 +158,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--accuracy", action="store_true")
     parser.add_argument("--rounds", type=int, default=20)
-    parser.add_argument("--no-results", action="store_true",
-                        help="print only; do not update docs/results.md")
+    add_results_option(parser)
     args = parser.parse_args()
     cfg = load_run_config(None)
     spec = data_source(DataSettings.from_config(cfg)).spec

@@ -65,7 +65,7 @@ from fl_app.ml.trainer import TrainSettings, fresh_optimizer, trainer_for
 from fl_app.schema import RunConfig
 from fl_app.server.outputs import read_history
 from fl_app.wire import round_config
-from scripts.bench.results_page import publish
+from scripts.bench.results_page import add_results_option, publish
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -246,7 +246,8 @@ def per_client_seconds(cfg: RunConfig, n: int) -> dict[str, list[float]]:
     return times
 
 
-def benchmark(workload: Workload, rounds: int, n: int, console: Console) -> dict[str, float]:
+def benchmark(workload: Workload, rounds: int, n: int, console: Console,
+              write: bool = True) -> dict[str, float]:
     """Run (a), (b), (c) for one workload, print its table and ratios; return the ratios
     (`call_vs_floor`, `rounds_speedup`)."""
     out = tempfile.mkdtemp(prefix=f"bench-{workload.name}-")
@@ -271,7 +272,7 @@ def benchmark(workload: Workload, rounds: int, n: int, console: Console) -> dict
     table.add_row("(c1) floor: guide's per-batch loop", "", f"{sum(guide):.3f}", "", "")
     table.add_row("(c2) floor: compiled epoch loop", "", f"{sum(epoch_loop):.3f}", "", "")
     table.add_row("(c) compute floor (faster per client)", "", f"{floor_round:.3f}", "", "")
-    publish(f"overhead-{workload.name}", table, "scripts.bench.overhead", console)
+    publish(f"overhead-{workload.name}", table, "scripts.bench.overhead", console, write)
 
     call_ratio = statistics.median(calls) / statistics.median(floor)
     speedup = quick["round"] / app["round"]
@@ -304,11 +305,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--num-supernodes", type=int, default=10)
     parser.add_argument("--workloads", type=parse_workloads, default=list(WORKLOADS.values()),
                         help=f"comma-separated, from {', '.join(WORKLOADS)} (default: all)")
+    add_results_option(parser)
     args = parser.parse_args(argv)
     if args.rounds < 3:
         parser.error("--rounds must be at least 3 (the median round leaves out round 1)")
     console = Console(width=120)
-    ratios = {w.name: benchmark(w, args.rounds, args.num_supernodes, console)
+    ratios = {w.name: benchmark(w, args.rounds, args.num_supernodes, console, not args.no_results)
               for w in args.workloads}
     summary = Table(title="summary")
     for column in ("workload", f"client call / floor (target <= {CALL_TARGET:g}x)",
@@ -317,7 +319,8 @@ def main(argv: list[str] | None = None) -> int:
     for name, ratio in ratios.items():
         summary.add_row(name, f"{ratio['call_vs_floor']:.2f}x",
                         f"{ratio['rounds_speedup']:.1f}x")
-    publish("overhead-summary", summary, "scripts.bench.overhead", console)
+    publish("overhead-summary", summary, "scripts.bench.overhead", console,
+            write=not args.no_results)
     return 0
 
 

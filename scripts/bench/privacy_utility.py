@@ -29,7 +29,7 @@ import time
 from pathlib import Path
 
 from fl_app.server.outputs import read_history
-from scripts.bench.results_page import write_markdown
+from scripts.bench.results_page import add_results_option, write_markdown
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -50,6 +50,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                              "noise multiplier, accuracy averaged")
     parser.add_argument("--extra", default="", help="more run-config overrides for every run")
     parser.add_argument("--out", default=None, help="folder for the runs, plot and table")
+    add_results_option(parser)
     return parser.parse_args(argv)
 
 
@@ -167,7 +168,8 @@ def main(argv: list[str] | None = None) -> int:
     plot(rows, out / "privacy_utility.png", title)
     show(rows, title)
     print(markdown(rows))
-    write_markdown("privacy-utility", markdown(rows), "scripts.bench.privacy_utility")
+    if not args.no_results:
+        write_markdown("privacy-utility", markdown(rows), "scripts.bench.privacy_utility")
     print(f"runs, plot and table: {out}")
     return 0
 

@@ -30,7 +30,7 @@ import numpy as np
 
 from fl_app.server.outputs import MODEL_FILE
 from scripts.bench.common import timed_run
-from scripts.bench.results_page import recorded
+from scripts.bench.results_page import add_results_option, recorded
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -48,8 +48,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--rounds", type=int, default=20, help="rounds per run (20)")
     parser.add_argument("--clients", type=int, default=10, help="simulated clients (10)")
     parser.add_argument("--seed", type=int, default=42)
-    parser.add_argument("--no-results", action="store_true",
-                        help="print only; do not update docs/results.md")
+    add_results_option(parser)
     return parser.parse_args(argv)
 
 

@@ -28,7 +28,7 @@ import time
 from pathlib import Path
 
 from scripts.bench.common import run_history, synthetic_devices
-from scripts.bench.results_page import write_markdown
+from scripts.bench.results_page import add_results_option, write_markdown
 
 DEVICES, PER_ROUND = 100, 10
 COLUMNS = ("mean", "worst_10", "best_10", "variance")
@@ -48,6 +48,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="the devices' SGD learning rate; L = 1/it (0.1)")
     parser.add_argument("--batch-size", type=int, default=64,
                         help="local batch size (64, the official code's run.sh)")
+    add_results_option(parser)
     return parser.parse_args(argv)
 
 
@@ -106,7 +107,8 @@ def main(argv: list[str] | None = None) -> int:
                     f"{c} {results[q, seed][c]:.4f}" for c in COLUMNS), flush=True)
     table = markdown(args, results, (time.monotonic() - start) / 60)
     print(table)
-    write_markdown("qffl", table, "scripts.bench.qffl")
+    if not args.no_results:
+        write_markdown("qffl", table, "scripts.bench.qffl")
     print(PAPER)
     return 0
 

@@ -22,7 +22,7 @@ from pathlib import Path
 
 from fl_app.data.rebalance import MODES
 from scripts.bench.common import run_history
-from scripts.bench.results_page import write_markdown
+from scripts.bench.results_page import add_results_option, write_markdown
 
 PARTITIONS = {
     "pathological (2 classes per client)": "partitioner='pathological' classes-per-partition=2",
@@ -37,8 +37,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     for flag, default, what in (("--clients", 10, "simulated clients"),
                                 ("--rounds", 20, "rounds per run"), ("--seeds", 3, "seeds 1..N")):
         parser.add_argument(flag, type=int, default=default, help=f"{what} ({default})")
-    parser.add_argument("--no-results", action="store_true",
-                        help="print only; do not update docs/results.md")
+    add_results_option(parser)
     return parser.parse_args(argv)
 
 

@@ -41,7 +41,7 @@ from fl_app.data.types import DataSettings
 from fl_app.ml.models import build_model
 from fl_app.schema import RunConfig
 from scripts.bench.common import timed_run
-from scripts.bench.results_page import publish
+from scripts.bench.results_page import add_results_option, publish
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -108,8 +108,7 @@ def parse_args(argv: list[str] | None, description: str | None) -> argparse.Name
     parser.add_argument("--seed", type=int, default=42, help="run seed (default: 42)")
     parser.add_argument("--num-supernodes", type=int, default=10,
                         help="number of federated clients (default: 10)")
-    parser.add_argument("--no-results", action="store_true",
-                        help="print only; do not update docs/results.md")
+    add_results_option(parser)
     args = parser.parse_args(argv)
     if args.rounds < 1 or args.num_supernodes < 1 or args.seed < 0:
         parser.error("--rounds and --num-supernodes must be at least 1, --seed at least 0")

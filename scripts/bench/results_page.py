@@ -9,6 +9,7 @@ bench prints inside a `with` block (its Markdown table, or plain lines as a text
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import io
 import sys
@@ -19,6 +20,12 @@ from rich.console import Console
 from rich.table import Table
 
 RESULTS_PAGE = Path(__file__).resolve().parents[2] / "docs" / "results.md"
+
+
+def add_results_option(parser: argparse.ArgumentParser) -> None:
+    """`--no-results`: the bench prints its table without writing it into the results page."""
+    parser.add_argument("--no-results", action="store_true",
+                        help="print only; do not update docs/results.md")
 
 
 def markers(name: str) -> tuple[str, str]:

@@ -52,7 +52,7 @@ import psutil
 from fl_app.data.types import DataSettings
 from fl_app.flower_internals import engine_node_stores, grid_client_proxy, in_memory_engine
 from fl_app.server.callbacks import Callback
-from scripts.bench.results_page import recorded
+from scripts.bench.results_page import add_results_option, recorded
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -366,8 +366,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     for command in (many, costs):
         command.add_argument("--json", type=Path, default=None,
                              help="also write the figures here")
-        command.add_argument("--no-results", action="store_true",
-                             help="print only; do not update docs/results.md")
+        add_results_option(command)
     return parser.parse_args(argv)
 
 

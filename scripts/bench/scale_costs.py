@@ -54,7 +54,7 @@ from fl_app.cli import simulate
 from fl_app.client.timing import JsonLinesSink, MessageSeconds, message_seconds_mod
 from fl_app.server.outputs import read_history
 from scripts.bench.homomorphic import final_model_accuracy
-from scripts.bench.results_page import recorded
+from scripts.bench.results_page import add_results_option, recorded
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -203,8 +203,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--json", type=Path, default=None, help="also write the rows here")
     parser.add_argument("--out", type=Path, default=None,
                         help="keep each run's outputs here (default: a temporary folder)")
-    parser.add_argument("--no-results", action="store_true",
-                        help="print only; do not update docs/results.md")
+    add_results_option(parser)
     return parser.parse_args(argv)
 
 

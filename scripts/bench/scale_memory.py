@@ -59,7 +59,7 @@ from fl_app.app.config import resolve
 from fl_app.server.runner import FederatedServer
 from fl_app.server.stopping import StoppingRules
 from scripts.bench.aggregation_scale import MODELS, vgg_shapes
-from scripts.bench.results_page import recorded
+from scripts.bench.results_page import add_results_option, recorded
 from strategies.compose import compose
 from strategies.context import StrategyContext
 from strategies.decoding import NUMPY_TENSORS, decode, encode, encode_array
@@ -202,8 +202,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--plot", type=Path, default=ROOT / "docs/img/memory_per_round.png",
                         help="where to write the plot (PNG)")
-    parser.add_argument("--no-results", action="store_true",
-                        help="print only; do not update docs/results.md")
+    add_results_option(parser)
     parser.add_argument("--one", choices=list(PATHS), help=argparse.SUPPRESS)  # the child's run
     return parser.parse_args(argv)
 

@@ -380,7 +380,7 @@ def main() -> None:
         child(sys.argv[2], sys.argv[4:])
         return
     # here, not at the top: the child runs in the tree it times (a baseline may lack it)
-    from scripts.bench.results_page import recorded
+    from scripts.bench.results_page import add_results_option, recorded
 
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -391,8 +391,7 @@ def main() -> None:
     parser.add_argument("--num-supernodes", type=int, default=10)
     parser.add_argument("--results", action="store_true",
                         help="compare the full default job's history.json across the trees")
-    parser.add_argument("--no-results", action="store_true",
-                        help="print only; do not update docs/results.md")
+    add_results_option(parser)
     args = parser.parse_args()
     trees = {"this tree": ROOT}
     if args.baseline is not None:

@@ -44,7 +44,7 @@ from fl_app.data.node_data import load_client
 from fl_app.data.types import DataSettings
 from fl_app.schema import RunConfig
 from fl_app.server.wire_bytes import MeteredGrid
-from scripts.bench.results_page import publish
+from scripts.bench.results_page import add_results_option, publish
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -92,6 +92,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, default=20)
     parser.add_argument("--num-supernodes", type=int, default=10)
     parser.add_argument("--models", default=",".join(MODELS))
+    add_results_option(parser)
     args = parser.parse_args(argv)
     table = Table(title=f"SecAgg+ vs plaintext weighted-fedavg ({args.num_supernodes} clients, "
                         f"{args.rounds} rounds)")
@@ -122,7 +123,7 @@ def main(argv: list[str] | None = None) -> int:
                               rounds[-1]["centralized"]["accuracy"], "seconds": seconds,
                               "down_per_client_round": result["down"] / per * 1024,
                               "up_per_client_round": result["up"] / per * 1024}), flush=True)
-    publish("secagg", table, "scripts.bench.secagg")
+    publish("secagg", table, "scripts.bench.secagg", write=not args.no_results)
     return 0
 
 

@@ -43,7 +43,7 @@ from importlib.util import find_spec
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from scripts.bench.results_page import recorded
+from scripts.bench.results_page import add_results_option, recorded
 
 if TYPE_CHECKING:
     import numpy as np
@@ -402,8 +402,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--only-valid", action="store_true",
                         help="prove only the valid update (large sizes)")
     parser.add_argument("--json", type=Path, help="also write the rows here")
-    parser.add_argument("--no-results", action="store_true",
-                        help="print only; do not update docs/results.md")
+    add_results_option(parser)
     parser.add_argument("--one", type=int, help=argparse.SUPPRESS)
     return parser.parse_args(argv)
 
