@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from fl_app.client.keras_client import KerasClient
+from fl_app.client.keras_client import ClientSettings, KerasClient
 from fl_app.data.node_data import load_client
 from fl_app.data.quality import QualityReport, check_client_data
 from fl_app.data.sources import (
@@ -215,7 +215,8 @@ def test_a_clients_fit_metrics_carry_its_data_report():
                            findings={"single_class": 1})
     data = ClientData(part.train, part.val, part.source, report)
     train = TrainSettings.from_config(cfg)
-    client = KerasClient(trainer_for(train, DataSpec((64,), 10)), data, cfg)
+    client = KerasClient(trainer_for(train, DataSpec((64,), 10)), data,
+                         ClientSettings.from_config(cfg))
     _, _, metrics = client.fit(client.get_parameters({}), {})
     assert {k: metrics[k] for k in report.as_metrics()} == {
         "data_rows": 99, "data_dropped_nonfinite": 3, "data_dropped_target": 1,

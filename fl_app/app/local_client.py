@@ -16,7 +16,7 @@ from flwr.common import RecordDict
 from fl_app.client.adaptive_work import AdaptiveWork
 from fl_app.client.faults import FaultSettings, with_faults
 from fl_app.client.homomorphic import with_encryption
-from fl_app.client.keras_client import KerasClient
+from fl_app.client.keras_client import ClientSettings, KerasClient
 from fl_app.client.local_work import WorkSettings, work_for
 from fl_app.client.node_policy import NodePolicy, check_sources, public_client_key
 from fl_app.client.timing import TimedClient
@@ -48,9 +48,9 @@ def client_with(cfg: RunConfig, node_config: Mapping[str, Scalar],
     work = work_for(work_settings, node_config, key, f"node-config of {data.source}")
     budget = work_settings.round_time_budget
     adaptive = AdaptiveWork(budget, RecordDict() if state is None else state) if budget else None
-    keras_client = KerasClient(trainer, data, cfg, seed=int(cfg["seed"]), client_key=key,
+    keras_client = KerasClient(trainer, data, ClientSettings.from_config(cfg), client_key=key,
                                work=work, public_key=public_client_key(node_config, data.source),
-                               rebalance=str(cfg["rebalance"]), adaptive=adaptive)
+                               adaptive=adaptive)
     client = with_faults(keras_client, FaultSettings.from_config(cfg), node_config)
     return with_encryption(client, cfg, node_config)
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
+from dataclasses import dataclass
 
 import numpy as np
 from flwr.client import NumPyClient
@@ -16,9 +17,9 @@ from fl_app.ml.standardize import Standardization, moments
 from fl_app.ml.trainer import KerasTrainer
 from fl_app.protocol.clipping import add_noise, clip_weights
 from fl_app.protocol.pruning_mask import check_round_sparsity, round_mask
+from fl_app.schema import LayerSettings
 from fl_app.wire import (
     CLIENT_KEY,
-    CLIENT_SAMPLING,
     FUSED_COUNT,
     FUSED_LOSS,
     FUSED_PREFIX,
@@ -34,8 +35,31 @@ from fl_app.wire import (
     KEY_STANDARDIZATION,
     KEY_STATISTICS,
     NUM_EXAMPLES,
+    ROUND_KEYS,
     SERVER_ROUND,
 )
+
+
+@dataclass(frozen=True)
+class ClientSettings(LayerSettings):
+    """The run-config keys a `KerasClient` reads: the round's work and rate it falls back to
+    when the fit config does not carry them, and what its own run allows (client sampling
+    by size, standardization, the pruning schedule, rebalancing, the seed): built once by
+    the app layer (`ClientSettings.from_config(cfg)`)."""
+
+    local_epochs: int
+    batch_size: int
+    learning_rate: float
+    client_sampling: str
+    standardize: bool
+    prune_sparsity: float
+    prune_rounds: int
+    rebalance: str
+    seed: int
+
+    def round_defaults(self) -> dict[str, Scalar]:
+        """The per-round keys (`fl_app.wire.ROUND_KEYS`) as this run sets them."""
+        return {key: getattr(self, key.replace("-", "_")) for key in ROUND_KEYS}
 
 
 class KerasClient(NumPyClient):
@@ -82,30 +106,24 @@ class KerasClient(NumPyClient):
     times slower where they run, so the node's own clock sees it.
     """
 
-    def __init__(self, trainer: KerasTrainer, data: ClientData, defaults: Mapping[str, Scalar],
-                 seed: int = 0, client_key: int = 0, work: NodeWork | None = None,
-                 public_key: str = "", rebalance: str = "none",
+    def __init__(self, trainer: KerasTrainer, data: ClientData, settings: ClientSettings,
+                 client_key: int = 0, work: NodeWork | None = None, public_key: str = "",
                  adaptive: AdaptiveWork | None = None, slowdown: float = 1.0) -> None:
         self.trainer = trainer
         self.data = data
-        self.defaults = dict(defaults)
-        self.seed = seed
+        self.settings = settings
         self.client_key = client_key
         self.work = work if work is not None else NodeWork()
         self.public_key = public_key
-        self.rebalance = rebalance
         self.adaptive = adaptive
         self.slowdown = slowdown
-
-    def _setting(self, config: Mapping[str, Scalar], key: str) -> Scalar:
-        return config.get(key, self.defaults[key])
 
     def get_properties(self, config: dict[str, Scalar]) -> dict[str, Scalar]:
         """The client's `public_key`, a name that stays the same across runs (the server
         orders clients by it for seeded sampling; none when it has no such name), and its
         training-set size when the run samples clients by size."""
         properties: dict[str, Scalar] = {CLIENT_KEY: self.public_key} if self.public_key else {}
-        if self.defaults.get(CLIENT_SAMPLING) == "size":
+        if self.settings.client_sampling == "size":
             properties[NUM_EXAMPLES] = len(self.data.train)
         return properties
 
@@ -126,7 +144,7 @@ class KerasClient(NumPyClient):
         `standardize=true` (a server cannot impose them on any other run), else None;
         ValueError when they are not statistics of this client's data (`from_bytes`)."""
         data = config.get(KEY_STANDARDIZATION)
-        if not self.defaults.get("standardize") or not isinstance(data, bytes):
+        if not self.settings.standardize or not isinstance(data, bytes):
             return None
         return Standardization.from_bytes(data, self.trainer.spec)
 
@@ -134,7 +152,7 @@ class KerasClient(NumPyClient):
         """Raise ValueError unless this run standardizes (`standardize=true`) in the clear:
         the data sums go out unclipped and un-noised, so a server must not get them from a
         run that promised client-side DP, or from one that never asked for them."""
-        if not self.defaults.get("standardize"):
+        if not self.settings.standardize:
             raise ValueError("the server asked for this client's data statistics, but this "
                              "run has standardize=false: refused, nothing sent")
         if KEY_CLIPPING_NORM in config or KEY_DP_NOISE_STD in config:
@@ -170,11 +188,10 @@ class KerasClient(NumPyClient):
             self._check_statistics_request(config)
             target = train.y if self.trainer.spec.task == "regression" else None
             return moments(train.x, target), len(train), {}
-        check_round_sparsity(config, float(self.defaults.get("prune-sparsity", 0.0)),
-                             int(self.defaults.get("prune-rounds", 1)))
+        check_round_sparsity(config, self.settings.prune_sparsity, self.settings.prune_rounds)
         fused = self._fused_evaluation(parameters, config)
-        epochs, batch_size, time_budget = self.work.plan(config, self.defaults)
-        learning_rate = float(self._setting(config, "learning-rate")) or None
+        epochs, batch_size, time_budget = self.work.plan(config, self.settings.round_defaults())
+        learning_rate = float(config.get("learning-rate", self.settings.learning_rate)) or None
         steps, plan, chosen = None, None, {}
         if self.adaptive is not None and time_budget is None:
             plan = self.adaptive.choose(self.trainer, train, batch_size, self.slowdown)
@@ -186,8 +203,8 @@ class KerasClient(NumPyClient):
         self.trainer.set_weights(parameters)
         loss_before = self._loss_before(config)
         server_round = int(config.get(SERVER_ROUND, 0))
-        seed = [self.seed, server_round, self.client_key]
-        train, sample_weight = rebalance(self.data.train, self.rebalance, seed)
+        seed = [self.settings.seed, server_round, self.client_key]
+        train, sample_weight = rebalance(self.data.train, self.settings.rebalance, seed)
         result = self.trainer.fit(
             train,
             epochs=epochs,
