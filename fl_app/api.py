@@ -34,7 +34,7 @@ from fl_app.app.config import check_num_clients, defaults, resolve
 from fl_app.cli.simulate import check_user_keys, parse_args, simulate
 from fl_app.cli.summary import print_summary
 from fl_app.data.types import DataSettings
-from fl_app.schema import Scalar
+from fl_app.schema import ConfigError, Scalar
 from fl_app.server.callbacks import Callback
 from fl_app.server.outputs import private_files, read_history, resolve_out_dir
 from fl_app.server.run_clock import run_start
@@ -79,6 +79,14 @@ def initial_parameters(**config: Scalar) -> Parameters:
     return ndarrays_to_parameters(model.get_weights())
 
 
+APP_ONLY: dict[str, Scalar] = {
+    "secure-aggregation": "none", "homomorphic-encryption": "none", "compress-up": "none",
+    "compress-down": "none", "prune-sparsity": 0.0, "standardize": False,
+    "fuse-evaluate": False, "server-loop": "sync"}
+"""Run-config keys (with their off value) whose protocol needs this app's own server loop
+and clients: `server_strategy` refuses them."""
+
+
 def server_strategy(*, initial_parameters: Parameters,
                     evaluate_fn: EvaluateFn | None = None,
                     on_fit_config_fn: ConfigFn | None = None,
@@ -91,12 +99,20 @@ def server_strategy(*, initial_parameters: Parameters,
     misshapen or over-claiming update is rejected and logged, never averaged in.
     `config` takes any run-config key in Python spelling (`min_fit_clients=3`,
     `noise_multiplier=1.0`); a DP strategy reports ε and δ so far as the fit metrics
-    `dp_epsilon` and `dp_delta`, so they reach Flower's `History`. Keys that need this
-    app's server loop or its clients (`secure_aggregation`, `homomorphic_encryption`,
-    `standardize`, `fuse_evaluate`) are not for another client. Raises ConfigError on a
-    bad key or value, or a combination the strategy cannot run."""
+    `dp_epsilon` and `dp_delta`, so they reach Flower's `History`. Keys whose protocol
+    needs this app's server loop or its clients (`APP_ONLY`: SecAgg+, homomorphic
+    encryption, the update codecs, pruning, standardization, fused evaluation, FedBuff)
+    are refused: around another server or client they would aggregate the wrong thing.
+    Raises ConfigError on a bad key or value, or a combination the strategy cannot run."""
+    cfg = _config(config)
+    used = [f"{key}={cfg[key]!r}" for key, off in APP_ONLY.items() if cfg[key] != off]
+    if used:
+        raise ConfigError(
+            f"run-config key(s) {', '.join(used)} cannot be used with server_strategy: they "
+            "need this app's server loop and clients (run_simulation.py, flwr run .), not "
+            "your own ServerApp and ClientApp")
     return compose(StrategyContext(
-        _config(config), initial_parameters, evaluate_fn=evaluate_fn,
+        cfg, initial_parameters, evaluate_fn=evaluate_fn,
         on_fit_config_fn=on_fit_config_fn, on_evaluate_config_fn=on_evaluate_config_fn),
         meter=False)
 

@@ -89,8 +89,6 @@ def incompatibilities(values: Mapping[str, Scalar]) -> list[str]:
     return problems
 
 
-
-
 def is_encrypted(parameters: Parameters) -> bool:
     """Whether `parameters` is an encrypted aggregate (rather than a plaintext model)."""
     return parameters.tensor_type == ckks.TENSOR_TYPE

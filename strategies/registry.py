@@ -64,5 +64,9 @@ SETTINGS: list[Setting] = [*_OWN_SETTINGS,
                            *(s for module in _SETTING_MODULES for s in module.SETTINGS)]
 """Every run-config key of the strategies layer: sampling, validation, each strategy's."""
 
-check_config: ConfigCheck = module_checks([*_SETTING_MODULES, combinations])
+# the strategy-by-mode rules run before the modes' own key rules: a refused strategy is
+# named first, as each mode's check did when it held the name lists
+check_config: ConfigCheck = module_checks(
+    [context, validation, combinations,
+     *(module for module in _SETTING_MODULES if module not in (context, validation))])
 """Every cross-key rule the strategy modules declare."""

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from logging import WARNING
 
 import numpy as np
@@ -22,14 +21,11 @@ from flwr.server.client_proxy import ClientProxy
 from flwr.server.strategy import Strategy
 from flwr.server.strategy.aggregate import weighted_loss_avg
 
-from strategies.context import StrategyContext
+from strategies.context import ConfigFn, EvaluateFn, StrategyContext
 from strategies.decoding import decode, encode
 from strategies.metrics import weighted_metrics
 from strategies.running_sum import RunningWeightedSum
 from strategies.spec import StrategySpec
-
-EvaluateFn = Callable[[int, NDArrays, dict[str, Scalar]], "tuple[float, dict[str, Scalar]] | None"]
-ConfigFn = Callable[[int], dict[str, Scalar]]
 
 
 def weighted_average(updates: list[NDArrays], weights: list[float]) -> NDArrays:

@@ -65,3 +65,13 @@ def test_dp_reports_epsilon_in_flowers_history():
 def test_the_dp_wrapper_accounts_by_default():
     wrapper = DPFixedClipping(WeightedFedAvg(), noise_multiplier=1.0, clipping_norm=1.0)
     assert (wrapper.accountant.kind, wrapper.accountant.sampling) == ("rdp", "fixed")
+
+
+@pytest.mark.parametrize("key, value", [
+    ("secure_aggregation", "secagg+"), ("homomorphic_encryption", "ckks"),
+    ("compress_up", "int8"), ("prune_sparsity", 0.5), ("standardize", True),
+    ("fuse_evaluate", True), ("server_loop", "fedbuff")])
+def test_keys_that_need_this_apps_loop_and_clients_are_refused(key, value):
+    overrides = {"examples_cap_factor": 0.0} if key == "secure_aggregation" else {}
+    with pytest.raises(ConfigError, match=f"{key.replace('_', '-')}.*server_strategy"):
+        server_strategy(initial_parameters=INITIAL, **{key: value}, **overrides)

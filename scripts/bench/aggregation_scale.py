@@ -114,7 +114,8 @@ def measure(spec: str, repeats: int, seed: int) -> str:
     """Print one workload's table; return it (Markdown, under its caption)."""
     global_model, updates = workload(spec, np.random.default_rng(seed))
     fit_results = results(updates)
-    validated = compose(StrategyContext(resolve({}), ndarrays_to_parameters(global_model)))
+    validated = compose(StrategyContext(resolve({}), ndarrays_to_parameters(global_model)),
+                        meter=False)
     validated.initialize_parameters(SimpleClientManager())
     flats = [np.concatenate([a.reshape(-1) for a in arrays]) for arrays, _ in updates]
 

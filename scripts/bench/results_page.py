@@ -47,8 +47,11 @@ def write_section(name: str, markdown: str, page: Path = RESULTS_PAGE) -> None:
     the page's end the first time)."""
     start, end = markers(name)
     text = page.read_text(encoding="utf-8")
+    if (start in text) != (end in text):
+        raise SystemExit(f"error: {page} has only one of the markers {start} / {end}: "
+                         "restore the other, or remove both")
     block = f"{start}\n{markdown.strip()}\n{end}"
-    if start in text and end in text:
+    if start in text:
         head, rest = text.split(start, 1)
         text = head + block + rest.split(end, 1)[1]
     else:
