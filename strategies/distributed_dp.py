@@ -41,7 +41,7 @@ from flwr.server.strategy import Strategy
 from fl_app.protocol.clipping import model_update
 from fl_app.wire import KEY_DP_NOISE_STD
 from strategies.context import StrategyContext
-from strategies.dp import DPFixedClipping, dp_kwargs
+from strategies.dp import DPFixedClipping, DPSettings, dp_kwargs
 from strategies.validation import NUM_REJECTED
 
 
@@ -104,7 +104,7 @@ class DistributedDPFixedClipping(DPFixedClipping):
 
 SECURE_WRAPPERS = {
     "dp-client-fixed": lambda inner, ctx: DistributedDPFixedClipping(
-        inner, **dp_kwargs(ctx, client_side=True)),
+        inner, **dp_kwargs(DPSettings.from_config(ctx.cfg), client_side=True)),
 }
 """Wrappers that replace the registry's under secure aggregation."""
 

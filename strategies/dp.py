@@ -78,7 +78,7 @@ from flwr.server.client_proxy import ClientProxy
 from flwr.server.strategy import Strategy
 
 from fl_app.protocol.clipping import clip_update, model_update
-from fl_app.schema import ConfigError, Setting
+from fl_app.schema import ConfigError, LayerSettings, Setting
 from fl_app.wire import KEY_CLIPPING_NORM, KEY_NORM_BIT
 from strategies.accounting import ACCOUNTANTS, SAMPLINGS, PrivacyAccountant, RoundEvent
 from strategies.context import StrategyContext
@@ -561,29 +561,50 @@ class DPAdaptiveClipping(DPFixedClipping):
         return noised, {**metrics, "dp_unclipped_fraction": fraction}
 
 
-def dp_kwargs(ctx: StrategyContext, client_side: bool) -> dict[str, Any]:
-    """The DP wrappers' keyword arguments from the run config."""
-    cfg = ctx.cfg
-    accountant = PrivacyAccountant(cfg["accountant"], cfg["dp-sampling"], cfg["fraction-fit"],
-                                   cfg["target-delta"])
-    return dict(noise_multiplier=cfg["noise-multiplier"], clipping_norm=cfg["clipping-norm"],
-                accountant=accountant, noise_seed=cfg["dp-noise-seed"], client_side=client_side,
-                max_epsilon=cfg["max-epsilon"], fraction_fit=cfg["fraction-fit"],
-                min_fit_clients=cfg["min-fit-clients"],
-                min_available_clients=cfg["min-available-clients"],
-                distributed_evaluation=cfg["dp-distributed-evaluation"])
+@dataclass(frozen=True)
+class DPSettings(LayerSettings):
+    """The run-config keys a DP wrapper is built from (this module's `SETTINGS`, and the
+    sampling keys its accounting and release rules read)."""
+
+    noise_multiplier: float
+    clipping_norm: float
+    accountant: str
+    dp_sampling: str
+    target_delta: float
+    dp_noise_seed: int
+    max_epsilon: float
+    dp_distributed_evaluation: bool
+    fraction_fit: float
+    min_fit_clients: int
+    min_available_clients: int
+    target_clipped_quantile: float
+    clip_norm_lr: float
+    clipped_count_stddev: float
+
+
+def dp_kwargs(settings: DPSettings, client_side: bool) -> dict[str, Any]:
+    """The DP wrappers' keyword arguments from their settings."""
+    accountant = PrivacyAccountant(settings.accountant, settings.dp_sampling,
+                                   settings.fraction_fit, settings.target_delta)
+    return dict(noise_multiplier=settings.noise_multiplier,
+                clipping_norm=settings.clipping_norm, accountant=accountant,
+                noise_seed=settings.dp_noise_seed, client_side=client_side,
+                max_epsilon=settings.max_epsilon, fraction_fit=settings.fraction_fit,
+                min_fit_clients=settings.min_fit_clients,
+                min_available_clients=settings.min_available_clients,
+                distributed_evaluation=settings.dp_distributed_evaluation)
 
 
 def _adaptive(inner: Strategy, ctx: StrategyContext, client_side: bool) -> DPAdaptiveClipping:
-    cfg = ctx.cfg
-    return DPAdaptiveClipping(inner, **dp_kwargs(ctx, client_side),
-                              target_quantile=cfg["target-clipped-quantile"],
-                              clip_norm_lr=cfg["clip-norm-lr"],
-                              clipped_count_stddev=cfg["clipped-count-stddev"])
+    settings = DPSettings.from_config(ctx.cfg)
+    return DPAdaptiveClipping(inner, **dp_kwargs(settings, client_side),
+                              target_quantile=settings.target_clipped_quantile,
+                              clip_norm_lr=settings.clip_norm_lr,
+                              clipped_count_stddev=settings.clipped_count_stddev)
 
 
 def _fixed(inner: Strategy, ctx: StrategyContext, client_side: bool) -> DPFixedClipping:
-    return DPFixedClipping(inner, **dp_kwargs(ctx, client_side))
+    return DPFixedClipping(inner, **dp_kwargs(DPSettings.from_config(ctx.cfg), client_side))
 
 
 _ACCOUNTING = ("its privacy accounting assumes one noised average of a sampled cohort per "
