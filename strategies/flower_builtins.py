@@ -12,11 +12,13 @@ published (`strategies.qffl`).
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 from flwr.common import Code, FitRes, Parameters, Scalar, Status
 from flwr.server import strategy as fl
 from flwr.server.client_proxy import ClientProxy
 
-from fl_app.schema import Setting
+from fl_app.schema import LayerSettings, Setting
 from strategies.context import StrategyContext
 from strategies.decoding import encode
 from strategies.running_sum import RunningWeightedSum
@@ -58,6 +60,27 @@ SETTINGS = [
 ]
 
 
+@dataclass(frozen=True)
+class BuiltinSettings(LayerSettings):
+    """The run-config keys of Flower's built-in strategies (this module's `SETTINGS`)."""
+
+    proximal_mu: float
+    fedopt_eta: float
+    fedopt_tau: float
+    fedopt_beta_1: float
+    fedopt_beta_2: float
+    fedavgm_server_lr: float
+    fedavgm_momentum: float
+    trimmed_beta: float
+    num_malicious_clients: int
+    krum_num_clients_to_keep: int
+    bulyan_to_keep: int
+
+
+def _settings(ctx: StrategyContext) -> BuiltinSettings:
+    return BuiltinSettings.from_config(ctx.cfg)
+
+
 FEDOPT_DEFAULTS: dict[str, dict[str, float]] = {
     "fedadam": {"eta": 0.1, "tau": 1e-3},
     "fedyogi": {"eta": 0.1, "tau": 1e-3},
@@ -69,12 +92,12 @@ the default workload within 0.10 of weighted-fedavg after 5 rounds and 0.05 afte
 
 
 def _fedopt_kwargs(ctx: StrategyContext, name: str, betas: bool) -> dict:
-    cfg = ctx.cfg
+    settings = _settings(ctx)
     own = FEDOPT_DEFAULTS[name]
-    kwargs = dict(ctx.flower_kwargs(), eta=cfg["fedopt-eta"] or own["eta"],
-                  tau=cfg["fedopt-tau"] or own["tau"])
+    kwargs = dict(ctx.flower_kwargs(), eta=settings.fedopt_eta or own["eta"],
+                  tau=settings.fedopt_tau or own["tau"])
     if betas:
-        kwargs.update(beta_1=cfg["fedopt-beta-1"], beta_2=cfg["fedopt-beta-2"])
+        kwargs.update(beta_1=settings.fedopt_beta_1, beta_2=settings.fedopt_beta_2)
     return kwargs
 
 
@@ -85,7 +108,7 @@ def fedavg(ctx: StrategyContext) -> fl.Strategy:
 
 def fedprox(ctx: StrategyContext) -> fl.Strategy:
     """Flower's FedProx: clients add mu/2 * ||w - w_global||^2 to their loss."""
-    return fl.FedProx(**ctx.flower_kwargs(), proximal_mu=ctx.cfg["proximal-mu"])
+    return fl.FedProx(**ctx.flower_kwargs(), proximal_mu=_settings(ctx).proximal_mu)
 
 
 def fedadam(ctx: StrategyContext) -> fl.Strategy:
@@ -105,9 +128,9 @@ def fedadagrad(ctx: StrategyContext) -> fl.Strategy:
 
 def fedavgm(ctx: StrategyContext) -> fl.Strategy:
     """Flower's FedAvgM (server momentum)."""
-    return fl.FedAvgM(**ctx.flower_kwargs(),
-                      server_learning_rate=ctx.cfg["fedavgm-server-lr"],
-                      server_momentum=ctx.cfg["fedavgm-momentum"])
+    settings = _settings(ctx)
+    return fl.FedAvgM(**ctx.flower_kwargs(), server_learning_rate=settings.fedavgm_server_lr,
+                      server_momentum=settings.fedavgm_momentum)
 
 
 def fedmedian(ctx: StrategyContext) -> fl.Strategy:
@@ -117,21 +140,21 @@ def fedmedian(ctx: StrategyContext) -> fl.Strategy:
 
 def fedtrimmedavg(ctx: StrategyContext) -> fl.Strategy:
     """Flower's FedTrimmedAvg (coordinate-wise trimmed mean)."""
-    return fl.FedTrimmedAvg(**ctx.flower_kwargs(), beta=ctx.cfg["trimmed-beta"])
+    return fl.FedTrimmedAvg(**ctx.flower_kwargs(), beta=_settings(ctx).trimmed_beta)
 
 
 def krum(ctx: StrategyContext) -> fl.Strategy:
     """Flower's Krum (Byzantine-robust selection)."""
-    return fl.Krum(**ctx.flower_kwargs(),
-                      num_malicious_clients=ctx.cfg["num-malicious-clients"],
-                      num_clients_to_keep=ctx.cfg["krum-num-clients-to-keep"])
+    settings = _settings(ctx)
+    return fl.Krum(**ctx.flower_kwargs(), num_malicious_clients=settings.num_malicious_clients,
+                   num_clients_to_keep=settings.krum_num_clients_to_keep)
 
 
 def bulyan(ctx: StrategyContext) -> fl.Strategy:
     """Flower's Bulyan (Krum selection + trimmed mean); needs n >= 4f + 3 clients."""
-    return fl.Bulyan(**ctx.flower_kwargs(),
-                      num_malicious_clients=ctx.cfg["num-malicious-clients"],
-                      to_keep=ctx.cfg["bulyan-to-keep"])
+    settings = _settings(ctx)
+    return fl.Bulyan(**ctx.flower_kwargs(), num_malicious_clients=settings.num_malicious_clients,
+                     to_keep=settings.bulyan_to_keep)
 
 
 _SERVER_STEP = "takes its own server step (an optimizer on the plaintext model)"
