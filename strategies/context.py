@@ -9,7 +9,7 @@ from typing import Any
 
 from flwr.common import NDArrays, Parameters, Scalar
 
-from fl_app.schema import ConfigError, RunConfig, Setting
+from fl_app.schema import ConfigError, LayerSettings, RunConfig, Setting
 from fl_app.wire import CLIENT_SAMPLING
 from strategies.metrics import weighted_metrics
 from strategies.secure import evaluate_fraction, protected
@@ -59,6 +59,18 @@ def check_config(values: Mapping[str, Scalar]) -> None:
             f"uniform sampling); use {CLIENT_SAMPLING}='uniform'")
 
 
+@dataclass(frozen=True)
+class SamplingSettings(LayerSettings):
+    """The sampling keys every strategy takes (this module's `SETTINGS`)."""
+
+    fraction_fit: float
+    fraction_evaluate: float
+    min_fit_clients: int
+    min_evaluate_clients: int
+    min_available_clients: int
+    accept_failures: bool
+
+
 EvaluateFn = Callable[[int, NDArrays, dict[str, Scalar]], tuple[float, dict[str, Scalar]] | None]
 """A server-side evaluation: round, global weights, config -> (loss, metrics), or None."""
 ConfigFn = Callable[[int], dict[str, Scalar]]
@@ -76,18 +88,19 @@ class StrategyContext:
     on_evaluate_config_fn: ConfigFn | None = None
 
     def common_kwargs(self) -> dict[str, Any]:
-        """Keyword arguments every Flower-style strategy takes (sampling, callbacks, ...)."""
-        cfg = self.cfg
+        """Keyword arguments every Flower-style strategy takes (sampling, callbacks, ...);
+        the evaluation fraction is `secure.evaluate_fraction` (0 in a protected run)."""
+        sampling = SamplingSettings.from_config(self.cfg)
         return dict(
-            fraction_fit=cfg["fraction-fit"],
-            fraction_evaluate=evaluate_fraction(cfg),
-            min_fit_clients=cfg["min-fit-clients"],
-            min_evaluate_clients=cfg["min-evaluate-clients"],
-            min_available_clients=cfg["min-available-clients"],
+            fraction_fit=sampling.fraction_fit,
+            fraction_evaluate=evaluate_fraction(self.cfg),
+            min_fit_clients=sampling.min_fit_clients,
+            min_evaluate_clients=sampling.min_evaluate_clients,
+            min_available_clients=sampling.min_available_clients,
             evaluate_fn=self.evaluate_fn,
             on_fit_config_fn=self.on_fit_config_fn,
             on_evaluate_config_fn=self.on_evaluate_config_fn,
-            accept_failures=cfg["accept-failures"],
+            accept_failures=sampling.accept_failures,
             initial_parameters=self.initial_parameters,
         )
 

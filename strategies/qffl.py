@@ -24,6 +24,7 @@ to their data size (`client-sampling='size'`). An update without a finite `loss_
 from __future__ import annotations
 
 import statistics
+from dataclasses import dataclass
 from logging import WARNING
 
 import numpy as np
@@ -33,7 +34,7 @@ from flwr.server.client_manager import ClientManager
 from flwr.server.client_proxy import ClientProxy
 from flwr.server.strategy import Strategy
 
-from fl_app.schema import Setting
+from fl_app.schema import LayerSettings, Setting
 from fl_app.wire import KEY_LOSS_BEFORE
 from strategies.context import StrategyContext
 from strategies.metrics import is_finite_number
@@ -126,9 +127,18 @@ class QFedAvg(PerClientFigure):
                          self.q, self.lipschitz)
 
 
+@dataclass(frozen=True)
+class QfflSettings(LayerSettings):
+    """q-FFL's run-config keys (this module's `SETTINGS`)."""
+
+    qffl_q: float
+    qffl_lipschitz: float
+
+
 def build(ctx: StrategyContext) -> Strategy:
     """Registry factory for `strategy=qfedavg`."""
-    return QFedAvg(q=float(ctx.cfg["qffl-q"]), lipschitz=float(ctx.cfg["qffl-lipschitz"]),
+    settings = QfflSettings.from_config(ctx.cfg)
+    return QFedAvg(q=settings.qffl_q, lipschitz=settings.qffl_lipschitz,
                    **ctx.common_kwargs())
 
 
