@@ -61,10 +61,10 @@ def check_config(values: Mapping[str, Scalar]) -> None:
 
 @dataclass(frozen=True)
 class SamplingSettings(LayerSettings):
-    """The sampling keys every strategy takes (this module's `SETTINGS`)."""
+    """The sampling keys every strategy takes (this module's `SETTINGS`; the evaluation
+    fraction is `secure.evaluate_fraction`'s, which joins it with the protection keys)."""
 
     fraction_fit: float
-    fraction_evaluate: float
     min_fit_clients: int
     min_evaluate_clients: int
     min_available_clients: int
