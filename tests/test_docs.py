@@ -7,6 +7,7 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
+import keras
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -63,8 +64,14 @@ def test_the_readmes_own_model_snippet_trains(tmp_path, monkeypatch):
     section = readme.split("## Bring your own Keras model\n", 1)[1].split("\n## ", 1)[0]
     (snippet,) = re.findall(r"```python\n(.*?)```", section, flags=re.S)
     monkeypatch.chdir(tmp_path)  # its outputs go to ./outputs here
+    # The snippet's model starts from Keras' random initializer: a fixed seed makes the test
+    # repeatable (an unseeded start once scored 0.77 before any training).
+    keras.utils.set_random_seed(0)
     scope: dict = {"__name__": "readme_snippet"}
     exec(compile(snippet, "README.md", "exec"), scope)  # noqa: S102  (the README's own code)
     rounds = scope["history"]["rounds"]
-    first, last = (r["centralized"]["accuracy"] for r in (rounds[0], rounds[-1]))
-    assert len(rounds) == 6 and last > 0.85 and last > first + 0.2, (first, last)
+    first, last = (r["centralized"] for r in (rounds[0], rounds[-1]))
+    assert len(rounds) == 6, rounds
+    # Trained: the held-out loss at least a third lower than the untrained model's, and a
+    # logistic regression's accuracy on breast_cancer.
+    assert last["loss"] < 0.67 * first["loss"] and last["accuracy"] > 0.85, (first, last)
