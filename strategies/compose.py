@@ -29,11 +29,13 @@ What combines with what is decided before, by the config's checks; `compose` onl
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from logging import INFO
 
 from flwr.common.logger import log
 from flwr.server.strategy import Strategy
 
+from fl_app.schema import LayerSettings
 from strategies import homomorphic, secure
 from strategies.combinations import spec_of
 from strategies.compression import CompressedStrategy
@@ -46,43 +48,65 @@ from strategies.validated import ValidatedStrategy
 from strategies.wire_meter import WireMeter
 
 
+@dataclass(frozen=True)
+class ChainSettings(LayerSettings):
+    """The keys that choose and parameterize the chain's wrappers (each key's meaning:
+    docs/config.md); the inner strategies read their own keys from the context."""
+
+    fraction_evaluate: float
+    straggler_fraction: float
+    local_epochs: int
+    seed: int
+    min_fit_clients: int
+    max_examples: int
+    outlier_norm_factor: float
+    examples_cap_factor: float
+    homomorphic_encryption: str
+    he_public_context: str
+    prune_sparsity: float
+    prune_rounds: int
+    compress_up: str
+    compress_down: str
+    compress_top_k: float
+    error_feedback: bool
+
+
 def compose(ctx: StrategyContext, *, meter: bool = True) -> Strategy:
     """The server's strategy chain for `ctx`'s run config (the module doc draws it);
     `meter=False` leaves out the outermost `WireMeter` (a caller that counts no bytes)."""
-    cfg = ctx.cfg
-    if secure.protected(cfg) and float(cfg["fraction-evaluate"]) > 0:
+    cfg, chain = ctx.cfg, ChainSettings.from_config(ctx.cfg)
+    if secure.protected(cfg) and chain.fraction_evaluate > 0:
         log(INFO, "fraction-evaluate=%s is not used: a run with secure aggregation or "
             "homomorphic encryption has no distributed evaluation (each client's loss and "
-            "validation-set size would reach the server in the clear)", cfg["fraction-evaluate"])
+            "validation-set size would reach the server in the clear)", chain.fraction_evaluate)
     spec = spec_of(cfg)
     if spec.wrapper:
         wrap = secure_wrapper(spec.name, ctx) or spec.build
         strategy = wrap(spec_of(cfg, "dp-inner").build(ctx), ctx)
     else:
         strategy = spec.build(ctx)
-    if float(cfg["straggler-fraction"]) > 0:
-        strategy = Stragglers(strategy, fraction=float(cfg["straggler-fraction"]),
-                              keep=keeps_partial_work(cfg), local_epochs=int(cfg["local-epochs"]),
-                              seed=int(cfg["seed"]))
+    if chain.straggler_fraction > 0:
+        strategy = Stragglers(strategy, fraction=chain.straggler_fraction,
+                              keep=keeps_partial_work(cfg), local_epochs=chain.local_epochs,
+                              seed=chain.seed)
     # A privacy-accounting strategy's release is never held back by min-fit-clients
-    # (skipping a round would reveal, un-noised, that clients failed).
-    accounts_privacy = find_layer(strategy, PrivacyAccounting) is not None
+    # (skipping a round would reveal, un-noised, that clients failed). (The ignore: mypy
+    # refuses a Protocol where type[P] is expected, python/mypy#4717.)
+    accounts_privacy = find_layer(strategy, PrivacyAccounting) is not None  # type: ignore[type-abstract]
     strategy = ValidatedStrategy(
-        strategy, min_fit_clients=0 if accounts_privacy else int(cfg["min-fit-clients"]),
-        max_examples=int(cfg["max-examples"]),
-        outlier_norm_factor=float(cfg["outlier-norm-factor"]),
-        examples_cap_factor=float(cfg["examples-cap-factor"]))
-    if cfg["homomorphic-encryption"] != "none":
-        strategy = homomorphic.wrap(strategy, public_context_path=str(cfg["he-public-context"]),
+        strategy, min_fit_clients=0 if accounts_privacy else chain.min_fit_clients,
+        max_examples=chain.max_examples, outlier_norm_factor=chain.outlier_norm_factor,
+        examples_cap_factor=chain.examples_cap_factor)
+    if chain.homomorphic_encryption != "none":
+        strategy = homomorphic.wrap(strategy, public_context_path=chain.he_public_context,
                                     initial=ctx.initial_parameters,
-                                    min_fit_clients=int(cfg["min-fit-clients"]))
+                                    min_fit_clients=chain.min_fit_clients)
     else:
-        if cfg["prune-sparsity"]:
-            strategy = PrunedStrategy(strategy, sparsity=float(cfg["prune-sparsity"]),
-                                      rounds=int(cfg["prune-rounds"]))
-        if cfg["compress-up"] != "none" or cfg["compress-down"] != "none":
-            strategy = CompressedStrategy(strategy, up=str(cfg["compress-up"]),
-                                          down=str(cfg["compress-down"]),
-                                          top_k=float(cfg["compress-top-k"]),
-                                          error_feedback=bool(cfg["error-feedback"]))
+        if chain.prune_sparsity:
+            strategy = PrunedStrategy(strategy, sparsity=chain.prune_sparsity,
+                                      rounds=chain.prune_rounds)
+        if chain.compress_up != "none" or chain.compress_down != "none":
+            strategy = CompressedStrategy(strategy, up=chain.compress_up, down=chain.compress_down,
+                                          top_k=chain.compress_top_k,
+                                          error_feedback=chain.error_feedback)
     return WireMeter(strategy) if meter else strategy

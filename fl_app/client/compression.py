@@ -115,7 +115,7 @@ class CompressingClient(Client):
         """The encoded update and, with error feedback, the L2 norms of the residual carried
         in from the node's state and of the one kept for the next round (zero where the
         round's pruning `mask` is)."""
-        target, metrics = update, {}
+        target, metrics = update, dict[str, Scalar]()
         if feedback:
             carried = self._residual(update)
             target = [u + e for u, e in zip(update, carried)]

@@ -196,9 +196,9 @@ class KerasClient(NumPyClient):
         if self.adaptive is not None and time_budget is None:
             plan = self.adaptive.choose(self.trainer, train, batch_size, self.slowdown)
             epochs, batch_size, steps = None, plan.batch_size, plan.steps
-            if plan.lr_scale != 1.0:
-                base_rate = learning_rate or self.trainer.base_learning_rate()
-                learning_rate = base_rate * plan.lr_scale
+            base_rate = learning_rate or self.trainer.base_learning_rate()
+            if plan.lr_scale != 1.0 and base_rate is not None:  # (None: on a schedule,
+                learning_rate = base_rate * plan.lr_scale   # where `choose` keeps 1.0)
             chosen = {KEY_BATCH_SIZE: batch_size, KEY_LR_SCALE: plan.lr_scale}
         self.trainer.set_weights(parameters)
         loss_before = self._loss_before(config)
@@ -219,7 +219,7 @@ class KerasClient(NumPyClient):
             sample_weight=sample_weight,
             pruned=round_mask(config, parameters),
         )
-        if plan is not None:
+        if plan is not None and self.adaptive is not None:
             self.adaptive.trained(plan, result.seconds)
         metrics: dict[str, Scalar] = {
             "train_loss": result.loss, "train_seconds": result.seconds,

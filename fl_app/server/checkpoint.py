@@ -98,8 +98,10 @@ def save_checkpoint(folder: str | Path, checkpoint: Checkpoint) -> Path:
                   "weights": list(checkpoint.weights), "server_state": checkpoint.server_state,
                   "history": checkpoint.history, "config": dict(checkpoint.config)}, arrays)
     buffer = io.BytesIO()
-    np.savez(buffer, **arrays,
-             **{_META: np.frombuffer(json.dumps(meta).encode("utf-8"), dtype=np.uint8)})
+    # (Typed Any: numpy's stub matches a ** mapping of arrays against `allow_pickle: bool`.)
+    members: dict[str, Any] = {
+        **arrays, _META: np.frombuffer(json.dumps(meta).encode("utf-8"), dtype=np.uint8)}
+    np.savez(buffer, **members)
     path = checkpoint_path(folder)
     atomic_write_bytes(path, buffer.getvalue())
     return path

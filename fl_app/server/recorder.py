@@ -8,6 +8,7 @@ import copy
 import io
 import time
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from logging import ERROR, INFO
 from pathlib import Path
 from typing import Any
@@ -19,7 +20,7 @@ from flwr.common.logger import log
 
 from fl_app.data.types import Split
 from fl_app.ml.trainer import KerasTrainer
-from fl_app.schema import RunConfig
+from fl_app.schema import LayerSettings, RunConfig
 from fl_app.server.callbacks import Callback
 from fl_app.server.checkpoint import Checkpoint
 from fl_app.server.outputs import (
@@ -39,17 +40,28 @@ from fl_app.server.tensorboard import LOG_DIR, TensorBoardLogger
 from strategies.homomorphic import is_encrypted
 
 
-def live_console(cfg: RunConfig) -> bool:
+@dataclass(frozen=True)
+class RecordSettings(LayerSettings):
+    """The keys that shape what a run shows and records besides its history."""
+
+    verbose: bool
+    tensorboard: bool
+    num_server_rounds: int
+    strategy: str
+    dataset: str
+
+
+def live_console(verbose: bool) -> bool:
     """Whether the progress is a live bar: on a terminal, and not drowned out by `verbose`."""
     from rich.console import Console
 
-    return Console().is_terminal and not cfg["verbose"]
+    return Console().is_terminal and not verbose
 
 
-def plot_context(cfg: RunConfig, rounds: list[dict[str, Any]]) -> str:
+def plot_context(settings: RecordSettings, rounds: list[dict[str, Any]]) -> str:
     """The run in a few words for plot titles: strategy, dataset, clients per round."""
     sampled = max((r.get("fit", {}).get("num_sampled", 0) for r in rounds), default=0)
-    parts = [str(cfg["strategy"]), Path(str(cfg["dataset"])).name]
+    parts = [settings.strategy, Path(settings.dataset).name]
     if sampled:
         parts.append(f"{sampled} clients/round")
     return " · ".join(parts)
@@ -73,7 +85,7 @@ class RunRecorder:
                  callbacks: Sequence[Callback] = (), started_at: float | None = None,
                  test_set: Split | None = None, statistics: StatisticsRound | None = None,
                  exporter: Callable[[Path], dict[str, Any]] | None = None) -> None:
-        self.cfg = cfg
+        self.settings = RecordSettings.from_config(cfg)
         self.out_dir = out_dir
         self.trainer = trainer
         self.test_set = test_set
@@ -82,9 +94,10 @@ class RunRecorder:
         self.started_at = run_start() if started_at is None else started_at
         self.startup_seconds: float | None = None
         self.exporter = exporter
-        tensorboard = [TensorBoardLogger(out_dir / LOG_DIR)] if cfg["tensorboard"] else []
+        tensorboard = [TensorBoardLogger(out_dir / LOG_DIR)] if self.settings.tensorboard else []
         self.callbacks: list[Callback] = [
-            ConsoleProgress(int(cfg["num-server-rounds"]), live=live_console(cfg)),
+            ConsoleProgress(self.settings.num_server_rounds,
+                            live=live_console(self.settings.verbose)),
             *tensorboard, *callbacks]
 
     def resume(self, checkpoint: Checkpoint) -> None:
@@ -103,7 +116,7 @@ class RunRecorder:
         if self.startup_seconds is None:
             self.startup_seconds = time.time() - self.started_at - float(record["seconds"])
             for callback in self.callbacks:
-                callback.on_run_begin(dict(self.cfg), self.startup_seconds)
+                callback.on_run_begin(dict(self.history["config"]), self.startup_seconds)
         for callback in self.callbacks:
             callback.on_round_end(int(record["round"]), copy.deepcopy(record))
 
@@ -148,8 +161,10 @@ class RunRecorder:
         write_history(self.out_dir, self.history)
         if encrypted:
             buffer = io.BytesIO()
-            np.savez(buffer, **{f"chunk_{i}": a for i, a in
-                                enumerate(parameters_to_ndarrays(parameters))})
+            # (Typed Any: numpy's stub matches a ** mapping of arrays against a bool.)
+            chunks: dict[str, Any] = {f"chunk_{i}": a for i, a in
+                                      enumerate(parameters_to_ndarrays(parameters))}
+            np.savez(buffer, **chunks)
             atomic_write_bytes(self.out_dir / ENCRYPTED_MODEL_FILE, buffer.getvalue())
         else:
             with private_files():
@@ -158,7 +173,7 @@ class RunRecorder:
                 self.history["summary"]["export"] = self._export()
                 write_history(self.out_dir, self.history)
         rounds = self.history["rounds"]
-        save_plots(self.out_dir, rounds, plot_context(self.cfg, rounds))
+        save_plots(self.out_dir, rounds, plot_context(self.settings, rounds))
         log(INFO, "results written to %s", self.out_dir)
         for callback in self.callbacks:
             callback.on_run_end(copy.deepcopy(self.history))

@@ -80,7 +80,8 @@ def _fused_report(cid: str, metrics: dict[str, Scalar]) -> EvaluateRes | None:
     loss, count = metrics.get(FUSED_LOSS), metrics.get(FUSED_COUNT)
     if loss is None and count is None:
         return None
-    if not _sound_report(loss, count):
+    if not _sound_report(loss, count) or not isinstance(loss, (int, float)) \
+            or not isinstance(count, int):  # (the isinstance checks only narrow the types)
         log(WARNING, "client %s: its fused evaluation (%s=%r, %s=%r) is not a finite loss "
             "and an example count; dropped", cid, FUSED_LOSS, loss, FUSED_COUNT, count)
         return None
@@ -299,9 +300,10 @@ class FederatedServer(Server):
                  sample_by_size: bool = False, size_claims: tuple[float, int] = (0.0, 0),
                  ) -> None:
         self.wire = metered(strategy)  # counts the round's parameter bytes up and down
-        super().__init__(client_manager=SeededClientManager(seed, sample_by_size, *size_claims),
-                         strategy=self.wire)
-        self.privacy = find_layer(strategy, PrivacyAccounting)
+        self.seeded_manager = SeededClientManager(seed, sample_by_size, *size_claims)
+        super().__init__(client_manager=self.seeded_manager, strategy=self.wire)
+        # (The ignore: mypy refuses a Protocol where type[P] is expected, python/mypy#4717.)
+        self.privacy = find_layer(strategy, PrivacyAccounting)  # type: ignore[type-abstract]
         self.stopping = stopping
         self.on_round = on_round
         self.on_finish = on_finish
@@ -317,7 +319,7 @@ class FederatedServer(Server):
     def server_state(self, stopped: str | None) -> dict[str, Any]:
         """Everything besides the weights that the next round depends on."""
         return {"strategy": strategy_state(self.strategy),
-                "client_manager": self.client_manager().get_state(),
+                "client_manager": self.seeded_manager.get_state(),
                 "stopping": self.stopping.get_state(), "stopped": stopped}
 
     def _checkpoint(self, server_round: int, stopped: str | None) -> None:
@@ -331,7 +333,7 @@ class FederatedServer(Server):
         set_strategy_state(self.strategy, state["strategy"])
         if self.privacy is not None and resume.ledger is not None:
             self.privacy.restore_ledger(resume.ledger)
-        self.client_manager().set_state(state["client_manager"])
+        self.seeded_manager.set_state(state["client_manager"])
         self.stopping.set_state(state["stopping"])
         log(INFO, "resuming after round %s", resume.round)
         if state["stopped"]:
@@ -464,7 +466,7 @@ class FederatedServer(Server):
     def _start(self, timeout: float | None, history: History) -> tuple[int, str | None]:
         """Round 0 (or the restored checkpoint): the first round to run and any stop reason.
         The clients are started first, so round 1's time is a round's, not the start-up's."""
-        self.client_manager().warm_up()
+        self.seeded_manager.warm_up()
         if self.statistics is not None:
             self._statistics_round(self.statistics, timeout)
         if self.resume is not None:
