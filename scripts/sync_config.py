@@ -19,9 +19,9 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from fl_app.app.config import all_settings, defaults  # noqa: E402
+from scripts.bench.results_page import markers, with_section  # noqa: E402
 
-TABLE_START = "<!-- config-table:start -->"
-TABLE_END = "<!-- config-table:end -->"
+TABLE = "config-table"  # docs/config.md's section, between <!-- config-table:start/end -->
 
 
 def pyproject_text(current: str) -> str:
@@ -44,11 +44,10 @@ def config_table() -> str:
 
 def reference_text(current: str) -> str:
     """docs/config.md with the config table between its markers replaced."""
-    if TABLE_START not in current:
-        raise SystemExit(f"docs/config.md lacks the marker {TABLE_START}")
-    head, rest = current.split(TABLE_START, 1)
-    _, tail = rest.split(TABLE_END, 1)
-    return f"{head}{TABLE_START}\n{config_table()}\n{TABLE_END}{tail}"
+    start, _ = markers(TABLE)
+    if start not in current:
+        raise SystemExit(f"docs/config.md lacks the marker {start}")
+    return with_section(current, TABLE, config_table(), ROOT / "docs" / "config.md")
 
 
 def main() -> int:

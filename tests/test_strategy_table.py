@@ -75,7 +75,7 @@ def test_script_runs_strategies_and_writes_the_table_between_the_markers(tmp_pat
     start, end = markers(strategy_table.SECTION)
     readme.write_text(f"# title\n{start}\nold table\n{end}\nafter\n", encoding="utf-8")
     assert strategy_table.main(["--strategies", "dp-fixed", "--rounds", "2", "--clients", "4",
-                                "--readme", str(readme)]) == 0
+                                "--page", str(readme)]) == 0
     text = section(readme)
     assert "old table" not in text and readme.read_text(encoding="utf-8").endswith(
         f"{end}\nafter\n")

@@ -42,21 +42,24 @@ def read_section(name: str, page: Path = RESULTS_PAGE) -> str | None:
     return text.split(start + "\n", 1)[1].split("\n" + end, 1)[0]
 
 
-def write_section(name: str, markdown: str, page: Path = RESULTS_PAGE) -> None:
-    """Put `markdown` between section `name`'s markers on `page` (appended, with them, at
-    the page's end the first time)."""
+def with_section(text: str, name: str, markdown: str, page: Path = RESULTS_PAGE) -> str:
+    """`text` (the contents of `page`) with `markdown` between section `name`'s markers
+    (appended, with them, at the end when it has neither marker)."""
     start, end = markers(name)
-    text = page.read_text(encoding="utf-8")
     if (start in text) != (end in text):
         raise SystemExit(f"error: {page} has only one of the markers {start} / {end}: "
                          "restore the other, or remove both")
     block = f"{start}\n{markdown.strip()}\n{end}"
     if start in text:
         head, rest = text.split(start, 1)
-        text = head + block + rest.split(end, 1)[1]
-    else:
-        text = text.rstrip("\n") + "\n\n" + block + "\n"
-    page.write_text(text, encoding="utf-8")
+        return head + block + rest.split(end, 1)[1]
+    return text.rstrip("\n") + "\n\n" + block + "\n"
+
+
+def write_section(name: str, markdown: str, page: Path = RESULTS_PAGE) -> None:
+    """Put `markdown` between section `name`'s markers on `page` (`with_section`)."""
+    text = page.read_text(encoding="utf-8")
+    page.write_text(with_section(text, name, markdown, page), encoding="utf-8")
 
 
 def markdown_table(table: Table) -> str:

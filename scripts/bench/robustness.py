@@ -1,7 +1,7 @@
 """Final accuracy of robust and plain aggregation under each simulated attack.
 
     python -m scripts.bench.robustness                # 25 runs, ~7 min; updates docs/results.md
-    python -m scripts.bench.robustness --no-readme    # print only
+    python -m scripts.bench.robustness --no-results   # print only
 
 Every run is the default workload (digits, MLP, local-epochs 5) on Flower's simulation
 engine with `--clients` clients (15: Bulyan needs n >= 4f + 3) of which
@@ -23,7 +23,7 @@ from fl_app.app.config import defaults
 from fl_app.cli import simulate
 from fl_app.client.faults import ATTACKS
 from scripts.bench.common import table_parser
-from scripts.bench.results_page import write_section
+from scripts.bench.results_page import add_results_option, write_section
 
 STRATEGIES = ("weighted-fedavg", "fedmedian", "fedtrimmedavg", "krum", "bulyan")
 SECTION = "robustness-table"  # its section of docs/results.md
@@ -37,7 +37,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--strategies", nargs="+", default=list(STRATEGIES))
     parser.add_argument("--attacks", nargs="+", default=list(ATTACKS), choices=ATTACKS)
     parser.add_argument("--seed", type=int, default=42)
-    parser.add_argument("--no-readme", action="store_true", help="print the table only")
+    add_results_option(parser)
     return parser.parse_args(argv)
 
 
@@ -117,7 +117,7 @@ def main(argv: list[str] | None = None) -> int:
     minutes = (time.monotonic() - start) / 60
     print_table(args, results)
     print(f"{len(results)} runs in {minutes:.1f} min")
-    if not args.no_readme:
+    if not args.no_results:
         write_section(SECTION, markdown(args, results, minutes))
         print("docs/results.md updated")
     return 0

@@ -1,7 +1,7 @@
 """Every registered strategy, with its default hyperparameters, on the default workload.
 
     python -m scripts.bench.strategies                  # every strategy; updates docs/results.md
-    python -m scripts.bench.strategies --strategies fedadam dp-fixed --rounds 3 --no-readme
+    python -m scripts.bench.strategies --strategies fedadam dp-fixed --rounds 3 --no-results
 
 Each run is `python run_simulation.py --run-config "strategy='<name>'"` (digits, MLP, 10 IID
 clients, 20 rounds, seed 42), in this process through the same code path, one run at a
@@ -28,7 +28,12 @@ from fl_app.app.config import RUN_SETTINGS, defaults
 from fl_app.data import settings as data_settings
 from fl_app.ml import settings as ml_settings
 from scripts.bench.common import timed_run
-from scripts.bench.results_page import RESULTS_PAGE, read_section, write_section
+from scripts.bench.results_page import (
+    RESULTS_PAGE,
+    add_results_option,
+    read_section,
+    write_section,
+)
 from strategies import context, flower_builtins, registry, validation
 from strategies.accounting import PrivacyAccountant, default_delta
 
@@ -95,9 +100,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="rounds per run (default: num-server-rounds' default)")
     parser.add_argument("--clients", type=int, default=10,
                         help="simulated clients (default: 10, run_simulation.py's)")
-    parser.add_argument("--readme", type=Path, default=RESULTS_PAGE,
+    parser.add_argument("--page", type=Path, default=RESULTS_PAGE,
                         help="the results page to update (default: docs/results.md)")
-    parser.add_argument("--no-readme", action="store_true", help="print the table only")
+    add_results_option(parser)
     parser.add_argument("--update", action="store_true",
                         help="keep the results table's other rows (and add their minutes): "
                              "run only --strategies, e.g. a newly registered one")
@@ -211,7 +216,7 @@ def main(argv: list[str] | None = None) -> int:
     results: dict[str, Result] = {}
     earlier_minutes = 0
     if args.update:
-        stated = read_section(SECTION, args.readme) or ""
+        stated = read_section(SECTION, args.page) or ""
         results, stated_rounds, earlier_minutes = parse_table(stated)
         if stated_rounds != rounds:
             raise SystemExit(f"error: the results table has {stated_rounds} rounds, this run "
@@ -225,11 +230,11 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{strategy:>20} | final {results[strategy].final:.4f} | "
                   f"{results[strategy].seconds:.1f} s", flush=True)
             section = markdown(results, rounds, args.clients, (time.monotonic() - start) / 60)
-            if not args.no_readme:  # after every run: a cut-off table still shows its rows
-                write_section(SECTION, section, args.readme)
+            if not args.no_results:  # after every run: a cut-off table still shows its rows
+                write_section(SECTION, section, args.page)
     print(section)
-    if not args.no_readme:
-        print(f"{args.readme} updated")
+    if not args.no_results:
+        print(f"{args.page} updated")
     return 0
 
 
