@@ -131,7 +131,10 @@ def measure(spec: str, repeats: int, seed: int) -> str:
              "Flower FedAvg.aggregate_fit": lambda: FedAvg().aggregate_fit(1, fit_results, []),
              "single-pass floor (in-place sum of the flat arrays)": floor}
     ms = median_ms(paths, repeats)
-    ours = parameters_to_ndarrays(validated.aggregate_fit(1, fit_results, [])[0])
+    aggregated, _ = validated.aggregate_fit(1, fit_results, [])
+    if aggregated is None:
+        raise RuntimeError("the validated strategy aggregated no model")
+    ours = parameters_to_ndarrays(aggregated)
     diff = max(float(np.max(np.abs(a - b))) for a, b in zip(ours, aggregate(updates)))
     size = sum(a.size for a in global_model)
     flower = ms["Flower FedAvg.aggregate_fit"]

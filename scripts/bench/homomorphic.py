@@ -89,6 +89,8 @@ def measure(weights: NDArrays, clients: int, repeats: int, keys: tuple[Path, Pat
     he = HomomorphicAggregation(WeightedFedAvg(), public_context=public, num_values=num_values,
                                 min_fit_clients=1)
     aggregate, _ = he.aggregate_fit(1, he_results, [])
+    if aggregate is None:
+        raise RuntimeError("the homomorphic aggregation made no model")
     encrypted_sum = parameters_to_ndarrays(aggregate)
     encrypt = best(lambda: ckks.encrypt_update(secret, weights, 150), repeats)
     decrypt = best(lambda: ckks.decrypt_average(secret, encrypted_sum, weights), repeats)

@@ -48,7 +48,7 @@ import numpy as np
 import tensorflow as tf
 from flwr.client import NumPyClient
 from flwr.clientapp import ClientApp
-from flwr.common import Context, NDArrays, Scalar, ndarrays_to_parameters
+from flwr.common import ConfigRecordValues, Context, NDArrays, Scalar, ndarrays_to_parameters
 from flwr.server import ServerAppComponents, ServerConfig
 from flwr.server.strategy import FedAvg
 from flwr.serverapp import ServerApp
@@ -69,7 +69,8 @@ from scripts.bench.results_page import add_results_option, publish
 
 ROOT = Path(__file__).resolve().parents[2]
 
-BACKEND = {"client_resources": {"num_cpus": 1, "num_gpus": 0.0}, "init_args": {}}
+BACKEND: dict[str, dict[str, ConfigRecordValues]] = {
+    "client_resources": {"num_cpus": 1, "num_gpus": 0.0}, "init_args": {}}
 CALL_TARGET = 2.0  # a client call at most this many times the compute floor
 ROUND_TARGET = 10.0  # rounds at least this many times faster than the quickstart pattern
 REPEATS = 3  # per-client timings are the best of this many calls (the machine may be shared)
@@ -96,7 +97,8 @@ def _quickstart_model(cfg: RunConfig) -> keras.Model:
     """Build the model from scratch as the quickstart does: after `clear_session()`, the
     workload's builder (or the user's function), which returns it compiled."""
     keras.backend.clear_session()
-    return build_model(cfg["model"], data_source(DataSettings.from_config(cfg)).spec, cfg["seed"])
+    return build_model(str(cfg["model"]), data_source(DataSettings.from_config(cfg)).spec,
+                       int(cfg["seed"]))
 
 
 class QuickstartClient(NumPyClient):
@@ -161,7 +163,7 @@ def run_this_app(cfg: RunConfig, n: int, metric: str) -> dict[str, float]:
     run_simulation(server_app=make_server_app(cfg), client_app=make_client_app(cfg),
                    num_supernodes=n, backend_config=BACKEND)
     wall = time.perf_counter() - start
-    rounds = read_history(Path(cfg["out-dir"]))["rounds"][1:]
+    rounds = read_history(Path(str(cfg["out-dir"])))["rounds"][1:]
     later = [r["seconds"] for r in rounds[1:]]
     final = rounds[-1]["centralized"]
     return {"wall": wall, "round": statistics.median(later), "fixed": wall - sum(later),
@@ -189,8 +191,8 @@ def guide_loop(cfg: RunConfig) -> Callable[[Split], Callable[[], None]]:
     spec = data_source(DataSettings.from_config(cfg)).spec
     train = TrainSettings.from_config(cfg)
     encode = trainer_for(train, spec).targets  # targets as the compiled loss takes them
-    model = build_model(cfg["model"], spec, cfg["seed"])
-    optimizer = fresh_optimizer(model, cfg["optimizer"], cfg["learning-rate"])
+    model = build_model(str(cfg["model"]), spec, int(cfg["seed"]))
+    optimizer = fresh_optimizer(model, str(cfg["optimizer"]), float(cfg["learning-rate"]))
 
     @tf.function
     def step(x, y):
@@ -204,7 +206,7 @@ def guide_loop(cfg: RunConfig) -> Callable[[Split], Callable[[], None]]:
             cfg["batch-size"]).cache()
 
         def run() -> None:
-            for _ in range(cfg["local-epochs"]):
+            for _ in range(int(cfg["local-epochs"])):
                 for x, y in batches:
                     step(x, y)
 
@@ -219,19 +221,28 @@ def per_client_seconds(cfg: RunConfig, n: int) -> dict[str, list[float]]:
     in, train, weights out). The three are interleaved, so that a load change on a shared
     machine hits them alike; a first untimed run of each traces and warms it."""
     guide = guide_loop(cfg)
-    train = TrainSettings.from_config(cfg)
-    trainer = trainer_for(train, data_source(DataSettings.from_config(cfg)).spec)
+    settings = TrainSettings.from_config(cfg)
+    trainer = trainer_for(settings, data_source(DataSettings.from_config(cfg)).spec)
     weights = trainer.get_weights()
-    fit = {"epochs": cfg["local-epochs"], "batch_size": cfg["batch-size"],
-           "learning_rate": cfg["learning-rate"] or None}
+    epochs, batch_size = int(cfg["local-epochs"]), int(cfg["batch-size"])
+    learning_rate = float(cfg["learning-rate"]) or None
     times: dict[str, list[float]] = {"guide": [], "epoch_loop": [], "call": []}
     for pid in range(n):
         train = load_partition(DataSettings.from_config(cfg), pid, n).train
         client = client_for(cfg, {"partition-id": pid, "num-partitions": n})
+
+        def epoch_loop(train: Split = train) -> object:
+            return trainer.fit(train, epochs=epochs, batch_size=batch_size,
+                               learning_rate=learning_rate)
+
+        def call(client: NumPyClient = client) -> object:
+            config: dict[str, Scalar] = {**round_config(cfg, 1)}  # as Flower's Scalar
+            return client.fit(weights, config)
+
         runs: dict[str, Callable[[], object]] = {
             "guide": guide(train),
-            "epoch_loop": lambda train=train: trainer.fit(train, **fit),
-            "call": lambda client=client: client.fit(weights, round_config(cfg, 1)),
+            "epoch_loop": epoch_loop,
+            "call": call,
         }
         for run in runs.values():
             run()
@@ -260,7 +271,7 @@ def benchmark(workload: Workload, rounds: int, n: int, console: Console,
     quick = run_quickstart(cfg, n, rounds, workload.metric)
 
     table = Table(title=f"{workload.name}: {cfg['model']} on {cfg['dataset']} "
-                        f"{cfg['partitioner'].upper()}, {n} clients, {rounds} rounds, "
+                        f"{str(cfg['partitioner']).upper()}, {n} clients, {rounds} rounds, "
                         f"{cfg['local-epochs']} local epochs")
     for column in ("", "fixed cost s", "median round s", "final loss",
                    f"final {workload.metric}"):

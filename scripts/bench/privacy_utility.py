@@ -76,18 +76,19 @@ def rows_for(args: argparse.Namespace, out: Path) -> list[dict]:
     """Run the baseline and every noise multiplier."""
     common = (f"num-server-rounds={args.rounds} fraction-fit={args.fraction_fit} "
               f"fraction-evaluate=0 min-fit-clients=2 {args.extra}")
-    runs = [("no DP (weighted-fedavg)", None, [f"{common} strategy='weighted-fedavg'"])]
+    runs: list[tuple[str, float | None, list[str]]] = [
+        ("no DP (weighted-fedavg)", None, [f"{common} strategy='weighted-fedavg'"])]
     seeds = [int(seed) for seed in args.noise_seeds.split(",")]
     for noise in (float(z) for z in args.noise.split(",")):
         runs.append((f"{args.strategy} z={noise:g}", noise, [
             f"{common} strategy='{args.strategy}' noise-multiplier={noise} "
             f"clipping-norm={args.clipping_norm} dp-noise-seed={seed}" for seed in seeds]))
     rows = []
-    for i, (label, noise, run_configs) in enumerate(runs):
+    for i, (label, multiplier, run_configs) in enumerate(runs):
         results = [run_one(out / f"run{i}-{j}", run_config, args.clients)
                    for j, run_config in enumerate(run_configs)]
         accuracies = [r["accuracy"] for r in results]
-        rows.append({"run": label, "noise_multiplier": noise, **results[0],
+        rows.append({"run": label, "noise_multiplier": multiplier, **results[0],
                      "accuracy": statistics.mean(accuracies),
                      "accuracy_std": statistics.pstdev(accuracies), "accuracies": accuracies,
                      "seconds": sum(r["seconds"] for r in results)})

@@ -29,6 +29,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import TypedDict
 
 import keras
 import numpy as np
@@ -54,7 +55,17 @@ def run_config_overrides(rounds: int, seed: int) -> str:
     return f"dataset='diabetes' model='{MODEL}' num-server-rounds={rounds} seed={seed}"
 
 
-def run_federated(overrides: str, num_clients: int, out_dir: Path) -> dict[str, float]:
+class FederatedResult(TypedDict):
+    """What `run_federated` reads from the federated run's history.json."""
+
+    mse: float
+    mae: float
+    rounds: int
+    still_falling: bool
+    wall: float
+
+
+def run_federated(overrides: str, num_clients: int, out_dir: Path) -> FederatedResult:
     """(a): the job through `fl_app.cli.simulate.main`; final centralized MSE/MAE, the number
     of rounds completed and the wall time."""
     history, wall = timed_run(overrides, num_clients, out_dir)
@@ -70,8 +81,9 @@ def client_steps_per_round(cfg: RunConfig, num_clients: int) -> int:
     """Optimizer steps a (median) client takes per round: local epochs x its batches."""
     data = DataSettings.from_config(cfg)
     return int(statistics.median(
-        cfg["local-epochs"] * math.ceil(len(load_partition(data, pid, num_clients).train)
-                                        / cfg["batch-size"]) for pid in range(num_clients)))
+        int(cfg["local-epochs"]) * math.ceil(len(load_partition(data, pid, num_clients).train)
+                                             / int(cfg["batch-size"]))
+        for pid in range(num_clients)))
 
 
 def pooled_training_data(cfg: RunConfig, num_clients: int) -> Split:
@@ -85,8 +97,9 @@ def run_central(cfg: RunConfig, pooled: Split, test: Split, epochs: int) -> dict
     """(b): the same compiled model, `model.fit` on the pooled data for `epochs` epochs at
     the run's batch size; test MSE/MAE and the wall time of build, fit and evaluate."""
     start = time.perf_counter()
-    model = build_model(cfg["model"], data_source(DataSettings.from_config(cfg)).spec, cfg["seed"])
-    keras.utils.set_random_seed(cfg["seed"])  # the shuffling
+    model = build_model(str(cfg["model"]), data_source(DataSettings.from_config(cfg)).spec,
+                        int(cfg["seed"]))
+    keras.utils.set_random_seed(int(cfg["seed"]))  # the shuffling
     model.fit(pooled.x, pooled.y, epochs=epochs, batch_size=cfg["batch-size"], shuffle=True,
               verbose=0)
     logs = model.evaluate(test.x, test.y, verbose=0, return_dict=True)
@@ -125,11 +138,11 @@ def main(argv: list[str] | None = None) -> int:
 
     pooled = pooled_training_data(cfg, args.num_supernodes)
     test = data_source(DataSettings.from_config(cfg)).test_set()
-    epochs = federated["rounds"] * cfg["local-epochs"]
+    epochs = federated["rounds"] * int(cfg["local-epochs"])
     central = run_central(cfg, pooled, test, epochs)
     baseline = mean_baseline(pooled, test)
     federated_steps = federated["rounds"] * client_steps_per_round(cfg, args.num_supernodes)
-    central_steps = epochs * math.ceil(len(pooled) / cfg["batch-size"])
+    central_steps = epochs * math.ceil(len(pooled) / int(cfg["batch-size"]))
 
     table = Table(title=f"{MODEL} on diabetes: {len(pooled)} training examples "
                         f"({args.num_supernodes} IID clients), {len(test)} test examples, "

@@ -45,7 +45,7 @@ import time
 import tracemalloc
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import psutil
 
@@ -59,6 +59,8 @@ ROOT = Path(__file__).resolve().parents[2]
 WORKER_TITLE = "ray::ClientAppActor"
 DATASETS = ("synthetic", "synthetic-images")
 MIB = 2**20
+
+T = TypeVar("T")
 
 
 def process_memory(proc: psutil.Process) -> dict[str, float]:
@@ -220,7 +222,7 @@ def time_per_call(fn: Callable[[], object], min_seconds: float = 0.5) -> tuple[f
             return elapsed / calls, (time.process_time() - cpu) / calls
 
 
-def traced_bytes(build: Callable[[], object]) -> tuple[object, int]:
+def traced_bytes(build: Callable[[], T]) -> tuple[T, int]:
     """What `build` returns and the bytes Python allocated for it (tracemalloc)."""
     gc.collect()
     tracemalloc.start()

@@ -144,9 +144,14 @@ def one_round(path: str, clients: int, model: str, workers: int, seed: int) -> d
     was_reset = reset_peak()
     start = time.perf_counter()
     run = Server.fit_round if hold is None else FederatedServer.fit_round
-    new, metrics, (results, failures) = run(server, 1, None)
+    outcome = run(server, 1, None)
+    if outcome is None:
+        raise RuntimeError(f"the round on path {path!r} was not run")
+    new, metrics, (results, failures) = outcome
     seconds = time.perf_counter() - start
     peak = peak_mib(was_reset)
+    if new is None:
+        raise RuntimeError(f"the round on path {path!r} made no model")
     arrays = parameters_to_ndarrays(new)
     return {"path": path, "clients": clients, "model": model,
             "weights": int(sum(a.size for a in global_model)),

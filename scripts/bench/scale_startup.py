@@ -244,6 +244,14 @@ def first(events: list[dict[str, Any]], name: str) -> dict[str, Any] | None:
     return next((e for e in events if e["name"] == name), None)
 
 
+def event_seconds(run: dict[str, Any], name: str) -> float:
+    """The `seconds` of the first event called `name` in `run` (which must have one)."""
+    event = first(run["events"], name)
+    if event is None:
+        raise KeyError(f"no '{name}' event in the run")
+    return float(event["seconds"])
+
+
 PHASES = ("python up", "import fl_app.cli.simulate", "import ray", "import tensorflow",
           "ray.init", "model check", "import flwr.simulation", "flower run_simulation",
           "client warm-up", "centralized evaluation", "round 0 recorded", "round 1 recorded")
@@ -294,7 +302,7 @@ def print_startup(trees: dict[str, Path], runs: dict[str, list[dict[str, Any]]])
     print(f"\n{'headline (median)':<30}" + "".join(f"{n:>{width}}" for n in names))
     rows: list[tuple[str, Callable[[dict[str, Any]], float]]] = [
         ("startup_seconds (history)", lambda r: r["startup_seconds"]),
-        ("round 1 seconds", lambda r: first(r["events"], "round 1 recorded")["seconds"]),
+        ("round 1 seconds", lambda r: event_seconds(r, "round 1 recorded")),
         (f"CPU floor (total / {cores} cores)",
          lambda r: sum(r["census"]["cpu"].values()) / cores),
         ("load average before", lambda r: r["load"]),
