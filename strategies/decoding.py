@@ -15,6 +15,7 @@ import io
 import math
 from dataclasses import replace
 from functools import lru_cache
+from typing import Literal
 
 import numpy as np
 from flwr.common import FitRes, NDArrays, Parameters, ndarray_to_bytes, parameters_to_ndarrays
@@ -25,7 +26,7 @@ _LENGTH_BYTES = {1: 2, 2: 4, 3: 4}  # bytes of the header length, per major vers
 
 
 @lru_cache(maxsize=1024)
-def _header(header: bytes) -> tuple[tuple[int, ...], np.dtype, str, int]:
+def _header(header: bytes) -> tuple[tuple[int, ...], np.dtype, Literal["C", "F"], int]:
     """(shape, dtype, memory order, number of values) of an `.npy` header, as `np.load`
     reads it."""
     stream = io.BytesIO(header)
@@ -73,7 +74,7 @@ def encode_array(array: np.ndarray) -> bytes:
             header, np.lib.format.header_data_from_array_1_0(array))
     except ValueError:  # a header too long for format 1.0: np.save's own choice
         return ndarray_to_bytes(array)
-    return b"".join((header.getvalue(), array.reshape(-1).view(np.uint8)))
+    return b"".join((header.getvalue(), array.reshape(-1).view(np.uint8).data))
 
 
 def encode(arrays: NDArrays) -> Parameters:

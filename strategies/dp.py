@@ -79,11 +79,12 @@ from flwr.server.strategy import Strategy
 
 from fl_app.protocol.clipping import clip_update, model_update
 from fl_app.schema import ConfigError, LayerSettings, Setting
+from fl_app.schema import Scalar as ConfigValue
 from fl_app.wire import KEY_CLIPPING_NORM, KEY_NORM_BIT
 from strategies.accounting import ACCOUNTANTS, SAMPLINGS, PrivacyAccountant, RoundEvent
 from strategies.context import StrategyContext
 from strategies.decoding import decode
-from strategies.dp_sampling import DPSampling
+from strategies.dp_sampling import WAIT_TIMEOUT, DPSampling
 from strategies.spec import StrategySpec
 from strategies.validation import NUM_REJECTED
 from strategies.weighted_fedavg import sample_size
@@ -144,7 +145,7 @@ SETTINGS = [
 ]
 
 
-def check_config(values: Mapping[str, Scalar]) -> None:
+def check_config(values: Mapping[str, ConfigValue]) -> None:
     """Refuse settings a DP strategy cannot honour without leaking un-noised information."""
     strategy = values["strategy"]
     if not str(strategy).startswith("dp-"):
@@ -382,7 +383,7 @@ class DPFixedClipping(StrategyWrapper):
         then the population is unknown and the round is not allowed. True without a budget."""
         if not self.max_epsilon:
             return True
-        client_manager.wait_for(self.min_available_clients)
+        client_manager.wait_for(self.min_available_clients, WAIT_TIMEOUT)
         population = client_manager.num_available()
         if population == 0:
             log(WARNING, "round %s: no client connected, so the privacy budget cannot be "

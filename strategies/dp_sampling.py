@@ -26,6 +26,11 @@ class OrdersClients(Protocol):
         """`cids` in an order that does not depend on the run's random node ids."""
 
 
+WAIT_TIMEOUT = 86400
+"""Seconds `wait_for` waits for clients unless told: Flower's `SimpleClientManager` default
+(the abstract `ClientManager.wait_for` has none)."""
+
+
 class DPSampling(ClientManager):
     """A client manager whose `sample` draws from `rng`: `num_clients` clients uniformly
     without replacement, or, with `poisson_rate`, each available client independently
@@ -57,14 +62,15 @@ class DPSampling(ClientManager):
         """Delegate to the base client manager."""
         return self.base.all()
 
-    def wait_for(self, num_clients: int, timeout: int = 86400) -> bool:
+    def wait_for(self, num_clients: int, timeout: int = WAIT_TIMEOUT) -> bool:
         """Delegate to the base client manager."""
         return self.base.wait_for(num_clients, timeout)
 
     def sample(self, num_clients: int, min_num_clients: int | None = None,
                criterion: Criterion | None = None) -> list[ClientProxy]:
         """Once `min_num_clients` are connected, draw the sample from `rng`."""
-        self.base.wait_for(num_clients if min_num_clients is None else min_num_clients)
+        self.base.wait_for(num_clients if min_num_clients is None else min_num_clients,
+                           WAIT_TIMEOUT)
         clients = self.base.all()
         eligible = [cid for cid, client in clients.items()
                     if criterion is None or criterion.select(client)]

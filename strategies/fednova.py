@@ -66,8 +66,9 @@ def normalized_average(global_weights: NDArrays, client_weights: list[NDArrays],
 
 def _number(value: object) -> float | None:
     """`value` as a finite float, None if it is not a finite int or float."""
-    ok = isinstance(value, (int, float)) and not isinstance(value, bool)
-    return float(value) if ok and math.isfinite(value) else None
+    if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
+        return float(value)
+    return None
 
 
 class FedNova(PerClientFigure):

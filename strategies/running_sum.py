@@ -149,7 +149,8 @@ class CappedWeightedSum:
         heapq.heappush(self._held, (claim, len(self.claims), arrays))  # (.., arrival, ..)
         if len(self._held) > self.hold:
             early, _, arrays = heapq.heappop(self._held)
-            weight = min(early, self.cap())
+            cap = self.cap()  # an int: there is a factor and a claim
+            weight = early if cap is None else min(early, cap)
             self.total.fold(arrays, weight)
             self._early.append((early, weight))
 
@@ -161,7 +162,8 @@ class CappedWeightedSum:
     def exact(self) -> bool:
         """Whether every update folded early got the weight the round's cap gives it."""
         cap = self.cap()
-        return all(weight == min(claim, cap) for claim, weight in self._early)
+        return all(weight == (claim if cap is None else min(claim, cap))
+                   for claim, weight in self._early)  # (none folded early without a cap)
 
     def finish(self) -> RunningWeightedSum:
         """Fold the held updates with the round's cap; the sum of the round."""

@@ -67,6 +67,8 @@ def set_strategy_state(strategy: Strategy, state: StrategyState) -> None:
     elif isinstance(strategy, FedOpt):
         saved = _section(state, "fedopt", strategy)
         weights = _arrays(saved["current_weights"])
+        if weights is None:  # `strategy_state` always saves a list: the file was altered
+            raise StrategyStateError("the saved FedOpt state has no current weights")
         _check_like("FedOpt weights", weights, list(strategy.current_weights))
         strategy.current_weights = weights
         strategy.m_t, strategy.v_t = _arrays(saved["m_t"]), _arrays(saved["v_t"])

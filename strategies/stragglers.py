@@ -23,6 +23,7 @@ from flwr.server.client_proxy import ClientProxy
 from flwr.server.strategy import Strategy
 
 from fl_app.schema import ConfigError, Setting
+from fl_app.schema import Scalar as ConfigValue
 from fl_app.wire import KEY_STRAGGLER_EPOCHS
 from strategies.wrapper import StrategyWrapper
 
@@ -103,15 +104,15 @@ SETTINGS = [
 ]
 
 
-def keeps_partial_work(values: Mapping[str, Scalar]) -> bool:
+def keeps_partial_work(values: Mapping[str, ConfigValue]) -> bool:
     """Whether the configured policy aggregates the stragglers' partial work."""
     policy = values["straggler-policy"]
     return policy == "keep" or (policy == "auto" and values["strategy"] in KEEPING_STRATEGIES)
 
 
-def check_config(values: Mapping[str, Scalar]) -> None:
+def check_config(values: Mapping[str, ConfigValue]) -> None:
     """Refuse kept stragglers when a partial 1..E-1 epochs is impossible (E < 2)."""
-    if values["straggler-fraction"] > 0 and keeps_partial_work(values) \
-            and values["local-epochs"] < 2:
+    if float(values["straggler-fraction"]) > 0 and keeps_partial_work(values) \
+            and int(values["local-epochs"]) < 2:
         raise ConfigError("run-config key 'straggler-fraction' is set with stragglers kept, "
                           "who train a random 1..E-1 of local-epochs E: set local-epochs >= 2")

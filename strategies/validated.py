@@ -16,7 +16,7 @@ from flwr.common import EvaluateRes, FitIns, FitRes, NDArrays, Parameters, Scala
 from flwr.common.logger import log
 from flwr.server.client_manager import ClientManager
 from flwr.server.client_proxy import ClientProxy
-from flwr.server.strategy import Strategy
+from flwr.server.strategy import FedAvg, Strategy
 
 from strategies.blas import one_blas_thread
 from strategies.decoding import without_tensors
@@ -69,7 +69,7 @@ def sum_aggregator(inner: Strategy) -> SumAggregator | None:
     strategies through `aggregate_average` (`averages_updates`); None for any other."""
     if sums_updates(inner):
         return inner.aggregate_sum
-    if averages_updates(inner):
+    if isinstance(inner, FedAvg) and averages_updates(inner):  # (which checks it is a FedAvg)
         return partial(aggregate_average, inner)
     return None
 
@@ -300,6 +300,7 @@ class ValidatedFitStream:
             reject(self.rejected, "update", proxy, problem, self.server_round)
             self._skip(place)
             return False
+        assert arrays is not None  # decode_update gives the arrays or a problem
         self.accepted.append((proxy, without_tensors(res)))
         if place is None or place < self._next:  # not in the sample, or given up waiting for
             self._fold(proxy, res, arrays)

@@ -30,10 +30,17 @@ from flwr.server.client_proxy import ClientProxy
 from flwr.server.strategy import Strategy
 
 from fl_app.protocol.clipping import l2_norm, model_update
-from fl_app.schema import Setting
+from fl_app.schema import Scalar, Setting
 from strategies.blas import one_blas_thread
 from strategies.decoding import decode, encode
 from strategies.metrics import is_finite_number
+
+
+def _off_or_factor(value: Scalar) -> bool:
+    """Whether a factor setting's value is 0 (off) or a factor >= 1 (`Setting.coerce` has
+    made it a float before it asks)."""
+    return isinstance(value, float) and (value == 0.0 or value >= 1.0)
+
 
 SETTINGS = [
     Setting("max-examples", int, 0,
@@ -43,11 +50,11 @@ SETTINGS = [
             "Cap a client's claimed num_examples at this factor f times the round's lower "
             "median claim (logged, counted as num_capped): of n clients, one that lies gets "
             "at most f/(n-1+f) of the average's weight (0 disables).", "sampling",
-            check=lambda v: v == 0.0 or v >= 1.0, check_hint="0 (off) or a factor >= 1"),
+            check=_off_or_factor, check_hint="0 (off) or a factor >= 1"),
     Setting("outlier-norm-factor", float, 0.0,
             "Reject updates whose norm (client minus global weights) exceeds this factor times "
             "the round's median update norm (0 disables).", "sampling",
-            check=lambda v: v == 0.0 or v >= 1.0, check_hint="0 (off) or a factor >= 1"),
+            check=_off_or_factor, check_hint="0 (off) or a factor >= 1"),
 ]
 
 NUM_REJECTED = "num_rejected"  # fit/evaluate metric: the round's rejected client reports
@@ -215,6 +222,7 @@ def validate_fit_results(results: FitResults, reference: NDArrays, server_round:
         if arrays is not None:
             problem = arrays_problem(arrays, reference)
         if problem is None:
+            assert arrays is not None  # decode_update gives the arrays or a problem
             out.accepted.append((proxy, fit_res))
             out.accepted_arrays.append(arrays)
         else:

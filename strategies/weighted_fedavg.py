@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from logging import WARNING
+from typing import TypeGuard
 
 import numpy as np
 from flwr.common import (
@@ -141,11 +142,14 @@ class WeightedFedAvg(Strategy):
         """`aggregate_fit` of updates already folded into `total`, each weighted by its
         result's `num_examples` (`results` give the fit metrics): what `ValidatedStrategy`
         hands over when it checks and folds the updates in one pass."""
-        if self._declines(server_round, results, failures) or total.count == 0:
+        if self._declines(server_round, results, failures):
+            return None, {}
+        average = total.result()
+        if average is None:  # no update was added (total.count == 0)
             return None, {}
         metrics = weighted_metrics((fit_res.num_examples, fit_res.metrics)
                                    for _, fit_res in results)
-        return encode(total.result()), metrics
+        return encode(average), metrics
 
     def _declines(self, server_round: int, results: list[tuple[ClientProxy, FitRes]],
                   failures: list[tuple[ClientProxy, FitRes] | BaseException]) -> bool:
@@ -191,7 +195,7 @@ class WeightedFedAvg(Strategy):
         return self.evaluate_fn(server_round, parameters_to_ndarrays(parameters), {})
 
 
-def sums_updates(strategy: Strategy) -> bool:
+def sums_updates(strategy: Strategy) -> TypeGuard[WeightedFedAvg]:
     """Whether `strategy` aggregates exactly as WeightedFedAvg does (a subclass that keeps
     its `aggregate_fit`; not FedNova), so it can take a `RunningWeightedSum` through
     `aggregate_sum` instead of the updates."""

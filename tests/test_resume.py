@@ -212,6 +212,14 @@ def test_state_of_another_strategy_is_refused():
         set_strategy_state(fedavgm.inner, fedadam.get_state())
 
 
+def test_a_fedopt_state_without_its_weights_is_refused():
+    fedadam, _ = _built("fedadam", random_model(np.random.default_rng(2)))
+    state = fedadam.get_state()
+    state["fedopt"]["current_weights"] = None  # what no saved state holds: an altered file
+    with pytest.raises(StrategyStateError, match="no current weights"):
+        set_strategy_state(fedadam.inner, state)
+
+
 def test_client_sampling_continues_the_same_sequence_after_restore(tmp_path):
     def manager(seed):
         m = SeededClientManager(seed)
