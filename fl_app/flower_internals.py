@@ -99,6 +99,7 @@ from flwr.supercore.interceptors import (
     RuntimeVersionHttpInterceptor,
     SuperExecAuthHttpInterceptor,
 )
+from flwr.supercore.protobuf.client import ProtobufClientInterceptor
 from flwr.supercore.retry.retry_invoker import RetryInvoker, exponential
 from flwr.supercore.run import Run
 from flwr.supercore.runtime import RuntimeHttpClient
@@ -118,7 +119,10 @@ def in_memory_engine(num_nodes: int) -> tuple[Any, Any, dict[int, int]]:
     from flwr.proto.task_pb2 import Task  # pylint: disable=E0611
     from flwr.server.superlink.fleet.vce.vce_api import _register_nodes
     from flwr.server.superlink.linkstate import LinkStateFactory
-    from flwr.server.superlink.linkstate.in_memory_linkstate import RunRecord
+    from flwr.server.superlink.linkstate.in_memory_linkstate import (
+        InMemoryLinkState,
+        RunRecord,
+    )
     from flwr.server.superlink.linkstate.utils import generate_rand_int_from_bytes
     from flwr.supercore.constant import FLWR_IN_MEMORY_DB_NAME, NOOP_FEDERATION_ID
     from flwr.supercore.object_store import ObjectStoreFactory
@@ -128,6 +132,8 @@ def in_memory_engine(num_nodes: int) -> tuple[Any, Any, dict[int, int]]:
     factory = LinkStateFactory(FLWR_IN_MEMORY_DB_NAME, NoOpFederationManager(),
                                ObjectStoreFactory())
     state = factory.state()
+    if not isinstance(state, InMemoryLinkState):  # FLWR_IN_MEMORY_DB_NAME makes one
+        raise TypeError(f"expected Flower's in-memory link state, got {type(state).__name__}")
     run = Run.create_empty(run_id=generate_rand_int_from_bytes(RUN_ID_NUM_BYTES))
     run.federation_id = NOOP_FEDERATION_ID
     run.primary_task_id = generate_rand_int_from_bytes(TASK_ID_NUM_BYTES)
@@ -159,8 +165,8 @@ __all__ = [
     "AcquireTaskRequest", "ClientApp", "ClientAppCallable", "ContextProto", "Error",
     "ErrorCode", "FLWR_TESTED", "Fab", "FitResultsAndFailures", "HeartbeatSender",
     "MAIN_CONFIGS_RECORD", "MAIN_PARAMS_RECORD", "MessageProto", "Mod", "Node",
-    "PullAppMessagesRequest", "PullTaskInputRequest", "RECORD_KEY_CONFIGS",
-    "RECORD_KEY_STATE", "RetryInvoker", "Run", "RuntimeHttpClient",
+    "ProtobufClientInterceptor", "PullAppMessagesRequest", "PullTaskInputRequest",
+    "RECORD_KEY_CONFIGS", "RECORD_KEY_STATE", "RetryInvoker", "Run", "RuntimeHttpClient",
     "RuntimeTokenHttpInterceptor", "RuntimeVersionHttpInterceptor", "SUPERLINK_NODE_ID",
     "SUPERLINK_UVICORN_DEFAULT_PORT", "SUPERNODE_UVICORN_DEFAULT_PORT", "SecAggPlusKey",
     "SecAggPlusState", "Stage", "SubStatus", "SuperExecAuthHttpInterceptor", "TaskIdentity",

@@ -43,7 +43,7 @@ class Setting:
     """
 
     key: str
-    type: type
+    type: type[Scalar]
     default: Scalar
     help: str
     group: str = "general"

@@ -70,7 +70,7 @@ def check_num_clients(cfg: Mapping[str, Scalar], num_clients: int) -> None:
     """
     keys = ["min-fit-clients", "min-available-clients",
             *(["min-evaluate-clients"] if evaluate_fraction(cfg) > 0 else [])]
-    too_many = [f"'{key}' ({cfg[key]})" for key in keys if cfg[key] > num_clients]
+    too_many = [f"'{key}' ({cfg[key]})" for key in keys if int(cfg[key]) > num_clients]
     if too_many:
         raise ConfigError(f"run-config key(s) {', '.join(too_many)} exceed the {num_clients} "
                           "clients of the federation: rounds would wait for clients that never "

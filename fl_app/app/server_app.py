@@ -156,7 +156,7 @@ def server_components(cfg: RunConfig, callbacks: Sequence[Callback] = (),
         sample_by_size=cfg[CLIENT_SAMPLING] == "size",
         size_claims=(float(cfg["examples-cap-factor"]), int(cfg["max-examples"])),
     )
-    timeout = cfg["round-timeout"] or None
+    timeout = float(cfg["round-timeout"]) or None
     return ServerAppComponents(server=server, config=ServerConfig(
         num_rounds=int(cfg["num-server-rounds"]), round_timeout=timeout))
 

@@ -128,6 +128,14 @@ def measure(trainer: KerasTrainer, data: Split, batch: int, slowdown: float) -> 
     return StepCost.fitted(small, large)
 
 
+def _kept_float(record: ConfigRecord, key: str) -> float:
+    """`record[key]`, a number `AdaptiveWork._keep` stored, as a float."""
+    value = record[key]
+    if isinstance(value, list):
+        raise TypeError(f"context.state '{STATE_KEY}' holds a list under '{key}', not a number")
+    return float(value)
+
+
 @lru_cache(maxsize=8)
 def _warn_schedule(model_name: str) -> None:
     log.info("round-time-budget: model %r's optimizer follows a learning-rate schedule, "
@@ -147,7 +155,7 @@ class AdaptiveWork:
         record = self.state.config_records.get(STATE_KEY)
         if record is None:
             return None
-        return StepCost(float(record["overhead"]), float(record["per-example"]))
+        return StepCost(_kept_float(record, "overhead"), _kept_float(record, "per-example"))
 
     def _keep(self, cost: StepCost) -> None:
         self.state.config_records[STATE_KEY] = ConfigRecord(

@@ -116,11 +116,30 @@ def _refuse(why: str) -> NoReturn:
     raise ValueError(f"refusing this SecAgg+ request: {why}")
 
 
+def _config_int(configs: ConfigRecord, key: str) -> int:
+    """`configs[key]` as an int: Flower's `check_configs`, run first, has checked that it is
+    one (the TypeError here is for a caller that skipped it)."""
+    value = configs[key]
+    if not isinstance(value, int):
+        raise TypeError(f"SecAgg+ config '{key}' must be an int, got {type(value).__name__}")
+    return int(value)
+
+
+def _config_ints(configs: ConfigRecord, key: str) -> list[int]:
+    """`configs[key]` as a list of ints: Flower's `check_configs`, run first, has checked
+    that it is a list of them (the TypeError here is for a caller that skipped it)."""
+    value = configs[key]
+    if not isinstance(value, list):
+        raise TypeError(f"SecAgg+ config '{key}' must be a list, got {type(value).__name__}")
+    return [int(item) for item in value]
+
+
 def _check_setup(configs: ConfigRecord, min_clients: int) -> None:
     """Refuse a setup stage whose cohort is below `min_clients` or whose threshold is not
     above half the shares."""
-    sampled, shares = int(configs[Key.SAMPLE_NUMBER]), int(configs[Key.SHARE_NUMBER])
-    threshold = int(configs[Key.THRESHOLD])
+    sampled = _config_int(configs, Key.SAMPLE_NUMBER)
+    shares = _config_int(configs, Key.SHARE_NUMBER)
+    threshold = _config_int(configs, Key.THRESHOLD)
     if sampled < min_clients:
         _refuse(f"the round has {sampled} clients, fewer than {SECAGG_MIN_CLIENTS} ({min_clients})")
     if 2 * threshold <= shares:
@@ -133,8 +152,8 @@ def _check_unmask(configs: ConfigRecord, state: SecAggPlusState, min_clients: in
                   recover_dropouts: bool) -> None:
     """Refuse an unmask request that could reveal one client's update (see
     `check_secagg_request`)."""
-    active = [int(nid) for nid in configs[Key.ACTIVE_NODE_ID_LIST]]
-    dead = [int(nid) for nid in configs[Key.DEAD_NODE_ID_LIST]]
+    active = _config_ints(configs, Key.ACTIVE_NODE_ID_LIST)
+    dead = _config_ints(configs, Key.DEAD_NODE_ID_LIST)
     held = set(state.rd_seed_share_dict)  # this node's own share and those it received
     if dead and not recover_dropouts:
         _refuse(f"the unmask request lists {len(dead)} node(s) as dropped out, and this node "
@@ -174,7 +193,7 @@ def check_secagg_request(configs: ConfigRecord, state: SecAggPlusState, min_clie
         _refuse(f"the round shares keys among {len(configs) - 1} clients, fewer than "
                 f"{SECAGG_MIN_CLIENTS} ({min_clients})")
     elif stage == Stage.COLLECT_MASKED_VECTORS \
-            and (peers := len(set(configs[Key.SOURCE_LIST]))) + 1 < min_clients:
+            and (peers := len(set(_config_ints(configs, Key.SOURCE_LIST)))) + 1 < min_clients:
         _refuse(f"the server forwards this node the shares of {peers} peers: its masked vector "
                 f"could be unmasked in a sum of fewer than {SECAGG_MIN_CLIENTS} ({min_clients}) "
                 "clients")

@@ -31,9 +31,11 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from logging import WARNING
+from typing import TypedDict
 
 import numpy as np
 from flwr.common.logger import log
+from flwr.common.typing import Scalar as MetricValue
 
 from fl_app.data.types import DataError, DataSettings, DataSpec, as_split
 from fl_app.schema import Scalar
@@ -47,9 +49,10 @@ FINDINGS = ("single_class", "largest_class", "smallest_class")
 """The numbers a class warning is made of (`warning_text`)."""
 
 
-def warning_text(findings: Mapping[str, Scalar]) -> tuple[str, ...]:
+def warning_text(findings: Mapping[str, MetricValue]) -> tuple[str, ...]:
     """The warnings that a report's `FINDINGS` make: `single class`, or `class imbalance
-    R:1 (largest class L rows, smallest S)`; none when it holds neither."""
+    R:1 (largest class L rows, smallest S)`; none when it holds neither. `findings` may be
+    a client's fit metrics as Flower delivers them (any Flower `Scalar`)."""
     if findings.get("single_class"):
         return ("single class",)
     largest, smallest = findings.get("largest_class"), findings.get("smallest_class")
@@ -119,7 +122,7 @@ def _bad_targets(y: np.ndarray, spec: DataSpec) -> tuple[np.ndarray, str]:
     if spec.task == "regression":
         return ~finite, "targets are NaN or infinite"
     if spec.task == "multilabel":
-        return ~np.isin(rows, (0, 1)).all(axis=1), "multi-label targets must be 0 or 1"
+        return np.asarray(~np.isin(rows, (0, 1)).all(axis=1)), "multi-label targets must be 0 or 1"
     with np.errstate(invalid="ignore"):
         valid = finite & (np.mod(y, 1) == 0) & (y >= 0) & (y < spec.num_classes)
     return ~valid, (f"targets outside the model's classes 0..{spec.num_classes - 1} "
@@ -140,7 +143,14 @@ def _class_findings(y: np.ndarray, spec: DataSpec, max_imbalance: float) -> dict
     return {}
 
 
-def cleaning(settings: DataSettings) -> dict[str, Scalar]:
+class Cleaning(TypedDict):
+    """`check_client_data`'s cleaning keywords (`cleaning`'s result)."""
+
+    policy: str
+    max_imbalance: float
+
+
+def cleaning(settings: DataSettings) -> Cleaning:
     """The run's `data-cleaning` and `max-class-imbalance` as `check_client_data` keywords."""
     return {"policy": settings.data_cleaning, "max_imbalance": settings.max_class_imbalance}
 

@@ -19,6 +19,7 @@ import math
 import zipfile
 from dataclasses import dataclass
 from functools import cached_property, lru_cache
+from typing import Any
 
 import keras
 import numpy as np
@@ -87,12 +88,23 @@ class Standardization:
         scaled = (np.asarray(y, np.float64).reshape(len(y), -1) - self.y_mean) / self.y_std
         return scaled.reshape(np.shape(y)).astype(np.float32)
 
+    def _target_moments(self) -> tuple[np.ndarray, np.ndarray] | None:
+        """(y_mean, y_std) of a regression's targets, None for classes (every constructor
+        here sets both or neither; one without the other is a programming error)."""
+        if self.y_mean is None:
+            return None
+        if self.y_std is None:
+            raise ValueError("standardization: a target mean without a standard deviation")
+        return self.y_mean, self.y_std
+
     def output_scale(self) -> tuple[np.ndarray, np.ndarray]:
         """(scale, offset) that turn a standardized output into the target's scale
         (1 and 0 for classes)."""
-        if self.y_mean is None:
+        target = self._target_moments()
+        if target is None:
             return UNSCALED
-        return self.y_std.astype(np.float32), self.y_mean.astype(np.float32)
+        y_mean, y_std = target
+        return y_std.astype(np.float32), y_mean.astype(np.float32)
 
     def wrap(self, model: keras.Model, input_shape: tuple[int, ...]) -> keras.Model:
         """`model` (taking `input_shape`) between the Normalization layer and, for a
@@ -110,9 +122,11 @@ class Standardization:
     def to_bytes(self) -> bytes:
         """The statistics as `.npz` bytes (what the fit and evaluate configs carry)."""
         buffer = io.BytesIO()
-        arrays = {"x_mean": self.x_mean, "x_variance": self.x_variance}
-        if self.y_mean is not None:
-            arrays.update(y_mean=self.y_mean, y_std=self.y_std)
+        # (Typed Any: numpy's stub matches a ** mapping of arrays against a bool.)
+        arrays: dict[str, Any] = {"x_mean": self.x_mean, "x_variance": self.x_variance}
+        target = self._target_moments()
+        if target is not None:
+            arrays.update(y_mean=target[0], y_std=target[1])
         np.savez(buffer, **arrays)
         return buffer.getvalue()
 

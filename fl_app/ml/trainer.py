@@ -23,7 +23,7 @@ Rescaling layers would (`fl_app.ml.standardize`).
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from functools import lru_cache, partial
 
@@ -69,7 +69,7 @@ def fresh_optimizer(model: keras.Model, name: str = "",
     return cls.from_config(config)
 
 
-def _scalar_metrics(results: dict[str, object]) -> dict[str, float]:
+def _scalar_metrics(results: Mapping[str, tf.Tensor | np.ndarray | float]) -> dict[str, float]:
     """Keras metric results as floats, leaving out the loss tracker and non-scalar results
     (e.g. per-class F1 vectors), which Flower metrics cannot carry."""
     return {name: float(value) for name, value in results.items()

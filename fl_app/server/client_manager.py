@@ -65,13 +65,15 @@ class SeededClientManager(SimpleClientManager):
             key, size = str(res.properties.get(CLIENT_KEY, key)), res.properties.get(NUM_EXAMPLES)
         if not self.by_size:
             return key, 1
-        problem = ("none reported" if type(size) is not int
-                   else examples_problem(size, self.max_examples))
-        if problem is not None:
-            log(WARNING, "client %s reports no usable training-set size (%r: %s): sampled as "
-                "if it held 1 example", cid, NUM_EXAMPLES, problem)
-            return key, 1
-        return key, size
+        if type(size) is int:
+            problem = examples_problem(size, self.max_examples)
+            if problem is None:
+                return key, size
+        else:
+            problem = "none reported"
+        log(WARNING, "client %s reports no usable training-set size (%r: %s): sampled as "
+            "if it held 1 example", cid, NUM_EXAMPLES, problem)
+        return key, 1
 
     def ordered(self, cids: Iterable[str]) -> list[str]:
         """`cids` sorted by their clients' stable keys (asked once per client, in parallel,

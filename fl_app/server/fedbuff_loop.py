@@ -191,6 +191,8 @@ class FedBuffServer:
     def _receive(self, reply: Message, tally: Tally) -> bool:
         """Hand one reply to the aggregator; True if its update was accepted."""
         sent = self.in_flight.pop(reply.metadata.reply_to_message_id)
+        arrival_problem: str | None
+        staleness: int | None
         if reply.has_error():
             tally.failures.append({"client": str(sent.node_id), "error": reply.error.reason})
             log(WARNING, "FedBuff: client %s failed: %s", sent.node_id, reply.error.reason)

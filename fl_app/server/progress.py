@@ -32,7 +32,7 @@ def main_metrics(record: Mapping[str, Any]) -> str:
     section, label = ("centralized", "") if record.get("centralized") else ("distributed",
                                                                              "dist. ")
     values = record.get(section, {})
-    parts = [f"{label}{name} {values[name]:.4f}" for name in metric_names([record], section)]
+    parts = [f"{label}{name} {values[name]:.4f}" for name in metric_names([dict(record)], section)]
     if "epsilon" in record.get("privacy", {}):
         parts.append(f"ε {record['privacy']['epsilon']:.3f}")
     return "  ".join(parts)

@@ -46,6 +46,7 @@ from fl_app.flower_internals import (
     HeartbeatSender,
     MessageProto,
     Node,
+    ProtobufClientInterceptor,
     PullAppMessagesRequest,
     PullTaskInputRequest,
     RetryInvoker,
@@ -94,7 +95,8 @@ def _retry_invoker() -> RetryInvoker:
     """Retries a call only when the SuperNode cannot be reached (it is starting, or gone),
     for `RETRY_SECONDS`. Flower's own invoker (`make_simple_http_retry_invoker`) answers an
     HTTP 401 by sending SIGINT to its own process; here a refusal is an exception."""
-    return RetryInvoker(wait_gen_factory=lambda: exponential(max_delay=2.0),
+    # max_delay in seconds: Flower annotates it as an int (its docstring says float)
+    return RetryInvoker(wait_gen_factory=lambda: exponential(max_delay=2),
                         recoverable_exceptions=httpx.TransportError, max_tries=None,
                         max_time=RETRY_SECONDS)
 
@@ -107,7 +109,7 @@ class Endpoint:
     address: str
     root_certificates: str | None = None
 
-    def client(self, *interceptors: object) -> RuntimeHttpClient:
+    def client(self, *interceptors: ProtobufClientInterceptor) -> RuntimeHttpClient:
         """A Runtime API client with Flower's version header and `interceptors`."""
         return RuntimeHttpClient.from_server_address(
             server_address=self.address, insecure=self.root_certificates is None,
