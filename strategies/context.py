@@ -10,6 +10,7 @@ from typing import Any
 from flwr.common import NDArrays, Parameters, Scalar
 
 from fl_app.schema import ConfigError, LayerSettings, RunConfig, Setting
+from fl_app.schema import Scalar as ConfigValue
 from fl_app.wire import CLIENT_SAMPLING
 from strategies.metrics import weighted_metrics
 from strategies.secure import evaluate_fraction, protected
@@ -40,11 +41,11 @@ SETTINGS = [
 ]
 
 
-def check_config(values: Mapping[str, Scalar]) -> None:
+def check_config(values: Mapping[str, ConfigValue]) -> None:
     """Refuse a sampling minimum no round could meet, and sampling by size where each
     client's size must not reach the server (DP, secure aggregation, HE: the DP accounting
     also assumes uniform sampling) or where the loop samples otherwise (FedBuff)."""
-    if values["min-fit-clients"] > values["min-available-clients"]:
+    if int(values["min-fit-clients"]) > int(values["min-available-clients"]):
         raise ConfigError(
             f"run-config key 'min-fit-clients' ({values['min-fit-clients']}) must not exceed "
             f"'min-available-clients' ({values['min-available-clients']})"

@@ -22,7 +22,7 @@ from collections.abc import Mapping, Sequence
 
 from flwr.client import Client
 from flwr.clientapp import ClientApp
-from flwr.common import Context, Scalar
+from flwr.common import Context
 
 from fl_app.app.logs import quiet_libraries
 from fl_app.client.compression import CompressingClient
@@ -34,7 +34,7 @@ from fl_app.client.secure_mod import (
 )
 from fl_app.client.timing import TimedClient, process_seconds
 from fl_app.flower_internals import Mod
-from fl_app.schema import RunConfig
+from fl_app.schema import RunConfig, Scalar
 
 
 class _StartUp:

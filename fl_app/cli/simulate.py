@@ -163,6 +163,10 @@ def checked_config(args: argparse.Namespace) -> RunConfig:
     return cfg
 
 
+BOTH_HALVES = ("homomorphic-encryption=ckks with your own keys needs both run-config key "
+               "he-public-context and --he-key-file")
+
+
 def check_user_keys(cfg: RunConfig, key_file: str | None) -> None:
     """Refuse `--he-key-file` without homomorphic encryption, and the user's own keys unless
     both halves are given and make one key pair."""
@@ -174,8 +178,7 @@ def check_user_keys(cfg: RunConfig, key_file: str | None) -> None:
     if not (cfg["he-public-context"] or key_file):
         return  # run_simulation.py makes a fresh pair
     if not (cfg["he-public-context"] and key_file):
-        raise ConfigError("homomorphic-encryption=ckks with your own keys needs both "
-                          "run-config key he-public-context and --he-key-file")
+        raise ConfigError(BOTH_HALVES)
     from fl_app.protocol.ckks import check_key_pair
 
     check_key_pair(str(cfg["he-public-context"]), key_file)
@@ -193,7 +196,9 @@ def encryption_keys(cfg: RunConfig, key_file: str | None) -> Iterator[tuple[RunC
     """The run's config and the nodes' key file under `homomorphic-encryption=ckks`: the
     user's (`he-public-context` and `--he-key-file`), or a fresh pair in a private
     temporary folder (0700, files 0600) removed when the run is over."""
-    if cfg["he-public-context"] or key_file:  # both, and a pair: see `check_user_keys`
+    if cfg["he-public-context"] or key_file:  # a pair, as `check_user_keys` checked
+        if not (cfg["he-public-context"] and key_file):  # (a caller that skipped it)
+            raise ConfigError(BOTH_HALVES)
         yield cfg, key_file
         return
     from fl_app.protocol import ckks

@@ -22,6 +22,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 
 import numpy as np
+from flwr.common import Scalar as MessageValue
 
 from fl_app.schema import ConfigError, LayerSettings, Scalar, Setting
 from fl_app.wire import KEY_STRAGGLER_EPOCHS
@@ -91,8 +92,8 @@ class NodeWork:
     batch_size: int | None = None
     time_budget: float | None = None
 
-    def plan(self, config: Mapping[str, Scalar],
-             defaults: Mapping[str, Scalar]) -> tuple[int | None, int, float | None]:
+    def plan(self, config: Mapping[str, MessageValue],
+             defaults: Mapping[str, MessageValue]) -> tuple[int | None, int, float | None]:
         """(epochs, batch size, time budget) for one fit with the round's `config`
         (falling back to `defaults`, the run config). Epochs are None under a time budget
         without an epoch cap."""

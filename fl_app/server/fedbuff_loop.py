@@ -84,7 +84,7 @@ class Dispatch:
 class Tally:
     """What happened to arrivals since the last version."""
 
-    failures: list[dict[str, str]] = field(default_factory=list)
+    failures: list[dict[str, str | None]] = field(default_factory=list)
     num_rejected: int = 0
     num_stale: int = 0
     replies_metrics: list[dict[str, Scalar]] = field(default_factory=list)

@@ -14,7 +14,7 @@ and the failures, `num_failures` the failures, each failure described in `failur
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 from flwr.common import Scalar
@@ -42,8 +42,9 @@ def mean_timing(replies_metrics: Iterable[Mapping[str, Scalar]]) -> dict[str, fl
     return {phase: sum(values) / len(values) for phase, values in phases.items()}
 
 
-def fit_section(metrics: Mapping[str, Any], *, replies: int, failures: list[dict[str, str]],
-                timing: Mapping[str, float], **counts: int) -> dict[str, Any]:
+def fit_section(metrics: Mapping[str, Any], *, replies: int,
+                failures: Sequence[Mapping[str, str | None]], timing: Mapping[str, float],
+                **counts: int) -> dict[str, Any]:
     """The fit part of a round's record: the aggregated `metrics`, then the loop's own
     `counts` (e.g. `num_rejected`, `num_stale`) and the server's counts of `replies` and
     described `failures`, then the failures and the clients' mean `timing` (if any)."""
