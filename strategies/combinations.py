@@ -16,11 +16,20 @@ from __future__ import annotations
 from collections.abc import Mapping
 
 from fl_app.schema import ConfigError, Scalar
-from strategies import dp, fednova, flower_builtins, homomorphic, qffl, secure, weighted_fedavg
+from strategies import (
+    distributed_dp,
+    dp,
+    fednova,
+    flower_builtins,
+    homomorphic,
+    qffl,
+    secure,
+    weighted_fedavg,
+)
 from strategies.spec import StrategySpec
 
 STRATEGY_MODULES = [weighted_fedavg, fednova, flower_builtins, qffl]
-WRAPPER_MODULES = [dp]
+WRAPPER_MODULES = [dp, distributed_dp]
 
 SPECS: dict[str, StrategySpec] = {
     spec.name: spec for module in (*STRATEGY_MODULES, *WRAPPER_MODULES) for spec in module.SPECS}

@@ -40,7 +40,6 @@ from strategies import homomorphic, secure
 from strategies.combinations import spec_of
 from strategies.compression import CompressedStrategy
 from strategies.context import StrategyContext
-from strategies.distributed_dp import secure_wrapper
 from strategies.protocols import PrivacyAccounting, find_layer
 from strategies.pruning import PrunedStrategy
 from strategies.stragglers import Stragglers, keeps_partial_work
@@ -81,8 +80,7 @@ def compose(ctx: StrategyContext, *, meter: bool = True) -> Strategy:
             "validation-set size would reach the server in the clear)", chain.fraction_evaluate)
     spec = spec_of(cfg)
     if spec.wrapper:
-        wrap = secure_wrapper(spec.name, ctx) or spec.build
-        strategy = wrap(spec_of(cfg, "dp-inner").build(ctx), ctx)
+        strategy = spec.build(spec_of(cfg, "dp-inner").build(ctx), ctx)
     else:
         strategy = spec.build(ctx)
     if chain.straggler_fraction > 0:

@@ -39,9 +39,11 @@ from flwr.server.client_proxy import ClientProxy
 from flwr.server.strategy import Strategy
 
 from fl_app.protocol.clipping import model_update
+from fl_app.schema import Setting
 from fl_app.wire import KEY_DP_NOISE_STD
 from strategies.context import StrategyContext
-from strategies.dp import DPFixedClipping, DPSettings, dp_kwargs
+from strategies.dp import ACCOUNTING, DPFixedClipping, DPSettings, dp_kwargs
+from strategies.spec import StrategySpec
 from strategies.validation import NUM_REJECTED
 
 
@@ -102,15 +104,18 @@ class DistributedDPFixedClipping(DPFixedClipping):
             "dp_server_noise_std": missing_std / plan.denominator})
 
 
-SECURE_WRAPPERS = {
-    "dp-client-fixed": lambda inner, ctx: DistributedDPFixedClipping(
-        inner, **dp_kwargs(DPSettings.from_config(ctx.cfg), client_side=True)),
-}
-"""Wrappers that replace the registry's under secure aggregation."""
+def _client_fixed(inner: Strategy, ctx: StrategyContext) -> DPFixedClipping:
+    """dp-client-fixed: the clients clip; the server noises the plaintext average, or, under
+    secure aggregation, each client noises its own clipped update (this module's class)."""
+    kwargs = dp_kwargs(DPSettings.from_config(ctx.cfg), client_side=True)
+    if ctx.cfg["secure-aggregation"] != "none":
+        return DistributedDPFixedClipping(inner, **kwargs)
+    return DPFixedClipping(inner, **kwargs)
 
 
-def secure_wrapper(name: str, ctx: StrategyContext) -> Any:
-    """The factory replacing wrapper `name` under secure aggregation, or None."""
-    if ctx.cfg["secure-aggregation"] == "none":
-        return None
-    return SECURE_WRAPPERS.get(name)
+SETTINGS: list[Setting] = []  # its keys are dp's (`DPSettings`) and secure's
+SPECS = [
+    StrategySpec("dp-client-fixed", _client_fixed, wrapper=True,
+                 needs=f"noises the plaintext average on the server, and {ACCOUNTING}",
+                 sums=True, linear=False, takes_private_average=False),
+]

@@ -604,22 +604,19 @@ def _adaptive(inner: Strategy, ctx: StrategyContext, client_side: bool) -> DPAda
                               clipped_count_stddev=settings.clipped_count_stddev)
 
 
-def _fixed(inner: Strategy, ctx: StrategyContext, client_side: bool) -> DPFixedClipping:
-    return DPFixedClipping(inner, **dp_kwargs(DPSettings.from_config(ctx.cfg), client_side))
+def _fixed(inner: Strategy, ctx: StrategyContext) -> DPFixedClipping:
+    return DPFixedClipping(inner, **dp_kwargs(DPSettings.from_config(ctx.cfg), client_side=False))
 
 
-_ACCOUNTING = ("its privacy accounting assumes one noised average of a sampled cohort per "
+ACCOUNTING = ("its privacy accounting assumes one noised average of a sampled cohort per "
                "synchronous round")
-_SERVER_CLIPPING = f"clips each update on the server, and {_ACCOUNTING}"
+_SERVER_CLIPPING = f"clips each update on the server, and {ACCOUNTING}"
 SPECS = [
-    StrategySpec("dp-fixed", partial(_fixed, client_side=False), wrapper=True,
+    StrategySpec("dp-fixed", _fixed, wrapper=True,
                  needs=_SERVER_CLIPPING, sums=False, linear=False, takes_private_average=False),
     StrategySpec("dp-adaptive", partial(_adaptive, client_side=False), wrapper=True,
                  needs=_SERVER_CLIPPING, sums=False, linear=False, takes_private_average=False),
-    StrategySpec("dp-client-fixed", partial(_fixed, client_side=True), wrapper=True,
-                 needs=f"noises the plaintext average on the server, and {_ACCOUNTING}",
-                 sums=True, linear=False, takes_private_average=False),
     StrategySpec("dp-client-adaptive", partial(_adaptive, client_side=True), wrapper=True,
-                 needs=f"reads each client's clipping bit, and {_ACCOUNTING}",
+                 needs=f"reads each client's clipping bit, and {ACCOUNTING}",
                  sums=False, linear=False, takes_private_average=False),
 ]
