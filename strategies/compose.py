@@ -40,7 +40,7 @@ from strategies import homomorphic, secure
 from strategies.combinations import spec_of
 from strategies.compression import CompressedStrategy
 from strategies.context import StrategyContext
-from strategies.protocols import PrivacyAccounting, find_layer
+from strategies.protocols import privacy_layer
 from strategies.pruning import PrunedStrategy
 from strategies.stragglers import Stragglers, keeps_partial_work
 from strategies.validated import ValidatedStrategy
@@ -88,9 +88,8 @@ def compose(ctx: StrategyContext, *, meter: bool = True) -> Strategy:
                               keep=keeps_partial_work(cfg), local_epochs=chain.local_epochs,
                               seed=chain.seed)
     # A privacy-accounting strategy's release is never held back by min-fit-clients
-    # (skipping a round would reveal, un-noised, that clients failed). (The ignore: mypy
-    # refuses a Protocol where type[P] is expected, python/mypy#4717.)
-    accounts_privacy = find_layer(strategy, PrivacyAccounting) is not None  # type: ignore[type-abstract]
+    # (skipping a round would reveal, un-noised, that clients failed).
+    accounts_privacy = privacy_layer(strategy) is not None
     strategy = ValidatedStrategy(
         strategy, min_fit_clients=0 if accounts_privacy else chain.min_fit_clients,
         max_examples=chain.max_examples, outlier_norm_factor=chain.outlier_norm_factor,

@@ -107,8 +107,9 @@ class DistributedDPFixedClipping(DPFixedClipping):
 def _client_fixed(inner: Strategy, ctx: StrategyContext) -> DPFixedClipping:
     """dp-client-fixed: the clients clip; the server noises the plaintext average, or, under
     secure aggregation, each client noises its own clipped update (this module's class)."""
-    kwargs = dp_kwargs(DPSettings.from_config(ctx.cfg), client_side=True)
-    if ctx.cfg["secure-aggregation"] != "none":
+    settings = DPSettings.from_config(ctx.cfg)
+    kwargs = dp_kwargs(settings, client_side=True)
+    if settings.secure_aggregation != "none":
         return DistributedDPFixedClipping(inner, **kwargs)
     return DPFixedClipping(inner, **kwargs)
 

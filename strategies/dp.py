@@ -564,8 +564,8 @@ class DPAdaptiveClipping(DPFixedClipping):
 
 @dataclass(frozen=True)
 class DPSettings(LayerSettings):
-    """The run-config keys a DP wrapper is built from (this module's `SETTINGS`, and the
-    sampling keys its accounting and release rules read)."""
+    """The run-config keys a DP wrapper is built from (this module's `SETTINGS`, the
+    sampling keys its accounting and release rules read, and whether SecAgg+ is on)."""
 
     noise_multiplier: float
     clipping_norm: float
@@ -581,6 +581,7 @@ class DPSettings(LayerSettings):
     target_clipped_quantile: float
     clip_norm_lr: float
     clipped_count_stddev: float
+    secure_aggregation: str
 
 
 def dp_kwargs(settings: DPSettings, client_side: bool) -> dict[str, Any]:
@@ -610,6 +611,7 @@ def _fixed(inner: Strategy, ctx: StrategyContext) -> DPFixedClipping:
 
 ACCOUNTING = ("its privacy accounting assumes one noised average of a sampled cohort per "
                "synchronous round")
+"""What every DP wrapper's spec says it needs (`StrategySpec.needs`; distributed_dp's too)."""
 _SERVER_CLIPPING = f"clips each update on the server, and {ACCOUNTING}"
 SPECS = [
     StrategySpec("dp-fixed", _fixed, wrapper=True,

@@ -13,6 +13,7 @@ published (`strategies.qffl`).
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TypeGuard
 
 from flwr.common import Code, FitRes, Parameters, Scalar, Status
 from flwr.server import strategy as fl
@@ -179,7 +180,7 @@ AVERAGING = {fl.FedAvg.aggregate_fit, fl.FedAdam.aggregate_fit, fl.FedYogi.aggre
 (FedProx inherits FedAvg's; the FedOpt family steps from FedAvg's average)."""
 
 
-def averages_updates(strategy: object) -> bool:
+def averages_updates(strategy: object) -> TypeGuard[fl.FedAvg]:
     """Whether `strategy` is one of Flower's strategies whose `aggregate_fit` depends on the
     updates only through their weighted average by `num_examples` (`AVERAGING`), its fit
     metrics aside (a subclass that overrides `aggregate_fit` is not)."""

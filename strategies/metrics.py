@@ -5,12 +5,14 @@ from __future__ import annotations
 import math
 from collections.abc import Iterable
 from numbers import Real
+from typing import TypeGuard
 
 from flwr.common import Metrics, Scalar
 
 
-def is_finite_number(value: object) -> bool:
-    """Whether `value` is a real number (not a bool) that is neither NaN nor infinite."""
+def is_finite_number(value: object) -> TypeGuard[float]:
+    """Whether `value` is a real number (not a bool) that is neither NaN nor infinite (a
+    float to the type checker: an int, a float or a numpy float)."""
     return isinstance(value, Real) and not isinstance(value, bool) and math.isfinite(value)
 
 

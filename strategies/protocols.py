@@ -97,3 +97,9 @@ def find_layer(strategy: Strategy, protocol: type[P]) -> P | None:
         if not isinstance(layer, Wrapping):
             return None
         layer = layer.inner
+
+
+def privacy_layer(strategy: Strategy) -> PrivacyAccounting | None:
+    """The layer of the chain that accounts privacy (a DP wrapper), or None."""
+    # (The ignore: mypy refuses a Protocol where type[P] is expected, python/mypy#4717.)
+    return find_layer(strategy, PrivacyAccounting)  # type: ignore[type-abstract]

@@ -26,7 +26,6 @@ from __future__ import annotations
 import statistics
 from dataclasses import dataclass
 from logging import WARNING
-from typing import TypeGuard
 
 import numpy as np
 from flwr.common import FitIns, FitRes, NDArrays, Parameters
@@ -58,12 +57,6 @@ SETTINGS = [
             "1/learning rate of the clients (10: SGD(0.1), the default model's).",
             "strategy", low=0.0, low_open=True),
 ]
-
-
-def _finite_number(value: object) -> TypeGuard[float]:
-    """`is_finite_number(value)`: a real number (not a bool), neither NaN nor infinite (a
-    float to the type checker: an int, a float or a numpy float)."""
-    return is_finite_number(value)
 
 
 def qffl_step(global_weights: NDArrays, client_weights: list[NDArrays], losses: list[float],
@@ -122,7 +115,7 @@ class QFedAvg(PerClientFigure):
     def figure(self, fit_res: FitRes) -> float | None:
         """The client's `loss_before`: a finite number >= 0 (None otherwise)."""
         value = fit_res.metrics.get(KEY_LOSS_BEFORE)
-        return float(value) if _finite_number(value) and value >= 0 else None
+        return float(value) if is_finite_number(value) and value >= 0 else None
 
     def step(self, global_weights: NDArrays, client_weights: list[NDArrays],
              figures: list[float], num_examples: list[int]) -> NDArrays:

@@ -149,8 +149,7 @@ class CappedWeightedSum:
         heapq.heappush(self._held, (claim, len(self.claims), arrays))  # (.., arrival, ..)
         if len(self._held) > self.hold:
             early, _, arrays = heapq.heappop(self._held)
-            cap = self.cap()  # an int: there is a factor and a claim
-            weight = early if cap is None else min(early, cap)
+            weight = min(early, self._cap())
             self.total.fold(arrays, weight)
             self._early.append((early, weight))
 
@@ -158,12 +157,21 @@ class CappedWeightedSum:
         """The cap on the claims accepted so far (None without a factor or a claim)."""
         return claim_cap(self.claims, self.factor, is_sorted=True)
 
+    def _cap(self) -> int:
+        """`cap()` where the sum has claims (an update is held or folded)."""
+        cap = self.cap()
+        if cap is None:
+            raise RuntimeError("CappedWeightedSum: no cap, though it holds claims "
+                               f"(factor {self.factor}, {len(self.claims)} claims)")
+        return cap
+
     @property
     def exact(self) -> bool:
         """Whether every update folded early got the weight the round's cap gives it."""
-        cap = self.cap()
-        return all(weight == (claim if cap is None else min(claim, cap))
-                   for claim, weight in self._early)  # (none folded early without a cap)
+        if not self._early:
+            return True
+        cap = self._cap()
+        return all(weight == min(claim, cap) for claim, weight in self._early)
 
     def finish(self) -> RunningWeightedSum:
         """Fold the held updates with the round's cap; the sum of the round."""

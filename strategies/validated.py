@@ -16,7 +16,7 @@ from flwr.common import EvaluateRes, FitIns, FitRes, NDArrays, Parameters, Scala
 from flwr.common.logger import log
 from flwr.server.client_manager import ClientManager
 from flwr.server.client_proxy import ClientProxy
-from flwr.server.strategy import FedAvg, Strategy
+from flwr.server.strategy import Strategy
 
 from strategies.blas import one_blas_thread
 from strategies.decoding import without_tensors
@@ -69,7 +69,7 @@ def sum_aggregator(inner: Strategy) -> SumAggregator | None:
     strategies through `aggregate_average` (`averages_updates`); None for any other."""
     if sums_updates(inner):
         return inner.aggregate_sum
-    if isinstance(inner, FedAvg) and averages_updates(inner):  # (which checks it is a FedAvg)
+    if averages_updates(inner):
         return partial(aggregate_average, inner)
     return None
 

@@ -196,9 +196,12 @@ class KerasClient(NumPyClient):
         if self.adaptive is not None and time_budget is None:
             plan = self.adaptive.choose(self.trainer, train, batch_size, self.slowdown)
             epochs, batch_size, steps = None, plan.batch_size, plan.steps
-            base_rate = learning_rate or self.trainer.base_learning_rate()
-            if plan.lr_scale != 1.0 and base_rate is not None:  # (None: on a schedule,
-                learning_rate = base_rate * plan.lr_scale   # where `choose` keeps 1.0)
+            if plan.lr_scale != 1.0:
+                base_rate = learning_rate or self.trainer.base_learning_rate()
+                if base_rate is None:  # on a schedule, where `AdaptiveWork.choose` keeps 1.0
+                    raise RuntimeError("adaptive work scaled the learning rate of an "
+                                       "optimizer that follows a schedule")
+                learning_rate = base_rate * plan.lr_scale
             chosen = {KEY_BATCH_SIZE: batch_size, KEY_LR_SCALE: plan.lr_scale}
         self.trainer.set_weights(parameters)
         loss_before = self._loss_before(config)

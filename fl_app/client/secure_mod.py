@@ -126,8 +126,8 @@ def _config_int(configs: ConfigRecord, key: str) -> int:
 
 
 def _config_ints(configs: ConfigRecord, key: str) -> list[int]:
-    """`configs[key]` as a list of ints: Flower's `check_configs`, run first, has checked
-    that it is a list of them (the TypeError here is for a caller that skipped it)."""
+    """`configs[key]` as a list of ints (Flower's `check_configs`, run first, lets only
+    falsy non-int items through, which `int` turns into 0 or refuses with a ValueError)."""
     value = configs[key]
     if not isinstance(value, list):
         raise TypeError(f"SecAgg+ config '{key}' must be a list, got {type(value).__name__}")

@@ -56,9 +56,9 @@ def _mlp(spec: DataSpec, seed: int) -> keras.Model:
 def _image_shape(spec: DataSpec) -> tuple[int, int, int]:
     """Interpret the input as an image: (h, w, c), or a square grey image if flat."""
     if len(spec.input_shape) == 3:
-        return spec.input_shape  # type: ignore[return-value]
+        return spec.input_shape
     if len(spec.input_shape) == 2:
-        return (*spec.input_shape, 1)  # type: ignore[return-value]
+        return (*spec.input_shape, 1)
     side = int(round(np.sqrt(spec.input_shape[0])))
     if side * side != spec.input_shape[0]:
         raise ModelError(f"the CNN models need image-shaped or square inputs, got "

@@ -44,7 +44,7 @@ from fl_app.wire import (
 )
 from strategies.decoding import without_tensors
 from strategies.metrics import is_finite_number
-from strategies.protocols import FitStream, PrivacyAccounting, StreamsFit, find_layer
+from strategies.protocols import FitStream, StreamsFit, privacy_layer
 from strategies.state import set_strategy_state, strategy_state
 from strategies.wire_meter import metered
 
@@ -66,11 +66,13 @@ def _decoded_or_none(parameters: Parameters) -> NDArrays:
         return []
 
 
-def _sound_report(loss: object, count: object) -> bool:
-    """Whether a client's evaluation report can be used as it is: a finite loss and an
-    example count that is an int >= 0 (a client's values never reach the aggregation, or
-    crash the server, unchecked)."""
-    return is_finite_number(loss) and type(count) is int and count >= 0
+def _sound_report(loss: object, count: object) -> tuple[float, int] | None:
+    """A client's evaluation report as (loss, count) when it can be used as it is: a finite
+    loss and an example count that is an int >= 0; else None (a client's values never reach
+    the aggregation, or crash the server, unchecked)."""
+    if is_finite_number(loss) and type(count) is int and count >= 0:
+        return float(loss), count
+    return None
 
 
 def _fused_report(cid: str, metrics: dict[str, Scalar]) -> EvaluateRes | None:
@@ -80,12 +82,12 @@ def _fused_report(cid: str, metrics: dict[str, Scalar]) -> EvaluateRes | None:
     loss, count = metrics.get(FUSED_LOSS), metrics.get(FUSED_COUNT)
     if loss is None and count is None:
         return None
-    if not _sound_report(loss, count) or not isinstance(loss, (int, float)) \
-            or not isinstance(count, int):  # (the isinstance checks only narrow the types)
+    sound = _sound_report(loss, count)
+    if sound is None:
         log(WARNING, "client %s: its fused evaluation (%s=%r, %s=%r) is not a finite loss "
             "and an example count; dropped", cid, FUSED_LOSS, loss, FUSED_COUNT, count)
         return None
-    return EvaluateRes(Status(Code.OK, ""), float(loss), count,
+    return EvaluateRes(Status(Code.OK, ""), *sound,
                        {key.removeprefix(FUSED_PREFIX): value for key, value in metrics.items()
                         if key.startswith(FUSED_PREFIX) and key not in (FUSED_LOSS, FUSED_COUNT)})
 
@@ -202,7 +204,7 @@ def client_evaluations(
     return {proxy.cid: {"loss": float(res.loss), "num_examples": res.num_examples,
                         **{name: float(value) for name, value in res.metrics.items()
                            if is_finite_number(value) and name not in RESERVED_REPORT}}
-            for proxy, res in results if _sound_report(res.loss, res.num_examples)}
+            for proxy, res in results if _sound_report(res.loss, res.num_examples) is not None}
 
 
 def fairness(evaluations: Mapping[str, Mapping[str, float]],
@@ -302,8 +304,7 @@ class FederatedServer(Server):
         self.wire = metered(strategy)  # counts the round's parameter bytes up and down
         self.seeded_manager = SeededClientManager(seed, sample_by_size, *size_claims)
         super().__init__(client_manager=self.seeded_manager, strategy=self.wire)
-        # (The ignore: mypy refuses a Protocol where type[P] is expected, python/mypy#4717.)
-        self.privacy = find_layer(strategy, PrivacyAccounting)  # type: ignore[type-abstract]
+        self.privacy = privacy_layer(strategy)
         self.stopping = stopping
         self.on_round = on_round
         self.on_finish = on_finish

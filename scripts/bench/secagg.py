@@ -60,7 +60,7 @@ def run(cfg: RunConfig, num_supernodes: int) -> dict[str, Any]:
     @server_app.main()
     def main(grid: Grid, context: Context) -> None:
         metered.append(MeteredGrid(grid))
-        serve(metered[0], context, cfg)  # type: ignore[arg-type]
+        serve(metered[0], context, cfg)
 
     for attempt in range(1, STARTUP_ATTEMPTS + 1):
         try:
