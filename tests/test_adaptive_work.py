@@ -142,6 +142,7 @@ def test_adaptive_work_in_a_simulation_measures_once_per_node(tmp_path):
         assert fit[KEY_BATCH_SIZE] > 0 and fit[KEY_LOCAL_STEPS] >= 1
     # The fit message's time outside the trainer's fit: round 1's holds the measurement
     # (0.2 s or more of steps, and tracing); round 2's almost nothing, as the node's
-    # context.state, which the engine keeps between rounds, has the measurement.
+    # context.state, which the engine keeps between rounds, has the measurement (a second
+    # measurement would take as long as the first; half of it leaves room for a busy machine).
     outside = [fit["timing"]["training"] - fit["train_seconds"] for fit in fits]
-    assert outside[0] > 0.2 and outside[1] < 0.1
+    assert outside[0] > 0.2 and outside[1] < outside[0] / 2, outside

@@ -44,7 +44,7 @@ def test_a_quick_reply_is_seen_at_once_not_after_flowers_3_seconds():
     replies = PromptGrid(grid).send_and_receive(["a", "b"])
     elapsed = time.monotonic() - start
     assert sorted(r.metadata.reply_to_message_id for r in replies) == ["m0", "m1"]
-    assert 0.3 <= elapsed < 0.7, elapsed  # Flower's HttpGrid: 3 s
+    assert 0.3 <= elapsed < 1.5, elapsed  # ~0.42 s by the back-off; Flower's HttpGrid: 3 s
 
 
 def test_the_poll_backs_off_to_a_few_pulls_a_second():
@@ -59,7 +59,7 @@ def test_a_timeout_returns_the_replies_that_came():
     start = time.monotonic()
     replies = PromptGrid(grid).send_and_receive(["a", "b"], timeout=0.5)
     assert [r.metadata.reply_to_message_id for r in replies] == ["m0"]
-    assert time.monotonic() - start < 1.0
+    assert time.monotonic() - start < 2.0  # the 0.5 s timeout, not the 60 s reply
 
 
 def test_registered_grid_proxies_poll_promptly_and_are_wrapped_once():

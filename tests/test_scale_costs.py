@@ -52,8 +52,9 @@ def test_the_mod_times_the_message_on_the_client_cpu_and_wall(identity):
     assert reply.metadata.reply_to_message_id is not None
     [seconds] = got
     assert (seconds.node_id, seconds.message_type, seconds.group) == (7, MessageType.TRAIN, "3")
-    assert 0.05 <= seconds.cpu < 0.09
-    assert seconds.wall >= 0.1 > seconds.cpu
+    # the sleep is not CPU time (process_time counts every thread: the bound leaves room)
+    assert 0.05 <= seconds.cpu < seconds.wall - 0.03
+    assert seconds.wall >= 0.1
 
 
 def test_a_message_that_raises_is_not_counted(identity):
