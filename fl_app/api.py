@@ -79,12 +79,10 @@ def initial_parameters(**config: Scalar) -> Parameters:
     return ndarrays_to_parameters(model.get_weights())
 
 
-APP_ONLY: dict[str, Scalar] = {
-    "secure-aggregation": "none", "homomorphic-encryption": "none", "compress-up": "none",
-    "compress-down": "none", "prune-sparsity": 0.0, "standardize": False,
-    "fuse-evaluate": False, "server-loop": "sync"}
-"""Run-config keys (with their off value) whose protocol needs this app's own server loop
-and clients: `server_strategy` refuses them."""
+APP_ONLY = ("secure-aggregation", "homomorphic-encryption", "compress-up", "compress-down",
+            "prune-sparsity", "standardize", "fuse-evaluate", "server-loop")
+"""Run-config keys whose protocol needs this app's own server loop and clients:
+`server_strategy` refuses any of them set away from its default (which is off)."""
 
 
 def server_strategy(*, initial_parameters: Parameters,
@@ -105,7 +103,8 @@ def server_strategy(*, initial_parameters: Parameters,
     are refused: around another server or client they would aggregate the wrong thing.
     Raises ConfigError on a bad key or value, or a combination the strategy cannot run."""
     cfg = _config(config)
-    used = [f"{key}={cfg[key]!r}" for key, off in APP_ONLY.items() if cfg[key] != off]
+    off = defaults()
+    used = [f"{key}={cfg[key]!r}" for key in APP_ONLY if cfg[key] != off[key]]
     if used:
         raise ConfigError(
             f"run-config key(s) {', '.join(used)} cannot be used with server_strategy: they "

@@ -28,9 +28,8 @@ key could rebuild both).
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
 
-from fl_app.schema import ConfigError, LayerSettings, Scalar, Setting
+from fl_app.schema import ConfigError, Scalar, Setting
 from fl_app.wire import SECAGG_MIN_CLIENTS, SECAGG_MIN_CLIENTS_DEFAULT
 
 SECURE_MODES = ("none", "secagg+")
@@ -68,14 +67,6 @@ SETTINGS = [
             "dp-client-fixed uses 1: its clients report n=1).",
             "secure", low=0.0, low_open=True),
 ]
-
-
-@dataclass(frozen=True)
-class ShareSettings(LayerSettings):
-    """The SecAgg+ share and threshold keys (`check_config` reads them as they are)."""
-
-    secagg_num_shares: float
-    secagg_reconstruction_threshold: float
 
 
 def per_update_checks(values: Mapping[str, Scalar]) -> list[str]:
@@ -116,9 +107,8 @@ def check_config(values: Mapping[str, Scalar]) -> None:
         raise ConfigError(f"run-config key(s) {', '.join(others)} cannot work with "
                           "secure-aggregation='secagg+': SecAgg+ quantizes and masks the "
                           "plain update itself; use one of them at a time")
-    shares_settings = ShareSettings.from_config(values)
-    shares = shares_settings.secagg_num_shares
-    threshold = shares_settings.secagg_reconstruction_threshold
+    shares = float(values["secagg-num-shares"])
+    threshold = float(values["secagg-reconstruction-threshold"])
     if shares > 1 and (shares != int(shares) or shares <= 2):
         raise ConfigError(f"run-config key 'secagg-num-shares' ({shares:g}) must be a fraction "
                           "<= 1 or a whole count > 2")

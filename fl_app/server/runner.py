@@ -9,7 +9,7 @@ from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from logging import INFO, WARNING
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 from flwr.common import (
@@ -201,10 +201,15 @@ def client_evaluations(
     """Each client's distributed evaluation by client id: its loss, example count and
     every finite numeric metric (only recorded, never trusted); a report whose loss is not
     finite or whose count is not an int >= 0 is left out."""
-    return {proxy.cid: {"loss": float(res.loss), "num_examples": res.num_examples,
-                        **{name: float(value) for name, value in res.metrics.items()
-                           if is_finite_number(value) and name not in RESERVED_REPORT}}
-            for proxy, res in results if _sound_report(res.loss, res.num_examples) is not None}
+    evaluations: dict[str, dict[str, float]] = {}
+    for proxy, res in results:
+        sound = _sound_report(res.loss, res.num_examples)
+        if sound is not None:
+            evaluations[proxy.cid] = {
+                "loss": sound[0], "num_examples": sound[1],
+                **{name: float(value) for name, value in res.metrics.items()
+                   if is_finite_number(value) and name not in RESERVED_REPORT}}
+    return evaluations
 
 
 def fairness(evaluations: Mapping[str, Mapping[str, float]],
@@ -302,8 +307,8 @@ class FederatedServer(Server):
                  sample_by_size: bool = False, size_claims: tuple[float, int] = (0.0, 0),
                  ) -> None:
         self.wire = metered(strategy)  # counts the round's parameter bytes up and down
-        self.seeded_manager = SeededClientManager(seed, sample_by_size, *size_claims)
-        super().__init__(client_manager=self.seeded_manager, strategy=self.wire)
+        super().__init__(client_manager=SeededClientManager(seed, sample_by_size, *size_claims),
+                         strategy=self.wire)
         self.privacy = privacy_layer(strategy)
         self.stopping = stopping
         self.on_round = on_round
@@ -316,6 +321,11 @@ class FederatedServer(Server):
         self.statistics = statistics
         self.directions = directions
         self._quality_seen: set[str] = set()
+
+    @property
+    def seeded_manager(self) -> SeededClientManager:
+        """This server's client manager (the seeded one `__init__` gives Flower's base)."""
+        return cast(SeededClientManager, self.client_manager())
 
     def server_state(self, stopped: str | None) -> dict[str, Any]:
         """Everything besides the weights that the next round depends on."""

@@ -189,10 +189,10 @@ def guide_loop(cfg: RunConfig) -> Callable[[Split], Callable[[], None]]:
     model's compiled loss and a fresh copy of its compiled optimizer; returns, for a
     client's training split, a callable that runs its local epochs."""
     spec = data_source(DataSettings.from_config(cfg)).spec
-    train = TrainSettings.from_config(cfg)
-    encode = trainer_for(train, spec).targets  # targets as the compiled loss takes them
-    model = build_model(str(cfg["model"]), spec, int(cfg["seed"]))
-    optimizer = fresh_optimizer(model, str(cfg["optimizer"]), float(cfg["learning-rate"]))
+    settings = TrainSettings.from_config(cfg)
+    encode = trainer_for(settings, spec).targets  # targets as the compiled loss takes them
+    model = build_model(settings.model, spec, settings.seed)
+    optimizer = fresh_optimizer(model, settings.optimizer, settings.learning_rate)
 
     @tf.function
     def step(x, y):
@@ -225,7 +225,8 @@ def per_client_seconds(cfg: RunConfig, n: int) -> dict[str, list[float]]:
     trainer = trainer_for(settings, data_source(DataSettings.from_config(cfg)).spec)
     weights = trainer.get_weights()
     epochs, batch_size = int(cfg["local-epochs"]), int(cfg["batch-size"])
-    learning_rate = float(cfg["learning-rate"]) or None
+    learning_rate = settings.learning_rate or None
+    config: dict[str, Scalar] = {**round_config(cfg, 1)}  # as Flower's Scalar
     times: dict[str, list[float]] = {"guide": [], "epoch_loop": [], "call": []}
     for pid in range(n):
         train = load_partition(DataSettings.from_config(cfg), pid, n).train
@@ -236,7 +237,6 @@ def per_client_seconds(cfg: RunConfig, n: int) -> dict[str, list[float]]:
                                learning_rate=learning_rate)
 
         def call(client: NumPyClient = client) -> object:
-            config: dict[str, Scalar] = {**round_config(cfg, 1)}  # as Flower's Scalar
             return client.fit(weights, config)
 
         runs: dict[str, Callable[[], object]] = {
